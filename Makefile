@@ -1,0 +1,49 @@
+# The two commands a new user runs: `make run` and `make test`. Both make sure the machine has
+# Postgres server binaries first (installing Debian's package when it can).
+SHELL := /bin/bash
+GO ?= go
+BIN := bin
+VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+LDFLAGS := -X github.com/claudemesh/broker/broker.Version=$(VERSION)
+# The suite runs package binaries in parallel; each one fits well inside this.
+TEST_TIMEOUT ?= 12m
+FUZZTIME ?= 10s
+
+.PHONY: run test check generate build ensure-postgres fuzz lint clean
+
+ensure-postgres:
+	@scripts/ensure-postgres
+
+build:
+	$(GO) build -ldflags "$(LDFLAGS)" -o $(BIN)/broker ./cmd/broker
+	@if [ -d cmd/meshctl ]; then $(GO) build -ldflags "$(LDFLAGS)" -o $(BIN)/meshctl ./cmd/meshctl; fi
+
+# Runs one replica on the embedded Postgres (./.broker-data) unless DATABASE_URL is set.
+run: ensure-postgres build
+	$(BIN)/broker serve
+
+test: ensure-postgres
+	$(GO) test -race -count=1 -timeout $(TEST_TIMEOUT) ./...
+
+# Short fuzz runs of every decoder and body parser (CI runs these too).
+fuzz:
+	@set -e; for pkg in $$($(GO) list ./...); do \
+	  for f in $$($(GO) test -list '^Fuzz' $$pkg 2>/dev/null | grep '^Fuzz' || true); do \
+	    echo "fuzz $$pkg $$f"; $(GO) test -run '^$$' -fuzz "^$$f$$" -fuzztime $(FUZZTIME) $$pkg; \
+	  done; \
+	done
+
+generate:
+	$(GO) tool sqlc generate
+
+# Fails when the tree is not formatted, vetted, staticcheck-clean, or sqlc output is stale.
+check:
+	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+	$(GO) vet ./...
+	$(GO) tool staticcheck ./...
+	$(GO) tool sqlc diff
+	$(GO) tool sqlc vet
+	@echo "check: ok"
+
+clean:
+	rm -rf $(BIN)

@@ -1,0 +1,210 @@
+package broker
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// Defaults for every setting; a zero field in Config means its default.
+const (
+	DefaultPort                 = 7900
+	DefaultStatusTTL            = 60 * time.Second
+	DefaultHookFreshWindow      = 30 * time.Second
+	DefaultMaxConnectionsPerMsh = 100
+	DefaultMaxMessageBytes      = 65536
+	DefaultHookRateLimitPerMin  = 30
+	DefaultSessionGrace         = 90 * time.Second
+	DefaultDataDir              = ".broker-data"
+	DefaultNodeDeadAfter        = 10 * time.Second
+	DefaultHeartbeatInterval    = 2 * time.Second
+	DefaultDrainTimeout         = 25 * time.Second
+)
+
+// Config is everything a replica is told from outside. Load reads it from the environment;
+// tests build it directly.
+type Config struct {
+	Port            int
+	DatabaseURL     string // empty: start the embedded Postgres in DataDir
+	StatusTTL       time.Duration
+	HookFreshWindow time.Duration
+	MaxConnsPerMesh int
+	MaxMessageBytes int
+	HookRatePerMin  int
+	SessionGrace    time.Duration
+	DataDir         string
+	LogLevel        slog.Level
+	LogFormat       string // "text" or "json"
+	HookToken       string // when set, /hook/set-status requires it
+	AdminToken      string // when set, /status is served behind it
+	NodeID          string // empty: generated at start
+	Region          string // FLY_REGION when unset
+	NodeDeadAfter   time.Duration
+	Heartbeat       time.Duration
+	DrainTimeout    time.Duration
+	// AllowedOrigins lists Origin values accepted on /ws besides same-host; "*" allows all.
+	// Non-browser peers send no Origin and are always accepted.
+	AllowedOrigins []string
+}
+
+// envVar describes one environment variable: its name, what it sets and how to parse it.
+type envVar struct {
+	name  string
+	help  string
+	parse func(string, *Config) error
+}
+
+var envVars = []envVar{
+	{"BROKER_PORT", "a TCP port between 1 and 65535", func(v string, c *Config) error { return intIn(v, 1, 65535, &c.Port) }},
+	{"DATABASE_URL", "a postgres:// URL, or unset for the embedded Postgres", func(v string, c *Config) error {
+		if !strings.HasPrefix(v, "postgres://") && !strings.HasPrefix(v, "postgresql://") && !strings.Contains(v, "=") {
+			return errors.New("not a postgres:// URL or key=value connection string")
+		}
+		c.DatabaseURL = v
+		return nil
+	}},
+	{"STATUS_TTL_SECONDS", "a whole number of seconds >= 1", func(v string, c *Config) error { return seconds(v, 1, &c.StatusTTL) }},
+	{"HOOK_FRESH_WINDOW_SECONDS", "a whole number of seconds >= 1", func(v string, c *Config) error { return seconds(v, 1, &c.HookFreshWindow) }},
+	{"MAX_CONNECTIONS_PER_MESH", "a whole number >= 1", func(v string, c *Config) error { return intIn(v, 1, 1<<30, &c.MaxConnsPerMesh) }},
+	{"MAX_MESSAGE_BYTES", "a whole number of bytes between 1024 and 16777216", func(v string, c *Config) error { return intIn(v, 1024, 16<<20, &c.MaxMessageBytes) }},
+	{"HOOK_RATE_LIMIT_PER_MIN", "a whole number >= 1", func(v string, c *Config) error { return intIn(v, 1, 1<<30, &c.HookRatePerMin) }},
+	{"SESSION_GRACE_SECONDS", "a whole number of seconds >= 0", func(v string, c *Config) error { return seconds(v, 0, &c.SessionGrace) }},
+	{"BROKER_DATA_DIR", "a directory path", func(v string, c *Config) error { c.DataDir = v; return nil }},
+	{"LOG_LEVEL", "one of debug, info, warn, error", func(v string, c *Config) error { return c.LogLevel.UnmarshalText([]byte(v)) }},
+	{"LOG_FORMAT", "text or json", func(v string, c *Config) error {
+		if v != "text" && v != "json" {
+			return errors.New("unknown format")
+		}
+		c.LogFormat = v
+		return nil
+	}},
+	{"HOOK_TOKEN", "any non-empty secret", func(v string, c *Config) error { c.HookToken = v; return nil }},
+	{"BROKER_ADMIN_TOKEN", "any non-empty secret", func(v string, c *Config) error { c.AdminToken = v; return nil }},
+	{"BROKER_NODE_ID", "a short identifier of letters, digits, '-' or '_'", func(v string, c *Config) error { c.NodeID = v; return nil }},
+	{"BROKER_REGION", "a region name", func(v string, c *Config) error { c.Region = v; return nil }},
+	{"FLY_REGION", "a region name", func(v string, c *Config) error {
+		if c.Region == "" {
+			c.Region = v
+		}
+		return nil
+	}},
+	{"NODE_DEAD_AFTER_SECONDS", "a whole number of seconds >= 2", func(v string, c *Config) error { return seconds(v, 2, &c.NodeDeadAfter) }},
+	{"DRAIN_TIMEOUT_SECONDS", "a whole number of seconds >= 1", func(v string, c *Config) error { return seconds(v, 1, &c.DrainTimeout) }},
+	{"ALLOWED_ORIGINS", "a comma-separated list of origins, or *", func(v string, c *Config) error {
+		for _, o := range strings.Split(v, ",") {
+			if o = strings.TrimSpace(o); o != "" {
+				c.AllowedOrigins = append(c.AllowedOrigins, o)
+			}
+		}
+		return nil
+	}},
+}
+
+// LoadConfig reads the configuration from the environment (getenv is os.Getenv in main).
+// Every invalid value is reported, each naming the variable and what it should be.
+func LoadConfig(getenv func(string) string) (Config, error) {
+	if getenv == nil {
+		getenv = os.Getenv
+	}
+	var c Config
+	var errs []error
+	for _, ev := range envVars {
+		v := strings.TrimSpace(getenv(ev.name))
+		if v == "" {
+			continue
+		}
+		if err := ev.parse(v, &c); err != nil {
+			errs = append(errs, fmt.Errorf("%s=%q is invalid (%v): set it to %s, or unset it for the default", ev.name, v, err, ev.help))
+		}
+	}
+	if err := errors.Join(errs...); err != nil {
+		return Config{}, err
+	}
+	c = c.WithDefaults()
+	return c, c.Validate()
+}
+
+// WithDefaults returns c with every zero field set to its default.
+func (c Config) WithDefaults() Config {
+	def := func(p *time.Duration, d time.Duration) {
+		if *p == 0 {
+			*p = d
+		}
+	}
+	if c.Port == 0 {
+		c.Port = DefaultPort
+	}
+	def(&c.StatusTTL, DefaultStatusTTL)
+	def(&c.HookFreshWindow, DefaultHookFreshWindow)
+	def(&c.NodeDeadAfter, DefaultNodeDeadAfter)
+	def(&c.Heartbeat, DefaultHeartbeatInterval)
+	def(&c.DrainTimeout, DefaultDrainTimeout)
+	def(&c.SessionGrace, DefaultSessionGrace)
+	if c.MaxConnsPerMesh == 0 {
+		c.MaxConnsPerMesh = DefaultMaxConnectionsPerMsh
+	}
+	if c.MaxMessageBytes == 0 {
+		c.MaxMessageBytes = DefaultMaxMessageBytes
+	}
+	if c.HookRatePerMin == 0 {
+		c.HookRatePerMin = DefaultHookRateLimitPerMin
+	}
+	if c.DataDir == "" {
+		c.DataDir = DefaultDataDir
+	}
+	if c.LogFormat == "" {
+		c.LogFormat = "text"
+	}
+	return c
+}
+
+// Grace is the reconnect grace window (SESSION_GRACE_SECONDS=0 is stored as -1 to tell it
+// apart from "unset").
+func (c Config) Grace() time.Duration { return max(c.SessionGrace, 0) }
+
+// Validate checks relations between settings that single values can't express.
+func (c Config) Validate() error {
+	var errs []error
+	if c.Heartbeat*2 > c.NodeDeadAfter {
+		errs = append(errs, fmt.Errorf("NODE_DEAD_AFTER_SECONDS=%d is too short: it must be at least two heartbeats (%s)", int(c.NodeDeadAfter.Seconds()), 2*c.Heartbeat))
+	}
+	for _, r := range c.NodeID {
+		if !(r == '-' || r == '_' || r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9') {
+			errs = append(errs, fmt.Errorf("BROKER_NODE_ID=%q is invalid: use letters, digits, '-' or '_'", c.NodeID))
+			break
+		}
+	}
+	if len(c.NodeID) > 40 {
+		errs = append(errs, fmt.Errorf("BROKER_NODE_ID is %d characters: use at most 40 (it names a LISTEN channel)", len(c.NodeID)))
+	}
+	return errors.Join(errs...)
+}
+
+func intIn(v string, lo, hi int, dst *int) error {
+	n, err := strconv.Atoi(v)
+	if err != nil {
+		return errors.New("not a whole number")
+	}
+	if n < lo || n > hi {
+		return fmt.Errorf("out of range %d..%d", lo, hi)
+	}
+	*dst = n
+	return nil
+}
+
+func seconds(v string, lo int, dst *time.Duration) error {
+	var n int
+	if err := intIn(v, lo, 1<<30, &n); err != nil {
+		return err
+	}
+	*dst = time.Duration(n) * time.Second
+	if n == 0 {
+		// Zero is a real choice (no grace), kept distinct from "unset" by a negative sentinel.
+		*dst = -1
+	}
+	return nil
+}

@@ -1,0 +1,68 @@
+package broker
+
+import (
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+)
+
+func env(m map[string]string) func(string) string { return func(k string) string { return m[k] } }
+
+func TestLoadConfigDefaults(t *testing.T) {
+	c, err := LoadConfig(env(nil))
+	require.NoError(t, err)
+	require.Equal(t, 7900, c.Port)
+	require.Equal(t, 60*time.Second, c.StatusTTL)
+	require.Equal(t, 30*time.Second, c.HookFreshWindow)
+	require.Equal(t, 100, c.MaxConnsPerMesh)
+	require.Equal(t, 65536, c.MaxMessageBytes)
+	require.Equal(t, 30, c.HookRatePerMin)
+	require.Equal(t, 90*time.Second, c.Grace())
+	require.Equal(t, ".broker-data", c.DataDir)
+	require.Equal(t, "text", c.LogFormat)
+	require.Empty(t, c.DatabaseURL)
+}
+
+func TestLoadConfigValues(t *testing.T) {
+	c, err := LoadConfig(env(map[string]string{
+		"BROKER_PORT": "8000", "DATABASE_URL": "postgres://u@h/db", "STATUS_TTL_SECONDS": "5",
+		"SESSION_GRACE_SECONDS": "0", "LOG_LEVEL": "debug", "LOG_FORMAT": "json", "FLY_REGION": "ams",
+	}))
+	require.NoError(t, err)
+	require.Equal(t, 8000, c.Port)
+	require.Equal(t, "postgres://u@h/db", c.DatabaseURL)
+	require.Equal(t, 5*time.Second, c.StatusTTL)
+	require.Equal(t, time.Duration(0), c.Grace(), "an explicit 0 means no grace, not the default")
+	require.Equal(t, "json", c.LogFormat)
+	require.Equal(t, "ams", c.Region)
+}
+
+func TestLoadConfigErrorsNameVariableAndFix(t *testing.T) {
+	cases := map[string]struct{ name, value, want string }{
+		"port text":     {"BROKER_PORT", "abc", "set it to a TCP port"},
+		"port range":    {"BROKER_PORT", "70000", "out of range"},
+		"ttl negative":  {"STATUS_TTL_SECONDS", "-3", "whole number of seconds"},
+		"fresh zero":    {"HOOK_FRESH_WINDOW_SECONDS", "0", "out of range"},
+		"max conns":     {"MAX_CONNECTIONS_PER_MESH", "0", "whole number >= 1"},
+		"msg bytes":     {"MAX_MESSAGE_BYTES", "10", "between 1024 and 16777216"},
+		"hook rate":     {"HOOK_RATE_LIMIT_PER_MIN", "x", "not a whole number"},
+		"grace":         {"SESSION_GRACE_SECONDS", "1.5", "not a whole number"},
+		"log level":     {"LOG_LEVEL", "loud", "one of debug, info, warn, error"},
+		"log format":    {"LOG_FORMAT", "xml", "text or json"},
+		"database url":  {"DATABASE_URL", "mysql://x", "postgres:// URL"},
+		"node id chars": {"BROKER_NODE_ID", "a b", "letters, digits"},
+	}
+	for name, tc := range cases {
+		t.Run(name, func(t *testing.T) {
+			_, err := LoadConfig(env(map[string]string{tc.name: tc.value}))
+			require.Error(t, err)
+			require.Contains(t, err.Error(), tc.name)
+			require.Contains(t, err.Error(), tc.want)
+		})
+	}
+	// All errors at once, not just the first.
+	_, err := LoadConfig(env(map[string]string{"BROKER_PORT": "x", "LOG_FORMAT": "y"}))
+	require.ErrorContains(t, err, "BROKER_PORT")
+	require.ErrorContains(t, err, "LOG_FORMAT")
+}

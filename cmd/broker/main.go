@@ -1,0 +1,215 @@
+// Command broker runs a claudemesh broker replica (serve), migrates its schema (migrate) and
+// administers meshes, members, invites and the audit log.
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/signal"
+	"syscall"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/claudemesh/broker/broker"
+	"github.com/claudemesh/broker/db"
+	"github.com/claudemesh/broker/db/embedded"
+)
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	err := newRootCmd().ExecuteContext(ctx)
+	stop()
+	if err != nil {
+		var ee exitError
+		if errors.As(err, &ee) {
+			os.Exit(ee.code)
+		}
+		fmt.Fprintln(os.Stderr, "broker:", err)
+		os.Exit(1)
+	}
+}
+
+// exitError ends the process with a specific code after the command printed its own output.
+type exitError struct{ code int }
+
+func (e exitError) Error() string { return fmt.Sprintf("exit %d", e.code) }
+
+func newRootCmd() *cobra.Command {
+	root := &cobra.Command{
+		Use:           "broker",
+		Short:         "claudemesh broker: routes end-to-end encrypted messages between Claude Code peers",
+		SilenceUsage:  true,
+		SilenceErrors: true,
+	}
+	root.AddCommand(newServeCmd(), newMigrateCmd(), newVersionCmd())
+	for _, add := range extraCommands {
+		root.AddCommand(add())
+	}
+	return root
+}
+
+// extraCommands lets other files of this package register their verbs.
+var extraCommands []func() *cobra.Command
+
+func newVersionCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:   "version",
+		Short: "Print the broker version",
+		Run:   func(cmd *cobra.Command, _ []string) { fmt.Fprintln(cmd.OutOrStdout(), broker.Version) },
+	}
+}
+
+// loadConfig reads the environment and builds the logger; every command starts here.
+func loadConfig() (broker.Config, *slog.Logger, error) {
+	cfg, err := broker.LoadConfig(os.Getenv)
+	if err != nil {
+		return cfg, nil, fmt.Errorf("configuration:\n%w", err)
+	}
+	opts := &slog.HandlerOptions{Level: cfg.LogLevel}
+	var h slog.Handler = slog.NewTextHandler(os.Stderr, opts)
+	if cfg.LogFormat == "json" {
+		h = slog.NewJSONHandler(os.Stderr, opts)
+	}
+	return cfg, slog.New(h), nil
+}
+
+// openDatabase returns the URL to use: DATABASE_URL, or the embedded Postgres it starts in
+// BROKER_DATA_DIR. The returned stop function stops the embedded cluster (no-op otherwise).
+func openDatabase(ctx context.Context, cfg broker.Config, logger *slog.Logger) (string, func(), error) {
+	if cfg.DatabaseURL != "" {
+		return cfg.DatabaseURL, func() {}, nil
+	}
+	logger.Info("DATABASE_URL is unset: starting the embedded Postgres", "data_dir", cfg.DataDir)
+	c, err := embedded.Start(ctx, embedded.Config{DataDir: cfg.DataDir, Logger: logger})
+	if err != nil {
+		return "", nil, fmt.Errorf("embedded Postgres: %w", err)
+	}
+	return c.URL(), func() {
+		stopCtx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		if err := c.Stop(stopCtx); err != nil {
+			logger.Error("stop embedded Postgres", "err", err)
+		}
+	}, nil
+}
+
+// withDatabase runs f with a database URL and stops an embedded cluster afterwards.
+func withDatabase(cmd *cobra.Command, f func(ctx context.Context, url string, cfg broker.Config, logger *slog.Logger) error) error {
+	cfg, logger, err := loadConfig()
+	if err != nil {
+		return err
+	}
+	ctx := cmd.Context()
+	url, stop, err := openDatabase(ctx, cfg, logger)
+	if err != nil {
+		return err
+	}
+	defer stop()
+	return f(ctx, url, cfg, logger)
+}
+
+func newMigrateCmd() *cobra.Command {
+	cmd := &cobra.Command{Use: "migrate", Short: "Apply, roll back or show schema migrations"}
+	run := func(f func(context.Context, *db.Migrator, *cobra.Command) error) func(*cobra.Command, []string) error {
+		return func(cmd *cobra.Command, _ []string) error {
+			return withDatabase(cmd, func(ctx context.Context, url string, _ broker.Config, logger *slog.Logger) error {
+				m, err := db.NewMigrator(url, logger)
+				if err != nil {
+					return err
+				}
+				defer m.Close()
+				return f(ctx, m, cmd)
+			})
+		}
+	}
+	cmd.AddCommand(
+		&cobra.Command{Use: "up", Short: "Apply every pending migration", Args: cobra.NoArgs,
+			RunE: run(func(ctx context.Context, m *db.Migrator, _ *cobra.Command) error { return m.Up(ctx) })},
+		&cobra.Command{Use: "down", Short: "Roll back the newest migration", Args: cobra.NoArgs,
+			RunE: run(func(ctx context.Context, m *db.Migrator, _ *cobra.Command) error { return m.Down(ctx) })},
+		&cobra.Command{Use: "status", Short: "List migrations and whether each is applied", Args: cobra.NoArgs,
+			RunE: run(func(ctx context.Context, m *db.Migrator, cmd *cobra.Command) error {
+				st, err := m.Status(ctx)
+				if err != nil {
+					return err
+				}
+				for _, s := range st {
+					state := "pending"
+					if s.Applied {
+						state = "applied"
+					}
+					fmt.Fprintf(cmd.OutOrStdout(), "%05d  %-8s %s\n", s.Version, state, s.Name)
+				}
+				return nil
+			})},
+	)
+	return cmd
+}
+
+func newServeCmd() *cobra.Command {
+	var noMigrate bool
+	cmd := &cobra.Command{
+		Use:   "serve",
+		Short: "Run a broker replica (HTTP, WebSocket /ws, hooks, health, metrics)",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			return withDatabase(cmd, func(ctx context.Context, url string, cfg broker.Config, logger *slog.Logger) error {
+				if !noMigrate {
+					if err := migrateWithRetry(ctx, url, logger); err != nil {
+						return err
+					}
+				}
+				return serve(ctx, url, cfg, logger)
+			})
+		},
+	}
+	cmd.Flags().BoolVar(&noMigrate, "no-migrate", false, "do not apply migrations at start (run `broker migrate up` as a release step instead)")
+	return cmd
+}
+
+// migrateWithRetry applies migrations, waiting up to a minute for Postgres to be reachable:
+// replicas often start before their database does.
+func migrateWithRetry(ctx context.Context, url string, logger *slog.Logger) error {
+	deadline := time.Now().Add(time.Minute)
+	delay := 500 * time.Millisecond
+	for {
+		err := db.Migrate(ctx, url, nil)
+		if err == nil {
+			return nil
+		}
+		if time.Now().After(deadline) || ctx.Err() != nil {
+			return err
+		}
+		logger.Warn("migrations failed; retrying", "err", err, "retry_in", delay)
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(delay):
+		}
+		delay = min(delay*2, 5*time.Second)
+	}
+}
+
+func serve(ctx context.Context, url string, cfg broker.Config, logger *slog.Logger) error {
+	pool, err := db.NewPool(ctx, url, db.PoolConfig{AppName: "claudemesh-broker"})
+	if err != nil {
+		return err
+	}
+	defer pool.Close()
+	srv, err := broker.NewServer(cfg, pool, logger)
+	if err != nil {
+		return err
+	}
+	if err := srv.Start(ctx, fmt.Sprintf(":%d", cfg.Port)); err != nil {
+		return err
+	}
+	<-ctx.Done()
+	logger.Info("shutting down", "deadline", cfg.DrainTimeout)
+	stopCtx, cancel := context.WithTimeout(context.Background(), cfg.DrainTimeout)
+	defer cancel()
+	return srv.Stop(stopCtx)
+}

@@ -1,0 +1,317 @@
+package pgbus
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgxlisten"
+
+	"github.com/claudemesh/broker/db"
+)
+
+// Defaults; zero Config fields mean these.
+const (
+	DefaultNamespace    = "claudemesh"
+	DefaultQueueSize    = 4096
+	DefaultPingInterval = 2 * time.Second
+	// A LISTEN connection that has not seen its own ping for this long is replaced.
+	DefaultPingTimeout = 6 * time.Second
+	maxReconnectDelay  = 3 * time.Second
+)
+
+// Config configures a Bus.
+type Config struct {
+	// ConnConfig is where the LISTEN connection goes: straight to the primary, never through
+	// a transaction-mode pooler (LISTEN is session state).
+	ConnConfig *pgx.ConnConfig
+	// Exec runs the bus's own writes (pings); usually the replica's pool.
+	Exec         db.DBTX
+	NodeID       string
+	Namespace    string
+	QueueSize    int
+	PingInterval time.Duration
+	PingTimeout  time.Duration
+	Logger       *slog.Logger
+	// Observe, when set, is told about bus events for metrics: "received", "reconnect",
+	// "overflow", "bad_payload".
+	Observe func(event string, n int)
+}
+
+// Bus owns one LISTEN connection on its node channel and the cluster channel. Handlers never
+// run on the listener: notifications go to a bounded queue, and an overflow turns into a
+// resync signal instead of a silent drop.
+type Bus struct {
+	cfg       Config
+	node      string
+	cluster   string
+	queue     chan Message
+	resync    chan struct{}
+	connected atomic.Bool
+	lastPing  atomic.Int64 // unix nanos of the last own ping received
+	log       *slog.Logger
+
+	mu      sync.Mutex
+	cancel  context.CancelFunc
+	done    chan struct{}
+	stopped bool
+}
+
+// New validates cfg and builds a Bus; Start runs it.
+func New(cfg Config) (*Bus, error) {
+	if cfg.ConnConfig == nil || cfg.Exec == nil || cfg.NodeID == "" {
+		return nil, errors.New("pgbus: ConnConfig, Exec and NodeID are required")
+	}
+	if cfg.Namespace == "" {
+		cfg.Namespace = DefaultNamespace
+	}
+	if cfg.QueueSize <= 0 {
+		cfg.QueueSize = DefaultQueueSize
+	}
+	if cfg.PingInterval <= 0 {
+		cfg.PingInterval = DefaultPingInterval
+	}
+	if cfg.PingTimeout <= 0 {
+		cfg.PingTimeout = DefaultPingTimeout
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if cfg.Observe == nil {
+		cfg.Observe = func(string, int) {}
+	}
+	node := NodeChannel(cfg.Namespace, cfg.NodeID)
+	if len(node) > 63 {
+		return nil, fmt.Errorf("pgbus: channel %q is longer than 63 bytes: shorten the namespace or node id", node)
+	}
+	return &Bus{
+		cfg:     cfg,
+		node:    node,
+		cluster: ClusterChannel(cfg.Namespace),
+		queue:   make(chan Message, cfg.QueueSize),
+		resync:  make(chan struct{}, 1),
+		log:     cfg.Logger.With("component", "pgbus"),
+	}, nil
+}
+
+// NodeChannel is the channel a node listens on for messages directed at it.
+func NodeChannel(namespace, nodeID string) string { return namespace + "_n_" + nodeID }
+
+// ClusterChannel carries mesh-wide events every node hears.
+func ClusterChannel(namespace string) string { return namespace + "_all" }
+
+// NodeChannel returns the directed channel of another node.
+func (b *Bus) NodeChannel(nodeID string) string { return NodeChannel(b.cfg.Namespace, nodeID) }
+
+// ClusterChannel returns the cluster-wide channel.
+func (b *Bus) ClusterChannel() string { return b.cluster }
+
+// Messages is the queue of received messages, in arrival order.
+func (b *Bus) Messages() <-chan Message { return b.queue }
+
+// Resync fires after every (re)connect and after an overflow: the consumer must re-read
+// everything it holds, since notifications may have been missed.
+func (b *Bus) Resync() <-chan struct{} { return b.resync }
+
+// Connected reports whether the LISTEN connection is up.
+func (b *Bus) Connected() bool { return b.connected.Load() }
+
+// Start runs the listener and the self-ping until Stop.
+func (b *Bus) Start(ctx context.Context) error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.done != nil {
+		return errors.New("pgbus: already started")
+	}
+	ctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
+	b.cancel = cancel
+	b.done = make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Add(2)
+	go func() { defer wg.Done(); b.listenLoop(ctx) }()
+	go func() { defer wg.Done(); b.pingLoop(ctx) }()
+	go func() { wg.Wait(); close(b.done) }()
+	return nil
+}
+
+// Stop ends the listener; safe to call twice.
+func (b *Bus) Stop(ctx context.Context) error {
+	b.mu.Lock()
+	if b.stopped || b.done == nil {
+		b.stopped = true
+		b.mu.Unlock()
+		return nil
+	}
+	b.stopped = true
+	cancel, done := b.cancel, b.done
+	b.mu.Unlock()
+	cancel()
+	select {
+	case <-done:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+func (b *Bus) signalResync() {
+	select {
+	case b.resync <- struct{}{}:
+	default: // one pending signal is enough
+	}
+}
+
+// listenLoop keeps one LISTEN connection alive. Each connection gets its own context so the
+// ping watchdog can replace a connection that stopped delivering without erroring.
+func (b *Bus) listenLoop(ctx context.Context) {
+	failures := 0
+	for ctx.Err() == nil {
+		connCtx, cancelConn := context.WithCancel(ctx)
+		b.lastPing.Store(time.Now().UnixNano())
+		watchDone := make(chan struct{})
+		go func() {
+			defer close(watchDone)
+			b.watchdog(connCtx, cancelConn)
+		}()
+		l := &pgxlisten.Listener{
+			Connect: func(ctx context.Context) (*pgx.Conn, error) {
+				cc := b.cfg.ConnConfig.Copy()
+				// Keepalive finds a silently dropped connection even between pings.
+				cc.DialFunc = (&net.Dialer{KeepAlive: 10 * time.Second, Timeout: 5 * time.Second}).DialContext
+				return pgx.ConnectConfig(ctx, cc)
+			},
+			LogError: func(ctx context.Context, err error) {
+				if ctx.Err() == nil {
+					b.log.Warn("listener", "err", err)
+				}
+			},
+			ReconnectDelay: -1, // we back off ourselves, with jitter, below
+		}
+		handler := &handler{b: b, onConnect: func() { failures = 0 }}
+		l.Handle(b.node, handler)
+		l.Handle(b.cluster, handler)
+		_ = l.Listen(connCtx) // returns when connCtx ends; errors were logged
+		cancelConn()
+		<-watchDone
+		if b.connected.Swap(false) {
+			b.log.Warn("LISTEN connection lost; reconnecting")
+		}
+		if ctx.Err() != nil {
+			return
+		}
+		b.cfg.Observe("reconnect", 1)
+		failures++
+		delay := min(time.Duration(1<<min(failures, 6))*50*time.Millisecond, maxReconnectDelay)
+		delay = delay/2 + rand.N(delay/2+1) // jitter so replicas don't reconnect in lockstep
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(delay):
+		}
+	}
+}
+
+// watchdog cancels the connection when its own pings stop arriving.
+func (b *Bus) watchdog(ctx context.Context, cancel context.CancelFunc) {
+	t := time.NewTicker(b.cfg.PingInterval / 2)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			if b.connected.Load() && time.Since(time.Unix(0, b.lastPing.Load())) > b.cfg.PingTimeout {
+				b.log.Warn("LISTEN connection missed its pings; replacing it", "timeout", b.cfg.PingTimeout)
+				cancel()
+				return
+			}
+		}
+	}
+}
+
+// pingLoop notifies the node's own channel so the watchdog can see the LISTEN path work end
+// to end (a socket can look open while delivering nothing).
+func (b *Bus) pingLoop(ctx context.Context) {
+	payload := Encode([]Message{{Kind: KindPing, Node: b.cfg.NodeID}})[0]
+	q := db.New(b.cfg.Exec)
+	t := time.NewTicker(b.cfg.PingInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			opCtx, cancel := context.WithTimeout(ctx, b.cfg.PingInterval)
+			if err := q.Notify(opCtx, db.NotifyParams{Channel: b.node, Payload: payload}); err != nil && ctx.Err() == nil {
+				b.log.Debug("bus ping", "err", err)
+			}
+			cancel()
+		}
+	}
+}
+
+type handler struct {
+	b         *Bus
+	onConnect func()
+}
+
+// HandleBacklog runs right after LISTEN succeeds: whatever was sent while we were not
+// listening is only in the tables, so the consumer resyncs.
+func (h *handler) HandleBacklog(_ context.Context, channel string, _ *pgx.Conn) error {
+	if channel == h.b.cluster { // the last of the two channels: the connection is complete
+		h.b.connected.Store(true)
+		h.b.lastPing.Store(time.Now().UnixNano())
+		h.onConnect()
+		h.b.log.Info("LISTEN connected", "channel", h.b.node)
+		h.b.signalResync()
+	}
+	return nil
+}
+
+// HandleNotification never blocks: a full queue becomes a resync.
+func (h *handler) HandleNotification(_ context.Context, n *pgconn.Notification, _ *pgx.Conn) error {
+	msgs, err := Decode(n.Payload)
+	if err != nil {
+		h.b.cfg.Observe("bad_payload", 1)
+		h.b.log.Warn("bad bus payload", "channel", n.Channel, "err", err)
+	}
+	for _, m := range msgs {
+		if m.Kind == KindPing {
+			if m.Node == h.b.cfg.NodeID {
+				h.b.lastPing.Store(time.Now().UnixNano())
+			}
+			continue
+		}
+		h.b.cfg.Observe("received", 1)
+		if m.Kind == KindResync {
+			h.b.signalResync()
+			continue
+		}
+		select {
+		case h.b.queue <- m:
+		default:
+			h.b.cfg.Observe("overflow", 1)
+			h.b.signalResync()
+		}
+	}
+	return nil
+}
+
+// Send writes the outbox's notifications through q (inside the caller's transaction, so they
+// go out exactly when its rows become visible).
+func Send(ctx context.Context, q *db.Queries, o *Outbox) error {
+	for _, p := range o.Payloads() {
+		if err := q.Notify(ctx, db.NotifyParams{Channel: p.Channel, Payload: p.Payload}); err != nil {
+			return fmt.Errorf("notify %s: %w", p.Channel, err)
+		}
+	}
+	return nil
+}

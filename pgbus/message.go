@@ -1,0 +1,140 @@
+// Package pgbus is the cross-replica bus: one owned LISTEN connection per replica (pgxlisten),
+// directed notifications sent inside the writing transaction, group commit, reconnect with
+// catch-up signals, and the channel naming. It moves small signals between replicas; the
+// tables are the truth. It knows nothing about WebSockets.
+package pgbus
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"sort"
+	"strings"
+)
+
+// MaxPayload stays under Postgres's 8000-byte NOTIFY limit with room for the channel name.
+const MaxPayload = 7600
+
+// Kinds of bus messages. A message is a hint: receivers re-read the tables.
+const (
+	KindDeliveries = "d" // Member has new or released pending deliveries.
+	KindStatus     = "s" // Presence's status changed: reload it, drain if idle.
+	KindReplace    = "r" // Presence was taken over elsewhere: close the local socket.
+	KindKick       = "k" // Member's sessions must close (revoked/kicked).
+	KindEvent      = "e" // Mesh-wide system event (peer_joined/left/status), data inline.
+	KindState      = "t" // Shared state key changed in a mesh.
+	KindPing       = "p" // The node's own liveness probe of its LISTEN connection.
+	KindResync     = "z" // Receiver should resync everything it holds.
+)
+
+// Message is one signal. Fields are short ids; Data carries small inline JSON for events.
+type Message struct {
+	Kind     string          `json:"k"`
+	Mesh     string          `json:"h,omitempty"`
+	Member   string          `json:"m,omitempty"`
+	Presence string          `json:"p,omitempty"`
+	Node     string          `json:"n,omitempty"`
+	Key      string          `json:"y,omitempty"`
+	Code     int             `json:"c,omitempty"`
+	Data     json.RawMessage `json:"x,omitempty"`
+}
+
+// Encode packs messages into as few payloads as fit MaxPayload, one JSON object per line.
+// A single message too large to fit is replaced by a resync signal: never silently dropped.
+func Encode(msgs []Message) []string {
+	var out []string
+	var buf bytes.Buffer
+	for _, m := range msgs {
+		b, err := json.Marshal(m)
+		if err != nil || len(b) > MaxPayload {
+			b, _ = json.Marshal(Message{Kind: KindResync})
+		}
+		if buf.Len() > 0 && buf.Len()+1+len(b) > MaxPayload {
+			out = append(out, buf.String())
+			buf.Reset()
+		}
+		if buf.Len() > 0 {
+			buf.WriteByte('\n')
+		}
+		buf.Write(b)
+	}
+	if buf.Len() > 0 {
+		out = append(out, buf.String())
+	}
+	return out
+}
+
+// Decode splits a payload back into messages. A bad line is reported, the rest still decoded.
+func Decode(payload string) ([]Message, error) {
+	var msgs []Message
+	var bad int
+	for line := range strings.SplitSeq(payload, "\n") {
+		if line == "" {
+			continue
+		}
+		var m Message
+		if err := json.Unmarshal([]byte(line), &m); err != nil || m.Kind == "" {
+			bad++
+			continue
+		}
+		msgs = append(msgs, m)
+	}
+	if bad > 0 {
+		return msgs, fmt.Errorf("decode bus payload: %d bad lines", bad)
+	}
+	return msgs, nil
+}
+
+// Outbox collects the messages of one transaction per channel, deduplicated, so a batch of
+// any size sends one notification per target replica.
+type Outbox struct {
+	byChannel map[string][]Message
+	seen      map[string]map[string]struct{}
+}
+
+// Add queues m for channel. Identical messages to one channel are sent once.
+func (o *Outbox) Add(channel string, m Message) {
+	if o.byChannel == nil {
+		o.byChannel = map[string][]Message{}
+		o.seen = map[string]map[string]struct{}{}
+	}
+	if m.Data == nil {
+		key := fmt.Sprintf("%s|%s|%s|%s|%s|%s|%d", m.Kind, m.Mesh, m.Member, m.Presence, m.Node, m.Key, m.Code)
+		if _, dup := o.seen[channel][key]; dup {
+			return
+		}
+		if o.seen[channel] == nil {
+			o.seen[channel] = map[string]struct{}{}
+		}
+		o.seen[channel][key] = struct{}{}
+	}
+	o.byChannel[channel] = append(o.byChannel[channel], m)
+}
+
+// Len is the number of queued messages.
+func (o *Outbox) Len() int {
+	n := 0
+	for _, ms := range o.byChannel {
+		n += len(ms)
+	}
+	return n
+}
+
+// Payloads returns channel → payloads in a stable order.
+func (o *Outbox) Payloads() []ChannelPayload {
+	chans := make([]string, 0, len(o.byChannel))
+	for c := range o.byChannel {
+		chans = append(chans, c)
+	}
+	sort.Strings(chans)
+	var out []ChannelPayload
+	for _, c := range chans {
+		for _, p := range Encode(o.byChannel[c]) {
+			out = append(out, ChannelPayload{Channel: c, Payload: p})
+		}
+	}
+	return out
+}
+
+// ChannelPayload is one NOTIFY.
+type ChannelPayload struct{ Channel, Payload string }

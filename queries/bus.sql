@@ -1,0 +1,3 @@
+-- name: Notify :exec
+-- The notification is sent when the surrounding transaction commits (or now, outside one).
+SELECT pg_notify(@channel::text, @payload::text);

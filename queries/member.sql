@@ -1,0 +1,19 @@
+-- name: MemberInsert :one
+INSERT INTO claudemesh.member (mesh_id, pubkey, display_name, role, invite_id)
+VALUES (@mesh_id, @pubkey, @display_name, @role, sqlc.narg(invite_id))
+RETURNING *;
+
+-- name: MemberLiveByPubkey :one
+SELECT * FROM claudemesh.member
+WHERE mesh_id = @mesh_id AND pubkey = @pubkey AND revoked_at IS NULL;
+
+-- name: MemberList :many
+-- Revoked members stay listed (with revoked_at) so an operator sees the record.
+SELECT * FROM claudemesh.member
+WHERE mesh_id = @mesh_id
+ORDER BY created_at, id;
+
+-- name: MemberRevoke :one
+UPDATE claudemesh.member SET revoked_at = now()
+WHERE mesh_id = @mesh_id AND pubkey = @pubkey AND revoked_at IS NULL
+RETURNING *;
