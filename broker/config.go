@@ -49,6 +49,10 @@ type Config struct {
 	// AllowedOrigins lists Origin values accepted on /ws besides same-host; "*" allows all.
 	// Non-browser peers send no Origin and are always accepted.
 	AllowedOrigins []string
+	// MessageTTL is how long an envelope waits for its recipients before it expires.
+	MessageTTL time.Duration
+	// BusNamespace prefixes the LISTEN channel names (default "claudemesh").
+	BusNamespace string
 }
 
 // envVar describes one environment variable: its name, what it sets and how to parse it.
@@ -94,6 +98,7 @@ var envVars = []envVar{
 	}},
 	{"NODE_DEAD_AFTER_SECONDS", "a whole number of seconds >= 2", func(v string, c *Config) error { return seconds(v, 2, &c.NodeDeadAfter) }},
 	{"DRAIN_TIMEOUT_SECONDS", "a whole number of seconds >= 1", func(v string, c *Config) error { return seconds(v, 1, &c.DrainTimeout) }},
+	{"MESSAGE_TTL_SECONDS", "a whole number of seconds >= 60", func(v string, c *Config) error { return seconds(v, 60, &c.MessageTTL) }},
 	{"ALLOWED_ORIGINS", "a comma-separated list of origins, or *", func(v string, c *Config) error {
 		for _, o := range strings.Split(v, ",") {
 			if o = strings.TrimSpace(o); o != "" {
@@ -144,6 +149,7 @@ func (c Config) WithDefaults() Config {
 	def(&c.Heartbeat, DefaultHeartbeatInterval)
 	def(&c.DrainTimeout, DefaultDrainTimeout)
 	def(&c.SessionGrace, DefaultSessionGrace)
+	def(&c.MessageTTL, DefaultMessageTTL)
 	if c.MaxConnsPerMesh == 0 {
 		c.MaxConnsPerMesh = DefaultMaxConnectionsPerMsh
 	}

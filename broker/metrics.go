@@ -10,22 +10,80 @@ import (
 type Metrics struct {
 	Registry *prometheus.Registry
 
-	HealthChecks *prometheus.CounterVec
+	HealthChecks      *prometheus.CounterVec
+	ConnActive        prometheus.Gauge
+	ConnTotal         prometheus.Counter
+	ConnRejected      *prometheus.CounterVec
+	BadFrames         *prometheus.CounterVec
+	SlowConsumers     prometheus.Counter
+	MessagesRouted    *prometheus.CounterVec
+	Pushes            prometheus.Counter
+	SendFailures      prometheus.Counter
+	DeliveriesPending prometheus.Gauge
+	BusSent           prometheus.Counter
+	BusReceived       prometheus.Counter
+	BusEvents         *prometheus.CounterVec
+	BatchSize         prometheus.Histogram
+	CommitSeconds     prometheus.Histogram
+	HookRequests      *prometheus.CounterVec
 }
 
 func newMetrics() *Metrics {
 	reg := prometheus.NewRegistry()
+	c := func(name, help string) prometheus.Counter {
+		return prometheus.NewCounter(prometheus.CounterOpts{Namespace: "claudemesh", Name: name, Help: help})
+	}
+	cv := func(name, help string, labels ...string) *prometheus.CounterVec {
+		return prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: "claudemesh", Name: name, Help: help}, labels)
+	}
+	g := func(name, help string) prometheus.Gauge {
+		return prometheus.NewGauge(prometheus.GaugeOpts{Namespace: "claudemesh", Name: name, Help: help})
+	}
 	m := &Metrics{
-		Registry: reg,
-		HealthChecks: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Namespace: "claudemesh", Name: "health_checks_total",
-			Help: "Health checks served, by reported status.",
-		}, []string{"status"}),
+		Registry:          reg,
+		HealthChecks:      cv("health_checks_total", "Health checks served, by reported status.", "status"),
+		ConnActive:        g("connections_active", "Open WebSocket connections on this replica."),
+		ConnTotal:         c("connections_total", "WebSocket connections accepted."),
+		ConnRejected:      cv("connections_rejected_total", "Connections or hellos refused, by reason.", "reason"),
+		BadFrames:         cv("bad_frames_total", "Client frames answered with an error, by code.", "code"),
+		SlowConsumers:     c("slow_consumer_closes_total", "Sessions closed with 4008 because their send queue overflowed."),
+		MessagesRouted:    cv("messages_routed_total", "Envelopes stored and routed, by priority.", "priority"),
+		Pushes:            c("pushes_total", "Envelopes written to recipient sockets."),
+		SendFailures:      c("send_failures_total", "Sends refused because their batch could not be stored."),
+		DeliveriesPending: g("deliveries_pending", "Deliveries not yet acknowledged (pending or pushed), cluster-wide."),
+		BusSent:           c("bus_notifications_sent_total", "NOTIFY payloads sent by this replica."),
+		BusReceived:       c("bus_notifications_received_total", "Bus messages received and applied."),
+		BusEvents:         cv("bus_events_total", "Listener events: reconnect, overflow, bad_payload.", "event"),
+		BatchSize: prometheus.NewHistogram(prometheus.HistogramOpts{Namespace: "claudemesh", Name: "commit_batch_size",
+			Help: "Sends per group-commit transaction.", Buckets: prometheus.ExponentialBuckets(1, 2, 10)}),
+		CommitSeconds: prometheus.NewHistogram(prometheus.HistogramOpts{Namespace: "claudemesh", Name: "commit_seconds",
+			Help: "Time to resolve and commit one send batch.", Buckets: prometheus.ExponentialBuckets(0.0005, 2, 14)}),
+		HookRequests: cv("hook_requests_total", "Hook requests, by outcome.", "outcome"),
 	}
 	reg.MustRegister(
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
-		m.HealthChecks,
+		m.HealthChecks, m.ConnActive, m.ConnTotal, m.ConnRejected, m.BadFrames, m.SlowConsumers,
+		m.MessagesRouted, m.Pushes, m.SendFailures, m.DeliveriesPending, m.BusSent, m.BusReceived,
+		m.BusEvents, m.BatchSize, m.CommitSeconds, m.HookRequests,
 	)
 	return m
+}
+
+func (m *Metrics) observeBus(event string, n int) {
+	if event == "received" {
+		return // counted when applied
+	}
+	m.BusEvents.WithLabelValues(event).Add(float64(n))
+}
+
+// registerFuncs adds gauges read from the server at scrape time.
+func (m *Metrics) registerFuncs(s *Server) {
+	m.Registry.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Namespace: "claudemesh", Name: "listener_up",
+		Help: "1 when this replica's LISTEN connection is up."}, func() float64 {
+		if s.bus.Connected() {
+			return 1
+		}
+		return 0
+	}))
 }

@@ -18,7 +18,11 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"github.com/olahol/melody"
+
 	"github.com/claudemesh/broker/db"
+	"github.com/claudemesh/broker/pgbus"
+	"github.com/claudemesh/broker/protocol"
 )
 
 // Server is one broker replica: its HTTP routes, its sessions and its node row.
@@ -33,6 +37,17 @@ type Server struct {
 	mux     *http.ServeMux
 
 	draining atomic.Bool
+
+	hub       *hub
+	melody    *melody.Melody
+	bus       *pgbus.Bus
+	sends     chan sendReq
+	marker    *marker
+	hookLimit *hookLimiter
+	// runCtx lives from Start to Stop; background work (bg) runs under it.
+	runCtx    context.Context
+	runCancel context.CancelFunc
+	bg        sync.WaitGroup
 
 	mu       sync.Mutex
 	httpSrv  *http.Server
@@ -65,8 +80,25 @@ func NewServer(cfg Config, pool *pgxpool.Pool, logger *slog.Logger) (*Server, er
 		metrics: newMetrics(),
 		mux:     http.NewServeMux(),
 	}
+	s.runCtx, s.runCancel = context.WithCancel(context.Background())
+	s.hub = newHub()
+	s.melody = s.newMelody()
+	s.sends = make(chan sendReq, sendQueueCap)
+	s.marker = newMarker(s)
+	s.hookLimit = newHookLimiter(cfg.HookRatePerMin)
+	bus, err := pgbus.New(pgbus.Config{
+		ConnConfig: pool.Config().ConnConfig, Exec: pool, NodeID: nodeID, Namespace: cfg.BusNamespace,
+		Logger: s.log, Observe: s.metrics.observeBus,
+	})
+	if err != nil {
+		return nil, err
+	}
+	s.bus = bus
+	s.metrics.registerFuncs(s)
 	s.mux.HandleFunc("GET /health", s.handleHealth)
 	s.mux.Handle("GET /metrics", promhttp.HandlerFor(s.metrics.Registry, promhttp.HandlerOpts{}))
+	s.mux.HandleFunc("GET "+protocol.PathWS, s.handleWS)
+	s.mux.HandleFunc("POST "+protocol.PathHookState, s.handleHook)
 	return s, nil
 }
 
@@ -97,6 +129,15 @@ func (s *Server) NodeID() string { return s.nodeID }
 // Metrics exposes the replica's collectors (tests read them).
 func (s *Server) Metrics() *Metrics { return s.metrics }
 
+// Handle mounts an extra route (for example POST /join from package membership).
+func (s *Server) Handle(pattern string, h http.Handler) { s.mux.Handle(pattern, h) }
+
+// Sessions is the number of live sessions on this replica.
+func (s *Server) Sessions() int { return s.hub.len() }
+
+// BusConnected reports whether this replica's LISTEN connection is up.
+func (s *Server) BusConnected() bool { return s.bus.Connected() }
+
 // Handler is the replica's HTTP handler (all routes, /ws included).
 func (s *Server) Handler() http.Handler { return s.mux }
 
@@ -118,7 +159,15 @@ func (s *Server) Start(ctx context.Context, addr string) error {
 	if err != nil {
 		return fmt.Errorf("listen %s: %w", addr, err)
 	}
-	runCtx, cancel := context.WithCancel(context.WithoutCancel(ctx))
+	_ = ctx
+	runCtx, cancel := s.runCtx, s.runCancel
+	if err := s.bus.Start(runCtx); err != nil {
+		_ = ln.Close()
+		return err
+	}
+	for _, f := range []func(context.Context){s.runCommitter, s.marker.run, s.runBus, s.runSweeper} {
+		s.bg.Go(func() { f(runCtx) })
+	}
 	s.mu.Lock()
 	s.listener = ln
 	s.cancel = cancel
@@ -161,13 +210,19 @@ func (s *Server) Stop(ctx context.Context) error {
 	s.mu.Unlock()
 
 	s.draining.Store(true)
+	s.drainSessions(ctx)
 	err := srv.Shutdown(ctx)
 	cancel()
-	select {
-	case <-done:
-	case <-ctx.Done():
-		return ctx.Err()
+	bgDone := make(chan struct{})
+	go func() { s.bg.Wait(); close(bgDone) }()
+	for _, ch := range []chan struct{}{done, bgDone} {
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
 	}
+	_ = s.bus.Stop(ctx)
 	stopCtx, stopCancel := context.WithTimeout(context.WithoutCancel(ctx), 3*time.Second)
 	defer stopCancel()
 	if e := s.q.NodeStop(stopCtx, s.nodeID); e != nil {
@@ -217,6 +272,7 @@ type Health struct {
 	Region   string `json:"region,omitempty"`
 	UptimeS  int64  `json:"uptimeSeconds"`
 	Sessions int    `json:"sessions"`
+	Listener string `json:"listener"` // up, down
 }
 
 func (s *Server) handleHealth(w http.ResponseWriter, r *http.Request) {
@@ -224,6 +280,11 @@ func (s *Server) handleHealth(w http.ResponseWriter, r *http.Request) {
 		UptimeS: int64(time.Since(s.started).Seconds())}
 	ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
 	defer cancel()
+	h.Sessions = s.hub.len()
+	h.Listener = "up"
+	if !s.bus.Connected() {
+		h.Status, h.Listener = "degraded", "down"
+	}
 	if err := s.pool.Ping(ctx); err != nil {
 		h.Status, h.DB = "degraded", "down"
 	}
@@ -243,4 +304,41 @@ func writeJSON(w http.ResponseWriter, code int, v any) {
 	w.Header().Set("Cache-Control", "no-store")
 	w.WriteHeader(code)
 	_ = json.NewEncoder(w).Encode(v)
+}
+
+// drainSessions closes every local session with 1012 ("reconnect elsewhere"), spread over a
+// short window so the peers don't all reconnect in the same instant, and waits for them to
+// go (their presences stay in grace, so nobody sees them leave).
+func (s *Server) drainSessions(ctx context.Context) {
+	sessions := s.hub.all()
+	if len(sessions) == 0 {
+		return
+	}
+	window := min(2*time.Second, s.cfg.DrainTimeout/4)
+	step := window / time.Duration(len(sessions))
+	s.log.Info("draining sessions", "count", len(sessions), "window", window)
+	for i, sess := range sessions {
+		if i > 0 && step > 0 {
+			select {
+			case <-time.After(step):
+			case <-ctx.Done():
+			}
+		}
+		closeWith(sess.ws, protocol.CloseDraining, "draining")
+	}
+	deadline := time.NewTimer(min(5*time.Second, s.cfg.DrainTimeout/2))
+	defer deadline.Stop()
+	tick := time.NewTicker(20 * time.Millisecond)
+	defer tick.Stop()
+	for s.hub.len() > 0 {
+		select {
+		case <-ctx.Done():
+			return
+		case <-deadline.C:
+			s.log.Warn("sessions still open after drain window; closing them", "count", s.hub.len())
+			_ = s.melody.Close()
+			return
+		case <-tick.C:
+		}
+	}
 }

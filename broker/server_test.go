@@ -36,9 +36,15 @@ func TestHealthFollowsDatabase(t *testing.T) {
 	require.NoError(t, srv.Start(context.Background(), "127.0.0.1:0"))
 	t.Cleanup(func() { _ = srv.Stop(context.Background()) })
 
+	// 503 until the LISTEN connection is up: a replica that can't hear the bus isn't ready.
+	dbtest.WaitFor(t, 10*time.Second, "healthy after start", func() bool {
+		code, _ := getHealth(t, srv.Addr())
+		return code == http.StatusOK
+	})
 	code, h := getHealth(t, srv.Addr())
 	require.Equal(t, http.StatusOK, code)
 	require.Equal(t, "ok", h.Status)
+	require.Equal(t, "up", h.Listener)
 	require.Equal(t, "up", h.DB)
 	require.Equal(t, srv.NodeID(), h.NodeID)
 	require.Equal(t, Version, h.Version)

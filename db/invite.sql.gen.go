@@ -101,6 +101,7 @@ func (q *Queries) InviteForUpdate(ctx context.Context, arg InviteForUpdateParams
 const inviteInsert = `-- name: InviteInsert :one
 INSERT INTO claudemesh.invite (mesh_id, token, payload, role, max_uses, expires_at)
 VALUES ($1, $2, $3, $4, $5, $6)
+ON CONFLICT (token) DO NOTHING
 RETURNING id, mesh_id, token, payload, role, max_uses, used_count, expires_at, created_at, revoked_at
 `
 
@@ -113,6 +114,7 @@ type InviteInsertParams struct {
 	ExpiresAt time.Time
 }
 
+// No row when the token exists: the caller re-signs with another expiry (see CreateInvite).
 func (q *Queries) InviteInsert(ctx context.Context, arg InviteInsertParams) (ClaudemeshInvite, error) {
 	row := q.db.QueryRow(ctx, inviteInsert,
 		arg.MeshID,

@@ -37,6 +37,7 @@ type ClaudemeshDelivery struct {
 	Priority               string
 	State                  string
 	PushedNode             *string
+	PushedPresence         *string
 	PushedAt               *time.Time
 	AckedAt                *time.Time
 	ExpiresAt              time.Time

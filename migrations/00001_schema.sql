@@ -124,6 +124,8 @@ CREATE TABLE claudemesh.delivery (
     priority                 text NOT NULL CHECK (priority IN ('now', 'next', 'low')),
     state                    text NOT NULL DEFAULT 'pending' CHECK (state IN ('pending', 'pushed', 'acked', 'expired')),
     pushed_node              text,
+    -- The session it was pushed to: a disconnect releases exactly its unacked pushes.
+    pushed_presence          text,
     pushed_at                timestamptz,
     acked_at                 timestamptz,
     expires_at               timestamptz NOT NULL,
@@ -131,6 +133,7 @@ CREATE TABLE claudemesh.delivery (
 );
 CREATE INDEX delivery_open_recipient ON claudemesh.delivery (recipient_member_id, id) WHERE state IN ('pending', 'pushed');
 CREATE INDEX delivery_pushed_node ON claudemesh.delivery (pushed_node) WHERE state = 'pushed';
+CREATE INDEX delivery_pushed_presence ON claudemesh.delivery (pushed_presence) WHERE state = 'pushed';
 CREATE INDEX delivery_open_expires ON claudemesh.delivery (expires_at) WHERE state IN ('pending', 'pushed');
 CREATE INDEX delivery_envelope ON claudemesh.delivery (envelope_id);
 

@@ -201,7 +201,7 @@ func (b *Bus) listenLoop(ctx context.Context) {
 		_ = l.Listen(connCtx) // returns when connCtx ends; errors were logged
 		cancelConn()
 		<-watchDone
-		if b.connected.Swap(false) {
+		if b.connected.Swap(false) && ctx.Err() == nil {
 			b.log.Warn("LISTEN connection lost; reconnecting")
 		}
 		if ctx.Err() != nil {

@@ -1,0 +1,302 @@
+// Package audit owns the tamper-evident audit log: one append-only hash chain per mesh in
+// claudemesh.audit, with its head in claudemesh.audit_head. Entries are metadata only (who did
+// what, when, to which ids), never message content, nonces or summaries.
+//
+// Each entry's hash is sha256 over the previous entry's hash (Genesis for the first), the mesh
+// id, the event type, the actor, the canonical JSON of its data and its timestamp in
+// microseconds. Appends lock the mesh's head row inside the caller's transaction, so appends
+// from any number of replicas serialize per mesh and the chain never forks; Verify walks a
+// chain and names the first entry that does not check out.
+package audit
+
+import (
+	"bytes"
+	"cmp"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"math/big"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/claudemesh/broker/db"
+)
+
+// Event types. Membership events are written by package membership; the session events are
+// written by the send and presence paths.
+const (
+	MeshCreated      = "mesh_created"
+	MemberAdded      = "member_added"
+	MemberJoined     = "member_joined"
+	MemberRevoked    = "member_revoked"
+	InviteCreated    = "invite_created"
+	InviteRevoked    = "invite_revoked"
+	PeerConnected    = "peer_connected"
+	PeerDisconnected = "peer_disconnected"
+	MessageSent      = "message_sent"
+	StateSet         = "state_set"
+)
+
+// Genesis is the prev_hash of every chain's first entry and the hash of an empty chain's head.
+var Genesis = strings.Repeat("0", 64)
+
+// Errors.
+var (
+	// ErrInvalidEntry: an entry without a mesh or an event type.
+	ErrInvalidEntry = errors.New("invalid audit entry")
+	// ErrContentInData: an entry's data carries a content field (ciphertext, nonce, summary).
+	// The audit log is metadata only; this guards against a caller passing a whole message.
+	ErrContentInData = errors.New("audit data must not carry message content")
+)
+
+// contentKeys are data keys the log refuses: their values are what the broker must never record.
+var contentKeys = []string{"ciphertext", "nonce", "summary"}
+
+// Entry is one event to append.
+type Entry struct {
+	MeshID string
+	Type   string
+	// Actor is who caused the event: a member pubkey, "operator" for the admin CLI, "system"
+	// for the broker itself.
+	Actor string
+	// Data is the event's metadata (ids, roles, counts). Keys are sorted when hashed.
+	Data map[string]any
+	// At is the event time; zero means now. Stored and hashed at microsecond precision.
+	At time.Time
+}
+
+// Actors used by the broker's own code.
+const (
+	ActorOperator = "operator"
+	ActorSystem   = "system"
+)
+
+// Record is one stored entry.
+type Record struct {
+	Seq      int64           `json:"seq"`
+	MeshID   string          `json:"meshId"`
+	Type     string          `json:"type"`
+	Actor    string          `json:"actor"`
+	Data     json.RawMessage `json:"data"`
+	At       time.Time       `json:"at"`
+	PrevHash string          `json:"prevHash"`
+	Hash     string          `json:"hash"`
+}
+
+// BrokenError names the first entry of a chain that does not verify.
+type BrokenError struct {
+	MeshID string
+	Seq    int64
+	Reason string
+}
+
+func (e *BrokenError) Error() string {
+	return fmt.Sprintf("audit chain of mesh %s broken at seq %d: %s", e.MeshID, e.Seq, e.Reason)
+}
+
+// Append adds entries to their meshes' chains inside tx, the caller's transaction: the entries
+// commit or vanish with the caller's own writes. Entries of one mesh keep their order. It locks
+// each mesh's head row until tx ends, taking the locks in mesh-id order so that replicas
+// appending to overlapping meshes cannot deadlock; call it once per transaction (a second call
+// could take locks out of order). It costs four statements whatever the number of entries.
+func Append(ctx context.Context, tx pgx.Tx, entries []Entry) error {
+	if len(entries) == 0 {
+		return nil
+	}
+	now := time.Now()
+	batch := make([]pending, len(entries))
+	for i, e := range entries {
+		p, err := prepare(e, now)
+		if err != nil {
+			return fmt.Errorf("append audit: %w", err)
+		}
+		batch[i] = p
+	}
+	// Stable: the entries of one mesh stay in the caller's order. Bytewise, like the lock query.
+	slices.SortStableFunc(batch, func(a, b pending) int { return cmp.Compare(a.meshID, b.meshID) })
+	var meshes []string
+	for _, p := range batch {
+		if len(meshes) == 0 || meshes[len(meshes)-1] != p.meshID {
+			meshes = append(meshes, p.meshID)
+		}
+	}
+
+	q := db.New(tx)
+	if err := q.AuditHeadsEnsure(ctx, db.AuditHeadsEnsureParams{Genesis: Genesis, MeshIds: meshes}); err != nil {
+		return fmt.Errorf("append audit: create heads: %w", err)
+	}
+	heads, err := q.AuditHeadsLock(ctx, meshes)
+	if err != nil {
+		return fmt.Errorf("append audit: lock heads: %w", err)
+	}
+	type head struct {
+		seq  int64
+		hash string
+	}
+	state := make(map[string]head, len(heads))
+	for _, h := range heads {
+		state[h.MeshID] = head{h.Seq, h.Hash}
+	}
+
+	n := len(batch)
+	ins := db.AuditInsertBatchParams{
+		MeshIds: make([]string, n), Seqs: make([]int64, n), EventTypes: make([]string, n),
+		Actors: make([]string, n), Datas: make([]string, n), TsMicros: make([]int64, n),
+		PrevHashes: make([]string, n), Hashes: make([]string, n),
+	}
+	for i, p := range batch {
+		h, ok := state[p.meshID]
+		if !ok {
+			return fmt.Errorf("append audit: no head for mesh %s", p.meshID)
+		}
+		hash := Hash(h.hash, p.meshID, p.eventType, p.actor, p.data, p.tsMicros)
+		ins.MeshIds[i], ins.Seqs[i], ins.EventTypes[i], ins.Actors[i] = p.meshID, h.seq+1, p.eventType, p.actor
+		ins.Datas[i], ins.TsMicros[i], ins.PrevHashes[i], ins.Hashes[i] = string(p.data), p.tsMicros, h.hash, hash
+		state[p.meshID] = head{h.seq + 1, hash}
+	}
+	if err := q.AuditInsertBatch(ctx, ins); err != nil {
+		return fmt.Errorf("append audit: insert: %w", err)
+	}
+	upd := db.AuditHeadsUpdateParams{MeshIds: meshes, Seqs: make([]int64, len(meshes)), Hashes: make([]string, len(meshes))}
+	for i, m := range meshes {
+		upd.Seqs[i], upd.Hashes[i] = state[m].seq, state[m].hash
+	}
+	if err := q.AuditHeadsUpdate(ctx, upd); err != nil {
+		return fmt.Errorf("append audit: update heads: %w", err)
+	}
+	return nil
+}
+
+type pending struct {
+	meshID, eventType, actor string
+	data                     []byte
+	tsMicros                 int64
+}
+
+func prepare(e Entry, now time.Time) (pending, error) {
+	if e.MeshID == "" || e.Type == "" {
+		return pending{}, fmt.Errorf("%w: mesh and type are required", ErrInvalidEntry)
+	}
+	for _, k := range contentKeys {
+		if _, ok := e.Data[k]; ok {
+			return pending{}, fmt.Errorf("%w: key %q", ErrContentInData, k)
+		}
+	}
+	raw := []byte("{}")
+	if e.Data != nil {
+		var err error
+		if raw, err = json.Marshal(e.Data); err != nil {
+			return pending{}, fmt.Errorf("encode %s data: %w", e.Type, err)
+		}
+	}
+	data, err := CanonicalJSON(raw)
+	if err != nil {
+		return pending{}, fmt.Errorf("encode %s data: %w", e.Type, err)
+	}
+	at := e.At
+	if at.IsZero() {
+		at = now
+	}
+	return pending{meshID: e.MeshID, eventType: e.Type, actor: e.Actor, data: data, tsMicros: at.UnixMicro()}, nil
+}
+
+// Hash is an entry's hash: lowercase hex sha256 over its fields, each length-prefixed so no
+// two different entries encode alike. data must be canonical JSON (see CanonicalJSON).
+func Hash(prevHash, meshID, eventType, actor string, data []byte, tsMicros int64) string {
+	h := sha256.New()
+	field := func(b []byte) {
+		h.Write(strconv.AppendInt(nil, int64(len(b)), 10))
+		h.Write([]byte{':'})
+		h.Write(b)
+		h.Write([]byte{'\n'})
+	}
+	field([]byte("claudemesh-audit-v1"))
+	field([]byte(prevHash))
+	field([]byte(meshID))
+	field([]byte(eventType))
+	field([]byte(actor))
+	field(data)
+	field(strconv.AppendInt(nil, tsMicros, 10))
+	return hex.EncodeToString(h.Sum(nil))
+}
+
+// CanonicalJSON re-encodes a JSON value so that equal values encode to equal bytes: object keys
+// sorted at every level, no insignificant space, no HTML escaping, and numbers in one form
+// (integers as exact decimal digits, others as Go's shortest float form). It is applied both to
+// the data being appended and to the jsonb Postgres hands back, which reorders keys and may
+// rewrite numbers (1e3 becomes 1000), so the two always hash alike.
+func CanonicalJSON(raw []byte) ([]byte, error) {
+	dec := json.NewDecoder(bytes.NewReader(raw))
+	dec.UseNumber()
+	var v any
+	if err := dec.Decode(&v); err != nil {
+		return nil, fmt.Errorf("canonical json: %w", err)
+	}
+	if dec.More() {
+		return nil, errors.New("canonical json: trailing data")
+	}
+	v, err := canonicalNumbers(v)
+	if err != nil {
+		return nil, err
+	}
+	var buf bytes.Buffer
+	enc := json.NewEncoder(&buf)
+	enc.SetEscapeHTML(false)
+	if err := enc.Encode(v); err != nil { // maps encode with sorted keys
+		return nil, fmt.Errorf("canonical json: %w", err)
+	}
+	return bytes.TrimSuffix(buf.Bytes(), []byte("\n")), nil
+}
+
+func canonicalNumbers(v any) (any, error) {
+	switch t := v.(type) {
+	case map[string]any:
+		for k, x := range t {
+			c, err := canonicalNumbers(x)
+			if err != nil {
+				return nil, err
+			}
+			t[k] = c
+		}
+	case []any:
+		for i, x := range t {
+			c, err := canonicalNumbers(x)
+			if err != nil {
+				return nil, err
+			}
+			t[i] = c
+		}
+	case json.Number:
+		return canonicalNumber(string(t))
+	}
+	return v, nil
+}
+
+// canonicalNumber maps every spelling of a number to one: integral values (1000, 1e3, 1.0e3,
+// 1000.0) to their exact digits, others to the shortest float form.
+func canonicalNumber(s string) (json.Number, error) {
+	// A huge exponent would make big.Rat allocate without bound; audit data never holds one.
+	if i := strings.IndexAny(s, "eE"); i >= 0 && len(strings.TrimLeft(s[i+1:], "+-")) > 3 {
+		return "", fmt.Errorf("canonical json: number %q out of range", s)
+	}
+	r, ok := new(big.Rat).SetString(s)
+	if !ok {
+		return "", fmt.Errorf("canonical json: bad number %q", s)
+	}
+	if r.IsInt() {
+		return json.Number(r.Num().String()), nil
+	}
+	f, _ := r.Float64()
+	b, err := json.Marshal(f)
+	if err != nil {
+		return "", fmt.Errorf("canonical json: number %q: %w", s, err)
+	}
+	return json.Number(b), nil
+}

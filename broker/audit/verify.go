@@ -1,0 +1,130 @@
+package audit
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/claudemesh/broker/db"
+)
+
+// verifyPageSize bounds the rows Verify holds at once, so a long chain streams.
+const verifyPageSize = 1000
+
+// txBeginner is what a pool or a connection offers and a transaction does not.
+type txBeginner interface {
+	BeginTx(ctx context.Context, opts pgx.TxOptions) (pgx.Tx, error)
+}
+
+// Verify walks meshID's chain in seq order and returns how many entries it holds. When an
+// entry does not check out it returns a *BrokenError naming the first such entry and why: a
+// missing seq (a deleted row), a prev_hash that is not the previous entry's hash (a deleted,
+// inserted or reordered row), a hash that does not match the entry's fields (an edited row), or
+// a head that does not match the last entry (rows deleted at the end, or added behind the
+// chain's back).
+//
+// Given a pool or a connection it reads from one repeatable-read snapshot, so appends committed
+// meanwhile by other replicas are not mistaken for tampering; given a transaction it reads in
+// that transaction.
+func Verify(ctx context.Context, q db.DBTX, meshID string) (int, error) {
+	if b, ok := q.(txBeginner); ok {
+		tx, err := b.BeginTx(ctx, pgx.TxOptions{IsoLevel: pgx.RepeatableRead, AccessMode: pgx.ReadOnly})
+		if err != nil {
+			return 0, fmt.Errorf("verify audit: %w", err)
+		}
+		defer tx.Rollback(context.WithoutCancel(ctx)) //nolint:errcheck // read-only
+		q = tx
+	}
+	qs := db.New(q)
+	head, err := qs.AuditHead(ctx, meshID)
+	hasHead := true
+	if err = db.NotFound(err); errors.Is(err, db.ErrNotFound) {
+		hasHead = false
+	} else if err != nil {
+		return 0, fmt.Errorf("verify audit: read head: %w", err)
+	}
+
+	broken := func(seq int64, format string, args ...any) error {
+		return &BrokenError{MeshID: meshID, Seq: seq, Reason: fmt.Sprintf(format, args...)}
+	}
+	prev, seq, count := Genesis, int64(0), 0
+	// The first page starts below 1 so that rows slipped in with seq <= 0 are seen too.
+	after := int64(math.MinInt64)
+	for {
+		page, err := qs.AuditPage(ctx, db.AuditPageParams{MeshID: meshID, AfterSeq: after, PageSize: verifyPageSize})
+		if err != nil {
+			return count, fmt.Errorf("verify audit: read entries: %w", err)
+		}
+		for _, r := range page {
+			switch {
+			case r.Seq < 1:
+				return count, broken(r.Seq, "entry with seq %d: chains start at 1, it was not appended through the chain", r.Seq)
+			case r.Seq != seq+1 && seq == 0:
+				return count, broken(1, "%s: the chain starts at seq %d", missing(1, r.Seq-1), r.Seq)
+			case r.Seq != seq+1:
+				return count, broken(seq+1, "%s: the chain goes from seq %d to %d", missing(seq+1, r.Seq-1), seq, r.Seq)
+			case r.PrevHash != prev:
+				if seq == 0 {
+					return count, broken(r.Seq, "prev_hash is not the genesis value: entries before it were deleted or it was moved")
+				}
+				return count, broken(r.Seq, "prev_hash is not the hash of entry %d: an entry was deleted, inserted or reordered, or entry %d was rewritten", seq, seq)
+			}
+			data, err := CanonicalJSON(r.Data)
+			if err != nil {
+				return count, broken(r.Seq, "data is not valid JSON: %v", err)
+			}
+			if Hash(r.PrevHash, r.MeshID, r.EventType, r.Actor, data, r.TsMicros) != r.Hash {
+				return count, broken(r.Seq, "hash does not match the entry's contents: the entry was edited")
+			}
+			prev, seq, after = r.Hash, r.Seq, r.Seq
+			count++
+		}
+		if len(page) < verifyPageSize {
+			break
+		}
+	}
+
+	switch {
+	case !hasHead && count == 0:
+		return 0, nil
+	case !hasHead:
+		return count, broken(seq, "the chain has no head row: it was deleted")
+	case head.Seq > seq:
+		return count, broken(seq+1, "%s: the head is at seq %d but the chain ends at %d", missing(seq+1, head.Seq), head.Seq, seq)
+	case head.Seq < seq:
+		return count, broken(head.Seq+1, "entry beyond the head (seq %d): it was not appended through the chain", head.Seq)
+	case head.Hash != prev:
+		return count, broken(seq, "the head's hash does not match the last entry: the entry or the head was edited")
+	}
+	return count, nil
+}
+
+func missing(from, to int64) string {
+	if from == to {
+		return fmt.Sprintf("entry %d missing", from)
+	}
+	return fmt.Sprintf("entries %d to %d missing", from, to)
+}
+
+// Tail returns the newest n entries of meshID's chain, oldest first.
+func Tail(ctx context.Context, q db.DBTX, meshID string, n int) ([]Record, error) {
+	if n <= 0 {
+		return []Record{}, nil
+	}
+	rows, err := db.New(q).AuditTail(ctx, db.AuditTailParams{MeshID: meshID, N: int32(min(n, 1<<30))})
+	if err != nil {
+		return nil, fmt.Errorf("audit tail: %w", err)
+	}
+	out := make([]Record, len(rows))
+	for i, r := range rows {
+		out[i] = Record{
+			Seq: r.Seq, MeshID: r.MeshID, Type: r.EventType, Actor: r.Actor, Data: r.Data,
+			At: time.UnixMicro(r.TsMicros).UTC(), PrevHash: r.PrevHash, Hash: r.Hash,
+		}
+	}
+	return out, nil
+}

@@ -1,0 +1,302 @@
+package broker
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/claudemesh/broker/client"
+	"github.com/claudemesh/broker/db/dbtest"
+	"github.com/claudemesh/broker/protocol"
+)
+
+func postHook(t *testing.T, srv *Server, body any) (int, protocol.HookResponse) {
+	t.Helper()
+	b, _ := json.Marshal(body)
+	resp, err := http.Post("http://"+srv.Addr()+protocol.PathHookState, "application/json", bytes.NewReader(b))
+	require.NoError(t, err)
+	defer resp.Body.Close()
+	var out protocol.HookResponse
+	require.NoError(t, json.NewDecoder(resp.Body).Decode(&out))
+	return resp.StatusCode, out
+}
+
+func TestNextHeldWhileWorkingReleasedByHookOnThirdReplica(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t, 3, nil)
+	m := c.mesh(0)
+	alice, bob := m.member("alice"), m.member("bob")
+	a := m.dial(0, alice)
+	b := m.dial(1, bob, func(o *client.Options) { o.SessionID = "claude-session-1"; o.CWD = "/repo/bob"; o.PID = 4242 })
+	ctx := ctxT(t)
+
+	code, res := postHook(t, c.nodes[2], map[string]any{"cwd": "/repo/bob", "pid": 4242, "status": "working", "session_id": "claude-session-1"})
+	require.Equal(t, http.StatusOK, code)
+	require.True(t, res.OK)
+	require.Equal(t, b.HelloAck().PresenceID, res.PresenceID)
+	dbtest.WaitFor(t, 5*time.Second, "bob listed as working", func() bool {
+		peers, err := a.ListPeers(ctx)
+		return err == nil && len(peers) == 2 && peers[1].Status == protocol.StatusWorking
+	})
+
+	held, err := a.Send(ctx, bob.pub, protocol.PriorityNext, "n", "held", "")
+	require.NoError(t, err)
+	low, err := a.Send(ctx, bob.pub, protocol.PriorityLow, "n", "low", "")
+	require.NoError(t, err)
+	now, err := a.Send(ctx, bob.pub, protocol.PriorityNow, "n", "now", "")
+	require.NoError(t, err)
+	require.Equal(t, now.MessageID, nextPush(t, b, 5*time.Second).MessageID, "now passes while working")
+	noPush(t, b, 500*time.Millisecond)
+	st, err := a.MessageStatus(ctx, held.MessageID)
+	require.NoError(t, err)
+	require.False(t, st.Delivered)
+	require.Equal(t, protocol.RecipientHeld, st.Recipients[0].Status)
+
+	// The hook goes to a third replica; the owning replica learns of it over the bus.
+	code, _ = postHook(t, c.nodes[2], map[string]any{"cwd": "/repo/bob", "status": "idle", "session_id": "claude-session-1"})
+	require.Equal(t, http.StatusOK, code)
+	released := time.Now()
+	require.Equal(t, held.MessageID, nextPush(t, b, 5*time.Second).MessageID)
+	require.Equal(t, low.MessageID, nextPush(t, b, 5*time.Second).MessageID)
+	require.Less(t, time.Since(released), 5*time.Second) // the issue's bar is one second; see BENCHMARKS for the measured figure
+	dbtest.WaitFor(t, 5*time.Second, "held message reported delivered", func() bool {
+		st, err := a.MessageStatus(ctx, held.MessageID)
+		return err == nil && st.Delivered && st.DeliveredAt != ""
+	})
+}
+
+func TestNowPassesDNDAndHooksNeverClearIt(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t, 2, nil)
+	m := c.mesh(0)
+	alice, bob := m.member("alice"), m.member("bob")
+	a := m.dial(0, alice)
+	b := m.dial(1, bob, func(o *client.Options) { o.CWD = "/repo/dnd" })
+	ctx := ctxT(t)
+	require.NoError(t, b.SetStatus(ctx, protocol.StatusDND))
+	dbtest.WaitFor(t, 5*time.Second, "bob in dnd", func() bool {
+		peers, err := a.ListPeers(ctx)
+		return err == nil && len(peers) == 2 && peers[1].Status == protocol.StatusDND
+	})
+	next, err := a.Send(ctx, bob.pub, protocol.PriorityNext, "n", "next", "")
+	require.NoError(t, err)
+	now, err := a.Send(ctx, bob.pub, protocol.PriorityNow, "n", "now", "")
+	require.NoError(t, err)
+	require.Equal(t, now.MessageID, nextPush(t, b, 5*time.Second).MessageID)
+
+	// A hook saying idle does not end dnd, so next stays held.
+	code, _ := postHook(t, c.nodes[0], map[string]any{"cwd": "/repo/dnd", "status": "idle"})
+	require.Equal(t, http.StatusOK, code)
+	noPush(t, b, 500*time.Millisecond)
+	peers, err := a.ListPeers(ctx)
+	require.NoError(t, err)
+	require.Equal(t, protocol.StatusDND, peers[1].Status)
+
+	// The peer itself clears it: the held message flows.
+	require.NoError(t, b.SetStatus(ctx, protocol.StatusIdle))
+	require.Equal(t, next.MessageID, nextPush(t, b, 5*time.Second).MessageID)
+}
+
+func TestOfflineQueueDeliveredInOrderOnReconnectElsewhere(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t, 3, nil)
+	m := c.mesh(0)
+	alice, bob := m.member("alice"), m.member("bob")
+	a := m.dial(0, alice)
+	ctx := ctxT(t)
+	var ids []string
+	for i := range 20 {
+		ack, err := a.Send(ctx, bob.pub, protocol.PriorityNext, "n", fmt.Sprintf("m%d", i), "")
+		require.NoError(t, err, "bob is offline but a member: queued")
+		ids = append(ids, ack.MessageID)
+	}
+	b := m.dial(2, bob)
+	seen := map[string]bool{}
+	for i := range ids {
+		p := nextPush(t, b, 5*time.Second)
+		require.Equal(t, ids[i], p.MessageID, "in order")
+		require.False(t, seen[p.MessageID], "exactly once")
+		seen[p.MessageID] = true
+		require.NoError(t, b.AckMessages(ctx, p.MessageID))
+	}
+	noPush(t, b, 300*time.Millisecond)
+}
+
+func TestUnackedPushesResentAfterReconnect(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t, 2, nil)
+	m := c.mesh(0)
+	alice, bob := m.member("alice"), m.member("bob")
+	a := m.dial(0, alice)
+	b := m.dial(1, bob)
+	ctx := ctxT(t)
+	first, err := a.Send(ctx, bob.pub, protocol.PriorityNow, "n", "one", "")
+	require.NoError(t, err)
+	second, err := a.Send(ctx, bob.pub, protocol.PriorityNow, "n", "two", "")
+	require.NoError(t, err)
+	require.Equal(t, first.MessageID, nextPush(t, b, 5*time.Second).MessageID)
+	require.Equal(t, second.MessageID, nextPush(t, b, 5*time.Second).MessageID)
+	require.NoError(t, b.AckMessages(ctx, first.MessageID))
+	// Wait until the ack is recorded, then drop the socket without acking the second.
+	dbtest.WaitFor(t, 5*time.Second, "first acked", func() bool {
+		var st string
+		_ = c.pool.QueryRow(ctx, `SELECT state FROM claudemesh.delivery WHERE envelope_id = $1`, first.MessageID).Scan(&st)
+		return st == "acked"
+	})
+	b.Abort()
+
+	b2 := m.dial(0, bob)
+	require.True(t, b2.HelloAck().Resumed, "same session within grace resumes")
+	p := nextPush(t, b2, 5*time.Second)
+	require.Equal(t, second.MessageID, p.MessageID, "unacked push re-sent with the same id")
+	noPush(t, b2, 300*time.Millisecond)
+}
+
+func TestListPeersIdenticalFromEveryReplica(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t, 3, nil)
+	m := c.mesh(0)
+	var clients []*client.Client
+	for i := range 3 {
+		clients = append(clients, m.dial(i, m.member(fmt.Sprintf("p%d", i)), func(o *client.Options) {
+			o.Groups = []protocol.Group{{Name: "g", Role: "lead"}}
+		}))
+	}
+	ctx := ctxT(t)
+	require.NoError(t, clients[1].SetSummary(ctx, "fixing the bus"))
+	var want []protocol.Peer
+	dbtest.WaitFor(t, 5*time.Second, "summary visible", func() bool {
+		peers, err := clients[0].ListPeers(ctx)
+		if err != nil || len(peers) != 3 || peers[1].Summary != "fixing the bus" {
+			return false
+		}
+		want = peers
+		return true
+	})
+	for i, cl := range clients {
+		got, err := cl.ListPeers(ctx)
+		require.NoError(t, err)
+		require.Equal(t, want, got, "replica %d", i)
+	}
+	require.Equal(t, "p0", want[0].DisplayName, "oldest first")
+	require.Equal(t, []protocol.Group{{Name: "g", Role: "lead"}}, want[2].Groups)
+}
+
+func TestStateChangeReachesAllReplicas(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t, 3, nil)
+	m := c.mesh(0)
+	setter := m.dial(0, m.member("setter"))
+	watchers := []*client.Client{m.dial(1, m.member("w1")), m.dial(2, m.member("w2")), m.dial(0, m.member("w3"))}
+	ctx := ctxT(t)
+	require.NoError(t, setter.SetState(ctx, "build", map[string]any{"ok": true, "n": 3}))
+	for i, w := range watchers {
+		select {
+		case ch := <-w.StateChanges():
+			require.Equal(t, "build", ch.Key)
+			require.JSONEq(t, `{"ok":true,"n":3}`, string(ch.Value))
+			require.Equal(t, "setter", ch.UpdatedBy)
+		case <-time.After(5 * time.Second):
+			t.Fatalf("watcher %d got no state_change", i)
+		}
+	}
+	select {
+	case ch := <-setter.StateChanges():
+		t.Fatalf("setter got its own change %v", ch)
+	case <-time.After(200 * time.Millisecond):
+	}
+	r, err := watchers[1].GetState(ctx, "build")
+	require.NoError(t, err)
+	require.JSONEq(t, `{"ok":true,"n":3}`, string(r.Value))
+	require.Equal(t, "setter", r.UpdatedBy)
+	missing, err := watchers[1].GetState(ctx, "nope")
+	require.NoError(t, err)
+	require.Equal(t, "null", string(missing.Value))
+	list, err := watchers[2].ListState(ctx)
+	require.NoError(t, err)
+	require.Len(t, list, 1)
+}
+
+func TestPeerJoinedAndLeftEvents(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t, 2, func(cfg *Config) { cfg.SessionGrace = time.Second })
+	m := c.mesh(0)
+	watcher := m.dial(0, m.member("watcher"))
+	bob := m.member("bob")
+	b := m.dial(1, bob)
+	ev := nextEvent(t, watcher, protocol.EventPeerJoined, 5*time.Second)
+	require.Equal(t, protocol.SenderSystem, ev.SenderPubkey)
+	require.Contains(t, string(ev.EventData), bob.pub)
+
+	// A clean close ends the presence at once.
+	require.NoError(t, b.Close())
+	ev = nextEvent(t, watcher, protocol.EventPeerLeft, 5*time.Second)
+	require.Contains(t, string(ev.EventData), bob.pub)
+
+	// A dropped socket leaves after the grace window.
+	carol := m.member("carol")
+	cc := m.dial(1, carol)
+	nextEvent(t, watcher, protocol.EventPeerJoined, 5*time.Second)
+	cc.Abort()
+	ev = nextEvent(t, watcher, protocol.EventPeerLeft, 10*time.Second)
+	require.Contains(t, string(ev.EventData), carol.pub)
+}
+
+func TestReplacedSession(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t, 2, nil)
+	m := c.mesh(0)
+	bob := m.member("bob")
+	old := m.dial(0, bob)
+	fresh := m.dial(1, bob)
+	select {
+	case <-old.Done():
+	case <-time.After(5 * time.Second):
+		t.Fatal("old socket not closed")
+	}
+	require.Equal(t, protocol.CloseSessionReplaced, old.CloseCode())
+	require.Equal(t, protocol.CloseReasonSessionReplaced, old.CloseReason())
+	require.Equal(t, old.HelloAck().PresenceID, fresh.HelloAck().PresenceID, "the presence is resumed")
+	alice := m.dial(0, m.member("alice"))
+	ack, err := alice.Send(ctxT(t), bob.pub, protocol.PriorityNow, "n", "c", "")
+	require.NoError(t, err)
+	require.Equal(t, ack.MessageID, nextPush(t, fresh, 5*time.Second).MessageID)
+	peers, err := alice.ListPeers(ctxT(t))
+	require.NoError(t, err)
+	require.Len(t, peers, 2)
+}
+
+func TestKilledListenConnectionRecovers(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t, 2, nil)
+	m := c.mesh(0)
+	alice, bob := m.member("alice"), m.member("bob")
+	a := m.dial(0, alice)
+	b := m.dial(1, bob)
+	ctx := ctxT(t)
+	// Kill every LISTEN connection of this test's database, then send at once: the
+	// notifications are lost, the catch-up after reconnect must deliver anyway.
+	var killed int
+	require.NoError(t, c.pool.QueryRow(ctx, `SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+		WHERE datname = current_database() AND query ILIKE 'listen%'`).Scan(&killed))
+	require.Equal(t, 2, killed)
+	var ids []string
+	for i := range 10 {
+		ack, err := a.Send(ctx, bob.pub, protocol.PriorityNow, "n", fmt.Sprint(i), "")
+		require.NoError(t, err)
+		ids = append(ids, ack.MessageID)
+	}
+	for _, id := range ids {
+		require.Equal(t, id, nextPush(t, b, 10*time.Second).MessageID)
+	}
+	dbtest.WaitFor(t, 10*time.Second, "listeners reconnected", func() bool {
+		return c.nodes[0].BusConnected() && c.nodes[1].BusConnected()
+	})
+	_ = context.Background
+}

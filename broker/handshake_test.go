@@ -1,0 +1,194 @@
+package broker
+
+import (
+	"context"
+	"errors"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/gorilla/websocket"
+	"github.com/stretchr/testify/require"
+
+	"github.com/claudemesh/broker/client"
+	"github.com/claudemesh/broker/protocol"
+)
+
+func helloErr(t *testing.T, err error) *client.HelloError {
+	t.Helper()
+	require.Error(t, err)
+	var he *client.HelloError
+	require.True(t, errors.As(err, &he), "want a HelloError, got %v", err)
+	return he
+}
+
+func TestHandshakeErrors(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t, 1, nil)
+	m := c.mesh(0)
+	alice := m.member("alice")
+	other := c.mesh(0).member("stranger") // a member of another mesh
+
+	cases := map[string]struct {
+		member    *testMember
+		opt       func(*client.Options)
+		code      string
+		closeCode int
+	}{
+		"timestamp_skew": {alice, func(o *client.Options) { o.Now = func() time.Time { return time.Now().Add(-2 * time.Minute) } },
+			protocol.CodeTimestampSkew, protocol.CloseHelloRefused},
+		"malformed pubkey": {alice, func(o *client.Options) { o.PrepareHello = func(h *protocol.Hello) { h.Pubkey = "xyz" } },
+			protocol.CodeMalformed, protocol.CloseHelloRefused},
+		"malformed signature": {alice, func(o *client.Options) { o.PrepareHello = func(h *protocol.Hello) { h.Signature = "abcd" } },
+			protocol.CodeMalformed, protocol.CloseHelloRefused},
+		"bad_signature": {alice, func(o *client.Options) {
+			o.PrepareHello = func(h *protocol.Hello) { h.Signature = strings.Repeat("ab", 64) }
+		}, protocol.CodeBadSignature, protocol.CloseHelloRefused},
+		"unauthorized: other mesh's member": {other, nil, protocol.CodeUnauthorized, protocol.CloseHelloRefused},
+		"unauthorized: unknown mesh": {alice, func(o *client.Options) { o.MeshID = "no-such-mesh" },
+			protocol.CodeUnauthorized, protocol.CloseHelloRefused},
+	}
+	for name, tc := range cases {
+		t.Run(name, func(t *testing.T) {
+			var opts []func(*client.Options)
+			if tc.opt != nil {
+				opts = append(opts, tc.opt)
+			}
+			_, err := m.tryDial(0, tc.member, opts...)
+			he := helloErr(t, err)
+			require.Equal(t, tc.code, he.Code)
+			require.Equal(t, tc.closeCode, he.CloseCode)
+		})
+	}
+
+	t.Run("revoked", func(t *testing.T) {
+		bob := m.member("bob")
+		_, err := c.pool.Exec(context.Background(), `UPDATE claudemesh.member SET revoked_at = now() WHERE id = $1`, bob.id)
+		require.NoError(t, err)
+		he := helloErr(t, func() error { _, err := m.tryDial(0, bob); return err }())
+		require.Equal(t, protocol.CodeRevoked, he.Code)
+		require.Equal(t, protocol.CloseRevoked, he.CloseCode)
+	})
+
+	t.Run("session_key_taken", func(t *testing.T) {
+		pub, _, _ := generateKey()
+		carol, dave := m.member("carol"), m.member("dave")
+		cl := m.dial(0, carol, func(o *client.Options) { o.SessionKey = pub; o.SessionID = "k1" })
+		_ = cl.Close()
+		he := helloErr(t, func() error {
+			_, err := m.tryDial(0, dave, func(o *client.Options) { o.SessionKey = pub; o.SessionID = "k2" })
+			return err
+		}())
+		require.Equal(t, protocol.CodeSessionKeyTaken, he.Code)
+	})
+}
+
+func TestHandshakeCapacityIsClusterWide(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t, 2, nil)
+	m := c.mesh(2)
+	m.dial(0, m.member("a"))
+	m.dial(1, m.member("b"))
+	he := helloErr(t, func() error { _, err := m.tryDial(1, m.member("c")); return err }())
+	require.Equal(t, protocol.CodeCapacity, he.Code)
+	require.Equal(t, protocol.CloseHelloRefused, he.CloseCode)
+}
+
+func rawDial(t *testing.T, url string) *websocket.Conn {
+	t.Helper()
+	ws, _, err := websocket.DefaultDialer.Dial(url, nil)
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = ws.Close() })
+	return ws
+}
+
+func readJSON(t *testing.T, ws *websocket.Conn) map[string]any {
+	t.Helper()
+	var v map[string]any
+	require.NoError(t, ws.SetReadDeadline(time.Now().Add(5*time.Second)))
+	require.NoError(t, ws.ReadJSON(&v))
+	return v
+}
+
+func TestNoHelloAndBadFramesKeepSessionOpen(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t, 1, nil)
+	ws := rawDial(t, c.wsURL(0))
+	require.NoError(t, ws.WriteMessage(websocket.TextMessage, []byte(`{"type":"list_peers","_reqId":"r1"}`)))
+	v := readJSON(t, ws)
+	require.Equal(t, "error", v["type"])
+	require.Equal(t, protocol.CodeNoHello, v["code"])
+	require.Equal(t, "r1", v["_reqId"])
+
+	m := c.mesh(0)
+	cl := m.dial(0, m.member("alice"))
+	ctx := ctxT(t)
+	frames := map[string]string{
+		`not json`:                     protocol.CodeBadRequest,
+		`{"type":"send","_reqId":"q"}`: protocol.CodeBadRequest,
+		`{"type":"send","targetSpec":"*","priority":"urgent","nonce":"n","ciphertext":"c","_reqId":"q"}`: protocol.CodeBadRequest,
+		`{"type":"send","targetSpec":"*","priority":"now","nonce":1,"ciphertext":"c","_reqId":"q"}`:      protocol.CodeBadRequest,
+		`{"type":"set_status","status":"sleeping","_reqId":"q"}`:                                         protocol.CodeBadRequest,
+		`{"type":"join_group","_reqId":"q"}`:                                                             protocol.CodeBadRequest,
+		`{"type":"get_state","key":5,"_reqId":"q"}`:                                                      protocol.CodeBadRequest,
+		`{"type":"message_status","_reqId":"q"}`:                                                         protocol.CodeBadRequest,
+		`{"type":"client_ack","_reqId":"q"}`:                                                             protocol.CodeBadRequest,
+		`{"type":"teleport","_reqId":"q"}`:                                                               protocol.CodeUnknownMessageType,
+		`{"_reqId":"q"}`:                                                                                 protocol.CodeBadRequest,
+	}
+	for frame, code := range frames {
+		require.NoError(t, cl.SendRaw(ctx, []byte(frame)))
+		e, err := cl.NextError(ctx)
+		require.NoError(t, err, frame)
+		require.Equal(t, code, e.Code, "frame %s: %s", frame, e.Message)
+		if strings.Contains(frame, `"_reqId":"q"`) && frame != `not json` {
+			require.Equal(t, "q", e.ReqID, frame)
+		}
+	}
+	// Still open and working.
+	_, err := cl.ListPeers(ctx)
+	require.NoError(t, err)
+	_, err = cl.MessageStatus(ctx, "00000000-0000-0000-0000-000000000000")
+	var perr *protocol.Error
+	require.ErrorAs(t, err, &perr)
+	require.Equal(t, protocol.CodeNotFound, perr.Code)
+}
+
+func TestFrameTooLargeCloses1009(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t, 1, func(cfg *Config) { cfg.MaxMessageBytes = 2048 })
+	m := c.mesh(0)
+	cl := m.dial(0, m.member("alice"))
+	big := `{"type":"send","targetSpec":"*","priority":"now","nonce":"n","ciphertext":"` + strings.Repeat("A", 4096) + `"}`
+	_ = cl.SendRaw(ctxT(t), []byte(big))
+	select {
+	case <-cl.Done():
+	case <-time.After(5 * time.Second):
+		t.Fatal("socket not closed")
+	}
+	require.Equal(t, websocket.CloseMessageTooBig, cl.CloseCode())
+	// Other sessions are unaffected.
+	other := m.dial(0, m.member("bob"))
+	_, err := other.ListPeers(ctxT(t))
+	require.NoError(t, err)
+}
+
+func TestHelloThenImmediateFrameProcessedAfterHello(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t, 1, nil)
+	m := c.mesh(0)
+	alice := m.member("alice")
+	ws := rawDial(t, c.wsURL(0))
+	ts := time.Now().UnixMilli()
+	hello := protocol.Hello{MeshID: m.id, MemberID: alice.id, Pubkey: alice.pub, SessionID: "x", PID: 1, CWD: "/",
+		Timestamp: ts, Signature: protocol.SignHello(alice.key, m.id, alice.id, alice.pub, ts), ReqID: "h"}
+	hb, _ := hello.MarshalJSON()
+	require.NoError(t, ws.WriteMessage(websocket.TextMessage, hb))
+	require.NoError(t, ws.WriteMessage(websocket.TextMessage, []byte(`{"type":"list_peers","_reqId":"p"}`)))
+	v := readJSON(t, ws)
+	require.Equal(t, "hello_ack", v["type"])
+	require.Equal(t, "h", v["_reqId"])
+	v = readJSON(t, ws)
+	require.Equal(t, "peers_list", v["type"])
+	require.Len(t, v["peers"], 1)
+}

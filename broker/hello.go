@@ -1,0 +1,241 @@
+package broker
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/olahol/melody"
+
+	"github.com/claudemesh/broker/broker/audit"
+	"github.com/claudemesh/broker/db"
+	"github.com/claudemesh/broker/pgbus"
+	"github.com/claudemesh/broker/protocol"
+)
+
+// helloMaxSkew is how far a hello's timestamp may be from the broker clock.
+const helloMaxSkew = 60 * time.Second
+
+// helloTimeout bounds the handshake's database work; the ack is due within 500 ms normally.
+const helloTimeout = 5 * time.Second
+
+// helloRefusal is a handshake failure: its code goes to the peer, then the socket closes.
+type helloRefusal struct {
+	code    string
+	msg     string
+	closeCd int
+}
+
+func (e *helloRefusal) Error() string { return e.code + ": " + e.msg }
+
+func refuse(code, msg string) *helloRefusal {
+	return &helloRefusal{code: code, msg: msg, closeCd: protocol.CloseHelloRefused}
+}
+
+func (s *Server) handleHello(ms *melody.Session, c *conn, h *protocol.Hello) {
+	ctx, cancel := context.WithTimeout(context.Background(), helloTimeout)
+	defer cancel()
+	sess, resumed, err := s.hello(ctx, ms, h)
+	if err != nil {
+		var ref *helloRefusal
+		if !errors.As(err, &ref) {
+			// Not the peer's fault (database down, ...): say so and let it retry elsewhere.
+			s.log.Warn("hello failed", "mesh", h.MeshID, "err", err)
+			ref = &helloRefusal{code: "internal", msg: "broker could not register the session; retry", closeCd: protocol.CloseGoingAway}
+		} else {
+			s.log.Info("hello refused", "mesh", h.MeshID, "code", ref.code, "reason", ref.msg)
+		}
+		s.metrics.ConnRejected.WithLabelValues(ref.code).Inc()
+		s.reply(ms, &protocol.Error{Code: ref.code, Message: ref.msg, ReqID: h.ReqID})
+		closeWith(ms, ref.closeCd, ref.code)
+		return
+	}
+	c.s = sess
+	if old := s.hub.add(sess); old != nil {
+		// The same session reconnected to this replica while its old socket lingered.
+		connOf(old.ws).end.Set(endReplaced)
+		closeWith(old.ws, protocol.CloseSessionReplaced, protocol.CloseReasonSessionReplaced)
+	}
+	s.reply(ms, &protocol.HelloAck{PresenceID: sess.presenceID, MemberDisplayName: sess.name(), Resumed: resumed, ReqID: h.ReqID})
+	s.log.Info("session connected", "mesh", sess.meshID, "presence", sess.presenceID, "resumed", resumed)
+	// Whatever waited for this session (offline queue, unacked pushes) goes out now.
+	s.kickDrain(sess)
+}
+
+// hello runs every check in protocol order, then registers the presence in one transaction.
+func (s *Server) hello(ctx context.Context, ms *melody.Session, h *protocol.Hello) (*session, bool, error) {
+	mesh, err := s.q.MeshForHello(ctx, h.MeshID)
+	if err != nil && !errors.Is(err, pgx.ErrNoRows) {
+		return nil, false, fmt.Errorf("load mesh: %w", err)
+	}
+	meshFound := err == nil && mesh.ArchivedAt == nil
+	limit := int64(s.cfg.MaxConnsPerMesh)
+	if meshFound && mesh.MaxPeers > 0 {
+		limit = int64(mesh.MaxPeers)
+	}
+	pubLower, pubErr := protocol.NormalizePubkey(h.Pubkey)
+	if meshFound {
+		n, err := s.q.CountLivePresence(ctx, db.CountLivePresenceParams{MeshID: h.MeshID, SessionID: h.SessionID, MemberPubkey: pubLower})
+		if err != nil {
+			return nil, false, fmt.Errorf("count presence: %w", err)
+		}
+		if n >= limit {
+			return nil, false, refuse(protocol.CodeCapacity, fmt.Sprintf("mesh has reached its limit of %d live sessions", limit))
+		}
+	}
+	if skew := time.Since(time.UnixMilli(h.Timestamp)); skew > helloMaxSkew || skew < -helloMaxSkew {
+		return nil, false, refuse(protocol.CodeTimestampSkew, "timestamp is more than 60 s from the broker clock")
+	}
+	if pubErr != nil {
+		return nil, false, refuse(protocol.CodeMalformed, "pubkey must be 64 hex characters")
+	}
+	if _, err := protocol.NormalizeSignature(h.Signature); err != nil {
+		return nil, false, refuse(protocol.CodeMalformed, "signature must be 128 hex characters")
+	}
+	sessKey := ""
+	if h.SessionPubkey != "" {
+		if sessKey, err = protocol.NormalizePubkey(h.SessionPubkey); err != nil {
+			return nil, false, refuse(protocol.CodeMalformed, "sessionPubkey must be 64 hex characters")
+		}
+	}
+	if !protocol.VerifyHello(h.MeshID, h.MemberID, h.Pubkey, h.Timestamp, h.Signature) {
+		return nil, false, refuse(protocol.CodeBadSignature, "signature does not verify")
+	}
+	if !meshFound {
+		return nil, false, refuse(protocol.CodeUnauthorized, "no live member with that mesh and pubkey")
+	}
+	members, err := s.q.MemberByPubkey(ctx, db.MemberByPubkeyParams{MeshID: h.MeshID, Pubkey: pubLower})
+	if err != nil {
+		return nil, false, fmt.Errorf("load member: %w", err)
+	}
+	var member *db.MemberByPubkeyRow
+	revoked := false
+	for i := range members {
+		if members[i].RevokedAt == nil && members[i].ID == h.MemberID {
+			member = &members[i]
+			break
+		}
+		if members[i].RevokedAt != nil && members[i].ID == h.MemberID {
+			revoked = true
+		}
+	}
+	if member == nil {
+		if revoked {
+			return nil, false, &helloRefusal{code: protocol.CodeRevoked, msg: "member was revoked", closeCd: protocol.CloseRevoked}
+		}
+		return nil, false, refuse(protocol.CodeUnauthorized, "no live member with that mesh and pubkey")
+	}
+
+	displayName := h.DisplayName
+	if displayName == "" {
+		displayName = member.DisplayName
+	}
+	groups := make([]groupEntry, 0, len(h.Groups))
+	for _, g := range h.Groups {
+		groups = append(groups, groupEntry{Name: g.Name, Role: g.Role})
+	}
+	groupsJSON, _ := json.Marshal(groups)
+	caps := h.Capabilities
+	if caps == nil {
+		caps = []string{}
+	}
+	var sessKeyPtr *string
+	if sessKey != "" {
+		sessKeyPtr = &sessKey
+	}
+
+	var (
+		row     db.ClaudemeshPresence
+		resumed bool
+		oldNode string
+		outbox  pgbus.Outbox
+	)
+	err = pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
+		q := s.q.WithTx(tx)
+		if err := q.LockMeshHello(ctx, h.MeshID); err != nil {
+			return err
+		}
+		n, err := q.CountLivePresence(ctx, db.CountLivePresenceParams{MeshID: h.MeshID, SessionID: h.SessionID, MemberPubkey: pubLower})
+		if err != nil {
+			return err
+		}
+		if n >= limit {
+			return refuse(protocol.CodeCapacity, fmt.Sprintf("mesh has reached its limit of %d live sessions", limit))
+		}
+		if sessKey != "" {
+			owner, err := q.BindSessionKey(ctx, db.BindSessionKeyParams{MeshID: h.MeshID, SessionPubkey: sessKey, MemberID: member.ID})
+			if err != nil {
+				return fmt.Errorf("bind session key: %w", err)
+			}
+			if owner != member.ID {
+				return refuse(protocol.CodeSessionKeyTaken, "sessionPubkey is bound to another member")
+			}
+		}
+		existing, err := q.LivePresenceForSession(ctx, db.LivePresenceForSessionParams{MeshID: h.MeshID, MemberID: member.ID, SessionID: h.SessionID})
+		switch {
+		case err == nil:
+			resumed = existing.GraceUntil != nil
+			oldNode = existing.NodeID
+			row, err = q.TakeOverPresence(ctx, db.TakeOverPresenceParams{
+				ID: existing.ID, NodeID: s.nodeID, SessionPubkey: sessKeyPtr, DisplayName: displayName,
+				Pid: int32(h.PID), Cwd: h.CWD, Groups: groupsJSON, Capabilities: caps,
+			})
+			if err != nil {
+				return fmt.Errorf("take over presence: %w", err)
+			}
+			if oldNode != s.nodeID {
+				outbox.Add(s.bus.NodeChannel(oldNode), pgbus.Message{Kind: pgbus.KindReplace, Presence: row.ID, Node: s.nodeID})
+			}
+		case errors.Is(err, pgx.ErrNoRows):
+			row, err = q.InsertPresence(ctx, db.InsertPresenceParams{
+				MeshID: h.MeshID, MemberID: member.ID, MemberPubkey: pubLower, NodeID: s.nodeID,
+				SessionID: h.SessionID, SessionPubkey: sessKeyPtr, DisplayName: displayName,
+				Pid: int32(h.PID), Cwd: h.CWD, Groups: groupsJSON, Capabilities: caps,
+			})
+			if err != nil {
+				return fmt.Errorf("insert presence: %w", err)
+			}
+		default:
+			return fmt.Errorf("load presence: %w", err)
+		}
+		// A hook that fired before this hello (the first-turn race) applies now.
+		if st, err := q.TakePendingStatus(ctx, db.TakePendingStatusParams{SessionID: h.SessionID, Pid: int32(h.PID), Cwd: h.CWD}); err == nil {
+			if upd, err := q.ApplyStatus(ctx, s.applyStatusParams(row.ID, protocol.Status(st), sourceHook)); err == nil {
+				row.Status = upd.Status
+			} else if !errors.Is(err, pgx.ErrNoRows) {
+				return fmt.Errorf("apply pending status: %w", err)
+			}
+		} else if !errors.Is(err, pgx.ErrNoRows) {
+			return fmt.Errorf("take pending status: %w", err)
+		}
+		if err := audit.Append(ctx, tx, []audit.Entry{{MeshID: h.MeshID, Type: audit.PeerConnected, Actor: pubLower,
+			Data: map[string]any{"presence_id": row.ID, "node": s.nodeID, "resumed": resumed}}}); err != nil {
+			return err
+		}
+		if existing.ID == "" { // a new presence, not a resume or replacement: tell the mesh
+			s.addEvent(&outbox, h.MeshID, member.ID, protocol.EventPeerJoined, peerEventData(row.ID, keyOr(sessKey, pubLower), displayName, row.Status))
+		}
+		return pgbus.Send(ctx, q, &outbox)
+	})
+	if err != nil {
+		return nil, false, err
+	}
+	sess := &session{
+		ws: ms, presenceID: row.ID, meshID: h.MeshID, memberID: member.ID, memberPubkey: pubLower,
+		sessionPubkey: sessKey, sessionID: h.SessionID,
+		clientAck:    h.HasCapability(protocol.CapClientAck),
+		systemEvents: h.HasCapability(protocol.CapSystemEvents),
+		displayName:  displayName, status: protocol.Status(row.Status), groups: groups,
+	}
+	return sess, resumed, nil
+}
+
+func keyOr(a, b string) string {
+	if a != "" {
+		return a
+	}
+	return b
+}

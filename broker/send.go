@@ -1,0 +1,417 @@
+package broker
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/google/uuid"
+	"github.com/jackc/pgx/v5"
+
+	"github.com/claudemesh/broker/broker/audit"
+	"github.com/claudemesh/broker/db"
+	"github.com/claudemesh/broker/pgbus"
+	"github.com/claudemesh/broker/protocol"
+)
+
+// Group commit: sends that arrive while a commit is in flight go into the next transaction,
+// up to maxBatch of them, so throughput is not capped at one notifying commit per message.
+const (
+	maxBatch     = 512
+	sendQueueCap = 8192
+	// DefaultMessageTTL is how long an undelivered envelope waits for its recipients.
+	DefaultMessageTTL = 7 * 24 * time.Hour
+	// ackUnavailable is the ack error when the envelope could not be stored (Postgres away).
+	ackUnavailable = "unavailable"
+)
+
+type sendReq struct {
+	sess *session
+	msg  *protocol.Send
+}
+
+// targetKind classifies a targetSpec.
+type targetKind int
+
+const (
+	targetInvalid targetKind = iota
+	targetDirect
+	targetAll
+	targetGroup
+)
+
+func parseTarget(spec string) (targetKind, string) {
+	switch {
+	case spec == "*" || spec == "@all":
+		return targetAll, ""
+	case strings.HasPrefix(spec, "@") && len(spec) > 1:
+		return targetGroup, spec[1:]
+	}
+	if k, err := protocol.NormalizePubkey(spec); err == nil {
+		return targetDirect, k
+	}
+	return targetInvalid, ""
+}
+
+// enqueueSend hands a send to the committer. It blocks when the queue is full: back-pressure
+// on the sender's socket rather than unbounded memory.
+func (s *Server) enqueueSend(sess *session, m *protocol.Send) {
+	select {
+	case s.sends <- sendReq{sess: sess, msg: m}:
+	case <-s.runCtx.Done():
+		s.replyTo(sess, &protocol.Ack{ID: m.ID, Queued: false, Error: ackUnavailable, ReqID: m.ReqID})
+	}
+}
+
+func (s *Server) runCommitter(ctx context.Context) {
+	batch := make([]sendReq, 0, maxBatch)
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case r := <-s.sends:
+			batch = append(batch[:0], r)
+		}
+	fill:
+		for len(batch) < maxBatch {
+			select {
+			case r := <-s.sends:
+				batch = append(batch, r)
+			default:
+				break fill
+			}
+		}
+		s.commitBatch(context.WithoutCancel(ctx), batch)
+	}
+}
+
+// plannedDelivery is one delivery row of a batch, and where it goes after commit.
+type plannedDelivery struct {
+	env      int // index into envelopes
+	memberID string
+	sessKey  string
+	sessID   string
+	state    string
+	local    *session // pushed by this node right after commit
+}
+
+type batchPlan struct {
+	envelopes []db.InsertEnvelopesParams
+	envReq    []int // envelope index → request index
+	deliv     []plannedDelivery
+	outbox    pgbus.Outbox
+	audit     []audit.Entry
+	kick      map[*session]struct{}
+	acks      []*protocol.Ack // per request
+	// deliveryIDs of the local deliveries, in plan.deliv order, filled at insert.
+	deliveryIDs []int64
+}
+
+func (s *Server) commitBatch(ctx context.Context, batch []sendReq) {
+	start := time.Now()
+	plan, err := s.planBatch(ctx, batch)
+	if err == nil {
+		err = s.storeBatch(ctx, plan)
+	}
+	if err != nil {
+		s.log.Warn("send batch failed; refusing its sends", "size", len(batch), "err", err)
+		s.metrics.SendFailures.Add(float64(len(batch)))
+		for _, r := range batch {
+			s.replyTo(r.sess, &protocol.Ack{ID: r.msg.ID, Queued: false, Error: ackUnavailable, ReqID: r.msg.ReqID})
+		}
+		return
+	}
+	s.metrics.BatchSize.Observe(float64(len(batch)))
+	s.metrics.CommitSeconds.Observe(time.Since(start).Seconds())
+	for i, r := range batch {
+		s.replyTo(r.sess, plan.acks[i])
+	}
+	s.pushPlanned(plan)
+	for sess := range plan.kick {
+		s.kickDrain(sess)
+	}
+}
+
+// planBatch resolves every send's recipients cluster-wide (from live presence and members)
+// with three queries for the whole batch, and decides which deliveries this node pushes.
+func (s *Server) planBatch(ctx context.Context, batch []sendReq) (*batchPlan, error) {
+	plan := &batchPlan{acks: make([]*protocol.Ack, len(batch)), kick: map[*session]struct{}{}}
+	kinds := make([]targetKind, len(batch))
+	keys := make([]string, len(batch))
+	meshSet := map[string]struct{}{}
+	var dMesh, dKey []string
+	for i, r := range batch {
+		kinds[i], keys[i] = parseTarget(r.msg.TargetSpec)
+		meshSet[r.sess.meshID] = struct{}{}
+		if kinds[i] == targetDirect {
+			dMesh, dKey = append(dMesh, r.sess.meshID), append(dKey, keys[i])
+		}
+	}
+	meshes := make([]string, 0, len(meshSet))
+	for m := range meshSet {
+		meshes = append(meshes, m)
+	}
+	live, err := s.q.LivePresenceByMeshes(ctx, meshes)
+	if err != nil {
+		return nil, fmt.Errorf("load presence: %w", err)
+	}
+	byMesh := map[string][]db.LivePresenceByMeshesRow{}
+	for _, p := range live {
+		byMesh[p.MeshID] = append(byMesh[p.MeshID], p)
+	}
+	members := map[[2]string]string{}  // (mesh, pubkey) → member id
+	sessKeys := map[[2]string]string{} // (mesh, session key) → member id
+	if len(dKey) > 0 {
+		ms, err := s.q.ResolveMembers(ctx, db.ResolveMembersParams{MeshIds: dMesh, Pubkeys: dKey})
+		if err != nil {
+			return nil, fmt.Errorf("resolve members: %w", err)
+		}
+		for _, m := range ms {
+			members[[2]string{m.MeshID, m.Pubkey}] = m.ID
+		}
+		sk, err := s.q.ResolveSessionKeys(ctx, db.ResolveSessionKeysParams{MeshIds: dMesh, Pubkeys: dKey})
+		if err != nil {
+			return nil, fmt.Errorf("resolve session keys: %w", err)
+		}
+		for _, k := range sk {
+			sessKeys[[2]string{k.MeshID, k.SessionPubkey}] = k.MemberID
+		}
+	}
+
+	now := time.Now().UTC().Truncate(time.Microsecond)
+	for i, r := range batch {
+		m := r.msg
+		if kinds[i] == targetInvalid {
+			plan.acks[i] = &protocol.Ack{ID: m.ID, Queued: false, Error: protocol.CodeNoRecipient, ReqID: m.ReqID}
+			continue
+		}
+		var recips []plannedDelivery
+		remote := map[string][]string{} // node → member ids to wake
+		presences := byMesh[r.sess.meshID]
+		switch kinds[i] {
+		case targetDirect:
+			mk := [2]string{r.sess.meshID, keys[i]}
+			if member, ok := members[mk]; ok {
+				d := plannedDelivery{memberID: member}
+				d.local = s.pickLocal(presences, func(p *db.LivePresenceByMeshesRow) bool { return p.MemberID == member }, m.Priority, plan, remote)
+				recips = append(recips, d)
+			} else if member, ok := sessKeys[mk]; ok {
+				d := plannedDelivery{memberID: member, sessKey: keys[i]}
+				d.local = s.pickLocal(presences, func(p *db.LivePresenceByMeshesRow) bool {
+					return p.SessionPubkey != nil && *p.SessionPubkey == keys[i]
+				}, m.Priority, plan, remote)
+				recips = append(recips, d)
+			} else {
+				plan.acks[i] = &protocol.Ack{ID: m.ID, Queued: false, Error: protocol.CodeNoRecipient, ReqID: m.ReqID}
+				continue
+			}
+		default:
+			group := keys[i]
+			for pi := range presences {
+				p := &presences[pi]
+				if p.MemberID == r.sess.memberID { // never the sender's own sessions
+					continue
+				}
+				if kinds[i] == targetGroup && !presenceInGroup(p.Groups, group) {
+					continue
+				}
+				d := plannedDelivery{memberID: p.MemberID, sessID: p.SessionID}
+				d.local = s.pickLocal(presences[pi:pi+1], func(*db.LivePresenceByMeshesRow) bool { return true }, m.Priority, plan, remote)
+				recips = append(recips, d)
+			}
+		}
+		env := len(plan.envelopes)
+		id := uuid.Must(uuid.NewV7()).String()
+		plan.envelopes = append(plan.envelopes, db.InsertEnvelopesParams{
+			ID: id, MeshID: r.sess.meshID, SenderMemberID: r.sess.memberID, SenderPubkey: r.sess.routingKey(),
+			SenderMemberPubkey: r.sess.memberPubkey, TargetSpec: m.TargetSpec, Priority: string(m.Priority),
+			Nonce: m.Nonce, Ciphertext: m.Ciphertext, ClientID: m.ID, CreatedAt: now, ExpiresAt: now.Add(s.cfg.MessageTTL),
+		})
+		plan.envReq = append(plan.envReq, i)
+		for _, d := range recips {
+			d.env = env
+			d.state = "pending"
+			if d.local != nil {
+				d.state = "pushed"
+			}
+			plan.deliv = append(plan.deliv, d)
+		}
+		for node, ms := range remote {
+			for _, member := range ms {
+				plan.outbox.Add(s.bus.NodeChannel(node), pgbus.Message{Kind: pgbus.KindDeliveries, Member: member})
+			}
+		}
+		kind := map[targetKind]string{targetDirect: "direct", targetAll: "broadcast", targetGroup: "group"}[kinds[i]]
+		plan.audit = append(plan.audit, audit.Entry{MeshID: r.sess.meshID, Type: audit.MessageSent, Actor: r.sess.routingKey(), At: now,
+			Data: map[string]any{"message_id": id, "target_kind": kind, "priority": string(m.Priority),
+				"size": len(m.Ciphertext) + len(m.Nonce), "recipients": len(recips)}})
+		plan.acks[i] = &protocol.Ack{ID: m.ID, MessageID: id, Queued: true, ReqID: m.ReqID}
+		s.metrics.MessagesRouted.WithLabelValues(string(m.Priority)).Inc()
+	}
+	return plan, nil
+}
+
+// pickLocal chooses a local session among the matching live presences that may take a
+// priority-p push now, without overtaking its backlog. When none can, remote holders are
+// woken up and local ones with a backlog get their drain kicked.
+func (s *Server) pickLocal(presences []db.LivePresenceByMeshesRow, match func(*db.LivePresenceByMeshesRow) bool,
+	p protocol.Priority, plan *batchPlan, remote map[string][]string) *session {
+	var pick *session
+	var wake []string
+	var waiting []*session
+	for i := range presences {
+		pr := &presences[i]
+		if !match(pr) {
+			continue
+		}
+		if pr.NodeID != s.nodeID {
+			wake = append(wake, pr.NodeID)
+			continue
+		}
+		sess := s.hub.get(pr.ID)
+		if sess == nil {
+			continue
+		}
+		sess.mu.Lock()
+		open := !sess.backlog && !sess.closed && (p == protocol.PriorityNow || sess.status == protocol.StatusIdle)
+		sess.mu.Unlock()
+		if open && pick == nil {
+			pick = sess
+		} else {
+			waiting = append(waiting, sess)
+		}
+	}
+	if pick != nil {
+		return pick
+	}
+	for _, n := range wake {
+		member := ""
+		for i := range presences {
+			if presences[i].NodeID == n && match(&presences[i]) {
+				member = presences[i].MemberID
+				break
+			}
+		}
+		remote[n] = append(remote[n], member)
+	}
+	for _, w := range waiting {
+		plan.kick[w] = struct{}{}
+	}
+	return nil
+}
+
+func presenceInGroup(raw json.RawMessage, group string) bool {
+	var gs []groupEntry
+	if json.Unmarshal(raw, &gs) != nil {
+		return false
+	}
+	for _, g := range gs {
+		if inGroup(g.Name, group) {
+			return true
+		}
+	}
+	return false
+}
+
+// storeBatch writes the whole batch in one transaction: envelopes (COPY), deliveries (one
+// statement), audit entries, and one notification per target node.
+func (s *Server) storeBatch(ctx context.Context, plan *batchPlan) error {
+	if len(plan.envelopes) == 0 {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	return pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
+		q := s.q.WithTx(tx)
+		if _, err := q.InsertEnvelopes(ctx, plan.envelopes); err != nil {
+			return fmt.Errorf("insert envelopes: %w", err)
+		}
+		if len(plan.deliv) > 0 {
+			p := db.InsertDeliveriesParams{NodeID: s.nodeID}
+			for _, d := range plan.deliv {
+				e := plan.envelopes[d.env]
+				pushed := ""
+				if d.local != nil {
+					pushed = d.local.presenceID
+				}
+				p.EnvelopeIds = append(p.EnvelopeIds, e.ID)
+				p.MeshIds = append(p.MeshIds, e.MeshID)
+				p.MemberIds = append(p.MemberIds, d.memberID)
+				p.SessionPubkeys = append(p.SessionPubkeys, d.sessKey)
+				p.SessionIds = append(p.SessionIds, d.sessID)
+				p.Priorities = append(p.Priorities, e.Priority)
+				p.States = append(p.States, d.state)
+				p.PushedPresences = append(p.PushedPresences, pushed)
+				p.Expires = append(p.Expires, e.ExpiresAt)
+			}
+			rows, err := q.InsertDeliveries(ctx, p)
+			if err != nil {
+				return fmt.Errorf("insert deliveries: %w", err)
+			}
+			ids := make(map[[2]string]int64, len(rows))
+			for _, r := range rows {
+				if r.PushedPresence != nil {
+					ids[[2]string{r.EnvelopeID, *r.PushedPresence}] = r.ID
+				}
+			}
+			for i := range plan.deliv {
+				if d := &plan.deliv[i]; d.local != nil {
+					plan.deliveryIDs = append(plan.deliveryIDs, ids[[2]string{plan.envelopes[d.env].ID, d.local.presenceID}])
+				}
+			}
+		}
+		if err := audit.Append(ctx, tx, plan.audit); err != nil {
+			return err
+		}
+		if err := pgbus.Send(ctx, q, &plan.outbox); err != nil {
+			return err
+		}
+		s.metrics.BusSent.Add(float64(len(plan.outbox.Payloads())))
+		return nil
+	})
+}
+
+// pushPlanned writes this node's direct pushes: each envelope is encoded once and the same
+// bytes go to every local recipient.
+func (s *Server) pushPlanned(plan *batchPlan) {
+	encoded := make(map[int][]byte)
+	var delivered []int64
+	k := 0
+	for _, d := range plan.deliv {
+		if d.local == nil {
+			continue
+		}
+		id := plan.deliveryIDs[k]
+		k++
+		b, ok := encoded[d.env]
+		if !ok {
+			e := plan.envelopes[d.env]
+			b = encodePush(e.ID, e.MeshID, e.SenderPubkey, e.SenderMemberPubkey, e.Priority, e.Nonce, e.Ciphertext, e.CreatedAt)
+			encoded[d.env] = b
+		}
+		if err := d.local.ws.Write(b); err != nil {
+			continue // closed meanwhile: the delivery stays pushed and is released with the session
+		}
+		s.metrics.Pushes.Inc()
+		if !d.local.clientAck {
+			delivered = append(delivered, id)
+		}
+	}
+	s.marker.delivered(delivered)
+}
+
+func encodePush(id, mesh, sender, senderMember, priority, nonce, ciphertext string, created time.Time) []byte {
+	b, _ := json.Marshal(&protocol.Push{
+		MessageID: id, MeshID: mesh, SenderPubkey: sender, SenderMemberPubkey: senderMember,
+		Priority: protocol.Priority(priority), Nonce: nonce, Ciphertext: ciphertext,
+		CreatedAt: protocol.FormatTime(created),
+	})
+	return b
+}
+
+// replyTo writes a reply to a session's socket.
+func (s *Server) replyTo(sess *session, m protocol.ServerMessage) {
+	s.reply(sess.ws, m)
+}

@@ -1,0 +1,132 @@
+// Package embedded runs a private PostgreSQL cluster from the machine's binaries, for use when
+// no DATABASE_URL is configured (local development, the test harness).
+//
+// The cluster is a plain initdb data directory started as a child postmaster: it listens only on
+// 127.0.0.1 (no Unix socket), uses trust authentication for the superuser "postgres", and is
+// meant for a single owner at a time. It is not a replacement for a managed database: anyone who
+// can open a TCP connection to 127.0.0.1 on its port is superuser.
+//
+// Binaries are found by FindBinDir; nothing is downloaded. When the process runs as root, the
+// cluster runs as the unprivileged "postgres" user (or "nobody" if that does not exist), because
+// initdb and postgres refuse to run as root; see Start for what that changes on disk.
+package embedded
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+)
+
+// Config configures Start.
+type Config struct {
+	// DataDir is the cluster's data directory (PGDATA). Required. It is created if missing and
+	// reused if it already holds a cluster (a PG_VERSION file).
+	DataDir string
+	// Port is the TCP port on 127.0.0.1. 0 picks a free port at each start.
+	Port int
+	// Logger receives lifecycle events. nil discards them.
+	Logger *slog.Logger
+	// Database is created if missing and named in URL. Default "claudemesh".
+	Database string
+}
+
+// DefaultDatabase is the database Start ensures when Config.Database is empty.
+const DefaultDatabase = "claudemesh"
+
+// superuser is the bootstrap role initdb creates and URL connects as. It is fixed (not the OS
+// user) so the URL does not depend on who started the cluster.
+const superuser = "postgres"
+
+// ErrNoBinaries reports that no PostgreSQL server binaries were found on this machine.
+var ErrNoBinaries = errors.New("no PostgreSQL server binaries (initdb, postgres) found on PATH, " +
+	"via `pg_config --bindir` or in /usr/lib/postgresql/*/bin; install them with " +
+	"`sudo apt-get install postgresql` (Debian/Ubuntu) or `make ensure-postgres`, " +
+	"or set DATABASE_URL to use an existing server")
+
+// debianBinGlob is where Debian/Ubuntu install server binaries: they are not on PATH there,
+// because several major versions may be installed side by side. A variable for tests.
+var debianBinGlob = "/usr/lib/postgresql/*/bin"
+
+// FindBinDir returns the directory holding the PostgreSQL server binaries initdb and postgres.
+// It looks, in order, at initdb on PATH (with postgres in the same directory), at the output of
+// `pg_config --bindir`, and at the newest /usr/lib/postgresql/*/bin. The error wraps
+// ErrNoBinaries when nothing is found.
+func FindBinDir() (string, error) {
+	if p, err := exec.LookPath("initdb"); err == nil {
+		// Prefer the real directory behind a symlink (e.g. /usr/local/bin/initdb ->
+		// /usr/lib/postgresql/15/bin/initdb): that is where initdb itself looks for postgres.
+		if real, err := filepath.EvalSymlinks(p); err == nil && hasServerBinaries(filepath.Dir(real)) {
+			return absDir(filepath.Dir(real)), nil
+		}
+		if hasServerBinaries(filepath.Dir(p)) {
+			return absDir(filepath.Dir(p)), nil
+		}
+	}
+	if pgConfig, err := exec.LookPath("pg_config"); err == nil {
+		// pg_config may come from a client-only package (libpq-dev), so its bindir is only a
+		// candidate until we see the server binaries there.
+		if out, err := exec.Command(pgConfig, "--bindir").Output(); err == nil {
+			if dir := strings.TrimSpace(string(out)); dir != "" && hasServerBinaries(dir) {
+				return absDir(dir), nil
+			}
+		}
+	}
+	if dir := newestDebianBinDir(); dir != "" {
+		return dir, nil
+	}
+	return "", fmt.Errorf("find postgres binaries: %w", ErrNoBinaries)
+}
+
+// newestDebianBinDir returns the highest-versioned /usr/lib/postgresql/*/bin holding the
+// server binaries, or "".
+func newestDebianBinDir() string {
+	dirs, _ := filepath.Glob(debianBinGlob)
+	// Sort numerically: a lexical sort would rank "9.6" above "15".
+	sort.SliceStable(dirs, func(i, j int) bool {
+		return versionOf(dirs[i]) > versionOf(dirs[j])
+	})
+	for _, d := range dirs {
+		if hasServerBinaries(d) {
+			return d
+		}
+	}
+	return ""
+}
+
+// versionOf turns /usr/lib/postgresql/<v>/bin into a sortable number: "15" -> 15000,
+// "9.6" -> 9006. Unparsable versions sort last.
+func versionOf(binDir string) int {
+	v := filepath.Base(filepath.Dir(binDir))
+	major, minor, _ := strings.Cut(v, ".")
+	ma, err := strconv.Atoi(major)
+	if err != nil {
+		return -1
+	}
+	mi, _ := strconv.Atoi(minor)
+	return ma*1000 + mi
+}
+
+func hasServerBinaries(dir string) bool {
+	return isExecutable(filepath.Join(dir, "initdb")) && isExecutable(filepath.Join(dir, "postgres"))
+}
+
+func isExecutable(path string) bool {
+	fi, err := os.Stat(path)
+	return err == nil && fi.Mode().IsRegular() && fi.Mode().Perm()&0o111 != 0
+}
+
+func absDir(dir string) string {
+	if a, err := filepath.Abs(dir); err == nil {
+		return a
+	}
+	return dir
+}
+
+// discardLogger is used when Config.Logger is nil.
+func discardLogger() *slog.Logger { return slog.New(slog.DiscardHandler) }

@@ -1,0 +1,229 @@
+//go:build unix
+
+package embedded
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+)
+
+// clearLeftover makes sure no postmaster from an earlier run holds the data directory.
+//
+// postmaster.pid names the last postmaster. If that process is gone, postgres recognises the
+// file as stale by itself (and still checks, through the shared-memory key in the file, that no
+// orphaned backend is attached), so the file stays. If a postmaster of this directory is still
+// running (our process was killed without Stop), it is stopped. If the pid now belongs to an
+// unrelated process, postgres would refuse to start, so the file is removed, but only when no
+// postgres process is seen working in the directory.
+//
+// Identification needs /proc (Linux). Elsewhere a live pid is left for postgres to judge, which
+// fails the start with its "lock file already exists" message rather than signalling a process
+// we cannot identify.
+func (c *Cluster) clearLeftover(ctx context.Context) error {
+	pidPath := filepath.Join(c.dataDir, "postmaster.pid")
+	pid, err := readPIDFile(pidPath)
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		return nil
+	case err != nil:
+		// An empty or torn file (crash while it was being written) makes postgres refuse to
+		// start until someone removes it.
+		c.log.Warn("removing unreadable postmaster.pid left by an earlier run", "err", err)
+		if err := os.Remove(pidPath); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return fmt.Errorf("remove stale postmaster.pid: %w", err)
+		}
+		return nil
+	}
+	if !alive(pid) {
+		c.log.Info("found stale postmaster.pid from an earlier run; its process is gone", "stale_pid", pid)
+		return nil
+	}
+	owns, known := ownsDataDir(pid, c.dataDir)
+	switch {
+	case known && owns:
+		c.log.Warn("stopping postgres left running by an earlier run", "pid", pid)
+		began := time.Now()
+		err := c.endPostmaster(ctx, pid,
+			func(sig syscall.Signal) { _ = syscall.Kill(pid, sig) },
+			func(ctx context.Context, d time.Duration) bool {
+				return waitUntil(ctx, d, func() bool { return !alive(pid) })
+			})
+		if err != nil {
+			return fmt.Errorf("stop earlier postgres: %w", err)
+		}
+		c.log.Info("stopped postgres left running by an earlier run", "pid", pid,
+			"elapsed", time.Since(began).Round(time.Millisecond))
+		return nil
+	case known:
+		procs, reliable := postgresProcsIn(c.dataDir)
+		if !reliable || len(procs) > 0 {
+			c.log.Warn("postmaster.pid names an unrelated live process, but postgres processes may still use the data dir; leaving it to postgres",
+				"stale_pid", pid, "postgres_pids", procs)
+			return nil
+		}
+		c.log.Warn("removing stale postmaster.pid whose pid now belongs to an unrelated process", "stale_pid", pid)
+		if err := os.Remove(pidPath); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return fmt.Errorf("remove stale postmaster.pid: %w", err)
+		}
+		return nil
+	default:
+		c.log.Warn("postmaster.pid names a live process that cannot be identified; leaving it to postgres", "pid", pid)
+		return nil
+	}
+}
+
+// readPIDFile returns the pid on the first line of postmaster.pid.
+func readPIDFile(path string) (int, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return 0, err
+	}
+	first, _, _ := strings.Cut(string(b), "\n")
+	pid, err := strconv.Atoi(strings.TrimSpace(first))
+	if err != nil || pid <= 0 {
+		return 0, fmt.Errorf("no pid in %s: %q", path, first)
+	}
+	return pid, nil
+}
+
+// alive reports whether pid names a running process. EPERM means it exists but belongs to
+// someone else. A zombie has exited and only waits for its parent, so it counts as gone.
+func alive(pid int) bool {
+	if pid <= 0 {
+		return false
+	}
+	if err := syscall.Kill(pid, 0); err != nil && !errors.Is(err, syscall.EPERM) {
+		return false
+	}
+	if st, ok := readProcStat(pid); ok && st.state == 'Z' {
+		return false
+	}
+	return true
+}
+
+type procStat struct {
+	state byte
+	ppid  int
+}
+
+// readProcStat parses /proc/<pid>/stat, which is world-readable (unlike cwd or exe).
+func readProcStat(pid int) (procStat, bool) {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	if err != nil {
+		return procStat{}, false
+	}
+	// "pid (comm) state ppid ...": comm may contain spaces and parentheses, so split after the
+	// last ')'.
+	s := string(b)
+	i := strings.LastIndexByte(s, ')')
+	if i < 0 {
+		return procStat{}, false
+	}
+	fields := strings.Fields(s[i+1:])
+	if len(fields) < 2 || len(fields[0]) != 1 {
+		return procStat{}, false
+	}
+	ppid, err := strconv.Atoi(fields[1])
+	if err != nil {
+		return procStat{}, false
+	}
+	return procStat{state: fields[0][0], ppid: ppid}, true
+}
+
+// pids lists the numeric entries of /proc; nil without procfs.
+func pids() []int {
+	entries, err := os.ReadDir("/proc")
+	if err != nil {
+		return nil
+	}
+	var out []int
+	for _, e := range entries {
+		if pid, err := strconv.Atoi(e.Name()); err == nil {
+			out = append(out, pid)
+		}
+	}
+	return out
+}
+
+// childPIDs returns the live children of ppid (Linux; nil elsewhere).
+func childPIDs(ppid int) []int {
+	var out []int
+	for _, pid := range pids() {
+		if st, ok := readProcStat(pid); ok && st.ppid == ppid && st.state != 'Z' {
+			out = append(out, pid)
+		}
+	}
+	return out
+}
+
+// ownsDataDir reports whether pid is a postgres process working in dataDir; known is false
+// when that cannot be determined. Every postgres process chdirs to its data directory, so the
+// cwd is the best evidence; it needs ptrace-level access, so the command line ("-D dir") is the
+// fallback.
+func ownsDataDir(pid int, dataDir string) (owns, known bool) {
+	proc := "/proc/" + strconv.Itoa(pid)
+	if cwd, err := os.Readlink(proc + "/cwd"); err == nil {
+		return cwd == dataDir, true
+	}
+	b, err := os.ReadFile(proc + "/cmdline")
+	if err != nil || len(b) == 0 {
+		return false, false
+	}
+	args := strings.Split(strings.TrimRight(string(b), "\x00"), "\x00")
+	if name := filepath.Base(args[0]); name != "postgres" && name != "postmaster" {
+		return false, true
+	}
+	for i, a := range args {
+		var d string
+		switch {
+		case a == "-D" && i+1 < len(args):
+			d = args[i+1]
+		case strings.HasPrefix(a, "-D") && len(a) > 2:
+			d = a[2:]
+		default:
+			continue
+		}
+		if real, err := filepath.EvalSymlinks(d); err == nil && real == dataDir {
+			return true, true
+		}
+	}
+	// A postgres whose data directory we cannot see (relative -D, PGDATA): undecidable.
+	return false, false
+}
+
+// postgresProcsIn lists postgres processes whose cwd is dataDir. reliable is false when procfs
+// is missing or some postgres process's cwd could not be read.
+func postgresProcsIn(dataDir string) (found []int, reliable bool) {
+	all := pids()
+	if all == nil {
+		return nil, false
+	}
+	reliable = true
+	for _, pid := range all {
+		proc := "/proc/" + strconv.Itoa(pid)
+		comm, err := os.ReadFile(proc + "/comm")
+		if err != nil {
+			continue // exited meanwhile
+		}
+		if name := strings.TrimSpace(string(comm)); name != "postgres" && name != "postmaster" {
+			continue
+		}
+		cwd, err := os.Readlink(proc + "/cwd")
+		switch {
+		case errors.Is(err, fs.ErrNotExist):
+		case err != nil:
+			reliable = false
+		case cwd == dataDir:
+			found = append(found, pid)
+		}
+	}
+	return found, reliable
+}

@@ -1,0 +1,98 @@
+-- name: MeshForHello :one
+SELECT id, max_peers, archived_at FROM claudemesh.mesh WHERE id = @id;
+
+-- name: CountLivePresence :one
+-- Sessions in the mesh across the cluster; a reconnect of the same session does not count
+-- against the limit it already holds.
+SELECT count(*) FROM claudemesh.presence
+WHERE mesh_id = @mesh_id AND ended_at IS NULL
+  AND NOT (session_id = @session_id AND member_pubkey = @member_pubkey);
+
+-- name: LockMeshHello :exec
+-- Serializes hellos of one mesh (not of the cluster) so the capacity check can't be raced.
+SELECT pg_advisory_xact_lock(hashtextextended('claudemesh.hello:' || @mesh_id::text, 0));
+
+-- name: MemberByPubkey :many
+-- Live member first, then revoked ones (hello answers "revoked" only when no live one exists).
+SELECT id, display_name, role, revoked_at FROM claudemesh.member
+WHERE mesh_id = @mesh_id AND pubkey = @pubkey
+ORDER BY revoked_at IS NULL DESC, created_at DESC;
+
+-- name: BindSessionKey :one
+-- Binds the session key to the member on first use and returns the member it is bound to.
+WITH ins AS (
+    INSERT INTO claudemesh.session_key (mesh_id, session_pubkey, member_id)
+    VALUES (@mesh_id, @session_pubkey, @member_id)
+    ON CONFLICT (mesh_id, session_pubkey) DO NOTHING
+    RETURNING member_id
+)
+SELECT member_id FROM ins
+UNION ALL
+SELECT member_id FROM claudemesh.session_key WHERE mesh_id = @mesh_id AND session_pubkey = @session_pubkey
+LIMIT 1;
+
+-- name: LivePresenceForSession :one
+SELECT * FROM claudemesh.presence
+WHERE mesh_id = @mesh_id AND member_id = @member_id AND session_id = @session_id AND ended_at IS NULL
+FOR UPDATE;
+
+-- name: TakeOverPresence :one
+UPDATE claudemesh.presence
+SET node_id = @node_id, session_pubkey = @session_pubkey, display_name = @display_name, pid = @pid,
+    cwd = @cwd, groups = @groups, capabilities = @capabilities, last_seen_at = now(), grace_until = NULL
+WHERE id = @id
+RETURNING *;
+
+-- name: InsertPresence :one
+INSERT INTO claudemesh.presence (mesh_id, member_id, member_pubkey, node_id, session_id, session_pubkey,
+    display_name, pid, cwd, groups, capabilities)
+VALUES (@mesh_id, @member_id, @member_pubkey, @node_id, @session_id, @session_pubkey, @display_name,
+    @pid, @cwd, @groups, @capabilities)
+RETURNING *;
+
+-- name: ListLivePresence :many
+SELECT * FROM claudemesh.presence WHERE mesh_id = @mesh_id AND ended_at IS NULL ORDER BY connected_at, id;
+
+-- name: LivePresenceByMeshes :many
+SELECT id, mesh_id, member_id, node_id, session_id, session_pubkey, groups, status
+FROM claudemesh.presence WHERE mesh_id = ANY(@mesh_ids::text[]) AND ended_at IS NULL;
+
+-- name: NodePresenceStatus :many
+SELECT id, status, status_source, status_at FROM claudemesh.presence
+WHERE node_id = @node_id AND ended_at IS NULL;
+
+-- name: PresenceByID :one
+SELECT * FROM claudemesh.presence WHERE id = @id;
+
+-- name: SetPresenceSummary :exec
+UPDATE claudemesh.presence SET summary = @summary WHERE id = @id AND ended_at IS NULL;
+
+-- name: SetPresenceGroups :exec
+UPDATE claudemesh.presence SET groups = @groups WHERE id = @id AND ended_at IS NULL;
+
+-- name: PresenceGrace :exec
+-- The socket is gone; the presence stays listed until grace_until and messages queue for it.
+UPDATE claudemesh.presence SET grace_until = @grace_until, last_seen_at = now()
+WHERE id = @id AND node_id = @node_id AND ended_at IS NULL;
+
+-- name: EndPresence :one
+UPDATE claudemesh.presence SET ended_at = now(), grace_until = NULL
+WHERE id = @id AND node_id = @node_id AND ended_at IS NULL
+RETURNING mesh_id, member_id, member_pubkey, session_pubkey, display_name, session_id;
+
+-- name: EndExpiredGrace :many
+-- Presences whose grace ran out, on this node or on a node that is gone.
+UPDATE claudemesh.presence p SET ended_at = now(), grace_until = NULL
+WHERE p.ended_at IS NULL AND p.grace_until IS NOT NULL AND p.grace_until <= now()
+RETURNING p.id, p.mesh_id, p.member_id, p.member_pubkey, p.session_pubkey, p.display_name, p.session_id, p.node_id;
+
+-- name: ReleasePresencePushes :many
+-- Unacked pushes of a session that went away go back to pending, for its next connection.
+UPDATE claudemesh.delivery SET state = 'pending', pushed_node = NULL, pushed_presence = NULL, pushed_at = NULL
+WHERE state = 'pushed' AND pushed_presence = @presence_id
+RETURNING recipient_member_id;
+
+-- name: NodesOfMembers :many
+-- Nodes holding live sessions of these members, to direct a wake-up at them.
+SELECT DISTINCT node_id, member_id FROM claudemesh.presence
+WHERE mesh_id = @mesh_id AND member_id = ANY(@member_ids::text[]) AND ended_at IS NULL;
