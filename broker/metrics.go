@@ -26,6 +26,7 @@ type Metrics struct {
 	BatchSize         prometheus.Histogram
 	CommitSeconds     prometheus.Histogram
 	HookRequests      *prometheus.CounterVec
+	DeadNodes         prometheus.Counter
 }
 
 func newMetrics() *Metrics {
@@ -59,13 +60,14 @@ func newMetrics() *Metrics {
 		CommitSeconds: prometheus.NewHistogram(prometheus.HistogramOpts{Namespace: "claudemesh", Name: "commit_seconds",
 			Help: "Time to resolve and commit one send batch.", Buckets: prometheus.ExponentialBuckets(0.0005, 2, 14)}),
 		HookRequests: cv("hook_requests_total", "Hook requests, by outcome.", "outcome"),
+		DeadNodes:    c("dead_nodes_taken_over_total", "Silent replicas this replica declared dead and took over."),
 	}
 	reg.MustRegister(
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 		m.HealthChecks, m.ConnActive, m.ConnTotal, m.ConnRejected, m.BadFrames, m.SlowConsumers,
 		m.MessagesRouted, m.Pushes, m.SendFailures, m.DeliveriesPending, m.BusSent, m.BusReceived,
-		m.BusEvents, m.BatchSize, m.CommitSeconds, m.HookRequests,
+		m.BusEvents, m.BatchSize, m.CommitSeconds, m.HookRequests, m.DeadNodes,
 	)
 	return m
 }

@@ -20,6 +20,7 @@ import (
 
 	"github.com/olahol/melody"
 
+	"github.com/claudemesh/broker/broker/membership"
 	"github.com/claudemesh/broker/db"
 	"github.com/claudemesh/broker/pgbus"
 	"github.com/claudemesh/broker/protocol"
@@ -44,6 +45,7 @@ type Server struct {
 	sends     chan sendReq
 	marker    *marker
 	hookLimit *hookLimiter
+	members   *membership.Service
 	// runCtx lives from Start to Stop; background work (bg) runs under it.
 	runCtx    context.Context
 	runCancel context.CancelFunc
@@ -99,6 +101,8 @@ func NewServer(cfg Config, pool *pgxpool.Pool, logger *slog.Logger) (*Server, er
 	s.mux.Handle("GET /metrics", promhttp.HandlerFor(s.metrics.Registry, promhttp.HandlerOpts{}))
 	s.mux.HandleFunc("GET "+protocol.PathWS, s.handleWS)
 	s.mux.HandleFunc("POST "+protocol.PathHookState, s.handleHook)
+	s.members = membership.New(pool, membership.Config{Logger: s.log, OnRevoke: RevokeHook(pool, cfg.BusNamespace, s.log)})
+	s.mux.HandleFunc("POST "+protocol.PathJoin, s.members.HandleJoin)
 	return s, nil
 }
 
@@ -129,8 +133,11 @@ func (s *Server) NodeID() string { return s.nodeID }
 // Metrics exposes the replica's collectors (tests read them).
 func (s *Server) Metrics() *Metrics { return s.metrics }
 
-// Handle mounts an extra route (for example POST /join from package membership).
+// Handle mounts an extra route.
 func (s *Server) Handle(pattern string, h http.Handler) { s.mux.Handle(pattern, h) }
+
+// Members is the membership service behind /join (tests and the dev cluster use it).
+func (s *Server) Members() *membership.Service { return s.members }
 
 // Sessions is the number of live sessions on this replica.
 func (s *Server) Sessions() int { return s.hub.len() }
@@ -230,37 +237,6 @@ func (s *Server) Stop(ctx context.Context) error {
 	}
 	s.log.Info("broker stopped")
 	return err
-}
-
-// runNode registers the node row and heartbeats it until ctx ends. A failed registration is
-// retried on every beat, so a replica started while Postgres is down joins when it returns.
-func (s *Server) runNode(ctx context.Context) {
-	registered := false
-	t := time.NewTicker(s.cfg.Heartbeat)
-	defer t.Stop()
-	for {
-		opCtx, cancel := context.WithTimeout(ctx, 3*time.Second)
-		if !registered {
-			if _, err := s.q.NodeRegister(opCtx, db.NodeRegisterParams{ID: s.nodeID, Region: s.cfg.Region, Address: s.Addr(), Version: Version}); err != nil {
-				s.log.Warn("register node", "err", err)
-			} else {
-				registered = true
-			}
-		} else if _, err := s.q.NodeHeartbeat(opCtx, s.nodeID); err != nil {
-			if errors.Is(db.NotFound(err), db.ErrNotFound) {
-				s.log.Warn("node was declared dead by a peer; registering again")
-				registered = false
-			} else {
-				s.log.Warn("heartbeat", "err", err)
-			}
-		}
-		cancel()
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
-	}
 }
 
 // Health is the body of GET /health.

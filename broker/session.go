@@ -57,21 +57,10 @@ func (s *session) groupNames() []string {
 	return out
 }
 
-func (s *session) getStatus() protocol.Status {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.status
-}
-
 func (s *session) setStatus(st protocol.Status) {
 	s.mu.Lock()
 	s.status = st
 	s.mu.Unlock()
-}
-
-// interruptible reports whether priority p may be pushed now (the priority gate).
-func (s *session) interruptible(p protocol.Priority) bool {
-	return p == protocol.PriorityNow || s.getStatus() == protocol.StatusIdle
 }
 
 func (s *session) name() string {

@@ -7,7 +7,58 @@ package db
 
 import (
 	"context"
+	"time"
 )
+
+const graceDeadNodePresence = `-- name: GraceDeadNodePresence :exec
+UPDATE claudemesh.presence SET grace_until = $1
+WHERE node_id = $2 AND ended_at IS NULL AND grace_until IS NULL
+`
+
+type GraceDeadNodePresenceParams struct {
+	GraceUntil *time.Time
+	NodeID     string
+}
+
+// A dead node's sockets are gone: its presences enter their reconnect grace, counted from
+// its last heartbeat (when its sockets were last known to be alive).
+func (q *Queries) GraceDeadNodePresence(ctx context.Context, arg GraceDeadNodePresenceParams) error {
+	_, err := q.db.Exec(ctx, graceDeadNodePresence, arg.GraceUntil, arg.NodeID)
+	return err
+}
+
+const markDeadNodes = `-- name: MarkDeadNodes :many
+UPDATE claudemesh.node SET dead_at = now()
+WHERE stopped_at IS NULL AND dead_at IS NULL
+  AND heartbeat_at < now() - make_interval(secs => $1::float8)
+RETURNING id, heartbeat_at
+`
+
+type MarkDeadNodesRow struct {
+	ID          string
+	HeartbeatAt time.Time
+}
+
+// Nodes silent past the deadline. Only one replica's UPDATE wins per node: idempotent.
+func (q *Queries) MarkDeadNodes(ctx context.Context, deadAfterSeconds float64) ([]MarkDeadNodesRow, error) {
+	rows, err := q.db.Query(ctx, markDeadNodes, deadAfterSeconds)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	items := []MarkDeadNodesRow{}
+	for rows.Next() {
+		var i MarkDeadNodesRow
+		if err := rows.Scan(&i.ID, &i.HeartbeatAt); err != nil {
+			return nil, err
+		}
+		items = append(items, i)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, err
+	}
+	return items, nil
+}
 
 const nodeHeartbeat = `-- name: NodeHeartbeat :one
 UPDATE claudemesh.node SET heartbeat_at = now()
@@ -126,6 +177,56 @@ func (q *Queries) NodeRegister(ctx context.Context, arg NodeRegisterParams) (Cla
 	return i, err
 }
 
+const nodeSessionCounts = `-- name: NodeSessionCounts :many
+SELECT n.id, n.region, n.address, n.version, n.started_at, n.heartbeat_at, n.stopped_at, n.dead_at,
+    (SELECT count(*) FROM claudemesh.presence p WHERE p.node_id = n.id AND p.ended_at IS NULL AND p.grace_until IS NULL) AS sessions
+FROM claudemesh.node n
+WHERE n.stopped_at IS NULL AND n.dead_at IS NULL
+ORDER BY n.started_at
+`
+
+type NodeSessionCountsRow struct {
+	ID          string
+	Region      string
+	Address     string
+	Version     string
+	StartedAt   time.Time
+	HeartbeatAt time.Time
+	StoppedAt   *time.Time
+	DeadAt      *time.Time
+	Sessions    int64
+}
+
+func (q *Queries) NodeSessionCounts(ctx context.Context) ([]NodeSessionCountsRow, error) {
+	rows, err := q.db.Query(ctx, nodeSessionCounts)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	items := []NodeSessionCountsRow{}
+	for rows.Next() {
+		var i NodeSessionCountsRow
+		if err := rows.Scan(
+			&i.ID,
+			&i.Region,
+			&i.Address,
+			&i.Version,
+			&i.StartedAt,
+			&i.HeartbeatAt,
+			&i.StoppedAt,
+			&i.DeadAt,
+			&i.Sessions,
+		); err != nil {
+			return nil, err
+		}
+		items = append(items, i)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, err
+	}
+	return items, nil
+}
+
 const nodeStop = `-- name: NodeStop :exec
 UPDATE claudemesh.node SET stopped_at = now() WHERE id = $1 AND stopped_at IS NULL
 `
@@ -133,4 +234,36 @@ UPDATE claudemesh.node SET stopped_at = now() WHERE id = $1 AND stopped_at IS NU
 func (q *Queries) NodeStop(ctx context.Context, id string) error {
 	_, err := q.db.Exec(ctx, nodeStop, id)
 	return err
+}
+
+const releaseNodePushes = `-- name: ReleaseNodePushes :many
+UPDATE claudemesh.delivery SET state = 'pending', pushed_node = NULL, pushed_presence = NULL, pushed_at = NULL
+WHERE state = 'pushed' AND pushed_node = $1
+RETURNING mesh_id, recipient_member_id
+`
+
+type ReleaseNodePushesRow struct {
+	MeshID            string
+	RecipientMemberID string
+}
+
+// Unacked pushes of a dead node go back to pending for the recipients' next connection.
+func (q *Queries) ReleaseNodePushes(ctx context.Context, nodeID *string) ([]ReleaseNodePushesRow, error) {
+	rows, err := q.db.Query(ctx, releaseNodePushes, nodeID)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	items := []ReleaseNodePushesRow{}
+	for rows.Next() {
+		var i ReleaseNodePushesRow
+		if err := rows.Scan(&i.MeshID, &i.RecipientMemberID); err != nil {
+			return nil, err
+		}
+		items = append(items, i)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, err
+	}
+	return items, nil
 }

@@ -102,6 +102,15 @@ func New(cfg Config) (*Bus, error) {
 	}, nil
 }
 
+// ListenerAppName is the application_name of a node's LISTEN connection.
+func ListenerAppName(nodeID string) string {
+	name := "claudemesh-listen-" + nodeID
+	if len(name) > 63 {
+		name = name[:63]
+	}
+	return name
+}
+
 // NodeChannel is the channel a node listens on for messages directed at it.
 func NodeChannel(namespace, nodeID string) string { return namespace + "_n_" + nodeID }
 
@@ -169,10 +178,11 @@ func (b *Bus) signalResync() {
 	}
 }
 
-// listenLoop keeps one LISTEN connection alive. Each connection gets its own context so the
-// ping watchdog can replace a connection that stopped delivering without erroring.
+// listenLoop keeps one LISTEN connection alive. pgxlisten reconnects by itself; the
+// backoff lives in Connect (pgxlisten's own delay is fixed). The loop here only replaces a
+// connection the ping watchdog found dead, with a fresh context.
 func (b *Bus) listenLoop(ctx context.Context) {
-	failures := 0
+	failures := 0 // consecutive failed connection attempts; touched only on this goroutine
 	for ctx.Err() == nil {
 		connCtx, cancelConn := context.WithCancel(ctx)
 		b.lastPing.Store(time.Now().UnixNano())
@@ -183,39 +193,60 @@ func (b *Bus) listenLoop(ctx context.Context) {
 		}()
 		l := &pgxlisten.Listener{
 			Connect: func(ctx context.Context) (*pgx.Conn, error) {
+				if b.connected.Swap(false) {
+					b.log.Warn("LISTEN connection lost; reconnecting")
+				}
+				if failures > 0 {
+					b.cfg.Observe("reconnect", 1)
+					if !sleepCtx(ctx, backoff(failures)) {
+						return nil, ctx.Err()
+					}
+				}
 				cc := b.cfg.ConnConfig.Copy()
+				// Named, so operators (and tests) can tell listeners apart in pg_stat_activity.
+				cc.RuntimeParams["application_name"] = ListenerAppName(b.cfg.NodeID)
 				// Keepalive finds a silently dropped connection even between pings.
 				cc.DialFunc = (&net.Dialer{KeepAlive: 10 * time.Second, Timeout: 5 * time.Second}).DialContext
-				return pgx.ConnectConfig(ctx, cc)
+				conn, err := pgx.ConnectConfig(ctx, cc)
+				failures++ // reset once LISTEN succeeds (HandleBacklog)
+				return conn, err
 			},
 			LogError: func(ctx context.Context, err error) {
 				if ctx.Err() == nil {
-					b.log.Warn("listener", "err", err)
+					b.log.Warn("listener", "err", err, "attempt", failures)
 				}
 			},
-			ReconnectDelay: -1, // we back off ourselves, with jitter, below
+			ReconnectDelay: -1, // no fixed delay: Connect backs off with jitter
 		}
 		handler := &handler{b: b, onConnect: func() { failures = 0 }}
 		l.Handle(b.node, handler)
 		l.Handle(b.cluster, handler)
-		_ = l.Listen(connCtx) // returns when connCtx ends; errors were logged
+		_ = l.Listen(connCtx) // returns only when connCtx ends; errors were logged
 		cancelConn()
 		<-watchDone
-		if b.connected.Swap(false) && ctx.Err() == nil {
-			b.log.Warn("LISTEN connection lost; reconnecting")
-		}
+		b.connected.Store(false)
 		if ctx.Err() != nil {
 			return
 		}
-		b.cfg.Observe("reconnect", 1)
-		failures++
-		delay := min(time.Duration(1<<min(failures, 6))*50*time.Millisecond, maxReconnectDelay)
-		delay = delay/2 + rand.N(delay/2+1) // jitter so replicas don't reconnect in lockstep
-		select {
-		case <-ctx.Done():
-			return
-		case <-time.After(delay):
-		}
+		failures = max(failures, 1) // a watchdog replacement counts as a failure
+	}
+}
+
+// backoff is the jittered exponential delay before reconnect attempt n (n >= 1): 50 ms
+// doubling to maxReconnectDelay, halved at random so replicas don't reconnect in lockstep.
+func backoff(n int) time.Duration {
+	d := min(time.Duration(1<<min(n-1, 10))*50*time.Millisecond, maxReconnectDelay)
+	return d/2 + rand.N(d/2+1)
+}
+
+func sleepCtx(ctx context.Context, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return false
+	case <-t.C:
+		return true
 	}
 }
 

@@ -1,6 +1,8 @@
 -- name: InviteInsert :one
+-- No row when the token exists: the caller re-signs with another expiry (see CreateInvite).
 INSERT INTO claudemesh.invite (mesh_id, token, payload, role, max_uses, expires_at)
 VALUES (@mesh_id, @token, @payload, @role, @max_uses, @expires_at)
+ON CONFLICT (token) DO NOTHING
 RETURNING *;
 
 -- name: InviteByToken :one

@@ -20,3 +20,29 @@ SELECT * FROM claudemesh.node ORDER BY started_at;
 
 -- name: NodeListAlive :many
 SELECT * FROM claudemesh.node WHERE stopped_at IS NULL AND dead_at IS NULL ORDER BY started_at;
+
+-- name: MarkDeadNodes :many
+-- Nodes silent past the deadline. Only one replica's UPDATE wins per node: idempotent.
+UPDATE claudemesh.node SET dead_at = now()
+WHERE stopped_at IS NULL AND dead_at IS NULL
+  AND heartbeat_at < now() - make_interval(secs => @dead_after_seconds::float8)
+RETURNING id, heartbeat_at;
+
+-- name: GraceDeadNodePresence :exec
+-- A dead node's sockets are gone: its presences enter their reconnect grace, counted from
+-- its last heartbeat (when its sockets were last known to be alive).
+UPDATE claudemesh.presence SET grace_until = @grace_until
+WHERE node_id = @node_id AND ended_at IS NULL AND grace_until IS NULL;
+
+-- name: ReleaseNodePushes :many
+-- Unacked pushes of a dead node go back to pending for the recipients' next connection.
+UPDATE claudemesh.delivery SET state = 'pending', pushed_node = NULL, pushed_presence = NULL, pushed_at = NULL
+WHERE state = 'pushed' AND pushed_node = @node_id
+RETURNING mesh_id, recipient_member_id;
+
+-- name: NodeSessionCounts :many
+SELECT n.id, n.region, n.address, n.version, n.started_at, n.heartbeat_at, n.stopped_at, n.dead_at,
+    (SELECT count(*) FROM claudemesh.presence p WHERE p.node_id = n.id AND p.ended_at IS NULL AND p.grace_until IS NULL) AS sessions
+FROM claudemesh.node n
+WHERE n.stopped_at IS NULL AND n.dead_at IS NULL
+ORDER BY n.started_at;

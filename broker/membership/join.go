@@ -1,0 +1,189 @@
+package membership
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"strings"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/claudemesh/broker/broker/audit"
+	"github.com/claudemesh/broker/db"
+	"github.com/claudemesh/broker/protocol"
+)
+
+// JoinResult is a successful /join.
+type JoinResult struct {
+	MeshID   string
+	MemberID string
+	// AlreadyMember: the key was already a live member; the invite was not used.
+	AlreadyMember bool
+}
+
+// Join enrolls req.PeerPubkey in the invite's mesh, checking in the order protocol.md gives:
+// the payload's signature by its owner_pubkey; the mesh exists, is not archived and has that
+// owner key; the invite (found by its exact token) belongs to the mesh and is neither revoked
+// nor expired. A key that is already a live member gets its member id back without using the
+// invite. Otherwise one use is taken atomically under max_uses (so of N concurrent joins on the
+// last use exactly one wins) and the member is inserted with the payload's role, audited in the
+// same transaction. Refusals are *JoinError; other errors are failures of the broker.
+func (s *Service) Join(ctx context.Context, req protocol.JoinRequest) (JoinResult, error) {
+	p := &req.InvitePayload
+	if err := protocol.VerifyInvite(p); err != nil {
+		return JoinResult{}, joinError(protocol.JoinErrInviteBadSignature)
+	}
+	peer, err := protocol.NormalizePubkey(req.PeerPubkey)
+	if err != nil {
+		return JoinResult{}, fmt.Errorf("join: peer_pubkey: %w", ErrInvalidPubkey)
+	}
+
+	var res JoinResult
+	var lostRace bool
+	err = pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
+		q := db.New(tx)
+		m, err := q.MeshByID(ctx, p.MeshID)
+		if err = db.NotFound(err); errors.Is(err, db.ErrNotFound) {
+			return joinError(protocol.JoinErrMeshNotFound)
+		} else if err != nil {
+			return err
+		}
+		switch {
+		case m.ArchivedAt != nil:
+			return joinError(protocol.JoinErrMeshNotFound)
+		case m.OwnerPubkey == "":
+			return joinError(protocol.JoinErrMeshMissingOwnerKey)
+		case !strings.EqualFold(m.OwnerPubkey, p.OwnerPubkey):
+			return joinError(protocol.JoinErrInviteOwnerMismatch)
+		}
+		row, err := q.InviteByToken(ctx, tokenHash(req.InviteToken))
+		if err = db.NotFound(err); errors.Is(err, db.ErrNotFound) {
+			return joinError(protocol.JoinErrInviteNotFound)
+		} else if err != nil {
+			return err
+		}
+		inv := row.ClaudemeshInvite
+		switch {
+		case inv.MeshID != m.ID:
+			return joinError(protocol.JoinErrInviteMeshMismatch)
+		case inv.RevokedAt != nil:
+			return joinError(protocol.JoinErrInviteRevoked)
+		case row.Expired:
+			return joinError(protocol.JoinErrInviteExpired)
+		}
+		existing, err := q.MemberLiveByPubkey(ctx, db.MemberLiveByPubkeyParams{MeshID: m.ID, Pubkey: peer})
+		if err == nil {
+			res = JoinResult{MeshID: m.ID, MemberID: existing.ID, AlreadyMember: true}
+			return nil
+		} else if err = db.NotFound(err); !errors.Is(err, db.ErrNotFound) {
+			return err
+		}
+
+		if _, err := q.InviteClaim(ctx, inv.ID); err != nil {
+			if err = db.NotFound(err); !errors.Is(err, db.ErrNotFound) {
+				return err
+			}
+			// The claim's WHERE failed: say which condition, as seen after the row lock.
+			now, err := q.InviteByToken(ctx, tokenHash(req.InviteToken))
+			switch {
+			case err != nil:
+				return err
+			case now.ClaudemeshInvite.RevokedAt != nil:
+				return joinError(protocol.JoinErrInviteRevoked)
+			case now.Expired:
+				return joinError(protocol.JoinErrInviteExpired)
+			}
+			return joinError(protocol.JoinErrInviteExhausted)
+		}
+		mb, err := q.MemberInsert(ctx, db.MemberInsertParams{
+			MeshID: m.ID, Pubkey: peer, DisplayName: req.DisplayName, Role: p.Role, InviteID: &inv.ID,
+		})
+		if err != nil {
+			// The same key joining concurrently wins the unique index; rolling back returns
+			// the use this attempt took, and the caller is then told it is a member.
+			if lostRace = isUniqueViolation(err); !lostRace {
+				s.log.Warn("join: member insert failed", "mesh_id", m.ID, "peer_pubkey", peer, "err", err)
+			}
+			return joinError(protocol.JoinErrMemberInsertFailed)
+		}
+		res = JoinResult{MeshID: m.ID, MemberID: mb.ID}
+		return audit.Append(ctx, tx, []audit.Entry{{MeshID: m.ID, Type: audit.MemberJoined, Actor: peer, At: mb.CreatedAt,
+			Data: map[string]any{"member_id": mb.ID, "pubkey": peer, "invite_id": inv.ID, "role": mb.Role}}})
+	})
+	if lostRace {
+		mb, lookupErr := db.New(s.pool).MemberLiveByPubkey(ctx, db.MemberLiveByPubkeyParams{MeshID: p.MeshID, Pubkey: peer})
+		if lookupErr == nil {
+			return JoinResult{MeshID: mb.MeshID, MemberID: mb.ID, AlreadyMember: true}, nil
+		}
+	}
+	if err != nil {
+		var je *JoinError
+		if errors.As(err, &je) {
+			return JoinResult{}, err
+		}
+		return JoinResult{}, fmt.Errorf("join: %w", err)
+	}
+	return res, nil
+}
+
+// HandleJoin serves POST /join: 200 {ok:true, memberId, alreadyMember?}, 400 {ok:false, error}
+// with a protocol code or, for a malformed body, a message naming the field, 413 for a body
+// over protocol.MaxJoinBodyBytes, 500 {ok:false, error:"internal error"} when the broker fails.
+// The body carries the mesh root key, so neither it nor the token is ever logged.
+func (s *Service) HandleJoin(w http.ResponseWriter, r *http.Request) {
+	if r.Method != http.MethodPost {
+		w.Header().Set("Allow", http.MethodPost)
+		writeJoin(w, http.StatusMethodNotAllowed, protocol.JoinResponse{Error: "method not allowed"})
+		return
+	}
+	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, protocol.MaxJoinBodyBytes))
+	if err != nil {
+		var tooLarge *http.MaxBytesError
+		if errors.As(err, &tooLarge) {
+			s.log.Info("join: body too large", "remote_addr", r.RemoteAddr, "limit", tooLarge.Limit)
+			writeJoin(w, http.StatusRequestEntityTooLarge, protocol.JoinResponse{Error: "payload too large"})
+			return
+		}
+		s.log.Info("join: read body", "remote_addr", r.RemoteAddr, "err", err)
+		writeJoin(w, http.StatusBadRequest, protocol.JoinResponse{Error: "could not read body"})
+		return
+	}
+	req, err := protocol.ParseJoinRequest(body)
+	if err != nil {
+		msg := err.Error()
+		var pe *protocol.Error
+		if errors.As(err, &pe) {
+			msg = pe.Message
+		}
+		s.log.Info("join: bad request", "remote_addr", r.RemoteAddr, "reason", msg)
+		writeJoin(w, http.StatusBadRequest, protocol.JoinResponse{Error: msg})
+		return
+	}
+	res, err := s.Join(r.Context(), req)
+	var je *JoinError
+	switch {
+	case errors.As(err, &je):
+		s.log.Info("join refused", "code", je.Code, "mesh_id", req.InvitePayload.MeshID,
+			"peer_pubkey", req.PeerPubkey, "remote_addr", r.RemoteAddr)
+		writeJoin(w, http.StatusBadRequest, protocol.JoinResponse{Error: je.Code})
+	case errors.Is(err, ErrInvalidPubkey):
+		writeJoin(w, http.StatusBadRequest, protocol.JoinResponse{Error: "peer_pubkey: must be 64 hex characters"})
+	case err != nil:
+		s.log.Error("join failed", "mesh_id", req.InvitePayload.MeshID, "peer_pubkey", req.PeerPubkey, "err", err)
+		writeJoin(w, http.StatusInternalServerError, protocol.JoinResponse{Error: "internal error"})
+	default:
+		s.log.Info("join", "mesh_id", res.MeshID, "member_id", res.MemberID, "peer_pubkey", req.PeerPubkey,
+			"already_member", res.AlreadyMember)
+		writeJoin(w, http.StatusOK, protocol.JoinResponse{OK: true, MemberID: res.MemberID, AlreadyMember: res.AlreadyMember})
+	}
+}
+
+func writeJoin(w http.ResponseWriter, code int, body protocol.JoinResponse) {
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Cache-Control", "no-store")
+	w.WriteHeader(code)
+	_ = json.NewEncoder(w).Encode(body)
+}

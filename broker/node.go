@@ -1,0 +1,141 @@
+package broker
+
+import (
+	"context"
+	"errors"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/claudemesh/broker/db"
+	"github.com/claudemesh/broker/pgbus"
+	"github.com/claudemesh/broker/protocol"
+)
+
+// runNode registers the node row, heartbeats it, and takes over nodes that went silent.
+// A failed registration is retried on every beat, so a replica started while Postgres is
+// down joins when it returns.
+func (s *Server) runNode(ctx context.Context) {
+	registered := false
+	var dbUpSince time.Time // start of the current unbroken run of successful heartbeats
+	lastOK := time.Now()
+	sentAway := false // sessions already sent elsewhere during this outage
+	t := time.NewTicker(s.cfg.Heartbeat)
+	defer t.Stop()
+	for {
+		opCtx, cancel := context.WithTimeout(ctx, s.cfg.Heartbeat)
+		ok := false
+		if !registered {
+			if _, err := s.q.NodeRegister(opCtx, db.NodeRegisterParams{ID: s.nodeID, Region: s.cfg.Region, Address: s.Addr(), Version: Version}); err != nil {
+				if ctx.Err() == nil {
+					s.log.Warn("register node", "err", err)
+				}
+			} else {
+				registered, ok = true, true
+			}
+		} else if _, err := s.q.NodeHeartbeat(opCtx, s.nodeID); err != nil {
+			if errors.Is(err, pgx.ErrNoRows) {
+				// Another replica declared us dead (we were cut off from Postgres): our
+				// presences were handed to the grace sweep. Re-register, and send our peers
+				// to reconnect so their presences are registered afresh.
+				s.log.Warn("this node was declared dead by a peer; re-registering and asking sessions to reconnect")
+				registered = false
+				s.reconnectAll()
+			} else if ctx.Err() == nil {
+				s.log.Warn("heartbeat", "err", err)
+			}
+		} else {
+			ok = true
+		}
+		cancel()
+		if ok {
+			lastOK, sentAway = time.Now(), false
+			if dbUpSince.IsZero() {
+				dbUpSince = time.Now()
+			}
+			// Judge others only once we have been connected for a whole deadline ourselves:
+			// after a Postgres outage every heartbeat is stale, and the first replica back
+			// must not declare all the others dead.
+			if time.Since(dbUpSince) > s.cfg.NodeDeadAfter {
+				s.takeOverDeadNodes(ctx)
+			}
+		} else {
+			dbUpSince = time.Time{}
+			// Cut off from Postgres we can neither store nor route: send the peers to a
+			// healthy replica before the others declare us dead, so they resume there
+			// instead of being listed as gone.
+			if !sentAway && time.Since(lastOK) > s.cfg.NodeDeadAfter/2 && s.hub.len() > 0 {
+				s.log.Warn("Postgres unreachable; asking sessions to reconnect to another replica", "sessions", s.hub.len())
+				s.reconnectAll()
+				sentAway = true
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
+// reconnectAll closes every local session with 1012 so its peer reconnects (anywhere).
+func (s *Server) reconnectAll() {
+	for _, sess := range s.hub.all() {
+		closeWith(sess.ws, protocol.CloseDraining, "reconnect")
+	}
+}
+
+// takeOverDeadNodes marks silent nodes dead, puts their presences in grace and releases
+// their unacked pushes, then wakes the replicas holding the recipients. Several replicas may
+// race here; the UPDATE decides who handles each node.
+func (s *Server) takeOverDeadNodes(ctx context.Context) {
+	ctx, cancel := context.WithTimeout(ctx, opTimeout)
+	defer cancel()
+	var dead []string
+	err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
+		q := s.q.WithTx(tx)
+		nodes, err := q.MarkDeadNodes(ctx, s.cfg.NodeDeadAfter.Seconds())
+		if err != nil || len(nodes) == 0 {
+			return err
+		}
+		var o pgbus.Outbox
+		for _, n := range nodes {
+			dead = append(dead, n.ID)
+			until := n.HeartbeatAt.Add(s.cfg.Grace())
+			if err := q.GraceDeadNodePresence(ctx, db.GraceDeadNodePresenceParams{NodeID: n.ID, GraceUntil: &until}); err != nil {
+				return err
+			}
+			released, err := q.ReleaseNodePushes(ctx, &n.ID)
+			if err != nil {
+				return err
+			}
+			byMesh := map[string][]string{}
+			for _, r := range released {
+				byMesh[r.MeshID] = append(byMesh[r.MeshID], r.RecipientMemberID)
+			}
+			for mesh, members := range byMesh {
+				holders, err := q.NodesOfMembers(ctx, db.NodesOfMembersParams{MeshID: mesh, MemberIds: members})
+				if err != nil {
+					return err
+				}
+				for _, h := range holders {
+					o.Add(s.bus.NodeChannel(h.NodeID), pgbus.Message{Kind: pgbus.KindDeliveries, Member: h.MemberID})
+				}
+			}
+		}
+		return pgbus.Send(ctx, q, &o)
+	})
+	if err != nil {
+		if ctx.Err() == nil {
+			s.log.Warn("dead node takeover", "err", err)
+		}
+		return
+	}
+	for _, id := range dead {
+		s.metrics.DeadNodes.Inc()
+		s.log.Warn("node declared dead; its sessions are in grace and its unacked pushes released", "dead_node", id)
+	}
+	if len(dead) > 0 {
+		s.sweepGrace(ctx) // presences whose grace already ran out leave now
+	}
+}

@@ -1,0 +1,110 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/url"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/spf13/cobra"
+
+	"github.com/claudemesh/broker/broker"
+	"github.com/claudemesh/broker/db"
+)
+
+func init() { extraCommands = append(extraCommands, newDevCmd) }
+
+func newDevCmd() *cobra.Command {
+	var replicas int
+	cmd := &cobra.Command{
+		Use:   "dev",
+		Short: "Run a local cluster: embedded Postgres, N replicas and a round-robin load balancer",
+		Long: `dev runs a whole cluster in one process for trying the broker: the embedded Postgres
+(or DATABASE_URL), N replicas on the ports after BROKER_PORT, each with its own pool and LISTEN
+connection exactly as separate processes would have, and a round-robin TCP load balancer on
+BROKER_PORT (default 7900) with no stickiness.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if replicas < 1 || replicas > 16 {
+				return fmt.Errorf("--replicas must be between 1 and 16, got %d", replicas)
+			}
+			return withDatabase(cmd, func(ctx context.Context, url string, cfg broker.Config, logger *slog.Logger) error {
+				return runDev(ctx, cmd, url, cfg, logger, replicas)
+			})
+		},
+	}
+	cmd.Flags().IntVar(&replicas, "replicas", 3, "number of broker replicas")
+	return cmd
+}
+
+func runDev(ctx context.Context, cmd *cobra.Command, url string, cfg broker.Config, logger *slog.Logger, replicas int) error {
+	if err := migrateWithRetry(ctx, url, logger); err != nil {
+		return err
+	}
+	lbLn, err := net.Listen("tcp", fmt.Sprintf(":%d", cfg.Port))
+	if err != nil {
+		return fmt.Errorf("load balancer port %d: %w (set BROKER_PORT to use another)", cfg.Port, err)
+	}
+	var servers []*broker.Server
+	var pools []*pgxpool.Pool
+	var backends []string
+	// Replicas stop (and mark their nodes stopped) before their pools close.
+	defer func() {
+		stopCtx, cancel := context.WithTimeout(context.Background(), cfg.DrainTimeout)
+		defer cancel()
+		for _, s := range servers {
+			_ = s.Stop(stopCtx)
+		}
+		for _, p := range pools {
+			p.Close()
+		}
+	}()
+	for i := 1; i <= replicas; i++ {
+		pool, err := db.NewPool(ctx, url, db.PoolConfig{AppName: fmt.Sprintf("claudemesh-dev-%d", i)})
+		if err != nil {
+			return err
+		}
+		pools = append(pools, pool)
+		rc := cfg
+		rc.NodeID = fmt.Sprintf("dev-%d", i)
+		srv, err := broker.NewServer(rc, pool, logger.With("replica", i))
+		if err != nil {
+			return err
+		}
+		addr := fmt.Sprintf(":%d", cfg.Port+i)
+		if err := srv.Start(ctx, addr); err != nil {
+			return err
+		}
+		servers = append(servers, srv)
+		backends = append(backends, fmt.Sprintf("127.0.0.1:%d", cfg.Port+i))
+	}
+	lb := &roundRobin{backends: backends, log: logger}
+	lbCtx, stopLB := context.WithCancel(context.WithoutCancel(ctx))
+	defer stopLB()
+	go lb.serve(lbCtx, lbLn)
+
+	out := cmd.OutOrStdout()
+	fmt.Fprintf(out, "\nclaudemesh dev cluster\n")
+	fmt.Fprintf(out, "  load balancer  ws://localhost:%d/ws   (round-robin, no stickiness)\n", cfg.Port)
+	for i, s := range servers {
+		fmt.Fprintf(out, "  replica %-2d     ws://localhost:%d/ws   node %s\n", i+1, cfg.Port+i+1, s.NodeID())
+	}
+	fmt.Fprintf(out, "  postgres       %s\n", redactURL(url))
+	fmt.Fprintf(out, "  health         http://localhost:%d/health   metrics /metrics\n\nCtrl-C stops everything.\n", cfg.Port)
+
+	<-ctx.Done()
+	logger.Info("stopping dev cluster")
+	stopLB()
+	return nil
+}
+
+// redactURL hides a connection URL's password, which must never reach a terminal or log.
+func redactURL(s string) string {
+	u, err := url.Parse(s)
+	if err != nil {
+		return "(unparsable URL)"
+	}
+	return u.Redacted()
+}

@@ -1,0 +1,65 @@
+package main
+
+import (
+	"context"
+	"io"
+	"log/slog"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// roundRobin is a small TCP load balancer for `broker dev`: each new connection goes to the
+// next backend that accepts it, with no stickiness, as a cloud load balancer would do.
+type roundRobin struct {
+	backends []string
+	next     atomic.Uint64
+	log      *slog.Logger
+	wg       sync.WaitGroup
+}
+
+func (lb *roundRobin) serve(ctx context.Context, ln net.Listener) {
+	go func() { <-ctx.Done(); _ = ln.Close() }()
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			if ctx.Err() == nil {
+				lb.log.Warn("load balancer accept", "err", err)
+			}
+			lb.wg.Wait()
+			return
+		}
+		lb.wg.Add(1)
+		go func() {
+			defer lb.wg.Done()
+			lb.proxy(ctx, c)
+		}()
+	}
+}
+
+func (lb *roundRobin) proxy(ctx context.Context, c net.Conn) {
+	defer c.Close()
+	start := lb.next.Add(1)
+	var up net.Conn
+	for i := range lb.backends { // skip replicas that are down, like a health-checked LB
+		addr := lb.backends[(int(start)+i)%len(lb.backends)]
+		d := net.Dialer{Timeout: time.Second}
+		conn, err := d.DialContext(ctx, "tcp", addr)
+		if err == nil {
+			up = conn
+			break
+		}
+	}
+	if up == nil {
+		return
+	}
+	defer up.Close()
+	done := make(chan struct{}, 2)
+	go func() { _, _ = io.Copy(up, c); done <- struct{}{} }()
+	go func() { _, _ = io.Copy(c, up); done <- struct{}{} }()
+	select {
+	case <-done:
+	case <-ctx.Done():
+	}
+}

@@ -1,0 +1,139 @@
+package pgbus
+
+import (
+	"context"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/stretchr/testify/require"
+
+	"github.com/claudemesh/broker/db"
+	"github.com/claudemesh/broker/db/dbtest"
+)
+
+func TestMain(m *testing.M) { dbtest.Main(m) }
+
+func TestEncodeSplitsAndDecodes(t *testing.T) {
+	var msgs []Message
+	for i := range 500 {
+		msgs = append(msgs, Message{Kind: KindDeliveries, Member: strings.Repeat("m", 30) + string(rune('a'+i%26))})
+	}
+	payloads := Encode(msgs)
+	require.Greater(t, len(payloads), 1, "500 messages do not fit one NOTIFY")
+	var back []Message
+	for _, p := range payloads {
+		require.LessOrEqual(t, len(p), MaxPayload)
+		got, err := Decode(p)
+		require.NoError(t, err)
+		back = append(back, got...)
+	}
+	require.Equal(t, msgs, back)
+
+	huge := Message{Kind: KindEvent, Data: []byte(`"` + strings.Repeat("x", 9000) + `"`)}
+	got, err := Decode(Encode([]Message{huge})[0])
+	require.NoError(t, err)
+	require.Equal(t, KindResync, got[0].Kind, "an oversized message becomes a resync, never a silent drop")
+
+	_, err = Decode("{bad\n" + Encode([]Message{{Kind: KindStatus}})[0])
+	require.Error(t, err)
+}
+
+func TestOutboxDeduplicatesPerChannel(t *testing.T) {
+	var o Outbox
+	o.Add("a", Message{Kind: KindDeliveries, Member: "x"})
+	o.Add("a", Message{Kind: KindDeliveries, Member: "x"})
+	o.Add("b", Message{Kind: KindDeliveries, Member: "x"})
+	require.Equal(t, 2, o.Len())
+	require.Len(t, o.Payloads(), 2)
+}
+
+func FuzzDecode(f *testing.F) {
+	f.Add(Encode([]Message{{Kind: KindDeliveries, Member: "m"}, {Kind: KindEvent, Data: []byte(`{"a":1}`)}})[0])
+	f.Add("\n\n{}")
+	f.Fuzz(func(t *testing.T, payload string) {
+		msgs, _ := Decode(payload)
+		for _, m := range msgs {
+			require.NotEmpty(t, m.Kind)
+		}
+	})
+}
+
+func startBus(t *testing.T, url, node string) *Bus {
+	t.Helper()
+	pool := dbtest.PoolFor(t, url)
+	cc, err := pgx.ParseConfig(url)
+	require.NoError(t, err)
+	b, err := New(Config{ConnConfig: cc, Exec: pool, NodeID: node, Logger: dbtest.Logger(t),
+		PingInterval: 200 * time.Millisecond, PingTimeout: time.Second, QueueSize: 8})
+	require.NoError(t, err)
+	require.NoError(t, b.Start(context.Background()))
+	t.Cleanup(func() { _ = b.Stop(context.Background()) })
+	dbtest.WaitFor(t, 10*time.Second, node+" listening", b.Connected)
+	return b
+}
+
+func TestDirectedNotifyAndResyncOnReconnect(t *testing.T) {
+	t.Parallel()
+	url := dbtest.URL(t)
+	a := startBus(t, url, "a")
+	b := startBus(t, url, "b")
+	<-a.Resync() // the first connect asks for a catch-up
+	<-b.Resync()
+	pool := dbtest.PoolFor(t, url)
+	q := db.New(pool)
+
+	var o Outbox
+	o.Add(b.NodeChannel("b"), Message{Kind: KindDeliveries, Member: "m1"})
+	require.NoError(t, Send(context.Background(), q, &o))
+	select {
+	case m := <-b.Messages():
+		require.Equal(t, "m1", m.Member)
+	case <-time.After(5 * time.Second):
+		t.Fatal("b got nothing")
+	}
+	select {
+	case m := <-a.Messages():
+		t.Fatalf("a got b's message %v", m)
+	default:
+	}
+
+	// Kill b's LISTEN connection: it reconnects by itself and asks for a resync.
+	_, err := pool.Exec(context.Background(), `SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+		WHERE datname = current_database() AND application_name = $1`, ListenerAppName("b"))
+	require.NoError(t, err)
+	select {
+	case <-b.Resync():
+	case <-time.After(10 * time.Second):
+		t.Fatal("no resync after reconnect")
+	}
+	dbtest.WaitFor(t, 10*time.Second, "b listening again", b.Connected)
+}
+
+func TestOverflowBecomesResync(t *testing.T) {
+	t.Parallel()
+	url := dbtest.URL(t)
+	b := startBus(t, url, "b")
+	<-b.Resync()
+	q := db.New(dbtest.PoolFor(t, url))
+	var o Outbox
+	for i := range 50 { // the queue holds 8
+		o.Add(b.NodeChannel("b"), Message{Kind: KindDeliveries, Member: string(rune('a' + i))})
+	}
+	require.NoError(t, Send(context.Background(), q, &o))
+	select {
+	case <-b.Resync():
+	case <-time.After(5 * time.Second):
+		t.Fatal("overflow did not signal a resync")
+	}
+}
+
+func TestBackoffGrowsAndIsBounded(t *testing.T) {
+	require.LessOrEqual(t, backoff(1), 50*time.Millisecond)
+	require.GreaterOrEqual(t, backoff(1), 25*time.Millisecond)
+	for n := 1; n < 40; n++ {
+		require.LessOrEqual(t, backoff(n), maxReconnectDelay)
+	}
+	require.GreaterOrEqual(t, backoff(30), maxReconnectDelay/2)
+}
