@@ -39,8 +39,7 @@ func (s *Server) dispatch(ms *melody.Session, sess *session, msg protocol.Client
 	var err error
 	switch m := msg.(type) {
 	case *protocol.ClientAck:
-		s.marker.acked(db.AckDeliveriesParams{EnvelopeIds: m.IDs(), MemberID: sess.memberID,
-			SessionPubkey: sess.sessionPubkey, SessionID: sess.sessionID})
+		s.marker.acked(sess, m.IDs())
 	case *protocol.ListPeers:
 		reply, err = s.listPeers(ctx, sess, m)
 	case *protocol.SetStatus:

@@ -1,6 +1,7 @@
 package broker
 
 import (
+	"cmp"
 	"context"
 	"slices"
 	"sync"
@@ -10,117 +11,186 @@ import (
 	"github.com/claudemesh/broker/protocol"
 )
 
-// drainPage is how many deliveries one claim takes; a session with more loops.
-const drainPage = 256
+// drainPage is how many deliveries one claim takes per session; a session with more is
+// claimed again in the next round. drainChunk bounds the sessions of one claim statement.
+const (
+	drainPage  = 256
+	drainChunk = 512
+)
 
-// kickDrain makes sure the session's pending deliveries are claimed and pushed in id order.
-// At most one drain runs per session; a kick during a drain makes it loop once more.
+// drainer claims and pushes pending deliveries for this node's sessions. Wake-ups mark
+// sessions dirty; one goroutine claims for all dirty sessions in one statement per chunk and
+// writes each session's pushes in id order, so per-recipient order holds and a burst of
+// notifications costs a few queries, not one per session.
+type drainer struct {
+	s     *Server
+	mu    sync.Mutex
+	dirty map[*session]struct{}
+	wake  chan struct{}
+}
+
+func newDrainer(s *Server) *drainer {
+	return &drainer{s: s, dirty: map[*session]struct{}{}, wake: make(chan struct{}, 1)}
+}
+
+// kickDrain makes sure the session's pending deliveries are claimed and pushed. Until they
+// are, new deliveries for it queue behind them (backlog) instead of being pushed directly.
 func (s *Server) kickDrain(sess *session) {
 	sess.mu.Lock()
-	sess.backlog = true
-	if sess.draining {
-		sess.kicked = true
-		sess.mu.Unlock()
-		return
-	}
 	if sess.closed {
 		sess.mu.Unlock()
 		return
 	}
-	sess.draining = true
+	sess.backlog = true
+	sess.kicks++
 	sess.mu.Unlock()
-	s.bg.Go(func() { s.drain(sess) })
+	d := s.drainer
+	d.mu.Lock()
+	d.dirty[sess] = struct{}{}
+	d.mu.Unlock()
+	select {
+	case d.wake <- struct{}{}:
+	default:
+	}
 }
 
-func (s *Server) drain(sess *session) {
+func (d *drainer) run(ctx context.Context) {
 	for {
-		sess.mu.Lock()
-		sess.kicked = false
-		idle := sess.status == protocol.StatusIdle
-		closed := sess.closed
-		sess.mu.Unlock()
-		n := 0
-		var err error
-		if !closed {
-			n, err = s.drainOnce(sess, idle)
-		}
-		sess.mu.Lock()
-		if closed || (err == nil && n < drainPage && !sess.kicked) {
-			// Caught up. A failed claim keeps the backlog flag: the poll retries it.
-			sess.backlog = false
-			sess.draining = false
-			sess.mu.Unlock()
+		select {
+		case <-ctx.Done():
 			return
+		case <-d.wake:
 		}
-		if err != nil && !sess.kicked {
-			sess.draining = false
-			sess.mu.Unlock()
-			return
+		for {
+			d.mu.Lock()
+			batch := make([]*session, 0, min(len(d.dirty), drainChunk))
+			for sess := range d.dirty {
+				if len(batch) == drainChunk {
+					break
+				}
+				batch = append(batch, sess)
+				delete(d.dirty, sess)
+			}
+			d.mu.Unlock()
+			if len(batch) == 0 {
+				break
+			}
+			d.drain(ctx, batch)
 		}
-		sess.mu.Unlock()
 	}
 }
 
-// drainOnce claims up to drainPage deliveries and writes them to the socket in order.
-func (s *Server) drainOnce(sess *session, includeHeld bool) (int, error) {
-	ctx, cancel := context.WithTimeout(s.runCtx, 5*time.Second)
-	defer cancel()
-	rows, err := s.q.ClaimDeliveries(ctx, db.ClaimDeliveriesParams{
-		MemberID: sess.memberID, SessionPubkey: sess.sessionPubkey, SessionID: sess.sessionID,
-		IncludeHeld: includeHeld, MaxRows: drainPage, NodeID: s.nodeID, PresenceID: sess.presenceID,
-	})
+// drain claims for a batch of sessions and pushes what it got.
+func (d *drainer) drain(ctx context.Context, batch []*session) {
+	s := d.s
+	p := db.ClaimDeliveriesParams{NodeID: s.nodeID, MaxPerSession: drainPage}
+	kicks := make([]uint64, len(batch))
+	live := batch[:0]
+	for _, sess := range batch {
+		sess.mu.Lock()
+		closed, idle, k := sess.closed, sess.status == protocol.StatusIdle, sess.kicks
+		sess.mu.Unlock()
+		if closed {
+			continue
+		}
+		kicks[len(live)] = k
+		live = append(live, sess)
+		p.PresenceIds = append(p.PresenceIds, sess.presenceID)
+		p.MemberIds = append(p.MemberIds, sess.memberID)
+		p.SessionPubkeys = append(p.SessionPubkeys, sess.sessionPubkey)
+		p.SessionIds = append(p.SessionIds, sess.sessionID)
+		p.IncludeHeld = append(p.IncludeHeld, idle)
+		p.ClientAck = append(p.ClientAck, sess.clientAck)
+	}
+	if len(live) == 0 {
+		return
+	}
+	qctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	rows, err := s.q.ClaimDeliveries(qctx, p)
+	cancel()
 	if err != nil {
-		if s.runCtx.Err() == nil {
-			s.log.Warn("claim deliveries", "presence", sess.presenceID, "err", err)
+		// The sessions keep their backlog flag: the next poll or wake-up retries.
+		if ctx.Err() == nil {
+			s.log.Warn("claim deliveries", "sessions", len(live), "err", err)
 		}
-		return 0, err
+		return
 	}
-	slices.SortFunc(rows, func(a, b db.ClaimDeliveriesRow) int { return int(a.ID - b.ID) })
-	var delivered []int64
+	s.metrics.DrainClaims.Inc()
+	slices.SortFunc(rows, func(a, b db.ClaimDeliveriesRow) int { return cmp.Compare(a.ID, b.ID) })
+	byPresence := make(map[string][]db.ClaimDeliveriesRow, len(live))
 	for _, r := range rows {
-		b := encodePush(r.EnvelopeID, r.MeshID, r.SenderPubkey, r.SenderMemberPubkey, r.Priority, r.Nonce, r.Ciphertext, r.CreatedAt)
-		if err := sess.ws.Write(b); err != nil {
-			break // closed: what was claimed is released with the session
-		}
-		s.metrics.Pushes.Inc()
-		if !sess.clientAck {
-			delivered = append(delivered, r.ID)
+		if r.PushedPresence != nil {
+			byPresence[*r.PushedPresence] = append(byPresence[*r.PushedPresence], r)
 		}
 	}
-	s.marker.delivered(delivered)
-	return len(rows), nil
+	var unwritten []int64
+	for i, sess := range live {
+		got := byPresence[sess.presenceID]
+		for j, r := range got {
+			b := encodePush(r.EnvelopeID, r.MeshID, r.SenderPubkey, r.SenderMemberPubkey, r.Priority, r.Nonce, r.Ciphertext, r.CreatedAt)
+			if err := sess.ws.Write(b); err != nil {
+				for _, rest := range got[j:] { // closed meanwhile: back to pending
+					unwritten = append(unwritten, rest.ID)
+				}
+				break
+			}
+			s.metrics.Pushes.Inc()
+		}
+		sess.mu.Lock()
+		caughtUp := len(got) < drainPage && sess.kicks == kicks[i]
+		if caughtUp {
+			sess.backlog = false
+		}
+		sess.mu.Unlock()
+		if !caughtUp {
+			s.kickDrain(sess) // more to claim, or kicked meanwhile
+		}
+	}
+	s.releaseUnwritten(unwritten)
 }
 
-// marker records delivery outcomes in batches off the hot path: pushes without client_ack
-// (delivered on write) and client_acks.
+// releaseUnwritten returns claimed deliveries whose socket closed before the write to
+// pending, and wakes the recipients' other local sessions (other replicas catch up on their
+// poll). Rare: only a session closing during its own push.
+func (s *Server) releaseUnwritten(ids []int64) {
+	if len(ids) == 0 {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(s.runCtx), opTimeout)
+	defer cancel()
+	rows, err := s.q.ReleaseDeliveries(ctx, ids)
+	if err != nil {
+		s.log.Warn("release unwritten pushes; they are re-sent when the recipient's replica is declared dead or it reconnects", "count", len(ids), "err", err)
+		return
+	}
+	for _, r := range rows {
+		for _, sess := range s.hub.memberSessions(r.RecipientMemberID) {
+			s.kickDrain(sess)
+		}
+	}
+}
+
+// marker records client_acks in batches off the hot path: every ack that arrived while the
+// previous flush was in flight goes into one statement.
 type marker struct {
 	s    *Server
 	mu   sync.Mutex
-	ids  []int64
-	acks []db.AckDeliveriesParams
+	acks db.AckDeliveriesParams
 	wake chan struct{}
 }
 
 func newMarker(s *Server) *marker { return &marker{s: s, wake: make(chan struct{}, 1)} }
 
-func (m *marker) delivered(ids []int64) {
-	if len(ids) == 0 {
-		return
+// acked queues a session's client_ack of message ids.
+func (m *marker) acked(sess *session, ids []string) {
+	m.mu.Lock()
+	for _, id := range ids {
+		m.acks.EnvelopeIds = append(m.acks.EnvelopeIds, id)
+		m.acks.MemberIds = append(m.acks.MemberIds, sess.memberID)
+		m.acks.SessionPubkeys = append(m.acks.SessionPubkeys, sess.sessionPubkey)
+		m.acks.SessionIds = append(m.acks.SessionIds, sess.sessionID)
 	}
-	m.mu.Lock()
-	m.ids = append(m.ids, ids...)
 	m.mu.Unlock()
-	m.poke()
-}
-
-func (m *marker) acked(p db.AckDeliveriesParams) {
-	m.mu.Lock()
-	m.acks = append(m.acks, p)
-	m.mu.Unlock()
-	m.poke()
-}
-
-func (m *marker) poke() {
 	select {
 	case m.wake <- struct{}{}:
 	default:
@@ -131,7 +201,7 @@ func (m *marker) run(ctx context.Context) {
 	for {
 		select {
 		case <-ctx.Done():
-			m.flush(context.WithoutCancel(ctx)) // last writes on the way out
+			m.flush(context.WithoutCancel(ctx)) // last acks on the way out
 			return
 		case <-m.wake:
 			m.flush(ctx)
@@ -141,24 +211,16 @@ func (m *marker) run(ctx context.Context) {
 
 func (m *marker) flush(ctx context.Context) {
 	m.mu.Lock()
-	ids, acks := m.ids, m.acks
-	m.ids, m.acks = nil, nil
+	acks := m.acks
+	m.acks = db.AckDeliveriesParams{}
 	m.mu.Unlock()
-	if len(ids) == 0 && len(acks) == 0 {
+	if len(acks.EnvelopeIds) == 0 {
 		return
 	}
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	q := m.s.q
-	if len(ids) > 0 {
-		if err := q.MarkDelivered(ctx, ids); err != nil {
-			// The rows stay "pushed"; a reconnect or takeover re-sends them: at least once.
-			m.s.log.Warn("mark delivered", "count", len(ids), "err", err)
-		}
-	}
-	for _, a := range acks {
-		if err := q.AckDeliveries(ctx, a); err != nil {
-			m.s.log.Warn("client_ack", "count", len(a.EnvelopeIds), "err", err)
-		}
+	if err := m.s.q.AckDeliveries(ctx, acks); err != nil {
+		// The rows stay "pushed"; the recipient's next connection gets them again: at least once.
+		m.s.log.Warn("record client_acks", "count", len(acks.EnvelopeIds), "err", err)
 	}
 }

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"hash/crc32"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -229,6 +230,7 @@ func (s *Server) hello(ctx context.Context, ms *melody.Session, h *protocol.Hell
 		clientAck:    h.HasCapability(protocol.CapClientAck),
 		systemEvents: h.HasCapability(protocol.CapSystemEvents),
 		displayName:  displayName, status: protocol.Status(row.Status), groups: groups,
+		shard: int(crc32.ChecksumIEEE([]byte(row.ID)) % committers),
 	}
 	return sess, resumed, nil
 }

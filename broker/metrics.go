@@ -27,6 +27,7 @@ type Metrics struct {
 	CommitSeconds     prometheus.Histogram
 	HookRequests      *prometheus.CounterVec
 	DeadNodes         prometheus.Counter
+	DrainClaims       prometheus.Counter
 }
 
 func newMetrics() *Metrics {
@@ -61,13 +62,14 @@ func newMetrics() *Metrics {
 			Help: "Time to resolve and commit one send batch.", Buckets: prometheus.ExponentialBuckets(0.0005, 2, 14)}),
 		HookRequests: cv("hook_requests_total", "Hook requests, by outcome.", "outcome"),
 		DeadNodes:    c("dead_nodes_taken_over_total", "Silent replicas this replica declared dead and took over."),
+		DrainClaims:  c("drain_claims_total", "Claim statements run for pending deliveries (each covers many sessions)."),
 	}
 	reg.MustRegister(
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 		m.HealthChecks, m.ConnActive, m.ConnTotal, m.ConnRejected, m.BadFrames, m.SlowConsumers,
 		m.MessagesRouted, m.Pushes, m.SendFailures, m.DeliveriesPending, m.BusSent, m.BusReceived,
-		m.BusEvents, m.BatchSize, m.CommitSeconds, m.HookRequests, m.DeadNodes,
+		m.BusEvents, m.BatchSize, m.CommitSeconds, m.HookRequests, m.DeadNodes, m.DrainClaims,
 	)
 	return m
 }

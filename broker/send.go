@@ -9,6 +9,7 @@ import (
 
 	"github.com/google/uuid"
 	"github.com/jackc/pgx/v5"
+	"golang.org/x/sync/errgroup"
 
 	"github.com/claudemesh/broker/broker/audit"
 	"github.com/claudemesh/broker/db"
@@ -20,7 +21,10 @@ import (
 // up to maxBatch of them, so throughput is not capped at one notifying commit per message.
 const (
 	maxBatch     = 512
-	sendQueueCap = 8192
+	sendQueueCap = 4096
+	// committers run batches in parallel; a sender always uses the same one, so its sends
+	// commit in the order it sent them.
+	committers = 2
 	// DefaultMessageTTL is how long an undelivered envelope waits for its recipients.
 	DefaultMessageTTL = 7 * 24 * time.Hour
 	// ackUnavailable is the ack error when the envelope could not be stored (Postgres away).
@@ -59,25 +63,25 @@ func parseTarget(spec string) (targetKind, string) {
 // on the sender's socket rather than unbounded memory.
 func (s *Server) enqueueSend(sess *session, m *protocol.Send) {
 	select {
-	case s.sends <- sendReq{sess: sess, msg: m}:
+	case s.sends[sess.shard] <- sendReq{sess: sess, msg: m}:
 	case <-s.runCtx.Done():
 		s.replyTo(sess, &protocol.Ack{ID: m.ID, Queued: false, Error: ackUnavailable, ReqID: m.ReqID})
 	}
 }
 
-func (s *Server) runCommitter(ctx context.Context) {
+func (s *Server) runCommitter(ctx context.Context, in chan sendReq) {
 	batch := make([]sendReq, 0, maxBatch)
 	for {
 		select {
 		case <-ctx.Done():
 			return
-		case r := <-s.sends:
+		case r := <-in:
 			batch = append(batch[:0], r)
 		}
 	fill:
 		for len(batch) < maxBatch {
 			select {
-			case r := <-s.sends:
+			case r := <-in:
 				batch = append(batch, r)
 			default:
 				break fill
@@ -97,8 +101,15 @@ type plannedDelivery struct {
 	local    *session // pushed by this node right after commit
 }
 
+// envelope is one stored message of a batch.
+type envelope struct {
+	ID, MeshID, SenderMemberID, SenderPubkey, SenderMemberPubkey string
+	TargetSpec, Priority, Nonce, Ciphertext, ClientID            string
+	CreatedAt, ExpiresAt                                         time.Time
+}
+
 type batchPlan struct {
-	envelopes []db.InsertEnvelopesParams
+	envelopes []envelope
 	envReq    []int // envelope index → request index
 	deliv     []plannedDelivery
 	outbox    pgbus.Outbox
@@ -153,31 +164,47 @@ func (s *Server) planBatch(ctx context.Context, batch []sendReq) (*batchPlan, er
 	for m := range meshSet {
 		meshes = append(meshes, m)
 	}
-	live, err := s.q.LivePresenceByMeshes(ctx, meshes)
-	if err != nil {
-		return nil, fmt.Errorf("load presence: %w", err)
+	// The look-ups are independent: run them at once, so the plan costs one round trip.
+	var (
+		live []db.LivePresenceByMeshesRow
+		ms   []db.ResolveMembersRow
+		sk   []db.ResolveSessionKeysRow
+	)
+	g, gctx := errgroup.WithContext(ctx)
+	g.Go(func() (err error) {
+		if live, err = s.q.LivePresenceByMeshes(gctx, meshes); err != nil {
+			err = fmt.Errorf("load presence: %w", err)
+		}
+		return err
+	})
+	if len(dKey) > 0 {
+		g.Go(func() (err error) {
+			if ms, err = s.q.ResolveMembers(gctx, db.ResolveMembersParams{MeshIds: dMesh, Pubkeys: dKey}); err != nil {
+				err = fmt.Errorf("resolve members: %w", err)
+			}
+			return err
+		})
+		g.Go(func() (err error) {
+			if sk, err = s.q.ResolveSessionKeys(gctx, db.ResolveSessionKeysParams{MeshIds: dMesh, Pubkeys: dKey}); err != nil {
+				err = fmt.Errorf("resolve session keys: %w", err)
+			}
+			return err
+		})
+	}
+	if err := g.Wait(); err != nil {
+		return nil, err
 	}
 	byMesh := map[string][]db.LivePresenceByMeshesRow{}
 	for _, p := range live {
 		byMesh[p.MeshID] = append(byMesh[p.MeshID], p)
 	}
-	members := map[[2]string]string{}  // (mesh, pubkey) → member id
+	members := map[[2]string]string{} // (mesh, pubkey) → member id
+	for _, m := range ms {
+		members[[2]string{m.MeshID, m.Pubkey}] = m.ID
+	}
 	sessKeys := map[[2]string]string{} // (mesh, session key) → member id
-	if len(dKey) > 0 {
-		ms, err := s.q.ResolveMembers(ctx, db.ResolveMembersParams{MeshIds: dMesh, Pubkeys: dKey})
-		if err != nil {
-			return nil, fmt.Errorf("resolve members: %w", err)
-		}
-		for _, m := range ms {
-			members[[2]string{m.MeshID, m.Pubkey}] = m.ID
-		}
-		sk, err := s.q.ResolveSessionKeys(ctx, db.ResolveSessionKeysParams{MeshIds: dMesh, Pubkeys: dKey})
-		if err != nil {
-			return nil, fmt.Errorf("resolve session keys: %w", err)
-		}
-		for _, k := range sk {
-			sessKeys[[2]string{k.MeshID, k.SessionPubkey}] = k.MemberID
-		}
+	for _, k := range sk {
+		sessKeys[[2]string{k.MeshID, k.SessionPubkey}] = k.MemberID
 	}
 
 	now := time.Now().UTC().Truncate(time.Microsecond)
@@ -224,7 +251,7 @@ func (s *Server) planBatch(ctx context.Context, batch []sendReq) (*batchPlan, er
 		}
 		env := len(plan.envelopes)
 		id := uuid.Must(uuid.NewV7()).String()
-		plan.envelopes = append(plan.envelopes, db.InsertEnvelopesParams{
+		plan.envelopes = append(plan.envelopes, envelope{
 			ID: id, MeshID: r.sess.meshID, SenderMemberID: r.sess.memberID, SenderPubkey: r.sess.routingKey(),
 			SenderMemberPubkey: r.sess.memberPubkey, TargetSpec: m.TargetSpec, Priority: string(m.Priority),
 			Nonce: m.Nonce, Ciphertext: m.Ciphertext, ClientID: m.ID, CreatedAt: now, ExpiresAt: now.Add(s.cfg.MessageTTL),
@@ -234,7 +261,12 @@ func (s *Server) planBatch(ctx context.Context, batch []sendReq) (*batchPlan, er
 			d.env = env
 			d.state = "pending"
 			if d.local != nil {
-				d.state = "pushed"
+				// Without client_ack the push counts as delivered once written, which
+				// follows right after commit; a failed write releases it.
+				d.state = "acked"
+				if d.local.clientAck {
+					d.state = "pushed"
+				}
 			}
 			plan.deliv = append(plan.deliv, d)
 		}
@@ -315,57 +347,68 @@ func presenceInGroup(raw json.RawMessage, group string) bool {
 	return false
 }
 
-// storeBatch writes the whole batch in one transaction: envelopes (COPY), deliveries (one
-// statement), audit entries, and one notification per target node.
+// storeBatch writes the whole batch in one transaction: envelopes and deliveries in one
+// statement, one notification per target node in another, then the audit entries (last, so
+// the per-mesh audit lock is held for as short a time as possible).
 func (s *Server) storeBatch(ctx context.Context, plan *batchPlan) error {
 	if len(plan.envelopes) == 0 {
 		return nil
 	}
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
+	p := db.InsertBatchParams{NodeID: s.nodeID}
+	for _, e := range plan.envelopes {
+		p.EIds = append(p.EIds, e.ID)
+		p.EMeshIds = append(p.EMeshIds, e.MeshID)
+		p.ESenderMemberIds = append(p.ESenderMemberIds, e.SenderMemberID)
+		p.ESenderPubkeys = append(p.ESenderPubkeys, e.SenderPubkey)
+		p.ESenderMemberPubkeys = append(p.ESenderMemberPubkeys, e.SenderMemberPubkey)
+		p.ETargetSpecs = append(p.ETargetSpecs, e.TargetSpec)
+		p.EPriorities = append(p.EPriorities, e.Priority)
+		p.ENonces = append(p.ENonces, e.Nonce)
+		p.ECiphertexts = append(p.ECiphertexts, e.Ciphertext)
+		p.EClientIds = append(p.EClientIds, e.ClientID)
+		p.ECreated = append(p.ECreated, e.CreatedAt)
+		p.EExpires = append(p.EExpires, e.ExpiresAt)
+	}
+	for _, d := range plan.deliv {
+		e := plan.envelopes[d.env]
+		pushed := ""
+		if d.local != nil {
+			pushed = d.local.presenceID
+		}
+		p.DEnvelopeIds = append(p.DEnvelopeIds, e.ID)
+		p.DMeshIds = append(p.DMeshIds, e.MeshID)
+		p.DMemberIds = append(p.DMemberIds, d.memberID)
+		p.DSessionPubkeys = append(p.DSessionPubkeys, d.sessKey)
+		p.DSessionIds = append(p.DSessionIds, d.sessID)
+		p.DPriorities = append(p.DPriorities, e.Priority)
+		p.DStates = append(p.DStates, d.state)
+		p.DPushedPresences = append(p.DPushedPresences, pushed)
+		p.DExpires = append(p.DExpires, e.ExpiresAt)
+	}
 	return pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
 		q := s.q.WithTx(tx)
-		if _, err := q.InsertEnvelopes(ctx, plan.envelopes); err != nil {
-			return fmt.Errorf("insert envelopes: %w", err)
+		rows, err := q.InsertBatch(ctx, p)
+		if err != nil {
+			return fmt.Errorf("insert batch: %w", err)
 		}
-		if len(plan.deliv) > 0 {
-			p := db.InsertDeliveriesParams{NodeID: s.nodeID}
-			for _, d := range plan.deliv {
-				e := plan.envelopes[d.env]
-				pushed := ""
-				if d.local != nil {
-					pushed = d.local.presenceID
-				}
-				p.EnvelopeIds = append(p.EnvelopeIds, e.ID)
-				p.MeshIds = append(p.MeshIds, e.MeshID)
-				p.MemberIds = append(p.MemberIds, d.memberID)
-				p.SessionPubkeys = append(p.SessionPubkeys, d.sessKey)
-				p.SessionIds = append(p.SessionIds, d.sessID)
-				p.Priorities = append(p.Priorities, e.Priority)
-				p.States = append(p.States, d.state)
-				p.PushedPresences = append(p.PushedPresences, pushed)
-				p.Expires = append(p.Expires, e.ExpiresAt)
-			}
-			rows, err := q.InsertDeliveries(ctx, p)
-			if err != nil {
-				return fmt.Errorf("insert deliveries: %w", err)
-			}
-			ids := make(map[[2]string]int64, len(rows))
-			for _, r := range rows {
-				if r.PushedPresence != nil {
-					ids[[2]string{r.EnvelopeID, *r.PushedPresence}] = r.ID
-				}
-			}
-			for i := range plan.deliv {
-				if d := &plan.deliv[i]; d.local != nil {
-					plan.deliveryIDs = append(plan.deliveryIDs, ids[[2]string{plan.envelopes[d.env].ID, d.local.presenceID}])
-				}
+		ids := make(map[[2]string]int64, len(rows))
+		for _, r := range rows {
+			if r.PushedPresence != nil {
+				ids[[2]string{r.EnvelopeID, *r.PushedPresence}] = r.ID
 			}
 		}
-		if err := audit.Append(ctx, tx, plan.audit); err != nil {
-			return err
+		plan.deliveryIDs = plan.deliveryIDs[:0]
+		for _, d := range plan.deliv {
+			if d.local != nil {
+				plan.deliveryIDs = append(plan.deliveryIDs, ids[[2]string{plan.envelopes[d.env].ID, d.local.presenceID}])
+			}
 		}
 		if err := pgbus.Send(ctx, q, &plan.outbox); err != nil {
+			return err
+		}
+		if err := audit.Append(ctx, tx, plan.audit); err != nil {
 			return err
 		}
 		s.metrics.BusSent.Add(float64(len(plan.outbox.Payloads())))
@@ -377,7 +420,7 @@ func (s *Server) storeBatch(ctx context.Context, plan *batchPlan) error {
 // bytes go to every local recipient.
 func (s *Server) pushPlanned(plan *batchPlan) {
 	encoded := make(map[int][]byte)
-	var delivered []int64
+	var unwritten []int64
 	k := 0
 	for _, d := range plan.deliv {
 		if d.local == nil {
@@ -392,14 +435,12 @@ func (s *Server) pushPlanned(plan *batchPlan) {
 			encoded[d.env] = b
 		}
 		if err := d.local.ws.Write(b); err != nil {
-			continue // closed meanwhile: the delivery stays pushed and is released with the session
+			unwritten = append(unwritten, id) // closed meanwhile: back to pending
+			continue
 		}
 		s.metrics.Pushes.Inc()
-		if !d.local.clientAck {
-			delivered = append(delivered, id)
-		}
 	}
-	s.marker.delivered(delivered)
+	s.releaseUnwritten(unwritten)
 }
 
 func encodePush(id, mesh, sender, senderMember, priority, nonce, ciphertext string, created time.Time) []byte {

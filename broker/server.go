@@ -42,8 +42,9 @@ type Server struct {
 	hub       *hub
 	melody    *melody.Melody
 	bus       *pgbus.Bus
-	sends     chan sendReq
+	sends     [committers]chan sendReq
 	marker    *marker
+	drainer   *drainer
 	hookLimit *hookLimiter
 	members   *membership.Service
 	// runCtx lives from Start to Stop; background work (bg) runs under it.
@@ -85,8 +86,11 @@ func NewServer(cfg Config, pool *pgxpool.Pool, logger *slog.Logger) (*Server, er
 	s.runCtx, s.runCancel = context.WithCancel(context.Background())
 	s.hub = newHub()
 	s.melody = s.newMelody()
-	s.sends = make(chan sendReq, sendQueueCap)
+	for i := range s.sends {
+		s.sends[i] = make(chan sendReq, sendQueueCap)
+	}
 	s.marker = newMarker(s)
+	s.drainer = newDrainer(s)
 	s.hookLimit = newHookLimiter(cfg.HookRatePerMin)
 	bus, err := pgbus.New(pgbus.Config{
 		ConnConfig: pool.Config().ConnConfig, Exec: pool, NodeID: nodeID, Namespace: cfg.BusNamespace,
@@ -172,8 +176,11 @@ func (s *Server) Start(ctx context.Context, addr string) error {
 		_ = ln.Close()
 		return err
 	}
-	for _, f := range []func(context.Context){s.runCommitter, s.marker.run, s.runBus, s.runSweeper} {
+	for _, f := range []func(context.Context){s.marker.run, s.drainer.run, s.runBus, s.runSweeper} {
 		s.bg.Go(func() { f(runCtx) })
+	}
+	for _, in := range s.sends {
+		s.bg.Go(func() { s.runCommitter(runCtx, in) })
 	}
 	s.mu.Lock()
 	s.listener = ln

@@ -26,6 +26,7 @@ type session struct {
 	sessionID     string
 	clientAck     bool
 	systemEvents  bool
+	shard         int // the committer this session's sends go through
 
 	mu          sync.Mutex
 	displayName string
@@ -33,10 +34,9 @@ type session struct {
 	groups      []groupEntry
 	// backlog: pending deliveries may exist for this session, so new ones must queue behind
 	// them (through the drain) instead of being pushed directly: per-recipient order.
-	backlog  bool
-	draining bool
-	kicked   bool // a drain was requested while one was running
-	closed   bool
+	backlog bool
+	kicks   uint64 // drain requests so far; a drain that saw fewer must run again
+	closed  bool
 }
 
 // routingKey is the pubkey others see and target: the session key if any, else the member key.

@@ -9,6 +9,59 @@ import (
 	"context"
 )
 
+const auditAppend = `-- name: AuditAppend :exec
+WITH ins AS (
+    INSERT INTO claudemesh.audit (mesh_id, seq, event_type, actor, data, ts_micros, prev_hash, hash)
+    SELECT unnest($4::text[]),
+           unnest($5::bigint[]),
+           unnest($6::text[]),
+           unnest($7::text[]),
+           unnest($8::text[])::jsonb,
+           unnest($9::bigint[]),
+           unnest($10::text[]),
+           unnest($11::text[])
+)
+UPDATE claudemesh.audit_head h
+SET seq = u.seq, hash = u.hash
+FROM (SELECT unnest($1::text[]) AS mesh_id,
+             unnest($2::bigint[]) AS seq,
+             unnest($3::text[]) AS hash) u
+WHERE h.mesh_id = u.mesh_id
+`
+
+type AuditAppendParams struct {
+	HeadMeshIds []string
+	HeadSeqs    []int64
+	HeadHashes  []string
+	MeshIds     []string
+	Seqs        []int64
+	EventTypes  []string
+	Actors      []string
+	Datas       []string
+	TsMicros    []int64
+	PrevHashes  []string
+	Hashes      []string
+}
+
+// The whole batch's entries and the new heads in one statement. The parallel unnests zip the
+// arrays (all of one length) into rows.
+func (q *Queries) AuditAppend(ctx context.Context, arg AuditAppendParams) error {
+	_, err := q.db.Exec(ctx, auditAppend,
+		arg.HeadMeshIds,
+		arg.HeadSeqs,
+		arg.HeadHashes,
+		arg.MeshIds,
+		arg.Seqs,
+		arg.EventTypes,
+		arg.Actors,
+		arg.Datas,
+		arg.TsMicros,
+		arg.PrevHashes,
+		arg.Hashes,
+	)
+	return err
+}
+
 const auditHead = `-- name: AuditHead :one
 SELECT mesh_id, seq, hash FROM claudemesh.audit_head WHERE mesh_id = $1
 `
@@ -20,37 +73,26 @@ func (q *Queries) AuditHead(ctx context.Context, meshID string) (ClaudemeshAudit
 	return i, err
 }
 
-const auditHeadsEnsure = `-- name: AuditHeadsEnsure :exec
+const auditHeadsLock = `-- name: AuditHeadsLock :many
 INSERT INTO claudemesh.audit_head (mesh_id, seq, hash)
 SELECT u.mesh_id, 0, $1::text
 FROM unnest($2::text[]) WITH ORDINALITY AS u(mesh_id, ord)
 ORDER BY u.ord
-ON CONFLICT (mesh_id) DO NOTHING
+ON CONFLICT (mesh_id) DO UPDATE SET seq = claudemesh.audit_head.seq
+RETURNING mesh_id, seq, hash
 `
 
-type AuditHeadsEnsureParams struct {
+type AuditHeadsLockParams struct {
 	Genesis string
 	MeshIds []string
 }
 
-// Creates missing heads at the genesis value. Rows are inserted in array order, which the
-// caller sorts, so replicas creating the same heads wait on each other in one order.
-func (q *Queries) AuditHeadsEnsure(ctx context.Context, arg AuditHeadsEnsureParams) error {
-	_, err := q.db.Exec(ctx, auditHeadsEnsure, arg.Genesis, arg.MeshIds)
-	return err
-}
-
-const auditHeadsLock = `-- name: AuditHeadsLock :many
-SELECT mesh_id, seq, hash FROM claudemesh.audit_head
-WHERE mesh_id = ANY($1::text[])
-ORDER BY mesh_id COLLATE "C"
-FOR UPDATE
-`
-
-// Locks heads in a collation-independent order (the caller sorts bytewise too), so two
-// transactions appending to overlapping meshes can never deadlock.
-func (q *Queries) AuditHeadsLock(ctx context.Context, meshIds []string) ([]ClaudemeshAuditHead, error) {
-	rows, err := q.db.Query(ctx, auditHeadsLock, meshIds)
+// Creates missing heads at the genesis value and locks every head in one statement: the
+// no-op DO UPDATE takes the row lock and returns the current values. Rows are taken in array
+// order, which the caller sorts bytewise, so two transactions appending to overlapping meshes
+// lock in one order and can never deadlock.
+func (q *Queries) AuditHeadsLock(ctx context.Context, arg AuditHeadsLockParams) ([]ClaudemeshAuditHead, error) {
+	rows, err := q.db.Query(ctx, auditHeadsLock, arg.Genesis, arg.MeshIds)
 	if err != nil {
 		return nil, err
 	}
@@ -69,67 +111,8 @@ func (q *Queries) AuditHeadsLock(ctx context.Context, meshIds []string) ([]Claud
 	return items, nil
 }
 
-const auditHeadsUpdate = `-- name: AuditHeadsUpdate :exec
-UPDATE claudemesh.audit_head h
-SET seq = u.seq, hash = u.hash
-FROM (SELECT unnest($1::text[]) AS mesh_id,
-             unnest($2::bigint[]) AS seq,
-             unnest($3::text[]) AS hash) u
-WHERE h.mesh_id = u.mesh_id
-`
-
-type AuditHeadsUpdateParams struct {
-	MeshIds []string
-	Seqs    []int64
-	Hashes  []string
-}
-
-func (q *Queries) AuditHeadsUpdate(ctx context.Context, arg AuditHeadsUpdateParams) error {
-	_, err := q.db.Exec(ctx, auditHeadsUpdate, arg.MeshIds, arg.Seqs, arg.Hashes)
-	return err
-}
-
-const auditInsertBatch = `-- name: AuditInsertBatch :exec
-INSERT INTO claudemesh.audit (mesh_id, seq, event_type, actor, data, ts_micros, prev_hash, hash)
-SELECT unnest($1::text[]),
-       unnest($2::bigint[]),
-       unnest($3::text[]),
-       unnest($4::text[]),
-       unnest($5::text[])::jsonb,
-       unnest($6::bigint[]),
-       unnest($7::text[]),
-       unnest($8::text[])
-`
-
-type AuditInsertBatchParams struct {
-	MeshIds    []string
-	Seqs       []int64
-	EventTypes []string
-	Actors     []string
-	Datas      []string
-	TsMicros   []int64
-	PrevHashes []string
-	Hashes     []string
-}
-
-// One statement for the whole batch: the send path appends one entry per envelope. The
-// parallel unnests zip the arrays (all of one length) into rows.
-func (q *Queries) AuditInsertBatch(ctx context.Context, arg AuditInsertBatchParams) error {
-	_, err := q.db.Exec(ctx, auditInsertBatch,
-		arg.MeshIds,
-		arg.Seqs,
-		arg.EventTypes,
-		arg.Actors,
-		arg.Datas,
-		arg.TsMicros,
-		arg.PrevHashes,
-		arg.Hashes,
-	)
-	return err
-}
-
 const auditPage = `-- name: AuditPage :many
-SELECT id, mesh_id, seq, event_type, actor, data, ts_micros, prev_hash, hash FROM claudemesh.audit
+SELECT mesh_id, seq, event_type, actor, data, ts_micros, prev_hash, hash FROM claudemesh.audit
 WHERE mesh_id = $1 AND seq > $2
 ORDER BY seq
 LIMIT $3
@@ -151,7 +134,6 @@ func (q *Queries) AuditPage(ctx context.Context, arg AuditPageParams) ([]Claudem
 	for rows.Next() {
 		var i ClaudemeshAudit
 		if err := rows.Scan(
-			&i.ID,
 			&i.MeshID,
 			&i.Seq,
 			&i.EventType,
@@ -172,8 +154,8 @@ func (q *Queries) AuditPage(ctx context.Context, arg AuditPageParams) ([]Claudem
 }
 
 const auditTail = `-- name: AuditTail :many
-SELECT t.id, t.mesh_id, t.seq, t.event_type, t.actor, t.data, t.ts_micros, t.prev_hash, t.hash FROM (
-    SELECT id, mesh_id, seq, event_type, actor, data, ts_micros, prev_hash, hash FROM claudemesh.audit
+SELECT t.mesh_id, t.seq, t.event_type, t.actor, t.data, t.ts_micros, t.prev_hash, t.hash FROM (
+    SELECT mesh_id, seq, event_type, actor, data, ts_micros, prev_hash, hash FROM claudemesh.audit
     WHERE mesh_id = $1
     ORDER BY seq DESC
     LIMIT $2
@@ -196,7 +178,6 @@ func (q *Queries) AuditTail(ctx context.Context, arg AuditTailParams) ([]Claudem
 	for rows.Next() {
 		var i ClaudemeshAudit
 		if err := rows.Scan(
-			&i.ID,
 			&i.MeshID,
 			&i.Seq,
 			&i.EventType,

@@ -23,3 +23,19 @@ func (q *Queries) Notify(ctx context.Context, arg NotifyParams) error {
 	_, err := q.db.Exec(ctx, notify, arg.Channel, arg.Payload)
 	return err
 }
+
+const notifyMany = `-- name: NotifyMany :exec
+SELECT pg_notify(t.channel, t.payload)
+FROM (SELECT unnest($1::text[]) AS channel, unnest($2::text[]) AS payload) t
+`
+
+type NotifyManyParams struct {
+	Channels []string
+	Payloads []string
+}
+
+// Every notification of a transaction in one round trip.
+func (q *Queries) NotifyMany(ctx context.Context, arg NotifyManyParams) error {
+	_, err := q.db.Exec(ctx, notifyMany, arg.Channels, arg.Payloads)
+	return err
+}

@@ -11,63 +11,75 @@ import (
 )
 
 const ackDeliveries = `-- name: AckDeliveries :exec
-UPDATE claudemesh.delivery SET state = 'acked', acked_at = now()
-WHERE envelope_id = ANY($1::text[]) AND recipient_member_id = $2
-  AND state IN ('pending', 'pushed')
-  AND (recipient_session_pubkey IS NULL OR recipient_session_pubkey = $3::text)
-  AND (recipient_session_id IS NULL OR recipient_session_id = $4::text)
+UPDATE claudemesh.delivery d SET state = 'acked', acked_at = now()
+FROM (SELECT unnest($1::text[]) AS envelope_id, unnest($2::text[]) AS member_id,
+             unnest($3::text[]) AS session_pubkey, unnest($4::text[]) AS session_id) a
+WHERE d.envelope_id = a.envelope_id AND d.recipient_member_id = a.member_id
+  AND d.state IN ('pending', 'pushed')
+  AND (d.recipient_session_pubkey IS NULL OR d.recipient_session_pubkey = a.session_pubkey)
+  AND (d.recipient_session_id IS NULL OR d.recipient_session_id = a.session_id)
 `
 
 type AckDeliveriesParams struct {
-	EnvelopeIds   []string
-	MemberID      string
-	SessionPubkey string
-	SessionID     string
+	EnvelopeIds    []string
+	MemberIds      []string
+	SessionPubkeys []string
+	SessionIds     []string
 }
 
-// client_ack: the recipient session confirms these message ids.
+// client_acks of many sessions in one statement: each (message id, recipient session) pair.
 func (q *Queries) AckDeliveries(ctx context.Context, arg AckDeliveriesParams) error {
 	_, err := q.db.Exec(ctx, ackDeliveries,
 		arg.EnvelopeIds,
-		arg.MemberID,
-		arg.SessionPubkey,
-		arg.SessionID,
+		arg.MemberIds,
+		arg.SessionPubkeys,
+		arg.SessionIds,
 	)
 	return err
 }
 
 const claimDeliveries = `-- name: ClaimDeliveries :many
-WITH c AS (
-    SELECT d.id FROM claudemesh.delivery d
-    WHERE d.recipient_member_id = $3 AND d.state = 'pending'
-      AND (d.recipient_session_pubkey IS NULL OR d.recipient_session_pubkey = $4::text)
-      AND (d.recipient_session_id IS NULL OR d.recipient_session_id = $5::text)
-      AND d.expires_at > now()
-      AND ($6::bool OR d.priority = 'now')
-    ORDER BY d.id
-    LIMIT $7
-    FOR UPDATE SKIP LOCKED
+WITH s AS (
+    SELECT unnest($2::text[]) AS presence_id, unnest($3::text[]) AS member_id,
+        unnest($4::text[]) AS session_pubkey, unnest($5::text[]) AS session_id,
+        unnest($6::bool[]) AS include_held, unnest($7::bool[]) AS client_ack
+), c AS (
+    SELECT s.presence_id, s.client_ack, x.id FROM s CROSS JOIN LATERAL (
+        SELECT d.id FROM claudemesh.delivery d
+        WHERE d.recipient_member_id = s.member_id AND d.state = 'pending'
+          AND (d.recipient_session_pubkey IS NULL OR d.recipient_session_pubkey = s.session_pubkey)
+          AND (d.recipient_session_id IS NULL OR d.recipient_session_id = s.session_id)
+          AND d.expires_at > now()
+          AND (s.include_held OR d.priority = 'now')
+        ORDER BY d.id
+        LIMIT $8
+        FOR UPDATE SKIP LOCKED
+    ) x
 )
 UPDATE claudemesh.delivery d
-SET state = 'pushed', pushed_node = $1::text, pushed_presence = $2::text, pushed_at = now()
+SET state = CASE WHEN c.client_ack THEN 'pushed' ELSE 'acked' END,
+    acked_at = CASE WHEN c.client_ack THEN NULL ELSE now() END,
+    pushed_node = $1::text, pushed_presence = c.presence_id, pushed_at = now()
 FROM c, claudemesh.envelope e
 WHERE d.id = c.id AND e.id = d.envelope_id
-RETURNING d.id, e.id AS envelope_id, e.mesh_id, e.sender_pubkey, e.sender_member_pubkey, e.priority,
-    e.nonce, e.ciphertext, e.created_at
+RETURNING d.id, d.pushed_presence, e.id AS envelope_id, e.mesh_id, e.sender_pubkey, e.sender_member_pubkey,
+    e.priority, e.nonce, e.ciphertext, e.created_at
 `
 
 type ClaimDeliveriesParams struct {
-	NodeID        string
-	PresenceID    string
-	MemberID      string
-	SessionPubkey string
-	SessionID     string
-	IncludeHeld   bool
-	MaxRows       int32
+	NodeID         string
+	PresenceIds    []string
+	MemberIds      []string
+	SessionPubkeys []string
+	SessionIds     []string
+	IncludeHeld    []bool
+	ClientAck      []bool
+	MaxPerSession  int32
 }
 
 type ClaimDeliveriesRow struct {
 	ID                 int64
+	PushedPresence     *string
 	EnvelopeID         string
 	MeshID             string
 	SenderPubkey       string
@@ -78,17 +90,21 @@ type ClaimDeliveriesRow struct {
 	CreatedAt          time.Time
 }
 
-// Claims a session's next pending deliveries in id order and returns what to push. Held
-// priorities are included only when the session may be interrupted.
+// Claims the next pending deliveries of many sessions at once, in id order per session, and
+// returns what to push. One statement for every session a wake-up touched, instead of one
+// per session. Held priorities are included only for sessions that may be interrupted.
+// Without client_ack a push counts as delivered when written, so it is recorded as acked right
+// here instead of by a second UPDATE; a failed write releases it (ReleaseDeliveries).
 func (q *Queries) ClaimDeliveries(ctx context.Context, arg ClaimDeliveriesParams) ([]ClaimDeliveriesRow, error) {
 	rows, err := q.db.Query(ctx, claimDeliveries,
 		arg.NodeID,
-		arg.PresenceID,
-		arg.MemberID,
-		arg.SessionPubkey,
-		arg.SessionID,
+		arg.PresenceIds,
+		arg.MemberIds,
+		arg.SessionPubkeys,
+		arg.SessionIds,
 		arg.IncludeHeld,
-		arg.MaxRows,
+		arg.ClientAck,
+		arg.MaxPerSession,
 	)
 	if err != nil {
 		return nil, err
@@ -99,6 +115,7 @@ func (q *Queries) ClaimDeliveries(ctx context.Context, arg ClaimDeliveriesParams
 		var i ClaimDeliveriesRow
 		if err := rows.Scan(
 			&i.ID,
+			&i.PushedPresence,
 			&i.EnvelopeID,
 			&i.MeshID,
 			&i.SenderPubkey,
@@ -206,10 +223,16 @@ func (q *Queries) EnvelopeForStatus(ctx context.Context, arg EnvelopeForStatusPa
 
 const expireDeliveries = `-- name: ExpireDeliveries :execrows
 UPDATE claudemesh.delivery SET state = 'expired'
-WHERE id IN (SELECT id FROM claudemesh.delivery
-             WHERE state IN ('pending', 'pushed') AND expires_at <= now() LIMIT 5000)
+WHERE envelope_id IN (
+        SELECT e.id FROM claudemesh.envelope e
+        WHERE e.expires_at <= now()
+          AND EXISTS (SELECT 1 FROM claudemesh.delivery o
+                      WHERE o.envelope_id = e.id AND o.state IN ('pending', 'pushed'))
+        LIMIT 5000)
+  AND state IN ('pending', 'pushed')
 `
 
+// Found through their envelopes' expiry index, so deliveries need no index of their own for it.
 func (q *Queries) ExpireDeliveries(ctx context.Context) (int64, error) {
 	result, err := q.db.Exec(ctx, expireDeliveries)
 	if err != nil {
@@ -218,14 +241,24 @@ func (q *Queries) ExpireDeliveries(ctx context.Context) (int64, error) {
 	return result.RowsAffected(), nil
 }
 
-const insertDeliveries = `-- name: InsertDeliveries :many
+const insertBatch = `-- name: InsertBatch :many
+WITH env AS (
+    INSERT INTO claudemesh.envelope (id, mesh_id, sender_member_id, sender_pubkey, sender_member_pubkey,
+        target_spec, priority, nonce, ciphertext, client_id, created_at, expires_at)
+    SELECT unnest($11::text[]), unnest($12::text[]), unnest($13::text[]),
+        unnest($14::text[]), unnest($15::text[]),
+        unnest($16::text[]), unnest($17::text[]), unnest($18::text[]),
+        unnest($19::text[]), unnest($20::text[]), unnest($21::timestamptz[]),
+        unnest($22::timestamptz[])
+)
 INSERT INTO claudemesh.delivery (envelope_id, mesh_id, recipient_member_id, recipient_session_pubkey,
-    recipient_session_id, priority, state, pushed_node, pushed_presence, pushed_at, expires_at)
+    recipient_session_id, priority, state, pushed_node, pushed_presence, pushed_at, acked_at, expires_at)
 SELECT t.envelope_id, t.mesh_id, t.member_id, NULLIF(t.session_pubkey, ''), NULLIF(t.session_id, ''),
     t.priority, t.state,
-    CASE WHEN t.state = 'pushed' THEN $1::text END,
+    CASE WHEN t.state <> 'pending' THEN $1::text END,
     NULLIF(t.pushed_presence, ''),
-    CASE WHEN t.state = 'pushed' THEN now() END,
+    CASE WHEN t.state <> 'pending' THEN now() END,
+    CASE WHEN t.state = 'acked' THEN now() END,
     t.expires_at
 FROM (
     -- Select-list unnests zip the arrays row by row, in order.
@@ -238,47 +271,72 @@ FROM (
 RETURNING id, envelope_id, pushed_presence
 `
 
-type InsertDeliveriesParams struct {
-	NodeID          string
-	EnvelopeIds     []string
-	MeshIds         []string
-	MemberIds       []string
-	SessionPubkeys  []string
-	SessionIds      []string
-	Priorities      []string
-	States          []string
-	PushedPresences []string
-	Expires         []time.Time
+type InsertBatchParams struct {
+	NodeID               string
+	DEnvelopeIds         []string
+	DMeshIds             []string
+	DMemberIds           []string
+	DSessionPubkeys      []string
+	DSessionIds          []string
+	DPriorities          []string
+	DStates              []string
+	DPushedPresences     []string
+	DExpires             []time.Time
+	EIds                 []string
+	EMeshIds             []string
+	ESenderMemberIds     []string
+	ESenderPubkeys       []string
+	ESenderMemberPubkeys []string
+	ETargetSpecs         []string
+	EPriorities          []string
+	ENonces              []string
+	ECiphertexts         []string
+	EClientIds           []string
+	ECreated             []time.Time
+	EExpires             []time.Time
 }
 
-type InsertDeliveriesRow struct {
+type InsertBatchRow struct {
 	ID             int64
 	EnvelopeID     string
 	PushedPresence *string
 }
 
-// One statement for a whole batch. Rows pushed at once by this node come back with their ids,
-// keyed by (envelope, presence), so they can be marked delivered after the write.
-func (q *Queries) InsertDeliveries(ctx context.Context, arg InsertDeliveriesParams) ([]InsertDeliveriesRow, error) {
-	rows, err := q.db.Query(ctx, insertDeliveries,
+// A whole send batch in one statement and one round trip: the envelopes (ciphertext stored
+// once) and one delivery per recipient. Rows pushed at once by this node come back with
+// their ids, keyed by (envelope, presence), to be marked delivered after the write.
+func (q *Queries) InsertBatch(ctx context.Context, arg InsertBatchParams) ([]InsertBatchRow, error) {
+	rows, err := q.db.Query(ctx, insertBatch,
 		arg.NodeID,
-		arg.EnvelopeIds,
-		arg.MeshIds,
-		arg.MemberIds,
-		arg.SessionPubkeys,
-		arg.SessionIds,
-		arg.Priorities,
-		arg.States,
-		arg.PushedPresences,
-		arg.Expires,
+		arg.DEnvelopeIds,
+		arg.DMeshIds,
+		arg.DMemberIds,
+		arg.DSessionPubkeys,
+		arg.DSessionIds,
+		arg.DPriorities,
+		arg.DStates,
+		arg.DPushedPresences,
+		arg.DExpires,
+		arg.EIds,
+		arg.EMeshIds,
+		arg.ESenderMemberIds,
+		arg.ESenderPubkeys,
+		arg.ESenderMemberPubkeys,
+		arg.ETargetSpecs,
+		arg.EPriorities,
+		arg.ENonces,
+		arg.ECiphertexts,
+		arg.EClientIds,
+		arg.ECreated,
+		arg.EExpires,
 	)
 	if err != nil {
 		return nil, err
 	}
 	defer rows.Close()
-	items := []InsertDeliveriesRow{}
+	items := []InsertBatchRow{}
 	for rows.Next() {
-		var i InsertDeliveriesRow
+		var i InsertBatchRow
 		if err := rows.Scan(&i.ID, &i.EnvelopeID, &i.PushedPresence); err != nil {
 			return nil, err
 		}
@@ -290,32 +348,6 @@ func (q *Queries) InsertDeliveries(ctx context.Context, arg InsertDeliveriesPara
 	return items, nil
 }
 
-type InsertEnvelopesParams struct {
-	ID                 string
-	MeshID             string
-	SenderMemberID     string
-	SenderPubkey       string
-	SenderMemberPubkey string
-	TargetSpec         string
-	Priority           string
-	Nonce              string
-	Ciphertext         string
-	ClientID           string
-	CreatedAt          time.Time
-	ExpiresAt          time.Time
-}
-
-const markDelivered = `-- name: MarkDelivered :exec
-UPDATE claudemesh.delivery SET state = 'acked', acked_at = now()
-WHERE id = ANY($1::bigint[]) AND state = 'pushed'
-`
-
-// Without client_ack a push counts as delivered once written to the socket.
-func (q *Queries) MarkDelivered(ctx context.Context, ids []int64) error {
-	_, err := q.db.Exec(ctx, markDelivered, ids)
-	return err
-}
-
 const pendingDeliveryCount = `-- name: PendingDeliveryCount :one
 SELECT count(*) FROM claudemesh.delivery WHERE state IN ('pending', 'pushed')
 `
@@ -325,6 +357,39 @@ func (q *Queries) PendingDeliveryCount(ctx context.Context) (int64, error) {
 	var count int64
 	err := row.Scan(&count)
 	return count, err
+}
+
+const releaseDeliveries = `-- name: ReleaseDeliveries :many
+UPDATE claudemesh.delivery SET state = 'pending', pushed_node = NULL, pushed_presence = NULL,
+    pushed_at = NULL, acked_at = NULL
+WHERE id = ANY($1::bigint[]) AND state IN ('pushed', 'acked')
+RETURNING mesh_id, recipient_member_id
+`
+
+type ReleaseDeliveriesRow struct {
+	MeshID            string
+	RecipientMemberID string
+}
+
+// Pushes that could not be written (the socket closed) go back to pending.
+func (q *Queries) ReleaseDeliveries(ctx context.Context, ids []int64) ([]ReleaseDeliveriesRow, error) {
+	rows, err := q.db.Query(ctx, releaseDeliveries, ids)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	items := []ReleaseDeliveriesRow{}
+	for rows.Next() {
+		var i ReleaseDeliveriesRow
+		if err := rows.Scan(&i.MeshID, &i.RecipientMemberID); err != nil {
+			return nil, err
+		}
+		items = append(items, i)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, err
+	}
+	return items, nil
 }
 
 const resolveMembers = `-- name: ResolveMembers :many

@@ -10,7 +10,6 @@ import (
 )
 
 type ClaudemeshAudit struct {
-	ID        int64
 	MeshID    string
 	Seq       int64
 	EventType string

@@ -109,7 +109,6 @@ CREATE TABLE claudemesh.envelope (
     created_at           timestamptz NOT NULL DEFAULT now(),
     expires_at           timestamptz NOT NULL
 );
-CREATE INDEX envelope_mesh ON claudemesh.envelope (mesh_id, created_at);
 CREATE INDEX envelope_expires ON claudemesh.envelope (expires_at);
 
 CREATE TABLE claudemesh.delivery (
@@ -134,7 +133,6 @@ CREATE TABLE claudemesh.delivery (
 CREATE INDEX delivery_open_recipient ON claudemesh.delivery (recipient_member_id, id) WHERE state IN ('pending', 'pushed');
 CREATE INDEX delivery_pushed_node ON claudemesh.delivery (pushed_node) WHERE state = 'pushed';
 CREATE INDEX delivery_pushed_presence ON claudemesh.delivery (pushed_presence) WHERE state = 'pushed';
-CREATE INDEX delivery_open_expires ON claudemesh.delivery (expires_at) WHERE state IN ('pending', 'pushed');
 CREATE INDEX delivery_envelope ON claudemesh.delivery (envelope_id);
 
 -- Hook signals that arrived before the session's hello (the first-turn race).
@@ -167,7 +165,6 @@ CREATE TABLE claudemesh.audit_head (
 );
 
 CREATE TABLE claudemesh.audit (
-    id         bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     mesh_id    text NOT NULL REFERENCES claudemesh.mesh (id),
     seq        bigint NOT NULL,
     event_type text NOT NULL,
@@ -177,7 +174,7 @@ CREATE TABLE claudemesh.audit (
     ts_micros  bigint NOT NULL,
     prev_hash  text NOT NULL,
     hash       text NOT NULL,
-    UNIQUE (mesh_id, seq)
+    PRIMARY KEY (mesh_id, seq)
 );
 
 -- +goose Down

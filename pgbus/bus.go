@@ -336,13 +336,19 @@ func (h *handler) HandleNotification(_ context.Context, n *pgconn.Notification, 
 	return nil
 }
 
-// Send writes the outbox's notifications through q (inside the caller's transaction, so they
-// go out exactly when its rows become visible).
+// Send writes the outbox's notifications through q, all in one statement (inside the
+// caller's transaction, so they go out exactly when its rows become visible).
 func Send(ctx context.Context, q *db.Queries, o *Outbox) error {
-	for _, p := range o.Payloads() {
-		if err := q.Notify(ctx, db.NotifyParams{Channel: p.Channel, Payload: p.Payload}); err != nil {
-			return fmt.Errorf("notify %s: %w", p.Channel, err)
-		}
+	ps := o.Payloads()
+	if len(ps) == 0 {
+		return nil
+	}
+	p := db.NotifyManyParams{Channels: make([]string, len(ps)), Payloads: make([]string, len(ps))}
+	for i, cp := range ps {
+		p.Channels[i], p.Payloads[i] = cp.Channel, cp.Payload
+	}
+	if err := q.NotifyMany(ctx, p); err != nil {
+		return fmt.Errorf("notify: %w", err)
 	}
 	return nil
 }

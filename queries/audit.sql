@@ -1,40 +1,35 @@
--- name: AuditHeadsEnsure :exec
--- Creates missing heads at the genesis value. Rows are inserted in array order, which the
--- caller sorts, so replicas creating the same heads wait on each other in one order.
+-- name: AuditHeadsLock :many
+-- Creates missing heads at the genesis value and locks every head in one statement: the
+-- no-op DO UPDATE takes the row lock and returns the current values. Rows are taken in array
+-- order, which the caller sorts bytewise, so two transactions appending to overlapping meshes
+-- lock in one order and can never deadlock.
 INSERT INTO claudemesh.audit_head (mesh_id, seq, hash)
 SELECT u.mesh_id, 0, @genesis::text
 FROM unnest(@mesh_ids::text[]) WITH ORDINALITY AS u(mesh_id, ord)
 ORDER BY u.ord
-ON CONFLICT (mesh_id) DO NOTHING;
+ON CONFLICT (mesh_id) DO UPDATE SET seq = claudemesh.audit_head.seq
+RETURNING mesh_id, seq, hash;
 
--- name: AuditHeadsLock :many
--- Locks heads in a collation-independent order (the caller sorts bytewise too), so two
--- transactions appending to overlapping meshes can never deadlock.
-SELECT mesh_id, seq, hash FROM claudemesh.audit_head
-WHERE mesh_id = ANY(@mesh_ids::text[])
-ORDER BY mesh_id COLLATE "C"
-FOR UPDATE;
-
--- name: AuditHeadsUpdate :exec
+-- name: AuditAppend :exec
+-- The whole batch's entries and the new heads in one statement. The parallel unnests zip the
+-- arrays (all of one length) into rows.
+WITH ins AS (
+    INSERT INTO claudemesh.audit (mesh_id, seq, event_type, actor, data, ts_micros, prev_hash, hash)
+    SELECT unnest(@mesh_ids::text[]),
+           unnest(@seqs::bigint[]),
+           unnest(@event_types::text[]),
+           unnest(@actors::text[]),
+           unnest(@datas::text[])::jsonb,
+           unnest(@ts_micros::bigint[]),
+           unnest(@prev_hashes::text[]),
+           unnest(@hashes::text[])
+)
 UPDATE claudemesh.audit_head h
 SET seq = u.seq, hash = u.hash
-FROM (SELECT unnest(@mesh_ids::text[]) AS mesh_id,
-             unnest(@seqs::bigint[]) AS seq,
-             unnest(@hashes::text[]) AS hash) u
+FROM (SELECT unnest(@head_mesh_ids::text[]) AS mesh_id,
+             unnest(@head_seqs::bigint[]) AS seq,
+             unnest(@head_hashes::text[]) AS hash) u
 WHERE h.mesh_id = u.mesh_id;
-
--- name: AuditInsertBatch :exec
--- One statement for the whole batch: the send path appends one entry per envelope. The
--- parallel unnests zip the arrays (all of one length) into rows.
-INSERT INTO claudemesh.audit (mesh_id, seq, event_type, actor, data, ts_micros, prev_hash, hash)
-SELECT unnest(@mesh_ids::text[]),
-       unnest(@seqs::bigint[]),
-       unnest(@event_types::text[]),
-       unnest(@actors::text[]),
-       unnest(@datas::text[])::jsonb,
-       unnest(@ts_micros::bigint[]),
-       unnest(@prev_hashes::text[]),
-       unnest(@hashes::text[]);
 
 -- name: AuditHead :one
 SELECT mesh_id, seq, hash FROM claudemesh.audit_head WHERE mesh_id = @mesh_id;

@@ -10,71 +10,97 @@ JOIN (SELECT unnest(@mesh_ids::text[]) AS mesh_id, unnest(@pubkeys::text[]) AS p
   ON s.mesh_id = t.mesh_id AND s.session_pubkey = t.pubkey
 JOIN claudemesh.member m ON m.id = s.member_id AND m.revoked_at IS NULL;
 
--- name: InsertEnvelopes :copyfrom
-INSERT INTO claudemesh.envelope (id, mesh_id, sender_member_id, sender_pubkey, sender_member_pubkey,
-    target_spec, priority, nonce, ciphertext, client_id, created_at, expires_at)
-VALUES (@id, @mesh_id, @sender_member_id, @sender_pubkey, @sender_member_pubkey, @target_spec,
-    @priority, @nonce, @ciphertext, @client_id, @created_at, @expires_at);
-
--- name: InsertDeliveries :many
--- One statement for a whole batch. Rows pushed at once by this node come back with their ids,
--- keyed by (envelope, presence), so they can be marked delivered after the write.
+-- name: InsertBatch :many
+-- A whole send batch in one statement and one round trip: the envelopes (ciphertext stored
+-- once) and one delivery per recipient. Rows pushed at once by this node come back with
+-- their ids, keyed by (envelope, presence), to be marked delivered after the write.
+WITH env AS (
+    INSERT INTO claudemesh.envelope (id, mesh_id, sender_member_id, sender_pubkey, sender_member_pubkey,
+        target_spec, priority, nonce, ciphertext, client_id, created_at, expires_at)
+    SELECT unnest(@e_ids::text[]), unnest(@e_mesh_ids::text[]), unnest(@e_sender_member_ids::text[]),
+        unnest(@e_sender_pubkeys::text[]), unnest(@e_sender_member_pubkeys::text[]),
+        unnest(@e_target_specs::text[]), unnest(@e_priorities::text[]), unnest(@e_nonces::text[]),
+        unnest(@e_ciphertexts::text[]), unnest(@e_client_ids::text[]), unnest(@e_created::timestamptz[]),
+        unnest(@e_expires::timestamptz[])
+)
 INSERT INTO claudemesh.delivery (envelope_id, mesh_id, recipient_member_id, recipient_session_pubkey,
-    recipient_session_id, priority, state, pushed_node, pushed_presence, pushed_at, expires_at)
+    recipient_session_id, priority, state, pushed_node, pushed_presence, pushed_at, acked_at, expires_at)
 SELECT t.envelope_id, t.mesh_id, t.member_id, NULLIF(t.session_pubkey, ''), NULLIF(t.session_id, ''),
     t.priority, t.state,
-    CASE WHEN t.state = 'pushed' THEN @node_id::text END,
+    CASE WHEN t.state <> 'pending' THEN @node_id::text END,
     NULLIF(t.pushed_presence, ''),
-    CASE WHEN t.state = 'pushed' THEN now() END,
+    CASE WHEN t.state <> 'pending' THEN now() END,
+    CASE WHEN t.state = 'acked' THEN now() END,
     t.expires_at
 FROM (
     -- Select-list unnests zip the arrays row by row, in order.
-    SELECT unnest(@envelope_ids::text[]) AS envelope_id, unnest(@mesh_ids::text[]) AS mesh_id,
-        unnest(@member_ids::text[]) AS member_id, unnest(@session_pubkeys::text[]) AS session_pubkey,
-        unnest(@session_ids::text[]) AS session_id, unnest(@priorities::text[]) AS priority,
-        unnest(@states::text[]) AS state, unnest(@pushed_presences::text[]) AS pushed_presence,
-        unnest(@expires::timestamptz[]) AS expires_at
+    SELECT unnest(@d_envelope_ids::text[]) AS envelope_id, unnest(@d_mesh_ids::text[]) AS mesh_id,
+        unnest(@d_member_ids::text[]) AS member_id, unnest(@d_session_pubkeys::text[]) AS session_pubkey,
+        unnest(@d_session_ids::text[]) AS session_id, unnest(@d_priorities::text[]) AS priority,
+        unnest(@d_states::text[]) AS state, unnest(@d_pushed_presences::text[]) AS pushed_presence,
+        unnest(@d_expires::timestamptz[]) AS expires_at
 ) t
 RETURNING id, envelope_id, pushed_presence;
 
 -- name: ClaimDeliveries :many
--- Claims a session's next pending deliveries in id order and returns what to push. Held
--- priorities are included only when the session may be interrupted.
-WITH c AS (
-    SELECT d.id FROM claudemesh.delivery d
-    WHERE d.recipient_member_id = @member_id AND d.state = 'pending'
-      AND (d.recipient_session_pubkey IS NULL OR d.recipient_session_pubkey = @session_pubkey::text)
-      AND (d.recipient_session_id IS NULL OR d.recipient_session_id = @session_id::text)
-      AND d.expires_at > now()
-      AND (@include_held::bool OR d.priority = 'now')
-    ORDER BY d.id
-    LIMIT @max_rows
-    FOR UPDATE SKIP LOCKED
+-- Claims the next pending deliveries of many sessions at once, in id order per session, and
+-- returns what to push. One statement for every session a wake-up touched, instead of one
+-- per session. Held priorities are included only for sessions that may be interrupted.
+WITH s AS (
+    SELECT unnest(@presence_ids::text[]) AS presence_id, unnest(@member_ids::text[]) AS member_id,
+        unnest(@session_pubkeys::text[]) AS session_pubkey, unnest(@session_ids::text[]) AS session_id,
+        unnest(@include_held::bool[]) AS include_held, unnest(@client_ack::bool[]) AS client_ack
+), c AS (
+    SELECT s.presence_id, s.client_ack, x.id FROM s CROSS JOIN LATERAL (
+        SELECT d.id FROM claudemesh.delivery d
+        WHERE d.recipient_member_id = s.member_id AND d.state = 'pending'
+          AND (d.recipient_session_pubkey IS NULL OR d.recipient_session_pubkey = s.session_pubkey)
+          AND (d.recipient_session_id IS NULL OR d.recipient_session_id = s.session_id)
+          AND d.expires_at > now()
+          AND (s.include_held OR d.priority = 'now')
+        ORDER BY d.id
+        LIMIT @max_per_session
+        FOR UPDATE SKIP LOCKED
+    ) x
 )
+-- Without client_ack a push counts as delivered when written, so it is recorded as acked right
+-- here instead of by a second UPDATE; a failed write releases it (ReleaseDeliveries).
 UPDATE claudemesh.delivery d
-SET state = 'pushed', pushed_node = @node_id::text, pushed_presence = @presence_id::text, pushed_at = now()
+SET state = CASE WHEN c.client_ack THEN 'pushed' ELSE 'acked' END,
+    acked_at = CASE WHEN c.client_ack THEN NULL ELSE now() END,
+    pushed_node = @node_id::text, pushed_presence = c.presence_id, pushed_at = now()
 FROM c, claudemesh.envelope e
 WHERE d.id = c.id AND e.id = d.envelope_id
-RETURNING d.id, e.id AS envelope_id, e.mesh_id, e.sender_pubkey, e.sender_member_pubkey, e.priority,
-    e.nonce, e.ciphertext, e.created_at;
+RETURNING d.id, d.pushed_presence, e.id AS envelope_id, e.mesh_id, e.sender_pubkey, e.sender_member_pubkey,
+    e.priority, e.nonce, e.ciphertext, e.created_at;
 
--- name: MarkDelivered :exec
--- Without client_ack a push counts as delivered once written to the socket.
-UPDATE claudemesh.delivery SET state = 'acked', acked_at = now()
-WHERE id = ANY(@ids::bigint[]) AND state = 'pushed';
+-- name: ReleaseDeliveries :many
+-- Pushes that could not be written (the socket closed) go back to pending.
+UPDATE claudemesh.delivery SET state = 'pending', pushed_node = NULL, pushed_presence = NULL,
+    pushed_at = NULL, acked_at = NULL
+WHERE id = ANY(@ids::bigint[]) AND state IN ('pushed', 'acked')
+RETURNING mesh_id, recipient_member_id;
 
 -- name: AckDeliveries :exec
--- client_ack: the recipient session confirms these message ids.
-UPDATE claudemesh.delivery SET state = 'acked', acked_at = now()
-WHERE envelope_id = ANY(@envelope_ids::text[]) AND recipient_member_id = @member_id
-  AND state IN ('pending', 'pushed')
-  AND (recipient_session_pubkey IS NULL OR recipient_session_pubkey = @session_pubkey::text)
-  AND (recipient_session_id IS NULL OR recipient_session_id = @session_id::text);
+-- client_acks of many sessions in one statement: each (message id, recipient session) pair.
+UPDATE claudemesh.delivery d SET state = 'acked', acked_at = now()
+FROM (SELECT unnest(@envelope_ids::text[]) AS envelope_id, unnest(@member_ids::text[]) AS member_id,
+             unnest(@session_pubkeys::text[]) AS session_pubkey, unnest(@session_ids::text[]) AS session_id) a
+WHERE d.envelope_id = a.envelope_id AND d.recipient_member_id = a.member_id
+  AND d.state IN ('pending', 'pushed')
+  AND (d.recipient_session_pubkey IS NULL OR d.recipient_session_pubkey = a.session_pubkey)
+  AND (d.recipient_session_id IS NULL OR d.recipient_session_id = a.session_id);
 
 -- name: ExpireDeliveries :execrows
+-- Found through their envelopes' expiry index, so deliveries need no index of their own for it.
 UPDATE claudemesh.delivery SET state = 'expired'
-WHERE id IN (SELECT id FROM claudemesh.delivery
-             WHERE state IN ('pending', 'pushed') AND expires_at <= now() LIMIT 5000);
+WHERE envelope_id IN (
+        SELECT e.id FROM claudemesh.envelope e
+        WHERE e.expires_at <= now()
+          AND EXISTS (SELECT 1 FROM claudemesh.delivery o
+                      WHERE o.envelope_id = e.id AND o.state IN ('pending', 'pushed'))
+        LIMIT 5000)
+  AND state IN ('pending', 'pushed');
 
 -- name: DeleteOldEnvelopes :execrows
 -- Envelopes are kept a day past expiry so message_status can still answer, then removed.

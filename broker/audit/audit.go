@@ -105,7 +105,7 @@ func (e *BrokenError) Error() string {
 // commit or vanish with the caller's own writes. Entries of one mesh keep their order. It locks
 // each mesh's head row until tx ends, taking the locks in mesh-id order so that replicas
 // appending to overlapping meshes cannot deadlock; call it once per transaction (a second call
-// could take locks out of order). It costs four statements whatever the number of entries.
+// could take locks out of order). It costs two statements whatever the number of entries.
 func Append(ctx context.Context, tx pgx.Tx, entries []Entry) error {
 	if len(entries) == 0 {
 		return nil
@@ -129,10 +129,7 @@ func Append(ctx context.Context, tx pgx.Tx, entries []Entry) error {
 	}
 
 	q := db.New(tx)
-	if err := q.AuditHeadsEnsure(ctx, db.AuditHeadsEnsureParams{Genesis: Genesis, MeshIds: meshes}); err != nil {
-		return fmt.Errorf("append audit: create heads: %w", err)
-	}
-	heads, err := q.AuditHeadsLock(ctx, meshes)
+	heads, err := q.AuditHeadsLock(ctx, db.AuditHeadsLockParams{Genesis: Genesis, MeshIds: meshes})
 	if err != nil {
 		return fmt.Errorf("append audit: lock heads: %w", err)
 	}
@@ -146,7 +143,7 @@ func Append(ctx context.Context, tx pgx.Tx, entries []Entry) error {
 	}
 
 	n := len(batch)
-	ins := db.AuditInsertBatchParams{
+	ins := db.AuditAppendParams{
 		MeshIds: make([]string, n), Seqs: make([]int64, n), EventTypes: make([]string, n),
 		Actors: make([]string, n), Datas: make([]string, n), TsMicros: make([]int64, n),
 		PrevHashes: make([]string, n), Hashes: make([]string, n),
@@ -161,15 +158,12 @@ func Append(ctx context.Context, tx pgx.Tx, entries []Entry) error {
 		ins.Datas[i], ins.TsMicros[i], ins.PrevHashes[i], ins.Hashes[i] = string(p.data), p.tsMicros, h.hash, hash
 		state[p.meshID] = head{h.seq + 1, hash}
 	}
-	if err := q.AuditInsertBatch(ctx, ins); err != nil {
-		return fmt.Errorf("append audit: insert: %w", err)
-	}
-	upd := db.AuditHeadsUpdateParams{MeshIds: meshes, Seqs: make([]int64, len(meshes)), Hashes: make([]string, len(meshes))}
+	ins.HeadMeshIds, ins.HeadSeqs, ins.HeadHashes = meshes, make([]int64, len(meshes)), make([]string, len(meshes))
 	for i, m := range meshes {
-		upd.Seqs[i], upd.Hashes[i] = state[m].seq, state[m].hash
+		ins.HeadSeqs[i], ins.HeadHashes[i] = state[m].seq, state[m].hash
 	}
-	if err := q.AuditHeadsUpdate(ctx, upd); err != nil {
-		return fmt.Errorf("append audit: update heads: %w", err)
+	if err := q.AuditAppend(ctx, ins); err != nil {
+		return fmt.Errorf("append audit: insert: %w", err)
 	}
 	return nil
 }
