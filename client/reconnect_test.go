@@ -1,0 +1,60 @@
+package client
+
+import (
+	"errors"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/claudemesh/broker/protocol"
+)
+
+func TestShouldReconnect(t *testing.T) {
+	for _, tc := range []struct {
+		code   int
+		reason string
+		want   bool
+	}{
+		{protocol.CloseHelloRefused, "unauthorized", false},
+		{protocol.CloseKicked, "", false},
+		{protocol.CloseRevoked, "revoked", false},
+		{protocol.CloseSessionReplaced, protocol.CloseReasonSessionReplaced, false},
+		{protocol.CloseSessionReplaced, "", true},
+		{protocol.CloseGoingAway, "", true},
+		{protocol.CloseDraining, "draining", true},
+		{protocol.CloseSlowConsumer, "", true},
+		{1006, "", true},
+		{0, "", true},
+	} {
+		require.Equal(t, tc.want, ShouldReconnect(tc.code, tc.reason), "%d %q", tc.code, tc.reason)
+	}
+}
+
+func TestDialRetryable(t *testing.T) {
+	require.False(t, DialRetryable(nil))
+	require.True(t, DialRetryable(errors.New("dial tcp: connection refused")))
+	require.False(t, DialRetryable(&HelloError{Code: protocol.CodeUnauthorized, CloseCode: protocol.CloseHelloRefused}))
+	require.False(t, DialRetryable(&HelloError{Code: protocol.CodeRevoked, CloseCode: protocol.CloseRevoked}))
+	require.False(t, DialRetryable(&HelloError{Code: protocol.CodeCapacity}), "refused, close frame not seen")
+	require.True(t, DialRetryable(&HelloError{Code: "internal", CloseCode: protocol.CloseGoingAway}))
+	require.True(t, DialRetryable(&HelloError{CloseCode: 1006}))
+	require.True(t, DialRetryable(&HelloError{}))
+}
+
+func TestBackoff(t *testing.T) {
+	b := Backoff{Min: 100 * time.Millisecond, Max: time.Second}
+	for i := range 50 {
+		d := b.Next()
+		require.GreaterOrEqual(t, d, 50*time.Millisecond)
+		ceil := time.Second
+		if i < 4 {
+			ceil = 100 * time.Millisecond << i
+		}
+		require.LessOrEqual(t, d, ceil, "attempt %d", i)
+	}
+	b.Reset()
+	require.LessOrEqual(t, b.Next(), 100*time.Millisecond)
+	var zero Backoff
+	require.LessOrEqual(t, zero.Next(), 250*time.Millisecond)
+}

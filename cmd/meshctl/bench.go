@@ -1,0 +1,751 @@
+package main
+
+import (
+	"context"
+	crand "crypto/rand"
+	"encoding/base64"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"math"
+	"math/rand/v2"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/spf13/cobra"
+	"golang.org/x/time/rate"
+
+	"github.com/claudemesh/broker/client"
+	"github.com/claudemesh/broker/client/e2e"
+	"github.com/claudemesh/broker/protocol"
+)
+
+// benchOpts are the bench flags.
+type benchOpts struct {
+	urls            []string
+	peers           int
+	messages        int
+	duration        time.Duration
+	rate            float64
+	priorityMix     string
+	targetMix       string
+	size            int
+	inflight        int
+	setupDB         string
+	meshSlug        string
+	ownerKey        string
+	pids            []int
+	idleConns       int
+	hold            time.Duration
+	dialConcurrency int
+	drainTimeout    time.Duration
+	plain           bool
+	noProgress      bool
+}
+
+func newBenchCmd(a *app) *cobra.Command {
+	var o benchOpts
+	cmd := &cobra.Command{
+		Use:   "bench",
+		Short: "Load-test a broker or a cluster",
+		Long: "Load-test one broker or several replicas (peers are spread round-robin over --urls).\n\n" +
+			"Message mode (default): --peers peers each send --messages messages (or for --duration)\n" +
+			"at a total --rate (0: as fast as acks allow, --inflight sends outstanding per peer),\n" +
+			"direct or broadcast and of each priority by the given mixes, encrypted as meshctl\n" +
+			"encrypts (box / secretbox; --plain sends unencrypted base64). Every peer uses\n" +
+			"client_ack and acknowledges what it receives. At the end: sent, acked, delivered (%),\n" +
+			"duplicates, throughput, send→ack and send→push latency, connection set-up rate, and the\n" +
+			"brokers' RSS (--pids).\n\n" +
+			"Idle mode (--idle-conns N): open N authenticated sessions that stay idle for --hold and\n" +
+			"report the set-up rate and the brokers' memory per connection (RSS delta / N, --pids).\n\n" +
+			"Members are created in the broker's database (--setup-db, default $DATABASE_URL) in a\n" +
+			"throwaway mesh bench-<random>, or in the existing mesh --mesh-slug.",
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if len(o.urls) == 0 && a.brokerURL != "" {
+				o.urls = []string{a.brokerURL}
+			}
+			if o.setupDB == "" {
+				o.setupDB = a.getenv("DATABASE_URL")
+			}
+			return a.bench(cmd.Context(), o)
+		},
+	}
+	f := cmd.Flags()
+	f.StringSliceVar(&o.urls, "urls", nil, "broker URLs, comma-separated (ws://host:7900/ws or http://host:7900)")
+	f.IntVar(&o.peers, "peers", 10, "peers (each a member with its own connection)")
+	f.IntVar(&o.messages, "messages", 100, "messages each peer sends (ignored with --duration)")
+	f.DurationVar(&o.duration, "duration", 0, "send for this long instead of a message count")
+	f.Float64Var(&o.rate, "rate", 0, "target total send rate in messages/s (0: as fast as acks allow)")
+	f.StringVar(&o.priorityMix, "priority-mix", "now=1", "weights of now, next and low, e.g. now=1,next=1,low=0")
+	f.StringVar(&o.targetMix, "target-mix", "direct=1", "weights of direct and broadcast sends, e.g. direct=9,broadcast=1")
+	f.IntVar(&o.size, "size", 256, "plaintext bytes per message (at least 24)")
+	f.IntVar(&o.inflight, "inflight", 1, "sends each peer keeps outstanding")
+	f.StringVar(&o.setupDB, "setup-db", "", "the broker's database, to create the bench members (default $DATABASE_URL)")
+	f.StringVar(&o.meshSlug, "mesh-slug", "", "use this existing mesh instead of a throwaway one")
+	f.StringVar(&o.ownerKey, "owner-key", "", "owner key file whose mesh root key encrypts broadcasts (default: a random key)")
+	f.IntSliceVar(&o.pids, "pids", nil, "broker process ids whose RSS to report")
+	f.IntVar(&o.idleConns, "idle-conns", 0, "idle mode: open this many idle sessions")
+	f.DurationVar(&o.hold, "hold", 5*time.Second, "idle mode: how long to keep the sessions open")
+	f.IntVar(&o.dialConcurrency, "dial-concurrency", 16, "connections being set up at once")
+	f.DurationVar(&o.drainTimeout, "drain-timeout", 30*time.Second, "how long to wait for outstanding deliveries after the last send")
+	f.BoolVar(&o.plain, "plain", false, "send unencrypted base64 bodies (measures the broker without client crypto)")
+	f.BoolVar(&o.noProgress, "no-progress", false, "no progress bar on stderr")
+	return cmd
+}
+
+// mix is a weighted choice among names.
+type mix struct {
+	names []string
+	cum   []float64
+}
+
+func parseMix(s string, allowed ...string) (mix, error) {
+	var m mix
+	total := 0.0
+	for part := range strings.SplitSeq(s, ",") {
+		part = strings.TrimSpace(part)
+		if part == "" {
+			continue
+		}
+		name, w, ok := strings.Cut(part, "=")
+		if !ok {
+			w = "1"
+		}
+		name = strings.TrimSpace(name)
+		weight, err := strconv.ParseFloat(strings.TrimSpace(w), 64)
+		if err != nil || weight < 0 || math.IsInf(weight, 0) || math.IsNaN(weight) {
+			return m, fmt.Errorf("mix %q: weight of %s must be a number >= 0", s, name)
+		}
+		found := false
+		for _, a := range allowed {
+			found = found || a == name
+		}
+		if !found {
+			return m, fmt.Errorf("mix %q: unknown %q (want %s)", s, name, strings.Join(allowed, ", "))
+		}
+		if weight == 0 {
+			continue
+		}
+		total += weight
+		m.names = append(m.names, name)
+		m.cum = append(m.cum, total)
+	}
+	if total == 0 {
+		return m, fmt.Errorf("mix %q: no positive weight", s)
+	}
+	for i := range m.cum {
+		m.cum[i] /= total
+	}
+	return m, nil
+}
+
+func (m mix) pick(r *rand.Rand) string {
+	if len(m.names) == 1 {
+		return m.names[0]
+	}
+	x := r.Float64()
+	for i, c := range m.cum {
+		if x < c {
+			return m.names[i]
+		}
+	}
+	return m.names[len(m.names)-1]
+}
+
+// benchReport is the result of a run (--json prints it as is).
+type benchReport struct {
+	Mode     string       `json:"mode"` // messages or idle
+	URLs     []string     `json:"urls"`
+	MeshID   string       `json:"meshId"`
+	MeshSlug string       `json:"meshSlug"`
+	Setup    setupReport  `json:"setup"`
+	Messages *msgReport   `json:"messages,omitempty"`
+	Idle     *idleReport  `json:"idle,omitempty"`
+	RSS      []rssReport  `json:"rss,omitempty"`
+	Config   benchSummary `json:"config"`
+}
+
+type benchSummary struct {
+	Peers       int     `json:"peers"`
+	Messages    int     `json:"messagesPerPeer,omitempty"`
+	DurationS   float64 `json:"durationSeconds,omitempty"`
+	Rate        float64 `json:"rate"`
+	PriorityMix string  `json:"priorityMix"`
+	TargetMix   string  `json:"targetMix"`
+	Size        int     `json:"size"`
+	Inflight    int     `json:"inflight"`
+	Encrypted   bool    `json:"encrypted"`
+}
+
+type setupReport struct {
+	Connections int           `json:"connections"`
+	Failed      int           `json:"failed"`
+	Seconds     float64       `json:"seconds"`
+	PerSecond   float64       `json:"perSecond"`
+	Hello       latencyReport `json:"helloLatency"`
+	FirstError  string        `json:"firstError,omitempty"`
+}
+
+type msgReport struct {
+	Sent            int64            `json:"sent"`
+	Acked           int64            `json:"acked"`
+	Refused         map[string]int64 `json:"refused,omitempty"`
+	Expected        int64            `json:"expectedDeliveries"`
+	Delivered       int64            `json:"delivered"`
+	DeliveredPct    float64          `json:"deliveredPct"`
+	Duplicates      int64            `json:"duplicates"`
+	Corrupt         int64            `json:"corrupt"`
+	Disconnects     int64            `json:"disconnects"`
+	SendSeconds     float64          `json:"sendSeconds"`
+	AckedPerSec     float64          `json:"ackedPerSecond"`
+	DeliveredPerSec float64          `json:"deliveredPerSecond"`
+	SendToAck       latencyReport    `json:"sendToAck"`
+	SendToPush      latencyReport    `json:"sendToPush"`
+}
+
+type idleReport struct {
+	Opened     int     `json:"opened"`
+	Alive      int     `json:"aliveAfterHold"`
+	HoldS      float64 `json:"holdSeconds"`
+	PerConnKiB float64 `json:"perConnectionKiB,omitempty"` // total RSS delta / opened
+}
+
+// benchPeer is one connection of a message run.
+type benchPeer struct {
+	idx  int
+	m    *benchMember
+	url  string
+	cl   *client.Client
+	keys *e2e.Keyring
+	seq  atomic.Int64
+
+	// Receiver-only state.
+	pushHist histogram
+	seen     [][]uint64 // per sender, a bitset of sequence numbers
+	recvDone chan struct{}
+}
+
+// benchSendTimeout bounds one send's wait for its ack: a broker that stops answering counts
+// as timeouts instead of hanging the run.
+const benchSendTimeout = 30 * time.Second
+
+// The plaintext of a bench message starts with a header the receiver reads back.
+const (
+	benchMagic      = "cmb1"
+	benchHeaderSize = 24 // magic(4) sender(4) seq(8) sent-at unix ns(8)
+)
+
+type benchRun struct {
+	a     *app
+	o     benchOpts
+	mesh  *benchMesh
+	peers []*benchPeer
+
+	sent, acked, expected       atomic.Int64
+	delivered, dups, corrupt    atomic.Int64
+	disconnects, lastDeliveryNs atomic.Int64
+	closing                     atomic.Bool
+	refusedMu                   sync.Mutex
+	refused                     map[string]int64
+	prioMix, targetMix          mix
+}
+
+func (a *app) bench(ctx context.Context, o benchOpts) error {
+	if len(o.urls) == 0 {
+		return errors.New("bench: --urls is required (the brokers to load)")
+	}
+	for i, u := range o.urls {
+		ws, err := wsURL(u)
+		if err != nil {
+			return err
+		}
+		o.urls[i] = ws
+	}
+	o.size = max(o.size, benchHeaderSize)
+	o.inflight = max(o.inflight, 1)
+	o.dialConcurrency = max(o.dialConcurrency, 1)
+	if o.idleConns > 0 {
+		return a.benchIdle(ctx, o)
+	}
+	if o.peers < 2 {
+		return errors.New("bench: --peers must be at least 2")
+	}
+	if o.messages <= 0 && o.duration <= 0 {
+		return errors.New("bench: give --messages > 0 or a --duration")
+	}
+	r := &benchRun{a: a, o: o, refused: map[string]int64{}}
+	var err error
+	if r.prioMix, err = parseMix(o.priorityMix, "now", "next", "low"); err != nil {
+		return err
+	}
+	if r.targetMix, err = parseMix(o.targetMix, "direct", "broadcast"); err != nil {
+		return err
+	}
+	if r.mesh, err = setupBenchMesh(ctx, benchSetup{dbURL: o.setupDB, meshSlug: o.meshSlug, ownerKey: o.ownerKey,
+		members: o.peers, capacity: o.peers + 16}); err != nil {
+		return err
+	}
+	rep := &benchReport{Mode: "messages", URLs: o.urls, MeshID: r.mesh.id, MeshSlug: r.mesh.slug, Config: benchSummary{
+		Peers: o.peers, Messages: o.messages, DurationS: o.duration.Seconds(), Rate: o.rate, PriorityMix: o.priorityMix,
+		TargetMix: o.targetMix, Size: o.size, Inflight: o.inflight, Encrypted: !o.plain,
+	}}
+	if o.duration > 0 {
+		rep.Config.Messages = 0
+	}
+	probe := newRSSProbe(o.pids)
+	warn := func(err error) { fmt.Fprintln(a.stderr, "meshctl bench: rss:", err) }
+	probe.sample(func(r *rssReport) *int64 { return &r.BeforeKiB }, warn)
+
+	// Connect every peer.
+	r.peers = make([]*benchPeer, o.peers)
+	for i := range r.peers {
+		m := &r.mesh.members[i]
+		r.peers[i] = &benchPeer{idx: i, m: m, url: o.urls[i%len(o.urls)], keys: e2e.NewKeyring(m.key, r.mesh.root),
+			seen: make([][]uint64, o.peers), recvDone: make(chan struct{})}
+	}
+	var dialed atomic.Int64
+	bar := startProgress(a.stderr, !o.noProgress, func() (float64, string) {
+		n := dialed.Load()
+		return float64(n) / float64(o.peers), fmt.Sprintf("%d/%d connected", n, o.peers)
+	})
+	setup, clients := a.dialMany(ctx, o, len(r.peers), func(i int) client.Options {
+		p := r.peers[i]
+		return client.Options{URL: p.url, MeshID: r.mesh.id, MemberID: p.m.id, MemberKey: p.m.key, DisplayName: p.m.name,
+			SessionID: fmt.Sprintf("bench-%s-%d", r.mesh.slug, i), PID: i + 1, CWD: "/bench/" + p.m.name,
+			Capabilities: []string{protocol.CapClientAck}, PushBuffer: 1024, Logger: a.log}
+	}, &dialed)
+	bar.Stop()
+	rep.Setup = setup
+	defer func() {
+		r.closing.Store(true)
+		closeAll(clients)
+	}()
+	if setup.Failed > 0 {
+		return fmt.Errorf("bench: %d of %d peers could not connect (first error: %s)", setup.Failed, o.peers, setup.FirstError)
+	}
+	for i, cl := range clients {
+		r.peers[i].cl = cl
+	}
+	probe.sample(func(r *rssReport) *int64 { return &r.ConnectedKiB }, warn)
+
+	runCtx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	for _, p := range r.peers {
+		go r.receive(runCtx, p)
+		go r.watch(p)
+	}
+
+	var limiter *rate.Limiter
+	if o.rate > 0 {
+		limiter = rate.NewLimiter(rate.Limit(o.rate), max(1, int(o.rate/100)))
+	}
+	planned := int64(o.peers) * int64(o.messages)
+	start := time.Now()
+	deadline := time.Time{}
+	if o.duration > 0 {
+		deadline = start.Add(o.duration)
+	}
+	bar = startProgress(a.stderr, !o.noProgress, func() (float64, string) {
+		frac := 0.0
+		if o.duration > 0 {
+			frac = float64(time.Since(start)) / float64(o.duration)
+		} else if planned > 0 {
+			frac = float64(r.sent.Load()) / float64(planned)
+		}
+		el := time.Since(start).Seconds()
+		return frac, fmt.Sprintf("sent %s  acked %s  delivered %s/%s  %s msg/s", si(float64(r.sent.Load())), si(float64(r.acked.Load())),
+			si(float64(r.delivered.Load())), si(float64(r.expected.Load())), si(float64(r.acked.Load())/max(el, 1e-9)))
+	})
+	ackHists := make([]*histogram, o.peers*o.inflight)
+	var senders sync.WaitGroup
+	for i, p := range r.peers {
+		for j := range o.inflight {
+			h := &histogram{}
+			ackHists[i*o.inflight+j] = h
+			senders.Go(func() { r.send(runCtx, p, h, limiter, deadline) })
+		}
+	}
+	senders.Wait()
+	sendElapsed := time.Since(start)
+
+	// Wait for what was acked to arrive.
+	drainEnd := time.Now().Add(o.drainTimeout)
+	for r.delivered.Load() < r.expected.Load() && time.Now().Before(drainEnd) && ctx.Err() == nil {
+		time.Sleep(10 * time.Millisecond)
+	}
+	bar.Stop()
+	probe.sample(func(r *rssReport) *int64 { return &r.AfterKiB }, warn)
+	r.closing.Store(true)
+	closeAll(clients)
+	cancel()
+	for _, p := range r.peers {
+		<-p.recvDone
+	}
+
+	var ackHist, pushHist histogram
+	for _, h := range ackHists {
+		ackHist.merge(h)
+	}
+	for _, p := range r.peers {
+		pushHist.merge(&p.pushHist)
+	}
+	mr := &msgReport{
+		Sent: r.sent.Load(), Acked: r.acked.Load(), Expected: r.expected.Load(), Delivered: r.delivered.Load(),
+		Duplicates: r.dups.Load(), Corrupt: r.corrupt.Load(), Disconnects: r.disconnects.Load(),
+		SendSeconds: round3(sendElapsed.Seconds()), SendToAck: ackHist.report(), SendToPush: pushHist.report(),
+	}
+	if len(r.refused) > 0 {
+		mr.Refused = r.refused
+	}
+	if mr.Expected > 0 {
+		mr.DeliveredPct = math.Round(float64(mr.Delivered)/float64(mr.Expected)*10000) / 100
+	}
+	mr.AckedPerSec = math.Round(float64(mr.Acked) / max(sendElapsed.Seconds(), 1e-9))
+	if last := r.lastDeliveryNs.Load(); last > 0 {
+		mr.DeliveredPerSec = math.Round(float64(mr.Delivered) / max(time.Unix(0, last).Sub(start).Seconds(), 1e-9))
+	}
+	rep.Messages = mr
+	if len(o.pids) > 0 {
+		rep.RSS = probe.reports
+	}
+	return a.printBench(rep)
+}
+
+// dialMany connects n sessions, dialConcurrency at a time, and measures the set-up.
+func (a *app) dialMany(ctx context.Context, o benchOpts, n int, opts func(int) client.Options, dialed *atomic.Int64) (setupReport, []*client.Client) {
+	clients := make([]*client.Client, n)
+	hists := make([]histogram, o.dialConcurrency)
+	var firstErr sync.Once
+	var rep setupReport
+	next := atomic.Int64{}
+	start := time.Now()
+	var wg sync.WaitGroup
+	for w := range o.dialConcurrency {
+		wg.Go(func() {
+			for {
+				i := int(next.Add(1) - 1)
+				if i >= n || ctx.Err() != nil {
+					return
+				}
+				t0 := time.Now()
+				cl, err := client.Dial(ctx, opts(i))
+				if err != nil {
+					firstErr.Do(func() { rep.FirstError = err.Error() })
+					continue
+				}
+				hists[w].record(time.Since(t0))
+				clients[i] = cl
+				dialed.Add(1)
+			}
+		})
+	}
+	wg.Wait()
+	el := time.Since(start)
+	var h histogram
+	for i := range hists {
+		h.merge(&hists[i])
+	}
+	rep.Connections = int(dialed.Load())
+	rep.Failed = n - rep.Connections // failed, or never tried because ctx ended
+	rep.Seconds = round3(el.Seconds())
+	rep.PerSecond = math.Round(float64(rep.Connections) / max(el.Seconds(), 1e-9))
+	rep.Hello = h.report()
+	return rep, clients
+}
+
+func closeAll(clients []*client.Client) {
+	var wg sync.WaitGroup
+	sem := make(chan struct{}, 64)
+	for _, cl := range clients {
+		if cl == nil {
+			continue
+		}
+		sem <- struct{}{}
+		wg.Go(func() {
+			defer func() { <-sem }()
+			_ = cl.Close()
+		})
+	}
+	wg.Wait()
+}
+
+func round3(f float64) float64 { return math.Round(f*1000) / 1000 }
+
+// send is one sender loop of peer p.
+func (r *benchRun) send(ctx context.Context, p *benchPeer, hist *histogram, lim *rate.Limiter, deadline time.Time) {
+	rng := rand.New(rand.NewPCG(rand.Uint64(), uint64(p.idx)))
+	buf := make([]byte, r.o.size)
+	for i := benchHeaderSize; i < len(buf); i++ {
+		buf[i] = byte('a' + rng.IntN(26))
+	}
+	copy(buf, benchMagic)
+	binary.LittleEndian.PutUint32(buf[4:], uint32(p.idx))
+	n := len(r.peers)
+	for ctx.Err() == nil {
+		seq := p.seq.Add(1) - 1
+		if deadline.IsZero() && seq >= int64(r.o.messages) {
+			return
+		}
+		if !deadline.IsZero() && time.Now().After(deadline) {
+			return
+		}
+		if lim != nil && lim.Wait(ctx) != nil {
+			return
+		}
+		direct := r.targetMix.pick(rng) == "direct"
+		prio := protocol.Priority(r.prioMix.pick(rng))
+		binary.LittleEndian.PutUint64(buf[8:], uint64(seq))
+		binary.LittleEndian.PutUint64(buf[16:], uint64(time.Now().UnixNano()))
+		var spec, nonce, ct string
+		var err error
+		if direct {
+			j := rng.IntN(n - 1)
+			if j >= p.idx {
+				j++
+			}
+			spec = r.peers[j].m.pub
+		} else {
+			spec = "*"
+		}
+		switch {
+		case r.o.plain:
+			nonce, ct = "plain", base64.StdEncoding.EncodeToString(buf)
+		case direct:
+			nonce, ct, err = p.keys.SealDirect(spec, buf)
+		default:
+			nonce, ct, err = p.keys.SealGroup(buf)
+		}
+		if err != nil {
+			r.refuse("encrypt")
+			continue
+		}
+		r.sent.Add(1)
+		t0 := time.Now()
+		sctx, cancel := context.WithTimeout(ctx, benchSendTimeout)
+		_, err = p.cl.Send(sctx, spec, prio, nonce, ct, "")
+		cancel()
+		if err != nil {
+			if ctx.Err() != nil {
+				return
+			}
+			var pe *protocol.Error
+			switch {
+			case errors.As(err, &pe):
+				r.refuse(pe.Code)
+				continue
+			case errors.Is(err, context.DeadlineExceeded):
+				r.refuse("timeout")
+				continue
+			}
+			r.refuse("connection")
+			select {
+			case <-p.cl.Done():
+				return // the watcher counts the disconnect
+			default:
+				continue
+			}
+		}
+		hist.record(time.Since(t0))
+		r.acked.Add(1)
+		if direct {
+			r.expected.Add(1)
+		} else {
+			r.expected.Add(int64(n - 1))
+		}
+	}
+}
+
+func (r *benchRun) refuse(code string) {
+	r.refusedMu.Lock()
+	r.refused[code]++
+	r.refusedMu.Unlock()
+}
+
+// watch counts connections that end before the run closes them.
+func (r *benchRun) watch(p *benchPeer) {
+	<-p.cl.Done()
+	if !r.closing.Load() {
+		r.disconnects.Add(1)
+		r.a.log.Warn("bench peer disconnected", "peer", p.idx, "close_code", p.cl.CloseCode(), "reason", p.cl.CloseReason())
+	}
+}
+
+// receive reads p's pushes, checks and times them, and acknowledges them in batches.
+func (r *benchRun) receive(ctx context.Context, p *benchPeer) {
+	defer close(p.recvDone)
+	pending := make([]string, 0, 256)
+	tick := time.NewTicker(20 * time.Millisecond)
+	defer tick.Stop()
+	flush := func() {
+		if len(pending) == 0 {
+			return
+		}
+		actx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+		_ = p.cl.AckMessages(actx, pending...)
+		cancel()
+		pending = pending[:0]
+	}
+	pushes := p.cl.Pushes()
+	for {
+		select {
+		case push, ok := <-pushes:
+			if !ok {
+				return
+			}
+			now := time.Now()
+			if push.IsSystem() {
+				continue
+			}
+			pending = append(pending, push.MessageID)
+			if len(pending) >= cap(pending) {
+				flush()
+			}
+			r.account(p, push, now)
+		case <-tick.C:
+			flush()
+		}
+	}
+}
+
+func (r *benchRun) account(p *benchPeer, push protocol.Push, now time.Time) {
+	var pt []byte
+	var err error
+	if r.o.plain {
+		pt, err = base64.StdEncoding.DecodeString(push.Ciphertext)
+	} else {
+		var o e2e.Opened
+		o, err = p.keys.Open(push.Nonce, push.Ciphertext, push.SenderPubkey, push.SenderMemberPubkey)
+		pt = o.Plaintext
+	}
+	if err != nil || len(pt) < benchHeaderSize || string(pt[:4]) != benchMagic {
+		r.corrupt.Add(1)
+		return
+	}
+	sender := int(binary.LittleEndian.Uint32(pt[4:]))
+	seq := binary.LittleEndian.Uint64(pt[8:])
+	sentAt := int64(binary.LittleEndian.Uint64(pt[16:]))
+	if sender < 0 || sender >= len(p.seen) || seq > 1<<40 {
+		r.corrupt.Add(1)
+		return
+	}
+	bits := p.seen[sender]
+	word := int(seq / 64)
+	if word >= len(bits) {
+		bits = append(bits, make([]uint64, word+1-len(bits)+len(bits)/2)...)
+		p.seen[sender] = bits
+	}
+	mask := uint64(1) << (seq % 64)
+	if bits[word]&mask != 0 {
+		r.dups.Add(1)
+		return
+	}
+	bits[word] |= mask
+	p.pushHist.record(now.Sub(time.Unix(0, sentAt)))
+	r.delivered.Add(1)
+	r.lastDeliveryNs.Store(now.UnixNano())
+}
+
+// benchIdle opens o.idleConns sessions and holds them.
+func (a *app) benchIdle(ctx context.Context, o benchOpts) error {
+	members := min(o.idleConns, 100) // sessions share members: a member may hold many sessions
+	mesh, err := setupBenchMesh(ctx, benchSetup{dbURL: o.setupDB, meshSlug: o.meshSlug, ownerKey: o.ownerKey,
+		members: members, capacity: o.idleConns + 16})
+	if err != nil {
+		return err
+	}
+	rep := &benchReport{Mode: "idle", URLs: o.urls, MeshID: mesh.id, MeshSlug: mesh.slug, Config: benchSummary{Peers: o.idleConns}}
+	probe := newRSSProbe(o.pids)
+	warn := func(err error) { fmt.Fprintln(a.stderr, "meshctl bench: rss:", err) }
+	probe.sample(func(r *rssReport) *int64 { return &r.BeforeKiB }, warn)
+
+	var dialed atomic.Int64
+	bar := startProgress(a.stderr, !o.noProgress, func() (float64, string) {
+		n := dialed.Load()
+		return float64(n) / float64(o.idleConns), fmt.Sprintf("%d/%d sessions", n, o.idleConns)
+	})
+	var run [4]byte
+	_, _ = crand.Read(run[:])
+	setup, clients := a.dialMany(ctx, o, o.idleConns, func(i int) client.Options {
+		m := &mesh.members[i%members]
+		return client.Options{URL: o.urls[i%len(o.urls)], MeshID: mesh.id, MemberID: m.id, MemberKey: m.key, DisplayName: m.name,
+			SessionID: fmt.Sprintf("idle-%x-%d", run, i), PID: i + 1, CWD: "/bench/idle",
+			PushBuffer: 4, EventBuffer: 4, Logger: a.log}
+	}, &dialed)
+	bar.Stop()
+	defer closeAll(clients)
+	rep.Setup = setup
+	probe.sample(func(r *rssReport) *int64 { return &r.ConnectedKiB }, warn)
+	// Idle sessions still get the odd frame (pings, events): keep reading them.
+	for _, cl := range clients {
+		if cl != nil {
+			go discardEvents(cl)
+		}
+	}
+	sleepCtx(ctx, o.hold)
+	probe.sample(func(r *rssReport) *int64 { return &r.AfterKiB }, warn)
+	alive := 0
+	for _, cl := range clients {
+		if cl != nil && cl.Err() == nil {
+			alive++
+		}
+	}
+	ir := &idleReport{Opened: setup.Connections, Alive: alive, HoldS: o.hold.Seconds()}
+	if len(o.pids) > 0 && setup.Connections > 0 {
+		delta := probe.total(func(r *rssReport) *int64 { return &r.ConnectedKiB }) - probe.total(func(r *rssReport) *int64 { return &r.BeforeKiB })
+		ir.PerConnKiB = math.Round(float64(delta)/float64(setup.Connections)*100) / 100
+		rep.RSS = probe.reports
+	}
+	rep.Idle = ir
+	return a.printBench(rep)
+}
+
+func (a *app) printBench(rep *benchReport) error {
+	if a.asJSON {
+		return printJSON(a.stdout, rep)
+	}
+	w := a.stdout
+	fmt.Fprintf(w, "mesh %s  brokers %s\n", rep.MeshSlug, strings.Join(rep.URLs, ", "))
+	s := rep.Setup
+	fmt.Fprintf(w, "connections   %d opened, %d failed in %.2fs (%.0f/s); hello %s\n", s.Connections, s.Failed, s.Seconds, s.PerSecond, s.Hello)
+	if s.FirstError != "" {
+		fmt.Fprintf(w, "              first error: %s\n", s.FirstError)
+	}
+	if m := rep.Messages; m != nil {
+		fmt.Fprintf(w, "sent          %d\n", m.Sent)
+		fmt.Fprintf(w, "acked         %d", m.Acked)
+		if len(m.Refused) > 0 {
+			keys := make([]string, 0, len(m.Refused))
+			for k := range m.Refused {
+				keys = append(keys, k)
+			}
+			sort.Strings(keys)
+			parts := make([]string, len(keys))
+			for i, k := range keys {
+				parts[i] = fmt.Sprintf("%s=%d", k, m.Refused[k])
+			}
+			fmt.Fprintf(w, "  (failed: %s)", strings.Join(parts, " "))
+		}
+		fmt.Fprintln(w)
+		fmt.Fprintf(w, "delivered     %d of %d (%.2f%%), %d duplicates, %d corrupt, %d disconnects\n", m.Delivered, m.Expected, m.DeliveredPct, m.Duplicates, m.Corrupt, m.Disconnects)
+		fmt.Fprintf(w, "throughput    %.0f acked/s over %.2fs; %.0f deliveries/s\n", m.AckedPerSec, m.SendSeconds, m.DeliveredPerSec)
+		fmt.Fprintf(w, "send→ack      %s\n", m.SendToAck)
+		fmt.Fprintf(w, "send→push     %s\n", m.SendToPush)
+	}
+	if ir := rep.Idle; ir != nil {
+		fmt.Fprintf(w, "idle          %d sessions held %.0fs, %d still open\n", ir.Opened, ir.HoldS, ir.Alive)
+		if ir.PerConnKiB != 0 {
+			fmt.Fprintf(w, "memory        %.1f KiB per connection (broker RSS delta / sessions)\n", ir.PerConnKiB)
+		}
+	}
+	for _, r := range rep.RSS {
+		fmt.Fprintf(w, "rss pid %-7d before %s  connected %s  after %s\n", r.PID, mib(r.BeforeKiB), mib(r.ConnectedKiB), mib(r.AfterKiB))
+	}
+	return nil
+}
+
+func mib(kib int64) string { return fmt.Sprintf("%.1f MiB", float64(kib)/1024) }
