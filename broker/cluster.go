@@ -3,7 +3,8 @@ package broker
 import (
 	"context"
 	"encoding/json"
-	"errors"
+	"fmt"
+	"sync"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -141,7 +142,8 @@ func (s *Server) resync(ctx context.Context) {
 }
 
 // sessionClosed runs when a socket is gone: keep the presence in grace, end it, or leave it
-// to the replica that took it over.
+// to the replica that took it over. The database side is batched by the ender, so a
+// thousand sockets closing at once cost a few transactions, not a thousand.
 func (s *Server) sessionClosed(sess *session, mode endMode) {
 	sess.mu.Lock()
 	sess.closed = true
@@ -152,63 +154,165 @@ func (s *Server) sessionClosed(sess *session, mode endMode) {
 	if mode == endReplaced {
 		return
 	}
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(s.runCtx), opTimeout)
-	defer cancel()
-	if mode == endGrace && s.cfg.Grace() > 0 {
-		err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
-			q := s.q.WithTx(tx)
-			until := time.Now().Add(s.cfg.Grace())
-			if err := q.PresenceGrace(ctx, db.PresenceGraceParams{ID: sess.presenceID, NodeID: s.nodeID, GraceUntil: &until}); err != nil {
-				return err
-			}
-			return s.releasePushes(ctx, q, sess)
-		})
-		if err != nil {
-			s.log.Warn("keep presence in grace", "presence", sess.presenceID, "err", err)
-		}
-		s.log.Info("session disconnected; presence kept in grace", "presence", sess.presenceID, "grace", s.cfg.Grace())
-		return
+	if mode == endGrace && s.cfg.Grace() == 0 {
+		mode = endNow
 	}
-	err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
-		q := s.q.WithTx(tx)
-		row, err := q.EndPresence(ctx, db.EndPresenceParams{ID: sess.presenceID, NodeID: s.nodeID})
-		if errors.Is(err, pgx.ErrNoRows) {
-			return nil // taken over or already ended
-		}
-		if err != nil {
-			return err
-		}
-		if err := s.releasePushes(ctx, q, sess); err != nil {
-			return err
-		}
-		var o pgbus.Outbox
-		if err := s.presenceEnded(ctx, tx, &o, endedPresence{row.MeshID, row.MemberID, row.MemberPubkey, row.SessionPubkey, row.DisplayName, sess.presenceID}); err != nil {
-			return err
-		}
-		return pgbus.Send(ctx, q, &o)
-	})
-	if err != nil {
-		s.log.Warn("end presence", "presence", sess.presenceID, "err", err)
-	}
-	s.log.Info("session ended", "presence", sess.presenceID)
+	s.ender.enqueue(presenceEnd{presenceID: sess.presenceID, mode: mode})
 }
 
-// releasePushes returns a closed session's unacked pushes to pending and wakes the member's
-// other sessions, which may take member-addressed ones.
-func (s *Server) releasePushes(ctx context.Context, q *db.Queries, sess *session) error {
-	members, err := q.ReleasePresencePushes(ctx, &sess.presenceID)
-	if err != nil || len(members) == 0 {
-		return err
+type presenceEnd struct {
+	presenceID string
+	mode       endMode
+}
+
+// ender records closed sessions in batches: one transaction, one audit append and one
+// notification per node for everything that closed while the previous batch was in flight.
+// A batch that fails is retried, so a presence never stays live for a socket that is gone
+// (and the reconcile in the sweeper backs that up).
+type ender struct {
+	s       *Server
+	mu      sync.Mutex
+	pending []presenceEnd
+	wake    chan struct{}
+}
+
+func newEnder(s *Server) *ender { return &ender{s: s, wake: make(chan struct{}, 1)} }
+
+func (e *ender) enqueue(p presenceEnd) {
+	e.mu.Lock()
+	e.pending = append(e.pending, p)
+	e.mu.Unlock()
+	select {
+	case e.wake <- struct{}{}:
+	default:
 	}
-	nodes, err := q.NodesOfMembers(ctx, db.NodesOfMembersParams{MeshID: sess.meshID, MemberIds: []string{sess.memberID}})
+}
+
+func (e *ender) run(ctx context.Context) {
+	retry := time.NewTimer(time.Hour)
+	defer retry.Stop()
+	failures := 0
+	for {
+		select {
+		case <-ctx.Done():
+			// On the way out (drain): record what closed, with a deadline of its own.
+			fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+			_ = e.flush(fctx)
+			cancel()
+			return
+		case <-e.wake:
+		case <-retry.C:
+		}
+		if err := e.flush(ctx); err != nil {
+			failures++
+			retry.Reset(min(time.Duration(failures)*200*time.Millisecond, 3*time.Second))
+			continue
+		}
+		failures = 0
+	}
+}
+
+// flush writes every queued end; on failure they stay queued for the retry.
+func (e *ender) flush(ctx context.Context) error {
+	e.mu.Lock()
+	batch := e.pending
+	e.pending = nil
+	e.mu.Unlock()
+	if len(batch) == 0 {
+		return nil
+	}
+	err := e.store(ctx, batch)
 	if err != nil {
-		return err
+		e.mu.Lock()
+		e.pending = append(batch, e.pending...)
+		e.mu.Unlock()
+		if ctx.Err() == nil {
+			e.s.log.Warn("record closed sessions; retrying", "count", len(batch), "err", err)
+		}
 	}
-	var o pgbus.Outbox
-	for _, n := range nodes {
-		o.Add(s.bus.NodeChannel(n.NodeID), pgbus.Message{Kind: pgbus.KindDeliveries, Member: n.MemberID})
+	return err
+}
+
+func (e *ender) store(ctx context.Context, batch []presenceEnd) error {
+	s := e.s
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	var graceIDs, endIDs, all []string
+	for _, p := range batch {
+		all = append(all, p.presenceID)
+		if p.mode == endGrace {
+			graceIDs = append(graceIDs, p.presenceID)
+		} else {
+			endIDs = append(endIDs, p.presenceID)
+		}
 	}
-	return pgbus.Send(ctx, q, &o)
+	return pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
+		q := s.q.WithTx(tx)
+		var o pgbus.Outbox
+		if len(graceIDs) > 0 {
+			until := time.Now().Add(s.cfg.Grace())
+			if err := q.GracePresences(ctx, db.GracePresencesParams{Ids: graceIDs, NodeID: s.nodeID, GraceUntil: &until}); err != nil {
+				return fmt.Errorf("grace presences: %w", err)
+			}
+		}
+		var entries []audit.Entry
+		if len(endIDs) > 0 {
+			ended, err := q.EndPresences(ctx, db.EndPresencesParams{Ids: endIDs, NodeID: s.nodeID})
+			if err != nil {
+				return fmt.Errorf("end presences: %w", err)
+			}
+			for _, r := range ended {
+				entries = append(entries, s.presenceEnded(&o, endedPresence{r.MeshID, r.MemberID, r.MemberPubkey, r.SessionPubkey, r.DisplayName, r.ID}))
+			}
+		}
+		released, err := q.ReleasePresencePushes(ctx, all)
+		if err != nil {
+			return fmt.Errorf("release pushes: %w", err)
+		}
+		byMesh := map[string][]string{}
+		for _, r := range released {
+			byMesh[r.MeshID] = append(byMesh[r.MeshID], r.RecipientMemberID)
+		}
+		if err := s.wakeHolders(ctx, q, &o, byMesh); err != nil {
+			return err
+		}
+		if err := pgbus.Send(ctx, q, &o); err != nil {
+			return err
+		}
+		return audit.Append(ctx, tx, entries)
+	})
+}
+
+// wakeHolders tells the nodes holding live sessions of these recipients (mesh → member ids)
+// that deliveries were released to pending: another session may take them now.
+func (s *Server) wakeHolders(ctx context.Context, q *db.Queries, o *pgbus.Outbox, byMesh map[string][]string) error {
+	for mesh, members := range byMesh {
+		holders, err := q.NodesOfMembers(ctx, db.NodesOfMembersParams{MeshID: mesh, MemberIds: members})
+		if err != nil {
+			return fmt.Errorf("find holders: %w", err)
+		}
+		for _, h := range holders {
+			o.Add(s.bus.NodeChannel(h.NodeID), pgbus.Message{Kind: pgbus.KindDeliveries, Member: h.MemberID})
+		}
+	}
+	return nil
+}
+
+// reconcile puts presences this node owns but holds no session for into grace, so the end of
+// a session that could not be recorded (the database was away) is never lost for good.
+func (s *Server) reconcile(ctx context.Context) {
+	ctx, cancel := context.WithTimeout(ctx, opTimeout)
+	defer cancel()
+	ids, err := s.q.OrphanPresences(ctx, s.nodeID)
+	if err != nil {
+		return
+	}
+	for _, id := range ids {
+		if s.hub.get(id) == nil {
+			s.log.Warn("presence without a session on this node; ending it after its grace", "presence", id)
+			s.ender.enqueue(presenceEnd{presenceID: id, mode: endGrace})
+		}
+	}
 }
 
 type endedPresence struct {
@@ -217,15 +321,15 @@ type endedPresence struct {
 	displayName, presenceID    string
 }
 
-// presenceEnded records the end of a presence: audit and the peer_left event.
-func (s *Server) presenceEnded(ctx context.Context, tx pgx.Tx, o *pgbus.Outbox, p endedPresence) error {
+// presenceEnded queues the peer_left event and returns the audit entry of an ended presence.
+func (s *Server) presenceEnded(o *pgbus.Outbox, p endedPresence) audit.Entry {
 	key := p.memberPubkey
 	if p.sessionPubkey != nil {
 		key = *p.sessionPubkey
 	}
 	s.addEvent(o, p.mesh, p.member, protocol.EventPeerLeft, peerEventData(p.presenceID, key, p.displayName, ""))
-	return audit.Append(ctx, tx, []audit.Entry{{MeshID: p.mesh, Type: audit.PeerDisconnected, Actor: key,
-		Data: map[string]any{"presence_id": p.presenceID, "node": s.nodeID}}})
+	return audit.Entry{MeshID: p.mesh, Type: audit.PeerDisconnected, Actor: key,
+		Data: map[string]any{"presence_id": p.presenceID, "node": s.nodeID}}
 }
 
 // runSweeper ends presences whose grace ran out, flips sessions stuck in working to idle,
@@ -243,10 +347,15 @@ func (s *Server) runSweeper(ctx context.Context) {
 		n++
 		s.sweepGrace(ctx)
 		s.sweepWorking(ctx)
+		if n%5 == 0 {
+			s.updatePendingGauge(ctx)
+		}
+		if n%15 == 0 {
+			s.reconcile(ctx)
+		}
 		if n%30 == 0 {
 			s.sweepExpired(ctx)
 		}
-		s.updatePendingGauge(ctx)
 	}
 }
 
@@ -260,12 +369,14 @@ func (s *Server) sweepGrace(ctx context.Context) {
 			return err
 		}
 		var o pgbus.Outbox
+		var entries []audit.Entry
 		for _, r := range rows {
-			if err := s.presenceEnded(ctx, tx, &o, endedPresence{r.MeshID, r.MemberID, r.MemberPubkey, r.SessionPubkey, r.DisplayName, r.ID}); err != nil {
-				return err
-			}
+			entries = append(entries, s.presenceEnded(&o, endedPresence{r.MeshID, r.MemberID, r.MemberPubkey, r.SessionPubkey, r.DisplayName, r.ID}))
 		}
-		return pgbus.Send(ctx, q, &o)
+		if err := pgbus.Send(ctx, q, &o); err != nil {
+			return err
+		}
+		return audit.Append(ctx, tx, entries)
 	})
 	if err != nil && ctx.Err() == nil {
 		s.log.Debug("grace sweep", "err", err)

@@ -1,7 +1,10 @@
 package broker
 
 import (
+	"context"
 	"errors"
+	"fmt"
+	"sync"
 	"testing"
 	"time"
 
@@ -91,4 +94,38 @@ func TestRevokeClosesSessionsOnEveryReplica(t *testing.T) {
 		_ = c.pool.QueryRow(ctxT(t), `SELECT count(*) FROM claudemesh.presence WHERE member_id = $1 AND ended_at IS NULL`, bob.id).Scan(&n)
 		return n == 0
 	})
+}
+
+// Hundreds of sessions closing at once are all recorded (batched, not one transaction each
+// queueing on the mesh's audit lock), and hellos on another mesh are not starved meanwhile.
+func TestMassCloseEndsEveryPresence(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t, 1, nil)
+	m := c.mesh(1000)
+	const n = 300
+	clients := make([]*client.Client, 0, n)
+	mem := m.member("many")
+	for i := range n {
+		clients = append(clients, m.dial(0, mem, func(o *client.Options) {
+			o.SessionID = fmt.Sprintf("s%d", i)
+			o.Logger = nil
+		}))
+	}
+	var wg sync.WaitGroup
+	for _, cl := range clients {
+		wg.Add(1)
+		go func() { defer wg.Done(); _ = cl.Close() }()
+	}
+	other := c.mesh(0)
+	_, err := other.tryDial(0, other.member("unaffected"))
+	require.NoError(t, err, "a hello on another mesh goes through during the burst")
+	wg.Wait()
+	dbtest.WaitFor(t, 30*time.Second, "every closed session's presence ended", func() bool {
+		var live int
+		_ = c.pool.QueryRow(context.Background(), `SELECT count(*) FROM claudemesh.presence WHERE mesh_id = $1 AND ended_at IS NULL`, m.id).Scan(&live)
+		return live == 0
+	})
+	var left int
+	require.NoError(t, c.pool.QueryRow(context.Background(), `SELECT count(*) FROM claudemesh.audit WHERE mesh_id = $1 AND event_type = 'peer_disconnected'`, m.id).Scan(&left))
+	require.Equal(t, n, left, "one audit entry per ended presence")
 }

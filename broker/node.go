@@ -113,14 +113,8 @@ func (s *Server) takeOverDeadNodes(ctx context.Context) {
 			for _, r := range released {
 				byMesh[r.MeshID] = append(byMesh[r.MeshID], r.RecipientMemberID)
 			}
-			for mesh, members := range byMesh {
-				holders, err := q.NodesOfMembers(ctx, db.NodesOfMembersParams{MeshID: mesh, MemberIds: members})
-				if err != nil {
-					return err
-				}
-				for _, h := range holders {
-					o.Add(s.bus.NodeChannel(h.NodeID), pgbus.Message{Kind: pgbus.KindDeliveries, Member: h.MemberID})
-				}
+			if err := s.wakeHolders(ctx, q, &o, byMesh); err != nil {
+				return err
 			}
 		}
 		return pgbus.Send(ctx, q, &o)

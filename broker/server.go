@@ -45,6 +45,7 @@ type Server struct {
 	sends     [committers]chan sendReq
 	marker    *marker
 	drainer   *drainer
+	ender     *ender
 	hookLimit *hookLimiter
 	members   *membership.Service
 	// runCtx lives from Start to Stop; background work (bg) runs under it.
@@ -91,6 +92,7 @@ func NewServer(cfg Config, pool *pgxpool.Pool, logger *slog.Logger) (*Server, er
 	}
 	s.marker = newMarker(s)
 	s.drainer = newDrainer(s)
+	s.ender = newEnder(s)
 	s.hookLimit = newHookLimiter(cfg.HookRatePerMin)
 	bus, err := pgbus.New(pgbus.Config{
 		ConnConfig: pool.Config().ConnConfig, Exec: pool, NodeID: nodeID, Namespace: cfg.BusNamespace,
@@ -176,7 +178,7 @@ func (s *Server) Start(ctx context.Context, addr string) error {
 		_ = ln.Close()
 		return err
 	}
-	for _, f := range []func(context.Context){s.marker.run, s.drainer.run, s.runBus, s.runSweeper} {
+	for _, f := range []func(context.Context){s.marker.run, s.drainer.run, s.ender.run, s.runBus, s.runSweeper} {
 		s.bg.Go(func() { f(runCtx) })
 	}
 	for _, in := range s.sends {

@@ -106,18 +106,19 @@ func (q *Queries) EndExpiredGrace(ctx context.Context) ([]EndExpiredGraceRow, er
 	return items, nil
 }
 
-const endPresence = `-- name: EndPresence :one
+const endPresences = `-- name: EndPresences :many
 UPDATE claudemesh.presence SET ended_at = now(), grace_until = NULL
-WHERE id = $1 AND node_id = $2 AND ended_at IS NULL
-RETURNING mesh_id, member_id, member_pubkey, session_pubkey, display_name, session_id
+WHERE id = ANY($1::text[]) AND node_id = $2 AND ended_at IS NULL
+RETURNING id, mesh_id, member_id, member_pubkey, session_pubkey, display_name, session_id
 `
 
-type EndPresenceParams struct {
-	ID     string
+type EndPresencesParams struct {
+	Ids    []string
 	NodeID string
 }
 
-type EndPresenceRow struct {
+type EndPresencesRow struct {
+	ID            string
 	MeshID        string
 	MemberID      string
 	MemberPubkey  string
@@ -126,18 +127,49 @@ type EndPresenceRow struct {
 	SessionID     string
 }
 
-func (q *Queries) EndPresence(ctx context.Context, arg EndPresenceParams) (EndPresenceRow, error) {
-	row := q.db.QueryRow(ctx, endPresence, arg.ID, arg.NodeID)
-	var i EndPresenceRow
-	err := row.Scan(
-		&i.MeshID,
-		&i.MemberID,
-		&i.MemberPubkey,
-		&i.SessionPubkey,
-		&i.DisplayName,
-		&i.SessionID,
-	)
-	return i, err
+func (q *Queries) EndPresences(ctx context.Context, arg EndPresencesParams) ([]EndPresencesRow, error) {
+	rows, err := q.db.Query(ctx, endPresences, arg.Ids, arg.NodeID)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	items := []EndPresencesRow{}
+	for rows.Next() {
+		var i EndPresencesRow
+		if err := rows.Scan(
+			&i.ID,
+			&i.MeshID,
+			&i.MemberID,
+			&i.MemberPubkey,
+			&i.SessionPubkey,
+			&i.DisplayName,
+			&i.SessionID,
+		); err != nil {
+			return nil, err
+		}
+		items = append(items, i)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, err
+	}
+	return items, nil
+}
+
+const gracePresences = `-- name: GracePresences :exec
+UPDATE claudemesh.presence SET grace_until = $1, last_seen_at = now()
+WHERE id = ANY($2::text[]) AND node_id = $3 AND ended_at IS NULL
+`
+
+type GracePresencesParams struct {
+	GraceUntil *time.Time
+	Ids        []string
+	NodeID     string
+}
+
+// The sockets are gone; the presences stay listed until grace_until and messages queue.
+func (q *Queries) GracePresences(ctx context.Context, arg GracePresencesParams) error {
+	_, err := q.db.Exec(ctx, gracePresences, arg.GraceUntil, arg.Ids, arg.NodeID)
+	return err
 }
 
 const insertPresence = `-- name: InsertPresence :one
@@ -476,6 +508,34 @@ func (q *Queries) NodesOfMembers(ctx context.Context, arg NodesOfMembersParams) 
 	return items, nil
 }
 
+const orphanPresences = `-- name: OrphanPresences :many
+SELECT id FROM claudemesh.presence
+WHERE node_id = $1 AND ended_at IS NULL AND grace_until IS NULL
+  AND last_seen_at < now() - interval '30 seconds'
+`
+
+// Presences this node owns with no grace, last seen a while ago: the reconcile compares them
+// with the node's live sessions (a just-registered one is younger than the margin).
+func (q *Queries) OrphanPresences(ctx context.Context, nodeID string) ([]string, error) {
+	rows, err := q.db.Query(ctx, orphanPresences, nodeID)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	items := []string{}
+	for rows.Next() {
+		var id string
+		if err := rows.Scan(&id); err != nil {
+			return nil, err
+		}
+		items = append(items, id)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, err
+	}
+	return items, nil
+}
+
 const presenceByID = `-- name: PresenceByID :one
 SELECT id, mesh_id, member_id, member_pubkey, node_id, session_id, session_pubkey, display_name, pid, cwd, status, status_source, status_at, summary, groups, capabilities, connected_at, last_seen_at, grace_until, ended_at FROM claudemesh.presence WHERE id = $1
 `
@@ -508,43 +568,31 @@ func (q *Queries) PresenceByID(ctx context.Context, id string) (ClaudemeshPresen
 	return i, err
 }
 
-const presenceGrace = `-- name: PresenceGrace :exec
-UPDATE claudemesh.presence SET grace_until = $1, last_seen_at = now()
-WHERE id = $2 AND node_id = $3 AND ended_at IS NULL
-`
-
-type PresenceGraceParams struct {
-	GraceUntil *time.Time
-	ID         string
-	NodeID     string
-}
-
-// The socket is gone; the presence stays listed until grace_until and messages queue for it.
-func (q *Queries) PresenceGrace(ctx context.Context, arg PresenceGraceParams) error {
-	_, err := q.db.Exec(ctx, presenceGrace, arg.GraceUntil, arg.ID, arg.NodeID)
-	return err
-}
-
 const releasePresencePushes = `-- name: ReleasePresencePushes :many
 UPDATE claudemesh.delivery SET state = 'pending', pushed_node = NULL, pushed_presence = NULL, pushed_at = NULL
-WHERE state = 'pushed' AND pushed_presence = $1
-RETURNING recipient_member_id
+WHERE state = 'pushed' AND pushed_presence = ANY($1::text[])
+RETURNING mesh_id, recipient_member_id
 `
 
-// Unacked pushes of a session that went away go back to pending, for its next connection.
-func (q *Queries) ReleasePresencePushes(ctx context.Context, presenceID *string) ([]string, error) {
-	rows, err := q.db.Query(ctx, releasePresencePushes, presenceID)
+type ReleasePresencePushesRow struct {
+	MeshID            string
+	RecipientMemberID string
+}
+
+// Unacked pushes of sessions that went away go back to pending, for their next connection.
+func (q *Queries) ReleasePresencePushes(ctx context.Context, presenceIds []string) ([]ReleasePresencePushesRow, error) {
+	rows, err := q.db.Query(ctx, releasePresencePushes, presenceIds)
 	if err != nil {
 		return nil, err
 	}
 	defer rows.Close()
-	items := []string{}
+	items := []ReleasePresencePushesRow{}
 	for rows.Next() {
-		var recipient_member_id string
-		if err := rows.Scan(&recipient_member_id); err != nil {
+		var i ReleasePresencePushesRow
+		if err := rows.Scan(&i.MeshID, &i.RecipientMemberID); err != nil {
 			return nil, err
 		}
-		items = append(items, recipient_member_id)
+		items = append(items, i)
 	}
 	if err := rows.Err(); err != nil {
 		return nil, err

@@ -70,15 +70,22 @@ UPDATE claudemesh.presence SET summary = @summary WHERE id = @id AND ended_at IS
 -- name: SetPresenceGroups :exec
 UPDATE claudemesh.presence SET groups = @groups WHERE id = @id AND ended_at IS NULL;
 
--- name: PresenceGrace :exec
--- The socket is gone; the presence stays listed until grace_until and messages queue for it.
+-- name: GracePresences :exec
+-- The sockets are gone; the presences stay listed until grace_until and messages queue.
 UPDATE claudemesh.presence SET grace_until = @grace_until, last_seen_at = now()
-WHERE id = @id AND node_id = @node_id AND ended_at IS NULL;
+WHERE id = ANY(@ids::text[]) AND node_id = @node_id AND ended_at IS NULL;
 
--- name: EndPresence :one
+-- name: EndPresences :many
 UPDATE claudemesh.presence SET ended_at = now(), grace_until = NULL
-WHERE id = @id AND node_id = @node_id AND ended_at IS NULL
-RETURNING mesh_id, member_id, member_pubkey, session_pubkey, display_name, session_id;
+WHERE id = ANY(@ids::text[]) AND node_id = @node_id AND ended_at IS NULL
+RETURNING id, mesh_id, member_id, member_pubkey, session_pubkey, display_name, session_id;
+
+-- name: OrphanPresences :many
+-- Presences this node owns with no grace, last seen a while ago: the reconcile compares them
+-- with the node's live sessions (a just-registered one is younger than the margin).
+SELECT id FROM claudemesh.presence
+WHERE node_id = @node_id AND ended_at IS NULL AND grace_until IS NULL
+  AND last_seen_at < now() - interval '30 seconds';
 
 -- name: EndExpiredGrace :many
 -- Presences whose grace ran out, on this node or on a node that is gone.
@@ -87,10 +94,10 @@ WHERE p.ended_at IS NULL AND p.grace_until IS NOT NULL AND p.grace_until <= now(
 RETURNING p.id, p.mesh_id, p.member_id, p.member_pubkey, p.session_pubkey, p.display_name, p.session_id, p.node_id;
 
 -- name: ReleasePresencePushes :many
--- Unacked pushes of a session that went away go back to pending, for its next connection.
+-- Unacked pushes of sessions that went away go back to pending, for their next connection.
 UPDATE claudemesh.delivery SET state = 'pending', pushed_node = NULL, pushed_presence = NULL, pushed_at = NULL
-WHERE state = 'pushed' AND pushed_presence = @presence_id
-RETURNING recipient_member_id;
+WHERE state = 'pushed' AND pushed_presence = ANY(@presence_ids::text[])
+RETURNING mesh_id, recipient_member_id;
 
 -- name: NodesOfMembers :many
 -- Nodes holding live sessions of these members, to direct a wake-up at them.
