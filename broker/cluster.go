@@ -157,11 +157,12 @@ func (s *Server) sessionClosed(sess *session, mode endMode) {
 	if mode == endGrace && s.cfg.Grace() == 0 {
 		mode = endNow
 	}
-	s.ender.enqueue(presenceEnd{presenceID: sess.presenceID, mode: mode})
+	s.ender.enqueue(presenceEnd{presenceID: sess.presenceID, epoch: sess.epoch, mode: mode})
 }
 
 type presenceEnd struct {
 	presenceID string
+	epoch      int64 // the registration the closed socket belonged to
 	mode       endMode
 }
 
@@ -238,12 +239,13 @@ func (e *ender) store(ctx context.Context, batch []presenceEnd) error {
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
 	var graceIDs, endIDs, all []string
+	var graceEpochs, endEpochs []int64
 	for _, p := range batch {
 		all = append(all, p.presenceID)
 		if p.mode == endGrace {
-			graceIDs = append(graceIDs, p.presenceID)
+			graceIDs, graceEpochs = append(graceIDs, p.presenceID), append(graceEpochs, p.epoch)
 		} else {
-			endIDs = append(endIDs, p.presenceID)
+			endIDs, endEpochs = append(endIDs, p.presenceID), append(endEpochs, p.epoch)
 		}
 	}
 	return pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
@@ -251,13 +253,13 @@ func (e *ender) store(ctx context.Context, batch []presenceEnd) error {
 		var o pgbus.Outbox
 		if len(graceIDs) > 0 {
 			until := time.Now().Add(s.cfg.Grace())
-			if err := q.GracePresences(ctx, db.GracePresencesParams{Ids: graceIDs, NodeID: s.nodeID, GraceUntil: &until}); err != nil {
+			if err := q.GracePresences(ctx, db.GracePresencesParams{Ids: graceIDs, Epochs: graceEpochs, NodeID: s.nodeID, GraceUntil: &until}); err != nil {
 				return fmt.Errorf("grace presences: %w", err)
 			}
 		}
 		var entries []audit.Entry
 		if len(endIDs) > 0 {
-			ended, err := q.EndPresences(ctx, db.EndPresencesParams{Ids: endIDs, NodeID: s.nodeID})
+			ended, err := q.EndPresences(ctx, db.EndPresencesParams{Ids: endIDs, Epochs: endEpochs, NodeID: s.nodeID})
 			if err != nil {
 				return fmt.Errorf("end presences: %w", err)
 			}
@@ -303,14 +305,14 @@ func (s *Server) wakeHolders(ctx context.Context, q *db.Queries, o *pgbus.Outbox
 func (s *Server) reconcile(ctx context.Context) {
 	ctx, cancel := context.WithTimeout(ctx, opTimeout)
 	defer cancel()
-	ids, err := s.q.OrphanPresences(ctx, s.nodeID)
+	rows, err := s.q.OrphanPresences(ctx, s.nodeID)
 	if err != nil {
 		return
 	}
-	for _, id := range ids {
-		if s.hub.get(id) == nil {
-			s.log.Warn("presence without a session on this node; ending it after its grace", "presence", id)
-			s.ender.enqueue(presenceEnd{presenceID: id, mode: endGrace})
+	for _, r := range rows {
+		if s.hub.get(r.ID) == nil {
+			s.log.Warn("presence without a session on this node; ending it after its grace", "presence", r.ID)
+			s.ender.enqueue(presenceEnd{presenceID: r.ID, epoch: r.Epoch, mode: endGrace})
 		}
 	}
 }

@@ -10,6 +10,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/olahol/melody"
+	"golang.org/x/sync/errgroup"
 
 	"github.com/claudemesh/broker/broker/audit"
 	"github.com/claudemesh/broker/db"
@@ -68,24 +69,49 @@ func (s *Server) handleHello(ms *melody.Session, c *conn, h *protocol.Hello) {
 
 // hello runs every check in protocol order, then registers the presence in one transaction.
 func (s *Server) hello(ctx context.Context, ms *melody.Session, h *protocol.Hello) (*session, bool, error) {
-	mesh, err := s.q.MeshForHello(ctx, h.MeshID)
-	if err != nil && !errors.Is(err, pgx.ErrNoRows) {
-		return nil, false, fmt.Errorf("load mesh: %w", err)
+	// The three look-ups are independent: run them at once (one round trip, not three). The
+	// checks below still apply in protocol order.
+	pubLower, pubErr := protocol.NormalizePubkey(h.Pubkey)
+	var (
+		mesh    db.MeshForHelloRow
+		meshErr error
+		live    int64
+		members []db.MemberByPubkeyRow
+	)
+	g, gctx := errgroup.WithContext(ctx)
+	g.Go(func() error {
+		mesh, meshErr = s.q.MeshForHello(gctx, h.MeshID)
+		if meshErr != nil && !errors.Is(meshErr, pgx.ErrNoRows) {
+			return fmt.Errorf("load mesh: %w", meshErr)
+		}
+		return nil
+	})
+	g.Go(func() (err error) {
+		live, err = s.q.CountLivePresence(gctx, db.CountLivePresenceParams{MeshID: h.MeshID, SessionID: h.SessionID, MemberPubkey: pubLower})
+		if err != nil {
+			err = fmt.Errorf("count presence: %w", err)
+		}
+		return err
+	})
+	if pubErr == nil {
+		g.Go(func() (err error) {
+			members, err = s.q.MemberByPubkey(gctx, db.MemberByPubkeyParams{MeshID: h.MeshID, Pubkey: pubLower})
+			if err != nil {
+				err = fmt.Errorf("load member: %w", err)
+			}
+			return err
+		})
 	}
-	meshFound := err == nil && mesh.ArchivedAt == nil
+	if err := g.Wait(); err != nil {
+		return nil, false, err
+	}
+	meshFound := meshErr == nil && mesh.ArchivedAt == nil
 	limit := int64(s.cfg.MaxConnsPerMesh)
 	if meshFound && mesh.MaxPeers > 0 {
 		limit = int64(mesh.MaxPeers)
 	}
-	pubLower, pubErr := protocol.NormalizePubkey(h.Pubkey)
-	if meshFound {
-		n, err := s.q.CountLivePresence(ctx, db.CountLivePresenceParams{MeshID: h.MeshID, SessionID: h.SessionID, MemberPubkey: pubLower})
-		if err != nil {
-			return nil, false, fmt.Errorf("count presence: %w", err)
-		}
-		if n >= limit {
-			return nil, false, refuse(protocol.CodeCapacity, fmt.Sprintf("mesh has reached its limit of %d live sessions", limit))
-		}
+	if meshFound && live >= limit {
+		return nil, false, refuse(protocol.CodeCapacity, fmt.Sprintf("mesh has reached its limit of %d live sessions", limit))
 	}
 	if skew := time.Since(time.UnixMilli(h.Timestamp)); skew > helloMaxSkew || skew < -helloMaxSkew {
 		return nil, false, refuse(protocol.CodeTimestampSkew, "timestamp is more than 60 s from the broker clock")
@@ -98,6 +124,7 @@ func (s *Server) hello(ctx context.Context, ms *melody.Session, h *protocol.Hell
 	}
 	sessKey := ""
 	if h.SessionPubkey != "" {
+		var err error
 		if sessKey, err = protocol.NormalizePubkey(h.SessionPubkey); err != nil {
 			return nil, false, refuse(protocol.CodeMalformed, "sessionPubkey must be 64 hex characters")
 		}
@@ -107,10 +134,6 @@ func (s *Server) hello(ctx context.Context, ms *melody.Session, h *protocol.Hell
 	}
 	if !meshFound {
 		return nil, false, refuse(protocol.CodeUnauthorized, "no live member with that mesh and pubkey")
-	}
-	members, err := s.q.MemberByPubkey(ctx, db.MemberByPubkeyParams{MeshID: h.MeshID, Pubkey: pubLower})
-	if err != nil {
-		return nil, false, fmt.Errorf("load member: %w", err)
 	}
 	var member *db.MemberByPubkeyRow
 	revoked := false
@@ -149,13 +172,31 @@ func (s *Server) hello(ctx context.Context, ms *melody.Session, h *protocol.Hell
 	}
 
 	var (
-		row     db.ClaudemeshPresence
+		row     db.UpsertPresenceRow
 		resumed bool
-		oldNode string
 		outbox  pgbus.Outbox
 	)
-	err = pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
+	err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
 		q := s.q.WithTx(tx)
+		// What doesn't depend on the mesh's session count runs before its lock.
+		if sessKey != "" {
+			owner, err := q.BindSessionKey(ctx, db.BindSessionKeyParams{MeshID: h.MeshID, SessionPubkey: sessKey, MemberID: member.ID})
+			if err != nil {
+				return fmt.Errorf("bind session key: %w", err)
+			}
+			if owner != member.ID {
+				return refuse(protocol.CodeSessionKeyTaken, "sessionPubkey is bound to another member")
+			}
+		}
+		// A hook that fired before this hello (the first-turn race) applies now.
+		var hookStatus *string
+		if st, err := q.TakePendingStatus(ctx, db.TakePendingStatusParams{SessionID: h.SessionID, Pid: int32(h.PID), Cwd: h.CWD}); err == nil {
+			hookStatus = &st
+		} else if !errors.Is(err, pgx.ErrNoRows) {
+			return fmt.Errorf("take pending status: %w", err)
+		}
+		// Hellos of one mesh (not of the cluster) serialize from here to commit, so the
+		// capacity check can't be raced by a hello on another replica.
 		if err := q.LockMeshHello(ctx, h.MeshID); err != nil {
 			return err
 		}
@@ -166,60 +207,34 @@ func (s *Server) hello(ctx context.Context, ms *melody.Session, h *protocol.Hell
 		if n >= limit {
 			return refuse(protocol.CodeCapacity, fmt.Sprintf("mesh has reached its limit of %d live sessions", limit))
 		}
-		if sessKey != "" {
-			owner, err := q.BindSessionKey(ctx, db.BindSessionKeyParams{MeshID: h.MeshID, SessionPubkey: sessKey, MemberID: member.ID})
-			if err != nil {
-				return fmt.Errorf("bind session key: %w", err)
-			}
-			if owner != member.ID {
-				return refuse(protocol.CodeSessionKeyTaken, "sessionPubkey is bound to another member")
+		row, err = q.UpsertPresence(ctx, db.UpsertPresenceParams{
+			MeshID: h.MeshID, MemberID: member.ID, MemberPubkey: pubLower, NodeID: s.nodeID,
+			SessionID: h.SessionID, SessionPubkey: sessKeyPtr, DisplayName: displayName,
+			Pid: int32(h.PID), Cwd: h.CWD, Groups: groupsJSON, Capabilities: caps, HookStatus: hookStatus,
+		})
+		if err != nil {
+			return fmt.Errorf("register presence: %w", err)
+		}
+		// Resumed: the presence was in its grace, or its socket on this node is already gone
+		// (its close may not be recorded yet).
+		resumed = row.OldGraceUntil != nil
+		if row.OldNodeID != nil && *row.OldNodeID == s.nodeID {
+			if old := s.hub.get(row.ID); old == nil || old.isClosed() {
+				resumed = true
 			}
 		}
-		existing, err := q.LivePresenceForSession(ctx, db.LivePresenceForSessionParams{MeshID: h.MeshID, MemberID: member.ID, SessionID: h.SessionID})
-		switch {
-		case err == nil:
-			resumed = existing.GraceUntil != nil
-			oldNode = existing.NodeID
-			row, err = q.TakeOverPresence(ctx, db.TakeOverPresenceParams{
-				ID: existing.ID, NodeID: s.nodeID, SessionPubkey: sessKeyPtr, DisplayName: displayName,
-				Pid: int32(h.PID), Cwd: h.CWD, Groups: groupsJSON, Capabilities: caps,
-			})
-			if err != nil {
-				return fmt.Errorf("take over presence: %w", err)
-			}
-			if oldNode != s.nodeID {
-				outbox.Add(s.bus.NodeChannel(oldNode), pgbus.Message{Kind: pgbus.KindReplace, Presence: row.ID, Node: s.nodeID})
-			}
-		case errors.Is(err, pgx.ErrNoRows):
-			row, err = q.InsertPresence(ctx, db.InsertPresenceParams{
-				MeshID: h.MeshID, MemberID: member.ID, MemberPubkey: pubLower, NodeID: s.nodeID,
-				SessionID: h.SessionID, SessionPubkey: sessKeyPtr, DisplayName: displayName,
-				Pid: int32(h.PID), Cwd: h.CWD, Groups: groupsJSON, Capabilities: caps,
-			})
-			if err != nil {
-				return fmt.Errorf("insert presence: %w", err)
-			}
-		default:
-			return fmt.Errorf("load presence: %w", err)
+		if row.OldNodeID != nil && *row.OldNodeID != s.nodeID {
+			// The session was live on another replica: that one closes its socket.
+			outbox.Add(s.bus.NodeChannel(*row.OldNodeID), pgbus.Message{Kind: pgbus.KindReplace, Presence: row.ID, Node: s.nodeID})
 		}
-		// A hook that fired before this hello (the first-turn race) applies now.
-		if st, err := q.TakePendingStatus(ctx, db.TakePendingStatusParams{SessionID: h.SessionID, Pid: int32(h.PID), Cwd: h.CWD}); err == nil {
-			if upd, err := q.ApplyStatus(ctx, s.applyStatusParams(row.ID, protocol.Status(st), sourceHook)); err == nil {
-				row.Status = upd.Status
-			} else if !errors.Is(err, pgx.ErrNoRows) {
-				return fmt.Errorf("apply pending status: %w", err)
-			}
-		} else if !errors.Is(err, pgx.ErrNoRows) {
-			return fmt.Errorf("take pending status: %w", err)
-		}
-		if err := audit.Append(ctx, tx, []audit.Entry{{MeshID: h.MeshID, Type: audit.PeerConnected, Actor: pubLower,
-			Data: map[string]any{"presence_id": row.ID, "node": s.nodeID, "resumed": resumed}}}); err != nil {
-			return err
-		}
-		if existing.ID == "" { // a new presence, not a resume or replacement: tell the mesh
+		if row.OldNodeID == nil { // a new presence, not a resume or replacement: tell the mesh
 			s.addEvent(&outbox, h.MeshID, member.ID, protocol.EventPeerJoined, peerEventData(row.ID, keyOr(sessKey, pubLower), displayName, row.Status))
 		}
-		return pgbus.Send(ctx, q, &outbox)
+		if err := pgbus.Send(ctx, q, &outbox); err != nil {
+			return err
+		}
+		return audit.Append(ctx, tx, []audit.Entry{{MeshID: h.MeshID, Type: audit.PeerConnected, Actor: pubLower,
+			Data: map[string]any{"presence_id": row.ID, "node": s.nodeID, "resumed": resumed}}})
 	})
 	if err != nil {
 		return nil, false, err
@@ -231,6 +246,7 @@ func (s *Server) hello(ctx context.Context, ms *melody.Session, h *protocol.Hell
 		systemEvents: h.HasCapability(protocol.CapSystemEvents),
 		displayName:  displayName, status: protocol.Status(row.Status), groups: groups,
 		shard: int(crc32.ChecksumIEEE([]byte(row.ID)) % committers),
+		epoch: row.Epoch,
 	}
 	return sess, resumed, nil
 }

@@ -26,7 +26,8 @@ type session struct {
 	sessionID     string
 	clientAck     bool
 	systemEvents  bool
-	shard         int // the committer this session's sends go through
+	shard         int   // the committer this session's sends go through
+	epoch         int64 // the presence registration this socket owns
 
 	mu          sync.Mutex
 	displayName string
@@ -61,6 +62,12 @@ func (s *session) setStatus(st protocol.Status) {
 	s.mu.Lock()
 	s.status = st
 	s.mu.Unlock()
+}
+
+func (s *session) isClosed() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.closed
 }
 
 func (s *session) name() string {

@@ -134,6 +134,7 @@ type ClaudemeshPresence struct {
 	LastSeenAt    time.Time
 	GraceUntil    *time.Time
 	EndedAt       *time.Time
+	Epoch         int64
 }
 
 type ClaudemeshSessionKey struct {

@@ -107,14 +107,16 @@ func (q *Queries) EndExpiredGrace(ctx context.Context) ([]EndExpiredGraceRow, er
 }
 
 const endPresences = `-- name: EndPresences :many
-UPDATE claudemesh.presence SET ended_at = now(), grace_until = NULL
-WHERE id = ANY($1::text[]) AND node_id = $2 AND ended_at IS NULL
-RETURNING id, mesh_id, member_id, member_pubkey, session_pubkey, display_name, session_id
+UPDATE claudemesh.presence p SET ended_at = now(), grace_until = NULL
+FROM (SELECT unnest($2::text[]) AS id, unnest($3::bigint[]) AS epoch) c
+WHERE p.id = c.id AND p.epoch = c.epoch AND p.node_id = $1 AND p.ended_at IS NULL
+RETURNING p.id, p.mesh_id, p.member_id, p.member_pubkey, p.session_pubkey, p.display_name, p.session_id
 `
 
 type EndPresencesParams struct {
-	Ids    []string
 	NodeID string
+	Ids    []string
+	Epochs []int64
 }
 
 type EndPresencesRow struct {
@@ -128,7 +130,7 @@ type EndPresencesRow struct {
 }
 
 func (q *Queries) EndPresences(ctx context.Context, arg EndPresencesParams) ([]EndPresencesRow, error) {
-	rows, err := q.db.Query(ctx, endPresences, arg.Ids, arg.NodeID)
+	rows, err := q.db.Query(ctx, endPresences, arg.NodeID, arg.Ids, arg.Epochs)
 	if err != nil {
 		return nil, err
 	}
@@ -156,86 +158,32 @@ func (q *Queries) EndPresences(ctx context.Context, arg EndPresencesParams) ([]E
 }
 
 const gracePresences = `-- name: GracePresences :exec
-UPDATE claudemesh.presence SET grace_until = $1, last_seen_at = now()
-WHERE id = ANY($2::text[]) AND node_id = $3 AND ended_at IS NULL
+UPDATE claudemesh.presence p SET grace_until = $1, last_seen_at = now()
+FROM (SELECT unnest($3::text[]) AS id, unnest($4::bigint[]) AS epoch) c
+WHERE p.id = c.id AND p.epoch = c.epoch AND p.node_id = $2 AND p.ended_at IS NULL
 `
 
 type GracePresencesParams struct {
 	GraceUntil *time.Time
-	Ids        []string
 	NodeID     string
+	Ids        []string
+	Epochs     []int64
 }
 
 // The sockets are gone; the presences stay listed until grace_until and messages queue.
+// Only at the epoch the closed socket registered: a newer socket's presence is left alone.
 func (q *Queries) GracePresences(ctx context.Context, arg GracePresencesParams) error {
-	_, err := q.db.Exec(ctx, gracePresences, arg.GraceUntil, arg.Ids, arg.NodeID)
+	_, err := q.db.Exec(ctx, gracePresences,
+		arg.GraceUntil,
+		arg.NodeID,
+		arg.Ids,
+		arg.Epochs,
+	)
 	return err
 }
 
-const insertPresence = `-- name: InsertPresence :one
-INSERT INTO claudemesh.presence (mesh_id, member_id, member_pubkey, node_id, session_id, session_pubkey,
-    display_name, pid, cwd, groups, capabilities)
-VALUES ($1, $2, $3, $4, $5, $6, $7,
-    $8, $9, $10, $11)
-RETURNING id, mesh_id, member_id, member_pubkey, node_id, session_id, session_pubkey, display_name, pid, cwd, status, status_source, status_at, summary, groups, capabilities, connected_at, last_seen_at, grace_until, ended_at
-`
-
-type InsertPresenceParams struct {
-	MeshID        string
-	MemberID      string
-	MemberPubkey  string
-	NodeID        string
-	SessionID     string
-	SessionPubkey *string
-	DisplayName   string
-	Pid           int32
-	Cwd           string
-	Groups        json.RawMessage
-	Capabilities  []string
-}
-
-func (q *Queries) InsertPresence(ctx context.Context, arg InsertPresenceParams) (ClaudemeshPresence, error) {
-	row := q.db.QueryRow(ctx, insertPresence,
-		arg.MeshID,
-		arg.MemberID,
-		arg.MemberPubkey,
-		arg.NodeID,
-		arg.SessionID,
-		arg.SessionPubkey,
-		arg.DisplayName,
-		arg.Pid,
-		arg.Cwd,
-		arg.Groups,
-		arg.Capabilities,
-	)
-	var i ClaudemeshPresence
-	err := row.Scan(
-		&i.ID,
-		&i.MeshID,
-		&i.MemberID,
-		&i.MemberPubkey,
-		&i.NodeID,
-		&i.SessionID,
-		&i.SessionPubkey,
-		&i.DisplayName,
-		&i.Pid,
-		&i.Cwd,
-		&i.Status,
-		&i.StatusSource,
-		&i.StatusAt,
-		&i.Summary,
-		&i.Groups,
-		&i.Capabilities,
-		&i.ConnectedAt,
-		&i.LastSeenAt,
-		&i.GraceUntil,
-		&i.EndedAt,
-	)
-	return i, err
-}
-
 const listLivePresence = `-- name: ListLivePresence :many
-SELECT id, mesh_id, member_id, member_pubkey, node_id, session_id, session_pubkey, display_name, pid, cwd, status, status_source, status_at, summary, groups, capabilities, connected_at, last_seen_at, grace_until, ended_at FROM claudemesh.presence WHERE mesh_id = $1 AND ended_at IS NULL ORDER BY connected_at, id
+SELECT id, mesh_id, member_id, member_pubkey, node_id, session_id, session_pubkey, display_name, pid, cwd, status, status_source, status_at, summary, groups, capabilities, connected_at, last_seen_at, grace_until, ended_at, epoch FROM claudemesh.presence WHERE mesh_id = $1 AND ended_at IS NULL ORDER BY connected_at, id
 `
 
 func (q *Queries) ListLivePresence(ctx context.Context, meshID string) ([]ClaudemeshPresence, error) {
@@ -268,6 +216,7 @@ func (q *Queries) ListLivePresence(ctx context.Context, meshID string) ([]Claude
 			&i.LastSeenAt,
 			&i.GraceUntil,
 			&i.EndedAt,
+			&i.Epoch,
 		); err != nil {
 			return nil, err
 		}
@@ -322,46 +271,6 @@ func (q *Queries) LivePresenceByMeshes(ctx context.Context, meshIds []string) ([
 		return nil, err
 	}
 	return items, nil
-}
-
-const livePresenceForSession = `-- name: LivePresenceForSession :one
-SELECT id, mesh_id, member_id, member_pubkey, node_id, session_id, session_pubkey, display_name, pid, cwd, status, status_source, status_at, summary, groups, capabilities, connected_at, last_seen_at, grace_until, ended_at FROM claudemesh.presence
-WHERE mesh_id = $1 AND member_id = $2 AND session_id = $3 AND ended_at IS NULL
-FOR UPDATE
-`
-
-type LivePresenceForSessionParams struct {
-	MeshID    string
-	MemberID  string
-	SessionID string
-}
-
-func (q *Queries) LivePresenceForSession(ctx context.Context, arg LivePresenceForSessionParams) (ClaudemeshPresence, error) {
-	row := q.db.QueryRow(ctx, livePresenceForSession, arg.MeshID, arg.MemberID, arg.SessionID)
-	var i ClaudemeshPresence
-	err := row.Scan(
-		&i.ID,
-		&i.MeshID,
-		&i.MemberID,
-		&i.MemberPubkey,
-		&i.NodeID,
-		&i.SessionID,
-		&i.SessionPubkey,
-		&i.DisplayName,
-		&i.Pid,
-		&i.Cwd,
-		&i.Status,
-		&i.StatusSource,
-		&i.StatusAt,
-		&i.Summary,
-		&i.Groups,
-		&i.Capabilities,
-		&i.ConnectedAt,
-		&i.LastSeenAt,
-		&i.GraceUntil,
-		&i.EndedAt,
-	)
-	return i, err
 }
 
 const lockMeshHello = `-- name: LockMeshHello :exec
@@ -509,26 +418,31 @@ func (q *Queries) NodesOfMembers(ctx context.Context, arg NodesOfMembersParams) 
 }
 
 const orphanPresences = `-- name: OrphanPresences :many
-SELECT id FROM claudemesh.presence
+SELECT id, epoch FROM claudemesh.presence
 WHERE node_id = $1 AND ended_at IS NULL AND grace_until IS NULL
   AND last_seen_at < now() - interval '30 seconds'
 `
 
+type OrphanPresencesRow struct {
+	ID    string
+	Epoch int64
+}
+
 // Presences this node owns with no grace, last seen a while ago: the reconcile compares them
 // with the node's live sessions (a just-registered one is younger than the margin).
-func (q *Queries) OrphanPresences(ctx context.Context, nodeID string) ([]string, error) {
+func (q *Queries) OrphanPresences(ctx context.Context, nodeID string) ([]OrphanPresencesRow, error) {
 	rows, err := q.db.Query(ctx, orphanPresences, nodeID)
 	if err != nil {
 		return nil, err
 	}
 	defer rows.Close()
-	items := []string{}
+	items := []OrphanPresencesRow{}
 	for rows.Next() {
-		var id string
-		if err := rows.Scan(&id); err != nil {
+		var i OrphanPresencesRow
+		if err := rows.Scan(&i.ID, &i.Epoch); err != nil {
 			return nil, err
 		}
-		items = append(items, id)
+		items = append(items, i)
 	}
 	if err := rows.Err(); err != nil {
 		return nil, err
@@ -537,7 +451,7 @@ func (q *Queries) OrphanPresences(ctx context.Context, nodeID string) ([]string,
 }
 
 const presenceByID = `-- name: PresenceByID :one
-SELECT id, mesh_id, member_id, member_pubkey, node_id, session_id, session_pubkey, display_name, pid, cwd, status, status_source, status_at, summary, groups, capabilities, connected_at, last_seen_at, grace_until, ended_at FROM claudemesh.presence WHERE id = $1
+SELECT id, mesh_id, member_id, member_pubkey, node_id, session_id, session_pubkey, display_name, pid, cwd, status, status_source, status_at, summary, groups, capabilities, connected_at, last_seen_at, grace_until, ended_at, epoch FROM claudemesh.presence WHERE id = $1
 `
 
 func (q *Queries) PresenceByID(ctx context.Context, id string) (ClaudemeshPresence, error) {
@@ -564,6 +478,7 @@ func (q *Queries) PresenceByID(ctx context.Context, id string) (ClaudemeshPresen
 		&i.LastSeenAt,
 		&i.GraceUntil,
 		&i.EndedAt,
+		&i.Epoch,
 	)
 	return i, err
 }
@@ -628,15 +543,39 @@ func (q *Queries) SetPresenceSummary(ctx context.Context, arg SetPresenceSummary
 	return err
 }
 
-const takeOverPresence = `-- name: TakeOverPresence :one
-UPDATE claudemesh.presence
-SET node_id = $1, session_pubkey = $2, display_name = $3, pid = $4,
-    cwd = $5, groups = $6, capabilities = $7, last_seen_at = now(), grace_until = NULL
-WHERE id = $8
-RETURNING id, mesh_id, member_id, member_pubkey, node_id, session_id, session_pubkey, display_name, pid, cwd, status, status_source, status_at, summary, groups, capabilities, connected_at, last_seen_at, grace_until, ended_at
+const upsertPresence = `-- name: UpsertPresence :one
+WITH old AS (
+    SELECT p.id, p.node_id, p.grace_until FROM claudemesh.presence p
+    WHERE p.mesh_id = $1 AND p.member_id = $2 AND p.session_id = $3 AND p.ended_at IS NULL
+    -- No FOR UPDATE: it would run after the upsert below and see nothing. The statement's
+    -- snapshot is current: hellos of a mesh are serialized by LockMeshHello.
+), up AS (
+    INSERT INTO claudemesh.presence (mesh_id, member_id, member_pubkey, node_id, session_id, session_pubkey,
+        display_name, pid, cwd, groups, capabilities, status, status_source)
+    VALUES ($1, $2, $4, $5, $3, $6, $7,
+        $8, $9, $10, $11, COALESCE($12::text, 'idle'),
+        CASE WHEN $12::text IS NULL THEN 'manual' ELSE 'hook' END)
+    ON CONFLICT (mesh_id, member_id, session_id) WHERE ended_at IS NULL DO UPDATE
+    SET node_id = EXCLUDED.node_id, session_pubkey = EXCLUDED.session_pubkey, display_name = EXCLUDED.display_name,
+        pid = EXCLUDED.pid, cwd = EXCLUDED.cwd, groups = EXCLUDED.groups, capabilities = EXCLUDED.capabilities,
+        last_seen_at = now(), grace_until = NULL, epoch = claudemesh.presence.epoch + 1,
+        status = CASE WHEN $12::text IS NOT NULL AND claudemesh.presence.status <> 'dnd'
+                      THEN $12::text ELSE claudemesh.presence.status END,
+        status_source = CASE WHEN $12::text IS NOT NULL AND claudemesh.presence.status <> 'dnd'
+                             THEN 'hook' ELSE claudemesh.presence.status_source END,
+        status_at = CASE WHEN $12::text IS NOT NULL AND claudemesh.presence.status <> 'dnd'
+                         THEN now() ELSE claudemesh.presence.status_at END
+    RETURNING id, status, epoch
+)
+SELECT up.id, up.status, up.epoch, old.node_id AS old_node_id, old.grace_until AS old_grace_until
+FROM up LEFT JOIN old ON true
 `
 
-type TakeOverPresenceParams struct {
+type UpsertPresenceParams struct {
+	MeshID        string
+	MemberID      string
+	SessionID     string
+	MemberPubkey  string
 	NodeID        string
 	SessionPubkey *string
 	DisplayName   string
@@ -644,11 +583,26 @@ type TakeOverPresenceParams struct {
 	Cwd           string
 	Groups        json.RawMessage
 	Capabilities  []string
-	ID            string
+	HookStatus    *string
 }
 
-func (q *Queries) TakeOverPresence(ctx context.Context, arg TakeOverPresenceParams) (ClaudemeshPresence, error) {
-	row := q.db.QueryRow(ctx, takeOverPresence,
+type UpsertPresenceRow struct {
+	ID            string
+	Status        string
+	Epoch         int64
+	OldNodeID     *string
+	OldGraceUntil *time.Time
+}
+
+// Registers a session in one statement: a new presence, or the take-over of the member's live
+// presence with the same session id (a reconnect or a replacement), returning the node and
+// grace it had. A hook status that arrived before the hello applies, except over dnd.
+func (q *Queries) UpsertPresence(ctx context.Context, arg UpsertPresenceParams) (UpsertPresenceRow, error) {
+	row := q.db.QueryRow(ctx, upsertPresence,
+		arg.MeshID,
+		arg.MemberID,
+		arg.SessionID,
+		arg.MemberPubkey,
 		arg.NodeID,
 		arg.SessionPubkey,
 		arg.DisplayName,
@@ -656,30 +610,15 @@ func (q *Queries) TakeOverPresence(ctx context.Context, arg TakeOverPresencePara
 		arg.Cwd,
 		arg.Groups,
 		arg.Capabilities,
-		arg.ID,
+		arg.HookStatus,
 	)
-	var i ClaudemeshPresence
+	var i UpsertPresenceRow
 	err := row.Scan(
 		&i.ID,
-		&i.MeshID,
-		&i.MemberID,
-		&i.MemberPubkey,
-		&i.NodeID,
-		&i.SessionID,
-		&i.SessionPubkey,
-		&i.DisplayName,
-		&i.Pid,
-		&i.Cwd,
 		&i.Status,
-		&i.StatusSource,
-		&i.StatusAt,
-		&i.Summary,
-		&i.Groups,
-		&i.Capabilities,
-		&i.ConnectedAt,
-		&i.LastSeenAt,
-		&i.GraceUntil,
-		&i.EndedAt,
+		&i.Epoch,
+		&i.OldNodeID,
+		&i.OldGraceUntil,
 	)
 	return i, err
 }

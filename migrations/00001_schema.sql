@@ -84,7 +84,10 @@ CREATE TABLE claudemesh.presence (
     last_seen_at   timestamptz NOT NULL DEFAULT now(),
     -- Set while the session is in its reconnect grace: the socket is gone, the presence stays listed.
     grace_until    timestamptz,
-    ended_at       timestamptz
+    ended_at       timestamptz,
+    -- Bumped by every registration of the session: a late record of an old socket's close
+    -- must not touch a presence a newer socket has taken over.
+    epoch          bigint NOT NULL DEFAULT 1
 );
 -- A presence is "live" until ended_at is set (it may be in grace). One live presence per member session.
 CREATE UNIQUE INDEX presence_live_session ON claudemesh.presence (mesh_id, member_id, session_id) WHERE ended_at IS NULL;

@@ -31,24 +31,35 @@ UNION ALL
 SELECT member_id FROM claudemesh.session_key WHERE mesh_id = @mesh_id AND session_pubkey = @session_pubkey
 LIMIT 1;
 
--- name: LivePresenceForSession :one
-SELECT * FROM claudemesh.presence
-WHERE mesh_id = @mesh_id AND member_id = @member_id AND session_id = @session_id AND ended_at IS NULL
-FOR UPDATE;
-
--- name: TakeOverPresence :one
-UPDATE claudemesh.presence
-SET node_id = @node_id, session_pubkey = @session_pubkey, display_name = @display_name, pid = @pid,
-    cwd = @cwd, groups = @groups, capabilities = @capabilities, last_seen_at = now(), grace_until = NULL
-WHERE id = @id
-RETURNING *;
-
--- name: InsertPresence :one
-INSERT INTO claudemesh.presence (mesh_id, member_id, member_pubkey, node_id, session_id, session_pubkey,
-    display_name, pid, cwd, groups, capabilities)
-VALUES (@mesh_id, @member_id, @member_pubkey, @node_id, @session_id, @session_pubkey, @display_name,
-    @pid, @cwd, @groups, @capabilities)
-RETURNING *;
+-- name: UpsertPresence :one
+-- Registers a session in one statement: a new presence, or the take-over of the member's live
+-- presence with the same session id (a reconnect or a replacement), returning the node and
+-- grace it had. A hook status that arrived before the hello applies, except over dnd.
+WITH old AS (
+    SELECT p.id, p.node_id, p.grace_until FROM claudemesh.presence p
+    WHERE p.mesh_id = @mesh_id AND p.member_id = @member_id AND p.session_id = @session_id AND p.ended_at IS NULL
+    -- No FOR UPDATE: it would run after the upsert below and see nothing. The statement's
+    -- snapshot is current: hellos of a mesh are serialized by LockMeshHello.
+), up AS (
+    INSERT INTO claudemesh.presence (mesh_id, member_id, member_pubkey, node_id, session_id, session_pubkey,
+        display_name, pid, cwd, groups, capabilities, status, status_source)
+    VALUES (@mesh_id, @member_id, @member_pubkey, @node_id, @session_id, @session_pubkey, @display_name,
+        @pid, @cwd, @groups, @capabilities, COALESCE(sqlc.narg('hook_status')::text, 'idle'),
+        CASE WHEN sqlc.narg('hook_status')::text IS NULL THEN 'manual' ELSE 'hook' END)
+    ON CONFLICT (mesh_id, member_id, session_id) WHERE ended_at IS NULL DO UPDATE
+    SET node_id = EXCLUDED.node_id, session_pubkey = EXCLUDED.session_pubkey, display_name = EXCLUDED.display_name,
+        pid = EXCLUDED.pid, cwd = EXCLUDED.cwd, groups = EXCLUDED.groups, capabilities = EXCLUDED.capabilities,
+        last_seen_at = now(), grace_until = NULL, epoch = claudemesh.presence.epoch + 1,
+        status = CASE WHEN sqlc.narg('hook_status')::text IS NOT NULL AND claudemesh.presence.status <> 'dnd'
+                      THEN sqlc.narg('hook_status')::text ELSE claudemesh.presence.status END,
+        status_source = CASE WHEN sqlc.narg('hook_status')::text IS NOT NULL AND claudemesh.presence.status <> 'dnd'
+                             THEN 'hook' ELSE claudemesh.presence.status_source END,
+        status_at = CASE WHEN sqlc.narg('hook_status')::text IS NOT NULL AND claudemesh.presence.status <> 'dnd'
+                         THEN now() ELSE claudemesh.presence.status_at END
+    RETURNING id, status, epoch
+)
+SELECT up.id, up.status, up.epoch, old.node_id AS old_node_id, old.grace_until AS old_grace_until
+FROM up LEFT JOIN old ON true;
 
 -- name: ListLivePresence :many
 SELECT * FROM claudemesh.presence WHERE mesh_id = @mesh_id AND ended_at IS NULL ORDER BY connected_at, id;
@@ -72,18 +83,21 @@ UPDATE claudemesh.presence SET groups = @groups WHERE id = @id AND ended_at IS N
 
 -- name: GracePresences :exec
 -- The sockets are gone; the presences stay listed until grace_until and messages queue.
-UPDATE claudemesh.presence SET grace_until = @grace_until, last_seen_at = now()
-WHERE id = ANY(@ids::text[]) AND node_id = @node_id AND ended_at IS NULL;
+-- Only at the epoch the closed socket registered: a newer socket's presence is left alone.
+UPDATE claudemesh.presence p SET grace_until = @grace_until, last_seen_at = now()
+FROM (SELECT unnest(@ids::text[]) AS id, unnest(@epochs::bigint[]) AS epoch) c
+WHERE p.id = c.id AND p.epoch = c.epoch AND p.node_id = @node_id AND p.ended_at IS NULL;
 
 -- name: EndPresences :many
-UPDATE claudemesh.presence SET ended_at = now(), grace_until = NULL
-WHERE id = ANY(@ids::text[]) AND node_id = @node_id AND ended_at IS NULL
-RETURNING id, mesh_id, member_id, member_pubkey, session_pubkey, display_name, session_id;
+UPDATE claudemesh.presence p SET ended_at = now(), grace_until = NULL
+FROM (SELECT unnest(@ids::text[]) AS id, unnest(@epochs::bigint[]) AS epoch) c
+WHERE p.id = c.id AND p.epoch = c.epoch AND p.node_id = @node_id AND p.ended_at IS NULL
+RETURNING p.id, p.mesh_id, p.member_id, p.member_pubkey, p.session_pubkey, p.display_name, p.session_id;
 
 -- name: OrphanPresences :many
 -- Presences this node owns with no grace, last seen a while ago: the reconcile compares them
 -- with the node's live sessions (a just-registered one is younger than the margin).
-SELECT id FROM claudemesh.presence
+SELECT id, epoch FROM claudemesh.presence
 WHERE node_id = @node_id AND ended_at IS NULL AND grace_until IS NULL
   AND last_seen_at < now() - interval '30 seconds';
 
