@@ -64,7 +64,8 @@ func TestNextHeldWhileWorkingReleasedByHookOnThirdReplica(t *testing.T) {
 	released := time.Now()
 	require.Equal(t, held.MessageID, nextPush(t, b, 5*time.Second).MessageID)
 	require.Equal(t, low.MessageID, nextPush(t, b, 5*time.Second).MessageID)
-	require.Less(t, time.Since(released), 5*time.Second) // the bar is one second; see BENCHMARKS for the measured figure
+	// Reported, not asserted: timing belongs to benchmarks (the bar is one second).
+	t.Logf("held messages released %s after the hook answered", time.Since(released).Round(time.Millisecond))
 	dbtest.WaitFor(t, 5*time.Second, "held message reported delivered", func() bool {
 		st, err := a.MessageStatus(ctx, held.MessageID)
 		return err == nil && st.Delivered && st.DeliveredAt != ""

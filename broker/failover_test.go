@@ -129,3 +129,62 @@ func TestMassCloseEndsEveryPresence(t *testing.T) {
 	require.NoError(t, c.pool.QueryRow(context.Background(), `SELECT count(*) FROM claudemesh.audit WHERE mesh_id = $1 AND event_type = 'peer_disconnected'`, m.id).Scan(&left))
 	require.Equal(t, n, left, "one audit entry per ended presence")
 }
+
+// Draining: health turns 503 "draining" at once, new upgrades are refused, every session is
+// closed with 1012, and the presences stay listed in grace (no peer_left) for a reconnect.
+func TestDrainClosesWith1012AndKeepsPresences(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t, 2, func(cfg *Config) { cfg.SessionGrace = time.Minute })
+	m := c.mesh(0)
+	watcher := m.dial(1, m.member("watcher"))
+	var peers []*client.Client
+	var members []*testMember
+	for i := range 5 {
+		members = append(members, m.member(fmt.Sprintf("p%d", i)))
+		peers = append(peers, m.dial(0, members[i]))
+	}
+	stopped := make(chan error, 1)
+	go func() { stopped <- c.nodes[0].Stop(context.Background()) }()
+	dbtest.WaitFor(t, 5*time.Second, "health says draining", func() bool {
+		code, h := getHealth(t, c.nodes[0].Addr())
+		return code == 503 && h.Status == "draining"
+	})
+	for _, p := range peers {
+		select {
+		case <-p.Done():
+			require.Equal(t, protocol.CloseDraining, p.CloseCode())
+		case <-time.After(10 * time.Second):
+			t.Fatal("session not closed by the drain")
+		}
+	}
+	require.NoError(t, <-stopped)
+	peersNow, err := watcher.ListPeers(ctxT(t))
+	require.NoError(t, err)
+	require.Len(t, peersNow, 6, "drained sessions stay listed in grace")
+	var live int
+	require.NoError(t, c.pool.QueryRow(ctxT(t), `SELECT count(*) FROM claudemesh.presence WHERE mesh_id = $1 AND ended_at IS NULL AND grace_until IS NOT NULL`, m.id).Scan(&live))
+	require.Equal(t, 5, live)
+	var stoppedAt *time.Time
+	require.NoError(t, c.pool.QueryRow(ctxT(t), `SELECT stopped_at FROM claudemesh.node WHERE id = 'n0'`).Scan(&stoppedAt))
+	require.NotNil(t, stoppedAt, "node marked stopped")
+	// They reconnect elsewhere and resume, silently: no peer_left, no peer_joined.
+	for _, mem := range members {
+		require.True(t, m.dial(1, mem).HelloAck().Resumed)
+	}
+	noEvent(t, watcher, protocol.EventPeerLeft, 300*time.Millisecond)
+}
+
+func noEvent(t *testing.T, cl *client.Client, event string, wait time.Duration) {
+	t.Helper()
+	deadline := time.After(wait)
+	for {
+		select {
+		case p := <-cl.Pushes():
+			if p.IsSystem() && p.Event == event {
+				t.Fatalf("unexpected %s event: %s", event, p.EventData)
+			}
+		case <-deadline:
+			return
+		}
+	}
+}

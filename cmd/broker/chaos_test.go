@@ -177,6 +177,13 @@ func newChaosHarness(t *testing.T, ctx context.Context) *chaosHarness {
 
 func (h *chaosHarness) report(format string, args ...any) {
 	h.t.Logf("CHAOS "+format, args...)
+	// CI prints the report from the artifacts folder (go test hides a passing test's logs).
+	if dir := os.Getenv("ARTIFACTS_DIR"); dir != "" {
+		if f, err := os.OpenFile(filepath.Join(dir, "chaos-report.txt"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644); err == nil {
+			fmt.Fprintf(f, format+"\n", args...)
+			f.Close()
+		}
+	}
 }
 
 func (h *chaosHarness) waitFor(d time.Duration, what string, cond func() bool) {
