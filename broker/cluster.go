@@ -248,9 +248,7 @@ func (e *ender) store(ctx context.Context, batch []presenceEnd) error {
 			endIDs, endEpochs = append(endIDs, p.presenceID), append(endEpochs, p.epoch)
 		}
 	}
-	return pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
-		q := s.q.WithTx(tx)
-		var o pgbus.Outbox
+	return s.inTx(ctx, func(tx pgx.Tx, q *db.Queries, o *pgbus.Outbox) error {
 		if len(graceIDs) > 0 {
 			until := time.Now().Add(s.cfg.Grace())
 			if err := q.GracePresences(ctx, db.GracePresencesParams{Ids: graceIDs, Epochs: graceEpochs, NodeID: s.nodeID, GraceUntil: &until}); err != nil {
@@ -264,7 +262,7 @@ func (e *ender) store(ctx context.Context, batch []presenceEnd) error {
 				return fmt.Errorf("end presences: %w", err)
 			}
 			for _, r := range ended {
-				entries = append(entries, s.presenceEnded(&o, endedPresence{r.MeshID, r.MemberID, r.MemberPubkey, r.SessionPubkey, r.DisplayName, r.ID}))
+				entries = append(entries, s.presenceEnded(o, endedPresence{r.MeshID, r.MemberID, r.MemberPubkey, r.SessionPubkey, r.DisplayName, r.ID}))
 			}
 		}
 		released, err := q.ReleasePresencePushes(ctx, all)
@@ -275,10 +273,7 @@ func (e *ender) store(ctx context.Context, batch []presenceEnd) error {
 		for _, r := range released {
 			byMesh[r.MeshID] = append(byMesh[r.MeshID], r.RecipientMemberID)
 		}
-		if err := s.wakeHolders(ctx, q, &o, byMesh); err != nil {
-			return err
-		}
-		if err := pgbus.Send(ctx, q, &o); err != nil {
+		if err := s.wakeHolders(ctx, q, o, byMesh); err != nil {
 			return err
 		}
 		return audit.Append(ctx, tx, entries)
@@ -364,19 +359,14 @@ func (s *Server) runSweeper(ctx context.Context) {
 func (s *Server) sweepGrace(ctx context.Context) {
 	ctx, cancel := context.WithTimeout(ctx, opTimeout)
 	defer cancel()
-	err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
-		q := s.q.WithTx(tx)
+	err := s.inTx(ctx, func(tx pgx.Tx, q *db.Queries, o *pgbus.Outbox) error {
 		rows, err := q.EndExpiredGrace(ctx)
 		if err != nil || len(rows) == 0 {
 			return err
 		}
-		var o pgbus.Outbox
 		var entries []audit.Entry
 		for _, r := range rows {
-			entries = append(entries, s.presenceEnded(&o, endedPresence{r.MeshID, r.MemberID, r.MemberPubkey, r.SessionPubkey, r.DisplayName, r.ID}))
-		}
-		if err := pgbus.Send(ctx, q, &o); err != nil {
-			return err
+			entries = append(entries, s.presenceEnded(o, endedPresence{r.MeshID, r.MemberID, r.MemberPubkey, r.SessionPubkey, r.DisplayName, r.ID}))
 		}
 		return audit.Append(ctx, tx, entries)
 	})
@@ -389,19 +379,17 @@ func (s *Server) sweepWorking(ctx context.Context) {
 	ctx, cancel := context.WithTimeout(ctx, opTimeout)
 	defer cancel()
 	var changed []changedStatus
-	err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
-		q := s.q.WithTx(tx)
+	err := s.inTx(ctx, func(_ pgx.Tx, q *db.Queries, o *pgbus.Outbox) error {
 		rows, err := q.ExpireWorking(ctx, db.ExpireWorkingParams{NodeID: s.nodeID, TtlSeconds: s.cfg.StatusTTL.Seconds()})
-		if err != nil || len(rows) == 0 {
+		if err != nil {
 			return err
 		}
-		var o pgbus.Outbox
 		for _, r := range rows {
 			c := changedStatus{r.ID, r.MeshID, r.MemberID, r.MemberPubkey, r.DisplayName, r.NodeID, r.Status, r.SessionPubkey}
 			changed = append(changed, c)
-			s.statusChanged(&o, c)
+			s.statusChanged(o, c)
 		}
-		return pgbus.Send(ctx, q, &o)
+		return nil
 	})
 	if err != nil {
 		if ctx.Err() == nil {

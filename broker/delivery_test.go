@@ -151,6 +151,14 @@ func TestUnackedPushesResentAfterReconnect(t *testing.T) {
 		return st == "acked"
 	})
 	b.Abort()
+	// resumed:true means the presence was in its grace; another replica can't see the old
+	// socket, so wait until its own replica has recorded the grace (a real client's
+	// reconnect backoff takes longer than that).
+	dbtest.WaitFor(t, 5*time.Second, "bob's presence in grace", func() bool {
+		var inGrace bool
+		_ = c.pool.QueryRow(ctx, `SELECT grace_until IS NOT NULL FROM claudemesh.presence WHERE member_id = $1 AND ended_at IS NULL`, bob.id).Scan(&inGrace)
+		return inGrace
+	})
 
 	b2 := m.dial(0, bob)
 	require.True(t, b2.HelloAck().Resumed, "same session within grace resumes")

@@ -134,8 +134,7 @@ func (s *Server) applyStatusParams(presenceID string, st protocol.Status, source
 // setStatus applies the status model in SQL and tells the owning replica and the mesh.
 // A change refused by the model (fresher hook, dnd) is not an error.
 func (s *Server) setStatus(ctx context.Context, presenceID string, st protocol.Status, source string) error {
-	return pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
-		q := s.q.WithTx(tx)
+	return s.inTx(ctx, func(_ pgx.Tx, q *db.Queries, o *pgbus.Outbox) error {
 		row, err := q.ApplyStatus(ctx, s.applyStatusParams(presenceID, st, source))
 		if errors.Is(err, pgx.ErrNoRows) {
 			return nil
@@ -143,9 +142,8 @@ func (s *Server) setStatus(ctx context.Context, presenceID string, st protocol.S
 		if err != nil {
 			return fmt.Errorf("apply status: %w", err)
 		}
-		var o pgbus.Outbox
-		s.statusChanged(&o, statusRow(row))
-		return pgbus.Send(ctx, q, &o)
+		s.statusChanged(o, statusRow(row))
+		return nil
 	})
 }
 
@@ -174,24 +172,19 @@ func (s *Server) setState(ctx context.Context, sess *session, m *protocol.SetSta
 	if len(value) == 0 {
 		value = json.RawMessage("null")
 	}
-	return pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
-		q := s.q.WithTx(tx)
+	return s.inTx(ctx, func(tx pgx.Tx, q *db.Queries, o *pgbus.Outbox) error {
 		row, err := q.SetState(ctx, db.SetStateParams{MeshID: sess.meshID, Key: m.Key, Value: value, UpdatedBy: sess.name()})
 		if err != nil {
 			return fmt.Errorf("set state: %w", err)
 		}
-		if err := audit.Append(ctx, tx, []audit.Entry{{MeshID: sess.meshID, Type: audit.StateSet, Actor: sess.routingKey(),
-			Data: map[string]any{"key": m.Key, "size": len(value)}}}); err != nil {
-			return err
-		}
-		var o pgbus.Outbox
 		msg := pgbus.Message{Kind: pgbus.KindState, Mesh: sess.meshID, Key: m.Key, Presence: sess.presenceID}
 		change, _ := json.Marshal(&protocol.StateChange{Key: row.Key, Value: row.Value, UpdatedBy: row.UpdatedBy})
 		if len(change) < pgbus.MaxPayload-200 {
 			msg.Data = change // small values ride along; large ones are read back by receivers
 		}
 		o.Add(s.bus.ClusterChannel(), msg)
-		return pgbus.Send(ctx, q, &o)
+		return audit.Append(ctx, tx, []audit.Entry{{MeshID: sess.meshID, Type: audit.StateSet, Actor: sess.routingKey(),
+			Data: map[string]any{"key": m.Key, "size": len(value)}}})
 	})
 }
 

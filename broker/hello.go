@@ -174,10 +174,8 @@ func (s *Server) hello(ctx context.Context, ms *melody.Session, h *protocol.Hell
 	var (
 		row     db.UpsertPresenceRow
 		resumed bool
-		outbox  pgbus.Outbox
 	)
-	err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
-		q := s.q.WithTx(tx)
+	err := s.inTx(ctx, func(tx pgx.Tx, q *db.Queries, outbox *pgbus.Outbox) error {
 		// What doesn't depend on the mesh's session count runs before its lock.
 		if sessKey != "" {
 			owner, err := q.BindSessionKey(ctx, db.BindSessionKeyParams{MeshID: h.MeshID, SessionPubkey: sessKey, MemberID: member.ID})
@@ -228,10 +226,7 @@ func (s *Server) hello(ctx context.Context, ms *melody.Session, h *protocol.Hell
 			outbox.Add(s.bus.NodeChannel(*row.OldNodeID), pgbus.Message{Kind: pgbus.KindReplace, Presence: row.ID, Node: s.nodeID})
 		}
 		if row.OldNodeID == nil { // a new presence, not a resume or replacement: tell the mesh
-			s.addEvent(&outbox, h.MeshID, member.ID, protocol.EventPeerJoined, peerEventData(row.ID, keyOr(sessKey, pubLower), displayName, row.Status))
-		}
-		if err := pgbus.Send(ctx, q, &outbox); err != nil {
-			return err
+			s.addEvent(outbox, h.MeshID, member.ID, protocol.EventPeerJoined, peerEventData(row.ID, keyOr(sessKey, pubLower), displayName, row.Status))
 		}
 		return audit.Append(ctx, tx, []audit.Entry{{MeshID: h.MeshID, Type: audit.PeerConnected, Actor: pubLower,
 			Data: map[string]any{"presence_id": row.ID, "node": s.nodeID, "resumed": resumed}}})

@@ -120,8 +120,7 @@ func (s *Server) hookFail(w http.ResponseWriter, code int, msg, label string) {
 func (s *Server) applyHook(ctx context.Context, req protocol.HookRequest) (string, bool, error) {
 	var first string
 	pending := false
-	err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
-		q := s.q.WithTx(tx)
+	err := s.inTx(ctx, func(_ pgx.Tx, q *db.Queries, o *pgbus.Outbox) error {
 		ids, err := q.HookTargets(ctx, db.HookTargetsParams{SessionID: req.SessionID, Pid: int32(req.PID), Cwd: req.CWD})
 		if err != nil {
 			return fmt.Errorf("resolve hook targets: %w", err)
@@ -140,7 +139,6 @@ func (s *Server) applyHook(ctx context.Context, req protocol.HookRequest) (strin
 			return q.InsertPendingStatus(ctx, db.InsertPendingStatusParams{Cwd: req.CWD, Pid: pid, SessionID: sid, Status: string(req.Status)})
 		}
 		first = ids[0]
-		var o pgbus.Outbox
 		for _, id := range ids {
 			row, err := q.ApplyStatus(ctx, s.applyStatusParams(id, req.Status, sourceHook))
 			if errors.Is(err, pgx.ErrNoRows) {
@@ -149,9 +147,9 @@ func (s *Server) applyHook(ctx context.Context, req protocol.HookRequest) (strin
 			if err != nil {
 				return fmt.Errorf("apply status: %w", err)
 			}
-			s.statusChanged(&o, statusRow(row))
+			s.statusChanged(o, statusRow(row))
 		}
-		return pgbus.Send(ctx, q, &o)
+		return nil
 	})
 	return first, pending, err
 }

@@ -18,7 +18,8 @@ func KickMember(ctx context.Context, q db.DBTX, namespace, memberID string, code
 	}
 	var o pgbus.Outbox
 	o.Add(pgbus.ClusterChannel(namespace), pgbus.Message{Kind: pgbus.KindKick, Member: memberID, Code: code})
-	return pgbus.Send(ctx, db.New(q), &o)
+	_, err := pgbus.Send(ctx, db.New(q), &o)
+	return err
 }
 
 // RevokeHook is the membership OnRevoke callback that closes a revoked member's sessions.

@@ -92,13 +92,11 @@ func (s *Server) takeOverDeadNodes(ctx context.Context) {
 	ctx, cancel := context.WithTimeout(ctx, opTimeout)
 	defer cancel()
 	var dead []string
-	err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
-		q := s.q.WithTx(tx)
+	err := s.inTx(ctx, func(_ pgx.Tx, q *db.Queries, o *pgbus.Outbox) error {
 		nodes, err := q.MarkDeadNodes(ctx, s.cfg.NodeDeadAfter.Seconds())
-		if err != nil || len(nodes) == 0 {
+		if err != nil {
 			return err
 		}
-		var o pgbus.Outbox
 		for _, n := range nodes {
 			dead = append(dead, n.ID)
 			until := n.HeartbeatAt.Add(s.cfg.Grace())
@@ -113,11 +111,11 @@ func (s *Server) takeOverDeadNodes(ctx context.Context) {
 			for _, r := range released {
 				byMesh[r.MeshID] = append(byMesh[r.MeshID], r.RecipientMemberID)
 			}
-			if err := s.wakeHolders(ctx, q, &o, byMesh); err != nil {
+			if err := s.wakeHolders(ctx, q, o, byMesh); err != nil {
 				return err
 			}
 		}
-		return pgbus.Send(ctx, q, &o)
+		return nil
 	})
 	if err != nil {
 		if ctx.Err() == nil {

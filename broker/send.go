@@ -387,8 +387,7 @@ func (s *Server) storeBatch(ctx context.Context, plan *batchPlan) error {
 		p.DPushedPresences = append(p.DPushedPresences, pushed)
 		p.DExpires = append(p.DExpires, e.ExpiresAt)
 	}
-	return pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
-		q := s.q.WithTx(tx)
+	return s.inTxOutbox(ctx, &plan.outbox, func(tx pgx.Tx, q *db.Queries, _ *pgbus.Outbox) error {
 		rows, err := q.InsertBatch(ctx, p)
 		if err != nil {
 			return fmt.Errorf("insert batch: %w", err)
@@ -405,14 +404,7 @@ func (s *Server) storeBatch(ctx context.Context, plan *batchPlan) error {
 				plan.deliveryIDs = append(plan.deliveryIDs, ids[[2]string{plan.envelopes[d.env].ID, d.local.presenceID}])
 			}
 		}
-		if err := pgbus.Send(ctx, q, &plan.outbox); err != nil {
-			return err
-		}
-		if err := audit.Append(ctx, tx, plan.audit); err != nil {
-			return err
-		}
-		s.metrics.BusSent.Add(float64(len(plan.outbox.Payloads())))
-		return nil
+		return audit.Append(ctx, tx, plan.audit)
 	})
 }
 

@@ -109,6 +109,7 @@ func NewServer(cfg Config, pool *pgxpool.Pool, logger *slog.Logger) (*Server, er
 	s.mux.HandleFunc("POST "+protocol.PathHookState, s.handleHook)
 	s.members = membership.New(pool, membership.Config{Logger: s.log, OnRevoke: RevokeHook(pool, cfg.BusNamespace, s.log)})
 	s.mux.HandleFunc("POST "+protocol.PathJoin, s.members.HandleJoin)
+	s.mux.HandleFunc("GET /status", s.handleStatusPage)
 	return s, nil
 }
 

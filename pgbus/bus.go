@@ -338,17 +338,18 @@ func (h *handler) HandleNotification(_ context.Context, n *pgconn.Notification, 
 
 // Send writes the outbox's notifications through q, all in one statement (inside the
 // caller's transaction, so they go out exactly when its rows become visible).
-func Send(ctx context.Context, q *db.Queries, o *Outbox) error {
+// It returns how many notifications it sent.
+func Send(ctx context.Context, q *db.Queries, o *Outbox) (int, error) {
 	ps := o.Payloads()
 	if len(ps) == 0 {
-		return nil
+		return 0, nil
 	}
 	p := db.NotifyManyParams{Channels: make([]string, len(ps)), Payloads: make([]string, len(ps))}
 	for i, cp := range ps {
 		p.Channels[i], p.Payloads[i] = cp.Channel, cp.Payload
 	}
 	if err := q.NotifyMany(ctx, p); err != nil {
-		return fmt.Errorf("notify: %w", err)
+		return 0, fmt.Errorf("notify: %w", err)
 	}
-	return nil
+	return len(ps), nil
 }

@@ -86,7 +86,8 @@ func TestDirectedNotifyAndResyncOnReconnect(t *testing.T) {
 
 	var o Outbox
 	o.Add(b.NodeChannel("b"), Message{Kind: KindDeliveries, Member: "m1"})
-	require.NoError(t, Send(context.Background(), q, &o))
+	_, err := Send(context.Background(), q, &o)
+	require.NoError(t, err)
 	select {
 	case m := <-b.Messages():
 		require.Equal(t, "m1", m.Member)
@@ -100,7 +101,7 @@ func TestDirectedNotifyAndResyncOnReconnect(t *testing.T) {
 	}
 
 	// Kill b's LISTEN connection: it reconnects by itself and asks for a resync.
-	_, err := pool.Exec(context.Background(), `SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+	_, err = pool.Exec(context.Background(), `SELECT pg_terminate_backend(pid) FROM pg_stat_activity
 		WHERE datname = current_database() AND application_name = $1`, ListenerAppName("b"))
 	require.NoError(t, err)
 	select {
@@ -121,7 +122,8 @@ func TestOverflowBecomesResync(t *testing.T) {
 	for i := range 50 { // the queue holds 8
 		o.Add(b.NodeChannel("b"), Message{Kind: KindDeliveries, Member: string(rune('a' + i))})
 	}
-	require.NoError(t, Send(context.Background(), q, &o))
+	_, err := Send(context.Background(), q, &o)
+	require.NoError(t, err)
 	select {
 	case <-b.Resync():
 	case <-time.After(5 * time.Second):

@@ -105,7 +105,7 @@ func (s *Service) Join(ctx context.Context, req protocol.JoinRequest) (JoinResul
 			// The same key joining concurrently wins the unique index; rolling back returns
 			// the use this attempt took, and the caller is then told it is a member.
 			if lostRace = isUniqueViolation(err); !lostRace {
-				s.log.Warn("join: member insert failed", "mesh_id", m.ID, "peer_pubkey", peer, "err", err)
+				s.log.Warn("join: member insert failed", "mesh", m.ID, "pubkey", peer, "err", err)
 			}
 			return joinError(protocol.JoinErrMemberInsertFailed)
 		}
@@ -143,11 +143,11 @@ func (s *Service) HandleJoin(w http.ResponseWriter, r *http.Request) {
 	if err != nil {
 		var tooLarge *http.MaxBytesError
 		if errors.As(err, &tooLarge) {
-			s.log.Info("join: body too large", "remote_addr", r.RemoteAddr, "limit", tooLarge.Limit)
+			s.log.Info("join: body too large", "remote", r.RemoteAddr, "limit", tooLarge.Limit)
 			writeJoin(w, http.StatusRequestEntityTooLarge, protocol.JoinResponse{Error: "payload too large"})
 			return
 		}
-		s.log.Info("join: read body", "remote_addr", r.RemoteAddr, "err", err)
+		s.log.Info("join: read body", "remote", r.RemoteAddr, "err", err)
 		writeJoin(w, http.StatusBadRequest, protocol.JoinResponse{Error: "could not read body"})
 		return
 	}
@@ -158,7 +158,7 @@ func (s *Service) HandleJoin(w http.ResponseWriter, r *http.Request) {
 		if errors.As(err, &pe) {
 			msg = pe.Message
 		}
-		s.log.Info("join: bad request", "remote_addr", r.RemoteAddr, "reason", msg)
+		s.log.Info("join: bad request", "remote", r.RemoteAddr, "reason", msg)
 		writeJoin(w, http.StatusBadRequest, protocol.JoinResponse{Error: msg})
 		return
 	}
@@ -166,16 +166,16 @@ func (s *Service) HandleJoin(w http.ResponseWriter, r *http.Request) {
 	var je *JoinError
 	switch {
 	case errors.As(err, &je):
-		s.log.Info("join refused", "code", je.Code, "mesh_id", req.InvitePayload.MeshID,
-			"peer_pubkey", req.PeerPubkey, "remote_addr", r.RemoteAddr)
+		s.log.Info("join refused", "code", je.Code, "mesh", req.InvitePayload.MeshID,
+			"pubkey", req.PeerPubkey, "remote", r.RemoteAddr)
 		writeJoin(w, http.StatusBadRequest, protocol.JoinResponse{Error: je.Code})
 	case errors.Is(err, ErrInvalidPubkey):
 		writeJoin(w, http.StatusBadRequest, protocol.JoinResponse{Error: "peer_pubkey: must be 64 hex characters"})
 	case err != nil:
-		s.log.Error("join failed", "mesh_id", req.InvitePayload.MeshID, "peer_pubkey", req.PeerPubkey, "err", err)
+		s.log.Error("join failed", "mesh", req.InvitePayload.MeshID, "pubkey", req.PeerPubkey, "err", err)
 		writeJoin(w, http.StatusInternalServerError, protocol.JoinResponse{Error: "internal error"})
 	default:
-		s.log.Info("join", "mesh_id", res.MeshID, "member_id", res.MemberID, "peer_pubkey", req.PeerPubkey,
+		s.log.Info("join", "mesh", res.MeshID, "member", res.MemberID, "pubkey", req.PeerPubkey,
 			"already_member", res.AlreadyMember)
 		writeJoin(w, http.StatusOK, protocol.JoinResponse{OK: true, MemberID: res.MemberID, AlreadyMember: res.AlreadyMember})
 	}

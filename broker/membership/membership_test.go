@@ -168,7 +168,7 @@ func TestJoinErrors(t *testing.T) {
 		for name, req := range map[string]protocol.JoinRequest{
 			"role":          tamper(func(p *protocol.InvitePayload) { p.Role = protocol.RoleAdmin }),
 			"expires_at":    tamper(func(p *protocol.InvitePayload) { p.ExpiresAt += 3600 }),
-			"mesh_root_key": tamper(func(p *protocol.InvitePayload) { p.MeshRootKey = "x" + p.MeshRootKey[1:] }),
+			"mesh_root_key": tamper(func(p *protocol.InvitePayload) { p.MeshRootKey = flipFirst(p.MeshRootKey) }),
 			"broker_url":    tamper(func(p *protocol.InvitePayload) { p.BrokerURL = "wss://evil.example/ws" }),
 			"owner_pubkey":  tamper(func(p *protocol.InvitePayload) { p.OwnerPubkey = newPubkey(t) }),
 			"signature":     tamper(func(p *protocol.InvitePayload) { p.Signature = strings.Repeat("ab", 64) }),
@@ -511,4 +511,13 @@ func TestInvites(t *testing.T) {
 	n, err := audit.Verify(f.ctx, f.pool, m.ID)
 	require.NoError(t, err)
 	require.Equal(t, 2+1+3*2, n) // mesh + owner, one invite, three created and revoked
+}
+
+// flipFirst changes the first character, always (a fixed replacement would be a no-op
+// whenever the random value already started with it).
+func flipFirst(v string) string {
+	if v[0] == 'x' {
+		return "y" + v[1:]
+	}
+	return "x" + v[1:]
 }
