@@ -72,7 +72,7 @@ func (s *Server) applyBusMessage(ctx context.Context, m pgbus.Message) {
 			closeWith(sess.ws, m.Code, reason)
 		}
 	case pgbus.KindEvent:
-		b, _ := json.Marshal(&protocol.Push{MessageID: "", MeshID: m.Mesh, SenderPubkey: protocol.SenderSystem,
+		b, _ := protocol.Encode(&protocol.Push{MessageID: "", MeshID: m.Mesh, SenderPubkey: protocol.SenderSystem,
 			Priority: protocol.PriorityNow, Subtype: protocol.SubtypeSystem, Event: m.Key, EventData: m.Data,
 			CreatedAt: protocol.FormatTime(time.Now())})
 		for _, sess := range s.hub.meshSessions(m.Mesh) {

@@ -436,7 +436,8 @@ func (s *Server) pushPlanned(plan *batchPlan) {
 }
 
 func encodePush(id, mesh, sender, senderMember, priority, nonce, ciphertext string, created time.Time) []byte {
-	b, _ := json.Marshal(&protocol.Push{
+	// protocol.Encode skips encoding/json's re-validation of the hand-written encoder's output.
+	b, _ := protocol.Encode(&protocol.Push{
 		MessageID: id, MeshID: mesh, SenderPubkey: sender, SenderMemberPubkey: senderMember,
 		Priority: protocol.Priority(priority), Nonce: nonce, Ciphertext: ciphertext,
 		CreatedAt: protocol.FormatTime(created),

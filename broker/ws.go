@@ -1,7 +1,6 @@
 package broker
 
 import (
-	"encoding/json"
 	"errors"
 	"net/http"
 	"net/url"
@@ -108,7 +107,7 @@ func (s *Server) handleWS(w http.ResponseWriter, r *http.Request) {
 
 // reply writes one message to a socket. Encoding our own types can't fail.
 func (s *Server) reply(ms *melody.Session, m protocol.ServerMessage) {
-	b, err := json.Marshal(m)
+	b, err := protocol.Encode(m)
 	if err != nil {
 		s.log.Error("encode reply", "type", m.Type(), "err", err)
 		return
