@@ -7,7 +7,6 @@ import (
 	"sync"
 	"time"
 
-	"github.com/jackc/pgx/v5"
 
 	"github.com/claudemesh/broker/broker/audit"
 	"github.com/claudemesh/broker/db"
@@ -248,18 +247,18 @@ func (e *ender) store(ctx context.Context, batch []presenceEnd) error {
 			endIDs, endEpochs = append(endIDs, p.presenceID), append(endEpochs, p.epoch)
 		}
 	}
-	return s.inTx(ctx, func(tx pgx.Tx, q *db.Queries, o *pgbus.Outbox) error {
+	return s.inTx(ctx, func(q *db.Queries, o *pgbus.Outbox) ([]audit.Entry, error) {
 		if len(graceIDs) > 0 {
 			until := time.Now().Add(s.cfg.Grace())
 			if err := q.GracePresences(ctx, db.GracePresencesParams{Ids: graceIDs, Epochs: graceEpochs, NodeID: s.nodeID, GraceUntil: &until}); err != nil {
-				return fmt.Errorf("grace presences: %w", err)
+				return nil, fmt.Errorf("grace presences: %w", err)
 			}
 		}
 		var entries []audit.Entry
 		if len(endIDs) > 0 {
 			ended, err := q.EndPresences(ctx, db.EndPresencesParams{Ids: endIDs, Epochs: endEpochs, NodeID: s.nodeID})
 			if err != nil {
-				return fmt.Errorf("end presences: %w", err)
+				return nil, fmt.Errorf("end presences: %w", err)
 			}
 			for _, r := range ended {
 				entries = append(entries, s.presenceEnded(o, endedPresence{r.MeshID, r.MemberID, r.MemberPubkey, r.SessionPubkey, r.DisplayName, r.ID}))
@@ -267,16 +266,16 @@ func (e *ender) store(ctx context.Context, batch []presenceEnd) error {
 		}
 		released, err := q.ReleasePresencePushes(ctx, all)
 		if err != nil {
-			return fmt.Errorf("release pushes: %w", err)
+			return nil, fmt.Errorf("release pushes: %w", err)
 		}
 		byMesh := map[string][]string{}
 		for _, r := range released {
 			byMesh[r.MeshID] = append(byMesh[r.MeshID], r.RecipientMemberID)
 		}
 		if err := s.wakeHolders(ctx, q, o, byMesh); err != nil {
-			return err
+			return nil, err
 		}
-		return audit.Append(ctx, tx, entries)
+		return entries, nil
 	})
 }
 
@@ -359,16 +358,16 @@ func (s *Server) runSweeper(ctx context.Context) {
 func (s *Server) sweepGrace(ctx context.Context) {
 	ctx, cancel := context.WithTimeout(ctx, opTimeout)
 	defer cancel()
-	err := s.inTx(ctx, func(tx pgx.Tx, q *db.Queries, o *pgbus.Outbox) error {
+	err := s.inTx(ctx, func(q *db.Queries, o *pgbus.Outbox) ([]audit.Entry, error) {
 		rows, err := q.EndExpiredGrace(ctx)
 		if err != nil || len(rows) == 0 {
-			return err
+			return nil, err
 		}
 		var entries []audit.Entry
 		for _, r := range rows {
 			entries = append(entries, s.presenceEnded(o, endedPresence{r.MeshID, r.MemberID, r.MemberPubkey, r.SessionPubkey, r.DisplayName, r.ID}))
 		}
-		return audit.Append(ctx, tx, entries)
+		return entries, nil
 	})
 	if err != nil && ctx.Err() == nil {
 		s.log.Debug("grace sweep", "err", err)
@@ -379,17 +378,17 @@ func (s *Server) sweepWorking(ctx context.Context) {
 	ctx, cancel := context.WithTimeout(ctx, opTimeout)
 	defer cancel()
 	var changed []changedStatus
-	err := s.inTx(ctx, func(_ pgx.Tx, q *db.Queries, o *pgbus.Outbox) error {
+	err := s.inTx(ctx, func(q *db.Queries, o *pgbus.Outbox) ([]audit.Entry, error) {
 		rows, err := q.ExpireWorking(ctx, db.ExpireWorkingParams{NodeID: s.nodeID, TtlSeconds: s.cfg.StatusTTL.Seconds()})
 		if err != nil {
-			return err
+			return nil, err
 		}
 		for _, r := range rows {
 			c := changedStatus{r.ID, r.MeshID, r.MemberID, r.MemberPubkey, r.DisplayName, r.NodeID, r.Status, r.SessionPubkey}
 			changed = append(changed, c)
 			s.statusChanged(o, c)
 		}
-		return nil
+		return nil, nil
 	})
 	if err != nil {
 		if ctx.Err() == nil {

@@ -134,16 +134,16 @@ func (s *Server) applyStatusParams(presenceID string, st protocol.Status, source
 // setStatus applies the status model in SQL and tells the owning replica and the mesh.
 // A change refused by the model (fresher hook, dnd) is not an error.
 func (s *Server) setStatus(ctx context.Context, presenceID string, st protocol.Status, source string) error {
-	return s.inTx(ctx, func(_ pgx.Tx, q *db.Queries, o *pgbus.Outbox) error {
+	return s.inTx(ctx, func(q *db.Queries, o *pgbus.Outbox) ([]audit.Entry, error) {
 		row, err := q.ApplyStatus(ctx, s.applyStatusParams(presenceID, st, source))
 		if errors.Is(err, pgx.ErrNoRows) {
-			return nil
+			return nil, nil
 		}
 		if err != nil {
-			return fmt.Errorf("apply status: %w", err)
+			return nil, fmt.Errorf("apply status: %w", err)
 		}
 		s.statusChanged(o, statusRow(row))
-		return nil
+		return nil, nil
 	})
 }
 
@@ -172,10 +172,10 @@ func (s *Server) setState(ctx context.Context, sess *session, m *protocol.SetSta
 	if len(value) == 0 {
 		value = json.RawMessage("null")
 	}
-	return s.inTx(ctx, func(tx pgx.Tx, q *db.Queries, o *pgbus.Outbox) error {
+	return s.inTx(ctx, func(q *db.Queries, o *pgbus.Outbox) ([]audit.Entry, error) {
 		row, err := q.SetState(ctx, db.SetStateParams{MeshID: sess.meshID, Key: m.Key, Value: value, UpdatedBy: sess.name()})
 		if err != nil {
-			return fmt.Errorf("set state: %w", err)
+			return nil, fmt.Errorf("set state: %w", err)
 		}
 		msg := pgbus.Message{Kind: pgbus.KindState, Mesh: sess.meshID, Key: m.Key, Presence: sess.presenceID}
 		change, _ := json.Marshal(&protocol.StateChange{Key: row.Key, Value: row.Value, UpdatedBy: row.UpdatedBy})
@@ -183,8 +183,8 @@ func (s *Server) setState(ctx context.Context, sess *session, m *protocol.SetSta
 			msg.Data = change // small values ride along; large ones are read back by receivers
 		}
 		o.Add(s.bus.ClusterChannel(), msg)
-		return audit.Append(ctx, tx, []audit.Entry{{MeshID: sess.meshID, Type: audit.StateSet, Actor: sess.routingKey(),
-			Data: map[string]any{"key": m.Key, "size": len(value)}}})
+		return []audit.Entry{{MeshID: sess.meshID, Type: audit.StateSet, Actor: sess.routingKey(),
+			Data: map[string]any{"key": m.Key, "size": len(value)}}}, nil
 	})
 }
 

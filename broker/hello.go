@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"hash/crc32"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -175,15 +174,15 @@ func (s *Server) hello(ctx context.Context, ms *melody.Session, h *protocol.Hell
 		row     db.UpsertPresenceRow
 		resumed bool
 	)
-	err := s.inTx(ctx, func(tx pgx.Tx, q *db.Queries, outbox *pgbus.Outbox) error {
+	err := s.inTx(ctx, func(q *db.Queries, outbox *pgbus.Outbox) ([]audit.Entry, error) {
 		// What doesn't depend on the mesh's session count runs before its lock.
 		if sessKey != "" {
 			owner, err := q.BindSessionKey(ctx, db.BindSessionKeyParams{MeshID: h.MeshID, SessionPubkey: sessKey, MemberID: member.ID})
 			if err != nil {
-				return fmt.Errorf("bind session key: %w", err)
+				return nil, fmt.Errorf("bind session key: %w", err)
 			}
 			if owner != member.ID {
-				return refuse(protocol.CodeSessionKeyTaken, "sessionPubkey is bound to another member")
+				return nil, refuse(protocol.CodeSessionKeyTaken, "sessionPubkey is bound to another member")
 			}
 		}
 		// A hook that fired before this hello (the first-turn race) applies now.
@@ -191,19 +190,19 @@ func (s *Server) hello(ctx context.Context, ms *melody.Session, h *protocol.Hell
 		if st, err := q.TakePendingStatus(ctx, db.TakePendingStatusParams{SessionID: h.SessionID, Pid: int32(h.PID), Cwd: h.CWD}); err == nil {
 			hookStatus = &st
 		} else if !errors.Is(err, pgx.ErrNoRows) {
-			return fmt.Errorf("take pending status: %w", err)
+			return nil, fmt.Errorf("take pending status: %w", err)
 		}
 		// Hellos of one mesh (not of the cluster) serialize from here to commit, so the
 		// capacity check can't be raced by a hello on another replica.
 		if err := q.LockMeshHello(ctx, h.MeshID); err != nil {
-			return err
+			return nil, err
 		}
 		n, err := q.CountLivePresence(ctx, db.CountLivePresenceParams{MeshID: h.MeshID, SessionID: h.SessionID, MemberPubkey: pubLower})
 		if err != nil {
-			return err
+			return nil, err
 		}
 		if n >= limit {
-			return refuse(protocol.CodeCapacity, fmt.Sprintf("mesh has reached its limit of %d live sessions", limit))
+			return nil, refuse(protocol.CodeCapacity, fmt.Sprintf("mesh has reached its limit of %d live sessions", limit))
 		}
 		row, err = q.UpsertPresence(ctx, db.UpsertPresenceParams{
 			MeshID: h.MeshID, MemberID: member.ID, MemberPubkey: pubLower, NodeID: s.nodeID,
@@ -211,7 +210,7 @@ func (s *Server) hello(ctx context.Context, ms *melody.Session, h *protocol.Hell
 			Pid: int32(h.PID), Cwd: h.CWD, Groups: groupsJSON, Capabilities: caps, HookStatus: hookStatus,
 		})
 		if err != nil {
-			return fmt.Errorf("register presence: %w", err)
+			return nil, fmt.Errorf("register presence: %w", err)
 		}
 		// Resumed: the presence was in its grace, or its socket on this node is already gone
 		// (its close may not be recorded yet).
@@ -228,8 +227,8 @@ func (s *Server) hello(ctx context.Context, ms *melody.Session, h *protocol.Hell
 		if row.OldNodeID == nil { // a new presence, not a resume or replacement: tell the mesh
 			s.addEvent(outbox, h.MeshID, member.ID, protocol.EventPeerJoined, peerEventData(row.ID, keyOr(sessKey, pubLower), displayName, row.Status))
 		}
-		return audit.Append(ctx, tx, []audit.Entry{{MeshID: h.MeshID, Type: audit.PeerConnected, Actor: pubLower,
-			Data: map[string]any{"presence_id": row.ID, "node": s.nodeID, "resumed": resumed}}})
+		return []audit.Entry{{MeshID: h.MeshID, Type: audit.PeerConnected, Actor: pubLower,
+			Data: map[string]any{"presence_id": row.ID, "node": s.nodeID, "resumed": resumed}}}, nil
 	})
 	if err != nil {
 		return nil, false, err
@@ -240,7 +239,6 @@ func (s *Server) hello(ctx context.Context, ms *melody.Session, h *protocol.Hell
 		clientAck:    h.HasCapability(protocol.CapClientAck),
 		systemEvents: h.HasCapability(protocol.CapSystemEvents),
 		displayName:  displayName, status: protocol.Status(row.Status), groups: groups,
-		shard: int(crc32.ChecksumIEEE([]byte(row.ID)) % committers),
 		epoch: row.Epoch,
 	}
 	return sess, resumed, nil

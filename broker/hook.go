@@ -14,6 +14,7 @@ import (
 	"github.com/jackc/pgx/v5"
 	"golang.org/x/time/rate"
 
+	"github.com/claudemesh/broker/broker/audit"
 	"github.com/claudemesh/broker/db"
 	"github.com/claudemesh/broker/pgbus"
 	"github.com/claudemesh/broker/protocol"
@@ -120,10 +121,10 @@ func (s *Server) hookFail(w http.ResponseWriter, code int, msg, label string) {
 func (s *Server) applyHook(ctx context.Context, req protocol.HookRequest) (string, bool, error) {
 	var first string
 	pending := false
-	err := s.inTx(ctx, func(_ pgx.Tx, q *db.Queries, o *pgbus.Outbox) error {
+	err := s.inTx(ctx, func(q *db.Queries, o *pgbus.Outbox) ([]audit.Entry, error) {
 		ids, err := q.HookTargets(ctx, db.HookTargetsParams{SessionID: req.SessionID, Pid: int32(req.PID), Cwd: req.CWD})
 		if err != nil {
-			return fmt.Errorf("resolve hook targets: %w", err)
+			return nil, fmt.Errorf("resolve hook targets: %w", err)
 		}
 		if len(ids) == 0 {
 			pending = true
@@ -136,7 +137,7 @@ func (s *Server) applyHook(ctx context.Context, req protocol.HookRequest) (strin
 				p := int32(req.PID)
 				pid = &p
 			}
-			return q.InsertPendingStatus(ctx, db.InsertPendingStatusParams{Cwd: req.CWD, Pid: pid, SessionID: sid, Status: string(req.Status)})
+			return nil, q.InsertPendingStatus(ctx, db.InsertPendingStatusParams{Cwd: req.CWD, Pid: pid, SessionID: sid, Status: string(req.Status)})
 		}
 		first = ids[0]
 		for _, id := range ids {
@@ -145,11 +146,11 @@ func (s *Server) applyHook(ctx context.Context, req protocol.HookRequest) (strin
 				continue // dnd: hooks never change it
 			}
 			if err != nil {
-				return fmt.Errorf("apply status: %w", err)
+				return nil, fmt.Errorf("apply status: %w", err)
 			}
 			s.statusChanged(o, statusRow(row))
 		}
-		return nil
+		return nil, nil
 	})
 	return first, pending, err
 }

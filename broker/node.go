@@ -7,6 +7,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 
+	"github.com/claudemesh/broker/broker/audit"
 	"github.com/claudemesh/broker/db"
 	"github.com/claudemesh/broker/pgbus"
 	"github.com/claudemesh/broker/protocol"
@@ -92,30 +93,30 @@ func (s *Server) takeOverDeadNodes(ctx context.Context) {
 	ctx, cancel := context.WithTimeout(ctx, opTimeout)
 	defer cancel()
 	var dead []string
-	err := s.inTx(ctx, func(_ pgx.Tx, q *db.Queries, o *pgbus.Outbox) error {
+	err := s.inTx(ctx, func(q *db.Queries, o *pgbus.Outbox) ([]audit.Entry, error) {
 		nodes, err := q.MarkDeadNodes(ctx, s.cfg.NodeDeadAfter.Seconds())
 		if err != nil {
-			return err
+			return nil, err
 		}
 		for _, n := range nodes {
 			dead = append(dead, n.ID)
 			until := n.HeartbeatAt.Add(s.cfg.Grace())
 			if err := q.GraceDeadNodePresence(ctx, db.GraceDeadNodePresenceParams{NodeID: n.ID, GraceUntil: &until}); err != nil {
-				return err
+				return nil, err
 			}
 			released, err := q.ReleaseNodePushes(ctx, &n.ID)
 			if err != nil {
-				return err
+				return nil, err
 			}
 			byMesh := map[string][]string{}
 			for _, r := range released {
 				byMesh[r.MeshID] = append(byMesh[r.MeshID], r.RecipientMemberID)
 			}
 			if err := s.wakeHolders(ctx, q, o, byMesh); err != nil {
-				return err
+				return nil, err
 			}
 		}
-		return nil
+		return nil, nil
 	})
 	if err != nil {
 		if ctx.Err() == nil {

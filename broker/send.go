@@ -8,7 +8,6 @@ import (
 	"time"
 
 	"github.com/google/uuid"
-	"github.com/jackc/pgx/v5"
 	"golang.org/x/sync/errgroup"
 
 	"github.com/claudemesh/broker/broker/audit"
@@ -19,12 +18,11 @@ import (
 
 // Group commit: sends that arrive while a commit is in flight go into the next transaction,
 // up to maxBatch of them, so throughput is not capped at one notifying commit per message.
+// One committer per replica: measured on 2 cores, parallel committers only queue on the
+// mesh's audit lock (BENCHMARKS.md), and one keeps every sender's sends in order.
 const (
 	maxBatch     = 512
 	sendQueueCap = 4096
-	// committers run batches in parallel; a sender always uses the same one, so its sends
-	// commit in the order it sent them.
-	committers = 2
 	// DefaultMessageTTL is how long an undelivered envelope waits for its recipients.
 	DefaultMessageTTL = 7 * 24 * time.Hour
 	// ackUnavailable is the ack error when the envelope could not be stored (Postgres away).
@@ -63,13 +61,14 @@ func parseTarget(spec string) (targetKind, string) {
 // on the sender's socket rather than unbounded memory.
 func (s *Server) enqueueSend(sess *session, m *protocol.Send) {
 	select {
-	case s.sends[sess.shard] <- sendReq{sess: sess, msg: m}:
+	case s.sends <- sendReq{sess: sess, msg: m}:
 	case <-s.runCtx.Done():
 		s.replyTo(sess, &protocol.Ack{ID: m.ID, Queued: false, Error: ackUnavailable, ReqID: m.ReqID})
 	}
 }
 
-func (s *Server) runCommitter(ctx context.Context, in chan sendReq) {
+func (s *Server) runCommitter(ctx context.Context) {
+	in := s.sends
 	batch := make([]sendReq, 0, maxBatch)
 	for {
 		select {
@@ -387,10 +386,10 @@ func (s *Server) storeBatch(ctx context.Context, plan *batchPlan) error {
 		p.DPushedPresences = append(p.DPushedPresences, pushed)
 		p.DExpires = append(p.DExpires, e.ExpiresAt)
 	}
-	return s.inTxOutbox(ctx, &plan.outbox, func(tx pgx.Tx, q *db.Queries, _ *pgbus.Outbox) error {
+	return s.inTxOutbox(ctx, &plan.outbox, func(q *db.Queries, _ *pgbus.Outbox) ([]audit.Entry, error) {
 		rows, err := q.InsertBatch(ctx, p)
 		if err != nil {
-			return fmt.Errorf("insert batch: %w", err)
+			return nil, fmt.Errorf("insert batch: %w", err)
 		}
 		ids := make(map[[2]string]int64, len(rows))
 		for _, r := range rows {
@@ -404,7 +403,7 @@ func (s *Server) storeBatch(ctx context.Context, plan *batchPlan) error {
 				plan.deliveryIDs = append(plan.deliveryIDs, ids[[2]string{plan.envelopes[d.env].ID, d.local.presenceID}])
 			}
 		}
-		return audit.Append(ctx, tx, plan.audit)
+		return plan.audit, nil
 	})
 }
 

@@ -42,7 +42,7 @@ type Server struct {
 	hub       *hub
 	melody    *melody.Melody
 	bus       *pgbus.Bus
-	sends     [committers]chan sendReq
+	sends     chan sendReq
 	marker    *marker
 	drainer   *drainer
 	ender     *ender
@@ -87,9 +87,7 @@ func NewServer(cfg Config, pool *pgxpool.Pool, logger *slog.Logger) (*Server, er
 	s.runCtx, s.runCancel = context.WithCancel(context.Background())
 	s.hub = newHub()
 	s.melody = s.newMelody()
-	for i := range s.sends {
-		s.sends[i] = make(chan sendReq, sendQueueCap)
-	}
+	s.sends = make(chan sendReq, sendQueueCap)
 	s.marker = newMarker(s)
 	s.drainer = newDrainer(s)
 	s.ender = newEnder(s)
@@ -179,11 +177,8 @@ func (s *Server) Start(ctx context.Context, addr string) error {
 		_ = ln.Close()
 		return err
 	}
-	for _, f := range []func(context.Context){s.marker.run, s.drainer.run, s.ender.run, s.runBus, s.runSweeper} {
+	for _, f := range []func(context.Context){s.runCommitter, s.marker.run, s.drainer.run, s.ender.run, s.runBus, s.runSweeper} {
 		s.bg.Go(func() { f(runCtx) })
-	}
-	for _, in := range s.sends {
-		s.bg.Go(func() { s.runCommitter(runCtx, in) })
 	}
 	s.mu.Lock()
 	s.listener = ln

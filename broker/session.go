@@ -26,7 +26,6 @@ type session struct {
 	sessionID     string
 	clientAck     bool
 	systemEvents  bool
-	shard         int   // the committer this session's sends go through
 	epoch         int64 // the presence registration this socket owns
 
 	mu          sync.Mutex
