@@ -6,6 +6,7 @@ import (
 	"net/url"
 	"slices"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/gorilla/websocket"
@@ -19,8 +20,9 @@ const (
 	pingPeriod = 30 * time.Second
 	pongWait   = 75 * time.Second
 	writeWait  = 10 * time.Second
-	// sendQueue bounds each session's outgoing frames; overflow closes it with 4008.
-	sendQueue = 1024
+	// sendQueue bounds each session's outgoing frames; overflow closes it with 4008. Every
+	// session pays for its slots (32 bytes each) even when idle: BENCHMARKS.md.
+	sendQueue = 256
 )
 
 func (s *Server) newMelody() *melody.Melody {
@@ -33,6 +35,8 @@ func (s *Server) newMelody() *melody.Melody {
 	m.Upgrader.CheckOrigin = s.checkOrigin
 	m.Upgrader.ReadBufferSize = 4096
 	m.Upgrader.WriteBufferSize = 4096
+	// Idle sessions hold no write buffer: one is taken from the pool for each write.
+	m.Upgrader.WriteBufferPool = &sync.Pool{}
 	m.HandleConnect(func(ms *melody.Session) { s.metrics.ConnActive.Inc(); s.metrics.ConnTotal.Inc() })
 	m.HandleMessage(s.handleFrame)
 	m.HandleMessageBinary(func(ms *melody.Session, _ []byte) {

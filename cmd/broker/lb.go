@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"io"
 	"log/slog"
 	"net"
@@ -21,15 +22,25 @@ type roundRobin struct {
 
 func (lb *roundRobin) serve(ctx context.Context, ln net.Listener) {
 	go func() { <-ctx.Done(); _ = ln.Close() }()
+	delay := 5 * time.Millisecond
 	for {
 		c, err := ln.Accept()
 		if err != nil {
-			if ctx.Err() == nil {
-				lb.log.Warn("load balancer accept", "err", err)
+			if ctx.Err() != nil || errors.Is(err, net.ErrClosed) {
+				lb.wg.Wait()
+				return
 			}
-			lb.wg.Wait()
-			return
+			// Out of file descriptors and the like pass: back off and keep accepting (as
+			// net/http does) instead of going deaf for good.
+			lb.log.Warn("load balancer accept; retrying", "err", err, "retry_in", delay)
+			select {
+			case <-time.After(delay):
+			case <-ctx.Done():
+			}
+			delay = min(delay*2, time.Second)
+			continue
 		}
+		delay = 5 * time.Millisecond
 		lb.wg.Add(1)
 		go func() {
 			defer lb.wg.Done()
