@@ -7,7 +7,6 @@ import (
 	"sync"
 	"time"
 
-
 	"github.com/claudemesh/broker/broker/audit"
 	"github.com/claudemesh/broker/db"
 	"github.com/claudemesh/broker/pgbus"
