@@ -309,3 +309,30 @@ func TestKilledListenConnectionRecovers(t *testing.T) {
 	})
 	_ = context.Background
 }
+
+// An envelope past its expiry is never pushed, even to a recipient that connects later, and
+// the sweep marks its deliveries expired.
+func TestExpiredEnvelopeNeverPushedAndSwept(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t, 1, func(cfg *Config) { cfg.MessageTTL = 500 * time.Millisecond })
+	m := c.mesh(0)
+	alice, bob := m.member("alice"), m.member("bob")
+	a := m.dial(0, alice)
+	ctx := ctxT(t)
+	old, err := a.Send(ctx, bob.pub, protocol.PriorityNow, "n", "stale", "")
+	require.NoError(t, err, "bob is offline: queued")
+	dbtest.WaitFor(t, 5*time.Second, "the envelope expired", func() bool {
+		var expired bool
+		_ = c.pool.QueryRow(ctx, `SELECT expires_at < now() FROM claudemesh.envelope WHERE id = $1`, old.MessageID).Scan(&expired)
+		return expired
+	})
+	c.nodes[0].sweepExpired(ctx)
+	var state string
+	require.NoError(t, c.pool.QueryRow(ctx, `SELECT state FROM claudemesh.delivery WHERE envelope_id = $1`, old.MessageID).Scan(&state))
+	require.Equal(t, "expired", state)
+
+	b := m.dial(0, bob)
+	fresh, err := a.Send(ctx, bob.pub, protocol.PriorityNow, "n", "fresh", "")
+	require.NoError(t, err)
+	require.Equal(t, fresh.MessageID, nextPush(t, b, 5*time.Second).MessageID, "the first push bob gets is the fresh one")
+}
