@@ -53,6 +53,9 @@ type Config struct {
 	MessageTTL time.Duration
 	// BusNamespace prefixes the LISTEN channel names (default "claudemesh").
 	BusNamespace string
+	// MaxBatch caps the sends per commit (default 512). 1 turns group commit off: one
+	// notifying commit per message, the baseline the benchmarks compare against.
+	MaxBatch int
 }
 
 // envVar describes one environment variable: its name, what it sets and how to parse it.
@@ -152,6 +155,9 @@ func (c Config) WithDefaults() Config {
 	def(&c.MessageTTL, DefaultMessageTTL)
 	if c.MaxConnsPerMesh == 0 {
 		c.MaxConnsPerMesh = DefaultMaxConnectionsPerMsh
+	}
+	if c.MaxBatch <= 0 {
+		c.MaxBatch = maxBatch
 	}
 	if c.MaxMessageBytes == 0 {
 		c.MaxMessageBytes = DefaultMaxMessageBytes

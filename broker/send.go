@@ -69,7 +69,8 @@ func (s *Server) enqueueSend(sess *session, m *protocol.Send) {
 
 func (s *Server) runCommitter(ctx context.Context) {
 	in := s.sends
-	batch := make([]sendReq, 0, maxBatch)
+	limit := s.cfg.MaxBatch
+	batch := make([]sendReq, 0, limit)
 	for {
 		select {
 		case <-ctx.Done():
@@ -78,7 +79,7 @@ func (s *Server) runCommitter(ctx context.Context) {
 			batch = append(batch[:0], r)
 		}
 	fill:
-		for len(batch) < maxBatch {
+		for len(batch) < limit {
 			select {
 			case r := <-in:
 				batch = append(batch, r)

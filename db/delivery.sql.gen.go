@@ -136,11 +136,16 @@ func (q *Queries) ClaimDeliveries(ctx context.Context, arg ClaimDeliveriesParams
 }
 
 const deleteOldEnvelopes = `-- name: DeleteOldEnvelopes :execrows
-DELETE FROM claudemesh.envelope
-WHERE id IN (SELECT id FROM claudemesh.envelope WHERE expires_at < now() - interval '1 day' LIMIT 5000)
+WITH old AS (
+    DELETE FROM claudemesh.envelope
+    WHERE id IN (SELECT id FROM claudemesh.envelope WHERE expires_at < now() - interval '1 day' LIMIT 5000)
+    RETURNING id
+)
+DELETE FROM claudemesh.delivery WHERE envelope_id IN (SELECT id FROM old)
 `
 
-// Envelopes are kept a day past expiry so message_status can still answer, then removed.
+// Envelopes are kept a day past expiry so message_status can still answer, then removed with
+// their deliveries (no foreign key cascades on these tables: see the schema).
 func (q *Queries) DeleteOldEnvelopes(ctx context.Context) (int64, error) {
 	result, err := q.db.Exec(ctx, deleteOldEnvelopes)
 	if err != nil {

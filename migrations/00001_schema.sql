@@ -98,10 +98,14 @@ CREATE INDEX presence_live_cwd ON claudemesh.presence (cwd, connected_at) WHERE 
 CREATE INDEX presence_grace ON claudemesh.presence (grace_until) WHERE ended_at IS NULL AND grace_until IS NOT NULL;
 
 -- The ciphertext is stored once; recipients get one delivery row each.
+-- envelope, delivery and audit take rows at message rate and carry no foreign keys: each
+-- would fire a trigger per row, and every message of a mesh would share-lock the same mesh
+-- row (MultiXacts under concurrency). Meshes and members are never deleted (archived,
+-- revoked), so the ids can't dangle; old envelopes and their deliveries are deleted together.
 CREATE TABLE claudemesh.envelope (
     id                   text PRIMARY KEY DEFAULT gen_random_uuid()::text,
-    mesh_id              text NOT NULL REFERENCES claudemesh.mesh (id),
-    sender_member_id     text NOT NULL REFERENCES claudemesh.member (id),
+    mesh_id              text NOT NULL,
+    sender_member_id     text NOT NULL,
     sender_pubkey        text NOT NULL,
     sender_member_pubkey text NOT NULL,
     target_spec          text NOT NULL,
@@ -117,9 +121,9 @@ CREATE INDEX envelope_expires ON claudemesh.envelope (expires_at);
 CREATE TABLE claudemesh.delivery (
     -- Identity order is per-recipient push order.
     id                       bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    envelope_id              text NOT NULL REFERENCES claudemesh.envelope (id) ON DELETE CASCADE,
+    envelope_id              text NOT NULL,
     mesh_id                  text NOT NULL,
-    recipient_member_id      text NOT NULL REFERENCES claudemesh.member (id),
+    recipient_member_id      text NOT NULL,
     -- NULL: any session of the member may take it. Set: only that session (by key or by session id).
     recipient_session_pubkey text,
     recipient_session_id     text,
@@ -168,7 +172,7 @@ CREATE TABLE claudemesh.audit_head (
 );
 
 CREATE TABLE claudemesh.audit (
-    mesh_id    text NOT NULL REFERENCES claudemesh.mesh (id),
+    mesh_id    text NOT NULL,
     seq        bigint NOT NULL,
     event_type text NOT NULL,
     actor      text NOT NULL DEFAULT '',

@@ -103,9 +103,14 @@ WHERE envelope_id IN (
   AND state IN ('pending', 'pushed');
 
 -- name: DeleteOldEnvelopes :execrows
--- Envelopes are kept a day past expiry so message_status can still answer, then removed.
-DELETE FROM claudemesh.envelope
-WHERE id IN (SELECT id FROM claudemesh.envelope WHERE expires_at < now() - interval '1 day' LIMIT 5000);
+-- Envelopes are kept a day past expiry so message_status can still answer, then removed with
+-- their deliveries (no foreign key cascades on these tables: see the schema).
+WITH old AS (
+    DELETE FROM claudemesh.envelope
+    WHERE id IN (SELECT id FROM claudemesh.envelope WHERE expires_at < now() - interval '1 day' LIMIT 5000)
+    RETURNING id
+)
+DELETE FROM claudemesh.delivery WHERE envelope_id IN (SELECT id FROM old);
 
 -- name: EnvelopeForStatus :one
 SELECT id, mesh_id, target_spec FROM claudemesh.envelope WHERE id = @id AND mesh_id = @mesh_id;
