@@ -98,7 +98,7 @@ func (s *Server) handleHook(w http.ResponseWriter, r *http.Request) {
 	defer cancel()
 	presence, pending, err := s.applyHook(ctx, req)
 	if err != nil {
-		s.log.Warn("hook", "err", err)
+		s.log.Warn("hook could not be applied", "cwd", req.CWD, "session_id", req.SessionID, "status", req.Status, "err", err)
 		s.hookFail(w, http.StatusServiceUnavailable, "broker could not apply the status; retry", "unavailable")
 		return
 	}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"log/slog"
 	"strings"
 	"time"
 
@@ -110,7 +111,6 @@ type envelope struct {
 
 type batchPlan struct {
 	envelopes []envelope
-	envReq    []int // envelope index → request index
 	deliv     []plannedDelivery
 	outbox    pgbus.Outbox
 	audit     []audit.Entry
@@ -135,6 +135,12 @@ func (s *Server) commitBatch(ctx context.Context, batch []sendReq) {
 		return
 	}
 	s.metrics.BatchSize.Observe(float64(len(batch)))
+	if s.log.Enabled(ctx, slog.LevelDebug) { // per message: only when asked for
+		for _, e := range plan.envelopes {
+			s.log.Debug("message stored", "mesh", e.MeshID, "message_id", e.ID, "sender", e.SenderPubkey,
+				"target", e.TargetSpec, "priority", e.Priority, "size", len(e.Ciphertext))
+		}
+	}
 	s.metrics.CommitSeconds.Observe(time.Since(start).Seconds())
 	for i, r := range batch {
 		s.replyTo(r.sess, plan.acks[i])
@@ -256,7 +262,6 @@ func (s *Server) planBatch(ctx context.Context, batch []sendReq) (*batchPlan, er
 			SenderMemberPubkey: r.sess.memberPubkey, TargetSpec: m.TargetSpec, Priority: string(m.Priority),
 			Nonce: m.Nonce, Ciphertext: m.Ciphertext, ClientID: m.ID, CreatedAt: now, ExpiresAt: now.Add(s.cfg.MessageTTL),
 		})
-		plan.envReq = append(plan.envReq, i)
 		for _, d := range recips {
 			d.env = env
 			d.state = "pending"
