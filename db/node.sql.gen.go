@@ -177,56 +177,6 @@ func (q *Queries) NodeRegister(ctx context.Context, arg NodeRegisterParams) (Cla
 	return i, err
 }
 
-const nodeSessionCounts = `-- name: NodeSessionCounts :many
-SELECT n.id, n.region, n.address, n.version, n.started_at, n.heartbeat_at, n.stopped_at, n.dead_at,
-    (SELECT count(*) FROM claudemesh.presence p WHERE p.node_id = n.id AND p.ended_at IS NULL AND p.grace_until IS NULL) AS sessions
-FROM claudemesh.node n
-WHERE n.stopped_at IS NULL AND n.dead_at IS NULL
-ORDER BY n.started_at
-`
-
-type NodeSessionCountsRow struct {
-	ID          string
-	Region      string
-	Address     string
-	Version     string
-	StartedAt   time.Time
-	HeartbeatAt time.Time
-	StoppedAt   *time.Time
-	DeadAt      *time.Time
-	Sessions    int64
-}
-
-func (q *Queries) NodeSessionCounts(ctx context.Context) ([]NodeSessionCountsRow, error) {
-	rows, err := q.db.Query(ctx, nodeSessionCounts)
-	if err != nil {
-		return nil, err
-	}
-	defer rows.Close()
-	items := []NodeSessionCountsRow{}
-	for rows.Next() {
-		var i NodeSessionCountsRow
-		if err := rows.Scan(
-			&i.ID,
-			&i.Region,
-			&i.Address,
-			&i.Version,
-			&i.StartedAt,
-			&i.HeartbeatAt,
-			&i.StoppedAt,
-			&i.DeadAt,
-			&i.Sessions,
-		); err != nil {
-			return nil, err
-		}
-		items = append(items, i)
-	}
-	if err := rows.Err(); err != nil {
-		return nil, err
-	}
-	return items, nil
-}
-
 const nodeStop = `-- name: NodeStop :exec
 UPDATE claudemesh.node SET stopped_at = now() WHERE id = $1 AND stopped_at IS NULL
 `

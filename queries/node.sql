@@ -39,10 +39,3 @@ WHERE node_id = @node_id AND ended_at IS NULL AND grace_until IS NULL;
 UPDATE claudemesh.delivery SET state = 'pending', pushed_node = NULL, pushed_presence = NULL, pushed_at = NULL
 WHERE state = 'pushed' AND pushed_node = @node_id
 RETURNING mesh_id, recipient_member_id;
-
--- name: NodeSessionCounts :many
-SELECT n.id, n.region, n.address, n.version, n.started_at, n.heartbeat_at, n.stopped_at, n.dead_at,
-    (SELECT count(*) FROM claudemesh.presence p WHERE p.node_id = n.id AND p.ended_at IS NULL AND p.grace_until IS NULL) AS sessions
-FROM claudemesh.node n
-WHERE n.stopped_at IS NULL AND n.dead_at IS NULL
-ORDER BY n.started_at;
