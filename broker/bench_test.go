@@ -24,7 +24,7 @@ func BenchmarkSendPushAcrossReplicas(b *testing.B) {
 	}
 	// The same load with group commit off: one notifying commit per message, the naive
 	// design's ceiling measured with this broker's own per-message work.
-	b.Run("pairs=128/inflight=16/batch=1", func(b *testing.B) { benchSendPush(b, 128, 16, 1) })
+	b.Run("nobatch/pairs=128/inflight=16", func(b *testing.B) { benchSendPush(b, 128, 16, 1) })
 }
 
 func benchSendPush(b *testing.B, pairs, inflight, maxBatch int) {

@@ -183,14 +183,7 @@ func prepare(e Entry, now time.Time) (pending, error) {
 			return pending{}, fmt.Errorf("%w: key %q", ErrContentInData, k)
 		}
 	}
-	raw := []byte("{}")
-	if e.Data != nil {
-		var err error
-		if raw, err = json.Marshal(e.Data); err != nil {
-			return pending{}, fmt.Errorf("encode %s data: %w", e.Type, err)
-		}
-	}
-	data, err := CanonicalJSON(raw)
+	data, err := encodeData(e.Data)
 	if err != nil {
 		return pending{}, fmt.Errorf("encode %s data: %w", e.Type, err)
 	}
@@ -199,6 +192,35 @@ func prepare(e Entry, now time.Time) (pending, error) {
 		at = now
 	}
 	return pending{meshID: e.MeshID, eventType: e.Type, actor: e.Actor, data: data, tsMicros: at.UnixMicro()}, nil
+}
+
+// encodeData returns the canonical JSON of an entry's data. The common case, a flat map of
+// strings, integers and booleans (every entry the broker writes per message), is already
+// canonical when encoded with sorted keys and no HTML escaping, so it skips the decode and
+// re-encode that CanonicalJSON needs for arbitrary values.
+func encodeData(d map[string]any) ([]byte, error) {
+	if d == nil {
+		return []byte("{}"), nil
+	}
+	flat := true
+	for _, v := range d {
+		switch v.(type) {
+		case string, bool, nil, int, int32, int64, uint32:
+		default:
+			flat = false
+		}
+	}
+	var buf bytes.Buffer
+	enc := json.NewEncoder(&buf)
+	enc.SetEscapeHTML(false)
+	if err := enc.Encode(d); err != nil { // maps encode with sorted keys
+		return nil, err
+	}
+	raw := bytes.TrimSuffix(buf.Bytes(), []byte("\n"))
+	if flat {
+		return raw, nil
+	}
+	return CanonicalJSON(raw)
 }
 
 // Hash is an entry's hash: lowercase hex sha256 over its fields, each length-prefixed so no
