@@ -200,9 +200,19 @@ func (s *Server) planBatch(ctx context.Context, batch []sendReq) (*batchPlan, er
 	if err := g.Wait(); err != nil {
 		return nil, err
 	}
-	byMesh := map[string][]db.LivePresenceByMeshesRow{}
-	for _, p := range live {
+	// Direct targets look their presences up by member or session key, so planning a send
+	// costs the same in a mesh of ten sessions or of ten thousand.
+	byMesh := map[string][]*db.LivePresenceByMeshesRow{}
+	byMember := map[[2]string][]*db.LivePresenceByMeshesRow{}  // (mesh, member id)
+	bySessKey := map[[2]string][]*db.LivePresenceByMeshesRow{} // (mesh, session key)
+	for i := range live {
+		p := &live[i]
 		byMesh[p.MeshID] = append(byMesh[p.MeshID], p)
+		byMember[[2]string{p.MeshID, p.MemberID}] = append(byMember[[2]string{p.MeshID, p.MemberID}], p)
+		if p.SessionPubkey != nil {
+			k := [2]string{p.MeshID, *p.SessionPubkey}
+			bySessKey[k] = append(bySessKey[k], p)
+		}
 	}
 	members := map[[2]string]string{} // (mesh, pubkey) → member id
 	for _, m := range ms {
@@ -222,19 +232,16 @@ func (s *Server) planBatch(ctx context.Context, batch []sendReq) (*batchPlan, er
 		}
 		var recips []plannedDelivery
 		remote := map[string][]string{} // node → member ids to wake
-		presences := byMesh[r.sess.meshID]
 		switch kinds[i] {
 		case targetDirect:
 			mk := [2]string{r.sess.meshID, keys[i]}
 			if member, ok := members[mk]; ok {
 				d := plannedDelivery{memberID: member}
-				d.local = s.pickLocal(presences, func(p *db.LivePresenceByMeshesRow) bool { return p.MemberID == member }, m.Priority, plan, remote)
+				d.local = s.pickLocal(byMember[[2]string{r.sess.meshID, member}], m.Priority, plan, remote)
 				recips = append(recips, d)
 			} else if member, ok := sessKeys[mk]; ok {
 				d := plannedDelivery{memberID: member, sessKey: keys[i]}
-				d.local = s.pickLocal(presences, func(p *db.LivePresenceByMeshesRow) bool {
-					return p.SessionPubkey != nil && *p.SessionPubkey == keys[i]
-				}, m.Priority, plan, remote)
+				d.local = s.pickLocal(bySessKey[mk], m.Priority, plan, remote)
 				recips = append(recips, d)
 			} else {
 				plan.acks[i] = &protocol.Ack{ID: m.ID, Queued: false, Error: protocol.CodeNoRecipient, ReqID: m.ReqID}
@@ -242,8 +249,8 @@ func (s *Server) planBatch(ctx context.Context, batch []sendReq) (*batchPlan, er
 			}
 		default:
 			group := keys[i]
-			for pi := range presences {
-				p := &presences[pi]
+			presences := byMesh[r.sess.meshID]
+			for pi, p := range presences {
 				if p.MemberID == r.sess.memberID { // never the sender's own sessions
 					continue
 				}
@@ -251,7 +258,7 @@ func (s *Server) planBatch(ctx context.Context, batch []sendReq) (*batchPlan, er
 					continue
 				}
 				d := plannedDelivery{memberID: p.MemberID, sessID: p.SessionID}
-				d.local = s.pickLocal(presences[pi:pi+1], func(*db.LivePresenceByMeshesRow) bool { return true }, m.Priority, plan, remote)
+				d.local = s.pickLocal(presences[pi:pi+1], m.Priority, plan, remote)
 				recips = append(recips, d)
 			}
 		}
@@ -290,21 +297,17 @@ func (s *Server) planBatch(ctx context.Context, batch []sendReq) (*batchPlan, er
 	return plan, nil
 }
 
-// pickLocal chooses a local session among the matching live presences that may take a
+// pickLocal chooses a local session among the recipient's live presences that may take a
 // priority-p push now, without overtaking its backlog. When none can, remote holders are
 // woken up and local ones with a backlog get their drain kicked.
-func (s *Server) pickLocal(presences []db.LivePresenceByMeshesRow, match func(*db.LivePresenceByMeshesRow) bool,
-	p protocol.Priority, plan *batchPlan, remote map[string][]string) *session {
+func (s *Server) pickLocal(presences []*db.LivePresenceByMeshesRow, p protocol.Priority, plan *batchPlan,
+	remote map[string][]string) *session {
 	var pick *session
-	var wake []string
+	var wake []*db.LivePresenceByMeshesRow
 	var waiting []*session
-	for i := range presences {
-		pr := &presences[i]
-		if !match(pr) {
-			continue
-		}
+	for _, pr := range presences {
 		if pr.NodeID != s.nodeID {
-			wake = append(wake, pr.NodeID)
+			wake = append(wake, pr)
 			continue
 		}
 		sess := s.hub.get(pr.ID)
@@ -323,15 +326,8 @@ func (s *Server) pickLocal(presences []db.LivePresenceByMeshesRow, match func(*d
 	if pick != nil {
 		return pick
 	}
-	for _, n := range wake {
-		member := ""
-		for i := range presences {
-			if presences[i].NodeID == n && match(&presences[i]) {
-				member = presences[i].MemberID
-				break
-			}
-		}
-		remote[n] = append(remote[n], member)
+	for _, pr := range wake {
+		remote[pr.NodeID] = append(remote[pr.NodeID], pr.MemberID)
 	}
 	for _, w := range waiting {
 		plan.kick[w] = struct{}{}
