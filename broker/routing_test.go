@@ -1,6 +1,7 @@
 package broker
 
 import (
+	"encoding/hex"
 	"testing"
 	"time"
 
@@ -75,4 +76,47 @@ func TestBroadcastAndGroupsReachEveryReplica(t *testing.T) {
 	require.Equal(t, last.MessageID, nextPush(t, engineer, 5*time.Second).MessageID, "@eng must not match engineering")
 	noPush(t, s1, 300*time.Millisecond)
 	noPush(t, s2, 300*time.Millisecond)
+}
+
+// A member with two sessions on two replicas: a send to a session key reaches that session
+// only, a send to the member key reaches exactly one of them.
+func TestDirectToSessionKeyAcrossReplicas(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t, 3, nil)
+	m := c.mesh(0)
+	alice, carol := m.member("alice"), m.member("carol")
+	k1, _, err := generateKey()
+	require.NoError(t, err)
+	k2, _, err := generateKey()
+	require.NoError(t, err)
+	a := m.dial(0, alice)
+	s1 := m.dial(1, carol, func(o *client.Options) { o.SessionKey = k1; o.SessionID = "one" })
+	s2 := m.dial(2, carol, func(o *client.Options) { o.SessionKey = k2; o.SessionID = "two" })
+	ctx := ctxT(t)
+
+	send := func(to string) string {
+		t.Helper()
+		ack, err := a.Send(ctx, to, protocol.PriorityNow, "bm9uY2U=", "Y2lwaGVy", "")
+		require.NoError(t, err)
+		return ack.MessageID
+	}
+	to2 := send(hex.EncodeToString(k2))
+	to1 := send(hex.EncodeToString(k1))
+	// Each session's next push is the one addressed to it: the other one never arrived first.
+	require.Equal(t, to2, nextPush(t, s2, 5*time.Second).MessageID)
+	require.Equal(t, to1, nextPush(t, s1, 5*time.Second).MessageID)
+
+	toMember := send(carol.pub)
+	marker1, marker2 := send(hex.EncodeToString(k1)), send(hex.EncodeToString(k2))
+	got := []string{nextPush(t, s1, 5*time.Second).MessageID, nextPush(t, s2, 5*time.Second).MessageID}
+	switch {
+	case got[0] == toMember: // session one took it; session two's next is its marker
+		require.Equal(t, marker2, got[1])
+		require.Equal(t, marker1, nextPush(t, s1, 5*time.Second).MessageID)
+	case got[1] == toMember:
+		require.Equal(t, marker1, got[0])
+		require.Equal(t, marker2, nextPush(t, s2, 5*time.Second).MessageID)
+	default:
+		t.Fatalf("member-addressed message %s reached neither session first: %v", toMember, got)
+	}
 }

@@ -157,13 +157,16 @@ func (s *Server) planBatch(ctx context.Context, batch []sendReq) (*batchPlan, er
 	plan := &batchPlan{acks: make([]*protocol.Ack, len(batch)), kick: map[*session]struct{}{}}
 	kinds := make([]targetKind, len(batch))
 	keys := make([]string, len(batch))
+	// Multicasts need every live session of their mesh; direct sends only their targets'.
 	meshSet := map[string]struct{}{}
 	var dMesh, dKey []string
 	for i, r := range batch {
 		kinds[i], keys[i] = parseTarget(r.msg.TargetSpec)
-		meshSet[r.sess.meshID] = struct{}{}
-		if kinds[i] == targetDirect {
+		switch kinds[i] {
+		case targetDirect:
 			dMesh, dKey = append(dMesh, r.sess.meshID), append(dKey, keys[i])
+		case targetAll, targetGroup:
+			meshSet[r.sess.meshID] = struct{}{}
 		}
 	}
 	meshes := make([]string, 0, len(meshSet))
@@ -172,18 +175,27 @@ func (s *Server) planBatch(ctx context.Context, batch []sendReq) (*batchPlan, er
 	}
 	// The look-ups are independent: run them at once, so the plan costs one round trip.
 	var (
-		live []db.LivePresenceByMeshesRow
-		ms   []db.ResolveMembersRow
-		sk   []db.ResolveSessionKeysRow
+		live    []db.LivePresenceByMeshesRow
+		targets []db.LivePresenceByTargetsRow
+		ms      []db.ResolveMembersRow
+		sk      []db.ResolveSessionKeysRow
 	)
 	g, gctx := errgroup.WithContext(ctx)
-	g.Go(func() (err error) {
-		if live, err = s.q.LivePresenceByMeshes(gctx, meshes); err != nil {
-			err = fmt.Errorf("load presence: %w", err)
-		}
-		return err
-	})
+	if len(meshes) > 0 {
+		g.Go(func() (err error) {
+			if live, err = s.q.LivePresenceByMeshes(gctx, meshes); err != nil {
+				err = fmt.Errorf("load presence: %w", err)
+			}
+			return err
+		})
+	}
 	if len(dKey) > 0 {
+		g.Go(func() (err error) {
+			if targets, err = s.q.LivePresenceByTargets(gctx, db.LivePresenceByTargetsParams{MeshIds: dMesh, Pubkeys: dKey}); err != nil {
+				err = fmt.Errorf("load target presence: %w", err)
+			}
+			return err
+		})
 		g.Go(func() (err error) {
 			if ms, err = s.q.ResolveMembers(gctx, db.ResolveMembersParams{MeshIds: dMesh, Pubkeys: dKey}); err != nil {
 				err = fmt.Errorf("resolve members: %w", err)
@@ -205,9 +217,20 @@ func (s *Server) planBatch(ctx context.Context, batch []sendReq) (*batchPlan, er
 	byMesh := map[string][]*db.LivePresenceByMeshesRow{}
 	byMember := map[[2]string][]*db.LivePresenceByMeshesRow{}  // (mesh, member id)
 	bySessKey := map[[2]string][]*db.LivePresenceByMeshesRow{} // (mesh, session key)
+	seen := make(map[string]struct{}, len(live))
+	for _, p := range live {
+		seen[p.ID] = struct{}{}
+	}
+	for _, t := range targets { // a mesh with multicasts in the batch has them all already
+		if _, dup := seen[t.ID]; !dup {
+			live = append(live, db.LivePresenceByMeshesRow(t))
+		}
+	}
 	for i := range live {
 		p := &live[i]
-		byMesh[p.MeshID] = append(byMesh[p.MeshID], p)
+		if _, multicast := meshSet[p.MeshID]; multicast {
+			byMesh[p.MeshID] = append(byMesh[p.MeshID], p)
+		}
 		byMember[[2]string{p.MeshID, p.MemberID}] = append(byMember[[2]string{p.MeshID, p.MemberID}], p)
 		if p.SessionPubkey != nil {
 			k := [2]string{p.MeshID, *p.SessionPubkey}

@@ -273,6 +273,67 @@ func (q *Queries) LivePresenceByMeshes(ctx context.Context, meshIds []string) ([
 	return items, nil
 }
 
+const livePresenceByTargets = `-- name: LivePresenceByTargets :many
+SELECT p.id, p.mesh_id, p.member_id, p.node_id, p.session_id, p.session_pubkey, p.groups, p.status
+FROM claudemesh.presence p
+JOIN (SELECT DISTINCT unnest($1::text[]) AS mesh_id, unnest($2::text[]) AS pubkey) t
+  ON p.mesh_id = t.mesh_id AND p.member_pubkey = t.pubkey
+WHERE p.ended_at IS NULL
+UNION
+SELECT p.id, p.mesh_id, p.member_id, p.node_id, p.session_id, p.session_pubkey, p.groups, p.status
+FROM claudemesh.presence p
+JOIN (SELECT DISTINCT unnest($1::text[]) AS mesh_id, unnest($2::text[]) AS pubkey) t
+  ON p.mesh_id = t.mesh_id AND p.session_pubkey = t.pubkey
+WHERE p.ended_at IS NULL AND p.session_pubkey IS NOT NULL
+`
+
+type LivePresenceByTargetsParams struct {
+	MeshIds []string
+	Pubkeys []string
+}
+
+type LivePresenceByTargetsRow struct {
+	ID            string
+	MeshID        string
+	MemberID      string
+	NodeID        string
+	SessionID     string
+	SessionPubkey *string
+	Groups        json.RawMessage
+	Status        string
+}
+
+// The live sessions a batch of direct sends can reach: by member pubkey or by session key,
+// each (mesh, pubkey) pair through an index, never a scan of the mesh's sessions.
+func (q *Queries) LivePresenceByTargets(ctx context.Context, arg LivePresenceByTargetsParams) ([]LivePresenceByTargetsRow, error) {
+	rows, err := q.db.Query(ctx, livePresenceByTargets, arg.MeshIds, arg.Pubkeys)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	items := []LivePresenceByTargetsRow{}
+	for rows.Next() {
+		var i LivePresenceByTargetsRow
+		if err := rows.Scan(
+			&i.ID,
+			&i.MeshID,
+			&i.MemberID,
+			&i.NodeID,
+			&i.SessionID,
+			&i.SessionPubkey,
+			&i.Groups,
+			&i.Status,
+		); err != nil {
+			return nil, err
+		}
+		items = append(items, i)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, err
+	}
+	return items, nil
+}
+
 const lockMeshHello = `-- name: LockMeshHello :exec
 SELECT pg_advisory_xact_lock(hashtextextended('claudemesh.hello:' || $1::text, 0))
 `
