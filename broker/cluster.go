@@ -116,8 +116,11 @@ func (s *Server) noteStatus(sess *session, st protocol.Status) {
 	}
 }
 
-// resync re-reads statuses of all local sessions and re-drains them: after a (re)connect of
-// the LISTEN connection anything may have been missed.
+// resync re-reads the statuses of all local sessions and drains those with pending
+// deliveries: after a (re)connect of the LISTEN connection anything may have been missed, and
+// the slow poll backs up notifications lost any other way. It asks the table which members
+// have something pending rather than claiming for every session, so an idle replica with ten
+// thousand sessions polls with two queries.
 func (s *Server) resync(ctx context.Context) {
 	if s.hub.len() == 0 {
 		return
@@ -134,8 +137,29 @@ func (s *Server) resync(ctx context.Context) {
 			sess.setStatus(protocol.Status(r.Status))
 		}
 	}
+	members := map[string]struct{}{}
 	for _, sess := range s.hub.all() {
-		s.kickDrain(sess)
+		members[sess.memberID] = struct{}{}
+		sess.mu.Lock()
+		retry := sess.backlog // a drain that failed (Postgres away) is retried here
+		sess.mu.Unlock()
+		if retry {
+			s.kickDrain(sess)
+		}
+	}
+	ids := make([]string, 0, len(members))
+	for m := range members {
+		ids = append(ids, m)
+	}
+	pending, err := s.q.MembersWithPending(ctx, ids)
+	if err != nil {
+		s.log.Debug("resync", "err", err)
+		return
+	}
+	for _, m := range pending {
+		for _, sess := range s.hub.memberSessions(m) {
+			s.kickDrain(sess)
+		}
 	}
 }
 

@@ -336,3 +336,33 @@ func TestExpiredEnvelopeNeverPushedAndSwept(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, fresh.MessageID, nextPush(t, b, 5*time.Second).MessageID, "the first push bob gets is the fresh one")
 }
+
+// A delivery whose notification never came (written straight into the table here) reaches
+// its recipient through the slow poll: a lost notification only delays.
+func TestLostNotificationDeliveredByPoll(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t, 2, nil)
+	m := c.mesh(0)
+	alice, bob, carol := m.member("alice"), m.member("bob"), m.member("carol")
+	b := m.dial(1, bob)
+	cl := m.dial(1, carol)
+	ctx := ctxT(t)
+	_, err := c.pool.Exec(ctx, `
+		WITH e AS (
+			INSERT INTO claudemesh.envelope (id, mesh_id, sender_member_id, sender_pubkey, sender_member_pubkey,
+				target_spec, priority, nonce, ciphertext, client_id, expires_at)
+			VALUES ('lost-1', $1, $2, $3, $3, $4, 'now', 'bm9uY2U=', 'Y2lwaGVy', '', now() + interval '1 hour'))
+		INSERT INTO claudemesh.delivery (envelope_id, mesh_id, recipient_member_id, priority, state, expires_at)
+		VALUES ('lost-1', $1, $5, 'now', 'pending', now() + interval '1 hour')`,
+		m.id, alice.id, alice.pub, bob.pub, bob.id)
+	require.NoError(t, err)
+	p := nextPush(t, b, 3*pollInterval)
+	require.Equal(t, "lost-1", p.MessageID)
+	require.Equal(t, alice.pub, p.SenderPubkey)
+
+	// Carol had nothing pending and gets nothing; her next push is a real send.
+	a := m.dial(0, alice)
+	ack, err := a.Send(ctx, carol.pub, protocol.PriorityNow, "n", "c", "")
+	require.NoError(t, err)
+	require.Equal(t, ack.MessageID, nextPush(t, cl, 5*time.Second).MessageID)
+}

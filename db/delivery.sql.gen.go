@@ -353,6 +353,34 @@ func (q *Queries) InsertBatch(ctx context.Context, arg InsertBatchParams) ([]Ins
 	return items, nil
 }
 
+const membersWithPending = `-- name: MembersWithPending :many
+SELECT m.id::text AS member_id FROM unnest($1::text[]) AS m(id)
+WHERE EXISTS (SELECT 1 FROM claudemesh.delivery d
+              WHERE d.recipient_member_id = m.id AND d.state = 'pending' AND d.expires_at > now())
+`
+
+// Which of these members have a pending delivery: the slow poll kicks only their sessions
+// instead of claiming for every session of the replica. One index probe per member.
+func (q *Queries) MembersWithPending(ctx context.Context, memberIds []string) ([]string, error) {
+	rows, err := q.db.Query(ctx, membersWithPending, memberIds)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	items := []string{}
+	for rows.Next() {
+		var member_id string
+		if err := rows.Scan(&member_id); err != nil {
+			return nil, err
+		}
+		items = append(items, member_id)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, err
+	}
+	return items, nil
+}
+
 const pendingDeliveryCount = `-- name: PendingDeliveryCount :one
 SELECT count(*) FROM claudemesh.delivery WHERE state IN ('pending', 'pushed')
 `

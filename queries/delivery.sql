@@ -126,5 +126,12 @@ FROM claudemesh.delivery d JOIN claudemesh.member m ON m.id = d.recipient_member
 WHERE d.envelope_id = @envelope_id
 ORDER BY d.id;
 
+-- name: MembersWithPending :many
+-- Which of these members have a pending delivery: the slow poll kicks only their sessions
+-- instead of claiming for every session of the replica. One index probe per member.
+SELECT m.id::text AS member_id FROM unnest(@member_ids::text[]) AS m(id)
+WHERE EXISTS (SELECT 1 FROM claudemesh.delivery d
+              WHERE d.recipient_member_id = m.id AND d.state = 'pending' AND d.expires_at > now());
+
 -- name: PendingDeliveryCount :one
 SELECT count(*) FROM claudemesh.delivery WHERE state IN ('pending', 'pushed');
