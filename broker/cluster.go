@@ -116,11 +116,11 @@ func (s *Server) noteStatus(sess *session, st protocol.Status) {
 	}
 }
 
-// resync re-reads the statuses of all local sessions and drains those with pending
-// deliveries: after a (re)connect of the LISTEN connection anything may have been missed, and
-// the slow poll backs up notifications lost any other way. It asks the table which members
-// have something pending rather than claiming for every session, so an idle replica with ten
-// thousand sessions polls with two queries.
+// resync re-reads the statuses of all local sessions and drains those with something to
+// claim: after a (re)connect of the LISTEN connection anything may have been missed, and the
+// slow poll backs up notifications lost any other way. It asks the table which sessions have
+// a claimable delivery rather than claiming for every session, so a replica whose sessions
+// are caught up polls with two read-only queries and takes no row locks.
 func (s *Server) resync(ctx context.Context) {
 	if s.hub.len() == 0 {
 		return
@@ -137,27 +137,31 @@ func (s *Server) resync(ctx context.Context) {
 			sess.setStatus(protocol.Status(r.Status))
 		}
 	}
-	members := map[string]struct{}{}
+	var p db.SessionsWithClaimableParams
 	for _, sess := range s.hub.all() {
-		members[sess.memberID] = struct{}{}
 		sess.mu.Lock()
-		retry := sess.backlog // a drain that failed (Postgres away) is retried here
+		retry, idle := sess.backlog, sess.status == protocol.StatusIdle
 		sess.mu.Unlock()
-		if retry {
+		if retry { // a drain that failed (Postgres away) is retried here
 			s.kickDrain(sess)
+			continue
 		}
+		p.PresenceIds = append(p.PresenceIds, sess.presenceID)
+		p.MemberIds = append(p.MemberIds, sess.memberID)
+		p.SessionPubkeys = append(p.SessionPubkeys, sess.sessionPubkey)
+		p.SessionIds = append(p.SessionIds, sess.sessionID)
+		p.IncludeHeld = append(p.IncludeHeld, idle)
 	}
-	ids := make([]string, 0, len(members))
-	for m := range members {
-		ids = append(ids, m)
+	if len(p.PresenceIds) == 0 {
+		return
 	}
-	pending, err := s.q.MembersWithPending(ctx, ids)
+	claimable, err := s.q.SessionsWithClaimable(ctx, p)
 	if err != nil {
 		s.log.Debug("resync", "err", err)
 		return
 	}
-	for _, m := range pending {
-		for _, sess := range s.hub.memberSessions(m) {
+	for _, id := range claimable {
+		if sess := s.hub.get(id); sess != nil {
 			s.kickDrain(sess)
 		}
 	}

@@ -353,34 +353,6 @@ func (q *Queries) InsertBatch(ctx context.Context, arg InsertBatchParams) ([]Ins
 	return items, nil
 }
 
-const membersWithPending = `-- name: MembersWithPending :many
-SELECT m.id::text AS member_id FROM unnest($1::text[]) AS m(id)
-WHERE EXISTS (SELECT 1 FROM claudemesh.delivery d
-              WHERE d.recipient_member_id = m.id AND d.state = 'pending' AND d.expires_at > now())
-`
-
-// Which of these members have a pending delivery: the slow poll kicks only their sessions
-// instead of claiming for every session of the replica. One index probe per member.
-func (q *Queries) MembersWithPending(ctx context.Context, memberIds []string) ([]string, error) {
-	rows, err := q.db.Query(ctx, membersWithPending, memberIds)
-	if err != nil {
-		return nil, err
-	}
-	defer rows.Close()
-	items := []string{}
-	for rows.Next() {
-		var member_id string
-		if err := rows.Scan(&member_id); err != nil {
-			return nil, err
-		}
-		items = append(items, member_id)
-	}
-	if err := rows.Err(); err != nil {
-		return nil, err
-	}
-	return items, nil
-}
-
 const pendingDeliveryCount = `-- name: PendingDeliveryCount :one
 SELECT count(*) FROM claudemesh.delivery WHERE state IN ('pending', 'pushed')
 `
@@ -494,6 +466,57 @@ func (q *Queries) ResolveSessionKeys(ctx context.Context, arg ResolveSessionKeys
 			return nil, err
 		}
 		items = append(items, i)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, err
+	}
+	return items, nil
+}
+
+const sessionsWithClaimable = `-- name: SessionsWithClaimable :many
+WITH s AS (
+    SELECT unnest($1::text[]) AS presence_id, unnest($2::text[]) AS member_id,
+        unnest($3::text[]) AS session_pubkey, unnest($4::text[]) AS session_id,
+        unnest($5::bool[]) AS include_held
+)
+SELECT s.presence_id::text FROM s
+WHERE EXISTS (SELECT 1 FROM claudemesh.delivery d
+              WHERE d.recipient_member_id = s.member_id AND d.state = 'pending'
+                AND (d.recipient_session_pubkey IS NULL OR d.recipient_session_pubkey = s.session_pubkey)
+                AND (d.recipient_session_id IS NULL OR d.recipient_session_id = s.session_id)
+                AND d.expires_at > now()
+                AND (s.include_held OR d.priority = 'now'))
+`
+
+type SessionsWithClaimableParams struct {
+	PresenceIds    []string
+	MemberIds      []string
+	SessionPubkeys []string
+	SessionIds     []string
+	IncludeHeld    []bool
+}
+
+// Which of these sessions have a delivery ClaimDeliveries would take now (same conditions,
+// no locks): the slow poll drains only those instead of claiming for every session.
+func (q *Queries) SessionsWithClaimable(ctx context.Context, arg SessionsWithClaimableParams) ([]string, error) {
+	rows, err := q.db.Query(ctx, sessionsWithClaimable,
+		arg.PresenceIds,
+		arg.MemberIds,
+		arg.SessionPubkeys,
+		arg.SessionIds,
+		arg.IncludeHeld,
+	)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	items := []string{}
+	for rows.Next() {
+		var s_presence_id string
+		if err := rows.Scan(&s_presence_id); err != nil {
+			return nil, err
+		}
+		items = append(items, s_presence_id)
 	}
 	if err := rows.Err(); err != nil {
 		return nil, err

@@ -126,12 +126,21 @@ FROM claudemesh.delivery d JOIN claudemesh.member m ON m.id = d.recipient_member
 WHERE d.envelope_id = @envelope_id
 ORDER BY d.id;
 
--- name: MembersWithPending :many
--- Which of these members have a pending delivery: the slow poll kicks only their sessions
--- instead of claiming for every session of the replica. One index probe per member.
-SELECT m.id::text AS member_id FROM unnest(@member_ids::text[]) AS m(id)
+-- name: SessionsWithClaimable :many
+-- Which of these sessions have a delivery ClaimDeliveries would take now (same conditions,
+-- no locks): the slow poll drains only those instead of claiming for every session.
+WITH s AS (
+    SELECT unnest(@presence_ids::text[]) AS presence_id, unnest(@member_ids::text[]) AS member_id,
+        unnest(@session_pubkeys::text[]) AS session_pubkey, unnest(@session_ids::text[]) AS session_id,
+        unnest(@include_held::bool[]) AS include_held
+)
+SELECT s.presence_id::text FROM s
 WHERE EXISTS (SELECT 1 FROM claudemesh.delivery d
-              WHERE d.recipient_member_id = m.id AND d.state = 'pending' AND d.expires_at > now());
+              WHERE d.recipient_member_id = s.member_id AND d.state = 'pending'
+                AND (d.recipient_session_pubkey IS NULL OR d.recipient_session_pubkey = s.session_pubkey)
+                AND (d.recipient_session_id IS NULL OR d.recipient_session_id = s.session_id)
+                AND d.expires_at > now()
+                AND (s.include_held OR d.priority = 'now'));
 
 -- name: PendingDeliveryCount :one
 SELECT count(*) FROM claudemesh.delivery WHERE state IN ('pending', 'pushed');

@@ -23,6 +23,7 @@ import (
 	"strconv"
 	"strings"
 	"time"
+	"unicode/utf8"
 
 	"github.com/jackc/pgx/v5"
 
@@ -202,13 +203,18 @@ func encodeData(d map[string]any) ([]byte, error) {
 	if d == nil {
 		return []byte("{}"), nil
 	}
+	// Invalid UTF-8 is encoded as an escaped U+FFFD, which CanonicalJSON turns into the raw
+	// character: such data takes the slow path.
 	flat := true
-	for _, v := range d {
-		switch v.(type) {
-		case string, bool, nil, int, int32, int64, uint32:
+	for k, v := range d {
+		switch v := v.(type) {
+		case string:
+			flat = flat && utf8.ValidString(v)
+		case bool, nil, int, int32, int64, uint32:
 		default:
 			flat = false
 		}
+		flat = flat && utf8.ValidString(k)
 	}
 	var buf bytes.Buffer
 	enc := json.NewEncoder(&buf)

@@ -18,6 +18,8 @@ func TestEncodeDataMatchesCanonicalJSON(t *testing.T) {
 		{"message_id": "0193-abc", "target_kind": "direct", "priority": "now", "size": 300, "recipients": 1},
 		{"z": "<&>\u2028", "a": "é\"\\", "n": int64(-9223372036854775808), "b": true, "x": nil},
 		{"nested": map[string]any{"b": 1.5, "a": []any{2, "x"}}, "f": 1e3},
+		{"s": "a\xffb", "ok": "plain"},
+		{"\xff": "x", "\xfe": "y"},
 	} {
 		raw, err := json.Marshal(d)
 		require.NoError(t, err)
