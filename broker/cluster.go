@@ -137,7 +137,7 @@ func (s *Server) resync(ctx context.Context) {
 			sess.setStatus(protocol.Status(r.Status))
 		}
 	}
-	var p db.SessionsWithClaimableParams
+	var f claimFilter
 	for _, sess := range s.hub.all() {
 		sess.mu.Lock()
 		retry, idle := sess.backlog, sess.status == protocol.StatusIdle
@@ -146,16 +146,13 @@ func (s *Server) resync(ctx context.Context) {
 			s.kickDrain(sess)
 			continue
 		}
-		p.PresenceIds = append(p.PresenceIds, sess.presenceID)
-		p.MemberIds = append(p.MemberIds, sess.memberID)
-		p.SessionPubkeys = append(p.SessionPubkeys, sess.sessionPubkey)
-		p.SessionIds = append(p.SessionIds, sess.sessionID)
-		p.IncludeHeld = append(p.IncludeHeld, idle)
+		f.add(sess, idle)
 	}
-	if len(p.PresenceIds) == 0 {
+	if len(f.presenceIDs) == 0 {
 		return
 	}
-	claimable, err := s.q.SessionsWithClaimable(ctx, p)
+	claimable, err := s.q.SessionsWithClaimable(ctx, db.SessionsWithClaimableParams{PresenceIds: f.presenceIDs,
+		MemberIds: f.memberIDs, SessionPubkeys: f.sessionPubkeys, SessionIds: f.sessionIDs, IncludeHeld: f.includeHeld})
 	if err != nil {
 		s.log.Debug("resync", "err", err)
 		return

@@ -80,10 +80,27 @@ func (d *drainer) run(ctx context.Context) {
 	}
 }
 
+// claimFilter is the per-session half of a claim: which deliveries each session may take
+// (its member, session key and id; held priorities only when idle). ClaimDeliveries and the
+// poll's SessionsWithClaimable take the same arrays.
+type claimFilter struct {
+	presenceIDs, memberIDs, sessionPubkeys, sessionIDs []string
+	includeHeld                                        []bool
+}
+
+func (f *claimFilter) add(sess *session, idle bool) {
+	f.presenceIDs = append(f.presenceIDs, sess.presenceID)
+	f.memberIDs = append(f.memberIDs, sess.memberID)
+	f.sessionPubkeys = append(f.sessionPubkeys, sess.sessionPubkey)
+	f.sessionIDs = append(f.sessionIDs, sess.sessionID)
+	f.includeHeld = append(f.includeHeld, idle)
+}
+
 // drain claims for a batch of sessions and pushes what it got.
 func (d *drainer) drain(ctx context.Context, batch []*session) {
 	s := d.s
-	p := db.ClaimDeliveriesParams{NodeID: s.nodeID, MaxPerSession: drainPage}
+	var f claimFilter
+	var clientAck []bool
 	kicks := make([]uint64, len(batch))
 	live := batch[:0]
 	for _, sess := range batch {
@@ -95,16 +112,15 @@ func (d *drainer) drain(ctx context.Context, batch []*session) {
 		}
 		kicks[len(live)] = k
 		live = append(live, sess)
-		p.PresenceIds = append(p.PresenceIds, sess.presenceID)
-		p.MemberIds = append(p.MemberIds, sess.memberID)
-		p.SessionPubkeys = append(p.SessionPubkeys, sess.sessionPubkey)
-		p.SessionIds = append(p.SessionIds, sess.sessionID)
-		p.IncludeHeld = append(p.IncludeHeld, idle)
-		p.ClientAck = append(p.ClientAck, sess.clientAck)
+		f.add(sess, idle)
+		clientAck = append(clientAck, sess.clientAck)
 	}
 	if len(live) == 0 {
 		return
 	}
+	p := db.ClaimDeliveriesParams{NodeID: s.nodeID, MaxPerSession: drainPage, PresenceIds: f.presenceIDs,
+		MemberIds: f.memberIDs, SessionPubkeys: f.sessionPubkeys, SessionIds: f.sessionIDs,
+		IncludeHeld: f.includeHeld, ClientAck: clientAck}
 	qctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	rows, err := s.q.ClaimDeliveries(qctx, p)
 	cancel()
