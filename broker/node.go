@@ -13,11 +13,24 @@ import (
 	"github.com/claudemesh/broker/protocol"
 )
 
-// runNode registers the node row, heartbeats it, and takes over nodes that went silent.
-// A failed registration is retried on every beat, so a replica started while Postgres is
+// registerNode writes this replica's node row. Presences reference it, so a hello on a
+// replica that is not registered yet would fail: Start registers before it serves.
+func (s *Server) registerNode(ctx context.Context) bool {
+	ctx, cancel := context.WithTimeout(ctx, s.cfg.Heartbeat)
+	defer cancel()
+	if _, err := s.q.NodeRegister(ctx, db.NodeRegisterParams{ID: s.nodeID, Region: s.cfg.Region, Address: s.Addr(), Version: Version}); err != nil {
+		if ctx.Err() == nil {
+			s.log.Warn("register node", "err", err)
+		}
+		return false
+	}
+	return true
+}
+
+// runNode heartbeats the node row and takes over nodes that went silent. A registration
+// that failed at Start is retried on every beat, so a replica started while Postgres is
 // down joins when it returns.
-func (s *Server) runNode(ctx context.Context) {
-	registered := false
+func (s *Server) runNode(ctx context.Context, registered bool) {
 	var dbUpSince time.Time // start of the current unbroken run of successful heartbeats
 	lastOK := time.Now()
 	sentAway := false // sessions already sent elsewhere during this outage
@@ -27,13 +40,8 @@ func (s *Server) runNode(ctx context.Context) {
 		opCtx, cancel := context.WithTimeout(ctx, s.cfg.Heartbeat)
 		ok := false
 		if !registered {
-			if _, err := s.q.NodeRegister(opCtx, db.NodeRegisterParams{ID: s.nodeID, Region: s.cfg.Region, Address: s.Addr(), Version: Version}); err != nil {
-				if ctx.Err() == nil {
-					s.log.Warn("register node", "err", err)
-				}
-			} else {
-				registered, ok = true, true
-			}
+			registered = s.registerNode(ctx)
+			ok = registered
 		} else if _, err := s.q.NodeHeartbeat(opCtx, s.nodeID); err != nil {
 			if errors.Is(err, pgx.ErrNoRows) {
 				// Another replica declared us dead (we were cut off from Postgres): our

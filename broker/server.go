@@ -182,6 +182,9 @@ func (s *Server) Start(ctx context.Context, addr string) error {
 	}
 	s.mu.Lock()
 	s.listener = ln
+	s.mu.Unlock()
+	registered := s.registerNode(runCtx) // before serving: presences reference the node row
+	s.mu.Lock()
 	s.cancel = cancel
 	s.done = make(chan struct{})
 	s.httpSrv = &http.Server{
@@ -196,7 +199,7 @@ func (s *Server) Start(ctx context.Context, addr string) error {
 	wg.Add(2)
 	go func() {
 		defer wg.Done()
-		s.runNode(runCtx)
+		s.runNode(runCtx, registered)
 	}()
 	go func() {
 		defer wg.Done()
