@@ -63,6 +63,13 @@ func TestReplicaCutOffFromPostgresIsTakenOver(t *testing.T) {
 		t.Fatal("bob was not asked to reconnect after his replica was declared dead")
 	}
 	require.Equal(t, protocol.CloseDraining, b.CloseCode())
+	// n1 sent bob away while still cut off; it learns it was declared dead on its first
+	// heartbeat after the restore, closes what it holds and re-registers. Reconnect after that.
+	dbtest.WaitFor(t, 10*time.Second, "n1 re-registered", func() bool {
+		var alive bool
+		_ = c.pool.QueryRow(ctx, `SELECT dead_at IS NULL FROM claudemesh.node WHERE id = 'n1'`).Scan(&alive)
+		return alive
+	})
 	b2 := m.dial(1, bob)
 	require.Equal(t, queued.MessageID, nextPush(t, b2, 10*time.Second).MessageID)
 	dbtest.WaitFor(t, 10*time.Second, "n1 healthy again", func() bool { return c.nodes[1].BusConnected() })
