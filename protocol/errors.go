@@ -16,18 +16,24 @@ const (
 	// CodeNoHello: a message other than hello before a successful hello.
 	CodeNoHello = "no_hello"
 
-	// Hello refusals, in the order the broker checks them. Each is followed
-	// by close 1008, except CodeRevoked (close 4002).
+	// Hello refusals. Each is followed by close 1008, except CodeRevoked
+	// (close 4002). The broker checks timestamp, formats and signature
+	// first (no database work for an unauthenticated hello), then capacity,
+	// membership, revocation, replay and the session key.
 	CodeCapacity        = "capacity"          // the mesh's live sessions reached its limit
 	CodeTimestampSkew   = "timestamp_skew"    // more than HelloMaxSkew off
 	CodeMalformed       = "malformed"         // key or signature not hex of the right length
 	CodeBadSignature    = "bad_signature"     // signature does not verify
 	CodeUnauthorized    = "unauthorized"      // no live member with that mesh + pubkey
 	CodeRevoked         = "revoked"           // the member was revoked
-	CodeSessionKeyTaken = "session_key_taken" // (ext) sessionPubkey bound to another member
+	CodeSessionKeyTaken = "session_key_taken" // (ext) sessionPubkey bound to another member, or another member's key
+	CodeHelloReplayed   = "hello_replayed"    // (ext) this exact signed hello was already used
 
 	// CodeNotFound: message_status for an unknown id or one of another mesh.
 	CodeNotFound = "not_found"
+	// CodeQuotaExceeded (ext): set_state beyond the mesh's shared-state
+	// quota, join_group beyond the groups a session may hold.
+	CodeQuotaExceeded = "quota_exceeded"
 
 	// Send refusals, reported as ack{queued:false, error}.
 	CodeNoRecipient = "no_recipient" // direct target is no member or session key of the mesh
@@ -47,7 +53,11 @@ const (
 	JoinErrInviteExpired       = "invite_expired"
 	JoinErrInviteExhausted     = "invite_exhausted"
 	JoinErrMemberInsertFailed  = "member_insert_failed"
-	HookErrRateLimited         = "rate limited" // /hook/set-status 429 body error, as protocol.md writes it
+	// JoinErrInvitePayloadMismatch (ext): the payload is not the one the
+	// invite with that token was created with (a token of one invite with
+	// the payload of another).
+	JoinErrInvitePayloadMismatch = "invite_payload_mismatch"
+	HookErrRateLimited           = "rate limited" // /hook/set-status 429 body error, as protocol.md writes it
 )
 
 // Sentinel errors of the key and invite helpers.

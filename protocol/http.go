@@ -139,7 +139,15 @@ type HookRequest struct {
 	SessionID string `json:"session_id,omitempty"`
 	// HookToken (ext) is the body form of the X-Hook-Token header.
 	HookToken string `json:"hook_token,omitempty"`
+	// Signed form (ext): the member key, a timestamp in ms since the epoch
+	// and an ed25519 signature of HookSigningString. All three or none.
+	Pubkey    string `json:"pubkey,omitempty"`
+	Timestamp int64  `json:"timestamp,omitempty"`
+	Signature string `json:"signature,omitempty"`
 }
+
+// Signed reports whether the request carries the signed form.
+func (r *HookRequest) Signed() bool { return r.Signature != "" }
 
 // HookResponse is the body of the /hook/set-status answer: {ok:true,
 // presence_id}, {ok:true, pending:true}, or {ok:false, error}.
@@ -184,6 +192,29 @@ func ParseHookRequest(body []byte) (HookRequest, error) {
 	}
 	if r.HookToken, e = o.optStr("hook_token", MaxHookTokenLen); e != nil {
 		return r, e
+	}
+	if r.Pubkey, e = o.optStr("pubkey", 0); e != nil {
+		return r, e
+	}
+	if r.Signature, e = o.optStr("signature", 0); e != nil {
+		return r, e
+	}
+	ts, hasTS, e := o.integer("timestamp")
+	if e != nil {
+		return r, e
+	}
+	r.Timestamp = ts
+	if r.Pubkey != "" || r.Signature != "" || hasTS {
+		// Formats are checked here so the broker rejects a bad signed hook without work.
+		if _, err := NormalizePubkey(r.Pubkey); err != nil {
+			return r, badRequest("pubkey: must be 64 hex characters (with timestamp and signature)")
+		}
+		if _, err := NormalizeSignature(r.Signature); err != nil {
+			return r, badRequest("signature: must be 128 hex characters (with pubkey and timestamp)")
+		}
+		if !hasTS {
+			return r, badRequest("timestamp: required integer (with pubkey and signature)")
+		}
 	}
 	return r, nil
 }

@@ -5,6 +5,7 @@ import (
 	"encoding/hex"
 	"strconv"
 	"strings"
+	"time"
 )
 
 // Keys travel as hex: ed25519 public keys are 64 hex characters, signatures
@@ -96,4 +97,26 @@ func SignHello(priv ed25519.PrivateKey, meshID, memberID, pubkey string, timesta
 // check the timestamp's skew.
 func VerifyHello(meshID, memberID, pubkey string, timestampMs int64, signature string) bool {
 	return VerifyHex(pubkey, HelloSigningString(meshID, memberID, pubkey, timestampMs), signature)
+}
+
+// HookSigningString is the canonical string a signed hook request signs (ext):
+// claudemesh-hook|v1|pubkey|timestamp|status|pid|len(session_id)|session_id|cwd, numbers in
+// decimal. The length prefix and cwd last keep it unambiguous whatever the strings hold.
+func HookSigningString(r *HookRequest) string {
+	return "claudemesh-hook|v1|" + r.Pubkey + "|" + strconv.FormatInt(r.Timestamp, 10) + "|" + string(r.Status) + "|" +
+		strconv.Itoa(r.PID) + "|" + strconv.Itoa(len(r.SessionID)) + "|" + r.SessionID + "|" + r.CWD
+}
+
+// SignHook fills r's pubkey, timestamp and signature: the member key proves the hook comes
+// from that member, so the broker applies it to that member's sessions only.
+func SignHook(priv ed25519.PrivateKey, r *HookRequest, now time.Time) {
+	r.Pubkey = hex.EncodeToString(priv.Public().(ed25519.PublicKey))
+	r.Timestamp = now.UnixMilli()
+	r.Signature = SignHex(priv, HookSigningString(r))
+}
+
+// VerifyHook reports whether r carries a valid signature by r.Pubkey. It does not check the
+// timestamp's skew.
+func VerifyHook(r *HookRequest) bool {
+	return VerifyHex(r.Pubkey, HookSigningString(r), r.Signature)
 }

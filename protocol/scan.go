@@ -4,9 +4,11 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
+	"math"
 	"strconv"
 	"strings"
 	"unicode"
+	"unicode/utf16"
 	"unicode/utf8"
 )
 
@@ -381,8 +383,15 @@ func (o object) str(name string, maxLen int) (s string, ok bool, e *Error) {
 	if maxLen > 0 && len(s) > maxLen {
 		return "", false, badRequest(fmt.Sprintf("%s: too long (max %d bytes)", name, maxLen))
 	}
+	if !f.plain && strings.IndexByte(s, 0) >= 0 {
+		return "", false, badRequest(name + ": " + errNUL)
+	}
 	return s, true, nil
 }
+
+// errNUL: Postgres text and jsonb cannot hold U+0000, so a field carrying it could never be
+// stored; it is refused here, naming the field, instead of failing a database write.
+const errNUL = "must not contain the NUL character (\\u0000)"
 
 // reqStr returns a required string member.
 func (o object) reqStr(name string, maxLen int) (string, *Error) {
@@ -449,8 +458,9 @@ func (o object) reqInt(name string) (int64, *Error) {
 
 // nonNegInt converts n to a non-negative int.
 func nonNegInt(name string, n int64) (int, *Error) {
-	if n < 0 || int64(int(n)) != n {
-		return 0, badRequest(name + ": must be a non-negative integer")
+	// int32: pids and versions are stored as Postgres integers.
+	if n < 0 || n > math.MaxInt32 {
+		return 0, badRequest(name + ": must be a non-negative integer (at most 2147483647)")
 	}
 	return int(n), nil
 }
@@ -502,6 +512,9 @@ func (o object) stringList(name string, maxItems, maxLen int, nonEmpty bool) ([]
 		if len(s) > maxLen {
 			return nil, badRequest(fmt.Sprintf("%s[%d]: too long (max %d bytes)", name, i, maxLen))
 		}
+		if !items[i].plain && strings.IndexByte(s, 0) >= 0 {
+			return nil, badRequest(fmt.Sprintf("%s[%d]: %s", name, i, errNUL))
+		}
 		if nonEmpty && s == "" {
 			return nil, badRequest(fmt.Sprintf("%s[%d]: must not be empty", name, i))
 		}
@@ -520,6 +533,9 @@ func (o object) rawJSON(name string) (json.RawMessage, *Error) {
 	if f == nil {
 		return nil, badRequest(name + ": required")
 	}
+	if msg := jsonbStorable(f.val); msg != "" {
+		return nil, badRequest(name + ": " + msg)
+	}
 	if f.kind != '{' && f.kind != '[' {
 		return json.RawMessage(f.val), nil // scalars have no insignificant space
 	}
@@ -529,6 +545,59 @@ func (o object) rawJSON(name string) (json.RawMessage, *Error) {
 		return nil, badRequest(name + ": invalid JSON") // unreachable: validated
 	}
 	return buf.Bytes(), nil
+}
+
+// jsonbStorable reports why a validated JSON value could not be stored as Postgres jsonb (""
+// when it can): invalid UTF-8, a \u0000 escape, or a \u escape of half a surrogate pair.
+func jsonbStorable(v string) string {
+	if !utf8.ValidString(v) {
+		return "invalid UTF-8"
+	}
+	inString := false
+	for i := 0; i < len(v); i++ {
+		c := v[i]
+		switch {
+		case c == '"':
+			inString = !inString
+		case c == '\\' && inString:
+			if v[i+1] != 'u' { // the scanner checked every escape is complete
+				i++
+				continue
+			}
+			r := hexRune(v[i+2 : i+6])
+			i += 5
+			switch {
+			case r == 0:
+				return errNUL
+			case utf16.IsSurrogate(r):
+				if r >= 0xdc00 || i+6 >= len(v) || v[i+1] != '\\' || v[i+2] != 'u' {
+					return "unpaired UTF-16 surrogate escape"
+				}
+				if lo := hexRune(v[i+3 : i+7]); lo < 0xdc00 || lo > 0xdfff {
+					return "unpaired UTF-16 surrogate escape"
+				}
+				i += 6
+			}
+		}
+	}
+	return ""
+}
+
+func hexRune(h string) rune {
+	var r rune
+	for i := 0; i < len(h); i++ {
+		c := h[i]
+		switch {
+		case '0' <= c && c <= '9':
+			c -= '0'
+		case 'a' <= c && c <= 'f':
+			c -= 'a' - 10
+		default:
+			c -= 'A' - 10
+		}
+		r = r<<4 | rune(c)
+	}
+	return r
 }
 
 // CheckGroupName reports why name is not a valid group name: it must be

@@ -107,7 +107,9 @@ type StateEntry struct {
 // StateList answers list_state.
 type StateList struct {
 	Entries []StateEntry `json:"entries"` // encoded as [] when empty
-	ReqID   string       `json:"_reqId,omitempty"`
+	// Truncated (ext): entries beyond the mesh's quota were left out.
+	Truncated bool   `json:"truncated,omitempty"`
+	ReqID     string `json:"_reqId,omitempty"`
 }
 
 // RecipientStatus is one recipient of a sent message.
