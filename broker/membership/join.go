@@ -69,6 +69,8 @@ func (s *Service) Join(ctx context.Context, req protocol.JoinRequest) (JoinResul
 		switch {
 		case inv.MeshID != m.ID:
 			return joinError(protocol.JoinErrInviteMeshMismatch)
+		case !payloadOfInvite(inv.Payload, p):
+			return joinError(protocol.JoinErrInvitePayloadMismatch)
 		case inv.RevokedAt != nil:
 			return joinError(protocol.JoinErrInviteRevoked)
 		case row.Expired:
@@ -99,7 +101,7 @@ func (s *Service) Join(ctx context.Context, req protocol.JoinRequest) (JoinResul
 			return joinError(protocol.JoinErrInviteExhausted)
 		}
 		mb, err := q.MemberInsert(ctx, db.MemberInsertParams{
-			MeshID: m.ID, Pubkey: peer, DisplayName: req.DisplayName, Role: p.Role, InviteID: &inv.ID,
+			MeshID: m.ID, Pubkey: peer, DisplayName: req.DisplayName, Role: inv.Role, InviteID: &inv.ID,
 		})
 		if err != nil {
 			// The same key joining concurrently wins the unique index; rolling back returns
@@ -127,6 +129,20 @@ func (s *Service) Join(ctx context.Context, req protocol.JoinRequest) (JoinResul
 		return JoinResult{}, fmt.Errorf("join: %w", err)
 	}
 	return res, nil
+}
+
+// payloadOfInvite reports whether p (whose signature was verified) is the payload the invite
+// was created with: every field stored with the invite (all but the mesh root key, which never
+// reaches the database) must match, keys case-insensitively. So a token can't be combined with
+// another invite's payload (a member token with an admin payload, a live token with an expired
+// payload).
+func payloadOfInvite(stored []byte, p *protocol.InvitePayload) bool {
+	var o protocol.InvitePayload
+	if err := json.Unmarshal(stored, &o); err != nil {
+		return false
+	}
+	return o.V == p.V && o.MeshID == p.MeshID && o.MeshSlug == p.MeshSlug && o.BrokerURL == p.BrokerURL &&
+		o.ExpiresAt == p.ExpiresAt && o.Role == p.Role && strings.EqualFold(o.OwnerPubkey, p.OwnerPubkey)
 }
 
 // HandleJoin serves POST /join: 200 {ok:true, memberId, alreadyMember?}, 400 {ok:false, error}
