@@ -245,6 +245,31 @@ func TestJoinErrors(t *testing.T) {
 		requireJoinError(t, err, protocol.JoinErrInviteExpired)
 	})
 
+	// A token is bound to the payload its invite was created with: another invite's payload,
+	// though validly signed by the owner, does not ride on it.
+	t.Run("invite_payload_mismatch", func(t *testing.T) {
+		member := f.invite("demo", key, 5, protocol.RoleMember)
+		admin := f.invite("demo", key, 5, protocol.RoleAdmin)
+		past := membership.New(f.pool, membership.Config{Now: func() time.Time { return time.Now().Add(-48 * time.Hour) }})
+		expired, err := past.CreateInvite(f.ctx, membership.CreateInviteParams{Mesh: "demo", Key: key, BrokerURL: testBrokerURL})
+		require.NoError(t, err)
+		for name, pair := range map[string][2]membership.Invite{
+			"member token, admin payload": {member, admin},
+			"live token, expired payload": {member, expired},
+			"admin token, member payload": {admin, member},
+		} {
+			t.Run(name, func(t *testing.T) {
+				mixed := joinRequest(t, pair[1].Link, newPubkey(t), "x")
+				mixed.InviteToken = strings.TrimPrefix(pair[0].Link, protocol.InviteLinkPrefix)
+				_, err := f.svc.Join(f.ctx, mixed)
+				requireJoinError(t, err, protocol.JoinErrInvitePayloadMismatch)
+			})
+		}
+		require.Equal(t, 0, f.usedCount(member.ID), "no use taken")
+		_, err = f.svc.Join(f.ctx, joinRequest(t, admin.Link, newPubkey(t), "x"))
+		require.NoError(t, err, "the admin invite still works with its own payload")
+	})
+
 	t.Run("invite_exhausted", func(t *testing.T) {
 		xinv := f.invite("demo", key, 2, "")
 		for range 2 {
