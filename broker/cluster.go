@@ -75,7 +75,7 @@ func (s *Server) applyBusMessage(ctx context.Context, m pgbus.Message) {
 			CreatedAt: protocol.FormatTime(time.Now())})
 		for _, sess := range s.hub.meshSessions(m.Mesh) {
 			if sess.systemEvents && sess.memberID != m.Member {
-				_ = sess.ws.Write(b)
+				sess.send(b, false)
 			}
 		}
 	case pgbus.KindState:
@@ -90,7 +90,7 @@ func (s *Server) applyBusMessage(ctx context.Context, m pgbus.Message) {
 		}
 		for _, sess := range s.hub.meshSessions(m.Mesh) {
 			if sess.presenceID != m.Presence {
-				_ = sess.ws.Write(change)
+				sess.send(change, false)
 			}
 		}
 	}
@@ -435,6 +435,28 @@ func (s *Server) sweepExpired(ctx context.Context) {
 	}
 	_, _ = s.q.DeleteOldEnvelopes(ctx)
 	_ = s.q.DeleteExpiredPendingStatus(ctx)
+	_, _ = s.q.DeleteExpiredSignatures(ctx)
+}
+
+// runGuard enforces the local deadlines with one ticker for the whole replica (no timer per
+// socket): hellos that did not come in time, and sessions that stopped reading. A session
+// whose push window stayed full without a single write for StallTimeout is closed with 4008
+// and what was claimed for it goes back to pending; the timeout is shorter than writeWait so
+// the close frame can still get out to a peer that reads slowly.
+func (s *Server) runGuard(ctx context.Context) {
+	t := time.NewTicker(250 * time.Millisecond)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case now := <-t.C:
+			s.closeHelloLate(now)
+			for _, sess := range s.drainer.stalled(now, s.cfg.StallTimeout) {
+				go s.closeSlowConsumer(sess.ws, "pushes not read") // its close frame may wait up to a second
+			}
+		}
+	}
 }
 
 func (s *Server) updatePendingGauge(ctx context.Context) {

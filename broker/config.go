@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"os"
 	"strconv"
 	"strings"
@@ -23,6 +24,16 @@ const (
 	DefaultNodeDeadAfter        = 10 * time.Second
 	DefaultHeartbeatInterval    = 2 * time.Second
 	DefaultDrainTimeout         = 25 * time.Second
+	// Limits on what clients can make a replica hold (docs/operations.md, "Security model").
+	DefaultHelloTimeout         = 10 * time.Second
+	DefaultStallTimeout         = 5 * time.Second
+	DefaultMaxUnauthenticated   = 2048
+	DefaultMaxUnauthPerSource   = 256
+	DefaultMaxStateKeysPerMesh  = 1024
+	DefaultMaxStateBytesPerMesh = 1 << 20
+	DefaultMaxStateValueBytes   = 32 << 10
+	DefaultMaxGroupsPerSession  = 64
+	DefaultHookRatePerCallerMin = 600
 )
 
 // Config is everything a replica is told from outside. Load reads it from the environment;
@@ -56,6 +67,36 @@ type Config struct {
 	// MaxBatch caps the sends per commit (default 512). 1 turns group commit off: one
 	// notifying commit per message, the baseline the benchmarks compare against.
 	MaxBatch int
+	// Host is the listen address's host ("" all interfaces). On loopback only, the unsigned
+	// April-client hooks are accepted without HookAllowUnsigned: only local processes reach it.
+	Host string
+	// HelloTimeout is how long a socket may stay open without a successful hello.
+	HelloTimeout time.Duration
+	// MaxUnauthenticated and MaxUnauthPerSource bound sockets that have not said hello yet,
+	// per replica and per client address.
+	MaxUnauthenticated int
+	MaxUnauthPerSource int
+	// TrustedProxyHeader names the header a trusted proxy puts the client address in
+	// (Fly-Client-IP, X-Forwarded-For); unset, limits key on the TCP peer address.
+	TrustedProxyHeader string
+	// Shared-state quotas per mesh, and groups per session.
+	MaxStateKeysPerMesh  int
+	MaxStateBytesPerMesh int
+	MaxStateValueBytes   int
+	MaxGroupsPerSession  int
+	// HookAllowUnsigned accepts the April clients' unsigned pid/cwd hook requests (see
+	// docs/operations.md for what that trusts).
+	HookAllowUnsigned bool
+	// HookRatePerCallerMin bounds hook requests per proven caller per minute: the member key of
+	// a signed hook, the client address of an unsigned one.
+	HookRatePerCallerMin int
+	// MetricsToken, when set, is required as a bearer token on /metrics. MetricsAddr, when
+	// set, serves /metrics on that address instead of the main port.
+	MetricsToken string
+	MetricsAddr  string
+	// StallTimeout is how long a session's push window may stay full without a write before
+	// its peer counts as not reading and is closed with 4008 (default 5 s; tests shorten it).
+	StallTimeout time.Duration
 }
 
 // envVar describes one environment variable: its name, what it sets and how to parse it.
@@ -102,6 +143,25 @@ var envVars = []envVar{
 	{"NODE_DEAD_AFTER_SECONDS", "a whole number of seconds >= 2", func(v string, c *Config) error { return seconds(v, 2, &c.NodeDeadAfter) }},
 	{"DRAIN_TIMEOUT_SECONDS", "a whole number of seconds >= 1", func(v string, c *Config) error { return seconds(v, 1, &c.DrainTimeout) }},
 	{"MESSAGE_TTL_SECONDS", "a whole number of seconds >= 60", func(v string, c *Config) error { return seconds(v, 60, &c.MessageTTL) }},
+	{"BROKER_HOST", "a host or IP address to listen on (127.0.0.1 for this machine only)", func(v string, c *Config) error { c.Host = v; return nil }},
+	{"HELLO_TIMEOUT_SECONDS", "a whole number of seconds >= 1", func(v string, c *Config) error { return seconds(v, 1, &c.HelloTimeout) }},
+	{"MAX_UNAUTHENTICATED_SOCKETS", "a whole number >= 1", func(v string, c *Config) error { return intIn(v, 1, 1<<30, &c.MaxUnauthenticated) }},
+	{"MAX_UNAUTHENTICATED_PER_SOURCE", "a whole number >= 1", func(v string, c *Config) error { return intIn(v, 1, 1<<30, &c.MaxUnauthPerSource) }},
+	{"TRUSTED_PROXY_HEADER", "a header name such as Fly-Client-IP or X-Forwarded-For", func(v string, c *Config) error { c.TrustedProxyHeader = v; return nil }},
+	{"MAX_STATE_KEYS_PER_MESH", "a whole number >= 1", func(v string, c *Config) error { return intIn(v, 1, 1<<30, &c.MaxStateKeysPerMesh) }},
+	{"MAX_STATE_BYTES_PER_MESH", "a whole number of bytes >= 1024", func(v string, c *Config) error { return intIn(v, 1024, 1<<30, &c.MaxStateBytesPerMesh) }},
+	{"MAX_STATE_VALUE_BYTES", "a whole number of bytes >= 16", func(v string, c *Config) error { return intIn(v, 16, 1<<30, &c.MaxStateValueBytes) }},
+	{"MAX_GROUPS_PER_SESSION", "a whole number >= 1", func(v string, c *Config) error { return intIn(v, 1, 1<<20, &c.MaxGroupsPerSession) }},
+	{"HOOK_ALLOW_UNSIGNED", "true or false", func(v string, c *Config) error { return boolean(v, &c.HookAllowUnsigned) }},
+	{"HOOK_RATE_LIMIT_PER_CALLER_PER_MIN", "a whole number >= 1", func(v string, c *Config) error { return intIn(v, 1, 1<<30, &c.HookRatePerCallerMin) }},
+	{"METRICS_TOKEN", "any non-empty secret", func(v string, c *Config) error { c.MetricsToken = v; return nil }},
+	{"METRICS_ADDR", "a listen address such as 127.0.0.1:9090", func(v string, c *Config) error {
+		if _, _, err := net.SplitHostPort(v); err != nil {
+			return errors.New("not host:port")
+		}
+		c.MetricsAddr = v
+		return nil
+	}},
 	{"ALLOWED_ORIGINS", "a comma-separated list of origins, or *", func(v string, c *Config) error {
 		for _, o := range strings.Split(v, ",") {
 			if o = strings.TrimSpace(o); o != "" {
@@ -153,6 +213,20 @@ func (c Config) WithDefaults() Config {
 	def(&c.DrainTimeout, DefaultDrainTimeout)
 	def(&c.SessionGrace, DefaultSessionGrace)
 	def(&c.MessageTTL, DefaultMessageTTL)
+	def(&c.HelloTimeout, DefaultHelloTimeout)
+	def(&c.StallTimeout, DefaultStallTimeout)
+	setInt := func(p *int, d int) {
+		if *p <= 0 {
+			*p = d
+		}
+	}
+	setInt(&c.MaxUnauthenticated, DefaultMaxUnauthenticated)
+	setInt(&c.MaxUnauthPerSource, DefaultMaxUnauthPerSource)
+	setInt(&c.MaxStateKeysPerMesh, DefaultMaxStateKeysPerMesh)
+	setInt(&c.MaxStateBytesPerMesh, DefaultMaxStateBytesPerMesh)
+	setInt(&c.MaxStateValueBytes, DefaultMaxStateValueBytes)
+	setInt(&c.MaxGroupsPerSession, DefaultMaxGroupsPerSession)
+	setInt(&c.HookRatePerCallerMin, DefaultHookRatePerCallerMin)
 	if c.MaxConnsPerMesh == 0 {
 		c.MaxConnsPerMesh = DefaultMaxConnectionsPerMsh
 	}
@@ -206,6 +280,28 @@ func intIn(v string, lo, hi int, dst *int) error {
 	}
 	*dst = n
 	return nil
+}
+
+func boolean(v string, dst *bool) error {
+	b, err := strconv.ParseBool(v)
+	if err != nil {
+		return errors.New("not true or false")
+	}
+	*dst = b
+	return nil
+}
+
+// UnsignedHooks reports whether /hook/set-status accepts the April clients' unsigned form:
+// when allowed explicitly, or when the broker listens on loopback only.
+func (c Config) UnsignedHooks() bool {
+	if c.HookAllowUnsigned {
+		return true
+	}
+	if c.Host == "localhost" {
+		return true
+	}
+	ip := net.ParseIP(c.Host)
+	return ip != nil && ip.IsLoopback()
 }
 
 func seconds(v string, lo int, dst *time.Duration) error {

@@ -16,9 +16,13 @@ import (
 	"github.com/claudemesh/broker/protocol"
 )
 
-func postHook(t *testing.T, srv *Server, body any) (int, protocol.HookResponse) {
+// postHook posts a hook request signed by mem's key (unsigned when mem is nil).
+func postHook(t *testing.T, srv *Server, mem *testMember, req protocol.HookRequest) (int, protocol.HookResponse) {
 	t.Helper()
-	b, _ := json.Marshal(body)
+	if mem != nil {
+		protocol.SignHook(mem.key, &req, time.Now())
+	}
+	b, _ := json.Marshal(req)
 	resp, err := http.Post("http://"+srv.Addr()+protocol.PathHookState, "application/json", bytes.NewReader(b))
 	require.NoError(t, err)
 	defer resp.Body.Close()
@@ -36,7 +40,7 @@ func TestNextHeldWhileWorkingReleasedByHookOnThirdReplica(t *testing.T) {
 	b := m.dial(1, bob, func(o *client.Options) { o.SessionID = "claude-session-1"; o.CWD = "/repo/bob"; o.PID = 4242 })
 	ctx := ctxT(t)
 
-	code, res := postHook(t, c.nodes[2], map[string]any{"cwd": "/repo/bob", "pid": 4242, "status": "working", "session_id": "claude-session-1"})
+	code, res := postHook(t, c.nodes[2], bob, protocol.HookRequest{CWD: "/repo/bob", PID: 4242, Status: "working", SessionID: "claude-session-1"})
 	require.Equal(t, http.StatusOK, code)
 	require.True(t, res.OK)
 	require.Equal(t, b.HelloAck().PresenceID, res.PresenceID)
@@ -59,7 +63,7 @@ func TestNextHeldWhileWorkingReleasedByHookOnThirdReplica(t *testing.T) {
 	require.Equal(t, protocol.RecipientHeld, st.Recipients[0].Status)
 
 	// The hook goes to a third replica; the owning replica learns of it over the bus.
-	code, _ = postHook(t, c.nodes[2], map[string]any{"cwd": "/repo/bob", "status": "idle", "session_id": "claude-session-1"})
+	code, _ = postHook(t, c.nodes[2], bob, protocol.HookRequest{CWD: "/repo/bob", Status: "idle", SessionID: "claude-session-1"})
 	require.Equal(t, http.StatusOK, code)
 	released := time.Now()
 	require.Equal(t, held.MessageID, nextPush(t, b, 5*time.Second).MessageID)
@@ -92,7 +96,7 @@ func TestNowPassesDNDAndHooksNeverClearIt(t *testing.T) {
 	require.Equal(t, now.MessageID, nextPush(t, b, 5*time.Second).MessageID)
 
 	// A hook saying idle does not end dnd, so next stays held.
-	code, _ := postHook(t, c.nodes[0], map[string]any{"cwd": "/repo/dnd", "status": "idle"})
+	code, _ := postHook(t, c.nodes[0], bob, protocol.HookRequest{CWD: "/repo/dnd", Status: "idle"})
 	require.Equal(t, http.StatusOK, code)
 	noPush(t, b, 500*time.Millisecond)
 	peers, err := a.ListPeers(ctx)

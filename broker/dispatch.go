@@ -47,24 +47,28 @@ func (s *Server) dispatch(ms *melody.Session, sess *session, msg protocol.Client
 	case *protocol.SetSummary:
 		err = s.q.SetPresenceSummary(ctx, db.SetPresenceSummaryParams{ID: sess.presenceID, Summary: m.Summary})
 	case *protocol.JoinGroup:
-		err = s.changeGroups(ctx, sess, func(gs []groupEntry) []groupEntry {
+		err = s.changeGroups(ctx, sess, func(gs []groupEntry) ([]groupEntry, error) {
 			for i, g := range gs {
 				if g.Name == m.Name {
 					gs[i].Role = m.Role
-					return gs
+					return gs, nil
 				}
 			}
-			return append(gs, groupEntry{Name: m.Name, Role: m.Role})
+			if len(gs) >= s.cfg.MaxGroupsPerSession {
+				return nil, &protocol.Error{Code: protocol.CodeQuotaExceeded,
+					Message: fmt.Sprintf("a session may be in at most %d groups; leave one first", s.cfg.MaxGroupsPerSession)}
+			}
+			return append(gs, groupEntry{Name: m.Name, Role: m.Role}), nil
 		})
 	case *protocol.LeaveGroup:
-		err = s.changeGroups(ctx, sess, func(gs []groupEntry) []groupEntry {
+		err = s.changeGroups(ctx, sess, func(gs []groupEntry) ([]groupEntry, error) {
 			out := gs[:0]
 			for _, g := range gs {
 				if g.Name != m.Name {
 					out = append(out, g)
 				}
 			}
-			return out
+			return out, nil
 		})
 	case *protocol.SetState:
 		err = s.setState(ctx, sess, m)
@@ -115,10 +119,13 @@ func (s *Server) listPeers(ctx context.Context, sess *session, m *protocol.ListP
 	return out, nil
 }
 
-func (s *Server) changeGroups(ctx context.Context, sess *session, f func([]groupEntry) []groupEntry) error {
+func (s *Server) changeGroups(ctx context.Context, sess *session, f func([]groupEntry) ([]groupEntry, error)) error {
 	sess.mu.Lock()
-	gs := f(append([]groupEntry(nil), sess.groups...))
+	gs, err := f(append([]groupEntry(nil), sess.groups...))
 	sess.mu.Unlock()
+	if err != nil {
+		return err
+	}
 	raw, _ := json.Marshal(gs)
 	if err := s.q.SetPresenceGroups(ctx, db.SetPresenceGroupsParams{ID: sess.presenceID, Groups: raw}); err != nil {
 		return fmt.Errorf("set groups: %w", err)
@@ -172,8 +179,18 @@ func (s *Server) setState(ctx context.Context, sess *session, m *protocol.SetSta
 	if len(value) == 0 {
 		value = json.RawMessage("null")
 	}
+	if len(value) > s.cfg.MaxStateValueBytes {
+		return &protocol.Error{Code: protocol.CodeTooLarge,
+			Message: fmt.Sprintf("value: %d bytes is over the limit of %d (MAX_STATE_VALUE_BYTES)", len(value), s.cfg.MaxStateValueBytes)}
+	}
 	return s.inTx(ctx, func(q *db.Queries, o *pgbus.Outbox) ([]audit.Entry, error) {
-		row, err := q.SetState(ctx, db.SetStateParams{MeshID: sess.meshID, Key: m.Key, Value: value, UpdatedBy: sess.name()})
+		row, err := q.SetState(ctx, db.SetStateParams{MeshID: sess.meshID, Key: m.Key, Value: value, UpdatedBy: sess.name(),
+			MaxKeys: int64(s.cfg.MaxStateKeysPerMesh), MaxBytes: int64(s.cfg.MaxStateBytesPerMesh)})
+		if errors.Is(err, pgx.ErrNoRows) {
+			return nil, &protocol.Error{Code: protocol.CodeQuotaExceeded, Message: fmt.Sprintf(
+				"the mesh's shared state is full: at most %d keys and %d bytes (delete keys by setting them to null, or ask the operator)",
+				s.cfg.MaxStateKeysPerMesh, s.cfg.MaxStateBytesPerMesh)}
+		}
 		if err != nil {
 			return nil, fmt.Errorf("set state: %w", err)
 		}
@@ -201,12 +218,18 @@ func (s *Server) getState(ctx context.Context, sess *session, m *protocol.GetSta
 }
 
 func (s *Server) listState(ctx context.Context, sess *session, m *protocol.ListState) (protocol.ServerMessage, error) {
-	rows, err := s.q.ListState(ctx, sess.meshID)
+	rows, err := s.q.ListState(ctx, db.ListStateParams{MeshID: sess.meshID, MaxKeys: int32(s.cfg.MaxStateKeysPerMesh)})
 	if err != nil {
 		return nil, fmt.Errorf("list state: %w", err)
 	}
 	out := &protocol.StateList{Entries: make([]protocol.StateEntry, 0, len(rows)), ReqID: m.ReqID}
+	total := 0
 	for _, r := range rows {
+		// The quotas bound the answer; entries stored before them are cut at the same size.
+		if total += int(r.Size); total > s.cfg.MaxStateBytesPerMesh {
+			out.Truncated = true
+			break
+		}
 		out.Entries = append(out.Entries, protocol.StateEntry{Key: r.Key, Value: r.Value, UpdatedBy: r.UpdatedBy,
 			UpdatedAt: protocol.FormatTime(r.UpdatedAt)})
 	}

@@ -8,7 +8,6 @@ import (
 	"time"
 
 	"github.com/claudemesh/broker/db"
-	"github.com/claudemesh/broker/protocol"
 )
 
 // drainPage is how many deliveries one claim takes per session; a session with more is
@@ -26,27 +25,50 @@ type drainer struct {
 	s     *Server
 	mu    sync.Mutex
 	dirty map[*session]struct{}
-	wake  chan struct{}
+	// parked: sessions whose push window is full; written frames wake them (session.written),
+	// and the guard closes those whose peer stopped reading.
+	parked map[*session]struct{}
+	wake   chan struct{}
 }
 
 func newDrainer(s *Server) *drainer {
-	return &drainer{s: s, dirty: map[*session]struct{}{}, wake: make(chan struct{}, 1)}
+	return &drainer{s: s, dirty: map[*session]struct{}{}, parked: map[*session]struct{}{}, wake: make(chan struct{}, 1)}
+}
+
+func (d *drainer) park(sess *session) {
+	d.mu.Lock()
+	d.parked[sess] = struct{}{}
+	d.mu.Unlock()
+}
+
+// stalled returns the parked sessions whose window has been full without a write for wait,
+// and forgets closed ones.
+func (d *drainer) stalled(now time.Time, wait time.Duration) []*session {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	var out []*session
+	for sess := range d.parked {
+		parked, stalled := sess.stalled(now, wait)
+		if !parked || stalled {
+			delete(d.parked, sess)
+		}
+		if stalled {
+			out = append(out, sess)
+		}
+	}
+	return out
 }
 
 // kickDrain makes sure the session's pending deliveries are claimed and pushed. Until they
 // are, new deliveries for it queue behind them (backlog) instead of being pushed directly.
 func (s *Server) kickDrain(sess *session) {
-	sess.mu.Lock()
-	if sess.closed {
-		sess.mu.Unlock()
+	if !sess.kick() {
 		return
 	}
-	sess.backlog = true
-	sess.kicks++
-	sess.mu.Unlock()
 	d := s.drainer
 	d.mu.Lock()
 	d.dirty[sess] = struct{}{}
+	delete(d.parked, sess)
 	d.mu.Unlock()
 	select {
 	case d.wake <- struct{}{}:
@@ -96,36 +118,41 @@ func (f *claimFilter) add(sess *session, idle bool) {
 	f.includeHeld = append(f.includeHeld, idle)
 }
 
-// drain claims for a batch of sessions and pushes what it got.
+// drain claims for a batch of sessions, each at most the free part of its push window, and
+// pushes what it got. A session whose window is full is parked until frames are written.
 func (d *drainer) drain(ctx context.Context, batch []*session) {
 	s := d.s
 	var f claimFilter
-	var clientAck []bool
-	kicks := make([]uint64, len(batch))
+	var limits []int32
+	kicks := make([]uint64, 0, len(batch))
 	live := batch[:0]
 	for _, sess := range batch {
-		sess.mu.Lock()
-		closed, idle, k := sess.closed, sess.status == protocol.StatusIdle, sess.kicks
-		sess.mu.Unlock()
-		if closed {
+		limit, idle, k, ok := sess.drainStart(drainPage)
+		switch {
+		case !ok:
+			continue
+		case limit == 0:
+			d.park(sess)
 			continue
 		}
-		kicks[len(live)] = k
+		kicks = append(kicks, k)
 		live = append(live, sess)
 		f.add(sess, idle)
-		clientAck = append(clientAck, sess.clientAck)
+		limits = append(limits, int32(limit))
 	}
 	if len(live) == 0 {
 		return
 	}
-	p := db.ClaimDeliveriesParams{NodeID: s.nodeID, MaxPerSession: drainPage, PresenceIds: f.presenceIDs,
-		MemberIds: f.memberIDs, SessionPubkeys: f.sessionPubkeys, SessionIds: f.sessionIDs,
-		IncludeHeld: f.includeHeld, ClientAck: clientAck}
+	p := db.ClaimDeliveriesParams{NodeID: s.nodeID, PresenceIds: f.presenceIDs, MemberIds: f.memberIDs,
+		SessionPubkeys: f.sessionPubkeys, SessionIds: f.sessionIDs, IncludeHeld: f.includeHeld, Limits: limits}
 	qctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	rows, err := s.q.ClaimDeliveries(qctx, p)
 	cancel()
 	if err != nil {
 		// The sessions keep their backlog flag: the next poll or wake-up retries.
+		for i, sess := range live {
+			sess.drainFailed(int(limits[i]))
+		}
 		if ctx.Err() == nil {
 			s.log.Warn("claim deliveries", "sessions", len(live), "err", err)
 		}
@@ -142,24 +169,16 @@ func (d *drainer) drain(ctx context.Context, batch []*session) {
 	var unwritten []int64
 	for i, sess := range live {
 		got := byPresence[sess.presenceID]
-		for j, r := range got {
+		for _, r := range got {
 			b := encodePush(r.EnvelopeID, r.MeshID, r.SenderPubkey, r.SenderMemberPubkey, r.Priority, r.Nonce, r.Ciphertext, r.CreatedAt)
-			if err := sess.ws.Write(b); err != nil {
-				for _, rest := range got[j:] { // closed meanwhile: back to pending
-					unwritten = append(unwritten, rest.ID)
-				}
-				break
+			if !sess.push(b, r.ID, true) {
+				unwritten = append(unwritten, r.ID) // closed meanwhile: back to pending
 			}
-			s.metrics.Pushes.Inc()
 		}
-		sess.mu.Lock()
-		caughtUp := len(got) < drainPage && sess.kicks == kicks[i]
-		if caughtUp {
-			sess.backlog = false
-		}
-		sess.mu.Unlock()
-		if !caughtUp {
+		if sess.drainDone(len(got), int(limits[i]), kicks[i]) {
 			s.kickDrain(sess) // more to claim, or kicked meanwhile
+		} else if !sess.isClosed() && sess.isParked() {
+			d.park(sess)
 		}
 	}
 	s.releaseUnwritten(unwritten)
@@ -186,12 +205,13 @@ func (s *Server) releaseUnwritten(ids []int64) {
 	}
 }
 
-// marker records client_acks in batches off the hot path: every ack that arrived while the
-// previous flush was in flight goes into one statement.
+// marker records finished deliveries in batches off the hot path: client_acks, and pushes
+// written to sessions that don't ack. Everything that arrived while the previous flush was in
+// flight goes into one statement.
 type marker struct {
 	s    *Server
 	mu   sync.Mutex
-	acks db.AckDeliveriesParams
+	done db.MarkDeliveredParams
 	wake chan struct{}
 }
 
@@ -201,12 +221,24 @@ func newMarker(s *Server) *marker { return &marker{s: s, wake: make(chan struct{
 func (m *marker) acked(sess *session, ids []string) {
 	m.mu.Lock()
 	for _, id := range ids {
-		m.acks.EnvelopeIds = append(m.acks.EnvelopeIds, id)
-		m.acks.MemberIds = append(m.acks.MemberIds, sess.memberID)
-		m.acks.SessionPubkeys = append(m.acks.SessionPubkeys, sess.sessionPubkey)
-		m.acks.SessionIds = append(m.acks.SessionIds, sess.sessionID)
+		m.done.EnvelopeIds = append(m.done.EnvelopeIds, id)
+		m.done.MemberIds = append(m.done.MemberIds, sess.memberID)
+		m.done.SessionPubkeys = append(m.done.SessionPubkeys, sess.sessionPubkey)
+		m.done.SessionIds = append(m.done.SessionIds, sess.sessionID)
 	}
 	m.mu.Unlock()
+	m.poke()
+}
+
+// written queues a delivery whose push was written to a session that does not ack.
+func (m *marker) written(id int64) {
+	m.mu.Lock()
+	m.done.WrittenIds = append(m.done.WrittenIds, id)
+	m.mu.Unlock()
+	m.poke()
+}
+
+func (m *marker) poke() {
 	select {
 	case m.wake <- struct{}{}:
 	default:
@@ -217,7 +249,7 @@ func (m *marker) run(ctx context.Context) {
 	for {
 		select {
 		case <-ctx.Done():
-			m.flush(context.WithoutCancel(ctx)) // last acks on the way out
+			m.flush(context.WithoutCancel(ctx)) // the last ones on the way out
 			return
 		case <-m.wake:
 			m.flush(ctx)
@@ -227,16 +259,18 @@ func (m *marker) run(ctx context.Context) {
 
 func (m *marker) flush(ctx context.Context) {
 	m.mu.Lock()
-	acks := m.acks
-	m.acks = db.AckDeliveriesParams{}
+	done := m.done
+	m.done = db.MarkDeliveredParams{}
 	m.mu.Unlock()
-	if len(acks.EnvelopeIds) == 0 {
+	n := len(done.EnvelopeIds) + len(done.WrittenIds)
+	if n == 0 {
 		return
 	}
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	if err := m.s.q.AckDeliveries(ctx, acks); err != nil {
-		// The rows stay "pushed"; the recipient's next connection gets them again: at least once.
-		m.s.log.Warn("record client_acks", "count", len(acks.EnvelopeIds), "err", err)
+	if err := m.s.q.MarkDelivered(ctx, done); err != nil {
+		// The rows stay "pushed": they go back to pending when the session ends and reach
+		// the recipient again: at least once.
+		m.s.log.Warn("record finished deliveries", "count", n, "err", err)
 	}
 }

@@ -47,14 +47,15 @@ func (s *Server) handleHello(ms *melody.Session, c *conn, h *protocol.Hello) {
 			s.log.Warn("hello failed", "mesh", h.MeshID, "err", err)
 			ref = &helloRefusal{code: "internal", msg: "broker could not register the session; retry", closeCd: protocol.CloseGoingAway}
 		} else {
-			s.log.Info("hello refused", "mesh", h.MeshID, "code", ref.code, "reason", ref.msg)
+			s.refusals.Info("hello refused", "mesh", h.MeshID, "code", ref.code, "reason", ref.msg, "source", c.source)
 		}
 		s.metrics.ConnRejected.WithLabelValues(ref.code).Inc()
 		s.reply(ms, &protocol.Error{Code: ref.code, Message: ref.msg, ReqID: h.ReqID})
 		closeWith(ms, ref.closeCd, ref.code)
 		return
 	}
-	c.s = sess
+	c.sess.Store(sess)
+	s.gate.release(c) // authenticated: no longer held to the hello deadline
 	if old := s.hub.add(sess); old != nil {
 		// The same session reconnected to this replica while its old socket lingered.
 		connOf(old.ws).end.Set(endReplaced)
@@ -66,16 +67,51 @@ func (s *Server) handleHello(ms *melody.Session, c *conn, h *protocol.Hello) {
 	s.kickDrain(sess)
 }
 
-// hello runs every check in protocol order, then registers the presence in one transaction.
+// checkSigned runs the checks that need no database: timestamp, key and signature formats and
+// the signature itself. Nothing is queried for a hello that fails them, so an
+// unauthenticated client can't make the replica do database work.
+func checkSigned(h *protocol.Hello, now time.Time) (pub, sessKey string, err error) {
+	if skew := now.Sub(time.UnixMilli(h.Timestamp)); skew > helloMaxSkew || skew < -helloMaxSkew {
+		return "", "", refuse(protocol.CodeTimestampSkew, "timestamp is more than 60 s from the broker clock")
+	}
+	pub, err = protocol.NormalizePubkey(h.Pubkey)
+	if err != nil {
+		return "", "", refuse(protocol.CodeMalformed, "pubkey must be 64 hex characters")
+	}
+	if _, err := protocol.NormalizeSignature(h.Signature); err != nil {
+		return "", "", refuse(protocol.CodeMalformed, "signature must be 128 hex characters")
+	}
+	if h.SessionPubkey != "" {
+		if sessKey, err = protocol.NormalizePubkey(h.SessionPubkey); err != nil {
+			return "", "", refuse(protocol.CodeMalformed, "sessionPubkey must be 64 hex characters")
+		}
+	}
+	if !protocol.VerifyHello(h.MeshID, h.MemberID, h.Pubkey, h.Timestamp, h.Signature) {
+		return "", "", refuse(protocol.CodeBadSignature, "signature does not verify")
+	}
+	return pub, sessKey, nil
+}
+
+// signatureExpiry is when a signature stamped at ts can no longer pass the skew check, plus a
+// margin for clock differences between replicas.
+func signatureExpiry(ts time.Time) time.Time { return ts.Add(helloMaxSkew + 5*time.Second) }
+
+// hello checks a hello and registers its presence in one transaction. The checks that need no
+// database come first; then, in protocol order, capacity, unauthorized, revoked, and (ext) a
+// replayed signature and a session key that is another member's.
 func (s *Server) hello(ctx context.Context, ms *melody.Session, h *protocol.Hello) (*session, bool, error) {
-	// The three look-ups are independent: run them at once (one round trip, not three). The
-	// checks below still apply in protocol order.
-	pubLower, pubErr := protocol.NormalizePubkey(h.Pubkey)
+	pubLower, sessKey, err := checkSigned(h, time.Now())
+	if err != nil {
+		return nil, false, err
+	}
+	sig, _ := protocol.NormalizeSignature(h.Signature)
+	// The look-ups are independent: run them at once (one round trip, not four).
 	var (
 		mesh    db.MeshForHelloRow
 		meshErr error
 		live    int64
 		members []db.MemberByPubkeyRow
+		fresh   bool
 	)
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error {
@@ -92,15 +128,24 @@ func (s *Server) hello(ctx context.Context, ms *melody.Session, h *protocol.Hell
 		}
 		return err
 	})
-	if pubErr == nil {
-		g.Go(func() (err error) {
-			members, err = s.q.MemberByPubkey(gctx, db.MemberByPubkeyParams{MeshID: h.MeshID, Pubkey: pubLower})
-			if err != nil {
-				err = fmt.Errorf("load member: %w", err)
-			}
-			return err
-		})
-	}
+	g.Go(func() (err error) {
+		members, err = s.q.MemberByPubkey(gctx, db.MemberByPubkeyParams{MeshID: h.MeshID, Pubkey: pubLower})
+		if err != nil {
+			err = fmt.Errorf("load member: %w", err)
+		}
+		return err
+	})
+	g.Go(func() error {
+		// Cluster-wide: a captured hello replayed on another replica is seen here too.
+		_, err := s.q.ClaimSignature(gctx, db.ClaimSignatureParams{Signature: sig, ExpiresAt: signatureExpiry(time.UnixMilli(h.Timestamp))})
+		switch {
+		case err == nil:
+			fresh = true
+		case !errors.Is(err, pgx.ErrNoRows):
+			return fmt.Errorf("record hello signature: %w", err)
+		}
+		return nil
+	})
 	if err := g.Wait(); err != nil {
 		return nil, false, err
 	}
@@ -111,25 +156,6 @@ func (s *Server) hello(ctx context.Context, ms *melody.Session, h *protocol.Hell
 	}
 	if meshFound && live >= limit {
 		return nil, false, refuse(protocol.CodeCapacity, fmt.Sprintf("mesh has reached its limit of %d live sessions", limit))
-	}
-	if skew := time.Since(time.UnixMilli(h.Timestamp)); skew > helloMaxSkew || skew < -helloMaxSkew {
-		return nil, false, refuse(protocol.CodeTimestampSkew, "timestamp is more than 60 s from the broker clock")
-	}
-	if pubErr != nil {
-		return nil, false, refuse(protocol.CodeMalformed, "pubkey must be 64 hex characters")
-	}
-	if _, err := protocol.NormalizeSignature(h.Signature); err != nil {
-		return nil, false, refuse(protocol.CodeMalformed, "signature must be 128 hex characters")
-	}
-	sessKey := ""
-	if h.SessionPubkey != "" {
-		var err error
-		if sessKey, err = protocol.NormalizePubkey(h.SessionPubkey); err != nil {
-			return nil, false, refuse(protocol.CodeMalformed, "sessionPubkey must be 64 hex characters")
-		}
-	}
-	if !protocol.VerifyHello(h.MeshID, h.MemberID, h.Pubkey, h.Timestamp, h.Signature) {
-		return nil, false, refuse(protocol.CodeBadSignature, "signature does not verify")
 	}
 	if !meshFound {
 		return nil, false, refuse(protocol.CodeUnauthorized, "no live member with that mesh and pubkey")
@@ -150,6 +176,9 @@ func (s *Server) hello(ctx context.Context, ms *melody.Session, h *protocol.Hell
 			return nil, false, &helloRefusal{code: protocol.CodeRevoked, msg: "member was revoked", closeCd: protocol.CloseRevoked}
 		}
 		return nil, false, refuse(protocol.CodeUnauthorized, "no live member with that mesh and pubkey")
+	}
+	if !fresh {
+		return nil, false, refuse(protocol.CodeHelloReplayed, "this signed hello was already used: sign a new one")
 	}
 
 	displayName := h.DisplayName
@@ -174,20 +203,21 @@ func (s *Server) hello(ctx context.Context, ms *melody.Session, h *protocol.Hell
 		row     db.UpsertPresenceRow
 		resumed bool
 	)
-	err := s.inTx(ctx, func(q *db.Queries, outbox *pgbus.Outbox) ([]audit.Entry, error) {
+	err = s.inTx(ctx, func(q *db.Queries, outbox *pgbus.Outbox) ([]audit.Entry, error) {
 		// What doesn't depend on the mesh's session count runs before its lock.
 		if sessKey != "" {
-			owner, err := q.BindSessionKey(ctx, db.BindSessionKeyParams{MeshID: h.MeshID, SessionPubkey: sessKey, MemberID: member.ID})
+			owner, err := q.BindSessionKey(ctx, db.BindSessionKeyParams{MeshID: h.MeshID, SessionPubkey: sessKey,
+				MemberPubkey: pubLower, MemberID: member.ID})
 			if err != nil {
 				return nil, fmt.Errorf("bind session key: %w", err)
 			}
 			if owner != member.ID {
-				return nil, refuse(protocol.CodeSessionKeyTaken, "sessionPubkey is bound to another member")
+				return nil, refuse(protocol.CodeSessionKeyTaken, "sessionPubkey is another member's key or bound to another member")
 			}
 		}
 		// A hook that fired before this hello (the first-turn race) applies now.
 		var hookStatus *string
-		if st, err := q.TakePendingStatus(ctx, db.TakePendingStatusParams{SessionID: h.SessionID, Pid: int32(h.PID), Cwd: h.CWD}); err == nil {
+		if st, err := q.TakePendingStatus(ctx, db.TakePendingStatusParams{MemberPubkey: pubLower, SessionID: h.SessionID, Pid: int32(h.PID), Cwd: h.CWD}); err == nil {
 			hookStatus = &st
 		} else if !errors.Is(err, pgx.ErrNoRows) {
 			return nil, fmt.Errorf("take pending status: %w", err)

@@ -20,9 +20,9 @@ import (
 	"github.com/claudemesh/broker/protocol"
 )
 
-// hookLimiter is a token bucket per pid+cwd. It is per replica: a hook script hitting
-// several replicas gets up to N× the rate, which is harmless for status signals and avoids a
-// database write per request just to count.
+// hookLimiter is a token bucket per key (a claimed pid + cwd, or a proven caller). It is per
+// replica: a hook script hitting several replicas gets up to N× the rate, which is harmless
+// for status signals and avoids a database write per request just to count.
 type hookLimiter struct {
 	mu      sync.Mutex
 	perMin  int
@@ -58,6 +58,12 @@ func (h *hookLimiter) allow(key string) bool {
 	return b.lim.Allow()
 }
 
+// handleHook serves POST /hook/set-status. What it trusts: a signed request proves the member
+// key that signed it (checked before any query, and accepted once within the skew window),
+// so it changes that member's sessions only, rate-limited per key. The April clients' unsigned
+// form proves nothing but the client address; it is accepted only when the operator allowed it
+// (HOOK_ALLOW_UNSIGNED, or a broker listening on loopback only), behind HOOK_TOKEN when set,
+// rate-limited per address and per claimed pid + cwd.
 func (s *Server) handleHook(w http.ResponseWriter, r *http.Request) {
 	s.metrics.HookRequests.WithLabelValues("received").Inc()
 	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, protocol.MaxHookBodyBytes))
@@ -70,35 +76,73 @@ func (s *Server) handleHook(w http.ResponseWriter, r *http.Request) {
 		s.hookFail(w, http.StatusBadRequest, "could not read body", "bad_request")
 		return
 	}
+	source := clientSource(r, s.cfg.TrustedProxyHeader)
 	req, err := protocol.ParseHookRequest(body)
 	if err != nil {
-		s.log.Info("bad hook request", "err", err, "remote", r.RemoteAddr)
+		s.refusals.Info("bad hook request", "err", err, "source", source)
 		s.hookFail(w, http.StatusBadRequest, err.Error(), "bad_request")
 		return
-	}
-	if s.cfg.HookToken != "" {
-		tok := r.Header.Get(protocol.HookTokenHeader)
-		if tok == "" {
-			tok = req.HookToken
-		}
-		if subtle.ConstantTimeCompare([]byte(tok), []byte(s.cfg.HookToken)) != 1 {
-			s.hookFail(w, http.StatusUnauthorized, "missing or wrong hook token", "unauthorized")
-			return
-		}
 	}
 	if req.Status == protocol.StatusDND {
 		s.hookFail(w, http.StatusBadRequest, "status: hooks cannot set dnd (only the peer itself can)", "bad_request")
 		return
 	}
-	if !s.hookLimit.allow(strconv.Itoa(req.PID) + "|" + req.CWD) {
+	var member string // "" for the unsigned form: any session may match
+	if req.Signed() {
+		if msg := checkSignedHook(&req, time.Now()); msg != "" {
+			s.refusals.Info("hook refused", "reason", msg, "source", source)
+			s.hookFail(w, http.StatusUnauthorized, msg, "unauthorized")
+			return
+		}
+		member, _ = protocol.NormalizePubkey(req.Pubkey)
+		if !s.hookCallers.allow("k|" + member) {
+			s.hookFail(w, http.StatusTooManyRequests, "rate limited", "rate_limited")
+			return
+		}
+	} else {
+		if !s.cfg.UnsignedHooks() {
+			s.refusals.Info("unsigned hook refused", "source", source)
+			s.hookFail(w, http.StatusUnauthorized, "hooks must be signed by the member key (meshctl hook signs them); "+
+				"this broker does not accept unsigned hooks (HOOK_ALLOW_UNSIGNED)", "unauthorized")
+			return
+		}
+		if s.cfg.HookToken != "" {
+			tok := r.Header.Get(protocol.HookTokenHeader)
+			if tok == "" {
+				tok = req.HookToken
+			}
+			if subtle.ConstantTimeCompare([]byte(tok), []byte(s.cfg.HookToken)) != 1 {
+				s.hookFail(w, http.StatusUnauthorized, "missing or wrong hook token", "unauthorized")
+				return
+			}
+		}
+		if !s.hookCallers.allow("a|" + source) {
+			s.hookFail(w, http.StatusTooManyRequests, "rate limited", "rate_limited")
+			return
+		}
+	}
+	if !s.hookLimit.allow(member + "|" + strconv.Itoa(req.PID) + "|" + req.CWD) {
 		s.hookFail(w, http.StatusTooManyRequests, "rate limited", "rate_limited")
 		return
 	}
 	ctx, cancel := context.WithTimeout(r.Context(), opTimeout)
 	defer cancel()
-	presence, pending, err := s.applyHook(ctx, req)
+	if req.Signed() {
+		sig, _ := protocol.NormalizeSignature(req.Signature)
+		_, err := s.q.ClaimSignature(ctx, db.ClaimSignatureParams{Signature: sig, ExpiresAt: signatureExpiry(time.UnixMilli(req.Timestamp))})
+		if errors.Is(err, pgx.ErrNoRows) {
+			s.refusals.Info("hook refused", "reason", "replayed", "source", source)
+			s.hookFail(w, http.StatusUnauthorized, "this signed hook was already used: sign a new one", "unauthorized")
+			return
+		} else if err != nil {
+			s.log.Warn("hook could not be applied", "err", err)
+			s.hookFail(w, http.StatusServiceUnavailable, "broker could not apply the status; retry", "unavailable")
+			return
+		}
+	}
+	presence, pending, err := s.applyHook(ctx, req, member)
 	if err != nil {
-		s.log.Warn("hook could not be applied", "cwd", req.CWD, "session_id", req.SessionID, "status", req.Status, "err", err)
+		s.log.Warn("hook could not be applied", "session_id", req.SessionID, "status", req.Status, "err", err)
 		s.hookFail(w, http.StatusServiceUnavailable, "broker could not apply the status; retry", "unavailable")
 		return
 	}
@@ -110,19 +154,30 @@ func (s *Server) handleHook(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, protocol.HookResponse{OK: true, PresenceID: presence})
 }
 
+// checkSignedHook runs the checks of a signed hook that need no database; "" when it passes.
+func checkSignedHook(r *protocol.HookRequest, now time.Time) string {
+	if skew := now.Sub(time.UnixMilli(r.Timestamp)); skew > helloMaxSkew || skew < -helloMaxSkew {
+		return "timestamp is more than 60 s from the broker clock"
+	}
+	if !protocol.VerifyHook(r) {
+		return "signature does not verify"
+	}
+	return ""
+}
+
 func (s *Server) hookFail(w http.ResponseWriter, code int, msg, label string) {
 	s.metrics.HookRequests.WithLabelValues(label).Inc()
 	writeJSON(w, code, protocol.HookResponse{OK: false, Error: msg})
 }
 
-// applyHook resolves the hook's sessions cluster-wide and applies the status to each (a
+// applyHook resolves the hook's sessions cluster-wide (of member only, when signed) and applies the status to each (a
 // Claude Code session may be in several meshes). With no match yet, the signal waits in
 // pending_status for the session's hello (the first-turn race).
-func (s *Server) applyHook(ctx context.Context, req protocol.HookRequest) (string, bool, error) {
+func (s *Server) applyHook(ctx context.Context, req protocol.HookRequest, member string) (string, bool, error) {
 	var first string
 	pending := false
 	err := s.inTx(ctx, func(q *db.Queries, o *pgbus.Outbox) ([]audit.Entry, error) {
-		ids, err := q.HookTargets(ctx, db.HookTargetsParams{SessionID: req.SessionID, Pid: int32(req.PID), Cwd: req.CWD})
+		ids, err := q.HookTargets(ctx, db.HookTargetsParams{MemberPubkey: member, SessionID: req.SessionID, Pid: int32(req.PID), Cwd: req.CWD})
 		if err != nil {
 			return nil, fmt.Errorf("resolve hook targets: %w", err)
 		}
@@ -137,7 +192,12 @@ func (s *Server) applyHook(ctx context.Context, req protocol.HookRequest) (strin
 				p := int32(req.PID)
 				pid = &p
 			}
-			return nil, q.InsertPendingStatus(ctx, db.InsertPendingStatusParams{Cwd: req.CWD, Pid: pid, SessionID: sid, Status: string(req.Status)})
+			var mk *string
+			if member != "" {
+				mk = &member
+			}
+			return nil, q.InsertPendingStatus(ctx, db.InsertPendingStatusParams{Cwd: req.CWD, Pid: pid, SessionID: sid,
+				Status: string(req.Status), MemberPubkey: mk})
 		}
 		first = ids[0]
 		for _, id := range ids {

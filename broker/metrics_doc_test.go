@@ -130,7 +130,7 @@ func TestMetricsDocumented(t *testing.T) {
 	require.NoError(t, err)
 	_, err = m.tryDial(0, &testMember{id: "nobody", name: "mallory", key: priv, pub: hex.EncodeToString(pub)})
 	require.Error(t, err)
-	code, _ := postHook(t, srv, map[string]any{"cwd": "/work/alice", "pid": 1000, "status": "working"}) // hook_requests
+	code, _ := postHook(t, srv, alice, protocol.HookRequest{CWD: "/work/alice", PID: 1000, Status: "working"}) // hook_requests
 	require.Equal(t, http.StatusOK, code)
 	code, _ = getHealth(t, srv.Addr()) // health_checks
 	require.Equal(t, http.StatusOK, code)

@@ -3,12 +3,14 @@ package broker
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"log/slog"
 	"strings"
 	"time"
 
 	"github.com/google/uuid"
+	"github.com/jackc/pgx/v5/pgconn"
 	"golang.org/x/sync/errgroup"
 
 	"github.com/claudemesh/broker/broker/audit"
@@ -61,6 +63,7 @@ func parseTarget(spec string) (targetKind, string) {
 // enqueueSend hands a send to the committer. It blocks when the queue is full: back-pressure
 // on the sender's socket rather than unbounded memory.
 func (s *Server) enqueueSend(sess *session, m *protocol.Send) {
+	sess.promise() // the ack's slot in the reply window
 	select {
 	case s.sends <- sendReq{sess: sess, msg: m}:
 	case <-s.runCtx.Done():
@@ -127,6 +130,13 @@ func (s *Server) commitBatch(ctx context.Context, batch []sendReq) {
 		err = s.storeBatch(ctx, plan)
 	}
 	if err != nil {
+		if plan != nil {
+			plan.unreserve()
+		}
+		if rejectedInput(err) {
+			s.isolateRejected(ctx, batch, err)
+			return
+		}
 		s.log.Warn("send batch failed; refusing its sends", "size", len(batch), "err", err)
 		s.metrics.SendFailures.Add(float64(len(batch)))
 		for _, r := range batch {
@@ -149,6 +159,30 @@ func (s *Server) commitBatch(ctx context.Context, batch []sendReq) {
 	for sess := range plan.kick {
 		s.kickDrain(sess)
 	}
+}
+
+// rejectedInput reports whether Postgres refused a statement for the data in it (SQLSTATE
+// class 22, data exception, or 23, integrity constraint) rather than for being unavailable:
+// one send's input, which the edge checks should have refused, would fail the whole batch.
+func rejectedInput(err error) bool {
+	var pgErr *pgconn.PgError
+	return errors.As(err, &pgErr) && (strings.HasPrefix(pgErr.Code, "22") || strings.HasPrefix(pgErr.Code, "23"))
+}
+
+// isolateRejected commits a batch that Postgres refused for its data in halves, so the send
+// at fault is found in log2(batch) commits and refused alone; every other sender's sends are
+// stored. A batch of one is refused with bad_request.
+func (s *Server) isolateRejected(ctx context.Context, batch []sendReq, err error) {
+	if len(batch) == 1 {
+		r := batch[0]
+		s.log.Warn("send refused: Postgres cannot store it", "presence", r.sess.presenceID, "err", err)
+		s.metrics.SendFailures.Inc()
+		s.replyTo(r.sess, &protocol.Ack{ID: r.msg.ID, Queued: false, Error: protocol.CodeBadRequest, ReqID: r.msg.ReqID})
+		return
+	}
+	half := len(batch) / 2
+	s.commitBatch(ctx, batch[:half])
+	s.commitBatch(ctx, batch[half:])
 }
 
 // planBatch resolves every send's recipients cluster-wide (from live presence and members)
@@ -296,12 +330,9 @@ func (s *Server) planBatch(ctx context.Context, batch []sendReq) (*batchPlan, er
 			d.env = env
 			d.state = "pending"
 			if d.local != nil {
-				// Without client_ack the push counts as delivered once written, which
-				// follows right after commit; a failed write releases it.
-				d.state = "acked"
-				if d.local.clientAck {
-					d.state = "pushed"
-				}
+				// Pushed right after commit into the slot reserved for it; it counts as
+				// delivered once written (or acked), and returns to pending if never written.
+				d.state = "pushed"
 			}
 			plan.deliv = append(plan.deliv, d)
 		}
@@ -321,11 +352,10 @@ func (s *Server) planBatch(ctx context.Context, batch []sendReq) (*batchPlan, er
 }
 
 // pickLocal chooses a local session among the recipient's live presences that may take a
-// priority-p push now, without overtaking its backlog. When none can, remote holders are
-// woken up and local ones with a backlog get their drain kicked.
+// priority-p push now, without overtaking its backlog, and reserves a slot of its push window.
+// When none can, remote holders are woken up and local ones get their drain kicked.
 func (s *Server) pickLocal(presences []*db.LivePresenceByMeshesRow, p protocol.Priority, plan *batchPlan,
 	remote map[string][]string) *session {
-	var pick *session
 	var wake []*db.LivePresenceByMeshesRow
 	var waiting []*session
 	for _, pr := range presences {
@@ -337,17 +367,10 @@ func (s *Server) pickLocal(presences []*db.LivePresenceByMeshesRow, p protocol.P
 		if sess == nil {
 			continue
 		}
-		sess.mu.Lock()
-		open := !sess.backlog && !sess.closed && (p == protocol.PriorityNow || sess.status == protocol.StatusIdle)
-		sess.mu.Unlock()
-		if open && pick == nil {
-			pick = sess
-		} else {
-			waiting = append(waiting, sess)
+		if sess.reserve(p) {
+			return sess
 		}
-	}
-	if pick != nil {
-		return pick
+		waiting = append(waiting, sess)
 	}
 	for _, pr := range wake {
 		remote[pr.NodeID] = append(remote[pr.NodeID], pr.MemberID)
@@ -356,6 +379,15 @@ func (s *Server) pickLocal(presences []*db.LivePresenceByMeshesRow, p protocol.P
 		plan.kick[w] = struct{}{}
 	}
 	return nil
+}
+
+// unreserve gives back the window slots of a plan that was not committed.
+func (plan *batchPlan) unreserve() {
+	for _, d := range plan.deliv {
+		if d.local != nil {
+			d.local.unreserve()
+		}
+	}
 }
 
 func presenceInGroup(raw json.RawMessage, group string) bool {
@@ -432,8 +464,8 @@ func (s *Server) storeBatch(ctx context.Context, plan *batchPlan) error {
 	})
 }
 
-// pushPlanned writes this node's direct pushes: each envelope is encoded once and the same
-// bytes go to every local recipient.
+// pushPlanned writes this node's direct pushes into their reserved slots: each envelope is
+// encoded once and the same bytes go to every local recipient.
 func (s *Server) pushPlanned(plan *batchPlan) {
 	encoded := make(map[int][]byte)
 	var unwritten []int64
@@ -450,11 +482,9 @@ func (s *Server) pushPlanned(plan *batchPlan) {
 			b = encodePush(e.ID, e.MeshID, e.SenderPubkey, e.SenderMemberPubkey, e.Priority, e.Nonce, e.Ciphertext, e.CreatedAt)
 			encoded[d.env] = b
 		}
-		if err := d.local.ws.Write(b); err != nil {
+		if !d.local.push(b, id, true) {
 			unwritten = append(unwritten, id) // closed meanwhile: back to pending
-			continue
 		}
-		s.metrics.Pushes.Inc()
 	}
 	s.releaseUnwritten(unwritten)
 }
@@ -469,7 +499,12 @@ func encodePush(id, mesh, sender, senderMember, priority, nonce, ciphertext stri
 	return b
 }
 
-// replyTo writes a reply to a session's socket.
+// replyTo writes the ack of a send, whose slot in the reply window was promised.
 func (s *Server) replyTo(sess *session, m protocol.ServerMessage) {
-	s.reply(sess.ws, m)
+	b, err := protocol.Encode(m)
+	if err != nil {
+		s.log.Error("encode reply", "type", m.Type(), "err", err)
+		return
+	}
+	sess.send(b, true)
 }

@@ -11,6 +11,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -46,19 +47,25 @@ type Server struct {
 	marker    *marker
 	drainer   *drainer
 	ender     *ender
-	hookLimit *hookLimiter
-	members   *membership.Service
+	hookLimit *hookLimiter // per claimed pid + cwd
+	// hookCallers: per proven caller (member key of a signed hook, client address otherwise).
+	hookCallers *hookLimiter
+	gate        *gate
+	refusals    *sampledLog // refusals a client can cause at will
+	members     *membership.Service
 	// runCtx lives from Start to Stop; background work (bg) runs under it.
 	runCtx    context.Context
 	runCancel context.CancelFunc
 	bg        sync.WaitGroup
 
-	mu       sync.Mutex
-	httpSrv  *http.Server
-	listener net.Listener
-	cancel   context.CancelFunc
-	done     chan struct{}
-	stopped  bool
+	mu         sync.Mutex
+	httpSrv    *http.Server
+	listener   net.Listener
+	metricsSrv *http.Server // on METRICS_ADDR, when set
+	metricsLn  net.Listener
+	cancel     context.CancelFunc
+	done       chan struct{}
+	stopped    bool
 }
 
 // NewServer builds a replica on pool. It does no I/O; Start does.
@@ -92,6 +99,9 @@ func NewServer(cfg Config, pool *pgxpool.Pool, logger *slog.Logger) (*Server, er
 	s.drainer = newDrainer(s)
 	s.ender = newEnder(s)
 	s.hookLimit = newHookLimiter(cfg.HookRatePerMin)
+	s.hookCallers = newHookLimiter(cfg.HookRatePerCallerMin)
+	s.gate = newGate(cfg.MaxUnauthenticated, cfg.MaxUnauthPerSource, cfg.HelloTimeout)
+	s.refusals = newSampledLog(s.log, 5, 20)
 	bus, err := pgbus.New(pgbus.Config{
 		ConnConfig: pool.Config().ConnConfig, Exec: pool, NodeID: nodeID, Namespace: cfg.BusNamespace,
 		Logger: s.log, Observe: s.metrics.observeBus,
@@ -102,13 +112,33 @@ func NewServer(cfg Config, pool *pgxpool.Pool, logger *slog.Logger) (*Server, er
 	s.bus = bus
 	s.metrics.registerFuncs(s)
 	s.mux.HandleFunc("GET /health", s.handleHealth)
-	s.mux.Handle("GET /metrics", promhttp.HandlerFor(s.metrics.Registry, promhttp.HandlerOpts{}))
+	if cfg.MetricsAddr == "" {
+		s.mux.Handle("GET /metrics", s.metricsHandler())
+	}
 	s.mux.HandleFunc("GET "+protocol.PathWS, s.handleWS)
 	s.mux.HandleFunc("POST "+protocol.PathHookState, s.handleHook)
 	s.members = membership.New(pool, membership.Config{Logger: s.log, OnRevoke: RevokeHook(pool, cfg.BusNamespace, s.log)})
 	s.mux.HandleFunc("POST "+protocol.PathJoin, s.members.HandleJoin)
 	s.mux.HandleFunc("GET /status", s.handleStatusPage)
 	return s, nil
+}
+
+// metricsHandler serves Prometheus text, behind METRICS_TOKEN when set (a bearer token): the
+// numbers say how busy each mesh's cluster is, which not every client should read.
+func (s *Server) metricsHandler() http.Handler {
+	h := promhttp.HandlerFor(s.metrics.Registry, promhttp.HandlerOpts{})
+	if s.cfg.MetricsToken == "" {
+		return h
+	}
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		tok, _ := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
+		if !adminTokenMatches(tok, s.cfg.MetricsToken) {
+			w.Header().Set("WWW-Authenticate", `Bearer realm="claudemesh metrics"`)
+			http.Error(w, "missing or wrong metrics token (Authorization: Bearer <token>)", http.StatusUnauthorized)
+			return
+		}
+		h.ServeHTTP(w, r)
+	})
 }
 
 // NewNodeID returns a fresh replica id: host name prefix plus random bytes, short enough to
@@ -153,6 +183,16 @@ func (s *Server) BusConnected() bool { return s.bus.Connected() }
 // Handler is the replica's HTTP handler (all routes, /ws included).
 func (s *Server) Handler() http.Handler { return s.mux }
 
+// MetricsAddr is the address /metrics is served on when METRICS_ADDR is set, once started.
+func (s *Server) MetricsAddr() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.metricsLn == nil {
+		return ""
+	}
+	return s.metricsLn.Addr().String()
+}
+
 // Addr is the address the replica listens on, once started.
 func (s *Server) Addr() string {
 	s.mu.Lock()
@@ -171,13 +211,23 @@ func (s *Server) Start(ctx context.Context, addr string) error {
 	if err != nil {
 		return fmt.Errorf("listen %s: %w", addr, err)
 	}
+	var mln net.Listener
+	if s.cfg.MetricsAddr != "" {
+		if mln, err = net.Listen("tcp", s.cfg.MetricsAddr); err != nil {
+			_ = ln.Close()
+			return fmt.Errorf("listen %s (METRICS_ADDR): %w", s.cfg.MetricsAddr, err)
+		}
+	}
 	_ = ctx
 	runCtx, cancel := s.runCtx, s.runCancel
 	if err := s.bus.Start(runCtx); err != nil {
 		_ = ln.Close()
+		if mln != nil {
+			_ = mln.Close()
+		}
 		return err
 	}
-	for _, f := range []func(context.Context){s.runCommitter, s.marker.run, s.drainer.run, s.ender.run, s.runBus, s.runSweeper} {
+	for _, f := range []func(context.Context){s.runCommitter, s.marker.run, s.drainer.run, s.ender.run, s.runBus, s.runSweeper, s.runGuard} {
 		s.bg.Go(func() { f(runCtx) })
 	}
 	s.mu.Lock()
@@ -195,6 +245,19 @@ func (s *Server) Start(ctx context.Context, addr string) error {
 	srv := s.httpSrv
 	s.mu.Unlock()
 
+	if mln != nil {
+		mux := http.NewServeMux()
+		mux.Handle("GET /metrics", s.metricsHandler())
+		metricsSrv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+		s.mu.Lock()
+		s.metricsSrv, s.metricsLn = metricsSrv, mln
+		s.mu.Unlock()
+		s.bg.Go(func() {
+			if err := metricsSrv.Serve(mln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				s.log.Error("metrics serve", "err", err)
+			}
+		})
+	}
 	var wg sync.WaitGroup
 	wg.Add(2)
 	go func() {
@@ -227,6 +290,11 @@ func (s *Server) Stop(ctx context.Context) error {
 	s.draining.Store(true)
 	s.drainSessions(ctx)
 	err := srv.Shutdown(ctx)
+	s.mu.Lock()
+	if s.metricsSrv != nil {
+		_ = s.metricsSrv.Close()
+	}
+	s.mu.Unlock()
 	cancel()
 	bgDone := make(chan struct{})
 	go func() { s.bg.Wait(); close(bgDone) }()

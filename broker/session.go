@@ -2,6 +2,9 @@ package broker
 
 import (
 	"sync"
+	"sync/atomic"
+	"time"
+	"unsafe"
 
 	"github.com/olahol/melody"
 
@@ -13,8 +16,21 @@ type groupEntry struct {
 	Role string `json:"role,omitempty"`
 }
 
+// pushWindow bounds the push frames queued on one socket and not yet written. A delivery is
+// claimed (or pushed straight after its commit) only into a free slot of the window, so
+// deliveries never outrun the socket: what does not fit stays pending in the table and is
+// drained as frames are written. The rest of the socket's queue (sendQueue) is left for
+// replies and events.
+const pushWindow = sendQueue / 2
+
+// replyWindow bounds the other frames a session has queued or promised (acks of sends in the
+// committer, replies, events). While it is full, the session's next request is not read: a
+// client that pipelines faster than it reads its acks is slowed down instead of overflowing
+// its queue. Push window + reply window stay under sendQueue, leaving room for events.
+const replyWindow = sendQueue / 4
+
 // session is one authenticated WebSocket on this replica. Identity fields are set once at
-// hello; the rest is guarded by mu.
+// hello; the rest is guarded by mu and changed only through the methods below.
 type session struct {
 	ws *melody.Session
 
@@ -37,6 +53,23 @@ type session struct {
 	backlog bool
 	kicks   uint64 // drain requests so far; a drain that saw fewer must run again
 	closed  bool
+	// The push window: frames queued on the socket (oldest first), slots promised to a
+	// commit in flight, and whether a drain waits for room (since when, for the stall check).
+	inflight    []inflightPush
+	reserved    int
+	parked      bool
+	stalledFrom time.Time
+	// queued: frames other than pushes queued on the socket or promised (acks to come);
+	// roomWait is signalled when a reader blocked on a full reply window may go on.
+	queued   int
+	roomWait chan struct{}
+}
+
+// inflightPush is a push frame queued on the socket. frame identifies the queued bytes: melody
+// reports each written frame with the same slice, in queue order.
+type inflightPush struct {
+	frame *byte
+	id    int64 // delivery id
 }
 
 // routingKey is the pubkey others see and target: the session key if any, else the member key.
@@ -75,6 +108,213 @@ func (s *session) name() string {
 	return s.displayName
 }
 
+// room is the free part of the push window; mu must be held.
+func (s *session) room() int { return pushWindow - len(s.inflight) - s.reserved }
+
+// reserve takes a window slot for a push of priority p straight after its commit, if the
+// session may take it now: open, not behind a backlog (order), not holding p, window not full.
+func (s *session) reserve(p protocol.Priority) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed || s.backlog || (p != protocol.PriorityNow && s.status != protocol.StatusIdle) || s.room() <= 0 {
+		return false
+	}
+	s.reserved++
+	return true
+}
+
+// unreserve gives back a slot whose commit failed.
+func (s *session) unreserve() {
+	s.mu.Lock()
+	s.reserved--
+	s.mu.Unlock()
+}
+
+// push queues a push frame carrying delivery id; fromReserve says it fills a reserved slot.
+// False means the socket is closed: the caller releases the delivery.
+func (s *session) push(frame []byte, id int64, fromReserve bool) bool {
+	s.mu.Lock()
+	if fromReserve {
+		s.reserved--
+	}
+	if s.closed {
+		s.mu.Unlock()
+		return false
+	}
+	s.inflight = append(s.inflight, inflightPush{frame: unsafe.SliceData(frame), id: id})
+	s.mu.Unlock()
+	return s.ws.Write(frame) == nil
+}
+
+// send queues a frame other than a push (a reply, an event); promised says its slot in the
+// reply window was taken when the request was accepted (an ack).
+func (s *session) send(frame []byte, promised bool) {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return
+	}
+	if !promised {
+		s.queued++
+	}
+	s.mu.Unlock()
+	_ = s.ws.Write(frame)
+}
+
+// promise takes a reply-window slot for an ack that the committer will send.
+func (s *session) promise() {
+	s.mu.Lock()
+	s.queued++
+	s.mu.Unlock()
+}
+
+// awaitReplyRoom blocks the session's reader while its reply window is full; false when
+// nothing was written for stall (the peer stopped reading) or the session closed.
+func (s *session) awaitReplyRoom(stall time.Duration) bool {
+	var timer *time.Timer
+	for {
+		s.mu.Lock()
+		if s.closed {
+			s.mu.Unlock()
+			return false
+		}
+		if s.queued < replyWindow {
+			s.mu.Unlock()
+			return true
+		}
+		if s.roomWait == nil {
+			s.roomWait = make(chan struct{}, 1)
+		}
+		wait := s.roomWait
+		s.mu.Unlock()
+		if timer == nil {
+			timer = time.NewTimer(stall)
+			defer timer.Stop()
+		}
+		select {
+		case <-wait: // a frame was written: progress, so the stall clock restarts
+			timer.Reset(stall)
+		case <-timer.C:
+			return false
+		}
+	}
+}
+
+// written is told every text frame melody wrote to the socket. For a push it returns the
+// delivery id, and wake when a drain parked on the full window may run again.
+func (s *session) written(frame []byte) (id int64, push, wake bool) {
+	if len(frame) == 0 {
+		return 0, false, false
+	}
+	p := unsafe.SliceData(frame)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if len(s.inflight) == 0 || s.inflight[0].frame != p {
+		// A reply or an event.
+		if s.queued > 0 {
+			s.queued--
+		}
+		if s.roomWait != nil {
+			select {
+			case s.roomWait <- struct{}{}:
+			default:
+			}
+		}
+		return 0, false, false
+	}
+	id = s.inflight[0].id
+	s.inflight = s.inflight[1:]
+	if len(s.inflight) == 0 {
+		s.inflight = nil // an idle session holds no window memory
+	}
+	if s.parked {
+		s.stalledFrom = time.Now() // progress
+		if s.room() >= pushWindow/2 {
+			s.parked, s.stalledFrom, wake = false, time.Time{}, true
+		}
+	}
+	return id, true, wake
+}
+
+// kick records a drain request: until the drain catches up, new deliveries queue behind the
+// pending ones. False when the session is closed.
+func (s *session) kick() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return false
+	}
+	s.backlog = true
+	s.kicks++
+	return true
+}
+
+// drainStart snapshots what a drain round needs: how many deliveries it may claim (0 parks
+// the drain until frames are written), whether held priorities may go, and the kick count.
+func (s *session) drainStart(page int) (limit int, idle bool, kicks uint64, ok bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return 0, false, 0, false
+	}
+	limit = min(page, s.room())
+	if limit <= 0 {
+		s.park()
+		return 0, false, s.kicks, true
+	}
+	s.reserved += limit // held for the claim in flight; drainDone gives them back
+	return limit, s.status == protocol.StatusIdle, s.kicks, true
+}
+
+// park makes the drain wait for the window; mu must be held.
+func (s *session) park() {
+	if !s.parked {
+		s.parked, s.stalledFrom = true, time.Now()
+	}
+}
+
+// drainDone ends a drain round that claimed got of limit: caught up clears the backlog;
+// otherwise it says whether to claim again now (room left) or wait, parked, for writes.
+func (s *session) drainDone(got, limit int, kicks uint64) (again bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.reserved -= limit - got // the claimed ones were turned into inflight by push
+	if s.closed {
+		return false
+	}
+	if got < limit && s.kicks == kicks {
+		s.backlog = false
+		return false
+	}
+	if s.room() <= 0 {
+		s.park()
+		return false
+	}
+	return true
+}
+
+// drainFailed gives back the slots of a claim that failed; the backlog stays for the retry.
+func (s *session) drainFailed(limit int) {
+	s.mu.Lock()
+	s.reserved -= limit
+	s.mu.Unlock()
+}
+
+// stalled reports whether a drain is parked on the session's window, and whether the window
+// has been full without a single write for d: the peer stopped reading.
+func (s *session) stalled(now time.Time, d time.Duration) (parked, stalled bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	parked = s.parked && !s.closed
+	return parked, parked && len(s.inflight) > 0 && now.Sub(s.stalledFrom) >= d
+}
+
+func (s *session) isParked() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.parked
+}
+
 // endMode says what a closing socket does to its presence.
 type endMode int
 
@@ -84,12 +324,19 @@ const (
 	endReplaced                // another socket took the presence over: leave it alone
 )
 
-// conn is what a melody session carries. It is touched only by that socket's read goroutine
-// (melody runs message and disconnect handlers there), except end, which closers set first.
+// conn is what a melody session carries. The session is set by the read goroutine once hello
+// succeeded and read by the write pump too; end is set first by whoever closes the socket.
 type conn struct {
-	s   *session // nil until hello succeeded
-	end atomicEnd
+	sess       atomic.Pointer[session] // nil until hello succeeded
+	end        atomicEnd
+	slowClosed atomic.Bool
+	// Set before the upgrade, and by the gate (under its lock) while unauthenticated.
+	source   string
+	admitted time.Time
+	ms       *melody.Session
 }
+
+func (c *conn) session() *session { return c.sess.Load() }
 
 type atomicEnd struct {
 	mu  sync.Mutex

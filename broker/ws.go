@@ -37,11 +37,16 @@ func (s *Server) newMelody() *melody.Melody {
 	m.Upgrader.WriteBufferSize = 4096
 	// Idle sessions hold no write buffer: one is taken from the pool for each write.
 	m.Upgrader.WriteBufferPool = &sync.Pool{}
-	m.HandleConnect(func(ms *melody.Session) { s.metrics.ConnActive.Inc(); s.metrics.ConnTotal.Inc() })
+	m.HandleConnect(func(ms *melody.Session) {
+		s.metrics.ConnActive.Inc()
+		s.metrics.ConnTotal.Inc()
+		s.gate.attach(connOf(ms), ms)
+	})
 	m.HandleMessage(s.handleFrame)
 	m.HandleMessageBinary(func(ms *melody.Session, _ []byte) {
 		s.reply(ms, &protocol.Error{Code: protocol.CodeBadRequest, Message: "frames must be UTF-8 JSON text"})
 	})
+	m.HandleSentMessage(s.frameWritten)
 	m.HandleClose(func(ms *melody.Session, code int, _ string) error {
 		if code == websocket.CloseNormalClosure {
 			connOf(ms).end.Set(endNow)
@@ -51,15 +56,7 @@ func (s *Server) newMelody() *melody.Melody {
 	m.HandleError(func(ms *melody.Session, err error) {
 		switch {
 		case errors.Is(err, melody.ErrMessageBufferFull):
-			// The queue is full, so the close frame can't be queued behind it: write it as a
-			// control frame (gorilla allows that concurrently with the write pump) and drop.
-			s.metrics.SlowConsumers.Inc()
-			connOf(ms).end.Set(endGrace)
-			if c := ms.WebsocketConnection(); c != nil {
-				_ = c.WriteControl(websocket.CloseMessage,
-					websocket.FormatCloseMessage(protocol.CloseSlowConsumer, "slow_consumer"), time.Now().Add(time.Second))
-			}
-			_ = ms.Close()
+			s.closeSlowConsumer(ms, "send queue full")
 		case errors.Is(err, websocket.ErrReadLimit):
 			s.log.Info("frame too large; closing 1009", "limit", s.cfg.MaxMessageBytes)
 		}
@@ -67,11 +64,52 @@ func (s *Server) newMelody() *melody.Melody {
 	m.HandleDisconnect(func(ms *melody.Session) {
 		s.metrics.ConnActive.Dec()
 		c := connOf(ms)
-		if c.s != nil {
-			s.sessionClosed(c.s, c.end.Get())
+		s.gate.release(c)
+		if sess := c.session(); sess != nil {
+			s.sessionClosed(sess, c.end.Get())
 		}
 	})
 	return m
+}
+
+// frameWritten runs on a socket's write pump after each text frame: a push written to a
+// session that does not ack is delivered now, and its window slot is free again.
+func (s *Server) frameWritten(ms *melody.Session, frame []byte) {
+	sess := connOf(ms).session()
+	if sess == nil {
+		return
+	}
+	id, push, wake := sess.written(frame)
+	if !push {
+		return
+	}
+	s.metrics.Pushes.Inc()
+	if !sess.clientAck {
+		s.marker.written(id)
+	}
+	if wake {
+		s.kickDrain(sess)
+	}
+}
+
+// closeSlowConsumer closes a socket that cannot keep up with 4008. Its queue is full, so the
+// close frame can't be queued behind it: it is written as a control frame (gorilla allows
+// that beside the write pump) and the connection dropped. Whatever was claimed for it and not
+// written goes back to pending when the session ends.
+func (s *Server) closeSlowConsumer(ms *melody.Session, why string) {
+	c := connOf(ms)
+	if !c.slowClosed.CompareAndSwap(false, true) {
+		return // melody reports each further dropped frame; one close is enough
+	}
+	s.metrics.SlowConsumers.Inc()
+	s.log.Info("slow consumer; closing 4008", "presence", presenceOf(c), "why", why)
+	c.end.Set(endGrace)
+	if wc := ms.WebsocketConnection(); wc != nil {
+		_ = wc.WriteControl(websocket.CloseMessage,
+			websocket.FormatCloseMessage(protocol.CloseSlowConsumer, "slow_consumer"), time.Now().Add(time.Second))
+		// Not ms.Close: it would queue behind the full buffer and report it full again.
+		_ = wc.Close()
+	}
 }
 
 func connOf(ms *melody.Session) *conn {
@@ -103,17 +141,40 @@ func (s *Server) handleWS(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "draining: reconnect to another replica", http.StatusServiceUnavailable)
 		return
 	}
-	if err := s.melody.HandleRequestWithKeys(w, r, map[string]any{"c": &conn{}}); err != nil {
+	c := &conn{source: clientSource(r, s.cfg.TrustedProxyHeader)}
+	if reason := s.gate.admit(c); reason != "" {
+		// Refused before the upgrade: a status line, no goroutine, no socket kept.
+		s.metrics.ConnRejected.WithLabelValues(reason).Inc()
+		s.refusals.Info("websocket refused: too many sockets without hello", "reason", reason, "source", c.source)
+		w.Header().Set("Retry-After", "1")
+		http.Error(w, "too many unauthenticated connections; retry shortly", http.StatusServiceUnavailable)
+		return
+	}
+	if err := s.melody.HandleRequestWithKeys(w, r, map[string]any{"c": c}); err != nil {
+		s.gate.release(c)
 		s.metrics.ConnRejected.WithLabelValues("upgrade").Inc()
 		s.log.Debug("websocket upgrade", "err", err)
 	}
 }
 
-// reply writes one message to a socket. Encoding our own types can't fail.
+// closeHelloLate closes the sockets that did not complete a hello in time.
+func (s *Server) closeHelloLate(now time.Time) {
+	for _, c := range s.gate.expired(now) {
+		s.metrics.ConnRejected.WithLabelValues("hello_timeout").Inc()
+		closeWith(c.ms, protocol.CloseHelloRefused, "hello_timeout")
+	}
+}
+
+// reply writes one message to a socket; once the socket has a session it counts against the
+// session's reply window. Encoding our own types can't fail.
 func (s *Server) reply(ms *melody.Session, m protocol.ServerMessage) {
 	b, err := protocol.Encode(m)
 	if err != nil {
 		s.log.Error("encode reply", "type", m.Type(), "err", err)
+		return
+	}
+	if sess := connOf(ms).session(); sess != nil {
+		sess.send(b, false)
 		return
 	}
 	_ = ms.Write(b)
@@ -135,28 +196,36 @@ func (s *Server) handleFrame(ms *melody.Session, frame []byte) {
 			perr = &protocol.Error{Code: protocol.CodeBadRequest, Message: err.Error()}
 		}
 		s.metrics.BadFrames.WithLabelValues(perr.Code).Inc()
-		s.log.Info("bad frame", "code", perr.Code, "err", perr.Message, "presence", presenceOf(c))
+		s.refusals.Info("bad frame", "code", perr.Code, "err", perr.Message, "presence", presenceOf(c))
 		s.reply(ms, perr)
 		return
 	}
+	sess := c.session()
 	if hello, ok := msg.(*protocol.Hello); ok {
-		if c.s != nil {
+		if sess != nil {
 			s.reply(ms, &protocol.Error{Code: protocol.CodeBadRequest, Message: "hello: session already established", ReqID: hello.ReqID})
 			return
 		}
 		s.handleHello(ms, c, hello)
 		return
 	}
-	if c.s == nil {
+	if sess == nil {
 		s.reply(ms, &protocol.Error{Code: protocol.CodeNoHello, Message: "send hello first", ReqID: msg.RequestID()})
 		return
 	}
-	s.dispatch(ms, c.s, msg)
+	// Back-pressure: a peer that does not read its replies is not read either.
+	if !sess.awaitReplyRoom(s.cfg.StallTimeout) {
+		if !sess.isClosed() {
+			s.closeSlowConsumer(ms, "replies not read")
+		}
+		return
+	}
+	s.dispatch(ms, sess, msg)
 }
 
 func presenceOf(c *conn) string {
-	if c.s == nil {
-		return ""
+	if sess := c.session(); sess != nil {
+		return sess.presenceID
 	}
-	return c.s.presenceID
+	return ""
 }

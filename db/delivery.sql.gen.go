@@ -10,41 +10,13 @@ import (
 	"time"
 )
 
-const ackDeliveries = `-- name: AckDeliveries :exec
-UPDATE claudemesh.delivery d SET state = 'acked', acked_at = now()
-FROM (SELECT unnest($1::text[]) AS envelope_id, unnest($2::text[]) AS member_id,
-             unnest($3::text[]) AS session_pubkey, unnest($4::text[]) AS session_id) a
-WHERE d.envelope_id = a.envelope_id AND d.recipient_member_id = a.member_id
-  AND d.state IN ('pending', 'pushed')
-  AND (d.recipient_session_pubkey IS NULL OR d.recipient_session_pubkey = a.session_pubkey)
-  AND (d.recipient_session_id IS NULL OR d.recipient_session_id = a.session_id)
-`
-
-type AckDeliveriesParams struct {
-	EnvelopeIds    []string
-	MemberIds      []string
-	SessionPubkeys []string
-	SessionIds     []string
-}
-
-// client_acks of many sessions in one statement: each (message id, recipient session) pair.
-func (q *Queries) AckDeliveries(ctx context.Context, arg AckDeliveriesParams) error {
-	_, err := q.db.Exec(ctx, ackDeliveries,
-		arg.EnvelopeIds,
-		arg.MemberIds,
-		arg.SessionPubkeys,
-		arg.SessionIds,
-	)
-	return err
-}
-
 const claimDeliveries = `-- name: ClaimDeliveries :many
 WITH s AS (
     SELECT unnest($2::text[]) AS presence_id, unnest($3::text[]) AS member_id,
         unnest($4::text[]) AS session_pubkey, unnest($5::text[]) AS session_id,
-        unnest($6::bool[]) AS include_held, unnest($7::bool[]) AS client_ack
+        unnest($6::bool[]) AS include_held, unnest($7::int[]) AS lim
 ), c AS (
-    SELECT s.presence_id, s.client_ack, x.id FROM s CROSS JOIN LATERAL (
+    SELECT s.presence_id, x.id FROM s CROSS JOIN LATERAL (
         SELECT d.id FROM claudemesh.delivery d
         WHERE d.recipient_member_id = s.member_id AND d.state = 'pending'
           AND (d.recipient_session_pubkey IS NULL OR d.recipient_session_pubkey = s.session_pubkey)
@@ -52,13 +24,12 @@ WITH s AS (
           AND d.expires_at > now()
           AND (s.include_held OR d.priority = 'now')
         ORDER BY d.id
-        LIMIT $8
+        LIMIT s.lim
         FOR UPDATE SKIP LOCKED
     ) x
 )
 UPDATE claudemesh.delivery d
-SET state = CASE WHEN c.client_ack THEN 'pushed' ELSE 'acked' END,
-    acked_at = CASE WHEN c.client_ack THEN NULL ELSE now() END,
+SET state = 'pushed', acked_at = NULL,
     pushed_node = $1::text, pushed_presence = c.presence_id, pushed_at = now()
 FROM c, claudemesh.envelope e
 WHERE d.id = c.id AND e.id = d.envelope_id
@@ -73,8 +44,7 @@ type ClaimDeliveriesParams struct {
 	SessionPubkeys []string
 	SessionIds     []string
 	IncludeHeld    []bool
-	ClientAck      []bool
-	MaxPerSession  int32
+	Limits         []int32
 }
 
 type ClaimDeliveriesRow struct {
@@ -92,9 +62,10 @@ type ClaimDeliveriesRow struct {
 
 // Claims the next pending deliveries of many sessions at once, in id order per session, and
 // returns what to push. One statement for every session a wake-up touched, instead of one
-// per session. Held priorities are included only for sessions that may be interrupted.
-// Without client_ack a push counts as delivered when written, so it is recorded as acked right
-// here instead of by a second UPDATE; a failed write releases it (ReleaseDeliveries).
+// per session. Each session takes at most its own limit (the room left in its push window),
+// so a claim never outruns the socket. Held priorities are included only for sessions that
+// may be interrupted. Claimed rows are "pushed": they count as delivered only once written
+// (MarkDelivered) or acked, and go back to pending if the session ends first.
 func (q *Queries) ClaimDeliveries(ctx context.Context, arg ClaimDeliveriesParams) ([]ClaimDeliveriesRow, error) {
 	rows, err := q.db.Query(ctx, claimDeliveries,
 		arg.NodeID,
@@ -103,8 +74,7 @@ func (q *Queries) ClaimDeliveries(ctx context.Context, arg ClaimDeliveriesParams
 		arg.SessionPubkeys,
 		arg.SessionIds,
 		arg.IncludeHeld,
-		arg.ClientAck,
-		arg.MaxPerSession,
+		arg.Limits,
 	)
 	if err != nil {
 		return nil, err
@@ -257,13 +227,12 @@ WITH env AS (
         unnest($22::timestamptz[])
 )
 INSERT INTO claudemesh.delivery (envelope_id, mesh_id, recipient_member_id, recipient_session_pubkey,
-    recipient_session_id, priority, state, pushed_node, pushed_presence, pushed_at, acked_at, expires_at)
+    recipient_session_id, priority, state, pushed_node, pushed_presence, pushed_at, expires_at)
 SELECT t.envelope_id, t.mesh_id, t.member_id, NULLIF(t.session_pubkey, ''), NULLIF(t.session_id, ''),
     t.priority, t.state,
     CASE WHEN t.state <> 'pending' THEN $1::text END,
     NULLIF(t.pushed_presence, ''),
     CASE WHEN t.state <> 'pending' THEN now() END,
-    CASE WHEN t.state = 'acked' THEN now() END,
     t.expires_at
 FROM (
     -- Select-list unnests zip the arrays row by row, in order.
@@ -308,8 +277,9 @@ type InsertBatchRow struct {
 }
 
 // A whole send batch in one statement and one round trip: the envelopes (ciphertext stored
-// once) and one delivery per recipient. Rows pushed at once by this node come back with
-// their ids, keyed by (envelope, presence), to be marked delivered after the write.
+// once) and one delivery per recipient. Rows this node pushes at once are inserted "pushed"
+// and come back with their ids, keyed by (envelope, presence), to be marked delivered once
+// written.
 func (q *Queries) InsertBatch(ctx context.Context, arg InsertBatchParams) ([]InsertBatchRow, error) {
 	rows, err := q.db.Query(ctx, insertBatch,
 		arg.NodeID,
@@ -351,6 +321,45 @@ func (q *Queries) InsertBatch(ctx context.Context, arg InsertBatchParams) ([]Ins
 		return nil, err
 	}
 	return items, nil
+}
+
+const markDelivered = `-- name: MarkDelivered :exec
+WITH acked AS (
+    UPDATE claudemesh.delivery d SET state = 'acked', acked_at = now()
+    FROM (SELECT unnest($2::text[]) AS envelope_id, unnest($3::text[]) AS member_id,
+                 unnest($4::text[]) AS session_pubkey, unnest($5::text[]) AS session_id) a
+    WHERE d.envelope_id = a.envelope_id AND d.recipient_member_id = a.member_id
+      AND d.state IN ('pending', 'pushed')
+      AND (d.recipient_session_pubkey IS NULL OR d.recipient_session_pubkey = a.session_pubkey)
+      AND (d.recipient_session_id IS NULL OR d.recipient_session_id = a.session_id)
+    RETURNING d.id
+)
+UPDATE claudemesh.delivery d SET state = 'acked', acked_at = now()
+WHERE d.id = ANY($1::bigint[]) AND d.state IN ('pending', 'pushed')
+  AND d.id NOT IN (SELECT id FROM acked)
+`
+
+type MarkDeliveredParams struct {
+	WrittenIds     []int64
+	EnvelopeIds    []string
+	MemberIds      []string
+	SessionPubkeys []string
+	SessionIds     []string
+}
+
+// Deliveries that are done, in one statement for many sessions: client_acks, each a (message
+// id, recipient session) pair, and the ids of pushes written to the socket of a session that
+// does not ack. A row released to pending meanwhile (its session closed after the write)
+// is still done: it was written.
+func (q *Queries) MarkDelivered(ctx context.Context, arg MarkDeliveredParams) error {
+	_, err := q.db.Exec(ctx, markDelivered,
+		arg.WrittenIds,
+		arg.EnvelopeIds,
+		arg.MemberIds,
+		arg.SessionPubkeys,
+		arg.SessionIds,
+	)
+	return err
 }
 
 const pendingDeliveryCount = `-- name: PendingDeliveryCount :one

@@ -104,13 +104,14 @@ type ClaudemeshNode struct {
 }
 
 type ClaudemeshPendingStatus struct {
-	ID        int64
-	Cwd       string
-	Pid       *int32
-	SessionID *string
-	Status    string
-	CreatedAt time.Time
-	ExpiresAt time.Time
+	ID           int64
+	Cwd          string
+	Pid          *int32
+	SessionID    *string
+	Status       string
+	CreatedAt    time.Time
+	ExpiresAt    time.Time
+	MemberPubkey *string
 }
 
 type ClaudemeshPresence struct {
@@ -137,6 +138,11 @@ type ClaudemeshPresence struct {
 	Epoch         int64
 }
 
+type ClaudemeshSeenSignature struct {
+	Signature string
+	ExpiresAt time.Time
+}
+
 type ClaudemeshSessionKey struct {
 	MeshID        string
 	SessionPubkey string
@@ -150,4 +156,5 @@ type ClaudemeshState struct {
 	Value     json.RawMessage
 	UpdatedBy string
 	UpdatedAt time.Time
+	Size      int32
 }

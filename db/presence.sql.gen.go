@@ -12,12 +12,18 @@ import (
 )
 
 const bindSessionKey = `-- name: BindSessionKey :one
-WITH ins AS (
+WITH taken AS (
+    SELECT m.id AS member_id FROM claudemesh.member m
+    WHERE m.mesh_id = $1 AND m.pubkey = $2 AND m.pubkey <> $3
+    LIMIT 1
+), ins AS (
     INSERT INTO claudemesh.session_key (mesh_id, session_pubkey, member_id)
-    VALUES ($1, $2, $3)
+    SELECT $1, $2, $4 WHERE NOT EXISTS (SELECT 1 FROM taken)
     ON CONFLICT (mesh_id, session_pubkey) DO NOTHING
     RETURNING member_id
 )
+SELECT member_id FROM taken
+UNION ALL
 SELECT member_id FROM ins
 UNION ALL
 SELECT member_id FROM claudemesh.session_key WHERE mesh_id = $1 AND session_pubkey = $2
@@ -27,15 +33,42 @@ LIMIT 1
 type BindSessionKeyParams struct {
 	MeshID        string
 	SessionPubkey string
+	MemberPubkey  string
 	MemberID      string
 }
 
-// Binds the session key to the member on first use and returns the member it is bound to.
+// Binds the session key to the member on first use and returns the member it is bound to. A
+// key that is another member's own key is never bound (it would let a session speak as that
+// member): the owner of that key is returned instead, and the hello refused.
 func (q *Queries) BindSessionKey(ctx context.Context, arg BindSessionKeyParams) (string, error) {
-	row := q.db.QueryRow(ctx, bindSessionKey, arg.MeshID, arg.SessionPubkey, arg.MemberID)
+	row := q.db.QueryRow(ctx, bindSessionKey,
+		arg.MeshID,
+		arg.SessionPubkey,
+		arg.MemberPubkey,
+		arg.MemberID,
+	)
 	var member_id string
 	err := row.Scan(&member_id)
 	return member_id, err
+}
+
+const claimSignature = `-- name: ClaimSignature :one
+INSERT INTO claudemesh.seen_signature (signature, expires_at) VALUES ($1, $2)
+ON CONFLICT (signature) DO NOTHING
+RETURNING true AS fresh
+`
+
+type ClaimSignatureParams struct {
+	Signature string
+	ExpiresAt time.Time
+}
+
+// Records a signed request's signature; no row means it was seen before (a replay).
+func (q *Queries) ClaimSignature(ctx context.Context, arg ClaimSignatureParams) (bool, error) {
+	row := q.db.QueryRow(ctx, claimSignature, arg.Signature, arg.ExpiresAt)
+	var fresh bool
+	err := row.Scan(&fresh)
+	return fresh, err
 }
 
 const countLivePresence = `-- name: CountLivePresence :one
@@ -57,6 +90,18 @@ func (q *Queries) CountLivePresence(ctx context.Context, arg CountLivePresencePa
 	var count int64
 	err := row.Scan(&count)
 	return count, err
+}
+
+const deleteExpiredSignatures = `-- name: DeleteExpiredSignatures :execrows
+DELETE FROM claudemesh.seen_signature WHERE expires_at < now()
+`
+
+func (q *Queries) DeleteExpiredSignatures(ctx context.Context) (int64, error) {
+	result, err := q.db.Exec(ctx, deleteExpiredSignatures)
+	if err != nil {
+		return 0, err
+	}
+	return result.RowsAffected(), nil
 }
 
 const endExpiredGrace = `-- name: EndExpiredGrace :many

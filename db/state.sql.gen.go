@@ -8,6 +8,7 @@ package db
 import (
 	"context"
 	"encoding/json"
+	"time"
 )
 
 const getState = `-- name: GetState :one
@@ -19,9 +20,17 @@ type GetStateParams struct {
 	Key    string
 }
 
-func (q *Queries) GetState(ctx context.Context, arg GetStateParams) (ClaudemeshState, error) {
+type GetStateRow struct {
+	MeshID    string
+	Key       string
+	Value     json.RawMessage
+	UpdatedBy string
+	UpdatedAt time.Time
+}
+
+func (q *Queries) GetState(ctx context.Context, arg GetStateParams) (GetStateRow, error) {
 	row := q.db.QueryRow(ctx, getState, arg.MeshID, arg.Key)
-	var i ClaudemeshState
+	var i GetStateRow
 	err := row.Scan(
 		&i.MeshID,
 		&i.Key,
@@ -33,11 +42,18 @@ func (q *Queries) GetState(ctx context.Context, arg GetStateParams) (ClaudemeshS
 }
 
 const listState = `-- name: ListState :many
-SELECT mesh_id, key, value, updated_by, updated_at FROM claudemesh.state WHERE mesh_id = $1 ORDER BY key
+SELECT mesh_id, key, value, updated_by, updated_at, size FROM claudemesh.state WHERE mesh_id = $1
+ORDER BY key LIMIT $2
 `
 
-func (q *Queries) ListState(ctx context.Context, meshID string) ([]ClaudemeshState, error) {
-	rows, err := q.db.Query(ctx, listState, meshID)
+type ListStateParams struct {
+	MeshID  string
+	MaxKeys int32
+}
+
+// Bounded by the quotas; the limit guards against entries stored before them.
+func (q *Queries) ListState(ctx context.Context, arg ListStateParams) ([]ClaudemeshState, error) {
+	rows, err := q.db.Query(ctx, listState, arg.MeshID, arg.MaxKeys)
 	if err != nil {
 		return nil, err
 	}
@@ -51,6 +67,7 @@ func (q *Queries) ListState(ctx context.Context, meshID string) ([]ClaudemeshSta
 			&i.Value,
 			&i.UpdatedBy,
 			&i.UpdatedAt,
+			&i.Size,
 		); err != nil {
 			return nil, err
 		}
@@ -63,8 +80,16 @@ func (q *Queries) ListState(ctx context.Context, meshID string) ([]ClaudemeshSta
 }
 
 const setState = `-- name: SetState :one
+WITH cur AS (
+    SELECT count(*) AS keys, COALESCE(sum(size), 0)::bigint AS bytes,
+        COALESCE(sum(size) FILTER (WHERE key = $2), 0)::bigint AS old_size,
+        COALESCE(bool_or(key = $2), false) AS present
+    FROM claudemesh.state WHERE mesh_id = $1
+)
 INSERT INTO claudemesh.state (mesh_id, key, value, updated_by, updated_at)
-VALUES ($1, $2, $3, $4, now())
+SELECT $1, $2, $3, $4, now() FROM cur
+WHERE (cur.present OR cur.keys < $5::bigint)
+  AND cur.bytes - cur.old_size + octet_length($2) + octet_length(($3::jsonb)::text) <= $6::bigint
 ON CONFLICT (mesh_id, key) DO UPDATE SET value = EXCLUDED.value, updated_by = EXCLUDED.updated_by, updated_at = now()
 RETURNING mesh_id, key, value, updated_by, updated_at
 `
@@ -74,16 +99,31 @@ type SetStateParams struct {
 	Key       string
 	Value     json.RawMessage
 	UpdatedBy string
+	MaxKeys   int64
+	MaxBytes  int64
 }
 
-func (q *Queries) SetState(ctx context.Context, arg SetStateParams) (ClaudemeshState, error) {
+type SetStateRow struct {
+	MeshID    string
+	Key       string
+	Value     json.RawMessage
+	UpdatedBy string
+	UpdatedAt time.Time
+}
+
+// Stores a key's value if the mesh stays within its quotas (keys, and bytes of keys plus
+// values as stored); no row means a quota would be exceeded. The check reads the statement's
+// snapshot, so concurrent writers on several replicas can overshoot by one value each.
+func (q *Queries) SetState(ctx context.Context, arg SetStateParams) (SetStateRow, error) {
 	row := q.db.QueryRow(ctx, setState,
 		arg.MeshID,
 		arg.Key,
 		arg.Value,
 		arg.UpdatedBy,
+		arg.MaxKeys,
+		arg.MaxBytes,
 	)
-	var i ClaudemeshState
+	var i SetStateRow
 	err := row.Scan(
 		&i.MeshID,
 		&i.Key,

@@ -132,32 +132,41 @@ func (q *Queries) ExpireWorking(ctx context.Context, arg ExpireWorkingParams) ([
 }
 
 const hookTargets = `-- name: HookTargets :many
-WITH by_session AS (
-    SELECT id FROM claudemesh.presence
-    WHERE $1::text <> '' AND session_id = $1::text AND ended_at IS NULL
+WITH mine AS NOT MATERIALIZED (
+    SELECT id, session_id, pid, cwd, connected_at FROM claudemesh.presence
+    WHERE ended_at IS NULL AND ($1::text = '' OR member_pubkey = $1::text)
+), by_session AS (
+    SELECT id FROM mine
+    WHERE $2::text <> '' AND session_id = $2::text
 ), by_pid AS (
-    SELECT id FROM claudemesh.presence
-    WHERE NOT EXISTS (SELECT 1 FROM by_session) AND $2::int <> 0 AND pid = $2::int AND cwd = $3::text
-      AND ended_at IS NULL
+    SELECT id FROM mine
+    WHERE NOT EXISTS (SELECT 1 FROM by_session) AND $3::int <> 0 AND pid = $3::int AND cwd = $4::text
 ), by_cwd AS (
-    SELECT id FROM claudemesh.presence
+    SELECT id FROM mine
     WHERE NOT EXISTS (SELECT 1 FROM by_session) AND NOT EXISTS (SELECT 1 FROM by_pid)
-      AND cwd = $3::text AND ended_at IS NULL
+      AND cwd = $4::text
     ORDER BY connected_at DESC LIMIT 1
 )
 SELECT id FROM by_session UNION ALL SELECT id FROM by_pid UNION ALL SELECT id FROM by_cwd
 `
 
 type HookTargetsParams struct {
-	SessionID string
-	Pid       int32
-	Cwd       string
+	MemberPubkey string
+	SessionID    string
+	Pid          int32
+	Cwd          string
 }
 
 // Resolution order for a hook: the live session with that session id, else the one with that
-// pid + cwd, else the newest with that cwd. All meshes the session is in are affected.
+// pid + cwd, else the newest with that cwd. All meshes the session is in are affected. A
+// signed hook (member_pubkey set) reaches only that member's sessions.
 func (q *Queries) HookTargets(ctx context.Context, arg HookTargetsParams) ([]string, error) {
-	rows, err := q.db.Query(ctx, hookTargets, arg.SessionID, arg.Pid, arg.Cwd)
+	rows, err := q.db.Query(ctx, hookTargets,
+		arg.MemberPubkey,
+		arg.SessionID,
+		arg.Pid,
+		arg.Cwd,
+	)
 	if err != nil {
 		return nil, err
 	}
@@ -177,15 +186,16 @@ func (q *Queries) HookTargets(ctx context.Context, arg HookTargetsParams) ([]str
 }
 
 const insertPendingStatus = `-- name: InsertPendingStatus :exec
-INSERT INTO claudemesh.pending_status (cwd, pid, session_id, status, expires_at)
-VALUES ($1, $2, $3, $4, now() + interval '10 seconds')
+INSERT INTO claudemesh.pending_status (cwd, pid, session_id, status, member_pubkey, expires_at)
+VALUES ($1, $2, $3, $4, $5, now() + interval '10 seconds')
 `
 
 type InsertPendingStatusParams struct {
-	Cwd       string
-	Pid       *int32
-	SessionID *string
-	Status    string
+	Cwd          string
+	Pid          *int32
+	SessionID    *string
+	Status       string
+	MemberPubkey *string
 }
 
 func (q *Queries) InsertPendingStatus(ctx context.Context, arg InsertPendingStatusParams) error {
@@ -194,6 +204,7 @@ func (q *Queries) InsertPendingStatus(ctx context.Context, arg InsertPendingStat
 		arg.Pid,
 		arg.SessionID,
 		arg.Status,
+		arg.MemberPubkey,
 	)
 	return err
 }
@@ -202,23 +213,29 @@ const takePendingStatus = `-- name: TakePendingStatus :one
 DELETE FROM claudemesh.pending_status
 WHERE id = (
     SELECT id FROM claudemesh.pending_status
-    WHERE expires_at > now()
-      AND ((session_id IS NOT NULL AND session_id = $1::text)
-           OR (session_id IS NULL AND pid IS NOT NULL AND pid = $2::int AND cwd = $3::text)
-           OR (session_id IS NULL AND pid IS NULL AND cwd = $3::text))
+    WHERE expires_at > now() AND (member_pubkey IS NULL OR member_pubkey = $1::text)
+      AND ((session_id IS NOT NULL AND session_id = $2::text)
+           OR (session_id IS NULL AND pid IS NOT NULL AND pid = $3::int AND cwd = $4::text)
+           OR (session_id IS NULL AND pid IS NULL AND cwd = $4::text))
     ORDER BY created_at DESC LIMIT 1)
 RETURNING status
 `
 
 type TakePendingStatusParams struct {
-	SessionID string
-	Pid       int32
-	Cwd       string
+	MemberPubkey string
+	SessionID    string
+	Pid          int32
+	Cwd          string
 }
 
 // A hook signal that arrived before this session's hello, matched like a hook would be.
 func (q *Queries) TakePendingStatus(ctx context.Context, arg TakePendingStatusParams) (string, error) {
-	row := q.db.QueryRow(ctx, takePendingStatus, arg.SessionID, arg.Pid, arg.Cwd)
+	row := q.db.QueryRow(ctx, takePendingStatus,
+		arg.MemberPubkey,
+		arg.SessionID,
+		arg.Pid,
+		arg.Cwd,
+	)
 	var status string
 	err := row.Scan(&status)
 	return status, err

@@ -12,8 +12,9 @@ JOIN claudemesh.member m ON m.id = s.member_id AND m.revoked_at IS NULL;
 
 -- name: InsertBatch :many
 -- A whole send batch in one statement and one round trip: the envelopes (ciphertext stored
--- once) and one delivery per recipient. Rows pushed at once by this node come back with
--- their ids, keyed by (envelope, presence), to be marked delivered after the write.
+-- once) and one delivery per recipient. Rows this node pushes at once are inserted "pushed"
+-- and come back with their ids, keyed by (envelope, presence), to be marked delivered once
+-- written.
 WITH env AS (
     INSERT INTO claudemesh.envelope (id, mesh_id, sender_member_id, sender_pubkey, sender_member_pubkey,
         target_spec, priority, nonce, ciphertext, client_id, created_at, expires_at)
@@ -24,13 +25,12 @@ WITH env AS (
         unnest(@e_expires::timestamptz[])
 )
 INSERT INTO claudemesh.delivery (envelope_id, mesh_id, recipient_member_id, recipient_session_pubkey,
-    recipient_session_id, priority, state, pushed_node, pushed_presence, pushed_at, acked_at, expires_at)
+    recipient_session_id, priority, state, pushed_node, pushed_presence, pushed_at, expires_at)
 SELECT t.envelope_id, t.mesh_id, t.member_id, NULLIF(t.session_pubkey, ''), NULLIF(t.session_id, ''),
     t.priority, t.state,
     CASE WHEN t.state <> 'pending' THEN @node_id::text END,
     NULLIF(t.pushed_presence, ''),
     CASE WHEN t.state <> 'pending' THEN now() END,
-    CASE WHEN t.state = 'acked' THEN now() END,
     t.expires_at
 FROM (
     -- Select-list unnests zip the arrays row by row, in order.
@@ -45,13 +45,16 @@ RETURNING id, envelope_id, pushed_presence;
 -- name: ClaimDeliveries :many
 -- Claims the next pending deliveries of many sessions at once, in id order per session, and
 -- returns what to push. One statement for every session a wake-up touched, instead of one
--- per session. Held priorities are included only for sessions that may be interrupted.
+-- per session. Each session takes at most its own limit (the room left in its push window),
+-- so a claim never outruns the socket. Held priorities are included only for sessions that
+-- may be interrupted. Claimed rows are "pushed": they count as delivered only once written
+-- (MarkDelivered) or acked, and go back to pending if the session ends first.
 WITH s AS (
     SELECT unnest(@presence_ids::text[]) AS presence_id, unnest(@member_ids::text[]) AS member_id,
         unnest(@session_pubkeys::text[]) AS session_pubkey, unnest(@session_ids::text[]) AS session_id,
-        unnest(@include_held::bool[]) AS include_held, unnest(@client_ack::bool[]) AS client_ack
+        unnest(@include_held::bool[]) AS include_held, unnest(@limits::int[]) AS lim
 ), c AS (
-    SELECT s.presence_id, s.client_ack, x.id FROM s CROSS JOIN LATERAL (
+    SELECT s.presence_id, x.id FROM s CROSS JOIN LATERAL (
         SELECT d.id FROM claudemesh.delivery d
         WHERE d.recipient_member_id = s.member_id AND d.state = 'pending'
           AND (d.recipient_session_pubkey IS NULL OR d.recipient_session_pubkey = s.session_pubkey)
@@ -59,15 +62,12 @@ WITH s AS (
           AND d.expires_at > now()
           AND (s.include_held OR d.priority = 'now')
         ORDER BY d.id
-        LIMIT @max_per_session
+        LIMIT s.lim
         FOR UPDATE SKIP LOCKED
     ) x
 )
--- Without client_ack a push counts as delivered when written, so it is recorded as acked right
--- here instead of by a second UPDATE; a failed write releases it (ReleaseDeliveries).
 UPDATE claudemesh.delivery d
-SET state = CASE WHEN c.client_ack THEN 'pushed' ELSE 'acked' END,
-    acked_at = CASE WHEN c.client_ack THEN NULL ELSE now() END,
+SET state = 'pushed', acked_at = NULL,
     pushed_node = @node_id::text, pushed_presence = c.presence_id, pushed_at = now()
 FROM c, claudemesh.envelope e
 WHERE d.id = c.id AND e.id = d.envelope_id
@@ -81,15 +81,24 @@ UPDATE claudemesh.delivery SET state = 'pending', pushed_node = NULL, pushed_pre
 WHERE id = ANY(@ids::bigint[]) AND state IN ('pushed', 'acked')
 RETURNING mesh_id, recipient_member_id;
 
--- name: AckDeliveries :exec
--- client_acks of many sessions in one statement: each (message id, recipient session) pair.
+-- name: MarkDelivered :exec
+-- Deliveries that are done, in one statement for many sessions: client_acks, each a (message
+-- id, recipient session) pair, and the ids of pushes written to the socket of a session that
+-- does not ack. A row released to pending meanwhile (its session closed after the write)
+-- is still done: it was written.
+WITH acked AS (
+    UPDATE claudemesh.delivery d SET state = 'acked', acked_at = now()
+    FROM (SELECT unnest(@envelope_ids::text[]) AS envelope_id, unnest(@member_ids::text[]) AS member_id,
+                 unnest(@session_pubkeys::text[]) AS session_pubkey, unnest(@session_ids::text[]) AS session_id) a
+    WHERE d.envelope_id = a.envelope_id AND d.recipient_member_id = a.member_id
+      AND d.state IN ('pending', 'pushed')
+      AND (d.recipient_session_pubkey IS NULL OR d.recipient_session_pubkey = a.session_pubkey)
+      AND (d.recipient_session_id IS NULL OR d.recipient_session_id = a.session_id)
+    RETURNING d.id
+)
 UPDATE claudemesh.delivery d SET state = 'acked', acked_at = now()
-FROM (SELECT unnest(@envelope_ids::text[]) AS envelope_id, unnest(@member_ids::text[]) AS member_id,
-             unnest(@session_pubkeys::text[]) AS session_pubkey, unnest(@session_ids::text[]) AS session_id) a
-WHERE d.envelope_id = a.envelope_id AND d.recipient_member_id = a.member_id
-  AND d.state IN ('pending', 'pushed')
-  AND (d.recipient_session_pubkey IS NULL OR d.recipient_session_pubkey = a.session_pubkey)
-  AND (d.recipient_session_id IS NULL OR d.recipient_session_id = a.session_id);
+WHERE d.id = ANY(@written_ids::bigint[]) AND d.state IN ('pending', 'pushed')
+  AND d.id NOT IN (SELECT id FROM acked);
 
 -- name: ExpireDeliveries :execrows
 -- Found through their envelopes' expiry index, so deliveries need no index of their own for it.

@@ -19,13 +19,21 @@ WHERE mesh_id = @mesh_id AND pubkey = @pubkey
 ORDER BY revoked_at IS NULL DESC, created_at DESC;
 
 -- name: BindSessionKey :one
--- Binds the session key to the member on first use and returns the member it is bound to.
-WITH ins AS (
+-- Binds the session key to the member on first use and returns the member it is bound to. A
+-- key that is another member's own key is never bound (it would let a session speak as that
+-- member): the owner of that key is returned instead, and the hello refused.
+WITH taken AS (
+    SELECT m.id AS member_id FROM claudemesh.member m
+    WHERE m.mesh_id = @mesh_id AND m.pubkey = @session_pubkey AND m.pubkey <> @member_pubkey
+    LIMIT 1
+), ins AS (
     INSERT INTO claudemesh.session_key (mesh_id, session_pubkey, member_id)
-    VALUES (@mesh_id, @session_pubkey, @member_id)
+    SELECT @mesh_id, @session_pubkey, @member_id WHERE NOT EXISTS (SELECT 1 FROM taken)
     ON CONFLICT (mesh_id, session_pubkey) DO NOTHING
     RETURNING member_id
 )
+SELECT member_id FROM taken
+UNION ALL
 SELECT member_id FROM ins
 UNION ALL
 SELECT member_id FROM claudemesh.session_key WHERE mesh_id = @mesh_id AND session_pubkey = @session_pubkey
@@ -132,3 +140,12 @@ RETURNING mesh_id, recipient_member_id;
 -- Nodes holding live sessions of these members, to direct a wake-up at them.
 SELECT DISTINCT node_id, member_id FROM claudemesh.presence
 WHERE mesh_id = @mesh_id AND member_id = ANY(@member_ids::text[]) AND ended_at IS NULL;
+
+-- name: ClaimSignature :one
+-- Records a signed request's signature; no row means it was seen before (a replay).
+INSERT INTO claudemesh.seen_signature (signature, expires_at) VALUES (@signature, @expires_at)
+ON CONFLICT (signature) DO NOTHING
+RETURNING true AS fresh;
+
+-- name: DeleteExpiredSignatures :execrows
+DELETE FROM claudemesh.seen_signature WHERE expires_at < now();

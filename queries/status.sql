@@ -23,32 +23,35 @@ RETURNING p.id, p.mesh_id, p.member_id, p.member_pubkey, p.session_pubkey, p.dis
 
 -- name: HookTargets :many
 -- Resolution order for a hook: the live session with that session id, else the one with that
--- pid + cwd, else the newest with that cwd. All meshes the session is in are affected.
-WITH by_session AS (
-    SELECT id FROM claudemesh.presence
-    WHERE @session_id::text <> '' AND session_id = @session_id::text AND ended_at IS NULL
+-- pid + cwd, else the newest with that cwd. All meshes the session is in are affected. A
+-- signed hook (member_pubkey set) reaches only that member's sessions.
+WITH mine AS NOT MATERIALIZED (
+    SELECT id, session_id, pid, cwd, connected_at FROM claudemesh.presence
+    WHERE ended_at IS NULL AND (@member_pubkey::text = '' OR member_pubkey = @member_pubkey::text)
+), by_session AS (
+    SELECT id FROM mine
+    WHERE @session_id::text <> '' AND session_id = @session_id::text
 ), by_pid AS (
-    SELECT id FROM claudemesh.presence
+    SELECT id FROM mine
     WHERE NOT EXISTS (SELECT 1 FROM by_session) AND @pid::int <> 0 AND pid = @pid::int AND cwd = @cwd::text
-      AND ended_at IS NULL
 ), by_cwd AS (
-    SELECT id FROM claudemesh.presence
+    SELECT id FROM mine
     WHERE NOT EXISTS (SELECT 1 FROM by_session) AND NOT EXISTS (SELECT 1 FROM by_pid)
-      AND cwd = @cwd::text AND ended_at IS NULL
+      AND cwd = @cwd::text
     ORDER BY connected_at DESC LIMIT 1
 )
 SELECT id FROM by_session UNION ALL SELECT id FROM by_pid UNION ALL SELECT id FROM by_cwd;
 
 -- name: InsertPendingStatus :exec
-INSERT INTO claudemesh.pending_status (cwd, pid, session_id, status, expires_at)
-VALUES (@cwd, @pid, @session_id, @status, now() + interval '10 seconds');
+INSERT INTO claudemesh.pending_status (cwd, pid, session_id, status, member_pubkey, expires_at)
+VALUES (@cwd, @pid, @session_id, @status, @member_pubkey, now() + interval '10 seconds');
 
 -- name: TakePendingStatus :one
 -- A hook signal that arrived before this session's hello, matched like a hook would be.
 DELETE FROM claudemesh.pending_status
 WHERE id = (
     SELECT id FROM claudemesh.pending_status
-    WHERE expires_at > now()
+    WHERE expires_at > now() AND (member_pubkey IS NULL OR member_pubkey = @member_pubkey::text)
       AND ((session_id IS NOT NULL AND session_id = @session_id::text)
            OR (session_id IS NULL AND pid IS NOT NULL AND pid = @pid::int AND cwd = @cwd::text)
            OR (session_id IS NULL AND pid IS NULL AND cwd = @cwd::text))

@@ -49,7 +49,8 @@ func newHookCmd(a *app) *cobra.Command {
 		Long: "Claude Code runs `meshctl hook working` when a prompt is submitted and `meshctl hook idle`\n" +
 			"when it stops; the broker then holds next/low messages while Claude works. The hook\n" +
 			"reads Claude Code's JSON from stdin (session_id, cwd) and POSTs /hook/set-status to the\n" +
-			"broker of every joined mesh (or --broker), with $" + hookTokenEnv + " as X-Hook-Token.\n" +
+			"broker of every joined mesh (or --broker), signed with this identity's key (so the\n" +
+			"broker changes only your sessions), with $" + hookTokenEnv + " as X-Hook-Token.\n" +
 			"It gives up after --timeout and exits 0 even on failure, so Claude is never blocked.\n\n" +
 			"`meshctl hook install` prints the settings block; --write merges it into\n" +
 			"~/.claude/settings.json.",
@@ -139,14 +140,28 @@ func (a *app) runHook(ctx context.Context, status protocol.Status, timeout time.
 	if err != nil {
 		return err
 	}
-	body, err := json.Marshal(protocol.HookRequest{CWD: cwd, PID: os.Getppid(), Status: status, SessionID: payload.SessionID})
-	if err != nil {
+	req := protocol.HookRequest{CWD: cwd, PID: os.Getppid(), Status: status, SessionID: payload.SessionID}
+	// Signed by the member key, the hook proves whose sessions it may change; brokers refuse
+	// unsigned hooks unless their operator allowed them (April clients).
+	id, err := a.loadIdentity()
+	switch {
+	case errors.Is(err, errNoIdentity):
+		id = nil
+	case err != nil:
 		return err
 	}
 	token := a.getenv(hookTokenEnv)
 	var wg sync.WaitGroup
 	errs := make([]error, len(brokers))
 	for i, b := range brokers {
+		r := req
+		if id != nil {
+			protocol.SignHook(id.key, &r, time.Now())
+		}
+		body, err := json.Marshal(r)
+		if err != nil {
+			return err
+		}
 		wg.Go(func() { errs[i] = postHook(ctx, b, body, token) })
 	}
 	wg.Wait()

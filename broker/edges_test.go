@@ -1,0 +1,471 @@
+package broker
+
+import (
+	"bytes"
+	"context"
+	"crypto/ed25519"
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/gorilla/websocket"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+	"github.com/stretchr/testify/require"
+
+	"github.com/claudemesh/broker/client"
+	"github.com/claudemesh/broker/db/dbtest"
+	"github.com/claudemesh/broker/protocol"
+)
+
+// Tests of issue 11: what the broker promises at its edges, tried the way an attacker or a
+// careless client would.
+
+// noClientAck dials like an April client: no client_ack capability, so a push counts as
+// delivered once written to the socket.
+func noClientAck(o *client.Options) { o.Capabilities = []string{protocol.CapSystemEvents} }
+
+// sendPipelined writes n sends from cl without waiting for acks (ciphertext "<prefix><i>").
+func sendPipelined(t *testing.T, cl *client.Client, target, prefix string, n int, size int) {
+	t.Helper()
+	pad := strings.Repeat("A", size)
+	for i := range n {
+		frame := fmt.Sprintf(`{"type":"send","targetSpec":%q,"priority":"now","nonce":"n","ciphertext":"%s%d%s"}`, target, prefix, i, pad)
+		require.NoError(t, cl.SendRaw(ctxT(t), []byte(frame)))
+	}
+}
+
+// readAll reads n pushes and checks they are "<prefix>0".."<prefix>n-1" in order, each once.
+func readAll(t *testing.T, cl *client.Client, prefix string, n int, within time.Duration) {
+	t.Helper()
+	for i := range n {
+		p := nextPush(t, cl, within)
+		want := fmt.Sprintf("%s%d", prefix, i)
+		require.True(t, strings.HasPrefix(p.Ciphertext, want) && !isDigit(p.Ciphertext[len(want):]),
+			"push %d: got %.20q, want %q (in order, each once)", i, p.Ciphertext, want)
+	}
+}
+
+type ed25519PublicKey = ed25519.PublicKey
+
+func testutilCounter(c prometheus.Counter) float64 { return testutil.ToFloat64(c) }
+
+// postHookRaw posts a hook request exactly as given.
+func postHookRaw(t *testing.T, srv *Server, req protocol.HookRequest) (int, protocol.HookResponse) {
+	t.Helper()
+	b, _ := json.Marshal(req)
+	resp, err := http.Post("http://"+srv.Addr()+protocol.PathHookState, "application/json", bytes.NewReader(b))
+	require.NoError(t, err)
+	defer resp.Body.Close()
+	var out protocol.HookResponse
+	require.NoError(t, json.NewDecoder(resp.Body).Decode(&out))
+	return resp.StatusCode, out
+}
+
+func isDigit(s string) bool { return s != "" && s[0] >= '0' && s[0] <= '9' }
+
+func TestBurstWithoutClientAckArrivesComplete(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t, 2, nil)
+	for name, node := range map[string]int{"same replica": 0, "other replica": 1} {
+		t.Run(name, func(t *testing.T) {
+			m := c.mesh(0)
+			alice, bob := m.member("alice"), m.member("bob")
+			a := m.dial(0, alice)
+			b := m.dial(node, bob, noClientAck)
+			// 600 pipelined sends outrun any socket queue: the window keeps what does not
+			// fit in the table, and the drain sends it as the socket takes it.
+			sendPipelined(t, a, bob.pub, "m", 600, 64)
+			readAll(t, b, "m", 600, 10*time.Second)
+			dbtest.WaitFor(t, 10*time.Second, "every delivery recorded as delivered", func() bool {
+				var open int
+				_ = c.pool.QueryRow(ctxT(t), `SELECT count(*) FROM claudemesh.delivery
+					WHERE recipient_member_id = $1 AND state <> 'acked'`, bob.id).Scan(&open)
+				return open == 0
+			})
+			require.Equal(t, client.CloseError{}.Code, b.CloseCode(), "bob was never closed")
+		})
+	}
+}
+
+func TestBacklogWithoutClientAckArrivesCompleteOnEveryReconnect(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t, 2, nil)
+	m := c.mesh(0)
+	alice, bob := m.member("alice"), m.member("bob")
+	a := m.dial(0, alice)
+	const n = 3000
+	sendPipelined(t, a, bob.pub, "m", n, 32)
+	dbtest.WaitFor(t, 30*time.Second, "3,000 messages stored for offline bob", func() bool {
+		var stored int
+		_ = c.pool.QueryRow(ctxT(t), `SELECT count(*) FROM claudemesh.delivery WHERE recipient_member_id = $1`, bob.id).Scan(&stored)
+		return stored == n
+	})
+	b := m.dial(1, bob, noClientAck)
+	readAll(t, b, "m", n, 10*time.Second)
+	require.NoError(t, b.Close())
+
+	// Everything was delivered: a reconnect gets nothing old. A probe sent after it must be
+	// the first push.
+	b2 := m.dial(0, bob, noClientAck)
+	probe, err := a.Send(ctxT(t), bob.pub, protocol.PriorityNow, "n", "probe", "")
+	require.NoError(t, err)
+	require.Equal(t, probe.MessageID, nextPush(t, b2, 10*time.Second).MessageID, "nothing re-sent from the backlog")
+}
+
+func TestStoppedReaderIsClosedAndLosesNothing(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t, 2, func(cfg *Config) { cfg.StallTimeout = time.Second })
+	m := c.mesh(0)
+	alice, bob := m.member("alice"), m.member("bob")
+	a := m.dial(0, alice)
+	// Bob's client stops reading: a push buffer of one that nobody drains, so the socket
+	// fills up on both sides and the broker's writes block.
+	b := m.dial(1, bob, noClientAck, func(o *client.Options) { o.PushBuffer = 1 })
+	// 32 MB: more than loopback's socket buffers on both sides can hold.
+	const n = 800
+	sendPipelined(t, a, bob.pub, "m", n, 40<<10)
+	dbtest.WaitFor(t, 30*time.Second, "the broker closed the session that stopped reading", func() bool {
+		return c.nodes[1].Sessions() == 0
+	})
+	// Bob reads again: what reached his socket before the close, then the close itself.
+	got := map[string]bool{}
+	for p := range b.Pushes() {
+		got[strings.TrimRight(p.Ciphertext, "A")] = true
+	}
+	<-b.Done()
+	// 4008 when the close frame could still be written; a socket whose buffers are full can
+	// only be dropped (1006). Either way nothing is lost: what it read, plus what the next
+	// connection gets, is everything.
+	require.Contains(t, []int{protocol.CloseSlowConsumer, websocket.CloseAbnormalClosure}, b.CloseCode(), "ended by: %v", b.Err())
+	b2 := m.dial(0, bob, noClientAck)
+	dbtest.WaitFor(t, 30*time.Second, "every message received across both connections", func() bool {
+		for {
+			select {
+			case p := <-b2.Pushes():
+				got[strings.TrimRight(p.Ciphertext, "A")] = true
+				continue
+			default:
+			}
+			return len(got) == n
+		}
+	})
+	for i := range n {
+		require.True(t, got[fmt.Sprintf("m%d", i)], "message %d lost", i)
+	}
+}
+
+func TestNULRefusedAtTheEdgeAndAloneInABatch(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t, 1, nil)
+	m := c.mesh(0)
+	alice, bob, mallory := m.member("alice"), m.member("bob"), m.member("mallory")
+	a, b, x := m.dial(0, alice), m.dial(0, bob), m.dial(0, mallory)
+	ctx := ctxT(t)
+
+	// At the edge: bad_request naming the field; the session stays open.
+	for frame, field := range map[string]string{
+		`{"type":"send","targetSpec":"*","priority":"now","nonce":"n","ciphertext":"x\u0000y"}`: "ciphertext",
+		`{"type":"set_summary","summary":"\u0000"}`:                                             "summary",
+		`{"type":"set_state","key":"k\u0000","value":1}`:                                        "key",
+		`{"type":"set_state","key":"k","value":"\u0000"}`:                                       "value",
+	} {
+		require.NoError(t, x.SendRaw(ctx, []byte(frame)))
+		e, err := x.NextError(ctx)
+		require.NoError(t, err)
+		require.Equal(t, protocol.CodeBadRequest, e.Code, frame)
+		require.True(t, strings.HasPrefix(e.Message, field+":"), "%s: %s", frame, e.Message)
+	}
+
+	// Behind the edge: a batch holding one send Postgres refuses (as if the edge had missed
+	// it) stores everyone else's sends and refuses that one alone.
+	srv := c.nodes[0]
+	sessOf := func(cl *client.Client) *session { return srv.hub.get(cl.HelloAck().PresenceID) }
+	failuresBefore := testutilCounter(srv.metrics.SendFailures)
+	batch := []sendReq{
+		{sess: sessOf(a), msg: &protocol.Send{TargetSpec: bob.pub, Priority: protocol.PriorityNow, Nonce: "n", Ciphertext: "one"}},
+		{sess: sessOf(x), msg: &protocol.Send{TargetSpec: bob.pub, Priority: protocol.PriorityNow, Nonce: "n", Ciphertext: "bad\x00"}},
+		{sess: sessOf(a), msg: &protocol.Send{TargetSpec: bob.pub, Priority: protocol.PriorityNow, Nonce: "n", Ciphertext: "two"}},
+		{sess: sessOf(b), msg: &protocol.Send{TargetSpec: alice.pub, Priority: protocol.PriorityNow, Nonce: "n", Ciphertext: "three"}},
+	}
+	srv.commitBatch(context.Background(), batch)
+	require.Equal(t, "one", nextPush(t, b, 5*time.Second).Ciphertext)
+	require.Equal(t, "two", nextPush(t, b, 5*time.Second).Ciphertext)
+	require.Equal(t, "three", nextPush(t, a, 5*time.Second).Ciphertext)
+	require.Equal(t, failuresBefore+1, testutilCounter(srv.metrics.SendFailures), "only the bad send refused")
+	var stored int
+	require.NoError(t, c.pool.QueryRow(ctx, `SELECT count(*) FROM claudemesh.envelope WHERE mesh_id = $1`, m.id).Scan(&stored))
+	require.Equal(t, 3, stored)
+
+	// Still open and working for everyone.
+	ack, err := x.Send(ctx, alice.pub, protocol.PriorityNow, "n", "fine", "")
+	require.NoError(t, err)
+	require.True(t, ack.Queued)
+}
+
+func TestUnauthenticatedSocketsAreTimedOutAndCapped(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t, 1, func(cfg *Config) {
+		cfg.HelloTimeout = time.Second
+		cfg.MaxUnauthPerSource = 3
+	})
+	srv := c.nodes[0]
+	// A socket that never says hello is closed at the deadline, even though it answers pings.
+	idle := rawDial(t, c.wsURL(0))
+	require.NoError(t, idle.SetReadDeadline(time.Now().Add(10*time.Second)))
+	_, _, err := idle.ReadMessage()
+	var ce *websocket.CloseError
+	require.ErrorAs(t, err, &ce, "closed by the broker")
+	require.Equal(t, protocol.CloseHelloRefused, ce.Code)
+	require.Equal(t, "hello_timeout", ce.Text)
+
+	// Three more from this address are held; the fourth is refused before the upgrade.
+	for range 3 {
+		rawDial(t, c.wsURL(0))
+	}
+	dbtest.WaitFor(t, 5*time.Second, "three unauthenticated sockets counted", func() bool { return srv.gate.unauthenticated() == 3 })
+	_, resp, err := websocket.DefaultDialer.Dial(c.wsURL(0), nil)
+	require.Error(t, err)
+	require.Equal(t, http.StatusServiceUnavailable, resp.StatusCode)
+	require.Equal(t, "1", resp.Header.Get("Retry-After"))
+
+	// Once they time out, the address may connect again, and a socket that said hello no
+	// longer counts.
+	dbtest.WaitFor(t, 10*time.Second, "held sockets timed out", func() bool { return srv.gate.unauthenticated() == 0 })
+	m := c.mesh(0)
+	cl := m.dial(0, m.member("alice"))
+	require.Equal(t, 0, srv.gate.unauthenticated())
+	_, err = cl.ListPeers(ctxT(t))
+	require.NoError(t, err, "an authenticated session is not held to the hello deadline")
+}
+
+func TestBadHellosCostNoQueries(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t, 1, nil)
+	m := c.mesh(0)
+	alice := m.member("alice")
+	var before int64
+	require.NoError(t, c.pool.QueryRow(ctxT(t), `SELECT count(*) FROM claudemesh.seen_signature`).Scan(&before))
+	for range 20 {
+		_, err := m.tryDial(0, alice, func(o *client.Options) {
+			o.PrepareHello = func(h *protocol.Hello) { h.Signature = strings.Repeat("ab", 64) }
+		})
+		require.Equal(t, protocol.CodeBadSignature, helloErr(t, err).Code)
+	}
+	// The signature is checked first: nothing was recorded for the bad ones.
+	var after int64
+	require.NoError(t, c.pool.QueryRow(ctxT(t), `SELECT count(*) FROM claudemesh.seen_signature`).Scan(&after))
+	require.Equal(t, before, after)
+}
+
+func TestReplayedHelloRefusedOnAnyReplica(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t, 2, nil)
+	m := c.mesh(0)
+	alice := m.member("alice")
+	var captured protocol.Hello
+	a := m.dial(0, alice, func(o *client.Options) { o.PrepareHello = func(h *protocol.Hello) { captured = *h } })
+	for node := range 2 {
+		ws := rawDial(t, c.wsURL(node))
+		replay := captured
+		replay.DisplayName = "mallory" // unsigned fields may not change anything either
+		hb, _ := replay.MarshalJSON()
+		require.NoError(t, ws.WriteMessage(websocket.TextMessage, hb))
+		v := readJSON(t, ws)
+		require.Equal(t, "error", v["type"])
+		require.Equal(t, protocol.CodeHelloReplayed, v["code"])
+	}
+	peers, err := a.ListPeers(ctxT(t))
+	require.NoError(t, err, "the original session is untouched")
+	require.Len(t, peers, 1)
+	require.Equal(t, "alice", peers[0].DisplayName)
+}
+
+func TestSessionPubkeyMayNotBeAnotherMembersKey(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t, 2, nil)
+	m := c.mesh(0)
+	alice, bob, mallory := m.member("alice"), m.member("bob"), m.member("mallory")
+	victim := bob.key.Public()
+	_, err := m.tryDial(0, mallory, func(o *client.Options) { o.SessionKey = victim.(ed25519PublicKey) })
+	require.Equal(t, protocol.CodeSessionKeyTaken, helloErr(t, err).Code)
+
+	// Bob is unaffected, on any replica; mallory with her own key as session key is fine.
+	b := m.dial(1, bob)
+	x := m.dial(0, mallory, func(o *client.Options) { o.SessionKey = mallory.key.Public().(ed25519PublicKey) })
+	a := m.dial(0, alice)
+	ack, err := x.Send(ctxT(t), alice.pub, protocol.PriorityNow, "n", "hi", "")
+	require.NoError(t, err)
+	p := nextPush(t, a, 5*time.Second)
+	require.Equal(t, ack.MessageID, p.MessageID)
+	require.Equal(t, mallory.pub, p.SenderPubkey)
+	require.Equal(t, mallory.pub, p.SenderMemberPubkey)
+	peers, err := b.ListPeers(ctxT(t))
+	require.NoError(t, err)
+	for _, pr := range peers {
+		if pr.DisplayName == "bob" {
+			require.Equal(t, bob.pub, pr.Pubkey)
+		} else {
+			require.NotEqual(t, bob.pub, pr.Pubkey, "nobody else is listed with bob's key")
+		}
+	}
+}
+
+func TestStateQuotasAndGroupCap(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t, 2, func(cfg *Config) {
+		cfg.MaxStateKeysPerMesh = 3
+		cfg.MaxStateBytesPerMesh = 2048
+		cfg.MaxStateValueBytes = 1024
+		cfg.MaxGroupsPerSession = 2
+	})
+	m := c.mesh(0)
+	a, b := m.dial(0, m.member("alice")), m.dial(1, m.member("bob"))
+	ctx := ctxT(t)
+	// set_state and join_group answer only when refused: a list_peers after one is a barrier
+	// (replies come in request order), so the error, if any, is there by then.
+	refusal := func(cl *client.Client, notify func() error) *protocol.Error {
+		t.Helper()
+		require.NoError(t, notify())
+		_, err := cl.ListPeers(ctx)
+		require.NoError(t, err)
+		select {
+		case e := <-cl.Errors():
+			return e
+		default:
+			return nil
+		}
+	}
+	stateErr := func(cl *client.Client, key string, value any) *protocol.Error {
+		t.Helper()
+		return refusal(cl, func() error { return cl.SetState(ctx, key, value) })
+	}
+	big := strings.Repeat("x", 1100)
+	require.Equal(t, protocol.CodeTooLarge, stateErr(a, "big", big).Code)
+	require.Nil(t, stateErr(a, "k1", strings.Repeat("a", 900)))
+	require.Nil(t, stateErr(b, "k2", strings.Repeat("b", 900)))
+	// A third value of 900 bytes would pass 2,048 bytes for the mesh, on any replica.
+	e := stateErr(b, "k3", strings.Repeat("c", 900))
+	require.NotNil(t, e)
+	require.Equal(t, protocol.CodeQuotaExceeded, e.Code)
+	require.Nil(t, stateErr(b, "k3", "small"))
+	require.Equal(t, protocol.CodeQuotaExceeded, stateErr(a, "k4", 1).Code, "a fourth key")
+	require.Nil(t, stateErr(a, "k1", "replaced"), "replacing a key frees its bytes")
+	require.Nil(t, stateErr(a, "k2", strings.Repeat("d", 900)))
+	entries, err := b.ListState(ctx)
+	require.NoError(t, err)
+	require.Len(t, entries, 3)
+
+	group := func(join bool, name, role string) *protocol.Error {
+		return refusal(a, func() error {
+			if join {
+				return a.JoinGroup(ctx, name, role)
+			}
+			return a.LeaveGroup(ctx, name)
+		})
+	}
+	require.Nil(t, group(true, "g1", ""))
+	require.Nil(t, group(true, "g2", ""))
+	require.Nil(t, group(true, "g2", "lead"), "changing a role is not a new group")
+	e = group(true, "g3", "")
+	require.NotNil(t, e)
+	require.Equal(t, protocol.CodeQuotaExceeded, e.Code)
+	require.Nil(t, group(false, "g1", ""))
+	require.Nil(t, group(true, "g3", ""))
+}
+
+func TestHooksProveWhoseSessionsTheyChange(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t, 3, nil)
+	m := c.mesh(0)
+	alice, bob, mallory := m.member("alice"), m.member("bob"), m.member("mallory")
+	a := m.dial(0, alice)
+	b := m.dial(1, bob, func(o *client.Options) { o.SessionID = "claude-1"; o.CWD = "/repo/bob"; o.PID = 77 })
+	ctx := ctxT(t)
+	working := protocol.HookRequest{CWD: "/repo/bob", PID: 77, Status: protocol.StatusWorking, SessionID: "claude-1"}
+
+	// Unsigned: refused by default (it proves nothing).
+	code, res := postHook(t, c.nodes[2], nil, working)
+	require.Equal(t, http.StatusUnauthorized, code)
+	require.Contains(t, res.Error, "signed")
+	// Signed by another member: only that member's sessions could match, and none does.
+	code, res = postHook(t, c.nodes[2], mallory, working)
+	require.Equal(t, http.StatusOK, code)
+	require.True(t, res.Pending, "no session of mallory's matches")
+	// A forged signature and a replayed one are refused.
+	forged := working
+	protocol.SignHook(mallory.key, &forged, time.Now())
+	forged.Pubkey = bob.pub
+	code, _ = postHookRaw(t, c.nodes[2], forged)
+	require.Equal(t, http.StatusUnauthorized, code)
+	signed := working
+	protocol.SignHook(bob.key, &signed, time.Now())
+	code, res = postHookRaw(t, c.nodes[2], signed)
+	require.Equal(t, http.StatusOK, code)
+	require.Equal(t, b.HelloAck().PresenceID, res.PresenceID)
+	code, _ = postHookRaw(t, c.nodes[0], signed)
+	require.Equal(t, http.StatusUnauthorized, code, "a replayed hook, on another replica")
+
+	// Bob's own signed hook held his next message; mallory's "idle" can't release it.
+	dbtest.WaitFor(t, 5*time.Second, "bob working", func() bool {
+		peers, err := a.ListPeers(ctx)
+		return err == nil && len(peers) == 2 && peers[1].Status == protocol.StatusWorking
+	})
+	held, err := a.Send(ctx, bob.pub, protocol.PriorityNext, "n", "held", "")
+	require.NoError(t, err)
+	code, _ = postHook(t, c.nodes[0], mallory, protocol.HookRequest{CWD: "/repo/bob", PID: 77, Status: protocol.StatusIdle, SessionID: "claude-1"})
+	require.Equal(t, http.StatusOK, code)
+	probe, err := a.Send(ctx, bob.pub, protocol.PriorityNow, "n", "probe", "")
+	require.NoError(t, err)
+	require.Equal(t, probe.MessageID, nextPush(t, b, 5*time.Second).MessageID, "still held")
+	code, _ = postHook(t, c.nodes[0], bob, protocol.HookRequest{CWD: "/repo/bob", PID: 77, Status: protocol.StatusIdle, SessionID: "claude-1"})
+	require.Equal(t, http.StatusOK, code)
+	require.Equal(t, held.MessageID, nextPush(t, b, 5*time.Second).MessageID)
+}
+
+func TestUnsignedHooksWhenAllowed(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t, 1, func(cfg *Config) { cfg.HookAllowUnsigned = true; cfg.HookRatePerCallerMin = 5 })
+	m := c.mesh(0)
+	b := m.dial(0, m.member("bob"), func(o *client.Options) { o.CWD = "/repo/april" })
+	code, res := postHook(t, c.nodes[0], nil, protocol.HookRequest{CWD: "/repo/april", Status: protocol.StatusWorking})
+	require.Equal(t, http.StatusOK, code, "the April clients' form, allowed by the operator")
+	require.Equal(t, b.HelloAck().PresenceID, res.PresenceID)
+	// Varying the claimed pid does not escape the limit: it counts per client address.
+	limited := false
+	for pid := range 10 {
+		code, _ = postHook(t, c.nodes[0], nil, protocol.HookRequest{CWD: "/x", PID: 100 + pid, Status: protocol.StatusIdle})
+		limited = limited || code == http.StatusTooManyRequests
+	}
+	require.True(t, limited)
+}
+
+func TestMetricsBehindToken(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t, 1, func(cfg *Config) { cfg.MetricsToken = "m3trics" })
+	url := "http://" + c.nodes[0].Addr() + "/metrics"
+	resp, err := http.Get(url)
+	require.NoError(t, err)
+	resp.Body.Close()
+	require.Equal(t, http.StatusUnauthorized, resp.StatusCode)
+	req, _ := http.NewRequest(http.MethodGet, url, nil)
+	req.Header.Set("Authorization", "Bearer m3trics")
+	resp, err = http.DefaultClient.Do(req)
+	require.NoError(t, err)
+	resp.Body.Close()
+	require.Equal(t, http.StatusOK, resp.StatusCode)
+
+	// On its own address, /metrics leaves the public port.
+	c2 := newCluster(t, 1, func(cfg *Config) { cfg.MetricsAddr = "127.0.0.1:0" })
+	resp, err = http.Get("http://" + c2.nodes[0].Addr() + "/metrics")
+	require.NoError(t, err)
+	resp.Body.Close()
+	require.Equal(t, http.StatusNotFound, resp.StatusCode)
+	resp, err = http.Get("http://" + c2.nodes[0].MetricsAddr() + "/metrics")
+	require.NoError(t, err)
+	resp.Body.Close()
+	require.Equal(t, http.StatusOK, resp.StatusCode)
+}
