@@ -115,6 +115,16 @@ func TestDecodeClientValid(t *testing.T) {
 	}
 }
 
+// Values jsonb stores are accepted: surrogate pairs in either case, and an escaped backslash
+// before "u0000" (text, not NUL).
+func TestDecodeClientStorableValues(t *testing.T) {
+	for _, v := range []string{`"\ud83d\ude00"`, `{"a":"\uD83D\uDE00"}`, `"\\u0000"`, `["\\\\","\u00e9"]`} {
+		m, err := DecodeClient([]byte(`{"type":"set_state","key":"k","value":` + v + `}`))
+		require.NoError(t, err, v)
+		require.Equal(t, v, string(m.(*SetState).Value))
+	}
+}
+
 func TestDecodeClientErrors(t *testing.T) {
 	t.Parallel()
 	send := func(fields string) string {

@@ -1,11 +1,14 @@
 package protocol
 
 import (
+	"crypto/ed25519"
 	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"reflect"
+	"strings"
 	"testing"
+	"time"
 )
 
 func FuzzDecodeClient(f *testing.F) {
@@ -27,6 +30,9 @@ func FuzzDecodeClient(f *testing.F) {
 		`{"type":"nope","_reqId":"r"}`,
 		`{"_reqId":"r","type":"send",`,
 		"{\"type\":\"set_summary\",\"summary\":\"\xff\"}",
+		`{"type":"send","targetSpec":"*","priority":"now","nonce":"n","ciphertext":"a\u0000b"}`,
+		`{"type":"set_state","key":"k","value":{"\\u0000":"\ud83d\ude00","b":"\ud800"}}`,
+		`{"type":"set_state","key":"k","value":"\\\u0000"}`,
 	}
 	for _, s := range seeds {
 		f.Add([]byte(s))
@@ -46,10 +52,12 @@ func FuzzDecodeClient(f *testing.F) {
 			}
 			return
 		}
-		// The scanner must never accept what the JSON grammar rejects.
+		// The scanner must never accept what the JSON grammar rejects, nor anything Postgres
+		// could not store.
 		if !json.Valid(frame) {
 			t.Fatalf("accepted invalid JSON %q", frame)
 		}
+		requireStorable(t, reflect.ValueOf(m))
 		// Decoded messages re-encode, and the re-encoded frame decodes to an
 		// equal message (strings are already unescaped and UTF-8-fixed once).
 		enc, err := Encode(m.(json.Marshaler))
@@ -71,6 +79,38 @@ func FuzzDecodeClient(f *testing.F) {
 			t.Fatalf("round trip differs: %#v != %#v", m, again)
 		}
 	})
+}
+
+// requireStorable fails when a decoded value holds a string Postgres text can't store (U+0000)
+// or a raw JSON value jsonb would refuse.
+func requireStorable(t *testing.T, v reflect.Value) {
+	t.Helper()
+	switch v.Kind() {
+	case reflect.Pointer, reflect.Interface:
+		if !v.IsNil() {
+			requireStorable(t, v.Elem())
+		}
+	case reflect.Struct:
+		for i := range v.NumField() {
+			if v.Type().Field(i).IsExported() {
+				requireStorable(t, v.Field(i))
+			}
+		}
+	case reflect.Slice:
+		if raw, ok := v.Interface().(json.RawMessage); ok {
+			if msg := jsonbStorable(string(raw)); msg != "" {
+				t.Fatalf("accepted a JSON value jsonb refuses (%s): %q", msg, raw)
+			}
+			return
+		}
+		for i := range v.Len() {
+			requireStorable(t, v.Index(i))
+		}
+	case reflect.String:
+		if strings.IndexByte(v.String(), 0) >= 0 {
+			t.Fatalf("accepted a string with U+0000: %q", v.String())
+		}
+	}
 }
 
 func FuzzParseJoinRequest(f *testing.F) {
@@ -113,6 +153,12 @@ func FuzzParseHookRequest(f *testing.F) {
 	f.Add([]byte(`{"cwd":"/w","pid":1,"status":"idle","session_id":"s","hook_token":"t"}`))
 	f.Add([]byte(`{"cwd":"/w","status":"dnd","pid":null}`))
 	f.Add([]byte(`{"cwd":1}`))
+	f.Add([]byte(`{"cwd":"/w\u0000","status":"idle"}`))
+	signed := HookRequest{CWD: "/w|x", PID: 7, Status: StatusWorking, SessionID: "s|1"}
+	_, key, _ := ed25519.GenerateKey(nil)
+	SignHook(key, &signed, time.UnixMilli(1))
+	sb, _ := json.Marshal(signed)
+	f.Add(sb)
 	f.Fuzz(func(t *testing.T, body []byte) {
 		r, err := ParseHookRequest(body)
 		if err != nil {
@@ -124,6 +170,10 @@ func FuzzParseHookRequest(f *testing.F) {
 		}
 		if !json.Valid(body) {
 			t.Fatalf("accepted invalid JSON %q", body)
+		}
+		requireStorable(t, reflect.ValueOf(r))
+		if r.Signed() {
+			_ = VerifyHook(&r) // must not panic
 		}
 		enc, err := json.Marshal(r)
 		if err != nil {
