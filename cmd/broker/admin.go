@@ -40,10 +40,10 @@ type admin struct {
 	json bool
 }
 
-// runAdmin connects (starting the embedded Postgres when DATABASE_URL is unset), migrates and
-// runs f.
+// runAdmin connects (to the embedded Postgres when DATABASE_URL is unset: the one a running serve
+// uses, or its own for the duration of the verb), migrates and runs f.
 func runAdmin(cmd *cobra.Command, asJSON bool, f func(ctx context.Context, a *admin) error) error {
-	return withDatabase(cmd, func(ctx context.Context, url string, cfg broker.Config, logger *slog.Logger) error {
+	return withDatabase(cmd, attachEmbedded, func(ctx context.Context, url string, cfg broker.Config, logger *slog.Logger) error {
 		if err := db.Migrate(ctx, url, nil); err != nil {
 			return err
 		}

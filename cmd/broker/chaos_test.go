@@ -129,10 +129,7 @@ type chaosHarness struct {
 func newChaosHarness(t *testing.T, ctx context.Context) *chaosHarness {
 	h := &chaosHarness{t: t, ctx: ctx, dir: t.TempDir(), acked: map[string]string{}, refused: map[string]bool{},
 		unknown: map[string]bool{}, received: map[string]map[string]int{}}
-	h.bin = filepath.Join(h.dir, "broker")
-	build := exec.Command("go", "build", "-o", h.bin, ".")
-	build.Stderr = os.Stderr
-	require.NoError(t, build.Run(), "build the broker binary")
+	h.bin = buildBroker(t, h.dir)
 
 	// Our own Postgres on a fixed port, so it can be restarted under the replicas.
 	h.pgCfg = embedded.Config{DataDir: filepath.Join(h.dir, "pg"), Port: freePort(t), Database: "chaos", Logger: dbtest.Logger(t)}

@@ -30,7 +30,7 @@ BROKER_PORT (default 7900) with no stickiness.`,
 			if replicas < 1 || replicas > 16 {
 				return fmt.Errorf("--replicas must be between 1 and 16, got %d", replicas)
 			}
-			return withDatabase(cmd, func(ctx context.Context, url string, cfg broker.Config, logger *slog.Logger) error {
+			return withDatabase(cmd, ownEmbedded, func(ctx context.Context, url string, cfg broker.Config, logger *slog.Logger) error {
 				return runDev(ctx, cmd, url, cfg, logger, replicas)
 			})
 		},

@@ -7,8 +7,10 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"os"
 	"os/signal"
+	"strconv"
 	"syscall"
 	"time"
 
@@ -77,14 +79,33 @@ func loadConfig() (broker.Config, *slog.Logger, error) {
 	return cfg, slog.New(h), nil
 }
 
-// openDatabase returns the URL to use: DATABASE_URL, or the embedded Postgres it starts in
-// BROKER_DATA_DIR. The returned stop function stops the embedded cluster (no-op otherwise).
-func openDatabase(ctx context.Context, cfg broker.Config, logger *slog.Logger) (string, func(), error) {
+// embeddedUse says what a command does when another process already runs the embedded Postgres
+// in BROKER_DATA_DIR (see the db/embedded package doc).
+type embeddedUse int
+
+const (
+	// attachEmbedded: use it and leave it running. For short-lived commands (admin verbs,
+	// migrate), which must never stop a running broker's database.
+	attachEmbedded embeddedUse = iota
+	// ownEmbedded: refuse to start. A long-running replica (serve, dev) attached to another
+	// process's Postgres would lose its database whenever that process exits; sharing one is
+	// done deliberately, with DATABASE_URL.
+	ownEmbedded
+)
+
+// openDatabase returns the URL to use: DATABASE_URL, or the embedded Postgres in
+// BROKER_DATA_DIR, started or (with attachEmbedded) attached to. The returned stop function stops
+// an embedded cluster this process started; it never stops one it attached to.
+func openDatabase(ctx context.Context, cfg broker.Config, logger *slog.Logger, use embeddedUse) (string, func(), error) {
 	if cfg.DatabaseURL != "" {
 		return cfg.DatabaseURL, func() {}, nil
 	}
-	logger.Info("DATABASE_URL is unset: starting the embedded Postgres", "data_dir", cfg.DataDir)
-	c, err := embedded.Start(ctx, embedded.Config{DataDir: cfg.DataDir, Logger: logger})
+	logger.Info("DATABASE_URL is unset: using the embedded Postgres", "data_dir", cfg.DataDir)
+	c, err := embedded.Start(ctx, embedded.Config{DataDir: cfg.DataDir, Logger: logger, Attach: use == attachEmbedded})
+	var inUse *embedded.InUseError
+	if errors.As(err, &inUse) {
+		return "", nil, inUseError(inUse)
+	}
 	if err != nil {
 		return "", nil, fmt.Errorf("embedded Postgres: %w", err)
 	}
@@ -97,14 +118,30 @@ func openDatabase(ctx context.Context, cfg broker.Config, logger *slog.Logger) (
 	}, nil
 }
 
-// withDatabase runs f with a database URL and stops an embedded cluster afterwards.
-func withDatabase(cmd *cobra.Command, f func(ctx context.Context, url string, cfg broker.Config, logger *slog.Logger) error) error {
+// inUseError tells the user of a refused serve or dev what to do instead.
+func inUseError(e *embedded.InUseError) error {
+	owner := "another process"
+	if e.OwnerPID > 0 {
+		owner = fmt.Sprintf("process %d", e.OwnerPID)
+	}
+	share := "DATABASE_URL set to its URL (run this again once it is up to see the URL)"
+	if e.URL != "" {
+		share = fmt.Sprintf("DATABASE_URL='%s'", e.URL)
+	}
+	return fmt.Errorf("the embedded Postgres in %s is already run by %s (another broker serve or dev?)\n"+
+		"  stop %s first, or share its database deliberately with %s and a BROKER_PORT of your own\n"+
+		"  (this broker then loses its database whenever %s exits); admin verbs need neither, they use the running Postgres",
+		e.DataDir, owner, owner, share, owner)
+}
+
+// withDatabase runs f with a database URL and stops an embedded cluster it started afterwards.
+func withDatabase(cmd *cobra.Command, use embeddedUse, f func(ctx context.Context, url string, cfg broker.Config, logger *slog.Logger) error) error {
 	cfg, logger, err := loadConfig()
 	if err != nil {
 		return err
 	}
 	ctx := cmd.Context()
-	url, stop, err := openDatabase(ctx, cfg, logger)
+	url, stop, err := openDatabase(ctx, cfg, logger, use)
 	if err != nil {
 		return err
 	}
@@ -116,7 +153,7 @@ func newMigrateCmd() *cobra.Command {
 	cmd := &cobra.Command{Use: "migrate", Short: "Apply, roll back or show schema migrations"}
 	run := func(f func(context.Context, *db.Migrator, *cobra.Command) error) func(*cobra.Command, []string) error {
 		return func(cmd *cobra.Command, _ []string) error {
-			return withDatabase(cmd, func(ctx context.Context, url string, _ broker.Config, logger *slog.Logger) error {
+			return withDatabase(cmd, attachEmbedded, func(ctx context.Context, url string, _ broker.Config, logger *slog.Logger) error {
 				m, err := db.NewMigrator(url, logger)
 				if err != nil {
 					return err
@@ -157,7 +194,7 @@ func newServeCmd() *cobra.Command {
 		Short: "Run a broker replica (HTTP, WebSocket /ws, hooks, health, metrics)",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			return withDatabase(cmd, func(ctx context.Context, url string, cfg broker.Config, logger *slog.Logger) error {
+			return withDatabase(cmd, ownEmbedded, func(ctx context.Context, url string, cfg broker.Config, logger *slog.Logger) error {
 				if !noMigrate {
 					if err := migrateWithRetry(ctx, url, logger); err != nil {
 						return err
@@ -204,7 +241,7 @@ func serve(ctx context.Context, url string, cfg broker.Config, logger *slog.Logg
 	if err != nil {
 		return err
 	}
-	if err := srv.Start(ctx, fmt.Sprintf(":%d", cfg.Port)); err != nil {
+	if err := srv.Start(ctx, net.JoinHostPort(cfg.Host, strconv.Itoa(cfg.Port))); err != nil {
 		return err
 	}
 	<-ctx.Done()

@@ -47,6 +47,10 @@ const (
 )
 
 // Cluster is a running private PostgreSQL cluster. Create it with Start; end it with Stop.
+//
+// A Cluster either owns its postmaster (it started it, holds the data directory's lock and
+// stops it in Stop) or is attached to one another process owns (proc and lock are nil; Stop
+// leaves the postmaster alone).
 type Cluster struct {
 	log      *slog.Logger
 	binDir   string
@@ -58,6 +62,18 @@ type Cluster struct {
 	logFile  *os.File
 	proc     *postmaster
 
+	// ownMu guards serving and lock, so that the postmaster's exit and the end of a successful
+	// start cannot miss each other.
+	ownMu sync.Mutex
+	// serving is our postmaster once Start succeeded; lock is the data directory's flock, held
+	// while serving runs. Both are nil when attached.
+	serving *postmaster
+	lock    *dirLock
+
+	// ownerPID and attachedPID name the owning process and its postmaster when attached.
+	ownerPID    int
+	attachedPID int
+
 	stopOnce sync.Once
 	stopErr  error
 }
@@ -68,12 +84,18 @@ type postmaster struct {
 	pid    int
 	exited chan struct{} // closed once the process has been reaped
 	err    error         // cmd.Wait's result; read only after exited is closed
+	reaped bool          // guarded by Cluster.ownMu
 }
 
 // Start initializes cfg.DataDir if it holds no cluster yet, starts a postmaster on 127.0.0.1,
 // waits until it accepts connections and creates cfg.Database if missing. The postmaster runs
 // in its own process group and is not tied to ctx: ctx bounds only the start itself. The caller
 // must call Stop.
+//
+// If another live process already runs the cluster in cfg.DataDir, Start never touches it: with
+// cfg.Attach it returns a Cluster attached to it (waiting, within ctx or two minutes, until it
+// accepts connections), otherwise an *InUseError. See the package doc for how ownership is
+// decided.
 //
 // When the process runs as root, Start chowns DataDir (recursively) to the unprivileged user it
 // runs postgres as, and adds the world search bit (o+x, not read) to any parent directory that
@@ -119,51 +141,163 @@ func Start(ctx context.Context, cfg Config) (*Cluster, error) {
 		acct:     acct,
 		logPath:  filepath.Join(dataDir, logFileName),
 	}
-	if acct != nil {
-		if err := makeReachable(dataDir, acct, c.log); err != nil {
-			return nil, fmt.Errorf("prepare data dir: %w", err)
+	lock, err := openDirLock(dataDir)
+	if err != nil {
+		return nil, err
+	}
+	waitCtx := ctx
+	if _, ok := ctx.Deadline(); !ok {
+		var cancel context.CancelFunc
+		waitCtx, cancel = context.WithTimeout(ctx, defaultStartTimeout)
+		defer cancel()
+	}
+	delay := 10 * time.Millisecond
+	waiting := false
+	for {
+		owned, err := lock.tryLock()
+		if err != nil {
+			lock.close()
+			return nil, err
+		}
+		var ownerPID int
+		if owned {
+			err := c.startOwned(ctx, cfg.Port)
+			var inUse *InUseError
+			if !errors.As(err, &inUse) {
+				if err != nil {
+					lock.close()
+					return nil, err
+				}
+				c.takeOwnership(lock)
+				return c, nil
+			}
+			// A live process runs a postmaster here without taking the lock.
+			lock.unlock()
+			ownerPID = inUse.OwnerPID
+		} else {
+			ownerPID = readOwnerFile(dataDir)
+		}
+
+		pf, _ := readPIDFile(filepath.Join(dataDir, pidFileName))
+		if !cfg.Attach {
+			lock.close()
+			e := &InUseError{DataDir: dataDir, OwnerPID: ownerPID}
+			if pf.ready() && alive(pf.pid) {
+				e.URL = connURL(pf.port, database)
+			}
+			return nil, e
+		}
+		attachErr := c.attach(waitCtx, ownerPID, pf)
+		if attachErr == nil {
+			lock.close()
+			return c, nil
+		}
+		if !waiting {
+			c.log.Info("embedded postgres is run by another process; waiting until it accepts connections",
+				"owner_pid", ownerPID, "reason", attachErr)
+			waiting = true
+		}
+		if !sleepCtx(waitCtx, delay) {
+			lock.close()
+			return nil, fmt.Errorf("embedded postgres in %s is run by %s but does not accept connections: %w (last error: %v)",
+				dataDir, ownerName(ownerPID), waitCtx.Err(), attachErr)
+		}
+		delay = min(2*delay, 250*time.Millisecond)
+	}
+}
+
+// startOwned initializes or prepares the data directory and starts our postmaster; the caller
+// holds the data directory's lock. An *InUseError means a live process runs a postmaster there
+// without the lock; nothing was changed then.
+func (c *Cluster) startOwned(ctx context.Context, port int) error {
+	if c.acct != nil {
+		if err := makeReachable(c.dataDir, c.acct, c.log); err != nil {
+			return fmt.Errorf("prepare data dir: %w", err)
 		}
 	}
-
 	var initdbOutput []byte
-	if _, err := os.Stat(filepath.Join(dataDir, "PG_VERSION")); errors.Is(err, fs.ErrNotExist) {
+	if _, err := os.Stat(filepath.Join(c.dataDir, "PG_VERSION")); errors.Is(err, fs.ErrNotExist) {
 		if initdbOutput, err = c.initdb(ctx); err != nil {
-			return nil, err
+			return err
 		}
 	} else if err != nil {
-		return nil, fmt.Errorf("prepare data dir: %w", err)
+		return fmt.Errorf("prepare data dir: %w", err)
 	} else {
 		if err := c.prepareExisting(ctx); err != nil {
-			return nil, err
+			return err
 		}
 	}
 
+	if err := c.writeOwnerFile(); err != nil {
+		return err
+	}
 	if err := c.openLog(initdbOutput); err != nil {
-		return nil, err
+		c.removeOwnerFile()
+		return err
 	}
-	if err := c.startPostmaster(ctx, cfg.Port); err != nil {
+	if err := c.startPostmaster(ctx, port); err != nil {
 		c.closeLog()
-		return nil, err
+		c.removeOwnerFile()
+		return err
 	}
-	return c, nil
+	return nil
+}
+
+// takeOwnership hands the data directory's lock to the started cluster. It is released as soon
+// as the postmaster has been reaped, by Stop or because it died, and before its exited channel
+// closes: whoever sees our postmaster gone (Stop's caller, a Start in this process) finds the
+// directory free.
+func (c *Cluster) takeOwnership(lock *dirLock) {
+	c.ownMu.Lock()
+	defer c.ownMu.Unlock()
+	c.lock = lock
+	if c.proc.reaped {
+		c.releaseLocked()
+		return
+	}
+	c.serving = c.proc
+}
+
+// postmasterExited runs once p has been reaped, before p.exited closes.
+func (c *Cluster) postmasterExited(p *postmaster) {
+	c.ownMu.Lock()
+	defer c.ownMu.Unlock()
+	p.reaped = true
+	if c.serving == p {
+		c.releaseLocked()
+	}
+}
+
+// releaseLocked removes owner.pid and then releases the lock. The file goes first: once the lock
+// is free, the next owner writes its own.
+func (c *Cluster) releaseLocked() {
+	if c.lock == nil {
+		return
+	}
+	c.removeOwnerFile()
+	c.lock.close()
+	c.lock, c.serving = nil, nil
 }
 
 // URL returns the connection string of the cluster's database, as
 // postgres://postgres@127.0.0.1:PORT/DATABASE?sslmode=disable.
 func (c *Cluster) URL() string { return c.urlFor(c.database) }
 
-func (c *Cluster) urlFor(database string) string {
+func (c *Cluster) urlFor(database string) string { return connURL(c.port, database) }
+
+func connURL(port int, database string) string {
 	u := url.URL{
 		Scheme:   "postgres",
 		User:     url.User(superuser),
-		Host:     net.JoinHostPort("127.0.0.1", strconv.Itoa(c.port)),
+		Host:     net.JoinHostPort("127.0.0.1", strconv.Itoa(port)),
 		Path:     "/" + database,
 		RawQuery: "sslmode=disable",
 	}
 	return u.String()
 }
 
-// Stop shuts the cluster down: a fast shutdown (SIGINT: sessions aborted, shutdown checkpoint
+// Stop shuts the cluster down. An attached cluster is left running for its owner; Stop only
+// forgets it. An owned cluster gets a fast shutdown (SIGINT: sessions aborted, shutdown checkpoint
 // written), escalating to an immediate shutdown (SIGQUIT) and then SIGKILL of the postmaster and
 // its children if it does not exit within its timeout or ctx ends first. It returns once the
 // postmaster has exited, so no process of this cluster remains. It is safe to call more than
@@ -178,6 +312,11 @@ func (c *Cluster) Stop(ctx context.Context) error {
 }
 
 func (c *Cluster) stop(ctx context.Context) error {
+	if c.proc == nil {
+		c.log.Info("leaving embedded postgres running for the process that owns it",
+			"owner_pid", c.ownerPID, "pid", c.attachedPID)
+		return nil
+	}
 	defer c.closeLog()
 	p := c.proc
 	select {
@@ -191,6 +330,7 @@ func (c *Cluster) stop(ctx context.Context) error {
 	}
 	began := time.Now()
 	if err := c.endOwn(ctx, p); err != nil {
+		// Still running, so the lock stays held: nobody may start a second postmaster here.
 		return err
 	}
 	c.log.Info("embedded postgres stopped", "pid", p.pid, "elapsed", time.Since(began).Round(time.Millisecond))
@@ -244,9 +384,13 @@ func (c *Cluster) initdb(ctx context.Context) ([]byte, error) {
 	return out.Bytes(), nil
 }
 
-// prepareExisting makes an existing cluster startable: ownership and mode as postgres demands
-// them, and no postmaster from an earlier run left holding the directory.
+// prepareExisting makes an existing cluster startable: no postmaster from an earlier run left
+// holding the directory, and ownership and mode as postgres demands them.
 func (c *Cluster) prepareExisting(ctx context.Context) error {
+	// First, so nothing is changed in a directory a live process turns out to be using.
+	if err := c.clearLeftover(ctx); err != nil {
+		return err
+	}
 	if c.acct != nil {
 		// A directory first used by another account (or restored by root) must belong to the
 		// user postgres runs as, or the server refuses to start.
@@ -264,7 +408,7 @@ func (c *Cluster) prepareExisting(ctx context.Context) error {
 			return fmt.Errorf("prepare data dir: %w", err)
 		}
 	}
-	return c.clearLeftover(ctx)
+	return nil
 }
 
 // openLog opens (and if large, rotates) the postmaster's log file, which lives inside the data
@@ -406,6 +550,7 @@ func (c *Cluster) launch(port int) (*postmaster, error) {
 		}
 		started <- nil
 		p.err = cmd.Wait()
+		c.postmasterExited(p)
 		close(p.exited)
 	}()
 	if err := <-started; err != nil {

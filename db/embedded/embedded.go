@@ -2,9 +2,36 @@
 // no DATABASE_URL is configured (local development, the test harness).
 //
 // The cluster is a plain initdb data directory started as a child postmaster: it listens only on
-// 127.0.0.1 (no Unix socket), uses trust authentication for the superuser "postgres", and is
-// meant for a single owner at a time. It is not a replacement for a managed database: anyone who
-// can open a TCP connection to 127.0.0.1 on its port is superuser.
+// 127.0.0.1 (no Unix socket) and uses trust authentication for the superuser "postgres". It is
+// not a replacement for a managed database: anyone who can open a TCP connection to 127.0.0.1 on
+// its port is superuser.
+//
+// # Ownership
+//
+// A data directory has at most one owner: the process that started its postmaster, and the one
+// that stops it (the single exception, the leftover of a dead owner, is described below). The
+// owner holds an exclusive flock(2) on the data directory from before initdb until its
+// postmaster has been reaped. The kernel drops the lock when the owner exits, however it exits,
+// and a lock names no pid that could be recycled, so "the lock is free" reliably means "no live
+// owner". The owner also writes its pid to owner.pid in the directory; that file only names the
+// owner in messages and decides nothing.
+//
+// Start on a directory whose lock is held does not touch the running cluster. With
+// Config.Attach it waits until that postmaster accepts connections, checks that it serves this
+// directory, creates Config.Database if missing and returns a Cluster whose Stop leaves the
+// postmaster running. Without Attach it fails with an *InUseError naming the owner. The broker
+// attaches its short-lived commands (admin verbs, migrate) and refuses a second serve or dev: a
+// long-running replica attached to another process's cluster would lose its database whenever
+// that process exits, so sharing is left to an explicit DATABASE_URL.
+//
+// Start on a directory whose lock is free becomes the owner. A postmaster still running there is
+// a leftover of an owner that died without Stop (on Linux the postmaster gets SIGINT when its
+// owner dies, so it is normally on its way out already) and is stopped before the new one
+// starts. As a second check, a postmaster whose parent is alive and in the same session is never
+// treated as a leftover even with the lock free: it was started by a live process that does not
+// take the lock (an older broker binary, a hand-run postgres). An orphan is reparented to init or
+// a subreaper, which run in sessions of their own; the owner shares the postmaster's session,
+// since the postmaster gets its own process group but not its own session.
 //
 // Binaries are found by FindBinDir; nothing is downloaded. When the process runs as root, the
 // cluster runs as the unprivileged "postgres" user (or "nobody" if that does not exist), because
@@ -34,6 +61,38 @@ type Config struct {
 	Logger *slog.Logger
 	// Database is created if missing and named in URL. Default "claudemesh".
 	Database string
+	// Attach lets Start use a cluster that another live process already runs in DataDir: the
+	// returned Cluster connects to it and its Stop leaves it running. Without Attach, Start
+	// fails with an *InUseError in that case. See the package doc for why the broker attaches
+	// only its short-lived commands.
+	Attach bool
+}
+
+// InUseError is Start's error when another live process runs the cluster in DataDir and
+// Config.Attach is false.
+type InUseError struct {
+	DataDir string
+	// OwnerPID is the process that started the running postmaster; 0 when not known (the owner
+	// is still initializing the directory).
+	OwnerPID int
+	// URL is the running cluster's URL for Config.Database; "" while it does not accept
+	// connections yet.
+	URL string
+}
+
+func (e *InUseError) Error() string {
+	s := fmt.Sprintf("embedded postgres in %s is already run by %s", e.DataDir, ownerName(e.OwnerPID))
+	if e.URL != "" {
+		s += " at " + e.URL
+	}
+	return s
+}
+
+func ownerName(pid int) string {
+	if pid <= 0 {
+		return "another process"
+	}
+	return "process " + strconv.Itoa(pid)
 }
 
 // DefaultDatabase is the database Start ensures when Config.Database is empty.

@@ -4,6 +4,7 @@ package embedded
 
 import (
 	"bufio"
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -232,27 +233,230 @@ func TestRestartAfterCrash(t *testing.T) {
 	require.NoError(t, c2.Stop(ctx))
 }
 
-// A postmaster still running from an earlier run (its owner died without Stop) is stopped and
-// replaced.
-func TestTakeOverLivePostmaster(t *testing.T) {
+// A second Start on a directory whose cluster this process already runs never stops it: without
+// Attach it reports who runs it, with Attach it shares it, and the attached Stop leaves it up.
+func TestSecondStartAttaches(t *testing.T) {
 	t.Parallel()
 	ctx := testContext(t)
 	dir := t.TempDir()
+	owner := startCluster(t, Config{DataDir: dir})
+	ownerPID := owner.proc.pid
 
-	old := startCluster(t, Config{DataDir: dir})
-	oldPID := old.proc.pid
+	_, err := Start(ctx, Config{DataDir: dir, Logger: testLogger(t)})
+	var inUse *InUseError
+	require.ErrorAs(t, err, &inUse)
+	require.Equal(t, os.Getpid(), inUse.OwnerPID)
+	require.Equal(t, owner.URL(), inUse.URL)
+	require.ErrorContains(t, err, fmt.Sprintf("already run by process %d at %s", os.Getpid(), owner.URL()))
 
+	for _, database := range []string{"", "second db"} {
+		c := startCluster(t, Config{DataDir: dir, Attach: true, Database: database})
+		require.Nil(t, c.proc, "attached, not started")
+		conn := connect(t, c.URL())
+		var db string
+		require.NoError(t, conn.QueryRow(ctx, "SELECT current_database()").Scan(&db))
+		require.Equal(t, cmp.Or(database, DefaultDatabase), db, "the database is created when missing")
+		require.NoError(t, conn.Close(ctx))
+
+		require.NoError(t, c.Stop(ctx))
+		require.NoError(t, c.Stop(ctx), "second Stop")
+		requireServing(t, owner.URL(), ownerPID)
+	}
+
+	require.NoError(t, owner.Stop(ctx))
+	requireGone(t, ownerPID)
+	// The owner gave the directory up: the next Start owns it.
 	c := startCluster(t, Config{DataDir: dir})
-	require.NotEqual(t, oldPID, c.proc.pid)
-	require.True(t, waitClosed(ctx, old.proc.exited, testTimeout), "earlier postmaster still running")
-	requireGone(t, oldPID)
+	require.NotNil(t, c.proc)
+	require.NoError(t, c.Stop(ctx))
+}
 
+// Several processes starting on a fresh directory at once: one initializes and owns it, the
+// others wait for it and attach.
+func TestConcurrentStartsShareOneCluster(t *testing.T) {
+	t.Parallel()
+	ctx := testContext(t)
+	dir := t.TempDir()
+	clusters := make([]*Cluster, 3)
+	errs := make([]error, len(clusters))
+	var wg sync.WaitGroup
+	for i := range clusters {
+		wg.Go(func() {
+			clusters[i], errs[i] = Start(ctx, Config{DataDir: dir, Attach: true, Logger: testLogger(t)})
+		})
+	}
+	wg.Wait()
+	var owner *Cluster
+	for i, c := range clusters {
+		require.NoError(t, errs[i])
+		if c.proc != nil {
+			require.Nil(t, owner, "two owners")
+			owner = c
+		}
+	}
+	require.NotNil(t, owner)
+	t.Cleanup(func() { _ = owner.Stop(context.Background()) })
+	for _, c := range clusters {
+		require.Equal(t, owner.URL(), c.URL())
+		if c != owner {
+			require.NoError(t, c.Stop(ctx))
+		}
+	}
+	requireServing(t, owner.URL(), owner.proc.pid)
+	require.NoError(t, owner.Stop(ctx))
+}
+
+// The cluster of another live process: attached to, never stopped; once that process dies its
+// postmaster goes too and the directory is free for a new owner.
+func TestAttachToAnotherProcess(t *testing.T) {
+	t.Parallel()
+	ctx := testContext(t)
+	dir := t.TempDir()
+	helper, pid := startHelperOwner(t, dir)
+
+	_, err := Start(ctx, Config{DataDir: dir, Logger: testLogger(t)})
+	var inUse *InUseError
+	require.ErrorAs(t, err, &inUse)
+	require.Equal(t, helper.Process.Pid, inUse.OwnerPID, "named from owner.pid")
+	require.NotEmpty(t, inUse.URL)
+
+	c := startCluster(t, Config{DataDir: dir, Attach: true})
+	require.Equal(t, inUse.URL, c.URL())
+	require.Equal(t, helper.Process.Pid, c.ownerPID)
 	conn := connect(t, c.URL())
 	require.NoError(t, conn.Ping(ctx))
 	require.NoError(t, conn.Close(ctx))
-
-	require.NoError(t, old.Stop(ctx), "its postmaster exited cleanly after a fast shutdown")
 	require.NoError(t, c.Stop(ctx))
+	requireServing(t, c.URL(), pid)
+
+	if runtime.GOOS != "linux" {
+		return // no parent-death signal: the orphan would stay for postgres to refuse
+	}
+	require.NoError(t, helper.Process.Kill())
+	_ = helper.Wait()
+	c2 := startCluster(t, Config{DataDir: dir})
+	require.NotNil(t, c2.proc, "the dead owner's lock is free")
+	require.False(t, alive(pid))
+	require.NoError(t, c2.Stop(ctx))
+}
+
+// A postmaster whose owner died and that is still running (no parent-death signal: another
+// operating system, an older binary) is a leftover: the next Start stops it and takes over.
+func TestLeftoverOfDeadOwnerIsStopped(t *testing.T) {
+	if runtime.GOOS != "linux" {
+		t.Skip("identifying a leftover postmaster needs /proc")
+	}
+	t.Parallel()
+	ctx := testContext(t)
+	dir := t.TempDir()
+	c := startCluster(t, Config{DataDir: dir})
+	require.NoError(t, c.Stop(ctx))
+
+	orphan := launchPostgres(t, dir, true)
+	st, ok := readProcStat(orphan)
+	require.True(t, ok)
+	require.NotEqual(t, os.Getpid(), st.ppid, "reparented")
+
+	c = startCluster(t, Config{DataDir: dir})
+	require.NotEqual(t, orphan, c.proc.pid)
+	require.False(t, alive(orphan), "the leftover was stopped")
+	requireServing(t, c.URL(), c.proc.pid)
+	require.NoError(t, c.Stop(ctx))
+}
+
+// A postmaster started by a live process that holds no lock (an older broker binary) is not a
+// leftover: it is attached to or reported, never stopped.
+func TestLockFreePostmasterOfLiveParentIsNotStopped(t *testing.T) {
+	if runtime.GOOS != "linux" {
+		t.Skip("identifying the postmaster's parent needs /proc")
+	}
+	t.Parallel()
+	ctx := testContext(t)
+	dir := t.TempDir()
+	c := startCluster(t, Config{DataDir: dir})
+	require.NoError(t, c.Stop(ctx))
+
+	pid := launchPostgres(t, dir, false)
+	_, err := Start(ctx, Config{DataDir: dir, Logger: testLogger(t)})
+	var inUse *InUseError
+	require.ErrorAs(t, err, &inUse)
+	require.Equal(t, os.Getpid(), inUse.OwnerPID, "its parent")
+	require.NotEmpty(t, inUse.URL)
+
+	c = startCluster(t, Config{DataDir: dir, Attach: true})
+	require.Nil(t, c.proc)
+	require.NoError(t, c.Stop(ctx))
+	requireServing(t, inUse.URL, pid)
+}
+
+// requireServing asserts that postmaster pid is alive and url accepts connections.
+func requireServing(t *testing.T, url string, pid int) {
+	t.Helper()
+	require.True(t, alive(pid), "postmaster %d is gone", pid)
+	conn := connect(t, url)
+	require.NoError(t, conn.Ping(testContext(t)))
+	require.NoError(t, conn.Close(testContext(t)))
+}
+
+// launchPostgres starts a postmaster on dir (initialized by an earlier Start) without Start, so
+// without the lock: as a child of this process, or, with orphan, as an orphan in a session of
+// its own, the way one whose owner died is left. It returns the postmaster's pid once it is
+// ready and stops it at the end of the test if it still runs.
+func launchPostgres(t *testing.T, dir string, orphan bool) int {
+	t.Helper()
+	ctx := testContext(t)
+	binDir, err := FindBinDir()
+	require.NoError(t, err)
+	acct, err := unprivilegedAccount()
+	require.NoError(t, err)
+	realDir, err := filepath.EvalSymlinks(dir)
+	require.NoError(t, err)
+	port, err := freePort()
+	require.NoError(t, err)
+	args := []string{"-D", realDir, "-p", strconv.Itoa(port), "-c", "listen_addresses=127.0.0.1", "-c", "unix_socket_directories="}
+
+	var cmd *exec.Cmd
+	if orphan {
+		// The shell backgrounds postgres and exits at once.
+		cmd = exec.Command("/bin/sh", append([]string{"-c", `"$@" >/dev/null 2>&1 </dev/null & echo $!`, "sh",
+			filepath.Join(binDir, "postgres")}, args...)...)
+	} else {
+		cmd = exec.Command(filepath.Join(binDir, "postgres"), args...)
+	}
+	(&Cluster{dataDir: realDir, acct: acct}).prepareCmd(cmd)
+	if orphan {
+		cmd.SysProcAttr.Setpgid, cmd.SysProcAttr.Setsid = false, true
+	}
+
+	var pid int
+	if orphan {
+		out, err := cmd.Output()
+		require.NoError(t, err)
+		pid, err = strconv.Atoi(strings.TrimSpace(string(out)))
+		require.NoError(t, err)
+	} else {
+		require.NoError(t, cmd.Start())
+		pid = cmd.Process.Pid
+		exited := make(chan struct{})
+		go func() { _ = cmd.Wait(); close(exited) }()
+		t.Cleanup(func() {
+			_ = cmd.Process.Signal(syscall.SIGINT)
+			<-exited
+		})
+	}
+	if orphan {
+		t.Cleanup(func() {
+			if owns, _ := ownsDataDir(pid, realDir); owns {
+				_ = syscall.Kill(pid, syscall.SIGINT)
+				waitUntil(context.Background(), testTimeout, func() bool { return !alive(pid) })
+			}
+		})
+	}
+	require.True(t, waitUntil(ctx, testTimeout, func() bool {
+		pf, err := readPIDFile(filepath.Join(realDir, pidFileName))
+		return err == nil && pf.pid == pid && pf.status == "ready"
+	}), "postgres %d did not become ready", pid)
+	return pid
 }
 
 func TestStalePIDFile(t *testing.T) {
@@ -344,18 +548,45 @@ func TestPortInUse(t *testing.T) {
 }
 
 // helperEnv makes the test binary act as a process that starts a cluster and then waits to be
-// killed; see TestParentDeathStopsPostmaster.
+// killed; see startHelperOwner.
 const helperEnv = "EMBEDDED_TEST_HELPER_DATA_DIR"
 
 func TestHelperProcess(t *testing.T) {
 	dir := os.Getenv(helperEnv)
 	if dir == "" {
-		t.Skip("helper for TestParentDeathStopsPostmaster")
+		t.Skip("helper for startHelperOwner")
 	}
 	c, err := Start(context.Background(), Config{DataDir: dir})
 	require.NoError(t, err)
 	fmt.Printf("pid=%d\n", c.proc.pid)
 	select {} // until killed
+}
+
+// startHelperOwner runs TestHelperProcess in a child process that owns a cluster in dir and
+// returns it with its postmaster's pid. The child is killed at the end of the test.
+func startHelperOwner(t *testing.T, dir string) (*exec.Cmd, int) {
+	t.Helper()
+	helper := exec.Command(os.Args[0], "-test.run=^TestHelperProcess$")
+	helper.Env = append(os.Environ(), helperEnv+"="+dir)
+	stdout, err := helper.StdoutPipe()
+	require.NoError(t, err)
+	helper.Stderr = t.Output()
+	require.NoError(t, helper.Start())
+	t.Cleanup(func() {
+		_ = helper.Process.Kill()
+		_ = helper.Wait()
+	})
+
+	var pid int
+	scanner := bufio.NewScanner(stdout)
+	for scanner.Scan() {
+		if _, err := fmt.Sscanf(scanner.Text(), "pid=%d", &pid); err == nil {
+			break
+		}
+	}
+	require.NotZero(t, pid, "helper did not report a postmaster pid")
+	require.True(t, alive(pid))
+	return helper, pid
 }
 
 // If the owning process dies without Stop (kill -9, a test binary timing out), the kernel's
@@ -367,22 +598,7 @@ func TestParentDeathStopsPostmaster(t *testing.T) {
 	t.Parallel()
 	ctx := testContext(t)
 	dir := t.TempDir()
-	helper := exec.CommandContext(ctx, os.Args[0], "-test.run=^TestHelperProcess$")
-	helper.Env = append(os.Environ(), helperEnv+"="+dir)
-	stdout, err := helper.StdoutPipe()
-	require.NoError(t, err)
-	helper.Stderr = t.Output()
-	require.NoError(t, helper.Start())
-
-	var pid int
-	scanner := bufio.NewScanner(stdout)
-	for scanner.Scan() {
-		if _, err := fmt.Sscanf(scanner.Text(), "pid=%d", &pid); err == nil {
-			break
-		}
-	}
-	require.NotZero(t, pid, "helper did not report a postmaster pid")
-	require.True(t, alive(pid))
+	helper, pid := startHelperOwner(t, dir)
 
 	require.NoError(t, helper.Process.Kill())
 	_ = helper.Wait()
@@ -445,9 +661,19 @@ func TestReadPIDFile(t *testing.T) {
 	dir := t.TempDir()
 	p := filepath.Join(dir, "postmaster.pid")
 	require.NoError(t, os.WriteFile(p, []byte("1234\n/data\n"), 0o600))
-	pid, err := readPIDFile(p)
+	pf, err := readPIDFile(p)
 	require.NoError(t, err)
-	require.Equal(t, 1234, pid)
+	require.Equal(t, pidFile{pid: 1234}, pf)
+	require.False(t, pf.ready(), "no port yet")
+
+	// As PostgreSQL 10+ writes it; the status line is padded.
+	require.NoError(t, os.WriteFile(p, []byte("1234\n/data\n1700000000\n5433\n\n127.0.0.1\n  5433001     32769\nready   \n"), 0o600))
+	pf, err = readPIDFile(p)
+	require.NoError(t, err)
+	require.Equal(t, pidFile{pid: 1234, port: 5433, status: "ready"}, pf)
+	require.True(t, pf.ready())
+	pf.status = "stopping"
+	require.False(t, pf.ready())
 
 	require.NoError(t, os.WriteFile(p, []byte("\n"), 0o600))
 	_, err = readPIDFile(p)

@@ -15,21 +15,25 @@ import (
 	"time"
 )
 
-// clearLeftover makes sure no postmaster from an earlier run holds the data directory.
+// clearLeftover makes sure no postmaster from an earlier run holds the data directory. The
+// caller holds the data directory's lock, so no owner that takes the lock is alive.
 //
 // postmaster.pid names the last postmaster. If that process is gone, postgres recognises the
 // file as stale by itself (and still checks, through the shared-memory key in the file, that no
 // orphaned backend is attached), so the file stays. If a postmaster of this directory is still
-// running (our process was killed without Stop), it is stopped. If the pid now belongs to an
-// unrelated process, postgres would refuse to start, so the file is removed, but only when no
-// postgres process is seen working in the directory.
+// running, its parent decides: a live parent in the postmaster's session started it without
+// the lock (an older broker binary, a hand-run postgres), so the server is not ours to stop and
+// an *InUseError naming that parent is returned; otherwise its owner died without Stop and it
+// is stopped. If the pid now belongs to an unrelated process, postgres would refuse to start,
+// so the file is removed, but only when no postgres process is seen working in the directory.
 //
 // Identification needs /proc (Linux). Elsewhere a live pid is left for postgres to judge, which
 // fails the start with its "lock file already exists" message rather than signalling a process
 // we cannot identify.
 func (c *Cluster) clearLeftover(ctx context.Context) error {
-	pidPath := filepath.Join(c.dataDir, "postmaster.pid")
-	pid, err := readPIDFile(pidPath)
+	pidPath := filepath.Join(c.dataDir, pidFileName)
+	pf, err := readPIDFile(pidPath)
+	pid := pf.pid
 	switch {
 	case errors.Is(err, fs.ErrNotExist):
 		return nil
@@ -49,7 +53,17 @@ func (c *Cluster) clearLeftover(ctx context.Context) error {
 	owns, known := ownsDataDir(pid, c.dataDir)
 	switch {
 	case known && owns:
-		c.log.Warn("stopping postgres left running by an earlier run", "pid", pid)
+		if starter, ok := liveStarter(pid); ok {
+			// Not ours to stop. If it is already shutting down on its own, waiting is enough.
+			if pf.status == "stopping" && waitUntil(ctx, fastShutdownTimeout, func() bool { return !alive(pid) }) {
+				c.log.Info("postgres of a live process finished shutting down", "pid", pid, "owner_pid", starter)
+				return nil
+			}
+			c.log.Info("postgres in the data dir was started by a live process that holds no lock; leaving it running",
+				"pid", pid, "owner_pid", starter)
+			return &InUseError{DataDir: c.dataDir, OwnerPID: starter}
+		}
+		c.log.Warn("stopping postgres left running by an earlier run whose owner is gone", "pid", pid)
 		began := time.Now()
 		err := c.endPostmaster(ctx, pid,
 			func(sig syscall.Signal) { _ = syscall.Kill(pid, sig) },
@@ -80,18 +94,21 @@ func (c *Cluster) clearLeftover(ctx context.Context) error {
 	}
 }
 
-// readPIDFile returns the pid on the first line of postmaster.pid.
-func readPIDFile(path string) (int, error) {
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return 0, err
+// liveStarter returns the parent of postmaster pid if that parent is alive and is the process
+// that started it. An orphan is reparented to init or a subreaper, which run in sessions of
+// their own, while the starter shares the postmaster's session (the postmaster gets its own
+// process group, not its own session). The parent pid cannot be a recycled one: while the
+// postmaster lives, its ppid always names its current parent.
+func liveStarter(pid int) (int, bool) {
+	st, ok := readProcStat(pid)
+	if !ok || st.ppid <= 0 {
+		return 0, false
 	}
-	first, _, _ := strings.Cut(string(b), "\n")
-	pid, err := strconv.Atoi(strings.TrimSpace(first))
-	if err != nil || pid <= 0 {
-		return 0, fmt.Errorf("no pid in %s: %q", path, first)
+	parent, ok := readProcStat(st.ppid)
+	if !ok || parent.state == 'Z' {
+		return 0, false
 	}
-	return pid, nil
+	return st.ppid, parent.session == st.session
 }
 
 // alive reports whether pid names a running process. EPERM means it exists but belongs to
@@ -110,8 +127,9 @@ func alive(pid int) bool {
 }
 
 type procStat struct {
-	state byte
-	ppid  int
+	state   byte
+	ppid    int
+	session int
 }
 
 // readProcStat parses /proc/<pid>/stat, which is world-readable (unlike cwd or exe).
@@ -127,15 +145,17 @@ func readProcStat(pid int) (procStat, bool) {
 	if i < 0 {
 		return procStat{}, false
 	}
+	// After it: state, ppid, pgrp, session, ...
 	fields := strings.Fields(s[i+1:])
-	if len(fields) < 2 || len(fields[0]) != 1 {
+	if len(fields) < 4 || len(fields[0]) != 1 {
 		return procStat{}, false
 	}
-	ppid, err := strconv.Atoi(fields[1])
-	if err != nil {
+	ppid, err1 := strconv.Atoi(fields[1])
+	session, err2 := strconv.Atoi(fields[3])
+	if err1 != nil || err2 != nil {
 		return procStat{}, false
 	}
-	return procStat{state: fields[0][0], ppid: ppid}, true
+	return procStat{state: fields[0][0], ppid: ppid, session: session}, true
 }
 
 // pids lists the numeric entries of /proc; nil without procfs.
