@@ -191,7 +191,7 @@ func TestNULRefusedAtTheEdgeAndAloneInABatch(t *testing.T) {
 		{sess: sessOf(a), msg: &protocol.Send{TargetSpec: bob.pub, Priority: protocol.PriorityNow, Nonce: "n", Ciphertext: "two"}},
 		{sess: sessOf(b), msg: &protocol.Send{TargetSpec: alice.pub, Priority: protocol.PriorityNow, Nonce: "n", Ciphertext: "three"}},
 	}
-	srv.commitBatch(context.Background(), batch)
+	srv.committer.commit(context.Background(), batch)
 	require.Equal(t, "one", nextPush(t, b, 5*time.Second).Ciphertext)
 	require.Equal(t, "two", nextPush(t, b, 5*time.Second).Ciphertext)
 	require.Equal(t, "three", nextPush(t, a, 5*time.Second).Ciphertext)
@@ -226,7 +226,7 @@ func TestUnauthenticatedSocketsAreTimedOutAndCapped(t *testing.T) {
 	for range 3 {
 		rawDial(t, c.wsURL(0))
 	}
-	dbtest.WaitFor(t, 5*time.Second, "three unauthenticated sockets counted", func() bool { return srv.gate.unauthenticated() == 3 })
+	dbtest.WaitFor(t, 5*time.Second, "three unauthenticated sockets counted", func() bool { return srv.peers.gate.unauthenticated() == 3 })
 	_, resp, err := websocket.DefaultDialer.Dial(c.wsURL(0), nil)
 	require.Error(t, err)
 	require.Equal(t, http.StatusServiceUnavailable, resp.StatusCode)
@@ -234,10 +234,10 @@ func TestUnauthenticatedSocketsAreTimedOutAndCapped(t *testing.T) {
 
 	// Once they time out, the address may connect again, and a socket that said hello no
 	// longer counts.
-	dbtest.WaitFor(t, 10*time.Second, "held sockets timed out", func() bool { return srv.gate.unauthenticated() == 0 })
+	dbtest.WaitFor(t, 10*time.Second, "held sockets timed out", func() bool { return srv.peers.gate.unauthenticated() == 0 })
 	m := c.mesh(0)
 	cl := m.dial(0, m.member("alice"))
-	require.Equal(t, 0, srv.gate.unauthenticated())
+	require.Equal(t, 0, srv.peers.gate.unauthenticated())
 	_, err = cl.ListPeers(ctxT(t))
 	require.NoError(t, err, "an authenticated session is not held to the hello deadline")
 }

@@ -4,19 +4,16 @@ import (
 	"context"
 	"crypto/subtle"
 	"errors"
-	"fmt"
 	"io"
+	"log/slog"
 	"net/http"
 	"strconv"
 	"sync"
 	"time"
 
-	"github.com/jackc/pgx/v5"
 	"golang.org/x/time/rate"
 
-	"github.com/claudemesh/broker/broker/audit"
-	"github.com/claudemesh/broker/db"
-	"github.com/claudemesh/broker/pgbus"
+	"github.com/claudemesh/broker/broker/store"
 	"github.com/claudemesh/broker/protocol"
 )
 
@@ -64,7 +61,19 @@ func (h *hookLimiter) allow(key string) bool {
 // form proves nothing but the client address; it is accepted only when the operator allowed it
 // (HOOK_ALLOW_UNSIGNED, or a broker listening on loopback only), behind HOOK_TOKEN when set,
 // rate-limited per address and per claimed pid + cwd.
-func (s *Server) handleHook(w http.ResponseWriter, r *http.Request) {
+// hooks serves POST /hook/set-status.
+type hooks struct {
+	cfg      Config
+	store    *store.Store
+	signals  signals
+	metrics  *Metrics
+	log      *slog.Logger
+	refusals *sampledLog
+	perPID   *hookLimiter // per claimed pid + cwd
+	callers  *hookLimiter // per proven caller: member key of a signed hook, client address otherwise
+}
+
+func (s *hooks) handleHook(w http.ResponseWriter, r *http.Request) {
 	s.metrics.HookRequests.WithLabelValues("received").Inc()
 	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, protocol.MaxHookBodyBytes))
 	if err != nil {
@@ -95,7 +104,7 @@ func (s *Server) handleHook(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 		member, _ = protocol.NormalizePubkey(req.Pubkey)
-		if !s.hookCallers.allow("k|" + member) {
+		if !s.callers.allow("k|" + member) {
 			s.hookFail(w, http.StatusTooManyRequests, "rate limited", "rate_limited")
 			return
 		}
@@ -116,12 +125,12 @@ func (s *Server) handleHook(w http.ResponseWriter, r *http.Request) {
 				return
 			}
 		}
-		if !s.hookCallers.allow("a|" + source) {
+		if !s.callers.allow("a|" + source) {
 			s.hookFail(w, http.StatusTooManyRequests, "rate limited", "rate_limited")
 			return
 		}
 	}
-	if !s.hookLimit.allow(member + "|" + strconv.Itoa(req.PID) + "|" + req.CWD) {
+	if !s.perPID.allow(member + "|" + strconv.Itoa(req.PID) + "|" + req.CWD) {
 		s.hookFail(w, http.StatusTooManyRequests, "rate limited", "rate_limited")
 		return
 	}
@@ -129,8 +138,8 @@ func (s *Server) handleHook(w http.ResponseWriter, r *http.Request) {
 	defer cancel()
 	if req.Signed() {
 		sig, _ := protocol.NormalizeSignature(req.Signature)
-		_, err := s.q.ClaimSignature(ctx, db.ClaimSignatureParams{Signature: sig, ExpiresAt: signatureExpiry(time.UnixMilli(req.Timestamp))})
-		if errors.Is(err, pgx.ErrNoRows) {
+		fresh, err := s.store.ClaimSignature(ctx, sig, signatureExpiry(time.UnixMilli(req.Timestamp)))
+		if err == nil && !fresh {
 			s.refusals.Info("hook refused", "reason", "replayed", "source", source)
 			s.hookFail(w, http.StatusUnauthorized, "this signed hook was already used: sign a new one", "unauthorized")
 			return
@@ -165,52 +174,38 @@ func checkSignedHook(r *protocol.HookRequest, now time.Time) string {
 	return ""
 }
 
-func (s *Server) hookFail(w http.ResponseWriter, code int, msg, label string) {
+func (s *hooks) hookFail(w http.ResponseWriter, code int, msg, label string) {
 	s.metrics.HookRequests.WithLabelValues(label).Inc()
 	writeJSON(w, code, protocol.HookResponse{OK: false, Error: msg})
 }
 
-// applyHook resolves the hook's sessions cluster-wide (of member only, when signed) and applies the status to each (a
-// Claude Code session may be in several meshes). With no match yet, the signal waits in
-// pending_status for the session's hello (the first-turn race).
-func (s *Server) applyHook(ctx context.Context, req protocol.HookRequest, member string) (string, bool, error) {
+// applyHook resolves the hook's sessions cluster-wide (of member only, when signed) and
+// applies the status to each (a Claude Code session may be in several meshes). With no match
+// yet, the signal waits for the session's hello (the first-turn race).
+func (s *hooks) applyHook(ctx context.Context, req protocol.HookRequest, member string) (string, bool, error) {
 	var first string
 	pending := false
-	err := s.inTx(ctx, func(q *db.Queries, o *pgbus.Outbox) ([]audit.Entry, error) {
-		ids, err := q.HookTargets(ctx, db.HookTargetsParams{MemberPubkey: member, SessionID: req.SessionID, Pid: int32(req.PID), Cwd: req.CWD})
+	q := store.HookQuery{MemberPubkey: member, SessionID: req.SessionID, CWD: req.CWD, PID: req.PID}
+	_, err := s.store.InTx(ctx, nil, func(tx *store.Tx) error {
+		ids, err := tx.HookTargets(ctx, q)
 		if err != nil {
-			return nil, fmt.Errorf("resolve hook targets: %w", err)
+			return err
 		}
 		if len(ids) == 0 {
 			pending = true
-			var sid *string
-			if req.SessionID != "" {
-				sid = &req.SessionID
-			}
-			var pid *int32
-			if req.PID != 0 {
-				p := int32(req.PID)
-				pid = &p
-			}
-			var mk *string
-			if member != "" {
-				mk = &member
-			}
-			return nil, q.InsertPendingStatus(ctx, db.InsertPendingStatusParams{Cwd: req.CWD, Pid: pid, SessionID: sid,
-				Status: string(req.Status), MemberPubkey: mk})
+			return tx.HoldPendingStatus(ctx, q, string(req.Status))
 		}
 		first = ids[0]
 		for _, id := range ids {
-			row, err := q.ApplyStatus(ctx, s.applyStatusParams(id, req.Status, sourceHook))
-			if errors.Is(err, pgx.ErrNoRows) {
-				continue // dnd: hooks never change it
-			}
+			c, ok, err := tx.ApplyStatus(ctx, id, string(req.Status), store.SourceHook, s.cfg.HookFreshWindow)
 			if err != nil {
-				return nil, fmt.Errorf("apply status: %w", err)
+				return err
 			}
-			s.statusChanged(o, statusRow(row))
+			if ok { // not ok: dnd, which hooks never change
+				s.signals.statusChanged(tx.Outbox, c)
+			}
 		}
-		return nil, nil
+		return nil
 	})
 	return first, pending, err
 }

@@ -5,15 +5,16 @@ import (
 	"sync"
 )
 
-// hub indexes this replica's live sessions by presence, mesh, member and group, so routing a
-// message never scans all sessions. It holds no SQL and no sockets' I/O.
+// hub is this replica's sessions: indexed by presence, mesh, member and group, so routing
+// never scans all sessions, and the one place that fans a pre-encoded frame out to many of
+// them. It holds no SQL and does no socket I/O beyond queueing frames.
 type hub struct {
 	mu         sync.RWMutex
 	byPresence map[string]*session
 	byMesh     map[string]map[*session]struct{}
 	byMember   map[string]map[*session]struct{}
 	// byGroup: mesh → group name → sessions; a session in "eng/web" is indexed under "eng/web"
-	// only, and group lookups walk the mesh's group names (few) to include sub-groups.
+	// only, and group look-ups walk the mesh's group names (few) to include sub-groups.
 	byGroup map[string]map[string]map[*session]struct{}
 }
 
@@ -55,19 +56,35 @@ func (h *hub) add(s *session) *session {
 	h.byPresence[s.presenceID] = s
 	addTo(h.byMesh, s.meshID, s)
 	addTo(h.byMember, s.memberID, s)
-	for _, g := range s.groupNames() {
-		h.addGroupLocked(s, g)
-	}
+	h.indexGroupsLocked(s, s.groupNames())
 	return old
 }
 
-func (h *hub) addGroupLocked(s *session, g string) {
+func (h *hub) indexGroupsLocked(s *session, names []string) {
+	if len(names) == 0 {
+		return
+	}
 	mg := h.byGroup[s.meshID]
 	if mg == nil {
 		mg = map[string]map[*session]struct{}{}
 		h.byGroup[s.meshID] = mg
 	}
-	addTo(mg, g, s)
+	for _, g := range names {
+		addTo(mg, g, s)
+	}
+}
+
+func (h *hub) unindexGroupsLocked(s *session, names []string) {
+	mg := h.byGroup[s.meshID]
+	if mg == nil {
+		return
+	}
+	for _, g := range names {
+		removeFrom(mg, g, s)
+	}
+	if len(mg) == 0 {
+		delete(h.byGroup, s.meshID)
+	}
 }
 
 // remove unregisters s if it is still the registered session of its presence.
@@ -85,35 +102,20 @@ func (h *hub) removeLocked(s *session) {
 	delete(h.byPresence, s.presenceID)
 	removeFrom(h.byMesh, s.meshID, s)
 	removeFrom(h.byMember, s.memberID, s)
-	if mg := h.byGroup[s.meshID]; mg != nil {
-		for _, g := range s.groupNames() {
-			removeFrom(mg, g, s)
-		}
-		if len(mg) == 0 {
-			delete(h.byGroup, s.meshID)
-		}
-	}
+	h.unindexGroupsLocked(s, s.groupNames())
 }
 
-// setGroups replaces s's group index entries (after join_group/leave_group).
+// setGroups replaces s's groups and their index entries (join_group/leave_group).
 func (h *hub) setGroups(s *session, groups []groupEntry) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	registered := h.byPresence[s.presenceID] == s
 	if registered {
-		if mg := h.byGroup[s.meshID]; mg != nil {
-			for _, g := range s.groupNames() {
-				removeFrom(mg, g, s)
-			}
-		}
+		h.unindexGroupsLocked(s, s.groupNames())
 	}
-	s.mu.Lock()
-	s.groups = groups
-	s.mu.Unlock()
+	s.setGroups(groups)
 	if registered {
-		for _, g := range s.groupNames() {
-			h.addGroupLocked(s, g)
-		}
+		h.indexGroupsLocked(s, s.groupNames())
 	}
 }
 
@@ -131,16 +133,41 @@ func collect(set map[*session]struct{}) []*session {
 	return out
 }
 
-func (h *hub) meshSessions(meshID string) []*session {
-	h.mu.RLock()
-	defer h.mu.RUnlock()
-	return collect(h.byMesh[meshID])
-}
-
 func (h *hub) memberSessions(memberID string) []*session {
 	h.mu.RLock()
 	defer h.mu.RUnlock()
 	return collect(h.byMember[memberID])
+}
+
+// inGroup returns the mesh's sessions in group or in any of its sub-groups.
+func (h *hub) inGroup(meshID, group string) []*session {
+	h.mu.RLock()
+	defer h.mu.RUnlock()
+	seen := map[*session]struct{}{}
+	for name, set := range h.byGroup[meshID] {
+		if inGroup(name, group) {
+			for s := range set {
+				seen[s] = struct{}{}
+			}
+		}
+	}
+	return collect(seen)
+}
+
+// toMesh queues frame on every session of the mesh that skip does not exclude. The frame is
+// encoded once by the caller; every recipient gets the same bytes.
+func (h *hub) toMesh(meshID string, frame []byte, skip func(*session) bool) {
+	h.mu.RLock()
+	targets := make([]*session, 0, len(h.byMesh[meshID]))
+	for s := range h.byMesh[meshID] {
+		if skip == nil || !skip(s) {
+			targets = append(targets, s)
+		}
+	}
+	h.mu.RUnlock()
+	for _, s := range targets { // queueing never blocks, but outside the lock all the same
+		s.send(frame, false)
+	}
 }
 
 // all returns every local session (for resync, drain and shutdown only).

@@ -1,6 +1,10 @@
 package broker
 
 import (
+	"log/slog"
+	"sync"
+	"time"
+
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 )
@@ -27,7 +31,11 @@ type Metrics struct {
 	CommitSeconds     prometheus.Histogram
 	HookRequests      *prometheus.CounterVec
 	DeadNodes         prometheus.Counter
-	DrainClaims       prometheus.Counter
+	Claims            prometheus.Counter
+	BackgroundErrors  *prometheus.CounterVec
+
+	bgMu     sync.Mutex
+	bgLogged map[string]bgLog
 }
 
 func newMetrics() *Metrics {
@@ -42,6 +50,7 @@ func newMetrics() *Metrics {
 		return prometheus.NewGauge(prometheus.GaugeOpts{Namespace: "claudemesh", Name: name, Help: help})
 	}
 	m := &Metrics{
+		bgLogged:          map[string]bgLog{},
 		Registry:          reg,
 		HealthChecks:      cv("health_checks_total", "Health checks served, by reported status.", "status"),
 		ConnActive:        g("connections_active", "Open WebSocket connections on this replica."),
@@ -60,18 +69,55 @@ func newMetrics() *Metrics {
 			Help: "Sends per group-commit transaction.", Buckets: prometheus.ExponentialBuckets(1, 2, 10)}),
 		CommitSeconds: prometheus.NewHistogram(prometheus.HistogramOpts{Namespace: "claudemesh", Name: "commit_seconds",
 			Help: "Time to resolve and commit one send batch.", Buckets: prometheus.ExponentialBuckets(0.0005, 2, 14)}),
-		HookRequests: cv("hook_requests_total", "Hook requests, by outcome.", "outcome"),
-		DeadNodes:    c("dead_nodes_taken_over_total", "Silent replicas this replica declared dead and took over."),
-		DrainClaims:  c("drain_claims_total", "Claim statements run for pending deliveries (each covers many sessions)."),
+		HookRequests:     cv("hook_requests_total", "Hook requests, by outcome.", "outcome"),
+		DeadNodes:        c("dead_nodes_taken_over_total", "Silent replicas this replica declared dead and took over."),
+		Claims:           c("claims_total", "Claim statements run for pending deliveries (each covers many sessions)."),
+		BackgroundErrors: cv("background_errors_total", "Failures of background work (sweeps, records, catch-up), by task.", "task"),
+	}
+	// Every task's series exists from the start, at 0, so a dashboard shows it before it fails.
+	for _, task := range backgroundTasks {
+		m.BackgroundErrors.WithLabelValues(task)
 	}
 	reg.MustRegister(
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 		m.HealthChecks, m.ConnActive, m.ConnTotal, m.ConnRejected, m.BadFrames, m.SlowConsumers,
 		m.MessagesRouted, m.Pushes, m.SendFailures, m.DeliveriesPending, m.BusSent, m.BusReceived,
-		m.BusEvents, m.BatchSize, m.CommitSeconds, m.HookRequests, m.DeadNodes, m.DrainClaims,
+		m.BusEvents, m.BatchSize, m.CommitSeconds, m.HookRequests, m.DeadNodes, m.Claims, m.BackgroundErrors,
 	)
 	return m
+}
+
+// backgroundError counts a failure of background work by task, so a sweeper failing for an
+// hour shows on the dashboard, and logs it at Error: at most once per 10 s per task, saying how
+// many were left out, so an outage that fails every tick doesn't flood the log. Work that is
+// retried says so in args.
+func (m *Metrics) backgroundError(log *slog.Logger, task string, err error, args ...any) {
+	m.BackgroundErrors.WithLabelValues(task).Inc()
+	m.bgMu.Lock()
+	last := m.bgLogged[task]
+	if time.Since(last.at) < 10*time.Second {
+		last.suppressed++
+		m.bgLogged[task] = last
+		m.bgMu.Unlock()
+		return
+	}
+	m.bgLogged[task] = bgLog{at: time.Now()}
+	m.bgMu.Unlock()
+	if last.suppressed > 0 {
+		args = append(args, "suppressed_since_last", last.suppressed)
+	}
+	log.Error(task+" failed", append([]any{"task", task, "err", err}, args...)...)
+}
+
+// backgroundTasks are the task labels of background_errors_total.
+var backgroundTasks = []string{"record_deliveries", "record_session_ends", "claim", "release_unwritten", "catch_up",
+	"resync", "reload_status", "load_changed_state", "sweep_grace", "sweep_working", "sweep_expired", "pending_gauge",
+	"reconcile", "dead_node_takeover"}
+
+type bgLog struct {
+	at         time.Time
+	suppressed int
 }
 
 func (m *Metrics) observeBus(event string, n int) {

@@ -19,52 +19,47 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
-	"github.com/olahol/melody"
-
 	"github.com/claudemesh/broker/broker/membership"
-	"github.com/claudemesh/broker/db"
+	"github.com/claudemesh/broker/broker/store"
 	"github.com/claudemesh/broker/pgbus"
 	"github.com/claudemesh/broker/protocol"
 )
 
-// Server is one broker replica: its HTTP routes, its sessions and its node row.
+// Server is one broker replica: it wires the store, the hub, the bus and the services, serves
+// HTTP, and starts and stops them in order. It holds no business logic.
 type Server struct {
-	cfg     Config
-	pool    *pgxpool.Pool
-	q       *db.Queries
-	log     *slog.Logger
-	nodeID  string
-	started time.Time
-	metrics *Metrics
-	mux     *http.ServeMux
-
+	cfg      Config
+	pool     *pgxpool.Pool
+	store    *store.Store
+	log      *slog.Logger
+	nodeID   string
+	started  time.Time
+	metrics  *Metrics
+	mux      *http.ServeMux
 	draining atomic.Bool
 
 	hub       *hub
-	melody    *melody.Melody
 	bus       *pgbus.Bus
-	sends     chan sendReq
-	marker    *marker
-	drainer   *drainer
+	heartbeat *pgbus.Heartbeat
+	peers     *peers
+	committer *committer
+	pusher    *pusher
+	recorder  *recorder
 	ender     *ender
-	hookLimit *hookLimiter // per claimed pid + cwd
-	// hookCallers: per proven caller (member key of a signed hook, client address otherwise).
-	hookCallers *hookLimiter
-	gate        *gate
-	refusals    *sampledLog // refusals a client can cause at will
-	members     *membership.Service
-	// runCtx lives from Start to Stop; background work (bg) runs under it.
-	runCtx    context.Context
-	runCancel context.CancelFunc
-	bg        sync.WaitGroup
+	sweeper   *sweeper
+	members   *membership.Service
+	// services in start order; Stop stops them in reverse.
+	services []interface {
+		Start(context.Context) error
+		Stop(context.Context) error
+	}
 
 	mu         sync.Mutex
 	httpSrv    *http.Server
 	listener   net.Listener
 	metricsSrv *http.Server // on METRICS_ADDR, when set
 	metricsLn  net.Listener
-	cancel     context.CancelFunc
-	done       chan struct{}
+	served     sync.WaitGroup
 	stopped    bool
 }
 
@@ -81,27 +76,8 @@ func NewServer(cfg Config, pool *pgxpool.Pool, logger *slog.Logger) (*Server, er
 	if nodeID == "" {
 		nodeID = NewNodeID()
 	}
-	s := &Server{
-		cfg:     cfg,
-		pool:    pool,
-		q:       db.New(pool),
-		log:     logger.With("node", nodeID),
-		nodeID:  nodeID,
-		started: time.Now(),
-		metrics: newMetrics(),
-		mux:     http.NewServeMux(),
-	}
-	s.runCtx, s.runCancel = context.WithCancel(context.Background())
-	s.hub = newHub()
-	s.melody = s.newMelody()
-	s.sends = make(chan sendReq, sendQueueCap)
-	s.marker = newMarker(s)
-	s.drainer = newDrainer(s)
-	s.ender = newEnder(s)
-	s.hookLimit = newHookLimiter(cfg.HookRatePerMin)
-	s.hookCallers = newHookLimiter(cfg.HookRatePerCallerMin)
-	s.gate = newGate(cfg.MaxUnauthenticated, cfg.MaxUnauthPerSource, cfg.HelloTimeout)
-	s.refusals = newSampledLog(s.log, 5, 20)
+	s := &Server{cfg: cfg, pool: pool, store: store.New(pool), log: logger.With("node", nodeID), nodeID: nodeID,
+		started: time.Now(), metrics: newMetrics(), mux: http.NewServeMux(), hub: newHub()}
 	bus, err := pgbus.New(pgbus.Config{
 		ConnConfig: pool.Config().ConnConfig, Exec: pool, NodeID: nodeID, Namespace: cfg.BusNamespace,
 		Logger: s.log, Observe: s.metrics.observeBus,
@@ -110,16 +86,52 @@ func NewServer(cfg Config, pool *pgxpool.Pool, logger *slog.Logger) (*Server, er
 		return nil, err
 	}
 	s.bus = bus
+	s.heartbeat = pgbus.NewHeartbeat(pgbus.HeartbeatConfig{Exec: pool, Interval: cfg.Heartbeat, Logger: s.log,
+		Node: func() pgbus.NodeInfo {
+			return pgbus.NodeInfo{ID: nodeID, Region: cfg.Region, Address: s.Addr(), Version: Version}
+		},
+		// Our presences were handed to the grace sweep: send the peers to reconnect so their
+		// presences are registered afresh.
+		OnDeclaredDead: func() { reconnectAll(s.hub) },
+	})
+
+	sig := signals{bus: bus, nodeID: nodeID}
+	refusals := newSampledLog(s.log, 5, 20)
+	s.recorder = newRecorder(s.store, s.log, s.metrics)
+	s.pusher = newPusher(s.store, nodeID, s.log, s.metrics, s.hub.memberSessions)
+	s.ender = newEnder(s.store, sig, cfg.Grace(), s.log, s.metrics)
+	pl := &planner{local: s.hub, nodeID: nodeID, ttl: cfg.MessageTTL, now: time.Now}
+	s.committer = newCommitter(s.store, pl, sig, s.pusher, cfg.MaxBatch, s.log, s.metrics)
+	s.peers = &peers{cfg: cfg, nodeID: nodeID, store: s.store, hub: s.hub,
+		gate:    newGate(cfg.MaxUnauthenticated, cfg.MaxUnauthPerSource, cfg.HelloTimeout),
+		signals: sig, committer: s.committer, pusher: s.pusher, recorder: s.recorder, ender: s.ender,
+		metrics: s.metrics, log: s.log, refusals: refusals, draining: &s.draining}
+	s.peers.melody = s.peers.newMelody()
+	s.sweeper = &sweeper{store: s.store, signals: sig, hub: s.hub, pusher: s.pusher, ender: s.ender,
+		statusTTL: cfg.StatusTTL, log: s.log, metrics: s.metrics}
+	live := &liveness{store: s.store, signals: sig, heartbeat: s.heartbeat, hub: s.hub, interval: cfg.Heartbeat,
+		deadAfter: cfg.NodeDeadAfter, grace: cfg.Grace(), log: s.log, metrics: s.metrics,
+		onTakeOver: func(ctx context.Context) { _ = s.sweeper.sweepGrace(ctx) }}
+	rt := &router{bus: bus, store: s.store, hub: s.hub, pusher: s.pusher, nodeID: nodeID, log: s.log, metrics: s.metrics}
+	gd := &guard{peers: s.peers, pusher: s.pusher, stall: cfg.StallTimeout}
+	// Start order: the node row first (presences reference it), the listener, then the
+	// services that write (records and ends stop last, so closing sessions are recorded).
+	s.services = append(s.services, s.heartbeat, bus, s.recorder, s.ender, s.pusher, s.committer, rt, s.sweeper, live, gd)
+
 	s.metrics.registerFuncs(s)
+	hk := &hooks{cfg: cfg, store: s.store, signals: sig, metrics: s.metrics, log: s.log, refusals: refusals,
+		perPID: newHookLimiter(cfg.HookRatePerMin), callers: newHookLimiter(cfg.HookRatePerCallerMin)}
+	sp := &statusPage{cfg: cfg, store: s.store, nodeID: nodeID, started: s.started, hub: s.hub, log: s.log,
+		listener: bus.Connected, draining: s.draining.Load}
+	s.members = membership.New(pool, membership.Config{Logger: s.log, OnRevoke: RevokeHook(pool, cfg.BusNamespace, s.log)})
 	s.mux.HandleFunc("GET /health", s.handleHealth)
 	if cfg.MetricsAddr == "" {
 		s.mux.Handle("GET /metrics", s.metricsHandler())
 	}
-	s.mux.HandleFunc("GET "+protocol.PathWS, s.handleWS)
-	s.mux.HandleFunc("POST "+protocol.PathHookState, s.handleHook)
-	s.members = membership.New(pool, membership.Config{Logger: s.log, OnRevoke: RevokeHook(pool, cfg.BusNamespace, s.log)})
+	s.mux.HandleFunc("GET "+protocol.PathWS, s.peers.handleWS)
+	s.mux.HandleFunc("POST "+protocol.PathHookState, hk.handleHook)
 	s.mux.HandleFunc("POST "+protocol.PathJoin, s.members.HandleJoin)
-	s.mux.HandleFunc("GET /status", s.handleStatusPage)
+	s.mux.HandleFunc("GET /status", sp.handleStatusPage)
 	return s, nil
 }
 
@@ -183,29 +195,24 @@ func (s *Server) BusConnected() bool { return s.bus.Connected() }
 // Handler is the replica's HTTP handler (all routes, /ws included).
 func (s *Server) Handler() http.Handler { return s.mux }
 
-// MetricsAddr is the address /metrics is served on when METRICS_ADDR is set, once started.
-func (s *Server) MetricsAddr() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.metricsLn == nil {
-		return ""
-	}
-	return s.metricsLn.Addr().String()
-}
-
 // Addr is the address the replica listens on, once started.
-func (s *Server) Addr() string {
+func (s *Server) Addr() string { return s.addrOf(func() net.Listener { return s.listener }) }
+
+// MetricsAddr is the address /metrics is served on when METRICS_ADDR is set, once started.
+func (s *Server) MetricsAddr() string { return s.addrOf(func() net.Listener { return s.metricsLn }) }
+
+func (s *Server) addrOf(ln func() net.Listener) string {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.listener == nil {
-		return ""
+	if l := ln(); l != nil {
+		return l.Addr().String()
 	}
-	return s.listener.Addr().String()
+	return ""
 }
 
-// Start registers the node and serves HTTP on addr (":0" picks a free port). Background work
-// runs until Stop. Postgres being down does not fail Start: the replica serves 503 health and
-// registers itself when the database returns.
+// Start listens on addr (":0" picks a free port), starts every service in order (the node is
+// registered before anything is served) and serves HTTP. Postgres being down does not fail
+// Start: the replica serves 503 health and registers itself when the database returns.
 func (s *Server) Start(ctx context.Context, addr string) error {
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
@@ -218,64 +225,57 @@ func (s *Server) Start(ctx context.Context, addr string) error {
 			return fmt.Errorf("listen %s (METRICS_ADDR): %w", s.cfg.MetricsAddr, err)
 		}
 	}
-	_ = ctx
-	runCtx, cancel := s.runCtx, s.runCancel
-	if err := s.bus.Start(runCtx); err != nil {
-		_ = ln.Close()
-		if mln != nil {
-			_ = mln.Close()
+	s.mu.Lock()
+	s.listener, s.metricsLn = ln, mln
+	s.mu.Unlock()
+	// The services outlive the caller's context: only Stop ends them.
+	runCtx := context.WithoutCancel(ctx)
+	for i, svc := range s.services {
+		if err := svc.Start(runCtx); err != nil {
+			s.stopServices(ctx, s.services[:i])
+			_ = ln.Close()
+			if mln != nil {
+				_ = mln.Close()
+			}
+			return err
 		}
-		return err
 	}
-	for _, f := range []func(context.Context){s.runCommitter, s.marker.run, s.drainer.run, s.ender.run, s.runBus, s.runSweeper, s.runGuard} {
-		s.bg.Go(func() { f(runCtx) })
-	}
+	srv := &http.Server{Handler: s.mux, ReadHeaderTimeout: 10 * time.Second,
+		ErrorLog: slog.NewLogLogger(s.log.Handler(), slog.LevelWarn)}
 	s.mu.Lock()
-	s.listener = ln
+	s.httpSrv = srv
 	s.mu.Unlock()
-	registered := s.registerNode(runCtx) // before serving: presences reference the node row
-	s.mu.Lock()
-	s.cancel = cancel
-	s.done = make(chan struct{})
-	s.httpSrv = &http.Server{
-		Handler:           s.mux,
-		ReadHeaderTimeout: 10 * time.Second,
-		ErrorLog:          slog.NewLogLogger(s.log.Handler(), slog.LevelWarn),
-	}
-	srv := s.httpSrv
-	s.mu.Unlock()
-
+	s.serve(srv, ln, "http serve")
 	if mln != nil {
 		mux := http.NewServeMux()
 		mux.Handle("GET /metrics", s.metricsHandler())
-		metricsSrv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+		ms := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 		s.mu.Lock()
-		s.metricsSrv, s.metricsLn = metricsSrv, mln
+		s.metricsSrv = ms
 		s.mu.Unlock()
-		s.bg.Go(func() {
-			if err := metricsSrv.Serve(mln); err != nil && !errors.Is(err, http.ErrServerClosed) {
-				s.log.Error("metrics serve", "err", err)
-			}
-		})
+		s.serve(ms, mln, "metrics serve")
 	}
-	var wg sync.WaitGroup
-	wg.Add(2)
-	go func() {
-		defer wg.Done()
-		s.runNode(runCtx, registered)
-	}()
-	go func() {
-		defer wg.Done()
-		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
-			s.log.Error("http serve", "err", err)
-		}
-	}()
-	go func() { wg.Wait(); close(s.done) }()
 	s.log.Info("broker listening", "addr", ln.Addr().String(), "version", Version, "region", s.cfg.Region)
 	return nil
 }
 
-// Stop shuts the replica down: no new connections, node marked stopped. Safe to call twice.
+func (s *Server) serve(srv *http.Server, ln net.Listener, what string) {
+	s.served.Go(func() {
+		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			s.log.Error(what, "err", err)
+		}
+	})
+}
+
+// stopTimeout is what each service gets to stop when the caller's deadline has already
+// passed: the bus must still be stopped and the node marked stopped, or the node would be
+// declared dead instead and its LISTEN goroutines would outlive the server.
+const stopTimeout = 3 * time.Second
+
+// Stop shuts the replica down: no new connections, sessions closed with 1012 (their
+// presences kept in grace), every service stopped in reverse order, the node marked stopped.
+// Each service gets what is left of ctx, and at least stopTimeout of its own. Safe to call
+// twice; the second call returns at once.
 func (s *Server) Stop(ctx context.Context) error {
 	s.mu.Lock()
 	if s.stopped || s.httpSrv == nil {
@@ -284,35 +284,55 @@ func (s *Server) Stop(ctx context.Context) error {
 		return nil
 	}
 	s.stopped = true
-	srv, cancel, done := s.httpSrv, s.cancel, s.done
+	srv, ms := s.httpSrv, s.metricsSrv
 	s.mu.Unlock()
 
 	s.draining.Store(true)
 	s.drainSessions(ctx)
+	// Whatever did not leave in the drain window is cut now, and its end queued for the ender
+	// (which stops after everything that could still close a session).
+	_ = s.peers.melody.Close()
+	s.waitSessionsGone(stopTimeout)
 	err := srv.Shutdown(ctx)
-	s.mu.Lock()
-	if s.metricsSrv != nil {
-		_ = s.metricsSrv.Close()
+	if err != nil {
+		_ = srv.Close() // the deadline passed with requests open: cut them
 	}
-	s.mu.Unlock()
-	cancel()
-	bgDone := make(chan struct{})
-	go func() { s.bg.Wait(); close(bgDone) }()
-	for _, ch := range []chan struct{}{done, bgDone} {
-		select {
-		case <-ch:
-		case <-ctx.Done():
-			return ctx.Err()
-		}
+	if ms != nil {
+		_ = ms.Close()
 	}
-	_ = s.bus.Stop(ctx)
-	stopCtx, stopCancel := context.WithTimeout(context.WithoutCancel(ctx), 3*time.Second)
-	defer stopCancel()
-	if e := s.q.NodeStop(stopCtx, s.nodeID); e != nil {
-		s.log.Warn("mark node stopped", "err", e)
-	}
+	s.served.Wait()
+	err = errors.Join(err, s.stopServices(ctx, s.services))
 	s.log.Info("broker stopped")
 	return err
+}
+
+// stopServices stops services in reverse order, each with a deadline of its own when ctx is
+// already done.
+func (s *Server) stopServices(ctx context.Context, services []interface {
+	Start(context.Context) error
+	Stop(context.Context) error
+}) error {
+	var errs []error
+	for i := len(services) - 1; i >= 0; i-- {
+		sctx, cancel := ctx, context.CancelFunc(func() {})
+		if ctx.Err() != nil {
+			sctx, cancel = context.WithTimeout(context.WithoutCancel(ctx), stopTimeout)
+		}
+		if err := services[i].Stop(sctx); err != nil {
+			errs = append(errs, fmt.Errorf("stop %T: %w", services[i], err))
+		}
+		cancel()
+	}
+	return errors.Join(errs...)
+}
+
+// waitSessionsGone waits, up to d, until every closed socket's session left the hub (its end
+// is then queued).
+func (s *Server) waitSessionsGone(d time.Duration) {
+	deadline := time.Now().Add(d)
+	for s.hub.len() > 0 && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
 }
 
 // Health is the body of GET /health.
@@ -337,7 +357,7 @@ func (s *Server) handleHealth(w http.ResponseWriter, r *http.Request) {
 	if !s.bus.Connected() {
 		h.Status, h.Listener = "degraded", "down"
 	}
-	if err := s.pool.Ping(ctx); err != nil {
+	if err := s.store.Ping(ctx); err != nil {
 		h.Status, h.DB = "degraded", "down"
 	}
 	if s.draining.Load() {
@@ -359,8 +379,8 @@ func writeJSON(w http.ResponseWriter, code int, v any) {
 }
 
 // drainSessions closes every local session with 1012 ("reconnect elsewhere"), spread over a
-// short window so the peers don't all reconnect in the same instant, and waits for them to
-// go (their presences stay in grace, so nobody sees them leave).
+// short window so the peers don't all reconnect in the same instant, and waits for them to go
+// (their presences stay in grace, so nobody sees them leave).
 func (s *Server) drainSessions(ctx context.Context) {
 	sessions := s.hub.all()
 	if len(sessions) == 0 {
@@ -385,12 +405,11 @@ func (s *Server) drainSessions(ctx context.Context) {
 	for s.hub.len() > 0 {
 		select {
 		case <-ctx.Done():
-			return
 		case <-deadline.C:
 			s.log.Warn("sessions still open after drain window; closing them", "count", s.hub.len())
-			_ = s.melody.Close()
-			return
 		case <-tick.C:
+			continue
 		}
+		break
 	}
 }

@@ -8,31 +8,33 @@ import (
 
 	"github.com/olahol/melody"
 
+	"github.com/claudemesh/broker/broker/store"
 	"github.com/claudemesh/broker/protocol"
 )
 
-type groupEntry struct {
-	Name string `json:"name"`
-	Role string `json:"role,omitempty"`
-}
+type groupEntry = store.Group
+
+// frameWriter queues a text frame on a socket (a melody session; tests use a fake).
+type frameWriter interface{ Write([]byte) error }
 
 // pushWindow bounds the push frames queued on one socket and not yet written. A delivery is
 // claimed (or pushed straight after its commit) only into a free slot of the window, so
 // deliveries never outrun the socket: what does not fit stays pending in the table and is
-// drained as frames are written. The rest of the socket's queue (sendQueue) is left for
+// claimed as frames are written. The rest of the socket's queue (socketQueue) is left for
 // replies and events.
-const pushWindow = sendQueue / 2
+const pushWindow = socketQueue / 2
 
 // replyWindow bounds the other frames a session has queued or promised (acks of sends in the
 // committer, replies, events). While it is full, the session's next request is not read: a
 // client that pipelines faster than it reads its acks is slowed down instead of overflowing
-// its queue. Push window + reply window stay under sendQueue, leaving room for events.
-const replyWindow = sendQueue / 4
+// its queue. Push window + reply window stay under socketQueue, leaving room for events.
+const replyWindow = socketQueue / 4
 
 // session is one authenticated WebSocket on this replica. Identity fields are set once at
 // hello; the rest is guarded by mu and changed only through the methods below.
 type session struct {
-	ws *melody.Session
+	ws  *melody.Session // for closing; nil in unit tests
+	out frameWriter     // where frames go: ws in production
 
 	presenceID    string
 	meshID        string
@@ -49,12 +51,12 @@ type session struct {
 	status      protocol.Status
 	groups      []groupEntry
 	// backlog: pending deliveries may exist for this session, so new ones must queue behind
-	// them (through the drain) instead of being pushed directly: per-recipient order.
-	backlog bool
-	kicks   uint64 // drain requests so far; a drain that saw fewer must run again
-	closed  bool
+	// them (through the pusher) instead of being pushed directly: per-recipient order.
+	backlog  bool
+	requests uint64 // push requests so far; a claim round that saw fewer must run again
+	closed   bool
 	// The push window: frames queued on the socket (oldest first), slots promised to a
-	// commit in flight, and whether a drain waits for room (since when, for the stall check).
+	// commit in flight, and whether the pusher waits for room (since when, for the stall check).
 	inflight    []inflightPush
 	reserved    int
 	parked      bool
@@ -90,9 +92,29 @@ func (s *session) groupNames() []string {
 	return out
 }
 
+// groupsCopy returns the session's groups, for a change that is stored before it is applied.
+func (s *session) groupsCopy() []groupEntry {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return append([]groupEntry(nil), s.groups...)
+}
+
+func (s *session) setGroups(groups []groupEntry) {
+	s.mu.Lock()
+	s.groups = groups
+	s.mu.Unlock()
+}
+
 func (s *session) setStatus(st protocol.Status) {
 	s.mu.Lock()
 	s.status = st
+	s.mu.Unlock()
+}
+
+// markClosed records that the socket is gone: nothing is queued on it any more.
+func (s *session) markClosed() {
+	s.mu.Lock()
+	s.closed = true
 	s.mu.Unlock()
 }
 
@@ -143,7 +165,7 @@ func (s *session) push(frame []byte, id int64, fromReserve bool) bool {
 	}
 	s.inflight = append(s.inflight, inflightPush{frame: unsafe.SliceData(frame), id: id})
 	s.mu.Unlock()
-	return s.ws.Write(frame) == nil
+	return s.out.Write(frame) == nil
 }
 
 // send queues a frame other than a push (a reply, an event); promised says its slot in the
@@ -158,7 +180,7 @@ func (s *session) send(frame []byte, promised bool) {
 		s.queued++
 	}
 	s.mu.Unlock()
-	_ = s.ws.Write(frame)
+	_ = s.out.Write(frame)
 }
 
 // promise takes a reply-window slot for an ack that the committer will send.
@@ -201,7 +223,7 @@ func (s *session) awaitReplyRoom(stall time.Duration) bool {
 }
 
 // written is told every text frame melody wrote to the socket. For a push it returns the
-// delivery id, and wake when a drain parked on the full window may run again.
+// delivery id, and wake when a claim parked on the full window may run again.
 func (s *session) written(frame []byte) (id int64, push, wake bool) {
 	if len(frame) == 0 {
 		return 0, false, false
@@ -236,22 +258,23 @@ func (s *session) written(frame []byte) (id int64, push, wake bool) {
 	return id, true, wake
 }
 
-// kick records a drain request: until the drain catches up, new deliveries queue behind the
-// pending ones. False when the session is closed.
-func (s *session) kick() bool {
+// requestPush records that pending deliveries may wait for the session: until the pusher
+// catches up, new deliveries queue behind them (the backlog) instead of being pushed directly,
+// so they arrive in commit order. False when the session is closed.
+func (s *session) requestPush() bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.closed {
 		return false
 	}
 	s.backlog = true
-	s.kicks++
+	s.requests++
 	return true
 }
 
-// drainStart snapshots what a drain round needs: how many deliveries it may claim (0 parks
-// the drain until frames are written), whether held priorities may go, and the kick count.
-func (s *session) drainStart(page int) (limit int, idle bool, kicks uint64, ok bool) {
+// claimStart snapshots what a claim round needs: how many deliveries it may claim (0 parks the
+// session until frames are written), whether held priorities may go, and the request count.
+func (s *session) claimStart(page int) (limit int, idle bool, requests uint64, ok bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.closed {
@@ -260,47 +283,56 @@ func (s *session) drainStart(page int) (limit int, idle bool, kicks uint64, ok b
 	limit = min(page, s.room())
 	if limit <= 0 {
 		s.park()
-		return 0, false, s.kicks, true
+		return 0, false, s.requests, true
 	}
-	s.reserved += limit // held for the claim in flight; drainDone gives them back
-	return limit, s.status == protocol.StatusIdle, s.kicks, true
+	s.reserved += limit // held for the claim in flight; claimDone gives back what it did not use
+	return limit, s.status == protocol.StatusIdle, s.requests, true
 }
 
-// park makes the drain wait for the window; mu must be held.
+// park makes the pusher wait for the window; mu must be held.
 func (s *session) park() {
 	if !s.parked {
 		s.parked, s.stalledFrom = true, time.Now()
 	}
 }
 
-// drainDone ends a drain round that claimed got of limit: caught up clears the backlog;
-// otherwise it says whether to claim again now (room left) or wait, parked, for writes.
-func (s *session) drainDone(got, limit int, kicks uint64) (again bool) {
+// claimResult says what follows a claim round.
+type claimResult int
+
+const (
+	claimCaughtUp claimResult = iota // nothing left: the backlog is cleared
+	claimAgain                       // more may be pending and the window has room
+	claimParked                      // the window is full: wait for frames to be written
+)
+
+// claimDone ends a claim round that got got of limit. Caught up (fewer than asked, and no
+// request since) clears the backlog; otherwise claim again, or park on a full window.
+func (s *session) claimDone(got, limit int, requests uint64) claimResult {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.reserved -= limit - got // the claimed ones were turned into inflight by push
 	if s.closed {
-		return false
+		return claimCaughtUp
 	}
-	if got < limit && s.kicks == kicks {
+	if got < limit && s.requests == requests {
 		s.backlog = false
-		return false
+		return claimCaughtUp
 	}
 	if s.room() <= 0 {
 		s.park()
-		return false
+		return claimParked
 	}
-	return true
+	return claimAgain
 }
 
-// drainFailed gives back the slots of a claim that failed; the backlog stays for the retry.
-func (s *session) drainFailed(limit int) {
+// claimFailed gives back the slots of a claim that failed; the backlog stays for the retry.
+func (s *session) claimFailed(limit int) {
 	s.mu.Lock()
 	s.reserved -= limit
 	s.mu.Unlock()
 }
 
-// stalled reports whether a drain is parked on the session's window, and whether the window
+// stalled reports whether the pusher is parked on the session's window, and whether the window
 // has been full without a single write for d: the peer stopped reading.
 func (s *session) stalled(now time.Time, d time.Duration) (parked, stalled bool) {
 	s.mu.Lock()
@@ -308,21 +340,6 @@ func (s *session) stalled(now time.Time, d time.Duration) (parked, stalled bool)
 	parked = s.parked && !s.closed
 	return parked, parked && len(s.inflight) > 0 && now.Sub(s.stalledFrom) >= d
 }
-
-func (s *session) isParked() bool {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.parked
-}
-
-// endMode says what a closing socket does to its presence.
-type endMode int
-
-const (
-	endGrace    endMode = iota // non-clean close: keep the presence listed for the grace window
-	endNow                     // clean close, revoke or kick: the peer is gone
-	endReplaced                // another socket took the presence over: leave it alone
-)
 
 // conn is what a melody session carries. The session is set by the read goroutine once hello
 // succeeded and read by the write pump too; end is set first by whoever closes the socket.

@@ -7,14 +7,13 @@ import (
 	"crypto/subtle"
 	"fmt"
 	"html/template"
+	"log/slog"
 	"net/http"
 	"net/url"
 	"strings"
 	"time"
 
-	"github.com/jackc/pgx/v5"
-
-	"github.com/claudemesh/broker/db"
+	"github.com/claudemesh/broker/broker/store"
 )
 
 // The admin status page (GET /status): a read-only, server-rendered view of the cluster as
@@ -87,7 +86,19 @@ type statusPageDeliveries struct {
 	Oldest          string
 }
 
-func (s *Server) handleStatusPage(w http.ResponseWriter, r *http.Request) {
+// statusPage serves GET /status.
+type statusPage struct {
+	cfg      Config
+	store    *store.Store
+	nodeID   string
+	started  time.Time
+	hub      *hub
+	listener func() bool // the LISTEN connection is up
+	draining func() bool
+	log      *slog.Logger
+}
+
+func (s *statusPage) handleStatusPage(w http.ResponseWriter, r *http.Request) {
 	if s.cfg.AdminToken == "" {
 		http.NotFound(w, r)
 		return
@@ -150,88 +161,63 @@ func adminTokenMatches(got, want string) bool {
 }
 
 // statusPageReplicaView is the part of the page this replica knows without the database.
-func (s *Server) statusPageReplicaView() statusPageData {
+func (s *statusPage) statusPageReplicaView() statusPageData {
 	return statusPageData{
 		GeneratedAt: time.Now().UTC().Format(time.RFC3339),
 		Refresh:     int(statusPageRefresh.Seconds()),
 		Replica: statusPageReplica{
 			NodeID: s.nodeID, Region: s.cfg.Region, Version: Version,
 			Uptime:     statusPageAge(time.Since(s.started).Seconds()),
-			ListenerUp: s.bus.Connected(), Draining: s.draining.Load(),
+			ListenerUp: s.listener(), Draining: s.draining(),
 			LocalSessions: s.hub.len(),
 		},
 	}
 }
 
-// loadStatusPage reads the cluster view in one read-only snapshot, so the counts agree.
-func (s *Server) loadStatusPage(ctx context.Context, page *statusPageData) error {
-	return pgx.BeginTxFunc(ctx, s.pool, pgx.TxOptions{IsoLevel: pgx.RepeatableRead, AccessMode: pgx.ReadOnly}, func(tx pgx.Tx) error {
-		q := s.q.WithTx(tx)
-		nodes, err := q.StatusNodes(ctx, db.StatusNodesParams{RecentSeconds: statusPageRecentGone.Seconds(), MaxNodes: statusPageMaxNodes})
-		if err != nil {
-			return fmt.Errorf("status nodes: %w", err)
+// loadStatusPage reads the cluster view (one read-only snapshot, so the counts agree).
+func (s *statusPage) loadStatusPage(ctx context.Context, page *statusPageData) error {
+	v, err := s.store.StatusPage(ctx, store.StatusPageLimits{RecentGone: statusPageRecentGone,
+		MaxNodes: statusPageMaxNodes, MaxMeshes: statusPageMaxMeshes, PerMesh: statusPagePeersPerMesh})
+	if err != nil {
+		return err
+	}
+	for _, n := range v.Nodes {
+		sn := statusPageNode{ID: n.ID, Region: n.Region, Version: n.Version, Sessions: n.Sessions, Grace: n.GraceSessions,
+			Heartbeat: statusPageAge(n.HeartbeatAgeSeconds) + " ago", Uptime: statusPageAge(time.Since(n.StartedAt).Seconds()),
+			Self: n.ID == s.nodeID}
+		switch {
+		case n.Dead:
+			sn.State = "dead"
+		case n.Stopped:
+			sn.State = "stopped"
+		case n.HeartbeatAgeSeconds > s.cfg.NodeDeadAfter.Seconds():
+			sn.State = "silent" // past the deadline, not yet declared dead by a peer
+		default:
+			sn.State = "live"
 		}
-		for _, n := range nodes {
-			sn := statusPageNode{ID: n.ID, Region: n.Region, Version: n.Version, Sessions: n.Sessions, Grace: n.GraceSessions,
-				Heartbeat: statusPageAge(n.HeartbeatAgeSeconds) + " ago", Uptime: statusPageAge(time.Since(n.StartedAt).Seconds()),
-				Self: n.ID == s.nodeID}
-			switch {
-			case n.DeadAt != nil:
-				sn.State = "dead"
-			case n.StoppedAt != nil:
-				sn.State = "stopped"
-			case n.HeartbeatAgeSeconds > s.cfg.NodeDeadAfter.Seconds():
-				sn.State = "silent" // past the deadline, not yet declared dead by a peer
-			default:
-				sn.State = "live"
-			}
-			if sn.State == "live" || sn.State == "silent" {
-				page.LiveNodes++
-				page.Sessions += n.Sessions
-			}
-			page.Nodes = append(page.Nodes, sn)
+		if sn.State == "live" || sn.State == "silent" {
+			page.LiveNodes++
+			page.Sessions += n.Sessions
 		}
-
-		meshes, err := q.StatusMeshes(ctx, statusPageMaxMeshes)
-		if err != nil {
-			return fmt.Errorf("status meshes: %w", err)
-		}
-		if page.MeshTotal, err = q.StatusMeshCount(ctx); err != nil {
-			return fmt.Errorf("status mesh count: %w", err)
-		}
-		ids := make([]string, 0, len(meshes))
-		index := make(map[string]int, len(meshes))
-		for i, m := range meshes {
-			ids = append(ids, m.ID)
-			index[m.ID] = i
-			page.Meshes = append(page.Meshes, statusPageMesh{Slug: m.Slug, Name: m.Name, LiveSessions: m.LiveSessions,
-				GraceSessions: m.GraceSessions, LiveMembers: m.LiveMembers, Members: m.Members})
-		}
-		peers, err := q.StatusPeers(ctx, db.StatusPeersParams{MeshIds: ids, PerMesh: statusPagePeersPerMesh})
-		if err != nil {
-			return fmt.Errorf("status peers: %w", err)
-		}
-		for _, p := range peers {
-			m := &page.Meshes[index[p.MeshID]]
-			m.Peers = append(m.Peers, statusPagePeer{Name: p.DisplayName, KeyPrefix: statusPageKey(p.MemberKeyPrefix),
+		page.Nodes = append(page.Nodes, sn)
+	}
+	page.MeshTotal = v.MeshTotal
+	for _, m := range v.Meshes {
+		pm := statusPageMesh{Slug: m.Slug, Name: m.Name, LiveSessions: m.LiveSessions,
+			GraceSessions: m.GraceSessions, LiveMembers: m.LiveMembers, Members: m.Members}
+		for _, p := range m.Peers {
+			pm.Peers = append(pm.Peers, statusPagePeer{Name: p.DisplayName, KeyPrefix: statusPageKey(p.KeyPrefix),
 				Node: p.NodeID, Status: p.Status, Source: p.StatusSource, InGrace: p.InGrace,
 				Connected: statusPageAge(p.ConnectedSeconds)})
 		}
-		for i := range page.Meshes {
-			m := &page.Meshes[i]
-			m.MorePeers = max(m.LiveSessions+m.GraceSessions-int64(len(m.Peers)), 0)
-		}
-
-		d, err := q.StatusDeliveries(ctx)
-		if err != nil {
-			return fmt.Errorf("status deliveries: %w", err)
-		}
-		page.Deliveries = statusPageDeliveries{Pending: d.Pending, Pushed: d.Pushed, Oldest: "—"}
-		if d.Pending+d.Pushed > 0 {
-			page.Deliveries.Oldest = statusPageAge(d.OldestSeconds)
-		}
-		return nil
-	})
+		pm.MorePeers = max(pm.LiveSessions+pm.GraceSessions-int64(len(pm.Peers)), 0)
+		page.Meshes = append(page.Meshes, pm)
+	}
+	page.Deliveries = statusPageDeliveries{Pending: v.Pending, Pushed: v.Pushed, Oldest: "—"}
+	if v.Pending+v.Pushed > 0 {
+		page.Deliveries.Oldest = statusPageAge(v.OldestPendingSeconds)
+	}
+	return nil
 }
 
 // statusPageKey cuts a key to its short prefix (the query already does; this is the backstop).

@@ -2,16 +2,19 @@ package broker
 
 import (
 	"errors"
+	"log/slog"
 	"net/http"
 	"net/url"
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/gorilla/websocket"
 	"github.com/olahol/melody"
 
+	"github.com/claudemesh/broker/broker/store"
 	"github.com/claudemesh/broker/protocol"
 )
 
@@ -20,33 +23,54 @@ const (
 	pingPeriod = 30 * time.Second
 	pongWait   = 75 * time.Second
 	writeWait  = 10 * time.Second
-	// sendQueue bounds each session's outgoing frames; overflow closes it with 4008. Every
-	// session pays for its slots (32 bytes each) even when idle: BENCHMARKS.md.
-	sendQueue = 256
+	// socketQueue bounds each socket's outgoing frames (melody's buffer); the push and reply
+	// windows keep it from overflowing. Every session pays for its slots even when idle.
+	socketQueue = 256
 )
 
-func (s *Server) newMelody() *melody.Melody {
+// peers serves the WebSocket protocol: the upgrade, the handshake and every frame of an
+// established session. It decides nothing durable itself: the store, the committer and the
+// services behind it do.
+type peers struct {
+	cfg       Config
+	nodeID    string
+	store     *store.Store
+	hub       *hub
+	gate      *gate
+	signals   signals
+	committer *committer
+	pusher    *pusher
+	recorder  *recorder
+	ender     *ender
+	metrics   *Metrics
+	log       *slog.Logger
+	refusals  *sampledLog // refusals a client can cause at will
+	draining  *atomic.Bool
+	melody    *melody.Melody
+}
+
+func (p *peers) newMelody() *melody.Melody {
 	m := melody.New()
-	m.Config.MaxMessageSize = int64(s.cfg.MaxMessageBytes)
+	m.Config.MaxMessageSize = int64(p.cfg.MaxMessageBytes)
 	m.Config.PingPeriod = pingPeriod
 	m.Config.PongWait = pongWait
 	m.Config.WriteWait = writeWait
-	m.Config.MessageBufferSize = sendQueue
-	m.Upgrader.CheckOrigin = s.checkOrigin
+	m.Config.MessageBufferSize = socketQueue
+	m.Upgrader.CheckOrigin = p.checkOrigin
 	m.Upgrader.ReadBufferSize = 4096
 	m.Upgrader.WriteBufferSize = 4096
 	// Idle sessions hold no write buffer: one is taken from the pool for each write.
 	m.Upgrader.WriteBufferPool = &sync.Pool{}
 	m.HandleConnect(func(ms *melody.Session) {
-		s.metrics.ConnActive.Inc()
-		s.metrics.ConnTotal.Inc()
-		s.gate.attach(connOf(ms), ms)
+		p.metrics.ConnActive.Inc()
+		p.metrics.ConnTotal.Inc()
+		p.gate.attach(connOf(ms), ms)
 	})
-	m.HandleMessage(s.handleFrame)
+	m.HandleMessage(p.handleFrame)
 	m.HandleMessageBinary(func(ms *melody.Session, _ []byte) {
-		s.reply(ms, &protocol.Error{Code: protocol.CodeBadRequest, Message: "frames must be UTF-8 JSON text"})
+		p.reply(ms, &protocol.Error{Code: protocol.CodeBadRequest, Message: "frames must be UTF-8 JSON text"})
 	})
-	m.HandleSentMessage(s.frameWritten)
+	m.HandleSentMessage(p.frameWritten)
 	m.HandleClose(func(ms *melody.Session, code int, _ string) error {
 		if code == websocket.CloseNormalClosure {
 			connOf(ms).end.Set(endNow)
@@ -56,17 +80,17 @@ func (s *Server) newMelody() *melody.Melody {
 	m.HandleError(func(ms *melody.Session, err error) {
 		switch {
 		case errors.Is(err, melody.ErrMessageBufferFull):
-			s.closeSlowConsumer(ms, "send queue full")
+			p.closeSlowConsumer(ms, "send queue full")
 		case errors.Is(err, websocket.ErrReadLimit):
-			s.log.Info("frame too large; closing 1009", "limit", s.cfg.MaxMessageBytes)
+			p.log.Info("frame too large; closing 1009", "limit", p.cfg.MaxMessageBytes)
 		}
 	})
 	m.HandleDisconnect(func(ms *melody.Session) {
-		s.metrics.ConnActive.Dec()
+		p.metrics.ConnActive.Dec()
 		c := connOf(ms)
-		s.gate.release(c)
+		p.gate.release(c)
 		if sess := c.session(); sess != nil {
-			s.sessionClosed(sess, c.end.Get())
+			p.sessionClosed(sess, c.end.Get())
 		}
 	})
 	return m
@@ -74,7 +98,7 @@ func (s *Server) newMelody() *melody.Melody {
 
 // frameWritten runs on a socket's write pump after each text frame: a push written to a
 // session that does not ack is delivered now, and its window slot is free again.
-func (s *Server) frameWritten(ms *melody.Session, frame []byte) {
+func (p *peers) frameWritten(ms *melody.Session, frame []byte) {
 	sess := connOf(ms).session()
 	if sess == nil {
 		return
@@ -83,26 +107,26 @@ func (s *Server) frameWritten(ms *melody.Session, frame []byte) {
 	if !push {
 		return
 	}
-	s.metrics.Pushes.Inc()
+	p.metrics.Pushes.Inc()
 	if !sess.clientAck {
-		s.marker.written(id)
+		p.recorder.wrote(id)
 	}
 	if wake {
-		s.kickDrain(sess)
+		p.pusher.request(sess)
 	}
 }
 
-// closeSlowConsumer closes a socket that cannot keep up with 4008. Its queue is full, so the
-// close frame can't be queued behind it: it is written as a control frame (gorilla allows
+// closeSlowConsumer closes a socket that cannot keep up with 4008. Its queue may be full, so
+// the close frame can't be queued behind it: it is written as a control frame (gorilla allows
 // that beside the write pump) and the connection dropped. Whatever was claimed for it and not
 // written goes back to pending when the session ends.
-func (s *Server) closeSlowConsumer(ms *melody.Session, why string) {
+func (p *peers) closeSlowConsumer(ms *melody.Session, why string) {
 	c := connOf(ms)
 	if !c.slowClosed.CompareAndSwap(false, true) {
 		return // melody reports each further dropped frame; one close is enough
 	}
-	s.metrics.SlowConsumers.Inc()
-	s.log.Info("slow consumer; closing 4008", "presence", presenceOf(c), "why", why)
+	p.metrics.SlowConsumers.Inc()
+	p.log.Info("slow consumer; closing 4008", "presence", presenceOf(c), "why", why)
 	c.end.Set(endGrace)
 	if wc := ms.WebsocketConnection(); wc != nil {
 		_ = wc.WriteControl(websocket.CloseMessage,
@@ -123,54 +147,57 @@ func connOf(ms *melody.Session) *conn {
 
 // checkOrigin accepts peers without an Origin (CLI and MCP clients), same-host browsers and
 // the configured origins, so a random web page can't open a session with a user's cookies.
-func (s *Server) checkOrigin(r *http.Request) bool {
+func (p *peers) checkOrigin(r *http.Request) bool {
 	origin := r.Header.Get("Origin")
 	if origin == "" {
 		return true
 	}
-	if slices.Contains(s.cfg.AllowedOrigins, "*") || slices.Contains(s.cfg.AllowedOrigins, origin) {
+	if slices.Contains(p.cfg.AllowedOrigins, "*") || slices.Contains(p.cfg.AllowedOrigins, origin) {
 		return true
 	}
 	u, err := url.Parse(origin)
 	return err == nil && strings.EqualFold(u.Host, r.Host)
 }
 
-func (s *Server) handleWS(w http.ResponseWriter, r *http.Request) {
-	if s.draining.Load() {
-		s.metrics.ConnRejected.WithLabelValues("draining").Inc()
+// handleWS serves GET /ws. What it trusts: nothing. A socket is counted from before its
+// upgrade until its hello succeeds (per replica and per client address), refused before the
+// upgrade when either count is full, and closed when its hello is late.
+func (p *peers) handleWS(w http.ResponseWriter, r *http.Request) {
+	if p.draining.Load() {
+		p.metrics.ConnRejected.WithLabelValues("draining").Inc()
 		http.Error(w, "draining: reconnect to another replica", http.StatusServiceUnavailable)
 		return
 	}
-	c := &conn{source: clientSource(r, s.cfg.TrustedProxyHeader)}
-	if reason := s.gate.admit(c); reason != "" {
+	c := &conn{source: clientSource(r, p.cfg.TrustedProxyHeader)}
+	if reason := p.gate.admit(c); reason != "" {
 		// Refused before the upgrade: a status line, no goroutine, no socket kept.
-		s.metrics.ConnRejected.WithLabelValues(reason).Inc()
-		s.refusals.Info("websocket refused: too many sockets without hello", "reason", reason, "source", c.source)
+		p.metrics.ConnRejected.WithLabelValues(reason).Inc()
+		p.refusals.Info("websocket refused: too many sockets without hello", "reason", reason, "source", c.source)
 		w.Header().Set("Retry-After", "1")
 		http.Error(w, "too many unauthenticated connections; retry shortly", http.StatusServiceUnavailable)
 		return
 	}
-	if err := s.melody.HandleRequestWithKeys(w, r, map[string]any{"c": c}); err != nil {
-		s.gate.release(c)
-		s.metrics.ConnRejected.WithLabelValues("upgrade").Inc()
-		s.log.Debug("websocket upgrade", "err", err)
+	if err := p.melody.HandleRequestWithKeys(w, r, map[string]any{"c": c}); err != nil {
+		p.gate.release(c)
+		p.metrics.ConnRejected.WithLabelValues("upgrade").Inc()
+		p.log.Debug("websocket upgrade", "err", err)
 	}
 }
 
 // closeHelloLate closes the sockets that did not complete a hello in time.
-func (s *Server) closeHelloLate(now time.Time) {
-	for _, c := range s.gate.expired(now) {
-		s.metrics.ConnRejected.WithLabelValues("hello_timeout").Inc()
+func (p *peers) closeHelloLate(now time.Time) {
+	for _, c := range p.gate.expired(now) {
+		p.metrics.ConnRejected.WithLabelValues("hello_timeout").Inc()
 		closeWith(c.ms, protocol.CloseHelloRefused, "hello_timeout")
 	}
 }
 
 // reply writes one message to a socket; once the socket has a session it counts against the
 // session's reply window. Encoding our own types can't fail.
-func (s *Server) reply(ms *melody.Session, m protocol.ServerMessage) {
+func (p *peers) reply(ms *melody.Session, m protocol.ServerMessage) {
 	b, err := protocol.Encode(m)
 	if err != nil {
-		s.log.Error("encode reply", "type", m.Type(), "err", err)
+		p.log.Error("encode reply", "type", m.Type(), "err", err)
 		return
 	}
 	if sess := connOf(ms).session(); sess != nil {
@@ -182,12 +209,14 @@ func (s *Server) reply(ms *melody.Session, m protocol.ServerMessage) {
 
 // closeWith closes a socket with a protocol close code after the frames already queued.
 func closeWith(ms *melody.Session, code int, reason string) {
-	_ = ms.CloseWithMsg(melody.FormatCloseMessage(code, reason))
+	if ms != nil {
+		_ = ms.CloseWithMsg(melody.FormatCloseMessage(code, reason))
+	}
 }
 
 // handleFrame runs on the socket's read goroutine, one frame at a time, so a frame sent right
 // after hello is processed after the hello completes.
-func (s *Server) handleFrame(ms *melody.Session, frame []byte) {
+func (p *peers) handleFrame(ms *melody.Session, frame []byte) {
 	c := connOf(ms)
 	msg, err := protocol.DecodeClient(frame)
 	if err != nil {
@@ -195,32 +224,32 @@ func (s *Server) handleFrame(ms *melody.Session, frame []byte) {
 		if !errors.As(err, &perr) {
 			perr = &protocol.Error{Code: protocol.CodeBadRequest, Message: err.Error()}
 		}
-		s.metrics.BadFrames.WithLabelValues(perr.Code).Inc()
-		s.refusals.Info("bad frame", "code", perr.Code, "err", perr.Message, "presence", presenceOf(c))
-		s.reply(ms, perr)
+		p.metrics.BadFrames.WithLabelValues(perr.Code).Inc()
+		p.refusals.Info("bad frame", "code", perr.Code, "err", perr.Message, "presence", presenceOf(c))
+		p.reply(ms, perr)
 		return
 	}
 	sess := c.session()
 	if hello, ok := msg.(*protocol.Hello); ok {
 		if sess != nil {
-			s.reply(ms, &protocol.Error{Code: protocol.CodeBadRequest, Message: "hello: session already established", ReqID: hello.ReqID})
+			p.reply(ms, &protocol.Error{Code: protocol.CodeBadRequest, Message: "hello: session already established", ReqID: hello.ReqID})
 			return
 		}
-		s.handleHello(ms, c, hello)
+		p.handleHello(ms, c, hello)
 		return
 	}
 	if sess == nil {
-		s.reply(ms, &protocol.Error{Code: protocol.CodeNoHello, Message: "send hello first", ReqID: msg.RequestID()})
+		p.reply(ms, &protocol.Error{Code: protocol.CodeNoHello, Message: "send hello first", ReqID: msg.RequestID()})
 		return
 	}
 	// Back-pressure: a peer that does not read its replies is not read either.
-	if !sess.awaitReplyRoom(s.cfg.StallTimeout) {
+	if !sess.awaitReplyRoom(p.cfg.StallTimeout) {
 		if !sess.isClosed() {
-			s.closeSlowConsumer(ms, "replies not read")
+			p.closeSlowConsumer(ms, "replies not read")
 		}
 		return
 	}
-	s.dispatch(ms, sess, msg)
+	p.dispatch(ms, sess, msg)
 }
 
 func presenceOf(c *conn) string {
@@ -228,4 +257,21 @@ func presenceOf(c *conn) string {
 		return sess.presenceID
 	}
 	return ""
+}
+
+// sessionClosed runs when a socket is gone: keep the presence in grace, end it, or leave it to
+// the replica that took it over. The database side is batched by the ender, so a thousand
+// sockets closing at once cost a few transactions, not a thousand.
+func (p *peers) sessionClosed(sess *session, mode endMode) {
+	sess.markClosed()
+	if !p.hub.remove(sess) {
+		return // replaced on this node by a newer socket of the same presence
+	}
+	if mode == endReplaced {
+		return
+	}
+	if mode == endGrace && p.cfg.Grace() == 0 {
+		mode = endNow
+	}
+	p.ender.end(presenceEnd{ref: store.PresenceRef{ID: sess.presenceID, Epoch: sess.epoch}, mode: mode})
 }

@@ -19,10 +19,7 @@ WITH s AS (
     SELECT s.presence_id, x.id FROM s CROSS JOIN LATERAL (
         SELECT d.id FROM claudemesh.delivery d
         WHERE d.recipient_member_id = s.member_id AND d.state = 'pending'
-          AND (d.recipient_session_pubkey IS NULL OR d.recipient_session_pubkey = s.session_pubkey)
-          AND (d.recipient_session_id IS NULL OR d.recipient_session_id = s.session_id)
-          AND d.expires_at > now()
-          AND (s.include_held OR d.priority = 'now')
+          AND claudemesh.claimable(d, s.member_id, s.session_pubkey, s.session_id, s.include_held)
         ORDER BY d.id
         LIMIT s.lim
         FOR UPDATE SKIP LOCKED
@@ -362,6 +359,42 @@ func (q *Queries) MarkDelivered(ctx context.Context, arg MarkDeliveredParams) er
 	return err
 }
 
+const nodeSessionsWithClaimable = `-- name: NodeSessionsWithClaimable :many
+SELECT p.id, p.status FROM claudemesh.presence p
+WHERE p.node_id = $1 AND p.ended_at IS NULL AND p.grace_until IS NULL
+  AND EXISTS (SELECT 1 FROM claudemesh.delivery d
+              WHERE d.recipient_member_id = p.member_id AND d.state = 'pending'
+                AND claudemesh.claimable(d, p.member_id, coalesce(p.session_pubkey, ''), p.session_id, p.status = 'idle'))
+`
+
+type NodeSessionsWithClaimableRow struct {
+	ID     string
+	Status string
+}
+
+// The catch-up poll: which of this node's connected sessions have a delivery the claim would
+// take now, with the status the claim goes by. One indexed query per replica, whatever its
+// number of sessions; no locks.
+func (q *Queries) NodeSessionsWithClaimable(ctx context.Context, nodeID string) ([]NodeSessionsWithClaimableRow, error) {
+	rows, err := q.db.Query(ctx, nodeSessionsWithClaimable, nodeID)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	items := []NodeSessionsWithClaimableRow{}
+	for rows.Next() {
+		var i NodeSessionsWithClaimableRow
+		if err := rows.Scan(&i.ID, &i.Status); err != nil {
+			return nil, err
+		}
+		items = append(items, i)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, err
+	}
+	return items, nil
+}
+
 const pendingDeliveryCount = `-- name: PendingDeliveryCount :one
 SELECT count(*) FROM claudemesh.delivery WHERE state IN ('pending', 'pushed')
 `
@@ -475,57 +508,6 @@ func (q *Queries) ResolveSessionKeys(ctx context.Context, arg ResolveSessionKeys
 			return nil, err
 		}
 		items = append(items, i)
-	}
-	if err := rows.Err(); err != nil {
-		return nil, err
-	}
-	return items, nil
-}
-
-const sessionsWithClaimable = `-- name: SessionsWithClaimable :many
-WITH s AS (
-    SELECT unnest($1::text[]) AS presence_id, unnest($2::text[]) AS member_id,
-        unnest($3::text[]) AS session_pubkey, unnest($4::text[]) AS session_id,
-        unnest($5::bool[]) AS include_held
-)
-SELECT s.presence_id::text FROM s
-WHERE EXISTS (SELECT 1 FROM claudemesh.delivery d
-              WHERE d.recipient_member_id = s.member_id AND d.state = 'pending'
-                AND (d.recipient_session_pubkey IS NULL OR d.recipient_session_pubkey = s.session_pubkey)
-                AND (d.recipient_session_id IS NULL OR d.recipient_session_id = s.session_id)
-                AND d.expires_at > now()
-                AND (s.include_held OR d.priority = 'now'))
-`
-
-type SessionsWithClaimableParams struct {
-	PresenceIds    []string
-	MemberIds      []string
-	SessionPubkeys []string
-	SessionIds     []string
-	IncludeHeld    []bool
-}
-
-// Which of these sessions have a delivery ClaimDeliveries would take now (same conditions,
-// no locks): the slow poll drains only those instead of claiming for every session.
-func (q *Queries) SessionsWithClaimable(ctx context.Context, arg SessionsWithClaimableParams) ([]string, error) {
-	rows, err := q.db.Query(ctx, sessionsWithClaimable,
-		arg.PresenceIds,
-		arg.MemberIds,
-		arg.SessionPubkeys,
-		arg.SessionIds,
-		arg.IncludeHeld,
-	)
-	if err != nil {
-		return nil, err
-	}
-	defer rows.Close()
-	items := []string{}
-	for rows.Next() {
-		var s_presence_id string
-		if err := rows.Scan(&s_presence_id); err != nil {
-			return nil, err
-		}
-		items = append(items, s_presence_id)
 	}
 	if err := rows.Err(); err != nil {
 		return nil, err

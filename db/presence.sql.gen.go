@@ -274,7 +274,8 @@ func (q *Queries) ListLivePresence(ctx context.Context, meshID string) ([]Claude
 }
 
 const livePresenceByMeshes = `-- name: LivePresenceByMeshes :many
-SELECT id, mesh_id, member_id, node_id, session_id, session_pubkey, groups, status
+SELECT id, mesh_id, member_id, node_id, session_id, session_pubkey, status,
+    ARRAY(SELECT g->>'name' FROM jsonb_array_elements(groups) g)::text[] AS group_names
 FROM claudemesh.presence WHERE mesh_id = ANY($1::text[]) AND ended_at IS NULL
 `
 
@@ -285,10 +286,11 @@ type LivePresenceByMeshesRow struct {
 	NodeID        string
 	SessionID     string
 	SessionPubkey *string
-	Groups        json.RawMessage
 	Status        string
+	GroupNames    []string
 }
 
+// Group names come out as an array, so planning a group send parses no JSON.
 func (q *Queries) LivePresenceByMeshes(ctx context.Context, meshIds []string) ([]LivePresenceByMeshesRow, error) {
 	rows, err := q.db.Query(ctx, livePresenceByMeshes, meshIds)
 	if err != nil {
@@ -305,8 +307,8 @@ func (q *Queries) LivePresenceByMeshes(ctx context.Context, meshIds []string) ([
 			&i.NodeID,
 			&i.SessionID,
 			&i.SessionPubkey,
-			&i.Groups,
 			&i.Status,
+			&i.GroupNames,
 		); err != nil {
 			return nil, err
 		}
@@ -319,13 +321,13 @@ func (q *Queries) LivePresenceByMeshes(ctx context.Context, meshIds []string) ([
 }
 
 const livePresenceByTargets = `-- name: LivePresenceByTargets :many
-SELECT p.id, p.mesh_id, p.member_id, p.node_id, p.session_id, p.session_pubkey, p.groups, p.status
+SELECT p.id, p.mesh_id, p.member_id, p.node_id, p.session_id, p.session_pubkey, p.status
 FROM claudemesh.presence p
 JOIN (SELECT DISTINCT unnest($1::text[]) AS mesh_id, unnest($2::text[]) AS pubkey) t
   ON p.mesh_id = t.mesh_id AND p.member_pubkey = t.pubkey
 WHERE p.ended_at IS NULL
 UNION
-SELECT p.id, p.mesh_id, p.member_id, p.node_id, p.session_id, p.session_pubkey, p.groups, p.status
+SELECT p.id, p.mesh_id, p.member_id, p.node_id, p.session_id, p.session_pubkey, p.status
 FROM claudemesh.presence p
 JOIN (SELECT DISTINCT unnest($1::text[]) AS mesh_id, unnest($2::text[]) AS pubkey) t
   ON p.mesh_id = t.mesh_id AND p.session_pubkey = t.pubkey
@@ -344,7 +346,6 @@ type LivePresenceByTargetsRow struct {
 	NodeID        string
 	SessionID     string
 	SessionPubkey *string
-	Groups        json.RawMessage
 	Status        string
 }
 
@@ -366,7 +367,6 @@ func (q *Queries) LivePresenceByTargets(ctx context.Context, arg LivePresenceByT
 			&i.NodeID,
 			&i.SessionID,
 			&i.SessionPubkey,
-			&i.Groups,
 			&i.Status,
 		); err != nil {
 			return nil, err

@@ -15,6 +15,7 @@ import (
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgxlisten"
 
+	"github.com/claudemesh/broker/broker/startstop"
 	"github.com/claudemesh/broker/db"
 )
 
@@ -59,10 +60,7 @@ type Bus struct {
 	lastPing  atomic.Int64 // unix nanos of the last own ping received
 	log       *slog.Logger
 
-	mu      sync.Mutex
-	cancel  context.CancelFunc
-	done    chan struct{}
-	stopped bool
+	startstop.Base
 }
 
 // New validates cfg and builds a Bus; Start runs it.
@@ -133,43 +131,19 @@ func (b *Bus) Resync() <-chan struct{} { return b.resync }
 // Connected reports whether the LISTEN connection is up.
 func (b *Bus) Connected() bool { return b.connected.Load() }
 
-// Start runs the listener and the self-ping until Stop.
+// Start runs the listener and the self-ping until Stop or until ctx ends.
 func (b *Bus) Start(ctx context.Context) error {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	if b.done != nil {
-		return errors.New("pgbus: already started")
-	}
-	ctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
-	b.cancel = cancel
-	b.done = make(chan struct{})
-	var wg sync.WaitGroup
-	wg.Add(2)
-	go func() { defer wg.Done(); b.listenLoop(ctx) }()
-	go func() { defer wg.Done(); b.pingLoop(ctx) }()
-	go func() { wg.Wait(); close(b.done) }()
-	return nil
+	return b.Run(ctx, func(ctx context.Context) {
+		var wg sync.WaitGroup
+		wg.Go(func() { b.listenLoop(ctx) })
+		wg.Go(func() { b.pingLoop(ctx) })
+		wg.Wait()
+	})
 }
 
-// Stop ends the listener; safe to call twice.
-func (b *Bus) Stop(ctx context.Context) error {
-	b.mu.Lock()
-	if b.stopped || b.done == nil {
-		b.stopped = true
-		b.mu.Unlock()
-		return nil
-	}
-	b.stopped = true
-	cancel, done := b.cancel, b.done
-	b.mu.Unlock()
-	cancel()
-	select {
-	case <-done:
-		return nil
-	case <-ctx.Done():
-		return ctx.Err()
-	}
-}
+// Stop (from startstop.Base) ends the listener and waits for its goroutines (or ctx). Safe
+// before Start and twice: a second call waits again, so a Stop whose deadline passed can be
+// completed.
 
 func (b *Bus) signalResync() {
 	select {
@@ -252,20 +226,12 @@ func sleepCtx(ctx context.Context, d time.Duration) bool {
 
 // watchdog cancels the connection when its own pings stop arriving.
 func (b *Bus) watchdog(ctx context.Context, cancel context.CancelFunc) {
-	t := time.NewTicker(b.cfg.PingInterval / 2)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-			if b.connected.Load() && time.Since(time.Unix(0, b.lastPing.Load())) > b.cfg.PingTimeout {
-				b.log.Warn("LISTEN connection missed its pings; replacing it", "timeout", b.cfg.PingTimeout)
-				cancel()
-				return
-			}
+	startstop.Tick(ctx, b.cfg.PingInterval/2, func(time.Time) {
+		if ctx.Err() == nil && b.connected.Load() && time.Since(time.Unix(0, b.lastPing.Load())) > b.cfg.PingTimeout {
+			b.log.Warn("LISTEN connection missed its pings; replacing it", "timeout", b.cfg.PingTimeout)
+			cancel() // ends this Tick too
 		}
-	}
+	})
 }
 
 // pingLoop notifies the node's own channel so the watchdog can see the LISTEN path work end
@@ -273,20 +239,13 @@ func (b *Bus) watchdog(ctx context.Context, cancel context.CancelFunc) {
 func (b *Bus) pingLoop(ctx context.Context) {
 	payload := Encode([]Message{{Kind: KindPing, Node: b.cfg.NodeID}})[0]
 	q := db.New(b.cfg.Exec)
-	t := time.NewTicker(b.cfg.PingInterval)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-			opCtx, cancel := context.WithTimeout(ctx, b.cfg.PingInterval)
-			if err := q.Notify(opCtx, db.NotifyParams{Channel: b.node, Payload: payload}); err != nil && ctx.Err() == nil {
-				b.log.Debug("bus ping", "err", err)
-			}
-			cancel()
+	startstop.Tick(ctx, b.cfg.PingInterval, func(time.Time) {
+		opCtx, cancel := context.WithTimeout(ctx, b.cfg.PingInterval)
+		defer cancel()
+		if err := q.Notify(opCtx, db.NotifyParams{Channel: b.node, Payload: payload}); err != nil && ctx.Err() == nil {
+			b.log.Debug("bus ping", "err", err)
 		}
-	}
+	})
 }
 
 type handler struct {

@@ -1,7 +1,8 @@
 // Package pgbus is the cross-replica bus: one owned LISTEN connection per replica (pgxlisten),
-// directed notifications sent inside the writing transaction, group commit, reconnect with
-// catch-up signals, and the channel naming. It moves small signals between replicas; the
-// tables are the truth. It knows nothing about WebSockets.
+// directed notifications sent inside the writing transaction and batched per transaction (one
+// NOTIFY per target replica, whatever the number of messages: Outbox), reconnect with catch-up
+// signals, the channel naming, and the node registry with its heartbeat (Heartbeat). It moves
+// small signals between replicas; the tables are the truth. It knows nothing about WebSockets.
 package pgbus
 
 import (

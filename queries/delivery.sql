@@ -57,10 +57,7 @@ WITH s AS (
     SELECT s.presence_id, x.id FROM s CROSS JOIN LATERAL (
         SELECT d.id FROM claudemesh.delivery d
         WHERE d.recipient_member_id = s.member_id AND d.state = 'pending'
-          AND (d.recipient_session_pubkey IS NULL OR d.recipient_session_pubkey = s.session_pubkey)
-          AND (d.recipient_session_id IS NULL OR d.recipient_session_id = s.session_id)
-          AND d.expires_at > now()
-          AND (s.include_held OR d.priority = 'now')
+          AND claudemesh.claimable(d, s.member_id, s.session_pubkey, s.session_id, s.include_held)
         ORDER BY d.id
         LIMIT s.lim
         FOR UPDATE SKIP LOCKED
@@ -135,21 +132,15 @@ FROM claudemesh.delivery d JOIN claudemesh.member m ON m.id = d.recipient_member
 WHERE d.envelope_id = @envelope_id
 ORDER BY d.id;
 
--- name: SessionsWithClaimable :many
--- Which of these sessions have a delivery ClaimDeliveries would take now (same conditions,
--- no locks): the slow poll drains only those instead of claiming for every session.
-WITH s AS (
-    SELECT unnest(@presence_ids::text[]) AS presence_id, unnest(@member_ids::text[]) AS member_id,
-        unnest(@session_pubkeys::text[]) AS session_pubkey, unnest(@session_ids::text[]) AS session_id,
-        unnest(@include_held::bool[]) AS include_held
-)
-SELECT s.presence_id::text FROM s
-WHERE EXISTS (SELECT 1 FROM claudemesh.delivery d
-              WHERE d.recipient_member_id = s.member_id AND d.state = 'pending'
-                AND (d.recipient_session_pubkey IS NULL OR d.recipient_session_pubkey = s.session_pubkey)
-                AND (d.recipient_session_id IS NULL OR d.recipient_session_id = s.session_id)
-                AND d.expires_at > now()
-                AND (s.include_held OR d.priority = 'now'));
+-- name: NodeSessionsWithClaimable :many
+-- The catch-up poll: which of this node's connected sessions have a delivery the claim would
+-- take now, with the status the claim goes by. One indexed query per replica, whatever its
+-- number of sessions; no locks.
+SELECT p.id, p.status FROM claudemesh.presence p
+WHERE p.node_id = @node_id AND p.ended_at IS NULL AND p.grace_until IS NULL
+  AND EXISTS (SELECT 1 FROM claudemesh.delivery d
+              WHERE d.recipient_member_id = p.member_id AND d.state = 'pending'
+                AND claudemesh.claimable(d, p.member_id, coalesce(p.session_pubkey, ''), p.session_id, p.status = 'idle'));
 
 -- name: PendingDeliveryCount :one
 SELECT count(*) FROM claudemesh.delivery WHERE state IN ('pending', 'pushed');

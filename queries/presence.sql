@@ -73,19 +73,21 @@ FROM up LEFT JOIN old ON true;
 SELECT * FROM claudemesh.presence WHERE mesh_id = @mesh_id AND ended_at IS NULL ORDER BY connected_at, id;
 
 -- name: LivePresenceByMeshes :many
-SELECT id, mesh_id, member_id, node_id, session_id, session_pubkey, groups, status
+-- Group names come out as an array, so planning a group send parses no JSON.
+SELECT id, mesh_id, member_id, node_id, session_id, session_pubkey, status,
+    ARRAY(SELECT g->>'name' FROM jsonb_array_elements(groups) g)::text[] AS group_names
 FROM claudemesh.presence WHERE mesh_id = ANY(@mesh_ids::text[]) AND ended_at IS NULL;
 
 -- name: LivePresenceByTargets :many
 -- The live sessions a batch of direct sends can reach: by member pubkey or by session key,
 -- each (mesh, pubkey) pair through an index, never a scan of the mesh's sessions.
-SELECT p.id, p.mesh_id, p.member_id, p.node_id, p.session_id, p.session_pubkey, p.groups, p.status
+SELECT p.id, p.mesh_id, p.member_id, p.node_id, p.session_id, p.session_pubkey, p.status
 FROM claudemesh.presence p
 JOIN (SELECT DISTINCT unnest(@mesh_ids::text[]) AS mesh_id, unnest(@pubkeys::text[]) AS pubkey) t
   ON p.mesh_id = t.mesh_id AND p.member_pubkey = t.pubkey
 WHERE p.ended_at IS NULL
 UNION
-SELECT p.id, p.mesh_id, p.member_id, p.node_id, p.session_id, p.session_pubkey, p.groups, p.status
+SELECT p.id, p.mesh_id, p.member_id, p.node_id, p.session_id, p.session_pubkey, p.status
 FROM claudemesh.presence p
 JOIN (SELECT DISTINCT unnest(@mesh_ids::text[]) AS mesh_id, unnest(@pubkeys::text[]) AS pubkey) t
   ON p.mesh_id = t.mesh_id AND p.session_pubkey = t.pubkey

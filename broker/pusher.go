@@ -1,0 +1,198 @@
+package broker
+
+import (
+	"cmp"
+	"context"
+	"log/slog"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/claudemesh/broker/broker/store"
+)
+
+// claimPage is how many deliveries one claim takes per session at most (its push window caps
+// it further); claimChunk bounds the sessions of one claim statement.
+const (
+	claimPage  = 256
+	claimChunk = 512
+)
+
+// pusher claims pending deliveries for this node's sessions and pushes them. A wake-up marks a
+// session dirty; one goroutine claims for all dirty sessions in one statement per chunk and
+// writes each session's pushes in id order, so per-recipient order holds and a burst of
+// notifications costs a few statements, not one per session. A session whose push window is
+// full is parked until its frames are written (session.written wakes it), and the guard closes
+// those whose peer stopped reading.
+type pusher struct {
+	service
+	store   *store.Store
+	nodeID  string
+	log     *slog.Logger
+	metrics *Metrics
+	// holders finds this node's sessions of a member, to wake after a release.
+	holders func(memberID string) []*session
+
+	mu     sync.Mutex
+	dirty  map[*session]struct{}
+	parked map[*session]struct{}
+	wake   chan struct{}
+}
+
+func newPusher(st *store.Store, nodeID string, log *slog.Logger, m *Metrics, holders func(string) []*session) *pusher {
+	return &pusher{store: st, nodeID: nodeID, log: log, metrics: m, holders: holders,
+		dirty: map[*session]struct{}{}, parked: map[*session]struct{}{}, wake: make(chan struct{}, 1)}
+}
+
+// request makes sure the session's pending deliveries are claimed and pushed. Until they are,
+// new deliveries for it queue behind them (its backlog) instead of being pushed directly.
+func (p *pusher) request(sess *session) {
+	if !sess.requestPush() {
+		return
+	}
+	p.mu.Lock()
+	p.dirty[sess] = struct{}{}
+	delete(p.parked, sess)
+	p.mu.Unlock()
+	select {
+	case p.wake <- struct{}{}:
+	default:
+	}
+}
+
+// Start runs the claim loop until Stop.
+func (p *pusher) Start(ctx context.Context) error {
+	return p.start(ctx, func(ctx context.Context) {
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-p.wake:
+			}
+			for batch := p.takeDirty(); len(batch) > 0; batch = p.takeDirty() {
+				p.claimAndPush(ctx, batch)
+			}
+		}
+	})
+}
+
+func (p *pusher) takeDirty() []*session {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	batch := make([]*session, 0, min(len(p.dirty), claimChunk))
+	for sess := range p.dirty {
+		if len(batch) == claimChunk {
+			break
+		}
+		batch = append(batch, sess)
+		delete(p.dirty, sess)
+	}
+	return batch
+}
+
+func (p *pusher) park(sess *session) {
+	p.mu.Lock()
+	p.parked[sess] = struct{}{}
+	p.mu.Unlock()
+}
+
+// stalled returns the parked sessions whose window has been full without a write for wait,
+// and forgets the ones no longer parked.
+func (p *pusher) stalled(now time.Time, wait time.Duration) []*session {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	var out []*session
+	for sess := range p.parked {
+		parked, stalled := sess.stalled(now, wait)
+		if !parked || stalled {
+			delete(p.parked, sess)
+		}
+		if stalled {
+			out = append(out, sess)
+		}
+	}
+	return out
+}
+
+// claimAndPush claims for a batch of sessions, each at most the free part of its push window,
+// and pushes what it got.
+func (p *pusher) claimAndPush(ctx context.Context, batch []*session) {
+	var claims []store.ClaimFor
+	var requests []uint64
+	live := batch[:0]
+	for _, sess := range batch {
+		limit, idle, k, ok := sess.claimStart(claimPage)
+		switch {
+		case !ok:
+			continue
+		case limit == 0:
+			p.park(sess)
+			continue
+		}
+		requests = append(requests, k)
+		live = append(live, sess)
+		claims = append(claims, store.ClaimFor{PresenceID: sess.presenceID, MemberID: sess.memberID,
+			SessionPubkey: sess.sessionPubkey, SessionID: sess.sessionID, IncludeHeld: idle, Limit: limit})
+	}
+	if len(live) == 0 {
+		return
+	}
+	qctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	rows, err := p.store.Claim(qctx, p.nodeID, claims)
+	cancel()
+	if err != nil {
+		// The sessions keep their backlog: the next poll or wake-up retries.
+		for i, sess := range live {
+			sess.claimFailed(claims[i].Limit)
+		}
+		if ctx.Err() == nil {
+			p.metrics.backgroundError(p.log, "claim", err, "sessions", len(live), "retry", "next poll")
+		}
+		return
+	}
+	p.metrics.Claims.Inc()
+	slices.SortFunc(rows, func(a, b store.Claimed) int { return cmp.Compare(a.ID, b.ID) })
+	byPresence := make(map[string][]store.Claimed, len(live))
+	for _, r := range rows {
+		byPresence[r.PresenceID] = append(byPresence[r.PresenceID], r)
+	}
+	var unwritten []int64
+	for i, sess := range live {
+		got := byPresence[sess.presenceID]
+		for _, r := range got {
+			b := encodePush(r.EnvelopeID, r.MeshID, r.SenderPubkey, r.SenderMemberPubkey, r.Priority, r.Nonce, r.Ciphertext, r.CreatedAt)
+			if !sess.push(b, r.ID, true) {
+				unwritten = append(unwritten, r.ID) // closed meanwhile: back to pending
+			}
+		}
+		switch sess.claimDone(len(got), claims[i].Limit, requests[i]) {
+		case claimAgain:
+			p.request(sess)
+		case claimParked:
+			p.park(sess)
+		}
+	}
+	p.release(unwritten)
+}
+
+// release returns claimed deliveries whose socket closed before the write to pending, and
+// wakes the recipients' other local sessions (other replicas catch up on their poll). Rare:
+// only a session closing during its own push.
+func (p *pusher) release(ids []int64) {
+	if len(ids) == 0 {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), opTimeout)
+	defer cancel()
+	recips, err := p.store.Release(ctx, ids)
+	if err != nil {
+		p.metrics.backgroundError(p.log, "release_unwritten", err, "count", len(ids),
+			"then", "re-sent when the recipient's replica is declared dead or the recipient reconnects")
+		return
+	}
+	for _, r := range recips {
+		for _, sess := range p.holders(r.MemberID) {
+			p.request(sess)
+		}
+	}
+}

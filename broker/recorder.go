@@ -1,0 +1,70 @@
+package broker
+
+import (
+	"context"
+	"log/slog"
+	"time"
+
+	"github.com/claudemesh/broker/broker/store"
+)
+
+// recorder records finished deliveries in batches off the hot path: client_acks, and pushes
+// written to sessions that don't ack. Everything that arrived while the previous statement was
+// in flight goes into the next one.
+type recorder struct {
+	service
+	store   *store.Store
+	log     *slog.Logger
+	metrics *Metrics
+	acks    *queue[store.Ack]
+	written *queue[int64]
+}
+
+func newRecorder(st *store.Store, log *slog.Logger, m *Metrics) *recorder {
+	r := &recorder{store: st, log: log, metrics: m, acks: newQueue[store.Ack](), written: newQueue[int64]()}
+	r.written.wake = r.acks.wake // one loop wakes for both
+	return r
+}
+
+// acked queues a session's client_ack of message ids.
+func (r *recorder) acked(sess *session, ids []string) {
+	acks := make([]store.Ack, len(ids))
+	for i, id := range ids {
+		acks[i] = store.Ack{EnvelopeID: id, MemberID: sess.memberID, SessionPubkey: sess.sessionPubkey, SessionID: sess.sessionID}
+	}
+	r.acks.add(acks...)
+}
+
+// wrote queues a delivery whose push was written to a session that does not ack.
+func (r *recorder) wrote(id int64) { r.written.add(id) }
+
+// Start runs the recorder until Stop; the last records are written on the way out.
+func (r *recorder) Start(ctx context.Context) error {
+	return r.start(ctx, func(ctx context.Context) {
+		for {
+			select {
+			case <-ctx.Done():
+				fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+				r.flush(fctx)
+				cancel()
+				return
+			case <-r.acks.wake:
+				r.flush(ctx)
+			}
+		}
+	})
+}
+
+func (r *recorder) flush(ctx context.Context) {
+	acks, written := r.acks.take(), r.written.take()
+	if len(acks)+len(written) == 0 {
+		return
+	}
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	if err := r.store.MarkDelivered(ctx, acks, written); err != nil {
+		// The rows stay "pushed": they go back to pending when the session ends and reach the
+		// recipient again: at least once.
+		r.metrics.backgroundError(r.log, "record_deliveries", err, "count", len(acks)+len(written))
+	}
+}

@@ -1,0 +1,147 @@
+package broker
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"log/slog"
+	"time"
+
+	"github.com/claudemesh/broker/broker/store"
+	"github.com/claudemesh/broker/pgbus"
+	"github.com/claudemesh/broker/protocol"
+)
+
+// pollInterval is the slow catch-up: a lost notification delays a delivery by at most this.
+const pollInterval = 3 * time.Second
+
+// router applies what other replicas signal over the bus to this replica's sessions, and
+// catches up after every (re)connect of the LISTEN connection, after a queue overflow and on
+// a slow poll, so a lost notification only delays, never loses.
+type router struct {
+	service
+	bus     *pgbus.Bus
+	store   *store.Store
+	hub     *hub
+	pusher  *pusher
+	nodeID  string
+	log     *slog.Logger
+	metrics *Metrics
+}
+
+// Start applies bus messages until Stop.
+func (r *router) Start(ctx context.Context) error {
+	return r.start(ctx, func(ctx context.Context) {
+		poll := time.NewTicker(pollInterval)
+		defer poll.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case m := <-r.bus.Messages():
+				r.metrics.BusReceived.Inc()
+				r.apply(ctx, m)
+			case <-r.bus.Resync():
+				r.resync(ctx, true)
+			case <-poll.C:
+				r.resync(ctx, false)
+			}
+		}
+	})
+}
+
+func (r *router) apply(ctx context.Context, m pgbus.Message) {
+	switch m.Kind {
+	case pgbus.KindDeliveries:
+		for _, sess := range r.hub.memberSessions(m.Member) {
+			r.pusher.request(sess)
+		}
+	case pgbus.KindStatus:
+		if sess := r.hub.get(m.Presence); sess != nil {
+			r.reloadStatus(ctx, sess)
+		}
+	case pgbus.KindReplace:
+		if sess := r.hub.get(m.Presence); sess != nil && m.Node != r.nodeID {
+			connOf(sess.ws).end.Set(endReplaced)
+			closeWith(sess.ws, protocol.CloseSessionReplaced, protocol.CloseReasonSessionReplaced)
+		}
+	case pgbus.KindKick:
+		reason := "revoked"
+		if m.Code == protocol.CloseKicked {
+			reason = "kicked"
+		}
+		for _, sess := range r.hub.memberSessions(m.Member) {
+			connOf(sess.ws).end.Set(endNow)
+			closeWith(sess.ws, m.Code, reason)
+		}
+	case pgbus.KindEvent:
+		frame, _ := protocol.Encode(&protocol.Push{MessageID: "", MeshID: m.Mesh, SenderPubkey: protocol.SenderSystem,
+			Priority: protocol.PriorityNow, Subtype: protocol.SubtypeSystem, Event: m.Key, EventData: m.Data,
+			CreatedAt: protocol.FormatTime(time.Now())})
+		// Never to the sessions of the member the event is about.
+		r.hub.toMesh(m.Mesh, frame, func(s *session) bool { return !s.systemEvents || s.memberID == m.Member })
+	case pgbus.KindState:
+		change := m.Data
+		if len(change) == 0 { // too large to ride along: read it back
+			qctx, cancel := context.WithTimeout(ctx, opTimeout)
+			e, err := r.store.GetState(qctx, m.Mesh, m.Key)
+			cancel()
+			if err != nil && !errors.Is(err, store.ErrNotFound) {
+				r.metrics.backgroundError(r.log, "load_changed_state", err, "mesh", m.Mesh)
+				return
+			}
+			change, _ = json.Marshal(&protocol.StateChange{Key: e.Key, Value: e.Value, UpdatedBy: e.UpdatedBy})
+		}
+		r.hub.toMesh(m.Mesh, change, func(s *session) bool { return s.presenceID == m.Presence })
+	}
+}
+
+// reloadStatus reads a local session's status from the table (the truth) and releases held
+// messages when it became idle.
+func (r *router) reloadStatus(ctx context.Context, sess *session) {
+	ctx, cancel := context.WithTimeout(ctx, opTimeout)
+	defer cancel()
+	st, err := r.store.PresenceStatus(ctx, sess.presenceID)
+	if err != nil {
+		r.metrics.backgroundError(r.log, "reload_status", err, "presence", sess.presenceID, "retry", "next poll")
+		return
+	}
+	noteStatus(r.pusher, sess, protocol.Status(st))
+}
+
+// resync claims for this node's sessions that have something claimable, as one indexed query
+// asks, taking their status from the table first (the truth: a lost status notification must
+// not keep held messages held). After a (re)connect of the LISTEN connection or an overflow
+// (full), every local status is re-read too, since anything may have been missed. A replica
+// whose sessions are caught up polls with one read-only query and takes no row locks, whatever
+// its number of sessions.
+func (r *router) resync(ctx context.Context, full bool) {
+	if r.hub.len() == 0 {
+		return
+	}
+	ctx, cancel := context.WithTimeout(ctx, opTimeout)
+	defer cancel()
+	if full {
+		statuses, err := r.store.NodeStatuses(ctx, r.nodeID)
+		if err != nil {
+			r.metrics.backgroundError(r.log, "resync", err, "retry", "next poll")
+			return
+		}
+		for id, st := range statuses {
+			if sess := r.hub.get(id); sess != nil {
+				sess.setStatus(protocol.Status(st))
+			}
+		}
+	}
+	claimable, err := r.store.SessionsWithClaimable(ctx, r.nodeID)
+	if err != nil {
+		r.metrics.backgroundError(r.log, "catch_up", err, "retry", "next poll")
+		return
+	}
+	for id, st := range claimable {
+		if sess := r.hub.get(id); sess != nil {
+			sess.setStatus(protocol.Status(st))
+			r.pusher.request(sess)
+		}
+	}
+}

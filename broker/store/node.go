@@ -1,0 +1,130 @@
+package store
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/claudemesh/broker/db"
+)
+
+// TakeOver is one dead node taken over: its presences put in grace, its pushes released.
+type TakeOver struct {
+	Node     DeadNode
+	Released []Recipient
+}
+
+// TakeOverDeadNodes marks nodes silent past deadAfter dead, puts their presences in grace
+// (counted from their last heartbeat) and releases their unacked pushes. Several replicas may
+// race here; the UPDATE decides who handles each node.
+func (t *Tx) TakeOverDeadNodes(ctx context.Context, deadAfter, grace time.Duration) ([]TakeOver, error) {
+	nodes, err := t.q.MarkDeadNodes(ctx, deadAfter.Seconds())
+	if err != nil {
+		return nil, fmt.Errorf("mark dead nodes: %w", err)
+	}
+	out := make([]TakeOver, 0, len(nodes))
+	for _, n := range nodes {
+		until := n.HeartbeatAt.Add(grace)
+		if err := t.q.GraceDeadNodePresence(ctx, db.GraceDeadNodePresenceParams{NodeID: n.ID, GraceUntil: &until}); err != nil {
+			return nil, fmt.Errorf("grace dead node's presences: %w", err)
+		}
+		rows, err := t.q.ReleaseNodePushes(ctx, &n.ID)
+		if err != nil {
+			return nil, fmt.Errorf("release dead node's pushes: %w", err)
+		}
+		to := TakeOver{Node: DeadNode{ID: n.ID, HeartbeatAt: n.HeartbeatAt}}
+		for _, r := range rows {
+			to.Released = append(to.Released, Recipient{MeshID: r.MeshID, MemberID: r.RecipientMemberID})
+		}
+		out = append(out, to)
+	}
+	return out, nil
+}
+
+// StatusPageNode is one node as the status page shows it.
+type StatusPageNode struct {
+	ID, Region, Version     string
+	StartedAt               time.Time
+	Stopped, Dead           bool
+	HeartbeatAgeSeconds     float64
+	Sessions, GraceSessions int64
+}
+
+// StatusPageMesh is one busy mesh with its first peers.
+type StatusPageMesh struct {
+	ID, Slug, Name                                    string
+	LiveSessions, GraceSessions, LiveMembers, Members int64
+	Peers                                             []StatusPagePeer
+}
+
+// StatusPagePeer is one peer of a listed mesh; keys leave the database as short prefixes only.
+type StatusPagePeer struct {
+	DisplayName, KeyPrefix, NodeID, Status, StatusSource string
+	InGrace                                              bool
+	ConnectedSeconds                                     float64
+}
+
+// StatusPage is the cluster view of the admin status page.
+type StatusPage struct {
+	Nodes                []StatusPageNode
+	Meshes               []StatusPageMesh
+	MeshTotal            int64
+	Pending, Pushed      int64
+	OldestPendingSeconds float64
+}
+
+// StatusPageLimits caps every list of the status page.
+type StatusPageLimits struct {
+	RecentGone                   time.Duration
+	MaxNodes, MaxMeshes, PerMesh int
+}
+
+// StatusPage reads the cluster view in one read-only snapshot, so its counts agree.
+func (s *Store) StatusPage(ctx context.Context, lim StatusPageLimits) (StatusPage, error) {
+	var page StatusPage
+	err := pgx.BeginTxFunc(ctx, s.pool, pgx.TxOptions{IsoLevel: pgx.RepeatableRead, AccessMode: pgx.ReadOnly}, func(tx pgx.Tx) error {
+		q := s.q.WithTx(tx)
+		nodes, err := q.StatusNodes(ctx, db.StatusNodesParams{RecentSeconds: lim.RecentGone.Seconds(), MaxNodes: int32(lim.MaxNodes)})
+		if err != nil {
+			return fmt.Errorf("status nodes: %w", err)
+		}
+		for _, n := range nodes {
+			page.Nodes = append(page.Nodes, StatusPageNode{ID: n.ID, Region: n.Region, Version: n.Version, StartedAt: n.StartedAt,
+				Stopped: n.StoppedAt != nil, Dead: n.DeadAt != nil, HeartbeatAgeSeconds: n.HeartbeatAgeSeconds,
+				Sessions: n.Sessions, GraceSessions: n.GraceSessions})
+		}
+		meshes, err := q.StatusMeshes(ctx, int32(lim.MaxMeshes))
+		if err != nil {
+			return fmt.Errorf("status meshes: %w", err)
+		}
+		if page.MeshTotal, err = q.StatusMeshCount(ctx); err != nil {
+			return fmt.Errorf("status mesh count: %w", err)
+		}
+		ids := make([]string, 0, len(meshes))
+		index := make(map[string]int, len(meshes))
+		for i, m := range meshes {
+			ids = append(ids, m.ID)
+			index[m.ID] = i
+			page.Meshes = append(page.Meshes, StatusPageMesh{ID: m.ID, Slug: m.Slug, Name: m.Name, LiveSessions: m.LiveSessions,
+				GraceSessions: m.GraceSessions, LiveMembers: m.LiveMembers, Members: m.Members})
+		}
+		peers, err := q.StatusPeers(ctx, db.StatusPeersParams{MeshIds: ids, PerMesh: int64(lim.PerMesh)})
+		if err != nil {
+			return fmt.Errorf("status peers: %w", err)
+		}
+		for _, p := range peers {
+			m := &page.Meshes[index[p.MeshID]]
+			m.Peers = append(m.Peers, StatusPagePeer{DisplayName: p.DisplayName, KeyPrefix: p.MemberKeyPrefix, NodeID: p.NodeID,
+				Status: p.Status, StatusSource: p.StatusSource, InGrace: p.InGrace, ConnectedSeconds: p.ConnectedSeconds})
+		}
+		d, err := q.StatusDeliveries(ctx)
+		if err != nil {
+			return fmt.Errorf("status deliveries: %w", err)
+		}
+		page.Pending, page.Pushed, page.OldestPendingSeconds = d.Pending, d.Pushed, d.OldestSeconds
+		return nil
+	})
+	return page, err
+}

@@ -1,0 +1,111 @@
+// Package store is the broker's only door to Postgres. It owns the transactions (with the
+// bus notifications and audit entries that commit with them), runs the sqlc queries of package
+// db, and maps their rows to the domain types below, so the rest of the broker never sees a
+// generated type. Not-found is ErrNotFound; refusals decided by the database (capacity, a
+// taken session key, a full quota) are typed errors of this package.
+package store
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/claudemesh/broker/broker/audit"
+	"github.com/claudemesh/broker/db"
+	"github.com/claudemesh/broker/pgbus"
+)
+
+// Errors the broker acts on.
+var (
+	// ErrNotFound: the row asked for does not exist (or is not visible to the caller).
+	ErrNotFound = errors.New("not found")
+	// ErrCapacity: the mesh's live sessions reached its limit.
+	ErrCapacity = errors.New("mesh at capacity")
+	// ErrSessionKeyTaken: the session key is bound to another member, or is another member's key.
+	ErrSessionKeyTaken = errors.New("session key taken")
+	// ErrQuotaExceeded: a write would pass a mesh quota.
+	ErrQuotaExceeded = errors.New("quota exceeded")
+	// ErrReplayed: a signature was already used within its window.
+	ErrReplayed = errors.New("signature already used")
+)
+
+// notFound maps pgx.ErrNoRows to ErrNotFound at this boundary.
+func notFound(err error) error {
+	if errors.Is(err, pgx.ErrNoRows) {
+		return ErrNotFound
+	}
+	return err
+}
+
+// RejectedInput reports whether Postgres refused a statement for the data in it (SQLSTATE
+// class 22, data exception, or 23, integrity constraint) rather than for being unavailable.
+func RejectedInput(err error) bool {
+	var pgErr *pgconn.PgError
+	return errors.As(err, &pgErr) && (strings.HasPrefix(pgErr.Code, "22") || strings.HasPrefix(pgErr.Code, "23"))
+}
+
+// Store runs the broker's queries on a pool.
+type Store struct {
+	pool *pgxpool.Pool
+	q    *db.Queries
+}
+
+// New returns a store on pool.
+func New(pool *pgxpool.Pool) *Store { return &Store{pool: pool, q: db.New(pool)} }
+
+// Ping checks that Postgres answers.
+func (s *Store) Ping(ctx context.Context) error { return s.pool.Ping(ctx) }
+
+// Tx is one transaction's work: its queries, the bus messages it sends and the audit entries
+// it appends, all committed together.
+type Tx struct {
+	q      *db.Queries
+	tx     pgx.Tx
+	Outbox *pgbus.Outbox
+	audit  []audit.Entry
+}
+
+// Audit queues entries to append when the transaction commits.
+func (t *Tx) Audit(entries ...audit.Entry) { t.audit = append(t.audit, entries...) }
+
+// InTx runs f in one transaction, then sends the bus messages f queued in o (o may be nil),
+// then appends f's audit entries, and commits. Notifications go out exactly when the rows they
+// point at commit. The audit append comes last because it locks the mesh's chain head until
+// commit: every replica writing to the mesh queues on that lock. It returns how many
+// notifications were sent.
+func (s *Store) InTx(ctx context.Context, o *pgbus.Outbox, f func(*Tx) error) (int, error) {
+	if o == nil {
+		o = &pgbus.Outbox{}
+	}
+	sent := 0
+	err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
+		t := &Tx{q: s.q.WithTx(tx), tx: tx, Outbox: o}
+		if err := f(t); err != nil {
+			return err
+		}
+		n, err := pgbus.Send(ctx, t.q, o)
+		if err != nil {
+			return err
+		}
+		sent = n
+		return audit.Append(ctx, tx, t.audit)
+	})
+	return sent, err
+}
+
+// DBTX is what runs a statement: a pool, a connection or a transaction.
+type DBTX = db.DBTX
+
+// Notify sends an outbox's messages outside any transaction (the admin CLI's kick).
+func Notify(ctx context.Context, exec DBTX, o *pgbus.Outbox) error {
+	_, err := pgbus.Send(ctx, db.New(exec), o)
+	if err != nil {
+		return fmt.Errorf("notify: %w", err)
+	}
+	return nil
+}

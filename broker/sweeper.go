@@ -1,0 +1,138 @@
+package broker
+
+import (
+	"context"
+	"log/slog"
+	"time"
+
+	"github.com/claudemesh/broker/broker/startstop"
+	"github.com/claudemesh/broker/broker/store"
+	"github.com/claudemesh/broker/protocol"
+)
+
+// sweeper is the replica's periodic database upkeep: presences whose grace ran out end,
+// sessions stuck in working flip to idle, presences without a socket are reconciled, expired
+// deliveries, envelopes, hook signals and signatures are swept, and the pending gauge is read.
+type sweeper struct {
+	service
+	store     *store.Store
+	signals   signals
+	hub       *hub
+	pusher    *pusher
+	ender     *ender
+	statusTTL time.Duration
+	log       *slog.Logger
+	metrics   *Metrics
+}
+
+// Start sweeps every second until Stop; the slower sweeps run every few ticks.
+func (w *sweeper) Start(ctx context.Context) error {
+	return w.start(ctx, func(ctx context.Context) {
+		n := 0
+		startstop.Tick(ctx, time.Second, func(time.Time) {
+			n++
+			w.run(ctx, "sweep_grace", w.sweepGrace)
+			w.run(ctx, "sweep_working", w.sweepWorking)
+			if n%5 == 0 {
+				w.run(ctx, "pending_gauge", w.updatePendingGauge)
+			}
+			if n%15 == 0 {
+				w.run(ctx, "reconcile", w.reconcile)
+			}
+			if n%30 == 0 {
+				w.run(ctx, "sweep_expired", w.sweepExpired)
+			}
+		})
+	})
+}
+
+// run runs one sweep with its own deadline; a failure is logged and counted, and the sweep
+// runs again at its next tick.
+func (w *sweeper) run(ctx context.Context, task string, f func(context.Context) error) {
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	if err := f(ctx); err != nil && ctx.Err() == nil {
+		w.metrics.backgroundError(w.log, task, err, "retry", "next tick")
+	}
+}
+
+// sweepGrace ends presences whose grace ran out, on this node or on a node that is gone.
+func (w *sweeper) sweepGrace(ctx context.Context) error {
+	_, err := w.store.InTx(ctx, nil, func(tx *store.Tx) error {
+		ended, err := tx.EndExpiredGrace(ctx)
+		for _, p := range ended {
+			tx.Audit(w.signals.presenceEnded(tx.Outbox, p))
+		}
+		return err
+	})
+	return err
+}
+
+// sweepWorking flips this node's sessions stuck in working to idle, releasing held messages.
+func (w *sweeper) sweepWorking(ctx context.Context) error {
+	var changed []store.StatusChange
+	_, err := w.store.InTx(ctx, nil, func(tx *store.Tx) error {
+		var err error
+		changed, err = tx.ExpireWorking(ctx, w.signals.nodeID, w.statusTTL)
+		for _, c := range changed {
+			w.signals.statusChanged(tx.Outbox, c)
+		}
+		return err
+	})
+	if err != nil {
+		return err
+	}
+	for _, c := range changed {
+		if sess := w.hub.get(c.ID); sess != nil {
+			noteStatus(w.pusher, sess, protocol.StatusIdle)
+		}
+	}
+	return nil
+}
+
+// noteStatus records a local session's new status; idle releases its held messages.
+func noteStatus(p *pusher, sess *session, st protocol.Status) {
+	sess.setStatus(st)
+	if st == protocol.StatusIdle {
+		p.request(sess)
+	}
+}
+
+// reconcile puts presences this node owns but holds no session for into grace, so the end of
+// a session that could not be recorded (the database was away) is never lost for good.
+func (w *sweeper) reconcile(ctx context.Context) error {
+	orphans, err := w.store.Orphans(ctx, w.signals.nodeID)
+	if err != nil {
+		return err
+	}
+	for _, o := range orphans {
+		if w.hub.get(o.ID) == nil {
+			w.log.Warn("presence without a session on this node; ending it after its grace", "presence", o.ID)
+			w.ender.end(presenceEnd{ref: store.PresenceRef(o), mode: endGrace})
+		}
+	}
+	return nil
+}
+
+func (w *sweeper) sweepExpired(ctx context.Context) error {
+	n, err := w.store.ExpireDeliveries(ctx)
+	if err != nil {
+		return err
+	}
+	if n > 0 {
+		w.log.Info("expired deliveries", "count", n)
+	}
+	if _, err := w.store.DeleteOldEnvelopes(ctx); err != nil {
+		return err
+	}
+	return w.store.DeleteExpired(ctx)
+}
+
+func (w *sweeper) updatePendingGauge(ctx context.Context) error {
+	n, err := w.store.PendingCount(ctx)
+	if err != nil {
+		return err
+	}
+	w.metrics.DeliveriesPending.Set(float64(n))
+	return nil
+}
