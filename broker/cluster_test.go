@@ -143,20 +143,15 @@ func nextPush(t *testing.T, cl *client.Client, within time.Duration) protocol.Pu
 	}
 }
 
-// noPush asserts nothing but system events arrives for a while. It is the only way to show a
-// message is held; the wait is a bound on the assertion, not a synchronisation.
-func noPush(t *testing.T, cl *client.Client, wait time.Duration) {
+// probe shows that nothing is on its way to the recipients: a now message sent after
+// everything else must be the next push each of them gets, since pushes to one recipient
+// follow commit order. It replaces waiting a fixed time for "nothing arrives".
+func probe(t *testing.T, from *client.Client, target string, to ...*client.Client) {
 	t.Helper()
-	deadline := time.After(wait)
-	for {
-		select {
-		case p := <-cl.Pushes():
-			if !p.IsSystem() {
-				t.Fatalf("unexpected push %s (priority %s)", p.MessageID, p.Priority)
-			}
-		case <-deadline:
-			return
-		}
+	ack, err := from.Send(ctxT(t), target, protocol.PriorityNow, "n", "probe", "")
+	require.NoError(t, err)
+	for _, cl := range to {
+		require.Equal(t, ack.MessageID, nextPush(t, cl, 5*time.Second).MessageID, "the probe arrives next: nothing else was on its way")
 	}
 }
 

@@ -56,7 +56,7 @@ func TestNextHeldWhileWorkingReleasedByHookOnThirdReplica(t *testing.T) {
 	now, err := a.Send(ctx, bob.pub, protocol.PriorityNow, "n", "now", "")
 	require.NoError(t, err)
 	require.Equal(t, now.MessageID, nextPush(t, b, 5*time.Second).MessageID, "now passes while working")
-	noPush(t, b, 500*time.Millisecond)
+	probe(t, a, bob.pub, b)
 	st, err := a.MessageStatus(ctx, held.MessageID)
 	require.NoError(t, err)
 	require.False(t, st.Delivered)
@@ -98,7 +98,7 @@ func TestNowPassesDNDAndHooksNeverClearIt(t *testing.T) {
 	// A hook saying idle does not end dnd, so next stays held.
 	code, _ := postHook(t, c.nodes[0], bob, protocol.HookRequest{CWD: "/repo/dnd", Status: "idle"})
 	require.Equal(t, http.StatusOK, code)
-	noPush(t, b, 500*time.Millisecond)
+	probe(t, a, bob.pub, b)
 	peers, err := a.ListPeers(ctx)
 	require.NoError(t, err)
 	require.Equal(t, protocol.StatusDND, peers[1].Status)
@@ -130,7 +130,7 @@ func TestOfflineQueueDeliveredInOrderOnReconnectElsewhere(t *testing.T) {
 		seen[p.MessageID] = true
 		require.NoError(t, b.AckMessages(ctx, p.MessageID))
 	}
-	noPush(t, b, 300*time.Millisecond)
+	probe(t, a, bob.pub, b)
 }
 
 func TestUnackedPushesResentAfterReconnect(t *testing.T) {
@@ -168,7 +168,7 @@ func TestUnackedPushesResentAfterReconnect(t *testing.T) {
 	require.True(t, b2.HelloAck().Resumed, "same session within grace resumes")
 	p := nextPush(t, b2, 5*time.Second)
 	require.Equal(t, second.MessageID, p.MessageID, "unacked push re-sent with the same id")
-	noPush(t, b2, 300*time.Millisecond)
+	probe(t, a, bob.pub, b2)
 }
 
 func TestListPeersIdenticalFromEveryReplica(t *testing.T) {
@@ -330,7 +330,7 @@ func TestExpiredEnvelopeNeverPushedAndSwept(t *testing.T) {
 		_ = c.pool.QueryRow(ctx, `SELECT expires_at < now() FROM claudemesh.envelope WHERE id = $1`, old.MessageID).Scan(&expired)
 		return expired
 	})
-	c.nodes[0].sweepExpired(ctx)
+	require.NoError(t, c.nodes[0].sweeper.sweepExpired(ctx))
 	var state string
 	require.NoError(t, c.pool.QueryRow(ctx, `SELECT state FROM claudemesh.delivery WHERE envelope_id = $1`, old.MessageID).Scan(&state))
 	require.Equal(t, "expired", state)

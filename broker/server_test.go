@@ -9,9 +9,11 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/stretchr/testify/require"
 
 	"github.com/claudemesh/broker/db/dbtest"
+	"github.com/claudemesh/broker/pgbus"
 )
 
 func TestMain(m *testing.M) { dbtest.Main(m) }
@@ -69,6 +71,18 @@ func TestHealthFollowsDatabase(t *testing.T) {
 	require.True(t, strings.Contains(string(body), `claudemesh_health_checks_total{status="degraded"}`), "metrics count degraded checks")
 }
 
+// nodeStopped reads whether the node row says it stopped cleanly.
+func nodeStopped(t *testing.T, pool *pgxpool.Pool, id string) (alive, stopped bool) {
+	t.Helper()
+	var stoppedAt *time.Time
+	var deadAt *time.Time
+	err := pool.QueryRow(context.Background(), `SELECT stopped_at, dead_at FROM claudemesh.node WHERE id = $1`, id).Scan(&stoppedAt, &deadAt)
+	if err != nil {
+		return false, false
+	}
+	return stoppedAt == nil && deadAt == nil, stoppedAt != nil
+}
+
 func TestHealthDrainingAndNodeStopped(t *testing.T) {
 	t.Parallel()
 	pool := dbtest.Pool(t)
@@ -76,13 +90,41 @@ func TestHealthDrainingAndNodeStopped(t *testing.T) {
 	require.NoError(t, err)
 	require.NoError(t, srv.Start(context.Background(), "127.0.0.1:0"))
 	dbtest.WaitFor(t, 10*time.Second, "node row registered", func() bool {
-		nodes, err := srv.q.NodeListAlive(context.Background())
-		return err == nil && len(nodes) == 1 && nodes[0].ID == srv.NodeID()
+		alive, _ := nodeStopped(t, pool, srv.NodeID())
+		return alive
 	})
 	require.NoError(t, srv.Stop(context.Background()))
 	require.NoError(t, srv.Stop(context.Background()), "stop twice is safe")
-	nodes, err := srv.q.NodeList(context.Background())
-	require.NoError(t, err)
-	require.Len(t, nodes, 1)
-	require.NotNil(t, nodes[0].StoppedAt, "clean exit marks the node stopped")
+	_, stopped := nodeStopped(t, pool, srv.NodeID())
+	require.True(t, stopped, "clean exit marks the node stopped")
+}
+
+// A Stop whose deadline has already passed still stops the bus (its LISTEN connection is gone)
+// and marks the node stopped, instead of leaving it to be declared dead; goleak in TestMain
+// shows no goroutine outlives it.
+func TestStopPastItsDeadlineStillStopsBusAndMarksNode(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t, 1, nil)
+	srv := c.nodes[0]
+	m := c.mesh(0)
+	cl := m.dial(0, m.member("alice"))
+	listener := func() int {
+		var n int
+		require.NoError(t, c.pool.QueryRow(context.Background(),
+			`SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 AND datname = current_database()`, pgbus.ListenerAppName(srv.NodeID())).Scan(&n))
+		return n
+	}
+	require.Equal(t, 1, listener())
+	expired, cancel := context.WithCancel(context.Background())
+	cancel()
+	_ = srv.Stop(expired)
+	_, stopped := nodeStopped(t, c.pool, srv.NodeID())
+	require.True(t, stopped, "the node is marked stopped, not left to be declared dead")
+	require.False(t, srv.BusConnected())
+	dbtest.WaitFor(t, 10*time.Second, "the LISTEN connection closed", func() bool { return listener() == 0 })
+	select {
+	case <-cl.Done():
+	case <-time.After(10 * time.Second):
+		t.Fatal("the session was not closed by Stop")
+	}
 }
