@@ -22,6 +22,7 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
+	"go.uber.org/goleak"
 
 	"github.com/claudemesh/broker/db"
 	"github.com/claudemesh/broker/db/embedded"
@@ -40,10 +41,17 @@ var (
 	templateErr  error
 )
 
-// Main runs the tests and stops the throwaway cluster, if one was started. Call it from
-// TestMain: `func TestMain(m *testing.M) { dbtest.Main(m) }`.
+// Main runs the tests, fails the run when a goroutine outlives them (goleak: a service that
+// does not stop, a socket left open), and stops the throwaway cluster, if one was started.
+// Call it from TestMain: `func TestMain(m *testing.M) { dbtest.Main(m) }`.
 func Main(m *testing.M) {
 	code := m.Run()
+	if code == 0 {
+		if err := goleak.Find(LeakOptions()...); err != nil {
+			fmt.Fprintf(os.Stderr, "dbtest: goroutines outlived the tests: %v\n", err)
+			code = 1
+		}
+	}
 	if cluster != nil {
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		if err := cluster.Stop(ctx); err != nil {
@@ -53,6 +61,17 @@ func Main(m *testing.M) {
 		_ = os.RemoveAll(clusterDir)
 	}
 	os.Exit(code)
+}
+
+// LeakOptions are the goroutines goleak tolerates at the end of a test binary: none of ours.
+// Closed pools finish their background goroutines asynchronously, so goleak retries for a
+// while before it reports (its default).
+func LeakOptions() []goleak.Option {
+	return []goleak.Option{
+		// The throwaway cluster's process reaper lives until Main stops the cluster.
+		goleak.IgnoreTopFunction("os/exec.(*Cmd).Wait"),
+		goleak.IgnoreAnyFunction("github.com/claudemesh/broker/db/embedded.(*Cluster).launch.func1"),
+	}
 }
 
 // ServerURL is the URL of the server tests run against (the admin database, not a test one).
