@@ -16,7 +16,7 @@ import (
 	"github.com/claudemesh/broker/protocol"
 )
 
-// postHook posts a hook request signed by mem's key (unsigned when mem is nil).
+// postHook posts a hook request signed by mem's key (as given when mem is nil).
 func postHook(t *testing.T, srv *Server, mem *testMember, req protocol.HookRequest) (int, protocol.HookResponse) {
 	t.Helper()
 	if mem != nil {

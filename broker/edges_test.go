@@ -1,10 +1,8 @@
 package broker
 
 import (
-	"bytes"
 	"context"
 	"crypto/ed25519"
-	"encoding/json"
 	"fmt"
 	"net/http"
 	"strings"
@@ -52,18 +50,6 @@ func readAll(t *testing.T, cl *client.Client, prefix string, n int, within time.
 type ed25519PublicKey = ed25519.PublicKey
 
 func testutilCounter(c prometheus.Counter) float64 { return testutil.ToFloat64(c) }
-
-// postHookRaw posts a hook request exactly as given.
-func postHookRaw(t *testing.T, srv *Server, req protocol.HookRequest) (int, protocol.HookResponse) {
-	t.Helper()
-	b, _ := json.Marshal(req)
-	resp, err := http.Post("http://"+srv.Addr()+protocol.PathHookState, "application/json", bytes.NewReader(b))
-	require.NoError(t, err)
-	defer resp.Body.Close()
-	var out protocol.HookResponse
-	require.NoError(t, json.NewDecoder(resp.Body).Decode(&out))
-	return resp.StatusCode, out
-}
 
 func isDigit(s string) bool { return s != "" && s[0] >= '0' && s[0] <= '9' }
 
@@ -399,14 +385,14 @@ func TestHooksProveWhoseSessionsTheyChange(t *testing.T) {
 	forged := working
 	protocol.SignHook(mallory.key, &forged, time.Now())
 	forged.Pubkey = bob.pub
-	code, _ = postHookRaw(t, c.nodes[2], forged)
+	code, _ = postHook(t, c.nodes[2], nil, forged)
 	require.Equal(t, http.StatusUnauthorized, code)
 	signed := working
 	protocol.SignHook(bob.key, &signed, time.Now())
-	code, res = postHookRaw(t, c.nodes[2], signed)
+	code, res = postHook(t, c.nodes[2], nil, signed)
 	require.Equal(t, http.StatusOK, code)
 	require.Equal(t, b.HelloAck().PresenceID, res.PresenceID)
-	code, _ = postHookRaw(t, c.nodes[0], signed)
+	code, _ = postHook(t, c.nodes[0], nil, signed)
 	require.Equal(t, http.StatusUnauthorized, code, "a replayed hook, on another replica")
 
 	// Bob's own signed hook held his next message; mallory's "idle" can't release it.
