@@ -6,7 +6,6 @@ import (
 	"time"
 
 	"github.com/claudemesh/broker/broker/store"
-	"github.com/claudemesh/broker/pgbus"
 	"github.com/claudemesh/broker/protocol"
 )
 
@@ -30,7 +29,7 @@ type committer struct {
 	service
 	store    *store.Store
 	planner  *planner
-	signals  signals
+	nodeID   string
 	pusher   *pusher
 	maxBatch int
 	log      *slog.Logger
@@ -40,8 +39,8 @@ type committer struct {
 	stopped chan struct{}
 }
 
-func newCommitter(st *store.Store, pl *planner, sig signals, p *pusher, maxBatch int, log *slog.Logger, m *Metrics) *committer {
-	return &committer{store: st, planner: pl, signals: sig, pusher: p, maxBatch: maxBatch, log: log, metrics: m,
+func newCommitter(st *store.Store, pl *planner, nodeID string, p *pusher, maxBatch int, log *slog.Logger, m *Metrics) *committer {
+	return &committer{store: st, planner: pl, nodeID: nodeID, pusher: p, maxBatch: maxBatch, log: log, metrics: m,
 		in: make(chan sendReq, commitQueue), stopped: make(chan struct{})}
 }
 
@@ -82,14 +81,13 @@ func (c *committer) Start(ctx context.Context) error {
 	})
 }
 
-// commit plans, stores and acknowledges one batch, then pushes its local deliveries.
+// commit stores and acknowledges one batch, then pushes what it assigned to this node's
+// sessions (the other replicas were told by the commit itself).
 func (c *committer) commit(ctx context.Context, batch []sendReq) {
 	start := time.Now()
-	plan, err := c.persist(ctx, batch)
+	plan := c.planner.plan(batch)
+	local, err := c.persist(ctx, batch, plan)
 	if err != nil {
-		if plan != nil {
-			plan.unreserve()
-		}
 		if store.RejectedInput(err) {
 			c.isolateRejected(ctx, batch, err)
 			return
@@ -115,36 +113,35 @@ func (c *committer) commit(ctx context.Context, batch []sendReq) {
 		}
 		ackTo(c.log, r.sess, plan.acks[i])
 	}
-	c.pushPlanned(plan)
-	for sess := range plan.request {
-		c.pusher.request(sess)
+	var push []assigned
+	for _, d := range local {
+		if !d.Assigned { // too large to assign: the session claims it
+			if sess := c.pusher.local(d.PresenceID); sess != nil {
+				c.pusher.request(sess)
+			}
+			continue
+		}
+		push = append(push, assigned{presenceID: d.PresenceID, id: d.ID,
+			priority: protocol.Priority(plan.envelopes[d.Envelope].Priority), frame: plan.frame(d.Envelope)})
 	}
+	c.pusher.pushAssigned(push)
 }
 
-// persist resolves the batch's recipients (one round trip), plans it and writes it in one
-// transaction: envelopes and deliveries, one notification per woken node, the audit entries.
-func (c *committer) persist(ctx context.Context, batch []sendReq) (*batchPlan, error) {
+// persist stores the batch in one statement (recipients resolved, envelopes and deliveries
+// written, the other replicas told, the audit appended) and returns the deliveries this node
+// takes part in.
+func (c *committer) persist(ctx context.Context, batch []sendReq, plan *batchPlan) ([]store.LocalDelivery, error) {
+	if len(plan.envelopes) == 0 {
+		return nil, nil
+	}
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	multicast, direct := lookups(batch)
-	rec, err := c.store.LoadRecipients(ctx, multicast, direct)
+	sent, local, err := c.store.SendBatch(ctx, c.nodeID, plan.envelopes)
 	if err != nil {
 		return nil, err
 	}
-	plan := c.planner.plan(batch, rec)
-	if len(plan.envelopes) == 0 {
-		return plan, nil
-	}
-	var o pgbus.Outbox
-	c.signals.deliveriesFor(&o, plan.wake)
-	sent, err := c.store.InTx(ctx, &o, func(tx *store.Tx) error {
-		ids, err := tx.InsertBatch(ctx, c.signals.nodeID, plan.envelopes, plan.deliv)
-		plan.pushedIDs = ids
-		tx.Audit(plan.audit...)
-		return err
-	})
-	c.metrics.BusSent.Add(float64(sent))
-	return plan, err
+	plan.settle(batch, sent)
+	return local, nil
 }
 
 // isolateRejected commits a batch that Postgres refused for its data in halves, so the send at
@@ -161,32 +158,6 @@ func (c *committer) isolateRejected(ctx context.Context, batch []sendReq, err er
 	half := len(batch) / 2
 	c.commit(ctx, batch[:half])
 	c.commit(ctx, batch[half:])
-}
-
-// pushPlanned writes this node's direct pushes into their reserved slots: each envelope is
-// encoded once and the same bytes go to every local recipient.
-func (c *committer) pushPlanned(plan *batchPlan) {
-	encoded := make(map[int][]byte)
-	var unwritten []int64
-	k := 0
-	for i, d := range plan.deliv {
-		sess := plan.local[i]
-		if sess == nil {
-			continue
-		}
-		id := plan.pushedIDs[k]
-		k++
-		b, ok := encoded[d.Envelope]
-		if !ok {
-			e := plan.envelopes[d.Envelope]
-			b = encodePush(e.ID, e.MeshID, e.SenderPubkey, e.SenderMemberPubkey, e.Priority, e.Nonce, e.Ciphertext, e.CreatedAt)
-			encoded[d.Envelope] = b
-		}
-		if !sess.push(b, id, true) {
-			unwritten = append(unwritten, id) // closed meanwhile: back to pending
-		}
-	}
-	c.pusher.release(unwritten)
 }
 
 // ackTo writes the ack of a send, whose slot in the sender's reply window was promised.

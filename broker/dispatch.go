@@ -11,7 +11,6 @@ import (
 
 	"github.com/claudemesh/broker/broker/audit"
 	"github.com/claudemesh/broker/broker/store"
-	"github.com/claudemesh/broker/pgbus"
 	"github.com/claudemesh/broker/protocol"
 )
 
@@ -35,7 +34,8 @@ func (p *peers) dispatch(ms *melody.Session, sess *session, msg protocol.ClientM
 	case *protocol.ListPeers:
 		reply, err = p.listPeers(ctx, sess, m)
 	case *protocol.SetStatus:
-		err = setStatus(ctx, p.store, p.signals, sess.presenceID, m.Status, store.SourceManual, p.cfg.HookFreshWindow)
+		// One statement: the status model, the replicas and the mesh told, held messages released.
+		_, err = p.store.SetStatus(ctx, sess.presenceID, string(m.Status), store.SourceManual, p.cfg.HookFreshWindow)
 	case *protocol.SetSummary:
 		err = p.store.SetSummary(ctx, sess.presenceID, m.Summary)
 	case *protocol.JoinGroup:
@@ -114,21 +114,8 @@ func (p *peers) changeGroups(ctx context.Context, sess *session, f func([]groupE
 	if err := p.store.SetGroups(ctx, sess.presenceID, gs); err != nil {
 		return err
 	}
-	p.hub.setGroups(sess, gs)
+	sess.setGroups(gs)
 	return nil
-}
-
-// setStatus applies the status model in SQL and tells the owning replica and the mesh. A
-// change refused by the model (fresher hook, dnd) is not an error.
-func setStatus(ctx context.Context, st *store.Store, sig signals, presenceID string, status protocol.Status, source string, fresh time.Duration) error {
-	_, err := st.InTx(ctx, nil, func(tx *store.Tx) error {
-		c, ok, err := tx.ApplyStatus(ctx, presenceID, string(status), source, fresh)
-		if ok {
-			sig.statusChanged(tx.Outbox, c)
-		}
-		return err
-	})
-	return err
 }
 
 func (p *peers) setState(ctx context.Context, sess *session, m *protocol.SetState) error {
@@ -141,26 +128,18 @@ func (p *peers) setState(ctx context.Context, sess *session, m *protocol.SetStat
 			Message: fmt.Sprintf("value: %d bytes is over the limit of %d (MAX_STATE_VALUE_BYTES)", len(value), p.cfg.MaxStateValueBytes)}
 	}
 	quota := store.StateQuota{MaxKeys: p.cfg.MaxStateKeysPerMesh, MaxBytes: p.cfg.MaxStateBytesPerMesh}
-	_, err := p.store.InTx(ctx, nil, func(tx *store.Tx) error {
-		e, err := tx.SetState(ctx, sess.meshID, m.Key, value, sess.name(), quota)
-		if errors.Is(err, store.ErrQuotaExceeded) {
-			return &protocol.Error{Code: protocol.CodeQuotaExceeded, Message: fmt.Sprintf(
-				"the mesh's shared state is full: at most %d keys and %d bytes (delete keys by setting them to null, or ask the operator)",
-				quota.MaxKeys, quota.MaxBytes)}
-		}
-		if err != nil {
-			return err
-		}
-		msg := pgbus.Message{Kind: pgbus.KindState, Mesh: sess.meshID, Key: m.Key, Presence: sess.presenceID}
-		change, _ := json.Marshal(&protocol.StateChange{Key: e.Key, Value: e.Value, UpdatedBy: e.UpdatedBy})
-		if len(change) < pgbus.MaxPayload-200 {
-			msg.Data = change // small values ride along; large ones are read back by receivers
-		}
-		tx.Outbox.Add(p.signals.bus.ClusterChannel(), msg)
-		tx.Audit(audit.Entry{MeshID: sess.meshID, Type: audit.StateSet, Actor: sess.routingKey(),
-			Data: map[string]any{"key": m.Key, "size": len(value)}})
-		return nil
-	})
+	data, err := audit.CanonicalData(map[string]any{"key": m.Key, "size": len(value)})
+	if err != nil {
+		return err
+	}
+	// One statement: the row within the quota, the state_change for every replica, the audit.
+	_, err = p.store.SetState(ctx, store.StateWrite{MeshID: sess.meshID, Key: m.Key, Value: value, UpdatedBy: sess.name(),
+		PresenceID: sess.presenceID, Actor: sess.routingKey(), AuditData: data, Quota: quota})
+	if errors.Is(err, store.ErrQuotaExceeded) {
+		return &protocol.Error{Code: protocol.CodeQuotaExceeded, Message: fmt.Sprintf(
+			"the mesh's shared state is full: at most %d keys and %d bytes (delete keys by setting them to null, or ask the operator)",
+			quota.MaxKeys, quota.MaxBytes)}
+	}
 	return err
 }
 

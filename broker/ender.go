@@ -23,22 +23,23 @@ type presenceEnd struct {
 	mode endMode
 }
 
-// ender records closed sessions in batches: one transaction, one audit append and one
-// notification per node for everything that closed while the previous batch was in flight.
+// ender records closed sessions in batches: one statement (its audit append and one
+// notification per node inside) for everything that closed while the previous batch was in
+// flight.
 // A batch that fails is retried, so a presence never stays live for a socket that is gone
 // (and the sweeper's reconcile backs that up).
 type ender struct {
 	service
 	store   *store.Store
-	signals signals
+	nodeID  string
 	grace   time.Duration
 	log     *slog.Logger
 	metrics *Metrics
 	q       *queue[presenceEnd]
 }
 
-func newEnder(st *store.Store, sig signals, grace time.Duration, log *slog.Logger, m *Metrics) *ender {
-	return &ender{store: st, signals: sig, grace: grace, log: log, metrics: m, q: newQueue[presenceEnd]()}
+func newEnder(st *store.Store, nodeID string, grace time.Duration, log *slog.Logger, m *Metrics) *ender {
+	return &ender{store: st, nodeID: nodeID, grace: grace, log: log, metrics: m, q: newQueue[presenceEnd]()}
 }
 
 func (e *ender) end(p presenceEnd) { e.q.add(p) }
@@ -89,40 +90,12 @@ func (e *ender) record(ctx context.Context, batch []presenceEnd) error {
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
 	var grace, now []store.PresenceRef
-	all := make([]string, 0, len(batch))
 	for _, p := range batch {
-		all = append(all, p.ref.ID)
 		if p.mode == endGrace {
 			grace = append(grace, p.ref)
 		} else {
 			now = append(now, p.ref)
 		}
 	}
-	_, err := e.store.InTx(ctx, nil, func(tx *store.Tx) error {
-		if len(grace) > 0 {
-			if err := tx.GracePresences(ctx, e.signals.nodeID, grace, time.Now().Add(e.grace)); err != nil {
-				return err
-			}
-		}
-		if len(now) > 0 {
-			ended, err := tx.EndPresences(ctx, e.signals.nodeID, now)
-			if err != nil {
-				return err
-			}
-			for _, p := range ended {
-				tx.Audit(e.signals.presenceEnded(tx.Outbox, p))
-			}
-		}
-		released, err := tx.ReleasePresencePushes(ctx, all)
-		if err != nil || len(released) == 0 {
-			return err
-		}
-		holders, err := tx.Holders(ctx, released)
-		if err != nil {
-			return err
-		}
-		e.signals.deliveriesFor(tx.Outbox, holders)
-		return nil
-	})
-	return err
+	return e.store.EndSessions(ctx, e.nodeID, grace, time.Now().Add(e.grace), now)
 }

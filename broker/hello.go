@@ -8,9 +8,7 @@ import (
 
 	"github.com/olahol/melody"
 
-	"github.com/claudemesh/broker/broker/audit"
 	"github.com/claudemesh/broker/broker/store"
-	"github.com/claudemesh/broker/pgbus"
 	"github.com/claudemesh/broker/protocol"
 )
 
@@ -93,38 +91,14 @@ func checkSigned(h *protocol.Hello, now time.Time) (pub, sessKey string, err err
 // margin for clock differences between replicas.
 func signatureExpiry(ts time.Time) time.Time { return ts.Add(helloMaxSkew + 5*time.Second) }
 
-// hello checks a hello and registers its presence in one transaction. The checks that need no
-// database come first; then, in protocol order, capacity, unauthorized, revoked, and (ext) a
-// replayed signature and a session key that is another member's.
+// hello checks a hello and registers its presence. The checks that need no database come
+// first; the rest is one statement: in protocol order, capacity, unauthorized, revoked, and
+// (ext) a replayed signature and a session key that is another member's, then the presence,
+// its notifications and its audit entry.
 func (p *peers) hello(ctx context.Context, ms *melody.Session, h *protocol.Hello) (*session, bool, error) {
 	pubLower, sessKey, err := checkSigned(h, time.Now())
 	if err != nil {
 		return nil, false, err
-	}
-	sig, _ := protocol.NormalizeSignature(h.Signature)
-	facts, err := p.store.HelloLookup(ctx, h.MeshID, h.MemberID, pubLower, h.SessionID, sig, signatureExpiry(time.UnixMilli(h.Timestamp)))
-	if err != nil {
-		return nil, false, err
-	}
-	limit := int64(p.cfg.MaxConnsPerMesh)
-	if facts.MaxPeers > 0 {
-		limit = int64(facts.MaxPeers)
-	}
-	capacity := refuse(protocol.CodeCapacity, fmt.Sprintf("mesh has reached its limit of %d live sessions", limit))
-	switch {
-	case facts.MeshFound && facts.Live >= limit:
-		return nil, false, capacity
-	case !facts.MeshFound || facts.MemberID == "" && !facts.Revoked:
-		return nil, false, refuse(protocol.CodeUnauthorized, "no live member with that mesh and pubkey")
-	case facts.MemberID == "":
-		return nil, false, &helloRefusal{code: protocol.CodeRevoked, msg: "member was revoked", closeCd: protocol.CloseRevoked}
-	case !facts.FreshSignature:
-		return nil, false, refuse(protocol.CodeHelloReplayed, "this signed hello was already used: sign a new one")
-	}
-
-	displayName := h.DisplayName
-	if displayName == "" {
-		displayName = facts.MemberName
 	}
 	if len(h.Groups) > p.cfg.MaxGroupsPerSession {
 		return nil, false, refuse(protocol.CodeBadRequest, fmt.Sprintf("groups: at most %d per session", p.cfg.MaxGroupsPerSession))
@@ -133,62 +107,48 @@ func (p *peers) hello(ctx context.Context, ms *melody.Session, h *protocol.Hello
 	for _, g := range h.Groups {
 		groups = append(groups, groupEntry{Name: g.Name, Role: g.Role})
 	}
-	var (
-		reg     store.Registration
-		resumed bool
-	)
-	_, err = p.store.InTx(ctx, nil, func(tx *store.Tx) error {
-		var err error
-		reg, err = tx.RegisterPresence(ctx, store.RegisterParams{
-			MeshID: h.MeshID, MemberID: facts.MemberID, MemberPubkey: pubLower, NodeID: p.nodeID,
-			SessionID: h.SessionID, SessionPubkey: sessKey, DisplayName: displayName, CWD: h.CWD, PID: h.PID,
-			Groups: groups, Capabilities: h.Capabilities, Limit: limit,
-		})
-		switch {
-		case errors.Is(err, store.ErrSessionKeyTaken):
-			return refuse(protocol.CodeSessionKeyTaken, "sessionPubkey is another member's key or bound to another member")
-		case errors.Is(err, store.ErrCapacity):
-			return capacity
-		case err != nil:
-			return err
-		}
-		// Resumed: the presence was in its grace, or its socket on this node is already gone
-		// (its close may not be recorded yet).
-		resumed = reg.WasInGrace
-		if reg.OldNode == p.nodeID {
-			if old := p.hub.get(reg.PresenceID); old == nil || old.isClosed() {
-				resumed = true
-			}
-		}
-		if reg.OldNode != "" && reg.OldNode != p.nodeID {
-			// The session was live on another replica: that one closes its socket.
-			tx.Outbox.Add(p.signals.bus.NodeChannel(reg.OldNode), pgbus.Message{Kind: pgbus.KindReplace, Presence: reg.PresenceID, Node: p.nodeID})
-		}
-		if reg.OldNode == "" { // a new presence, not a resume or replacement: tell the mesh
-			p.signals.event(tx.Outbox, h.MeshID, facts.MemberID, protocol.EventPeerJoined,
-				peerEventData(reg.PresenceID, keyOr(sessKey, pubLower), displayName, reg.Status))
-		}
-		tx.Audit(audit.Entry{MeshID: h.MeshID, Type: audit.PeerConnected, Actor: pubLower,
-			Data: map[string]any{"presence_id": reg.PresenceID, "node": p.nodeID, "resumed": resumed}})
-		return nil
+	sig, _ := protocol.NormalizeSignature(h.Signature)
+	res, err := p.store.Hello(ctx, store.HelloParams{
+		NodeID: p.nodeID, MeshID: h.MeshID, MemberID: h.MemberID, MemberPubkey: pubLower, SessionID: h.SessionID,
+		SessionPubkey: sessKey, DisplayName: h.DisplayName, CWD: h.CWD, PID: h.PID, Groups: groups,
+		Capabilities: h.Capabilities, DefaultLimit: p.cfg.MaxConnsPerMesh, Signature: sig,
+		SignatureExpires: signatureExpiry(time.UnixMilli(h.Timestamp)), LocalLive: p.liveHere(h.MemberID, h.SessionID),
 	})
 	if err != nil {
 		return nil, false, err
 	}
+	switch res.Refusal {
+	case "":
+	case protocol.CodeCapacity:
+		return nil, false, refuse(protocol.CodeCapacity, fmt.Sprintf("mesh has reached its limit of %d live sessions", res.Limit))
+	case protocol.CodeRevoked:
+		return nil, false, &helloRefusal{code: protocol.CodeRevoked, msg: "member was revoked", closeCd: protocol.CloseRevoked}
+	case protocol.CodeHelloReplayed:
+		return nil, false, refuse(protocol.CodeHelloReplayed, "this signed hello was already used: sign a new one")
+	case protocol.CodeSessionKeyTaken:
+		return nil, false, refuse(protocol.CodeSessionKeyTaken, "sessionPubkey is another member's key or bound to another member")
+	default:
+		return nil, false, refuse(protocol.CodeUnauthorized, "no live member with that mesh and pubkey")
+	}
+	reg := res.Registration
 	sess := &session{
-		ws: ms, out: ms, presenceID: reg.PresenceID, meshID: h.MeshID, memberID: facts.MemberID, memberPubkey: pubLower,
+		ws: ms, out: ms, presenceID: reg.PresenceID, meshID: h.MeshID, memberID: h.MemberID, memberPubkey: pubLower,
 		sessionPubkey: sessKey, sessionID: h.SessionID,
 		clientAck:    h.HasCapability(protocol.CapClientAck),
 		systemEvents: h.HasCapability(protocol.CapSystemEvents),
-		displayName:  displayName, status: protocol.Status(reg.Status), groups: groups,
+		displayName:  res.DisplayName, status: protocol.Status(reg.Status), groups: groups,
 		epoch: reg.Epoch,
 	}
-	return sess, resumed, nil
+	return sess, res.Resumed, nil
 }
 
-func keyOr(a, b string) string {
-	if a != "" {
-		return a
+// liveHere reports whether this replica holds an open socket of the member's session (a new
+// hello for it replaces it rather than resuming it).
+func (p *peers) liveHere(memberID, sessionID string) bool {
+	for _, s := range p.hub.memberSessions(memberID) {
+		if s.sessionID == sessionID && !s.isClosed() {
+			return true
+		}
 	}
-	return b
+	return false
 }

@@ -179,33 +179,15 @@ func (s *hooks) hookFail(w http.ResponseWriter, code int, msg, label string) {
 	writeJSON(w, code, protocol.HookResponse{OK: false, Error: msg})
 }
 
-// applyHook resolves the hook's sessions cluster-wide (of member only, when signed) and
-// applies the status to each (a Claude Code session may be in several meshes). With no match
-// yet, the signal waits for the session's hello (the first-turn race).
+// applyHook applies the hook's status in one statement: its sessions resolved cluster-wide (of
+// member only, when signed), the status applied to each (a Claude Code session may be in
+// several meshes) with the messages it releases, or the signal kept for the session's hello
+// when none matches yet (the first-turn race).
 func (s *hooks) applyHook(ctx context.Context, req protocol.HookRequest, member string) (string, bool, error) {
-	var first string
-	pending := false
-	q := store.HookQuery{MemberPubkey: member, SessionID: req.SessionID, CWD: req.CWD, PID: req.PID}
-	_, err := s.store.InTx(ctx, nil, func(tx *store.Tx) error {
-		ids, err := tx.HookTargets(ctx, q)
-		if err != nil {
-			return err
-		}
-		if len(ids) == 0 {
-			pending = true
-			return tx.HoldPendingStatus(ctx, q, string(req.Status))
-		}
-		first = ids[0]
-		for _, id := range ids {
-			c, ok, err := tx.ApplyStatus(ctx, id, string(req.Status), store.SourceHook, s.cfg.HookFreshWindow)
-			if err != nil {
-				return err
-			}
-			if ok { // not ok: dnd, which hooks never change
-				s.signals.statusChanged(tx.Outbox, c)
-			}
-		}
-		return nil
-	})
-	return first, pending, err
+	o, err := s.store.HookStatus(ctx, store.HookQuery{MemberPubkey: member, SessionID: req.SessionID, CWD: req.CWD, PID: req.PID},
+		string(req.Status), s.cfg.HookFreshWindow)
+	if err != nil || o.Pending || len(o.PresenceIDs) == 0 {
+		return "", o.Pending, err
+	}
+	return o.PresenceIDs[0], false, nil
 }

@@ -1,21 +1,16 @@
 package broker
 
-import (
-	"strings"
-	"sync"
-)
+import "sync"
 
-// hub is this replica's sessions: indexed by presence, mesh, member and group, so routing
-// never scans all sessions, and the one place that fans a pre-encoded frame out to many of
-// them. It holds no SQL and does no socket I/O beyond queueing frames.
+// hub is this replica's sessions: indexed by presence, mesh and member, so routing never scans
+// all sessions, and the one place that fans a pre-encoded frame out to many of them. It holds
+// no SQL and does no socket I/O beyond queueing frames. (Group sends are resolved by the store
+// in the statement that stores them, from the stored groups, so the hub keeps no group index.)
 type hub struct {
 	mu         sync.RWMutex
 	byPresence map[string]*session
 	byMesh     map[string]map[*session]struct{}
 	byMember   map[string]map[*session]struct{}
-	// byGroup: mesh → group name → sessions; a session in "eng/web" is indexed under "eng/web"
-	// only, and group look-ups walk the mesh's group names (few) to include sub-groups.
-	byGroup map[string]map[string]map[*session]struct{}
 }
 
 func newHub() *hub {
@@ -23,7 +18,6 @@ func newHub() *hub {
 		byPresence: map[string]*session{},
 		byMesh:     map[string]map[*session]struct{}{},
 		byMember:   map[string]map[*session]struct{}{},
-		byGroup:    map[string]map[string]map[*session]struct{}{},
 	}
 }
 
@@ -56,35 +50,7 @@ func (h *hub) add(s *session) *session {
 	h.byPresence[s.presenceID] = s
 	addTo(h.byMesh, s.meshID, s)
 	addTo(h.byMember, s.memberID, s)
-	h.indexGroupsLocked(s, s.groupNames())
 	return old
-}
-
-func (h *hub) indexGroupsLocked(s *session, names []string) {
-	if len(names) == 0 {
-		return
-	}
-	mg := h.byGroup[s.meshID]
-	if mg == nil {
-		mg = map[string]map[*session]struct{}{}
-		h.byGroup[s.meshID] = mg
-	}
-	for _, g := range names {
-		addTo(mg, g, s)
-	}
-}
-
-func (h *hub) unindexGroupsLocked(s *session, names []string) {
-	mg := h.byGroup[s.meshID]
-	if mg == nil {
-		return
-	}
-	for _, g := range names {
-		removeFrom(mg, g, s)
-	}
-	if len(mg) == 0 {
-		delete(h.byGroup, s.meshID)
-	}
 }
 
 // remove unregisters s if it is still the registered session of its presence.
@@ -102,21 +68,6 @@ func (h *hub) removeLocked(s *session) {
 	delete(h.byPresence, s.presenceID)
 	removeFrom(h.byMesh, s.meshID, s)
 	removeFrom(h.byMember, s.memberID, s)
-	h.unindexGroupsLocked(s, s.groupNames())
-}
-
-// setGroups replaces s's groups and their index entries (join_group/leave_group).
-func (h *hub) setGroups(s *session, groups []groupEntry) {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	registered := h.byPresence[s.presenceID] == s
-	if registered {
-		h.unindexGroupsLocked(s, s.groupNames())
-	}
-	s.setGroups(groups)
-	if registered {
-		h.indexGroupsLocked(s, s.groupNames())
-	}
 }
 
 func (h *hub) get(presenceID string) *session {
@@ -137,21 +88,6 @@ func (h *hub) memberSessions(memberID string) []*session {
 	h.mu.RLock()
 	defer h.mu.RUnlock()
 	return collect(h.byMember[memberID])
-}
-
-// inGroup returns the mesh's sessions in group or in any of its sub-groups.
-func (h *hub) inGroup(meshID, group string) []*session {
-	h.mu.RLock()
-	defer h.mu.RUnlock()
-	seen := map[*session]struct{}{}
-	for name, set := range h.byGroup[meshID] {
-		if inGroup(name, group) {
-			for s := range set {
-				seen[s] = struct{}{}
-			}
-		}
-	}
-	return collect(seen)
 }
 
 // toMesh queues frame on every session of the mesh that skip does not exclude. The frame is
@@ -185,9 +121,4 @@ func (h *hub) len() int {
 	h.mu.RLock()
 	defer h.mu.RUnlock()
 	return len(h.byPresence)
-}
-
-// inGroup reports whether a session's group g matches target group name: itself or a sub-group.
-func inGroup(g, target string) bool {
-	return g == target || strings.HasPrefix(g, target+"/")
 }

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/claudemesh/broker/broker/store"
+	"github.com/claudemesh/broker/protocol"
 )
 
 // claimPage is how many deliveries one claim takes per session at most (its push window caps
@@ -30,8 +31,12 @@ type pusher struct {
 	nodeID  string
 	log     *slog.Logger
 	metrics *Metrics
-	// holders finds this node's sessions of a member, to wake after a release.
+	// holders finds this node's sessions of a member, to wake after a release; local finds
+	// one by presence.
 	holders func(memberID string) []*session
+	local   func(presenceID string) *session
+	// giveBack returns deliveries that could not be pushed to pending (release; tests fake it).
+	giveBack func(ids []int64)
 
 	mu     sync.Mutex
 	dirty  map[*session]struct{}
@@ -39,9 +44,11 @@ type pusher struct {
 	wake   chan struct{}
 }
 
-func newPusher(st *store.Store, nodeID string, log *slog.Logger, m *Metrics, holders func(string) []*session) *pusher {
-	return &pusher{store: st, nodeID: nodeID, log: log, metrics: m, holders: holders,
+func newPusher(st *store.Store, nodeID string, log *slog.Logger, m *Metrics, h *hub) *pusher {
+	p := &pusher{store: st, nodeID: nodeID, log: log, metrics: m, holders: h.memberSessions, local: h.get,
 		dirty: map[*session]struct{}{}, parked: map[*session]struct{}{}, wake: make(chan struct{}, 1)}
+	p.giveBack = p.release
+	return p
 }
 
 // request makes sure the session's pending deliveries are claimed and pushed. Until they are,
@@ -161,7 +168,7 @@ func (p *pusher) claimAndPush(ctx context.Context, batch []*session) {
 		got := byPresence[sess.presenceID]
 		for _, r := range got {
 			b := encodePush(r.EnvelopeID, r.MeshID, r.SenderPubkey, r.SenderMemberPubkey, r.Priority, r.Nonce, r.Ciphertext, r.CreatedAt)
-			if !sess.push(b, r.ID, true) {
+			if !sess.push(b, r.ID, true, false) {
 				unwritten = append(unwritten, r.ID) // closed meanwhile: back to pending
 			}
 		}
@@ -192,6 +199,42 @@ func (p *pusher) release(ids []int64) {
 	}
 	for _, r := range recips {
 		for _, sess := range p.holders(r.MemberID) {
+			p.request(sess)
+		}
+	}
+}
+
+// assigned is a delivery a commit assigned to a session of this node, with its push frame.
+type assigned struct {
+	presenceID string
+	id         int64
+	priority   protocol.Priority
+	frame      []byte
+}
+
+// pushAssigned pushes deliveries a commit (this replica's or another's) assigned to sessions of
+// this node: each goes into a slot of its session's push window at once. One that can't (the
+// window full, a backlog to keep order behind, the session closed or gone) goes back to pending
+// with every later one of its session, and that session's pusher runs: it claims them in order.
+func (p *pusher) pushAssigned(items []assigned) {
+	var back []int64
+	var failed map[string]bool
+	for _, a := range items {
+		sess := p.local(a.presenceID)
+		if failed[a.presenceID] || sess == nil || !sess.reserve(a.priority) || !sess.push(a.frame, a.id, true, true) {
+			back = append(back, a.id)
+			if failed == nil {
+				failed = map[string]bool{}
+			}
+			failed[a.presenceID] = true
+		}
+	}
+	if len(back) == 0 {
+		return
+	}
+	p.giveBack(back)
+	for id := range failed {
+		if sess := p.local(id); sess != nil {
 			p.request(sess)
 		}
 	}

@@ -8,8 +8,8 @@ import (
 	"github.com/claudemesh/broker/broker/store"
 )
 
-// recorder records finished deliveries in batches off the hot path: client_acks, and pushes
-// written to sessions that don't ack. Everything that arrived while the previous statement was
+// recorder records what happened to deliveries in batches off the hot path: client_acks, pushes
+// written to sessions that don't ack, and assigned pushes written to sessions that do. Everything that arrived while the previous statement was
 // in flight goes into the next one.
 type recorder struct {
 	service
@@ -18,11 +18,12 @@ type recorder struct {
 	metrics *Metrics
 	acks    *queue[store.Ack]
 	written *queue[int64]
+	taken   *queue[int64]
 }
 
 func newRecorder(st *store.Store, log *slog.Logger, m *Metrics) *recorder {
-	r := &recorder{store: st, log: log, metrics: m, acks: newQueue[store.Ack](), written: newQueue[int64]()}
-	r.written.wake = r.acks.wake // one loop wakes for both
+	r := &recorder{store: st, log: log, metrics: m, acks: newQueue[store.Ack](), written: newQueue[int64](), taken: newQueue[int64]()}
+	r.written.wake, r.taken.wake = r.acks.wake, r.acks.wake // one loop wakes for all
 	return r
 }
 
@@ -37,6 +38,9 @@ func (r *recorder) acked(sess *session, ids []string) {
 
 // wrote queues a delivery whose push was written to a session that does not ack.
 func (r *recorder) wrote(id int64) { r.written.add(id) }
+
+// took queues an assigned delivery written to a session that acks: it waits for the ack now.
+func (r *recorder) took(id int64) { r.taken.add(id) }
 
 // Start runs the recorder until Stop; the last records are written on the way out.
 func (r *recorder) Start(ctx context.Context) error {
@@ -56,15 +60,15 @@ func (r *recorder) Start(ctx context.Context) error {
 }
 
 func (r *recorder) flush(ctx context.Context) {
-	acks, written := r.acks.take(), r.written.take()
-	if len(acks)+len(written) == 0 {
+	acks, written, taken := r.acks.take(), r.written.take(), r.taken.take()
+	if len(acks)+len(written)+len(taken) == 0 {
 		return
 	}
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	if err := r.store.MarkDelivered(ctx, acks, written); err != nil {
-		// The rows stay "pushed": they go back to pending when the session ends and reach the
-		// recipient again: at least once.
-		r.metrics.backgroundError(r.log, "record_deliveries", err, "count", len(acks)+len(written))
+	if err := r.store.MarkDelivered(ctx, acks, written, taken); err != nil {
+		// The rows stay assigned or pushed: they go back to pending when the session ends and
+		// reach the recipient again: at least once.
+		r.metrics.backgroundError(r.log, "record_deliveries", err, "count", len(acks)+len(written)+len(taken))
 	}
 }

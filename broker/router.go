@@ -27,6 +27,7 @@ type router struct {
 	nodeID  string
 	log     *slog.Logger
 	metrics *Metrics
+	pushes  []assigned // gathered while applying a run of messages
 }
 
 // Start applies bus messages until Stop.
@@ -41,6 +42,19 @@ func (r *router) Start(ctx context.Context) error {
 			case m := <-r.bus.Messages():
 				r.metrics.BusReceived.Inc()
 				r.apply(ctx, m)
+				// Pushes are gathered over everything already queued, then written: their
+				// releases, if any, cost one statement for the lot.
+				for more := true; more; {
+					select {
+					case m := <-r.bus.Messages():
+						r.metrics.BusReceived.Inc()
+						r.apply(ctx, m)
+					default:
+						more = false
+					}
+				}
+				r.pusher.pushAssigned(r.pushes)
+				r.pushes = r.pushes[:0]
 			case <-r.bus.Resync():
 				r.resync(ctx, true)
 			case <-poll.C:
@@ -58,8 +72,22 @@ func (r *router) apply(ctx context.Context, m pgbus.Message) {
 		}
 	case pgbus.KindStatus:
 		if sess := r.hub.get(m.Presence); sess != nil {
-			r.reloadStatus(ctx, sess)
+			if m.Key != "" {
+				noteStatus(r.pusher, sess, protocol.Status(m.Key))
+			} else {
+				r.reloadStatus(ctx, sess)
+			}
 		}
+	case pgbus.KindPush:
+		var d pgbus.PushData
+		if err := json.Unmarshal(m.Data, &d); err != nil {
+			r.metrics.BusEvents.WithLabelValues("bad_payload").Inc()
+			r.log.Warn("bad push on the bus", "err", err)
+			return
+		}
+		r.pushes = append(r.pushes, assigned{presenceID: m.Presence, id: d.DeliveryID, priority: protocol.Priority(d.Priority),
+			frame: encodePush(d.EnvelopeID, d.MeshID, d.SenderPubkey, d.SenderMemberPubkey, d.Priority, d.Nonce, d.Ciphertext,
+				time.UnixMicro(d.CreatedMicros))})
 	case pgbus.KindReplace:
 		if sess := r.hub.get(m.Presence); sess != nil && m.Node != r.nodeID {
 			connOf(sess.ws).end.Set(endReplaced)

@@ -76,7 +76,7 @@ func NewServer(cfg Config, pool *pgxpool.Pool, logger *slog.Logger) (*Server, er
 	if nodeID == "" {
 		nodeID = NewNodeID()
 	}
-	s := &Server{cfg: cfg, pool: pool, store: store.New(pool), log: logger.With("node", nodeID), nodeID: nodeID,
+	s := &Server{cfg: cfg, pool: pool, store: store.New(pool, cfg.BusNamespace), log: logger.With("node", nodeID), nodeID: nodeID,
 		started: time.Now(), metrics: newMetrics(), mux: http.NewServeMux(), hub: newHub()}
 	bus, err := pgbus.New(pgbus.Config{
 		ConnConfig: pool.Config().ConnConfig, Exec: pool, NodeID: nodeID, Namespace: cfg.BusNamespace,
@@ -98,10 +98,10 @@ func NewServer(cfg Config, pool *pgxpool.Pool, logger *slog.Logger) (*Server, er
 	sig := signals{bus: bus, nodeID: nodeID}
 	refusals := newSampledLog(s.log, 5, 20)
 	s.recorder = newRecorder(s.store, s.log, s.metrics)
-	s.pusher = newPusher(s.store, nodeID, s.log, s.metrics, s.hub.memberSessions)
-	s.ender = newEnder(s.store, sig, cfg.Grace(), s.log, s.metrics)
-	pl := &planner{local: s.hub, nodeID: nodeID, ttl: cfg.MessageTTL, now: time.Now}
-	s.committer = newCommitter(s.store, pl, sig, s.pusher, cfg.MaxBatch, s.log, s.metrics)
+	s.pusher = newPusher(s.store, nodeID, s.log, s.metrics, s.hub)
+	s.ender = newEnder(s.store, nodeID, cfg.Grace(), s.log, s.metrics)
+	pl := &planner{ttl: cfg.MessageTTL, now: time.Now}
+	s.committer = newCommitter(s.store, pl, nodeID, s.pusher, cfg.MaxBatch, s.log, s.metrics)
 	s.peers = &peers{cfg: cfg, nodeID: nodeID, store: s.store, hub: s.hub,
 		gate:    newGate(cfg.MaxUnauthenticated, cfg.MaxUnauthPerSource, cfg.HelloTimeout),
 		signals: sig, committer: s.committer, pusher: s.pusher, recorder: s.recorder, ender: s.ender,

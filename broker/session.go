@@ -70,8 +70,9 @@ type session struct {
 // inflightPush is a push frame queued on the socket. frame identifies the queued bytes: melody
 // reports each written frame with the same slice, in queue order.
 type inflightPush struct {
-	frame *byte
-	id    int64 // delivery id
+	frame    *byte
+	id       int64 // delivery id
+	assigned bool  // assigned by a commit (not claimed): taking it must be recorded
 }
 
 // routingKey is the pubkey others see and target: the session key if any, else the member key.
@@ -80,16 +81,6 @@ func (s *session) routingKey() string {
 		return s.sessionPubkey
 	}
 	return s.memberPubkey
-}
-
-func (s *session) groupNames() []string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	out := make([]string, len(s.groups))
-	for i, g := range s.groups {
-		out[i] = g.Name
-	}
-	return out
 }
 
 // groupsCopy returns the session's groups, for a change that is stored before it is applied.
@@ -152,9 +143,10 @@ func (s *session) unreserve() {
 	s.mu.Unlock()
 }
 
-// push queues a push frame carrying delivery id; fromReserve says it fills a reserved slot.
-// False means the socket is closed: the caller releases the delivery.
-func (s *session) push(frame []byte, id int64, fromReserve bool) bool {
+// push queues a push frame carrying delivery id; fromReserve says it fills a reserved slot,
+// assigned that a commit assigned it (rather than a claim). False means the socket is closed:
+// the caller releases the delivery.
+func (s *session) push(frame []byte, id int64, fromReserve, assigned bool) bool {
 	s.mu.Lock()
 	if fromReserve {
 		s.reserved--
@@ -163,7 +155,7 @@ func (s *session) push(frame []byte, id int64, fromReserve bool) bool {
 		s.mu.Unlock()
 		return false
 	}
-	s.inflight = append(s.inflight, inflightPush{frame: unsafe.SliceData(frame), id: id})
+	s.inflight = append(s.inflight, inflightPush{frame: unsafe.SliceData(frame), id: id, assigned: assigned})
 	s.mu.Unlock()
 	return s.out.Write(frame) == nil
 }
@@ -223,15 +215,16 @@ func (s *session) awaitReplyRoom(stall time.Duration) bool {
 }
 
 // written is told every text frame melody wrote to the socket. For a push it returns the
-// delivery id, and wake when a claim parked on the full window may run again.
-func (s *session) written(frame []byte) (id int64, push, wake bool) {
+// delivery (with whether a commit assigned it), and wake when a claim parked on the full
+// window may run again.
+func (s *session) written(frame []byte) (p inflightPush, push, wake bool) {
 	if len(frame) == 0 {
-		return 0, false, false
+		return p, false, false
 	}
-	p := unsafe.SliceData(frame)
+	data := unsafe.SliceData(frame)
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if len(s.inflight) == 0 || s.inflight[0].frame != p {
+	if len(s.inflight) == 0 || s.inflight[0].frame != data {
 		// A reply or an event.
 		if s.queued > 0 {
 			s.queued--
@@ -242,9 +235,9 @@ func (s *session) written(frame []byte) (id int64, push, wake bool) {
 			default:
 			}
 		}
-		return 0, false, false
+		return p, false, false
 	}
-	id = s.inflight[0].id
+	p = s.inflight[0]
 	s.inflight = s.inflight[1:]
 	if len(s.inflight) == 0 {
 		s.inflight = nil // an idle session holds no window memory
@@ -255,7 +248,7 @@ func (s *session) written(frame []byte) (id int64, push, wake bool) {
 			s.parked, s.stalledFrom, wake = false, time.Time{}, true
 		}
 	}
-	return id, true, wake
+	return p, true, wake
 }
 
 // requestPush records that pending deliveries may wait for the session: until the pusher

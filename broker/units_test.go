@@ -1,6 +1,7 @@
 package broker
 
 import (
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -87,7 +88,7 @@ func TestSessionPushWindow(t *testing.T) {
 	frames := make([][]byte, limit)
 	for i := range frames {
 		frames[i] = []byte{byte(i), 1}
-		require.True(t, s.push(frames[i], int64(i+1), true))
+		require.True(t, s.push(frames[i], int64(i+1), true, false))
 	}
 	require.Equal(t, claimParked, s.claimDone(limit, limit, req), "a full window parks the claim")
 	require.Equal(t, pushWindow, k.count())
@@ -102,9 +103,10 @@ func TestSessionPushWindow(t *testing.T) {
 	// Pushes are reported written in order; the claim wakes at half the window.
 	woke := false
 	for i, f := range frames {
-		id, push, wake := s.written(f)
+		d, push, wake := s.written(f)
 		require.True(t, push)
-		require.Equal(t, int64(i+1), id)
+		require.Equal(t, int64(i+1), d.id)
+		require.False(t, d.assigned, "claimed, not assigned")
 		if wake {
 			require.False(t, woke, "woken once")
 			require.Equal(t, pushWindow/2-1, i, "woken when half the window is free")
@@ -138,110 +140,89 @@ func TestSessionReplyWindow(t *testing.T) {
 
 func TestHubIndexAndFanOut(t *testing.T) {
 	h := newHub()
-	a, ka := testSession("pa", "m", "alice", "eng/web")
-	b, kb := testSession("pb", "m", "bob", "eng")
-	c, kc := testSession("pc", "m", "carol", "eng2")
-	o, ko := testSession("po", "other", "dave", "eng")
+	a, ka := testSession("pa", "m", "alice")
+	b, kb := testSession("pb", "m", "bob")
+	c, kc := testSession("pc", "m", "carol")
+	o, ko := testSession("po", "other", "dave")
 	for _, s := range []*session{a, b, c, o} {
 		require.Nil(t, h.add(s))
 	}
-	ids := func(ss []*session) []string {
-		out := []string{}
-		for _, s := range ss {
-			out = append(out, s.presenceID)
-		}
-		return out
-	}
-	require.ElementsMatch(t, []string{"pa", "pb"}, ids(h.inGroup("m", "eng")), "a group and its sub-groups, not eng2, not another mesh")
-	require.ElementsMatch(t, []string{"pa"}, ids(h.inGroup("m", "eng/web")))
-	require.Empty(t, h.inGroup("m", "web"))
-
 	h.toMesh("m", []byte("event"), func(s *session) bool { return s.memberID == "bob" })
 	require.Equal(t, 1, ka.count())
 	require.Equal(t, 0, kb.count(), "skipped")
 	require.Equal(t, 1, kc.count())
 	require.Equal(t, 0, ko.count(), "another mesh")
 
-	h.setGroups(c, []groupEntry{{Name: "eng/db"}})
-	require.ElementsMatch(t, []string{"pa", "pb", "pc"}, ids(h.inGroup("m", "eng")), "re-indexed")
+	a2, _ := testSession("pa2", "m", "alice")
+	h.add(a2)
+	require.ElementsMatch(t, []*session{a, a2}, h.memberSessions("alice"))
 
 	// The same presence reconnecting replaces the old session; removing the old one is a no-op.
-	a2, _ := testSession("pa", "m", "alice")
-	require.Equal(t, a, h.add(a2))
+	a3, _ := testSession("pa", "m", "alice")
+	require.Equal(t, a, h.add(a3))
 	require.False(t, h.remove(a))
-	require.ElementsMatch(t, []string{"pb", "pc"}, ids(h.inGroup("m", "eng")), "the new session has no groups")
-	require.True(t, h.remove(a2))
-	require.Equal(t, 3, h.len())
+	require.Equal(t, a3, h.get("pa"))
+	require.True(t, h.remove(a3))
+	require.Nil(t, h.get("pa"))
+	require.Equal(t, 4, h.len())
 }
 
-func TestPlanner(t *testing.T) {
-	h := newHub()
+func TestPlannerAndSettle(t *testing.T) {
 	sender, _ := testSession("p-sender", "m", "alice")
-	localBob, _ := testSession("p-bob", "m", "bob", "eng")
-	busyCarol, _ := testSession("p-carol", "m", "carol", "eng/web")
-	busyCarol.status = protocol.StatusWorking
-	for _, s := range []*session{sender, localBob, busyCarol} {
-		h.add(s)
+	sender.sessionPubkey = strings.Repeat("c", 64)
+	p := &planner{ttl: time.Hour, now: time.Now}
+	member := strings.Repeat("AB", 32)
+	send := func(target string) sendReq {
+		return sendReq{sess: sender, msg: &protocol.Send{TargetSpec: target, Priority: protocol.PriorityNext, Nonce: "n", Ciphertext: "c", ID: "c-" + target}}
 	}
-	p := &planner{local: h, nodeID: "n0", ttl: time.Hour, now: time.Now}
-	rec := store.Recipients{
-		Targets: []store.Target{
-			{ID: "p-sender", MeshID: "m", MemberID: "alice", NodeID: "n0"},
-			{ID: "p-bob", MeshID: "m", MemberID: "bob", NodeID: "n0", GroupNames: []string{"eng"}},
-			{ID: "p-carol", MeshID: "m", MemberID: "carol", NodeID: "n0", GroupNames: []string{"eng/web"}},
-			{ID: "p-dan", MeshID: "m", MemberID: "dan", NodeID: "n1", GroupNames: []string{"eng"}},
-			// Erin's session on this node is in its grace: no socket, but it is a recipient.
-			{ID: "p-erin", MeshID: "m", MemberID: "erin", NodeID: "n0", GroupNames: []string{"eng"}},
-			{ID: "p-alice2", MeshID: "m", MemberID: "alice", NodeID: "n1", GroupNames: []string{"eng"}},
-		},
-		Members: map[store.MeshKey]string{{MeshID: "m", Key: "bobkey"}: "bob", {MeshID: "m", Key: "dankey"}: "dan"},
-	}
-	send := func(target string, prio protocol.Priority) sendReq {
-		return sendReq{sess: sender, msg: &protocol.Send{TargetSpec: target, Priority: prio, Nonce: "n", Ciphertext: "c"}}
-	}
-	key := func(s string) string { // a syntactically valid pubkey standing for a member
-		k := s
-		for len(k) < 64 {
-			k += "0"
-		}
-		return k
-	}
-	rec.Members = map[store.MeshKey]string{{MeshID: "m", Key: key("b")}: "bob", {MeshID: "m", Key: key("d")}: "dan"}
+	batch := []sendReq{send(member), send("not-a-key"), send("*"), send("@all"), send("@eng/web"), send("@")}
+	plan := p.plan(batch)
+	require.Len(t, plan.envelopes, 4, "an invalid target is refused before the store")
+	require.Equal(t, protocol.CodeNoRecipient, plan.acks[1].Error)
+	require.Equal(t, protocol.CodeNoRecipient, plan.acks[5].Error)
+	e := plan.envelopes[0]
+	require.Equal(t, store.SendDirect, e.Kind)
+	require.Equal(t, strings.ToLower(member), e.Key, "keys are normalized")
+	require.Equal(t, sender.sessionPubkey, e.SenderPubkey, "the sender's session key when it has one")
+	require.Equal(t, sender.memberPubkey, e.SenderMemberPubkey)
+	require.Equal(t, store.SendAll, plan.envelopes[1].Kind)
+	require.Equal(t, store.SendAll, plan.envelopes[2].Kind)
+	require.Equal(t, store.SendGroup, plan.envelopes[3].Kind)
+	require.Equal(t, "eng/web", plan.envelopes[3].Key)
 
-	plan := p.plan([]sendReq{
-		send(key("b"), protocol.PriorityNext), // local, idle: pushed at once
-		send(key("d"), protocol.PriorityNow),  // remote: pending, n1 woken
-		send(key("e"), protocol.PriorityNow),  // no such member
-		send("@eng", protocol.PriorityNext),   // bob (local), carol (local, busy: held), dan, erin; not alice's own
-		send("*", protocol.PriorityNow),
-	}, rec)
+	plan.settle(batch, []store.SentEnvelope{{Queued: false}, {Queued: true, Recipients: 3}, {Queued: true}, {Queued: true}})
+	require.Equal(t, protocol.CodeNoRecipient, plan.acks[0].Error, "no member or session key with that key")
+	require.True(t, plan.acks[2].Queued)
+	require.Equal(t, plan.envelopes[1].ID, plan.acks[2].MessageID)
+	require.Equal(t, "c-*", plan.acks[2].ID)
+	// One encoding of an envelope serves every local recipient.
+	f := plan.frame(1)
+	require.Same(t, &f[0], &plan.frame(1)[0])
+}
 
-	require.True(t, plan.acks[0].Queued)
-	require.True(t, plan.acks[1].Queued)
-	require.False(t, plan.acks[2].Queued)
-	require.Equal(t, protocol.CodeNoRecipient, plan.acks[2].Error)
-	require.Len(t, plan.envelopes, 4)
-
-	type got struct {
-		env            int
-		member, pushed string
+// pushAssigned keeps each session's order: once one delivery can't go into its window, every
+// later one of that session goes back to pending too, and its pusher runs.
+func TestPushAssignedKeepsOrder(t *testing.T) {
+	h := newHub()
+	a, ka := testSession("pa", "m", "alice")
+	b, kb := testSession("pb", "m", "bob")
+	h.add(a)
+	h.add(b)
+	p := newPusher(nil, "n0", nil, nil, h)
+	var back []int64
+	p.giveBack = func(ids []int64) { back = append(back, ids...) }
+	for range pushWindow - 1 { // a's window has one slot left
+		require.True(t, a.reserve(protocol.PriorityNow))
 	}
-	var ds []got
-	for _, d := range plan.deliv {
-		ds = append(ds, got{d.Envelope, d.MemberID, d.PushedTo})
+	frame := func(id int64) assigned {
+		return assigned{presenceID: "pa", id: id, priority: protocol.PriorityNow, frame: []byte{byte(id)}}
 	}
-	require.ElementsMatch(t, []got{
-		{0, "bob", "p-bob"},
-		{1, "dan", ""},
-		{2, "bob", "p-bob"}, {2, "carol", ""}, {2, "dan", ""}, {2, "erin", ""},
-		{3, "bob", "p-bob"}, {3, "carol", "p-carol"}, {3, "dan", ""}, {3, "erin", ""},
-	}, ds)
-	require.Contains(t, plan.wake, store.Holder{NodeID: "n1", MemberID: "dan"})
-	require.Contains(t, plan.request, busyCarol, "carol's held message waits; her pusher runs after commit")
-	for i, d := range plan.deliv {
-		require.Equal(t, d.PushedTo != "", plan.local[i] != nil)
-	}
-	plan.unreserve()
-	require.Equal(t, 0, localBob.reserved)
-	require.Equal(t, 0, busyCarol.reserved)
+	items := []assigned{frame(1), frame(2), {presenceID: "pb", id: 3, priority: protocol.PriorityNow, frame: []byte{3}}, frame(4),
+		{presenceID: "gone", id: 5, priority: protocol.PriorityNow, frame: []byte{5}}}
+	p.pushAssigned(items)
+	require.Equal(t, 1, ka.count(), "one fitted")
+	require.Equal(t, 1, kb.count())
+	require.Equal(t, []int64{2, 4, 5}, back, "the rest of a's, and one for a session not here")
+	require.Contains(t, p.dirty, a, "a's pusher runs to claim them in order")
+	require.True(t, a.backlog)
 }

@@ -103,13 +103,16 @@ func (p *peers) frameWritten(ms *melody.Session, frame []byte) {
 	if sess == nil {
 		return
 	}
-	id, push, wake := sess.written(frame)
+	d, push, wake := sess.written(frame)
 	if !push {
 		return
 	}
 	p.metrics.Pushes.Inc()
-	if !sess.clientAck {
-		p.recorder.wrote(id)
+	switch {
+	case !sess.clientAck:
+		p.recorder.wrote(d.id)
+	case d.assigned:
+		p.recorder.took(d.id)
 	}
 	if wake {
 		p.pusher.request(sess)

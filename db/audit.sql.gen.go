@@ -9,59 +9,6 @@ import (
 	"context"
 )
 
-const auditAppend = `-- name: AuditAppend :exec
-WITH ins AS (
-    INSERT INTO claudemesh.audit (mesh_id, seq, event_type, actor, data, ts_micros, prev_hash, hash)
-    SELECT unnest($4::text[]),
-           unnest($5::bigint[]),
-           unnest($6::text[]),
-           unnest($7::text[]),
-           unnest($8::text[])::jsonb,
-           unnest($9::bigint[]),
-           unnest($10::text[]),
-           unnest($11::text[])
-)
-UPDATE claudemesh.audit_head h
-SET seq = u.seq, hash = u.hash
-FROM (SELECT unnest($1::text[]) AS mesh_id,
-             unnest($2::bigint[]) AS seq,
-             unnest($3::text[]) AS hash) u
-WHERE h.mesh_id = u.mesh_id
-`
-
-type AuditAppendParams struct {
-	HeadMeshIds []string
-	HeadSeqs    []int64
-	HeadHashes  []string
-	MeshIds     []string
-	Seqs        []int64
-	EventTypes  []string
-	Actors      []string
-	Datas       []string
-	TsMicros    []int64
-	PrevHashes  []string
-	Hashes      []string
-}
-
-// The whole batch's entries and the new heads in one statement. The parallel unnests zip the
-// arrays (all of one length) into rows.
-func (q *Queries) AuditAppend(ctx context.Context, arg AuditAppendParams) error {
-	_, err := q.db.Exec(ctx, auditAppend,
-		arg.HeadMeshIds,
-		arg.HeadSeqs,
-		arg.HeadHashes,
-		arg.MeshIds,
-		arg.Seqs,
-		arg.EventTypes,
-		arg.Actors,
-		arg.Datas,
-		arg.TsMicros,
-		arg.PrevHashes,
-		arg.Hashes,
-	)
-	return err
-}
-
 const auditHead = `-- name: AuditHead :one
 SELECT mesh_id, seq, hash FROM claudemesh.audit_head WHERE mesh_id = $1
 `
@@ -71,44 +18,6 @@ func (q *Queries) AuditHead(ctx context.Context, meshID string) (ClaudemeshAudit
 	var i ClaudemeshAuditHead
 	err := row.Scan(&i.MeshID, &i.Seq, &i.Hash)
 	return i, err
-}
-
-const auditHeadsLock = `-- name: AuditHeadsLock :many
-INSERT INTO claudemesh.audit_head (mesh_id, seq, hash)
-SELECT u.mesh_id, 0, $1::text
-FROM unnest($2::text[]) WITH ORDINALITY AS u(mesh_id, ord)
-ORDER BY u.ord
-ON CONFLICT (mesh_id) DO UPDATE SET seq = claudemesh.audit_head.seq
-RETURNING mesh_id, seq, hash
-`
-
-type AuditHeadsLockParams struct {
-	Genesis string
-	MeshIds []string
-}
-
-// Creates missing heads at the genesis value and locks every head in one statement: the
-// no-op DO UPDATE takes the row lock and returns the current values. Rows are taken in array
-// order, which the caller sorts bytewise, so two transactions appending to overlapping meshes
-// lock in one order and can never deadlock.
-func (q *Queries) AuditHeadsLock(ctx context.Context, arg AuditHeadsLockParams) ([]ClaudemeshAuditHead, error) {
-	rows, err := q.db.Query(ctx, auditHeadsLock, arg.Genesis, arg.MeshIds)
-	if err != nil {
-		return nil, err
-	}
-	defer rows.Close()
-	items := []ClaudemeshAuditHead{}
-	for rows.Next() {
-		var i ClaudemeshAuditHead
-		if err := rows.Scan(&i.MeshID, &i.Seq, &i.Hash); err != nil {
-			return nil, err
-		}
-		items = append(items, i)
-	}
-	if err := rows.Err(); err != nil {
-		return nil, err
-	}
-	return items, nil
 }
 
 const auditPage = `-- name: AuditPage :many

@@ -32,6 +32,9 @@ type PoolConfig struct {
 	AppName string
 }
 
+// idlePing is how long a pooled connection may sit idle before it is pinged on acquire.
+const idlePing = 30 * time.Second
+
 // DefaultMaxConns leaves room for several replicas on a default max_connections=100 server.
 const DefaultMaxConns = 16
 
@@ -54,6 +57,11 @@ func NewPool(ctx context.Context, url string, cfg PoolConfig) (*pgxpool.Pool, er
 		pc.ConnConfig.ConnectTimeout = 5 * time.Second
 	}
 	pc.HealthCheckPeriod = 5 * time.Second
+	// pgxpool pings a connection idle for more than a second before handing it out: a round
+	// trip in front of the operation, which a replica far from the primary pays in full. The
+	// health check above finds dead connections in the background; only one idle for long
+	// (a NAT or proxy may have dropped it silently) is pinged first.
+	pc.ShouldPing = func(_ context.Context, p pgxpool.ShouldPingParams) bool { return p.IdleDuration > idlePing }
 	pool, err := pgxpool.NewWithConfig(ctx, pc)
 	if err != nil {
 		return nil, fmt.Errorf("open pool: %w", err)

@@ -17,31 +17,43 @@ WITH s AS (
         unnest($6::bool[]) AS include_held, unnest($7::int[]) AS lim
 ), c AS (
     SELECT s.presence_id, x.id FROM s CROSS JOIN LATERAL (
-        SELECT d.id FROM claudemesh.delivery d
-        WHERE d.recipient_member_id = s.member_id AND d.state = 'pending'
-          AND claudemesh.claimable(d, s.member_id, s.session_pubkey, s.session_id, s.include_held)
-        ORDER BY d.id
+        SELECT u.id FROM (
+            SELECT d.id FROM claudemesh.delivery d
+            WHERE d.recipient_member_id = s.member_id AND d.state = 'pending'
+              AND claudemesh.claimable(d, s.member_id, s.session_pubkey, s.session_id, s.include_held)
+            UNION ALL
+            -- Assigned to this session a while ago and never taken: the notification that
+            -- carried it was lost.
+            SELECT d.id FROM claudemesh.delivery d
+            WHERE d.pushed_presence = s.presence_id AND d.state = 'assigned'
+              AND d.pushed_at < now() - make_interval(secs => $8::float8)
+        ) u
+        ORDER BY u.id
         LIMIT s.lim
-        FOR UPDATE SKIP LOCKED
     ) x
+), locked AS (
+    SELECT c.presence_id, d.id FROM c JOIN claudemesh.delivery d ON d.id = c.id
+    WHERE d.state IN ('pending', 'assigned')
+    FOR UPDATE OF d SKIP LOCKED
 )
 UPDATE claudemesh.delivery d
 SET state = 'pushed', acked_at = NULL,
     pushed_node = $1::text, pushed_presence = c.presence_id, pushed_at = now()
-FROM c, claudemesh.envelope e
+FROM locked c, claudemesh.envelope e
 WHERE d.id = c.id AND e.id = d.envelope_id
 RETURNING d.id, d.pushed_presence, e.id AS envelope_id, e.mesh_id, e.sender_pubkey, e.sender_member_pubkey,
     e.priority, e.nonce, e.ciphertext, e.created_at
 `
 
 type ClaimDeliveriesParams struct {
-	NodeID         string
-	PresenceIds    []string
-	MemberIds      []string
-	SessionPubkeys []string
-	SessionIds     []string
-	IncludeHeld    []bool
-	Limits         []int32
+	NodeID               string
+	PresenceIds          []string
+	MemberIds            []string
+	SessionPubkeys       []string
+	SessionIds           []string
+	IncludeHeld          []bool
+	Limits               []int32
+	AssignedStaleSeconds float64
 }
 
 type ClaimDeliveriesRow struct {
@@ -72,6 +84,7 @@ func (q *Queries) ClaimDeliveries(ctx context.Context, arg ClaimDeliveriesParams
 		arg.SessionIds,
 		arg.IncludeHeld,
 		arg.Limits,
+		arg.AssignedStaleSeconds,
 	)
 	if err != nil {
 		return nil, err
@@ -199,9 +212,9 @@ WHERE envelope_id IN (
         SELECT e.id FROM claudemesh.envelope e
         WHERE e.expires_at <= now()
           AND EXISTS (SELECT 1 FROM claudemesh.delivery o
-                      WHERE o.envelope_id = e.id AND o.state IN ('pending', 'pushed'))
+                      WHERE o.envelope_id = e.id AND o.state IN ('pending', 'assigned', 'pushed'))
         LIMIT 5000)
-  AND state IN ('pending', 'pushed')
+  AND state IN ('pending', 'assigned', 'pushed')
 `
 
 // Found through their envelopes' expiry index, so deliveries need no index of their own for it.
@@ -213,148 +226,49 @@ func (q *Queries) ExpireDeliveries(ctx context.Context) (int64, error) {
 	return result.RowsAffected(), nil
 }
 
-const insertBatch = `-- name: InsertBatch :many
-WITH env AS (
-    INSERT INTO claudemesh.envelope (id, mesh_id, sender_member_id, sender_pubkey, sender_member_pubkey,
-        target_spec, priority, nonce, ciphertext, client_id, created_at, expires_at)
-    SELECT unnest($11::text[]), unnest($12::text[]), unnest($13::text[]),
-        unnest($14::text[]), unnest($15::text[]),
-        unnest($16::text[]), unnest($17::text[]), unnest($18::text[]),
-        unnest($19::text[]), unnest($20::text[]), unnest($21::timestamptz[]),
-        unnest($22::timestamptz[])
-)
-INSERT INTO claudemesh.delivery (envelope_id, mesh_id, recipient_member_id, recipient_session_pubkey,
-    recipient_session_id, priority, state, pushed_node, pushed_presence, pushed_at, expires_at)
-SELECT t.envelope_id, t.mesh_id, t.member_id, NULLIF(t.session_pubkey, ''), NULLIF(t.session_id, ''),
-    t.priority, t.state,
-    CASE WHEN t.state <> 'pending' THEN $1::text END,
-    NULLIF(t.pushed_presence, ''),
-    CASE WHEN t.state <> 'pending' THEN now() END,
-    t.expires_at
-FROM (
-    -- Select-list unnests zip the arrays row by row, in order.
-    SELECT unnest($2::text[]) AS envelope_id, unnest($3::text[]) AS mesh_id,
-        unnest($4::text[]) AS member_id, unnest($5::text[]) AS session_pubkey,
-        unnest($6::text[]) AS session_id, unnest($7::text[]) AS priority,
-        unnest($8::text[]) AS state, unnest($9::text[]) AS pushed_presence,
-        unnest($10::timestamptz[]) AS expires_at
-) t
-RETURNING id, envelope_id, pushed_presence
-`
-
-type InsertBatchParams struct {
-	NodeID               string
-	DEnvelopeIds         []string
-	DMeshIds             []string
-	DMemberIds           []string
-	DSessionPubkeys      []string
-	DSessionIds          []string
-	DPriorities          []string
-	DStates              []string
-	DPushedPresences     []string
-	DExpires             []time.Time
-	EIds                 []string
-	EMeshIds             []string
-	ESenderMemberIds     []string
-	ESenderPubkeys       []string
-	ESenderMemberPubkeys []string
-	ETargetSpecs         []string
-	EPriorities          []string
-	ENonces              []string
-	ECiphertexts         []string
-	EClientIds           []string
-	ECreated             []time.Time
-	EExpires             []time.Time
-}
-
-type InsertBatchRow struct {
-	ID             int64
-	EnvelopeID     string
-	PushedPresence *string
-}
-
-// A whole send batch in one statement and one round trip: the envelopes (ciphertext stored
-// once) and one delivery per recipient. Rows this node pushes at once are inserted "pushed"
-// and come back with their ids, keyed by (envelope, presence), to be marked delivered once
-// written.
-func (q *Queries) InsertBatch(ctx context.Context, arg InsertBatchParams) ([]InsertBatchRow, error) {
-	rows, err := q.db.Query(ctx, insertBatch,
-		arg.NodeID,
-		arg.DEnvelopeIds,
-		arg.DMeshIds,
-		arg.DMemberIds,
-		arg.DSessionPubkeys,
-		arg.DSessionIds,
-		arg.DPriorities,
-		arg.DStates,
-		arg.DPushedPresences,
-		arg.DExpires,
-		arg.EIds,
-		arg.EMeshIds,
-		arg.ESenderMemberIds,
-		arg.ESenderPubkeys,
-		arg.ESenderMemberPubkeys,
-		arg.ETargetSpecs,
-		arg.EPriorities,
-		arg.ENonces,
-		arg.ECiphertexts,
-		arg.EClientIds,
-		arg.ECreated,
-		arg.EExpires,
-	)
-	if err != nil {
-		return nil, err
-	}
-	defer rows.Close()
-	items := []InsertBatchRow{}
-	for rows.Next() {
-		var i InsertBatchRow
-		if err := rows.Scan(&i.ID, &i.EnvelopeID, &i.PushedPresence); err != nil {
-			return nil, err
-		}
-		items = append(items, i)
-	}
-	if err := rows.Err(); err != nil {
-		return nil, err
-	}
-	return items, nil
-}
-
 const markDelivered = `-- name: MarkDelivered :exec
 WITH acked AS (
     UPDATE claudemesh.delivery d SET state = 'acked', acked_at = now()
     FROM (SELECT unnest($2::text[]) AS envelope_id, unnest($3::text[]) AS member_id,
                  unnest($4::text[]) AS session_pubkey, unnest($5::text[]) AS session_id) a
     WHERE d.envelope_id = a.envelope_id AND d.recipient_member_id = a.member_id
-      AND d.state IN ('pending', 'pushed')
+      AND d.state IN ('pending', 'assigned', 'pushed')
       AND (d.recipient_session_pubkey IS NULL OR d.recipient_session_pubkey = a.session_pubkey)
       AND (d.recipient_session_id IS NULL OR d.recipient_session_id = a.session_id)
     RETURNING d.id
+), written AS (
+    UPDATE claudemesh.delivery d SET state = 'acked', acked_at = now()
+    WHERE d.id = ANY($6::bigint[]) AND d.state IN ('pending', 'assigned', 'pushed')
+      AND d.id NOT IN (SELECT id FROM acked)
+    RETURNING d.id
 )
-UPDATE claudemesh.delivery d SET state = 'acked', acked_at = now()
-WHERE d.id = ANY($1::bigint[]) AND d.state IN ('pending', 'pushed')
-  AND d.id NOT IN (SELECT id FROM acked)
+UPDATE claudemesh.delivery d SET state = 'pushed'
+WHERE d.id = ANY($1::bigint[]) AND d.state = 'assigned'
+  AND d.id NOT IN (SELECT id FROM acked) AND d.id NOT IN (SELECT id FROM written)
 `
 
 type MarkDeliveredParams struct {
-	WrittenIds     []int64
+	TakenIds       []int64
 	EnvelopeIds    []string
 	MemberIds      []string
 	SessionPubkeys []string
 	SessionIds     []string
+	WrittenIds     []int64
 }
 
 // Deliveries that are done, in one statement for many sessions: client_acks, each a (message
-// id, recipient session) pair, and the ids of pushes written to the socket of a session that
-// does not ack. A row released to pending meanwhile (its session closed after the write)
-// is still done: it was written.
+// id, recipient session) pair, the ids of pushes written to the socket of a session that does
+// not ack (done: a row released to pending meanwhile, its session closed after the write, was
+// still written), and the ids of assigned pushes written to sessions that ack (taken).
+// Assigned pushes written to sessions that ack: pushed now, so the catch-up leaves them alone.
 func (q *Queries) MarkDelivered(ctx context.Context, arg MarkDeliveredParams) error {
 	_, err := q.db.Exec(ctx, markDelivered,
-		arg.WrittenIds,
+		arg.TakenIds,
 		arg.EnvelopeIds,
 		arg.MemberIds,
 		arg.SessionPubkeys,
 		arg.SessionIds,
+		arg.WrittenIds,
 	)
 	return err
 }
@@ -362,10 +276,18 @@ func (q *Queries) MarkDelivered(ctx context.Context, arg MarkDeliveredParams) er
 const nodeSessionsWithClaimable = `-- name: NodeSessionsWithClaimable :many
 SELECT p.id, p.status FROM claudemesh.presence p
 WHERE p.node_id = $1 AND p.ended_at IS NULL AND p.grace_until IS NULL
-  AND EXISTS (SELECT 1 FROM claudemesh.delivery d
-              WHERE d.recipient_member_id = p.member_id AND d.state = 'pending'
-                AND claudemesh.claimable(d, p.member_id, coalesce(p.session_pubkey, ''), p.session_id, p.status = 'idle'))
+  AND (EXISTS (SELECT 1 FROM claudemesh.delivery d
+               WHERE d.recipient_member_id = p.member_id AND d.state = 'pending'
+                 AND claudemesh.claimable(d, p.member_id, coalesce(p.session_pubkey, ''), p.session_id, p.status = 'idle'))
+       OR EXISTS (SELECT 1 FROM claudemesh.delivery d
+                  WHERE d.pushed_presence = p.id AND d.state = 'assigned'
+                    AND d.pushed_at < now() - make_interval(secs => $2::float8)))
 `
+
+type NodeSessionsWithClaimableParams struct {
+	NodeID               string
+	AssignedStaleSeconds float64
+}
 
 type NodeSessionsWithClaimableRow struct {
 	ID     string
@@ -375,8 +297,8 @@ type NodeSessionsWithClaimableRow struct {
 // The catch-up poll: which of this node's connected sessions have a delivery the claim would
 // take now, with the status the claim goes by. One indexed query per replica, whatever its
 // number of sessions; no locks.
-func (q *Queries) NodeSessionsWithClaimable(ctx context.Context, nodeID string) ([]NodeSessionsWithClaimableRow, error) {
-	rows, err := q.db.Query(ctx, nodeSessionsWithClaimable, nodeID)
+func (q *Queries) NodeSessionsWithClaimable(ctx context.Context, arg NodeSessionsWithClaimableParams) ([]NodeSessionsWithClaimableRow, error) {
+	rows, err := q.db.Query(ctx, nodeSessionsWithClaimable, arg.NodeID, arg.AssignedStaleSeconds)
 	if err != nil {
 		return nil, err
 	}
@@ -396,7 +318,7 @@ func (q *Queries) NodeSessionsWithClaimable(ctx context.Context, nodeID string) 
 }
 
 const pendingDeliveryCount = `-- name: PendingDeliveryCount :one
-SELECT count(*) FROM claudemesh.delivery WHERE state IN ('pending', 'pushed')
+SELECT count(*) FROM claudemesh.delivery WHERE state IN ('pending', 'assigned', 'pushed')
 `
 
 func (q *Queries) PendingDeliveryCount(ctx context.Context) (int64, error) {
@@ -409,7 +331,7 @@ func (q *Queries) PendingDeliveryCount(ctx context.Context) (int64, error) {
 const releaseDeliveries = `-- name: ReleaseDeliveries :many
 UPDATE claudemesh.delivery SET state = 'pending', pushed_node = NULL, pushed_presence = NULL,
     pushed_at = NULL, acked_at = NULL
-WHERE id = ANY($1::bigint[]) AND state IN ('pushed', 'acked')
+WHERE id = ANY($1::bigint[]) AND state IN ('assigned', 'pushed', 'acked')
 RETURNING mesh_id, recipient_member_id
 `
 
@@ -429,82 +351,6 @@ func (q *Queries) ReleaseDeliveries(ctx context.Context, ids []int64) ([]Release
 	for rows.Next() {
 		var i ReleaseDeliveriesRow
 		if err := rows.Scan(&i.MeshID, &i.RecipientMemberID); err != nil {
-			return nil, err
-		}
-		items = append(items, i)
-	}
-	if err := rows.Err(); err != nil {
-		return nil, err
-	}
-	return items, nil
-}
-
-const resolveMembers = `-- name: ResolveMembers :many
-SELECT m.mesh_id, m.pubkey, m.id FROM claudemesh.member m
-JOIN (SELECT unnest($1::text[]) AS mesh_id, unnest($2::text[]) AS pubkey) t
-  ON m.mesh_id = t.mesh_id AND m.pubkey = t.pubkey
-WHERE m.revoked_at IS NULL
-`
-
-type ResolveMembersParams struct {
-	MeshIds []string
-	Pubkeys []string
-}
-
-type ResolveMembersRow struct {
-	MeshID string
-	Pubkey string
-	ID     string
-}
-
-func (q *Queries) ResolveMembers(ctx context.Context, arg ResolveMembersParams) ([]ResolveMembersRow, error) {
-	rows, err := q.db.Query(ctx, resolveMembers, arg.MeshIds, arg.Pubkeys)
-	if err != nil {
-		return nil, err
-	}
-	defer rows.Close()
-	items := []ResolveMembersRow{}
-	for rows.Next() {
-		var i ResolveMembersRow
-		if err := rows.Scan(&i.MeshID, &i.Pubkey, &i.ID); err != nil {
-			return nil, err
-		}
-		items = append(items, i)
-	}
-	if err := rows.Err(); err != nil {
-		return nil, err
-	}
-	return items, nil
-}
-
-const resolveSessionKeys = `-- name: ResolveSessionKeys :many
-SELECT s.mesh_id, s.session_pubkey, s.member_id FROM claudemesh.session_key s
-JOIN (SELECT unnest($1::text[]) AS mesh_id, unnest($2::text[]) AS pubkey) t
-  ON s.mesh_id = t.mesh_id AND s.session_pubkey = t.pubkey
-JOIN claudemesh.member m ON m.id = s.member_id AND m.revoked_at IS NULL
-`
-
-type ResolveSessionKeysParams struct {
-	MeshIds []string
-	Pubkeys []string
-}
-
-type ResolveSessionKeysRow struct {
-	MeshID        string
-	SessionPubkey string
-	MemberID      string
-}
-
-func (q *Queries) ResolveSessionKeys(ctx context.Context, arg ResolveSessionKeysParams) ([]ResolveSessionKeysRow, error) {
-	rows, err := q.db.Query(ctx, resolveSessionKeys, arg.MeshIds, arg.Pubkeys)
-	if err != nil {
-		return nil, err
-	}
-	defer rows.Close()
-	items := []ResolveSessionKeysRow{}
-	for rows.Next() {
-		var i ResolveSessionKeysRow
-		if err := rows.Scan(&i.MeshID, &i.SessionPubkey, &i.MemberID); err != nil {
 			return nil, err
 		}
 		items = append(items, i)

@@ -74,72 +74,6 @@ func (q *Queries) NodeHeartbeat(ctx context.Context, id string) (bool, error) {
 	return alive, err
 }
 
-const nodeList = `-- name: NodeList :many
-SELECT id, region, address, version, started_at, heartbeat_at, stopped_at, dead_at FROM claudemesh.node ORDER BY started_at
-`
-
-func (q *Queries) NodeList(ctx context.Context) ([]ClaudemeshNode, error) {
-	rows, err := q.db.Query(ctx, nodeList)
-	if err != nil {
-		return nil, err
-	}
-	defer rows.Close()
-	items := []ClaudemeshNode{}
-	for rows.Next() {
-		var i ClaudemeshNode
-		if err := rows.Scan(
-			&i.ID,
-			&i.Region,
-			&i.Address,
-			&i.Version,
-			&i.StartedAt,
-			&i.HeartbeatAt,
-			&i.StoppedAt,
-			&i.DeadAt,
-		); err != nil {
-			return nil, err
-		}
-		items = append(items, i)
-	}
-	if err := rows.Err(); err != nil {
-		return nil, err
-	}
-	return items, nil
-}
-
-const nodeListAlive = `-- name: NodeListAlive :many
-SELECT id, region, address, version, started_at, heartbeat_at, stopped_at, dead_at FROM claudemesh.node WHERE stopped_at IS NULL AND dead_at IS NULL ORDER BY started_at
-`
-
-func (q *Queries) NodeListAlive(ctx context.Context) ([]ClaudemeshNode, error) {
-	rows, err := q.db.Query(ctx, nodeListAlive)
-	if err != nil {
-		return nil, err
-	}
-	defer rows.Close()
-	items := []ClaudemeshNode{}
-	for rows.Next() {
-		var i ClaudemeshNode
-		if err := rows.Scan(
-			&i.ID,
-			&i.Region,
-			&i.Address,
-			&i.Version,
-			&i.StartedAt,
-			&i.HeartbeatAt,
-			&i.StoppedAt,
-			&i.DeadAt,
-		); err != nil {
-			return nil, err
-		}
-		items = append(items, i)
-	}
-	if err := rows.Err(); err != nil {
-		return nil, err
-	}
-	return items, nil
-}
-
 const nodeRegister = `-- name: NodeRegister :one
 INSERT INTO claudemesh.node (id, region, address, version)
 VALUES ($1, $2, $3, $4)
@@ -188,7 +122,7 @@ func (q *Queries) NodeStop(ctx context.Context, id string) error {
 
 const releaseNodePushes = `-- name: ReleaseNodePushes :many
 UPDATE claudemesh.delivery SET state = 'pending', pushed_node = NULL, pushed_presence = NULL, pushed_at = NULL
-WHERE state = 'pushed' AND pushed_node = $1
+WHERE state IN ('assigned', 'pushed') AND pushed_node = $1
 RETURNING mesh_id, recipient_member_id
 `
 

@@ -19,7 +19,8 @@ const MaxPayload = 7600
 // Kinds of bus messages. A message is a hint: receivers re-read the tables.
 const (
 	KindDeliveries = "d" // Member has new or released pending deliveries.
-	KindStatus     = "s" // Presence's status changed: reload it, drain if idle.
+	KindStatus     = "s" // Presence's status changed (to Key when set, else reload it).
+	KindPush       = "u" // A delivery assigned to Presence: Data carries it (PushData); push it now.
 	KindReplace    = "r" // Presence was taken over elsewhere: close the local socket.
 	KindKick       = "k" // Member's sessions must close (revoked/kicked).
 	KindEvent      = "e" // Mesh-wide system event (peer_joined/left/status), data inline.
@@ -38,6 +39,20 @@ type Message struct {
 	Key      string          `json:"y,omitempty"`
 	Code     int             `json:"c,omitempty"`
 	Data     json.RawMessage `json:"x,omitempty"`
+}
+
+// PushData is the Data of a KindPush message: a delivery and its envelope, small enough to
+// ride inside a notification (the sender stores it first; the table stays the truth).
+type PushData struct {
+	DeliveryID         int64  `json:"i"`
+	EnvelopeID         string `json:"e"`
+	MeshID             string `json:"h"`
+	SenderPubkey       string `json:"s"`
+	SenderMemberPubkey string `json:"m"`
+	Priority           string `json:"r"`
+	Nonce              string `json:"n"`
+	Ciphertext         string `json:"c"`
+	CreatedMicros      int64  `json:"t"`
 }
 
 // Encode packs messages into as few payloads as fit MaxPayload, one JSON object per line.

@@ -15,12 +15,6 @@ RETURNING true AS alive;
 -- name: NodeStop :exec
 UPDATE claudemesh.node SET stopped_at = now() WHERE id = @id AND stopped_at IS NULL;
 
--- name: NodeList :many
-SELECT * FROM claudemesh.node ORDER BY started_at;
-
--- name: NodeListAlive :many
-SELECT * FROM claudemesh.node WHERE stopped_at IS NULL AND dead_at IS NULL ORDER BY started_at;
-
 -- name: MarkDeadNodes :many
 -- Nodes silent past the deadline. Only one replica's UPDATE wins per node: idempotent.
 UPDATE claudemesh.node SET dead_at = now()
@@ -37,5 +31,5 @@ WHERE node_id = @node_id AND ended_at IS NULL AND grace_until IS NULL;
 -- name: ReleaseNodePushes :many
 -- Unacked pushes of a dead node go back to pending for the recipients' next connection.
 UPDATE claudemesh.delivery SET state = 'pending', pushed_node = NULL, pushed_presence = NULL, pushed_at = NULL
-WHERE state = 'pushed' AND pushed_node = @node_id
+WHERE state IN ('assigned', 'pushed') AND pushed_node = @node_id
 RETURNING mesh_id, recipient_member_id;

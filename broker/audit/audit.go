@@ -11,7 +11,6 @@ package audit
 
 import (
 	"bytes"
-	"cmp"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -19,7 +18,6 @@ import (
 	"errors"
 	"fmt"
 	"math/big"
-	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -103,68 +101,33 @@ func (e *BrokenError) Error() string {
 }
 
 // Append adds entries to their meshes' chains inside tx, the caller's transaction: the entries
-// commit or vanish with the caller's own writes. Entries of one mesh keep their order. It locks
-// each mesh's head row until tx ends, taking the locks in mesh-id order so that replicas
-// appending to overlapping meshes cannot deadlock; call it once per transaction (a second call
-// could take locks out of order). It costs two statements whatever the number of entries.
+// commit or vanish with the caller's own writes. Entries of one mesh keep their order. One
+// statement (claudemesh.audit_append) locks each mesh's head row until tx ends, in mesh-id
+// order so that replicas appending to overlapping meshes cannot deadlock, and computes the
+// hashes server-side with the scheme Hash implements; call it once per transaction.
 func Append(ctx context.Context, tx pgx.Tx, entries []Entry) error {
+	return AppendVia(ctx, tx, entries)
+}
+
+// AppendVia is Append on any executor: outside a transaction the statement is its own
+// (the heads are locked for the statement's server time only).
+func AppendVia(ctx context.Context, q db.DBTX, entries []Entry) error {
 	if len(entries) == 0 {
 		return nil
 	}
 	now := time.Now()
-	batch := make([]pending, len(entries))
+	n := len(entries)
+	p := db.AppendAuditParams{MeshIds: make([]string, n), EventTypes: make([]string, n), Actors: make([]string, n),
+		Datas: make([]string, n), TsMicros: make([]int64, n)}
 	for i, e := range entries {
-		p, err := prepare(e, now)
+		pe, err := prepare(e, now)
 		if err != nil {
 			return fmt.Errorf("append audit: %w", err)
 		}
-		batch[i] = p
+		p.MeshIds[i], p.EventTypes[i], p.Actors[i], p.Datas[i], p.TsMicros[i] = pe.meshID, pe.eventType, pe.actor, string(pe.data), pe.tsMicros
 	}
-	// Stable: the entries of one mesh stay in the caller's order. Bytewise, like the lock query.
-	slices.SortStableFunc(batch, func(a, b pending) int { return cmp.Compare(a.meshID, b.meshID) })
-	var meshes []string
-	for _, p := range batch {
-		if len(meshes) == 0 || meshes[len(meshes)-1] != p.meshID {
-			meshes = append(meshes, p.meshID)
-		}
-	}
-
-	q := db.New(tx)
-	heads, err := q.AuditHeadsLock(ctx, db.AuditHeadsLockParams{Genesis: Genesis, MeshIds: meshes})
-	if err != nil {
-		return fmt.Errorf("append audit: lock heads: %w", err)
-	}
-	type head struct {
-		seq  int64
-		hash string
-	}
-	state := make(map[string]head, len(heads))
-	for _, h := range heads {
-		state[h.MeshID] = head{h.Seq, h.Hash}
-	}
-
-	n := len(batch)
-	ins := db.AuditAppendParams{
-		MeshIds: make([]string, n), Seqs: make([]int64, n), EventTypes: make([]string, n),
-		Actors: make([]string, n), Datas: make([]string, n), TsMicros: make([]int64, n),
-		PrevHashes: make([]string, n), Hashes: make([]string, n),
-	}
-	for i, p := range batch {
-		h, ok := state[p.meshID]
-		if !ok {
-			return fmt.Errorf("append audit: no head for mesh %s", p.meshID)
-		}
-		hash := Hash(h.hash, p.meshID, p.eventType, p.actor, p.data, p.tsMicros)
-		ins.MeshIds[i], ins.Seqs[i], ins.EventTypes[i], ins.Actors[i] = p.meshID, h.seq+1, p.eventType, p.actor
-		ins.Datas[i], ins.TsMicros[i], ins.PrevHashes[i], ins.Hashes[i] = string(p.data), p.tsMicros, h.hash, hash
-		state[p.meshID] = head{h.seq + 1, hash}
-	}
-	ins.HeadMeshIds, ins.HeadSeqs, ins.HeadHashes = meshes, make([]int64, len(meshes)), make([]string, len(meshes))
-	for i, m := range meshes {
-		ins.HeadSeqs[i], ins.HeadHashes[i] = state[m].seq, state[m].hash
-	}
-	if err := q.AuditAppend(ctx, ins); err != nil {
-		return fmt.Errorf("append audit: insert: %w", err)
+	if err := db.New(q).AppendAudit(ctx, p); err != nil {
+		return fmt.Errorf("append audit: %w", err)
 	}
 	return nil
 }
@@ -194,6 +157,11 @@ func prepare(e Entry, now time.Time) (pending, error) {
 	}
 	return pending{meshID: e.MeshID, eventType: e.Type, actor: e.Actor, data: data, tsMicros: at.UnixMicro()}, nil
 }
+
+// CanonicalData is an entry's data as it is hashed and stored: canonical JSON. A statement
+// that appends its own entry (claudemesh.audit_append) is given it from here when the data
+// holds a user's string, which only this encoder is guaranteed to encode as Verify expects.
+func CanonicalData(d map[string]any) ([]byte, error) { return encodeData(d) }
 
 // encodeData returns the canonical JSON of an entry's data. The common case, a flat map of
 // strings, integers and booleans (every entry the broker writes per message), is already

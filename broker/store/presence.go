@@ -7,76 +7,8 @@ import (
 	"fmt"
 	"time"
 
-	"golang.org/x/sync/errgroup"
-
 	"github.com/claudemesh/broker/db"
 )
-
-// HelloFacts is what a hello's checks need from the database, read in one round trip.
-type HelloFacts struct {
-	MeshFound bool // the mesh exists and is not archived
-	MaxPeers  int  // the mesh's own session limit, 0 for the broker's default
-	// Live is the mesh's live sessions, not counting this session's own presence.
-	Live int64
-	// MemberID, MemberName: the live member with that key and id ("" when none).
-	MemberID, MemberName string
-	Revoked              bool // a revoked member with that key and id exists
-	// FreshSignature: the hello's signature had not been used before (now recorded).
-	FreshSignature bool
-}
-
-// HelloLookup reads what a hello is checked against, four independent statements at once,
-// and records its signature so it is accepted once cluster-wide.
-func (s *Store) HelloLookup(ctx context.Context, meshID, memberID, pubkey, sessionID, signature string, sigExpires time.Time) (HelloFacts, error) {
-	var (
-		f       HelloFacts
-		members []db.MemberByPubkeyRow
-	)
-	g, gctx := errgroup.WithContext(ctx)
-	g.Go(func() error {
-		mesh, err := s.q.MeshForHello(gctx, meshID)
-		switch err = notFound(err); {
-		case errors.Is(err, ErrNotFound):
-		case err != nil:
-			return fmt.Errorf("load mesh: %w", err)
-		default:
-			f.MeshFound, f.MaxPeers = mesh.ArchivedAt == nil, int(mesh.MaxPeers)
-		}
-		return nil
-	})
-	g.Go(func() (err error) {
-		f.Live, err = s.q.CountLivePresence(gctx, db.CountLivePresenceParams{MeshID: meshID, SessionID: sessionID, MemberPubkey: pubkey})
-		if err != nil {
-			err = fmt.Errorf("count presence: %w", err)
-		}
-		return err
-	})
-	g.Go(func() (err error) {
-		if members, err = s.q.MemberByPubkey(gctx, db.MemberByPubkeyParams{MeshID: meshID, Pubkey: pubkey}); err != nil {
-			err = fmt.Errorf("load member: %w", err)
-		}
-		return err
-	})
-	g.Go(func() error {
-		fresh, err := s.ClaimSignature(gctx, signature, sigExpires)
-		f.FreshSignature = fresh
-		return err
-	})
-	if err := g.Wait(); err != nil {
-		return HelloFacts{}, err
-	}
-	for _, m := range members {
-		if m.ID != memberID {
-			continue
-		}
-		if m.RevokedAt == nil {
-			f.MemberID, f.MemberName = m.ID, m.DisplayName
-			break
-		}
-		f.Revoked = true
-	}
-	return f, nil
-}
 
 // ClaimSignature records a signed request's signature until expires; false means it was seen
 // before (a replay).
@@ -100,78 +32,6 @@ type Registration struct {
 	// WasInGrace says it was in its reconnect grace.
 	OldNode    string
 	WasInGrace bool
-}
-
-// RegisterParams is a hello's presence.
-type RegisterParams struct {
-	MeshID, MemberID, MemberPubkey, NodeID, SessionID string
-	SessionPubkey                                     string // "" when none
-	DisplayName, CWD                                  string
-	PID                                               int
-	Groups                                            []Group
-	Capabilities                                      []string
-	Limit                                             int64 // the mesh's session limit
-}
-
-// RegisterPresence binds the session key, takes a hook signal that arrived first, and
-// registers the presence (new, resumed or taken over) under the mesh's capacity lock, in t.
-// ErrSessionKeyTaken and ErrCapacity are refusals.
-func (t *Tx) RegisterPresence(ctx context.Context, p RegisterParams) (Registration, error) {
-	// What doesn't depend on the mesh's session count runs before its lock.
-	if p.SessionPubkey != "" {
-		owner, err := t.q.BindSessionKey(ctx, db.BindSessionKeyParams{MeshID: p.MeshID, SessionPubkey: p.SessionPubkey,
-			MemberPubkey: p.MemberPubkey, MemberID: p.MemberID})
-		if err != nil {
-			return Registration{}, fmt.Errorf("bind session key: %w", err)
-		}
-		if owner != p.MemberID {
-			return Registration{}, ErrSessionKeyTaken
-		}
-	}
-	// A hook that fired before this hello (the first-turn race) applies now.
-	var hookStatus *string
-	st, err := t.q.TakePendingStatus(ctx, db.TakePendingStatusParams{MemberPubkey: p.MemberPubkey, SessionID: p.SessionID,
-		Pid: int32(p.PID), Cwd: p.CWD})
-	switch err = notFound(err); {
-	case err == nil:
-		hookStatus = &st
-	case !errors.Is(err, ErrNotFound):
-		return Registration{}, fmt.Errorf("take pending status: %w", err)
-	}
-	// Hellos of one mesh (not of the cluster) serialize from here to commit, so the capacity
-	// check can't be raced by a hello on another replica.
-	if err := t.q.LockMeshHello(ctx, p.MeshID); err != nil {
-		return Registration{}, fmt.Errorf("lock mesh: %w", err)
-	}
-	n, err := t.q.CountLivePresence(ctx, db.CountLivePresenceParams{MeshID: p.MeshID, SessionID: p.SessionID, MemberPubkey: p.MemberPubkey})
-	if err != nil {
-		return Registration{}, fmt.Errorf("count presence: %w", err)
-	}
-	if n >= p.Limit {
-		return Registration{}, ErrCapacity
-	}
-	groups, _ := json.Marshal(nonNil(p.Groups))
-	var sessKey *string
-	if p.SessionPubkey != "" {
-		sessKey = &p.SessionPubkey
-	}
-	caps := p.Capabilities
-	if caps == nil {
-		caps = []string{}
-	}
-	row, err := t.q.UpsertPresence(ctx, db.UpsertPresenceParams{
-		MeshID: p.MeshID, MemberID: p.MemberID, MemberPubkey: p.MemberPubkey, NodeID: p.NodeID,
-		SessionID: p.SessionID, SessionPubkey: sessKey, DisplayName: p.DisplayName,
-		Pid: int32(p.PID), Cwd: p.CWD, Groups: groups, Capabilities: caps, HookStatus: hookStatus,
-	})
-	if err != nil {
-		return Registration{}, fmt.Errorf("register presence: %w", err)
-	}
-	r := Registration{PresenceID: row.ID, Status: row.Status, Epoch: row.Epoch, WasInGrace: row.OldGraceUntil != nil}
-	if row.OldNodeID != nil {
-		r.OldNode = *row.OldNodeID
-	}
-	return r, nil
 }
 
 func nonNil(gs []Group) []Group {
@@ -270,29 +130,6 @@ type PresenceRef struct {
 	Epoch int64
 }
 
-// GracePresences puts closed sockets' presences in their reconnect grace until until.
-func (t *Tx) GracePresences(ctx context.Context, nodeID string, refs []PresenceRef, until time.Time) error {
-	ids, epochs := splitRefs(refs)
-	if err := t.q.GracePresences(ctx, db.GracePresencesParams{Ids: ids, Epochs: epochs, NodeID: nodeID, GraceUntil: &until}); err != nil {
-		return fmt.Errorf("grace presences: %w", err)
-	}
-	return nil
-}
-
-// EndPresences ends closed sockets' presences at once.
-func (t *Tx) EndPresences(ctx context.Context, nodeID string, refs []PresenceRef) ([]EndedPresence, error) {
-	ids, epochs := splitRefs(refs)
-	rows, err := t.q.EndPresences(ctx, db.EndPresencesParams{Ids: ids, Epochs: epochs, NodeID: nodeID})
-	if err != nil {
-		return nil, fmt.Errorf("end presences: %w", err)
-	}
-	out := make([]EndedPresence, len(rows))
-	for i, r := range rows {
-		out[i] = EndedPresence{r.ID, r.MeshID, r.MemberID, r.MemberPubkey, deref(r.SessionPubkey), r.DisplayName}
-	}
-	return out, nil
-}
-
 func splitRefs(refs []PresenceRef) ([]string, []int64) {
 	ids, epochs := make([]string, len(refs)), make([]int64, len(refs))
 	for i, r := range refs {
@@ -310,19 +147,6 @@ func (t *Tx) EndExpiredGrace(ctx context.Context) ([]EndedPresence, error) {
 	out := make([]EndedPresence, len(rows))
 	for i, r := range rows {
 		out[i] = EndedPresence{r.ID, r.MeshID, r.MemberID, r.MemberPubkey, deref(r.SessionPubkey), r.DisplayName}
-	}
-	return out, nil
-}
-
-// ReleasePresencePushes returns the unacked pushes of ended sockets' presences to pending.
-func (t *Tx) ReleasePresencePushes(ctx context.Context, presenceIDs []string) ([]Recipient, error) {
-	rows, err := t.q.ReleasePresencePushes(ctx, presenceIDs)
-	if err != nil {
-		return nil, fmt.Errorf("release pushes: %w", err)
-	}
-	out := make([]Recipient, len(rows))
-	for i, r := range rows {
-		out[i] = Recipient{MeshID: r.MeshID, MemberID: r.RecipientMemberID}
 	}
 	return out, nil
 }

@@ -53,10 +53,16 @@ func RejectedInput(err error) bool {
 type Store struct {
 	pool *pgxpool.Pool
 	q    *db.Queries
+	ns   string // the bus namespace: the single-statement operations notify from inside
 }
 
-// New returns a store on pool.
-func New(pool *pgxpool.Pool) *Store { return &Store{pool: pool, q: db.New(pool)} }
+// New returns a store on pool; namespace is the bus's ("" for pgbus.DefaultNamespace).
+func New(pool *pgxpool.Pool, namespace string) *Store {
+	if namespace == "" {
+		namespace = pgbus.DefaultNamespace
+	}
+	return &Store{pool: pool, q: db.New(pool), ns: namespace}
+}
 
 // Ping checks that Postgres answers.
 func (s *Store) Ping(ctx context.Context) error { return s.pool.Ping(ctx) }

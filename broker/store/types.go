@@ -44,14 +44,6 @@ func (p *Presence) RoutingKey() string {
 	return p.MemberPubkey
 }
 
-// Target is a live session a send may reach, as the planner needs it.
-type Target struct {
-	ID, MeshID, MemberID, NodeID, SessionID string
-	SessionPubkey                           string
-	GroupNames                              []string
-	Status                                  string
-}
-
 // StatusChange is a presence whose status just changed: its node is told, its mesh gets a
 // peer_status event.
 type StatusChange struct {

@@ -70,6 +70,9 @@ func TestChaos(t *testing.T) {
 	victim := h.replicas[0]
 	t0 := time.Now()
 	victim.kill9(t)
+	// Converged once no presence is left on the killed replica: right after the kill, the
+	// peers may not have noticed yet, and everything still looks connected.
+	h.waitFor(60*time.Second, "peers off the killed replica", func() bool { return h.liveOn(victim.id) == 0 })
 	h.convergence("kill -9 "+victim.id, t0)
 	require.Zero(t, h.liveOn(victim.id), "no presence left on the killed replica")
 	victim.start(t)

@@ -1,0 +1,208 @@
+package store
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"time"
+
+	"github.com/claudemesh/broker/db"
+)
+
+// The hot operations, each one statement and one round trip that commits (migration 00005):
+// a replica may be a wide-area round trip from the primary, and no lock (the mesh's capacity,
+// its audit-chain head) is ever held across one.
+
+// ReleaseLimit bounds how many held deliveries a status change hands to a session at once
+// (the rest it claims); it is the session's push window.
+var ReleaseLimit = 128
+
+// HelloParams is a hello whose signature the replica verified.
+type HelloParams struct {
+	NodeID, MeshID, MemberID, MemberPubkey, SessionID string
+	SessionPubkey                                     string // "" when none
+	DisplayName, CWD                                  string
+	PID                                               int
+	Groups                                            []Group
+	Capabilities                                      []string
+	DefaultLimit                                      int // MAX_CONNECTIONS_PER_MESH
+	Signature                                         string
+	SignatureExpires                                  time.Time
+	// LocalLive: this replica holds a live socket of this session (a reconnect while the old
+	// socket lingers is a replacement, not a resume).
+	LocalLive bool
+}
+
+// HelloResult is a hello's outcome: Refusal is "" when the presence was registered, else the
+// protocol code (capacity, unauthorized, revoked, hello_replayed, session_key_taken).
+type HelloResult struct {
+	Refusal      string
+	Registration Registration
+	Resumed      bool
+	DisplayName  string
+	Limit        int // the mesh's session limit, for the capacity message
+}
+
+// Hello checks and registers a hello in one statement: membership, replay, session key,
+// capacity under the mesh's lock, the presence, its notifications and its audit entry.
+func (s *Store) Hello(ctx context.Context, p HelloParams) (HelloResult, error) {
+	groups, _ := json.Marshal(nonNil(p.Groups))
+	caps := p.Capabilities
+	if caps == nil {
+		caps = []string{}
+	}
+	r, err := s.q.Hello(ctx, db.HelloParams{NodeID: p.NodeID, Ns: s.ns, MeshID: p.MeshID, MemberID: p.MemberID,
+		Pubkey: p.MemberPubkey, SessionID: p.SessionID, SessionPubkey: p.SessionPubkey, DisplayName: p.DisplayName,
+		Pid: int32(p.PID), Cwd: p.CWD, Groups: groups, Caps: caps, DefaultLimit: int32(p.DefaultLimit),
+		Signature: p.Signature, SigExpires: p.SignatureExpires, LocalLive: p.LocalLive})
+	if err != nil {
+		return HelloResult{}, fmt.Errorf("hello: %w", err)
+	}
+	return HelloResult{Refusal: r.Code, Resumed: r.Resumed, DisplayName: r.DisplayName, Limit: int(r.MaxSessions),
+		Registration: Registration{PresenceID: r.PresenceID, Status: r.Status, Epoch: r.Epoch, OldNode: r.OldNode}}, nil
+}
+
+// SendKind is what a send's target resolved to before the database: a member or session key,
+// everyone, or a group.
+type SendKind string
+
+// Send kinds.
+const (
+	SendDirect SendKind = "direct"
+	SendAll    SendKind = "all"
+	SendGroup  SendKind = "group"
+)
+
+// OutgoingEnvelope is an envelope of a send batch and its target.
+type OutgoingEnvelope struct {
+	Envelope
+	Kind SendKind
+	Key  string // the normalized target key (direct) or the group name (group)
+}
+
+// SentEnvelope is an envelope's outcome: stored (Queued) with that many recipients, or not
+// (a direct target that is no member and no session key of the mesh).
+type SentEnvelope struct {
+	Queued     bool
+	Recipients int
+}
+
+// LocalDelivery is a delivery of the batch for a session of this node: assigned to it (push
+// it now) or pending for it (too large to assign: the session claims it).
+type LocalDelivery struct {
+	Envelope   int // index into the batch
+	ID         int64
+	PresenceID string
+	Assigned   bool
+}
+
+// SendBatch stores a batch in one statement: recipients resolved cluster-wide, envelopes and
+// deliveries, the other replicas told (inline pushes, wake-ups), the audit entries. It returns
+// each envelope's outcome and the deliveries this node takes part in.
+func (s *Store) SendBatch(ctx context.Context, nodeID string, envs []OutgoingEnvelope) ([]SentEnvelope, []LocalDelivery, error) {
+	n := len(envs)
+	p := db.SendBatchParams{NodeID: nodeID, Ns: s.ns, EIds: make([]string, n), EMesh: make([]string, n),
+		ESender: make([]string, n), ESenderPub: make([]string, n), ESenderMemberPub: make([]string, n),
+		ESpec: make([]string, n), EKind: make([]string, n), EKey: make([]string, n), EPrio: make([]string, n),
+		ENonce: make([]string, n), ECipher: make([]string, n), EClient: make([]string, n),
+		ECreated: make([]time.Time, n), EExpires: make([]time.Time, n)}
+	for i, e := range envs {
+		p.EIds[i], p.EMesh[i], p.ESender[i], p.ESenderPub[i] = e.ID, e.MeshID, e.SenderMemberID, e.SenderPubkey
+		p.ESenderMemberPub[i], p.ESpec[i], p.EKind[i], p.EKey[i] = e.SenderMemberPubkey, e.TargetSpec, string(e.Kind), e.Key
+		p.EPrio[i], p.ENonce[i], p.ECipher[i], p.EClient[i] = e.Priority, e.Nonce, e.Ciphertext, e.ClientID
+		p.ECreated[i], p.EExpires[i] = e.CreatedAt, e.ExpiresAt
+	}
+	rows, err := s.q.SendBatch(ctx, p)
+	if err != nil {
+		return nil, nil, fmt.Errorf("send batch: %w", err)
+	}
+	out := make([]SentEnvelope, n)
+	var local []LocalDelivery
+	for _, r := range rows {
+		i := int(r.Idx) - 1
+		if r.RowKind == "e" {
+			out[i] = SentEnvelope{Queued: r.Queued, Recipients: int(r.Recipients)}
+			continue
+		}
+		local = append(local, LocalDelivery{Envelope: i, ID: r.DeliveryID, PresenceID: r.PresenceID, Assigned: r.Assigned})
+	}
+	return out, local, nil
+}
+
+// HookOutcome is what a hook changed: the sessions it matched, or none yet (pending: the
+// signal waits 10 s for the session's hello).
+type HookOutcome struct {
+	PresenceIDs []string
+	Pending     bool
+}
+
+// HookStatus applies a hook's status in one statement: its sessions resolved (a signed hook's
+// only among its member's), the status model applied to each, the owning replicas told (with
+// the messages the change releases) and the mesh's peer_status events sent.
+func (s *Store) HookStatus(ctx context.Context, h HookQuery, status string, fresh time.Duration) (HookOutcome, error) {
+	rows, err := s.q.HookStatus(ctx, db.HookStatusParams{MemberPubkey: h.MemberPubkey, SessionID: h.SessionID, Pid: int32(h.PID),
+		Cwd: h.CWD, Status: status, FreshSeconds: fresh.Seconds(), Ns: s.ns, ReleaseLimit: int32(ReleaseLimit)})
+	if err != nil {
+		return HookOutcome{}, fmt.Errorf("hook status: %w", err)
+	}
+	var o HookOutcome
+	for _, r := range rows {
+		if r.Pending {
+			o.Pending = true
+			continue
+		}
+		o.PresenceIDs = append(o.PresenceIDs, r.PresenceID)
+	}
+	return o, nil
+}
+
+// SetStatus applies a status to one presence in one statement (the status model, the owning
+// replica and the mesh told, held messages released). changed is false when the model refused.
+func (s *Store) SetStatus(ctx context.Context, presenceID, status, source string, fresh time.Duration) (bool, error) {
+	rows, err := s.q.SetStatus(ctx, db.SetStatusParams{ID: presenceID, Status: status, Source: source,
+		FreshSeconds: fresh.Seconds(), Ns: s.ns, ReleaseLimit: int32(ReleaseLimit)})
+	if err != nil {
+		return false, fmt.Errorf("set status: %w", err)
+	}
+	return len(rows) > 0, nil
+}
+
+// EndSessions records closed sockets in one statement: presences in grace until graceUntil, or
+// ended (peer_left and an audit entry each), only at the epoch each socket owned; what was
+// assigned or pushed to them back to pending, and the holders of those members woken.
+func (s *Store) EndSessions(ctx context.Context, nodeID string, grace []PresenceRef, graceUntil time.Time, end []PresenceRef) error {
+	gIDs, gEpochs := splitRefs(grace)
+	xIDs, xEpochs := splitRefs(end)
+	if _, err := s.q.EndSessions(ctx, db.EndSessionsParams{NodeID: nodeID, Ns: s.ns, GraceIds: gIDs, GraceEpochs: gEpochs,
+		GraceUntil: graceUntil, EndIds: xIDs, EndEpochs: xEpochs}); err != nil {
+		return fmt.Errorf("end sessions: %w", err)
+	}
+	return nil
+}
+
+// StateWrite is a shared-state write and who makes it.
+type StateWrite struct {
+	MeshID, Key string
+	Value       json.RawMessage
+	UpdatedBy   string // display name shown to readers
+	PresenceID  string // the writer's session: it gets no state_change of its own write
+	Actor       string // the writer's key, for the audit entry
+	AuditData   []byte // the entry's canonical data (the key is the user's: encoded in Go)
+	Quota       StateQuota
+}
+
+// SetState writes a key in one statement within the mesh's quota, tells every replica and
+// appends the audit entry; ErrQuotaExceeded when the write would pass the quota.
+func (s *Store) SetState(ctx context.Context, w StateWrite) (StateEntry, error) {
+	rows, err := s.q.SetStateOne(ctx, db.SetStateOneParams{Ns: s.ns, MeshID: w.MeshID, Key: w.Key, Value: w.Value,
+		UpdatedBy: w.UpdatedBy, MaxKeys: int64(w.Quota.MaxKeys), MaxBytes: int64(w.Quota.MaxBytes), PresenceID: w.PresenceID,
+		Actor: w.Actor, AuditData: string(w.AuditData)})
+	if err != nil {
+		return StateEntry{}, fmt.Errorf("set state: %w", err)
+	}
+	if len(rows) == 0 {
+		return StateEntry{}, ErrQuotaExceeded
+	}
+	r := rows[0]
+	return StateEntry{Key: r.Key, Value: r.Value, UpdatedBy: r.UpdatedBy, UpdatedAt: r.UpdatedAt}, nil
+}

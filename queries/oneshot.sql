@@ -1,0 +1,40 @@
+-- The single-statement operations of migration 00005: each is one round trip that commits.
+
+-- name: SendBatch :many
+SELECT b.row_kind::text AS row_kind, b.idx::int AS idx, coalesce(b.queued, false)::boolean AS queued,
+    coalesce(b.recipients, 0)::int AS recipients, coalesce(b.delivery_id, 0)::bigint AS delivery_id,
+    coalesce(b.presence_id, '')::text AS presence_id, coalesce(b.assigned, false)::boolean AS assigned
+FROM claudemesh.send_batch(@node_id::text, @ns::text,
+    @e_ids::text[], @e_mesh::text[], @e_sender::text[], @e_sender_pub::text[], @e_sender_member_pub::text[],
+    @e_spec::text[], @e_kind::text[], @e_key::text[], @e_prio::text[], @e_nonce::text[], @e_cipher::text[],
+    @e_client::text[], @e_created::timestamptz[], @e_expires::timestamptz[]) b;
+
+-- name: Hello :one
+SELECT h.code::text AS code, coalesce(h.presence_id, '')::text AS presence_id, coalesce(h.status, '')::text AS status,
+    coalesce(h.epoch, 0)::bigint AS epoch, coalesce(h.old_node, '')::text AS old_node,
+    coalesce(h.resumed, false)::boolean AS resumed, coalesce(h.display_name, '')::text AS display_name,
+    coalesce(h.max_sessions, 0)::int AS max_sessions
+FROM claudemesh.hello(@node_id::text, @ns::text, @mesh_id::text, @member_id::text, @pubkey::text,
+    @session_id::text, @session_pubkey::text, @display_name::text, @pid::int, @cwd::text, @groups::jsonb,
+    @caps::text[], @default_limit::int, @signature::text, @sig_expires::timestamptz, @local_live::boolean) h;
+
+-- name: HookStatus :many
+SELECT coalesce(h.presence_id, '')::text AS presence_id, h.pending::boolean AS pending FROM claudemesh.hook_status(@member_pubkey::text, @session_id::text, @pid::int, @cwd::text,
+    @status::text, @fresh_seconds::float8, @ns::text, @release_limit::int) h;
+
+-- name: SetStatus :many
+-- A peer's own status change (manual), with the release of what it held.
+SELECT id, node_id, status FROM claudemesh.apply_status(@id::text, @status::text, @source::text,
+    @fresh_seconds::float8, @ns::text, @release_limit::int);
+
+-- name: AppendAudit :exec
+SELECT claudemesh.audit_append(@mesh_ids::text[], @event_types::text[], @actors::text[], @datas::text[], @ts_micros::bigint[]);
+
+-- name: EndSessions :one
+SELECT claudemesh.end_sessions(@node_id::text, @ns::text, @grace_ids::text[], @grace_epochs::bigint[],
+    @grace_until::timestamptz, @end_ids::text[], @end_epochs::bigint[])::int AS ended;
+
+-- name: SetStateOne :many
+SELECT mesh_id, key, value, updated_by, updated_at FROM claudemesh.set_state(@ns::text, @mesh_id::text, @key::text,
+    @value::jsonb, @updated_by::text, @max_keys::bigint, @max_bytes::bigint, @presence_id::text, @actor::text,
+    @audit_data::text);
