@@ -97,6 +97,10 @@ type Config struct {
 	// StallTimeout is how long a session's push window may stay full without a write before
 	// its peer counts as not reading and is closed with 4008 (default 5 s; tests shorten it).
 	StallTimeout time.Duration
+
+	// quiet stretches the periodic background work (sweeps, the catch-up poll, the bus's
+	// self-ping) to an hour, so a test can count the round trips of one operation exactly.
+	quiet bool
 }
 
 // envVar describes one environment variable: its name, what it sets and how to parse it.

@@ -136,31 +136,33 @@ func (s *hooks) handleHook(w http.ResponseWriter, r *http.Request) {
 	}
 	ctx, cancel := context.WithTimeout(r.Context(), opTimeout)
 	defer cancel()
-	if req.Signed() {
-		sig, _ := protocol.NormalizeSignature(req.Signature)
-		fresh, err := s.store.ClaimSignature(ctx, sig, signatureExpiry(time.UnixMilli(req.Timestamp)))
-		if err == nil && !fresh {
-			s.refusals.Info("hook refused", "reason", "replayed", "source", source)
-			s.hookFail(w, http.StatusUnauthorized, "this signed hook was already used: sign a new one", "unauthorized")
-			return
-		} else if err != nil {
-			s.log.Warn("hook could not be applied", "err", err)
-			s.hookFail(w, http.StatusServiceUnavailable, "broker could not apply the status; retry", "unavailable")
-			return
-		}
+	o, err := s.store.HookStatus(ctx, store.HookQuery{MemberPubkey: member, SessionID: req.SessionID, CWD: req.CWD, PID: req.PID},
+		string(req.Status), s.cfg.HookFreshWindow, signatureOf(req), signatureExpiry(time.UnixMilli(req.Timestamp)))
+	if err == nil && o.Replayed {
+		s.refusals.Info("hook refused", "reason", "replayed", "source", source)
+		s.hookFail(w, http.StatusUnauthorized, "this signed hook was already used: sign a new one", "unauthorized")
+		return
 	}
-	presence, pending, err := s.applyHook(ctx, req, member)
 	if err != nil {
 		s.log.Warn("hook could not be applied", "session_id", req.SessionID, "status", req.Status, "err", err)
 		s.hookFail(w, http.StatusServiceUnavailable, "broker could not apply the status; retry", "unavailable")
 		return
 	}
 	s.metrics.HookRequests.WithLabelValues("ok").Inc()
-	if pending {
+	if o.Pending || len(o.PresenceIDs) == 0 {
 		writeJSON(w, http.StatusOK, protocol.HookResponse{OK: true, Pending: true})
 		return
 	}
-	writeJSON(w, http.StatusOK, protocol.HookResponse{OK: true, PresenceID: presence})
+	writeJSON(w, http.StatusOK, protocol.HookResponse{OK: true, PresenceID: o.PresenceIDs[0]})
+}
+
+// signatureOf is a signed hook's normalized signature, "" for an unsigned one.
+func signatureOf(req protocol.HookRequest) string {
+	if !req.Signed() {
+		return ""
+	}
+	sig, _ := protocol.NormalizeSignature(req.Signature)
+	return sig
 }
 
 // checkSignedHook runs the checks of a signed hook that need no database; "" when it passes.
@@ -177,17 +179,4 @@ func checkSignedHook(r *protocol.HookRequest, now time.Time) string {
 func (s *hooks) hookFail(w http.ResponseWriter, code int, msg, label string) {
 	s.metrics.HookRequests.WithLabelValues(label).Inc()
 	writeJSON(w, code, protocol.HookResponse{OK: false, Error: msg})
-}
-
-// applyHook applies the hook's status in one statement: its sessions resolved cluster-wide (of
-// member only, when signed), the status applied to each (a Claude Code session may be in
-// several meshes) with the messages it releases, or the signal kept for the session's hello
-// when none matches yet (the first-turn race).
-func (s *hooks) applyHook(ctx context.Context, req protocol.HookRequest, member string) (string, bool, error) {
-	o, err := s.store.HookStatus(ctx, store.HookQuery{MemberPubkey: member, SessionID: req.SessionID, CWD: req.CWD, PID: req.PID},
-		string(req.Status), s.cfg.HookFreshWindow)
-	if err != nil || o.Pending || len(o.PresenceIDs) == 0 {
-		return "", o.Pending, err
-	}
-	return o.PresenceIDs[0], false, nil
 }

@@ -25,6 +25,7 @@ type router struct {
 	hub     *hub
 	pusher  *pusher
 	nodeID  string
+	poll    time.Duration // the catch-up poll's period (pollInterval)
 	log     *slog.Logger
 	metrics *Metrics
 	pushes  []assigned // gathered while applying a run of messages
@@ -33,7 +34,7 @@ type router struct {
 // Start applies bus messages until Stop.
 func (r *router) Start(ctx context.Context) error {
 	return r.start(ctx, func(ctx context.Context) {
-		poll := time.NewTicker(pollInterval)
+		poll := time.NewTicker(r.poll)
 		defer poll.Stop()
 		for {
 			select {

@@ -78,9 +78,13 @@ func NewServer(cfg Config, pool *pgxpool.Pool, logger *slog.Logger) (*Server, er
 	}
 	s := &Server{cfg: cfg, pool: pool, store: store.New(pool, cfg.BusNamespace), log: logger.With("node", nodeID), nodeID: nodeID,
 		started: time.Now(), metrics: newMetrics(), mux: http.NewServeMux(), hub: newHub()}
+	sweepEvery, pollEvery, busPing := time.Second, pollInterval, time.Duration(0)
+	if cfg.quiet {
+		sweepEvery, pollEvery, busPing = time.Hour, time.Hour, time.Hour
+	}
 	bus, err := pgbus.New(pgbus.Config{
 		ConnConfig: pool.Config().ConnConfig, Exec: pool, NodeID: nodeID, Namespace: cfg.BusNamespace,
-		Logger: s.log, Observe: s.metrics.observeBus,
+		Logger: s.log, Observe: s.metrics.observeBus, PingInterval: busPing, PingTimeout: 2 * busPing,
 	})
 	if err != nil {
 		return nil, err
@@ -108,11 +112,11 @@ func NewServer(cfg Config, pool *pgxpool.Pool, logger *slog.Logger) (*Server, er
 		metrics: s.metrics, log: s.log, refusals: refusals, draining: &s.draining}
 	s.peers.melody = s.peers.newMelody()
 	s.sweeper = &sweeper{store: s.store, signals: sig, hub: s.hub, pusher: s.pusher, ender: s.ender,
-		statusTTL: cfg.StatusTTL, log: s.log, metrics: s.metrics}
+		statusTTL: cfg.StatusTTL, every: sweepEvery, log: s.log, metrics: s.metrics}
 	live := &liveness{store: s.store, signals: sig, heartbeat: s.heartbeat, hub: s.hub, interval: cfg.Heartbeat,
 		deadAfter: cfg.NodeDeadAfter, grace: cfg.Grace(), log: s.log, metrics: s.metrics,
 		onTakeOver: func(ctx context.Context) { _ = s.sweeper.sweepGrace(ctx) }}
-	rt := &router{bus: bus, store: s.store, hub: s.hub, pusher: s.pusher, nodeID: nodeID, log: s.log, metrics: s.metrics}
+	rt := &router{bus: bus, store: s.store, hub: s.hub, pusher: s.pusher, nodeID: nodeID, poll: pollEvery, log: s.log, metrics: s.metrics}
 	gd := &guard{peers: s.peers, pusher: s.pusher, stall: cfg.StallTimeout}
 	// Start order: the node row first (presences reference it), the listener, then the
 	// services that write (records and ends stop last, so closing sessions are recorded).

@@ -21,6 +21,7 @@ type sweeper struct {
 	pusher    *pusher
 	ender     *ender
 	statusTTL time.Duration
+	every     time.Duration // the tick; the slower sweeps run every few ticks
 	log       *slog.Logger
 	metrics   *Metrics
 }
@@ -29,7 +30,7 @@ type sweeper struct {
 func (w *sweeper) Start(ctx context.Context) error {
 	return w.start(ctx, func(ctx context.Context) {
 		n := 0
-		startstop.Tick(ctx, time.Second, func(time.Time) {
+		startstop.Tick(ctx, w.every, func(time.Time) {
 			n++
 			w.run(ctx, "sweep_grace", w.sweepGrace)
 			w.run(ctx, "sweep_working", w.sweepWorking)

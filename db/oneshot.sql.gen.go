@@ -138,8 +138,9 @@ func (q *Queries) Hello(ctx context.Context, arg HelloParams) (HelloRow, error) 
 }
 
 const hookStatus = `-- name: HookStatus :many
-SELECT coalesce(h.presence_id, '')::text AS presence_id, h.pending::boolean AS pending FROM claudemesh.hook_status($1::text, $2::text, $3::int, $4::text,
-    $5::text, $6::float8, $7::text, $8::int) h
+SELECT coalesce(h.presence_id, '')::text AS presence_id, h.pending::boolean AS pending, h.replayed::boolean AS replayed
+FROM claudemesh.hook_status($1::text, $2::text, $3::int, $4::text,
+    $5::text, $6::float8, $7::text, $8::int, $9::text, $10::timestamptz) h
 `
 
 type HookStatusParams struct {
@@ -151,11 +152,14 @@ type HookStatusParams struct {
 	FreshSeconds float64
 	Ns           string
 	ReleaseLimit int32
+	Signature    string
+	SigExpires   time.Time
 }
 
 type HookStatusRow struct {
 	PresenceID string
 	Pending    bool
+	Replayed   bool
 }
 
 func (q *Queries) HookStatus(ctx context.Context, arg HookStatusParams) ([]HookStatusRow, error) {
@@ -168,6 +172,8 @@ func (q *Queries) HookStatus(ctx context.Context, arg HookStatusParams) ([]HookS
 		arg.FreshSeconds,
 		arg.Ns,
 		arg.ReleaseLimit,
+		arg.Signature,
+		arg.SigExpires,
 	)
 	if err != nil {
 		return nil, err
@@ -176,7 +182,7 @@ func (q *Queries) HookStatus(ctx context.Context, arg HookStatusParams) ([]HookS
 	items := []HookStatusRow{}
 	for rows.Next() {
 		var i HookStatusRow
-		if err := rows.Scan(&i.PresenceID, &i.Pending); err != nil {
+		if err := rows.Scan(&i.PresenceID, &i.Pending, &i.Replayed); err != nil {
 			return nil, err
 		}
 		items = append(items, i)

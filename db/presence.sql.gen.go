@@ -11,25 +11,6 @@ import (
 	"time"
 )
 
-const claimSignature = `-- name: ClaimSignature :one
-INSERT INTO claudemesh.seen_signature (signature, expires_at) VALUES ($1, $2)
-ON CONFLICT (signature) DO NOTHING
-RETURNING true AS fresh
-`
-
-type ClaimSignatureParams struct {
-	Signature string
-	ExpiresAt time.Time
-}
-
-// Records a signed request's signature; no row means it was seen before (a replay).
-func (q *Queries) ClaimSignature(ctx context.Context, arg ClaimSignatureParams) (bool, error) {
-	row := q.db.QueryRow(ctx, claimSignature, arg.Signature, arg.ExpiresAt)
-	var fresh bool
-	err := row.Scan(&fresh)
-	return fresh, err
-}
-
 const deleteExpiredSignatures = `-- name: DeleteExpiredSignatures :execrows
 DELETE FROM claudemesh.seen_signature WHERE expires_at < now()
 `

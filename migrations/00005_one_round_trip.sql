@@ -201,17 +201,31 @@ END
 $$;
 -- +goose StatementEnd
 
--- A hook's status change in one statement: resolve its sessions (a signed hook reaches only
--- its member's: p_member_pubkey), apply the status to each, or keep the signal for 10 s when no
--- session matches yet. Returns the ids changed and whether the signal was kept pending.
+-- A hook's status change in one statement: record a signed hook's signature (accepted once
+-- cluster-wide), resolve its sessions (a signed hook reaches only its member's:
+-- p_member_pubkey), apply the status to each, or keep the signal for 10 s when no session
+-- matches yet. Returns the ids matched, or one row saying the signal was kept pending or the
+-- signature replayed.
 -- +goose StatementBegin
 CREATE FUNCTION claudemesh.hook_status(p_member_pubkey text, p_session_id text, p_pid int, p_cwd text,
-                                       p_status text, p_fresh_seconds float8, p_ns text, p_release int)
-RETURNS TABLE (presence_id text, pending boolean) LANGUAGE plpgsql AS $$
+                                       p_status text, p_fresh_seconds float8, p_ns text, p_release int,
+                                       p_signature text, p_sig_expires timestamptz)
+RETURNS TABLE (presence_id text, pending boolean, replayed boolean) LANGUAGE plpgsql AS $$
 DECLARE
     ids text[];
     t text;
 BEGIN
+    replayed := false;
+    IF p_signature <> '' THEN
+        INSERT INTO claudemesh.seen_signature (signature, expires_at) VALUES (p_signature, p_sig_expires)
+        ON CONFLICT (signature) DO NOTHING;
+        IF NOT FOUND THEN
+            replayed := true;
+            pending := false;
+            RETURN NEXT;
+            RETURN;
+        END IF;
+    END IF;
     WITH mine AS NOT MATERIALIZED (
         SELECT x.id, x.session_id, x.pid, x.cwd, x.connected_at FROM claudemesh.presence x
         WHERE x.ended_at IS NULL AND (p_member_pubkey = '' OR x.member_pubkey = p_member_pubkey)

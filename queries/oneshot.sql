@@ -19,8 +19,9 @@ FROM claudemesh.hello(@node_id::text, @ns::text, @mesh_id::text, @member_id::tex
     @caps::text[], @default_limit::int, @signature::text, @sig_expires::timestamptz, @local_live::boolean) h;
 
 -- name: HookStatus :many
-SELECT coalesce(h.presence_id, '')::text AS presence_id, h.pending::boolean AS pending FROM claudemesh.hook_status(@member_pubkey::text, @session_id::text, @pid::int, @cwd::text,
-    @status::text, @fresh_seconds::float8, @ns::text, @release_limit::int) h;
+SELECT coalesce(h.presence_id, '')::text AS presence_id, h.pending::boolean AS pending, h.replayed::boolean AS replayed
+FROM claudemesh.hook_status(@member_pubkey::text, @session_id::text, @pid::int, @cwd::text,
+    @status::text, @fresh_seconds::float8, @ns::text, @release_limit::int, @signature::text, @sig_expires::timestamptz) h;
 
 -- name: SetStatus :many
 -- A peer's own status change (manual), with the release of what it held.

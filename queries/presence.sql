@@ -32,11 +32,5 @@ RETURNING p.id, p.mesh_id, p.member_id, p.member_pubkey, p.session_pubkey, p.dis
 SELECT DISTINCT node_id, member_id FROM claudemesh.presence
 WHERE mesh_id = @mesh_id AND member_id = ANY(@member_ids::text[]) AND ended_at IS NULL;
 
--- name: ClaimSignature :one
--- Records a signed request's signature; no row means it was seen before (a replay).
-INSERT INTO claudemesh.seen_signature (signature, expires_at) VALUES (@signature, @expires_at)
-ON CONFLICT (signature) DO NOTHING
-RETURNING true AS fresh;
-
 -- name: DeleteExpiredSignatures :execrows
 DELETE FROM claudemesh.seen_signature WHERE expires_at < now();

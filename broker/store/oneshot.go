@@ -130,23 +130,29 @@ func (s *Store) SendBatch(ctx context.Context, nodeID string, envs []OutgoingEnv
 }
 
 // HookOutcome is what a hook changed: the sessions it matched, or none yet (pending: the
-// signal waits 10 s for the session's hello).
+// signal waits 10 s for the session's hello), or nothing because its signature was replayed.
 type HookOutcome struct {
 	PresenceIDs []string
 	Pending     bool
+	Replayed    bool
 }
 
-// HookStatus applies a hook's status in one statement: its sessions resolved (a signed hook's
-// only among its member's), the status model applied to each, the owning replicas told (with
-// the messages the change releases) and the mesh's peer_status events sent.
-func (s *Store) HookStatus(ctx context.Context, h HookQuery, status string, fresh time.Duration) (HookOutcome, error) {
+// HookStatus applies a hook's status in one statement: a signed hook's signature recorded
+// (signature "" for an unsigned one), its sessions resolved (a signed hook's only among its
+// member's), the status model applied to each, the owning replicas told (with the messages the
+// change releases) and the mesh's peer_status events sent.
+func (s *Store) HookStatus(ctx context.Context, h HookQuery, status string, fresh time.Duration, signature string, sigExpires time.Time) (HookOutcome, error) {
 	rows, err := s.q.HookStatus(ctx, db.HookStatusParams{MemberPubkey: h.MemberPubkey, SessionID: h.SessionID, Pid: int32(h.PID),
-		Cwd: h.CWD, Status: status, FreshSeconds: fresh.Seconds(), Ns: s.ns, ReleaseLimit: int32(ReleaseLimit)})
+		Cwd: h.CWD, Status: status, FreshSeconds: fresh.Seconds(), Ns: s.ns, ReleaseLimit: int32(ReleaseLimit),
+		Signature: signature, SigExpires: sigExpires})
 	if err != nil {
 		return HookOutcome{}, fmt.Errorf("hook status: %w", err)
 	}
 	var o HookOutcome
 	for _, r := range rows {
+		if r.Replayed {
+			return HookOutcome{Replayed: true}, nil
+		}
 		if r.Pending {
 			o.Pending = true
 			continue

@@ -3,25 +3,10 @@ package store
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
-	"time"
 
 	"github.com/claudemesh/broker/db"
 )
-
-// ClaimSignature records a signed request's signature until expires; false means it was seen
-// before (a replay).
-func (s *Store) ClaimSignature(ctx context.Context, signature string, expires time.Time) (bool, error) {
-	_, err := s.q.ClaimSignature(ctx, db.ClaimSignatureParams{Signature: signature, ExpiresAt: expires})
-	switch err = notFound(err); {
-	case errors.Is(err, ErrNotFound):
-		return false, nil
-	case err != nil:
-		return false, fmt.Errorf("record signature: %w", err)
-	}
-	return true, nil
-}
 
 // Registration describes a presence a hello registered.
 type Registration struct {

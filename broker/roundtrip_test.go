@@ -1,0 +1,191 @@
+package broker
+
+import (
+	"context"
+	"fmt"
+	"net/http"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/claudemesh/broker/client"
+	"github.com/claudemesh/broker/db"
+	"github.com/claudemesh/broker/db/dbtest"
+	"github.com/claudemesh/broker/protocol"
+)
+
+// Round trips to Postgres per operation, counted exactly: the measured replica reaches
+// Postgres through a proxy that counts client→server flights (one or more writes before a
+// read: a round trip), with its periodic background work stretched out of the way. At 40 ms
+// from the primary each flight costs 40 ms; these are the budgets a multi-region replica lives
+// by (docs/operations.md), and the regression guard for them.
+
+// countedNode starts a replica whose pool goes through a counting proxy, quiet in the
+// background, as node "rt"; the cluster's other nodes are not counted.
+func countedNode(t *testing.T, c *testCluster) (*Server, *dbtest.Proxy) {
+	t.Helper()
+	proxy := dbtest.NewProxy(t, c.url)
+	cfg := Config{NodeID: "rt", Region: "test", SessionGrace: 5 * time.Second, Heartbeat: time.Hour, NodeDeadAfter: 3 * time.Hour, quiet: true}
+	// One pooled connection: every statement is prepared on it once, in the warm-up, so the
+	// counts below are of steady state (a statement costs two flights on its first use on a
+	// connection: prepare, then execute).
+	pool, err := db.NewPool(context.Background(), proxy.URL(c.url), db.PoolConfig{MaxConns: 1})
+	require.NoError(t, err)
+	t.Cleanup(pool.Close)
+	srv, err := NewServer(cfg, pool, dbtest.Logger(t).With("test_node", "rt"))
+	require.NoError(t, err)
+	require.NoError(t, srv.Start(context.Background(), "127.0.0.1:0"))
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+		defer cancel()
+		_ = srv.Stop(ctx)
+	})
+	dbtest.WaitFor(t, 10*time.Second, "listener of rt connected", srv.BusConnected)
+	c.nodes = append(c.nodes, srv)
+	return srv, proxy
+}
+
+// flights counts the statement flights of op, waiting for done (checked through the test's
+// own pool, which is not counted) when the operation finishes after op returns. It starts once
+// the replica is quiet (no flight for 100 ms), so the tail of an earlier operation (a claim
+// after a hello, a record after a push) is not counted against this one.
+func flights(t *testing.T, p *dbtest.Proxy, op func(), done func() bool) int64 {
+	t.Helper()
+	last, since := p.Flights(), time.Now()
+	dbtest.WaitFor(t, 10*time.Second, "no round trips in flight", func() bool {
+		if now := p.Flights(); now != last {
+			last, since = now, time.Now()
+		}
+		return time.Since(since) >= 100*time.Millisecond
+	})
+	before := p.Flights()
+	op()
+	if done != nil {
+		dbtest.WaitFor(t, 10*time.Second, "operation finished", done)
+	}
+	return p.Flights().Sub(before).Statement
+}
+
+func deliveryState(t *testing.T, c *testCluster, messageID string) string {
+	var st string
+	_ = c.pool.QueryRow(context.Background(), `SELECT state FROM claudemesh.delivery WHERE envelope_id = $1`, messageID).Scan(&st)
+	return st
+}
+
+func TestRoundTripsPerOperation(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t, 1, nil) // node 0: other replica, not counted
+	srv, proxy := countedNode(t, c)
+	rt := len(c.nodes) - 1
+	m := c.mesh(0)
+	alice, bob, carol := m.member("alice"), m.member("bob"), m.member("carol")
+	a := m.dial(0, alice)
+	ctx := ctxT(t)
+	// Each operation once first: statements are prepared on first use per connection.
+	wm := m.member("warm")
+	warm := m.dial(rt, wm, func(o *client.Options) { o.CWD = "/repo/warm" })
+	for i := range 3 {
+		w := m.dial(rt, m.member(fmt.Sprint("warm", i)))
+		_, _ = warm.ListPeers(ctx)
+		_, _ = warm.Send(ctx, alice.pub, protocol.PriorityNow, "n", fmt.Sprint("warm", i), "")
+		_ = warm.SetState(ctx, "warm", i)
+		in, err := a.Send(ctx, wm.pub, protocol.PriorityNow, "n", "warm", "")
+		require.NoError(t, err)
+		require.Equal(t, in.MessageID, nextPush(t, warm, 5*time.Second).MessageID)
+		require.NoError(t, warm.AckMessages(ctx, in.MessageID))
+		postHook(t, srv, wm, protocol.HookRequest{CWD: "/repo/warm", Status: protocol.StatusIdle})
+		require.NoError(t, w.Close())
+	}
+
+	// hello → hello_ack: one statement; the pusher's claim of what waited follows it.
+	var b *client.Client
+	n := flights(t, proxy, func() {
+		b = m.dial(rt, bob, func(o *client.Options) { o.CWD = "/repo/bob"; o.SessionID = "claude-bob" })
+	}, func() bool {
+		sess := srv.hub.get(b.HelloAck().PresenceID)
+		if sess == nil {
+			return false
+		}
+		sess.mu.Lock()
+		defer sess.mu.Unlock()
+		return !sess.backlog
+	})
+	require.LessOrEqual(t, n, int64(2), "hello: one statement, then the claim of the offline queue")
+	t.Logf("hello: %d round trips", n)
+
+	// list_peers: one.
+	n = flights(t, proxy, func() {
+		_, err := b.ListPeers(ctx)
+		require.NoError(t, err)
+	}, nil)
+	require.Equal(t, int64(1), n, "list_peers")
+
+	// send → ack: one statement stores, resolves, notifies and audits.
+	var ack protocol.Ack
+	n = flights(t, proxy, func() {
+		var err error
+		ack, err = b.Send(ctx, alice.pub, protocol.PriorityNow, "n", "to alice", "")
+		require.NoError(t, err)
+	}, nil)
+	require.Equal(t, int64(1), n, "send → ack")
+	for nextPush(t, a, 5*time.Second).MessageID != ack.MessageID { // the warm-up's pushes come first
+	}
+
+	// A push from another replica: it arrives inside the notification and is written at once;
+	// recording it takes one statement.
+	var in protocol.Ack
+	n = flights(t, proxy, func() {
+		var err error
+		in, err = a.Send(ctx, bob.pub, protocol.PriorityNow, "n", "to bob", "")
+		require.NoError(t, err)
+		require.Equal(t, in.MessageID, nextPush(t, b, 5*time.Second).MessageID)
+	}, func() bool { return deliveryState(t, c, in.MessageID) == "pushed" })
+	require.Equal(t, int64(1), n, "a push from another replica: written, then recorded")
+
+	// client_ack: one (batched) statement.
+	n = flights(t, proxy, func() { require.NoError(t, b.AckMessages(ctx, in.MessageID)) },
+		func() bool { return deliveryState(t, c, in.MessageID) == "acked" })
+	require.Equal(t, int64(1), n, "client_ack")
+
+	// A hook on this replica that releases a message held on the other: one statement here
+	// (status, release, notifications); the holder pushes it from the notification.
+	cl := m.dial(0, carol, func(o *client.Options) { o.CWD = "/repo/carol"; o.SessionID = "claude-carol" })
+	code, _ := postHook(t, c.nodes[0], carol, protocol.HookRequest{CWD: "/repo/carol", Status: protocol.StatusWorking, SessionID: "claude-carol"})
+	require.Equal(t, http.StatusOK, code)
+	dbtest.WaitFor(t, 5*time.Second, "carol working", func() bool {
+		peers, err := a.ListPeers(ctx)
+		for _, p := range peers {
+			if p.DisplayName == "carol" {
+				return err == nil && p.Status == protocol.StatusWorking
+			}
+		}
+		return false
+	})
+	held, err := a.Send(ctx, carol.pub, protocol.PriorityNext, "n", "held", "")
+	require.NoError(t, err)
+	n = flights(t, proxy, func() {
+		code, _ := postHook(t, srv, carol, protocol.HookRequest{CWD: "/repo/carol", Status: protocol.StatusIdle, SessionID: "claude-carol"})
+		require.Equal(t, http.StatusOK, code)
+	}, nil)
+	require.Equal(t, held.MessageID, nextPush(t, cl, 5*time.Second).MessageID)
+	require.LessOrEqual(t, n, int64(2), "hook with release, on the hook's replica")
+	t.Logf("hook release: %d round trips on the hook's replica", n)
+
+	// set_state: one statement (quota, row, notification, audit).
+	n = flights(t, proxy, func() { require.NoError(t, b.SetState(ctx, "build", "green")) }, func() bool {
+		var v string
+		_ = c.pool.QueryRow(ctx, `SELECT value #>> '{}' FROM claudemesh.state WHERE mesh_id = $1 AND key = 'build'`, m.id).Scan(&v)
+		return v == "green"
+	})
+	require.Equal(t, int64(1), n, "set_state")
+
+	// A session's end: one statement (end, peer_left, audit, release, wake-ups).
+	presence := b.HelloAck().PresenceID
+	n = flights(t, proxy, func() { require.NoError(t, b.Close()) }, func() bool {
+		var ended bool
+		_ = c.pool.QueryRow(ctx, `SELECT ended_at IS NOT NULL FROM claudemesh.presence WHERE id = $1`, presence).Scan(&ended)
+		return ended
+	})
+	require.Equal(t, int64(1), n, "session end")
+}
