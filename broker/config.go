@@ -27,6 +27,8 @@ const (
 	// Limits on what clients can make a replica hold (docs/operations.md, "Security model").
 	DefaultHelloTimeout         = 10 * time.Second
 	DefaultStallTimeout         = 5 * time.Second
+	DefaultHelloConcurrency     = 12 // of the pool's 16 connections: sends, claims and sweeps keep theirs
+	DefaultHelloQueue           = 1024
 	DefaultMaxUnauthenticated   = 2048
 	DefaultMaxUnauthPerSource   = 256
 	DefaultMaxStateKeysPerMesh  = 1024
@@ -98,6 +100,12 @@ type Config struct {
 	// its peer counts as not reading and is closed with 4008 (default 5 s; tests shorten it).
 	StallTimeout time.Duration
 
+	// HelloConcurrency bounds the hellos in the database at once (default: 3/4 of the pool);
+	// HelloQueue bounds those waiting for their turn (default 1024). Beyond, a hello is refused
+	// at once with "overloaded" (close 1013), which clients retry.
+	HelloConcurrency int
+	HelloQueue       int
+
 	// quiet stretches the periodic background work (sweeps, the catch-up poll, the bus's
 	// self-ping) to an hour, so a test can count the round trips of one operation exactly.
 	quiet bool
@@ -166,6 +174,8 @@ var envVars = []envVar{
 		c.MetricsAddr = v
 		return nil
 	}},
+	{"HELLO_CONCURRENCY", "a whole number >= 1", func(v string, c *Config) error { return intIn(v, 1, 1<<20, &c.HelloConcurrency) }},
+	{"HELLO_QUEUE", "a whole number >= 1", func(v string, c *Config) error { return intIn(v, 1, 1<<30, &c.HelloQueue) }},
 	{"ALLOWED_ORIGINS", "a comma-separated list of origins, or *", func(v string, c *Config) error {
 		for _, o := range strings.Split(v, ",") {
 			if o = strings.TrimSpace(o); o != "" {
@@ -231,6 +241,8 @@ func (c Config) WithDefaults() Config {
 	setInt(&c.MaxStateValueBytes, DefaultMaxStateValueBytes)
 	setInt(&c.MaxGroupsPerSession, DefaultMaxGroupsPerSession)
 	setInt(&c.HookRatePerCallerMin, DefaultHookRatePerCallerMin)
+	setInt(&c.HelloConcurrency, DefaultHelloConcurrency)
+	setInt(&c.HelloQueue, DefaultHelloQueue)
 	if c.MaxConnsPerMesh == 0 {
 		c.MaxConnsPerMesh = DefaultMaxConnectionsPerMsh
 	}

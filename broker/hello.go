@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync/atomic"
 	"time"
 
 	"github.com/olahol/melody"
@@ -18,6 +19,10 @@ const helloMaxSkew = protocol.HelloMaxSkew
 // helloTimeout bounds the handshake's database work; the ack is due within 500 ms normally.
 const helloTimeout = 5 * time.Second
 
+// helloQueueWait is the longest a hello waits for its turn before it is refused (overloaded):
+// well under helloTimeout, so a storm gets a retryable answer, not a timeout.
+const helloQueueWait = 3 * time.Second
+
 // helloRefusal is a handshake failure: its code goes to the peer, then the socket closes.
 type helloRefusal struct {
 	code    string
@@ -30,6 +35,48 @@ func (e *helloRefusal) Error() string { return e.code + ": " + e.msg }
 func refuse(code, msg string) *helloRefusal {
 	return &helloRefusal{code: code, msg: msg, closeCd: protocol.CloseHelloRefused}
 }
+
+// helloQueue bounds the hellos of a replica: at most slots of them in the database at once
+// (about its pool), at most waiting more waiting for a slot, none waiting longer than wait.
+// A storm beyond that is answered at once with a clear, retryable refusal (overloaded, close
+// 1013 "try again later") instead of piling onto the database until every hello times out.
+type helloQueue struct {
+	slots   chan struct{}
+	waiting atomic.Int64
+	max     int64
+	wait    time.Duration
+}
+
+func newHelloQueue(slots, waiting int, wait time.Duration) *helloQueue {
+	return &helloQueue{slots: make(chan struct{}, slots), max: int64(waiting), wait: wait}
+}
+
+// enter takes a slot; false when the queue is full or the wait ran out.
+func (q *helloQueue) enter() bool {
+	select {
+	case q.slots <- struct{}{}:
+		return true
+	default:
+	}
+	if q.waiting.Add(1) > q.max {
+		q.waiting.Add(-1)
+		return false
+	}
+	defer q.waiting.Add(-1)
+	t := time.NewTimer(q.wait)
+	defer t.Stop()
+	select {
+	case q.slots <- struct{}{}:
+		return true
+	case <-t.C:
+		return false
+	}
+}
+
+func (q *helloQueue) leave() { <-q.slots }
+
+var errOverloaded = &helloRefusal{code: protocol.CodeOverloaded, msg: "too many hellos at once; retry in a moment",
+	closeCd: protocol.CloseTryAgainLater}
 
 func (p *peers) handleHello(ms *melody.Session, c *conn, h *protocol.Hello) {
 	ctx, cancel := context.WithTimeout(context.Background(), helloTimeout)
@@ -108,6 +155,10 @@ func (p *peers) hello(ctx context.Context, ms *melody.Session, h *protocol.Hello
 		groups = append(groups, groupEntry{Name: g.Name, Role: g.Role})
 	}
 	sig, _ := protocol.NormalizeSignature(h.Signature)
+	if !p.hellos.enter() {
+		return nil, false, errOverloaded
+	}
+	defer p.hellos.leave()
 	res, err := p.store.Hello(ctx, store.HelloParams{
 		NodeID: p.nodeID, MeshID: h.MeshID, MemberID: h.MemberID, MemberPubkey: pubLower, SessionID: h.SessionID,
 		SessionPubkey: sessKey, DisplayName: h.DisplayName, CWD: h.CWD, PID: h.PID, Groups: groups,

@@ -189,3 +189,60 @@ func TestRoundTripsPerOperation(t *testing.T) {
 	})
 	require.Equal(t, int64(1), n, "session end")
 }
+
+// 60 members of one mesh say hello at once to a replica 40 ms from Postgres: every hello is
+// answered, none with "internal" (the mesh's capacity lock is held for a statement's server
+// time, not across round trips). With a tiny hello queue the excess is refused at once as
+// overloaded (close 1013, retryable), still never as internal.
+func TestHelloStorm(t *testing.T) {
+	t.Parallel()
+	storm := func(t *testing.T, tweak func(*Config)) (ok, overloaded int) {
+		c := newCluster(t, 0, nil)
+		proxy := dbtest.NewProxy(t, c.url)
+		proxy.SetDelay(20 * time.Millisecond)
+		cfg := Config{NodeID: "storm", Region: "test"}
+		if tweak != nil {
+			tweak(&cfg)
+		}
+		srv, err := NewServer(cfg, dbtest.PoolFor(t, proxy.URL(c.url)), dbtest.Logger(t))
+		require.NoError(t, err)
+		require.NoError(t, srv.Start(context.Background(), "127.0.0.1:0"))
+		t.Cleanup(func() { _ = srv.Stop(context.Background()) })
+		dbtest.WaitFor(t, 10*time.Second, "listener connected", srv.BusConnected)
+		c.nodes = append(c.nodes, srv)
+		m := c.mesh(0)
+		var members []*testMember
+		for i := range 60 {
+			members = append(members, m.member(fmt.Sprint("p", i)))
+		}
+		errs := make(chan error, len(members))
+		for _, mem := range members {
+			go func() {
+				_, err := m.tryDial(0, mem)
+				errs <- err
+			}()
+		}
+		for range members {
+			err := <-errs
+			if err == nil {
+				ok++
+				continue
+			}
+			he := helloErr(t, err)
+			require.Equal(t, protocol.CodeOverloaded, he.Code, "the only refusal of a storm is overloaded: %s", he.Message)
+			require.Equal(t, protocol.CloseTryAgainLater, he.CloseCode)
+			overloaded++
+		}
+		return ok, overloaded
+	}
+	t.Run("answered", func(t *testing.T) {
+		ok, _ := storm(t, nil)
+		require.Equal(t, 60, ok)
+	})
+	t.Run("bounded", func(t *testing.T) {
+		ok, overloaded := storm(t, func(c *Config) { c.HelloConcurrency, c.HelloQueue = 1, 2 })
+		require.Equal(t, 60, ok+overloaded)
+		require.Positive(t, overloaded, "a full queue refuses at once")
+		require.Positive(t, ok)
+	})
+}

@@ -108,6 +108,7 @@ func NewServer(cfg Config, pool *pgxpool.Pool, logger *slog.Logger) (*Server, er
 	s.committer = newCommitter(s.store, pl, nodeID, s.pusher, cfg.MaxBatch, s.log, s.metrics)
 	s.peers = &peers{cfg: cfg, nodeID: nodeID, store: s.store, hub: s.hub,
 		gate:    newGate(cfg.MaxUnauthenticated, cfg.MaxUnauthPerSource, cfg.HelloTimeout),
+		hellos:  newHelloQueue(cfg.HelloConcurrency, cfg.HelloQueue, helloQueueWait),
 		signals: sig, committer: s.committer, pusher: s.pusher, recorder: s.recorder, ender: s.ender,
 		metrics: s.metrics, log: s.log, refusals: refusals, draining: &s.draining}
 	s.peers.melody = s.peers.newMelody()

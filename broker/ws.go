@@ -37,6 +37,7 @@ type peers struct {
 	store     *store.Store
 	hub       *hub
 	gate      *gate
+	hellos    *helloQueue
 	signals   signals
 	committer *committer
 	pusher    *pusher

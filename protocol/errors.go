@@ -28,6 +28,7 @@ const (
 	CodeRevoked         = "revoked"           // the member was revoked
 	CodeSessionKeyTaken = "session_key_taken" // (ext) sessionPubkey bound to another member, or another member's key
 	CodeHelloReplayed   = "hello_replayed"    // (ext) this exact signed hello was already used
+	CodeOverloaded      = "overloaded"        // (ext) too many hellos at once: retry shortly (close 1013)
 
 	// CodeNotFound: message_status for an unknown id or one of another mesh.
 	CodeNotFound = "not_found"
