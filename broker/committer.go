@@ -3,16 +3,18 @@ package broker
 import (
 	"context"
 	"log/slog"
+	"sync"
 	"time"
 
 	"github.com/claudemesh/broker/broker/store"
 	"github.com/claudemesh/broker/protocol"
 )
 
-// Group commit: sends that arrive while a commit is in flight go into the next transaction,
-// up to MaxBatch of them, so throughput is not capped at one notifying commit per message.
-// One committer per replica: measured on 2 cores, parallel committers only queue on the
-// mesh's audit lock (BENCHMARKS.md), and one keeps every sender's sends in order.
+// Group commit: sends that arrive while a commit is in flight go into the next statement, up
+// to MaxBatch of them, so throughput is not capped at one notifying commit per message. The
+// statement does the routing work in Postgres, so one committer keeps one Postgres backend
+// busy: a replica runs Committers lanes, each sender's sends always in the same lane (their
+// order kept), the mesh's audit-chain head locked only for the end of each statement.
 const (
 	maxBatch = 512
 	// commitQueue bounds the sends waiting for the committer; a full queue blocks the
@@ -34,51 +36,63 @@ type committer struct {
 	maxBatch int
 	log      *slog.Logger
 	metrics  *Metrics
-	in       chan sendReq
-	// stopped is closed when the committer's loop has ended: sends then get "unavailable".
+	lanes    []chan sendReq
+	// stopped is closed when the committer's loops have ended: sends then get "unavailable".
 	stopped chan struct{}
 }
 
-func newCommitter(st *store.Store, pl *planner, nodeID string, p *pusher, maxBatch int, log *slog.Logger, m *Metrics) *committer {
-	return &committer{store: st, planner: pl, nodeID: nodeID, pusher: p, maxBatch: maxBatch, log: log, metrics: m,
-		in: make(chan sendReq, commitQueue), stopped: make(chan struct{})}
+func newCommitter(st *store.Store, pl *planner, nodeID string, p *pusher, maxBatch, lanes int, log *slog.Logger, m *Metrics) *committer {
+	c := &committer{store: st, planner: pl, nodeID: nodeID, pusher: p, maxBatch: maxBatch, log: log, metrics: m,
+		stopped: make(chan struct{})}
+	for range max(lanes, 1) {
+		c.lanes = append(c.lanes, make(chan sendReq, commitQueue/max(lanes, 1)))
+	}
+	return c
 }
 
-// enqueue hands a send to the committer. It blocks when the queue is full: back-pressure on
+// enqueue hands a send to its sender's lane. It blocks when the lane is full: back-pressure on
 // the sender's socket rather than unbounded memory.
 func (c *committer) enqueue(sess *session, m *protocol.Send) {
 	sess.promise() // the ack's slot in the reply window
 	select {
-	case c.in <- sendReq{sess: sess, msg: m}:
+	case c.lanes[sess.lane%uint32(len(c.lanes))] <- sendReq{sess: sess, msg: m}:
 	case <-c.stopped:
 		ackTo(c.log, sess, &protocol.Ack{ID: m.ID, Queued: false, Error: ackUnavailable, ReqID: m.ReqID})
 	}
 }
 
-// Start commits batches until Stop.
+// Start commits batches in every lane until Stop.
 func (c *committer) Start(ctx context.Context) error {
 	return c.start(ctx, func(ctx context.Context) {
 		defer close(c.stopped)
-		batch := make([]sendReq, 0, c.maxBatch)
-		for {
-			select {
-			case <-ctx.Done():
-				return
-			case r := <-c.in:
-				batch = append(batch[:0], r)
-			}
-		fill:
-			for len(batch) < c.maxBatch {
-				select {
-				case r := <-c.in:
-					batch = append(batch, r)
-				default:
-					break fill
-				}
-			}
-			c.commit(context.WithoutCancel(ctx), batch)
+		var wg sync.WaitGroup
+		for _, in := range c.lanes {
+			wg.Go(func() { c.lane(ctx, in) })
 		}
+		wg.Wait()
 	})
+}
+
+func (c *committer) lane(ctx context.Context, in chan sendReq) {
+	batch := make([]sendReq, 0, c.maxBatch)
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case r := <-in:
+			batch = append(batch[:0], r)
+		}
+	fill:
+		for len(batch) < c.maxBatch {
+			select {
+			case r := <-in:
+				batch = append(batch, r)
+			default:
+				break fill
+			}
+		}
+		c.commit(context.WithoutCancel(ctx), batch)
+	}
 }
 
 // commit stores and acknowledges one batch, then pushes what it assigned to this node's

@@ -29,6 +29,7 @@ const (
 	DefaultStallTimeout         = 5 * time.Second
 	DefaultHelloConcurrency     = 12 // of the pool's 16 connections: sends, claims and sweeps keep theirs
 	DefaultHelloQueue           = 1024
+	DefaultCommitters           = 2
 	DefaultMaxUnauthenticated   = 2048
 	DefaultMaxUnauthPerSource   = 256
 	DefaultMaxStateKeysPerMesh  = 1024
@@ -99,6 +100,10 @@ type Config struct {
 	// StallTimeout is how long a session's push window may stay full without a write before
 	// its peer counts as not reading and is closed with 4008 (default 5 s; tests shorten it).
 	StallTimeout time.Duration
+
+	// Committers is how many group-commit lanes a replica runs (default 2): each keeps one
+	// Postgres backend busy with send statements; a sender's sends always use one lane.
+	Committers int
 
 	// HelloConcurrency bounds the hellos in the database at once (default: 3/4 of the pool);
 	// HelloQueue bounds those waiting for their turn (default 1024). Beyond, a hello is refused
@@ -174,6 +179,7 @@ var envVars = []envVar{
 		c.MetricsAddr = v
 		return nil
 	}},
+	{"COMMITTERS", "a whole number from 1 to 64", func(v string, c *Config) error { return intIn(v, 1, 64, &c.Committers) }},
 	{"HELLO_CONCURRENCY", "a whole number >= 1", func(v string, c *Config) error { return intIn(v, 1, 1<<20, &c.HelloConcurrency) }},
 	{"HELLO_QUEUE", "a whole number >= 1", func(v string, c *Config) error { return intIn(v, 1, 1<<30, &c.HelloQueue) }},
 	{"ALLOWED_ORIGINS", "a comma-separated list of origins, or *", func(v string, c *Config) error {
@@ -242,6 +248,7 @@ func (c Config) WithDefaults() Config {
 	setInt(&c.MaxGroupsPerSession, DefaultMaxGroupsPerSession)
 	setInt(&c.HookRatePerCallerMin, DefaultHookRatePerCallerMin)
 	setInt(&c.HelloConcurrency, DefaultHelloConcurrency)
+	setInt(&c.Committers, DefaultCommitters)
 	setInt(&c.HelloQueue, DefaultHelloQueue)
 	if c.MaxConnsPerMesh == 0 {
 		c.MaxConnsPerMesh = DefaultMaxConnectionsPerMsh

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"hash/fnv"
 	"sync/atomic"
 	"time"
 
@@ -188,9 +189,16 @@ func (p *peers) hello(ctx context.Context, ms *melody.Session, h *protocol.Hello
 		clientAck:    h.HasCapability(protocol.CapClientAck),
 		systemEvents: h.HasCapability(protocol.CapSystemEvents),
 		displayName:  res.DisplayName, status: protocol.Status(reg.Status), groups: groups,
-		epoch: reg.Epoch,
+		epoch: reg.Epoch, lane: laneOf(reg.PresenceID),
 	}
 	return sess, res.Resumed, nil
+}
+
+// laneOf spreads sessions over the committer's lanes.
+func laneOf(presenceID string) uint32 {
+	h := fnv.New32a()
+	_, _ = h.Write([]byte(presenceID))
+	return h.Sum32()
 }
 
 // liveHere reports whether this replica holds an open socket of the member's session (a new

@@ -105,7 +105,7 @@ func NewServer(cfg Config, pool *pgxpool.Pool, logger *slog.Logger) (*Server, er
 	s.pusher = newPusher(s.store, nodeID, s.log, s.metrics, s.hub)
 	s.ender = newEnder(s.store, nodeID, cfg.Grace(), s.log, s.metrics)
 	pl := &planner{ttl: cfg.MessageTTL, now: time.Now}
-	s.committer = newCommitter(s.store, pl, nodeID, s.pusher, cfg.MaxBatch, s.log, s.metrics)
+	s.committer = newCommitter(s.store, pl, nodeID, s.pusher, cfg.MaxBatch, cfg.Committers, s.log, s.metrics)
 	s.peers = &peers{cfg: cfg, nodeID: nodeID, store: s.store, hub: s.hub,
 		gate:    newGate(cfg.MaxUnauthenticated, cfg.MaxUnauthPerSource, cfg.HelloTimeout),
 		hellos:  newHelloQueue(cfg.HelloConcurrency, cfg.HelloQueue, helloQueueWait),

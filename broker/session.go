@@ -44,7 +44,8 @@ type session struct {
 	sessionID     string
 	clientAck     bool
 	systemEvents  bool
-	epoch         int64 // the presence registration this socket owns
+	epoch         int64  // the presence registration this socket owns
+	lane          uint32 // the committer lane its sends go through (their order is kept)
 
 	mu          sync.Mutex
 	displayName string

@@ -34,43 +34,56 @@ $$;
 
 -- Appends entries to their meshes' chains, in array order per mesh. The heads are locked in
 -- mesh-id order (bytewise, like the Go side) so appenders to overlapping meshes never
--- deadlock; the locks end with the caller's statement or transaction.
+-- deadlock; the locks end with the caller's statement or transaction. The hashes are chained
+-- in a loop; the rows go in with one INSERT.
 -- +goose StatementBegin
 CREATE FUNCTION claudemesh.audit_append(p_mesh text[], p_event text[], p_actor text[], p_data text[], p_ts bigint[])
 RETURNS void LANGUAGE plpgsql AS $$
 DECLARE
-    m text;
-    h record;
-    i int;
-    seqs jsonb := '{}';
-    hashes jsonb := '{}';
+    e record;
+    cur text := NULL;
     s bigint;
     prev text;
-    nh text;
+    o_mesh text[] := '{}';
+    o_seq bigint[] := '{}';
+    o_prev text[] := '{}';
+    o_hash text[] := '{}';
+    o_idx int[] := '{}';
+    h_mesh text[] := '{}';
+    h_seq bigint[] := '{}';
+    h_hash text[] := '{}';
 BEGIN
     IF p_mesh IS NULL OR cardinality(p_mesh) = 0 THEN
         RETURN;
     END IF;
-    FOR m IN SELECT DISTINCT x COLLATE "C" FROM unnest(p_mesh) x ORDER BY 1 LOOP
-        INSERT INTO claudemesh.audit_head AS a (mesh_id, seq, hash)
-        VALUES (m, 0, repeat('0', 64))
-        ON CONFLICT (mesh_id) DO UPDATE SET seq = a.seq
-        RETURNING a.seq, a.hash INTO h;
-        seqs := seqs || jsonb_build_object(m, h.seq);
-        hashes := hashes || jsonb_build_object(m, h.hash);
+    FOR e IN
+        SELECT u.m, u.ev, u.a, u.d, u.t, u.ord::int AS ord
+        FROM unnest(p_mesh, p_event, p_actor, p_data, p_ts) WITH ORDINALITY AS u(m, ev, a, d, t, ord)
+        ORDER BY u.m COLLATE "C", u.ord
+    LOOP
+        IF cur IS DISTINCT FROM e.m THEN
+            IF cur IS NOT NULL THEN
+                h_mesh := h_mesh || cur; h_seq := h_seq || s; h_hash := h_hash || prev;
+            END IF;
+            cur := e.m;
+            INSERT INTO claudemesh.audit_head AS a (mesh_id, seq, hash) VALUES (cur, 0, repeat('0', 64))
+            ON CONFLICT (mesh_id) DO UPDATE SET seq = a.seq
+            RETURNING a.seq, a.hash INTO s, prev;
+        END IF;
+        s := s + 1;
+        o_mesh := o_mesh || cur; o_seq := o_seq || s; o_prev := o_prev || prev; o_idx := o_idx || e.ord;
+        prev := encode(sha256(convert_to(
+            '19:claudemesh-audit-v1' || E'\n' || claudemesh.audit_field(prev) || claudemesh.audit_field(cur) ||
+            claudemesh.audit_field(e.ev) || claudemesh.audit_field(e.a) || claudemesh.audit_field(e.d) ||
+            claudemesh.audit_field(e.t::text), 'UTF8')), 'hex');
+        o_hash := o_hash || prev;
     END LOOP;
-    FOR i IN 1 .. cardinality(p_mesh) LOOP
-        m := p_mesh[i];
-        s := (seqs ->> m)::bigint + 1;
-        prev := hashes ->> m;
-        nh := claudemesh.audit_hash(prev, m, p_event[i], p_actor[i], p_data[i], p_ts[i]);
-        INSERT INTO claudemesh.audit (mesh_id, seq, event_type, actor, data, ts_micros, prev_hash, hash)
-        VALUES (m, s, p_event[i], p_actor[i], p_data[i]::jsonb, p_ts[i], prev, nh);
-        seqs := seqs || jsonb_build_object(m, s);
-        hashes := hashes || jsonb_build_object(m, nh);
-    END LOOP;
-    UPDATE claudemesh.audit_head a SET seq = (seqs ->> a.mesh_id)::bigint, hash = hashes ->> a.mesh_id
-    WHERE a.mesh_id = ANY(p_mesh);
+    h_mesh := h_mesh || cur; h_seq := h_seq || s; h_hash := h_hash || prev;
+    INSERT INTO claudemesh.audit (mesh_id, seq, event_type, actor, data, ts_micros, prev_hash, hash)
+    SELECT o.m, o.s, p_event[o.i], p_actor[o.i], p_data[o.i]::jsonb, p_ts[o.i], o.p, o.h
+    FROM unnest(o_mesh, o_seq, o_idx, o_prev, o_hash) AS o(m, s, i, p, h);
+    UPDATE claudemesh.audit_head a SET seq = h.s, hash = h.h
+    FROM unnest(h_mesh, h_seq, h_hash) AS h(m, s, h) WHERE a.mesh_id = h.m;
 END
 $$;
 -- +goose StatementEnd
@@ -399,32 +412,41 @@ CREATE FUNCTION claudemesh.send_batch(p_node text, p_ns text,
     e_spec text[], e_kind text[], e_key text[], e_prio text[], e_nonce text[], e_cipher text[],
     e_client text[], e_created timestamptz[], e_expires timestamptz[])
 RETURNS TABLE (row_kind text, idx int, queued boolean, recipients int, delivery_id bigint, presence_id text, assigned boolean)
-LANGUAGE sql AS $$
-    WITH env AS (
-        SELECT u.ord::int AS i, u.id, u.mesh_id, u.sender, u.kind, u.key, u.prio, u.nonce, u.cipher, u.expires
-        FROM unnest(e_ids, e_mesh, e_sender, e_kind, e_key, e_prio, e_nonce, e_cipher, e_expires)
-            WITH ORDINALITY AS u(id, mesh_id, sender, kind, key, prio, nonce, cipher, expires, ord)
+LANGUAGE plpgsql AS $fn$
+BEGIN
+    -- Planned at each call with the batch's arrays in hand (EXECUTE ... USING), so the planner
+    -- knows how many rows each step has and joins the batch's rows by hashing, never in nested
+    -- loops over them. The arrays are unnested once: subscripting a text array is a walk, and
+    -- per row it would make the batch quadratic.
+    RETURN QUERY EXECUTE $q$
+    WITH env AS MATERIALIZED (
+        SELECT u.ord::int AS i, u.id, u.mesh_id, u.sender, u.sender_pub, u.sender_member_pub, u.spec, u.kind, u.key,
+               u.prio, u.nonce, u.cipher, u.client, u.created, u.expires
+        FROM unnest($3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)
+            WITH ORDINALITY AS u(id, mesh_id, sender, sender_pub, sender_member_pub, spec, kind, key, prio, nonce,
+                                 cipher, client, created, expires, ord)
     ), direct AS (
         -- A member key first; else a session key of a live member.
-        SELECT e.i, coalesce(m.id, k.member_id) AS member_id, CASE WHEN m.id IS NULL THEN e.key END AS session_pubkey
+        SELECT e.i, e.mesh_id, e.prio, coalesce(m.id, k.member_id) AS member_id,
+               CASE WHEN m.id IS NULL THEN e.key END AS session_pubkey
         FROM env e
         LEFT JOIN claudemesh.member m ON m.mesh_id = e.mesh_id AND m.pubkey = e.key AND m.revoked_at IS NULL
         LEFT JOIN LATERAL (
             SELECT s.member_id FROM claudemesh.session_key s
-            JOIN claudemesh.member sm ON sm.id = s.member_id AND sm.revoked_at IS NULL
-            WHERE m.id IS NULL AND s.mesh_id = e.mesh_id AND s.session_pubkey = e.key) k ON true
+            WHERE m.id IS NULL AND s.mesh_id = e.mesh_id AND s.session_pubkey = e.key
+              AND EXISTS (SELECT 1 FROM claudemesh.member sm WHERE sm.id = s.member_id AND sm.revoked_at IS NULL)) k ON true
         WHERE e.kind = 'direct' AND coalesce(m.id, k.member_id) IS NOT NULL
     ), picked AS (
         -- A direct message goes to one connected session of its member that may take it now
         -- (this node's first), or waits; a multicast has one delivery per session.
         SELECT d.i, d.member_id, d.session_pubkey, NULL::text AS session_id, p.id AS presence_id, p.node_id
-        FROM direct d JOIN env e ON e.i = d.i
+        FROM direct d
         LEFT JOIN LATERAL (
             SELECT x.id, x.node_id FROM claudemesh.presence x
-            WHERE x.mesh_id = e.mesh_id AND x.member_id = d.member_id AND x.ended_at IS NULL AND x.grace_until IS NULL
+            WHERE x.mesh_id = d.mesh_id AND x.member_id = d.member_id AND x.ended_at IS NULL AND x.grace_until IS NULL
               AND (d.session_pubkey IS NULL OR x.session_pubkey = d.session_pubkey)
-              AND (e.prio = 'now' OR x.status = 'idle')
-            ORDER BY x.node_id = p_node DESC, x.connected_at DESC LIMIT 1) p ON true
+              AND (d.prio = 'now' OR x.status = 'idle')
+            ORDER BY x.node_id = $1 DESC, x.connected_at DESC LIMIT 1) p ON true
         UNION ALL
         SELECT e.i, x.member_id, NULL, x.session_id,
                CASE WHEN x.grace_until IS NULL AND (e.prio = 'now' OR x.status = 'idle') THEN x.id END, x.node_id
@@ -435,7 +457,9 @@ LANGUAGE sql AS $$
     ), r AS MATERIALIZED (
         -- Delivery ids are taken here, in batch order, so the rows below need no join back.
         SELECT nextval('claudemesh.delivery_id_seq') AS id, q.*
-        FROM (SELECT pk.*, pk.presence_id IS NOT NULL
+        FROM (SELECT pk.*, e.id AS env_id, e.mesh_id, e.prio, e.expires, e.sender_pub, e.sender_member_pub,
+                     e.nonce, e.cipher, e.created,
+                     pk.presence_id IS NOT NULL
                      AND octet_length(e.nonce) + octet_length(e.cipher) <= claudemesh.inline_max() AS assign
               FROM picked pk JOIN env e ON e.i = pk.i ORDER BY pk.i) q
     ), counts AS MATERIALIZED (
@@ -444,52 +468,60 @@ LANGUAGE sql AS $$
     ), ins_env AS (
         INSERT INTO claudemesh.envelope (id, mesh_id, sender_member_id, sender_pubkey, sender_member_pubkey,
             target_spec, priority, nonce, ciphertext, client_id, created_at, expires_at)
-        SELECT e_ids[c.i], e_mesh[c.i], e_sender[c.i], e_sender_pub[c.i], e_sender_member_pub[c.i], e_spec[c.i],
-            e_prio[c.i], e_nonce[c.i], e_cipher[c.i], e_client[c.i], e_created[c.i], e_expires[c.i]
-        FROM counts c WHERE c.queued
+        SELECT e.id, e.mesh_id, e.sender, e.sender_pub, e.sender_member_pub, e.spec, e.prio, e.nonce, e.cipher,
+            e.client, e.created, e.expires
+        FROM env e JOIN counts c ON c.i = e.i WHERE c.queued
+        RETURNING 1
     ), ins_del AS (
         INSERT INTO claudemesh.delivery (id, envelope_id, mesh_id, recipient_member_id, recipient_session_pubkey,
             recipient_session_id, priority, state, pushed_node, pushed_presence, pushed_at, expires_at)
         OVERRIDING SYSTEM VALUE
-        SELECT r.id, e_ids[r.i], e_mesh[r.i], r.member_id, r.session_pubkey, r.session_id, e_prio[r.i],
+        SELECT r.id, r.env_id, r.mesh_id, r.member_id, r.session_pubkey, r.session_id, r.prio,
             CASE WHEN r.assign THEN 'assigned' ELSE 'pending' END,
             CASE WHEN r.assign THEN r.node_id END, CASE WHEN r.assign THEN r.presence_id END,
-            CASE WHEN r.assign THEN now() END, e_expires[r.i]
+            CASE WHEN r.assign THEN now() END, r.expires
         FROM r
+        RETURNING 1
     ), notes AS (
         -- Other replicas: an inline push for what was assigned to their sessions; a wake-up for
         -- what a connected session there may claim (too large to ride along).
-        SELECT claudemesh.notify_lines(p_ns || '_n_' || n.node, array_agg(n.line ORDER BY n.ord)) AS sent
+        SELECT claudemesh.notify_lines($2 || '_n_' || n.node, array_agg(n.line ORDER BY n.ord)) AS sent
         FROM (
             SELECT r.node_id AS node, r.id AS ord, json_build_object('k', 'u', 'p', r.presence_id, 'x', json_build_object(
-                'i', r.id, 'e', e_ids[r.i], 'h', e_mesh[r.i], 's', e_sender_pub[r.i], 'm', e_sender_member_pub[r.i],
-                'r', e_prio[r.i], 'n', e_nonce[r.i], 'c', e_cipher[r.i],
-                't', (extract(epoch FROM e_created[r.i]) * 1000000)::bigint))::text AS line
-            FROM r WHERE r.assign AND r.node_id <> p_node
+                'i', r.id, 'e', r.env_id, 'h', r.mesh_id, 's', r.sender_pub, 'm', r.sender_member_pub,
+                'r', r.prio, 'n', r.nonce, 'c', r.cipher,
+                't', (extract(epoch FROM r.created) * 1000000)::bigint))::text AS line
+            FROM r WHERE r.assign AND r.node_id <> $1
             UNION ALL
             SELECT DISTINCT ON (r.node_id, r.member_id) r.node_id, r.id, json_build_object('k', 'd', 'm', r.member_id)::text
-            FROM r WHERE NOT r.assign AND r.presence_id IS NOT NULL AND r.node_id <> p_node
+            FROM r WHERE NOT r.assign AND r.presence_id IS NOT NULL AND r.node_id <> $1
         ) n
         GROUP BY n.node
     ), audit AS (
-        SELECT claudemesh.audit_append(array_agg(e_mesh[c.i] ORDER BY c.i), array_agg('message_sent'::text ORDER BY c.i),
-            array_agg(e_sender_pub[c.i] ORDER BY c.i),
+        SELECT claudemesh.audit_append(array_agg(e.mesh_id ORDER BY e.i), array_agg('message_sent'::text ORDER BY e.i),
+            array_agg(e.sender_pub ORDER BY e.i),
             -- Canonical JSON (keys sorted, no spaces), as broker/audit encodes it.
-            array_agg('{"message_id":' || to_json(e_ids[c.i])::text || ',"priority":' || to_json(e_prio[c.i])::text ||
-                ',"recipients":' || c.n::text || ',"size":' || (octet_length(e_cipher[c.i]) + octet_length(e_nonce[c.i]))::text ||
-                ',"target_kind":' || to_json(CASE e_kind[c.i] WHEN 'all' THEN 'broadcast' ELSE e_kind[c.i] END)::text || '}'
-                ORDER BY c.i),
-            array_agg((extract(epoch FROM e_created[c.i]) * 1000000)::bigint ORDER BY c.i)) AS done
-        FROM counts c WHERE c.queued
+            array_agg('{"message_id":' || to_json(e.id)::text || ',"priority":' || to_json(e.prio)::text ||
+                ',"recipients":' || c.n::text || ',"size":' || (octet_length(e.cipher) + octet_length(e.nonce))::text ||
+                ',"target_kind":' || to_json(CASE e.kind WHEN 'all' THEN 'broadcast' ELSE e.kind END)::text || '}'
+                ORDER BY e.i),
+            array_agg((extract(epoch FROM e.created) * 1000000)::bigint ORDER BY e.i)) AS done
+        FROM env e JOIN counts c ON c.i = e.i WHERE c.queued
     ), side AS MATERIALIZED (
-        -- Referenced below so the notifications and the audit append run.
-        SELECT (SELECT count(*) FROM notes) AS notes, (SELECT count(*) FROM audit) AS audit
+        -- Referenced below so that everything runs, in this order: the rows and notifications
+        -- first, the audit append last, so the mesh's chain head is locked only for the
+        -- append and the commit.
+        SELECT (SELECT count(*) FROM ins_env) AS envs, (SELECT count(*) FROM ins_del) AS dels,
+               (SELECT count(*) FROM notes) AS notes, (SELECT count(*) FROM audit) AS audit
     )
     SELECT 'e'::text, c.i, c.queued, c.n, NULL::bigint, NULL::text, NULL::boolean FROM counts c, side
     UNION ALL
     SELECT 'd', r.i, NULL, NULL, r.id, r.presence_id, r.assign FROM r, side
-    WHERE r.node_id = p_node AND r.presence_id IS NOT NULL
-$$;
+    WHERE r.node_id = $1 AND r.presence_id IS NOT NULL
+    $q$ USING p_node, p_ns, e_ids, e_mesh, e_sender, e_sender_pub, e_sender_member_pub, e_spec, e_kind, e_key,
+        e_prio, e_nonce, e_cipher, e_client, e_created, e_expires;
+END
+$fn$;
 -- +goose StatementEnd
 
 -- The ends of closed sockets in one statement: presences put in their reconnect grace (or
