@@ -6,42 +6,72 @@ import (
 	"log/slog"
 	"net"
 	"net/url"
+	"time"
 
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/spf13/cobra"
 
 	"github.com/claudemesh/broker/broker"
 	"github.com/claudemesh/broker/db"
+	"github.com/claudemesh/broker/db/pgproxy"
 )
 
 func init() { extraCommands = append(extraCommands, newDevCmd) }
 
 func newDevCmd() *cobra.Command {
 	var replicas int
+	var dbDelay time.Duration
 	cmd := &cobra.Command{
 		Use:   "dev",
 		Short: "Run a local cluster: embedded Postgres, N replicas and a round-robin load balancer",
 		Long: `dev runs a whole cluster in one process for trying the broker: the embedded Postgres
 (or DATABASE_URL), N replicas on the ports after BROKER_PORT, each with its own pool and LISTEN
 connection exactly as separate processes would have, and a round-robin TCP load balancer on
-BROKER_PORT (default 7900) with no stickiness.`,
+BROKER_PORT (default 7900) with no stickiness.
+
+--db-delay D puts the primary in another region: every replica reaches Postgres through an
+in-process proxy that holds each byte D in each direction (a round trip costs 2×D more), so one
+machine shows what a replica far from the primary pays per operation. Migrations go direct.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if replicas < 1 || replicas > 16 {
 				return fmt.Errorf("--replicas must be between 1 and 16, got %d", replicas)
 			}
+			if dbDelay < 0 {
+				return fmt.Errorf("--db-delay must be 0 or more (a delay each way, e.g. 20ms), got %s", dbDelay)
+			}
 			return withDatabase(cmd, ownEmbedded, func(ctx context.Context, url string, cfg broker.Config, logger *slog.Logger) error {
-				return runDev(ctx, cmd, url, cfg, logger, replicas)
+				return runDev(ctx, cmd, url, cfg, logger, replicas, dbDelay)
 			})
 		},
 	}
 	cmd.Flags().IntVar(&replicas, "replicas", 3, "number of broker replicas")
+	cmd.Flags().DurationVar(&dbDelay, "db-delay", 0, "delay added each way between the replicas and Postgres (e.g. 20ms; 0: direct)")
 	return cmd
 }
 
-func runDev(ctx context.Context, cmd *cobra.Command, url string, cfg broker.Config, logger *slog.Logger, replicas int) error {
+func runDev(ctx context.Context, cmd *cobra.Command, url string, cfg broker.Config, logger *slog.Logger, replicas int, dbDelay time.Duration) error {
 	if err := migrateWithRetry(ctx, url, logger); err != nil {
 		return err
+	}
+	// The replicas' pools (and their LISTEN connections, which the bus derives from the pool's
+	// config) go through the proxy; with no delay they connect direct, as before.
+	replicaURL := url
+	if dbDelay > 0 {
+		target, err := pgproxy.TargetFromURL(url)
+		if err != nil {
+			return fmt.Errorf("--db-delay: %w", err)
+		}
+		proxy, err := startDBProxy(ctx, target, "", dbDelay, logger)
+		if err != nil {
+			return err
+		}
+		// Stopped after the replicas (deferred first, so it runs last): they mark their nodes
+		// stopped through it.
+		defer func() { _ = proxy.Close() }()
+		if replicaURL, err = proxy.URL(url); err != nil {
+			return err
+		}
 	}
 	lbLn, err := net.Listen("tcp", fmt.Sprintf(":%d", cfg.Port))
 	if err != nil {
@@ -62,7 +92,7 @@ func runDev(ctx context.Context, cmd *cobra.Command, url string, cfg broker.Conf
 		}
 	}()
 	for i := 1; i <= replicas; i++ {
-		pool, err := db.NewPool(ctx, url, db.PoolConfig{AppName: fmt.Sprintf("claudemesh-dev-%d", i)})
+		pool, err := db.NewPool(ctx, replicaURL, db.PoolConfig{AppName: fmt.Sprintf("claudemesh-dev-%d", i)})
 		if err != nil {
 			return err
 		}
@@ -92,6 +122,10 @@ func runDev(ctx context.Context, cmd *cobra.Command, url string, cfg broker.Conf
 		fmt.Fprintf(out, "  replica %-2d     ws://localhost:%d/ws   node %s\n", i+1, cfg.Port+i+1, s.NodeID())
 	}
 	fmt.Fprintf(out, "  postgres       %s\n", redactURL(url))
+	if dbDelay > 0 {
+		fmt.Fprintf(out, "  db delay       %s each way (+%s per round trip): replicas reach Postgres through %s\n",
+			dbDelay, 2*dbDelay, redactURL(replicaURL))
+	}
 	fmt.Fprintf(out, "  health         http://localhost:%d/health   metrics /metrics\n\nCtrl-C stops everything.\n", cfg.Port)
 
 	<-ctx.Done()

@@ -45,6 +45,16 @@ type benchOpts struct {
 	drainTimeout    time.Duration
 	plain           bool
 	noProgress      bool
+	invite          string
+	probe           int
+	storm           int
+	rtt             time.Duration
+}
+
+// setup is the bench setup for members members in a mesh of capacity live sessions.
+func (o benchOpts) setup(members, capacity int) benchSetup {
+	return benchSetup{dbURL: o.setupDB, meshSlug: o.meshSlug, ownerKey: o.ownerKey, invite: o.invite,
+		members: members, capacity: capacity}
 }
 
 func newBenchCmd(a *app) *cobra.Command {
@@ -62,8 +72,16 @@ func newBenchCmd(a *app) *cobra.Command {
 			"brokers' RSS (--pids).\n\n" +
 			"Idle mode (--idle-conns N): open N authenticated sessions that stay idle for --hold and\n" +
 			"report the set-up rate and the brokers' memory per connection (RSS delta / N, --pids).\n\n" +
+			"Probe mode (--probe N): time single operations, one at a time, N times each after a\n" +
+			"warm-up, across replicas A, B and C (--urls, in that order; fewer are reused):\n" +
+			"hello → hello_ack (fresh dial to A), send on A → ack and → push on B, a signed hook\n" +
+			"`idle` on C → the held `next` message pushed on A, list_peers on A. Reports median,\n" +
+			"p90 and max, also in round trips with --rtt (e.g. 40ms: twice a --db-delay of 20ms).\n\n" +
+			"Storm mode (--storm N): N members of one mesh say hello to A at the same instant;\n" +
+			"reports how many were answered OK, refusals by code and the time to the last answer.\n\n" +
 			"Members are created in the broker's database (--setup-db, default $DATABASE_URL) in a\n" +
-			"throwaway mesh bench-<random>, or in the existing mesh --mesh-slug.",
+			"throwaway mesh bench-<random>, or in the existing mesh --mesh-slug; or, without database\n" +
+			"access, they join with --invite (one use each, through the invite's broker).",
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if len(o.urls) == 0 && a.brokerURL != "" {
@@ -95,6 +113,10 @@ func newBenchCmd(a *app) *cobra.Command {
 	f.DurationVar(&o.drainTimeout, "drain-timeout", 30*time.Second, "how long to wait for outstanding deliveries after the last send")
 	f.BoolVar(&o.plain, "plain", false, "send unencrypted base64 bodies (measures the broker without client crypto)")
 	f.BoolVar(&o.noProgress, "no-progress", false, "no progress bar on stderr")
+	f.StringVar(&o.invite, "invite", "", "create the members by joining with this invite link instead of in the database")
+	f.IntVar(&o.probe, "probe", 0, "probe mode: time each operation this many times, one at a time")
+	f.IntVar(&o.storm, "storm", 0, "storm mode: this many members say hello to the first URL at once")
+	f.DurationVar(&o.rtt, "rtt", 0, "probe and storm: also report latencies in round trips of this length (twice the one-way --db-delay)")
 	return cmd
 }
 
@@ -159,13 +181,15 @@ func (m mix) pick(r *rand.Rand) string {
 
 // benchReport is the result of a run (--json prints it as is).
 type benchReport struct {
-	Mode     string       `json:"mode"` // messages or idle
+	Mode     string       `json:"mode"` // messages, idle, probe or storm
 	URLs     []string     `json:"urls"`
 	MeshID   string       `json:"meshId"`
 	MeshSlug string       `json:"meshSlug"`
 	Setup    setupReport  `json:"setup"`
 	Messages *msgReport   `json:"messages,omitempty"`
 	Idle     *idleReport  `json:"idle,omitempty"`
+	Probe    *probeReport `json:"probe,omitempty"`
+	Storm    *stormReport `json:"storm,omitempty"`
 	RSS      []rssReport  `json:"rss,omitempty"`
 	Config   benchSummary `json:"config"`
 }
@@ -269,8 +293,28 @@ func (a *app) bench(ctx context.Context, o benchOpts) error {
 	o.size = max(o.size, benchHeaderSize)
 	o.inflight = max(o.inflight, 1)
 	o.dialConcurrency = max(o.dialConcurrency, 1)
-	if o.idleConns > 0 {
+	modes := 0
+	for _, n := range []int{o.idleConns, o.probe, o.storm} {
+		if n < 0 {
+			return errors.New("bench: --idle-conns, --probe and --storm take a positive count")
+		}
+		if n > 0 {
+			modes++
+		}
+	}
+	switch {
+	case modes > 1:
+		return errors.New("bench: --idle-conns, --probe and --storm are separate modes: give one")
+	case o.rtt < 0:
+		return errors.New("bench: --rtt must be a positive duration (twice the one-way delay, e.g. 40ms)")
+	case o.invite != "" && o.meshSlug != "":
+		return errors.New("bench: --invite names its mesh: drop --mesh-slug")
+	case o.idleConns > 0:
 		return a.benchIdle(ctx, o)
+	case o.probe > 0:
+		return a.benchProbe(ctx, o)
+	case o.storm > 0:
+		return a.benchStorm(ctx, o)
 	}
 	if o.peers < 2 {
 		return errors.New("bench: --peers must be at least 2")
@@ -286,8 +330,7 @@ func (a *app) bench(ctx context.Context, o benchOpts) error {
 	if r.targetMix, err = parseMix(o.targetMix, "direct", "broadcast"); err != nil {
 		return err
 	}
-	if r.mesh, err = setupBenchMesh(ctx, benchSetup{dbURL: o.setupDB, meshSlug: o.meshSlug, ownerKey: o.ownerKey,
-		members: o.peers, capacity: o.peers + 16}); err != nil {
+	if r.mesh, err = setupBenchMesh(ctx, o.setup(o.peers, o.peers+16)); err != nil {
 		return err
 	}
 	rep := &benchReport{Mode: "messages", URLs: o.urls, MeshID: r.mesh.id, MeshSlug: r.mesh.slug, Config: benchSummary{
@@ -653,8 +696,7 @@ func (r *benchRun) account(p *benchPeer, push protocol.Push, now time.Time) {
 // benchIdle opens o.idleConns sessions and holds them.
 func (a *app) benchIdle(ctx context.Context, o benchOpts) error {
 	members := min(o.idleConns, 100) // sessions share members: a member may hold many sessions
-	mesh, err := setupBenchMesh(ctx, benchSetup{dbURL: o.setupDB, meshSlug: o.meshSlug, ownerKey: o.ownerKey,
-		members: members, capacity: o.idleConns + 16})
+	mesh, err := setupBenchMesh(ctx, o.setup(members, o.idleConns+16))
 	if err != nil {
 		return err
 	}
@@ -710,10 +752,17 @@ func (a *app) printBench(rep *benchReport) error {
 	}
 	w := a.stdout
 	fmt.Fprintf(w, "mesh %s  brokers %s\n", rep.MeshSlug, strings.Join(rep.URLs, ", "))
+	if rep.Storm != nil {
+		printStorm(w, rep.Storm)
+		return nil
+	}
 	s := rep.Setup
 	fmt.Fprintf(w, "connections   %d opened, %d failed in %.2fs (%.0f/s); hello %s\n", s.Connections, s.Failed, s.Seconds, s.PerSecond, s.Hello)
 	if s.FirstError != "" {
 		fmt.Fprintf(w, "              first error: %s\n", s.FirstError)
+	}
+	if rep.Probe != nil {
+		printProbe(w, rep.Probe)
 	}
 	if m := rep.Messages; m != nil {
 		fmt.Fprintf(w, "sent          %d\n", m.Sent)

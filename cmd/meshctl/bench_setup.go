@@ -4,6 +4,8 @@ package main
 // package (the operator's AddMember, as `broker member add` does): going through N invites
 // and /join calls would measure the join path, not messaging, and need N owner signatures.
 // A throwaway mesh "bench-<random>" is created unless --mesh-slug names an existing one.
+// Without access to the database (a deployed cluster, or a broker whose schema this meshctl's
+// membership code does not match), --invite makes each member join through /join instead.
 
 import (
 	"context"
@@ -38,12 +40,16 @@ type benchSetup struct {
 	dbURL    string
 	meshSlug string // existing mesh; "" creates a throwaway one
 	ownerKey string // owner key file: its mesh root key encrypts broadcasts
+	invite   string // an invite link: members join with it instead of being added in the database
 	members  int
 	capacity int // max_peers of a throwaway mesh
 }
 
 // setupBenchMesh creates the mesh (unless it exists) and the members.
 func setupBenchMesh(ctx context.Context, s benchSetup) (*benchMesh, error) {
+	if s.invite != "" {
+		return joinBenchMesh(ctx, s)
+	}
 	if s.dbURL == "" {
 		return nil, errors.New("bench needs the broker's database to create its members: pass --setup-db or set DATABASE_URL")
 	}
@@ -90,11 +96,55 @@ func setupBenchMesh(ctx context.Context, s benchSetup) (*benchMesh, error) {
 		bm.id, bm.slug, bm.created = m.ID, m.Slug, true
 	}
 
-	bm.members = make([]benchMember, s.members)
+	if err := bm.addMembers(s.members, func(m *benchMember) (string, error) {
+		mb, err := svc.AddMember(ctx, membership.AddMemberParams{Mesh: bm.id, Pubkey: m.pub, DisplayName: m.name})
+		return mb.ID, err
+	}); err != nil {
+		return nil, err
+	}
+	return bm, nil
+}
+
+// joinBenchMesh makes the members join the invite's mesh through its broker's /join.
+func joinBenchMesh(ctx context.Context, s benchSetup) (*benchMesh, error) {
+	token, p, err := protocol.ParseInviteLink(s.invite)
+	if err != nil {
+		return nil, fmt.Errorf("--invite: %w", err)
+	}
+	if err := protocol.VerifyInvite(p); err != nil {
+		return nil, errors.New("--invite: its signature does not verify (was it altered or truncated?)")
+	}
+	base, err := httpBaseURL(p.BrokerURL)
+	if err != nil {
+		return nil, fmt.Errorf("--invite: %w", err)
+	}
+	bm := &benchMesh{id: p.MeshID, slug: p.MeshSlug}
+	if p.MeshRootKey != "" {
+		if bm.root, err = e2e.ParseRootKey(p.MeshRootKey); err != nil {
+			return nil, fmt.Errorf("--invite: mesh root key: %w", err)
+		}
+	} else if bm.root, _, err = e2e.NewRootKey(); err != nil {
+		return nil, err
+	}
+	if err := bm.addMembers(s.members, func(m *benchMember) (string, error) {
+		res, err := postJoin(ctx, base+protocol.PathJoin, protocol.JoinRequest{
+			InviteToken: token, InvitePayload: *p, PeerPubkey: m.pub, DisplayName: m.name,
+		})
+		return res.MemberID, err
+	}); err != nil {
+		return nil, err
+	}
+	return bm, nil
+}
+
+// addMembers makes n members with fresh keys and registers each with add, which returns its
+// member id.
+func (bm *benchMesh) addMembers(n int, add func(*benchMember) (string, error)) error {
+	bm.members = make([]benchMember, n)
 	for i := range bm.members {
 		pub, priv, err := ed25519.GenerateKey(rand.Reader)
 		if err != nil {
-			return nil, err
+			return err
 		}
 		bm.members[i] = benchMember{name: fmt.Sprintf("bench-%d", i), key: priv, pub: protocol.PubkeyHex(pub)}
 	}
@@ -106,18 +156,15 @@ func setupBenchMesh(ctx context.Context, s benchSetup) (*benchMesh, error) {
 		wg.Go(func() {
 			for i := w; i < len(bm.members); i += len(errs) {
 				m := &bm.members[i]
-				mb, err := svc.AddMember(ctx, membership.AddMemberParams{Mesh: bm.id, Pubkey: m.pub, DisplayName: m.name})
+				id, err := add(m)
 				if err != nil {
 					errs[w] = fmt.Errorf("add bench member %d: %w", i, err)
 					return
 				}
-				m.id = mb.ID
+				m.id = id
 			}
 		})
 	}
 	wg.Wait()
-	if err := errors.Join(errs...); err != nil {
-		return nil, err
-	}
-	return bm, nil
+	return errors.Join(errs...)
 }
