@@ -151,6 +151,11 @@ func (c *committer) persist(ctx context.Context, batch []sendReq, plan *batchPla
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
 	sent, local, err := c.store.SendBatch(ctx, c.nodeID, plan.envelopes)
+	// A retry raced its first attempt, committed meanwhile by another replica: run again, the
+	// statement now finds that envelope and folds the retry into it (a few races at most).
+	for try := 0; try < 3 && store.ClientMessageRace(err); try++ {
+		sent, local, err = c.store.SendBatch(ctx, c.nodeID, plan.envelopes)
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -184,12 +189,14 @@ func ackTo(log *slog.Logger, sess *session, a *protocol.Ack) {
 	sess.send(b, true)
 }
 
-func encodePush(id, mesh, sender, senderMember, priority, nonce, ciphertext string, created time.Time) []byte {
+// pushFrame encodes an envelope's push: the same bytes for every recipient.
+func pushFrame(p *store.Push) []byte {
 	// protocol.Encode skips encoding/json's re-validation of the hand-written encoder's output.
 	b, _ := protocol.Encode(&protocol.Push{
-		MessageID: id, MeshID: mesh, SenderPubkey: sender, SenderMemberPubkey: senderMember,
-		Priority: protocol.Priority(priority), Nonce: nonce, Ciphertext: ciphertext,
-		CreatedAt: protocol.FormatTime(created),
+		MessageID: p.EnvelopeID, MeshID: p.MeshID, SenderPubkey: p.SenderPubkey, SenderMemberPubkey: p.SenderMemberPubkey,
+		Priority: protocol.Priority(p.Priority), Nonce: p.Nonce, Ciphertext: p.Ciphertext,
+		CreatedAt: protocol.FormatTime(p.CreatedAt), SenderName: p.SenderName, SenderMemberID: p.SenderMemberID,
+		ClientMessageID: p.ClientMessageID, RequestFingerprint: p.RequestFingerprint,
 	})
 	return b
 }

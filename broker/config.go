@@ -37,6 +37,14 @@ const (
 	DefaultMaxStateValueBytes   = 32 << 10
 	DefaultMaxGroupsPerSession  = 64
 	DefaultHookRatePerCallerMin = 600
+	// A member's sends per second on one replica, and the burst above that rate: generous
+	// (a Claude Code session sends a few a minute), a cap on a runaway or hostile client.
+	DefaultSendRatePerMember  = 500
+	DefaultSendBurstPerMember = 1000
+	// envelopeHeadroom is what a send frame holds besides its envelope (type, ids, priority,
+	// fingerprint): the default envelope limit leaves it, so an envelope over the limit is
+	// still read and refused with too_large instead of closing the socket (1009).
+	envelopeHeadroom = 1024
 )
 
 // Config is everything a replica is told from outside. Load reads it from the environment;
@@ -111,6 +119,13 @@ type Config struct {
 	HelloConcurrency int
 	HelloQueue       int
 
+	// SendRatePerMember and SendBurstPerMember bound a member's sends on one replica (token
+	// bucket); beyond, a send is acked rate_limited. MaxEnvelopeBytes bounds a send's nonce,
+	// ciphertext and targetSpec together (too_large); default MAX_MESSAGE_BYTES - 1 KiB.
+	SendRatePerMember  int
+	SendBurstPerMember int
+	MaxEnvelopeBytes   int
+
 	// quiet stretches the periodic background work (sweeps, the catch-up poll, the bus's
 	// self-ping) to an hour, so a test can count the round trips of one operation exactly.
 	quiet bool
@@ -182,6 +197,9 @@ var envVars = []envVar{
 	{"COMMITTERS", "a whole number from 1 to 64", func(v string, c *Config) error { return intIn(v, 1, 64, &c.Committers) }},
 	{"HELLO_CONCURRENCY", "a whole number >= 1", func(v string, c *Config) error { return intIn(v, 1, 1<<20, &c.HelloConcurrency) }},
 	{"HELLO_QUEUE", "a whole number >= 1", func(v string, c *Config) error { return intIn(v, 1, 1<<30, &c.HelloQueue) }},
+	{"SEND_RATE_PER_MEMBER", "a whole number of sends per second >= 1", func(v string, c *Config) error { return intIn(v, 1, 1<<30, &c.SendRatePerMember) }},
+	{"SEND_BURST_PER_MEMBER", "a whole number of sends >= 1", func(v string, c *Config) error { return intIn(v, 1, 1<<30, &c.SendBurstPerMember) }},
+	{"MAX_ENVELOPE_BYTES", "a whole number of bytes between 64 and 16777216", func(v string, c *Config) error { return intIn(v, 64, 16<<20, &c.MaxEnvelopeBytes) }},
 	{"ALLOWED_ORIGINS", "a comma-separated list of origins, or *", func(v string, c *Config) error {
 		for _, o := range strings.Split(v, ",") {
 			if o = strings.TrimSpace(o); o != "" {
@@ -259,6 +277,9 @@ func (c Config) WithDefaults() Config {
 	if c.MaxMessageBytes == 0 {
 		c.MaxMessageBytes = DefaultMaxMessageBytes
 	}
+	setInt(&c.SendRatePerMember, DefaultSendRatePerMember)
+	setInt(&c.SendBurstPerMember, DefaultSendBurstPerMember)
+	setInt(&c.MaxEnvelopeBytes, max(c.MaxMessageBytes-envelopeHeadroom, 64))
 	if c.HookRatePerMin == 0 {
 		c.HookRatePerMin = DefaultHookRateLimitPerMin
 	}

@@ -21,6 +21,11 @@ const opTimeout = 5 * time.Second
 // broker's (database down) answer with an error frame; the session stays open.
 func (p *peers) dispatch(ms *melody.Session, sess *session, msg protocol.ClientMessage) {
 	if m, ok := msg.(*protocol.Send); ok {
+		if refusal := p.checkSend(sess, m); refusal != "" {
+			p.metrics.SendRefused.WithLabelValues(refusal).Inc()
+			p.reply(ms, &protocol.Ack{ID: m.ID, Queued: false, Error: refusal, ReqID: m.ReqID})
+			return
+		}
 		p.committer.enqueue(sess, m)
 		return
 	}
@@ -30,6 +35,8 @@ func (p *peers) dispatch(ms *melody.Session, sess *session, msg protocol.ClientM
 	var err error
 	switch m := msg.(type) {
 	case *protocol.ClientAck:
+		// A peer that acks is treated as acking from now on (today's CLI never announces it).
+		sess.clientAck.Store(true)
 		p.recorder.acked(sess, m.IDs())
 	case *protocol.ListPeers:
 		reply, err = p.listPeers(ctx, sess, m)
@@ -70,6 +77,14 @@ func (p *peers) dispatch(ms *melody.Session, sess *session, msg protocol.ClientM
 		reply, err = p.listState(ctx, sess, m)
 	case *protocol.MessageStatus:
 		reply, err = p.messageStatus(ctx, sess, m)
+	case *protocol.Kick:
+		reply, err = p.kick(ctx, sess, m)
+	case *protocol.Ban:
+		reply, err = p.ban(ctx, sess, m)
+	case *protocol.Unban:
+		reply, err = p.unban(ctx, sess, m)
+	case *protocol.ListBans:
+		reply, err = p.listBans(ctx, sess, m)
 	default:
 		reply = &protocol.Error{Code: protocol.CodeUnknownMessageType, Message: "unknown type " + msg.Type(), ReqID: msg.RequestID()}
 	}
@@ -87,6 +102,18 @@ func (p *peers) dispatch(ms *melody.Session, sess *session, msg protocol.ClientM
 	}
 }
 
+// checkSend refuses, before any database work, a send whose envelope is over the limit or
+// whose member is over its send rate on this replica; "" lets it through.
+func (p *peers) checkSend(sess *session, m *protocol.Send) string {
+	if len(m.Nonce)+len(m.Ciphertext)+len(m.TargetSpec) > p.cfg.MaxEnvelopeBytes {
+		return protocol.CodeTooLarge
+	}
+	if sess.sendLimit != nil && !sess.sendLimit.Allow() {
+		return protocol.CodeRateLimited
+	}
+	return ""
+}
+
 func (p *peers) listPeers(ctx context.Context, sess *session, m *protocol.ListPeers) (protocol.ServerMessage, error) {
 	rows, err := p.store.LivePresences(ctx, sess.meshID)
 	if err != nil {
@@ -101,6 +128,8 @@ func (p *peers) listPeers(ctx context.Context, sess *session, m *protocol.ListPe
 		out.Peers = append(out.Peers, protocol.Peer{
 			Pubkey: pr.RoutingKey(), DisplayName: pr.DisplayName, Status: protocol.Status(pr.Status), Summary: pr.Summary,
 			Groups: groups, SessionID: pr.SessionID, ConnectedAt: protocol.FormatTime(pr.ConnectedAt),
+			MemberPubkey: pr.MemberPubkey, PeerRole: pr.Role, CWD: pr.CWD, Hostname: pr.Hostname, PeerType: pr.PeerType,
+			Channel: pr.Channel, Model: pr.Model,
 		})
 	}
 	return out, nil

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"hash/fnv"
+	"slices"
 	"sync/atomic"
 	"time"
 
@@ -79,21 +80,33 @@ func (q *helloQueue) leave() { <-q.slots }
 var errOverloaded = &helloRefusal{code: protocol.CodeOverloaded, msg: "too many hellos at once; retry in a moment",
 	closeCd: protocol.CloseTryAgainLater}
 
-func (p *peers) handleHello(ms *melody.Session, c *conn, h *protocol.Hello) {
+func (p *peers) handleHello(ms *melody.Session, c *conn, msg protocol.ClientMessage) {
 	ctx, cancel := context.WithTimeout(context.Background(), helloTimeout)
 	defer cancel()
-	sess, resumed, err := p.hello(ctx, ms, h)
+	var req *helloReq
+	var err error
+	switch h := msg.(type) {
+	case *protocol.Hello:
+		req, err = p.checkHello(h, time.Now())
+	case *protocol.SessionHello:
+		req, err = p.checkSessionHello(h, time.Now())
+	}
+	var sess *session
+	var resumed bool
+	if err == nil {
+		sess, resumed, err = p.register(ctx, ms, req)
+	}
 	if err != nil {
 		var ref *helloRefusal
 		if !errors.As(err, &ref) {
 			// Not the peer's fault (database down, ...): say so and let it retry elsewhere.
-			p.log.Warn("hello failed", "mesh", h.MeshID, "err", err)
+			p.log.Warn("hello failed", "type", msg.Type(), "err", err)
 			ref = &helloRefusal{code: "internal", msg: "broker could not register the session; retry", closeCd: protocol.CloseGoingAway}
 		} else {
-			p.refusals.Info("hello refused", "mesh", h.MeshID, "code", ref.code, "reason", ref.msg, "source", c.source)
+			p.refusals.Info("hello refused", "type", msg.Type(), "code", ref.code, "reason", ref.msg, "source", c.source)
 		}
 		p.metrics.ConnRejected.WithLabelValues(ref.code).Inc()
-		p.reply(ms, &protocol.Error{Code: ref.code, Message: ref.msg, ReqID: h.ReqID})
+		p.reply(ms, &protocol.Error{Code: ref.code, Message: ref.msg, ReqID: msg.RequestID()})
 		closeWith(ms, ref.closeCd, ref.code)
 		return
 	}
@@ -104,68 +117,139 @@ func (p *peers) handleHello(ms *melody.Session, c *conn, h *protocol.Hello) {
 		connOf(old.ws).end.Set(endReplaced)
 		closeWith(old.ws, protocol.CloseSessionReplaced, protocol.CloseReasonSessionReplaced)
 	}
-	p.reply(ms, &protocol.HelloAck{PresenceID: sess.presenceID, MemberDisplayName: sess.name(), Resumed: resumed, ReqID: h.ReqID})
-	p.log.Info("session connected", "mesh", sess.meshID, "presence", sess.presenceID, "resumed", resumed)
+	p.reply(ms, &protocol.HelloAck{PresenceID: sess.presenceID, MemberDisplayName: sess.name(), Resumed: resumed, ReqID: msg.RequestID()})
+	p.log.Info("session connected", "mesh", sess.meshID, "presence", sess.presenceID, "role", sess.role, "resumed", resumed)
 	// Whatever waited for this session (offline queue, unacked pushes) goes out now.
 	p.pusher.request(sess)
 }
 
-// checkSigned runs the checks that need no database: timestamp, key and signature formats and
-// the signature itself. Nothing is queried for a hello that fails them, so an
-// unauthenticated client can't make the replica do database work.
-func checkSigned(h *protocol.Hello, now time.Time) (pub, sessKey string, err error) {
-	if skew := now.Sub(time.UnixMilli(h.Timestamp)); skew > helloMaxSkew || skew < -helloMaxSkew {
-		return "", "", refuse(protocol.CodeTimestampSkew, "timestamp is more than 60 s from the broker clock")
+// helloReq is a hello of either kind whose signatures were verified: what registers it.
+type helloReq struct {
+	params       store.HelloParams
+	groups       []groupEntry
+	sessionKey   string
+	clientAck    bool
+	systemEvents bool
+}
+
+// checkHello runs a plain hello's checks that need no database: timestamp, key and signature
+// formats and the signature itself. Nothing is queried for a hello that fails them, so an
+// unauthenticated client can't make the replica do database work. A plain hello is the
+// member's own connection (role control-plane), as today's CLI's daemon and the April client.
+func (p *peers) checkHello(h *protocol.Hello, now time.Time) (*helloReq, error) {
+	if err := checkSkew(h.Timestamp, now); err != nil {
+		return nil, err
 	}
-	pub, err = protocol.NormalizePubkey(h.Pubkey)
+	pub, err := protocol.NormalizePubkey(h.Pubkey)
 	if err != nil {
-		return "", "", refuse(protocol.CodeMalformed, "pubkey must be 64 hex characters")
+		return nil, refuse(protocol.CodeMalformed, "pubkey must be 64 hex characters")
 	}
 	if _, err := protocol.NormalizeSignature(h.Signature); err != nil {
-		return "", "", refuse(protocol.CodeMalformed, "signature must be 128 hex characters")
+		return nil, refuse(protocol.CodeMalformed, "signature must be 128 hex characters")
 	}
+	var sessKey string
 	if h.SessionPubkey != "" {
 		if sessKey, err = protocol.NormalizePubkey(h.SessionPubkey); err != nil {
-			return "", "", refuse(protocol.CodeMalformed, "sessionPubkey must be 64 hex characters")
+			return nil, refuse(protocol.CodeMalformed, "sessionPubkey must be 64 hex characters")
 		}
 	}
 	if !protocol.VerifyHello(h.MeshID, h.MemberID, h.Pubkey, h.Timestamp, h.Signature) {
-		return "", "", refuse(protocol.CodeBadSignature, "signature does not verify")
+		return nil, refuse(protocol.CodeBadSignature, "signature does not verify")
 	}
-	return pub, sessKey, nil
+	return p.helloReq(store.HelloParams{MeshID: h.MeshID, MemberID: h.MemberID, MemberPubkey: pub, SessionID: h.SessionID,
+		SessionPubkey: sessKey, DisplayName: h.DisplayName, CWD: h.CWD, PID: h.PID, Role: protocol.RoleControlPlane,
+		Hostname: h.Hostname, PeerType: h.PeerType, Channel: h.Channel, Model: h.Model, Capabilities: h.Capabilities},
+		h.Groups, h.Signature, h.Timestamp)
+}
+
+// checkSessionHello runs a session_hello's checks that need no database, in upstream's order
+// and with its codes: the two keys' formats, the attestation naming them, the attestation's
+// lifetime, format and signature, then the hello's timestamp, format and signature. (Upstream
+// checks its replica's capacity between the third and fourth; here capacity is counted
+// cluster-wide in the database, after the signatures: see docs/protocol.md.)
+func (p *peers) checkSessionHello(h *protocol.SessionHello, now time.Time) (*helloReq, error) {
+	att := h.ParentAttestation
+	switch {
+	case !protocol.IsLowerHexKey(h.SessionPubkey):
+		return nil, refuse(protocol.CodeBadSessionPubkey, "sessionPubkey must be 64 lowercase hex characters")
+	case !protocol.IsLowerHexKey(h.ParentMemberPubkey):
+		return nil, refuse(protocol.CodeBadParentPubkey, "parentMemberPubkey must be 64 lowercase hex characters")
+	case att.SessionPubkey != h.SessionPubkey || att.ParentMemberPubkey != h.ParentMemberPubkey:
+		return nil, refuse(protocol.CodeAttestationMismatch, "parentAttestation must name this sessionPubkey and parentMemberPubkey")
+	case att.ExpiresAt == 0:
+		return nil, refuse(protocol.CodeMalformed, "attestation rejected: expiresAt must be a number (ms since the epoch)")
+	case att.ExpiresAt <= now.UnixMilli():
+		return nil, refuse(protocol.CodeExpired, "attestation rejected: expired")
+	case att.ExpiresAt > now.Add(protocol.MaxAttestationTTL).UnixMilli():
+		return nil, refuse(protocol.CodeTTLTooLong, "attestation rejected: expiresAt is more than 24 h away")
+	}
+	if _, err := protocol.NormalizeSignature(att.Signature); err != nil {
+		return nil, refuse(protocol.CodeMalformed, "attestation rejected: signature must be 128 hex characters")
+	}
+	if !protocol.VerifyAttestation(att) {
+		return nil, refuse(protocol.CodeBadSignature, "attestation rejected: signature does not verify")
+	}
+	if err := checkSkew(h.Timestamp, now); err != nil {
+		return nil, err
+	}
+	if _, err := protocol.NormalizeSignature(h.Signature); err != nil {
+		return nil, refuse(protocol.CodeMalformed, "session_hello rejected: signature must be 128 hex characters")
+	}
+	if !protocol.VerifySessionHello(h) {
+		return nil, refuse(protocol.CodeBadSignature, "session_hello rejected: signature does not verify")
+	}
+	return p.helloReq(store.HelloParams{MeshID: h.MeshID, MemberID: h.ParentMemberID, MemberPubkey: h.ParentMemberPubkey,
+		SessionID: h.SessionID, SessionPubkey: h.SessionPubkey, DisplayName: h.DisplayName, CWD: h.CWD, PID: h.PID,
+		Role: protocol.RoleSession, Hostname: h.Hostname, PeerType: h.PeerType, Channel: h.Channel, Model: h.Model,
+		Capabilities: h.Capabilities}, h.Groups, h.Signature, h.Timestamp)
+}
+
+func checkSkew(ts int64, now time.Time) error {
+	if skew := now.Sub(time.UnixMilli(ts)); skew > helloMaxSkew || skew < -helloMaxSkew {
+		return refuse(protocol.CodeTimestampSkew, "timestamp is more than 60 s from the broker clock")
+	}
+	return nil
+}
+
+// helloReq completes a verified hello: its groups within the limit, its signature for the
+// replay check, and whether it acks. Today's CLI never announces client_ack, but its daemon
+// and session sockets ack every push: those are acking connections from the start (and any
+// connection becomes one with its first client_ack).
+func (p *peers) helloReq(hp store.HelloParams, groups []protocol.Group, signature string, ts int64) (*helloReq, error) {
+	if len(groups) > p.cfg.MaxGroupsPerSession {
+		return nil, refuse(protocol.CodeBadRequest, fmt.Sprintf("groups: at most %d per session", p.cfg.MaxGroupsPerSession))
+	}
+	r := &helloReq{params: hp, groups: make([]groupEntry, 0, len(groups)), sessionKey: hp.SessionPubkey,
+		clientAck: slices.Contains(hp.Capabilities, protocol.CapClientAck) || hp.Role == protocol.RoleSession ||
+			hp.Channel == protocol.ChannelDaemon || hp.Channel == protocol.ChannelSession,
+		systemEvents: slices.Contains(hp.Capabilities, protocol.CapSystemEvents)}
+	for _, g := range groups {
+		r.groups = append(r.groups, groupEntry{Name: g.Name, Role: g.Role})
+	}
+	r.params.Groups = r.groups
+	r.params.Signature, _ = protocol.NormalizeSignature(signature)
+	r.params.SignatureExpires = signatureExpiry(time.UnixMilli(ts))
+	return r, nil
 }
 
 // signatureExpiry is when a signature stamped at ts can no longer pass the skew check, plus a
 // margin for clock differences between replicas.
 func signatureExpiry(ts time.Time) time.Time { return ts.Add(helloMaxSkew + 5*time.Second) }
 
-// hello checks a hello and registers its presence. The checks that need no database come
-// first; the rest is one statement: in protocol order, capacity, unauthorized, revoked, and
-// (ext) a replayed signature and a session key that is another member's, then the presence,
-// its notifications and its audit entry.
-func (p *peers) hello(ctx context.Context, ms *melody.Session, h *protocol.Hello) (*session, bool, error) {
-	pubLower, sessKey, err := checkSigned(h, time.Now())
-	if err != nil {
-		return nil, false, err
-	}
-	if len(h.Groups) > p.cfg.MaxGroupsPerSession {
-		return nil, false, refuse(protocol.CodeBadRequest, fmt.Sprintf("groups: at most %d per session", p.cfg.MaxGroupsPerSession))
-	}
-	groups := make([]groupEntry, 0, len(h.Groups))
-	for _, g := range h.Groups {
-		groups = append(groups, groupEntry{Name: g.Name, Role: g.Role})
-	}
-	sig, _ := protocol.NormalizeSignature(h.Signature)
+// register registers a verified hello's presence in one statement: in protocol order,
+// capacity, unauthorized, revoked (and for a session_hello, a parentMemberId that is not the
+// key's member), then (ext) a replayed signature and a session key that is another member's;
+// then the presence (taken over by session key or sessionId, or new), its notifications and
+// its audit entry.
+func (p *peers) register(ctx context.Context, ms *melody.Session, r *helloReq) (*session, bool, error) {
 	if !p.hellos.enter() {
 		return nil, false, errOverloaded
 	}
 	defer p.hellos.leave()
-	res, err := p.store.Hello(ctx, store.HelloParams{
-		NodeID: p.nodeID, MeshID: h.MeshID, MemberID: h.MemberID, MemberPubkey: pubLower, SessionID: h.SessionID,
-		SessionPubkey: sessKey, DisplayName: h.DisplayName, CWD: h.CWD, PID: h.PID, Groups: groups,
-		Capabilities: h.Capabilities, DefaultLimit: p.cfg.MaxConnsPerMesh, Signature: sig,
-		SignatureExpires: signatureExpiry(time.UnixMilli(h.Timestamp)), LocalLive: p.liveHere(h.MemberID, h.SessionID),
-	})
+	hp := r.params
+	hp.NodeID, hp.DefaultLimit = p.nodeID, p.cfg.MaxConnsPerMesh
+	hp.LocalLive = p.liveHere(hp.MeshID, hp.MemberPubkey, hp.SessionID, hp.SessionPubkey)
+	res, err := p.store.Hello(ctx, hp)
 	if err != nil {
 		return nil, false, err
 	}
@@ -175,6 +259,8 @@ func (p *peers) hello(ctx context.Context, ms *melody.Session, h *protocol.Hello
 		return nil, false, refuse(protocol.CodeCapacity, fmt.Sprintf("mesh has reached its limit of %d live sessions", res.Limit))
 	case protocol.CodeRevoked:
 		return nil, false, &helloRefusal{code: protocol.CodeRevoked, msg: "member was revoked", closeCd: protocol.CloseRevoked}
+	case protocol.CodeParentMemberIDMismatch:
+		return nil, false, refuse(protocol.CodeParentMemberIDMismatch, "parentMemberId is not the member of parentMemberPubkey")
 	case protocol.CodeHelloReplayed:
 		return nil, false, refuse(protocol.CodeHelloReplayed, "this signed hello was already used: sign a new one")
 	case protocol.CodeSessionKeyTaken:
@@ -184,13 +270,12 @@ func (p *peers) hello(ctx context.Context, ms *melody.Session, h *protocol.Hello
 	}
 	reg := res.Registration
 	sess := &session{
-		ws: ms, out: ms, presenceID: reg.PresenceID, meshID: h.MeshID, memberID: h.MemberID, memberPubkey: pubLower,
-		sessionPubkey: sessKey, sessionID: h.SessionID,
-		clientAck:    h.HasCapability(protocol.CapClientAck),
-		systemEvents: h.HasCapability(protocol.CapSystemEvents),
-		displayName:  res.DisplayName, status: protocol.Status(reg.Status), groups: groups,
+		ws: ms, out: ms, presenceID: reg.PresenceID, meshID: hp.MeshID, memberID: res.MemberID, memberPubkey: hp.MemberPubkey,
+		sessionPubkey: r.sessionKey, sessionID: hp.SessionID, role: hp.Role, systemEvents: r.systemEvents,
+		displayName: res.DisplayName, status: protocol.Status(reg.Status), groups: r.groups,
 		epoch: reg.Epoch, lane: laneOf(reg.PresenceID),
 	}
+	sess.clientAck.Store(r.clientAck)
 	return sess, res.Resumed, nil
 }
 
@@ -201,11 +286,14 @@ func laneOf(presenceID string) uint32 {
 	return h.Sum32()
 }
 
-// liveHere reports whether this replica holds an open socket of the member's session (a new
-// hello for it replaces it rather than resuming it).
-func (p *peers) liveHere(memberID, sessionID string) bool {
-	for _, s := range p.hub.memberSessions(memberID) {
-		if s.sessionID == sessionID && !s.isClosed() {
+// liveHere reports whether this replica holds an open socket of the member's session, by
+// sessionId or session key (a new hello for it replaces it rather than resuming it). The
+// member is known by key here (a session_hello names no member id), among the mesh's local
+// sessions: at most the mesh's session limit.
+func (p *peers) liveHere(meshID, memberPubkey, sessionID, sessionKey string) bool {
+	for _, s := range p.hub.meshSessions(meshID) {
+		if s.memberPubkey == memberPubkey && (s.sessionID == sessionID || (sessionKey != "" && s.sessionPubkey == sessionKey)) &&
+			!s.isClosed() {
 			return true
 		}
 	}

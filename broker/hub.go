@@ -1,6 +1,10 @@
 package broker
 
-import "sync"
+import (
+	"sync"
+
+	"golang.org/x/time/rate"
+)
 
 // hub is this replica's sessions: indexed by presence, mesh and member, so routing never scans
 // all sessions, and the one place that fans a pre-encoded frame out to many of them. It holds
@@ -11,6 +15,9 @@ type hub struct {
 	byPresence map[string]*session
 	byMesh     map[string]map[*session]struct{}
 	byMember   map[string]map[*session]struct{}
+	// newLimiter makes a member's send rate limiter, shared by its sessions on this replica
+	// (nil: no limit).
+	newLimiter func() *rate.Limiter
 }
 
 func newHub() *hub {
@@ -47,6 +54,15 @@ func (h *hub) add(s *session) *session {
 	if old != nil {
 		h.removeLocked(old)
 	}
+	if s.sendLimit == nil && h.newLimiter != nil {
+		for other := range h.byMember[s.memberID] {
+			s.sendLimit = other.sendLimit
+			break
+		}
+		if s.sendLimit == nil {
+			s.sendLimit = h.newLimiter()
+		}
+	}
 	h.byPresence[s.presenceID] = s
 	addTo(h.byMesh, s.meshID, s)
 	addTo(h.byMember, s.memberID, s)
@@ -82,6 +98,13 @@ func collect(set map[*session]struct{}) []*session {
 		out = append(out, s)
 	}
 	return out
+}
+
+// meshSessions returns the local sessions of a mesh (at most its session limit).
+func (h *hub) meshSessions(meshID string) []*session {
+	h.mu.RLock()
+	defer h.mu.RUnlock()
+	return collect(h.byMesh[meshID])
 }
 
 func (h *hub) memberSessions(memberID string) []*session {

@@ -23,6 +23,8 @@ type Metrics struct {
 	MessagesRouted    *prometheus.CounterVec
 	Pushes            prometheus.Counter
 	SendFailures      prometheus.Counter
+	SendRefused       *prometheus.CounterVec
+	AdminOps          *prometheus.CounterVec
 	DeliveriesPending prometheus.Gauge
 	BusSent           prometheus.Counter
 	BusReceived       prometheus.Counter
@@ -61,6 +63,8 @@ func newMetrics() *Metrics {
 		MessagesRouted:    cv("messages_routed_total", "Envelopes stored and routed, by priority.", "priority"),
 		Pushes:            c("pushes_total", "Envelopes written to recipient sockets."),
 		SendFailures:      c("send_failures_total", "Sends refused because their batch could not be stored."),
+		SendRefused:       cv("sends_refused_total", "Sends refused before the database, by code (too_large, rate_limited).", "code"),
+		AdminOps:          cv("admin_operations_total", "kick, disconnect, ban, unban and list_bans requests, by operation and outcome.", "op", "outcome"),
 		DeliveriesPending: g("deliveries_pending", "Deliveries not yet acknowledged (pending or pushed), cluster-wide."),
 		BusSent:           c("bus_notifications_sent_total", "NOTIFY payloads sent by this replica."),
 		BusReceived:       c("bus_notifications_received_total", "Bus messages received and applied."),
@@ -82,7 +86,7 @@ func newMetrics() *Metrics {
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 		m.HealthChecks, m.ConnActive, m.ConnTotal, m.ConnRejected, m.BadFrames, m.SlowConsumers,
-		m.MessagesRouted, m.Pushes, m.SendFailures, m.DeliveriesPending, m.BusSent, m.BusReceived,
+		m.MessagesRouted, m.Pushes, m.SendFailures, m.SendRefused, m.AdminOps, m.DeliveriesPending, m.BusSent, m.BusReceived,
 		m.BusEvents, m.BatchSize, m.CommitSeconds, m.HookRequests, m.DeadNodes, m.Claims, m.BackgroundErrors,
 	)
 	return m

@@ -167,7 +167,7 @@ func (p *pusher) claimAndPush(ctx context.Context, batch []*session) {
 	for i, sess := range live {
 		got := byPresence[sess.presenceID]
 		for _, r := range got {
-			b := encodePush(r.EnvelopeID, r.MeshID, r.SenderPubkey, r.SenderMemberPubkey, r.Priority, r.Nonce, r.Ciphertext, r.CreatedAt)
+			b := pushFrame(&r.Push)
 			if !sess.push(b, r.ID, true, false) {
 				unwritten = append(unwritten, r.ID) // closed meanwhile: back to pending
 			}

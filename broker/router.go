@@ -87,19 +87,32 @@ func (r *router) apply(ctx context.Context, m pgbus.Message) {
 			return
 		}
 		r.pushes = append(r.pushes, assigned{presenceID: m.Presence, id: d.DeliveryID, priority: protocol.Priority(d.Priority),
-			frame: encodePush(d.EnvelopeID, d.MeshID, d.SenderPubkey, d.SenderMemberPubkey, d.Priority, d.Nonce, d.Ciphertext,
-				time.UnixMicro(d.CreatedMicros))})
+			frame: pushFrame(&store.Push{EnvelopeID: d.EnvelopeID, MeshID: d.MeshID, SenderPubkey: d.SenderPubkey,
+				SenderMemberPubkey: d.SenderMemberPubkey, Priority: d.Priority, Nonce: d.Nonce, Ciphertext: d.Ciphertext,
+				CreatedAt: time.UnixMicro(d.CreatedMicros), SenderMemberID: d.SenderMemberID, SenderName: d.SenderName,
+				ClientMessageID: d.ClientMessageID, RequestFingerprint: d.RequestFingerprint})})
 	case pgbus.KindReplace:
 		if sess := r.hub.get(m.Presence); sess != nil && m.Node != r.nodeID {
 			connOf(sess.ws).end.Set(endReplaced)
 			closeWith(sess.ws, protocol.CloseSessionReplaced, protocol.CloseReasonSessionReplaced)
 		}
 	case pgbus.KindKick:
-		reason := "revoked"
-		if m.Code == protocol.CloseKicked {
+		reason := m.Key
+		switch {
+		case reason != "":
+		case m.Code == protocol.CloseKicked:
 			reason = "kicked"
+		default:
+			reason = "revoked"
 		}
-		for _, sess := range r.hub.memberSessions(m.Member) {
+		targets := r.hub.memberSessions(m.Member)
+		if m.Presence != "" { // one session (kick, ban, replaced): its presence has already ended
+			targets = nil
+			if sess := r.hub.get(m.Presence); sess != nil {
+				targets = append(targets, sess)
+			}
+		}
+		for _, sess := range targets {
 			connOf(sess.ws).end.Set(endNow)
 			closeWith(sess.ws, m.Code, reason)
 		}

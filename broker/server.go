@@ -18,6 +18,7 @@ import (
 
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"golang.org/x/time/rate"
 
 	"github.com/claudemesh/broker/broker/membership"
 	"github.com/claudemesh/broker/broker/store"
@@ -78,6 +79,9 @@ func NewServer(cfg Config, pool *pgxpool.Pool, logger *slog.Logger) (*Server, er
 	}
 	s := &Server{cfg: cfg, pool: pool, store: store.New(pool, cfg.BusNamespace), log: logger.With("node", nodeID), nodeID: nodeID,
 		started: time.Now(), metrics: newMetrics(), mux: http.NewServeMux(), hub: newHub()}
+	s.hub.newLimiter = func() *rate.Limiter {
+		return rate.NewLimiter(rate.Limit(cfg.SendRatePerMember), cfg.SendBurstPerMember)
+	}
 	sweepEvery, pollEvery, busPing := time.Second, pollInterval, time.Duration(0)
 	if cfg.quiet {
 		sweepEvery, pollEvery, busPing = time.Hour, time.Hour, time.Hour

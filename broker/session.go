@@ -7,6 +7,7 @@ import (
 	"unsafe"
 
 	"github.com/olahol/melody"
+	"golang.org/x/time/rate"
 
 	"github.com/claudemesh/broker/broker/store"
 	"github.com/claudemesh/broker/protocol"
@@ -42,10 +43,15 @@ type session struct {
 	memberPubkey  string
 	sessionPubkey string // "" when the peer has no session key
 	sessionID     string
-	clientAck     bool
+	role          string // control-plane (plain hello) or session (session_hello)
 	systemEvents  bool
-	epoch         int64  // the presence registration this socket owns
-	lane          uint32 // the committer lane its sends go through (their order is kept)
+	// clientAck: the peer acks pushes (capability, today's CLI's acking sockets, or since its
+	// first client_ack), so a written push waits for its ack.
+	clientAck atomic.Bool
+	// sendLimit is the member's send rate on this replica, shared by its sessions (nil: none).
+	sendLimit *rate.Limiter
+	epoch     int64  // the presence registration this socket owns
+	lane      uint32 // the committer lane its sends go through (their order is kept)
 
 	mu          sync.Mutex
 	displayName string

@@ -110,7 +110,7 @@ func (p *peers) frameWritten(ms *melody.Session, frame []byte) {
 	}
 	p.metrics.Pushes.Inc()
 	switch {
-	case !sess.clientAck:
+	case !sess.clientAck.Load():
 		p.recorder.wrote(d.id)
 	case d.assigned:
 		p.recorder.took(d.id)
@@ -234,12 +234,14 @@ func (p *peers) handleFrame(ms *melody.Session, frame []byte) {
 		return
 	}
 	sess := c.session()
-	if hello, ok := msg.(*protocol.Hello); ok {
+	switch msg.(type) {
+	case *protocol.Hello, *protocol.SessionHello:
 		if sess != nil {
-			p.reply(ms, &protocol.Error{Code: protocol.CodeBadRequest, Message: "hello: session already established", ReqID: hello.ReqID})
+			p.reply(ms, &protocol.Error{Code: protocol.CodeBadRequest, Message: msg.Type() + ": session already established",
+				ReqID: msg.RequestID()})
 			return
 		}
-		p.handleHello(ms, c, hello)
+		p.handleHello(ms, c, msg)
 		return
 	}
 	if sess == nil {

@@ -93,11 +93,48 @@ type Options struct {
 	// PrepareHello, when set, may change the signed hello before it is
 	// sent; tests use it to send malformed or badly signed hellos.
 	PrepareHello func(*protocol.Hello)
+	// Session, when set, makes Dial authenticate as a launched session
+	// (session_hello, as today's claudemesh CLI does) instead of with the
+	// member's own hello. MemberID, when set, is sent as parentMemberId.
+	Session *SessionOptions
+	// What the hello says about this connection (listed by list_peers):
+	// hostname, peerType ("ai", "human"), channel (the CLI's
+	// "claudemesh-daemon", "claudemesh-session"), model.
+	Hostname, PeerType, Channel, Model string
 }
+
+// SessionOptions are a launched session's credentials: its own key, which
+// signs the session_hello, and its member's attestation of that key.
+type SessionOptions struct {
+	// Key is the session's ed25519 key (its public half is the routing key
+	// others see).
+	Key ed25519.PrivateKey
+	// Attestation, when nil, is signed with Options.MemberKey for
+	// AttestationTTL (default 12 h, as the CLI; at most 24 h).
+	Attestation    *protocol.Attestation
+	AttestationTTL time.Duration
+	// Role is sent as is (informational).
+	Role string
+	// PrepareHello, when set, may change the signed session_hello before it
+	// is sent (tests).
+	PrepareHello func(*protocol.SessionHello)
+}
+
+// DefaultAttestationTTL is how long an attestation Dial signs runs.
+const DefaultAttestationTTL = 12 * time.Hour
 
 func (o *Options) validate() error {
 	if o.URL == "" {
 		return errors.New("client options: URL is required")
+	}
+	if o.Session != nil {
+		if len(o.Session.Key) != ed25519.PrivateKeySize {
+			return errors.New("client options: Session.Key must be an ed25519 private key")
+		}
+		if o.Session.Attestation == nil && len(o.MemberKey) != ed25519.PrivateKeySize {
+			return errors.New("client options: MemberKey must be an ed25519 private key to sign the session's attestation")
+		}
+		return nil
 	}
 	if len(o.MemberKey) != ed25519.PrivateKeySize {
 		return errors.New("client options: MemberKey must be an ed25519 private key")
@@ -294,7 +331,10 @@ func (c *Client) finishHello(ctx context.Context, r helloResult) (*Client, error
 	return nil, &HelloError{Code: r.err.Code, Message: r.err.Message, CloseCode: c.closeCode, CloseReason: c.closeReason}
 }
 
-func buildHello(o *Options) *protocol.Hello {
+func buildHello(o *Options) protocol.ClientMessage {
+	if o.Session != nil {
+		return buildSessionHello(o)
+	}
 	h := &protocol.Hello{
 		MeshID:          o.MeshID,
 		MemberID:        o.MemberID,
@@ -307,6 +347,10 @@ func buildHello(o *Options) *protocol.Hello {
 		Timestamp:       o.Now().UnixMilli(),
 		ProtocolVersion: o.ProtocolVersion,
 		Capabilities:    o.Capabilities,
+		Hostname:        o.Hostname,
+		PeerType:        o.PeerType,
+		Channel:         o.Channel,
+		Model:           o.Model,
 	}
 	if len(o.SessionKey) > 0 {
 		h.SessionPubkey = protocol.PubkeyHex(o.SessionKey)
@@ -315,6 +359,33 @@ func buildHello(o *Options) *protocol.Hello {
 	h.Signature = protocol.SignHello(o.MemberKey, h.MeshID, h.MemberID, h.Pubkey, h.Timestamp)
 	if o.PrepareHello != nil {
 		o.PrepareHello(h)
+	}
+	return h
+}
+
+// buildSessionHello makes a launched session's hello: the attestation (signed
+// now unless given) and the session key's signature.
+func buildSessionHello(o *Options) *protocol.SessionHello {
+	so := o.Session
+	sessPub := protocol.PubkeyHex(so.Key.Public().(ed25519.PublicKey))
+	att := so.Attestation
+	if att == nil {
+		ttl := so.AttestationTTL
+		if ttl <= 0 {
+			ttl = DefaultAttestationTTL
+		}
+		a := protocol.SignAttestation(o.MemberKey, sessPub, o.Now().Add(ttl))
+		att = &a
+	}
+	h := &protocol.SessionHello{
+		MeshID: o.MeshID, ParentMemberID: o.MemberID, ParentMemberPubkey: att.ParentMemberPubkey, SessionPubkey: sessPub,
+		ParentAttestation: *att, DisplayName: o.DisplayName, SessionID: o.SessionID, PID: o.PID, CWD: o.CWD,
+		Hostname: o.Hostname, PeerType: o.PeerType, Channel: o.Channel, Model: o.Model, Groups: o.Groups, Role: so.Role,
+		ProtocolVersion: o.ProtocolVersion, Capabilities: o.Capabilities,
+	}
+	protocol.SignSessionHello(so.Key, h, o.Now())
+	if so.PrepareHello != nil {
+		so.PrepareHello(h)
 	}
 	return h
 }
@@ -635,9 +706,14 @@ func (c *Client) NextError(ctx context.Context) (*protocol.Error, error) {
 // *protocol.Error whose Code is the ack's error (protocol.CodeNoRecipient,
 // ...). nonce and ciphertext are opaque here too: never logged.
 func (c *Client) Send(ctx context.Context, target string, priority protocol.Priority, nonce, ciphertext, id string) (protocol.Ack, error) {
-	ack, err := requestAs[*protocol.Ack](ctx, c, &protocol.Send{
-		TargetSpec: target, Priority: priority, Nonce: nonce, Ciphertext: ciphertext, ID: id,
-	})
+	return c.SendMessage(ctx, &protocol.Send{TargetSpec: target, Priority: priority, Nonce: nonce, Ciphertext: ciphertext, ID: id})
+}
+
+// SendMessage is Send with every field of the send, such as
+// ClientMessageID: a send repeating one the member used before (a retry) is
+// acked with the first message's id (Ack.Duplicate) and delivered once.
+func (c *Client) SendMessage(ctx context.Context, m *protocol.Send) (protocol.Ack, error) {
+	ack, err := requestAs[*protocol.Ack](ctx, c, m)
 	if err != nil {
 		return protocol.Ack{}, err
 	}
@@ -717,6 +793,59 @@ func (c *Client) MessageStatus(ctx context.Context, messageID string) (protocol.
 		return protocol.MessageStatusResult{}, err
 	}
 	return *r, nil
+}
+
+// AckPush acknowledges one push as today's CLI does: its messageId and its
+// client_message_id (or messageId when it has none). A connection that acks
+// once is treated as acking from then on: its unacked pushes come again
+// after a reconnect.
+func (c *Client) AckPush(ctx context.Context, p protocol.Push) error {
+	cmid := p.ClientMessageID
+	if cmid == "" {
+		cmid = p.MessageID
+	}
+	return c.Notify(ctx, &protocol.ClientAck{BrokerMessageID: p.MessageID, ClientMessageID: cmid})
+}
+
+// Kick closes sessions of the mesh (admins only): by target (display name,
+// member or session key, or a member-key prefix of at least 8 characters),
+// stale (in their grace longer than that), or all but this one. A kick
+// closes with 4001 and leaves control-plane connections alone; with
+// m.Disconnect it closes with 1000 and skips none.
+func (c *Client) Kick(ctx context.Context, m protocol.Kick) (protocol.KickAck, error) {
+	r, err := requestAs[*protocol.KickAck](ctx, c, &m)
+	if err != nil {
+		return protocol.KickAck{}, err
+	}
+	return *r, nil
+}
+
+// Ban revokes the member matched by target (display name, key, or key
+// prefix) and closes its sessions with 4002; it returns the member's name.
+func (c *Client) Ban(ctx context.Context, target string) (string, error) {
+	r, err := requestAs[*protocol.BanAck](ctx, c, &protocol.Ban{Target: target})
+	if err != nil {
+		return "", err
+	}
+	return r.Banned, nil
+}
+
+// Unban restores a banned member (by display name or key).
+func (c *Client) Unban(ctx context.Context, target string) (string, error) {
+	r, err := requestAs[*protocol.UnbanAck](ctx, c, &protocol.Unban{Target: target})
+	if err != nil {
+		return "", err
+	}
+	return r.Unbanned, nil
+}
+
+// ListBans lists the mesh's banned members.
+func (c *Client) ListBans(ctx context.Context) ([]protocol.BannedMember, error) {
+	r, err := requestAs[*protocol.ListBansResult](ctx, c, &protocol.ListBans{})
+	if err != nil {
+		return nil, err
+	}
+	return r.Bans, nil
 }
 
 // AckMessages acknowledges pushes by messageId (client_ack; needs the

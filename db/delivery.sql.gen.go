@@ -42,7 +42,8 @@ SET state = 'pushed', acked_at = NULL,
 FROM locked c, claudemesh.envelope e
 WHERE d.id = c.id AND e.id = d.envelope_id
 RETURNING d.id, d.pushed_presence, e.id AS envelope_id, e.mesh_id, e.sender_pubkey, e.sender_member_pubkey,
-    e.priority, e.nonce, e.ciphertext, e.created_at
+    e.priority, e.nonce, e.ciphertext, e.created_at, e.sender_member_id, e.sender_name, e.client_message_id,
+    e.request_fingerprint
 `
 
 type ClaimDeliveriesParams struct {
@@ -67,6 +68,10 @@ type ClaimDeliveriesRow struct {
 	Nonce              string
 	Ciphertext         string
 	CreatedAt          time.Time
+	SenderMemberID     string
+	SenderName         string
+	ClientMessageID    string
+	RequestFingerprint string
 }
 
 // Claims the next pending deliveries of many sessions at once, in id order per session, and
@@ -104,6 +109,10 @@ func (q *Queries) ClaimDeliveries(ctx context.Context, arg ClaimDeliveriesParams
 			&i.Nonce,
 			&i.Ciphertext,
 			&i.CreatedAt,
+			&i.SenderMemberID,
+			&i.SenderName,
+			&i.ClientMessageID,
+			&i.RequestFingerprint,
 		); err != nil {
 			return nil, err
 		}

@@ -56,6 +56,9 @@ type ClaudemeshEnvelope struct {
 	ClientID           string
 	CreatedAt          time.Time
 	ExpiresAt          time.Time
+	ClientMessageID    string
+	RequestFingerprint string
+	SenderName         string
 }
 
 type ClaudemeshInvite struct {
@@ -136,6 +139,11 @@ type ClaudemeshPresence struct {
 	GraceUntil    *time.Time
 	EndedAt       *time.Time
 	Epoch         int64
+	Role          string
+	Hostname      string
+	PeerType      string
+	Channel       string
+	Model         string
 }
 
 type ClaudemeshSeenSignature struct {

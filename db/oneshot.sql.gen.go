@@ -34,6 +34,37 @@ func (q *Queries) AppendAudit(ctx context.Context, arg AppendAuditParams) error 
 	return err
 }
 
+const ban = `-- name: Ban :one
+SELECT b.code::text AS code, coalesce(b.name, '')::text AS name
+FROM claudemesh.ban($1::text, $2::text, $3::text, $4::text, $5::text) b
+`
+
+type BanParams struct {
+	Ns           string
+	MeshID       string
+	CallerMember string
+	Actor        string
+	Target       string
+}
+
+type BanRow struct {
+	Code string
+	Name string
+}
+
+func (q *Queries) Ban(ctx context.Context, arg BanParams) (BanRow, error) {
+	row := q.db.QueryRow(ctx, ban,
+		arg.Ns,
+		arg.MeshID,
+		arg.CallerMember,
+		arg.Actor,
+		arg.Target,
+	)
+	var i BanRow
+	err := row.Scan(&i.Code, &i.Name)
+	return i, err
+}
+
 const endSessions = `-- name: EndSessions :one
 SELECT claudemesh.end_sessions($1::text, $2::text, $3::text[], $4::bigint[],
     $5::timestamptz, $6::text[], $7::bigint[])::int AS ended
@@ -68,10 +99,11 @@ const hello = `-- name: Hello :one
 SELECT h.code::text AS code, coalesce(h.presence_id, '')::text AS presence_id, coalesce(h.status, '')::text AS status,
     coalesce(h.epoch, 0)::bigint AS epoch, coalesce(h.old_node, '')::text AS old_node,
     coalesce(h.resumed, false)::boolean AS resumed, coalesce(h.display_name, '')::text AS display_name,
-    coalesce(h.max_sessions, 0)::int AS max_sessions
+    coalesce(h.max_sessions, 0)::int AS max_sessions, coalesce(h.member_id, '')::text AS member_id
 FROM claudemesh.hello($1::text, $2::text, $3::text, $4::text, $5::text,
     $6::text, $7::text, $8::text, $9::int, $10::text, $11::jsonb,
-    $12::text[], $13::int, $14::text, $15::timestamptz, $16::boolean) h
+    $12::text[], $13::int, $14::text, $15::timestamptz, $16::boolean,
+    $17::text, $18::text, $19::text, $20::text, $21::text) h
 `
 
 type HelloParams struct {
@@ -91,6 +123,11 @@ type HelloParams struct {
 	Signature     string
 	SigExpires    time.Time
 	LocalLive     bool
+	Role          string
+	Hostname      string
+	PeerType      string
+	Channel       string
+	Model         string
 }
 
 type HelloRow struct {
@@ -102,8 +139,10 @@ type HelloRow struct {
 	Resumed     bool
 	DisplayName string
 	MaxSessions int32
+	MemberID    string
 }
 
+// A plain hello (role control-plane) or a session_hello (role session).
 func (q *Queries) Hello(ctx context.Context, arg HelloParams) (HelloRow, error) {
 	row := q.db.QueryRow(ctx, hello,
 		arg.NodeID,
@@ -122,6 +161,11 @@ func (q *Queries) Hello(ctx context.Context, arg HelloParams) (HelloRow, error) 
 		arg.Signature,
 		arg.SigExpires,
 		arg.LocalLive,
+		arg.Role,
+		arg.Hostname,
+		arg.PeerType,
+		arg.Channel,
+		arg.Model,
 	)
 	var i HelloRow
 	err := row.Scan(
@@ -133,11 +177,13 @@ func (q *Queries) Hello(ctx context.Context, arg HelloParams) (HelloRow, error) 
 		&i.Resumed,
 		&i.DisplayName,
 		&i.MaxSessions,
+		&i.MemberID,
 	)
 	return i, err
 }
 
 const hookStatus = `-- name: HookStatus :many
+
 SELECT coalesce(h.presence_id, '')::text AS presence_id, h.pending::boolean AS pending, h.replayed::boolean AS replayed
 FROM claudemesh.hook_status($1::text, $2::text, $3::int, $4::text,
     $5::text, $6::float8, $7::text, $8::int, $9::text, $10::timestamptz) h
@@ -162,6 +208,7 @@ type HookStatusRow struct {
 	Replayed   bool
 }
 
+// The single-statement operations of migrations 00005 and 00007: each is one round trip that commits.
 func (q *Queries) HookStatus(ctx context.Context, arg HookStatusParams) ([]HookStatusRow, error) {
 	rows, err := q.db.Query(ctx, hookStatus,
 		arg.MemberPubkey,
@@ -193,15 +240,119 @@ func (q *Queries) HookStatus(ctx context.Context, arg HookStatusParams) ([]HookS
 	return items, nil
 }
 
-const sendBatch = `-- name: SendBatch :many
+const kick = `-- name: Kick :many
+SELECT k.code::text AS code, coalesce(k.name, '')::text AS name, coalesce(k.skipped, false)::boolean AS skipped
+FROM claudemesh.kick($1::text, $2::text, $3::text, $4::text, $5::text,
+    $6::text, $7::bigint, $8::boolean, $9::boolean, $10::int,
+    $11::text) k
+`
 
+type KickParams struct {
+	Ns             string
+	MeshID         string
+	CallerMember   string
+	CallerPresence string
+	Actor          string
+	Target         string
+	StaleMs        int64
+	AllSessions    bool
+	SkipControl    bool
+	CloseCode      int32
+	CloseReason    string
+}
+
+type KickRow struct {
+	Code    string
+	Name    string
+	Skipped bool
+}
+
+func (q *Queries) Kick(ctx context.Context, arg KickParams) ([]KickRow, error) {
+	rows, err := q.db.Query(ctx, kick,
+		arg.Ns,
+		arg.MeshID,
+		arg.CallerMember,
+		arg.CallerPresence,
+		arg.Actor,
+		arg.Target,
+		arg.StaleMs,
+		arg.AllSessions,
+		arg.SkipControl,
+		arg.CloseCode,
+		arg.CloseReason,
+	)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	items := []KickRow{}
+	for rows.Next() {
+		var i KickRow
+		if err := rows.Scan(&i.Code, &i.Name, &i.Skipped); err != nil {
+			return nil, err
+		}
+		items = append(items, i)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, err
+	}
+	return items, nil
+}
+
+const listBans = `-- name: ListBans :many
+SELECT b.code::text AS code, coalesce(b.name, '')::text AS name, coalesce(b.pubkey, '')::text AS pubkey,
+    coalesce(b.revoked_at, 'epoch')::timestamptz AS revoked_at
+FROM claudemesh.list_bans($1::text, $2::text, $3::int) b
+`
+
+type ListBansParams struct {
+	MeshID       string
+	CallerMember string
+	MaxRows      int32
+}
+
+type ListBansRow struct {
+	Code      string
+	Name      string
+	Pubkey    string
+	RevokedAt time.Time
+}
+
+func (q *Queries) ListBans(ctx context.Context, arg ListBansParams) ([]ListBansRow, error) {
+	rows, err := q.db.Query(ctx, listBans, arg.MeshID, arg.CallerMember, arg.MaxRows)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	items := []ListBansRow{}
+	for rows.Next() {
+		var i ListBansRow
+		if err := rows.Scan(
+			&i.Code,
+			&i.Name,
+			&i.Pubkey,
+			&i.RevokedAt,
+		); err != nil {
+			return nil, err
+		}
+		items = append(items, i)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, err
+	}
+	return items, nil
+}
+
+const sendBatch = `-- name: SendBatch :many
 SELECT b.row_kind::text AS row_kind, b.idx::int AS idx, coalesce(b.queued, false)::boolean AS queued,
     coalesce(b.recipients, 0)::int AS recipients, coalesce(b.delivery_id, 0)::bigint AS delivery_id,
-    coalesce(b.presence_id, '')::text AS presence_id, coalesce(b.assigned, false)::boolean AS assigned
+    coalesce(b.presence_id, '')::text AS presence_id, coalesce(b.assigned, false)::boolean AS assigned,
+    coalesce(b.original, '')::text AS original, coalesce(b.fingerprint, '')::text AS fingerprint
 FROM claudemesh.send_batch($1::text, $2::text,
     $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
     $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], $13::text[],
-    $14::text[], $15::timestamptz[], $16::timestamptz[]) b
+    $14::text[], $15::timestamptz[], $16::timestamptz[],
+    $17::text[], $18::text[], $19::text[]) b
 `
 
 type SendBatchParams struct {
@@ -221,19 +372,24 @@ type SendBatchParams struct {
 	EClient          []string
 	ECreated         []time.Time
 	EExpires         []time.Time
+	ECmid            []string
+	EFp              []string
+	ESenderName      []string
 }
 
 type SendBatchRow struct {
-	RowKind    string
-	Idx        int32
-	Queued     bool
-	Recipients int32
-	DeliveryID int64
-	PresenceID string
-	Assigned   bool
+	RowKind     string
+	Idx         int32
+	Queued      bool
+	Recipients  int32
+	DeliveryID  int64
+	PresenceID  string
+	Assigned    bool
+	Original    string
+	Fingerprint string
 }
 
-// The single-statement operations of migration 00005: each is one round trip that commits.
+// Idempotent by client_message_id: a retry's row (x) names the stored envelope.
 func (q *Queries) SendBatch(ctx context.Context, arg SendBatchParams) ([]SendBatchRow, error) {
 	rows, err := q.db.Query(ctx, sendBatch,
 		arg.NodeID,
@@ -252,6 +408,9 @@ func (q *Queries) SendBatch(ctx context.Context, arg SendBatchParams) ([]SendBat
 		arg.EClient,
 		arg.ECreated,
 		arg.EExpires,
+		arg.ECmid,
+		arg.EFp,
+		arg.ESenderName,
 	)
 	if err != nil {
 		return nil, err
@@ -268,6 +427,8 @@ func (q *Queries) SendBatch(ctx context.Context, arg SendBatchParams) ([]SendBat
 			&i.DeliveryID,
 			&i.PresenceID,
 			&i.Assigned,
+			&i.Original,
+			&i.Fingerprint,
 		); err != nil {
 			return nil, err
 		}
@@ -389,4 +550,33 @@ func (q *Queries) SetStatus(ctx context.Context, arg SetStatusParams) ([]SetStat
 		return nil, err
 	}
 	return items, nil
+}
+
+const unban = `-- name: Unban :one
+SELECT b.code::text AS code, coalesce(b.name, '')::text AS name
+FROM claudemesh.unban($1::text, $2::text, $3::text, $4::text) b
+`
+
+type UnbanParams struct {
+	MeshID       string
+	CallerMember string
+	Actor        string
+	Target       string
+}
+
+type UnbanRow struct {
+	Code string
+	Name string
+}
+
+func (q *Queries) Unban(ctx context.Context, arg UnbanParams) (UnbanRow, error) {
+	row := q.db.QueryRow(ctx, unban,
+		arg.MeshID,
+		arg.CallerMember,
+		arg.Actor,
+		arg.Target,
+	)
+	var i UnbanRow
+	err := row.Scan(&i.Code, &i.Name)
+	return i, err
 }

@@ -71,7 +71,7 @@ func (q *Queries) EndExpiredGrace(ctx context.Context) ([]EndExpiredGraceRow, er
 }
 
 const listLivePresence = `-- name: ListLivePresence :many
-SELECT id, mesh_id, member_id, member_pubkey, node_id, session_id, session_pubkey, display_name, pid, cwd, status, status_source, status_at, summary, groups, capabilities, connected_at, last_seen_at, grace_until, ended_at, epoch FROM claudemesh.presence WHERE mesh_id = $1 AND ended_at IS NULL ORDER BY connected_at, id
+SELECT id, mesh_id, member_id, member_pubkey, node_id, session_id, session_pubkey, display_name, pid, cwd, status, status_source, status_at, summary, groups, capabilities, connected_at, last_seen_at, grace_until, ended_at, epoch, role, hostname, peer_type, channel, model FROM claudemesh.presence WHERE mesh_id = $1 AND ended_at IS NULL ORDER BY connected_at, id
 `
 
 func (q *Queries) ListLivePresence(ctx context.Context, meshID string) ([]ClaudemeshPresence, error) {
@@ -105,6 +105,11 @@ func (q *Queries) ListLivePresence(ctx context.Context, meshID string) ([]Claude
 			&i.GraceUntil,
 			&i.EndedAt,
 			&i.Epoch,
+			&i.Role,
+			&i.Hostname,
+			&i.PeerType,
+			&i.Channel,
+			&i.Model,
 		); err != nil {
 			return nil, err
 		}
@@ -223,7 +228,7 @@ func (q *Queries) OrphanPresences(ctx context.Context, nodeID string) ([]OrphanP
 }
 
 const presenceByID = `-- name: PresenceByID :one
-SELECT id, mesh_id, member_id, member_pubkey, node_id, session_id, session_pubkey, display_name, pid, cwd, status, status_source, status_at, summary, groups, capabilities, connected_at, last_seen_at, grace_until, ended_at, epoch FROM claudemesh.presence WHERE id = $1
+SELECT id, mesh_id, member_id, member_pubkey, node_id, session_id, session_pubkey, display_name, pid, cwd, status, status_source, status_at, summary, groups, capabilities, connected_at, last_seen_at, grace_until, ended_at, epoch, role, hostname, peer_type, channel, model FROM claudemesh.presence WHERE id = $1
 `
 
 func (q *Queries) PresenceByID(ctx context.Context, id string) (ClaudemeshPresence, error) {
@@ -251,6 +256,11 @@ func (q *Queries) PresenceByID(ctx context.Context, id string) (ClaudemeshPresen
 		&i.GraceUntil,
 		&i.EndedAt,
 		&i.Epoch,
+		&i.Role,
+		&i.Hostname,
+		&i.PeerType,
+		&i.Channel,
+		&i.Model,
 	)
 	return i, err
 }

@@ -53,6 +53,12 @@ type PushData struct {
 	Nonce              string `json:"n"`
 	Ciphertext         string `json:"c"`
 	CreatedMicros      int64  `json:"t"`
+	// Today's CLI's fields, present only when set: the sender's member id and name, the
+	// send's client_message_id and request_fingerprint.
+	SenderMemberID     string `json:"b,omitempty"`
+	SenderName         string `json:"a,omitempty"`
+	ClientMessageID    string `json:"q,omitempty"`
+	RequestFingerprint string `json:"f,omitempty"`
 }
 
 // Encode packs messages into as few payloads as fit MaxPayload, one JSON object per line.

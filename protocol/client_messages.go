@@ -44,7 +44,12 @@ type Hello struct {
 	Signature       string   `json:"signature"`
 	ProtocolVersion int      `json:"protocolVersion,omitempty"` // (ext)
 	Capabilities    []string `json:"capabilities,omitempty"`    // (ext)
-	ReqID           string   `json:"_reqId,omitempty"`
+	// What today's CLI says about the connection (ext, stored and listed by list_peers).
+	Hostname string `json:"hostname,omitempty"`
+	PeerType string `json:"peerType,omitempty"`
+	Channel  string `json:"channel,omitempty"`
+	Model    string `json:"model,omitempty"`
+	ReqID    string `json:"_reqId,omitempty"`
 }
 
 // HasCapability reports whether the hello lists capability c.
@@ -64,8 +69,13 @@ type Send struct {
 	Nonce      string `json:"nonce"`
 	Ciphertext string `json:"ciphertext"`
 	// ID is the client's correlation id, echoed in the ack ("" when absent).
-	ID    string `json:"id,omitempty"`
-	ReqID string `json:"_reqId,omitempty"`
+	ID string `json:"id,omitempty"`
+	// ClientMessageID (ext, today's CLI) makes the send idempotent: a repeat by the same
+	// member within the message TTL is acked with the first messageId and stored once. It is
+	// echoed in the pushes, with RequestFingerprint.
+	ClientMessageID    string `json:"client_message_id,omitempty"`
+	RequestFingerprint string `json:"request_fingerprint,omitempty"`
+	ReqID              string `json:"_reqId,omitempty"`
 }
 
 // ClientAck (ext) acknowledges pushes by messageId. Peers send either one id
@@ -73,7 +83,10 @@ type Send struct {
 type ClientAck struct {
 	BrokerMessageID  string   `json:"brokerMessageId,omitempty"`
 	BrokerMessageIDs []string `json:"brokerMessageIds,omitempty"`
-	ReqID            string   `json:"_reqId,omitempty"`
+	// ClientMessageID is what today's CLI sends beside brokerMessageId (the push's
+	// client_message_id); an ack carrying only it acknowledges nothing here.
+	ClientMessageID string `json:"clientMessageId,omitempty"`
+	ReqID           string `json:"_reqId,omitempty"`
 }
 
 // IDs returns every acknowledged id, the single one first.

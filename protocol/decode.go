@@ -103,6 +103,28 @@ func decodeClientFields(o object) (ClientMessage, *Error) {
 			return nil, e
 		}
 		return &MessageStatus{MessageID: id}, nil
+	case TypeSessionHello:
+		return decodeSessionHello(o)
+	case TypeKick, TypeDisconnect:
+		return decodeKick(o, typ == TypeDisconnect)
+	case TypeBan:
+		t, e := o.reqNonEmpty("target", MaxIDLen)
+		if e != nil {
+			return nil, e
+		}
+		r, e := o.optStr("reason", MaxSummaryLen)
+		if e != nil {
+			return nil, e
+		}
+		return &Ban{Target: t, Reason: r}, nil
+	case TypeUnban:
+		t, e := o.reqNonEmpty("target", MaxIDLen)
+		if e != nil {
+			return nil, e
+		}
+		return &Unban{Target: t}, nil
+	case TypeListBans:
+		return &ListBans{}, nil
 	default:
 		return nil, &Error{
 			Code:    CodeUnknownMessageType,
@@ -140,6 +162,12 @@ func decodeSend(o object) (*Send, *Error) {
 		return nil, e
 	}
 	if m.ID, e = o.optStr("id", MaxIDLen); e != nil {
+		return nil, e
+	}
+	if m.ClientMessageID, e = o.optStr("client_message_id", MaxIDLen); e != nil {
+		return nil, e
+	}
+	if m.RequestFingerprint, e = o.optStr("request_fingerprint", MaxIDLen); e != nil {
 		return nil, e
 	}
 	return &m, nil
@@ -197,6 +225,121 @@ func decodeHello(o object) (*Hello, *Error) {
 	if m.Capabilities, e = o.stringList("capabilities", MaxCapabilities, MaxCapabilityLen, false); e != nil {
 		return nil, e
 	}
+	m.Hostname, m.PeerType, m.Channel, m.Model = connectionFields(o)
+	return &m, nil
+}
+
+// connectionFields reads what today's CLI says about a connection in its
+// hello; descriptive only, so odd values are dropped (see describe).
+func connectionFields(o object) (hostname, peerType, channel, model string) {
+	return o.describe("hostname", MaxDisplayNameLen), o.describe("peerType", MaxRoleLen),
+		o.describe("channel", MaxRoleLen), o.describe("model", MaxDisplayNameLen)
+}
+
+func decodeSessionHello(o object) (*SessionHello, *Error) {
+	var m SessionHello
+	var e *Error
+	if m.MeshID, e = o.reqStr("meshId", MaxIDLen); e != nil {
+		return nil, e
+	}
+	if m.ParentMemberID, e = o.optStr("parentMemberId", MaxIDLen); e != nil {
+		return nil, e
+	}
+	// Keys and signatures: types only; their formats are the session_hello checks.
+	if m.ParentMemberPubkey, e = o.reqStr("parentMemberPubkey", 0); e != nil {
+		return nil, e
+	}
+	if m.SessionPubkey, e = o.reqStr("sessionPubkey", 0); e != nil {
+		return nil, e
+	}
+	f, e := o.present("parentAttestation")
+	if e != nil {
+		return nil, e
+	}
+	if f != nil {
+		if f.kind != '{' {
+			return nil, badRequest("parentAttestation: must be an object")
+		}
+		a, err := parseObject(f.val)
+		if err != nil {
+			return nil, badRequest("parentAttestation: " + err.Error())
+		}
+		if m.ParentAttestation.SessionPubkey, e = a.optStr("sessionPubkey", 0); e != nil {
+			e.Message = "parentAttestation." + e.Message
+			return nil, e
+		}
+		if m.ParentAttestation.ParentMemberPubkey, e = a.optStr("parentMemberPubkey", 0); e != nil {
+			e.Message = "parentAttestation." + e.Message
+			return nil, e
+		}
+		if m.ParentAttestation.ExpiresAt, _, e = a.integer("expiresAt"); e != nil {
+			e.Message = "parentAttestation." + e.Message
+			return nil, e
+		}
+		if m.ParentAttestation.Signature, e = a.optStr("signature", 0); e != nil {
+			e.Message = "parentAttestation." + e.Message
+			return nil, e
+		}
+	}
+	if m.DisplayName, e = o.optStr("displayName", MaxDisplayNameLen); e != nil {
+		return nil, e
+	}
+	if m.SessionID, e = o.reqStr("sessionId", MaxIDLen); e != nil {
+		return nil, e
+	}
+	pid, _, e := o.integer("pid")
+	if e != nil {
+		return nil, e
+	}
+	if m.PID, e = nonNegInt("pid", pid); e != nil {
+		return nil, e
+	}
+	if m.CWD, e = o.optStr("cwd", MaxCWDLen); e != nil {
+		return nil, e
+	}
+	m.Hostname, m.PeerType, m.Channel, m.Model = connectionFields(o)
+	if m.Groups, e = groupList(o, "groups"); e != nil {
+		return nil, e
+	}
+	if m.Role, e = o.optStr("role", MaxRoleLen); e != nil {
+		return nil, e
+	}
+	if m.Timestamp, e = o.reqInt("timestamp"); e != nil {
+		return nil, e
+	}
+	if m.Signature, e = o.reqStr("signature", 0); e != nil {
+		return nil, e
+	}
+	v, _, e := o.integer("protocolVersion")
+	if e != nil {
+		return nil, e
+	}
+	if m.ProtocolVersion, e = nonNegInt("protocolVersion", v); e != nil {
+		return nil, e
+	}
+	if m.Capabilities, e = o.stringList("capabilities", MaxCapabilities, MaxCapabilityLen, false); e != nil {
+		return nil, e
+	}
+	return &m, nil
+}
+
+func decodeKick(o object, disconnect bool) (*Kick, *Error) {
+	m := Kick{Disconnect: disconnect}
+	var e *Error
+	if m.Target, e = o.optStr("target", MaxIDLen); e != nil {
+		return nil, e
+	}
+	stale, _, e := o.integer("stale")
+	if e != nil {
+		return nil, e
+	}
+	if stale < 0 {
+		return nil, badRequest("stale: must be a non-negative number of milliseconds")
+	}
+	m.Stale = stale
+	if m.All, e = o.optBool("all"); e != nil {
+		return nil, e
+	}
 	return &m, nil
 }
 
@@ -209,7 +352,10 @@ func decodeClientAck(o object) (*ClientAck, *Error) {
 	if m.BrokerMessageIDs, e = o.stringList("brokerMessageIds", MaxAckIDs, MaxIDLen, true); e != nil {
 		return nil, e
 	}
-	if m.BrokerMessageID == "" && len(m.BrokerMessageIDs) == 0 {
+	if m.ClientMessageID, e = o.optStr("clientMessageId", MaxIDLen); e != nil {
+		return nil, e
+	}
+	if m.BrokerMessageID == "" && len(m.BrokerMessageIDs) == 0 && m.ClientMessageID == "" {
 		return nil, badRequest("brokerMessageId: required string (or brokerMessageIds: non-empty list of strings)")
 	}
 	return &m, nil

@@ -35,12 +35,15 @@ func TestDecodeClientValid(t *testing.T) {
 				"groups":[{"name":"eng/backend","role":"lead"},{"name":"ops"}],
 				"timestamp":-5,"signature":"zz","protocolVersion":1,
 				"capabilities":["client_ack","system_events","grants"],
-				"hostname":"box","peerType":"ai","model":{"nested":[1,2,{"x":null}]}}`,
+				"hostname":"box","peerType":"ai","model":{"nested":[1,2,{"x":null}]},
+				"channel":"claudemesh-session","futureField":[true]}`,
 			want: &Hello{MeshID: "m1", MemberID: "u1", Pubkey: "ABC", SessionPubkey: "def",
 				DisplayName: "Alice", SessionID: "s1", CWD: "",
 				Groups:    []Group{{Name: "eng/backend", Role: "lead"}, {Name: "ops"}},
 				Timestamp: -5, Signature: "zz", ProtocolVersion: 1,
-				Capabilities: []string{"client_ack", "system_events", "grants"}, ReqID: "r1"},
+				Capabilities: []string{"client_ack", "system_events", "grants"}, ReqID: "r1",
+				// model was not a string: a label, so dropped rather than refused.
+				Hostname: "box", PeerType: "ai", Channel: "claudemesh-session"},
 		},
 		{
 			name: "hello optional nulls",

@@ -79,9 +79,10 @@ func appendField(dst []byte, name, value string) []byte {
 
 // MarshalJSON writes the wire form of a push, type included.
 func (m Push) MarshalJSON() ([]byte, error) {
-	n := 200 + len(m.MessageID) + len(m.MeshID) + len(m.SenderPubkey) + len(m.SenderMemberPubkey) +
+	n := 280 + len(m.MessageID) + len(m.MeshID) + len(m.SenderPubkey) + len(m.SenderMemberPubkey) +
 		len(m.Priority) + len(m.Nonce) + len(m.Ciphertext) + len(m.CreatedAt) + len(m.Subtype) +
-		len(m.Event) + len(m.EventData)
+		len(m.Event) + len(m.EventData) + len(m.ClientMessageID) + len(m.RequestFingerprint) +
+		len(m.SenderName) + len(m.SenderMemberID)
 	b := make([]byte, 0, n)
 	b = append(b, `{"type":"push"`...)
 	b = appendField(b, "messageId", m.MessageID)
@@ -108,12 +109,19 @@ func (m Push) MarshalJSON() ([]byte, error) {
 		}
 		b = buf.Bytes()
 	}
+	for _, f := range [...]struct{ name, v string }{{"client_message_id", m.ClientMessageID},
+		{"request_fingerprint", m.RequestFingerprint}, {"senderName", m.SenderName}, {"senderMemberId", m.SenderMemberID}} {
+		if f.v != "" {
+			b = appendField(b, f.name, f.v)
+		}
+	}
 	return append(b, '}'), nil
 }
 
 // MarshalJSON writes the wire form of a send, type included.
 func (m Send) MarshalJSON() ([]byte, error) {
-	n := 120 + len(m.TargetSpec) + len(m.Priority) + len(m.Nonce) + len(m.Ciphertext) + len(m.ID) + len(m.ReqID)
+	n := 170 + len(m.TargetSpec) + len(m.Priority) + len(m.Nonce) + len(m.Ciphertext) + len(m.ID) + len(m.ReqID) +
+		len(m.ClientMessageID) + len(m.RequestFingerprint)
 	b := make([]byte, 0, n)
 	b = append(b, `{"type":"send"`...)
 	b = appendField(b, "targetSpec", m.TargetSpec)
@@ -122,6 +130,12 @@ func (m Send) MarshalJSON() ([]byte, error) {
 	b = appendField(b, "ciphertext", m.Ciphertext)
 	if m.ID != "" {
 		b = appendField(b, "id", m.ID)
+	}
+	if m.ClientMessageID != "" {
+		b = appendField(b, "client_message_id", m.ClientMessageID)
+	}
+	if m.RequestFingerprint != "" {
+		b = appendField(b, "request_fingerprint", m.RequestFingerprint)
 	}
 	if m.ReqID != "" {
 		b = appendField(b, "_reqId", m.ReqID)

@@ -417,6 +417,18 @@ func (o object) optStr(name string, maxLen int) (string, *Error) {
 	return s, e
 }
 
+// describe returns an optional descriptive member (hostname, model, ...): a
+// value that is not a string, is too long or holds NUL is dropped, not refused,
+// because these fields only label a peer and older clients never sent them, so
+// a client sending something odd there must still connect.
+func (o object) describe(name string, maxLen int) string {
+	s, _, e := o.str(name, maxLen)
+	if e != nil {
+		return ""
+	}
+	return s
+}
+
 // optBool returns an optional boolean member, false when absent or null.
 func (o object) optBool(name string) (bool, *Error) {
 	f, e := o.present(name)

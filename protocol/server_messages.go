@@ -34,6 +34,8 @@ type Ack struct {
 	MessageID string `json:"messageId"`
 	Queued    bool   `json:"queued"`
 	Error     string `json:"error,omitempty"`
+	// Duplicate (ext): the send repeated a client_message_id; MessageID is the first's.
+	Duplicate bool   `json:"duplicate,omitempty"`
 	ReqID     string `json:"_reqId,omitempty"`
 }
 
@@ -55,6 +57,12 @@ type Push struct {
 	Subtype   string          `json:"subtype,omitempty"`
 	Event     string          `json:"event,omitempty"`
 	EventData json.RawMessage `json:"eventData,omitempty"`
+	// Today's CLI (ext): the sender's client_message_id and request_fingerprint echoed; the
+	// sender's name and member id on multicasts.
+	ClientMessageID    string `json:"client_message_id,omitempty"`
+	RequestFingerprint string `json:"request_fingerprint,omitempty"`
+	SenderName         string `json:"senderName,omitempty"`
+	SenderMemberID     string `json:"senderMemberId,omitempty"`
 }
 
 // IsSystem reports whether p is a broker-originated system event.
@@ -70,6 +78,15 @@ type Peer struct {
 	Groups      []Group `json:"groups"` // encoded as [] when empty
 	SessionID   string  `json:"sessionId"`
 	ConnectedAt string  `json:"connectedAt"`
+	// Today's CLI (ext): the member's key, the connection's role (session or control-plane)
+	// and what its hello said about it.
+	MemberPubkey string `json:"memberPubkey,omitempty"`
+	PeerRole     string `json:"peerRole,omitempty"`
+	CWD          string `json:"cwd,omitempty"`
+	Hostname     string `json:"hostname,omitempty"`
+	PeerType     string `json:"peerType,omitempty"`
+	Channel      string `json:"channel,omitempty"`
+	Model        string `json:"model,omitempty"`
 }
 
 // PeersList answers list_peers: every live session of the mesh on every
@@ -283,6 +300,16 @@ func DecodeServer(frame []byte) (ServerMessage, error) {
 		m = new(MessageStatusResult)
 	case TypeError:
 		m = new(Error)
+	case TypeKickAck:
+		m = new(KickAck)
+	case TypeDisconnectAck:
+		m = &KickAck{Disconnect: true}
+	case TypeBanAck:
+		m = new(BanAck)
+	case TypeUnbanAck:
+		m = new(UnbanAck)
+	case TypeListBansResult:
+		m = new(ListBansResult)
 	default:
 		return nil, fmt.Errorf("decode server frame: %w %q", ErrUnknownType, truncate(typ, 64))
 	}
@@ -309,6 +336,8 @@ func decodePush(o object) (*Push, *Error) {
 		{"messageId", &m.MessageID}, {"meshId", &m.MeshID}, {"senderPubkey", &m.SenderPubkey},
 		{"senderMemberPubkey", &m.SenderMemberPubkey}, {"nonce", &m.Nonce}, {"ciphertext", &m.Ciphertext},
 		{"createdAt", &m.CreatedAt}, {"subtype", &m.Subtype}, {"event", &m.Event},
+		{"client_message_id", &m.ClientMessageID}, {"request_fingerprint", &m.RequestFingerprint},
+		{"senderName", &m.SenderName}, {"senderMemberId", &m.SenderMemberID},
 	} {
 		if *f.dst, e = o.optStr(f.name, 0); e != nil {
 			return nil, e
@@ -342,6 +371,9 @@ func decodeAck(o object) (*Ack, *Error) {
 		return nil, e
 	}
 	if m.Error, e = o.optStr("error", 0); e != nil {
+		return nil, e
+	}
+	if m.Duplicate, e = o.optBool("duplicate"); e != nil {
 		return nil, e
 	}
 	if m.ReqID, e = o.optStr("_reqId", 0); e != nil {

@@ -36,7 +36,8 @@ SET state = 'pushed', acked_at = NULL,
 FROM locked c, claudemesh.envelope e
 WHERE d.id = c.id AND e.id = d.envelope_id
 RETURNING d.id, d.pushed_presence, e.id AS envelope_id, e.mesh_id, e.sender_pubkey, e.sender_member_pubkey,
-    e.priority, e.nonce, e.ciphertext, e.created_at;
+    e.priority, e.nonce, e.ciphertext, e.created_at, e.sender_member_id, e.sender_name, e.client_message_id,
+    e.request_fingerprint;
 
 -- name: ReleaseDeliveries :many
 -- Pushes that could not be written (the socket closed) go back to pending.

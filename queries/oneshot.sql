@@ -1,22 +1,4 @@
--- The single-statement operations of migration 00005: each is one round trip that commits.
-
--- name: SendBatch :many
-SELECT b.row_kind::text AS row_kind, b.idx::int AS idx, coalesce(b.queued, false)::boolean AS queued,
-    coalesce(b.recipients, 0)::int AS recipients, coalesce(b.delivery_id, 0)::bigint AS delivery_id,
-    coalesce(b.presence_id, '')::text AS presence_id, coalesce(b.assigned, false)::boolean AS assigned
-FROM claudemesh.send_batch(@node_id::text, @ns::text,
-    @e_ids::text[], @e_mesh::text[], @e_sender::text[], @e_sender_pub::text[], @e_sender_member_pub::text[],
-    @e_spec::text[], @e_kind::text[], @e_key::text[], @e_prio::text[], @e_nonce::text[], @e_cipher::text[],
-    @e_client::text[], @e_created::timestamptz[], @e_expires::timestamptz[]) b;
-
--- name: Hello :one
-SELECT h.code::text AS code, coalesce(h.presence_id, '')::text AS presence_id, coalesce(h.status, '')::text AS status,
-    coalesce(h.epoch, 0)::bigint AS epoch, coalesce(h.old_node, '')::text AS old_node,
-    coalesce(h.resumed, false)::boolean AS resumed, coalesce(h.display_name, '')::text AS display_name,
-    coalesce(h.max_sessions, 0)::int AS max_sessions
-FROM claudemesh.hello(@node_id::text, @ns::text, @mesh_id::text, @member_id::text, @pubkey::text,
-    @session_id::text, @session_pubkey::text, @display_name::text, @pid::int, @cwd::text, @groups::jsonb,
-    @caps::text[], @default_limit::int, @signature::text, @sig_expires::timestamptz, @local_live::boolean) h;
+-- The single-statement operations of migrations 00005 and 00007: each is one round trip that commits.
 
 -- name: HookStatus :many
 SELECT coalesce(h.presence_id, '')::text AS presence_id, h.pending::boolean AS pending, h.replayed::boolean AS replayed
@@ -39,3 +21,45 @@ SELECT claudemesh.end_sessions(@node_id::text, @ns::text, @grace_ids::text[], @g
 SELECT mesh_id, key, value, updated_by, updated_at FROM claudemesh.set_state(@ns::text, @mesh_id::text, @key::text,
     @value::jsonb, @updated_by::text, @max_keys::bigint, @max_bytes::bigint, @presence_id::text, @actor::text,
     @audit_data::text);
+
+-- name: SendBatch :many
+-- Idempotent by client_message_id: a retry's row (x) names the stored envelope.
+SELECT b.row_kind::text AS row_kind, b.idx::int AS idx, coalesce(b.queued, false)::boolean AS queued,
+    coalesce(b.recipients, 0)::int AS recipients, coalesce(b.delivery_id, 0)::bigint AS delivery_id,
+    coalesce(b.presence_id, '')::text AS presence_id, coalesce(b.assigned, false)::boolean AS assigned,
+    coalesce(b.original, '')::text AS original, coalesce(b.fingerprint, '')::text AS fingerprint
+FROM claudemesh.send_batch(@node_id::text, @ns::text,
+    @e_ids::text[], @e_mesh::text[], @e_sender::text[], @e_sender_pub::text[], @e_sender_member_pub::text[],
+    @e_spec::text[], @e_kind::text[], @e_key::text[], @e_prio::text[], @e_nonce::text[], @e_cipher::text[],
+    @e_client::text[], @e_created::timestamptz[], @e_expires::timestamptz[],
+    @e_cmid::text[], @e_fp::text[], @e_sender_name::text[]) b;
+
+-- name: Hello :one
+-- A plain hello (role control-plane) or a session_hello (role session).
+SELECT h.code::text AS code, coalesce(h.presence_id, '')::text AS presence_id, coalesce(h.status, '')::text AS status,
+    coalesce(h.epoch, 0)::bigint AS epoch, coalesce(h.old_node, '')::text AS old_node,
+    coalesce(h.resumed, false)::boolean AS resumed, coalesce(h.display_name, '')::text AS display_name,
+    coalesce(h.max_sessions, 0)::int AS max_sessions, coalesce(h.member_id, '')::text AS member_id
+FROM claudemesh.hello(@node_id::text, @ns::text, @mesh_id::text, @member_id::text, @pubkey::text,
+    @session_id::text, @session_pubkey::text, @display_name::text, @pid::int, @cwd::text, @groups::jsonb,
+    @caps::text[], @default_limit::int, @signature::text, @sig_expires::timestamptz, @local_live::boolean,
+    @role::text, @hostname::text, @peer_type::text, @channel::text, @model::text) h;
+
+-- name: Kick :many
+SELECT k.code::text AS code, coalesce(k.name, '')::text AS name, coalesce(k.skipped, false)::boolean AS skipped
+FROM claudemesh.kick(@ns::text, @mesh_id::text, @caller_member::text, @caller_presence::text, @actor::text,
+    @target::text, @stale_ms::bigint, @all_sessions::boolean, @skip_control::boolean, @close_code::int,
+    @close_reason::text) k;
+
+-- name: Ban :one
+SELECT b.code::text AS code, coalesce(b.name, '')::text AS name
+FROM claudemesh.ban(@ns::text, @mesh_id::text, @caller_member::text, @actor::text, @target::text) b;
+
+-- name: Unban :one
+SELECT b.code::text AS code, coalesce(b.name, '')::text AS name
+FROM claudemesh.unban(@mesh_id::text, @caller_member::text, @actor::text, @target::text) b;
+
+-- name: ListBans :many
+SELECT b.code::text AS code, coalesce(b.name, '')::text AS name, coalesce(b.pubkey, '')::text AS pubkey,
+    coalesce(b.revoked_at, 'epoch')::timestamptz AS revoked_at
+FROM claudemesh.list_bans(@mesh_id::text, @caller_member::text, @max_rows::int) b;

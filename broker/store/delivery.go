@@ -14,6 +14,9 @@ type Envelope struct {
 	ID, MeshID, SenderMemberID, SenderPubkey, SenderMemberPubkey string
 	TargetSpec, Priority, Nonce, Ciphertext, ClientID            string
 	CreatedAt, ExpiresAt                                         time.Time
+	// What today's CLI adds: the send's idempotency key and fingerprint (echoed in pushes),
+	// and the sender's display name (senderName).
+	ClientMessageID, RequestFingerprint, SenderName string
 }
 
 // ClaimFor is one session a claim takes deliveries for.
@@ -46,9 +49,10 @@ func (s *Store) Claim(ctx context.Context, nodeID string, sessions []ClaimFor) (
 	}
 	out := make([]Claimed, 0, len(rows))
 	for _, r := range rows {
-		out = append(out, Claimed{ID: r.ID, PresenceID: deref(r.PushedPresence), EnvelopeID: r.EnvelopeID, MeshID: r.MeshID,
-			SenderPubkey: r.SenderPubkey, SenderMemberPubkey: r.SenderMemberPubkey, Priority: r.Priority,
-			Nonce: r.Nonce, Ciphertext: r.Ciphertext, CreatedAt: r.CreatedAt})
+		out = append(out, Claimed{ID: r.ID, PresenceID: deref(r.PushedPresence), Push: Push{EnvelopeID: r.EnvelopeID,
+			MeshID: r.MeshID, SenderPubkey: r.SenderPubkey, SenderMemberPubkey: r.SenderMemberPubkey, Priority: r.Priority,
+			Nonce: r.Nonce, Ciphertext: r.Ciphertext, CreatedAt: r.CreatedAt, SenderMemberID: r.SenderMemberID,
+			SenderName: r.SenderName, ClientMessageID: r.ClientMessageID, RequestFingerprint: r.RequestFingerprint}})
 	}
 	return out, nil
 }

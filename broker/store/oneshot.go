@@ -17,26 +17,31 @@ import (
 // (the rest it claims); it is the session's push window.
 var ReleaseLimit = 128
 
-// HelloParams is a hello whose signature the replica verified.
+// HelloParams is a hello whose signatures the replica verified: a plain hello (Role
+// control-plane, MemberID the hello's memberId) or a session_hello (Role session, MemberPubkey
+// the parent's key, MemberID the optional parentMemberId).
 type HelloParams struct {
 	NodeID, MeshID, MemberID, MemberPubkey, SessionID string
 	SessionPubkey                                     string // "" when none
 	DisplayName, CWD                                  string
+	Role, Hostname, PeerType, Channel, Model          string
 	PID                                               int
 	Groups                                            []Group
 	Capabilities                                      []string
 	DefaultLimit                                      int // MAX_CONNECTIONS_PER_MESH
 	Signature                                         string
 	SignatureExpires                                  time.Time
-	// LocalLive: this replica holds a live socket of this session (a reconnect while the old
-	// socket lingers is a replacement, not a resume).
+	// LocalLive: this replica holds a live socket of this session, by sessionId or session key
+	// (a reconnect while the old socket lingers is a replacement, not a resume).
 	LocalLive bool
 }
 
 // HelloResult is a hello's outcome: Refusal is "" when the presence was registered, else the
-// protocol code (capacity, unauthorized, revoked, hello_replayed, session_key_taken).
+// protocol code (capacity, unauthorized, revoked, parent_member_id_mismatch, hello_replayed,
+// session_key_taken).
 type HelloResult struct {
 	Refusal      string
+	MemberID     string
 	Registration Registration
 	Resumed      bool
 	DisplayName  string
@@ -54,11 +59,12 @@ func (s *Store) Hello(ctx context.Context, p HelloParams) (HelloResult, error) {
 	r, err := s.q.Hello(ctx, db.HelloParams{NodeID: p.NodeID, Ns: s.ns, MeshID: p.MeshID, MemberID: p.MemberID,
 		Pubkey: p.MemberPubkey, SessionID: p.SessionID, SessionPubkey: p.SessionPubkey, DisplayName: p.DisplayName,
 		Pid: int32(p.PID), Cwd: p.CWD, Groups: groups, Caps: caps, DefaultLimit: int32(p.DefaultLimit),
-		Signature: p.Signature, SigExpires: p.SignatureExpires, LocalLive: p.LocalLive})
+		Signature: p.Signature, SigExpires: p.SignatureExpires, LocalLive: p.LocalLive, Role: p.Role, Hostname: p.Hostname,
+		PeerType: p.PeerType, Channel: p.Channel, Model: p.Model})
 	if err != nil {
 		return HelloResult{}, fmt.Errorf("hello: %w", err)
 	}
-	return HelloResult{Refusal: r.Code, Resumed: r.Resumed, DisplayName: r.DisplayName, Limit: int(r.MaxSessions),
+	return HelloResult{Refusal: r.Code, MemberID: r.MemberID, Resumed: r.Resumed, DisplayName: r.DisplayName, Limit: int(r.MaxSessions),
 		Registration: Registration{PresenceID: r.PresenceID, Status: r.Status, Epoch: r.Epoch, OldNode: r.OldNode}}, nil
 }
 
@@ -81,10 +87,13 @@ type OutgoingEnvelope struct {
 }
 
 // SentEnvelope is an envelope's outcome: stored (Queued) with that many recipients, or not
-// (a direct target that is no member and no session key of the mesh).
+// (a direct target that is no member and no session key of the mesh), or a retry of a stored
+// one (Original: its id, StoredFingerprint: its request fingerprint), not stored again.
 type SentEnvelope struct {
-	Queued     bool
-	Recipients int
+	Queued            bool
+	Recipients        int
+	Original          string
+	StoredFingerprint string
 }
 
 // LocalDelivery is a delivery of the batch for a session of this node: assigned to it (push
@@ -105,12 +114,14 @@ func (s *Store) SendBatch(ctx context.Context, nodeID string, envs []OutgoingEnv
 		ESender: make([]string, n), ESenderPub: make([]string, n), ESenderMemberPub: make([]string, n),
 		ESpec: make([]string, n), EKind: make([]string, n), EKey: make([]string, n), EPrio: make([]string, n),
 		ENonce: make([]string, n), ECipher: make([]string, n), EClient: make([]string, n),
-		ECreated: make([]time.Time, n), EExpires: make([]time.Time, n)}
+		ECreated: make([]time.Time, n), EExpires: make([]time.Time, n), ECmid: make([]string, n), EFp: make([]string, n),
+		ESenderName: make([]string, n)}
 	for i, e := range envs {
 		p.EIds[i], p.EMesh[i], p.ESender[i], p.ESenderPub[i] = e.ID, e.MeshID, e.SenderMemberID, e.SenderPubkey
 		p.ESenderMemberPub[i], p.ESpec[i], p.EKind[i], p.EKey[i] = e.SenderMemberPubkey, e.TargetSpec, string(e.Kind), e.Key
 		p.EPrio[i], p.ENonce[i], p.ECipher[i], p.EClient[i] = e.Priority, e.Nonce, e.Ciphertext, e.ClientID
 		p.ECreated[i], p.EExpires[i] = e.CreatedAt, e.ExpiresAt
+		p.ECmid[i], p.EFp[i], p.ESenderName[i] = e.ClientMessageID, e.RequestFingerprint, e.SenderName
 	}
 	rows, err := s.q.SendBatch(ctx, p)
 	if err != nil {
@@ -120,8 +131,12 @@ func (s *Store) SendBatch(ctx context.Context, nodeID string, envs []OutgoingEnv
 	var local []LocalDelivery
 	for _, r := range rows {
 		i := int(r.Idx) - 1
-		if r.RowKind == "e" {
+		switch r.RowKind {
+		case "e":
 			out[i] = SentEnvelope{Queued: r.Queued, Recipients: int(r.Recipients)}
+			continue
+		case "x":
+			out[i] = SentEnvelope{Queued: true, Original: r.Original, StoredFingerprint: r.Fingerprint}
 			continue
 		}
 		local = append(local, LocalDelivery{Envelope: i, ID: r.DeliveryID, PresenceID: r.PresenceID, Assigned: r.Assigned})

@@ -37,7 +37,8 @@ func (s *Store) LivePresences(ctx context.Context, meshID string) ([]Presence, e
 		out[i] = Presence{ID: p.ID, MeshID: p.MeshID, MemberID: p.MemberID, MemberPubkey: p.MemberPubkey, NodeID: p.NodeID,
 			SessionID: p.SessionID, SessionPubkey: deref(p.SessionPubkey), DisplayName: p.DisplayName, CWD: p.Cwd,
 			Status: p.Status, StatusSource: p.StatusSource, Summary: p.Summary, PID: int(p.Pid),
-			ConnectedAt: p.ConnectedAt, InGrace: p.GraceUntil != nil}
+			ConnectedAt: p.ConnectedAt, InGrace: p.GraceUntil != nil, Role: p.Role, Hostname: p.Hostname,
+			PeerType: p.PeerType, Channel: p.Channel, Model: p.Model}
 		_ = json.Unmarshal(p.Groups, &out[i].Groups)
 		out[i].Groups = nonNil(out[i].Groups)
 	}

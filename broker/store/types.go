@@ -34,6 +34,9 @@ type Presence struct {
 	Groups                                                []Group
 	ConnectedAt                                           time.Time
 	InGrace                                               bool
+	// Role is control-plane (a plain hello) or session (session_hello); the rest is what the
+	// hello said about its connection.
+	Role, Hostname, PeerType, Channel, Model string
 }
 
 // RoutingKey is the key others see: the session key if any, else the member key.
@@ -79,11 +82,18 @@ type Holder struct{ NodeID, MemberID string }
 
 // Claimed is a delivery claimed for a session, with what its push carries.
 type Claimed struct {
-	ID                                                   int64
-	PresenceID                                           string
+	ID         int64
+	PresenceID string
+	Push
+}
+
+// Push is what a push frame carries: the envelope and its sender.
+type Push struct {
 	EnvelopeID, MeshID, SenderPubkey, SenderMemberPubkey string
 	Priority, Nonce, Ciphertext                          string
 	CreatedAt                                            time.Time
+	SenderMemberID, SenderName                           string
+	ClientMessageID, RequestFingerprint                  string
 }
 
 // StateEntry is one shared-state key of a mesh.
