@@ -172,6 +172,25 @@ func TestRoundTripsPerOperation(t *testing.T) {
 	require.LessOrEqual(t, n, int64(2), "hook with release, on the hook's replica")
 	t.Logf("hook release: %d round trips on the hook's replica", n)
 
+	// The same release seen from the holder's replica: it pushes from the notification, then
+	// records the push taken (one statement); no claim first.
+	code, _ = postHook(t, srv, bob, protocol.HookRequest{CWD: "/repo/bob", Status: protocol.StatusWorking, SessionID: "claude-bob"})
+	require.Equal(t, http.StatusOK, code)
+	dbtest.WaitFor(t, 5*time.Second, "bob working", func() bool {
+		sess := srv.hub.get(b.HelloAck().PresenceID)
+		sess.mu.Lock()
+		defer sess.mu.Unlock()
+		return sess.status == protocol.StatusWorking
+	})
+	held, err = a.Send(ctx, bob.pub, protocol.PriorityNext, "n", "held for bob", "")
+	require.NoError(t, err)
+	n = flights(t, proxy, func() {
+		code, _ := postHook(t, c.nodes[0], bob, protocol.HookRequest{CWD: "/repo/bob", Status: protocol.StatusIdle, SessionID: "claude-bob"})
+		require.Equal(t, http.StatusOK, code)
+		require.Equal(t, held.MessageID, nextPush(t, b, 5*time.Second).MessageID)
+	}, func() bool { return deliveryState(t, c, held.MessageID) == "pushed" })
+	require.Equal(t, int64(1), n, "a release pushed by the holder: no claim, one record")
+
 	// set_state: one statement (quota, row, notification, audit).
 	n = flights(t, proxy, func() { require.NoError(t, b.SetState(ctx, "build", "green")) }, func() bool {
 		var v string

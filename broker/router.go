@@ -74,7 +74,12 @@ func (r *router) apply(ctx context.Context, m pgbus.Message) {
 	case pgbus.KindStatus:
 		if sess := r.hub.get(m.Presence); sess != nil {
 			if m.Key != "" {
-				noteStatus(r.pusher, sess, protocol.Status(m.Key))
+				// From the status statement itself (apply_status), which, for a connected
+				// session, also released what it may now take: the inline pushes and a wake-up
+				// for the rest follow on this channel. A claim here would only put the session
+				// in backlog and send those pushes back to pending to claim them again: two
+				// round trips before a held message reaches its recipient.
+				sess.setStatus(protocol.Status(m.Key))
 			} else {
 				r.reloadStatus(ctx, sess)
 			}
