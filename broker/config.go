@@ -27,7 +27,7 @@ const (
 	// Limits on what clients can make a replica hold (docs/operations.md, "Security model").
 	DefaultHelloTimeout         = 10 * time.Second
 	DefaultStallTimeout         = 5 * time.Second
-	DefaultHelloConcurrency     = 12 // of the pool's 16 connections: sends, claims and sweeps keep theirs
+	DefaultHelloConcurrency     = 4 // statements of up to 16 hellos each; the pool's other connections serve the rest
 	DefaultHelloQueue           = 1024
 	DefaultCommitters           = 2
 	DefaultMaxUnauthenticated   = 2048
@@ -113,9 +113,10 @@ type Config struct {
 	// Postgres backend busy with send statements; a sender's sends always use one lane.
 	Committers int
 
-	// HelloConcurrency bounds the hellos in the database at once (default: 3/4 of the pool);
-	// HelloQueue bounds those waiting for their turn (default 1024). Beyond, a hello is refused
-	// at once with "overloaded" (close 1013), which clients retry.
+	// HelloConcurrency bounds the hello statements in the database at once (default 4, each
+	// registering up to 16 hellos that waited together); HelloQueue bounds the hellos waiting for
+	// one (default 1024). Beyond, or after 3 s in the queue, a hello is refused at once with
+	// "overloaded" (close 1013), which clients retry.
 	HelloConcurrency int
 	HelloQueue       int
 

@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"hash/fnv"
 	"slices"
-	"sync/atomic"
 	"time"
 
 	"github.com/olahol/melody"
@@ -37,45 +36,6 @@ func (e *helloRefusal) Error() string { return e.code + ": " + e.msg }
 func refuse(code, msg string) *helloRefusal {
 	return &helloRefusal{code: code, msg: msg, closeCd: protocol.CloseHelloRefused}
 }
-
-// helloQueue bounds the hellos of a replica: at most slots of them in the database at once
-// (about its pool), at most waiting more waiting for a slot, none waiting longer than wait.
-// A storm beyond that is answered at once with a clear, retryable refusal (overloaded, close
-// 1013 "try again later") instead of piling onto the database until every hello times out.
-type helloQueue struct {
-	slots   chan struct{}
-	waiting atomic.Int64
-	max     int64
-	wait    time.Duration
-}
-
-func newHelloQueue(slots, waiting int, wait time.Duration) *helloQueue {
-	return &helloQueue{slots: make(chan struct{}, slots), max: int64(waiting), wait: wait}
-}
-
-// enter takes a slot; false when the queue is full or the wait ran out.
-func (q *helloQueue) enter() bool {
-	select {
-	case q.slots <- struct{}{}:
-		return true
-	default:
-	}
-	if q.waiting.Add(1) > q.max {
-		q.waiting.Add(-1)
-		return false
-	}
-	defer q.waiting.Add(-1)
-	t := time.NewTimer(q.wait)
-	defer t.Stop()
-	select {
-	case q.slots <- struct{}{}:
-		return true
-	case <-t.C:
-		return false
-	}
-}
-
-func (q *helloQueue) leave() { <-q.slots }
 
 var errOverloaded = &helloRefusal{code: protocol.CodeOverloaded, msg: "too many hellos at once; retry in a moment",
 	closeCd: protocol.CloseTryAgainLater}
@@ -242,14 +202,9 @@ func signatureExpiry(ts time.Time) time.Time { return ts.Add(helloMaxSkew + 5*ti
 // then the presence (taken over by session key or sessionId, or new), its notifications and
 // its audit entry.
 func (p *peers) register(ctx context.Context, ms *melody.Session, r *helloReq) (*session, bool, error) {
-	if !p.hellos.enter() {
-		return nil, false, errOverloaded
-	}
-	defer p.hellos.leave()
 	hp := r.params
-	hp.NodeID, hp.DefaultLimit = p.nodeID, p.cfg.MaxConnsPerMesh
 	hp.LocalLive = p.liveHere(hp.MeshID, hp.MemberPubkey, hp.SessionID, hp.SessionPubkey)
-	res, err := p.store.Hello(ctx, hp)
+	res, err := p.registrar.register(ctx, hp)
 	if err != nil {
 		return nil, false, err
 	}

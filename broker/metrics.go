@@ -30,6 +30,7 @@ type Metrics struct {
 	BusReceived       prometheus.Counter
 	BusEvents         *prometheus.CounterVec
 	BatchSize         prometheus.Histogram
+	HelloBatchSize    prometheus.Histogram
 	CommitSeconds     prometheus.Histogram
 	HookRequests      *prometheus.CounterVec
 	DeadNodes         prometheus.Counter
@@ -71,6 +72,8 @@ func newMetrics() *Metrics {
 		BusEvents:         cv("bus_events_total", "Listener events: reconnect, overflow, bad_payload.", "event"),
 		BatchSize: prometheus.NewHistogram(prometheus.HistogramOpts{Namespace: "claudemesh", Name: "commit_batch_size",
 			Help: "Sends per group-commit transaction.", Buckets: prometheus.ExponentialBuckets(1, 2, 10)}),
+		HelloBatchSize: prometheus.NewHistogram(prometheus.HistogramOpts{Namespace: "claudemesh", Name: "hello_batch_size",
+			Help: "Hellos registered per statement.", Buckets: prometheus.ExponentialBuckets(1, 2, 5)}),
 		CommitSeconds: prometheus.NewHistogram(prometheus.HistogramOpts{Namespace: "claudemesh", Name: "commit_seconds",
 			Help: "Time to resolve and commit one send batch.", Buckets: prometheus.ExponentialBuckets(0.0005, 2, 14)}),
 		HookRequests:     cv("hook_requests_total", "Hook requests, by outcome.", "outcome"),
@@ -87,7 +90,7 @@ func newMetrics() *Metrics {
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 		m.HealthChecks, m.ConnActive, m.ConnTotal, m.ConnRejected, m.BadFrames, m.SlowConsumers,
 		m.MessagesRouted, m.Pushes, m.SendFailures, m.SendRefused, m.AdminOps, m.DeliveriesPending, m.BusSent, m.BusReceived,
-		m.BusEvents, m.BatchSize, m.CommitSeconds, m.HookRequests, m.DeadNodes, m.Claims, m.BackgroundErrors,
+		m.BusEvents, m.BatchSize, m.HelloBatchSize, m.CommitSeconds, m.HookRequests, m.DeadNodes, m.Claims, m.BackgroundErrors,
 	)
 	return m
 }

@@ -130,6 +130,10 @@ func TestMetricsDocumented(t *testing.T) {
 	require.NoError(t, err)
 	_, err = m.tryDial(0, &testMember{id: "nobody", name: "mallory", key: priv, pub: hex.EncodeToString(pub)})
 	require.Error(t, err)
+	_, err = a.Send(ctx, bob.pub, protocol.PriorityNow, "n", strings.Repeat("c", srv.cfg.MaxEnvelopeBytes), "") // sends_refused
+	require.Error(t, err)
+	_, err = a.ListBans(ctx) // admin_operations
+	require.Error(t, err)
 	code, _ := postHook(t, srv, alice, protocol.HookRequest{CWD: "/work/alice", PID: 1000, Status: "working"}) // hook_requests
 	require.Equal(t, http.StatusOK, code)
 	code, _ = getHealth(t, srv.Addr()) // health_checks

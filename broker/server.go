@@ -44,6 +44,7 @@ type Server struct {
 	heartbeat *pgbus.Heartbeat
 	peers     *peers
 	committer *committer
+	registrar *registrar
 	pusher    *pusher
 	recorder  *recorder
 	ender     *ender
@@ -110,10 +111,12 @@ func NewServer(cfg Config, pool *pgxpool.Pool, logger *slog.Logger) (*Server, er
 	s.ender = newEnder(s.store, nodeID, cfg.Grace(), s.log, s.metrics)
 	pl := &planner{ttl: cfg.MessageTTL, now: time.Now}
 	s.committer = newCommitter(s.store, pl, nodeID, s.pusher, cfg.MaxBatch, cfg.Committers, s.log, s.metrics)
+	s.registrar = newRegistrar(s.store, nodeID, cfg.MaxConnsPerMesh, cfg.HelloConcurrency, cfg.HelloQueue, helloQueueWait,
+		s.log, s.metrics)
 	s.peers = &peers{cfg: cfg, nodeID: nodeID, store: s.store, hub: s.hub,
-		gate:    newGate(cfg.MaxUnauthenticated, cfg.MaxUnauthPerSource, cfg.HelloTimeout),
-		hellos:  newHelloQueue(cfg.HelloConcurrency, cfg.HelloQueue, helloQueueWait),
-		signals: sig, committer: s.committer, pusher: s.pusher, recorder: s.recorder, ender: s.ender,
+		gate:      newGate(cfg.MaxUnauthenticated, cfg.MaxUnauthPerSource, cfg.HelloTimeout),
+		registrar: s.registrar,
+		signals:   sig, committer: s.committer, pusher: s.pusher, recorder: s.recorder, ender: s.ender,
 		metrics: s.metrics, log: s.log, refusals: refusals, draining: &s.draining}
 	s.peers.melody = s.peers.newMelody()
 	s.sweeper = &sweeper{store: s.store, signals: sig, hub: s.hub, pusher: s.pusher, ender: s.ender,
@@ -125,7 +128,8 @@ func NewServer(cfg Config, pool *pgxpool.Pool, logger *slog.Logger) (*Server, er
 	gd := &guard{peers: s.peers, pusher: s.pusher, stall: cfg.StallTimeout}
 	// Start order: the node row first (presences reference it), the listener, then the
 	// services that write (records and ends stop last, so closing sessions are recorded).
-	s.services = append(s.services, s.heartbeat, bus, s.recorder, s.ender, s.pusher, s.committer, rt, s.sweeper, live, gd)
+	s.services = append(s.services, s.heartbeat, bus, s.recorder, s.ender, s.pusher, s.committer, s.registrar, rt, s.sweeper,
+		live, gd)
 
 	s.metrics.registerFuncs(s)
 	hk := &hooks{cfg: cfg, store: s.store, signals: sig, metrics: s.metrics, log: s.log, refusals: refusals,

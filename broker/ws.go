@@ -37,7 +37,7 @@ type peers struct {
 	store     *store.Store
 	hub       *hub
 	gate      *gate
-	hellos    *helloQueue
+	registrar *registrar
 	signals   signals
 	committer *committer
 	pusher    *pusher

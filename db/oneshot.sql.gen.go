@@ -95,42 +95,45 @@ func (q *Queries) EndSessions(ctx context.Context, arg EndSessionsParams) (int32
 	return ended, err
 }
 
-const hello = `-- name: Hello :one
-SELECT h.code::text AS code, coalesce(h.presence_id, '')::text AS presence_id, coalesce(h.status, '')::text AS status,
-    coalesce(h.epoch, 0)::bigint AS epoch, coalesce(h.old_node, '')::text AS old_node,
-    coalesce(h.resumed, false)::boolean AS resumed, coalesce(h.display_name, '')::text AS display_name,
-    coalesce(h.max_sessions, 0)::int AS max_sessions, coalesce(h.member_id, '')::text AS member_id
-FROM claudemesh.hello($1::text, $2::text, $3::text, $4::text, $5::text,
-    $6::text, $7::text, $8::text, $9::int, $10::text, $11::jsonb,
-    $12::text[], $13::int, $14::text, $15::timestamptz, $16::boolean,
-    $17::text, $18::text, $19::text, $20::text, $21::text) h
+const helloBatch = `-- name: HelloBatch :many
+SELECT h.idx::int AS idx, h.code::text AS code, coalesce(h.presence_id, '')::text AS presence_id,
+    coalesce(h.status, '')::text AS status, coalesce(h.epoch, 0)::bigint AS epoch,
+    coalesce(h.old_node, '')::text AS old_node, coalesce(h.resumed, false)::boolean AS resumed,
+    coalesce(h.display_name, '')::text AS display_name, coalesce(h.max_sessions, 0)::int AS max_sessions,
+    coalesce(h.member_id, '')::text AS member_id, coalesce(h.failure, '')::text AS failure
+FROM claudemesh.hello_batch($1::text, $2::text, $3::int, $4::text[], $5::text[],
+    $6::text[], $7::text[], $8::text[], $9::text[], $10::int[],
+    $11::text[], $12::jsonb[], $13::jsonb[], $14::text[], $15::timestamptz[],
+    $16::boolean[], $17::text[], $18::text[], $19::text[], $20::text[],
+    $21::text[]) h
 `
 
-type HelloParams struct {
-	NodeID        string
-	Ns            string
-	MeshID        string
-	MemberID      string
-	Pubkey        string
-	SessionID     string
-	SessionPubkey string
-	DisplayName   string
-	Pid           int32
-	Cwd           string
-	Groups        json.RawMessage
-	Caps          []string
-	DefaultLimit  int32
-	Signature     string
-	SigExpires    time.Time
-	LocalLive     bool
-	Role          string
-	Hostname      string
-	PeerType      string
-	Channel       string
-	Model         string
+type HelloBatchParams struct {
+	NodeID         string
+	Ns             string
+	DefaultLimit   int32
+	HMesh          []string
+	HMemberID      []string
+	HPubkey        []string
+	HSessionID     []string
+	HSessionPubkey []string
+	HDisplayName   []string
+	HPid           []int32
+	HCwd           []string
+	HGroups        []json.RawMessage
+	HCaps          []json.RawMessage
+	HSignature     []string
+	HSigExpires    []time.Time
+	HLocalLive     []bool
+	HRole          []string
+	HHostname      []string
+	HPeerType      []string
+	HChannel       []string
+	HModel         []string
 }
 
-type HelloRow struct {
+type HelloBatchRow struct {
+	Idx         int32
 	Code        string
 	PresenceID  string
 	Status      string
@@ -140,46 +143,63 @@ type HelloRow struct {
 	DisplayName string
 	MaxSessions int32
 	MemberID    string
+	Failure     string
 }
 
-// A plain hello (role control-plane) or a session_hello (role session).
-func (q *Queries) Hello(ctx context.Context, arg HelloParams) (HelloRow, error) {
-	row := q.db.QueryRow(ctx, hello,
+// Plain hellos (role control-plane) and session_hellos (role session), registered in one
+// statement; failure is set for one that failed with an error (code 'failed').
+func (q *Queries) HelloBatch(ctx context.Context, arg HelloBatchParams) ([]HelloBatchRow, error) {
+	rows, err := q.db.Query(ctx, helloBatch,
 		arg.NodeID,
 		arg.Ns,
-		arg.MeshID,
-		arg.MemberID,
-		arg.Pubkey,
-		arg.SessionID,
-		arg.SessionPubkey,
-		arg.DisplayName,
-		arg.Pid,
-		arg.Cwd,
-		arg.Groups,
-		arg.Caps,
 		arg.DefaultLimit,
-		arg.Signature,
-		arg.SigExpires,
-		arg.LocalLive,
-		arg.Role,
-		arg.Hostname,
-		arg.PeerType,
-		arg.Channel,
-		arg.Model,
+		arg.HMesh,
+		arg.HMemberID,
+		arg.HPubkey,
+		arg.HSessionID,
+		arg.HSessionPubkey,
+		arg.HDisplayName,
+		arg.HPid,
+		arg.HCwd,
+		arg.HGroups,
+		arg.HCaps,
+		arg.HSignature,
+		arg.HSigExpires,
+		arg.HLocalLive,
+		arg.HRole,
+		arg.HHostname,
+		arg.HPeerType,
+		arg.HChannel,
+		arg.HModel,
 	)
-	var i HelloRow
-	err := row.Scan(
-		&i.Code,
-		&i.PresenceID,
-		&i.Status,
-		&i.Epoch,
-		&i.OldNode,
-		&i.Resumed,
-		&i.DisplayName,
-		&i.MaxSessions,
-		&i.MemberID,
-	)
-	return i, err
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	items := []HelloBatchRow{}
+	for rows.Next() {
+		var i HelloBatchRow
+		if err := rows.Scan(
+			&i.Idx,
+			&i.Code,
+			&i.PresenceID,
+			&i.Status,
+			&i.Epoch,
+			&i.OldNode,
+			&i.Resumed,
+			&i.DisplayName,
+			&i.MaxSessions,
+			&i.MemberID,
+			&i.Failure,
+		); err != nil {
+			return nil, err
+		}
+		items = append(items, i)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, err
+	}
+	return items, nil
 }
 
 const hookStatus = `-- name: HookStatus :many

@@ -34,16 +34,19 @@ FROM claudemesh.send_batch(@node_id::text, @ns::text,
     @e_client::text[], @e_created::timestamptz[], @e_expires::timestamptz[],
     @e_cmid::text[], @e_fp::text[], @e_sender_name::text[]) b;
 
--- name: Hello :one
--- A plain hello (role control-plane) or a session_hello (role session).
-SELECT h.code::text AS code, coalesce(h.presence_id, '')::text AS presence_id, coalesce(h.status, '')::text AS status,
-    coalesce(h.epoch, 0)::bigint AS epoch, coalesce(h.old_node, '')::text AS old_node,
-    coalesce(h.resumed, false)::boolean AS resumed, coalesce(h.display_name, '')::text AS display_name,
-    coalesce(h.max_sessions, 0)::int AS max_sessions, coalesce(h.member_id, '')::text AS member_id
-FROM claudemesh.hello(@node_id::text, @ns::text, @mesh_id::text, @member_id::text, @pubkey::text,
-    @session_id::text, @session_pubkey::text, @display_name::text, @pid::int, @cwd::text, @groups::jsonb,
-    @caps::text[], @default_limit::int, @signature::text, @sig_expires::timestamptz, @local_live::boolean,
-    @role::text, @hostname::text, @peer_type::text, @channel::text, @model::text) h;
+-- name: HelloBatch :many
+-- Plain hellos (role control-plane) and session_hellos (role session), registered in one
+-- statement; failure is set for one that failed with an error (code 'failed').
+SELECT h.idx::int AS idx, h.code::text AS code, coalesce(h.presence_id, '')::text AS presence_id,
+    coalesce(h.status, '')::text AS status, coalesce(h.epoch, 0)::bigint AS epoch,
+    coalesce(h.old_node, '')::text AS old_node, coalesce(h.resumed, false)::boolean AS resumed,
+    coalesce(h.display_name, '')::text AS display_name, coalesce(h.max_sessions, 0)::int AS max_sessions,
+    coalesce(h.member_id, '')::text AS member_id, coalesce(h.failure, '')::text AS failure
+FROM claudemesh.hello_batch(@node_id::text, @ns::text, @default_limit::int, @h_mesh::text[], @h_member_id::text[],
+    @h_pubkey::text[], @h_session_id::text[], @h_session_pubkey::text[], @h_display_name::text[], @h_pid::int[],
+    @h_cwd::text[], @h_groups::jsonb[], @h_caps::jsonb[], @h_signature::text[], @h_sig_expires::timestamptz[],
+    @h_local_live::boolean[], @h_role::text[], @h_hostname::text[], @h_peer_type::text[], @h_channel::text[],
+    @h_model::text[]) h;
 
 -- name: Kick :many
 SELECT k.code::text AS code, coalesce(k.name, '')::text AS name, coalesce(k.skipped, false)::boolean AS skipped

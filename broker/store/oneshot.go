@@ -21,16 +21,15 @@ var ReleaseLimit = 128
 // control-plane, MemberID the hello's memberId) or a session_hello (Role session, MemberPubkey
 // the parent's key, MemberID the optional parentMemberId).
 type HelloParams struct {
-	NodeID, MeshID, MemberID, MemberPubkey, SessionID string
-	SessionPubkey                                     string // "" when none
-	DisplayName, CWD                                  string
-	Role, Hostname, PeerType, Channel, Model          string
-	PID                                               int
-	Groups                                            []Group
-	Capabilities                                      []string
-	DefaultLimit                                      int // MAX_CONNECTIONS_PER_MESH
-	Signature                                         string
-	SignatureExpires                                  time.Time
+	MeshID, MemberID, MemberPubkey, SessionID string
+	SessionPubkey                             string // "" when none
+	DisplayName, CWD                          string
+	Role, Hostname, PeerType, Channel, Model  string
+	PID                                       int
+	Groups                                    []Group
+	Capabilities                              []string
+	Signature                                 string
+	SignatureExpires                          time.Time
 	// LocalLive: this replica holds a live socket of this session, by sessionId or session key
 	// (a reconnect while the old socket lingers is a replacement, not a resume).
 	LocalLive bool
@@ -46,26 +45,48 @@ type HelloResult struct {
 	Resumed      bool
 	DisplayName  string
 	Limit        int // the mesh's session limit, for the capacity message
+	Err          error
 }
 
-// Hello checks and registers a hello in one statement: membership, replay, session key,
-// capacity under the mesh's lock, the presence, its notifications and its audit entry.
-func (s *Store) Hello(ctx context.Context, p HelloParams) (HelloResult, error) {
-	groups, _ := json.Marshal(nonNil(p.Groups))
-	caps := p.Capabilities
-	if caps == nil {
-		caps = []string{}
+// Hellos checks and registers hellos in one statement, each as claudemesh.hello does alone:
+// membership, replay, session key, capacity under the mesh's lock, the presence, its
+// notifications and its audit entry. The results are in the order of hs; a hello that failed
+// with an error (not a refusal) has Err set, and fails alone.
+func (s *Store) Hellos(ctx context.Context, nodeID string, defaultLimit int, hs []HelloParams) ([]HelloResult, error) {
+	n := len(hs)
+	p := db.HelloBatchParams{NodeID: nodeID, Ns: s.ns, DefaultLimit: int32(defaultLimit), HMesh: make([]string, n),
+		HMemberID: make([]string, n), HPubkey: make([]string, n), HSessionID: make([]string, n),
+		HSessionPubkey: make([]string, n), HDisplayName: make([]string, n), HPid: make([]int32, n), HCwd: make([]string, n),
+		HGroups: make([]json.RawMessage, n), HCaps: make([]json.RawMessage, n), HSignature: make([]string, n),
+		HSigExpires: make([]time.Time, n), HLocalLive: make([]bool, n), HRole: make([]string, n), HHostname: make([]string, n),
+		HPeerType: make([]string, n), HChannel: make([]string, n), HModel: make([]string, n)}
+	for i, h := range hs {
+		p.HGroups[i], _ = json.Marshal(nonNil(h.Groups))
+		p.HCaps[i], _ = json.Marshal(nonNil(h.Capabilities))
+		p.HMesh[i], p.HMemberID[i], p.HPubkey[i], p.HSessionID[i] = h.MeshID, h.MemberID, h.MemberPubkey, h.SessionID
+		p.HSessionPubkey[i], p.HDisplayName[i], p.HPid[i], p.HCwd[i] = h.SessionPubkey, h.DisplayName, int32(h.PID), h.CWD
+		p.HSignature[i], p.HSigExpires[i], p.HLocalLive[i] = h.Signature, h.SignatureExpires, h.LocalLive
+		p.HRole[i], p.HHostname[i], p.HPeerType[i], p.HChannel[i], p.HModel[i] = h.Role, h.Hostname, h.PeerType, h.Channel, h.Model
 	}
-	r, err := s.q.Hello(ctx, db.HelloParams{NodeID: p.NodeID, Ns: s.ns, MeshID: p.MeshID, MemberID: p.MemberID,
-		Pubkey: p.MemberPubkey, SessionID: p.SessionID, SessionPubkey: p.SessionPubkey, DisplayName: p.DisplayName,
-		Pid: int32(p.PID), Cwd: p.CWD, Groups: groups, Caps: caps, DefaultLimit: int32(p.DefaultLimit),
-		Signature: p.Signature, SigExpires: p.SignatureExpires, LocalLive: p.LocalLive, Role: p.Role, Hostname: p.Hostname,
-		PeerType: p.PeerType, Channel: p.Channel, Model: p.Model})
+	rows, err := s.q.HelloBatch(ctx, p)
 	if err != nil {
-		return HelloResult{}, fmt.Errorf("hello: %w", err)
+		return nil, fmt.Errorf("hello: %w", err)
 	}
-	return HelloResult{Refusal: r.Code, MemberID: r.MemberID, Resumed: r.Resumed, DisplayName: r.DisplayName, Limit: int(r.MaxSessions),
-		Registration: Registration{PresenceID: r.PresenceID, Status: r.Status, Epoch: r.Epoch, OldNode: r.OldNode}}, nil
+	out := make([]HelloResult, n)
+	for _, r := range rows {
+		i := int(r.Idx) - 1
+		if i < 0 || i >= n {
+			continue
+		}
+		if r.Failure != "" {
+			out[i].Err = fmt.Errorf("hello: %s", r.Failure)
+			continue
+		}
+		out[i] = HelloResult{Refusal: r.Code, MemberID: r.MemberID, Resumed: r.Resumed, DisplayName: r.DisplayName,
+			Limit: int(r.MaxSessions), Registration: Registration{PresenceID: r.PresenceID, Status: r.Status, Epoch: r.Epoch,
+				OldNode: r.OldNode}}
+	}
+	return out, nil
 }
 
 // SendKind is what a send's target resolved to before the database: a member or session key,

@@ -19,11 +19,12 @@ type Registration struct {
 	WasInGrace bool
 }
 
-func nonNil(gs []Group) []Group {
-	if gs == nil {
-		return []Group{}
+// nonNil makes a nil list an empty one, which encodes as [] rather than null.
+func nonNil[T any](xs []T) []T {
+	if xs == nil {
+		return []T{}
 	}
-	return gs
+	return xs
 }
 
 // LivePresences lists every live session of a mesh, oldest first.
