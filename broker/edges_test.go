@@ -455,3 +455,31 @@ func TestMetricsBehindToken(t *testing.T) {
 	resp.Body.Close()
 	require.Equal(t, http.StatusOK, resp.StatusCode)
 }
+
+// A peer that closes gets the closing handshake answered (RFC 6455 §5.5.1) rather than the TCP
+// connection dropped: its close completes with the code it sent, or 1000 when it sent none
+// (today's CLI's Node client sends none).
+func TestPeerCloseIsAnswered(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t, 1, nil)
+	for name, payload := range map[string][]byte{
+		"with a code":  websocket.FormatCloseMessage(websocket.CloseGoingAway, "bye"),
+		"without code": {},
+	} {
+		t.Run(name, func(t *testing.T) {
+			conn, _, err := websocket.DefaultDialer.DialContext(ctxT(t), c.wsURL(0), nil)
+			require.NoError(t, err)
+			defer conn.Close()
+			require.NoError(t, conn.WriteControl(websocket.CloseMessage, payload, time.Now().Add(time.Second)))
+			require.NoError(t, conn.SetReadDeadline(time.Now().Add(5*time.Second)))
+			_, _, err = conn.ReadMessage()
+			var ce *websocket.CloseError
+			require.ErrorAs(t, err, &ce, "the broker answered with a close frame")
+			want := websocket.CloseGoingAway
+			if len(payload) == 0 {
+				want = websocket.CloseNormalClosure
+			}
+			require.Equal(t, want, ce.Code)
+		})
+	}
+}

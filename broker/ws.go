@@ -76,6 +76,15 @@ func (p *peers) newMelody() *melody.Melody {
 		if code == websocket.CloseNormalClosure {
 			connOf(ms).end.Set(endNow)
 		}
+		// A handler of our own replaces gorilla's, which answers the peer's close frame as RFC
+		// 6455 requires: answer it here, as a control frame (not behind a full send queue),
+		// with its code (1005 means none was sent, and may not go on the wire).
+		if code == websocket.CloseNoStatusReceived {
+			code = websocket.CloseNormalClosure
+		}
+		if wc := ms.WebsocketConnection(); wc != nil {
+			_ = wc.WriteControl(websocket.CloseMessage, websocket.FormatCloseMessage(code, ""), time.Now().Add(time.Second))
+		}
 		return nil
 	})
 	m.HandleError(func(ms *melody.Session, err error) {
