@@ -84,6 +84,10 @@ func (p *planner) plan(batch []sendReq) *batchPlan {
 			CreatedAt: now, ExpiresAt: now.Add(p.ttl), ClientMessageID: m.ClientMessageID,
 			RequestFingerprint: m.RequestFingerprint, SenderName: r.sess.name(),
 		}})
+		// Encoded once, here: the statement sends it to the other replicas' sessions as is,
+		// and this replica's sessions get the same bytes.
+		e := len(out.envelopes) - 1
+		out.envelopes[e].Frame = out.frame(e)
 		out.reqOf = append(out.reqOf, i)
 	}
 	return out

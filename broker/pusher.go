@@ -47,7 +47,7 @@ type pusher struct {
 func newPusher(st *store.Store, nodeID string, log *slog.Logger, m *Metrics, h *hub) *pusher {
 	p := &pusher{store: st, nodeID: nodeID, log: log, metrics: m, holders: h.memberSessions, local: h.get,
 		dirty: map[*session]struct{}{}, parked: map[*session]struct{}{}, wake: make(chan struct{}, 1)}
-	p.giveBack = p.release
+	p.giveBack = func(ids []int64) { p.release(ids, true) }
 	return p
 }
 
@@ -139,7 +139,8 @@ func (p *pusher) claimAndPush(ctx context.Context, batch []*session) {
 		requests = append(requests, k)
 		live = append(live, sess)
 		claims = append(claims, store.ClaimFor{PresenceID: sess.presenceID, MemberID: sess.memberID,
-			SessionPubkey: sess.sessionPubkey, SessionID: sess.sessionID, IncludeHeld: idle, Limit: limit})
+			SessionPubkey: sess.sessionPubkey, SessionID: sess.sessionID, IncludeHeld: idle, Limit: limit,
+			TakeAssigned: sess.takeAssigned.Swap(false)})
 	}
 	if len(live) == 0 {
 		return
@@ -151,6 +152,9 @@ func (p *pusher) claimAndPush(ctx context.Context, batch []*session) {
 		// The sessions keep their backlog: the next poll or wake-up retries.
 		for i, sess := range live {
 			sess.claimFailed(claims[i].Limit)
+			if claims[i].TakeAssigned {
+				sess.takeAssigned.Store(true) // for the retry
+			}
 		}
 		if ctx.Err() == nil {
 			p.metrics.backgroundError(p.log, "claim", err, "sessions", len(live), "retry", "next poll")
@@ -166,6 +170,9 @@ func (p *pusher) claimAndPush(ctx context.Context, batch []*session) {
 	var unwritten []int64
 	for i, sess := range live {
 		got := byPresence[sess.presenceID]
+		if len(got) > 0 {
+			sess.noteClaimed(got[len(got)-1].ID)
+		}
 		for _, r := range got {
 			b := pushFrame(&r.Push)
 			if !sess.push(b, r.ID, true, false) {
@@ -179,19 +186,19 @@ func (p *pusher) claimAndPush(ctx context.Context, batch []*session) {
 			p.park(sess)
 		}
 	}
-	p.release(unwritten)
+	p.release(unwritten, false)
 }
 
 // release returns claimed deliveries whose socket closed before the write to pending, and
 // wakes the recipients' other local sessions (other replicas catch up on their poll). Rare:
 // only a session closing during its own push.
-func (p *pusher) release(ids []int64) {
+func (p *pusher) release(ids []int64, onlyAssigned bool) {
 	if len(ids) == 0 {
 		return
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), opTimeout)
 	defer cancel()
-	recips, err := p.store.Release(ctx, ids)
+	recips, err := p.store.Release(ctx, ids, onlyAssigned)
 	if err != nil {
 		p.metrics.backgroundError(p.log, "release_unwritten", err, "count", len(ids),
 			"then", "re-sent when the recipient's replica is declared dead or the recipient reconnects")
@@ -214,27 +221,36 @@ type assigned struct {
 
 // pushAssigned pushes deliveries a commit (this replica's or another's) assigned to sessions of
 // this node: each goes into a slot of its session's push window at once. One that can't (the
-// window full, a backlog to keep order behind, the session closed or gone) goes back to pending
-// with every later one of its session, and that session's pusher runs: it claims them in order.
+// window full, a backlog to keep order behind) stays assigned, with every later one of its
+// session, and that session's next claim takes them, in order with what is pending: nothing
+// is written back, and no row is moved while a claim might be taking its neighbours (a claim
+// skips locked rows, so a row being released could be overtaken). One whose session is gone
+// goes back to pending for the member's other sessions.
 func (p *pusher) pushAssigned(items []assigned) {
 	var back []int64
-	var failed map[string]bool
+	var failed map[string]*session // presence → its session, nil when gone
 	for _, a := range items {
 		sess := p.local(a.presenceID)
-		if failed[a.presenceID] || sess == nil || !sess.reserve(a.priority) || !sess.push(a.frame, a.id, true, true) {
+		if sess != nil && sess.claimed(a.id) {
+			continue // a claim took it first (its notification came late): already pushed
+		}
+		if _, ok := failed[a.presenceID]; !ok && sess != nil && sess.reserve(a.priority) && sess.push(a.frame, a.id, true, true) {
+			continue
+		}
+		if failed == nil {
+			failed = map[string]*session{}
+		}
+		failed[a.presenceID] = sess
+		if sess == nil || sess.isClosed() {
 			back = append(back, a.id)
-			if failed == nil {
-				failed = map[string]bool{}
-			}
-			failed[a.presenceID] = true
 		}
 	}
-	if len(back) == 0 {
-		return
+	if len(back) > 0 {
+		p.giveBack(back)
 	}
-	p.giveBack(back)
-	for id := range failed {
-		if sess := p.local(id); sess != nil {
+	for _, sess := range failed {
+		if sess != nil && !sess.isClosed() {
+			sess.takeAssigned.Store(true)
 			p.request(sess)
 		}
 	}

@@ -67,6 +67,11 @@ func (r *router) Start(ctx context.Context) error {
 
 func (r *router) apply(ctx context.Context, m pgbus.Message) {
 	switch m.Kind {
+	case pgbus.KindResync:
+		// In order: what came before goes out first; what follows queues behind the catch-up.
+		r.pusher.pushAssigned(r.pushes)
+		r.pushes = r.pushes[:0]
+		r.resync(ctx, true)
 	case pgbus.KindDeliveries:
 		for _, sess := range r.hub.memberSessions(m.Member) {
 			r.pusher.request(sess)
@@ -96,6 +101,8 @@ func (r *router) apply(ctx context.Context, m pgbus.Message) {
 				SenderMemberPubkey: d.SenderMemberPubkey, Priority: d.Priority, Nonce: d.Nonce, Ciphertext: d.Ciphertext,
 				CreatedAt: time.UnixMicro(d.CreatedMicros), SenderMemberID: d.SenderMemberID, SenderName: d.SenderName,
 				ClientMessageID: d.ClientMessageID, RequestFingerprint: d.RequestFingerprint})})
+	case pgbus.KindPushFrame:
+		r.pushes = append(r.pushes, assigned{presenceID: m.Presence, id: m.ID, priority: protocol.Priority(m.Key), frame: m.Data})
 	case pgbus.KindReplace:
 		if sess := r.hub.get(m.Presence); sess != nil && m.Node != r.nodeID {
 			connOf(sess.ws).end.Set(endReplaced)
@@ -178,6 +185,13 @@ func (r *router) resync(ctx context.Context, full bool) {
 			if sess := r.hub.get(id); sess != nil {
 				sess.setStatus(protocol.Status(st))
 			}
+		}
+		// Pushes assigned to our sessions while notifications were lost are taken by a claim
+		// now, whatever their age; until it has run, the pushes that do arrive queue behind
+		// them (the session is in backlog): order per recipient holds.
+		for _, sess := range r.hub.all() {
+			sess.takeAssigned.Store(true)
+			r.pusher.request(sess)
 		}
 	}
 	claimable, err := r.store.SessionsWithClaimable(ctx, r.nodeID)

@@ -50,8 +50,11 @@ type session struct {
 	clientAck atomic.Bool
 	// sendLimit is the member's send rate on this replica, shared by its sessions (nil: none).
 	sendLimit *rate.Limiter
-	epoch     int64  // the presence registration this socket owns
-	lane      uint32 // the committer lane its sends go through (their order is kept)
+	// takeAssigned: the next claim takes what is assigned to the session whatever its age (the
+	// replica's notifications were lost).
+	takeAssigned atomic.Bool
+	epoch        int64  // the presence registration this socket owns
+	lane         uint32 // the committer lane its sends go through (their order is kept)
 
 	mu          sync.Mutex
 	displayName string
@@ -64,8 +67,12 @@ type session struct {
 	closed   bool
 	// The push window: frames queued on the socket (oldest first), slots promised to a
 	// commit in flight, and whether the pusher waits for room (since when, for the stall check).
-	inflight    []inflightPush
-	reserved    int
+	inflight []inflightPush
+	reserved int
+	// claimedTo is the highest delivery id a claim pushed here. A claim takes the session's
+	// deliveries in id order, so an assigned push at or below it was taken by that claim
+	// (its notification was late): pushing it again would deliver it twice.
+	claimedTo   int64
 	parked      bool
 	stalledFrom time.Time
 	// queued: frames other than pushes queued on the socket or promised (acks to come);
@@ -141,6 +148,20 @@ func (s *session) reserve(p protocol.Priority) bool {
 	}
 	s.reserved++
 	return true
+}
+
+// claimed reports whether a claim already pushed delivery id (see claimedTo).
+func (s *session) claimed(id int64) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return id <= s.claimedTo
+}
+
+// noteClaimed records the highest delivery id a claim pushed.
+func (s *session) noteClaimed(id int64) {
+	s.mu.Lock()
+	s.claimedTo = max(s.claimedTo, id)
+	s.mu.Unlock()
 }
 
 // unreserve gives back a slot whose commit failed.

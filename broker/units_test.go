@@ -201,7 +201,9 @@ func TestPlannerAndSettle(t *testing.T) {
 }
 
 // pushAssigned keeps each session's order: once one delivery can't go into its window, every
-// later one of that session goes back to pending too, and its pusher runs.
+// later one of that session stays assigned for its next claim, which takes them in order (its
+// pusher runs); one for a session not here goes back to pending; one a claim already pushed is
+// not pushed again.
 func TestPushAssignedKeepsOrder(t *testing.T) {
 	h := newHub()
 	a, ka := testSession("pa", "m", "alice")
@@ -217,12 +219,15 @@ func TestPushAssignedKeepsOrder(t *testing.T) {
 	frame := func(id int64) assigned {
 		return assigned{presenceID: "pa", id: id, priority: protocol.PriorityNow, frame: []byte{byte(id)}}
 	}
+	b.noteClaimed(2)
 	items := []assigned{frame(1), frame(2), {presenceID: "pb", id: 3, priority: protocol.PriorityNow, frame: []byte{3}}, frame(4),
-		{presenceID: "gone", id: 5, priority: protocol.PriorityNow, frame: []byte{5}}}
+		{presenceID: "gone", id: 5, priority: protocol.PriorityNow, frame: []byte{5}},
+		{presenceID: "pb", id: 2, priority: protocol.PriorityNow, frame: []byte{2}}}
 	p.pushAssigned(items)
 	require.Equal(t, 1, ka.count(), "one fitted")
-	require.Equal(t, 1, kb.count())
-	require.Equal(t, []int64{2, 4, 5}, back, "the rest of a's, and one for a session not here")
-	require.Contains(t, p.dirty, a, "a's pusher runs to claim them in order")
+	require.Equal(t, 1, kb.count(), "3 pushed; 2 was claimed already")
+	require.Equal(t, []int64{5}, back, "only the one for a session not here")
+	require.Contains(t, p.dirty, a, "a's pusher runs to claim the rest in order")
 	require.True(t, a.backlog)
+	require.True(t, a.takeAssigned.Load(), "its claim takes what stayed assigned, whatever its age")
 }

@@ -52,6 +52,9 @@ func NewPool(ctx context.Context, url string, cfg PoolConfig) (*pgxpool.Pool, er
 	if cfg.AppName != "" {
 		pc.ConnConfig.RuntimeParams["application_name"] = cfg.AppName
 	}
+	// Every statement here is short: JIT compiling one (which Postgres does when a plan's
+	// estimated cost is high, estimates being guesses) takes longer than running it.
+	pc.ConnConfig.RuntimeParams["jit"] = "off"
 	// Short connect timeout: a request waiting on a dead database should fail fast, not hang.
 	if pc.ConnConfig.ConnectTimeout == 0 || pc.ConnConfig.ConnectTimeout > 5*time.Second {
 		pc.ConnConfig.ConnectTimeout = 5 * time.Second

@@ -14,7 +14,8 @@ const claimDeliveries = `-- name: ClaimDeliveries :many
 WITH s AS (
     SELECT unnest($2::text[]) AS presence_id, unnest($3::text[]) AS member_id,
         unnest($4::text[]) AS session_pubkey, unnest($5::text[]) AS session_id,
-        unnest($6::bool[]) AS include_held, unnest($7::int[]) AS lim
+        unnest($6::bool[]) AS include_held, unnest($7::int[]) AS lim,
+        unnest($8::bool[]) AS take_assigned
 ), c AS (
     SELECT s.presence_id, x.id FROM s CROSS JOIN LATERAL (
         SELECT u.id FROM (
@@ -23,10 +24,12 @@ WITH s AS (
               AND claudemesh.claimable(d, s.member_id, s.session_pubkey, s.session_id, s.include_held)
             UNION ALL
             -- Assigned to this session a while ago and never taken: the notification that
-            -- carried it was lost.
+            -- carried it was lost. After the replica's LISTEN connection was lost, any age
+            -- (take_assigned): notifications of the gap are gone, and what follows must queue
+            -- behind them.
             SELECT d.id FROM claudemesh.delivery d
             WHERE d.pushed_presence = s.presence_id AND d.state = 'assigned'
-              AND d.pushed_at < now() - make_interval(secs => $8::float8)
+              AND (s.take_assigned OR d.pushed_at < now() - make_interval(secs => $9::float8))
         ) u
         ORDER BY u.id
         LIMIT s.lim
@@ -54,6 +57,7 @@ type ClaimDeliveriesParams struct {
 	SessionIds           []string
 	IncludeHeld          []bool
 	Limits               []int32
+	TakeAssigned         []bool
 	AssignedStaleSeconds float64
 }
 
@@ -89,6 +93,7 @@ func (q *Queries) ClaimDeliveries(ctx context.Context, arg ClaimDeliveriesParams
 		arg.SessionIds,
 		arg.IncludeHeld,
 		arg.Limits,
+		arg.TakeAssigned,
 		arg.AssignedStaleSeconds,
 	)
 	if err != nil {
@@ -340,18 +345,25 @@ func (q *Queries) PendingDeliveryCount(ctx context.Context) (int64, error) {
 const releaseDeliveries = `-- name: ReleaseDeliveries :many
 UPDATE claudemesh.delivery SET state = 'pending', pushed_node = NULL, pushed_presence = NULL,
     pushed_at = NULL, acked_at = NULL
-WHERE id = ANY($1::bigint[]) AND state IN ('assigned', 'pushed', 'acked')
+WHERE id = ANY($1::bigint[]) AND (state = 'assigned' OR (state = 'pushed' AND NOT $2::boolean))
 RETURNING mesh_id, recipient_member_id
 `
+
+type ReleaseDeliveriesParams struct {
+	Ids          []int64
+	OnlyAssigned bool
+}
 
 type ReleaseDeliveriesRow struct {
 	MeshID            string
 	RecipientMemberID string
 }
 
-// Pushes that could not be written (the socket closed) go back to pending.
-func (q *Queries) ReleaseDeliveries(ctx context.Context, ids []int64) ([]ReleaseDeliveriesRow, error) {
-	rows, err := q.db.Query(ctx, releaseDeliveries, ids)
+// Pushes that could not be written go back to pending: claimed ones whose socket closed
+// (pushed), or assigned ones that could not be pushed in order (assigned). With only_assigned,
+// a row a claim took meanwhile (pushed: on its way) is left alone, not delivered twice.
+func (q *Queries) ReleaseDeliveries(ctx context.Context, arg ReleaseDeliveriesParams) ([]ReleaseDeliveriesRow, error) {
+	rows, err := q.db.Query(ctx, releaseDeliveries, arg.Ids, arg.OnlyAssigned)
 	if err != nil {
 		return nil, err
 	}

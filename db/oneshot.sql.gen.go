@@ -372,7 +372,7 @@ FROM claudemesh.send_batch($1::text, $2::text,
     $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
     $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], $13::text[],
     $14::text[], $15::timestamptz[], $16::timestamptz[],
-    $17::text[], $18::text[], $19::text[]) b
+    $17::text[], $18::text[], $19::text[], $20::text[]) b
 `
 
 type SendBatchParams struct {
@@ -395,6 +395,7 @@ type SendBatchParams struct {
 	ECmid            []string
 	EFp              []string
 	ESenderName      []string
+	EFrame           []string
 }
 
 type SendBatchRow struct {
@@ -431,6 +432,7 @@ func (q *Queries) SendBatch(ctx context.Context, arg SendBatchParams) ([]SendBat
 		arg.ECmid,
 		arg.EFp,
 		arg.ESenderName,
+		arg.EFrame,
 	)
 	if err != nil {
 		return nil, err

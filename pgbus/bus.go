@@ -124,8 +124,10 @@ func (b *Bus) ClusterChannel() string { return b.cluster }
 // Messages is the queue of received messages, in arrival order.
 func (b *Bus) Messages() <-chan Message { return b.queue }
 
-// Resync fires after every (re)connect and after an overflow: the consumer must re-read
-// everything it holds, since notifications may have been missed.
+// Resync fires after an overflow of the queue: the consumer must re-read everything it holds,
+// since notifications were dropped. After every (re)connect the same request comes in order,
+// as a KindResync message on Messages: before anything received on the new connection, so
+// the consumer catches up on the gap before it applies what followed it.
 func (b *Bus) Resync() <-chan struct{} { return b.resync }
 
 // Connected reports whether the LISTEN connection is up.
@@ -149,6 +151,16 @@ func (b *Bus) signalResync() {
 	select {
 	case b.resync <- struct{}{}:
 	default: // one pending signal is enough
+	}
+}
+
+// resyncInOrder queues a resync among the messages; a full queue falls back to the signal.
+func (b *Bus) resyncInOrder() {
+	select {
+	case b.queue <- Message{Kind: KindResync}:
+	default:
+		b.cfg.Observe("overflow", 1)
+		b.signalResync()
 	}
 }
 
@@ -261,7 +273,8 @@ func (h *handler) HandleBacklog(_ context.Context, channel string, _ *pgx.Conn) 
 		h.b.lastPing.Store(time.Now().UnixNano())
 		h.onConnect()
 		h.b.log.Info("LISTEN connected", "channel", h.b.node)
-		h.b.signalResync()
+		// Notifications are read only after every channel's backlog call: this comes first.
+		h.b.resyncInOrder()
 	}
 	return nil
 }
@@ -282,7 +295,7 @@ func (h *handler) HandleNotification(_ context.Context, n *pgconn.Notification, 
 		}
 		h.b.cfg.Observe("received", 1)
 		if m.Kind == KindResync {
-			h.b.signalResync()
+			h.b.resyncInOrder()
 			continue
 		}
 		select {

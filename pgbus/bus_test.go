@@ -79,8 +79,8 @@ func TestDirectedNotifyAndResyncOnReconnect(t *testing.T) {
 	url := dbtest.URL(t)
 	a := startBus(t, url, "a")
 	b := startBus(t, url, "b")
-	<-a.Resync() // the first connect asks for a catch-up
-	<-b.Resync()
+	requireResync(t, a) // the first connect asks for a catch-up
+	requireResync(t, b)
 	pool := dbtest.PoolFor(t, url)
 	q := db.New(pool)
 
@@ -104,19 +104,26 @@ func TestDirectedNotifyAndResyncOnReconnect(t *testing.T) {
 	_, err = pool.Exec(context.Background(), `SELECT pg_terminate_backend(pid) FROM pg_stat_activity
 		WHERE datname = current_database() AND application_name = $1`, ListenerAppName("b"))
 	require.NoError(t, err)
-	select {
-	case <-b.Resync():
-	case <-time.After(10 * time.Second):
-		t.Fatal("no resync after reconnect")
-	}
+	requireResync(t, b)
 	dbtest.WaitFor(t, 10*time.Second, "b listening again", b.Connected)
+}
+
+// requireResync waits for the resync a (re)connect puts first among the messages.
+func requireResync(t *testing.T, b *Bus) {
+	t.Helper()
+	select {
+	case m := <-b.Messages():
+		require.Equal(t, KindResync, m.Kind, "a connect's resync comes before any message")
+	case <-time.After(10 * time.Second):
+		t.Fatal("no resync after connect")
+	}
 }
 
 func TestOverflowBecomesResync(t *testing.T) {
 	t.Parallel()
 	url := dbtest.URL(t)
 	b := startBus(t, url, "b")
-	<-b.Resync()
+	requireResync(t, b)
 	q := db.New(dbtest.PoolFor(t, url))
 	var o Outbox
 	for i := range 50 { // the queue holds 8

@@ -21,6 +21,7 @@ const (
 	KindDeliveries = "d" // Member has new or released pending deliveries.
 	KindStatus     = "s" // Presence's status changed (to Key when set, else reload it).
 	KindPush       = "u" // A delivery assigned to Presence: Data carries it (PushData); push it now.
+	KindPushFrame  = "w" // The same, Data being the push frame itself, ID the delivery, Key its priority.
 	KindReplace    = "r" // Presence was taken over elsewhere: close the local socket.
 	KindKick       = "k" // Member's sessions must close (revoked/kicked).
 	KindEvent      = "e" // Mesh-wide system event (peer_joined/left/status), data inline.
@@ -38,6 +39,7 @@ type Message struct {
 	Node     string          `json:"n,omitempty"`
 	Key      string          `json:"y,omitempty"`
 	Code     int             `json:"c,omitempty"`
+	ID       int64           `json:"i,omitempty"`
 	Data     json.RawMessage `json:"x,omitempty"`
 }
 

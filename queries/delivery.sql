@@ -8,7 +8,8 @@
 WITH s AS (
     SELECT unnest(@presence_ids::text[]) AS presence_id, unnest(@member_ids::text[]) AS member_id,
         unnest(@session_pubkeys::text[]) AS session_pubkey, unnest(@session_ids::text[]) AS session_id,
-        unnest(@include_held::bool[]) AS include_held, unnest(@limits::int[]) AS lim
+        unnest(@include_held::bool[]) AS include_held, unnest(@limits::int[]) AS lim,
+        unnest(@take_assigned::bool[]) AS take_assigned
 ), c AS (
     SELECT s.presence_id, x.id FROM s CROSS JOIN LATERAL (
         SELECT u.id FROM (
@@ -17,10 +18,12 @@ WITH s AS (
               AND claudemesh.claimable(d, s.member_id, s.session_pubkey, s.session_id, s.include_held)
             UNION ALL
             -- Assigned to this session a while ago and never taken: the notification that
-            -- carried it was lost.
+            -- carried it was lost. After the replica's LISTEN connection was lost, any age
+            -- (take_assigned): notifications of the gap are gone, and what follows must queue
+            -- behind them.
             SELECT d.id FROM claudemesh.delivery d
             WHERE d.pushed_presence = s.presence_id AND d.state = 'assigned'
-              AND d.pushed_at < now() - make_interval(secs => @assigned_stale_seconds::float8)
+              AND (s.take_assigned OR d.pushed_at < now() - make_interval(secs => @assigned_stale_seconds::float8))
         ) u
         ORDER BY u.id
         LIMIT s.lim
@@ -40,10 +43,12 @@ RETURNING d.id, d.pushed_presence, e.id AS envelope_id, e.mesh_id, e.sender_pubk
     e.request_fingerprint;
 
 -- name: ReleaseDeliveries :many
--- Pushes that could not be written (the socket closed) go back to pending.
+-- Pushes that could not be written go back to pending: claimed ones whose socket closed
+-- (pushed), or assigned ones that could not be pushed in order (assigned). With only_assigned,
+-- a row a claim took meanwhile (pushed: on its way) is left alone, not delivered twice.
 UPDATE claudemesh.delivery SET state = 'pending', pushed_node = NULL, pushed_presence = NULL,
     pushed_at = NULL, acked_at = NULL
-WHERE id = ANY(@ids::bigint[]) AND state IN ('assigned', 'pushed', 'acked')
+WHERE id = ANY(@ids::bigint[]) AND (state = 'assigned' OR (state = 'pushed' AND NOT @only_assigned::boolean))
 RETURNING mesh_id, recipient_member_id;
 
 -- name: MarkDelivered :exec

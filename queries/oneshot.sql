@@ -32,7 +32,7 @@ FROM claudemesh.send_batch(@node_id::text, @ns::text,
     @e_ids::text[], @e_mesh::text[], @e_sender::text[], @e_sender_pub::text[], @e_sender_member_pub::text[],
     @e_spec::text[], @e_kind::text[], @e_key::text[], @e_prio::text[], @e_nonce::text[], @e_cipher::text[],
     @e_client::text[], @e_created::timestamptz[], @e_expires::timestamptz[],
-    @e_cmid::text[], @e_fp::text[], @e_sender_name::text[]) b;
+    @e_cmid::text[], @e_fp::text[], @e_sender_name::text[], @e_frame::text[]) b;
 
 -- name: HelloBatch :many
 -- Plain hellos (role control-plane) and session_hellos (role session), registered in one

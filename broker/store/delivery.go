@@ -24,6 +24,9 @@ type ClaimFor struct {
 	PresenceID, MemberID, SessionPubkey, SessionID string
 	IncludeHeld                                    bool // may take next/low (the session is idle)
 	Limit                                          int  // at most this many
+	// TakeAssigned takes what is assigned to the session whatever its age: after a lost LISTEN
+	// connection, whose notifications are gone.
+	TakeAssigned bool
 }
 
 // AssignedStale is how long a delivery may stay assigned to a session (its notification on the
@@ -42,6 +45,7 @@ func (s *Store) Claim(ctx context.Context, nodeID string, sessions []ClaimFor) (
 		p.SessionIds = append(p.SessionIds, c.SessionID)
 		p.IncludeHeld = append(p.IncludeHeld, c.IncludeHeld)
 		p.Limits = append(p.Limits, int32(c.Limit))
+		p.TakeAssigned = append(p.TakeAssigned, c.TakeAssigned)
 	}
 	rows, err := s.q.ClaimDeliveries(ctx, p)
 	if err != nil {
@@ -72,9 +76,11 @@ func (s *Store) SessionsWithClaimable(ctx context.Context, nodeID string) (map[s
 	return out, nil
 }
 
-// Release returns claimed deliveries that were never written to pending.
-func (s *Store) Release(ctx context.Context, ids []int64) ([]Recipient, error) {
-	rows, err := s.q.ReleaseDeliveries(ctx, ids)
+// Release returns deliveries that were never written to pending: claimed ones whose socket
+// closed, or (onlyAssigned) assigned ones that could not be pushed in order, unless a claim
+// took them meanwhile.
+func (s *Store) Release(ctx context.Context, ids []int64, onlyAssigned bool) ([]Recipient, error) {
+	rows, err := s.q.ReleaseDeliveries(ctx, db.ReleaseDeliveriesParams{Ids: ids, OnlyAssigned: onlyAssigned})
 	if err != nil {
 		return nil, fmt.Errorf("release deliveries: %w", err)
 	}

@@ -105,7 +105,14 @@ type OutgoingEnvelope struct {
 	Envelope
 	Kind SendKind
 	Key  string // the normalized target key (direct) or the group name (group)
+	// Frame is the envelope's push, encoded once: other replicas get it inside their
+	// notification. nil when too large to ride along (InlineMax): they claim it instead.
+	Frame []byte
 }
+
+// InlineMax is the largest push frame that rides inside a notification (under Postgres's
+// 8000-byte payload, with room for the line around it).
+const InlineMax = 6000
 
 // SentEnvelope is an envelope's outcome: stored (Queued) with that many recipients, or not
 // (a direct target that is no member and no session key of the mesh), or a retry of a stored
@@ -136,13 +143,16 @@ func (s *Store) SendBatch(ctx context.Context, nodeID string, envs []OutgoingEnv
 		ESpec: make([]string, n), EKind: make([]string, n), EKey: make([]string, n), EPrio: make([]string, n),
 		ENonce: make([]string, n), ECipher: make([]string, n), EClient: make([]string, n),
 		ECreated: make([]time.Time, n), EExpires: make([]time.Time, n), ECmid: make([]string, n), EFp: make([]string, n),
-		ESenderName: make([]string, n)}
+		ESenderName: make([]string, n), EFrame: make([]string, n)}
 	for i, e := range envs {
 		p.EIds[i], p.EMesh[i], p.ESender[i], p.ESenderPub[i] = e.ID, e.MeshID, e.SenderMemberID, e.SenderPubkey
 		p.ESenderMemberPub[i], p.ESpec[i], p.EKind[i], p.EKey[i] = e.SenderMemberPubkey, e.TargetSpec, string(e.Kind), e.Key
 		p.EPrio[i], p.ENonce[i], p.ECipher[i], p.EClient[i] = e.Priority, e.Nonce, e.Ciphertext, e.ClientID
 		p.ECreated[i], p.EExpires[i] = e.CreatedAt, e.ExpiresAt
 		p.ECmid[i], p.EFp[i], p.ESenderName[i] = e.ClientMessageID, e.RequestFingerprint, e.SenderName
+		if len(e.Frame) <= InlineMax {
+			p.EFrame[i] = string(e.Frame)
+		}
 	}
 	rows, err := s.q.SendBatch(ctx, p)
 	if err != nil {
