@@ -33,6 +33,12 @@ func (p *peers) adminError(op string, err error) error {
 		outcome, err = "not_found", &protocol.Error{Code: protocol.CodeNotFound, Message: "no such member"}
 	case errors.Is(err, store.ErrBanSelf):
 		outcome, err = "invalid", &protocol.Error{Code: protocol.CodeInvalid, Message: "cannot ban yourself"}
+	case errors.Is(err, store.ErrAmbiguous):
+		outcome, err = "invalid", &protocol.Error{Code: protocol.CodeInvalid,
+			Message: "several members match that name or key prefix: give the full key"}
+	case errors.Is(err, store.ErrProtected):
+		outcome, err = "forbidden", &protocol.Error{Code: protocol.CodeForbidden,
+			Message: "the mesh owner can't be banned, and only the owner can ban an admin"}
 	default:
 		outcome = "error"
 	}

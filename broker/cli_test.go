@@ -343,17 +343,29 @@ func TestReattachBySessionKey(t *testing.T) {
 			_, err = watcher.Send(ctxT(t), keyHex(bKey), protocol.PriorityNow, "n", "to bob", "")
 			require.NoError(t, err)
 
-			b2 := m.dial(2, bob, kind.with(bKey), func(o *client.Options) { o.SessionID = "run-2" })
+			eng := []protocol.Group{{Name: "eng"}}
+			b2 := m.dial(2, bob, kind.with(bKey), func(o *client.Options) { o.SessionID = "run-2"; o.Groups = eng })
 			require.Equal(t, presence, b2.HelloAck().PresenceID, "the same presence")
 			require.True(t, b2.HelloAck().Resumed)
-			got := []string{nextPush(t, b2, 5*time.Second).Ciphertext, nextPush(t, b2, 5*time.Second).Ciphertext}
+			var got []string
+			for range 2 {
+				p := nextPush(t, b2, 5*time.Second)
+				got = append(got, p.Ciphertext)
+				require.NoError(t, b2.AckPush(ctxT(t), p))
+				dbtest.WaitFor(t, 5*time.Second, "ack recorded", func() bool { return deliveryState(t, c, p.MessageID) == "acked" })
+			}
 			require.ElementsMatch(t, []string{"to the group", "to bob"}, got, "the queue was kept")
 
-			// Live on replica 2, taken over from replica 0 with yet another sessionId.
-			b3 := m.dial(0, bob, kind.with(bKey), func(o *client.Options) { o.SessionID = "run-3" })
+			// Live on replica 2, taken over from replica 0 with yet another sessionId while a
+			// group message pushed to it is not acked yet: it comes again on the new socket.
+			unacked, err := watcher.Send(ctxT(t), "@eng", protocol.PriorityNow, "n", "not acked", "")
+			require.NoError(t, err)
+			require.Equal(t, unacked.MessageID, nextPush(t, b2, 5*time.Second).MessageID)
+			b3 := m.dial(0, bob, kind.with(bKey), func(o *client.Options) { o.SessionID = "run-3"; o.Groups = eng })
 			require.Equal(t, presence, b3.HelloAck().PresenceID)
 			<-b2.Done()
 			require.Equal(t, protocol.CloseSessionReplaced, b2.CloseCode())
+			require.Equal(t, unacked.MessageID, nextPush(t, b3, 5*time.Second).MessageID, "the unacked group message again")
 			peers, err := watcher.ListPeers(ctxT(t))
 			require.NoError(t, err)
 			var rows []string
@@ -429,6 +441,24 @@ func TestKickAndBan(t *testing.T) {
 	requireCode(t, err, protocol.CodeInvalid)
 	_, err = ad.Ban(ctxT(t), "nobody")
 	requireCode(t, err, protocol.CodeNotFound)
+	// A name two members share names neither: nobody is banned by guess.
+	m.member("twin")
+	m.member("twin")
+	_, err = ad.Ban(ctxT(t), "twin")
+	requireCode(t, err, protocol.CodeInvalid)
+	// An admin can't ban the owner, nor another admin; the owner can ban an admin.
+	owner, other := m.member("owner"), m.member("other-admin")
+	_, err = c.pool.Exec(ctxT(t), `UPDATE claudemesh.member SET role = 'admin' WHERE id = $1`, other.id)
+	require.NoError(t, err)
+	_, err = c.pool.Exec(ctxT(t), `UPDATE claudemesh.mesh SET owner_pubkey = $1 WHERE id = $2`, owner.pub, m.id)
+	require.NoError(t, err)
+	for _, target := range []string{owner.pub, "other-admin"} {
+		_, err = ad.Ban(ctxT(t), target)
+		requireCode(t, err, protocol.CodeForbidden)
+	}
+	name, err = m.dial(1, owner, asDaemon).Ban(ctxT(t), "other-admin")
+	require.NoError(t, err)
+	require.Equal(t, "other-admin", name)
 
 	// unban: bob is back.
 	name, err = ad.Unban(ctxT(t), bob.pub)
@@ -437,7 +467,8 @@ func TestKickAndBan(t *testing.T) {
 	m.dial(2, bob, asSession(newKey(t)))
 	bans, err = ad.ListBans(ctxT(t))
 	require.NoError(t, err)
-	require.Empty(t, bans)
+	require.Len(t, bans, 1)
+	require.Equal(t, "other-admin", bans[0].Name, "bob is no longer listed")
 
 	// Audited, and the chain still verifies.
 	var events []string
@@ -450,7 +481,7 @@ func TestKickAndBan(t *testing.T) {
 		events = append(events, e)
 	}
 	require.NoError(t, rows.Err())
-	require.Equal(t, []string{"peer_kicked", "peer_kicked", "member_banned", "member_unbanned"}, events)
+	require.Equal(t, []string{"peer_kicked", "peer_kicked", "member_banned", "member_banned", "member_unbanned"}, events)
 	_, err = audit.Verify(ctxT(t), c.pool, m.id)
 	require.NoError(t, err)
 }

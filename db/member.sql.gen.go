@@ -9,6 +9,17 @@ import (
 	"context"
 )
 
+const lockMeshHellos = `-- name: LockMeshHellos :exec
+SELECT pg_advisory_xact_lock(hashtextextended('claudemesh.hello:' || $1::text, 0))
+`
+
+// The lock a hello takes around its capacity and membership checks (claudemesh.hello): a
+// revocation holding it until it commits can't be raced by a hello already past its checks.
+func (q *Queries) LockMeshHellos(ctx context.Context, meshID string) error {
+	_, err := q.db.Exec(ctx, lockMeshHellos, meshID)
+	return err
+}
+
 const memberInsert = `-- name: MemberInsert :one
 INSERT INTO claudemesh.member (mesh_id, pubkey, display_name, role, invite_id)
 VALUES ($1, $2, $3, $4, $5)

@@ -17,3 +17,8 @@ ORDER BY created_at, id;
 UPDATE claudemesh.member SET revoked_at = now()
 WHERE mesh_id = @mesh_id AND pubkey = @pubkey AND revoked_at IS NULL
 RETURNING *;
+
+-- name: LockMeshHellos :exec
+-- The lock a hello takes around its capacity and membership checks (claudemesh.hello): a
+-- revocation holding it until it commits can't be raced by a hello already past its checks.
+SELECT pg_advisory_xact_lock(hashtextextended('claudemesh.hello:' || @mesh_id::text, 0));

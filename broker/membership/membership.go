@@ -474,6 +474,9 @@ func (s *Service) RevokeMember(ctx context.Context, mesh, pubkey string) (Member
 		if err != nil {
 			return err
 		}
+		if err := q.LockMeshHellos(ctx, m.ID); err != nil {
+			return err
+		}
 		mb, err := q.MemberRevoke(ctx, db.MemberRevokeParams{MeshID: m.ID, Pubkey: pub})
 		if err = db.NotFound(err); errors.Is(err, db.ErrNotFound) {
 			return ErrMemberNotFound

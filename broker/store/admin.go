@@ -18,6 +18,10 @@ import (
 var (
 	ErrForbidden = errors.New("only an admin of the mesh may do this")
 	ErrBanSelf   = errors.New("cannot ban yourself")
+	// ErrAmbiguous: the target (a display name or key prefix) names several members.
+	ErrAmbiguous = errors.New("several members match")
+	// ErrProtected: the owner's key, or an admin when the caller is not the owner.
+	ErrProtected = errors.New("member is protected")
 )
 
 // Caller is the session running an admin operation.
@@ -120,14 +124,22 @@ func adminCode(code string) error {
 		return ErrNotFound
 	case "self":
 		return ErrBanSelf
+	case "ambiguous":
+		return ErrAmbiguous
+	case "protected":
+		return ErrProtected
 	}
 	return nil
 }
 
-// ClientMessageRace reports whether a send batch failed because another transaction stored
-// an envelope with the same client_message_id first (a retry racing its first attempt on
-// another replica): the batch, run again, folds the send into that envelope.
+// ClientMessageRace reports whether a send batch failed because of another one storing the
+// same client_message_id (a retry racing its first attempt on another replica): a unique
+// violation, or a deadlock when two batches hold each other's ids. Run again, the batch folds
+// the send into the envelope stored first.
 func ClientMessageRace(err error) bool {
 	var pgErr *pgconn.PgError
-	return errors.As(err, &pgErr) && pgErr.Code == "23505" && pgErr.ConstraintName == "envelope_client_message"
+	if !errors.As(err, &pgErr) {
+		return false
+	}
+	return (pgErr.Code == "23505" && pgErr.ConstraintName == "envelope_client_message") || pgErr.Code == "40P01"
 }
