@@ -136,6 +136,10 @@ func (m *Metrics) observeBus(event string, n int) {
 
 // registerFuncs adds gauges read from the server at scrape time.
 func (m *Metrics) registerFuncs(s *Server) {
+	m.Registry.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Namespace: "claudemesh", Name: "session_capacity",
+		Help: "Sessions this replica's open-file limit allows (one descriptor each); 0 when unknown."}, func() float64 {
+		return float64(sessionCapacity(s.fileLimit.Load()))
+	}))
 	m.Registry.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Namespace: "claudemesh", Name: "listener_up",
 		Help: "1 when this replica's LISTEN connection is up."}, func() float64 {
 		if s.bus.Connected() {

@@ -138,9 +138,10 @@ func (p *pusher) claimAndPush(ctx context.Context, batch []*session) {
 		}
 		requests = append(requests, k)
 		live = append(live, sess)
+		retake, all := sess.claimAssigned()
 		claims = append(claims, store.ClaimFor{PresenceID: sess.presenceID, MemberID: sess.memberID,
 			SessionPubkey: sess.sessionPubkey, SessionID: sess.sessionID, IncludeHeld: idle, Limit: limit,
-			TakeAssigned: sess.takeAssigned.Swap(false)})
+			Retake: retake, TakeAssigned: all})
 	}
 	if len(live) == 0 {
 		return
@@ -152,9 +153,6 @@ func (p *pusher) claimAndPush(ctx context.Context, batch []*session) {
 		// The sessions keep their backlog: the next poll or wake-up retries.
 		for i, sess := range live {
 			sess.claimFailed(claims[i].Limit)
-			if claims[i].TakeAssigned {
-				sess.takeAssigned.Store(true) // for the retry
-			}
 		}
 		if ctx.Err() == nil {
 			p.metrics.backgroundError(p.log, "claim", err, "sessions", len(live), "retry", "next poll")
@@ -170,11 +168,11 @@ func (p *pusher) claimAndPush(ctx context.Context, batch []*session) {
 	var unwritten []int64
 	for i, sess := range live {
 		got := byPresence[sess.presenceID]
-		if len(got) > 0 {
-			sess.noteClaimed(got[len(got)-1].ID)
-		}
 		for _, r := range got {
 			b := pushFrame(&r.Push)
+			if r.FromAssigned {
+				sess.pushedClaimed(r.ID)
+			}
 			if !sess.push(b, r.ID, true, false) {
 				unwritten = append(unwritten, r.ID) // closed meanwhile: back to pending
 			}
@@ -231,7 +229,7 @@ func (p *pusher) pushAssigned(items []assigned) {
 	var failed map[string]*session // presence → its session, nil when gone
 	for _, a := range items {
 		sess := p.local(a.presenceID)
-		if sess != nil && sess.claimed(a.id) {
+		if sess != nil && sess.claimedByClaim(a.id) {
 			continue // a claim took it first (its notification came late): already pushed
 		}
 		if _, ok := failed[a.presenceID]; !ok && sess != nil && sess.reserve(a.priority) && sess.push(a.frame, a.id, true, true) {
@@ -243,6 +241,8 @@ func (p *pusher) pushAssigned(items []assigned) {
 		failed[a.presenceID] = sess
 		if sess == nil || sess.isClosed() {
 			back = append(back, a.id)
+		} else {
+			sess.toRetake(a.id)
 		}
 	}
 	if len(back) > 0 {
@@ -250,7 +250,6 @@ func (p *pusher) pushAssigned(items []assigned) {
 	}
 	for _, sess := range failed {
 		if sess != nil && !sess.isClosed() {
-			sess.takeAssigned.Store(true)
 			p.request(sess)
 		}
 	}

@@ -187,10 +187,10 @@ func (r *router) resync(ctx context.Context, full bool) {
 			}
 		}
 		// Pushes assigned to our sessions while notifications were lost are taken by a claim
-		// now, whatever their age; until it has run, the pushes that do arrive queue behind
-		// them (the session is in backlog): order per recipient holds.
+		// now; until it has run, the pushes that do arrive queue behind them (the session is
+		// in backlog): order per recipient holds.
 		for _, sess := range r.hub.all() {
-			sess.takeAssigned.Store(true)
+			sess.takeAllAssigned()
 			r.pusher.request(sess)
 		}
 	}

@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"os"
 	"strings"
 	"sync"
@@ -38,6 +39,8 @@ type Server struct {
 	metrics  *Metrics
 	mux      *http.ServeMux
 	draining atomic.Bool
+	// fileLimit is the open-file limit after Start raised it (sessions hold one each).
+	fileLimit atomic.Uint64
 
 	hub       *hub
 	bus       *pgbus.Bus
@@ -151,7 +154,11 @@ func NewServer(cfg Config, pool *pgxpool.Pool, logger *slog.Logger) (*Server, er
 // metricsHandler serves Prometheus text, behind METRICS_TOKEN when set (a bearer token): the
 // numbers say how busy each mesh's cluster is, which not every client should read.
 func (s *Server) metricsHandler() http.Handler {
-	h := promhttp.HandlerFor(s.metrics.Registry, promhttp.HandlerOpts{})
+	return s.guardMetrics(promhttp.HandlerFor(s.metrics.Registry, promhttp.HandlerOpts{}))
+}
+
+// guardMetrics puts h behind METRICS_TOKEN when it is set.
+func (s *Server) guardMetrics(h http.Handler) http.Handler {
 	if s.cfg.MetricsToken == "" {
 		return h
 	}
@@ -227,6 +234,15 @@ func (s *Server) addrOf(ln func() net.Listener) string {
 // registered before anything is served) and serves HTTP. Postgres being down does not fail
 // Start: the replica serves 503 health and registers itself when the database returns.
 func (s *Server) Start(ctx context.Context, addr string) error {
+	if before, after, err := raiseFileLimit(); err != nil {
+		s.log.Warn("could not raise the open-file limit; sessions are capped by it", "limit", before, "err", err)
+		s.fileLimit.Store(before)
+	} else {
+		if after > before {
+			s.log.Info("open-file limit raised to the hard limit", "from", before, "to", after)
+		}
+		s.fileLimit.Store(after)
+	}
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
 		return fmt.Errorf("listen %s: %w", addr, err)
@@ -262,6 +278,10 @@ func (s *Server) Start(ctx context.Context, addr string) error {
 	if mln != nil {
 		mux := http.NewServeMux()
 		mux.Handle("GET /metrics", s.metricsHandler())
+		// Profiles (heap, goroutines, CPU) for the operator, only on this address: never on the
+		// peers' port, and behind METRICS_TOKEN when set.
+		mux.Handle("GET /debug/pprof/", s.guardMetrics(http.HandlerFunc(pprof.Index)))
+		mux.Handle("GET /debug/pprof/profile", s.guardMetrics(http.HandlerFunc(pprof.Profile)))
 		ms := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 		s.mu.Lock()
 		s.metricsSrv = ms
@@ -358,6 +378,22 @@ type Health struct {
 	UptimeS  int64  `json:"uptimeSeconds"`
 	Sessions int    `json:"sessions"`
 	Listener string `json:"listener"` // up, down
+	// Capacity is how many sessions this replica's open-file limit allows (0: unknown): the
+	// figure to set a load balancer's per-replica limit below.
+	Capacity     int    `json:"sessionCapacity,omitempty"`
+	OpenFilesMax uint64 `json:"openFilesLimit,omitempty"`
+}
+
+// fdReserve is what a replica keeps of its open-file limit for other than sessions: its pool
+// and LISTEN connections, listeners, sockets being upgraded, logs.
+const fdReserve = 256
+
+// sessionCapacity is the sessions an open-file limit allows: one descriptor each.
+func sessionCapacity(limit uint64) int {
+	if limit <= fdReserve {
+		return 0
+	}
+	return int(min(limit-fdReserve, 1<<31-1))
 }
 
 func (s *Server) handleHealth(w http.ResponseWriter, r *http.Request) {
@@ -366,6 +402,8 @@ func (s *Server) handleHealth(w http.ResponseWriter, r *http.Request) {
 	ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
 	defer cancel()
 	h.Sessions = s.hub.len()
+	h.OpenFilesMax = s.fileLimit.Load()
+	h.Capacity = sessionCapacity(h.OpenFilesMax)
 	h.Listener = "up"
 	if !s.bus.Connected() {
 		h.Status, h.Listener = "degraded", "down"

@@ -1,6 +1,7 @@
 package broker
 
 import (
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -28,8 +29,19 @@ const pushWindow = socketQueue / 2
 // replyWindow bounds the other frames a session has queued or promised (acks of sends in the
 // committer, replies, events). While it is full, the session's next request is not read: a
 // client that pipelines faster than it reads its acks is slowed down instead of overflowing
-// its queue. Push window + reply window stay under socketQueue, leaving room for events.
+// its queue.
 const replyWindow = socketQueue / 4
+
+// otherOnWire bounds the frames other than pushes handed to the socket's queue at once; the
+// rest of the queue is the push window's, and two slots stay free for a close frame. Frames
+// beyond it (a burst of events, say a mesh reconnecting) wait in the session's spill, which is
+// allocated only while used, and go out as the socket writes: the queue every session pays for
+// stays small, and a burst never overflows it.
+const otherOnWire = socketQueue - pushWindow - 2
+
+// maxSpill bounds the spill: a peer that lets this many frames wait is not reading, and is
+// closed as a slow consumer (its messages stay pending for the next connection).
+const maxSpill = 512
 
 // session is one authenticated WebSocket on this replica. Identity fields are set once at
 // hello; the rest is guarded by mu and changed only through the methods below.
@@ -50,11 +62,8 @@ type session struct {
 	clientAck atomic.Bool
 	// sendLimit is the member's send rate on this replica, shared by its sessions (nil: none).
 	sendLimit *rate.Limiter
-	// takeAssigned: the next claim takes what is assigned to the session whatever its age (the
-	// replica's notifications were lost).
-	takeAssigned atomic.Bool
-	epoch        int64  // the presence registration this socket owns
-	lane         uint32 // the committer lane its sends go through (their order is kept)
+	epoch     int64  // the presence registration this socket owns
+	lane      uint32 // the committer lane its sends go through (their order is kept)
 
 	mu          sync.Mutex
 	displayName string
@@ -69,16 +78,26 @@ type session struct {
 	// commit in flight, and whether the pusher waits for room (since when, for the stall check).
 	inflight []inflightPush
 	reserved int
-	// claimedTo is the highest delivery id a claim pushed here. A claim takes the session's
-	// deliveries in id order, so an assigned push at or below it was taken by that claim
-	// (its notification was late): pushing it again would deliver it twice.
-	claimedTo   int64
-	parked      bool
-	stalledFrom time.Time
+	// retake: deliveries assigned here that could not be pushed in order (the window full, a
+	// backlog ahead of them): the next claims take them, with what is pending, in id order.
+	// takeAll: the replica's notifications were lost: the claims take all that is assigned
+	// here. Both hold until a claim round catches up. claimedAssigned: assigned deliveries a
+	// claim pushed, whose notification may still come (then it is not pushed twice); the last
+	// few, kept only while claims take assigned ones.
+	retake          []int64
+	takeAll         bool
+	claimedAssigned []int64
+	parked          bool
+	stalledFrom     time.Time
 	// queued: frames other than pushes queued on the socket or promised (acks to come);
 	// roomWait is signalled when a reader blocked on a full reply window may go on.
 	queued   int
 	roomWait chan struct{}
+	// otherWire: frames other than pushes in the socket's queue; spill: those waiting for room
+	// (see otherOnWire); overflow closes the socket when the spill is full (nil in unit tests).
+	otherWire int
+	spill     [][]byte
+	overflow  func()
 }
 
 // inflightPush is a push frame queued on the socket. frame identifies the queued bytes: melody
@@ -150,17 +169,46 @@ func (s *session) reserve(p protocol.Priority) bool {
 	return true
 }
 
-// claimed reports whether a claim already pushed delivery id (see claimedTo).
-func (s *session) claimed(id int64) bool {
+// maxClaimedAssigned bounds the memo of assigned deliveries a claim pushed: their notifications
+// come within moments if at all.
+const maxClaimedAssigned = 256
+
+// claimedByClaim reports whether a claim already pushed assigned delivery id (its notification
+// came late).
+func (s *session) claimedByClaim(id int64) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return id <= s.claimedTo
+	return slices.Contains(s.claimedAssigned, id)
 }
 
-// noteClaimed records the highest delivery id a claim pushed.
-func (s *session) noteClaimed(id int64) {
+// toRetake records an assigned delivery that could not be pushed in order.
+func (s *session) toRetake(id int64) {
 	s.mu.Lock()
-	s.claimedTo = max(s.claimedTo, id)
+	s.retake = append(s.retake, id)
+	s.mu.Unlock()
+}
+
+// takeAllAssigned makes the claims take everything assigned here (notifications were lost).
+func (s *session) takeAllAssigned() {
+	s.mu.Lock()
+	s.takeAll = true
+	s.mu.Unlock()
+}
+
+// claimAssigned is what a claim round takes besides pending deliveries (see retake).
+func (s *session) claimAssigned() (retake []int64, all bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return slices.Clone(s.retake), s.takeAll
+}
+
+// pushedClaimed remembers an assigned delivery a claim pushed (see claimedAssigned).
+func (s *session) pushedClaimed(id int64) {
+	s.mu.Lock()
+	if len(s.claimedAssigned) == maxClaimedAssigned {
+		s.claimedAssigned = append(s.claimedAssigned[:0], s.claimedAssigned[1:]...)
+	}
+	s.claimedAssigned = append(s.claimedAssigned, id)
 	s.mu.Unlock()
 }
 
@@ -189,7 +237,8 @@ func (s *session) push(frame []byte, id int64, fromReserve, assigned bool) bool 
 }
 
 // send queues a frame other than a push (a reply, an event); promised says its slot in the
-// reply window was taken when the request was accepted (an ack).
+// reply window was taken when the request was accepted (an ack). Beyond otherOnWire it waits
+// in the spill, in order.
 func (s *session) send(frame []byte, promised bool) {
 	s.mu.Lock()
 	if s.closed {
@@ -199,6 +248,18 @@ func (s *session) send(frame []byte, promised bool) {
 	if !promised {
 		s.queued++
 	}
+	if len(s.spill) > 0 || s.otherWire >= otherOnWire {
+		full := len(s.spill) >= maxSpill
+		if !full {
+			s.spill = append(s.spill, frame)
+		}
+		s.mu.Unlock()
+		if full && s.overflow != nil {
+			s.overflow()
+		}
+		return
+	}
+	s.otherWire++
 	s.mu.Unlock()
 	_ = s.out.Write(frame)
 }
@@ -244,10 +305,11 @@ func (s *session) awaitReplyRoom(stall time.Duration) bool {
 
 // written is told every text frame melody wrote to the socket. For a push it returns the
 // delivery (with whether a commit assigned it), and wake when a claim parked on the full
-// window may run again.
-func (s *session) written(frame []byte) (p inflightPush, push, wake bool) {
+// window may run again; for another frame, next is the spilled frame that now has room (the
+// caller writes it).
+func (s *session) written(frame []byte) (p inflightPush, push, wake bool, next []byte) {
 	if len(frame) == 0 {
-		return p, false, false
+		return p, false, false, nil
 	}
 	data := unsafe.SliceData(frame)
 	s.mu.Lock()
@@ -257,13 +319,24 @@ func (s *session) written(frame []byte) (p inflightPush, push, wake bool) {
 		if s.queued > 0 {
 			s.queued--
 		}
+		if s.otherWire > 0 {
+			s.otherWire--
+		}
+		if len(s.spill) > 0 && !s.closed {
+			next, s.spill[0] = s.spill[0], nil
+			s.spill = s.spill[1:]
+			if len(s.spill) == 0 {
+				s.spill = nil // the spill's memory goes with the burst
+			}
+			s.otherWire++
+		}
 		if s.roomWait != nil {
 			select {
 			case s.roomWait <- struct{}{}:
 			default:
 			}
 		}
-		return p, false, false
+		return p, false, false, next
 	}
 	p = s.inflight[0]
 	s.inflight = s.inflight[1:]
@@ -276,7 +349,7 @@ func (s *session) written(frame []byte) (p inflightPush, push, wake bool) {
 			s.parked, s.stalledFrom, wake = false, time.Time{}, true
 		}
 	}
-	return p, true, wake
+	return p, true, wake, nil
 }
 
 // requestPush records that pending deliveries may wait for the session: until the pusher
@@ -336,7 +409,10 @@ func (s *session) claimDone(got, limit int, requests uint64) claimResult {
 		return claimCaughtUp
 	}
 	if got < limit && s.requests == requests {
+		// Caught up: nothing assigned is left to retake (a retake recorded since would have
+		// come with a request).
 		s.backlog = false
+		s.retake, s.takeAll = nil, false
 		return claimCaughtUp
 	}
 	if s.room() <= 0 {

@@ -1,6 +1,7 @@
 package broker
 
 import (
+	"fmt"
 	"strings"
 	"sync"
 	"testing"
@@ -98,12 +99,12 @@ func TestSessionPushWindow(t *testing.T) {
 	require.True(t, stalled, "nothing written for longer than the stall timeout")
 
 	// A reply written in between is not a push.
-	_, push, _ := s.written([]byte("reply"))
+	_, push, _, _ := s.written([]byte("reply"))
 	require.False(t, push)
 	// Pushes are reported written in order; the claim wakes at half the window.
 	woke := false
 	for i, f := range frames {
-		d, push, wake := s.written(f)
+		d, push, wake, _ := s.written(f)
 		require.True(t, push)
 		require.Equal(t, int64(i+1), d.id)
 		require.False(t, d.assigned, "claimed, not assigned")
@@ -115,6 +116,36 @@ func TestSessionPushWindow(t *testing.T) {
 	}
 	require.True(t, woke)
 	require.Nil(t, s.inflight, "an idle session holds no window memory")
+}
+
+// A burst of events beyond the socket's share for them waits in the session, in order, and
+// goes out as the socket writes: the queue never overflows; a spill that fills up closes the
+// socket (the peer is not reading).
+func TestSessionSpill(t *testing.T) {
+	s, k := testSession("p", "m", "a")
+	closed := 0
+	s.overflow = func() { closed++ }
+	frames := make([][]byte, otherOnWire+maxSpill)
+	for i := range frames {
+		frames[i] = []byte(fmt.Sprint("event ", i))
+		s.send(frames[i], false)
+	}
+	require.Equal(t, otherOnWire, k.count(), "only the events' share of the queue is used")
+	require.Len(t, s.spill, maxSpill)
+	require.Zero(t, closed)
+	s.send([]byte("one too many"), false)
+	require.Equal(t, 1, closed, "a full spill closes the socket")
+	// Each frame written lets the next spilled one out, in order.
+	for i := range frames {
+		_, push, _, next := s.written(frames[i])
+		require.False(t, push)
+		if j := i + otherOnWire; j < len(frames) {
+			require.Equal(t, frames[j], next)
+		} else {
+			require.Nil(t, next)
+		}
+	}
+	require.Nil(t, s.spill, "the spill's memory goes with the burst")
 }
 
 func TestSessionReplyWindow(t *testing.T) {
@@ -219,7 +250,7 @@ func TestPushAssignedKeepsOrder(t *testing.T) {
 	frame := func(id int64) assigned {
 		return assigned{presenceID: "pa", id: id, priority: protocol.PriorityNow, frame: []byte{byte(id)}}
 	}
-	b.noteClaimed(2)
+	b.pushedClaimed(2) // a claim pushed 2 first
 	items := []assigned{frame(1), frame(2), {presenceID: "pb", id: 3, priority: protocol.PriorityNow, frame: []byte{3}}, frame(4),
 		{presenceID: "gone", id: 5, priority: protocol.PriorityNow, frame: []byte{5}},
 		{presenceID: "pb", id: 2, priority: protocol.PriorityNow, frame: []byte{2}}}
@@ -229,5 +260,6 @@ func TestPushAssignedKeepsOrder(t *testing.T) {
 	require.Equal(t, []int64{5}, back, "only the one for a session not here")
 	require.Contains(t, p.dirty, a, "a's pusher runs to claim the rest in order")
 	require.True(t, a.backlog)
-	require.True(t, a.takeAssigned.Load(), "its claim takes what stayed assigned, whatever its age")
+	retake, _ := a.claimAssigned()
+	require.Equal(t, []int64{2, 4}, retake, "its claims take the ones that stayed assigned")
 }

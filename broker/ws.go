@@ -1,8 +1,10 @@
 package broker
 
 import (
+	"bufio"
 	"errors"
 	"log/slog"
+	"net"
 	"net/http"
 	"net/url"
 	"slices"
@@ -23,9 +25,10 @@ const (
 	pingPeriod = 30 * time.Second
 	pongWait   = 75 * time.Second
 	writeWait  = 10 * time.Second
-	// socketQueue bounds each socket's outgoing frames (melody's buffer); the push and reply
-	// windows keep it from overflowing. Every session pays for its slots even when idle.
-	socketQueue = 256
+	// socketQueue bounds each socket's outgoing frames (melody's buffer, allocated whole at
+	// the upgrade: every idle session pays 40 bytes a slot); the push window and the spill
+	// (session.go) keep it from overflowing.
+	socketQueue = 64
 )
 
 // peers serves the WebSocket protocol: the upgrade, the handshake and every frame of an
@@ -58,11 +61,16 @@ func (p *peers) newMelody() *melody.Melody {
 	m.Config.WriteWait = writeWait
 	m.Config.MessageBufferSize = socketQueue
 	m.Upgrader.CheckOrigin = p.checkOrigin
-	m.Upgrader.ReadBufferSize = 4096
+	// An idle session holds a 1 KiB read buffer (a larger frame is read past it, straight into
+	// the message) and no write buffer: each write takes one from the pool. net/http's own
+	// 4 KiB pair is let go at the upgrade (slimHijack).
+	m.Upgrader.ReadBufferSize = 1024
 	m.Upgrader.WriteBufferSize = 4096
-	// Idle sessions hold no write buffer: one is taken from the pool for each write.
 	m.Upgrader.WriteBufferPool = &sync.Pool{}
 	m.HandleConnect(func(ms *melody.Session) {
+		// melody keeps the upgrade request for the socket's life; its headers are read (client
+		// address, origin) before the upgrade and never after.
+		ms.Request.Header = nil
 		p.metrics.ConnActive.Inc()
 		p.metrics.ConnTotal.Inc()
 		p.gate.attach(connOf(ms), ms)
@@ -113,7 +121,10 @@ func (p *peers) frameWritten(ms *melody.Session, frame []byte) {
 	if sess == nil {
 		return
 	}
-	d, push, wake := sess.written(frame)
+	d, push, wake, next := sess.written(frame)
+	if next != nil {
+		_ = ms.Write(next) // a spilled frame, in the slot this one freed
+	}
 	if !push {
 		return
 	}
@@ -190,7 +201,7 @@ func (p *peers) handleWS(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "too many unauthenticated connections; retry shortly", http.StatusServiceUnavailable)
 		return
 	}
-	if err := p.melody.HandleRequestWithKeys(w, r, map[string]any{"c": c}); err != nil {
+	if err := p.melody.HandleRequestWithKeys(slimHijack{w}, r, map[string]any{"c": c}); err != nil {
 		p.gate.release(c)
 		p.metrics.ConnRejected.WithLabelValues("upgrade").Inc()
 		p.log.Debug("websocket upgrade", "err", err)
@@ -265,6 +276,23 @@ func (p *peers) handleFrame(ms *melody.Session, frame []byte) {
 		return
 	}
 	p.dispatch(ms, sess, msg)
+}
+
+// slimHijack is the ResponseWriter of a WebSocket upgrade. net/http keeps the 4 KiB reader and
+// writer it serves a connection with for as long as the handler runs, and melody's read loop
+// runs in the handler, so every idle session would hold them unused besides the socket's own
+// buffers. Once the connection is taken over they are swapped, in place, for minimal ones:
+// 8 KiB less per session.
+type slimHijack struct{ http.ResponseWriter }
+
+func (w slimHijack) Hijack() (net.Conn, *bufio.ReadWriter, error) {
+	conn, brw, err := http.NewResponseController(w.ResponseWriter).Hijack()
+	if err != nil || brw.Reader.Buffered() > 0 || brw.Writer.Buffered() > 0 {
+		return conn, brw, err // bytes in flight stay where they are (the upgrade refuses those)
+	}
+	*brw.Reader = *bufio.NewReaderSize(conn, 16)
+	*brw.Writer = *bufio.NewWriterSize(conn, 16)
+	return conn, brw, nil
 }
 
 func presenceOf(c *conn) string {

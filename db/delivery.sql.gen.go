@@ -16,26 +16,29 @@ WITH s AS (
         unnest($4::text[]) AS session_pubkey, unnest($5::text[]) AS session_id,
         unnest($6::bool[]) AS include_held, unnest($7::int[]) AS lim,
         unnest($8::bool[]) AS take_assigned
+), retake AS (
+    SELECT unnest($9::text[]) AS presence_id, unnest($10::bigint[]) AS id
 ), c AS (
-    SELECT s.presence_id, x.id FROM s CROSS JOIN LATERAL (
-        SELECT u.id FROM (
-            SELECT d.id FROM claudemesh.delivery d
+    SELECT s.presence_id, x.id, x.assigned FROM s CROSS JOIN LATERAL (
+        SELECT u.id, u.assigned FROM (
+            SELECT d.id, false AS assigned FROM claudemesh.delivery d
             WHERE d.recipient_member_id = s.member_id AND d.state = 'pending'
               AND claudemesh.claimable(d, s.member_id, s.session_pubkey, s.session_id, s.include_held)
             UNION ALL
-            -- Assigned to this session a while ago and never taken: the notification that
-            -- carried it was lost. After the replica's LISTEN connection was lost, any age
-            -- (take_assigned): notifications of the gap are gone, and what follows must queue
-            -- behind them.
-            SELECT d.id FROM claudemesh.delivery d
+            -- Assigned to this session and not pushed: ones the replica could not push in order
+            -- (retake), all of them after its notifications were lost (take_assigned), and any
+            -- assigned a while ago (the notification that carried it was lost). Not a recent one
+            -- otherwise: it may have been pushed from its notification, its push not recorded yet.
+            SELECT d.id, true FROM claudemesh.delivery d
             WHERE d.pushed_presence = s.presence_id AND d.state = 'assigned'
-              AND (s.take_assigned OR d.pushed_at < now() - make_interval(secs => $9::float8))
+              AND (s.take_assigned OR d.pushed_at < now() - make_interval(secs => $11::float8)
+                   OR d.id IN (SELECT r.id FROM retake r WHERE r.presence_id = s.presence_id))
         ) u
         ORDER BY u.id
         LIMIT s.lim
     ) x
 ), locked AS (
-    SELECT c.presence_id, d.id FROM c JOIN claudemesh.delivery d ON d.id = c.id
+    SELECT c.presence_id, c.assigned, d.id FROM c JOIN claudemesh.delivery d ON d.id = c.id
     WHERE d.state IN ('pending', 'assigned')
     FOR UPDATE OF d SKIP LOCKED
 )
@@ -44,7 +47,7 @@ SET state = 'pushed', acked_at = NULL,
     pushed_node = $1::text, pushed_presence = c.presence_id, pushed_at = now()
 FROM locked c, claudemesh.envelope e
 WHERE d.id = c.id AND e.id = d.envelope_id
-RETURNING d.id, d.pushed_presence, e.id AS envelope_id, e.mesh_id, e.sender_pubkey, e.sender_member_pubkey,
+RETURNING d.id, d.pushed_presence, c.assigned, e.id AS envelope_id, e.mesh_id, e.sender_pubkey, e.sender_member_pubkey,
     e.priority, e.nonce, e.ciphertext, e.created_at, e.sender_member_id, e.sender_name, e.client_message_id,
     e.request_fingerprint
 `
@@ -58,12 +61,15 @@ type ClaimDeliveriesParams struct {
 	IncludeHeld          []bool
 	Limits               []int32
 	TakeAssigned         []bool
+	RetakePresenceIds    []string
+	RetakeIds            []int64
 	AssignedStaleSeconds float64
 }
 
 type ClaimDeliveriesRow struct {
 	ID                 int64
 	PushedPresence     *string
+	Assigned           bool
 	EnvelopeID         string
 	MeshID             string
 	SenderPubkey       string
@@ -94,6 +100,8 @@ func (q *Queries) ClaimDeliveries(ctx context.Context, arg ClaimDeliveriesParams
 		arg.IncludeHeld,
 		arg.Limits,
 		arg.TakeAssigned,
+		arg.RetakePresenceIds,
+		arg.RetakeIds,
 		arg.AssignedStaleSeconds,
 	)
 	if err != nil {
@@ -106,6 +114,7 @@ func (q *Queries) ClaimDeliveries(ctx context.Context, arg ClaimDeliveriesParams
 		if err := rows.Scan(
 			&i.ID,
 			&i.PushedPresence,
+			&i.Assigned,
 			&i.EnvelopeID,
 			&i.MeshID,
 			&i.SenderPubkey,

@@ -10,26 +10,29 @@ WITH s AS (
         unnest(@session_pubkeys::text[]) AS session_pubkey, unnest(@session_ids::text[]) AS session_id,
         unnest(@include_held::bool[]) AS include_held, unnest(@limits::int[]) AS lim,
         unnest(@take_assigned::bool[]) AS take_assigned
+), retake AS (
+    SELECT unnest(@retake_presence_ids::text[]) AS presence_id, unnest(@retake_ids::bigint[]) AS id
 ), c AS (
-    SELECT s.presence_id, x.id FROM s CROSS JOIN LATERAL (
-        SELECT u.id FROM (
-            SELECT d.id FROM claudemesh.delivery d
+    SELECT s.presence_id, x.id, x.assigned FROM s CROSS JOIN LATERAL (
+        SELECT u.id, u.assigned FROM (
+            SELECT d.id, false AS assigned FROM claudemesh.delivery d
             WHERE d.recipient_member_id = s.member_id AND d.state = 'pending'
               AND claudemesh.claimable(d, s.member_id, s.session_pubkey, s.session_id, s.include_held)
             UNION ALL
-            -- Assigned to this session a while ago and never taken: the notification that
-            -- carried it was lost. After the replica's LISTEN connection was lost, any age
-            -- (take_assigned): notifications of the gap are gone, and what follows must queue
-            -- behind them.
-            SELECT d.id FROM claudemesh.delivery d
+            -- Assigned to this session and not pushed: ones the replica could not push in order
+            -- (retake), all of them after its notifications were lost (take_assigned), and any
+            -- assigned a while ago (the notification that carried it was lost). Not a recent one
+            -- otherwise: it may have been pushed from its notification, its push not recorded yet.
+            SELECT d.id, true FROM claudemesh.delivery d
             WHERE d.pushed_presence = s.presence_id AND d.state = 'assigned'
-              AND (s.take_assigned OR d.pushed_at < now() - make_interval(secs => @assigned_stale_seconds::float8))
+              AND (s.take_assigned OR d.pushed_at < now() - make_interval(secs => @assigned_stale_seconds::float8)
+                   OR d.id IN (SELECT r.id FROM retake r WHERE r.presence_id = s.presence_id))
         ) u
         ORDER BY u.id
         LIMIT s.lim
     ) x
 ), locked AS (
-    SELECT c.presence_id, d.id FROM c JOIN claudemesh.delivery d ON d.id = c.id
+    SELECT c.presence_id, c.assigned, d.id FROM c JOIN claudemesh.delivery d ON d.id = c.id
     WHERE d.state IN ('pending', 'assigned')
     FOR UPDATE OF d SKIP LOCKED
 )
@@ -38,7 +41,7 @@ SET state = 'pushed', acked_at = NULL,
     pushed_node = @node_id::text, pushed_presence = c.presence_id, pushed_at = now()
 FROM locked c, claudemesh.envelope e
 WHERE d.id = c.id AND e.id = d.envelope_id
-RETURNING d.id, d.pushed_presence, e.id AS envelope_id, e.mesh_id, e.sender_pubkey, e.sender_member_pubkey,
+RETURNING d.id, d.pushed_presence, c.assigned, e.id AS envelope_id, e.mesh_id, e.sender_pubkey, e.sender_member_pubkey,
     e.priority, e.nonce, e.ciphertext, e.created_at, e.sender_member_id, e.sender_name, e.client_message_id,
     e.request_fingerprint;
 

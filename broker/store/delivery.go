@@ -24,18 +24,21 @@ type ClaimFor struct {
 	PresenceID, MemberID, SessionPubkey, SessionID string
 	IncludeHeld                                    bool // may take next/low (the session is idle)
 	Limit                                          int  // at most this many
-	// TakeAssigned takes what is assigned to the session whatever its age: after a lost LISTEN
-	// connection, whose notifications are gone.
+	// Retake are deliveries assigned to the session that its replica could not push in order;
+	// TakeAssigned takes every one assigned to it (its replica's notifications were lost).
+	// Otherwise an assigned one is taken once AssignedStale old (its notification was lost): a
+	// recent one may have been pushed from its notification, its push not recorded yet.
+	Retake       []int64
 	TakeAssigned bool
 }
 
 // AssignedStale is how long a delivery may stay assigned to a session (its notification on the
-// way) before the session's replica takes it by a claim: the notification was lost.
+// way) before the catch-up poll counts its notification lost and has the session claim it.
 const AssignedStale = 1500 * time.Millisecond
 
-// Claim takes the next pending deliveries of many sessions in one statement, in id order per
-// session, marking them pushed to that session by node; deliveries assigned to one of these
-// sessions longer than AssignedStale ago are taken too (their notification was lost).
+// Claim takes the next deliveries of many sessions in one statement, in id order per session,
+// marking them pushed to that session by node: pending ones the session may take, and those
+// assigned to it that it did not push (see ClaimFor). Claimed.FromAssigned tells the latter.
 func (s *Store) Claim(ctx context.Context, nodeID string, sessions []ClaimFor) ([]Claimed, error) {
 	p := db.ClaimDeliveriesParams{NodeID: nodeID, AssignedStaleSeconds: AssignedStale.Seconds()}
 	for _, c := range sessions {
@@ -46,6 +49,10 @@ func (s *Store) Claim(ctx context.Context, nodeID string, sessions []ClaimFor) (
 		p.IncludeHeld = append(p.IncludeHeld, c.IncludeHeld)
 		p.Limits = append(p.Limits, int32(c.Limit))
 		p.TakeAssigned = append(p.TakeAssigned, c.TakeAssigned)
+		for _, id := range c.Retake {
+			p.RetakePresenceIds = append(p.RetakePresenceIds, c.PresenceID)
+			p.RetakeIds = append(p.RetakeIds, id)
+		}
 	}
 	rows, err := s.q.ClaimDeliveries(ctx, p)
 	if err != nil {
@@ -53,7 +60,7 @@ func (s *Store) Claim(ctx context.Context, nodeID string, sessions []ClaimFor) (
 	}
 	out := make([]Claimed, 0, len(rows))
 	for _, r := range rows {
-		out = append(out, Claimed{ID: r.ID, PresenceID: deref(r.PushedPresence), Push: Push{EnvelopeID: r.EnvelopeID,
+		out = append(out, Claimed{ID: r.ID, PresenceID: deref(r.PushedPresence), FromAssigned: r.Assigned, Push: Push{EnvelopeID: r.EnvelopeID,
 			MeshID: r.MeshID, SenderPubkey: r.SenderPubkey, SenderMemberPubkey: r.SenderMemberPubkey, Priority: r.Priority,
 			Nonce: r.Nonce, Ciphertext: r.Ciphertext, CreatedAt: r.CreatedAt, SenderMemberID: r.SenderMemberID,
 			SenderName: r.SenderName, ClientMessageID: r.ClientMessageID, RequestFingerprint: r.RequestFingerprint}})

@@ -82,8 +82,9 @@ type Holder struct{ NodeID, MemberID string }
 
 // Claimed is a delivery claimed for a session, with what its push carries.
 type Claimed struct {
-	ID         int64
-	PresenceID string
+	ID           int64
+	PresenceID   string
+	FromAssigned bool // it had been assigned to the session (its notification may still come)
 	Push
 }
 
