@@ -127,6 +127,9 @@ type Config struct {
 	SendBurstPerMember int
 	MaxEnvelopeBytes   int
 
+	// pingEvery and pongWait override the protocol's 30 s ping and 75 s pong deadline (tests).
+	pingEvery, pongWait time.Duration
+
 	// quiet stretches the periodic background work (sweeps, the catch-up poll, the bus's
 	// self-ping) to an hour, so a test can count the round trips of one operation exactly.
 	quiet bool

@@ -483,3 +483,33 @@ func TestPeerCloseIsAnswered(t *testing.T) {
 		})
 	}
 }
+
+// The replica pings every session from one ticker: an idle peer that answers stays (its client
+// closes itself after a second without a ping), a socket that never answers is dropped at the
+// pong deadline.
+func TestPingsKeepIdleSessionsAndDropSilentOnes(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t, 1, func(cfg *Config) { cfg.pingEvery, cfg.pongWait = 300*time.Millisecond, 1500*time.Millisecond })
+	m := c.mesh(0)
+	alice, bob := m.member("alice"), m.member("bob")
+	a := m.dial(0, alice, func(o *client.Options) { o.IdleTimeout = time.Second })
+
+	// Bob says hello on a bare socket, then never reads again, so never answers a ping.
+	conn, _, err := websocket.DefaultDialer.DialContext(ctxT(t), c.wsURL(0), nil)
+	require.NoError(t, err)
+	defer conn.Close()
+	h := &protocol.Hello{MeshID: m.id, MemberID: bob.id, Pubkey: bob.pub, SessionID: "silent", PID: 1, CWD: "/",
+		Timestamp: time.Now().UnixMilli()}
+	h.Signature = protocol.SignHello(bob.key, h.MeshID, h.MemberID, h.Pubkey, h.Timestamp)
+	frame, err := protocol.Encode(h)
+	require.NoError(t, err)
+	require.NoError(t, conn.WriteMessage(websocket.TextMessage, frame))
+	dbtest.WaitFor(t, 5*time.Second, "bob's session registered", func() bool { return c.nodes[0].Sessions() == 2 })
+
+	dbtest.WaitFor(t, 10*time.Second, "the silent socket dropped at the pong deadline", func() bool {
+		return c.nodes[0].Sessions() == 1
+	})
+	require.NoError(t, a.Err(), "alice, idle all along, was kept alive by the pings")
+	_, err = a.ListPeers(ctxT(t))
+	require.NoError(t, err)
+}

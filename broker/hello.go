@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"hash/fnv"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/olahol/melody"
@@ -224,10 +225,17 @@ func (p *peers) register(ctx context.Context, ms *melody.Session, r *helloReq) (
 		return nil, false, refuse(protocol.CodeUnauthorized, "no live member with that mesh and pubkey")
 	}
 	reg := res.Registration
+	// The hello's strings point into its frame: copies, so a session keeps a few ids, not the
+	// whole frame it said hello with.
+	groups := make([]groupEntry, len(r.groups))
+	for i, g := range r.groups {
+		groups[i] = groupEntry{Name: strings.Clone(g.Name), Role: strings.Clone(g.Role)}
+	}
 	sess := &session{
-		ws: ms, out: ms, presenceID: reg.PresenceID, meshID: hp.MeshID, memberID: res.MemberID, memberPubkey: hp.MemberPubkey,
-		sessionPubkey: r.sessionKey, sessionID: hp.SessionID, role: hp.Role, systemEvents: r.systemEvents,
-		displayName: res.DisplayName, status: protocol.Status(reg.Status), groups: r.groups,
+		ws: ms, out: ms, presenceID: reg.PresenceID, meshID: strings.Clone(hp.MeshID), memberID: res.MemberID,
+		memberPubkey: strings.Clone(hp.MemberPubkey), sessionPubkey: strings.Clone(r.sessionKey),
+		sessionID: strings.Clone(hp.SessionID), role: hp.Role, systemEvents: r.systemEvents,
+		displayName: res.DisplayName, status: protocol.Status(reg.Status), groups: groups,
 		epoch: reg.Epoch, lane: laneOf(reg.PresenceID),
 		overflow: func() { p.closeSlowConsumer(ms, "frames waiting to be sent") },
 	}

@@ -2,7 +2,9 @@ package broker
 
 import (
 	"sync"
+	"time"
 
+	"github.com/gorilla/websocket"
 	"golang.org/x/time/rate"
 )
 
@@ -18,6 +20,22 @@ type hub struct {
 	// newLimiter makes a member's send rate limiter, shared by its sessions on this replica
 	// (nil: no limit).
 	newLimiter func() *rate.Limiter
+	// bySlot spreads the sessions over the ping slots (by their lane hash), so each tick of the
+	// guard pings one slot's sessions without walking the others.
+	bySlot []map[*session]struct{}
+}
+
+// setPingSlots spreads the sessions over n ping slots (the ping period over the guard's tick).
+func (h *hub) setPingSlots(n int) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.bySlot = make([]map[*session]struct{}, max(n, 1))
+	for i := range h.bySlot {
+		h.bySlot[i] = map[*session]struct{}{}
+	}
+	for _, s := range h.byPresence {
+		h.bySlot[s.lane%uint32(len(h.bySlot))][s] = struct{}{}
+	}
 }
 
 func newHub() *hub {
@@ -64,6 +82,9 @@ func (h *hub) add(s *session) *session {
 		}
 	}
 	h.byPresence[s.presenceID] = s
+	if len(h.bySlot) > 0 {
+		h.bySlot[s.lane%uint32(len(h.bySlot))][s] = struct{}{}
+	}
 	addTo(h.byMesh, s.meshID, s)
 	addTo(h.byMember, s.memberID, s)
 	return old
@@ -82,6 +103,9 @@ func (h *hub) remove(s *session) bool {
 
 func (h *hub) removeLocked(s *session) {
 	delete(h.byPresence, s.presenceID)
+	if len(h.bySlot) > 0 {
+		delete(h.bySlot[s.lane%uint32(len(h.bySlot))], s)
+	}
 	removeFrom(h.byMesh, s.meshID, s)
 	removeFrom(h.byMember, s.memberID, s)
 }
@@ -126,6 +150,33 @@ func (h *hub) toMesh(meshID string, frame []byte, skip func(*session) bool) {
 	h.mu.RUnlock()
 	for _, s := range targets { // queueing never blocks, but outside the lock all the same
 		s.send(frame, false)
+	}
+}
+
+// pingWait bounds one ping's write: a socket that can't take a control frame at once is
+// behind (the stall guard deals with it), and the other sessions' pings must not wait for it.
+const pingWait = 50 * time.Millisecond
+
+// ping sends a WebSocket ping to the sessions of one ping slot (see setPingSlots). One ticker
+// pings the whole replica in turn: no timer and no write-pump wake-up per socket, and the
+// pings of a period are spread over it.
+func (h *hub) ping(slot int, now time.Time) {
+	h.mu.RLock()
+	var due []*session
+	if slot < len(h.bySlot) {
+		due = make([]*session, 0, len(h.bySlot[slot]))
+		for s := range h.bySlot[slot] {
+			due = append(due, s)
+		}
+	}
+	h.mu.RUnlock()
+	for _, s := range due {
+		if s.ws == nil {
+			continue
+		}
+		if wc := s.ws.WebsocketConnection(); wc != nil {
+			_ = wc.WriteControl(websocket.PingMessage, nil, now.Add(pingWait))
+		}
 	}
 }
 

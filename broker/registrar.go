@@ -2,6 +2,7 @@ package broker
 
 import (
 	"context"
+	"errors"
 	"log/slog"
 	"sync"
 	"time"
@@ -59,9 +60,10 @@ func (r *registrar) register(ctx context.Context, p store.HelloParams) (store.He
 	case <-r.stopped:
 		return store.HelloResult{}, errOverloaded
 	case <-ctx.Done():
-		// The statement may still register it: with nobody holding its socket here, the
-		// reconcile puts that presence in its grace.
-		return store.HelloResult{}, ctx.Err()
+		// Waited past the hello's deadline: the database is behind, which the peer is told as
+		// overloaded (retry), not as a failure. The statement may still register it: with
+		// nobody holding its socket here, the reconcile puts that presence in its grace.
+		return store.HelloResult{}, errOverloaded
 	}
 }
 
@@ -122,6 +124,9 @@ func (r *registrar) run(ctx context.Context, batch []*helloJob) {
 	ctx, cancel := context.WithTimeout(ctx, helloTimeout)
 	defer cancel()
 	res, err := r.store.Hellos(ctx, r.nodeID, r.defaultLimit, params)
+	if errors.Is(err, context.DeadlineExceeded) {
+		err = errOverloaded // too slow, not broken: the peers retry
+	}
 	for i, j := range live {
 		if err != nil {
 			j.done <- store.HelloResult{Err: err}

@@ -128,7 +128,10 @@ func NewServer(cfg Config, pool *pgxpool.Pool, logger *slog.Logger) (*Server, er
 		deadAfter: cfg.NodeDeadAfter, grace: cfg.Grace(), log: s.log, metrics: s.metrics,
 		onTakeOver: func(ctx context.Context) { _ = s.sweeper.sweepGrace(ctx) }}
 	rt := &router{bus: bus, store: s.store, hub: s.hub, pusher: s.pusher, nodeID: nodeID, poll: pollEvery, log: s.log, metrics: s.metrics}
-	gd := &guard{peers: s.peers, pusher: s.pusher, stall: cfg.StallTimeout}
+	gd := &guard{peers: s.peers, pusher: s.pusher, hub: s.hub, stall: cfg.StallTimeout, pingEvery: pingPeriod}
+	if cfg.pingEvery > 0 {
+		gd.pingEvery = cfg.pingEvery
+	}
 	// Start order: the node row first (presences reference it), the listener, then the
 	// services that write (records and ends stop last, so closing sessions are recorded).
 	s.services = append(s.services, s.heartbeat, bus, s.recorder, s.ender, s.pusher, s.committer, s.registrar, rt, s.sweeper,

@@ -28,9 +28,9 @@ const pushWindow = socketQueue / 2
 
 // replyWindow bounds the other frames a session has queued or promised (acks of sends in the
 // committer, replies, events). While it is full, the session's next request is not read: a
-// client that pipelines faster than it reads its acks is slowed down instead of overflowing
-// its queue.
-const replyWindow = socketQueue / 4
+// client that pipelines faster than it reads its acks is slowed down instead of growing its
+// spill. It is larger than the socket queue's share for them: the excess waits in the spill.
+const replyWindow = 64
 
 // otherOnWire bounds the frames other than pushes handed to the socket's queue at once; the
 // rest of the queue is the push window's, and two slots stay free for a close frame. Frames

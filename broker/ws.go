@@ -28,7 +28,7 @@ const (
 	// socketQueue bounds each socket's outgoing frames (melody's buffer, allocated whole at
 	// the upgrade: every idle session pays 40 bytes a slot); the push window and the spill
 	// (session.go) keep it from overflowing.
-	socketQueue = 64
+	socketQueue = 32
 )
 
 // peers serves the WebSocket protocol: the upgrade, the handshake and every frame of an
@@ -56,8 +56,13 @@ type peers struct {
 func (p *peers) newMelody() *melody.Melody {
 	m := melody.New()
 	m.Config.MaxMessageSize = int64(p.cfg.MaxMessageBytes)
-	m.Config.PingPeriod = pingPeriod
+	// The guard pings every session from one ticker (hub.ping); melody's own per-socket ping
+	// ticker is pushed out of the way.
+	m.Config.PingPeriod = 24 * time.Hour
 	m.Config.PongWait = pongWait
+	if p.cfg.pongWait > 0 {
+		m.Config.PongWait = p.cfg.pongWait
+	}
 	m.Config.WriteWait = writeWait
 	m.Config.MessageBufferSize = socketQueue
 	m.Upgrader.CheckOrigin = p.checkOrigin
