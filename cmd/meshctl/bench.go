@@ -2,13 +2,13 @@ package main
 
 import (
 	"context"
-	crand "crypto/rand"
 	"encoding/base64"
 	"encoding/binary"
 	"errors"
 	"fmt"
 	"math"
 	"math/rand/v2"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -49,6 +49,11 @@ type benchOpts struct {
 	probe           int
 	storm           int
 	rtt             time.Duration
+	crossReplica    bool
+	meshes          int
+	killPID         int
+	killAfter       time.Duration
+	failoverTimeout time.Duration
 }
 
 // setup is the bench setup for members members in a mesh of capacity live sessions.
@@ -70,8 +75,18 @@ func newBenchCmd(a *app) *cobra.Command {
 			"client_ack and acknowledges what it receives. At the end: sent, acked, delivered (%),\n" +
 			"duplicates, throughput, send→ack and send→push latency, connection set-up rate, and the\n" +
 			"brokers' RSS (--pids).\n\n" +
+			"With --cross-replica every peer sends only to peers connected to another URL (give the\n" +
+			"replicas' own URLs, not a load balancer's), so every message crosses replicas. --meshes N\n" +
+			"spreads the peers over N throwaway meshes (peer i in mesh i mod N), each sending within\n" +
+			"its mesh: a mesh's sends serialise on its audit chain, so this shows the cluster's\n" +
+			"capacity for many meshes rather than one.\n\n" +
 			"Idle mode (--idle-conns N): open N authenticated sessions that stay idle for --hold and\n" +
-			"report the set-up rate and the brokers' memory per connection (RSS delta / N, --pids).\n\n" +
+			"report the set-up rate and the brokers' memory per connection (RSS delta / N, --pids).\n" +
+			"--meshes M spreads them over M throwaway meshes (session i in mesh i mod M, on URL i mod\n" +
+			"the URL count). Failover: --kill-pid P sends SIGKILL to process P (a replica serving one\n" +
+			"of --urls) --kill-after the set-up; every session whose connection drops dials another\n" +
+			"URL at once (retrying with a short backoff when refused), and the report gives the time\n" +
+			"from the kill until every dropped session had a new hello_ack, per session and in all.\n\n" +
 			"Probe mode (--probe N): time single operations, one at a time, N times each after a\n" +
 			"warm-up, across replicas A, B and C (--urls, in that order; fewer are reused):\n" +
 			"hello → hello_ack (fresh dial to A), send on A → ack and → push on B, a signed hook\n" +
@@ -117,6 +132,11 @@ func newBenchCmd(a *app) *cobra.Command {
 	f.IntVar(&o.probe, "probe", 0, "probe mode: time each operation this many times, one at a time")
 	f.IntVar(&o.storm, "storm", 0, "storm mode: this many members say hello to the first URL at once")
 	f.DurationVar(&o.rtt, "rtt", 0, "probe and storm: also report latencies in round trips of this length (twice the one-way --db-delay)")
+	f.BoolVar(&o.crossReplica, "cross-replica", false, "message mode: each peer sends only to peers connected to another of --urls")
+	f.IntVar(&o.meshes, "meshes", 1, "message and idle modes: spread the peers over this many throwaway meshes (peer i in mesh i mod N)")
+	f.IntVar(&o.killPID, "kill-pid", 0, "idle mode: SIGKILL this replica process --kill-after the set-up and time the failover")
+	f.DurationVar(&o.killAfter, "kill-after", 5*time.Second, "idle mode with --kill-pid: how long after the set-up to kill")
+	f.DurationVar(&o.failoverTimeout, "failover-timeout", time.Minute, "idle mode with --kill-pid: how long a dropped session may take to come back before it counts as failed")
 	return cmd
 }
 
@@ -179,12 +199,51 @@ func (m mix) pick(r *rand.Rand) string {
 	return m.names[len(m.names)-1]
 }
 
+// benchTargets gives, for each of n peers (peer i in mesh i mod meshes, on URL i mod
+// len(urls)), the peers it may send to: those of its mesh, and with cross only those on
+// another URL (peers on the same URL string share a replica). Peers with the same choice share
+// one slice, so this is n × (distinct URLs) entries at most; a non-cross list includes the
+// peer itself, which the sender skips. A peer with nobody to send to is an error.
+func benchTargets(n, meshes int, urls []string, cross bool) ([][]int, error) {
+	type key struct {
+		mesh int
+		url  string
+	}
+	lists := map[key][]int{}
+	targets := make([][]int, n)
+	for i := range targets {
+		k := key{mesh: i % meshes}
+		if cross {
+			k.url = urls[i%len(urls)]
+		}
+		list, ok := lists[k]
+		if !ok {
+			list = []int{}
+			for j := k.mesh; j < n; j += meshes {
+				if !cross || urls[j%len(urls)] != k.url {
+					list = append(list, j)
+				}
+			}
+			lists[k] = list
+		}
+		if len(list) == 0 || (len(list) == 1 && list[0] == i) {
+			if cross {
+				return nil, fmt.Errorf("bench: --cross-replica: peer %d has no peer of its mesh on another URL (give the replicas' own --urls, not one load balancer, and a --meshes that does not divide by the URL count)", i)
+			}
+			return nil, fmt.Errorf("bench: peer %d is alone in its mesh", i)
+		}
+		targets[i] = list
+	}
+	return targets, nil
+}
+
 // benchReport is the result of a run (--json prints it as is).
 type benchReport struct {
 	Mode     string       `json:"mode"` // messages, idle, probe or storm
 	URLs     []string     `json:"urls"`
 	MeshID   string       `json:"meshId"`
 	MeshSlug string       `json:"meshSlug"`
+	Meshes   int          `json:"meshes,omitempty"` // message mode: how many meshes the peers were spread over
 	Setup    setupReport  `json:"setup"`
 	Messages *msgReport   `json:"messages,omitempty"`
 	Idle     *idleReport  `json:"idle,omitempty"`
@@ -216,32 +275,29 @@ type setupReport struct {
 }
 
 type msgReport struct {
-	Sent            int64            `json:"sent"`
-	Acked           int64            `json:"acked"`
-	Refused         map[string]int64 `json:"refused,omitempty"`
-	Expected        int64            `json:"expectedDeliveries"`
-	Delivered       int64            `json:"delivered"`
-	DeliveredPct    float64          `json:"deliveredPct"`
-	Duplicates      int64            `json:"duplicates"`
-	Corrupt         int64            `json:"corrupt"`
-	Disconnects     int64            `json:"disconnects"`
-	SendSeconds     float64          `json:"sendSeconds"`
-	AckedPerSec     float64          `json:"ackedPerSecond"`
-	DeliveredPerSec float64          `json:"deliveredPerSecond"`
-	SendToAck       latencyReport    `json:"sendToAck"`
-	SendToPush      latencyReport    `json:"sendToPush"`
-}
-
-type idleReport struct {
-	Opened     int     `json:"opened"`
-	Alive      int     `json:"aliveAfterHold"`
-	HoldS      float64 `json:"holdSeconds"`
-	PerConnKiB float64 `json:"perConnectionKiB,omitempty"` // total RSS delta / opened
+	Sent         int64            `json:"sent"`
+	Acked        int64            `json:"acked"`
+	Refused      map[string]int64 `json:"refused,omitempty"`
+	Expected     int64            `json:"expectedDeliveries"`
+	Delivered    int64            `json:"delivered"`
+	DeliveredPct float64          `json:"deliveredPct"`
+	Duplicates   int64            `json:"duplicates"`
+	Corrupt      int64            `json:"corrupt"`
+	Disconnects  int64            `json:"disconnects"`
+	// SameURL counts deliveries whose sender and recipient were connected to the same URL
+	// (0 with --cross-replica: every delivery crossed replicas).
+	SameURL         int64         `json:"sameUrlDeliveries"`
+	SendSeconds     float64       `json:"sendSeconds"`
+	AckedPerSec     float64       `json:"ackedPerSecond"`
+	DeliveredPerSec float64       `json:"deliveredPerSecond"`
+	SendToAck       latencyReport `json:"sendToAck"`
+	SendToPush      latencyReport `json:"sendToPush"`
 }
 
 // benchPeer is one connection of a message run.
 type benchPeer struct {
 	idx  int
+	mesh *benchMesh
 	m    *benchMember
 	url  string
 	cl   *client.Client
@@ -277,6 +333,13 @@ type benchRun struct {
 	refusedMu                   sync.Mutex
 	refused                     map[string]int64
 	prioMix, targetMix          mix
+	// targets[i] lists the peers peer i may send to: those of its mesh (on another URL with
+	// --cross-replica), maybe itself (skipped when picked).
+	targets [][]int
+	// meshSize[k] is the number of peers in mesh k (a broadcast reaches all but its sender).
+	meshSize []int
+	// sameURL counts deliveries whose sender and recipient use the same URL.
+	sameURL atomic.Int64
 }
 
 func (a *app) bench(ctx context.Context, o benchOpts) error {
@@ -309,6 +372,14 @@ func (a *app) bench(ctx context.Context, o benchOpts) error {
 		return errors.New("bench: --rtt must be a positive duration (twice the one-way delay, e.g. 40ms)")
 	case o.invite != "" && o.meshSlug != "":
 		return errors.New("bench: --invite names its mesh: drop --mesh-slug")
+	case o.meshes < 1:
+		return errors.New("bench: --meshes must be at least 1")
+	case o.killPID != 0 && o.idleConns == 0:
+		return errors.New("bench: --kill-pid is for idle mode (--idle-conns)")
+	case o.meshes > 1 && (o.probe > 0 || o.storm > 0):
+		return errors.New("bench: --meshes is for message and idle modes")
+	case o.crossReplica && (o.idleConns > 0 || o.probe > 0 || o.storm > 0):
+		return errors.New("bench: --cross-replica is for message mode")
 	case o.idleConns > 0:
 		return a.benchIdle(ctx, o)
 	case o.probe > 0:
@@ -330,10 +401,34 @@ func (a *app) bench(ctx context.Context, o benchOpts) error {
 	if r.targetMix, err = parseMix(o.targetMix, "direct", "broadcast"); err != nil {
 		return err
 	}
-	if r.mesh, err = setupBenchMesh(ctx, o.setup(o.peers, o.peers+16)); err != nil {
+	if o.crossReplica && slices.Contains(r.targetMix.names, "broadcast") {
+		return errors.New("bench: --cross-replica sends direct messages only: drop broadcast from --target-mix")
+	}
+	if o.meshes > o.peers/2 {
+		return fmt.Errorf("bench: --meshes %d leaves meshes with fewer than two of the %d peers", o.meshes, o.peers)
+	}
+	if r.targets, err = benchTargets(o.peers, o.meshes, o.urls, o.crossReplica); err != nil {
 		return err
 	}
-	rep := &benchReport{Mode: "messages", URLs: o.urls, MeshID: r.mesh.id, MeshSlug: r.mesh.slug, Config: benchSummary{
+	// Peer i is in mesh i mod M (member i div M of it), on URL i mod U.
+	perMesh := (o.peers + o.meshes - 1) / o.meshes
+	var meshes []*benchMesh
+	if o.meshes == 1 {
+		var m *benchMesh
+		m, err = setupBenchMesh(ctx, o.setup(o.peers, o.peers+16))
+		meshes = []*benchMesh{m}
+	} else {
+		meshes, err = setupBenchMeshes(ctx, o.setup(perMesh, perMesh+16), o.meshes)
+	}
+	if err != nil {
+		return err
+	}
+	r.mesh = meshes[0]
+	r.meshSize = make([]int, len(meshes))
+	for i := range o.peers {
+		r.meshSize[i%len(meshes)]++
+	}
+	rep := &benchReport{Mode: "messages", URLs: o.urls, MeshID: r.mesh.id, MeshSlug: r.mesh.slug, Meshes: len(meshes), Config: benchSummary{
 		Peers: o.peers, Messages: o.messages, DurationS: o.duration.Seconds(), Rate: o.rate, PriorityMix: o.priorityMix,
 		TargetMix: o.targetMix, Size: o.size, Inflight: o.inflight, Encrypted: !o.plain,
 	}}
@@ -347,8 +442,9 @@ func (a *app) bench(ctx context.Context, o benchOpts) error {
 	// Connect every peer.
 	r.peers = make([]*benchPeer, o.peers)
 	for i := range r.peers {
-		m := &r.mesh.members[i]
-		r.peers[i] = &benchPeer{idx: i, m: m, url: o.urls[i%len(o.urls)], keys: e2e.NewKeyring(m.key, r.mesh.root),
+		mesh := meshes[i%len(meshes)]
+		m := &mesh.members[i/len(meshes)]
+		r.peers[i] = &benchPeer{idx: i, mesh: mesh, m: m, url: o.urls[i%len(o.urls)], keys: e2e.NewKeyring(m.key, mesh.root),
 			seen: make([][]uint64, o.peers), recvDone: make(chan struct{})}
 	}
 	var dialed atomic.Int64
@@ -358,8 +454,8 @@ func (a *app) bench(ctx context.Context, o benchOpts) error {
 	})
 	setup, clients := a.dialMany(ctx, o, len(r.peers), func(i int) client.Options {
 		p := r.peers[i]
-		return client.Options{URL: p.url, MeshID: r.mesh.id, MemberID: p.m.id, MemberKey: p.m.key, DisplayName: p.m.name,
-			SessionID: fmt.Sprintf("bench-%s-%d", r.mesh.slug, i), PID: i + 1, CWD: "/bench/" + p.m.name,
+		return client.Options{URL: p.url, MeshID: p.mesh.id, MemberID: p.m.id, MemberKey: p.m.key, DisplayName: p.m.name,
+			SessionID: fmt.Sprintf("bench-%s-%d", p.mesh.slug, i), PID: i + 1, CWD: "/bench/" + p.m.name,
 			Capabilities: []string{protocol.CapClientAck}, PushBuffer: 1024, Logger: a.log}
 	}, &dialed)
 	bar.Stop()
@@ -439,7 +535,7 @@ func (a *app) bench(ctx context.Context, o benchOpts) error {
 	}
 	mr := &msgReport{
 		Sent: r.sent.Load(), Acked: r.acked.Load(), Expected: r.expected.Load(), Delivered: r.delivered.Load(),
-		Duplicates: r.dups.Load(), Corrupt: r.corrupt.Load(), Disconnects: r.disconnects.Load(),
+		Duplicates: r.dups.Load(), Corrupt: r.corrupt.Load(), Disconnects: r.disconnects.Load(), SameURL: r.sameURL.Load(),
 		SendSeconds: round3(sendElapsed.Seconds()), SendToAck: ackHist.report(), SendToPush: pushHist.report(),
 	}
 	if len(r.refused) > 0 {
@@ -528,7 +624,6 @@ func (r *benchRun) send(ctx context.Context, p *benchPeer, hist *histogram, lim 
 	}
 	copy(buf, benchMagic)
 	binary.LittleEndian.PutUint32(buf[4:], uint32(p.idx))
-	n := len(r.peers)
 	for ctx.Err() == nil {
 		seq := p.seq.Add(1) - 1
 		if deadline.IsZero() && seq >= int64(r.o.messages) {
@@ -547,9 +642,10 @@ func (r *benchRun) send(ctx context.Context, p *benchPeer, hist *histogram, lim 
 		var spec, nonce, ct string
 		var err error
 		if direct {
-			j := rng.IntN(n - 1)
-			if j >= p.idx {
-				j++
+			t := r.targets[p.idx]
+			j := t[rng.IntN(len(t))]
+			for j == p.idx { // a list holds the peer itself only beside others
+				j = t[rng.IntN(len(t))]
 			}
 			spec = r.peers[j].m.pub
 		} else {
@@ -598,7 +694,7 @@ func (r *benchRun) send(ctx context.Context, p *benchPeer, hist *histogram, lim 
 		if direct {
 			r.expected.Add(1)
 		} else {
-			r.expected.Add(int64(n - 1))
+			r.expected.Add(int64(r.meshSize[p.idx%len(r.meshSize)] - 1))
 		}
 	}
 }
@@ -688,62 +784,12 @@ func (r *benchRun) account(p *benchPeer, push protocol.Push, now time.Time) {
 		return
 	}
 	bits[word] |= mask
+	if r.peers[sender].url == p.url {
+		r.sameURL.Add(1)
+	}
 	p.pushHist.record(now.Sub(time.Unix(0, sentAt)))
 	r.delivered.Add(1)
 	r.lastDeliveryNs.Store(now.UnixNano())
-}
-
-// benchIdle opens o.idleConns sessions and holds them.
-func (a *app) benchIdle(ctx context.Context, o benchOpts) error {
-	members := min(o.idleConns, 100) // sessions share members: a member may hold many sessions
-	mesh, err := setupBenchMesh(ctx, o.setup(members, o.idleConns+16))
-	if err != nil {
-		return err
-	}
-	rep := &benchReport{Mode: "idle", URLs: o.urls, MeshID: mesh.id, MeshSlug: mesh.slug, Config: benchSummary{Peers: o.idleConns}}
-	probe := newRSSProbe(o.pids)
-	warn := func(err error) { fmt.Fprintln(a.stderr, "meshctl bench: rss:", err) }
-	probe.sample(func(r *rssReport) *int64 { return &r.BeforeKiB }, warn)
-
-	var dialed atomic.Int64
-	bar := startProgress(a.stderr, !o.noProgress, func() (float64, string) {
-		n := dialed.Load()
-		return float64(n) / float64(o.idleConns), fmt.Sprintf("%d/%d sessions", n, o.idleConns)
-	})
-	var run [4]byte
-	_, _ = crand.Read(run[:])
-	setup, clients := a.dialMany(ctx, o, o.idleConns, func(i int) client.Options {
-		m := &mesh.members[i%members]
-		return client.Options{URL: o.urls[i%len(o.urls)], MeshID: mesh.id, MemberID: m.id, MemberKey: m.key, DisplayName: m.name,
-			SessionID: fmt.Sprintf("idle-%x-%d", run, i), PID: i + 1, CWD: "/bench/idle",
-			PushBuffer: 4, EventBuffer: 4, Logger: a.log}
-	}, &dialed)
-	bar.Stop()
-	defer closeAll(clients)
-	rep.Setup = setup
-	probe.sample(func(r *rssReport) *int64 { return &r.ConnectedKiB }, warn)
-	// Idle sessions still get the odd frame (pings, events): keep reading them.
-	for _, cl := range clients {
-		if cl != nil {
-			go discardEvents(cl)
-		}
-	}
-	sleepCtx(ctx, o.hold)
-	probe.sample(func(r *rssReport) *int64 { return &r.AfterKiB }, warn)
-	alive := 0
-	for _, cl := range clients {
-		if cl != nil && cl.Err() == nil {
-			alive++
-		}
-	}
-	ir := &idleReport{Opened: setup.Connections, Alive: alive, HoldS: o.hold.Seconds()}
-	if len(o.pids) > 0 && setup.Connections > 0 {
-		delta := probe.total(func(r *rssReport) *int64 { return &r.ConnectedKiB }) - probe.total(func(r *rssReport) *int64 { return &r.BeforeKiB })
-		ir.PerConnKiB = math.Round(float64(delta)/float64(setup.Connections)*100) / 100
-		rep.RSS = probe.reports
-	}
-	rep.Idle = ir
-	return a.printBench(rep)
 }
 
 func (a *app) printBench(rep *benchReport) error {
@@ -780,16 +826,14 @@ func (a *app) printBench(rep *benchReport) error {
 			fmt.Fprintf(w, "  (failed: %s)", strings.Join(parts, " "))
 		}
 		fmt.Fprintln(w)
-		fmt.Fprintf(w, "delivered     %d of %d (%.2f%%), %d duplicates, %d corrupt, %d disconnects\n", m.Delivered, m.Expected, m.DeliveredPct, m.Duplicates, m.Corrupt, m.Disconnects)
+		fmt.Fprintf(w, "delivered     %d of %d (%.2f%%), %d duplicates, %d corrupt, %d disconnects; %d between peers on the same URL\n",
+			m.Delivered, m.Expected, m.DeliveredPct, m.Duplicates, m.Corrupt, m.Disconnects, m.SameURL)
 		fmt.Fprintf(w, "throughput    %.0f acked/s over %.2fs; %.0f deliveries/s\n", m.AckedPerSec, m.SendSeconds, m.DeliveredPerSec)
 		fmt.Fprintf(w, "send→ack      %s\n", m.SendToAck)
 		fmt.Fprintf(w, "send→push     %s\n", m.SendToPush)
 	}
 	if ir := rep.Idle; ir != nil {
-		fmt.Fprintf(w, "idle          %d sessions held %.0fs, %d still open\n", ir.Opened, ir.HoldS, ir.Alive)
-		if ir.PerConnKiB != 0 {
-			fmt.Fprintf(w, "memory        %.1f KiB per connection (broker RSS delta / sessions)\n", ir.PerConnKiB)
-		}
+		printIdle(w, ir)
 	}
 	for _, r := range rep.RSS {
 		fmt.Fprintf(w, "rss pid %-7d before %s  connected %s  after %s\n", r.PID, mib(r.BeforeKiB), mib(r.ConnectedKiB), mib(r.AfterKiB))

@@ -50,8 +50,21 @@ func setupBenchMesh(ctx context.Context, s benchSetup) (*benchMesh, error) {
 	if s.invite != "" {
 		return joinBenchMesh(ctx, s)
 	}
+	meshes, err := setupBenchMeshes(ctx, s, 1)
+	if err != nil {
+		return nil, err
+	}
+	return meshes[0], nil
+}
+
+// setupBenchMeshes creates n throwaway meshes of s.members members and s.capacity live
+// sessions each (or, for n = 1, uses the existing --mesh-slug), over one pool.
+func setupBenchMeshes(ctx context.Context, s benchSetup, n int) ([]*benchMesh, error) {
 	if s.dbURL == "" {
 		return nil, errors.New("bench needs the broker's database to create its members: pass --setup-db or set DATABASE_URL")
+	}
+	if n > 1 && (s.meshSlug != "" || s.invite != "") {
+		return nil, errors.New("bench: several meshes are created in the database: drop --mesh-slug and --invite")
 	}
 	pool, err := db.NewPool(ctx, s.dbURL, db.PoolConfig{MaxConns: 4, AppName: "meshctl-bench"})
 	if err != nil {
@@ -60,49 +73,53 @@ func setupBenchMesh(ctx context.Context, s benchSetup) (*benchMesh, error) {
 	defer pool.Close()
 	svc := membership.New(pool, membership.Config{})
 
-	bm := &benchMesh{}
+	var root *e2e.RootKey
 	if s.ownerKey != "" {
 		k, err := membership.LoadOwnerKey(s.ownerKey)
 		if err != nil {
 			return nil, err
 		}
-		if bm.root, err = e2e.ParseRootKey(k.MeshRootKey); err != nil {
+		if root, err = e2e.ParseRootKey(k.MeshRootKey); err != nil {
 			return nil, fmt.Errorf("owner key %s: %w", s.ownerKey, err)
 		}
-	} else if bm.root, _, err = e2e.NewRootKey(); err != nil {
+	} else if root, _, err = e2e.NewRootKey(); err != nil {
 		return nil, err
 	}
-	if s.meshSlug != "" {
-		m, err := svc.Mesh(ctx, s.meshSlug)
-		if err != nil {
+	out := make([]*benchMesh, n)
+	for i := range out {
+		bm := &benchMesh{root: root}
+		if s.meshSlug != "" {
+			m, err := svc.Mesh(ctx, s.meshSlug)
+			if err != nil {
+				return nil, err
+			}
+			bm.id, bm.slug = m.ID, m.Slug
+		} else {
+			// The owner of a throwaway mesh never signs anything: its private key is dropped.
+			ownerPub, _, err := ed25519.GenerateKey(rand.Reader)
+			if err != nil {
+				return nil, err
+			}
+			var suffix [4]byte
+			_, _ = rand.Read(suffix[:])
+			m, _, err := svc.CreateMesh(ctx, membership.CreateMeshParams{
+				Slug: "bench-" + hex.EncodeToString(suffix[:]), OwnerPubkey: protocol.PubkeyHex(ownerPub),
+				OwnerName: "bench-owner", MaxPeers: s.capacity,
+			})
+			if err != nil {
+				return nil, err
+			}
+			bm.id, bm.slug, bm.created = m.ID, m.Slug, true
+		}
+		if err := bm.addMembers(s.members, func(m *benchMember) (string, error) {
+			mb, err := svc.AddMember(ctx, membership.AddMemberParams{Mesh: bm.id, Pubkey: m.pub, DisplayName: m.name})
+			return mb.ID, err
+		}); err != nil {
 			return nil, err
 		}
-		bm.id, bm.slug = m.ID, m.Slug
-	} else {
-		// The owner of a throwaway mesh never signs anything: its private key is dropped.
-		ownerPub, _, err := ed25519.GenerateKey(rand.Reader)
-		if err != nil {
-			return nil, err
-		}
-		var suffix [4]byte
-		_, _ = rand.Read(suffix[:])
-		m, _, err := svc.CreateMesh(ctx, membership.CreateMeshParams{
-			Slug: "bench-" + hex.EncodeToString(suffix[:]), OwnerPubkey: protocol.PubkeyHex(ownerPub),
-			OwnerName: "bench-owner", MaxPeers: s.capacity,
-		})
-		if err != nil {
-			return nil, err
-		}
-		bm.id, bm.slug, bm.created = m.ID, m.Slug, true
+		out[i] = bm
 	}
-
-	if err := bm.addMembers(s.members, func(m *benchMember) (string, error) {
-		mb, err := svc.AddMember(ctx, membership.AddMemberParams{Mesh: bm.id, Pubkey: m.pub, DisplayName: m.name})
-		return mb.ID, err
-	}); err != nil {
-		return nil, err
-	}
-	return bm, nil
+	return out, nil
 }
 
 // joinBenchMesh makes the members join the invite's mesh through its broker's /join.

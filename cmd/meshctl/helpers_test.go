@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"os"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -22,7 +23,13 @@ import (
 	"github.com/claudemesh/broker/protocol"
 )
 
-func TestMain(m *testing.M) { dbtest.Main(m) }
+func TestMain(m *testing.M) {
+	// A child started by startReplicaProcess is a broker replica, not a test run.
+	if url := os.Getenv(replicaDBEnv); url != "" {
+		os.Exit(replicaMain(url))
+	}
+	dbtest.Main(m)
+}
 
 // testEnv is a cluster of in-process broker replicas on one fresh database, with /join
 // mounted, and a mesh owned by a key file: the setup `broker dev` + `broker mesh create`
