@@ -106,6 +106,10 @@ func (c *committer) commit(ctx context.Context, batch []sendReq) {
 			c.isolateRejected(ctx, batch, err)
 			return
 		}
+		if store.OutcomeUnknown(err) {
+			c.abandon(batch, err)
+			return
+		}
 		c.log.Warn("send batch failed; refusing its sends", "size", len(batch), "err", err)
 		c.metrics.SendFailures.Add(float64(len(batch)))
 		for _, r := range batch {
@@ -161,6 +165,24 @@ func (c *committer) persist(ctx context.Context, batch []sendReq, plan *batchPla
 	}
 	plan.settle(batch, sent)
 	return local, nil
+}
+
+// abandon answers a batch whose commit may or may not have happened: an "unavailable" ack
+// would be a lie if it did (the messages arrive), an ack a lie if it did not. Its senders'
+// sockets are closed instead, which every client reads as "stored or not": a retry with the same
+// client_message_id is stored once either way. Whatever the batch assigned to sessions here,
+// if it committed, is claimed again by the catch-up once its assignment is stale.
+func (c *committer) abandon(batch []sendReq, err error) {
+	c.log.Warn("send batch outcome unknown (Postgres did not answer); closing its senders' sockets so they retry",
+		"size", len(batch), "err", err)
+	c.metrics.SendFailures.Add(float64(len(batch)))
+	closed := map[*session]bool{}
+	for _, r := range batch {
+		if !closed[r.sess] {
+			closed[r.sess] = true
+			closeWith(r.sess.ws, protocol.CloseTryAgainLater, "send_outcome_unknown")
+		}
+	}
 }
 
 // isolateRejected commits a batch that Postgres refused for its data in halves, so the send at

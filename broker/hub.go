@@ -153,9 +153,10 @@ func (h *hub) toMesh(meshID string, frame []byte, skip func(*session) bool) {
 	}
 }
 
-// pingWait bounds one ping's write: a socket that can't take a control frame at once is
-// behind (the stall guard deals with it), and the other sessions' pings must not wait for it.
-const pingWait = 50 * time.Millisecond
+// pingWait bounds the ping of a quiet session (nothing queued for its socket): its write goes
+// into an empty socket buffer at once. The margin covers a burst queued between the check and
+// the write; the ticker waits that long only then.
+const pingWait = time.Second
 
 // ping sends a WebSocket ping to the sessions of one ping slot (see setPingSlots). One ticker
 // pings the whole replica in turn: no timer and no write-pump wake-up per socket, and the
@@ -174,9 +175,19 @@ func (h *hub) ping(slot int, now time.Time) {
 		if s.ws == nil {
 			continue
 		}
-		if wc := s.ws.WebsocketConnection(); wc != nil {
-			_ = wc.WriteControl(websocket.PingMessage, nil, now.Add(pingWait))
+		wc := s.ws.WebsocketConnection()
+		if wc == nil {
+			continue
 		}
+		if s.quiet() {
+			_ = wc.WriteControl(websocket.PingMessage, nil, now.Add(pingWait))
+			continue
+		}
+		// Frames on their way: the ping waits its turn with the write timeout every write has
+		// (melody's own pings did the same), off the ticker. A short deadline here could expire
+		// mid-write on a full socket, and gorilla then gives the connection up before the stall
+		// guard's 4008 could be written.
+		go func() { _ = wc.WriteControl(websocket.PingMessage, nil, time.Now().Add(writeWait)) }()
 	}
 }
 

@@ -429,6 +429,15 @@ func (s *session) claimFailed(limit int) {
 	s.mu.Unlock()
 }
 
+// quiet reports whether nothing is queued for the socket: a ping written now goes straight
+// into an empty socket buffer and cannot block behind (or time out over) a burst being
+// written, which would leave the connection unusable for its close frame.
+func (s *session) quiet() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return !s.closed && len(s.inflight) == 0 && s.otherWire == 0 && len(s.spill) == 0
+}
+
 // stalled reports whether the pusher is parked on the session's window, and whether the window
 // has been full without a single write for d: the peer stopped reading.
 func (s *session) stalled(now time.Time, d time.Duration) (parked, stalled bool) {

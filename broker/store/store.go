@@ -49,6 +49,20 @@ func RejectedInput(err error) bool {
 	return errors.As(err, &pgErr) && (strings.HasPrefix(pgErr.Code, "22") || strings.HasPrefix(pgErr.Code, "23"))
 }
 
+// OutcomeUnknown reports whether err leaves open whether the statement committed: it may have
+// reached Postgres and its answer was lost (the connection broke or the deadline passed while it
+// ran). Only Postgres's own errors (the statement rolled back) and a connection that could not
+// be made (nothing was sent) are known failures. pgx's SafeToRetry is not enough: a connection
+// that broke mid-statement can surface as "conn closed", which it deems safe.
+func OutcomeUnknown(err error) bool {
+	if err == nil {
+		return false
+	}
+	var pgErr *pgconn.PgError
+	var connErr *pgconn.ConnectError
+	return !errors.As(err, &pgErr) && !errors.As(err, &connErr)
+}
+
 // Store runs the broker's queries on a pool.
 type Store struct {
 	pool *pgxpool.Pool

@@ -123,14 +123,14 @@ type chaosHarness struct {
 
 	mu       sync.Mutex
 	acked    map[string]string // token → recipient pubkey
-	refused  map[string]bool
+	refused  map[string]string // token → the refusal's error
 	unknown  map[string]bool
 	received map[string]map[string]int // recipient pubkey → token → times
 	sent     atomic.Int64
 }
 
 func newChaosHarness(t *testing.T, ctx context.Context) *chaosHarness {
-	h := &chaosHarness{t: t, ctx: ctx, dir: t.TempDir(), acked: map[string]string{}, refused: map[string]bool{},
+	h := &chaosHarness{t: t, ctx: ctx, dir: t.TempDir(), acked: map[string]string{}, refused: map[string]string{},
 		unknown: map[string]bool{}, received: map[string]map[string]int{}}
 	h.bin = buildBroker(t, h.dir)
 
@@ -312,7 +312,9 @@ func (h *chaosHarness) verify() {
 		for tok, n := range toks {
 			received++
 			dups += n - 1
-			require.False(t, h.refused[tok], "a refused send (never acked) must never be delivered: %s", tok)
+			if why, refused := h.refused[tok]; refused {
+				t.Fatalf("a refused send (never acked) must never be delivered: %s (refused: %s)", tok, why)
+			}
 			_, acked := h.acked[tok]
 			require.True(t, acked || h.unknown[tok], "received a message that was never sent: %s", tok)
 		}
@@ -493,7 +495,7 @@ func (p *chaosPeer) sendLoop(ctx context.Context) {
 		case err == nil:
 			p.h.acked[tok] = target.pub
 		case errors.As(err, &perr) && perr.Code != "":
-			p.h.refused[tok] = true // the broker said it did not store it
+			p.h.refused[tok] = perr.Error() // the broker said it did not store it
 		default:
 			p.h.unknown[tok] = true // connection lost: stored or not, no ack
 		}

@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"net"
 	"net/url"
+	"strconv"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgxpool"
@@ -99,6 +100,9 @@ func runDev(ctx context.Context, cmd *cobra.Command, url string, cfg broker.Conf
 		pools = append(pools, pool)
 		rc := cfg
 		rc.NodeID = fmt.Sprintf("dev-%d", i)
+		if rc.MetricsAddr, err = devMetricsAddr(cfg.MetricsAddr, i); err != nil {
+			return err
+		}
 		srv, err := broker.NewServer(rc, pool, logger.With("replica", i))
 		if err != nil {
 			return err
@@ -126,12 +130,35 @@ func runDev(ctx context.Context, cmd *cobra.Command, url string, cfg broker.Conf
 		fmt.Fprintf(out, "  db delay       %s each way (+%s per round trip): replicas reach Postgres through %s\n",
 			dbDelay, 2*dbDelay, redactURL(replicaURL))
 	}
-	fmt.Fprintf(out, "  health         http://localhost:%d/health   metrics /metrics\n\nCtrl-C stops everything.\n", cfg.Port)
+	fmt.Fprintf(out, "  health         http://localhost:%d/health   metrics /metrics\n", cfg.Port)
+	for i, s := range servers {
+		if a := s.MetricsAddr(); a != "" {
+			fmt.Fprintf(out, "  metrics %-2d     http://%s/metrics (and /debug/pprof/)\n", i+1, a)
+		}
+	}
+	fmt.Fprintf(out, "\nCtrl-C stops everything.\n")
 
 	<-ctx.Done()
 	logger.Info("stopping dev cluster")
 	stopLB()
 	return nil
+}
+
+// devMetricsAddr gives replica i (from 1) its own METRICS_ADDR: the port plus i-1, so one
+// setting serves every replica of the dev cluster (they share one process, not one listener).
+func devMetricsAddr(addr string, i int) (string, error) {
+	if addr == "" || i == 1 {
+		return addr, nil
+	}
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return "", fmt.Errorf("METRICS_ADDR %q: %w", addr, err)
+	}
+	p, err := strconv.Atoi(port)
+	if err != nil || p == 0 {
+		return "", fmt.Errorf("METRICS_ADDR %q: give a fixed port for a dev cluster (replica i serves on port+i-1)", addr)
+	}
+	return net.JoinHostPort(host, strconv.Itoa(p+i-1)), nil
 }
 
 // redactURL hides a connection URL's password, which must never reach a terminal or log.
