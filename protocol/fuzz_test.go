@@ -33,6 +33,20 @@ func FuzzDecodeClient(f *testing.F) {
 		`{"type":"send","targetSpec":"*","priority":"now","nonce":"n","ciphertext":"a\u0000b"}`,
 		`{"type":"set_state","key":"k","value":{"\\u0000":"\ud83d\ude00","b":"\ud800"}}`,
 		`{"type":"set_state","key":"k","value":"\\\u0000"}`,
+		// Today's CLI (docs/protocol.md): session_hello, idempotent sends, admin verbs.
+		`{"type":"session_hello","meshId":"m","parentMemberId":"p","parentMemberPubkey":"aa","sessionPubkey":"bb",` +
+			`"parentAttestation":{"sessionPubkey":"bb","parentMemberPubkey":"aa","expiresAt":1,"signature":"cc"},` +
+			`"displayName":"d","sessionId":"s","pid":1,"cwd":"/","hostname":"h","peerType":"claude","channel":"session",` +
+			`"model":"m","groups":[{"name":"g"}],"timestamp":1,"signature":"dd","protocolVersion":2,"_reqId":"r"}`,
+		`{"type":"session_hello","parentAttestation":{"expiresAt":"soon"}}`,
+		`{"type":"send","targetSpec":"*","priority":"now","nonce":"n","ciphertext":"c","client_message_id":"cm-1","id":"i"}`,
+		`{"type":"kick","target":"alice","_reqId":"r"}`,
+		`{"type":"kick","stale":300}`,
+		`{"type":"kick","all":true}`,
+		`{"type":"disconnect","target":"ab12"}`,
+		`{"type":"ban","target":"bob","reason":"spam"}`,
+		`{"type":"unban","target":"bob"}`,
+		`{"type":"list_bans","_reqId":"r"}`,
 	}
 	for _, s := range seeds {
 		f.Add([]byte(s))
