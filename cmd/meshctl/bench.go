@@ -9,7 +9,6 @@ import (
 	"math"
 	"math/rand/v2"
 	"slices"
-	"sort"
 	"strconv"
 	"strings"
 	"sync"
@@ -814,16 +813,7 @@ func (a *app) printBench(rep *benchReport) error {
 		fmt.Fprintf(w, "sent          %d\n", m.Sent)
 		fmt.Fprintf(w, "acked         %d", m.Acked)
 		if len(m.Refused) > 0 {
-			keys := make([]string, 0, len(m.Refused))
-			for k := range m.Refused {
-				keys = append(keys, k)
-			}
-			sort.Strings(keys)
-			parts := make([]string, len(keys))
-			for i, k := range keys {
-				parts[i] = fmt.Sprintf("%s=%d", k, m.Refused[k])
-			}
-			fmt.Fprintf(w, "  (failed: %s)", strings.Join(parts, " "))
+			fmt.Fprintf(w, "  failed%s", formatCounts(m.Refused))
 		}
 		fmt.Fprintln(w)
 		fmt.Fprintf(w, "delivered     %d of %d (%.2f%%), %d duplicates, %d corrupt, %d disconnects; %d between peers on the same URL\n",

@@ -14,9 +14,10 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"math"
 	"os"
-	"sort"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -450,12 +451,7 @@ func printIdle(w io.Writer, ir *idleReport) {
 		fmt.Fprintf(w, "              %d dropped before the kill\n", f.DroppedBeforeKill)
 	}
 	if len(f.ReconnectedTo) > 0 {
-		urls := make([]string, 0, len(f.ReconnectedTo))
-		for u := range f.ReconnectedTo {
-			urls = append(urls, u)
-		}
-		sort.Strings(urls)
-		for _, u := range urls {
+		for _, u := range slices.Sorted(maps.Keys(f.ReconnectedTo)) {
 			fmt.Fprintf(w, "              %d now on %s\n", f.ReconnectedTo[u], u)
 		}
 	}
