@@ -250,57 +250,32 @@ func (q *Queries) ExpireDeliveries(ctx context.Context) (int64, error) {
 }
 
 const markDelivered = `-- name: MarkDelivered :exec
-WITH acked AS (
-    -- Each ack is an index probe by envelope (the LATERAL kept a subquery by OFFSET 0, the ids
-    -- matched by primary key): joined as a set instead, a plan cached before the table's first
-    -- ANALYZE hashes the batch against a sequential scan of every delivery ever kept.
-    UPDATE claudemesh.delivery d SET state = 'acked', acked_at = now()
-    WHERE d.id = ANY (ARRAY(
-        SELECT o.id
-        FROM (SELECT unnest($2::text[]) AS envelope_id, unnest($3::text[]) AS member_id,
-                     unnest($4::text[]) AS session_pubkey, unnest($5::text[]) AS session_id) a
-        CROSS JOIN LATERAL (
-            SELECT o.id FROM claudemesh.delivery o
-            WHERE o.envelope_id = a.envelope_id AND o.recipient_member_id = a.member_id
-              AND o.state IN ('pending', 'assigned', 'pushed')
-              AND (o.recipient_session_pubkey IS NULL OR o.recipient_session_pubkey = a.session_pubkey)
-              AND (o.recipient_session_id IS NULL OR o.recipient_session_id = a.session_id)
-            OFFSET 0) o))
-      AND d.state IN ('pending', 'assigned', 'pushed')
-    RETURNING d.id
-), written AS (
-    UPDATE claudemesh.delivery d SET state = 'acked', acked_at = now()
-    WHERE d.id = ANY($6::bigint[]) AND d.state IN ('pending', 'assigned', 'pushed')
-      AND d.id NOT IN (SELECT id FROM acked)
-    RETURNING d.id
-)
-UPDATE claudemesh.delivery d SET state = 'pushed'
-WHERE d.id = ANY($1::bigint[]) AND d.state = 'assigned'
-  AND d.id NOT IN (SELECT id FROM acked) AND d.id NOT IN (SELECT id FROM written)
+SELECT claudemesh.mark_delivered($1::text[], $2::text[], $3::text[],
+    $4::text[], $5::bigint[], $6::bigint[])
 `
 
 type MarkDeliveredParams struct {
-	TakenIds       []int64
 	EnvelopeIds    []string
 	MemberIds      []string
 	SessionPubkeys []string
 	SessionIds     []string
 	WrittenIds     []int64
+	TakenIds       []int64
 }
 
 // Deliveries that are done, in one statement for many sessions: client_acks, each a (message
 // id, recipient session) pair, the ids of pushes written to the socket of a session that does
 // not ack (done: a row released to pending meanwhile, its session closed after the write, was
 // still written), and the ids of assigned pushes written to sessions that ack (taken).
-// Assigned pushes written to sessions that ack: pushed now, so the catch-up leaves them alone.
+// One function call (migration 00012): its plan is the generic one, never re-planned per call.
 func (q *Queries) MarkDelivered(ctx context.Context, arg MarkDeliveredParams) error {
 	_, err := q.db.Exec(ctx, markDelivered,
-		arg.TakenIds,
 		arg.EnvelopeIds,
 		arg.MemberIds,
 		arg.SessionPubkeys,
 		arg.SessionIds,
 		arg.WrittenIds,
+		arg.TakenIds,
 	)
 	return err
 }

@@ -59,34 +59,9 @@ RETURNING mesh_id, recipient_member_id;
 -- id, recipient session) pair, the ids of pushes written to the socket of a session that does
 -- not ack (done: a row released to pending meanwhile, its session closed after the write, was
 -- still written), and the ids of assigned pushes written to sessions that ack (taken).
-WITH acked AS (
-    -- Each ack is an index probe by envelope (the LATERAL kept a subquery by OFFSET 0, the ids
-    -- matched by primary key): joined as a set instead, a plan cached before the table's first
-    -- ANALYZE hashes the batch against a sequential scan of every delivery ever kept.
-    UPDATE claudemesh.delivery d SET state = 'acked', acked_at = now()
-    WHERE d.id = ANY (ARRAY(
-        SELECT o.id
-        FROM (SELECT unnest(@envelope_ids::text[]) AS envelope_id, unnest(@member_ids::text[]) AS member_id,
-                     unnest(@session_pubkeys::text[]) AS session_pubkey, unnest(@session_ids::text[]) AS session_id) a
-        CROSS JOIN LATERAL (
-            SELECT o.id FROM claudemesh.delivery o
-            WHERE o.envelope_id = a.envelope_id AND o.recipient_member_id = a.member_id
-              AND o.state IN ('pending', 'assigned', 'pushed')
-              AND (o.recipient_session_pubkey IS NULL OR o.recipient_session_pubkey = a.session_pubkey)
-              AND (o.recipient_session_id IS NULL OR o.recipient_session_id = a.session_id)
-            OFFSET 0) o))
-      AND d.state IN ('pending', 'assigned', 'pushed')
-    RETURNING d.id
-), written AS (
-    UPDATE claudemesh.delivery d SET state = 'acked', acked_at = now()
-    WHERE d.id = ANY(@written_ids::bigint[]) AND d.state IN ('pending', 'assigned', 'pushed')
-      AND d.id NOT IN (SELECT id FROM acked)
-    RETURNING d.id
-)
--- Assigned pushes written to sessions that ack: pushed now, so the catch-up leaves them alone.
-UPDATE claudemesh.delivery d SET state = 'pushed'
-WHERE d.id = ANY(@taken_ids::bigint[]) AND d.state = 'assigned'
-  AND d.id NOT IN (SELECT id FROM acked) AND d.id NOT IN (SELECT id FROM written);
+-- One function call (migration 00012): its plan is the generic one, never re-planned per call.
+SELECT claudemesh.mark_delivered(@envelope_ids::text[], @member_ids::text[], @session_pubkeys::text[],
+    @session_ids::text[], @written_ids::bigint[], @taken_ids::bigint[]);
 
 -- name: ExpireDeliveries :execrows
 -- Found through their envelopes' expiry index, so deliveries need no index of their own for it.
