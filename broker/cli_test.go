@@ -268,12 +268,15 @@ func TestRetriedSendIsDeliveredOnce(t *testing.T) {
 			wg.Wait()
 			require.Equal(t, ids[0], ids[1], "both attempts acked with one message id")
 
+			// "once" was acked before the rest was sent; the burst (pipelined on a1, unacked) and
+			// the race (its first commit may be a2's, another sender on another replica) have no
+			// order between them.
+			require.Equal(t, "once", nextPush(t, b, 5*time.Second).Ciphertext)
 			got := map[string]int{}
-			for _, want := range []string{"once", "burst", "raced"} {
-				p := nextPush(t, b, 5*time.Second)
-				got[p.Ciphertext]++
-				require.Equal(t, want, p.Ciphertext, "in order, each once")
+			for range 2 {
+				got[nextPush(t, b, 5*time.Second).Ciphertext]++
 			}
+			require.Equal(t, map[string]int{"burst": 1, "raced": 1}, got, "each once")
 			probe(t, a1, keyHex(bKey), b)
 			var stored int
 			require.NoError(t, c.pool.QueryRow(ctxT(t), `SELECT count(*) FROM claudemesh.envelope WHERE mesh_id = $1`, m.id).Scan(&stored))
