@@ -37,6 +37,8 @@ type committer struct {
 	log      *slog.Logger
 	metrics  *Metrics
 	lanes    []chan sendReq
+	// sessions lists this replica's sessions (abandon: a batch that may have committed).
+	sessions func() []*session
 	// stopped is closed when the committer's loops have ended: sends then get "unavailable".
 	stopped chan struct{}
 }
@@ -107,7 +109,7 @@ func (c *committer) commit(ctx context.Context, batch []sendReq) {
 			return
 		}
 		if store.OutcomeUnknown(err) {
-			c.abandon(batch, err)
+			c.abandon(batch, plan, err)
 			return
 		}
 		c.log.Warn("send batch failed; refusing its sends", "size", len(batch), "err", err)
@@ -168,19 +170,35 @@ func (c *committer) persist(ctx context.Context, batch []sendReq, plan *batchPla
 }
 
 // abandon answers a batch whose commit may or may not have happened: an "unavailable" ack
-// would be a lie if it did (the messages arrive), an ack a lie if it did not. Its senders'
-// sockets are closed instead, which every client reads as "stored or not": a retry with the same
-// client_message_id is stored once either way. Whatever the batch assigned to sessions here,
-// if it committed, is claimed again by the catch-up once its assignment is stale.
-func (c *committer) abandon(batch []sendReq, err error) {
+// would be a lie if it did (the messages arrive), an ack a lie if it did not. Sends the
+// planner already refused get their acks; the senders of the others have their sockets closed,
+// which every client reads as "stored or not": a retry with the same client_message_id is
+// stored once either way. If it did commit, what it assigned to sessions here is claimed again
+// by the catch-up, and until then those sessions' new pushes queue behind it (as after lost
+// notifications), so order per recipient holds.
+func (c *committer) abandon(batch []sendReq, plan *batchPlan, err error) {
 	c.log.Warn("send batch outcome unknown (Postgres did not answer); closing its senders' sockets so they retry",
 		"size", len(batch), "err", err)
-	c.metrics.SendFailures.Add(float64(len(batch)))
-	closed := map[*session]bool{}
-	for _, r := range batch {
-		if !closed[r.sess] {
-			closed[r.sess] = true
-			closeWith(r.sess.ws, protocol.CloseTryAgainLater, "send_outcome_unknown")
+	unknown := map[*session]bool{}
+	for i, r := range batch {
+		if plan.acks[i] != nil { // refused before the statement: known
+			ackTo(c.log, r.sess, plan.acks[i])
+			continue
+		}
+		c.metrics.SendFailures.Inc()
+		r.sess.releasePromise() // its ack will never come; the reader must not wait for it
+		unknown[r.sess] = true
+	}
+	if len(unknown) == 0 {
+		return
+	}
+	for sess := range unknown {
+		closeWith(sess.ws, protocol.CloseTryAgainLater, "send_outcome_unknown")
+	}
+	if c.sessions != nil {
+		for _, sess := range c.sessions() {
+			sess.takeAllAssigned()
+			c.pusher.request(sess)
 		}
 	}
 }

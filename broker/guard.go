@@ -30,15 +30,25 @@ const guardTick = 250 * time.Millisecond
 // Start checks four times a second until Stop.
 func (g *guard) Start(ctx context.Context) error {
 	return g.start(ctx, func(ctx context.Context) {
-		slot, slots := 0, max(int(g.pingEvery/guardTick), 1)
+		slots := max(int(g.pingEvery/guardTick), 1)
 		g.hub.setPingSlots(slots)
+		var last int64 // the last tick (of the clock's) whose slot was pinged
 		startstop.Tick(ctx, guardTick, func(now time.Time) {
 			g.peers.closeHelloLate(now)
 			for _, sess := range g.pusher.stalled(now, g.stall) {
 				go g.peers.closeSlowConsumer(sess.ws, "pushes not read") // its close frame may wait up to a second
 			}
-			g.hub.ping(slot, now)
-			slot = (slot + 1) % slots
+			// Slots follow the clock, so late ticks never stretch the ping period past the
+			// pong deadline: the slots of ticks that came late are pinged now.
+			tick := time.Now().UnixNano() / int64(guardTick)
+			if last == 0 {
+				last = tick - 1
+			}
+			from := max(last+1, tick-int64(slots)+1)
+			for t := from; t <= tick; t++ {
+				g.hub.ping(int(t%int64(slots)), now)
+			}
+			last = tick
 		})
 	})
 }

@@ -153,9 +153,9 @@ func (h *hub) toMesh(meshID string, frame []byte, skip func(*session) bool) {
 	}
 }
 
-// pingWait bounds the ping of a quiet session (nothing queued for its socket): its write goes
-// into an empty socket buffer at once. The margin covers a burst queued between the check and
-// the write; the ticker waits that long only then.
+// pingWait bounds the ping of a quiet session (nothing queued or written for writeWait): its
+// write goes into a drained socket buffer at once. The margin covers a burst queued between
+// the check and the write; the ticker waits that long only then.
 const pingWait = time.Second
 
 // ping sends a WebSocket ping to the sessions of one ping slot (see setPingSlots). One ticker
@@ -179,15 +179,22 @@ func (h *hub) ping(slot int, now time.Time) {
 		if wc == nil {
 			continue
 		}
-		if s.quiet() {
-			_ = wc.WriteControl(websocket.PingMessage, nil, now.Add(pingWait))
+		if s.quiet(now) {
+			// Each write's deadline from the clock, not the tick: a late tick must not
+			// leave the slot's later pings already expired (skipped unwritten).
+			_ = wc.WriteControl(websocket.PingMessage, nil, time.Now().Add(pingWait))
 			continue
 		}
-		// Frames on their way: the ping waits its turn with the write timeout every write has
-		// (melody's own pings did the same), off the ticker. A short deadline here could expire
-		// mid-write on a full socket, and gorilla then gives the connection up before the stall
-		// guard's 4008 could be written.
-		go func() { _ = wc.WriteControl(websocket.PingMessage, nil, time.Now().Add(writeWait)) }()
+		// Frames on their way or just written: the ping waits its turn with the write
+		// timeout every write has (melody's own pings did the same), off the ticker, one at a
+		// time per session. A short deadline could expire mid-write on a full socket, and
+		// gorilla then gives the connection up before the stall guard's 4008 is written.
+		if s.pinging.CompareAndSwap(false, true) {
+			go func() {
+				defer s.pinging.Store(false)
+				_ = wc.WriteControl(websocket.PingMessage, nil, time.Now().Add(writeWait))
+			}()
+		}
 	}
 }
 

@@ -114,6 +114,7 @@ func NewServer(cfg Config, pool *pgxpool.Pool, logger *slog.Logger) (*Server, er
 	s.ender = newEnder(s.store, nodeID, cfg.Grace(), s.log, s.metrics)
 	pl := &planner{ttl: cfg.MessageTTL, now: time.Now}
 	s.committer = newCommitter(s.store, pl, nodeID, s.pusher, cfg.MaxBatch, cfg.Committers, s.log, s.metrics)
+	s.committer.sessions = s.hub.all
 	s.registrar = newRegistrar(s.store, nodeID, cfg.MaxConnsPerMesh, cfg.HelloConcurrency, cfg.HelloQueue, helloQueueWait,
 		s.log, s.metrics)
 	s.peers = &peers{cfg: cfg, nodeID: nodeID, store: s.store, hub: s.hub,

@@ -89,6 +89,8 @@ type session struct {
 	claimedAssigned []int64
 	parked          bool
 	stalledFrom     time.Time
+	lastWrite       time.Time   // when melody last wrote a frame to the socket (quiet)
+	pinging         atomic.Bool // a ping is waiting its turn on a busy socket
 	// queued: frames other than pushes queued on the socket or promised (acks to come);
 	// roomWait is signalled when a reader blocked on a full reply window may go on.
 	queued   int
@@ -271,6 +273,23 @@ func (s *session) promise() {
 	s.mu.Unlock()
 }
 
+// releasePromise gives back a reply-window slot whose ack will never be sent (its send's
+// outcome is unknown and the socket is being closed), so a reader waiting for room goes on.
+func (s *session) releasePromise() {
+	s.mu.Lock()
+	if s.queued > 0 {
+		s.queued--
+	}
+	wait := s.roomWait
+	s.mu.Unlock()
+	if wait != nil {
+		select {
+		case wait <- struct{}{}:
+		default:
+		}
+	}
+}
+
 // awaitReplyRoom blocks the session's reader while its reply window is full; false when
 // nothing was written for stall (the peer stopped reading) or the session closed.
 func (s *session) awaitReplyRoom(stall time.Duration) bool {
@@ -314,6 +333,7 @@ func (s *session) written(frame []byte) (p inflightPush, push, wake bool, next [
 	data := unsafe.SliceData(frame)
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	s.lastWrite = time.Now()
 	if len(s.inflight) == 0 || s.inflight[0].frame != data {
 		// A reply or an event.
 		if s.queued > 0 {
@@ -429,13 +449,15 @@ func (s *session) claimFailed(limit int) {
 	s.mu.Unlock()
 }
 
-// quiet reports whether nothing is queued for the socket: a ping written now goes straight
-// into an empty socket buffer and cannot block behind (or time out over) a burst being
-// written, which would leave the connection unusable for its close frame.
-func (s *session) quiet() bool {
+// quiet reports whether nothing is queued for the socket and nothing was written to it for
+// longer than writeWait: a ping written now goes into a socket buffer the peer has had time to
+// drain, so it cannot block behind (or time out over) a burst, which would leave the
+// connection unusable for its close frame.
+func (s *session) quiet(now time.Time) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return !s.closed && len(s.inflight) == 0 && s.otherWire == 0 && len(s.spill) == 0
+	return !s.closed && len(s.inflight) == 0 && s.otherWire == 0 && len(s.spill) == 0 &&
+		now.Sub(s.lastWrite) > writeWait
 }
 
 // stalled reports whether the pusher is parked on the session's window, and whether the window

@@ -154,7 +154,13 @@ func (s *Store) SendBatch(ctx context.Context, nodeID string, envs []OutgoingEnv
 			p.EFrame[i] = string(e.Frame)
 		}
 	}
-	rows, err := s.q.SendBatch(ctx, p)
+	// The connection is taken first, so a failure to get one is known to have sent nothing.
+	conn, err := s.pool.Acquire(ctx)
+	if err != nil {
+		return nil, nil, fmt.Errorf("send batch: %w", notSent{err})
+	}
+	defer conn.Release()
+	rows, err := db.New(conn).SendBatch(ctx, p)
 	if err != nil {
 		return nil, nil, fmt.Errorf("send batch: %w", err)
 	}

@@ -51,17 +51,25 @@ func RejectedInput(err error) bool {
 
 // OutcomeUnknown reports whether err leaves open whether the statement committed: it may have
 // reached Postgres and its answer was lost (the connection broke or the deadline passed while it
-// ran). Only Postgres's own errors (the statement rolled back) and a connection that could not
-// be made (nothing was sent) are known failures. pgx's SafeToRetry is not enough: a connection
-// that broke mid-statement can surface as "conn closed", which it deems safe.
+// ran). Only Postgres's own errors (the statement rolled back), a connection that could not be
+// made or taken from the pool (nothing was sent) are known failures. pgx's SafeToRetry is not
+// enough: a connection that broke mid-statement can surface as "conn closed", which it deems
+// safe.
 func OutcomeUnknown(err error) bool {
 	if err == nil {
 		return false
 	}
 	var pgErr *pgconn.PgError
 	var connErr *pgconn.ConnectError
-	return !errors.As(err, &pgErr) && !errors.As(err, &connErr)
+	var ns notSent
+	return !errors.As(err, &pgErr) && !errors.As(err, &connErr) && !errors.As(err, &ns)
 }
+
+// notSent marks an error raised before a statement was sent (no connection from the pool).
+type notSent struct{ err error }
+
+func (e notSent) Error() string { return "not sent: " + e.err.Error() }
+func (e notSent) Unwrap() error { return e.err }
 
 // Store runs the broker's queries on a pool.
 type Store struct {
