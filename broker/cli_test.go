@@ -475,6 +475,8 @@ func TestKickAndBan(t *testing.T) {
 
 	// Audited, and the chain still verifies.
 	var events []string
+	_, err = audit.Seal(ctxT(t), c.pool, true)
+	require.NoError(t, err)
 	rows, err := c.pool.Query(ctxT(t), `SELECT event_type FROM claudemesh.audit WHERE mesh_id = $1
 		AND event_type IN ('peer_kicked', 'member_banned', 'member_unbanned') ORDER BY seq`, m.id)
 	require.NoError(t, err)

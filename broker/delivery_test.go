@@ -11,6 +11,7 @@ import (
 
 	"github.com/stretchr/testify/require"
 
+	"github.com/claudemesh/broker/broker/audit"
 	"github.com/claudemesh/broker/client"
 	"github.com/claudemesh/broker/db/dbtest"
 	"github.com/claudemesh/broker/protocol"
@@ -369,4 +370,53 @@ func TestLostNotificationDeliveredByPoll(t *testing.T) {
 	ack, err := a.Send(ctx, carol.pub, protocol.PriorityNow, "n", "c", "")
 	require.NoError(t, err)
 	require.Equal(t, ack.MessageID, nextPush(t, cl, 5*time.Second).MessageID)
+}
+
+// Sends record their audit entries without locking the mesh's chain; the replicas chain them
+// on their own (no reader asking), within seconds, in the order each sender sent them, and the
+// chain verifies.
+func TestAuditEntriesChainedByTheReplicas(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t, 3, nil)
+	m := c.mesh(0)
+	alice, bob := m.member("alice"), m.member("bob")
+	a, b := m.dial(0, alice), m.dial(1, bob)
+	ctx := ctxT(t)
+	var ids []string
+	for i := range 30 {
+		from, to := a, bob.pub
+		if i%2 == 1 {
+			from, to = b, alice.pub
+		}
+		ack, err := from.Send(ctx, to, protocol.PriorityNow, "n", fmt.Sprintf("m%d", i), "")
+		require.NoError(t, err)
+		ids = append(ids, ack.MessageID)
+	}
+	var chained []string
+	dbtest.WaitFor(t, 15*time.Second, "every message_sent entry chained by a replica", func() bool {
+		chained = chained[:0]
+		rows, err := c.pool.Query(ctx, `SELECT data->>'message_id' FROM claudemesh.audit
+			WHERE mesh_id = $1 AND event_type = 'message_sent' ORDER BY seq`, m.id)
+		if err != nil {
+			return false
+		}
+		defer rows.Close()
+		for rows.Next() {
+			var id string
+			if rows.Scan(&id) == nil {
+				chained = append(chained, id)
+			}
+		}
+		return len(chained) == len(ids)
+	})
+	pos := map[string]int{}
+	for i, id := range chained {
+		pos[id] = i
+	}
+	for i := 2; i < len(ids); i++ {
+		require.Less(t, pos[ids[i-2]], pos[ids[i]], "one sender's entries keep its order on the chain")
+	}
+	n, err := audit.Verify(ctx, c.pool, m.id)
+	require.NoError(t, err)
+	require.GreaterOrEqual(t, n, len(ids))
 }

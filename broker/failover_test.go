@@ -10,6 +10,7 @@ import (
 
 	"github.com/stretchr/testify/require"
 
+	"github.com/claudemesh/broker/broker/audit"
 	"github.com/claudemesh/broker/client"
 	"github.com/claudemesh/broker/db/dbtest"
 	"github.com/claudemesh/broker/protocol"
@@ -147,6 +148,8 @@ func TestMassCloseEndsEveryPresence(t *testing.T) {
 		return live == 0
 	})
 	var left int
+	_, err = audit.Seal(context.Background(), c.pool, true) // what is pending goes onto the chain
+	require.NoError(t, err)
 	require.NoError(t, c.pool.QueryRow(context.Background(), `SELECT count(*) FROM claudemesh.audit WHERE mesh_id = $1 AND event_type = 'peer_disconnected'`, m.id).Scan(&left))
 	require.Equal(t, n, left, "one audit entry per ended presence")
 }

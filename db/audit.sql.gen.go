@@ -105,3 +105,21 @@ func (q *Queries) AuditTail(ctx context.Context, arg AuditTailParams) ([]Claudem
 	}
 	return items, nil
 }
+
+const sealAudit = `-- name: SealAudit :one
+SELECT claudemesh.audit_seal($1::int, $2::boolean)::int AS sealed
+`
+
+type SealAuditParams struct {
+	MaxEntries int32
+	Wait       bool
+}
+
+// Moves committed pending entries onto their chains (migration 00014); wait says whether to
+// wait for another sealer rather than return 0.
+func (q *Queries) SealAudit(ctx context.Context, arg SealAuditParams) (int32, error) {
+	row := q.db.QueryRow(ctx, sealAudit, arg.MaxEntries, arg.Wait)
+	var sealed int32
+	err := row.Scan(&sealed)
+	return sealed, err
+}

@@ -26,6 +26,15 @@ type ClaudemeshAuditHead struct {
 	Hash   string
 }
 
+type ClaudemeshAuditPending struct {
+	ID        int64
+	MeshID    string
+	EventType string
+	Actor     string
+	Data      string
+	TsMicros  int64
+}
+
 type ClaudemeshDelivery struct {
 	ID                     int64
 	EnvelopeID             string

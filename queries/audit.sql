@@ -15,3 +15,8 @@ SELECT t.* FROM (
     LIMIT @n
 ) t
 ORDER BY t.seq;
+
+-- name: SealAudit :one
+-- Moves committed pending entries onto their chains (migration 00014); wait says whether to
+-- wait for another sealer rather than return 0.
+SELECT claudemesh.audit_seal(@max_entries::int, @wait::boolean)::int AS sealed;

@@ -4,9 +4,11 @@
 //
 // Each entry's hash is sha256 over the previous entry's hash (Genesis for the first), the mesh
 // id, the event type, the actor, the canonical JSON of its data and its timestamp in
-// microseconds. Appends lock the mesh's head row inside the caller's transaction, so appends
-// from any number of replicas serialize per mesh and the chain never forks; Verify walks a
-// chain and names the first entry that does not check out.
+// microseconds. An append only records the entry (claudemesh.audit_pending) in the caller's
+// transaction, taking no lock; Seal, run by every replica each second and by every reader, moves
+// committed entries onto their chains, one sealer at a time, so the chain never forks and no
+// writer waits on a mesh's head. Verify walks a chain and names the first entry that does not
+// check out.
 package audit
 
 import (
@@ -100,17 +102,14 @@ func (e *BrokenError) Error() string {
 	return fmt.Sprintf("audit chain of mesh %s broken at seq %d: %s", e.MeshID, e.Seq, e.Reason)
 }
 
-// Append adds entries to their meshes' chains inside tx, the caller's transaction: the entries
-// commit or vanish with the caller's own writes. Entries of one mesh keep their order. One
-// statement (claudemesh.audit_append) locks each mesh's head row until tx ends, in mesh-id
-// order so that replicas appending to overlapping meshes cannot deadlock, and computes the
-// hashes server-side with the scheme Hash implements; call it once per transaction.
+// Append records entries for their meshes' chains inside tx, the caller's transaction: the
+// entries commit or vanish with the caller's own writes, and Seal chains them (with the scheme
+// Hash implements, server-side) in the order they were appended.
 func Append(ctx context.Context, tx pgx.Tx, entries []Entry) error {
 	return AppendVia(ctx, tx, entries)
 }
 
-// AppendVia is Append on any executor: outside a transaction the statement is its own
-// (the heads are locked for the statement's server time only).
+// AppendVia is Append on any executor: outside a transaction the statement is its own.
 func AppendVia(ctx context.Context, q db.DBTX, entries []Entry) error {
 	if len(entries) == 0 {
 		return nil
@@ -130,6 +129,27 @@ func AppendVia(ctx context.Context, q db.DBTX, entries []Entry) error {
 		return fmt.Errorf("append audit: %w", err)
 	}
 	return nil
+}
+
+// sealBatch bounds the entries one seal statement chains, so a backlog is sealed in steps.
+const sealBatch = 5000
+
+// Seal chains every committed pending entry and returns how many it chained. With wait false it
+// returns at once when another session is sealing (the replicas' periodic seal); with wait true
+// it waits for that session, so what was committed before the call is on the chains after it
+// (a reader).
+func Seal(ctx context.Context, q db.DBTX, wait bool) (int, error) {
+	total := 0
+	for {
+		n, err := db.New(q).SealAudit(ctx, db.SealAuditParams{MaxEntries: sealBatch, Wait: wait})
+		if err != nil {
+			return total, fmt.Errorf("seal audit: %w", err)
+		}
+		total += int(n)
+		if n < sealBatch {
+			return total, nil
+		}
+	}
 }
 
 type pending struct {

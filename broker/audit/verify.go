@@ -27,11 +27,14 @@ type txBeginner interface {
 // a head that does not match the last entry (rows deleted at the end, or added behind the
 // chain's back).
 //
-// Given a pool or a connection it reads from one repeatable-read snapshot, so appends committed
-// meanwhile by other replicas are not mistaken for tampering; given a transaction it reads in
-// that transaction.
+// Given a pool or a connection it first seals what is pending (Seal), then reads from one
+// repeatable-read snapshot, so appends committed meanwhile by other replicas are not mistaken
+// for tampering; given a transaction it reads the chain as sealed in that transaction.
 func Verify(ctx context.Context, q db.DBTX, meshID string) (int, error) {
 	if b, ok := q.(txBeginner); ok {
+		if _, err := Seal(ctx, q, true); err != nil {
+			return 0, fmt.Errorf("verify audit: %w", err)
+		}
 		tx, err := b.BeginTx(ctx, pgx.TxOptions{IsoLevel: pgx.RepeatableRead, AccessMode: pgx.ReadOnly})
 		if err != nil {
 			return 0, fmt.Errorf("verify audit: %w", err)
@@ -110,10 +113,16 @@ func missing(from, to int64) string {
 	return fmt.Sprintf("entries %d to %d missing", from, to)
 }
 
-// Tail returns the newest n entries of meshID's chain, oldest first.
+// Tail returns the newest n entries of meshID's chain, oldest first; given a pool or a
+// connection, what is pending is sealed first.
 func Tail(ctx context.Context, q db.DBTX, meshID string, n int) ([]Record, error) {
 	if n <= 0 {
 		return []Record{}, nil
+	}
+	if _, ok := q.(txBeginner); ok {
+		if _, err := Seal(ctx, q, true); err != nil {
+			return nil, fmt.Errorf("audit tail: %w", err)
+		}
 	}
 	rows, err := db.New(q).AuditTail(ctx, db.AuditTailParams{MeshID: meshID, N: int32(min(n, 1<<30))})
 	if err != nil {

@@ -493,7 +493,8 @@ func TestInvites(t *testing.T) {
 	require.NotEqual(t, token, stored)
 	require.NotContains(t, payload, key.MeshRootKey)
 	var leaks int
-	require.NoError(t, f.pool.QueryRow(f.ctx, `SELECT count(*) FROM claudemesh.audit WHERE data::text LIKE '%' || $1 || '%' OR data::text LIKE '%' || $2 || '%'`,
+	require.NoError(t, f.pool.QueryRow(f.ctx, `SELECT (SELECT count(*) FROM claudemesh.audit WHERE data::text LIKE '%' || $1 || '%' OR data::text LIKE '%' || $2 || '%')
+		+ (SELECT count(*) FROM claudemesh.audit_pending WHERE data LIKE '%' || $1 || '%' OR data LIKE '%' || $2 || '%')`,
 		key.MeshRootKey, token[:40]).Scan(&leaks))
 	require.Zero(t, leaks)
 

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"time"
 
+	"github.com/claudemesh/broker/broker/audit"
 	"github.com/claudemesh/broker/db"
 )
 
@@ -134,6 +135,12 @@ func (s *Store) DeleteOldEnvelopes(ctx context.Context) (int64, error) {
 		return 0, fmt.Errorf("delete old envelopes: %w", err)
 	}
 	return n, nil
+}
+
+// SealAudit chains the audit entries committed since the last seal, unless another replica is
+// sealing at this moment (it will chain them).
+func (s *Store) SealAudit(ctx context.Context) (int, error) {
+	return audit.Seal(ctx, s.pool, false)
 }
 
 // PendingCount is the number of deliveries not yet done, cluster-wide.
