@@ -135,8 +135,9 @@ func NewServer(cfg Config, pool *pgxpool.Pool, logger *slog.Logger) (*Server, er
 	}
 	// Start order: the node row first (presences reference it), the listener, then the
 	// services that write (records and ends stop last, so closing sessions are recorded).
+	sl := &sealer{store: s.store, every: sweepEvery, log: s.log, metrics: s.metrics}
 	s.services = append(s.services, s.heartbeat, bus, s.recorder, s.ender, s.pusher, s.committer, s.registrar, rt, s.sweeper,
-		live, gd)
+		sl, live, gd)
 
 	s.metrics.registerFuncs(s)
 	hk := &hooks{cfg: cfg, store: s.store, signals: sig, metrics: s.metrics, log: s.log, refusals: refusals,

@@ -10,7 +10,7 @@ import (
 	"github.com/claudemesh/broker/protocol"
 )
 
-// sweeper is the replica's periodic database upkeep: audit entries are chained, presences whose grace ran out end,
+// sweeper is the replica's periodic database upkeep: presences whose grace ran out end,
 // sessions stuck in working flip to idle, presences without a socket are reconciled, expired
 // deliveries, envelopes, hook signals and signatures are swept, and the pending gauge is read.
 type sweeper struct {
@@ -32,7 +32,6 @@ func (w *sweeper) Start(ctx context.Context) error {
 		n := 0
 		startstop.Tick(ctx, w.every, func(time.Time) {
 			n++
-			w.run(ctx, "seal_audit", w.sealAudit)
 			w.run(ctx, "sweep_grace", w.sweepGrace)
 			w.run(ctx, "sweep_working", w.sweepWorking)
 			if n%5 == 0 {
@@ -56,12 +55,6 @@ func (w *sweeper) run(ctx context.Context, task string, f func(context.Context) 
 	if err := f(ctx); err != nil && ctx.Err() == nil {
 		w.metrics.backgroundError(w.log, task, err, "retry", "next tick")
 	}
-}
-
-// sealAudit chains the audit entries committed since the last tick (package audit).
-func (w *sweeper) sealAudit(ctx context.Context) error {
-	_, err := w.store.SealAudit(ctx)
-	return err
 }
 
 // sweepGrace ends presences whose grace ran out, on this node or on a node that is gone.

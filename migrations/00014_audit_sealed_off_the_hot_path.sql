@@ -15,12 +15,20 @@
 -- the order in which entries were sealed.
 CREATE TABLE claudemesh.audit_pending (
     id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    mesh_id text NOT NULL,
+    -- Checked here, as the chain would check it, so a bad entry fails its writer and never
+    -- the sealer (which would stop chaining for every mesh).
+    mesh_id text NOT NULL REFERENCES claudemesh.mesh (id),
     event_type text NOT NULL,
     actor text NOT NULL,
     -- Canonical JSON as the writer encoded it: the hash is taken over this text.
-    data text NOT NULL,
+    data text NOT NULL CHECK (data::jsonb IS NOT NULL),
     ts_micros bigint NOT NULL
+) WITH (
+    -- A queue: every row is deleted within seconds of its insert. Vacuumed by row count, not
+    -- by a fraction of a table that is always nearly empty, so dead rows never pile up in
+    -- front of the sealer's ORDER BY id scan.
+    autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 10000,
+    autovacuum_vacuum_insert_scale_factor = 0, autovacuum_vacuum_insert_threshold = 10000
 );
 
 -- The chaining body (00010) keeps its code under a new name; only the sealer calls it. (In a DO
@@ -83,7 +91,9 @@ $$;
 -- +goose StatementEnd
 
 -- +goose Down
--- What is pending goes onto the chains first, so rolling back loses no entry.
+-- What is pending goes onto the chains first, so rolling back loses no entry: the lock stops
+-- writers of the new version from adding entries between the seal and the drop.
+LOCK TABLE claudemesh.audit_pending IN EXCLUSIVE MODE;
 SELECT claudemesh.audit_seal(2147483647, true);
 DROP FUNCTION claudemesh.audit_seal(int, boolean);
 DROP FUNCTION claudemesh.audit_append(text[], text[], text[], text[], bigint[]);

@@ -341,3 +341,49 @@ func TestHashCoversEveryField(t *testing.T) {
 		require.NotEqual(t, base, h)
 	}
 }
+
+// Entries are chained by whoever seals first: a reader that may write seals before it reads; a
+// read-only reader (a standby, a read-only role) still verifies, from what was sealed; a bad
+// entry fails its own writer, never the sealing of everyone else's.
+func TestSealingAndReadOnlyReaders(t *testing.T) {
+	t.Parallel()
+	ctx := dbtest.Context(t)
+	pool := dbtest.Pool(t)
+	m := newMesh(t, pool, "sealed")
+
+	require.NoError(t, appendTx(ctx, pool, audit.Entry{MeshID: m, Type: audit.MemberAdded, Actor: audit.ActorOperator}))
+	var pending int
+	require.NoError(t, pool.QueryRow(ctx, `SELECT count(*) FROM claudemesh.audit_pending WHERE mesh_id = $1`, m).Scan(&pending))
+	require.Equal(t, 1, pending, "an append records the entry; nothing is chained yet")
+
+	cfg := pool.Config().Copy()
+	cfg.ConnConfig.RuntimeParams["default_transaction_read_only"] = "on"
+	ro, err := pgxpool.NewWithConfig(ctx, cfg)
+	require.NoError(t, err)
+	defer ro.Close()
+	n, err := audit.Verify(ctx, ro, m)
+	require.NoError(t, err, "a read-only reader verifies what is sealed")
+	require.Zero(t, n, "and cannot seal")
+
+	n, err = audit.Verify(ctx, pool, m)
+	require.NoError(t, err)
+	require.Equal(t, 1, n, "a reader that may write seals first")
+
+	// Rows only the writer's own mistakes could produce are refused at the append.
+	err = audit.AppendVia(ctx, pool, []audit.Entry{{MeshID: "no-such-mesh", Type: audit.MemberAdded, Actor: "x"}})
+	require.Error(t, err, "an entry for a mesh that does not exist fails its writer")
+	_, err = pool.Exec(ctx, `INSERT INTO claudemesh.audit_pending (mesh_id, event_type, actor, data, ts_micros)
+		VALUES ($1, 'member_added', 'x', '{"bad": "\u0000"}', 1)`, m)
+	require.Error(t, err, "data the chain could not store fails its writer")
+
+	require.NoError(t, appendTx(ctx, pool, audit.Entry{MeshID: m, Type: audit.MemberRevoked, Actor: audit.ActorOperator}))
+	n, err = audit.Verify(ctx, ro, m)
+	require.NoError(t, err)
+	require.Equal(t, 1, n, "the read-only reader sees the chain as last sealed")
+	sealed, err := audit.Seal(ctx, pool, false)
+	require.NoError(t, err)
+	require.GreaterOrEqual(t, sealed, 1)
+	n, err = audit.Verify(ctx, ro, m)
+	require.NoError(t, err)
+	require.Equal(t, 2, n)
+}
