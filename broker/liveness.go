@@ -67,15 +67,12 @@ func reconnectAll(h *hub) {
 func (l *liveness) takeOver(ctx context.Context) {
 	ctx, cancel := context.WithTimeout(ctx, opTimeout)
 	defer cancel()
-	var dead []store.TakeOver
+	var dead []store.DeadNode
 	_, err := l.store.InTx(ctx, nil, func(tx *store.Tx) error {
-		var err error
-		if dead, err = tx.TakeOverDeadNodes(ctx, l.deadAfter, l.grace); err != nil {
-			return err
-		}
 		var released []store.Recipient
-		for _, d := range dead {
-			released = append(released, d.Released...)
+		var err error
+		if dead, released, err = tx.TakeOverDeadNodes(ctx, l.deadAfter, l.grace); err != nil {
+			return err
 		}
 		if len(released) == 0 {
 			return nil
@@ -92,7 +89,7 @@ func (l *liveness) takeOver(ctx context.Context) {
 	}
 	for _, d := range dead {
 		l.metrics.DeadNodes.Inc()
-		l.log.Warn("node declared dead; its sessions are in grace and its unacked pushes released", "dead_node", d.Node.ID)
+		l.log.Warn("node declared dead; its sessions are in grace and its unacked pushes released", "dead_node", d.ID)
 	}
 	if len(dead) > 0 {
 		l.onTakeOver(ctx) // presences whose grace already ran out leave now

@@ -10,20 +10,25 @@ import (
 	"time"
 )
 
-const graceDeadNodePresence = `-- name: GraceDeadNodePresence :exec
-UPDATE claudemesh.presence SET grace_until = $1
-WHERE node_id = $2 AND ended_at IS NULL AND grace_until IS NULL
+const graceDeadNodesPresences = `-- name: GraceDeadNodesPresences :exec
+UPDATE claudemesh.presence p SET grace_until = n.heartbeat_at + make_interval(secs => $1::float8)
+FROM claudemesh.node n
+WHERE p.ctid = ANY (ARRAY(
+        SELECT x.ctid FROM claudemesh.node d JOIN claudemesh.presence x ON x.node_id = d.id
+        WHERE d.dead_at IS NOT NULL AND x.ended_at IS NULL AND x.grace_until IS NULL
+        FOR UPDATE OF x SKIP LOCKED))
+  AND n.id = p.node_id AND p.ended_at IS NULL AND p.grace_until IS NULL
 `
 
-type GraceDeadNodePresenceParams struct {
-	GraceUntil *time.Time
-	NodeID     string
-}
-
-// A dead node's sockets are gone: its presences enter their reconnect grace, counted from
-// its last heartbeat (when its sockets were last known to be alive).
-func (q *Queries) GraceDeadNodePresence(ctx context.Context, arg GraceDeadNodePresenceParams) error {
-	_, err := q.db.Exec(ctx, graceDeadNodePresence, arg.GraceUntil, arg.NodeID)
+// Dead nodes' sockets are gone: their live presences enter their reconnect grace, counted from
+// the node's last heartbeat (when its sockets were last known to be alive). Every dead node at
+// every check, so this converges: a presence a concurrent hello holds (moving it to another
+// node) is skipped, not waited for (a hello batch locks its presences in its own order, and
+// waiting here deadlocked with it in reconnect storms), and is graced at the next check if it
+// is still on the dead node. Rows are taken by ctid: a plan that cannot turn into a scan of
+// the table, whatever the statistics.
+func (q *Queries) GraceDeadNodesPresences(ctx context.Context, graceSeconds float64) error {
+	_, err := q.db.Exec(ctx, graceDeadNodesPresences, graceSeconds)
 	return err
 }
 
@@ -120,27 +125,32 @@ func (q *Queries) NodeStop(ctx context.Context, id string) error {
 	return err
 }
 
-const releaseNodePushes = `-- name: ReleaseNodePushes :many
-UPDATE claudemesh.delivery SET state = 'pending', pushed_node = NULL, pushed_presence = NULL, pushed_at = NULL
-WHERE state IN ('assigned', 'pushed') AND pushed_node = $1
-RETURNING mesh_id, recipient_member_id
+const releaseDeadNodesPushes = `-- name: ReleaseDeadNodesPushes :many
+UPDATE claudemesh.delivery d SET state = 'pending', pushed_node = NULL, pushed_presence = NULL, pushed_at = NULL
+WHERE d.ctid = ANY (ARRAY(
+        SELECT x.ctid FROM claudemesh.node n JOIN claudemesh.delivery x ON x.pushed_node = n.id
+        WHERE n.dead_at IS NOT NULL AND x.state IN ('assigned', 'pushed')
+        FOR UPDATE OF x SKIP LOCKED))
+  AND d.state IN ('assigned', 'pushed')
+RETURNING d.mesh_id, d.recipient_member_id
 `
 
-type ReleaseNodePushesRow struct {
+type ReleaseDeadNodesPushesRow struct {
 	MeshID            string
 	RecipientMemberID string
 }
 
-// Unacked pushes of a dead node go back to pending for the recipients' next connection.
-func (q *Queries) ReleaseNodePushes(ctx context.Context, nodeID *string) ([]ReleaseNodePushesRow, error) {
-	rows, err := q.db.Query(ctx, releaseNodePushes, nodeID)
+// Unacked pushes of dead nodes go back to pending for the recipients' next connection; as
+// above, every dead node at every check, skipping rows a concurrent statement holds.
+func (q *Queries) ReleaseDeadNodesPushes(ctx context.Context) ([]ReleaseDeadNodesPushesRow, error) {
+	rows, err := q.db.Query(ctx, releaseDeadNodesPushes)
 	if err != nil {
 		return nil, err
 	}
 	defer rows.Close()
-	items := []ReleaseNodePushesRow{}
+	items := []ReleaseDeadNodesPushesRow{}
 	for rows.Next() {
-		var i ReleaseNodePushesRow
+		var i ReleaseDeadNodesPushesRow
 		if err := rows.Scan(&i.MeshID, &i.RecipientMemberID); err != nil {
 			return nil, err
 		}

@@ -22,14 +22,29 @@ WHERE stopped_at IS NULL AND dead_at IS NULL
   AND heartbeat_at < now() - make_interval(secs => @dead_after_seconds::float8)
 RETURNING id, heartbeat_at;
 
--- name: GraceDeadNodePresence :exec
--- A dead node's sockets are gone: its presences enter their reconnect grace, counted from
--- its last heartbeat (when its sockets were last known to be alive).
-UPDATE claudemesh.presence SET grace_until = @grace_until
-WHERE node_id = @node_id AND ended_at IS NULL AND grace_until IS NULL;
+-- name: GraceDeadNodesPresences :exec
+-- Dead nodes' sockets are gone: their live presences enter their reconnect grace, counted from
+-- the node's last heartbeat (when its sockets were last known to be alive). Every dead node at
+-- every check, so this converges: a presence a concurrent hello holds (moving it to another
+-- node) is skipped, not waited for (a hello batch locks its presences in its own order, and
+-- waiting here deadlocked with it in reconnect storms), and is graced at the next check if it
+-- is still on the dead node. Rows are taken by ctid: a plan that cannot turn into a scan of
+-- the table, whatever the statistics.
+UPDATE claudemesh.presence p SET grace_until = n.heartbeat_at + make_interval(secs => @grace_seconds::float8)
+FROM claudemesh.node n
+WHERE p.ctid = ANY (ARRAY(
+        SELECT x.ctid FROM claudemesh.node d JOIN claudemesh.presence x ON x.node_id = d.id
+        WHERE d.dead_at IS NOT NULL AND x.ended_at IS NULL AND x.grace_until IS NULL
+        FOR UPDATE OF x SKIP LOCKED))
+  AND n.id = p.node_id AND p.ended_at IS NULL AND p.grace_until IS NULL;
 
--- name: ReleaseNodePushes :many
--- Unacked pushes of a dead node go back to pending for the recipients' next connection.
-UPDATE claudemesh.delivery SET state = 'pending', pushed_node = NULL, pushed_presence = NULL, pushed_at = NULL
-WHERE state IN ('assigned', 'pushed') AND pushed_node = @node_id
-RETURNING mesh_id, recipient_member_id;
+-- name: ReleaseDeadNodesPushes :many
+-- Unacked pushes of dead nodes go back to pending for the recipients' next connection; as
+-- above, every dead node at every check, skipping rows a concurrent statement holds.
+UPDATE claudemesh.delivery d SET state = 'pending', pushed_node = NULL, pushed_presence = NULL, pushed_at = NULL
+WHERE d.ctid = ANY (ARRAY(
+        SELECT x.ctid FROM claudemesh.node n JOIN claudemesh.delivery x ON x.pushed_node = n.id
+        WHERE n.dead_at IS NOT NULL AND x.state IN ('assigned', 'pushed')
+        FOR UPDATE OF x SKIP LOCKED))
+  AND d.state IN ('assigned', 'pushed')
+RETURNING d.mesh_id, d.recipient_member_id;

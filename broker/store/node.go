@@ -10,37 +10,32 @@ import (
 	"github.com/claudemesh/broker/db"
 )
 
-// TakeOver is one dead node taken over: its presences put in grace, its pushes released.
-type TakeOver struct {
-	Node     DeadNode
-	Released []Recipient
-}
-
-// TakeOverDeadNodes marks nodes silent past deadAfter dead, puts their presences in grace
-// (counted from their last heartbeat) and releases their unacked pushes. Several replicas may
-// race here; the UPDATE decides who handles each node.
-func (t *Tx) TakeOverDeadNodes(ctx context.Context, deadAfter, grace time.Duration) ([]TakeOver, error) {
+// TakeOverDeadNodes marks nodes silent past deadAfter dead, then, for every dead node (those
+// just marked and any left over from earlier checks), puts its presences in grace (counted
+// from its last heartbeat) and releases its unacked pushes. Several replicas may race here:
+// the UPDATE decides who marks each node, and rows another statement holds are left to the
+// next check. It returns the nodes it marked and the recipients whose pushes it released.
+func (t *Tx) TakeOverDeadNodes(ctx context.Context, deadAfter, grace time.Duration) ([]DeadNode, []Recipient, error) {
 	nodes, err := t.q.MarkDeadNodes(ctx, deadAfter.Seconds())
 	if err != nil {
-		return nil, fmt.Errorf("mark dead nodes: %w", err)
+		return nil, nil, fmt.Errorf("mark dead nodes: %w", err)
 	}
-	out := make([]TakeOver, 0, len(nodes))
+	marked := make([]DeadNode, 0, len(nodes))
 	for _, n := range nodes {
-		until := n.HeartbeatAt.Add(grace)
-		if err := t.q.GraceDeadNodePresence(ctx, db.GraceDeadNodePresenceParams{NodeID: n.ID, GraceUntil: &until}); err != nil {
-			return nil, fmt.Errorf("grace dead node's presences: %w", err)
-		}
-		rows, err := t.q.ReleaseNodePushes(ctx, &n.ID)
-		if err != nil {
-			return nil, fmt.Errorf("release dead node's pushes: %w", err)
-		}
-		to := TakeOver{Node: DeadNode{ID: n.ID, HeartbeatAt: n.HeartbeatAt}}
-		for _, r := range rows {
-			to.Released = append(to.Released, Recipient{MeshID: r.MeshID, MemberID: r.RecipientMemberID})
-		}
-		out = append(out, to)
+		marked = append(marked, DeadNode{ID: n.ID, HeartbeatAt: n.HeartbeatAt})
 	}
-	return out, nil
+	if err := t.q.GraceDeadNodesPresences(ctx, grace.Seconds()); err != nil {
+		return nil, nil, fmt.Errorf("grace dead nodes' presences: %w", err)
+	}
+	rows, err := t.q.ReleaseDeadNodesPushes(ctx)
+	if err != nil {
+		return nil, nil, fmt.Errorf("release dead nodes' pushes: %w", err)
+	}
+	released := make([]Recipient, 0, len(rows))
+	for _, r := range rows {
+		released = append(released, Recipient{MeshID: r.MeshID, MemberID: r.RecipientMemberID})
+	}
+	return marked, released, nil
 }
 
 // StatusPageNode is one node as the status page shows it.

@@ -2,6 +2,7 @@ package store_test
 
 import (
 	"context"
+	"fmt"
 	"testing"
 	"time"
 
@@ -58,4 +59,78 @@ func TestOutcomeUnknown(t *testing.T) {
 	_ = victim.Close(context.Background())
 	require.Error(t, err)
 	require.True(t, store.OutcomeUnknown(err), "connection lost mid-statement: unknown (%v)", err)
+}
+
+// Taking over a dead node never waits on a presence another statement holds (a hello batch
+// moving it elsewhere locks its presences in its own order; waiting deadlocked with it in
+// reconnect storms): the held presence is left, the others enter their grace, and the next
+// check graces the held one if it is still on the dead node.
+func TestTakeOverSkipsHeldPresencesAndConverges(t *testing.T) {
+	ctx := dbtest.Context(t)
+	pool := dbtest.Pool(t)
+	st := store.New(pool, "t")
+	var mesh, member string
+	require.NoError(t, pool.QueryRow(ctx, `INSERT INTO claudemesh.mesh (slug, name, owner_pubkey) VALUES ('m', 'm', repeat('a', 64)) RETURNING id`).Scan(&mesh))
+	require.NoError(t, pool.QueryRow(ctx, `INSERT INTO claudemesh.member (mesh_id, pubkey) VALUES ($1, repeat('b', 64)) RETURNING id`, mesh).Scan(&member))
+	_, err := pool.Exec(ctx, `INSERT INTO claudemesh.node (id, heartbeat_at) VALUES ('gone', now() - interval '1 minute'), ('alive', now())`)
+	require.NoError(t, err)
+	var held string
+	for i, node := range []string{"gone", "gone", "gone", "alive"} {
+		var id string
+		require.NoError(t, pool.QueryRow(ctx, `INSERT INTO claudemesh.presence (mesh_id, member_id, member_pubkey, node_id, session_id)
+			VALUES ($1, $2, repeat('b', 64), $3, $4) RETURNING id`, mesh, member, node, fmt.Sprintf("s%d", i)).Scan(&id))
+		if i == 0 {
+			held = id
+		}
+	}
+	graced := func() map[string]bool {
+		rows, err := pool.Query(ctx, `SELECT id, grace_until IS NOT NULL FROM claudemesh.presence`)
+		require.NoError(t, err)
+		out := map[string]bool{}
+		for rows.Next() {
+			var id string
+			var g bool
+			require.NoError(t, rows.Scan(&id, &g))
+			out[id] = g
+		}
+		require.NoError(t, rows.Err())
+		return out
+	}
+
+	hello, err := pool.Begin(ctx)
+	require.NoError(t, err)
+	defer hello.Rollback(context.Background()) //nolint:errcheck // released below
+	_, err = hello.Exec(ctx, `SELECT 1 FROM claudemesh.presence WHERE id = $1 FOR UPDATE`, held)
+	require.NoError(t, err)
+
+	short, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	var marked []store.DeadNode
+	_, err = st.InTx(short, nil, func(tx *store.Tx) error {
+		var err error
+		marked, _, err = tx.TakeOverDeadNodes(short, 30*time.Second, 90*time.Second)
+		return err
+	})
+	require.NoError(t, err, "the take-over does not wait for the held presence")
+	require.Len(t, marked, 1)
+	require.Equal(t, "gone", marked[0].ID)
+	g := graced()
+	require.False(t, g[held], "the held presence is left for now")
+	n := 0
+	for id, v := range g {
+		if v {
+			n++
+			require.NotEqual(t, held, id)
+		}
+	}
+	require.Equal(t, 2, n, "the dead node's other presences are in grace; the live node's are not")
+
+	require.NoError(t, hello.Rollback(ctx))
+	_, err = st.InTx(ctx, nil, func(tx *store.Tx) error {
+		marked, _, err = tx.TakeOverDeadNodes(ctx, 30*time.Second, 90*time.Second)
+		return err
+	})
+	require.NoError(t, err)
+	require.Empty(t, marked, "the node was marked dead once")
+	require.True(t, graced()[held], "the next check graces what was held")
 }
