@@ -28,14 +28,17 @@ RETURNING id, heartbeat_at;
 -- every check, so this converges: a presence a concurrent hello holds (moving it to another
 -- node) is skipped, not waited for (a hello batch locks its presences in its own order, and
 -- waiting here deadlocked with it in reconnect storms), and is graced at the next check if it
--- is still on the dead node. Rows are taken by ctid: a plan that cannot turn into a scan of
--- the table, whatever the statistics.
+-- is still on the dead node. Rows are probed per dead node (LATERAL, by the index on their node: nothing
+-- to read when no node is dead) and taken by ctid: plans that cannot turn into a scan of the
+-- table, whatever the statistics.
 UPDATE claudemesh.presence p SET grace_until = n.heartbeat_at + make_interval(secs => @grace_seconds::float8)
 FROM claudemesh.node n
 WHERE p.ctid = ANY (ARRAY(
-        SELECT x.ctid FROM claudemesh.node d JOIN claudemesh.presence x ON x.node_id = d.id
-        WHERE d.dead_at IS NOT NULL AND x.ended_at IS NULL AND x.grace_until IS NULL
-        FOR UPDATE OF x SKIP LOCKED))
+        SELECT x.ctid FROM claudemesh.node d CROSS JOIN LATERAL (
+            SELECT x.ctid FROM claudemesh.presence x
+            WHERE x.node_id = d.id AND x.ended_at IS NULL AND x.grace_until IS NULL
+            FOR UPDATE OF x SKIP LOCKED) x
+        WHERE d.dead_at IS NOT NULL))
   AND n.id = p.node_id AND p.ended_at IS NULL AND p.grace_until IS NULL;
 
 -- name: ReleaseDeadNodesPushes :many
@@ -43,8 +46,10 @@ WHERE p.ctid = ANY (ARRAY(
 -- above, every dead node at every check, skipping rows a concurrent statement holds.
 UPDATE claudemesh.delivery d SET state = 'pending', pushed_node = NULL, pushed_presence = NULL, pushed_at = NULL
 WHERE d.ctid = ANY (ARRAY(
-        SELECT x.ctid FROM claudemesh.node n JOIN claudemesh.delivery x ON x.pushed_node = n.id
-        WHERE n.dead_at IS NOT NULL AND x.state IN ('assigned', 'pushed')
-        FOR UPDATE OF x SKIP LOCKED))
+        SELECT x.ctid FROM claudemesh.node n CROSS JOIN LATERAL (
+            SELECT x.ctid FROM claudemesh.delivery x
+            WHERE x.pushed_node = n.id AND x.state IN ('assigned', 'pushed')
+            FOR UPDATE OF x SKIP LOCKED) x
+        WHERE n.dead_at IS NOT NULL))
   AND d.state IN ('assigned', 'pushed')
 RETURNING d.mesh_id, d.recipient_member_id;
