@@ -26,16 +26,18 @@ type Metrics struct {
 	SendRefused       *prometheus.CounterVec
 	AdminOps          *prometheus.CounterVec
 	DeliveriesPending prometheus.Gauge
-	BusSent           prometheus.Counter
-	BusReceived       prometheus.Counter
-	BusEvents         *prometheus.CounterVec
-	BatchSize         prometheus.Histogram
-	HelloBatchSize    prometheus.Histogram
-	CommitSeconds     prometheus.Histogram
-	HookRequests      *prometheus.CounterVec
-	DeadNodes         prometheus.Counter
-	Claims            prometheus.Counter
-	BackgroundErrors  *prometheus.CounterVec
+	// AuditPending and AuditPendingOldest: audit entries not yet chained (cluster-wide).
+	AuditPending, AuditPendingOldest prometheus.Gauge
+	BusSent                          prometheus.Counter
+	BusReceived                      prometheus.Counter
+	BusEvents                        *prometheus.CounterVec
+	BatchSize                        prometheus.Histogram
+	HelloBatchSize                   prometheus.Histogram
+	CommitSeconds                    prometheus.Histogram
+	HookRequests                     *prometheus.CounterVec
+	DeadNodes                        prometheus.Counter
+	Claims                           prometheus.Counter
+	BackgroundErrors                 *prometheus.CounterVec
 
 	bgMu     sync.Mutex
 	bgLogged map[string]bgLog
@@ -67,9 +69,12 @@ func newMetrics() *Metrics {
 		SendRefused:       cv("sends_refused_total", "Sends refused before the database, by code (too_large, rate_limited).", "code"),
 		AdminOps:          cv("admin_operations_total", "kick, disconnect, ban, unban and list_bans requests, by operation and outcome.", "op", "outcome"),
 		DeliveriesPending: g("deliveries_pending", "Deliveries not yet acknowledged (pending or pushed), cluster-wide."),
-		BusSent:           c("bus_notifications_sent_total", "NOTIFY payloads sent by this replica."),
-		BusReceived:       c("bus_notifications_received_total", "Bus messages received and applied."),
-		BusEvents:         cv("bus_events_total", "Listener events: reconnect, overflow, bad_payload.", "event"),
+		AuditPending:      g("audit_pending_entries", "Audit entries recorded and not yet hashed onto their chains, cluster-wide."),
+		AuditPendingOldest: g("audit_pending_oldest_seconds",
+			"Age of the oldest audit entry not yet hashed onto its chain, cluster-wide (0 when none)."),
+		BusSent:     c("bus_notifications_sent_total", "NOTIFY payloads sent by this replica."),
+		BusReceived: c("bus_notifications_received_total", "Bus messages received and applied."),
+		BusEvents:   cv("bus_events_total", "Listener events: reconnect, overflow, bad_payload.", "event"),
 		BatchSize: prometheus.NewHistogram(prometheus.HistogramOpts{Namespace: "claudemesh", Name: "commit_batch_size",
 			Help: "Sends per group-commit transaction.", Buckets: prometheus.ExponentialBuckets(1, 2, 10)}),
 		HelloBatchSize: prometheus.NewHistogram(prometheus.HistogramOpts{Namespace: "claudemesh", Name: "hello_batch_size",
@@ -89,7 +94,7 @@ func newMetrics() *Metrics {
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 		m.HealthChecks, m.ConnActive, m.ConnTotal, m.ConnRejected, m.BadFrames, m.SlowConsumers,
-		m.MessagesRouted, m.Pushes, m.SendFailures, m.SendRefused, m.AdminOps, m.DeliveriesPending, m.BusSent, m.BusReceived,
+		m.MessagesRouted, m.Pushes, m.SendFailures, m.SendRefused, m.AdminOps, m.DeliveriesPending, m.AuditPending, m.AuditPendingOldest, m.BusSent, m.BusReceived,
 		m.BusEvents, m.BatchSize, m.HelloBatchSize, m.CommitSeconds, m.HookRequests, m.DeadNodes, m.Claims, m.BackgroundErrors,
 	)
 	return m

@@ -135,5 +135,11 @@ func (w *sweeper) updatePendingGauge(ctx context.Context) error {
 		return err
 	}
 	w.metrics.DeliveriesPending.Set(float64(n))
+	entries, oldest, err := w.store.AuditPending(ctx)
+	if err != nil {
+		return err
+	}
+	w.metrics.AuditPending.Set(float64(entries))
+	w.metrics.AuditPendingOldest.Set(oldest)
 	return nil
 }

@@ -62,6 +62,26 @@ func (q *Queries) AuditPage(ctx context.Context, arg AuditPageParams) ([]Claudem
 	return items, nil
 }
 
+const auditPendingStats = `-- name: AuditPendingStats :one
+SELECT count(*)::bigint AS entries,
+       coalesce(extract(epoch FROM now()) - min(ts_micros) / 1e6, 0)::float8 AS oldest_seconds
+FROM claudemesh.audit_pending
+`
+
+type AuditPendingStatsRow struct {
+	Entries       int64
+	OldestSeconds float64
+}
+
+// Entries recorded and not yet chained, cluster-wide, and how long the oldest has waited (0
+// when none): sealing keeps both near zero.
+func (q *Queries) AuditPendingStats(ctx context.Context) (AuditPendingStatsRow, error) {
+	row := q.db.QueryRow(ctx, auditPendingStats)
+	var i AuditPendingStatsRow
+	err := row.Scan(&i.Entries, &i.OldestSeconds)
+	return i, err
+}
+
 const auditTail = `-- name: AuditTail :many
 SELECT t.mesh_id, t.seq, t.event_type, t.actor, t.data, t.ts_micros, t.prev_hash, t.hash FROM (
     SELECT mesh_id, seq, event_type, actor, data, ts_micros, prev_hash, hash FROM claudemesh.audit

@@ -20,3 +20,10 @@ ORDER BY t.seq;
 -- Moves committed pending entries onto their chains (migration 00014); wait says whether to
 -- wait for another sealer rather than return 0.
 SELECT claudemesh.audit_seal(@max_entries::int, @wait::boolean)::int AS sealed;
+
+-- name: AuditPendingStats :one
+-- Entries recorded and not yet chained, cluster-wide, and how long the oldest has waited (0
+-- when none): sealing keeps both near zero.
+SELECT count(*)::bigint AS entries,
+       coalesce(extract(epoch FROM now()) - min(ts_micros) / 1e6, 0)::float8 AS oldest_seconds
+FROM claudemesh.audit_pending;

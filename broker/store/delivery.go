@@ -143,6 +143,16 @@ func (s *Store) SealAudit(ctx context.Context) (int, error) {
 	return audit.Seal(ctx, s.pool, false)
 }
 
+// AuditPending is how many audit entries wait to be chained, cluster-wide, and the age of the
+// oldest in seconds (0 when none).
+func (s *Store) AuditPending(ctx context.Context) (int64, float64, error) {
+	r, err := s.q.AuditPendingStats(ctx)
+	if err != nil {
+		return 0, 0, fmt.Errorf("audit pending: %w", err)
+	}
+	return r.Entries, r.OldestSeconds, nil
+}
+
 // PendingCount is the number of deliveries not yet done, cluster-wide.
 func (s *Store) PendingCount(ctx context.Context) (int64, error) {
 	n, err := s.q.PendingDeliveryCount(ctx)
