@@ -113,8 +113,9 @@ type Config struct {
 	// Postgres backend busy with send statements; a sender's sends always use one lane. One
 	// lane makes fewer, larger batches, and a send batch's fixed cost dominates small ones: on
 	// a 2-core machine at 1,000 msgs/s across 3 replicas send→push p50 was 11-13 ms with one
-	// lane and 24-25 ms with two, at the same saturation throughput. More lanes help only a
-	// database with idle cores.
+	// lane and 24-25 ms with two, at the same saturation throughput. More lanes help a
+	// database with idle cores, and a replica far from the primary: there a send that arrives
+	// while its lane's batch is in flight waits up to a round trip for it.
 	Committers int
 
 	// HelloConcurrency bounds the hello statements in the database at once (default 4, each
