@@ -215,6 +215,11 @@ func ParseHookRequest(body []byte) (HookRequest, error) {
 		if !hasTS {
 			return r, badRequest("timestamp: required integer (with pubkey and signature)")
 		}
+		if ts <= 0 {
+			// Milliseconds since the epoch: 0 or less is no signing time (and would not
+			// survive re-encoding, where 0 means unsigned).
+			return r, badRequest("timestamp: must be a positive integer (milliseconds since the epoch)")
+		}
 	}
 	return r, nil
 }

@@ -126,6 +126,9 @@ func TestParseHookRequest(t *testing.T) {
 		`{"cwd":"/w","status":"idle","hook_token":[]}`: "hook_token: must be a string",
 		`{"cwd":"/w","status":"idle","hook_token":"` + strings.Repeat("t", MaxHookTokenLen+1) + `"}`: "hook_token: too long",
 		`{"cwd":"` + strings.Repeat("c", MaxCWDLen+1) + `","status":"idle"}`:                         "cwd: too long",
+		// Signed with no signing time (found by FuzzParseHookRequest: it did not survive
+		// re-encoding, where a zero timestamp means unsigned).
+		`{"cwd":"/w","status":"idle","pubkey":"` + strings.Repeat("1", 64) + `","timestamp":0,"signature":"` + strings.Repeat("0", 128) + `"}`: "timestamp: must be a positive integer",
 	}
 	for body, msg := range invalid {
 		_, err := ParseHookRequest([]byte(body))
