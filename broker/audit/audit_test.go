@@ -387,3 +387,92 @@ func TestSealingAndReadOnlyReaders(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, 2, n)
 }
+
+// Writers on four pools append while sealers on the same pools race each other (the replicas'
+// periodic seal): every committed entry lands on the chain exactly once, each writer's entries
+// in the order it committed them, a rolled-back writer's entries never, and a backlog larger
+// than one seal statement takes is drained by the reader's seal.
+func TestConcurrentSealersAndWriters(t *testing.T) {
+	t.Parallel()
+	ctx := dbtest.Context(t)
+	url := dbtest.URL(t)
+	setup := dbtest.PoolFor(t, url)
+	m := newMesh(t, setup, "busy")
+
+	// A backlog bigger than one seal statement's 5,000, appended before anyone seals.
+	const backlog = 6000
+	big := make([]audit.Entry, backlog)
+	for i := range big {
+		big[i] = audit.Entry{MeshID: m, Type: audit.MessageSent, Actor: "backlog", Data: map[string]any{"i": i}}
+	}
+	require.NoError(t, appendTx(ctx, setup, big...))
+
+	const writers, perWriter = 4, 150
+	var writing, sealing sync.WaitGroup
+	errs := make(chan error, writers*3)
+	stop := make(chan struct{})
+	for w := range writers {
+		pool := dbtest.PoolFor(t, url)
+		writing.Add(1)
+		go func() {
+			defer writing.Done()
+			for i := range perWriter {
+				if err := appendTx(ctx, pool, audit.Entry{MeshID: m, Type: audit.MessageSent, Actor: fmt.Sprintf("w%d", w), Data: map[string]any{"i": i}}); err != nil {
+					errs <- err
+					return
+				}
+			}
+			// Entries of a transaction that rolls back are never chained.
+			err := pgx.BeginFunc(ctx, pool, func(tx pgx.Tx) error {
+				if err := audit.Append(ctx, tx, []audit.Entry{{MeshID: m, Type: audit.MessageSent, Actor: "rolled-back"}}); err != nil {
+					return err
+				}
+				return errors.New("roll back")
+			})
+			if err == nil {
+				errs <- errors.New("the transaction committed")
+			}
+		}()
+		sealing.Add(1)
+		go func() {
+			defer sealing.Done()
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				if _, err := audit.Seal(ctx, pool, false); err != nil {
+					errs <- err
+					return
+				}
+			}
+		}()
+	}
+	writing.Wait()
+	close(stop)
+	sealing.Wait()
+	close(errs)
+	for err := range errs {
+		require.NoError(t, err)
+	}
+
+	n, err := audit.Verify(ctx, setup, m)
+	require.NoError(t, err)
+	require.Equal(t, backlog+writers*perWriter, n, "every committed entry chained once")
+	rows, err := setup.Query(ctx, `SELECT actor, (data->>'i')::int FROM claudemesh.audit WHERE mesh_id = $1 ORDER BY seq`, m)
+	require.NoError(t, err)
+	next := map[string]int{}
+	for rows.Next() {
+		var actor string
+		var i int
+		require.NoError(t, rows.Scan(&actor, &i))
+		require.NotEqual(t, "rolled-back", actor)
+		require.Equal(t, next[actor], i, "%s's entries in the order it committed them", actor)
+		next[actor]++
+	}
+	require.NoError(t, rows.Err())
+	var pending int
+	require.NoError(t, setup.QueryRow(ctx, `SELECT count(*) FROM claudemesh.audit_pending`).Scan(&pending))
+	require.Zero(t, pending)
+}
