@@ -10,8 +10,8 @@ import (
 
 // recorder records what happened to deliveries in batches off the hot path: client_acks, pushes
 // written to sessions that don't ack, and assigned pushes written to sessions that do.
-// Everything that arrived while the previous statement was in flight, or within recordLinger of
-// the first record, goes into the next one.
+// Everything that arrived while the previous statement was in flight goes into the next one;
+// taken pushes wait up to recordLinger for their ack to share its statement.
 type recorder struct {
 	service
 	store   *store.Store
@@ -22,12 +22,12 @@ type recorder struct {
 	taken   *queue[int64]
 }
 
-// recordLinger is how long the recorder lets records gather after the first one arrives.
+// recordLinger is how long a taken push's record waits for an ack to share a statement with.
 const recordLinger = 20 * time.Millisecond
 
 func newRecorder(st *store.Store, log *slog.Logger, m *Metrics) *recorder {
 	r := &recorder{store: st, log: log, metrics: m, acks: newQueue[store.Ack](), written: newQueue[int64](), taken: newQueue[int64]()}
-	r.written.wake, r.taken.wake = r.acks.wake, r.acks.wake // one loop wakes for all
+	r.written.wake = r.acks.wake // acks and writes are recorded at once; taken pushes linger
 	return r
 }
 
@@ -57,12 +57,18 @@ func (r *recorder) Start(ctx context.Context) error {
 				cancel()
 				return
 			case <-r.acks.wake:
+				// An ack is recorded at once: until it is, a reconnect would get the message
+				// again.
+				r.flush(ctx)
+			case <-r.taken.wake:
 				// A push's client_ack usually follows it within milliseconds: lingering a
-				// moment puts both in one statement, one row update instead of two, and
-				// fewer statements in all. Nothing waits on this record but a redelivery.
+				// moment (cut short by the ack) puts both in one statement, one row update
+				// instead of two. Nothing waits on the taken record but the catch-up.
 				t := time.NewTimer(recordLinger)
 				select {
 				case <-ctx.Done(): // the loop flushes on its way out
+				case <-r.acks.wake:
+					r.flush(ctx)
 				case <-t.C:
 					r.flush(ctx)
 				}
