@@ -11,45 +11,15 @@ import (
 )
 
 const claimDeliveries = `-- name: ClaimDeliveries :many
-WITH s AS (
-    SELECT unnest($2::text[]) AS presence_id, unnest($3::text[]) AS member_id,
-        unnest($4::text[]) AS session_pubkey, unnest($5::text[]) AS session_id,
-        unnest($6::bool[]) AS include_held, unnest($7::int[]) AS lim,
-        unnest($8::bool[]) AS take_assigned
-), retake AS (
-    SELECT unnest($9::text[]) AS presence_id, unnest($10::bigint[]) AS id
-), c AS (
-    SELECT s.presence_id, x.id, x.assigned FROM s CROSS JOIN LATERAL (
-        SELECT u.id, u.assigned FROM (
-            SELECT d.id, false AS assigned FROM claudemesh.delivery d
-            WHERE d.recipient_member_id = s.member_id AND d.state = 'pending'
-              AND claudemesh.claimable(d, s.member_id, s.session_pubkey, s.session_id, s.include_held)
-            UNION ALL
-            -- Assigned to this session and not pushed: ones the replica could not push in order
-            -- (retake), all of them after its notifications were lost (take_assigned), and any
-            -- assigned a while ago (the notification that carried it was lost). Not a recent one
-            -- otherwise: it may have been pushed from its notification, its push not recorded yet.
-            SELECT d.id, true FROM claudemesh.delivery d
-            WHERE d.pushed_presence = s.presence_id AND d.state = 'assigned'
-              AND (s.take_assigned OR d.pushed_at < now() - make_interval(secs => $11::float8)
-                   OR d.id IN (SELECT r.id FROM retake r WHERE r.presence_id = s.presence_id))
-        ) u
-        ORDER BY u.id
-        LIMIT s.lim
-    ) x
-), locked AS (
-    SELECT c.presence_id, c.assigned, d.id FROM c JOIN claudemesh.delivery d ON d.id = c.id
-    WHERE d.state IN ('pending', 'assigned')
-    FOR UPDATE OF d SKIP LOCKED
-)
-UPDATE claudemesh.delivery d
-SET state = 'pushed', acked_at = NULL,
-    pushed_node = $1::text, pushed_presence = c.presence_id, pushed_at = now()
-FROM locked c, claudemesh.envelope e
-WHERE d.id = c.id AND e.id = d.envelope_id
-RETURNING d.id, d.pushed_presence, c.assigned, e.id AS envelope_id, e.mesh_id, e.sender_pubkey, e.sender_member_pubkey,
-    e.priority, e.nonce, e.ciphertext, e.created_at, e.sender_member_id, e.sender_name, e.client_message_id,
-    e.request_fingerprint
+SELECT c.id::bigint AS id, coalesce(c.pushed_presence, '')::text AS pushed_presence, c.assigned::boolean AS assigned,
+    c.envelope_id::text AS envelope_id, c.mesh_id::text AS mesh_id, c.sender_pubkey::text AS sender_pubkey,
+    c.sender_member_pubkey::text AS sender_member_pubkey, c.priority::text AS priority, c.nonce::text AS nonce,
+    c.ciphertext::text AS ciphertext, c.created_at::timestamptz AS created_at, c.sender_member_id::text AS sender_member_id,
+    c.sender_name::text AS sender_name, c.client_message_id::text AS client_message_id,
+    c.request_fingerprint::text AS request_fingerprint
+FROM claudemesh.claim_deliveries($1::text, $2::text[], $3::text[], $4::text[],
+    $5::text[], $6::bool[], $7::int[], $8::bool[], $9::text[],
+    $10::bigint[], $11::float8) c
 `
 
 type ClaimDeliveriesParams struct {
@@ -68,7 +38,7 @@ type ClaimDeliveriesParams struct {
 
 type ClaimDeliveriesRow struct {
 	ID                 int64
-	PushedPresence     *string
+	PushedPresence     string
 	Assigned           bool
 	EnvelopeID         string
 	MeshID             string
@@ -89,7 +59,8 @@ type ClaimDeliveriesRow struct {
 // per session. Each session takes at most its own limit (the room left in its push window),
 // so a claim never outruns the socket. Held priorities are included only for sessions that
 // may be interrupted. Claimed rows are "pushed": they count as delivered only once written
-// (MarkDelivered) or acked, and go back to pending if the session ends first.
+// (MarkDelivered) or acked, and go back to pending if the session ends first. The statement
+// is claudemesh.claim_deliveries (migration 00015), so its plan is made once per connection.
 func (q *Queries) ClaimDeliveries(ctx context.Context, arg ClaimDeliveriesParams) ([]ClaimDeliveriesRow, error) {
 	rows, err := q.db.Query(ctx, claimDeliveries,
 		arg.NodeID,

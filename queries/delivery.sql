@@ -4,46 +4,17 @@
 -- per session. Each session takes at most its own limit (the room left in its push window),
 -- so a claim never outruns the socket. Held priorities are included only for sessions that
 -- may be interrupted. Claimed rows are "pushed": they count as delivered only once written
--- (MarkDelivered) or acked, and go back to pending if the session ends first.
-WITH s AS (
-    SELECT unnest(@presence_ids::text[]) AS presence_id, unnest(@member_ids::text[]) AS member_id,
-        unnest(@session_pubkeys::text[]) AS session_pubkey, unnest(@session_ids::text[]) AS session_id,
-        unnest(@include_held::bool[]) AS include_held, unnest(@limits::int[]) AS lim,
-        unnest(@take_assigned::bool[]) AS take_assigned
-), retake AS (
-    SELECT unnest(@retake_presence_ids::text[]) AS presence_id, unnest(@retake_ids::bigint[]) AS id
-), c AS (
-    SELECT s.presence_id, x.id, x.assigned FROM s CROSS JOIN LATERAL (
-        SELECT u.id, u.assigned FROM (
-            SELECT d.id, false AS assigned FROM claudemesh.delivery d
-            WHERE d.recipient_member_id = s.member_id AND d.state = 'pending'
-              AND claudemesh.claimable(d, s.member_id, s.session_pubkey, s.session_id, s.include_held)
-            UNION ALL
-            -- Assigned to this session and not pushed: ones the replica could not push in order
-            -- (retake), all of them after its notifications were lost (take_assigned), and any
-            -- assigned a while ago (the notification that carried it was lost). Not a recent one
-            -- otherwise: it may have been pushed from its notification, its push not recorded yet.
-            SELECT d.id, true FROM claudemesh.delivery d
-            WHERE d.pushed_presence = s.presence_id AND d.state = 'assigned'
-              AND (s.take_assigned OR d.pushed_at < now() - make_interval(secs => @assigned_stale_seconds::float8)
-                   OR d.id IN (SELECT r.id FROM retake r WHERE r.presence_id = s.presence_id))
-        ) u
-        ORDER BY u.id
-        LIMIT s.lim
-    ) x
-), locked AS (
-    SELECT c.presence_id, c.assigned, d.id FROM c JOIN claudemesh.delivery d ON d.id = c.id
-    WHERE d.state IN ('pending', 'assigned')
-    FOR UPDATE OF d SKIP LOCKED
-)
-UPDATE claudemesh.delivery d
-SET state = 'pushed', acked_at = NULL,
-    pushed_node = @node_id::text, pushed_presence = c.presence_id, pushed_at = now()
-FROM locked c, claudemesh.envelope e
-WHERE d.id = c.id AND e.id = d.envelope_id
-RETURNING d.id, d.pushed_presence, c.assigned, e.id AS envelope_id, e.mesh_id, e.sender_pubkey, e.sender_member_pubkey,
-    e.priority, e.nonce, e.ciphertext, e.created_at, e.sender_member_id, e.sender_name, e.client_message_id,
-    e.request_fingerprint;
+-- (MarkDelivered) or acked, and go back to pending if the session ends first. The statement
+-- is claudemesh.claim_deliveries (migration 00015), so its plan is made once per connection.
+SELECT c.id::bigint AS id, coalesce(c.pushed_presence, '')::text AS pushed_presence, c.assigned::boolean AS assigned,
+    c.envelope_id::text AS envelope_id, c.mesh_id::text AS mesh_id, c.sender_pubkey::text AS sender_pubkey,
+    c.sender_member_pubkey::text AS sender_member_pubkey, c.priority::text AS priority, c.nonce::text AS nonce,
+    c.ciphertext::text AS ciphertext, c.created_at::timestamptz AS created_at, c.sender_member_id::text AS sender_member_id,
+    c.sender_name::text AS sender_name, c.client_message_id::text AS client_message_id,
+    c.request_fingerprint::text AS request_fingerprint
+FROM claudemesh.claim_deliveries(@node_id::text, @presence_ids::text[], @member_ids::text[], @session_pubkeys::text[],
+    @session_ids::text[], @include_held::bool[], @limits::int[], @take_assigned::bool[], @retake_presence_ids::text[],
+    @retake_ids::bigint[], @assigned_stale_seconds::float8) c;
 
 -- name: ReleaseDeliveries :many
 -- Pushes that could not be written go back to pending: claimed ones whose socket closed

@@ -61,7 +61,7 @@ func (s *Store) Claim(ctx context.Context, nodeID string, sessions []ClaimFor) (
 	}
 	out := make([]Claimed, 0, len(rows))
 	for _, r := range rows {
-		out = append(out, Claimed{ID: r.ID, PresenceID: deref(r.PushedPresence), FromAssigned: r.Assigned, Push: Push{EnvelopeID: r.EnvelopeID,
+		out = append(out, Claimed{ID: r.ID, PresenceID: r.PushedPresence, FromAssigned: r.Assigned, Push: Push{EnvelopeID: r.EnvelopeID,
 			MeshID: r.MeshID, SenderPubkey: r.SenderPubkey, SenderMemberPubkey: r.SenderMemberPubkey, Priority: r.Priority,
 			Nonce: r.Nonce, Ciphertext: r.Ciphertext, CreatedAt: r.CreatedAt, SenderMemberID: r.SenderMemberID,
 			SenderName: r.SenderName, ClientMessageID: r.ClientMessageID, RequestFingerprint: r.RequestFingerprint}})
