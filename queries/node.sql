@@ -28,7 +28,9 @@ RETURNING id, heartbeat_at;
 -- every check, so this converges: a presence a concurrent hello holds (moving it to another
 -- node) is skipped, not waited for (a hello batch locks its presences in its own order, and
 -- waiting here deadlocked with it in reconnect storms), and is graced at the next check if it
--- is still on the dead node. Rows are probed per dead node (LATERAL, by the index on their node: nothing
+-- is still on the dead node. Only what the node held when it was declared dead: a node declared
+-- dead while it still runs (a late heartbeat under load) keeps serving until it re-registers,
+-- and what it takes on meanwhile is not taken from it. Rows are probed per dead node (LATERAL, by the index on their node: nothing
 -- to read when no node is dead) and taken by ctid: plans that cannot turn into a scan of the
 -- table, whatever the statistics.
 UPDATE claudemesh.presence p SET grace_until = n.heartbeat_at + make_interval(secs => @grace_seconds::float8)
@@ -37,18 +39,20 @@ WHERE p.ctid = ANY (ARRAY(
         SELECT x.ctid FROM claudemesh.node d CROSS JOIN LATERAL (
             SELECT x.ctid FROM claudemesh.presence x
             WHERE x.node_id = d.id AND x.ended_at IS NULL AND x.grace_until IS NULL
+              AND x.last_seen_at <= d.dead_at
             FOR UPDATE OF x SKIP LOCKED) x
         WHERE d.dead_at IS NOT NULL))
   AND n.id = p.node_id AND p.ended_at IS NULL AND p.grace_until IS NULL;
 
 -- name: ReleaseDeadNodesPushes :many
 -- Unacked pushes of dead nodes go back to pending for the recipients' next connection; as
--- above, every dead node at every check, skipping rows a concurrent statement holds.
+-- above, every dead node at every check, skipping rows a concurrent statement holds, and only
+-- pushes made before the node was declared dead.
 UPDATE claudemesh.delivery d SET state = 'pending', pushed_node = NULL, pushed_presence = NULL, pushed_at = NULL
 WHERE d.ctid = ANY (ARRAY(
         SELECT x.ctid FROM claudemesh.node n CROSS JOIN LATERAL (
             SELECT x.ctid FROM claudemesh.delivery x
-            WHERE x.pushed_node = n.id AND x.state IN ('assigned', 'pushed')
+            WHERE x.pushed_node = n.id AND x.state IN ('assigned', 'pushed') AND x.pushed_at <= n.dead_at
             FOR UPDATE OF x SKIP LOCKED) x
         WHERE n.dead_at IS NOT NULL))
   AND d.state IN ('assigned', 'pushed')

@@ -125,6 +125,12 @@ func TestTakeOverSkipsHeldPresencesAndConverges(t *testing.T) {
 	}
 	require.Equal(t, 2, n, "the dead node's other presences are in grace; the live node's are not")
 
+	// A node declared dead while it still runs (a late heartbeat) serves until it re-registers:
+	// a session that connects to it meanwhile is not taken from it.
+	var late string
+	require.NoError(t, pool.QueryRow(ctx, `INSERT INTO claudemesh.presence (mesh_id, member_id, member_pubkey, node_id, session_id)
+		VALUES ($1, $2, repeat('b', 64), 'gone', 'late') RETURNING id`, mesh, member).Scan(&late))
+
 	require.NoError(t, hello.Rollback(ctx))
 	_, err = st.InTx(ctx, nil, func(tx *store.Tx) error {
 		marked, _, err = tx.TakeOverDeadNodes(ctx, 30*time.Second, 90*time.Second)
@@ -132,5 +138,7 @@ func TestTakeOverSkipsHeldPresencesAndConverges(t *testing.T) {
 	})
 	require.NoError(t, err)
 	require.Empty(t, marked, "the node was marked dead once")
-	require.True(t, graced()[held], "the next check graces what was held")
+	g = graced()
+	require.True(t, g[held], "the next check graces what was held")
+	require.False(t, g[late], "a session that connected after the node was declared dead is left alone")
 }
