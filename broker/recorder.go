@@ -50,29 +50,32 @@ func (r *recorder) took(id int64) { r.taken.add(id) }
 func (r *recorder) Start(ctx context.Context) error {
 	return r.start(ctx, func(ctx context.Context) {
 		for {
-			select {
-			case <-ctx.Done():
+			if ctx.Err() != nil {
 				fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
 				r.flush(fctx)
 				cancel()
 				return
+			}
+			select {
+			case <-ctx.Done():
+				continue // the final flush above
 			case <-r.acks.wake:
 				// An ack is recorded at once: until it is, a reconnect would get the message
 				// again.
-				r.flush(ctx)
 			case <-r.taken.wake:
 				// A push's client_ack usually follows it within milliseconds: lingering a
 				// moment (cut short by the ack) puts both in one statement, one row update
 				// instead of two. Nothing waits on the taken record but the catch-up.
 				t := time.NewTimer(recordLinger)
 				select {
-				case <-ctx.Done(): // the loop flushes on its way out
+				case <-ctx.Done():
 				case <-r.acks.wake:
-					r.flush(ctx)
 				case <-t.C:
-					r.flush(ctx)
 				}
 				t.Stop()
+			}
+			if ctx.Err() == nil { // else the final flush, with a context of its own
+				r.flush(ctx)
 			}
 		}
 	})
