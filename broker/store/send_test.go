@@ -1,0 +1,203 @@
+package store_test
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/google/uuid"
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/stretchr/testify/require"
+
+	"github.com/claudemesh/broker/broker/store"
+	"github.com/claudemesh/broker/db/dbtest"
+)
+
+// A batch of one direct envelope takes a lean path of single-row statements (migration
+// 00016), every other batch the set-based statement. A recipient must not be able to tell
+// which one stored a message: for every kind of target, the same answer, the same delivery
+// row, the same notification to the replica holding the session, the same audit entry.
+func TestOneDirectSendMatchesTheSetBasedForm(t *testing.T) {
+	ctx := dbtest.Context(t)
+	url := dbtest.URL(t)
+	// Function call counts: which path each batch took.
+	admin := dbtest.ConnFor(t, url)
+	_, err := admin.Exec(ctx, `DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET track_functions = ''pl''', current_database()); END $$`)
+	require.NoError(t, err)
+	pool := dbtest.PoolFor(t, url)
+	st := store.New(pool, "t")
+	key := func(c byte) string { return strings.Repeat(string(c), 64) }
+
+	var mesh string
+	require.NoError(t, pool.QueryRow(ctx, `INSERT INTO claudemesh.mesh (slug, name, owner_pubkey) VALUES ('m', 'm', $1) RETURNING id`, key('0')).Scan(&mesh))
+	_, err = pool.Exec(ctx, `INSERT INTO claudemesh.node (id, heartbeat_at) VALUES ('here', now()), ('other', now())`)
+	require.NoError(t, err)
+	members := map[byte]string{}
+	for _, c := range []byte("c123456d") {
+		var id string
+		require.NoError(t, pool.QueryRow(ctx, `INSERT INTO claudemesh.member (mesh_id, pubkey) VALUES ($1, $2) RETURNING id`, mesh, key(c)).Scan(&id))
+		members[c] = id
+	}
+	_, err = pool.Exec(ctx, `UPDATE claudemesh.member SET revoked_at = now() WHERE id = $1`, members['d'])
+	require.NoError(t, err)
+	_, err = pool.Exec(ctx, `INSERT INTO claudemesh.session_key (mesh_id, session_pubkey, member_id) VALUES ($1, $2, $3), ($1, $4, $5)`,
+		mesh, key('a'), members['4'], key('b'), members['d'])
+	require.NoError(t, err)
+	presence := func(member byte, node, session, sessionKey, status string, grace bool) {
+		t.Helper()
+		var sk any
+		if sessionKey != "" {
+			sk = sessionKey
+		}
+		_, err := pool.Exec(ctx, `INSERT INTO claudemesh.presence (mesh_id, member_id, member_pubkey, node_id, session_id, session_pubkey, status, grace_until)
+			VALUES ($1, $2, $3, $4, $5, $6, $7, CASE WHEN $8 THEN now() + interval '1 minute' END)`,
+			mesh, members[member], key(member), node, session, sk, status, grace)
+		require.NoError(t, err)
+	}
+	presence('1', "other", "1o", "", "idle", false) // also on this node: this node's first
+	presence('1', "here", "1h", "", "idle", false)
+	presence('2', "other", "2o", "", "idle", false)    // only on the other node
+	presence('3', "other", "3o", "", "working", false) // takes "now" only
+	presence('4', "here", "4h", "", "idle", false)     // its session key's session is elsewhere
+	presence('4', "other", "4k", key('a'), "idle", false)
+	presence('6', "here", "6h", "", "idle", true) // in grace: never picked
+	// member 5 has no session: its messages wait.
+
+	listener, err := pgx.Connect(ctx, url)
+	require.NoError(t, err)
+	defer listener.Close(context.Background())
+	_, err = listener.Exec(ctx, `LISTEN t_n_other`)
+	require.NoError(t, err)
+
+	frame := []byte(`{"type":"push","n":1}`)
+	cases := []struct {
+		name, key, prio, cmid string
+		frame                 []byte
+	}{
+		{"member key, a session here and one elsewhere", key('1'), "now", "", frame},
+		{"member key, a session elsewhere", key('2'), "now", "", frame},
+		{"member key, too large to ride along", key('2'), "now", "", nil},
+		{"member key, working, now", key('3'), "now", "", frame},
+		{"member key, working, next", key('3'), "next", "", frame},
+		{"session key", key('4'), "now", "", frame},
+		{"session key's own session", key('a'), "now", "", frame},
+		{"session key of a revoked member", key('b'), "now", "", frame},
+		{"no session", key('5'), "low", "", frame},
+		{"only a session in grace", key('6'), "now", "", frame},
+		{"revoked member", key('d'), "now", "", frame},
+		{"unknown key", key('f'), "now", "", frame},
+		{"client message id", key('2'), "now", "cm-1", frame},
+	}
+	sends, setBased := 0, 0
+	for _, c := range cases {
+		if c.cmid == "" {
+			sends, setBased = sends+2, setBased+1
+		} else {
+			sends, setBased = sends+4, setBased+2
+		}
+		t.Run(c.name, func(t *testing.T) {
+			send := func(cmid string, setBased bool) outcome {
+				return sendOutcome(ctx, t, pool, st, listener, mesh, members['c'], key('c'), c.key, c.prio, cmid, c.frame, setBased)
+			}
+			if c.cmid == "" {
+				require.Equal(t, send("", false), send("", true))
+				return
+			}
+			// Each path stores its own client message id once, then answers its retry.
+			require.Equal(t, send(c.cmid+"-lean", false), send(c.cmid+"-set", true))
+			lean, set := send(c.cmid+"-lean", false), send(c.cmid+"-set", true)
+			require.Equal(t, lean, set)
+			require.Equal(t, "x", lean.row, "the second send of a client message id is a retry")
+		})
+	}
+	for _, c := range pool.AcquireAllIdle(ctx) { // counts reach the view when a backend next idles
+		_, err := c.Exec(ctx, `SELECT pg_stat_force_next_flush()`)
+		require.NoError(t, err)
+		c.Release()
+	}
+	dbtest.WaitFor(t, 10*time.Second, "every one-envelope direct batch on the lean path", func() bool {
+		var all, set int
+		require.NoError(t, admin.QueryRow(ctx, `SELECT coalesce(sum(calls) FILTER (WHERE funcname = 'send_batch'), 0),
+				coalesce(sum(calls) FILTER (WHERE funcname = 'send_batch_set'), 0)
+			FROM pg_stat_user_functions WHERE schemaname = 'claudemesh'`).Scan(&all, &set))
+		return all == sends && set == setBased
+	})
+}
+
+// outcome is what one send did, with its own ids replaced by placeholders.
+type outcome struct {
+	row      string // "e" stored or refused, "x" a retry of a stored client_message_id
+	sent     store.SentEnvelope
+	local    []store.LocalDelivery
+	delivery string
+	audit    string
+	notified string
+}
+
+func sendOutcome(ctx context.Context, t *testing.T, pool *pgxpool.Pool, st *store.Store, listener *pgx.Conn,
+	mesh, sender, senderKey, target, prio, cmid string, frame []byte, setBased bool) outcome {
+	t.Helper()
+	now := time.Now().UTC().Truncate(time.Microsecond)
+	env := store.OutgoingEnvelope{Kind: store.SendDirect, Key: target, Frame: frame, Envelope: store.Envelope{
+		ID: uuid.NewString(), MeshID: mesh, SenderMemberID: sender, SenderPubkey: senderKey, SenderMemberPubkey: senderKey,
+		TargetSpec: target, Priority: prio, Nonce: "bm9uY2U=", Ciphertext: "Y2lwaGVy", ClientID: "c1",
+		CreatedAt: now, ExpiresAt: now.Add(time.Hour), ClientMessageID: cmid, SenderName: "s"}}
+	if cmid != "" {
+		env.RequestFingerprint = "fp"
+	}
+	batch := []store.OutgoingEnvelope{env}
+	if setBased { // a second envelope that stores nothing sends the batch down the set-based path
+		other := env
+		other.ID, other.Key, other.TargetSpec, other.ClientMessageID = uuid.NewString(), strings.Repeat("e", 64), strings.Repeat("e", 64), ""
+		batch = append(batch, other)
+	}
+	sent, local, err := st.SendBatch(ctx, "here", batch)
+	require.NoError(t, err)
+	require.Len(t, sent, len(batch))
+	if setBased {
+		require.False(t, sent[1].Queued)
+	}
+	out := outcome{row: "e", sent: sent[0], local: local}
+	if sent[0].Original != "" {
+		out.row, out.sent.Original = "x", "original"
+		require.Equal(t, "fp", out.sent.StoredFingerprint)
+	}
+	var did int64
+	var delivery string
+	err = pool.QueryRow(ctx, `SELECT id, concat_ws('|', recipient_member_id, recipient_session_pubkey, recipient_session_id, priority, state,
+			pushed_node, pushed_presence, pushed_at IS NOT NULL, expires_at = $2) FROM claudemesh.delivery WHERE envelope_id = $1`,
+		env.ID, env.ExpiresAt).Scan(&did, &delivery)
+	if err != pgx.ErrNoRows {
+		require.NoError(t, err)
+		out.delivery = delivery
+	}
+	for i := range out.local {
+		require.Equal(t, did, out.local[i].ID)
+		out.local[i].ID = 0
+	}
+	var audit string
+	err = pool.QueryRow(ctx, `SELECT concat_ws('|', mesh_id, event_type, actor, data, ts_micros) FROM claudemesh.audit_pending
+		WHERE data::jsonb->>'message_id' = $1`, env.ID).Scan(&audit)
+	if err != pgx.ErrNoRows {
+		require.NoError(t, err)
+		out.audit = strings.ReplaceAll(audit, env.ID, "E")
+		out.audit = strings.ReplaceAll(out.audit, fmt.Sprint(now.UnixMicro()), "T")
+	}
+	// Whatever the send told the other node arrives before this marker.
+	_, err = pool.Exec(ctx, `SELECT pg_notify('t_n_other', 'marker')`)
+	require.NoError(t, err)
+	wait, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	for {
+		n, err := listener.WaitForNotification(wait)
+		require.NoError(t, err)
+		if n.Payload == "marker" {
+			break
+		}
+		out.notified += strings.ReplaceAll(n.Payload, fmt.Sprintf(`"i":%d`, did), `"i":ID`)
+	}
+	return out
+}
