@@ -3,6 +3,7 @@ package broker
 import (
 	"context"
 	"log/slog"
+	"sort"
 	"time"
 
 	"github.com/claudemesh/broker/broker/store"
@@ -10,8 +11,9 @@ import (
 
 // recorder records what happened to deliveries in batches off the hot path: client_acks, pushes
 // written to sessions that don't ack, and assigned pushes written to sessions that do.
-// Everything that arrived while the previous statement was in flight goes into the next one;
-// taken pushes wait up to recordLinger for their ack to share its statement.
+// Acks and writes are recorded at once, with everything that arrived while the previous
+// statement was in flight. A taken push waits recordLinger for its client_ack: the ack's update
+// makes the taken one a no-op (the row is no longer assigned), one row version instead of two.
 type recorder struct {
 	service
 	store   *store.Store
@@ -19,14 +21,23 @@ type recorder struct {
 	metrics *Metrics
 	acks    *queue[store.Ack]
 	written *queue[int64]
-	taken   *queue[int64]
+	taken   *queue[takenPush]
+	now     func() time.Time
 }
 
-// recordLinger is how long a taken push's record waits for an ack to share a statement with.
-const recordLinger = 20 * time.Millisecond
+// takenPush is an assigned push written to a session that acks, and when.
+type takenPush struct {
+	id int64
+	at time.Time
+}
+
+// recordLinger is how long a taken push's record waits at most for its ack; one that waited
+// half as long goes with the next statement.
+const recordLinger = 60 * time.Millisecond
 
 func newRecorder(st *store.Store, log *slog.Logger, m *Metrics) *recorder {
-	r := &recorder{store: st, log: log, metrics: m, acks: newQueue[store.Ack](), written: newQueue[int64](), taken: newQueue[int64]()}
+	r := &recorder{store: st, log: log, metrics: m, acks: newQueue[store.Ack](), written: newQueue[int64](),
+		taken: newQueue[takenPush](), now: time.Now}
 	r.written.wake = r.acks.wake // acks and writes are recorded at once; taken pushes linger
 	return r
 }
@@ -44,45 +55,80 @@ func (r *recorder) acked(sess *session, ids []string) {
 func (r *recorder) wrote(id int64) { r.written.add(id) }
 
 // took queues an assigned delivery written to a session that acks: it waits for the ack now.
-func (r *recorder) took(id int64) { r.taken.add(id) }
+func (r *recorder) took(id int64) { r.taken.add(takenPush{id: id, at: r.now()}) }
 
 // Start runs the recorder until Stop; the last records are written on the way out.
 func (r *recorder) Start(ctx context.Context) error {
 	return r.start(ctx, func(ctx context.Context) {
+		timer := time.NewTimer(time.Hour)
+		timer.Stop()
+		armed := false
 		for {
 			if ctx.Err() != nil {
 				fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
-				r.flush(fctx)
+				r.flush(fctx, time.Time{})
 				cancel()
 				return
+			}
+			if !armed {
+				if first, ok := r.oldestTaken(); ok {
+					timer.Reset(time.Until(first.Add(recordLinger)))
+					armed = true
+				}
 			}
 			select {
 			case <-ctx.Done():
 				continue // the final flush above
 			case <-r.acks.wake:
 				// An ack is recorded at once: until it is, a reconnect would get the message
-				// again.
+				// again. Taken pushes young enough to expect their ack still wait.
+				r.flush(ctx, r.now().Add(-recordLinger/2))
 			case <-r.taken.wake:
-				// A push's client_ack usually follows it within milliseconds: lingering a
-				// moment (cut short by the ack) puts both in one statement, one row update
-				// instead of two. Nothing waits on the taken record but the catch-up.
-				t := time.NewTimer(recordLinger)
-				select {
-				case <-ctx.Done():
-				case <-r.acks.wake:
-				case <-t.C:
-				}
-				t.Stop()
-			}
-			if ctx.Err() == nil { // else the final flush, with a context of its own
-				r.flush(ctx)
+				// The oldest taken push sets the timer (armed above).
+			case <-timer.C:
+				// No ack came for the oldest: it and the others of half its age go now, so
+				// that a steady stream of pushes shares statements.
+				armed = false
+				r.flush(ctx, r.now().Add(-recordLinger/2))
 			}
 		}
 	})
 }
 
-func (r *recorder) flush(ctx context.Context) {
-	acks, written, taken := r.acks.take(), r.written.take(), r.taken.take()
+// oldestTaken is when the first taken push still queued was written.
+func (r *recorder) oldestTaken() (time.Time, bool) {
+	r.taken.mu.Lock()
+	defer r.taken.mu.Unlock()
+	if len(r.taken.items) == 0 {
+		return time.Time{}, false
+	}
+	return r.taken.items[0].at, true
+}
+
+// takeTaken returns the taken pushes written at or before cutoff (all of them when cutoff is
+// zero) and keeps the younger ones queued, in order.
+func (r *recorder) takeTaken(cutoff time.Time) []int64 {
+	r.taken.mu.Lock()
+	defer r.taken.mu.Unlock()
+	n := len(r.taken.items)
+	if !cutoff.IsZero() {
+		n = sort.Search(n, func(i int) bool { return r.taken.items[i].at.After(cutoff) })
+	}
+	if n == 0 {
+		return nil
+	}
+	ids := make([]int64, n)
+	for i, t := range r.taken.items[:n] {
+		ids[i] = t.id
+	}
+	r.taken.items = append(r.taken.items[:0:0], r.taken.items[n:]...)
+	return ids
+}
+
+// flush records what is queued: every ack and write, and the taken pushes written at or
+// before cutoff (zero: all).
+func (r *recorder) flush(ctx context.Context, cutoff time.Time) {
+	acks, written, taken := r.acks.take(), r.written.take(), r.takeTaken(cutoff)
 	if len(acks)+len(written)+len(taken) == 0 {
 		return
 	}

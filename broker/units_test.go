@@ -263,3 +263,24 @@ func TestPushAssignedKeepsOrder(t *testing.T) {
 	retake, _ := a.claimAssigned()
 	require.Equal(t, []int64{2, 4}, retake, "its claims take the ones that stayed assigned")
 }
+
+// A taken push's record waits for its ack: a flush takes the pushes written before its cutoff,
+// in order, and leaves the younger ones queued for theirs.
+func TestRecorderKeepsYoungTakenPushesForTheirAcks(t *testing.T) {
+	t0 := time.Unix(1000, 0)
+	now := t0
+	r := newRecorder(nil, nil, nil)
+	r.now = func() time.Time { return now }
+	for i, at := range []time.Duration{0, 5 * time.Millisecond, 30 * time.Millisecond} {
+		now = t0.Add(at)
+		r.took(int64(i + 1))
+	}
+	require.Equal(t, []int64{1, 2}, r.takeTaken(t0.Add(10*time.Millisecond)))
+	first, ok := r.oldestTaken()
+	require.True(t, ok)
+	require.Equal(t, t0.Add(30*time.Millisecond), first)
+	require.Empty(t, r.takeTaken(t0.Add(10*time.Millisecond)))
+	require.Equal(t, []int64{3}, r.takeTaken(time.Time{}), "on the way out, everything")
+	_, ok = r.oldestTaken()
+	require.False(t, ok)
+}
