@@ -16,10 +16,11 @@ import (
 	"github.com/claudemesh/broker/db/dbtest"
 )
 
-// A batch of one direct envelope takes a lean path of single-row statements (migration
-// 00016), every other batch the set-based statement. A recipient must not be able to tell
-// which one stored a message: for every kind of target, the same answer, the same delivery
-// row, the same notification to the replica holding the session, the same audit entry.
+// A small batch of direct envelopes takes a lean path of single-row statements per envelope
+// (migration 00016), every other batch the set-based statement. A recipient must not be able
+// to tell which one stored a message: for every kind of target, the same answer, the same
+// delivery row, the same notification to the replica holding the session, the same audit
+// entry, whether the envelope was alone, in a small batch, or in a set-based one.
 func TestOneDirectSendMatchesTheSetBasedForm(t *testing.T) {
 	ctx := dbtest.Context(t)
 	url := dbtest.URL(t)
@@ -91,41 +92,81 @@ func TestOneDirectSendMatchesTheSetBasedForm(t *testing.T) {
 		{"unknown key", key('f'), "now", "", frame},
 		{"client message id", key('2'), "now", "cm-1", frame},
 	}
-	sends, setBased := 0, 0
+	sends, setSends := 0, 0
 	for _, c := range cases {
 		if c.cmid == "" {
-			sends, setBased = sends+2, setBased+1
+			sends, setSends = sends+3, setSends+1
 		} else {
-			sends, setBased = sends+4, setBased+2
+			sends, setSends = sends+6, setSends+2
 		}
 		t.Run(c.name, func(t *testing.T) {
-			send := func(cmid string, setBased bool) outcome {
-				return sendOutcome(ctx, t, pool, st, listener, mesh, members['c'], key('c'), c.key, c.prio, cmid, c.frame, setBased)
+			send := func(cmid string, m mode) outcome {
+				return sendOutcome(ctx, t, pool, st, listener, mesh, members['c'], key('c'), c.key, c.prio, cmid, c.frame, m)
 			}
 			if c.cmid == "" {
-				require.Equal(t, send("", false), send("", true))
+				alone := send("", alone)
+				require.Equal(t, alone, send("", inSmallBatch))
+				require.Equal(t, alone, send("", setBased))
 				return
 			}
 			// Each path stores its own client message id once, then answers its retry.
-			require.Equal(t, send(c.cmid+"-lean", false), send(c.cmid+"-set", true))
-			lean, set := send(c.cmid+"-lean", false), send(c.cmid+"-set", true)
-			require.Equal(t, lean, set)
-			require.Equal(t, "x", lean.row, "the second send of a client message id is a retry")
+			for _, retry := range []bool{false, true} {
+				alone := send(c.cmid+"-alone", alone)
+				require.Equal(t, alone, send(c.cmid+"-small", inSmallBatch))
+				require.Equal(t, alone, send(c.cmid+"-set", setBased))
+				require.Equal(t, retry, alone.row == "x", "the second send of a client message id is a retry")
+			}
 		})
 	}
-	for _, c := range pool.AcquireAllIdle(ctx) { // counts reach the view when a backend next idles
-		_, err := c.Exec(ctx, `SELECT pg_stat_force_next_flush()`)
+	// In a small batch each answer and local delivery is the envelope's own.
+	for _, first := range []byte{'1', '2'} {
+		second := byte('1' + '2' - first)
+		batch := make([]store.OutgoingEnvelope, 2)
+		for i, k := range []byte{first, second} {
+			now := time.Now().UTC().Truncate(time.Microsecond)
+			batch[i] = store.OutgoingEnvelope{Kind: store.SendDirect, Key: key(k), Frame: frame, Envelope: store.Envelope{
+				ID: uuid.NewString(), MeshID: mesh, SenderMemberID: members['c'], SenderPubkey: key('c'), SenderMemberPubkey: key('c'),
+				TargetSpec: key(k), Priority: "now", Nonce: "bm9uY2U=", Ciphertext: "Y2lwaGVy", CreatedAt: now, ExpiresAt: now.Add(time.Hour)}}
+		}
+		sent, local, err := st.SendBatch(ctx, "here", batch)
 		require.NoError(t, err)
-		c.Release()
+		require.Equal(t, []store.SentEnvelope{{Queued: true, Recipients: 1}, {Queued: true, Recipients: 1}}, sent)
+		require.Len(t, local, 1, "member 1 has a session here, member 2 only elsewhere")
+		require.Equal(t, map[byte]int{'1': 0, '2': 1}[first], local[0].Envelope)
+		var env string
+		require.NoError(t, pool.QueryRow(ctx, `SELECT envelope_id FROM claudemesh.delivery WHERE id = $1`, local[0].ID).Scan(&env))
+		require.Equal(t, batch[local[0].Envelope].ID, env)
+		wait, cancel := context.WithTimeout(ctx, 10*time.Second)
+		n, err := listener.WaitForNotification(wait)
+		cancel()
+		require.NoError(t, err)
+		require.Contains(t, n.Payload, `"p":"`, "member 2's session elsewhere gets its push")
+	}
+	sends += 2
+
+	for _, pc := range pool.AcquireAllIdle(ctx) { // counts reach the view when a backend next idles
+		_, err := pc.Exec(ctx, `SELECT pg_stat_force_next_flush()`)
+		require.NoError(t, err)
+		pc.Release()
 	}
 	dbtest.WaitFor(t, 10*time.Second, "every one-envelope direct batch on the lean path", func() bool {
 		var all, set int
 		require.NoError(t, admin.QueryRow(ctx, `SELECT coalesce(sum(calls) FILTER (WHERE funcname = 'send_batch'), 0),
 				coalesce(sum(calls) FILTER (WHERE funcname = 'send_batch_set'), 0)
 			FROM pg_stat_user_functions WHERE schemaname = 'claudemesh'`).Scan(&all, &set))
-		return all == sends && set == setBased
+		return all == sends && set == setSends
 	})
 }
+
+// mode is how a send is batched: alone, with two more direct envelopes, or with a group
+// envelope (which only the set-based statement takes).
+type mode int
+
+const (
+	alone mode = iota
+	inSmallBatch
+	setBased
+)
 
 // outcome is what one send did, with its own ids replaced by placeholders.
 type outcome struct {
@@ -138,7 +179,7 @@ type outcome struct {
 }
 
 func sendOutcome(ctx context.Context, t *testing.T, pool *pgxpool.Pool, st *store.Store, listener *pgx.Conn,
-	mesh, sender, senderKey, target, prio, cmid string, frame []byte, setBased bool) outcome {
+	mesh, sender, senderKey, target, prio, cmid string, frame []byte, m mode) outcome {
 	t.Helper()
 	now := time.Now().UTC().Truncate(time.Microsecond)
 	env := store.OutgoingEnvelope{Kind: store.SendDirect, Key: target, Frame: frame, Envelope: store.Envelope{
@@ -149,16 +190,24 @@ func sendOutcome(ctx context.Context, t *testing.T, pool *pgxpool.Pool, st *stor
 		env.RequestFingerprint = "fp"
 	}
 	batch := []store.OutgoingEnvelope{env}
-	if setBased { // a second envelope that stores nothing sends the batch down the set-based path
+	switch m { // the others store nothing for a recipient and tell no replica
+	case inSmallBatch:
+		for _, k := range []string{"e", "9"} {
+			other := env
+			other.ID, other.Key, other.TargetSpec, other.ClientMessageID = uuid.NewString(), strings.Repeat(k, 64), strings.Repeat(k, 64), ""
+			batch = append(batch, other)
+		}
+	case setBased:
 		other := env
-		other.ID, other.Key, other.TargetSpec, other.ClientMessageID = uuid.NewString(), strings.Repeat("e", 64), strings.Repeat("e", 64), ""
+		other.ID, other.Kind, other.Key, other.TargetSpec, other.ClientMessageID = uuid.NewString(), store.SendGroup, "nobody", "@nobody", ""
 		batch = append(batch, other)
 	}
 	sent, local, err := st.SendBatch(ctx, "here", batch)
 	require.NoError(t, err)
 	require.Len(t, sent, len(batch))
-	if setBased {
+	if m == inSmallBatch {
 		require.False(t, sent[1].Queued)
+		require.False(t, sent[2].Queued)
 	}
 	out := outcome{row: "e", sent: sent[0], local: local}
 	if sent[0].Original != "" {
