@@ -55,7 +55,16 @@ func (r *recorder) acked(sess *session, ids []string) {
 func (r *recorder) wrote(id int64) { r.written.add(id) }
 
 // took queues an assigned delivery written to a session that acks: it waits for the ack now.
-func (r *recorder) took(id int64) { r.taken.add(takenPush{id: id, at: r.now()}) }
+// The time is read under the queue's lock, so the queue stays in time order.
+func (r *recorder) took(id int64) {
+	r.taken.mu.Lock()
+	r.taken.items = append(r.taken.items, takenPush{id: id, at: r.now()})
+	r.taken.mu.Unlock()
+	select {
+	case r.taken.wake <- struct{}{}:
+	default:
+	}
+}
 
 // Start runs the recorder until Stop; the last records are written on the way out.
 func (r *recorder) Start(ctx context.Context) error {
@@ -82,14 +91,17 @@ func (r *recorder) Start(ctx context.Context) error {
 			case <-r.acks.wake:
 				// An ack is recorded at once: until it is, a reconnect would get the message
 				// again. Taken pushes young enough to expect their ack still wait.
-				r.flush(ctx, r.now().Add(-recordLinger/2))
 			case <-r.taken.wake:
-				// The oldest taken push sets the timer (armed above).
+				continue // the oldest taken push sets the timer (armed above)
 			case <-timer.C:
 				// No ack came for the oldest: it and the others of half its age go now, so
 				// that a steady stream of pushes shares statements.
 				armed = false
-				r.flush(ctx, r.now().Add(-recordLinger/2))
+			}
+			if ctx.Err() == nil { // else the final flush above
+				// Not cancelled by a stop that comes meanwhile: records taken from the queues
+				// are written, never dropped with a cancelled statement.
+				r.flush(context.WithoutCancel(ctx), r.now().Add(-recordLinger/2))
 			}
 		}
 	})

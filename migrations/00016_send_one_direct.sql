@@ -6,7 +6,11 @@
 -- for one envelope 0.85 ms per call against 0.5 ms here (pgbench, one client, commit
 -- included); the two cost the same at about four envelopes (0.14 ms per further envelope
 -- here, 0.09 there). Larger batches and multicasts keep the set-based statement, renamed
--- send_batch_set, whose results and settings are unchanged.
+-- send_batch_set, whose results are unchanged; called from here, it runs under this
+-- function's settings, so its plan is generic from the first call (as 00010 meant it to be).
+-- Callers send a client_message_id at most once per batch (the committer folds repeats before
+-- the statement): within one batch the set-based form would refuse a repeat (unique index),
+-- while these statements would answer it as a retry of the first.
 --
 -- The statements below are index probes by both key columns (a member's key, or a session's),
 -- so a plan cached while the tables were small cannot be a walk over every session of the
@@ -45,6 +49,9 @@ DECLARE
     v_pnode text;
     v_did bigint;
     v_assign boolean;
+    v_line text;
+    n_node text[] := '{}';
+    n_line text[] := '{}';
 BEGIN
     IF cardinality(e_ids) > 4 OR NOT (e_kind <@ ARRAY['direct']) THEN
         RETURN QUERY SELECT * FROM claudemesh.send_batch_set(p_node, p_ns, e_ids, e_mesh, e_sender, e_sender_pub,
@@ -108,10 +115,16 @@ BEGIN
             CASE WHEN v_assign THEN v_pnode END, CASE WHEN v_assign THEN v_pres END,
             CASE WHEN v_assign THEN now() END, e_expires[i]);
         IF v_pres IS NOT NULL AND v_pnode <> p_node THEN
-            -- The line the set-based form sends ('w': the push itself; 'd': a wake-up).
-            PERFORM pg_notify(p_ns || '_n_' || v_pnode, CASE WHEN v_assign
+            -- The line the set-based form sends ('w': the push itself; 'd': a wake-up, once per
+            -- member and node), sent below with the node's others.
+            v_line := CASE WHEN v_assign
                 THEN '{"k":"w","p":"' || v_pres || '","i":' || v_did || ',"y":"' || v_prio || '","x":' || v_frame || '}'
-                ELSE json_build_object('k', 'd', 'm', v_member)::text END);
+                ELSE json_build_object('k', 'd', 'm', v_member)::text END;
+            IF v_assign OR NOT EXISTS (SELECT 1 FROM unnest(n_node, n_line) AS n(node, line)
+                                       WHERE n.node = v_pnode AND n.line = v_line) THEN
+                n_node := n_node || v_pnode;
+                n_line := n_line || v_line;
+            END IF;
         END IF;
         INSERT INTO claudemesh.audit_pending (mesh_id, event_type, actor, data, ts_micros)
         VALUES (v_mesh, 'message_sent', e_sender_pub[i],
@@ -124,6 +137,10 @@ BEGIN
             RETURN QUERY SELECT 'd'::text, i, NULL::boolean, NULL::int, v_did, v_pres, v_assign, NULL::text, NULL::text;
         END IF;
     END LOOP;
+    -- One payload per node, its lines in batch order, as the set-based form packs them.
+    PERFORM claudemesh.notify_lines(p_ns || '_n_' || n.node, array_agg(n.line ORDER BY n.ord))
+    FROM unnest(n_node, n_line) WITH ORDINALITY AS n(node, line, ord)
+    GROUP BY n.node;
 END
 $fn$;
 -- +goose StatementEnd

@@ -10,12 +10,32 @@
 --
 -- The key on audit_pending (00014) was there so that an entry naming no mesh failed its
 -- writer instead of the sealer, whose chain head for it could never be written, which would
--- stop sealing for every mesh. The sealer now leaves such an entry pending and seals the
--- others: it stays visible (claudemesh_audit_pending_oldest_seconds grows) without holding up
--- anyone's chain.
+-- stop sealing for every mesh. The append now checks the meshes by reading them (no lock:
+-- meshes are never deleted), once per distinct mesh of its batch; the single-row send
+-- statements of 00016 write only entries of a mesh whose member they just read. And the
+-- sealer leaves an entry naming no mesh pending and seals the others: it stays visible
+-- (claudemesh_audit_pending_oldest_seconds grows) without holding up anyone's chain.
 ALTER TABLE claudemesh.presence DROP CONSTRAINT presence_mesh_id_fkey,
     DROP CONSTRAINT presence_member_id_fkey, DROP CONSTRAINT presence_node_id_fkey;
 ALTER TABLE claudemesh.audit_pending DROP CONSTRAINT audit_pending_mesh_id_fkey;
+
+-- +goose StatementBegin
+CREATE OR REPLACE FUNCTION claudemesh.audit_append(p_mesh text[], p_event text[], p_actor text[], p_data text[], p_ts bigint[])
+RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM (SELECT DISTINCT u.m FROM unnest(p_mesh) AS u(m)) d
+               WHERE NOT EXISTS (SELECT 1 FROM claudemesh.mesh x WHERE x.id = d.m)) THEN
+        RAISE EXCEPTION 'audit entry for a mesh that does not exist' USING ERRCODE = 'foreign_key_violation';
+    END IF;
+    -- plpgsql, not sql: a sql function's statement is planned at every call, this one once per
+    -- connection.
+    INSERT INTO claudemesh.audit_pending (mesh_id, event_type, actor, data, ts_micros)
+    SELECT u.m, u.ev, u.a, u.d, u.t
+    FROM unnest(p_mesh, p_event, p_actor, p_data, p_ts) WITH ORDINALITY AS u(m, ev, a, d, t, ord)
+    ORDER BY u.ord;
+END
+$$;
+-- +goose StatementEnd
 
 -- +goose StatementBegin
 CREATE OR REPLACE FUNCTION claudemesh.audit_seal(p_limit int, p_wait boolean) RETURNS int

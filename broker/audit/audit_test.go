@@ -369,9 +369,15 @@ func TestSealingAndReadOnlyReaders(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, 1, n, "a reader that may write seals first")
 
-	// An entry naming no mesh (only a writer's bug could make one: meshes are never deleted)
-	// has no chain to go on: it stays pending, in sight of the gauges, and holds up no one's.
-	require.NoError(t, audit.AppendVia(ctx, pool, []audit.Entry{{MeshID: "no-such-mesh", Type: audit.MemberAdded, Actor: "x"}}))
+	// Rows only the writer's own mistakes could produce are refused at the append.
+	err = audit.AppendVia(ctx, pool, []audit.Entry{{MeshID: m, Type: audit.MemberAdded, Actor: "x"},
+		{MeshID: "no-such-mesh", Type: audit.MemberAdded, Actor: "x"}})
+	require.Error(t, err, "an entry for a mesh that does not exist fails its writer")
+	// One written past the append (meshes are never deleted, so only a bug could) has no chain
+	// to go on: it stays pending, in sight of the gauges, and holds up no one's.
+	_, err = pool.Exec(ctx, `INSERT INTO claudemesh.audit_pending (mesh_id, event_type, actor, data, ts_micros)
+		VALUES ('no-such-mesh', 'member_added', 'x', '{}', 1)`)
+	require.NoError(t, err)
 	defer func() {
 		var stuck int
 		require.NoError(t, pool.QueryRow(ctx, `SELECT count(*) FROM claudemesh.audit_pending WHERE mesh_id = 'no-such-mesh'`).Scan(&stuck))

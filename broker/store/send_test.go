@@ -144,6 +144,29 @@ func TestOneDirectSendMatchesTheSetBasedForm(t *testing.T) {
 	}
 	sends += 2
 
+	// Two pushes for one other node travel in one notification, one line each, in batch order.
+	batch := make([]store.OutgoingEnvelope, 2)
+	for i := range batch {
+		now := time.Now().UTC().Truncate(time.Microsecond)
+		batch[i] = store.OutgoingEnvelope{Kind: store.SendDirect, Key: key('2'), Frame: frame, Envelope: store.Envelope{
+			ID: uuid.NewString(), MeshID: mesh, SenderMemberID: members['c'], SenderPubkey: key('c'), SenderMemberPubkey: key('c'),
+			TargetSpec: key('2'), Priority: "now", Nonce: "bm9uY2U=", Ciphertext: "Y2lwaGVy", CreatedAt: now, ExpiresAt: now.Add(time.Hour)}}
+	}
+	_, _, err = st.SendBatch(ctx, "here", batch)
+	require.NoError(t, err)
+	sends++
+	wait, cancel := context.WithTimeout(ctx, 10*time.Second)
+	n, err := listener.WaitForNotification(wait)
+	cancel()
+	require.NoError(t, err)
+	lines := strings.Split(n.Payload, "\n")
+	require.Len(t, lines, 2, "one notification, a line per push")
+	var first, second int64
+	require.NoError(t, pool.QueryRow(ctx, `SELECT (SELECT id FROM claudemesh.delivery WHERE envelope_id = $1),
+		(SELECT id FROM claudemesh.delivery WHERE envelope_id = $2)`, batch[0].ID, batch[1].ID).Scan(&first, &second))
+	require.Contains(t, lines[0], fmt.Sprintf(`"i":%d,`, first))
+	require.Contains(t, lines[1], fmt.Sprintf(`"i":%d,`, second))
+
 	for _, pc := range pool.AcquireAllIdle(ctx) { // counts reach the view when a backend next idles
 		_, err := pc.Exec(ctx, `SELECT pg_stat_force_next_flush()`)
 		require.NoError(t, err)
