@@ -137,10 +137,12 @@ BEGIN
             RETURN QUERY SELECT 'd'::text, i, NULL::boolean, NULL::int, v_did, v_pres, v_assign, NULL::text, NULL::text;
         END IF;
     END LOOP;
-    -- One payload per node, its lines in batch order, as the set-based form packs them.
-    PERFORM claudemesh.notify_lines(p_ns || '_n_' || n.node, array_agg(n.line ORDER BY n.ord))
-    FROM unnest(n_node, n_line) WITH ORDINALITY AS n(node, line, ord)
-    GROUP BY n.node;
+    IF cardinality(n_line) > 0 THEN
+        -- One payload per node, its lines in batch order, as the set-based form packs them.
+        PERFORM claudemesh.notify_lines(p_ns || '_n_' || n.node, array_agg(n.line ORDER BY n.ord))
+        FROM unnest(n_node, n_line) WITH ORDINALITY AS n(node, line, ord)
+        GROUP BY n.node;
+    END IF;
 END
 $fn$;
 -- +goose StatementEnd
