@@ -123,10 +123,7 @@ func TestOneDirectSendMatchesTheSetBasedForm(t *testing.T) {
 		second := byte('1' + '2' - first)
 		batch := make([]store.OutgoingEnvelope, 2)
 		for i, k := range []byte{first, second} {
-			now := time.Now().UTC().Truncate(time.Microsecond)
-			batch[i] = store.OutgoingEnvelope{Kind: store.SendDirect, Key: key(k), Frame: frame, Envelope: store.Envelope{
-				ID: uuid.NewString(), MeshID: mesh, SenderMemberID: members['c'], SenderPubkey: key('c'), SenderMemberPubkey: key('c'),
-				TargetSpec: key(k), Priority: "now", Nonce: "bm9uY2U=", Ciphertext: "Y2lwaGVy", CreatedAt: now, ExpiresAt: now.Add(time.Hour)}}
+			batch[i] = directEnvelope(mesh, members['c'], key('c'), key(k), "now", frame)
 		}
 		sent, local, err := st.SendBatch(ctx, "here", batch)
 		require.NoError(t, err)
@@ -147,10 +144,7 @@ func TestOneDirectSendMatchesTheSetBasedForm(t *testing.T) {
 	// Two pushes for one other node travel in one notification, one line each, in batch order.
 	batch := make([]store.OutgoingEnvelope, 2)
 	for i := range batch {
-		now := time.Now().UTC().Truncate(time.Microsecond)
-		batch[i] = store.OutgoingEnvelope{Kind: store.SendDirect, Key: key('2'), Frame: frame, Envelope: store.Envelope{
-			ID: uuid.NewString(), MeshID: mesh, SenderMemberID: members['c'], SenderPubkey: key('c'), SenderMemberPubkey: key('c'),
-			TargetSpec: key('2'), Priority: "now", Nonce: "bm9uY2U=", Ciphertext: "Y2lwaGVy", CreatedAt: now, ExpiresAt: now.Add(time.Hour)}}
+		batch[i] = directEnvelope(mesh, members['c'], key('c'), key('2'), "now", frame)
 	}
 	_, _, err = st.SendBatch(ctx, "here", batch)
 	require.NoError(t, err)
@@ -191,6 +185,15 @@ const (
 	setBased
 )
 
+// directEnvelope is a send of a small ciphertext from sender to the target key.
+func directEnvelope(mesh, sender, senderKey, target, prio string, frame []byte) store.OutgoingEnvelope {
+	now := time.Now().UTC().Truncate(time.Microsecond)
+	return store.OutgoingEnvelope{Kind: store.SendDirect, Key: target, Frame: frame, Envelope: store.Envelope{
+		ID: uuid.NewString(), MeshID: mesh, SenderMemberID: sender, SenderPubkey: senderKey, SenderMemberPubkey: senderKey,
+		TargetSpec: target, Priority: prio, Nonce: "bm9uY2U=", Ciphertext: "Y2lwaGVy", ClientID: "c1",
+		CreatedAt: now, ExpiresAt: now.Add(time.Hour), SenderName: "s"}}
+}
+
 // outcome is what one send did, with its own ids replaced by placeholders.
 type outcome struct {
 	row      string // "e" stored or refused, "x" a retry of a stored client_message_id
@@ -204,11 +207,9 @@ type outcome struct {
 func sendOutcome(ctx context.Context, t *testing.T, pool *pgxpool.Pool, st *store.Store, listener *pgx.Conn,
 	mesh, sender, senderKey, target, prio, cmid string, frame []byte, m mode) outcome {
 	t.Helper()
-	now := time.Now().UTC().Truncate(time.Microsecond)
-	env := store.OutgoingEnvelope{Kind: store.SendDirect, Key: target, Frame: frame, Envelope: store.Envelope{
-		ID: uuid.NewString(), MeshID: mesh, SenderMemberID: sender, SenderPubkey: senderKey, SenderMemberPubkey: senderKey,
-		TargetSpec: target, Priority: prio, Nonce: "bm9uY2U=", Ciphertext: "Y2lwaGVy", ClientID: "c1",
-		CreatedAt: now, ExpiresAt: now.Add(time.Hour), ClientMessageID: cmid, SenderName: "s"}}
+	env := directEnvelope(mesh, sender, senderKey, target, prio, frame)
+	env.ClientMessageID = cmid
+	now := env.CreatedAt
 	if cmid != "" {
 		env.RequestFingerprint = "fp"
 	}
