@@ -12,7 +12,8 @@ import (
 
 // sweeper is the replica's periodic database upkeep: presences whose grace ran out end,
 // sessions stuck in working flip to idle, presences without a socket are reconciled, expired
-// deliveries, envelopes, hook signals and signatures are swept, and the pending gauge is read.
+// deliveries, envelopes, hook signals and signatures are swept, the pending gauge is read, and
+// the hot tables' planner statistics are kept up with their growth.
 type sweeper struct {
 	service
 	store     *store.Store
@@ -36,6 +37,7 @@ func (w *sweeper) Start(ctx context.Context) error {
 			w.run(ctx, "sweep_working", w.sweepWorking)
 			if n%5 == 0 {
 				w.run(ctx, "pending_gauge", w.updatePendingGauge)
+				w.run(ctx, "refresh_statistics", w.refreshStatistics)
 			}
 			if n%15 == 0 {
 				w.run(ctx, "reconcile", w.reconcile)
@@ -55,6 +57,16 @@ func (w *sweeper) run(ctx context.Context, task string, f func(context.Context) 
 	if err := f(ctx); err != nil && ctx.Err() == nil {
 		w.metrics.backgroundError(w.log, task, err, "retry", "next tick")
 	}
+}
+
+// refreshStatistics analyzes the hot tables that grew far past their statistics, so the plans
+// every connection caches stop walking indexes the statistics say are empty.
+func (w *sweeper) refreshStatistics(ctx context.Context) error {
+	names, err := w.store.RefreshStatistics(ctx)
+	if len(names) > 0 {
+		w.log.Info("analyzed tables that outgrew their statistics", "tables", names)
+	}
+	return err
 }
 
 // sweepGrace ends presences whose grace ran out, on this node or on a node that is gone.

@@ -131,6 +131,25 @@ func (q *Queries) NodeStop(ctx context.Context, id string) error {
 	return err
 }
 
+const refreshStatistics = `-- name: RefreshStatistics :one
+SELECT claudemesh.refresh_statistics($1::text[], $2::bigint, $3::float8)::text[] AS analyzed
+`
+
+type RefreshStatisticsParams struct {
+	Tables     []string
+	MinChanges int64
+	Fraction   float64
+}
+
+// Analyzes the hot tables whose statistics are far behind their contents (migration 00021) and
+// names them; one replica at a time, the others get an empty list.
+func (q *Queries) RefreshStatistics(ctx context.Context, arg RefreshStatisticsParams) ([]string, error) {
+	row := q.db.QueryRow(ctx, refreshStatistics, arg.Tables, arg.MinChanges, arg.Fraction)
+	var analyzed []string
+	err := row.Scan(&analyzed)
+	return analyzed, err
+}
+
 const releaseDeadNodesPushes = `-- name: ReleaseDeadNodesPushes :many
 UPDATE claudemesh.delivery d SET state = 'pending', pushed_node = NULL, pushed_presence = NULL, pushed_at = NULL
 WHERE d.ctid = ANY (ARRAY(

@@ -57,3 +57,8 @@ WHERE d.ctid = ANY (ARRAY(
         WHERE n.dead_at IS NOT NULL))
   AND d.state IN ('assigned', 'pushed')
 RETURNING d.mesh_id, d.recipient_member_id;
+
+-- name: RefreshStatistics :one
+-- Analyzes the hot tables whose statistics are far behind their contents (migration 00021) and
+-- names them; one replica at a time, the others get an empty list.
+SELECT claudemesh.refresh_statistics(@tables::text[], @min_changes::bigint, @fraction::float8)::text[] AS analyzed;

@@ -123,3 +123,27 @@ func (s *Store) StatusPage(ctx context.Context, lim StatusPageLimits) (StatusPag
 	})
 	return page, err
 }
+
+// statisticsTables are the tables the hot functions probe by key: a plan made while their
+// statistics said they were nearly empty walks a whole partial index instead (migration 00021).
+var statisticsTables = []string{"delivery", "envelope", "member", "presence", "session_key"}
+
+const (
+	// statisticsMinChanges leaves small tables to autovacuum: walking them costs little.
+	statisticsMinChanges = 1000
+	// statisticsFraction: a table is analyzed once the rows changed since its last ANALYZE pass
+	// this share of the rows that ANALYZE counted.
+	statisticsFraction = 0.5
+)
+
+// RefreshStatistics analyzes the hot tables whose statistics fell far behind their contents
+// (a fresh database filling up, a surge after a quiet spell) and returns their names. One
+// replica does it at a time; the others get none.
+func (s *Store) RefreshStatistics(ctx context.Context) ([]string, error) {
+	names, err := s.q.RefreshStatistics(ctx, db.RefreshStatisticsParams{
+		Tables: statisticsTables, MinChanges: statisticsMinChanges, Fraction: statisticsFraction})
+	if err != nil {
+		return nil, fmt.Errorf("refresh statistics: %w", err)
+	}
+	return names, nil
+}

@@ -142,3 +142,65 @@ func TestTakeOverSkipsHeldPresencesAndConverges(t *testing.T) {
 	require.True(t, g[held], "the next check graces what was held")
 	require.False(t, g[late], "a session that connected after the node was declared dead is left alone")
 }
+
+// Sessions that arrive faster than autovacuum looks (a fresh database, a morning after a quiet
+// night) leave the planner believing presence is empty, and every connection keeps the plans it
+// made then. The replicas' refresh analyzes such a table once, one replica at a time, and the
+// capacity count then probes its mesh instead of walking every live session.
+func TestStatisticsFollowFastGrowth(t *testing.T) {
+	ctx := dbtest.Context(t)
+	pool := dbtest.Pool(t)
+	st := store.New(pool, "t")
+
+	conn, err := pool.Acquire(ctx)
+	require.NoError(t, err)
+	_, err = conn.Exec(ctx, `INSERT INTO claudemesh.presence (mesh_id, member_id, member_pubkey, node_id, session_id, cwd)
+		SELECT 'mesh-' || (i % 30), 'member-' || i, md5(i::text) || md5(i::text), 'node-' || (i % 3), 's' || i, '/w/' || i
+		FROM generate_series(1, 3000) AS i`)
+	require.NoError(t, err)
+	_, err = conn.Exec(ctx, `SELECT pg_stat_force_next_flush()`) // the counts reach the view once it idles
+	require.NoError(t, err)
+	conn.Release()
+	dbtest.WaitFor(t, 10*time.Second, "the inserts counted as changes since the last analyze", func() bool {
+		var n int64
+		require.NoError(t, pool.QueryRow(ctx, `SELECT n_mod_since_analyze FROM pg_stat_user_tables
+			WHERE schemaname = 'claudemesh' AND relname = 'presence'`).Scan(&n))
+		return n >= 3000
+	})
+
+	// Another replica refreshing: this one leaves it to that one.
+	other, err := pool.Begin(ctx)
+	require.NoError(t, err)
+	_, err = other.Exec(ctx, `SELECT pg_advisory_xact_lock(hashtextextended('claudemesh.refresh_statistics', 0))`)
+	require.NoError(t, err)
+	names, err := st.RefreshStatistics(ctx)
+	require.NoError(t, err)
+	require.Empty(t, names)
+	require.NoError(t, other.Rollback(ctx))
+
+	names, err = st.RefreshStatistics(ctx)
+	require.NoError(t, err)
+	require.Equal(t, []string{"presence"}, names)
+	var tuples float64
+	require.NoError(t, pool.QueryRow(ctx, `SELECT reltuples FROM pg_class WHERE oid = 'claudemesh.presence'::regclass`).Scan(&tuples))
+	require.InDelta(t, 3000, tuples, 300)
+	names, err = st.RefreshStatistics(ctx)
+	require.NoError(t, err)
+	require.Empty(t, names, "analyzed once, not again while nothing changed")
+
+	// The plan a connection caches now (the generic one) finds a mesh's live sessions by the
+	// mesh's index entries.
+	tx, err := pool.Begin(ctx)
+	require.NoError(t, err)
+	defer tx.Rollback(context.Background()) //nolint:errcheck // read-only
+	_, err = tx.Exec(ctx, `SET LOCAL plan_cache_mode = force_generic_plan`)
+	require.NoError(t, err)
+	_, err = tx.Exec(ctx, `PREPARE live_in_mesh(text) AS SELECT count(*) FROM claudemesh.presence x
+		WHERE x.mesh_id = $1 AND x.ended_at IS NULL`)
+	require.NoError(t, err)
+	rows, err := tx.Query(ctx, `EXPLAIN EXECUTE live_in_mesh('mesh-1')`)
+	require.NoError(t, err)
+	plan, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	require.NoError(t, err)
+	require.Regexp(t, `Index Cond: \(mesh_id = \$1\)`, fmt.Sprint(plan))
+}
