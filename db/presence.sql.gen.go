@@ -11,6 +11,22 @@ import (
 	"time"
 )
 
+const deleteEndedPresences = `-- name: DeleteEndedPresences :execrows
+DELETE FROM claudemesh.presence
+WHERE id IN (SELECT p.id FROM claudemesh.presence p
+             WHERE p.ended_at < now() - make_interval(secs => $1::float8)
+             LIMIT 5000)
+`
+
+// A page of presences ended before @ended_before_seconds ago (migration 00023).
+func (q *Queries) DeleteEndedPresences(ctx context.Context, endedBeforeSeconds float64) (int64, error) {
+	result, err := q.db.Exec(ctx, deleteEndedPresences, endedBeforeSeconds)
+	if err != nil {
+		return 0, err
+	}
+	return result.RowsAffected(), nil
+}
+
 const deleteExpiredSignatures = `-- name: DeleteExpiredSignatures :execrows
 DELETE FROM claudemesh.seen_signature WHERE expires_at < now()
 `

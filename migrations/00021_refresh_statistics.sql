@@ -8,8 +8,8 @@
 -- per hello (2.8 ms of its 4.1 at 10,000 sessions). Autovacuum analyzes a table once a tenth of
 -- it has changed, but looks once a minute: a reconnect storm or a first morning is over by
 -- then. The replicas ask every few seconds, one at a time, and analyze a hot table that changed
--- by more than half its analyzed size (and by at least p_min_changes rows, so small tables,
--- where a walk is cheap anyway, are left to autovacuum). The ANALYZE invalidates the cached
+-- by more than p_fraction of its analyzed size (and by at least p_min_changes rows, so small
+-- tables, where a walk is cheap anyway, are left to autovacuum). The ANALYZE invalidates the cached
 -- plans, and each connection plans again at its next call. Tables the caller does not own are
 -- skipped: only an owner may analyze them.
 -- +goose StatementBegin

@@ -34,3 +34,10 @@ WHERE mesh_id = @mesh_id AND member_id = ANY(@member_ids::text[]) AND ended_at I
 
 -- name: DeleteExpiredSignatures :execrows
 DELETE FROM claudemesh.seen_signature WHERE expires_at < now();
+
+-- name: DeleteEndedPresences :execrows
+-- A page of presences ended before @ended_before_seconds ago (migration 00023).
+DELETE FROM claudemesh.presence
+WHERE id IN (SELECT p.id FROM claudemesh.presence p
+             WHERE p.ended_at < now() - make_interval(secs => @ended_before_seconds::float8)
+             LIMIT 5000);

@@ -36,7 +36,8 @@ type HookQuery struct {
 	PID                          int
 }
 
-// DeleteExpired drops stale hook signals and remembered signatures.
+// DeleteExpired drops stale hook signals, remembered signatures and a page of presences ended
+// more than EndedPresenceRetention ago.
 func (s *Store) DeleteExpired(ctx context.Context) error {
 	if err := s.q.DeleteExpiredPendingStatus(ctx); err != nil {
 		return fmt.Errorf("delete expired hook signals: %w", err)
@@ -44,8 +45,15 @@ func (s *Store) DeleteExpired(ctx context.Context) error {
 	if _, err := s.q.DeleteExpiredSignatures(ctx); err != nil {
 		return fmt.Errorf("delete expired signatures: %w", err)
 	}
+	if _, err := s.q.DeleteEndedPresences(ctx, EndedPresenceRetention.Seconds()); err != nil {
+		return fmt.Errorf("delete ended presences: %w", err)
+	}
 	return nil
 }
+
+// EndedPresenceRetention is how long an ended presence is kept: every new session adds one,
+// and nothing reads them once ended (the audit log records who connected when).
+const EndedPresenceRetention = time.Hour
 
 // StateQuota bounds a mesh's shared state.
 type StateQuota struct{ MaxKeys, MaxBytes int }

@@ -204,3 +204,23 @@ func TestStatisticsFollowFastGrowth(t *testing.T) {
 	require.NoError(t, err)
 	require.Regexp(t, `Index Cond: \(mesh_id = \$1\)`, fmt.Sprint(plan))
 }
+
+// Every new session adds a presence row; ended ones go an hour after they end, so a client
+// reconnecting in a loop cannot grow the table without bound. Live ones and recent ones stay.
+func TestEndedPresencesArePruned(t *testing.T) {
+	ctx := dbtest.Context(t)
+	pool := dbtest.Pool(t)
+	st := store.New(pool, "t")
+	_, err := pool.Exec(ctx, `INSERT INTO claudemesh.presence (mesh_id, member_id, member_pubkey, node_id, session_id, ended_at)
+		VALUES ('m', 'a', repeat('a', 64), 'n', 'live', NULL),
+		       ('m', 'a', repeat('a', 64), 'n', 'recent', now() - interval '10 minutes'),
+		       ('m', 'a', repeat('a', 64), 'n', 'old', now() - $1 * interval '1 second' - interval '1 minute')`,
+		store.EndedPresenceRetention.Seconds())
+	require.NoError(t, err)
+	require.NoError(t, st.DeleteExpired(ctx))
+	rows, err := pool.Query(ctx, `SELECT session_id FROM claudemesh.presence ORDER BY session_id`)
+	require.NoError(t, err)
+	left, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	require.NoError(t, err)
+	require.Equal(t, []string{"live", "recent"}, left)
+}
