@@ -136,15 +136,15 @@ SELECT claudemesh.refresh_statistics($1::text[], $2::bigint, $3::float8)::text[]
 `
 
 type RefreshStatisticsParams struct {
-	Tables     []string
-	MinChanges int64
-	Fraction   float64
+	Tables  []string
+	MinRows int64
+	Growth  float64
 }
 
-// Analyzes the hot tables whose statistics are far behind their contents (migration 00021) and
-// names them; one replica at a time, the others get an empty list.
+// Analyzes the tables that outgrew their statistics (migration 00021) and names them; one
+// replica at a time, the others get an empty list.
 func (q *Queries) RefreshStatistics(ctx context.Context, arg RefreshStatisticsParams) ([]string, error) {
-	row := q.db.QueryRow(ctx, refreshStatistics, arg.Tables, arg.MinChanges, arg.Fraction)
+	row := q.db.QueryRow(ctx, refreshStatistics, arg.Tables, arg.MinRows, arg.Growth)
 	var analyzed []string
 	err := row.Scan(&analyzed)
 	return analyzed, err

@@ -13,12 +13,16 @@ import (
 
 const deleteEndedPresences = `-- name: DeleteEndedPresences :execrows
 DELETE FROM claudemesh.presence
-WHERE id IN (SELECT p.id FROM claudemesh.presence p
-             WHERE p.ended_at < now() - make_interval(secs => $1::float8)
-             LIMIT 5000)
+WHERE ctid = ANY (ARRAY(
+    SELECT p.ctid FROM claudemesh.presence p
+    WHERE p.ended_at < now() - make_interval(secs => $1::float8)
+    LIMIT 5000 FOR UPDATE SKIP LOCKED))
+  AND ended_at < now() - make_interval(secs => $1::float8)
 `
 
-// A page of presences ended before @ended_before_seconds ago (migration 00023).
+// A page of presences ended before @ended_before_seconds ago (found by the index of migration
+// 00023, deleted by row address: no scan of the live ones). Rows another replica is deleting
+// are skipped, so replicas prune side by side.
 func (q *Queries) DeleteEndedPresences(ctx context.Context, endedBeforeSeconds float64) (int64, error) {
 	result, err := q.db.Exec(ctx, deleteEndedPresences, endedBeforeSeconds)
 	if err != nil {

@@ -59,6 +59,6 @@ WHERE d.ctid = ANY (ARRAY(
 RETURNING d.mesh_id, d.recipient_member_id;
 
 -- name: RefreshStatistics :one
--- Analyzes the hot tables whose statistics are far behind their contents (migration 00021) and
--- names them; one replica at a time, the others get an empty list.
-SELECT claudemesh.refresh_statistics(@tables::text[], @min_changes::bigint, @fraction::float8)::text[] AS analyzed;
+-- Analyzes the tables that outgrew their statistics (migration 00021) and names them; one
+-- replica at a time, the others get an empty list.
+SELECT claudemesh.refresh_statistics(@tables::text[], @min_rows::bigint, @growth::float8)::text[] AS analyzed;

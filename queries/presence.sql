@@ -36,8 +36,12 @@ WHERE mesh_id = @mesh_id AND member_id = ANY(@member_ids::text[]) AND ended_at I
 DELETE FROM claudemesh.seen_signature WHERE expires_at < now();
 
 -- name: DeleteEndedPresences :execrows
--- A page of presences ended before @ended_before_seconds ago (migration 00023).
+-- A page of presences ended before @ended_before_seconds ago (found by the index of migration
+-- 00023, deleted by row address: no scan of the live ones). Rows another replica is deleting
+-- are skipped, so replicas prune side by side.
 DELETE FROM claudemesh.presence
-WHERE id IN (SELECT p.id FROM claudemesh.presence p
-             WHERE p.ended_at < now() - make_interval(secs => @ended_before_seconds::float8)
-             LIMIT 5000);
+WHERE ctid = ANY (ARRAY(
+    SELECT p.ctid FROM claudemesh.presence p
+    WHERE p.ended_at < now() - make_interval(secs => @ended_before_seconds::float8)
+    LIMIT 5000 FOR UPDATE SKIP LOCKED))
+  AND ended_at < now() - make_interval(secs => @ended_before_seconds::float8);

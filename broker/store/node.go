@@ -132,19 +132,20 @@ func (s *Store) StatusPage(ctx context.Context, lim StatusPageLimits) (StatusPag
 var statisticsTables = []string{"member", "presence", "session_key"}
 
 const (
-	// statisticsMinChanges leaves small tables to autovacuum: walking them costs little.
-	statisticsMinChanges = 1000
-	// statisticsFraction: a table is analyzed once the rows changed since its last ANALYZE pass
-	// this share of the rows that ANALYZE counted: each time it doubles, as it fills.
-	statisticsFraction = 1.0
+	// statisticsMinRows leaves small tables to autovacuum: walking them costs little.
+	statisticsMinRows = 1000
+	// statisticsGrowth: a table is analyzed once its live rows reach this multiple of the rows
+	// its last ANALYZE counted, so a filling table is analyzed each time it doubles.
+	statisticsGrowth = 2.0
 )
 
-// RefreshStatistics analyzes the hot tables whose statistics fell far behind their contents
-// (a fresh database filling up, a surge after a quiet spell) and returns their names. One
-// replica does it at a time; the others get none.
+// RefreshStatistics analyzes the tables that outgrew their statistics (a fresh database
+// filling up, a surge after a quiet spell) and returns their names. One replica does it at a
+// time; the others get none. A table another maintenance command holds is skipped until the
+// next call.
 func (s *Store) RefreshStatistics(ctx context.Context) ([]string, error) {
 	names, err := s.q.RefreshStatistics(ctx, db.RefreshStatisticsParams{
-		Tables: statisticsTables, MinChanges: statisticsMinChanges, Fraction: statisticsFraction})
+		Tables: statisticsTables, MinRows: statisticsMinRows, Growth: statisticsGrowth})
 	if err != nil {
 		return nil, fmt.Errorf("refresh statistics: %w", err)
 	}

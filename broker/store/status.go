@@ -45,11 +45,26 @@ func (s *Store) DeleteExpired(ctx context.Context) error {
 	if _, err := s.q.DeleteExpiredSignatures(ctx); err != nil {
 		return fmt.Errorf("delete expired signatures: %w", err)
 	}
-	if _, err := s.q.DeleteEndedPresences(ctx, EndedPresenceRetention.Seconds()); err != nil {
-		return fmt.Errorf("delete ended presences: %w", err)
+	// A few pages per sweep: a backlog (the rows kept before pruning existed) clears in
+	// minutes without one long statement.
+	for range endedPresencePages {
+		n, err := s.q.DeleteEndedPresences(ctx, EndedPresenceRetention.Seconds())
+		if err != nil {
+			return fmt.Errorf("delete ended presences: %w", err)
+		}
+		if n < endedPresencePage {
+			break
+		}
 	}
 	return nil
 }
+
+// endedPresencePage is DeleteEndedPresences's page (its LIMIT); endedPresencePages bounds the
+// pages one sweep deletes.
+const (
+	endedPresencePage  = 5000
+	endedPresencePages = 10
+)
 
 // EndedPresenceRetention is how long an ended presence is kept: every new session adds one,
 // and nothing reads them once ended (the audit log records who connected when).
