@@ -124,12 +124,12 @@ func (s *Store) StatusPage(ctx context.Context, lim StatusPageLimits) (StatusPag
 	return page, err
 }
 
-// statisticsTables are the tables a hello probes by key, where a plan made while their
+// statisticsTables are the tables a hello reads by key, where a plan made while their
 // statistics said they were nearly empty walks a whole partial index (migration 00021). The
 // message tables are left to autovacuum: their functions' plans are forced to index probes
 // whatever the statistics (00012, 00013, 00015, 00018), and analyzing them as they fill would
 // only make every connection plan the send statement again.
-var statisticsTables = []string{"member", "presence", "session_key"}
+var statisticsTables = []string{"member", "mesh", "presence", "session_key"}
 
 const (
 	// statisticsMinRows leaves small tables to autovacuum: walking them costs little.
