@@ -16,15 +16,20 @@ DELETE FROM claudemesh.presence
 WHERE ctid = ANY (ARRAY(
     SELECT p.ctid FROM claudemesh.presence p
     WHERE p.ended_at < now() - make_interval(secs => $1::float8)
-    LIMIT 5000 FOR UPDATE SKIP LOCKED))
+    LIMIT $2::int FOR UPDATE SKIP LOCKED))
   AND ended_at < now() - make_interval(secs => $1::float8)
 `
+
+type DeleteEndedPresencesParams struct {
+	EndedBeforeSeconds float64
+	PageSize           int32
+}
 
 // A page of presences ended before @ended_before_seconds ago (found by the index of migration
 // 00023, deleted by row address: no scan of the live ones). Rows another replica is deleting
 // are skipped, so replicas prune side by side.
-func (q *Queries) DeleteEndedPresences(ctx context.Context, endedBeforeSeconds float64) (int64, error) {
-	result, err := q.db.Exec(ctx, deleteEndedPresences, endedBeforeSeconds)
+func (q *Queries) DeleteEndedPresences(ctx context.Context, arg DeleteEndedPresencesParams) (int64, error) {
+	result, err := q.db.Exec(ctx, deleteEndedPresences, arg.EndedBeforeSeconds, arg.PageSize)
 	if err != nil {
 		return 0, err
 	}

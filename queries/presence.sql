@@ -43,5 +43,5 @@ DELETE FROM claudemesh.presence
 WHERE ctid = ANY (ARRAY(
     SELECT p.ctid FROM claudemesh.presence p
     WHERE p.ended_at < now() - make_interval(secs => @ended_before_seconds::float8)
-    LIMIT 5000 FOR UPDATE SKIP LOCKED))
+    LIMIT @page_size::int FOR UPDATE SKIP LOCKED))
   AND ended_at < now() - make_interval(secs => @ended_before_seconds::float8);

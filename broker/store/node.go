@@ -125,7 +125,7 @@ func (s *Store) StatusPage(ctx context.Context, lim StatusPageLimits) (StatusPag
 }
 
 // statisticsTables are the tables a hello reads by key, where a plan made while their
-// statistics said they were nearly empty walks a whole partial index (migration 00021). The
+// statistics said they were nearly empty walks a whole index or table (migration 00021). The
 // message tables are left to autovacuum: their functions' plans are forced to index probes
 // whatever the statistics (00012, 00013, 00015, 00018), and analyzing them as they fill would
 // only make every connection plan the send statement again.

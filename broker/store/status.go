@@ -36,8 +36,8 @@ type HookQuery struct {
 	PID                          int
 }
 
-// DeleteExpired drops stale hook signals, remembered signatures and a page of presences ended
-// more than EndedPresenceRetention ago.
+// DeleteExpired drops stale hook signals, remembered signatures and up to endedPresencePages
+// pages of presences ended more than EndedPresenceRetention ago.
 func (s *Store) DeleteExpired(ctx context.Context) error {
 	if err := s.q.DeleteExpiredPendingStatus(ctx); err != nil {
 		return fmt.Errorf("delete expired hook signals: %w", err)
@@ -48,7 +48,8 @@ func (s *Store) DeleteExpired(ctx context.Context) error {
 	// A few pages per sweep: a backlog (the rows kept before pruning existed) clears in
 	// minutes without one long statement.
 	for range endedPresencePages {
-		n, err := s.q.DeleteEndedPresences(ctx, EndedPresenceRetention.Seconds())
+		n, err := s.q.DeleteEndedPresences(ctx, db.DeleteEndedPresencesParams{
+			EndedBeforeSeconds: EndedPresenceRetention.Seconds(), PageSize: endedPresencePage})
 		if err != nil {
 			return fmt.Errorf("delete ended presences: %w", err)
 		}
@@ -59,8 +60,8 @@ func (s *Store) DeleteExpired(ctx context.Context) error {
 	return nil
 }
 
-// endedPresencePage is DeleteEndedPresences's page (its LIMIT); endedPresencePages bounds the
-// pages one sweep deletes.
+// endedPresencePage is the rows one DeleteEndedPresences statement deletes at most;
+// endedPresencePages bounds the statements of one sweep.
 const (
 	endedPresencePage  = 5000
 	endedPresencePages = 10
