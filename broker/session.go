@@ -183,17 +183,24 @@ func (s *session) claimedByClaim(id int64) bool {
 	return slices.Contains(s.claimedAssigned, id)
 }
 
-// toRetake records an assigned delivery that could not be pushed in order.
+// toRetake records an assigned delivery that could not be pushed in order. It counts as a
+// request at once, under the same lock: a claim round ending before the caller's request would
+// otherwise take the session for caught up, drop the retake and let later pushes overtake it.
 func (s *session) toRetake(id int64) {
 	s.mu.Lock()
 	s.retake = append(s.retake, id)
+	s.backlog = true
+	s.requests++
 	s.mu.Unlock()
 }
 
-// takeAllAssigned makes the claims take everything assigned here (notifications were lost).
+// takeAllAssigned makes the claims take everything assigned here (notifications were lost);
+// a request at once, as toRetake.
 func (s *session) takeAllAssigned() {
 	s.mu.Lock()
 	s.takeAll = true
+	s.backlog = true
+	s.requests++
 	s.mu.Unlock()
 }
 

@@ -2,6 +2,7 @@ package broker
 
 import (
 	"fmt"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -80,6 +81,32 @@ func TestSessionOrderingRule(t *testing.T) {
 	require.False(t, s.requestPush())
 	_, _, _, ok = s.claimStart(claimPage)
 	require.False(t, ok)
+}
+
+// A push that can't go in order is recorded for a retake, and its request follows; a claim
+// round may end in between. It must not take the session for caught up: the retake would be
+// dropped, the row left assigned until it went stale, and later pushes would overtake it (a
+// burst arrived with 51 messages out of place under a loaded test run).
+func TestRetakeRecordedDuringAClaimRoundIsKept(t *testing.T) {
+	for name, record := range map[string]func(*session){
+		"retake":   func(s *session) { s.toRetake(42) },
+		"take all": func(s *session) { s.takeAllAssigned() },
+	} {
+		t.Run(name, func(t *testing.T) {
+			s, _ := testSession("p", "m", "a")
+			require.True(t, s.requestPush())
+			limit, _, req, _ := s.claimStart(claimPage)
+			record(s) // the pusher's request comes after
+			require.Equal(t, claimAgain, s.claimDone(0, limit, req), "not caught up: something to retake came during the round")
+			require.False(t, s.reserve(protocol.PriorityNow), "later pushes still queue behind it")
+			retake, all := s.claimAssigned()
+			require.True(t, slices.Equal(retake, []int64{42}) || all, "the next round takes it")
+		})
+	}
+	// Recorded while no round runs: later pushes queue behind it even before the request.
+	s, _ := testSession("p", "m", "a")
+	s.toRetake(7)
+	require.False(t, s.reserve(protocol.PriorityNow))
 }
 
 func TestSessionPushWindow(t *testing.T) {
