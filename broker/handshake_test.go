@@ -10,6 +10,7 @@ import (
 	"github.com/gorilla/websocket"
 	"github.com/stretchr/testify/require"
 
+	"github.com/claudemesh/broker/broker/audit"
 	"github.com/claudemesh/broker/client"
 	"github.com/claudemesh/broker/protocol"
 )
@@ -191,4 +192,29 @@ func TestHelloThenImmediateFrameProcessedAfterHello(t *testing.T) {
 	v = readJSON(t, ws)
 	require.Equal(t, "peers_list", v["type"])
 	require.Len(t, v["peers"], 1)
+}
+
+// A hello leaves its audit entry on the mesh's chain: who connected, on which replica, as which
+// presence, resumed or not, in which role (migration 00024 writes it with one insert).
+func TestHelloRecordsPeerConnected(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t, 2, nil)
+	m := c.mesh(0)
+	alice := m.member("alice")
+	a := m.dial(1, alice)
+	recs, err := audit.Tail(ctxT(t), c.pool, m.id, 10)
+	require.NoError(t, err)
+	var found []audit.Record
+	for _, r := range recs {
+		if r.Type == audit.PeerConnected {
+			found = append(found, r)
+		}
+	}
+	require.Len(t, found, 1)
+	require.Equal(t, alice.pub, found[0].Actor)
+	require.JSONEq(t, `{"node":"n1","presence_id":"`+a.HelloAck().PresenceID+`","resumed":false,"role":"control-plane"}`,
+		string(found[0].Data))
+	n, err := audit.Verify(ctxT(t), c.pool, m.id)
+	require.NoError(t, err)
+	require.Positive(t, n)
 }
