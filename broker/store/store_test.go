@@ -2,6 +2,7 @@ package store_test
 
 import (
 	"context"
+	"crypto/md5"
 	"fmt"
 	"testing"
 	"time"
@@ -10,6 +11,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/claudemesh/broker/broker/store"
+	"github.com/claudemesh/broker/db"
 	"github.com/claudemesh/broker/db/dbtest"
 )
 
@@ -311,4 +313,46 @@ func indexScanned(node map[string]any) string {
 		}
 	}
 	return ""
+}
+
+// A hook finds its session by sessionId and member key without reading the other sessions of
+// the cluster. Before migration 00026 no index was led by sessionId: a hook read every live
+// session's entry of an index, or every presence row, live or ended.
+func TestHookFindsItsSessionWithoutReadingOthers(t *testing.T) {
+	ctx := dbtest.Context(t)
+	pool := dbtest.Pool(t)
+	_, err := pool.Exec(ctx, `INSERT INTO claudemesh.presence (mesh_id, member_id, member_pubkey, node_id, session_id, cwd, pid, ended_at)
+		SELECT 'mesh-' || (i % 60), 'member-' || i, md5(i::text) || md5(i::text), 'node-1', 's' || i, '/w/' || i, i,
+		       CASE WHEN i % 3 = 0 THEN now() END
+		FROM generate_series(1, 12000) AS i`)
+	require.NoError(t, err)
+	_, err = pool.Exec(ctx, `ANALYZE claudemesh.presence`)
+	require.NoError(t, err)
+	for _, target := range []int{7, 8} {
+		func() {
+			tx, err := pool.Begin(ctx)
+			require.NoError(t, err)
+			defer func() { _ = tx.Rollback(ctx) }()
+			pages := func() (n int64) { // pages of presence and its indexes this transaction has read
+				require.NoError(t, tx.QueryRow(ctx, `SELECT sum(pg_stat_get_xact_blocks_fetched(c.oid))::bigint
+					FROM pg_class c WHERE c.oid = 'claudemesh.presence'::regclass
+					   OR c.oid IN (SELECT indexrelid FROM pg_index WHERE indrelid = 'claudemesh.presence'::regclass)`).Scan(&n))
+				return n
+			}
+			var want string
+			require.NoError(t, tx.QueryRow(ctx, `SELECT id FROM claudemesh.presence WHERE session_id = $1`, fmt.Sprint("s", target)).Scan(&want))
+			before := pages()
+			rows, err := db.New(tx).HookStatus(ctx, db.HookStatusParams{MemberPubkey: fmt.Sprintf("%x%[1]x", md5.Sum([]byte(fmt.Sprint(target)))),
+				SessionID: fmt.Sprint("s", target), Cwd: "/elsewhere", Status: "working", FreshSeconds: 60, Ns: "t",
+				ReleaseLimit: 10, Signature: fmt.Sprint("sig", target), SigExpires: time.Now().Add(time.Minute)})
+			require.NoError(t, err)
+			require.Len(t, rows, 1)
+			require.Equal(t, want, rows[0].PresenceID, "the hook's own session")
+			read := pages() - before
+			t.Logf("pages read by the hook: %d", read)
+			// A probe and the status update: a few pages per index. Reading the 8,000 live
+			// sessions' entries of an index is over a hundred.
+			require.Less(t, read, int64(60), "pages of presence and its indexes read")
+		}()
+	}
 }
