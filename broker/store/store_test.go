@@ -253,9 +253,10 @@ func TestEndedPresencesArePruned(t *testing.T) {
 // the statistics say. Until presence is first analyzed (a fresh database: the first seconds of
 // a connect storm) every index on live sessions looks about empty, so walking one whole costs
 // the planner no more than a probe, and hellos walked the one by cwd: in a 10,000-session
-// connect, 5,392 of their statements read every live session of the cluster. Migration 00025
-// leaves them only indexes led by mesh. The test asks the planner for every index it would
-// use for those statements, taking each away in turn, until only a sequential scan is left.
+// connect, 5,392 of their statements read every live session of the cluster. Migrations 00025
+// and 00026 leave them only indexes led by mesh. The test asks the planner for every index it
+// would use for those statements, with their values (a custom plan) and without (a generic
+// plan), taking each away in turn until only a sequential scan is left.
 func TestHelloStatementsOnlyUseIndexesLedByMesh(t *testing.T) {
 	ctx := dbtest.Context(t)
 	pool := dbtest.Pool(t)
@@ -263,41 +264,61 @@ func TestHelloStatementsOnlyUseIndexesLedByMesh(t *testing.T) {
 		SELECT 'mesh-' || (i % 60), 'member-' || i, md5(i::text) || md5(i::text), 'node-1', 's' || i, '/bench/idle'
 		FROM generate_series(1, 300) AS i`)
 	require.NoError(t, err)
-	statements := map[string]string{ // as claudemesh.hello has them (00024), its variables as parameters
+	// As claudemesh.hello has them (00024), its variables as parameters; both take the same four
+	// (the lookup's last one is unused).
+	statements := map[string]string{
 		"capacity count": `SELECT count(*) FROM claudemesh.presence x
 			WHERE x.mesh_id = $1 AND x.ended_at IS NULL
 			  AND NOT (x.session_id = $2 AND x.member_pubkey = $3)
 			  AND NOT ($4 <> '' AND x.session_pubkey IS NOT DISTINCT FROM $4)`,
 		"presence lookup": `SELECT x.id, x.node_id, x.grace_until FROM claudemesh.presence x
-			WHERE x.mesh_id = $1 AND x.member_id = $2 AND x.session_id = $3 AND x.ended_at IS NULL AND $4 = ''`,
+			WHERE x.mesh_id = $1 AND x.member_id = $2 AND x.session_id = $3 AND x.ended_at IS NULL AND $4::text IS NOT NULL`,
 	}
 	for name, sql := range statements {
-		t.Run(name, func(t *testing.T) {
-			tx, err := pool.Begin(ctx)
-			require.NoError(t, err)
-			defer func() { _ = tx.Rollback(ctx) }()
-			_, err = tx.Exec(ctx, `SET LOCAL plan_cache_mode = force_generic_plan`)
-			require.NoError(t, err)
-			var walked []string
-			for len(walked) < 20 {
-				var plan []map[string]any
-				require.NoError(t, tx.QueryRow(ctx, `EXPLAIN (FORMAT JSON) `+sql, "mesh-1", "s1", "k", "").Scan(&plan))
-				index := indexScanned(plan[0]["Plan"].(map[string]any))
-				if index == "" {
-					break
-				}
-				walked = append(walked, index)
-				var first string
-				require.NoError(t, tx.QueryRow(ctx, `SELECT a.attname FROM pg_index i
-					JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
-					WHERE i.indexrelid = ('claudemesh.' || $1)::regclass`, index).Scan(&first))
-				require.Equal(t, "mesh_id", first, "%s may walk %s (after %v)", name, index, walked[:len(walked)-1])
-				_, err = tx.Exec(ctx, `DROP INDEX claudemesh.`+pgx.Identifier{index}.Sanitize())
+		for _, generic := range []bool{false, true} {
+			t.Run(fmt.Sprintf("%s/generic=%v", name, generic), func(t *testing.T) {
+				conn, err := pool.Acquire(ctx)
 				require.NoError(t, err)
-			}
-			require.NotEmpty(t, walked)
-			t.Logf("%s: %v, then a sequential scan", name, walked)
-		})
+				defer conn.Release()
+				tx, err := conn.Begin(ctx)
+				require.NoError(t, err)
+				defer func() { _ = tx.Rollback(ctx) }()
+				explain := func() map[string]any {
+					var plan []map[string]any
+					if generic {
+						require.NoError(t, tx.QueryRow(ctx, `EXPLAIN (FORMAT JSON) EXECUTE hello_stmt('mesh-1', 's1', 'k', '')`).Scan(&plan))
+					} else {
+						require.NoError(t, tx.QueryRow(ctx, `EXPLAIN (FORMAT JSON) `+sql, "mesh-1", "s1", "k", "").Scan(&plan))
+					}
+					return plan[0]["Plan"].(map[string]any)
+				}
+				if generic {
+					_, err = tx.Exec(ctx, `PREPARE hello_stmt(text, text, text, text) AS `+sql)
+					require.NoError(t, err)
+					defer func() { _, _ = conn.Exec(ctx, `DEALLOCATE hello_stmt`) }()
+					_, err = tx.Exec(ctx, `SET LOCAL plan_cache_mode = force_generic_plan`)
+					require.NoError(t, err)
+				}
+				var walked []string
+				for {
+					index := indexScanned(explain())
+					if index == "" {
+						break
+					}
+					walked = append(walked, index)
+					require.Less(t, len(walked), 20, "indexes dropped one by one")
+					var first string
+					require.NoError(t, tx.QueryRow(ctx, `SELECT a.attname FROM pg_index i
+						JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+						WHERE i.indexrelid = ('claudemesh.' || $1)::regclass`, index).Scan(&first))
+					require.Equal(t, "mesh_id", first, "%s may walk %s (after %v)", name, index, walked[:len(walked)-1])
+					_, err = tx.Exec(ctx, `DROP INDEX claudemesh.`+pgx.Identifier{index}.Sanitize())
+					require.NoError(t, err)
+				}
+				require.NotEmpty(t, walked)
+				t.Logf("%v, then a sequential scan", walked)
+			})
+		}
 	}
 }
 
@@ -328,11 +349,25 @@ func TestHookFindsItsSessionWithoutReadingOthers(t *testing.T) {
 	require.NoError(t, err)
 	_, err = pool.Exec(ctx, `ANALYZE claudemesh.presence`)
 	require.NoError(t, err)
-	for _, target := range []int{7, 8} {
+	// Signed (the member's key) and unsigned (HOOK_ALLOW_UNSIGNED: any member's session), with
+	// the statement's values (a custom plan) and without (the generic plan a connection
+	// settles on).
+	for i, c := range []struct {
+		target int
+		signed bool
+		mode   string
+	}{{7, true, "auto"}, {8, true, "force_generic_plan"}, {10, false, "auto"}, {11, false, "force_generic_plan"}} {
+		target := c.target
 		func() {
 			tx, err := pool.Begin(ctx)
 			require.NoError(t, err)
 			defer func() { _ = tx.Rollback(ctx) }()
+			_, err = tx.Exec(ctx, `SELECT set_config('plan_cache_mode', $1, true)`, c.mode)
+			require.NoError(t, err)
+			member := fmt.Sprintf("%x%[1]x", md5.Sum([]byte(fmt.Sprint(target))))
+			if !c.signed {
+				member = ""
+			}
 			pages := func() (n int64) { // pages of presence and its indexes this transaction has read
 				require.NoError(t, tx.QueryRow(ctx, `SELECT sum(pg_stat_get_xact_blocks_fetched(c.oid))::bigint
 					FROM pg_class c WHERE c.oid = 'claudemesh.presence'::regclass
@@ -342,14 +377,14 @@ func TestHookFindsItsSessionWithoutReadingOthers(t *testing.T) {
 			var want string
 			require.NoError(t, tx.QueryRow(ctx, `SELECT id FROM claudemesh.presence WHERE session_id = $1`, fmt.Sprint("s", target)).Scan(&want))
 			before := pages()
-			rows, err := db.New(tx).HookStatus(ctx, db.HookStatusParams{MemberPubkey: fmt.Sprintf("%x%[1]x", md5.Sum([]byte(fmt.Sprint(target)))),
+			rows, err := db.New(tx).HookStatus(ctx, db.HookStatusParams{MemberPubkey: member,
 				SessionID: fmt.Sprint("s", target), Cwd: "/elsewhere", Status: "working", FreshSeconds: 60, Ns: "t",
 				ReleaseLimit: 10, Signature: fmt.Sprint("sig", target), SigExpires: time.Now().Add(time.Minute)})
 			require.NoError(t, err)
 			require.Len(t, rows, 1)
 			require.Equal(t, want, rows[0].PresenceID, "the hook's own session")
 			read := pages() - before
-			t.Logf("pages read by the hook: %d", read)
+			t.Logf("hook %d (signed %v, %s): %d pages", i, c.signed, c.mode, read)
 			// A probe and the status update: a few pages per index. Reading the 8,000 live
 			// sessions' entries of an index is over a hundred.
 			require.Less(t, read, int64(60), "pages of presence and its indexes read")
