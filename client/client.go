@@ -524,6 +524,10 @@ func (c *Client) setReadErr(err error) {
 	var ce *websocket.CloseError
 	if errors.As(err, &ce) {
 		c.closeCode, c.closeReason = ce.Code, ce.Text
+	} else if !c.closedByUs.Load() {
+		// Dropped without a close frame: a reset as much as an EOF (gorilla reports only the
+		// EOF as a 1006 CloseError).
+		c.closeCode = websocket.CloseAbnormalClosure
 	}
 	switch {
 	case c.closedByUs.Load():

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -549,6 +550,22 @@ func TestAbnormalClosure(t *testing.T) {
 	})
 	c := dial(t, testOptions(t, fb.url(), k))
 	<-c.Done()
+	require.Equal(t, websocket.CloseAbnormalClosure, c.CloseCode())
+}
+
+// A connection reset (the broker dropped a socket whose buffers were full) is an abnormal
+// closure too, not "no code".
+func TestResetIsAbnormalClosure(t *testing.T) {
+	k := newKeys(t)
+	fb := newFakeBroker(t, func(c *brokerConn) {
+		c.acceptHello()
+		tcp := c.ws.UnderlyingConn().(*net.TCPConn)
+		_ = tcp.SetLinger(0) // close with a reset
+		_ = tcp.Close()
+	})
+	c := dial(t, testOptions(t, fb.url(), k))
+	<-c.Done()
+	require.ErrorContains(t, c.Err(), "reset")
 	require.Equal(t, websocket.CloseAbnormalClosure, c.CloseCode())
 }
 
