@@ -260,7 +260,9 @@ func TestEndedPresencesArePruned(t *testing.T) {
 func TestHelloStatementsOnlyUseIndexesLedByMesh(t *testing.T) {
 	ctx := dbtest.Context(t)
 	pool := dbtest.Pool(t)
-	_, err := pool.Exec(ctx, `INSERT INTO claudemesh.presence (mesh_id, member_id, member_pubkey, node_id, session_id, cwd)
+	_, err := pool.Exec(ctx, `ALTER TABLE claudemesh.presence SET (autovacuum_enabled = off)`) // no statistics
+	require.NoError(t, err)
+	_, err = pool.Exec(ctx, `INSERT INTO claudemesh.presence (mesh_id, member_id, member_pubkey, node_id, session_id, cwd)
 		SELECT 'mesh-' || (i % 60), 'member-' || i, md5(i::text) || md5(i::text), 'node-1', 's' || i, '/bench/idle'
 		FROM generate_series(1, 300) AS i`)
 	require.NoError(t, err)
