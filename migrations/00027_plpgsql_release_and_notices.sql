@@ -1,5 +1,6 @@
 -- +goose Up
--- release_held, announce_left and close_presences become PL/pgSQL, each with the body it had.
+-- release_held, announce_left and close_presences become PL/pgSQL, each with the body it had
+-- (release_held's join is turned to start from the released rows: see below).
 -- As SQL functions (not inlinable: they write, or return void) Postgres parsed and planned
 -- their statement on every call; PL/pgSQL keeps the plan for the connection. release_held runs
 -- in every hello that takes over or resumes a session (every reconnect of a failover), in a
@@ -17,10 +18,15 @@ BEGIN
         WHERE state IN ('assigned', 'pushed') AND pushed_presence = ANY(p_ids)
         RETURNING mesh_id, recipient_member_id
     ), holders AS (
-        SELECT DISTINCT p.node_id, p.member_id FROM claudemesh.presence p
-        JOIN (SELECT DISTINCT mesh_id, recipient_member_id FROM rel) r
-          ON p.mesh_id = r.mesh_id AND p.member_id = r.recipient_member_id
-        WHERE p.ended_at IS NULL AND p.grace_until IS NULL
+        -- From the released rows to their members' sessions, never the other way: a plan kept
+        -- from a moment the live sessions looked few could otherwise walk them all per call.
+        SELECT DISTINCT p.node_id, p.member_id
+        FROM (SELECT DISTINCT mesh_id, recipient_member_id FROM rel) r
+        CROSS JOIN LATERAL (
+            SELECT x.node_id, x.member_id FROM claudemesh.presence x
+            WHERE x.mesh_id = r.mesh_id AND x.member_id = r.recipient_member_id
+              AND x.ended_at IS NULL AND x.grace_until IS NULL
+            OFFSET 0) p
     )
     SELECT count(*) INTO n FROM (
         SELECT claudemesh.notify_lines(p_ns || '_n_' || h.node_id, array_agg(json_build_object('k', 'd', 'm', h.member_id)::text))
