@@ -393,3 +393,62 @@ func TestHookFindsItsSessionWithoutReadingOthers(t *testing.T) {
 		}()
 	}
 }
+
+// Deliveries held by presences that went away (a takeover, a session's end) are pending again,
+// and each replica holding a live session of their members is woken to claim them; replicas
+// holding only that member's sessions in grace, or none, are not (migration 00027 keeps this
+// behaviour while planning it once per connection).
+func TestReleasedDeliveriesWakeTheirMembersReplicas(t *testing.T) {
+	ctx := dbtest.Context(t)
+	url := dbtest.URL(t)
+	pool := dbtest.PoolFor(t, url)
+	var ids []string
+	rows, err := pool.Query(ctx, `INSERT INTO claudemesh.presence (mesh_id, member_id, member_pubkey, node_id, session_id, grace_until)
+		VALUES ('m', 'gone', repeat('a', 64), 'dead', 'old', NULL),         -- the released one
+		       ('m', 'gone', repeat('a', 64), 'n1', 'live', NULL),          -- the member's live session
+		       ('m', 'gone', repeat('a', 64), 'n2', 'grace', now() + interval '1 minute'),
+		       ('m', 'other', repeat('b', 64), 'n3', 'bystander', NULL)
+		RETURNING id`)
+	require.NoError(t, err)
+	ids, err = pgx.CollectRows(rows, pgx.RowTo[string])
+	require.NoError(t, err)
+	_, err = pool.Exec(ctx, `INSERT INTO claudemesh.delivery (envelope_id, mesh_id, recipient_member_id, priority, state,
+			pushed_node, pushed_presence, pushed_at, expires_at)
+		VALUES ('e1', 'm', 'gone', 'now', 'pushed', 'dead', $1, now(), now() + interval '1 day'),
+		       ('e2', 'm', 'gone', 'now', 'assigned', 'dead', $1, now(), now() + interval '1 day'),
+		       ('e3', 'm', 'other', 'now', 'pushed', 'n3', $2, now(), now() + interval '1 day')`, ids[0], ids[3])
+	require.NoError(t, err)
+
+	listener := dbtest.ConnFor(t, url)
+	for _, n := range []string{"n1", "n2", "n3"} {
+		_, err = listener.Exec(ctx, `LISTEN t_n_`+n)
+		require.NoError(t, err)
+	}
+	// Twice: the second call runs the plan PL/pgSQL kept from the first.
+	for round := range 2 {
+		if round == 1 {
+			_, err = pool.Exec(ctx, `UPDATE claudemesh.delivery SET state = 'pushed', pushed_presence = $1 WHERE envelope_id IN ('e1', 'e2')`, ids[0])
+			require.NoError(t, err)
+		}
+		conn, err := pool.Acquire(ctx)
+		require.NoError(t, err)
+		_, err = conn.Exec(ctx, `SELECT claudemesh.release_held('t', ARRAY[$1::text])`, ids[0])
+		conn.Release()
+		require.NoError(t, err)
+		rows, err = pool.Query(ctx, `SELECT envelope_id || ':' || state || ':' || coalesce(pushed_presence, '-') FROM claudemesh.delivery ORDER BY envelope_id`)
+		require.NoError(t, err)
+		states, err := pgx.CollectRows(rows, pgx.RowTo[string])
+		require.NoError(t, err)
+		require.Equal(t, []string{"e1:pending:-", "e2:pending:-", "e3:pushed:" + ids[3]}, states)
+		wait, cancel := context.WithTimeout(ctx, 5*time.Second)
+		n, err := listener.WaitForNotification(wait)
+		cancel()
+		require.NoError(t, err)
+		require.Equal(t, "t_n_n1", n.Channel, "only the replica of the member's live session")
+		require.JSONEq(t, `{"k":"d","m":"gone"}`, n.Payload)
+		wait, cancel = context.WithTimeout(ctx, 200*time.Millisecond)
+		_, err = listener.WaitForNotification(wait) // nothing else: not the grace session's replica, not the bystander's
+		cancel()
+		require.ErrorIs(t, err, context.DeadlineExceeded)
+	}
+}
