@@ -133,12 +133,10 @@ type LocalDelivery struct {
 	Assigned   bool
 }
 
-// SendBatch stores a batch in one statement: recipients resolved cluster-wide, envelopes and
-// deliveries, the other replicas told (inline pushes, wake-ups), the audit entries. It returns
-// each envelope's outcome and the deliveries this node takes part in.
-func (s *Store) SendBatch(ctx context.Context, nodeID string, envs []OutgoingEnvelope) ([]SentEnvelope, []LocalDelivery, error) {
+// sendBatchParams lays a batch out as the statement's arrays, one element per envelope.
+func sendBatchParams(nodeID, ns string, envs []OutgoingEnvelope) db.SendBatchParams {
 	n := len(envs)
-	p := db.SendBatchParams{NodeID: nodeID, Ns: s.ns, EIds: make([]string, n), EMesh: make([]string, n),
+	p := db.SendBatchParams{NodeID: nodeID, Ns: ns, EIds: make([]string, n), EMesh: make([]string, n),
 		ESender: make([]string, n), ESenderPub: make([]string, n), ESenderMemberPub: make([]string, n),
 		ESpec: make([]string, n), EKind: make([]string, n), EKey: make([]string, n), EPrio: make([]string, n),
 		ENonce: make([]string, n), ECipher: make([]string, n), EClient: make([]string, n),
@@ -154,6 +152,15 @@ func (s *Store) SendBatch(ctx context.Context, nodeID string, envs []OutgoingEnv
 			p.EFrame[i] = string(e.Frame)
 		}
 	}
+	return p
+}
+
+// SendBatch stores a batch in one statement: recipients resolved cluster-wide, envelopes and
+// deliveries, the other replicas told (inline pushes, wake-ups), the audit entries. It returns
+// each envelope's outcome and the deliveries this node takes part in.
+func (s *Store) SendBatch(ctx context.Context, nodeID string, envs []OutgoingEnvelope) ([]SentEnvelope, []LocalDelivery, error) {
+	n := len(envs)
+	p := sendBatchParams(nodeID, s.ns, envs)
 	// The connection is taken first, so a failure to get one is known to have sent nothing.
 	conn, err := s.pool.Acquire(ctx)
 	if err != nil {

@@ -1,0 +1,9 @@
+package store
+
+import "github.com/claudemesh/broker/db"
+
+// SendBatchParams is the statement a store sends for a batch, for tests that run it on a
+// connection of their own (in a transaction, with their own planner settings).
+func SendBatchParams(s *Store, nodeID string, envs []OutgoingEnvelope) db.SendBatchParams {
+	return sendBatchParams(nodeID, s.ns, envs)
+}
