@@ -84,7 +84,8 @@ func newBenchCmd(a *app) *cobra.Command {
 			"--meshes M spreads them over M throwaway meshes (session i in mesh i mod M, on URL i mod\n" +
 			"the URL count). Failover: --kill-pid P sends SIGKILL to process P (a replica serving one\n" +
 			"of --urls) --kill-after the set-up; every session whose connection drops dials another\n" +
-			"URL at once (retrying with a short backoff when refused), and the report gives the time\n" +
+			"URL at once, the dropped sessions spread over the others as a round-robin load balancer\n" +
+			"would spread them (retrying with a short backoff when refused), and the report gives the time\n" +
 			"from the kill until every dropped session had a new hello_ack, per session and in all.\n\n" +
 			"Probe mode (--probe N): time single operations, one at a time, N times each after a\n" +
 			"warm-up, across replicas A, B and C (--urls, in that order; fewer are reused):\n" +

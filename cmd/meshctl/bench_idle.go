@@ -86,6 +86,7 @@ type failoverReport struct {
 // (mesh, member, sessionId) stay, so the new hello takes over its presence.
 type idleSession struct {
 	opts client.Options // URL set per dial
+	n    int            // its index in the run: where it starts among the other URLs after a drop
 
 	mu  sync.Mutex
 	url int // index in the URLs of its current connection
@@ -146,7 +147,7 @@ func (a *app) benchIdle(ctx context.Context, o benchOpts) error {
 		// on every replica, as a mesh of peers spread over a cluster does.
 		mesh := meshes[i%len(meshes)]
 		m := &mesh.members[(i/len(meshes))%members]
-		r.sessions[i] = &idleSession{url: i % len(o.urls), opts: client.Options{MeshID: mesh.id, MemberID: m.id,
+		r.sessions[i] = &idleSession{n: i, url: i % len(o.urls), opts: client.Options{MeshID: mesh.id, MemberID: m.id,
 			MemberKey: m.key, DisplayName: m.name, SessionID: fmt.Sprintf("idle-%x-%d", run, i), PID: i + 1,
 			CWD: "/bench/idle", PushBuffer: 4, EventBuffer: 4, Logger: a.log}}
 	}
@@ -252,18 +253,19 @@ func (r *idleRun) keep(ctx context.Context, s *idleSession) {
 	}
 }
 
-// reconnect dials the URLs after from, never from itself, until one answers with a
-// hello_ack, the session's failover deadline passes or the run ends.
+// reconnect dials the other URLs in turn, never from itself, until one answers with a
+// hello_ack, the session's failover deadline passes or the run ends. The dropped sessions
+// start at different URLs, spread over the others as a round-robin load balancer would
+// spread their reconnects, rather than all trying the next URL first.
 func (r *idleRun) reconnect(ctx context.Context, s *idleSession, from int, droppedAt time.Time) bool {
 	urls := r.o.urls
 	ctx, cancel := context.WithDeadline(ctx, droppedAt.Add(r.o.failoverTimeout))
 	defer cancel()
 	bo := reconnectBackoff
-	to := from
+	hop := s.n / len(urls) // consecutive sessions of one URL start at different others
 	for {
-		if to = (to + 1) % len(urls); to == from {
-			continue
-		}
+		to := (from + 1 + hop%(len(urls)-1)) % len(urls)
+		hop++
 		opts := s.opts
 		opts.URL = urls[to]
 		t0 := time.Now()
