@@ -3,6 +3,7 @@ package broker
 import (
 	"context"
 	"errors"
+	"net/http"
 	"strings"
 	"testing"
 	"time"
@@ -12,6 +13,7 @@ import (
 
 	"github.com/claudemesh/broker/broker/audit"
 	"github.com/claudemesh/broker/client"
+	"github.com/claudemesh/broker/db/dbtest"
 	"github.com/claudemesh/broker/protocol"
 )
 
@@ -93,6 +95,36 @@ func TestHandshakeCapacityIsClusterWide(t *testing.T) {
 	he := helloErr(t, func() error { _, err := m.tryDial(1, m.member("c")); return err }())
 	require.Equal(t, protocol.CodeCapacity, he.Code)
 	require.Equal(t, protocol.CloseHelloRefused, he.CloseCode)
+}
+
+// A hook that fired before its session's hello waits for that hello (the first-turn race). A
+// hello refused because the mesh is full must not use it up: the session's next hello, once
+// there is room, starts with the hook's status.
+func TestHookWaitingForItsSessionOutlivesACapacityRefusal(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t, 1, nil)
+	m := c.mesh(1)
+	alice, bob := m.member("alice"), m.member("bob")
+	a := m.dial(0, alice)
+	code, res := postHook(t, c.nodes[0], bob, protocol.HookRequest{CWD: "/repo/bob", Status: "working", SessionID: "s-bob"})
+	require.Equal(t, http.StatusOK, code)
+	require.True(t, res.Pending, "no session yet: the status waits for its hello")
+
+	asBob := func(o *client.Options) { o.SessionID = "s-bob"; o.CWD = "/repo/bob" }
+	he := helloErr(t, func() error { _, err := m.tryDial(0, bob, asBob); return err }())
+	require.Equal(t, protocol.CodeCapacity, he.Code)
+
+	require.NoError(t, a.Close())
+	var b *client.Client
+	dbtest.WaitFor(t, 10*time.Second, "bob let in once alice left", func() bool {
+		var err error
+		b, err = m.tryDial(0, bob, asBob)
+		return err == nil
+	})
+	peers, err := b.ListPeers(ctxT(t))
+	require.NoError(t, err)
+	require.Len(t, peers, 1)
+	require.Equal(t, protocol.StatusWorking, peers[0].Status, "the hook's status, kept through the refusal")
 }
 
 func rawDial(t *testing.T, url string) *websocket.Conn {
