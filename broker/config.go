@@ -25,13 +25,9 @@ const (
 	DefaultHeartbeatInterval    = 2 * time.Second
 	DefaultDrainTimeout         = 25 * time.Second
 	// Limits on what clients can make a replica hold (docs/operations.md, "Security model").
-	DefaultHelloTimeout     = 10 * time.Second
-	DefaultStallTimeout     = 5 * time.Second
-	DefaultHelloConcurrency = 4 // statements of up to 16 hellos each; the pool's other connections serve the rest
-	// DefaultHelloQueue: a queued hello is a socket without a hello, which MaxUnauthenticated
-	// already bounds; a smaller queue refused hellos the replica would have registered within
-	// its 3 s wait, and each refusal costs the peer a new dial and the replica its handshake again.
-	DefaultHelloQueue           = DefaultMaxUnauthenticated
+	DefaultHelloTimeout         = 10 * time.Second
+	DefaultStallTimeout         = 5 * time.Second
+	DefaultHelloConcurrency     = 4 // statements of up to 16 hellos each; the pool's other connections serve the rest
 	DefaultCommitters           = 1
 	DefaultMaxUnauthenticated   = 2048
 	DefaultMaxUnauthPerSource   = 256
@@ -123,7 +119,7 @@ type Config struct {
 
 	// HelloConcurrency bounds the hello statements in the database at once (default 4, each
 	// registering up to 16 hellos that waited together); HelloQueue bounds the hellos waiting for
-	// one (default 2048, as many as the sockets without a hello). Beyond, or after 3 s in the queue, a hello is refused at once with
+	// one (default MaxUnauthenticated: a queued hello is such a socket). Beyond, or after 3 s in the queue, a hello is refused at once with
 	// "overloaded" (close 1013), which clients retry.
 	HelloConcurrency int
 	HelloQueue       int
@@ -279,7 +275,10 @@ func (c Config) WithDefaults() Config {
 	setInt(&c.HookRatePerCallerMin, DefaultHookRatePerCallerMin)
 	setInt(&c.HelloConcurrency, DefaultHelloConcurrency)
 	setInt(&c.Committers, DefaultCommitters)
-	setInt(&c.HelloQueue, DefaultHelloQueue)
+	// A queued hello is a socket without a hello, which MaxUnauthenticated already bounds: a
+	// smaller queue refused hellos the replica would have registered within its 3 s wait, and
+	// each refusal costs the peer a new dial and the replica its handshake again.
+	setInt(&c.HelloQueue, c.MaxUnauthenticated)
 	if c.MaxConnsPerMesh == 0 {
 		c.MaxConnsPerMesh = DefaultMaxConnectionsPerMsh
 	}
