@@ -62,7 +62,8 @@ SELECT id, mesh_id, target_spec FROM claudemesh.envelope WHERE id = @id AND mesh
 SELECT d.state, d.acked_at, d.pushed_at, m.display_name, m.pubkey AS member_pubkey,
     d.recipient_session_pubkey,
     EXISTS (SELECT 1 FROM claudemesh.presence p
-            WHERE p.member_id = d.recipient_member_id AND p.ended_at IS NULL AND p.grace_until IS NULL
+            WHERE p.mesh_id = d.mesh_id AND p.member_id = d.recipient_member_id
+              AND p.ended_at IS NULL AND p.grace_until IS NULL
               AND (d.recipient_session_id IS NULL OR p.session_id = d.recipient_session_id)
               AND (d.recipient_session_pubkey IS NULL OR p.session_pubkey = d.recipient_session_pubkey)) AS online
 FROM claudemesh.delivery d JOIN claudemesh.member m ON m.id = d.recipient_member_id
