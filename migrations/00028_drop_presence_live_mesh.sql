@@ -13,9 +13,9 @@
 -- by mesh_id and then names a member or a session (member key, session key, or member_id in
 -- presence_live_session, which holds the same live rows), so a lookup of one member's
 -- sessions probes that member whatever the statistics. Statements that read a whole mesh
--- (list_peers, the hello's capacity count, a broadcast) walk presence_live_session instead,
--- the same rows; list_peers sorts its few hundred rows by connected_at itself. A hello has
--- one index fewer to write.
+-- (list_peers, the hello's capacity count, a kick) walk presence_live_session instead, the
+-- same rows; list_peers sorts its few hundred rows by connected_at itself. A hello has one
+-- index fewer to write.
 --
 -- Dropped concurrently: presence is written at hello rate. A replica running the previous
 -- release plans its statements on the indexes left, which answer them the same way.
@@ -24,7 +24,11 @@ DROP INDEX CONCURRENTLY IF EXISTS claudemesh.presence_live_mesh;
 -- +goose StatementEnd
 
 -- +goose Down
+-- A build that stopped part way leaves an invalid index under the name: dropped first.
 -- +goose StatementBegin
-CREATE INDEX CONCURRENTLY IF NOT EXISTS presence_live_mesh ON claudemesh.presence (mesh_id, connected_at)
+DROP INDEX CONCURRENTLY IF EXISTS claudemesh.presence_live_mesh;
+-- +goose StatementEnd
+-- +goose StatementBegin
+CREATE INDEX CONCURRENTLY presence_live_mesh ON claudemesh.presence (mesh_id, connected_at)
     WHERE ended_at IS NULL;
 -- +goose StatementEnd
