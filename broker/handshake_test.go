@@ -99,7 +99,8 @@ func TestHandshakeCapacityIsClusterWide(t *testing.T) {
 
 // A hook that fired before its session's hello waits for that hello (the first-turn race). A
 // hello refused because the mesh is full must not use it up: the session's next hello, once
-// there is room, starts with the hook's status.
+// there is room, starts with the hook's status (since migration 00029 a hello takes it only
+// after its capacity check).
 func TestHookWaitingForItsSessionOutlivesACapacityRefusal(t *testing.T) {
 	t.Parallel()
 	c := newCluster(t, 1, nil)
@@ -125,6 +126,29 @@ func TestHookWaitingForItsSessionOutlivesACapacityRefusal(t *testing.T) {
 	require.NoError(t, err)
 	require.Len(t, peers, 1)
 	require.Equal(t, protocol.StatusWorking, peers[0].Status, "the hook's status, kept through the refusal")
+}
+
+// A full mesh tells nobody but its members that it is full: capacity is the last check of a
+// hello, so an outsider with a valid key of its own is told unauthorized, and a revoked member
+// revoked (close 4002, which clients stop retrying), as they would be with room to spare.
+func TestFullMeshTellsOnlyItsMembersItIsFull(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t, 1, nil)
+	m := c.mesh(1)
+	m.dial(0, m.member("a"))
+	outsider := c.mesh(0).member("eve") // a member of another mesh, signing with its own key
+	he := helloErr(t, func() error { _, err := m.tryDial(0, outsider); return err }())
+	require.Equal(t, protocol.CodeUnauthorized, he.Code)
+
+	gone := m.member("gone")
+	_, err := c.pool.Exec(context.Background(), `UPDATE claudemesh.member SET revoked_at = now() WHERE id = $1`, gone.id)
+	require.NoError(t, err)
+	he = helloErr(t, func() error { _, err := m.tryDial(0, gone); return err }())
+	require.Equal(t, protocol.CodeRevoked, he.Code)
+	require.Equal(t, protocol.CloseRevoked, he.CloseCode)
+
+	he = helloErr(t, func() error { _, err := m.tryDial(0, m.member("b")); return err }())
+	require.Equal(t, protocol.CodeCapacity, he.Code, "a member is told the mesh is full")
 }
 
 func rawDial(t *testing.T, url string) *websocket.Conn {

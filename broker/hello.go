@@ -197,10 +197,10 @@ func (p *peers) helloReq(hp store.HelloParams, groups []protocol.Group, signatur
 // margin for clock differences between replicas.
 func signatureExpiry(ts time.Time) time.Time { return ts.Add(helloMaxSkew + 5*time.Second) }
 
-// register registers a verified hello's presence in one statement: in protocol order,
-// capacity, unauthorized, revoked (and for a session_hello, a parentMemberId that is not the
-// key's member), then (ext) a replayed signature and a session key that is another member's;
-// then the presence (taken over by session key or sessionId, or new), its notifications and
+// register registers a verified hello's presence in one statement: unauthorized, revoked
+// (and for a session_hello, a parentMemberId that is not the key's member), (ext) a replayed
+// signature and a session key that is another member's, then capacity (docs/protocol.md says
+// why this order); then the presence (taken over by session key or sessionId, or new), its notifications and
 // its audit entry.
 func (p *peers) register(ctx context.Context, ms *melody.Session, r *helloReq) (*session, bool, error) {
 	hp := r.params

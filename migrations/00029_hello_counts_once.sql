@@ -5,12 +5,18 @@
 -- the 92 pages a hello read at 40 sessions a mesh, pg_stat_statements over a 10,000-session
 -- connect), and the first one decided nothing the second did not decide again.
 --
--- A hook's status that waited for this hello (pending_status, the first-turn race) is now
--- taken after the capacity check, so a hello refused at capacity leaves it for the next
--- one instead of deleting it. A hello to a full mesh now refuses after the membership and
--- replay checks: an outsider is told unauthorized, not that the mesh is full, and the refused
--- hello's signature is spent (a client signs each hello anew). Nothing else changes (the body
--- is 00024's).
+-- What a hello to a full mesh sees changes; a hello to a mesh with room sees nothing new.
+--  - Capacity is the last check, after the membership, replay and session-key checks: an
+--    outsider with any valid key is told unauthorized, not whether the mesh is full; a revoked
+--    member is told revoked (close 4002), a replayed hello hello_replayed, another member's
+--    key session_key_taken. docs/protocol.md lists the order.
+--  - A hello refused at capacity has spent its signature (a client signs each hello anew) and
+--    bound its session key to its own member, as its next hello would; it waits for the
+--    mesh's lock like an accepted one.
+--  - A hook's status waiting for this session (pending_status, the first-turn race) is taken
+--    only by a hello that passed every check. Before, a hello that passed the first count and
+--    was refused under the lock (capacity raced, or revoked) deleted it.
+-- Nothing else changes (the body is 00024's).
 -- +goose StatementBegin
 CREATE OR REPLACE FUNCTION claudemesh.hello(p_node text, p_ns text, p_mesh text, p_member_id text, p_pubkey text,
     p_session_id text, p_session_pubkey text, p_display_name text, p_pid int, p_cwd text, p_groups jsonb,
@@ -182,4 +188,5 @@ $$;
 -- +goose StatementEnd
 
 -- +goose Down
--- The body above stays: the same results for every hello that is not refused at capacity.
+-- The body above stays (00024's Down keeps its own too): the results differ only for hellos
+-- to a full mesh, in the order of their refusals.
