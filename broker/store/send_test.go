@@ -362,3 +362,74 @@ func envelopeIDs(batch []store.OutgoingEnvelope) []string {
 	}
 	return ids
 }
+
+// A broadcast or group send reads its own mesh's sessions, not the cluster's. Migration 00030:
+// the set-based statement joined multicast envelopes to presence with a hash join (its nested
+// loops are off), reading every live session of the cluster: 5,128 pages of presence for a
+// broadcast to a mesh of 10 while other meshes had 5,000 sessions.
+func TestMulticastReadsOnlyItsMesh(t *testing.T) {
+	ctx := dbtest.Context(t)
+	pool := dbtest.Pool(t)
+	st := store.New(pool, "t")
+	key := func(i int) string { return fmt.Sprintf("%064x", i) }
+	// The large meshes sort before and after the small one: a merge join on mesh reads one of
+	// them whole, a hash join both.
+	small, before, after := "m-small", "a-large", "z-large"
+	for _, c := range []struct {
+		mesh     string
+		from, to int
+	}{{small, 1, 10}, {before, 11, 2510}, {after, 2511, 5010}} {
+		_, err := pool.Exec(ctx, `INSERT INTO claudemesh.mesh (id, slug, name, owner_pubkey) VALUES ($1, $1, $1, $2)`, c.mesh, key(0))
+		require.NoError(t, err)
+		_, err = pool.Exec(ctx, `INSERT INTO claudemesh.member (mesh_id, pubkey) SELECT $1, lpad(to_hex(i), 64, '0') FROM generate_series($2::int, $3::int) AS i`, c.mesh, c.from, c.to)
+		require.NoError(t, err)
+		// Every third session of every mesh is in the group "ops".
+		_, err = pool.Exec(ctx, `INSERT INTO claudemesh.presence (mesh_id, member_id, member_pubkey, node_id, session_id, groups)
+			SELECT mesh_id, id, pubkey, 'other', 's-' || pubkey,
+			       CASE WHEN ('x' || right(pubkey, 8))::bit(32)::int % 3 = 0 THEN '[{"name":"ops"}]'::jsonb ELSE '[]'::jsonb END
+			FROM claudemesh.member WHERE mesh_id = $1`, c.mesh)
+		require.NoError(t, err)
+	}
+	_, err := pool.Exec(ctx, `ANALYZE claudemesh.presence`)
+	require.NoError(t, err)
+	var sender string
+	require.NoError(t, pool.QueryRow(ctx, `SELECT id FROM claudemesh.member WHERE pubkey = $1`, key(1)).Scan(&sender))
+
+	frame := []byte(`{"type":"push"}`)
+	all := directEnvelope(small, sender, key(1), "*", "now", frame)
+	all.Kind, all.Key, all.TargetSpec = store.SendAll, "", "*"
+	group := directEnvelope(small, sender, key(1), "@ops", "now", frame)
+	group.Kind, group.Key, group.TargetSpec = store.SendGroup, "ops", "@ops"
+	// Twice on one connection: the second runs the plan the first left.
+	conn, err := pool.Acquire(ctx)
+	require.NoError(t, err)
+	defer conn.Release()
+	for round := range 2 {
+		tx, err := conn.Begin(ctx)
+		require.NoError(t, err)
+		func() {
+			defer func() { _ = tx.Rollback(ctx) }()
+			pages := func() (n int64) {
+				require.NoError(t, tx.QueryRow(ctx, `SELECT sum(pg_stat_get_xact_blocks_fetched(c.oid))::bigint
+					FROM pg_class c WHERE c.oid = 'claudemesh.presence'::regclass
+					   OR c.oid IN (SELECT indexrelid FROM pg_index WHERE indrelid = 'claudemesh.presence'::regclass)`).Scan(&n))
+				return n
+			}
+			before := pages()
+			rows, err := db.New(tx).SendBatch(ctx, store.SendBatchParams(st, "here", []store.OutgoingEnvelope{all, group}))
+			require.NoError(t, err)
+			read := pages() - before
+			recipients := map[int32]int32{}
+			for _, r := range rows {
+				if r.RowKind == "e" {
+					recipients[r.Idx] = r.Recipients
+				}
+			}
+			// Sessions 2-10 of the small mesh; of those, 3, 6 and 9 are in "ops".
+			require.Equal(t, map[int32]int32{1: 9, 2: 3}, recipients)
+			t.Logf("round %d: %d pages of presence", round, read)
+			require.Less(t, read, int64(100), "pages of presence and its indexes read")
+		}()
+		all.ID, group.ID = uuid.NewString(), uuid.NewString()
+	}
+}
