@@ -323,16 +323,10 @@ func TestDirectSendReadsOnlyItsRecipientsSessions(t *testing.T) {
 					next++
 					batch[i] = directEnvelope(mesh, sender, memberKey(1), target, "now", []byte(`{"type":"push"}`))
 				}
-				pages := func() (n int64) { // pages of presence and its indexes this transaction has read
-					require.NoError(t, tx.QueryRow(ctx, `SELECT sum(pg_stat_get_xact_blocks_fetched(c.oid))::bigint
-							FROM pg_class c WHERE c.oid = 'claudemesh.presence'::regclass
-							   OR c.oid IN (SELECT indexrelid FROM pg_index WHERE indrelid = 'claudemesh.presence'::regclass)`).Scan(&n))
-					return n
-				}
-				before := pages()
+				before := presencePagesRead(ctx, t, tx)
 				rows, err := db.New(tx).SendBatch(ctx, store.SendBatchParams(st, "here", batch))
 				require.NoError(t, err)
-				read := pages() - before
+				read := presencePagesRead(ctx, t, tx) - before
 				stored := 0
 				for _, r := range rows {
 					if r.RowKind == "e" {
@@ -409,16 +403,10 @@ func TestMulticastReadsOnlyItsMesh(t *testing.T) {
 		require.NoError(t, err)
 		func() {
 			defer func() { _ = tx.Rollback(ctx) }()
-			pages := func() (n int64) {
-				require.NoError(t, tx.QueryRow(ctx, `SELECT sum(pg_stat_get_xact_blocks_fetched(c.oid))::bigint
-					FROM pg_class c WHERE c.oid = 'claudemesh.presence'::regclass
-					   OR c.oid IN (SELECT indexrelid FROM pg_index WHERE indrelid = 'claudemesh.presence'::regclass)`).Scan(&n))
-				return n
-			}
-			before := pages()
+			before := presencePagesRead(ctx, t, tx)
 			rows, err := db.New(tx).SendBatch(ctx, store.SendBatchParams(st, "here", []store.OutgoingEnvelope{all, group}))
 			require.NoError(t, err)
-			read := pages() - before
+			read := presencePagesRead(ctx, t, tx) - before
 			recipients := map[int32]int32{}
 			for _, r := range rows {
 				if r.RowKind == "e" {
@@ -432,4 +420,14 @@ func TestMulticastReadsOnlyItsMesh(t *testing.T) {
 		}()
 		all.ID, group.ID = uuid.NewString(), uuid.NewString()
 	}
+}
+
+// presencePagesRead is how many pages of presence and its indexes tx has read so far.
+func presencePagesRead(ctx context.Context, t *testing.T, tx pgx.Tx) int64 {
+	t.Helper()
+	var n int64
+	require.NoError(t, tx.QueryRow(ctx, `SELECT sum(pg_stat_get_xact_blocks_fetched(c.oid))::bigint
+		FROM pg_class c WHERE c.oid = 'claudemesh.presence'::regclass
+		   OR c.oid IN (SELECT indexrelid FROM pg_index WHERE indrelid = 'claudemesh.presence'::regclass)`).Scan(&n))
+	return n
 }

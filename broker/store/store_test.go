@@ -370,22 +370,16 @@ func TestHookFindsItsSessionWithoutReadingOthers(t *testing.T) {
 			if !c.signed {
 				member = ""
 			}
-			pages := func() (n int64) { // pages of presence and its indexes this transaction has read
-				require.NoError(t, tx.QueryRow(ctx, `SELECT sum(pg_stat_get_xact_blocks_fetched(c.oid))::bigint
-					FROM pg_class c WHERE c.oid = 'claudemesh.presence'::regclass
-					   OR c.oid IN (SELECT indexrelid FROM pg_index WHERE indrelid = 'claudemesh.presence'::regclass)`).Scan(&n))
-				return n
-			}
 			var want string
 			require.NoError(t, tx.QueryRow(ctx, `SELECT id FROM claudemesh.presence WHERE session_id = $1`, fmt.Sprint("s", target)).Scan(&want))
-			before := pages()
+			before := presencePagesRead(ctx, t, tx)
 			rows, err := db.New(tx).HookStatus(ctx, db.HookStatusParams{MemberPubkey: member,
 				SessionID: fmt.Sprint("s", target), Cwd: "/elsewhere", Status: "working", FreshSeconds: 60, Ns: "t",
 				ReleaseLimit: 10, Signature: fmt.Sprint("sig", target), SigExpires: time.Now().Add(time.Minute)})
 			require.NoError(t, err)
 			require.Len(t, rows, 1)
 			require.Equal(t, want, rows[0].PresenceID, "the hook's own session")
-			read := pages() - before
+			read := presencePagesRead(ctx, t, tx) - before
 			t.Logf("hook %d (signed %v, %s): %d pages", i, c.signed, c.mode, read)
 			// A probe and the status update: a few pages per index. Reading the 8,000 live
 			// sessions' entries of an index is over a hundred.
