@@ -391,11 +391,15 @@ func TestHookFindsItsSessionWithoutReadingOthers(t *testing.T) {
 // Deliveries held by presences that went away (a takeover, a session's end) are pending again,
 // and each replica holding a live session of their members is woken to claim them; replicas
 // holding only that member's sessions in grace, or none, are not (migration 00027 keeps this
-// behaviour while planning it once per connection).
+// behaviour while planning it once per connection). A takeover calls release_held; the end of
+// closed sockets (end_sessions, putting the presence in its grace or ending it) calls it too
+// since 00031, where it had a copy of its own.
 func TestReleasedDeliveriesWakeTheirMembersReplicas(t *testing.T) {
 	ctx := dbtest.Context(t)
 	url := dbtest.URL(t)
 	pool := dbtest.PoolFor(t, url)
+	_, err := pool.Exec(ctx, `INSERT INTO claudemesh.mesh (id, slug, name, owner_pubkey) VALUES ('m', 'm', 'm', repeat('0', 64))`)
+	require.NoError(t, err) // an ended presence's audit entry names it
 	var ids []string
 	rows, err := pool.Query(ctx, `INSERT INTO claudemesh.presence (mesh_id, member_id, member_pubkey, node_id, session_id, grace_until)
 		VALUES ('m', 'gone', repeat('a', 64), 'dead', 'old', NULL),         -- the released one
@@ -418,27 +422,32 @@ func TestReleasedDeliveriesWakeTheirMembersReplicas(t *testing.T) {
 		_, err = listener.Exec(ctx, `LISTEN t_n_`+n)
 		require.NoError(t, err)
 	}
-	// Twice: the second call runs the plan PL/pgSQL kept from the first.
-	for round := range 2 {
-		if round == 1 {
+	release := map[string]string{
+		"takeover": `SELECT claudemesh.release_held('t', ARRAY[$1::text])`,
+		"grace":    `SELECT claudemesh.end_sessions('dead', 't', ARRAY[$1::text], ARRAY[1::bigint], now() + interval '1 minute', '{}', '{}')`,
+		"end":      `SELECT claudemesh.end_sessions('dead', 't', '{}', '{}', NULL, ARRAY[$1::text], ARRAY[1::bigint])`,
+	}
+	conn, err := pool.Acquire(ctx)
+	require.NoError(t, err)
+	defer conn.Release()
+	// Each twice on one connection: the second call runs the plan PL/pgSQL kept from the first.
+	for i, how := range []string{"takeover", "takeover", "grace", "grace", "end", "end"} {
+		if i > 0 {
 			_, err = pool.Exec(ctx, `UPDATE claudemesh.delivery SET state = 'pushed', pushed_presence = $1 WHERE envelope_id IN ('e1', 'e2')`, ids[0])
 			require.NoError(t, err)
 		}
-		conn, err := pool.Acquire(ctx)
-		require.NoError(t, err)
-		_, err = conn.Exec(ctx, `SELECT claudemesh.release_held('t', ARRAY[$1::text])`, ids[0])
-		conn.Release()
-		require.NoError(t, err)
+		_, err = conn.Exec(ctx, release[how], ids[0])
+		require.NoError(t, err, how)
 		rows, err = pool.Query(ctx, `SELECT envelope_id || ':' || state || ':' || coalesce(pushed_presence, '-') FROM claudemesh.delivery ORDER BY envelope_id`)
 		require.NoError(t, err)
 		states, err := pgx.CollectRows(rows, pgx.RowTo[string])
 		require.NoError(t, err)
-		require.Equal(t, []string{"e1:pending:-", "e2:pending:-", "e3:pushed:" + ids[3]}, states)
+		require.Equal(t, []string{"e1:pending:-", "e2:pending:-", "e3:pushed:" + ids[3]}, states, how)
 		wait, cancel := context.WithTimeout(ctx, 5*time.Second)
 		n, err := listener.WaitForNotification(wait)
 		cancel()
 		require.NoError(t, err)
-		require.Equal(t, "t_n_n1", n.Channel, "only the replica of the member's live session")
+		require.Equal(t, "t_n_n1", n.Channel, "%s: only the replica of the member's live session", how)
 		require.JSONEq(t, `{"k":"d","m":"gone"}`, n.Payload)
 		wait, cancel = context.WithTimeout(ctx, 200*time.Millisecond)
 		_, err = listener.WaitForNotification(wait) // nothing else: not the grace session's replica, not the bystander's
