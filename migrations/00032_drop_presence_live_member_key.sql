@@ -4,8 +4,9 @@
 -- send to a member key resolves the member first and looks its sessions up by mesh, member key
 -- and member_id (00016, 00030), which presence_live_session (mesh_id, member_id, session_id)
 -- answers with a probe of the same sessions: a member's key and its id name the same member. A
--- hook finds its session by sessionId (presence_live_session_id), pid or cwd; a hello's count
--- and a kick read their mesh. Every hello wrote an entry into it (one of seven), and since
+-- hook finds its session by sessionId (presence_live_session_id), or by pid and cwd, or cwd
+-- (presence_live_cwd); a hello's count and a kick read their mesh. Every hello wrote an entry
+-- into it (one of six, or seven with a session key), and since
 -- 00028 it was the only other index a send's member lookup could be planned on, a tie the
 -- planner breaks either way while presence has no statistics.
 --
