@@ -56,8 +56,14 @@ func (l *dirLock) tryLock() (bool, error) {
 
 func (l *dirLock) unlock() { _ = syscall.Flock(int(l.f.Fd()), syscall.LOCK_UN) }
 
-// close releases the lock, if held, with the descriptor.
-func (l *dirLock) close() { _ = l.f.Close() }
+// close releases the lock, if held, with the descriptor. The explicit unlock matters: a child
+// that another goroutine is forking at this moment holds a copy of the descriptor until it
+// execs (O_CLOEXEC only closes it then), and a lock is only released by closing once every
+// copy is closed. The next Start on this directory, at once, found it still held.
+func (l *dirLock) close() {
+	l.unlock()
+	_ = l.f.Close()
+}
 
 // writeOwnerFile records our pid for the messages of processes that find the directory in use.
 func (c *Cluster) writeOwnerFile() error {
