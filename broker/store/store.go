@@ -9,6 +9,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"strings"
 
 	"github.com/jackc/pgx/v5"
@@ -76,6 +77,7 @@ type Store struct {
 	pool *pgxpool.Pool
 	q    *db.Queries
 	ns   string // the bus namespace: the single-statement operations notify from inside
+	log  *slog.Logger
 }
 
 // New returns a store on pool; namespace is the bus's ("" for pgbus.DefaultNamespace).
@@ -83,8 +85,12 @@ func New(pool *pgxpool.Pool, namespace string) *Store {
 	if namespace == "" {
 		namespace = pgbus.DefaultNamespace
 	}
-	return &Store{pool: pool, q: db.New(pool), ns: namespace}
+	return &Store{pool: pool, q: db.New(pool), ns: namespace, log: slog.Default()}
 }
+
+// SetLogger sets where the store reports what it cannot return (notifications that failed
+// after their commit).
+func (s *Store) SetLogger(l *slog.Logger) { s.log = l }
 
 // Ping checks that Postgres answers.
 func (s *Store) Ping(ctx context.Context) error { return s.pool.Ping(ctx) }

@@ -1,0 +1,193 @@
+package store
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"time"
+
+	"github.com/claudemesh/broker/db"
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgxpool"
+)
+
+// notifyAfterCommit runs one generated statement as a transaction of its own whose
+// notifications leave from a second one, right after its COMMIT and in the same flight
+// (migration 00033): BEGIN, SET LOCAL claudemesh.defer_notify, the statement, COMMIT,
+// flush_notes(), one pipeline with one Sync. Postgres holds the lock that orders notifying
+// transactions from before a commit record is written until it is flushed; here the
+// statement's commit does not notify, and the one that does is not flushed first, so neither
+// waits for another's fsync under that lock.
+//
+// It is a db.DBTX for one call on a connection taken from the pool: the generated code reads
+// the statement's rows, and the COMMIT's outcome is their Err (a statement that fails is
+// rolled back with it; its notifications, kept in a session setting, roll back too).
+// Notifications that cannot be sent once committed are logged and left to the catch-up, as
+// after a listener's reconnect.
+type notifyAfterCommit struct {
+	conn *pgxpool.Conn
+	log  *slog.Logger
+}
+
+const (
+	// rollbackTimeout bounds the ROLLBACK after a failed statement; the pool closes a
+	// connection left in a transaction.
+	rollbackTimeout = 5 * time.Second
+	sqlDeferNotify  = "SET LOCAL claudemesh.defer_notify = on"
+	sqlFlushNotes   = "SELECT claudemesh.flush_notes()"
+)
+
+func (a notifyAfterCommit) start(ctx context.Context, sql string, args []any) (pgx.BatchResults, error) {
+	b := &pgx.Batch{}
+	b.Queue("BEGIN")
+	b.Queue(sqlDeferNotify)
+	b.Queue(sql, args...)
+	b.Queue("COMMIT")
+	b.Queue(sqlFlushNotes)
+	br := a.conn.SendBatch(ctx, b)
+	for range 2 {
+		if _, err := br.Exec(); err != nil {
+			a.abort(br)
+			return nil, err
+		}
+	}
+	return br, nil
+}
+
+// finish reads the COMMIT and the flush. Only the COMMIT decides the outcome.
+func (a notifyAfterCommit) finish(br pgx.BatchResults) error {
+	if _, err := br.Exec(); err != nil {
+		a.abort(br)
+		return fmt.Errorf("commit: %w", err)
+	}
+	if _, err := br.Exec(); err != nil {
+		a.log.Warn("committed, but its notifications were not sent; their replicas catch up", "err", err)
+	}
+	if err := br.Close(); err != nil {
+		a.log.Warn("committed; closing the pipeline failed", "err", err)
+	}
+	return nil
+}
+
+// abort ends a pipeline whose statement failed: Postgres skipped the rest up to the Sync and
+// left the explicit transaction open and failed, so it is rolled back here, or the connection
+// would go back to the pool inside it (the pool then closes it).
+func (a notifyAfterCommit) abort(br pgx.BatchResults) {
+	_ = br.Close()
+	c := a.conn.Conn()
+	if c.IsClosed() || c.PgConn().TxStatus() == 'I' {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), rollbackTimeout)
+	defer cancel()
+	_, _ = c.Exec(ctx, "ROLLBACK")
+}
+
+func (a notifyAfterCommit) Exec(ctx context.Context, sql string, args ...any) (pgconn.CommandTag, error) {
+	br, err := a.start(ctx, sql, args)
+	if err != nil {
+		return pgconn.CommandTag{}, err
+	}
+	tag, err := br.Exec()
+	if err != nil {
+		a.abort(br)
+		return tag, err
+	}
+	return tag, a.finish(br)
+}
+
+func (a notifyAfterCommit) Query(ctx context.Context, sql string, args ...any) (pgx.Rows, error) {
+	br, err := a.start(ctx, sql, args)
+	if err != nil {
+		return nil, err
+	}
+	rows, err := br.Query()
+	if err != nil {
+		a.abort(br)
+		return nil, err
+	}
+	return &committingRows{Rows: rows, a: a, br: br}, nil
+}
+
+func (a notifyAfterCommit) QueryRow(ctx context.Context, sql string, args ...any) pgx.Row {
+	rows, err := a.Query(ctx, sql, args...)
+	return committingRow{rows: rows, err: err}
+}
+
+// committingRows are the statement's rows; once read (or closed), the transaction's COMMIT
+// is read too, and its failure is the rows' Err.
+type committingRows struct {
+	pgx.Rows
+	a    notifyAfterCommit
+	br   pgx.BatchResults
+	done bool
+	err  error
+}
+
+func (r *committingRows) Next() bool {
+	if r.done {
+		return false
+	}
+	if r.Rows.Next() {
+		return true
+	}
+	r.Close()
+	return false
+}
+
+func (r *committingRows) Close() {
+	if r.done {
+		return
+	}
+	r.done = true
+	r.Rows.Close()
+	if err := r.Rows.Err(); err != nil {
+		r.err = err
+		r.a.abort(r.br)
+		return
+	}
+	r.err = r.a.finish(r.br)
+}
+
+func (r *committingRows) Err() error {
+	if r.err != nil {
+		return r.err
+	}
+	return r.Rows.Err()
+}
+
+type committingRow struct {
+	rows pgx.Rows
+	err  error
+}
+
+func (r committingRow) Scan(dest ...any) error {
+	if r.err != nil {
+		return r.err
+	}
+	defer r.rows.Close()
+	if !r.rows.Next() {
+		if err := r.rows.Err(); err != nil {
+			return err
+		}
+		return pgx.ErrNoRows
+	}
+	if err := r.rows.Scan(dest...); err != nil {
+		return err
+	}
+	r.rows.Close()
+	return r.rows.Err()
+}
+
+// notifying runs f with queries whose statement commits alone and notifies after its commit
+// (notifyAfterCommit). The connection is taken first: failing to get one is known to have
+// sent nothing.
+func (s *Store) notifying(ctx context.Context, f func(q *db.Queries) error) error {
+	conn, err := s.pool.Acquire(ctx)
+	if err != nil {
+		return notSent{err}
+	}
+	defer conn.Release()
+	return f(db.New(notifyAfterCommit{conn: conn, log: s.log}))
+}
