@@ -14,17 +14,24 @@ import (
 
 // notifyAfterCommit runs one generated statement as a transaction of its own whose
 // notifications leave from a second one, right after its COMMIT and in the same flight
-// (migration 00033): BEGIN, SET LOCAL claudemesh.defer_notify, the statement, COMMIT,
-// flush_notes(), one pipeline with one Sync. Postgres holds the lock that orders notifying
-// transactions from before a commit record is written until it is flushed; here the
-// statement's commit does not notify, and the one that does is not flushed first, so neither
-// waits for another's fsync under that lock.
+// (migration 00033): BEGIN, the deferral set, the statement, COMMIT, flush_notes(): one
+// pipeline, one Sync. Postgres holds the lock that orders notifying transactions from before a
+// commit record is written until it is flushed; here the statement's commit does not notify,
+// and the one that does is not flushed first, so neither waits for another's fsync under it.
+//
+// Only the send batch runs this way. Its notifications may now queue after those of a
+// transaction that committed after it, but nothing can read a send's deliveries and notify
+// about them before its own flush (its sender's next send waits for this call to return), and
+// a notification is only ever a hint over committed rows. Status changes, hellos and the end
+// of sessions keep notifying inside their commit: a status change's release must reach the
+// holder before any send that saw the new status.
 //
 // It is a db.DBTX for one call on a connection taken from the pool: the generated code reads
-// the statement's rows, and the COMMIT's outcome is their Err (a statement that fails is
-// rolled back with it; its notifications, kept in a session setting, roll back too).
-// Notifications that cannot be sent once committed are logged and left to the catch-up, as
-// after a listener's reconnect.
+// the statement's rows, and the COMMIT's outcome is their Err. A statement Postgres refuses
+// is rolled back, and the notifications it kept (a session setting) with it. An error on this
+// side after the pipeline was sent (a row that does not scan) leaves the outcome to the
+// COMMIT already on its way: OutcomeUnknown. Notifications that cannot be sent once committed
+// are logged and left to the catch-up, as after a listener's reconnect.
 type notifyAfterCommit struct {
 	conn *pgxpool.Conn
 	log  *slog.Logger
@@ -34,8 +41,11 @@ const (
 	// rollbackTimeout bounds the ROLLBACK after a failed statement; the pool closes a
 	// connection left in a transaction.
 	rollbackTimeout = 5 * time.Second
-	sqlDeferNotify  = "SET LOCAL claudemesh.defer_notify = on"
-	sqlFlushNotes   = "SELECT claudemesh.flush_notes()"
+	// The deferral is the transaction's; the kept notifications are the session's, emptied
+	// here first: a flush that failed after its commit leaves them behind, and they must not
+	// ride along with the next statement's (the catch-up covers them).
+	sqlDeferNotify = "SELECT set_config('claudemesh.defer_notify', 'on', true), set_config('claudemesh.deferred', '', false)"
+	sqlFlushNotes  = "SELECT claudemesh.flush_notes()"
 )
 
 func (a notifyAfterCommit) start(ctx context.Context, sql string, args []any) (pgx.BatchResults, error) {
@@ -61,11 +71,12 @@ func (a notifyAfterCommit) finish(br pgx.BatchResults) error {
 		a.abort(br)
 		return fmt.Errorf("commit: %w", err)
 	}
-	if _, err := br.Exec(); err != nil {
-		a.log.Warn("committed, but its notifications were not sent; their replicas catch up", "err", err)
+	_, err := br.Exec()
+	if cerr := br.Close(); err == nil {
+		err = cerr
 	}
-	if err := br.Close(); err != nil {
-		a.log.Warn("committed; closing the pipeline failed", "err", err)
+	if err != nil {
+		a.log.Warn("committed, but its notifications were not sent; their replicas catch up", "err", err)
 	}
 	return nil
 }
@@ -84,17 +95,15 @@ func (a notifyAfterCommit) abort(br pgx.BatchResults) {
 	_, _ = c.Exec(ctx, "ROLLBACK")
 }
 
+// Exec runs the statement through Query: one path for every kind of generated method.
 func (a notifyAfterCommit) Exec(ctx context.Context, sql string, args ...any) (pgconn.CommandTag, error) {
-	br, err := a.start(ctx, sql, args)
+	rows, err := a.Query(ctx, sql, args...)
 	if err != nil {
 		return pgconn.CommandTag{}, err
 	}
-	tag, err := br.Exec()
-	if err != nil {
-		a.abort(br)
-		return tag, err
+	for rows.Next() {
 	}
-	return tag, a.finish(br)
+	return rows.CommandTag(), rows.Err()
 }
 
 func (a notifyAfterCommit) Query(ctx context.Context, sql string, args ...any) (pgx.Rows, error) {

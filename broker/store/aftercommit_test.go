@@ -18,8 +18,10 @@ import (
 // A send's notifications leave after its commit, from a transaction of their own (migration
 // 00033). What that must not change: a statement that fails tells no replica anything, not
 // then and not with the next statement on the same connection; the connection stays usable
-// (it is not dropped for being left inside a failed transaction); and a replica told of a
-// push finds its delivery committed.
+// (it is not dropped for being left inside a failed transaction); a send whose notifications
+// could not be sent after its commit is still stored and answered as stored, and its
+// notifications do not turn up later with another send's; a replica told of a push finds its
+// delivery.
 func TestNotificationsLeaveOnlyWithTheirCommit(t *testing.T) {
 	ctx := dbtest.Context(t)
 	url := dbtest.URL(t)
@@ -65,7 +67,7 @@ func TestNotificationsLeaveOnlyWithTheirCommit(t *testing.T) {
 
 	_, err = pool.Exec(ctx, `SELECT 1`) // the pool's one connection, made now
 	require.NoError(t, err)
-	for _, path := range []string{"alone", "set-based"} {
+	for _, path := range []string{"alone", "set-based", "flush fails"} {
 		t.Run(path, func(t *testing.T) {
 			// A direct push to the other node, in a batch whose statement then fails: a
 			// broadcast's audit entry names a mesh that does not exist, which the append
@@ -77,8 +79,19 @@ func TestNotificationsLeaveOnlyWithTheirCommit(t *testing.T) {
 				bogus.Kind, bogus.Key, bogus.TargetSpec = store.SendAll, "", "*"
 				batch = append(batch, bogus)
 			}
+			if path == "flush fails" { // as when the notification queue is full
+				_, err := admin.Exec(ctx, `ALTER FUNCTION claudemesh.flush_notes() RENAME TO flush_notes_kept`)
+				require.NoError(t, err)
+				_, err = admin.Exec(ctx, `CREATE FUNCTION claudemesh.flush_notes() RETURNS int LANGUAGE plpgsql AS
+					$$ BEGIN RAISE EXCEPTION 'too many notifications queued' USING ERRCODE = '54000'; END $$`)
+				require.NoError(t, err)
+			}
 			conns := pool.Stat().NewConnsCount()
 			_, _, err := st.SendBatch(ctx, "here", batch)
+			if path == "flush fails" {
+				_, err := admin.Exec(ctx, `DROP FUNCTION claudemesh.flush_notes(); ALTER FUNCTION claudemesh.flush_notes_kept() RENAME TO flush_notes`)
+				require.NoError(t, err)
+			}
 			if path == "set-based" {
 				require.Error(t, err)
 				require.True(t, store.RejectedInput(err), "a refused statement is a known failure: %v", err)
@@ -86,7 +99,10 @@ func TestNotificationsLeaveOnlyWithTheirCommit(t *testing.T) {
 				require.NoError(t, admin.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM claudemesh.envelope WHERE id = $1)`, first.ID).Scan(&stored))
 				require.False(t, stored)
 			} else {
-				require.NoError(t, err)
+				require.NoError(t, err, "stored, whether or not its notifications went out")
+				var stored bool
+				require.NoError(t, admin.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM claudemesh.envelope WHERE id = $1)`, first.ID).Scan(&stored))
+				require.True(t, stored)
 			}
 
 			second := directEnvelope(mesh, sender, key('a'), key('b'), "now", []byte(`{"n":"second-`+path+`"}`))
@@ -97,8 +113,8 @@ func TestNotificationsLeaveOnlyWithTheirCommit(t *testing.T) {
 
 			heard := told()
 			require.Contains(t, heard, "second-"+path)
-			if path == "set-based" {
-				require.NotContains(t, heard, "first-"+path, "a rolled-back statement told a replica of its push")
+			if path != "alone" {
+				require.NotContains(t, heard, "first-"+path, "a replica was told of a push that failed or was not sent in time")
 			} else {
 				require.Contains(t, heard, "first-"+path)
 			}

@@ -68,11 +68,7 @@ func (s *Store) Hellos(ctx context.Context, nodeID string, defaultLimit int, hs 
 		p.HSignature[i], p.HSigExpires[i], p.HLocalLive[i] = h.Signature, h.SignatureExpires, h.LocalLive
 		p.HRole[i], p.HHostname[i], p.HPeerType[i], p.HChannel[i], p.HModel[i] = h.Role, h.Hostname, h.PeerType, h.Channel, h.Model
 	}
-	var rows []db.HelloBatchRow
-	err := s.notifying(ctx, func(q *db.Queries) (err error) {
-		rows, err = q.HelloBatch(ctx, p)
-		return err
-	})
+	rows, err := s.q.HelloBatch(ctx, p)
 	if err != nil {
 		return nil, fmt.Errorf("hello: %w", err)
 	}
@@ -160,8 +156,9 @@ func sendBatchParams(nodeID, ns string, envs []OutgoingEnvelope) db.SendBatchPar
 }
 
 // SendBatch stores a batch in one statement: recipients resolved cluster-wide, envelopes and
-// deliveries, the other replicas told (inline pushes, wake-ups), the audit entries. It returns
-// each envelope's outcome and the deliveries this node takes part in.
+// deliveries, the audit entries; the other replicas are told (inline pushes, wake-ups) right
+// after its commit, in the same round trip (notifyAfterCommit). It returns each envelope's
+// outcome and the deliveries this node takes part in.
 func (s *Store) SendBatch(ctx context.Context, nodeID string, envs []OutgoingEnvelope) ([]SentEnvelope, []LocalDelivery, error) {
 	n := len(envs)
 	p := sendBatchParams(nodeID, s.ns, envs)
@@ -203,13 +200,9 @@ type HookOutcome struct {
 // member's), the status model applied to each, the owning replicas told (with the messages the
 // change releases) and the mesh's peer_status events sent.
 func (s *Store) HookStatus(ctx context.Context, h HookQuery, status string, fresh time.Duration, signature string, sigExpires time.Time) (HookOutcome, error) {
-	var rows []db.HookStatusRow
-	err := s.notifying(ctx, func(q *db.Queries) (err error) {
-		rows, err = q.HookStatus(ctx, db.HookStatusParams{MemberPubkey: h.MemberPubkey, SessionID: h.SessionID, Pid: int32(h.PID),
-			Cwd: h.CWD, Status: status, FreshSeconds: fresh.Seconds(), Ns: s.ns, ReleaseLimit: int32(ReleaseLimit),
-			Signature: signature, SigExpires: sigExpires})
-		return err
-	})
+	rows, err := s.q.HookStatus(ctx, db.HookStatusParams{MemberPubkey: h.MemberPubkey, SessionID: h.SessionID, Pid: int32(h.PID),
+		Cwd: h.CWD, Status: status, FreshSeconds: fresh.Seconds(), Ns: s.ns, ReleaseLimit: int32(ReleaseLimit),
+		Signature: signature, SigExpires: sigExpires})
 	if err != nil {
 		return HookOutcome{}, fmt.Errorf("hook status: %w", err)
 	}
@@ -230,12 +223,8 @@ func (s *Store) HookStatus(ctx context.Context, h HookQuery, status string, fres
 // SetStatus applies a status to one presence in one statement (the status model, the owning
 // replica and the mesh told, held messages released). changed is false when the model refused.
 func (s *Store) SetStatus(ctx context.Context, presenceID, status, source string, fresh time.Duration) (bool, error) {
-	var rows []db.SetStatusRow
-	err := s.notifying(ctx, func(q *db.Queries) (err error) {
-		rows, err = q.SetStatus(ctx, db.SetStatusParams{ID: presenceID, Status: status, Source: source,
-			FreshSeconds: fresh.Seconds(), Ns: s.ns, ReleaseLimit: int32(ReleaseLimit)})
-		return err
-	})
+	rows, err := s.q.SetStatus(ctx, db.SetStatusParams{ID: presenceID, Status: status, Source: source,
+		FreshSeconds: fresh.Seconds(), Ns: s.ns, ReleaseLimit: int32(ReleaseLimit)})
 	if err != nil {
 		return false, fmt.Errorf("set status: %w", err)
 	}
@@ -248,11 +237,8 @@ func (s *Store) SetStatus(ctx context.Context, presenceID, status, source string
 func (s *Store) EndSessions(ctx context.Context, nodeID string, grace []PresenceRef, graceUntil time.Time, end []PresenceRef) error {
 	gIDs, gEpochs := splitRefs(grace)
 	xIDs, xEpochs := splitRefs(end)
-	if err := s.notifying(ctx, func(q *db.Queries) error {
-		_, err := q.EndSessions(ctx, db.EndSessionsParams{NodeID: nodeID, Ns: s.ns, GraceIds: gIDs, GraceEpochs: gEpochs,
-			GraceUntil: graceUntil, EndIds: xIDs, EndEpochs: xEpochs})
-		return err
-	}); err != nil {
+	if _, err := s.q.EndSessions(ctx, db.EndSessionsParams{NodeID: nodeID, Ns: s.ns, GraceIds: gIDs, GraceEpochs: gEpochs,
+		GraceUntil: graceUntil, EndIds: xIDs, EndEpochs: xEpochs}); err != nil {
 		return fmt.Errorf("end sessions: %w", err)
 	}
 	return nil
@@ -272,13 +258,9 @@ type StateWrite struct {
 // SetState writes a key in one statement within the mesh's quota, tells every replica and
 // appends the audit entry; ErrQuotaExceeded when the write would pass the quota.
 func (s *Store) SetState(ctx context.Context, w StateWrite) (StateEntry, error) {
-	var rows []db.SetStateOneRow
-	err := s.notifying(ctx, func(q *db.Queries) (err error) {
-		rows, err = q.SetStateOne(ctx, db.SetStateOneParams{Ns: s.ns, MeshID: w.MeshID, Key: w.Key, Value: w.Value,
-			UpdatedBy: w.UpdatedBy, MaxKeys: int64(w.Quota.MaxKeys), MaxBytes: int64(w.Quota.MaxBytes), PresenceID: w.PresenceID,
-			Actor: w.Actor, AuditData: string(w.AuditData)})
-		return err
-	})
+	rows, err := s.q.SetStateOne(ctx, db.SetStateOneParams{Ns: s.ns, MeshID: w.MeshID, Key: w.Key, Value: w.Value,
+		UpdatedBy: w.UpdatedBy, MaxKeys: int64(w.Quota.MaxKeys), MaxBytes: int64(w.Quota.MaxBytes), PresenceID: w.PresenceID,
+		Actor: w.Actor, AuditData: string(w.AuditData)})
 	if err != nil {
 		return StateEntry{}, fmt.Errorf("set state: %w", err)
 	}
