@@ -23,10 +23,11 @@ import (
 
 // countedNode starts a replica whose pool goes through a counting proxy, quiet in the
 // background, as node "rt"; the cluster's other nodes are not counted.
-func countedNode(t *testing.T, c *testCluster) (*Server, *dbtest.Proxy) {
+func countedNode(t *testing.T, c *testCluster, notifyAfterCommit bool) (*Server, *dbtest.Proxy) {
 	t.Helper()
 	proxy := dbtest.NewProxy(t, c.url)
-	cfg := Config{NodeID: "rt", Region: "test", SessionGrace: 5 * time.Second, Heartbeat: time.Hour, NodeDeadAfter: 3 * time.Hour, quiet: true}
+	cfg := Config{NodeID: "rt", Region: "test", SessionGrace: 5 * time.Second, Heartbeat: time.Hour, NodeDeadAfter: 3 * time.Hour, quiet: true,
+		NotifyAfterCommit: notifyAfterCommit}
 	// One pooled connection: every statement is prepared on it once, in the warm-up, so the
 	// counts below are of steady state (a statement costs two flights on its first use on a
 	// connection: prepare, then execute).
@@ -73,10 +74,21 @@ func deliveryState(t *testing.T, c *testCluster, messageID string) string {
 	return st
 }
 
+// Both ways a send can notify (NOTIFY_AFTER_COMMIT): the notifying transaction after the
+// commit rides in the same flight.
 func TestRoundTripsPerOperation(t *testing.T) {
 	t.Parallel()
-	c := newCluster(t, 1, nil) // node 0: other replica, not counted
-	srv, proxy := countedNode(t, c)
+	for _, after := range []bool{false, true} {
+		t.Run(fmt.Sprintf("notify_after_commit=%v", after), func(t *testing.T) {
+			t.Parallel()
+			roundTripsPerOperation(t, after)
+		})
+	}
+}
+
+func roundTripsPerOperation(t *testing.T, notifyAfterCommit bool) {
+	c := newCluster(t, 1, func(cfg *Config) { cfg.NotifyAfterCommit = notifyAfterCommit }) // node 0: other replica, not counted
+	srv, proxy := countedNode(t, c, notifyAfterCommit)
 	rt := len(c.nodes) - 1
 	m := c.mesh(0)
 	alice, bob, carol := m.member("alice"), m.member("bob"), m.member("carol")

@@ -84,6 +84,7 @@ func NewServer(cfg Config, pool *pgxpool.Pool, logger *slog.Logger) (*Server, er
 	s := &Server{cfg: cfg, pool: pool, store: store.New(pool, cfg.BusNamespace), log: logger.With("node", nodeID), nodeID: nodeID,
 		started: time.Now(), metrics: newMetrics(), mux: http.NewServeMux(), hub: newHub()}
 	s.store.SetLogger(s.log)
+	s.store.SetNotifyAfterCommit(cfg.NotifyAfterCommit)
 	s.hub.newLimiter = func() *rate.Limiter {
 		return rate.NewLimiter(rate.Limit(cfg.SendRatePerMember), cfg.SendBurstPerMember)
 	}

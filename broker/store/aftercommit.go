@@ -19,7 +19,9 @@ import (
 // commit record is written until it is flushed; here the statement's commit does not notify,
 // and the one that does is not flushed first, so neither waits for another's fsync under it.
 //
-// Only the send batch runs this way. Its notifications may now queue after those of a
+// Only the send batch runs this way, and only when the replica is configured to
+// (NOTIFY_AFTER_COMMIT): the second transaction costs more than it saves where the flush is
+// fast. Its notifications may now queue after those of a
 // transaction that committed after it, but nothing can read a send's deliveries and notify
 // about them before its own flush (its sender's next send waits for this call to return), and
 // a notification is only ever a hint over committed rows. Status changes, hellos and the end
@@ -189,14 +191,17 @@ func (r committingRow) Scan(dest ...any) error {
 	return r.rows.Err()
 }
 
-// notifying runs f with queries whose statement commits alone and notifies after its commit
-// (notifyAfterCommit). The connection is taken first: failing to get one is known to have
-// sent nothing.
+// notifying runs f with queries on a connection of its own, whose statement notifies after its
+// commit when the store is set to (notifyAfterCommit), else from inside it. The connection is
+// taken first: failing to get one is known to have sent nothing.
 func (s *Store) notifying(ctx context.Context, f func(q *db.Queries) error) error {
 	conn, err := s.pool.Acquire(ctx)
 	if err != nil {
 		return notSent{err}
 	}
 	defer conn.Release()
+	if !s.afterCommit {
+		return f(db.New(conn))
+	}
 	return f(db.New(notifyAfterCommit{conn: conn, log: s.log}))
 }

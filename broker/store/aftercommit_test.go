@@ -31,6 +31,7 @@ func TestNotificationsLeaveOnlyWithTheirCommit(t *testing.T) {
 	t.Cleanup(pool.Close)
 	admin := dbtest.PoolFor(t, url)
 	st := store.New(pool, "t")
+	st.SetNotifyAfterCommit(true)
 	key := func(c byte) string { return strings.Repeat(string(c), 64) }
 	var mesh, sender, recipient string
 	require.NoError(t, admin.QueryRow(ctx, `INSERT INTO claudemesh.mesh (slug, name, owner_pubkey) VALUES ('m', 'm', $1) RETURNING id`, key('0')).Scan(&mesh))

@@ -156,9 +156,9 @@ func sendBatchParams(nodeID, ns string, envs []OutgoingEnvelope) db.SendBatchPar
 }
 
 // SendBatch stores a batch in one statement: recipients resolved cluster-wide, envelopes and
-// deliveries, the audit entries; the other replicas are told (inline pushes, wake-ups) right
-// after its commit, in the same round trip (notifyAfterCommit). It returns each envelope's
-// outcome and the deliveries this node takes part in.
+// deliveries, the audit entries, the other replicas told (inline pushes, wake-ups), from
+// inside its commit or right after it in the same round trip (SetNotifyAfterCommit). It
+// returns each envelope's outcome and the deliveries this node takes part in.
 func (s *Store) SendBatch(ctx context.Context, nodeID string, envs []OutgoingEnvelope) ([]SentEnvelope, []LocalDelivery, error) {
 	n := len(envs)
 	p := sendBatchParams(nodeID, s.ns, envs)

@@ -78,6 +78,8 @@ type Store struct {
 	q    *db.Queries
 	ns   string // the bus namespace: the single-statement operations notify from inside
 	log  *slog.Logger
+	// afterCommit: send batches notify after their commit (notifyAfterCommit).
+	afterCommit bool
 }
 
 // New returns a store on pool; namespace is the bus's ("" for pgbus.DefaultNamespace).
@@ -91,6 +93,10 @@ func New(pool *pgxpool.Pool, namespace string) *Store {
 // SetLogger sets where the store reports what it cannot return (notifications that failed
 // after their commit).
 func (s *Store) SetLogger(l *slog.Logger) { s.log = l }
+
+// SetNotifyAfterCommit makes send batches notify from a transaction of their own right after
+// their commit (notifyAfterCommit) instead of from inside it. Call it before any send.
+func (s *Store) SetNotifyAfterCommit(on bool) { s.afterCommit = on }
 
 // Ping checks that Postgres answers.
 func (s *Store) Ping(ctx context.Context) error { return s.pool.Ping(ctx) }
