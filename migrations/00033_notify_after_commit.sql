@@ -19,7 +19,9 @@
 -- The rows' commits share flushes (group commit) instead of taking turns.
 --
 -- A listener still hears of rows only once they are committed. Callers that set nothing
--- notify as before, inside their transaction.
+-- notify as before, inside their transaction. The replicas ask only for send batches, and
+-- only with NOTIFY_AFTER_COMMIT: on a local disk the second transaction costs more than it
+-- saves.
 -- +goose StatementBegin
 CREATE OR REPLACE FUNCTION claudemesh.notify_lines(p_channel text, p_lines text[]) RETURNS int LANGUAGE plpgsql AS $$
 DECLARE
