@@ -98,7 +98,7 @@ func (c *committer) lane(ctx context.Context, in chan sendReq) {
 }
 
 // commit stores and acknowledges one batch, then pushes what it assigned to this node's
-// sessions (the other replicas were told by the commit itself).
+// sessions (the other replicas were told by the statement, from its commit or right after).
 func (c *committer) commit(ctx context.Context, batch []sendReq) {
 	start := time.Now()
 	plan := c.planner.plan(batch)

@@ -121,9 +121,9 @@ type Config struct {
 	// after its commit (migration 00033) instead of from inside it. Postgres lets one notifying
 	// transaction commit at a time, through its WAL flush: where the primary's flush is slow
 	// (a network volume: 1-3 ms) sends take turns at the disk, and this lets them share
-	// flushes (at 1,000 msgs/s with the flush 2 ms slower, send→push p50 15-16 ms → 8 ms). Off
-	// by default: on a local disk the second transaction costs more than the wait it saves
-	// (p50 1.1 → 1.2-1.4 ms, p99 9-10 → 10-12 ms on 2 cores).
+	// flushes (at 1,000 msgs/s with the flush 2 ms slower, send→push p50 12 → 8 ms). Off by
+	// default: on a local disk the second transaction costs more than the wait it saves (p50
+	// 1.1 → 1.2-1.4 ms, p99 9-10 → 10-12 ms, saturation 5-9 % lower on 2 cores).
 	NotifyAfterCommit bool
 
 	// HelloConcurrency bounds the hello statements in the database at once (default 4, each

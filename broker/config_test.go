@@ -22,12 +22,14 @@ func TestLoadConfigDefaults(t *testing.T) {
 	require.Equal(t, ".broker-data", c.DataDir)
 	require.Equal(t, "text", c.LogFormat)
 	require.Empty(t, c.DatabaseURL)
+	require.False(t, c.NotifyAfterCommit)
 }
 
 func TestLoadConfigValues(t *testing.T) {
 	c, err := LoadConfig(env(map[string]string{
 		"BROKER_PORT": "8000", "DATABASE_URL": "postgres://u@h/db", "STATUS_TTL_SECONDS": "5",
 		"SESSION_GRACE_SECONDS": "0", "LOG_LEVEL": "debug", "LOG_FORMAT": "json", "FLY_REGION": "ams",
+		"NOTIFY_AFTER_COMMIT": "true",
 	}))
 	require.NoError(t, err)
 	require.Equal(t, 8000, c.Port)
@@ -36,6 +38,7 @@ func TestLoadConfigValues(t *testing.T) {
 	require.Equal(t, time.Duration(0), c.Grace(), "an explicit 0 means no grace, not the default")
 	require.Equal(t, "json", c.LogFormat)
 	require.Equal(t, "ams", c.Region)
+	require.True(t, c.NotifyAfterCommit)
 }
 
 func TestLoadConfigErrorsNameVariableAndFix(t *testing.T) {
@@ -50,6 +53,7 @@ func TestLoadConfigErrorsNameVariableAndFix(t *testing.T) {
 		"grace":         {"SESSION_GRACE_SECONDS", "1.5", "not a whole number"},
 		"log level":     {"LOG_LEVEL", "loud", "one of debug, info, warn, error"},
 		"log format":    {"LOG_FORMAT", "xml", "text or json"},
+		"notify after":  {"NOTIFY_AFTER_COMMIT", "yes", "true or false"},
 		"database url":  {"DATABASE_URL", "mysql://x", "postgres:// URL"},
 		"node id chars": {"BROKER_NODE_ID", "a b", "letters, digits"},
 	}

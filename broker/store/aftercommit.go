@@ -21,12 +21,13 @@ import (
 //
 // Only the send batch runs this way, and only when the replica is configured to
 // (NOTIFY_AFTER_COMMIT): the second transaction costs more than it saves where the flush is
-// fast. Its notifications may now queue after those of a
-// transaction that committed after it, but nothing can read a send's deliveries and notify
-// about them before its own flush (its sender's next send waits for this call to return), and
-// a notification is only ever a hint over committed rows. Status changes, hellos and the end
-// of sessions keep notifying inside their commit: a status change's release must reach the
-// holder before any send that saw the new status.
+// fast. Its notifications may now queue after those of a transaction that committed after it.
+// The same sender's next send cannot (its lane waits for this call to return); another
+// transaction that acts on the send's rows in between (a session ending, releasing what the
+// send assigned) only adds a hint of its own, and a notification is only ever a hint over
+// committed rows, which the receiving replica's claims read. Status changes, hellos and the
+// end of sessions keep notifying inside their commit: a status change's release must reach
+// the holder before any send that saw the new status.
 //
 // It is a db.DBTX for one call on a connection taken from the pool: the generated code reads
 // the statement's rows, and the COMMIT's outcome is their Err. A statement Postgres refuses
@@ -103,7 +104,7 @@ func (a notifyAfterCommit) Exec(ctx context.Context, sql string, args ...any) (p
 	if err != nil {
 		return pgconn.CommandTag{}, err
 	}
-	for rows.Next() {
+	for rows.Next() { // drain: the COMMIT is read after the rows
 	}
 	return rows.CommandTag(), rows.Err()
 }

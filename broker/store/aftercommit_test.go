@@ -15,8 +15,8 @@ import (
 	"github.com/claudemesh/broker/db/dbtest"
 )
 
-// A send's notifications leave after its commit, from a transaction of their own (migration
-// 00033). What that must not change: a statement that fails tells no replica anything, not
+// With SetNotifyAfterCommit (NOTIFY_AFTER_COMMIT), a send's notifications leave after its
+// commit, from a transaction of their own (migration 00033). What that must not change: a statement that fails tells no replica anything, not
 // then and not with the next statement on the same connection; the connection stays usable
 // (it is not dropped for being left inside a failed transaction); a send whose notifications
 // could not be sent after its commit is still stored and answered as stored, and its
