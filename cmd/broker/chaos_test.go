@@ -360,6 +360,9 @@ func (r *replicaProc) start(t *testing.T) {
 	cmd.Env = append(os.Environ(),
 		"DATABASE_URL="+r.dbURL, fmt.Sprintf("BROKER_PORT=%d", r.port), "BROKER_NODE_ID="+r.id,
 		"SESSION_GRACE_SECONDS=5", "NODE_DEAD_AFTER_SECONDS=4", "DRAIN_TIMEOUT_SECONDS=10", "LOG_LEVEL=debug",
+		// One replica sends its notifications after its commits, the others from inside them:
+		// both ways go through every fault, side by side.
+		fmt.Sprintf("NOTIFY_AFTER_COMMIT=%v", r.id == "r2"),
 	)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	require.NoError(t, cmd.Start())
