@@ -25,9 +25,14 @@ const (
 	DefaultHeartbeatInterval    = 2 * time.Second
 	DefaultDrainTimeout         = 25 * time.Second
 	// Limits on what clients can make a replica hold (docs/operations.md, "Security model").
-	DefaultHelloTimeout         = 10 * time.Second
-	DefaultStallTimeout         = 5 * time.Second
-	DefaultHelloConcurrency     = 4 // statements of up to 16 hellos each; the pool's other connections serve the rest
+	DefaultHelloTimeout = 10 * time.Second
+	DefaultStallTimeout = 5 * time.Second
+	// One hello statement at a time, of up to 64 hellos: concurrent ones only queue for the same
+	// locks (Postgres's notification queue at commit, the meshes'), in smaller batches. On 2
+	// cores, 10,000 sessions connected at 2,500-3,100 hellos/s with one against 2,000-2,200
+	// with four of 16 (BENCHMARKS.md); a replica far from the primary registers as many per
+	// round trip (64) as four of 16 did.
+	DefaultHelloConcurrency     = 1
 	DefaultCommitters           = 1
 	DefaultMaxUnauthenticated   = 2048
 	DefaultMaxUnauthPerSource   = 256
@@ -126,8 +131,8 @@ type Config struct {
 	// 1.1 → 1.2-1.4 ms, p99 9-10 → 10-12 ms, saturation 5-9 % lower on 2 cores).
 	NotifyAfterCommit bool
 
-	// HelloConcurrency bounds the hello statements in the database at once (default 4, each
-	// registering up to 16 hellos that waited together); HelloQueue bounds the hellos waiting for
+	// HelloConcurrency bounds the hello statements in the database at once (default 1, each
+	// registering up to 64 hellos that waited together); HelloQueue bounds the hellos waiting for
 	// one (default MaxUnauthenticated: a queued hello is such a socket). Beyond, or after 3 s in the queue, a hello is refused at once with
 	// "overloaded" (close 1013), which clients retry.
 	HelloConcurrency int
