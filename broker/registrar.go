@@ -12,7 +12,10 @@ import (
 
 // helloBatch bounds the hellos of one statement: the per-mesh locks each takes are held until
 // the statement commits, so a batch is kept to about 20 ms of server time (0.3 ms a hello).
-// lanes × helloBatch is what a replica far from the primary registers per round trip.
+// lanes × helloBatch is what a replica far from the primary registers per round trip. Not more
+// than 64: each hello of a batch writes in its own subtransaction (claudemesh.hello_batch), and
+// past 64 in one transaction Postgres's per-backend subtransaction cache overflows, which slows
+// every other backend's snapshots until the batch commits.
 const helloBatch = 64
 
 // registrar registers hellos in groups, as the committer stores sends: the hellos that arrive
