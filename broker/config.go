@@ -29,9 +29,10 @@ const (
 	DefaultStallTimeout = 5 * time.Second
 	// One hello statement at a time, of up to 64 hellos: concurrent ones only queue for the same
 	// locks (Postgres's notification queue at commit, the meshes'), in smaller batches. On 2
-	// cores, 10,000 sessions connected at 2,500-3,100 hellos/s with one against 2,000-2,200
-	// with four of 16 (BENCHMARKS.md); a replica far from the primary registers as many per
-	// round trip (64) as four of 16 did.
+	// cores, 10,000 sessions connected at 2,233-3,046 hellos/s (13 runs) with one, against
+	// 1,977-2,338 with four of 16 (BENCHMARKS.md); a replica far from the primary registers as
+	// many per round trip (64) as four of 16 did. A hello stuck behind a lock fails alone after
+	// a second (migration 00035), so it cannot hold up the replica's others.
 	DefaultHelloConcurrency     = 1
 	DefaultCommitters           = 1
 	DefaultMaxUnauthenticated   = 2048

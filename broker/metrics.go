@@ -78,7 +78,7 @@ func newMetrics() *Metrics {
 		BatchSize: prometheus.NewHistogram(prometheus.HistogramOpts{Namespace: "claudemesh", Name: "commit_batch_size",
 			Help: "Sends per group-commit transaction.", Buckets: prometheus.ExponentialBuckets(1, 2, 10)}),
 		HelloBatchSize: prometheus.NewHistogram(prometheus.HistogramOpts{Namespace: "claudemesh", Name: "hello_batch_size",
-			Help: "Hellos registered per statement.", Buckets: prometheus.ExponentialBuckets(1, 2, 5)}),
+			Help: "Hellos registered per statement.", Buckets: prometheus.ExponentialBuckets(1, 2, 7)}),
 		CommitSeconds: prometheus.NewHistogram(prometheus.HistogramOpts{Namespace: "claudemesh", Name: "commit_seconds",
 			Help: "Time to resolve and commit one send batch.", Buckets: prometheus.ExponentialBuckets(0.0005, 2, 14)}),
 		HookRequests:     cv("hook_requests_total", "Hook requests, by outcome.", "outcome"),

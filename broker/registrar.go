@@ -132,10 +132,13 @@ func (r *registrar) run(ctx context.Context, batch []*helloJob) {
 		err = errOverloaded // too slow, not broken: the peers retry
 	}
 	for i, j := range live {
-		if err != nil {
+		switch {
+		case err != nil:
 			j.done <- store.HelloResult{Err: err}
-			continue
+		case errors.Is(res[i].Err, store.ErrHelloBusy):
+			j.done <- store.HelloResult{Err: errOverloaded} // alone behind a lock: retryable
+		default:
+			j.done <- res[i]
 		}
-		j.done <- res[i]
 	}
 }

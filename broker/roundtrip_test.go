@@ -277,3 +277,43 @@ func TestHelloStorm(t *testing.T) {
 		require.Positive(t, ok)
 	})
 }
+
+// A hello waiting for a lock held elsewhere (its mesh's, here by a transaction that does not
+// end) is refused alone, as overloaded, after a second (migration 00035's lock_timeout); the
+// replica's other hellos go through meanwhile. A replica runs one hello statement at a time,
+// so without the bound one stuck hello held up every hello of its replica for the statement's
+// 5 s timeout, and the ones queued behind it past their 3 s were refused too.
+func TestHelloBehindAHeldLockIsRefusedAlone(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t, 1, nil)
+	stuck, free := c.mesh(0), c.mesh(0)
+	alice, bob := stuck.member("alice"), free.member("bob")
+	ctx := ctxT(t)
+	tx, err := c.pool.Begin(ctx)
+	require.NoError(t, err)
+	defer func() { _ = tx.Rollback(context.Background()) }()
+	_, err = tx.Exec(ctx, `SELECT pg_advisory_xact_lock(hashtextextended('claudemesh.hello:' || $1, 0))`, stuck.id)
+	require.NoError(t, err)
+
+	refused := make(chan error, 1)
+	go func() {
+		_, err := stuck.tryDial(0, alice)
+		refused <- err
+	}()
+	dbtest.WaitFor(t, 10*time.Second, "alice's hello waiting for her mesh's lock", func() bool {
+		var n int
+		require.NoError(t, c.pool.QueryRow(ctx, `SELECT count(*) FROM pg_locks
+			WHERE locktype = 'advisory' AND NOT granted
+			  AND database = (SELECT oid FROM pg_database WHERE datname = current_database())`).Scan(&n))
+		return n > 0
+	})
+	b := free.dial(0, bob) // queued behind alice's statement, on another mesh
+	require.NotEmpty(t, b.HelloAck().PresenceID)
+	he := helloErr(t, <-refused)
+	require.Equal(t, protocol.CodeOverloaded, he.Code, he.Message)
+	require.Equal(t, protocol.CloseTryAgainLater, he.CloseCode)
+
+	require.NoError(t, tx.Rollback(ctx))
+	a := stuck.dial(0, alice) // the retry passes
+	require.NotEmpty(t, a.HelloAck().PresenceID)
+}

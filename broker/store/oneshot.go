@@ -3,7 +3,9 @@ package store
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/claudemesh/broker/db"
@@ -79,6 +81,10 @@ func (s *Store) Hellos(ctx context.Context, nodeID string, defaultLimit int, hs 
 			continue
 		}
 		if r.Failure != "" {
+			if busy(r.Failure) {
+				out[i].Err = ErrHelloBusy
+				continue
+			}
 			out[i].Err = fmt.Errorf("hello: %s", r.Failure)
 			continue
 		}
@@ -87,6 +93,16 @@ func (s *Store) Hellos(ctx context.Context, nodeID string, defaultLimit int, hs 
 				OldNode: r.OldNode}}
 	}
 	return out, nil
+}
+
+// ErrHelloBusy is a hello that waited too long for a lock (hello_batch's lock_timeout, 00035)
+// or was chosen as a deadlock's victim: it failed alone, and a retry may pass.
+var ErrHelloBusy = errors.New("hello: waited too long for a lock")
+
+// busy reports whether a hello's failure (SQLSTATE: message) is lock_not_available or
+// deadlock_detected.
+func busy(failure string) bool {
+	return strings.HasPrefix(failure, "55P03:") || strings.HasPrefix(failure, "40P01:")
 }
 
 // SendKind is what a send's target resolved to before the database: a member or session key,

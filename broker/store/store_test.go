@@ -481,3 +481,40 @@ func TestReleasedDeliveriesWakeTheirMembersReplicas(t *testing.T) {
 		require.Equal(t, w.woken, woken, "%s: the replicas of the member's live sessions", how)
 	}
 }
+
+// A full hello batch (64, the registrar's limit) over several meshes registers every hello in
+// one statement: each in its own subtransaction, 64 being as many as Postgres caches per
+// backend.
+func TestFullHelloBatchRegistersEveryHello(t *testing.T) {
+	ctx := dbtest.Context(t)
+	pool := dbtest.Pool(t)
+	st := store.New(pool, "t")
+	_, err := pool.Exec(ctx, `INSERT INTO claudemesh.node (id, heartbeat_at) VALUES ('here', now())`)
+	require.NoError(t, err)
+	hs := make([]store.HelloParams, 64)
+	var meshes [4]string
+	for i := range meshes {
+		require.NoError(t, pool.QueryRow(ctx, `INSERT INTO claudemesh.mesh (slug, name, owner_pubkey) VALUES ($1, $1, $2) RETURNING id`,
+			fmt.Sprint("m", i), fmt.Sprintf("%064d", i)).Scan(&meshes[i]))
+	}
+	for i := range hs {
+		key := fmt.Sprintf("%064x", 1000+i)
+		mesh := meshes[i%len(meshes)] // interleaved: the statement orders them by mesh
+		var member string
+		require.NoError(t, pool.QueryRow(ctx, `INSERT INTO claudemesh.member (mesh_id, pubkey) VALUES ($1, $2) RETURNING id`, mesh, key).Scan(&member))
+		hs[i] = store.HelloParams{MeshID: mesh, MemberID: member, MemberPubkey: key, SessionID: fmt.Sprint("s", i),
+			Role: "control-plane", PID: 100 + i, CWD: "/w", Signature: fmt.Sprint("sig-", i), SignatureExpires: time.Now().Add(time.Minute)}
+	}
+	res, err := st.Hellos(ctx, "here", 100, hs)
+	require.NoError(t, err)
+	require.Len(t, res, len(hs))
+	for i, r := range res {
+		require.NoError(t, r.Err, "hello %d", i)
+		require.Empty(t, r.Refusal, "hello %d", i)
+		require.Equal(t, hs[i].MemberID, r.MemberID, "hello %d answered in its own place", i)
+		require.NotEmpty(t, r.Registration.PresenceID, "hello %d", i)
+	}
+	var live int
+	require.NoError(t, pool.QueryRow(ctx, `SELECT count(*) FROM claudemesh.presence WHERE node_id = 'here' AND ended_at IS NULL`).Scan(&live))
+	require.Equal(t, len(hs), live)
+}
