@@ -431,3 +431,42 @@ func presencePagesRead(ctx context.Context, t *testing.T, tx pgx.Tx) int64 {
 		   OR c.oid IN (SELECT indexrelid FROM pg_index WHERE indrelid = 'claudemesh.presence'::regclass)`).Scan(&n))
 	return n
 }
+
+// A claim goes by the session's status in the database (migration 00036), not the replica's
+// copy, which it read before the statement ran: a "next" message held for a session at work
+// is not taken by a claim whose replica still thinks the session idle, and is taken once the
+// session is idle.
+func TestClaimGoesByTheStatusInTheDatabase(t *testing.T) {
+	ctx := dbtest.Context(t)
+	pool := dbtest.Pool(t)
+	st := store.New(pool, "t")
+	key := func(c byte) string { return strings.Repeat(string(c), 64) }
+	var mesh, alice, bob, presence string
+	require.NoError(t, pool.QueryRow(ctx, `INSERT INTO claudemesh.mesh (slug, name, owner_pubkey) VALUES ('m', 'm', $1) RETURNING id`, key('0')).Scan(&mesh))
+	_, err := pool.Exec(ctx, `INSERT INTO claudemesh.node (id, heartbeat_at) VALUES ('here', now())`)
+	require.NoError(t, err)
+	require.NoError(t, pool.QueryRow(ctx, `INSERT INTO claudemesh.member (mesh_id, pubkey) VALUES ($1, $2) RETURNING id`, mesh, key('a')).Scan(&alice))
+	require.NoError(t, pool.QueryRow(ctx, `INSERT INTO claudemesh.member (mesh_id, pubkey) VALUES ($1, $2) RETURNING id`, mesh, key('b')).Scan(&bob))
+	require.NoError(t, pool.QueryRow(ctx, `INSERT INTO claudemesh.presence (mesh_id, member_id, member_pubkey, node_id, session_id, status)
+		VALUES ($1, $2, $3, 'here', 's-bob', 'working') RETURNING id`, mesh, bob, key('b')).Scan(&presence))
+
+	env := directEnvelope(mesh, alice, key('a'), key('b'), "next", []byte(`{}`))
+	sent, _, err := st.SendBatch(ctx, "here", []store.OutgoingEnvelope{env})
+	require.NoError(t, err)
+	require.True(t, sent[0].Queued, "held: bob is working")
+
+	claim := func() []store.Claimed {
+		t.Helper()
+		// IncludeHeld: the replica's copy of bob's status says idle (a hook's "working" not heard yet).
+		rows, err := st.Claim(ctx, "here", []store.ClaimFor{{PresenceID: presence, MemberID: bob, SessionID: "s-bob",
+			IncludeHeld: true, Limit: 10}})
+		require.NoError(t, err)
+		return rows
+	}
+	require.Equal(t, 0, len(claim()), "held while bob works, whatever his replica thinks")
+	_, err = pool.Exec(ctx, `UPDATE claudemesh.presence SET status = 'idle' WHERE id = $1`, presence)
+	require.NoError(t, err)
+	rows := claim()
+	require.Len(t, rows, 1, "taken once bob is idle")
+	require.Equal(t, env.ID, rows[0].Push.EnvelopeID)
+}
