@@ -9,9 +9,11 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/uuid"
 	"github.com/stretchr/testify/require"
 
 	"github.com/claudemesh/broker/broker/audit"
+	"github.com/claudemesh/broker/broker/store"
 	"github.com/claudemesh/broker/client"
 	"github.com/claudemesh/broker/db/dbtest"
 	"github.com/claudemesh/broker/protocol"
@@ -419,4 +421,41 @@ func TestAuditEntriesChainedByTheReplicas(t *testing.T) {
 	n, err := audit.Verify(ctx, c.pool, m.id)
 	require.NoError(t, err)
 	require.GreaterOrEqual(t, n, len(ids))
+}
+
+// A session's end releases its pushes that are not recorded as done; the replica records its
+// queued writes first (recorder.settle), so a push written to a client that does not ack is
+// never released by the end of its session and pushed again at the next connection. Seen
+// under load as TestBacklogWithoutClientAckArrivesCompleteOnEveryReconnect getting an old
+// message after a reconnect.
+func TestSessionEndComesAfterItsWritesAreRecorded(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t, 0, nil)
+	m := c.mesh(0)
+	alice, bob := m.member("alice"), m.member("bob")
+	ctx := ctxT(t)
+	_, err := c.pool.Exec(ctx, `INSERT INTO claudemesh.node (id, heartbeat_at) VALUES ('here', now())`)
+	require.NoError(t, err)
+	var ref store.PresenceRef
+	require.NoError(t, c.pool.QueryRow(ctx, `INSERT INTO claudemesh.presence (mesh_id, member_id, member_pubkey, node_id, session_id)
+		VALUES ($1, $2, $3, 'here', 's-bob') RETURNING id, epoch`, m.id, bob.id, bob.pub).Scan(&ref.ID, &ref.Epoch))
+	st := store.New(c.pool, "t")
+	now := time.Now().UTC().Truncate(time.Microsecond)
+	_, local, err := st.SendBatch(ctx, "here", []store.OutgoingEnvelope{{Kind: store.SendDirect, Key: bob.pub, Frame: []byte(`{}`),
+		Envelope: store.Envelope{ID: uuid.NewString(), MeshID: m.id, SenderMemberID: alice.id, SenderPubkey: alice.pub,
+			SenderMemberPubkey: alice.pub, TargetSpec: bob.pub, Priority: "now", Nonce: "n", Ciphertext: "c", ClientID: "c1",
+			CreatedAt: now, ExpiresAt: now.Add(time.Hour), SenderName: "alice"}}})
+	require.NoError(t, err)
+	require.Len(t, local, 1, "assigned to bob's session here")
+
+	metrics, log := newMetrics(), dbtest.Logger(t)
+	r := newRecorder(st, log, metrics)
+	e := newEnder(st, "here", time.Minute, log, metrics)
+	e.settle = r.settle
+	r.wrote(local[0].ID) // written to bob's socket; bob does not ack
+	e.end(presenceEnd{ref: ref, mode: endNow})
+	require.NoError(t, e.flush(ctx))
+	var state string
+	require.NoError(t, c.pool.QueryRow(ctx, `SELECT state FROM claudemesh.delivery WHERE id = $1`, local[0].ID).Scan(&state))
+	require.Equal(t, "acked", state, "delivered, not released to pending")
 }

@@ -36,6 +36,9 @@ type ender struct {
 	log     *slog.Logger
 	metrics *Metrics
 	q       *queue[presenceEnd]
+	// settle records this replica's queued acks and writes (recorder.settle) before sessions
+	// are ended, so an end releases only what was not delivered.
+	settle func(context.Context)
 }
 
 func newEnder(st *store.Store, nodeID string, grace time.Duration, log *slog.Logger, m *Metrics) *ender {
@@ -89,6 +92,9 @@ func (e *ender) flush(ctx context.Context) error {
 func (e *ender) record(ctx context.Context, batch []presenceEnd) error {
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
+	if e.settle != nil {
+		e.settle(ctx)
+	}
 	var grace, now []store.PresenceRef
 	for _, p := range batch {
 		if p.mode == endGrace {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"log/slog"
 	"sort"
+	"sync"
 	"time"
 
 	"github.com/claudemesh/broker/broker/store"
@@ -23,6 +24,9 @@ type recorder struct {
 	written *queue[int64]
 	taken   *queue[takenPush]
 	now     func() time.Time
+	// recording is held from taking records off the queues until their statement is done, so
+	// that settle also waits for a statement in flight.
+	recording sync.Mutex
 }
 
 // takenPush is an assigned push written to a session that acks, and when.
@@ -140,7 +144,23 @@ func (r *recorder) takeTaken(cutoff time.Time) []int64 {
 // flush records what is queued: every ack and write, and the taken pushes written at or
 // before cutoff (zero: all).
 func (r *recorder) flush(ctx context.Context, cutoff time.Time) {
-	acks, written, taken := r.acks.take(), r.written.take(), r.takeTaken(cutoff)
+	r.recording.Lock()
+	defer r.recording.Unlock()
+	r.record(ctx, r.acks.take(), r.written.take(), r.takeTaken(cutoff))
+}
+
+// settle records the acks and writes queued so far, after any statement already recording
+// some. The ender settles before it ends sessions: ending one releases its pushes that are not
+// recorded as done, and a written push released before its record would be pushed again at the
+// next connection (a duplicate for a client that does not ack, or an acked push again). Taken
+// pushes keep waiting for their acks: unacked, they are rightly released.
+func (r *recorder) settle(ctx context.Context) {
+	r.recording.Lock()
+	defer r.recording.Unlock()
+	r.record(ctx, r.acks.take(), r.written.take(), nil)
+}
+
+func (r *recorder) record(ctx context.Context, acks []store.Ack, written, taken []int64) {
 	if len(acks)+len(written)+len(taken) == 0 {
 		return
 	}
