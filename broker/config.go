@@ -31,8 +31,9 @@ const (
 	// locks (Postgres's notification queue at commit, the meshes'), in smaller batches. On 2
 	// cores, 10,000 sessions connected at 2,233-3,046 hellos/s (13 runs) with one, against
 	// 1,977-2,338 with four of 16 (BENCHMARKS.md); a replica far from the primary registers as
-	// many per round trip (64) as four of 16 did. A hello stuck behind a lock fails alone after
-	// a second (migration 00035), so it cannot hold up the replica's others.
+	// many per round trip (64) as four of 16 did. Hellos stuck behind their mesh's lock fail
+	// after a second (migration 00035), so they hold up the replica's others for a second, not
+	// for the statement's 5 s timeout.
 	DefaultHelloConcurrency     = 1
 	DefaultCommitters           = 1
 	DefaultMaxUnauthenticated   = 2048

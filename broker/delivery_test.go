@@ -450,8 +450,7 @@ func TestSessionEndComesAfterItsWritesAreRecorded(t *testing.T) {
 
 	metrics, log := newMetrics(), dbtest.Logger(t)
 	r := newRecorder(st, log, metrics)
-	e := newEnder(st, "here", time.Minute, log, metrics)
-	e.settle = r.settle
+	e := newEnder(st, "here", time.Minute, r.settle, log, metrics)
 	r.wrote(local[0].ID) // written to bob's socket; bob does not ack
 	e.end(presenceEnd{ref: ref, mode: endNow})
 	require.NoError(t, e.flush(ctx))

@@ -38,11 +38,11 @@ type ender struct {
 	q       *queue[presenceEnd]
 	// settle records this replica's queued acks and writes (recorder.settle) before sessions
 	// are ended, so an end releases only what was not delivered.
-	settle func(context.Context)
+	settle func(context.Context) error
 }
 
-func newEnder(st *store.Store, nodeID string, grace time.Duration, log *slog.Logger, m *Metrics) *ender {
-	return &ender{store: st, nodeID: nodeID, grace: grace, log: log, metrics: m, q: newQueue[presenceEnd]()}
+func newEnder(st *store.Store, nodeID string, grace time.Duration, settle func(context.Context) error, log *slog.Logger, m *Metrics) *ender {
+	return &ender{store: st, nodeID: nodeID, grace: grace, settle: settle, log: log, metrics: m, q: newQueue[presenceEnd]()}
 }
 
 func (e *ender) end(p presenceEnd) { e.q.add(p) }
@@ -92,8 +92,8 @@ func (e *ender) flush(ctx context.Context) error {
 func (e *ender) record(ctx context.Context, batch []presenceEnd) error {
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	if e.settle != nil {
-		e.settle(ctx)
+	if err := e.settle(ctx); err != nil {
+		return err // the batch is retried
 	}
 	var grace, now []store.PresenceRef
 	for _, p := range batch {

@@ -2,6 +2,7 @@ package broker
 
 import (
 	"context"
+	"fmt"
 	"log/slog"
 	"sort"
 	"sync"
@@ -154,10 +155,23 @@ func (r *recorder) flush(ctx context.Context, cutoff time.Time) {
 // recorded as done, and a written push released before its record would be pushed again at the
 // next connection (a duplicate for a client that does not ack, or an acked push again). Taken
 // pushes keep waiting for their acks: unacked, they are rightly released.
-func (r *recorder) settle(ctx context.Context) {
+// A settle that fails puts its records back and says so: the ender then ends nothing this round.
+// Not cancelled by a stop: records taken from the queues are written or put back, never dropped.
+func (r *recorder) settle(ctx context.Context) error {
 	r.recording.Lock()
 	defer r.recording.Unlock()
-	r.record(ctx, r.acks.take(), r.written.take(), nil)
+	acks, written := r.acks.take(), r.written.take()
+	if len(acks)+len(written) == 0 {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+	defer cancel()
+	if err := r.store.MarkDelivered(ctx, acks, written, nil); err != nil {
+		r.acks.putBack(acks)
+		r.written.putBack(written)
+		return fmt.Errorf("record deliveries before ending sessions: %w", err)
+	}
+	return nil
 }
 
 func (r *recorder) record(ctx context.Context, acks []store.Ack, written, taken []int64) {

@@ -278,16 +278,21 @@ func TestHelloStorm(t *testing.T) {
 	})
 }
 
-// A hello waiting for a lock held elsewhere (its mesh's, here by a transaction that does not
-// end) is refused alone, as overloaded, after a second (migration 00035's lock_timeout); the
-// replica's other hellos go through meanwhile. A replica runs one hello statement at a time,
-// so without the bound one stuck hello held up every hello of its replica for the statement's
-// 5 s timeout, and the ones queued behind it past their 3 s were refused too.
+// Hellos waiting for a lock held elsewhere (their mesh's, here by a transaction that does not
+// end) are refused as overloaded after a second (migration 00035's lock_timeout), with the
+// other hellos of that mesh in their statement at once; a hello for another mesh queued behind
+// them goes through a second later. A replica runs one hello statement at a time: without the
+// bound the statement waited for its 5 s timeout and failed whole, and without the mesh's
+// other hellos failing with the first, six of them waited a second each, past it too.
 func TestHelloBehindAHeldLockIsRefusedAlone(t *testing.T) {
 	t.Parallel()
 	c := newCluster(t, 1, nil)
 	stuck, free := c.mesh(0), c.mesh(0)
-	alice, bob := stuck.member("alice"), free.member("bob")
+	bob := free.member("bob")
+	var alices []*testMember
+	for i := range 6 {
+		alices = append(alices, stuck.member(fmt.Sprint("alice", i)))
+	}
 	ctx := ctxT(t)
 	tx, err := c.pool.Begin(ctx)
 	require.NoError(t, err)
@@ -295,25 +300,29 @@ func TestHelloBehindAHeldLockIsRefusedAlone(t *testing.T) {
 	_, err = tx.Exec(ctx, `SELECT pg_advisory_xact_lock(hashtextextended('claudemesh.hello:' || $1, 0))`, stuck.id)
 	require.NoError(t, err)
 
-	refused := make(chan error, 1)
-	go func() {
-		_, err := stuck.tryDial(0, alice)
-		refused <- err
-	}()
-	dbtest.WaitFor(t, 10*time.Second, "alice's hello waiting for her mesh's lock", func() bool {
+	refused := make(chan error, len(alices))
+	for _, a := range alices {
+		go func() {
+			_, err := stuck.tryDial(0, a)
+			refused <- err
+		}()
+	}
+	dbtest.WaitFor(t, 10*time.Second, "a hello waiting for its mesh's lock", func() bool {
 		var n int
 		require.NoError(t, c.pool.QueryRow(ctx, `SELECT count(*) FROM pg_locks
 			WHERE locktype = 'advisory' AND NOT granted
 			  AND database = (SELECT oid FROM pg_database WHERE datname = current_database())`).Scan(&n))
 		return n > 0
 	})
-	b := free.dial(0, bob) // queued behind alice's statement, on another mesh
+	b := free.dial(0, bob) // queued behind the stuck statement, for another mesh
 	require.NotEmpty(t, b.HelloAck().PresenceID)
-	he := helloErr(t, <-refused)
-	require.Equal(t, protocol.CodeOverloaded, he.Code, he.Message)
-	require.Equal(t, protocol.CloseTryAgainLater, he.CloseCode)
+	for range alices {
+		he := helloErr(t, <-refused)
+		require.Equal(t, protocol.CodeOverloaded, he.Code, he.Message)
+		require.Equal(t, protocol.CloseTryAgainLater, he.CloseCode)
+	}
 
 	require.NoError(t, tx.Rollback(ctx))
-	a := stuck.dial(0, alice) // the retry passes
+	a := stuck.dial(0, alices[0]) // the retry passes
 	require.NotEmpty(t, a.HelloAck().PresenceID)
 }

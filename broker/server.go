@@ -113,8 +113,7 @@ func NewServer(cfg Config, pool *pgxpool.Pool, logger *slog.Logger) (*Server, er
 	refusals := newSampledLog(s.log, 5, 20)
 	s.recorder = newRecorder(s.store, s.log, s.metrics)
 	s.pusher = newPusher(s.store, nodeID, s.log, s.metrics, s.hub)
-	s.ender = newEnder(s.store, nodeID, cfg.Grace(), s.log, s.metrics)
-	s.ender.settle = s.recorder.settle
+	s.ender = newEnder(s.store, nodeID, cfg.Grace(), s.recorder.settle, s.log, s.metrics)
 	pl := &planner{ttl: cfg.MessageTTL, now: time.Now}
 	s.committer = newCommitter(s.store, pl, nodeID, s.pusher, cfg.MaxBatch, cfg.Committers, s.log, s.metrics)
 	s.committer.sessions = s.hub.all

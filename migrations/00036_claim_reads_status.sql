@@ -1,14 +1,17 @@
 -- +goose Up
--- A claim goes by the session's status as the database has it, not as its replica last heard it.
--- The replica read its session's status when it prepared the claim (p_include_held) and the
--- statement ran later: a hook's "working" that committed in between, and a "next" message sent
--- after it (held, since the sender's statement saw "working"), were both visible to the claim,
--- which pushed the held message to a session at work. Seen as rare failures of
+-- A claim takes held priorities (next, low) only when the session is idle both in its
+-- replica's copy (p_include_held) and in the database, as the claim's own snapshot has it.
+-- The replica read its copy when it prepared the claim and the statement ran later: a hook's
+-- "working" that committed in between, and a "next" message sent after it (held, since the
+-- sender's statement saw "working"), were both visible to the claim, which pushed the held
+-- message to a session at work. Seen as rare failures of
 -- TestNextHeldWhileWorkingReleasedByHookOnThirdReplica and TestHooksProveWhoseSessionsTheyChange
--- under load, on 2026-12-01. Read in the claim's own snapshot, the status and the held message
--- agree: any claim that sees a message held by "working" sees "working" too. p_include_held is no
--- longer read; it stays in the signature so replicas of either version share the function
--- during a rolling deploy. One more primary-key probe per session claimed for.
+-- under load, on 2026-12-01. In one snapshot the status and the held message agree: a claim
+-- that sees a message held by "working" sees "working" too. The replica's copy still counts
+-- the other way: between a change to idle and its replica hearing of it, the change's own
+-- release (apply_status) pushes what it assigned first, then wakes the session for the rest,
+-- so a claim in between must not overtake it. One more primary-key probe per session claimed
+-- for.
 -- +goose StatementBegin
 CREATE OR REPLACE FUNCTION claudemesh.claim_deliveries(p_node text, p_presence_ids text[], p_member_ids text[],
     p_session_pubkeys text[], p_session_ids text[], p_include_held boolean[], p_limits int[], p_take_assigned boolean[],
@@ -34,8 +37,8 @@ BEGIN
                 SELECT d.id, false AS assigned FROM claudemesh.delivery d
                 WHERE d.recipient_member_id = s.member_id AND d.state = 'pending'
                   AND claudemesh.claimable(d, s.member_id, s.session_pubkey, s.session_id,
-                          coalesce((SELECT p.status = 'idle' FROM claudemesh.presence p
-                                    WHERE p.id = s.presence_id AND p.ended_at IS NULL), false))
+                          s.include_held AND coalesce((SELECT p.status = 'idle' FROM claudemesh.presence p
+                                                       WHERE p.id = s.presence_id AND p.ended_at IS NULL), false))
                 UNION ALL
                 -- Assigned to this session and not pushed: ones the replica could not push in order
                 -- (retake), all of them after its notifications were lost (take_assigned), and any

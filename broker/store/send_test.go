@@ -432,10 +432,11 @@ func presencePagesRead(ctx context.Context, t *testing.T, tx pgx.Tx) int64 {
 	return n
 }
 
-// A claim goes by the session's status in the database (migration 00036), not the replica's
-// copy, which it read before the statement ran: a "next" message held for a session at work
-// is not taken by a claim whose replica still thinks the session idle, and is taken once the
-// session is idle.
+// A claim takes held priorities only when the session is idle both in its replica's copy and
+// in the database (migration 00036). The replica read its copy before the statement ran: a
+// "next" message held for a session at work is not taken by a claim whose replica still thinks
+// the session idle; nor by one whose replica has not yet heard that it became idle (the
+// change's own release goes first); it is taken when both say idle.
 func TestClaimGoesByTheStatusInTheDatabase(t *testing.T) {
 	ctx := dbtest.Context(t)
 	pool := dbtest.Pool(t)
@@ -455,18 +456,18 @@ func TestClaimGoesByTheStatusInTheDatabase(t *testing.T) {
 	require.NoError(t, err)
 	require.True(t, sent[0].Queued, "held: bob is working")
 
-	claim := func() []store.Claimed {
+	claim := func(replicaSaysIdle bool) []store.Claimed {
 		t.Helper()
-		// IncludeHeld: the replica's copy of bob's status says idle (a hook's "working" not heard yet).
 		rows, err := st.Claim(ctx, "here", []store.ClaimFor{{PresenceID: presence, MemberID: bob, SessionID: "s-bob",
-			IncludeHeld: true, Limit: 10}})
+			IncludeHeld: replicaSaysIdle, Limit: 10}})
 		require.NoError(t, err)
 		return rows
 	}
-	require.Equal(t, 0, len(claim()), "held while bob works, whatever his replica thinks")
+	require.Equal(t, 0, len(claim(true)), "held while bob works, though his replica has not heard of it")
 	_, err = pool.Exec(ctx, `UPDATE claudemesh.presence SET status = 'idle' WHERE id = $1`, presence)
 	require.NoError(t, err)
-	rows := claim()
+	require.Equal(t, 0, len(claim(false)), "not before his replica has heard he is idle")
+	rows := claim(true)
 	require.Len(t, rows, 1, "taken once bob is idle")
 	require.Equal(t, env.ID, rows[0].Push.EnvelopeID)
 }
