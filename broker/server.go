@@ -123,7 +123,8 @@ func NewServer(cfg Config, pool *pgxpool.Pool, logger *slog.Logger) (*Server, er
 		gate:      newGate(cfg.MaxUnauthenticated, cfg.MaxUnauthPerSource, cfg.HelloTimeout),
 		registrar: s.registrar,
 		signals:   sig, committer: s.committer, pusher: s.pusher, recorder: s.recorder, ender: s.ender,
-		metrics: s.metrics, log: s.log, refusals: refusals, draining: &s.draining}
+		metrics: s.metrics, log: s.log, refusals: refusals, draining: &s.draining,
+		linger: newLingerer(lingerWait)}
 	s.peers.melody = s.peers.newMelody()
 	s.sweeper = &sweeper{store: s.store, signals: sig, hub: s.hub, pusher: s.pusher, ender: s.ender,
 		statusTTL: cfg.StatusTTL, every: sweepEvery, log: s.log, metrics: s.metrics}
@@ -341,6 +342,8 @@ func (s *Server) Stop(ctx context.Context) error {
 		_ = ms.Close()
 	}
 	s.served.Wait()
+	// Sockets still lingering after their close frame are cut: the process is going away.
+	s.peers.linger.stop()
 	err = errors.Join(err, s.stopServices(ctx, s.services))
 	s.log.Info("broker stopped")
 	return err
@@ -392,7 +395,8 @@ type Health struct {
 }
 
 // fdReserve is what a replica keeps of its open-file limit for other than sessions: its pool
-// and LISTEN connections, listeners, sockets being upgraded, logs.
+// and LISTEN connections, listeners, sockets being upgraded or lingering after their close
+// (maxLingering), logs.
 const fdReserve = 256
 
 // sessionCapacity is the sessions an open-file limit allows: one descriptor each.

@@ -51,6 +51,7 @@ type peers struct {
 	refusals  *sampledLog // refusals a client can cause at will
 	draining  *atomic.Bool
 	melody    *melody.Melody
+	linger    *lingerer
 }
 
 func (p *peers) newMelody() *melody.Melody {
@@ -206,7 +207,7 @@ func (p *peers) handleWS(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "too many unauthenticated connections; retry shortly", http.StatusServiceUnavailable)
 		return
 	}
-	if err := p.melody.HandleRequestWithKeys(slimHijack{w}, r, map[string]any{"c": c}); err != nil {
+	if err := p.melody.HandleRequestWithKeys(slimHijack{w, p.linger}, r, map[string]any{"c": c}); err != nil {
 		p.gate.release(c)
 		p.metrics.ConnRejected.WithLabelValues("upgrade").Inc()
 		p.log.Debug("websocket upgrade", "err", err)
@@ -287,13 +288,20 @@ func (p *peers) handleFrame(ms *melody.Session, frame []byte) {
 // writer it serves a connection with for as long as the handler runs, and melody's read loop
 // runs in the handler, so every idle session would hold them unused besides the socket's own
 // buffers. Once the connection is taken over they are swapped, in place, for minimal ones:
-// 8 KiB less per session.
-type slimHijack struct{ http.ResponseWriter }
+// 8 KiB less per session. The connection closes with a linger (linger.go).
+type slimHijack struct {
+	http.ResponseWriter
+	linger *lingerer
+}
 
 func (w slimHijack) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 	conn, brw, err := http.NewResponseController(w.ResponseWriter).Hijack()
-	if err != nil || brw.Reader.Buffered() > 0 || brw.Writer.Buffered() > 0 {
-		return conn, brw, err // bytes in flight stay where they are (the upgrade refuses those)
+	if err != nil {
+		return conn, brw, err
+	}
+	conn = w.linger.wrap(conn)
+	if brw.Reader.Buffered() > 0 || brw.Writer.Buffered() > 0 {
+		return conn, brw, nil // bytes in flight stay where they are (the upgrade refuses those)
 	}
 	*brw.Reader = *bufio.NewReaderSize(conn, 16)
 	*brw.Writer = *bufio.NewWriterSize(conn, 16)

@@ -1,0 +1,181 @@
+package broker
+
+import (
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// Closing a TCP socket whose receive queue holds unread bytes, or that receives bytes after
+// close, makes the kernel answer with a reset, and a reset makes the peer's kernel discard
+// whatever the peer had not read yet. A session the broker closes (slow consumer, kick,
+// drain) can have pushes sitting unread in the client's buffer, already recorded as
+// delivered for a client without client_ack, and the client typically still writes (a pong,
+// its close frame): an abrupt close would lose those pushes. So a WebSocket's connection is
+// closed the way HTTP servers close theirs: shut the write side (the FIN follows what is
+// queued), read and discard until the client closes or lingerWait passes, then close.
+const (
+	lingerWait = 2 * time.Second
+	// maxLingering bounds the sockets kept past their close, so that clients opening and
+	// getting closed in a loop cannot make the replica hold a socket each for lingerWait;
+	// past it, a socket is closed at once, as before. They come out of fdReserve.
+	maxLingering = 128
+)
+
+// lingerer owns the connections that are lingering: at most maxLingering, all cut by stop.
+type lingerer struct {
+	wait time.Duration
+	mu   sync.Mutex
+	open map[*lingerConn]struct{}
+	done bool
+	wg   sync.WaitGroup
+}
+
+func newLingerer(wait time.Duration) *lingerer {
+	return &lingerer{wait: wait, open: map[*lingerConn]struct{}{}}
+}
+
+// wrap returns c closing with a linger when it is a TCP connection (anything that can shut
+// its write side alone); other connections are returned as they are.
+func (l *lingerer) wrap(c net.Conn) net.Conn {
+	if _, ok := c.(interface{ CloseWrite() error }); !ok {
+		return c
+	}
+	return &lingerConn{Conn: c, l: l}
+}
+
+// admit takes c into the lingering set, or reports that it must close at once.
+func (l *lingerer) admit(c *lingerConn) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.done || len(l.open) >= maxLingering {
+		return false
+	}
+	l.open[c] = struct{}{}
+	l.wg.Add(1)
+	return true
+}
+
+func (l *lingerer) release(c *lingerConn) {
+	l.mu.Lock()
+	delete(l.open, c)
+	l.mu.Unlock()
+	l.wg.Done()
+}
+
+// stop closes every lingering connection now, and any closed later at once; it returns when
+// their goroutines are gone.
+func (l *lingerer) stop() {
+	l.mu.Lock()
+	l.done = true
+	for c := range l.open {
+		_ = c.Conn.SetReadDeadline(time.Now()) // the drain sees its deadline and closes
+	}
+	l.mu.Unlock()
+	l.wg.Wait()
+}
+
+// lingerCount reports how many connections are lingering (tests).
+func (l *lingerer) lingerCount() int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return len(l.open)
+}
+
+// lingerConn is a WebSocket's TCP connection whose Close lingers. After Close, the
+// WebSocket's own reader and writer get net.ErrClosed at once, as with a plain close; only
+// the drain goroutine still reads the socket.
+type lingerConn struct {
+	net.Conn
+	l       *lingerer
+	closing atomic.Bool
+	once    sync.Once
+	// deadlines orders the WebSocket's own read deadlines (a pong pushes it out) before
+	// Close's, so none can undo the wake-up of the reader or the drain's limit.
+	deadlines sync.Mutex
+	// reading is held across each read of the socket by the WebSocket's reader, so that the
+	// drain starts only once that read has returned, and is the socket's only reader after.
+	reading sync.Mutex
+}
+
+func (c *lingerConn) Read(b []byte) (int, error) {
+	if c.closing.Load() {
+		return 0, net.ErrClosed
+	}
+	c.reading.Lock()
+	defer c.reading.Unlock()
+	if c.closing.Load() {
+		return 0, net.ErrClosed
+	}
+	n, err := c.Conn.Read(b)
+	if err != nil && c.closing.Load() {
+		err = net.ErrClosed // the deadline Close set to wake this read, not the client's doing
+	}
+	return n, err
+}
+
+func (c *lingerConn) Write(b []byte) (int, error) {
+	if c.closing.Load() {
+		return 0, net.ErrClosed
+	}
+	return c.Conn.Write(b)
+}
+
+func (c *lingerConn) SetReadDeadline(t time.Time) error {
+	c.deadlines.Lock()
+	defer c.deadlines.Unlock()
+	if c.closing.Load() {
+		return net.ErrClosed
+	}
+	return c.Conn.SetReadDeadline(t)
+}
+
+func (c *lingerConn) SetDeadline(t time.Time) error {
+	if err := c.SetReadDeadline(t); err != nil {
+		return err
+	}
+	return c.Conn.SetWriteDeadline(t)
+}
+
+func (c *lingerConn) Close() error {
+	var err error
+	c.once.Do(func() {
+		c.deadlines.Lock()
+		defer c.deadlines.Unlock()
+		c.closing.Store(true)
+		if !c.l.admit(c) {
+			err = c.Conn.Close()
+			return
+		}
+		// Shutting the write side wakes a write blocked on a full buffer (EPIPE); the deadline
+		// in the past wakes the WebSocket's reader.
+		if err = c.Conn.(interface{ CloseWrite() error }).CloseWrite(); err != nil {
+			_ = c.Conn.Close()
+			c.l.release(c)
+			return
+		}
+		_ = c.Conn.SetReadDeadline(time.Now())
+		go c.drain()
+	})
+	return err
+}
+
+// drain reads and discards until the client closes, an error, or lingerWait, then closes.
+func (c *lingerConn) drain() {
+	defer c.l.release(c)
+	c.reading.Lock() // the WebSocket reader's last read has returned
+	defer c.reading.Unlock()
+	c.l.mu.Lock()
+	if !c.l.done {
+		_ = c.Conn.SetReadDeadline(time.Now().Add(c.l.wait))
+	}
+	c.l.mu.Unlock()
+	buf := make([]byte, 512)
+	for {
+		if _, err := c.Conn.Read(buf); err != nil {
+			break
+		}
+	}
+	_ = c.Conn.Close()
+}

@@ -1,0 +1,146 @@
+package broker
+
+import (
+	"errors"
+	"io"
+	"net"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/claudemesh/broker/db/dbtest"
+)
+
+// tcpPair returns both ends of a loopback TCP connection.
+func tcpPair(t *testing.T) (client, server net.Conn) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	defer ln.Close()
+	cl, err := net.Dial("tcp", ln.Addr().String())
+	require.NoError(t, err)
+	sv, err := ln.Accept()
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = cl.Close(); _ = sv.Close() })
+	return cl, sv
+}
+
+// writeOn writes until an error and reports on written how much the kernel took: what the
+// broker counts as written to a client that does not ack. full is set once a write has
+// waited (both sides' buffers are full); the writer then stays blocked, as melody's does.
+func writeOn(c net.Conn, full *atomic.Bool) <-chan int {
+	written := make(chan int, 1)
+	go func() {
+		var n int
+		chunk := make([]byte, 16<<10)
+		_ = c.SetWriteDeadline(time.Now().Add(100 * time.Millisecond))
+		for {
+			m, err := c.Write(chunk)
+			n += m
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() && !full.Load() {
+				full.Store(true)
+				_ = c.SetWriteDeadline(time.Time{})
+				continue
+			}
+			if err != nil {
+				written <- n
+				return
+			}
+			if !full.Load() {
+				_ = c.SetWriteDeadline(time.Now().Add(100 * time.Millisecond))
+			}
+		}
+	}()
+	return written
+}
+
+// A socket the broker closes while its pushes still sit unsent (the client stopped reading)
+// delivers every byte it was given once the client reads again, even though the client wrote
+// after the close (a pong, its close frame): a plain close would answer that write with a
+// reset and drop what was queued.
+func TestClosedSocketDeliversWhatItWasGiven(t *testing.T) {
+	t.Parallel()
+	cl, sv := tcpPair(t)
+	l := newLingerer(10 * time.Second)
+	sc := l.wrap(sv)
+
+	// The WebSocket's reader, blocked in a read as melody's is.
+	readErr := make(chan error, 1)
+	go func() {
+		_, err := sc.Read(make([]byte, 64))
+		readErr <- err
+	}()
+	var full atomic.Bool
+	written := writeOn(sc, &full)
+	dbtest.WaitFor(t, 10*time.Second, "the socket's buffers full", full.Load)
+	var n int
+
+	require.NoError(t, sc.Close())
+	select {
+	case err := <-readErr:
+		require.ErrorIs(t, err, net.ErrClosed, "the reader sees a closed socket at once")
+	case <-time.After(5 * time.Second):
+		t.Fatal("the reader was not woken by the close")
+	}
+	select {
+	case n = <-written:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the blocked writer was not woken by the close")
+	}
+
+	// The client answers (its close frame), then reads what is there.
+	_, err := cl.Write([]byte("bye"))
+	require.NoError(t, err)
+	require.NoError(t, cl.SetReadDeadline(time.Now().Add(10*time.Second)))
+	got, err := io.Copy(io.Discard, cl)
+	require.NoError(t, err, "the client reads to a clean end, not a reset")
+	require.Equal(t, int64(n), got, "every byte the broker wrote reaches the client")
+	_ = cl.Close()
+	dbtest.WaitFor(t, 5*time.Second, "the lingering socket closed once the client did", func() bool {
+		return l.lingerCount() == 0
+	})
+}
+
+// A client that never reads nor closes holds the socket for the linger time only, and past
+// maxLingering sockets close at once; stop cuts those still lingering.
+func TestLingeringIsBounded(t *testing.T) {
+	t.Parallel()
+	l := newLingerer(time.Hour)
+	var clients []net.Conn
+	for range 3 {
+		cl, sv := tcpPair(t)
+		clients = append(clients, cl)
+		require.NoError(t, l.wrap(sv).Close())
+	}
+	require.Equal(t, 3, l.lingerCount())
+
+	// Full: the next one closes at once, and its client sees the end.
+	full := newLingerer(time.Hour)
+	for range maxLingering {
+		full.mu.Lock()
+		full.open[&lingerConn{}] = struct{}{}
+		full.mu.Unlock()
+	}
+	cl, sv := tcpPair(t)
+	require.NoError(t, full.wrap(sv).Close())
+	require.NoError(t, cl.SetReadDeadline(time.Now().Add(5*time.Second)))
+	_, err := cl.Read(make([]byte, 1))
+	require.ErrorIs(t, err, io.EOF, "closed at once when maxLingering are lingering")
+
+	l.stop()
+	require.Equal(t, 0, l.lingerCount())
+	for _, c := range clients {
+		require.NoError(t, c.SetReadDeadline(time.Now().Add(5*time.Second)))
+		_, err := c.Read(make([]byte, 1))
+		require.True(t, errors.Is(err, io.EOF), "stop closed the lingering socket: %v", err)
+	}
+
+	// A short linger ends on its own.
+	short := newLingerer(50 * time.Millisecond)
+	_, sv = tcpPair(t)
+	require.NoError(t, short.wrap(sv).Close())
+	dbtest.WaitFor(t, 5*time.Second, "the linger ended on its own", func() bool { return short.lingerCount() == 0 })
+}
