@@ -263,12 +263,24 @@ func (b *Bus) pingLoop(ctx context.Context) {
 type handler struct {
 	b         *Bus
 	onConnect func()
+	// The connection each channel was last LISTENed on. pgxlisten LISTENs in map order,
+	// which is random: either channel may come last. Holding the pointers keeps a closed
+	// connection's address from being reused, so equality means the same connection.
+	nodeOn, clusterOn *pgx.Conn
 }
 
-// HandleBacklog runs right after LISTEN succeeds: whatever was sent while we were not
+// HandleBacklog runs right after each LISTEN succeeds: whatever was sent while we were not
 // listening is only in the tables, so the consumer resyncs.
-func (h *handler) HandleBacklog(_ context.Context, channel string, _ *pgx.Conn) error {
-	if channel == h.b.cluster { // the last of the two channels: the connection is complete
+func (h *handler) HandleBacklog(_ context.Context, channel string, conn *pgx.Conn) error {
+	switch channel {
+	case h.b.node:
+		h.nodeOn = conn
+	case h.b.cluster:
+		h.clusterOn = conn
+	}
+	// Only with both channels listened is the connection complete: connected (or the
+	// resync) any earlier would let a NOTIFY to the other channel go unheard, and unresynced.
+	if h.nodeOn == conn && h.clusterOn == conn {
 		h.b.connected.Store(true)
 		h.b.lastPing.Store(time.Now().UnixNano())
 		h.onConnect()

@@ -119,6 +119,27 @@ func requireResync(t *testing.T, b *Bus) {
 	}
 }
 
+// pgxlisten LISTENs its channels in map order, which is random: whichever comes first, the
+// bus is connected (and asks for its resync) only once both are listened.
+func TestConnectedOnlyOnceBothChannelsListen(t *testing.T) {
+	cc, err := pgx.ParseConfig("postgres://localhost/x")
+	require.NoError(t, err)
+	b, err := New(Config{ConnConfig: cc, Exec: &pgx.Conn{}, NodeID: "b"}) // never started: no I/O
+	require.NoError(t, err)
+	h := &handler{b: b, onConnect: func() {}}
+	ctx := context.Background()
+	for _, order := range [][2]string{{b.cluster, b.node}, {b.node, b.cluster}} {
+		b.connected.Store(false)
+		conn := &pgx.Conn{} // a new connection each time, as after a reconnect
+		require.NoError(t, h.HandleBacklog(ctx, order[0], conn))
+		require.False(t, b.Connected(), "connected with only %s listened", order[0])
+		require.Empty(t, b.queue, "resync before %s is listened", order[1])
+		require.NoError(t, h.HandleBacklog(ctx, order[1], conn))
+		require.True(t, b.Connected())
+		require.Equal(t, KindResync, (<-b.queue).Kind)
+	}
+}
+
 func TestOverflowBecomesResync(t *testing.T) {
 	t.Parallel()
 	url := dbtest.URL(t)
