@@ -79,9 +79,11 @@ WHERE p.node_id = @node_id AND p.ended_at IS NULL AND p.grace_until IS NULL
   AND (EXISTS (SELECT 1 FROM claudemesh.delivery d
                WHERE d.recipient_member_id = p.member_id AND d.state = 'pending'
                  AND claudemesh.claimable(d, p.member_id, coalesce(p.session_pubkey, ''), p.session_id, p.status = 'idle'))
-       OR EXISTS (SELECT 1 FROM claudemesh.delivery d
-                  WHERE d.pushed_presence = p.id AND d.state = 'assigned'
-                    AND d.pushed_at < now() - make_interval(secs => @assigned_stale_seconds::float8)));
+       -- Old assigned pushes of this node, by node and age (00037), not by session: a probe
+       -- per session would read each one's every held delivery, dead versions included.
+       OR p.id IN (SELECT d.pushed_presence FROM claudemesh.delivery d
+                   WHERE d.pushed_node = @node_id AND d.state = 'assigned'
+                     AND d.pushed_at < now() - make_interval(secs => @assigned_stale_seconds::float8)));
 
 -- name: PendingDeliveryCount :one
 -- Through the open deliveries' partial indexes: acked rows are kept for days, and counting them
