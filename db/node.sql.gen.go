@@ -10,6 +10,27 @@ import (
 	"time"
 )
 
+const deleteGoneNodes = `-- name: DeleteGoneNodes :execrows
+DELETE FROM claudemesh.node n
+WHERE coalesce(n.stopped_at, n.dead_at) < now() - make_interval(secs => $1::float8)
+  AND n.heartbeat_at < now() - make_interval(secs => $1::float8)
+  AND NOT EXISTS (SELECT 1 FROM claudemesh.presence p WHERE p.node_id = n.id AND p.ended_at IS NULL)
+  AND NOT EXISTS (SELECT 1 FROM claudemesh.delivery d
+                  WHERE d.pushed_node = n.id AND d.state IN ('assigned', 'pushed'))
+`
+
+// Every start of a replica with a generated id adds a node row, and every check above probes
+// each dead one: rows of nodes stopped or declared dead long ago go, once nothing live names
+// them (no live presence, no push held). A node that still runs after all re-registers at
+// its next heartbeat (NodeHeartbeat finds no row).
+func (q *Queries) DeleteGoneNodes(ctx context.Context, goneSeconds float64) (int64, error) {
+	result, err := q.db.Exec(ctx, deleteGoneNodes, goneSeconds)
+	if err != nil {
+		return 0, err
+	}
+	return result.RowsAffected(), nil
+}
+
 const graceDeadNodesPresences = `-- name: GraceDeadNodesPresences :exec
 UPDATE claudemesh.presence p SET grace_until = n.heartbeat_at + make_interval(secs => $1::float8)
 FROM claudemesh.node n

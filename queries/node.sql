@@ -62,3 +62,15 @@ RETURNING d.mesh_id, d.recipient_member_id;
 -- Analyzes the tables that outgrew their statistics (migration 00021) and names them; one
 -- replica at a time, the others get an empty list.
 SELECT claudemesh.refresh_statistics(@tables::text[], @min_rows::bigint, @growth::float8)::text[] AS analyzed;
+
+-- name: DeleteGoneNodes :execrows
+-- Every start of a replica with a generated id adds a node row, and every check above probes
+-- each dead one: rows of nodes stopped or declared dead long ago go, once nothing live names
+-- them (no live presence, no push held). A node that still runs after all re-registers at
+-- its next heartbeat (NodeHeartbeat finds no row).
+DELETE FROM claudemesh.node n
+WHERE coalesce(n.stopped_at, n.dead_at) < now() - make_interval(secs => @gone_seconds::float8)
+  AND n.heartbeat_at < now() - make_interval(secs => @gone_seconds::float8)
+  AND NOT EXISTS (SELECT 1 FROM claudemesh.presence p WHERE p.node_id = n.id AND p.ended_at IS NULL)
+  AND NOT EXISTS (SELECT 1 FROM claudemesh.delivery d
+                  WHERE d.pushed_node = n.id AND d.state IN ('assigned', 'pushed'));

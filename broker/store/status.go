@@ -47,6 +47,9 @@ func (s *Store) DeleteExpired(ctx context.Context) error {
 	}
 	// A few pages per sweep: a backlog (the rows kept before pruning existed) clears in
 	// minutes without one long statement.
+	if _, err := s.q.DeleteGoneNodes(ctx, GoneNodeRetention.Seconds()); err != nil {
+		return fmt.Errorf("delete gone nodes: %w", err)
+	}
 	for range endedPresencePages {
 		n, err := s.q.DeleteEndedPresences(ctx, db.DeleteEndedPresencesParams{
 			EndedBeforeSeconds: EndedPresenceRetention.Seconds(), PageSize: endedPresencePage})
@@ -70,6 +73,10 @@ const (
 // EndedPresenceRetention is how long an ended presence is kept: every new session adds one,
 // and nothing reads them once ended (the audit log records who connected when).
 const EndedPresenceRetention = time.Hour
+
+// GoneNodeRetention is how long the row of a replica that stopped or was declared dead is
+// kept (the status page lists it meanwhile); then it goes once nothing live names it.
+const GoneNodeRetention = 24 * time.Hour
 
 // StateQuota bounds a mesh's shared state.
 type StateQuota struct{ MaxKeys, MaxBytes int }
