@@ -170,12 +170,10 @@ func (r *router) reloadStatus(ctx context.Context, sess *session) {
 // whose sessions are caught up polls with one read-only query and takes no row locks, whatever
 // its number of sessions.
 func (r *router) resync(ctx context.Context, full bool) {
-	if r.hub.len() == 0 {
-		return
-	}
+	// Also with no session here: pushes assigned here to sessions that left may wait for it.
 	ctx, cancel := context.WithTimeout(ctx, opTimeout)
 	defer cancel()
-	if full {
+	if full && r.hub.len() > 0 {
 		statuses, err := r.store.NodeStatuses(ctx, r.nodeID)
 		if err != nil {
 			r.metrics.backgroundError(r.log, "resync", err, "retry", "next poll")
@@ -194,10 +192,16 @@ func (r *router) resync(ctx context.Context, full bool) {
 			r.pusher.request(sess)
 		}
 	}
-	claimable, err := r.store.SessionsWithClaimable(ctx, r.nodeID)
+	claimable, orphans, err := r.store.SessionsWithClaimable(ctx, r.nodeID)
 	if err != nil {
 		r.metrics.backgroundError(r.log, "catch_up", err, "retry", "next poll")
 		return
+	}
+	if len(orphans) > 0 {
+		// Assigned here to a session that moved or ended, and never given back: pending again,
+		// so the session's replica (its own poll) or its next connection takes them.
+		r.log.Info("giving back pushes assigned to sessions gone from this node", "count", len(orphans))
+		r.pusher.release(orphans, true)
 	}
 	for id, st := range claimable {
 		if sess := r.hub.get(id); sess != nil {

@@ -253,7 +253,7 @@ func (q *Queries) MarkDelivered(ctx context.Context, arg MarkDeliveredParams) er
 }
 
 const nodeSessionsWithClaimable = `-- name: NodeSessionsWithClaimable :many
-SELECT p.id, p.status FROM claudemesh.presence p
+SELECT 's'::text AS kind, p.id, p.status FROM claudemesh.presence p
 WHERE p.node_id = $1 AND p.ended_at IS NULL AND p.grace_until IS NULL
   AND (EXISTS (SELECT 1 FROM claudemesh.delivery d
                WHERE d.recipient_member_id = p.member_id AND d.state = 'pending'
@@ -263,6 +263,12 @@ WHERE p.node_id = $1 AND p.ended_at IS NULL AND p.grace_until IS NULL
        OR p.id IN (SELECT d.pushed_presence FROM claudemesh.delivery d
                    WHERE d.pushed_node = $1 AND d.state = 'assigned'
                      AND d.pushed_at < now() - make_interval(secs => $2::float8)))
+UNION ALL
+SELECT 'o', d.id::text, '' FROM claudemesh.delivery d
+WHERE d.pushed_node = $1 AND d.state = 'assigned'
+  AND d.pushed_at < now() - make_interval(secs => $2::float8)
+  AND NOT EXISTS (SELECT 1 FROM claudemesh.presence x
+                  WHERE x.id = d.pushed_presence AND x.node_id = $1 AND x.ended_at IS NULL)
 `
 
 type NodeSessionsWithClaimableParams struct {
@@ -271,13 +277,16 @@ type NodeSessionsWithClaimableParams struct {
 }
 
 type NodeSessionsWithClaimableRow struct {
+	Kind   string
 	ID     string
 	Status string
 }
 
 // The catch-up poll: which of this node's connected sessions have a delivery the claim would
-// take now, with the status the claim goes by. One indexed query per replica, whatever its
-// number of sessions; no locks.
+// take now, with the status the claim goes by (kind 's'), and this node's old assigned pushes
+// whose session is no longer live here (kind 'o', the delivery id in id): a send that raced a
+// reattach elsewhere or an end assigned them to a session that has moved or gone, and their
+// give-back was lost. One indexed query per replica, whatever its number of sessions; no locks.
 func (q *Queries) NodeSessionsWithClaimable(ctx context.Context, arg NodeSessionsWithClaimableParams) ([]NodeSessionsWithClaimableRow, error) {
 	rows, err := q.db.Query(ctx, nodeSessionsWithClaimable, arg.NodeID, arg.AssignedStaleSeconds)
 	if err != nil {
@@ -287,7 +296,7 @@ func (q *Queries) NodeSessionsWithClaimable(ctx context.Context, arg NodeSession
 	items := []NodeSessionsWithClaimableRow{}
 	for rows.Next() {
 		var i NodeSessionsWithClaimableRow
-		if err := rows.Scan(&i.ID, &i.Status); err != nil {
+		if err := rows.Scan(&i.Kind, &i.ID, &i.Status); err != nil {
 			return nil, err
 		}
 		items = append(items, i)

@@ -72,9 +72,11 @@ ORDER BY d.id;
 
 -- name: NodeSessionsWithClaimable :many
 -- The catch-up poll: which of this node's connected sessions have a delivery the claim would
--- take now, with the status the claim goes by. One indexed query per replica, whatever its
--- number of sessions; no locks.
-SELECT p.id, p.status FROM claudemesh.presence p
+-- take now, with the status the claim goes by (kind 's'), and this node's old assigned pushes
+-- whose session is no longer live here (kind 'o', the delivery id in id): a send that raced a
+-- reattach elsewhere or an end assigned them to a session that has moved or gone, and their
+-- give-back was lost. One indexed query per replica, whatever its number of sessions; no locks.
+SELECT 's'::text AS kind, p.id, p.status FROM claudemesh.presence p
 WHERE p.node_id = @node_id AND p.ended_at IS NULL AND p.grace_until IS NULL
   AND (EXISTS (SELECT 1 FROM claudemesh.delivery d
                WHERE d.recipient_member_id = p.member_id AND d.state = 'pending'
@@ -83,7 +85,13 @@ WHERE p.node_id = @node_id AND p.ended_at IS NULL AND p.grace_until IS NULL
        -- per session would read each one's every held delivery, dead versions included.
        OR p.id IN (SELECT d.pushed_presence FROM claudemesh.delivery d
                    WHERE d.pushed_node = @node_id AND d.state = 'assigned'
-                     AND d.pushed_at < now() - make_interval(secs => @assigned_stale_seconds::float8)));
+                     AND d.pushed_at < now() - make_interval(secs => @assigned_stale_seconds::float8)))
+UNION ALL
+SELECT 'o', d.id::text, '' FROM claudemesh.delivery d
+WHERE d.pushed_node = @node_id AND d.state = 'assigned'
+  AND d.pushed_at < now() - make_interval(secs => @assigned_stale_seconds::float8)
+  AND NOT EXISTS (SELECT 1 FROM claudemesh.presence x
+                  WHERE x.id = d.pushed_presence AND x.node_id = @node_id AND x.ended_at IS NULL);
 
 -- name: PendingDeliveryCount :one
 -- Through the open deliveries' partial indexes: acked rows are kept for days, and counting them

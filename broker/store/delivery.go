@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strconv"
 	"time"
 
 	"github.com/claudemesh/broker/broker/audit"
@@ -70,18 +71,28 @@ func (s *Store) Claim(ctx context.Context, nodeID string, sessions []ClaimFor) (
 }
 
 // SessionsWithClaimable returns node's connected sessions that have a delivery to claim now,
-// with their status (presence id → status).
-func (s *Store) SessionsWithClaimable(ctx context.Context, nodeID string) (map[string]string, error) {
+// with their status (presence id → status), and the ids of node's old assigned pushes whose
+// session is no longer live on node (to give back to pending).
+func (s *Store) SessionsWithClaimable(ctx context.Context, nodeID string) (map[string]string, []int64, error) {
 	rows, err := s.q.NodeSessionsWithClaimable(ctx, db.NodeSessionsWithClaimableParams{NodeID: nodeID,
 		AssignedStaleSeconds: AssignedStale.Seconds()})
 	if err != nil {
-		return nil, fmt.Errorf("sessions with claimable: %w", err)
+		return nil, nil, fmt.Errorf("sessions with claimable: %w", err)
 	}
 	out := make(map[string]string, len(rows))
+	var orphans []int64
 	for _, r := range rows {
+		if r.Kind == "o" {
+			id, err := strconv.ParseInt(r.ID, 10, 64)
+			if err != nil {
+				return nil, nil, fmt.Errorf("sessions with claimable: delivery id %q: %w", r.ID, err)
+			}
+			orphans = append(orphans, id)
+			continue
+		}
 		out[r.ID] = r.Status
 	}
-	return out, nil
+	return out, orphans, nil
 }
 
 // Release returns deliveries that were never written to pending: claimed ones whose socket
