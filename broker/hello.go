@@ -73,6 +73,9 @@ func (p *peers) handleHello(ms *melody.Session, c *conn, msg protocol.ClientMess
 	}
 	c.sess.Store(sess)
 	p.gate.release(c) // authenticated: no longer held to the hello deadline
+	if wc := ms.WebsocketConnection(); wc != nil {
+		lingerOnClose(wc.UnderlyingConn()) // pushes will be written to it
+	}
 	if old := p.hub.add(sess); old != nil {
 		// The same session reconnected to this replica while its old socket lingered.
 		connOf(old.ws).end.Set(endReplaced)

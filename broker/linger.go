@@ -8,13 +8,15 @@ import (
 )
 
 // Closing a TCP socket whose receive queue holds unread bytes, or that receives bytes after
-// close, makes the kernel answer with a reset, and a reset makes the peer's kernel discard
-// whatever the peer had not read yet. A session the broker closes (slow consumer, kick,
-// drain) can have pushes sitting unread in the client's buffer, already recorded as
+// close, makes the kernel answer with a reset, and a reset drops what the broker's side still
+// had queued for the peer (and, on some stacks, what the peer had not read yet). A session the
+// broker closes (slow consumer, kick, drain) can have pushes queued there, already recorded as
 // delivered for a client without client_ack, and the client typically still writes (a pong,
-// its close frame): an abrupt close would lose those pushes. So a WebSocket's connection is
+// its close frame): an abrupt close would lose those pushes. So a session's connection is
 // closed the way HTTP servers close theirs: shut the write side (the FIN follows what is
-// queued), read and discard until the client closes or lingerWait passes, then close.
+// queued), read and discard until the client closes or lingerWait passes, then close. Only
+// connections that said hello linger (marked by lingerOnClose): a socket that never did has
+// nothing of ours to lose, and must not take the slots.
 const (
 	lingerWait = 2 * time.Second
 	// maxLingering bounds the sockets kept past their close, so that clients opening and
@@ -36,13 +38,21 @@ func newLingerer(wait time.Duration) *lingerer {
 	return &lingerer{wait: wait, open: map[*lingerConn]struct{}{}}
 }
 
-// wrap returns c closing with a linger when it is a TCP connection (anything that can shut
-// its write side alone); other connections are returned as they are.
+// wrap returns c able to close with a linger when it is a plain TCP connection; others (TLS,
+// whose CloseWrite waits behind a stalled write) are returned as they are.
 func (l *lingerer) wrap(c net.Conn) net.Conn {
-	if _, ok := c.(interface{ CloseWrite() error }); !ok {
+	tc, ok := c.(*net.TCPConn)
+	if !ok {
 		return c
 	}
-	return &lingerConn{Conn: c, l: l}
+	return &lingerConn{Conn: tc, tcp: tc, l: l}
+}
+
+// lingerOnClose makes c (a connection from wrap) linger when it is closed.
+func lingerOnClose(c net.Conn) {
+	if lc, ok := c.(*lingerConn); ok {
+		lc.lingers.Store(true)
+	}
 }
 
 // admit takes c into the lingering set, or reports that it must close at once.
@@ -64,16 +74,31 @@ func (l *lingerer) release(c *lingerConn) {
 	l.wg.Done()
 }
 
-// stop closes every lingering connection now, and any closed later at once; it returns when
-// their goroutines are gone.
-func (l *lingerer) stop() {
+// stop closes any connection closed from now on at once, waits up to grace for the lingering
+// ones to end (their clients reading the last pushes and the close frame), then cuts the rest;
+// it returns when their goroutines are gone.
+func (l *lingerer) stop(grace time.Duration) {
 	l.mu.Lock()
 	l.done = true
+	l.mu.Unlock()
+	ended := make(chan struct{})
+	go func() {
+		l.wg.Wait()
+		close(ended)
+	}()
+	t := time.NewTimer(grace)
+	defer t.Stop()
+	select {
+	case <-ended:
+		return
+	case <-t.C:
+	}
+	l.mu.Lock()
 	for c := range l.open {
 		_ = c.Conn.SetReadDeadline(time.Now()) // the drain sees its deadline and closes
 	}
 	l.mu.Unlock()
-	l.wg.Wait()
+	<-ended
 }
 
 // lingerCount reports how many connections are lingering (tests).
@@ -83,12 +108,15 @@ func (l *lingerer) lingerCount() int {
 	return len(l.open)
 }
 
-// lingerConn is a WebSocket's TCP connection whose Close lingers. After Close, the
-// WebSocket's own reader and writer get net.ErrClosed at once, as with a plain close; only
-// the drain goroutine still reads the socket.
+// lingerConn is a WebSocket's TCP connection whose Close lingers once lingerOnClose marked it.
+// After Close, the WebSocket's own reader gets net.ErrClosed at once, as with a plain close,
+// and its writer too (a write already blocked gets EPIPE); only the drain goroutine still
+// reads the socket.
 type lingerConn struct {
 	net.Conn
+	tcp     *net.TCPConn
 	l       *lingerer
+	lingers atomic.Bool
 	closing atomic.Bool
 	once    sync.Once
 	// deadlines orders the WebSocket's own read deadlines (a pong pushes it out) before
@@ -144,13 +172,13 @@ func (c *lingerConn) Close() error {
 		c.deadlines.Lock()
 		defer c.deadlines.Unlock()
 		c.closing.Store(true)
-		if !c.l.admit(c) {
+		if !c.lingers.Load() || !c.l.admit(c) {
 			err = c.Conn.Close()
 			return
 		}
 		// Shutting the write side wakes a write blocked on a full buffer (EPIPE); the deadline
 		// in the past wakes the WebSocket's reader.
-		if err = c.Conn.(interface{ CloseWrite() error }).CloseWrite(); err != nil {
+		if err = c.tcp.CloseWrite(); err != nil {
 			_ = c.Conn.Close()
 			c.l.release(c)
 			return

@@ -66,6 +66,7 @@ func TestClosedSocketDeliversWhatItWasGiven(t *testing.T) {
 	cl, sv := tcpPair(t)
 	l := newLingerer(10 * time.Second)
 	sc := l.wrap(sv)
+	lingerOnClose(sc) // a session's connection
 
 	// The WebSocket's reader, blocked in a read as melody's is.
 	readErr := make(chan error, 1)
@@ -104,43 +105,85 @@ func TestClosedSocketDeliversWhatItWasGiven(t *testing.T) {
 	})
 }
 
-// A client that never reads nor closes holds the socket for the linger time only, and past
-// maxLingering sockets close at once; stop cuts those still lingering.
+// closedNow reports whether the server's socket itself is closed (not lingering).
+func closedNow(t *testing.T, sv net.Conn) bool {
+	t.Helper()
+	if err := sv.SetReadDeadline(time.Now().Add(50 * time.Millisecond)); err != nil {
+		return errors.Is(err, net.ErrClosed)
+	}
+	_, err := sv.Read(make([]byte, 1))
+	return errors.Is(err, net.ErrClosed)
+}
+
+// Lingering is bounded: only connections that said hello linger, at most maxLingering of
+// them, each for the linger time at most; stop lets them end within its grace, then cuts them.
 func TestLingeringIsBounded(t *testing.T) {
 	t.Parallel()
 	l := newLingerer(time.Hour)
-	var clients []net.Conn
+	var socks []net.Conn
 	for range 3 {
-		cl, sv := tcpPair(t)
-		clients = append(clients, cl)
-		require.NoError(t, l.wrap(sv).Close())
+		_, sv := tcpPair(t)
+		sc := l.wrap(sv)
+		lingerOnClose(sc)
+		require.NoError(t, sc.Close())
+		socks = append(socks, sv)
 	}
 	require.Equal(t, 3, l.lingerCount())
 
-	// Full: the next one closes at once, and its client sees the end.
+	// A socket that never said hello closes at once, and takes no slot.
+	_, sv := tcpPair(t)
+	require.NoError(t, l.wrap(sv).Close())
+	require.True(t, closedNow(t, sv), "closed at once without a hello")
+	require.Equal(t, 3, l.lingerCount())
+
+	// Full: the next one closes at once.
 	full := newLingerer(time.Hour)
 	for range maxLingering {
 		full.mu.Lock()
 		full.open[&lingerConn{}] = struct{}{}
 		full.mu.Unlock()
 	}
-	cl, sv := tcpPair(t)
-	require.NoError(t, full.wrap(sv).Close())
-	require.NoError(t, cl.SetReadDeadline(time.Now().Add(5*time.Second)))
-	_, err := cl.Read(make([]byte, 1))
-	require.ErrorIs(t, err, io.EOF, "closed at once when maxLingering are lingering")
+	_, sv = tcpPair(t)
+	sc := full.wrap(sv)
+	lingerOnClose(sc)
+	require.NoError(t, sc.Close())
+	require.True(t, closedNow(t, sv), "closed at once when maxLingering are lingering")
+	require.Equal(t, maxLingering, full.lingerCount())
 
-	l.stop()
+	// stop: one whose client closes ends within the grace, the others are cut after it.
+	cl, sv := tcpPair(t)
+	sc = l.wrap(sv)
+	lingerOnClose(sc)
+	require.NoError(t, sc.Close())
+	require.NoError(t, cl.Close())
+	dbtest.WaitFor(t, 5*time.Second, "the linger ended when its client closed", func() bool { return l.lingerCount() == 3 })
+	l.stop(0)
 	require.Equal(t, 0, l.lingerCount())
-	for _, c := range clients {
-		require.NoError(t, c.SetReadDeadline(time.Now().Add(5*time.Second)))
-		_, err := c.Read(make([]byte, 1))
-		require.True(t, errors.Is(err, io.EOF), "stop closed the lingering socket: %v", err)
+	for _, sv := range socks {
+		require.True(t, closedNow(t, sv), "stop closed the lingering socket")
+	}
+
+	// stop waits for lingering sockets whose clients close within its grace.
+	g := newLingerer(time.Hour)
+	cl, sv = tcpPair(t)
+	sc = g.wrap(sv)
+	lingerOnClose(sc)
+	require.NoError(t, sc.Close())
+	stopped := make(chan struct{})
+	go func() { g.stop(time.Hour); close(stopped) }()
+	require.NoError(t, cl.Close())
+	select {
+	case <-stopped:
+	case <-time.After(10 * time.Second):
+		t.Fatal("stop did not return once the last lingering socket ended")
 	}
 
 	// A short linger ends on its own.
 	short := newLingerer(50 * time.Millisecond)
 	_, sv = tcpPair(t)
-	require.NoError(t, short.wrap(sv).Close())
+	sc = short.wrap(sv)
+	lingerOnClose(sc)
+	require.NoError(t, sc.Close())
 	dbtest.WaitFor(t, 5*time.Second, "the linger ended on its own", func() bool { return short.lingerCount() == 0 })
+	require.True(t, closedNow(t, sv))
 }

@@ -342,8 +342,13 @@ func (s *Server) Stop(ctx context.Context) error {
 		_ = ms.Close()
 	}
 	s.served.Wait()
-	// Sockets still lingering after their close frame are cut: the process is going away.
-	s.peers.linger.stop()
+	// Sockets still lingering after their close frame get what is left of the linger, within
+	// ctx, for their clients to read the last pushes; then they are cut.
+	grace := lingerWait
+	if d, ok := ctx.Deadline(); ok {
+		grace = max(0, min(grace, time.Until(d)))
+	}
+	s.peers.linger.stop(grace)
 	err = errors.Join(err, s.stopServices(ctx, s.services))
 	s.log.Info("broker stopped")
 	return err
@@ -397,7 +402,7 @@ type Health struct {
 // fdReserve is what a replica keeps of its open-file limit for other than sessions: its pool
 // and LISTEN connections, listeners, sockets being upgraded or lingering after their close
 // (maxLingering), logs.
-const fdReserve = 256
+const fdReserve = 256 + maxLingering
 
 // sessionCapacity is the sessions an open-file limit allows: one descriptor each.
 func sessionCapacity(limit uint64) int {

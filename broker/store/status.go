@@ -36,8 +36,9 @@ type HookQuery struct {
 	PID                          int
 }
 
-// DeleteExpired drops stale hook signals, remembered signatures and up to endedPresencePages
-// pages of presences ended more than EndedPresenceRetention ago.
+// DeleteExpired drops stale hook signals, remembered signatures, the rows of nodes gone more
+// than GoneNodeRetention ago, and up to endedPresencePages pages of presences ended more than
+// EndedPresenceRetention ago.
 func (s *Store) DeleteExpired(ctx context.Context) error {
 	if err := s.q.DeleteExpiredPendingStatus(ctx); err != nil {
 		return fmt.Errorf("delete expired hook signals: %w", err)
@@ -45,11 +46,11 @@ func (s *Store) DeleteExpired(ctx context.Context) error {
 	if _, err := s.q.DeleteExpiredSignatures(ctx); err != nil {
 		return fmt.Errorf("delete expired signatures: %w", err)
 	}
-	// A few pages per sweep: a backlog (the rows kept before pruning existed) clears in
-	// minutes without one long statement.
 	if _, err := s.q.DeleteGoneNodes(ctx, GoneNodeRetention.Seconds()); err != nil {
 		return fmt.Errorf("delete gone nodes: %w", err)
 	}
+	// A few pages per sweep: a backlog (the rows kept before pruning existed) clears in
+	// minutes without one long statement.
 	for range endedPresencePages {
 		n, err := s.q.DeleteEndedPresences(ctx, db.DeleteEndedPresencesParams{
 			EndedBeforeSeconds: EndedPresenceRetention.Seconds(), PageSize: endedPresencePage})
@@ -75,7 +76,7 @@ const (
 const EndedPresenceRetention = time.Hour
 
 // GoneNodeRetention is how long the row of a replica that stopped or was declared dead is
-// kept (the status page lists it meanwhile); then it goes once nothing live names it.
+// kept; then it goes once nothing live names it.
 const GoneNodeRetention = 24 * time.Hour
 
 // StateQuota bounds a mesh's shared state.
