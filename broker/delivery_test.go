@@ -367,34 +367,26 @@ func TestLostNotificationDeliveredByPoll(t *testing.T) {
 	require.Equal(t, "lost-1", p.MessageID)
 	require.Equal(t, alice.pub, p.SenderPubkey)
 
-	// The same for a push assigned to bob's session whose notification was lost: the poll
-	// finds it once it is AssignedStale old.
-	_, err = c.pool.Exec(ctx, `
-		WITH e AS (
-			INSERT INTO claudemesh.envelope (id, mesh_id, sender_member_id, sender_pubkey, sender_member_pubkey,
-				target_spec, priority, nonce, ciphertext, client_id, expires_at)
-			VALUES ('lost-2', $1, $2, $3, $3, $4, 'now', 'bm9uY2U=', 'Y2lwaGVy', '', now() + interval '1 hour'))
-		INSERT INTO claudemesh.delivery (envelope_id, mesh_id, recipient_member_id, priority, state, expires_at,
-			pushed_node, pushed_presence, pushed_at)
-		SELECT 'lost-2', $1, $5, 'now', 'assigned', now() + interval '1 hour', $6, p.id, now() - interval '10 seconds'
-		FROM claudemesh.presence p WHERE p.member_id = $5 AND p.ended_at IS NULL`,
-		m.id, alice.id, alice.pub, bob.pub, bob.id, c.nodes[1].NodeID())
-	require.NoError(t, err)
+	// A push assigned to bob's session by a send on node, whose notification was lost.
+	assignLost := func(id, node string) {
+		_, err := c.pool.Exec(ctx, `
+			WITH e AS (
+				INSERT INTO claudemesh.envelope (id, mesh_id, sender_member_id, sender_pubkey, sender_member_pubkey,
+					target_spec, priority, nonce, ciphertext, client_id, expires_at)
+				VALUES ($7, $1, $2, $3, $3, $4, 'now', 'bm9uY2U=', 'Y2lwaGVy', '', now() + interval '1 hour'))
+			INSERT INTO claudemesh.delivery (envelope_id, mesh_id, recipient_member_id, priority, state, expires_at,
+				pushed_node, pushed_presence, pushed_at)
+			SELECT $7, $1, $5, 'now', 'assigned', now() + interval '1 hour', $6, p.id, now() - interval '10 seconds'
+			FROM claudemesh.presence p WHERE p.member_id = $5 AND p.ended_at IS NULL`,
+			m.id, alice.id, alice.pub, bob.pub, bob.id, node, id)
+		require.NoError(t, err)
+	}
+	// Assigned on bob's replica: its poll finds it once it is AssignedStale old.
+	assignLost("lost-2", c.nodes[1].NodeID())
 	require.Equal(t, "lost-2", nextPush(t, b, 3*pollInterval).MessageID)
-
-	// And for one assigned on the other replica to bob's session, which had moved here by then
-	// (a send racing his reattach): that replica's poll gives it back, this one's pushes it.
-	_, err = c.pool.Exec(ctx, `
-		WITH e AS (
-			INSERT INTO claudemesh.envelope (id, mesh_id, sender_member_id, sender_pubkey, sender_member_pubkey,
-				target_spec, priority, nonce, ciphertext, client_id, expires_at)
-			VALUES ('lost-3', $1, $2, $3, $3, $4, 'now', 'bm9uY2U=', 'Y2lwaGVy', '', now() + interval '1 hour'))
-		INSERT INTO claudemesh.delivery (envelope_id, mesh_id, recipient_member_id, priority, state, expires_at,
-			pushed_node, pushed_presence, pushed_at)
-		SELECT 'lost-3', $1, $5, 'now', 'assigned', now() + interval '1 hour', $6, p.id, now() - interval '10 seconds'
-		FROM claudemesh.presence p WHERE p.member_id = $5 AND p.ended_at IS NULL`,
-		m.id, alice.id, alice.pub, bob.pub, bob.id, c.nodes[0].NodeID())
-	require.NoError(t, err)
+	// Assigned on the other replica, bob's session having moved here by then (a send racing
+	// his reattach): that replica's poll gives it back, this one's pushes it.
+	assignLost("lost-3", c.nodes[0].NodeID())
 	require.Equal(t, "lost-3", nextPush(t, b, 4*pollInterval).MessageID)
 
 	// Carol had nothing pending and gets nothing; her next push is a real send.

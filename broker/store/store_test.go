@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/stretchr/testify/require"
 
 	"github.com/claudemesh/broker/broker/store"
@@ -244,11 +245,17 @@ func TestEndedPresencesArePruned(t *testing.T) {
 		FROM generate_series(1, 12000) AS i`, store.EndedPresenceRetention.Seconds())
 	require.NoError(t, err)
 	require.NoError(t, st.DeleteExpired(ctx))
-	rows, err := pool.Query(ctx, `SELECT session_id FROM claudemesh.presence ORDER BY session_id`)
+	require.Equal(t, []string{"live", "recent"}, textColumn(t, pool, `SELECT session_id FROM claudemesh.presence ORDER BY session_id`))
+}
+
+// textColumn runs a query of one text column and returns its rows.
+func textColumn(t *testing.T, pool *pgxpool.Pool, query string) []string {
+	t.Helper()
+	rows, err := pool.Query(dbtest.Context(t), query)
 	require.NoError(t, err)
-	left, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	out, err := pgx.CollectRows(rows, pgx.RowTo[string])
 	require.NoError(t, err)
-	require.Equal(t, []string{"live", "recent"}, left)
+	return out
 }
 
 // Every start of a replica with a generated id registers a new node; the rows of nodes gone a
@@ -274,12 +281,9 @@ func TestGoneNodesArePruned(t *testing.T) {
 		VALUES ('e', 'm', 'b', 'now', 'pushed', 'dead-with-held-push', 'p', now() - interval '2 days', now() + interval '1 hour')`)
 	require.NoError(t, err)
 	require.NoError(t, st.DeleteExpired(ctx))
-	rows, err := pool.Query(ctx, `SELECT id FROM claudemesh.node ORDER BY id`)
-	require.NoError(t, err)
-	left, err := pgx.CollectRows(rows, pgx.RowTo[string])
-	require.NoError(t, err)
 	// A node silent for days but never declared dead is left to the dead-node check first.
-	require.Equal(t, []string{"dead-with-held-push", "dead-with-live-presence", "live", "silent-long-ago", "stopped-recently"}, left)
+	require.Equal(t, []string{"dead-with-held-push", "dead-with-live-presence", "live", "silent-long-ago", "stopped-recently"},
+		textColumn(t, pool, `SELECT id FROM claudemesh.node ORDER BY id`))
 }
 
 // A hello's capacity count and presence lookup read their own mesh's live sessions, whatever
