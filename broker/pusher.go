@@ -187,9 +187,9 @@ func (p *pusher) claimAndPush(ctx context.Context, batch []*session) {
 	p.release(unwritten, false)
 }
 
-// release returns claimed deliveries whose socket closed before the write to pending, and
-// wakes the recipients' other local sessions (other replicas catch up on their poll). Rare:
-// only a session closing during its own push.
+// release returns to pending claimed deliveries whose socket closed before the write, or
+// (onlyAssigned) assigned ones whose session is gone, and wakes the recipients' other local
+// sessions (other replicas catch up on their poll). Rare: a session closing during its push.
 func (p *pusher) release(ids []int64, onlyAssigned bool) {
 	if len(ids) == 0 {
 		return

@@ -168,7 +168,7 @@ func (r *router) reloadStatus(ctx context.Context, sess *session) {
 // not keep held messages held). After a (re)connect of the LISTEN connection or an overflow
 // (full), every local status is re-read too, since anything may have been missed. A replica
 // whose sessions are caught up polls with one read-only query and takes no row locks, whatever
-// its number of sessions.
+// its number of sessions (a second statement gives back orphaned pushes, when there are any).
 func (r *router) resync(ctx context.Context, full bool) {
 	// Also with no session here: pushes assigned here to sessions that left may wait for it.
 	ctx, cancel := context.WithTimeout(ctx, opTimeout)
@@ -199,9 +199,13 @@ func (r *router) resync(ctx context.Context, full bool) {
 	}
 	if len(orphans) > 0 {
 		// Assigned here to a session that moved or ended, and never given back: pending again,
-		// so the session's replica (its own poll) or its next connection takes them.
-		r.log.Info("giving back pushes assigned to sessions gone from this node", "count", len(orphans))
-		r.pusher.release(orphans, true)
+		// the replicas of the member's live sessions woken (else its next connection takes them).
+		n, err := r.store.GiveBack(ctx, r.nodeID, orphans)
+		if err != nil {
+			r.metrics.backgroundError(r.log, "catch_up", err, "give_back", len(orphans), "retry", "next poll")
+		} else if n > 0 {
+			r.log.Info("gave back pushes assigned to sessions gone from this node", "count", n)
+		}
 	}
 	for id, st := range claimable {
 		if sess := r.hub.get(id); sess != nil {

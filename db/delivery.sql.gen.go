@@ -221,6 +221,31 @@ func (q *Queries) ExpireDeliveries(ctx context.Context) (int64, error) {
 	return result.RowsAffected(), nil
 }
 
+const giveBackAssigned = `-- name: GiveBackAssigned :one
+SELECT claudemesh.give_back_assigned($1::text, $2::text, $3::bigint[], $4::float8)::int AS released
+`
+
+type GiveBackAssignedParams struct {
+	Ns           string
+	NodeID       string
+	Ids          []int64
+	StaleSeconds float64
+}
+
+// The poll's kind 'o' rows, back to pending if still as the poll saw them, their members'
+// replicas woken (migration 00038).
+func (q *Queries) GiveBackAssigned(ctx context.Context, arg GiveBackAssignedParams) (int32, error) {
+	row := q.db.QueryRow(ctx, giveBackAssigned,
+		arg.Ns,
+		arg.NodeID,
+		arg.Ids,
+		arg.StaleSeconds,
+	)
+	var released int32
+	err := row.Scan(&released)
+	return released, err
+}
+
 const markDelivered = `-- name: MarkDelivered :exec
 SELECT claudemesh.mark_delivered($1::text[], $2::text[], $3::text[],
     $4::text[], $5::bigint[], $6::bigint[])
@@ -339,7 +364,7 @@ type ReleaseDeliveriesRow struct {
 }
 
 // Pushes that could not be written go back to pending: claimed ones whose socket closed
-// (pushed), or assigned ones that could not be pushed in order (assigned). With only_assigned,
+// (pushed), or assigned ones whose session is gone (assigned). With only_assigned,
 // a row a claim took meanwhile (pushed: on its way) is left alone, not delivered twice.
 func (q *Queries) ReleaseDeliveries(ctx context.Context, arg ReleaseDeliveriesParams) ([]ReleaseDeliveriesRow, error) {
 	rows, err := q.db.Query(ctx, releaseDeliveries, arg.Ids, arg.OnlyAssigned)

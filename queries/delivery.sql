@@ -18,7 +18,7 @@ FROM claudemesh.claim_deliveries(@node_id::text, @presence_ids::text[], @member_
 
 -- name: ReleaseDeliveries :many
 -- Pushes that could not be written go back to pending: claimed ones whose socket closed
--- (pushed), or assigned ones that could not be pushed in order (assigned). With only_assigned,
+-- (pushed), or assigned ones whose session is gone (assigned). With only_assigned,
 -- a row a claim took meanwhile (pushed: on its way) is left alone, not delivered twice.
 UPDATE claudemesh.delivery SET state = 'pending', pushed_node = NULL, pushed_presence = NULL,
     pushed_at = NULL, acked_at = NULL
@@ -98,3 +98,8 @@ WHERE d.pushed_node = @node_id AND d.state = 'assigned'
 -- with a sequential scan every few seconds on every replica would grow with the history.
 SELECT ((SELECT count(*) FROM claudemesh.delivery WHERE state = 'pending')
       + (SELECT count(*) FROM claudemesh.delivery WHERE state IN ('assigned', 'pushed')))::bigint AS n;
+
+-- name: GiveBackAssigned :one
+-- The poll's kind 'o' rows, back to pending if still as the poll saw them, their members'
+-- replicas woken (migration 00038).
+SELECT claudemesh.give_back_assigned(@ns::text, @node_id::text, @ids::bigint[], @stale_seconds::float8)::int AS released;

@@ -95,9 +95,21 @@ func (s *Store) SessionsWithClaimable(ctx context.Context, nodeID string) (map[s
 	return out, orphans, nil
 }
 
+// GiveBack returns to pending node's assigned pushes that SessionsWithClaimable reported as
+// orphans, those still so (old, assigned here, their session not live here), and wakes the
+// replicas of their members' live sessions. It returns how many went back.
+func (s *Store) GiveBack(ctx context.Context, nodeID string, ids []int64) (int, error) {
+	n, err := s.q.GiveBackAssigned(ctx, db.GiveBackAssignedParams{Ns: s.ns, NodeID: nodeID, Ids: ids,
+		StaleSeconds: AssignedStale.Seconds()})
+	if err != nil {
+		return 0, fmt.Errorf("give back assigned pushes: %w", err)
+	}
+	return int(n), nil
+}
+
 // Release returns deliveries that were never written to pending: claimed ones whose socket
-// closed, or (onlyAssigned) assigned ones that could not be pushed in order, unless a claim
-// took them meanwhile.
+// closed, or (onlyAssigned) assigned ones whose session is gone, unless a claim took them
+// meanwhile.
 func (s *Store) Release(ctx context.Context, ids []int64, onlyAssigned bool) ([]Recipient, error) {
 	rows, err := s.q.ReleaseDeliveries(ctx, db.ReleaseDeliveriesParams{Ids: ids, OnlyAssigned: onlyAssigned})
 	if err != nil {

@@ -286,6 +286,35 @@ func TestGoneNodesArePruned(t *testing.T) {
 		textColumn(t, pool, `SELECT id FROM claudemesh.node ORDER BY id`))
 }
 
+// The poll's give-back takes back only what is still as the poll saw it: old, assigned on this
+// node, to a session no longer live here. A row assigned anew since, or to a live session, or
+// by another node, is left alone.
+func TestGiveBackTakesOnlyOrphanedPushes(t *testing.T) {
+	ctx := dbtest.Context(t)
+	pool := dbtest.Pool(t)
+	st := store.New(pool, "t")
+	var live, gone string
+	require.NoError(t, pool.QueryRow(ctx, `INSERT INTO claudemesh.presence (mesh_id, member_id, member_pubkey, node_id, session_id)
+		VALUES ('m', 'a', repeat('a', 64), 'n', 'live') RETURNING id`).Scan(&live))
+	require.NoError(t, pool.QueryRow(ctx, `INSERT INTO claudemesh.presence (mesh_id, member_id, member_pubkey, node_id, session_id, ended_at)
+		VALUES ('m', 'a', repeat('a', 64), 'n', 'gone', now()) RETURNING id`).Scan(&gone))
+	rows, err := pool.Query(ctx, `INSERT INTO claudemesh.delivery (envelope_id, mesh_id, recipient_member_id, priority, state,
+			pushed_node, pushed_presence, pushed_at, expires_at)
+		VALUES ('to-live', 'm', 'a', 'now', 'assigned', 'n', $1, now() - interval '1 minute', now() + interval '1 hour'),
+		       ('orphan', 'm', 'a', 'now', 'assigned', 'n', $2, now() - interval '1 minute', now() + interval '1 hour'),
+		       ('fresh', 'm', 'a', 'now', 'assigned', 'n', $2, now(), now() + interval '1 hour'),
+		       ('other-node', 'm', 'a', 'now', 'assigned', 'o', $2, now() - interval '1 minute', now() + interval '1 hour')
+		RETURNING id`, live, gone)
+	require.NoError(t, err)
+	ids, err := pgx.CollectRows(rows, pgx.RowTo[int64])
+	require.NoError(t, err)
+	n, err := st.GiveBack(ctx, "n", ids)
+	require.NoError(t, err)
+	require.Equal(t, 1, n)
+	require.Equal(t, []string{"fresh assigned", "orphan pending", "other-node assigned", "to-live assigned"},
+		textColumn(t, pool, `SELECT envelope_id || ' ' || state FROM claudemesh.delivery ORDER BY envelope_id`))
+}
+
 // A hello's capacity count and presence lookup read their own mesh's live sessions, whatever
 // the statistics say. Until presence is first analyzed (a fresh database: the first seconds of
 // a connect storm) every index on live sessions looks about empty, so walking one whole costs
