@@ -77,7 +77,7 @@ func (p *peers) handleHello(ms *melody.Session, c *conn, msg protocol.ClientMess
 		lingerOnClose(wc.UnderlyingConn()) // pushes will be written to it
 	}
 	if old := p.hub.add(sess); old != nil {
-		// The same session reconnected to this replica while its old socket lingered.
+		// The same session reconnected to this replica while its old socket was still open.
 		connOf(old.ws).end.Set(endReplaced)
 		closeWith(old.ws, protocol.CloseSessionReplaced, protocol.CloseReasonSessionReplaced)
 	}

@@ -25,12 +25,14 @@ const (
 	maxLingering = 128
 )
 
-// lingerer owns the connections that are lingering: at most maxLingering, all cut by stop.
+// lingerer owns the connections that are lingering: at most maxLingering; stop waits for
+// them within its grace, then cuts the rest.
 type lingerer struct {
 	wait time.Duration
 	mu   sync.Mutex
 	open map[*lingerConn]struct{}
 	done bool
+	cut  int // connections stop cut before they ended on their own
 	wg   sync.WaitGroup
 }
 
@@ -96,6 +98,7 @@ func (l *lingerer) stop(grace time.Duration) {
 	l.mu.Lock()
 	for c := range l.open {
 		_ = c.Conn.SetReadDeadline(time.Now()) // the drain sees its deadline and closes
+		l.cut++
 	}
 	l.mu.Unlock()
 	<-ended

@@ -1,6 +1,7 @@
 package broker
 
 import (
+	"crypto/ed25519"
 	"errors"
 	"io"
 	"net"
@@ -159,6 +160,7 @@ func TestLingeringIsBounded(t *testing.T) {
 	dbtest.WaitFor(t, 5*time.Second, "the linger ended when its client closed", func() bool { return l.lingerCount() == 3 })
 	l.stop(0)
 	require.Equal(t, 0, l.lingerCount())
+	require.Equal(t, 3, l.cut, "no grace: the three still lingering were cut")
 	for _, sv := range socks {
 		require.True(t, closedNow(t, sv), "stop closed the lingering socket")
 	}
@@ -171,12 +173,18 @@ func TestLingeringIsBounded(t *testing.T) {
 	require.NoError(t, sc.Close())
 	stopped := make(chan struct{})
 	go func() { g.stop(time.Hour); close(stopped) }()
+	dbtest.WaitFor(t, 5*time.Second, "stop under way", func() bool {
+		g.mu.Lock()
+		defer g.mu.Unlock()
+		return g.done
+	})
 	require.NoError(t, cl.Close())
 	select {
 	case <-stopped:
 	case <-time.After(10 * time.Second):
 		t.Fatal("stop did not return once the last lingering socket ended")
 	}
+	require.Equal(t, 0, g.cut, "the socket ended on its own within the grace, not cut")
 
 	// A short linger ends on its own.
 	short := newLingerer(50 * time.Millisecond)
@@ -186,4 +194,23 @@ func TestLingeringIsBounded(t *testing.T) {
 	require.NoError(t, sc.Close())
 	dbtest.WaitFor(t, 5*time.Second, "the linger ended on its own", func() bool { return short.lingerCount() == 0 })
 	require.True(t, closedNow(t, sv))
+}
+
+// Sessions' sockets linger when closed, for either kind of hello: the broker marks them at the
+// hello. (The tests above mark theirs by hand.)
+func TestSessionSocketsLinger(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t, 1, nil)
+	m := c.mesh(0)
+	for _, k := range helloKinds {
+		mem := m.member("m-" + k.name)
+		_, key, err := ed25519.GenerateKey(nil)
+		require.NoError(t, err)
+		cl := m.dial(0, mem, k.with(key))
+		sess := c.nodes[0].hub.get(cl.HelloAck().PresenceID)
+		require.NotNil(t, sess, k.name)
+		lc, ok := sess.ws.WebsocketConnection().UnderlyingConn().(*lingerConn)
+		require.True(t, ok, "%s: the socket is wrapped", k.name)
+		require.True(t, lc.lingers.Load(), "%s: marked to linger at the hello", k.name)
+	}
 }

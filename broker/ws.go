@@ -288,7 +288,7 @@ func (p *peers) handleFrame(ms *melody.Session, frame []byte) {
 // writer it serves a connection with for as long as the handler runs, and melody's read loop
 // runs in the handler, so every idle session would hold them unused besides the socket's own
 // buffers. Once the connection is taken over they are swapped, in place, for minimal ones:
-// 8 KiB less per session. The connection closes with a linger (linger.go).
+// 8 KiB less per session. A session's connection closes with a linger (linger.go).
 type slimHijack struct {
 	http.ResponseWriter
 	linger *lingerer
