@@ -3,7 +3,6 @@ package broker
 import (
 	"context"
 	"log/slog"
-	"sync"
 	"time"
 
 	"github.com/claudemesh/broker/broker/store"
@@ -12,11 +11,27 @@ import (
 
 // Group commit: sends that arrive while a commit is in flight go into the next statement, up
 // to MaxBatch of them, so throughput is not capped at one notifying commit per message. The
-// statement does the routing work in Postgres, so one committer keeps one Postgres backend
-// busy: a replica runs Committers lanes, each sender's sends always in the same lane (their
-// order kept), the mesh's audit-chain head locked only for the end of each statement.
+// statement does the routing work in Postgres, so one statement keeps one Postgres backend
+// busy. A replica has Committers lanes, each sender's sends always in the same lane, and at
+// most one statement in flight per lane, so a sender's sends commit in order.
+//
+// The lanes share statements while traffic is light: with nothing in flight, everything
+// waiting goes into one statement, and sends that arrive meanwhile wait for it. A send batch
+// has a fixed cost that dominates small ones, so two small statements at once cost Postgres
+// more than one: at 3,000 msgs/s on 2 cores, lanes that always ran side by side doubled
+// send→push p50 (BENCHMARKS.md). A lane gets a statement of its own beside one in flight once
+// splitAt of its sends wait, where the fixed cost is amortized and a second backend raises the
+// ceiling (Go benchmark, 2 cores: 14.7-15.4k envelopes/s with one lane, 16.4-17.0k with two),
+// or once the newest statement in flight has run for splitAfter, so a replica far from the
+// primary does not hold a send for most of a round trip.
 const (
 	maxBatch = 512
+	// splitAt is how many sends must wait in a lane for it to get a statement of its own
+	// beside one in flight.
+	splitAt = 64
+	// splitAfter is how long the newest statement in flight may run before a lane with sends
+	// waiting gets its own: a few local statements' time, a small part of a wide-area round trip.
+	splitAfter = 5 * time.Millisecond
 	// commitQueue bounds the sends waiting for the committer; a full queue blocks the
 	// sender's socket reader (back-pressure) instead of growing.
 	commitQueue = 4096
@@ -34,9 +49,16 @@ type committer struct {
 	nodeID   string
 	pusher   *pusher
 	maxBatch int
-	log      *slog.Logger
-	metrics  *Metrics
-	lanes    []chan sendReq
+	splitAt  int
+	// splitAfter: see the constant (tests hold statements for longer).
+	splitAfter time.Duration
+	log        *slog.Logger
+	metrics    *Metrics
+	lanes      []chan sendReq
+	// wake tells the dispatcher that a send was queued.
+	wake chan struct{}
+	// run commits one batch (commit; tests count and hold the statements).
+	run func(ctx context.Context, batch []sendReq)
 	// sessions lists this replica's sessions (abandon: a batch that may have committed).
 	sessions func() []*session
 	// stopped is closed when the committer's loops have ended: sends then get "unavailable".
@@ -44,8 +66,9 @@ type committer struct {
 }
 
 func newCommitter(st *store.Store, pl *planner, nodeID string, p *pusher, maxBatch, lanes int, log *slog.Logger, m *Metrics) *committer {
-	c := &committer{store: st, planner: pl, nodeID: nodeID, pusher: p, maxBatch: maxBatch, log: log, metrics: m,
-		stopped: make(chan struct{})}
+	c := &committer{store: st, planner: pl, nodeID: nodeID, pusher: p, maxBatch: maxBatch, splitAt: min(splitAt, maxBatch),
+		splitAfter: splitAfter, log: log, metrics: m, wake: make(chan struct{}, 1), stopped: make(chan struct{})}
+	c.run = c.commit
 	for range max(lanes, 1) {
 		c.lanes = append(c.lanes, make(chan sendReq, commitQueue/max(lanes, 1)))
 	}
@@ -58,43 +81,128 @@ func (c *committer) enqueue(sess *session, m *protocol.Send) {
 	sess.promise() // the ack's slot in the reply window
 	select {
 	case c.lanes[sess.lane%uint32(len(c.lanes))] <- sendReq{sess: sess, msg: m}:
+		select {
+		case c.wake <- struct{}{}:
+		default:
+		}
 	case <-c.stopped:
 		ackTo(c.log, sess, &protocol.Ack{ID: m.ID, Queued: false, Error: ackUnavailable, ReqID: m.ReqID})
 	}
 }
 
-// Start commits batches in every lane until Stop.
+// Start commits batches until Stop, then waits for the statements in flight.
 func (c *committer) Start(ctx context.Context) error {
 	return c.start(ctx, func(ctx context.Context) {
 		defer close(c.stopped)
-		var wg sync.WaitGroup
-		for _, in := range c.lanes {
-			wg.Go(func() { c.lane(ctx, in) })
-		}
-		wg.Wait()
+		c.dispatch(ctx)
 	})
 }
 
-func (c *committer) lane(ctx context.Context, in chan sendReq) {
-	batch := make([]sendReq, 0, c.maxBatch)
+// dispatch starts statements as the lanes allow and learns when they end.
+func (c *committer) dispatch(ctx context.Context) {
+	busy := make([]bool, len(c.lanes))
+	inFlight := 0
+	done := make(chan []int, len(c.lanes))
+	var newest time.Time // when the newest statement in flight started
+	overdue := time.NewTimer(time.Hour)
+	defer overdue.Stop()
 	for {
+		late := inFlight > 0 && time.Since(newest) >= c.splitAfter
+		for _, g := range c.next(busy, inFlight > 0 && !late) {
+			batch := c.take(g)
+			for _, l := range g {
+				busy[l] = true
+			}
+			inFlight++
+			newest = time.Now()
+			go func() {
+				c.run(context.WithoutCancel(ctx), batch)
+				done <- g
+			}()
+		}
+		var wait <-chan time.Time
+		if inFlight > 0 && c.waiting(busy) {
+			overdue.Reset(time.Until(newest.Add(c.splitAfter)))
+			wait = overdue.C
+		}
 		select {
 		case <-ctx.Done():
+			for ; inFlight > 0; inFlight-- {
+				<-done
+			}
 			return
-		case r := <-in:
-			batch = append(batch[:0], r)
+		case g := <-done:
+			inFlight--
+			for _, l := range g {
+				busy[l] = false
+			}
+		case <-c.wake:
+		case <-wait:
 		}
-	fill:
-		for len(batch) < c.maxBatch {
-			select {
-			case r := <-in:
-				batch = append(batch, r)
-			default:
-				break fill
+	}
+}
+
+// waiting reports whether a lane without a statement in flight has sends waiting.
+func (c *committer) waiting(busy []bool) bool {
+	for l, in := range c.lanes {
+		if !busy[l] && len(in) > 0 {
+			return true
+		}
+	}
+	return false
+}
+
+// next picks the statements to start now, each as the lanes whose waiting sends it takes. A
+// lane with splitAt sends waiting gets its own, and lanes with fewer ride along while there
+// is room. Unless hold (a statement in flight, not yet running for splitAfter), the lanes
+// with fewer waiting share one.
+func (c *committer) next(busy []bool, hold bool) [][]int {
+	var groups [][]int
+	var room []int
+	var small []int
+	for l, in := range c.lanes {
+		switch n := len(in); {
+		case busy[l] || n == 0:
+		case n >= c.splitAt:
+			groups = append(groups, []int{l})
+			room = append(room, c.maxBatch-min(n, c.maxBatch))
+		default:
+			small = append(small, l)
+		}
+	}
+	if len(groups) == 0 {
+		if hold || len(small) == 0 {
+			return nil
+		}
+		return [][]int{small}
+	}
+	for _, l := range small {
+		for i := range groups {
+			if n := len(c.lanes[l]); n <= room[i] {
+				groups[i] = append(groups[i], l)
+				room[i] -= n
+				break
 			}
 		}
-		c.commit(context.WithoutCancel(ctx), batch)
 	}
+	return groups
+}
+
+// take receives up to maxBatch of the sends waiting in the lanes, lane by lane. Only the
+// dispatcher receives, so what len reports is there.
+func (c *committer) take(lanes []int) []sendReq {
+	n := 0
+	for _, l := range lanes {
+		n += len(c.lanes[l])
+	}
+	batch := make([]sendReq, 0, min(n, c.maxBatch))
+	for _, l := range lanes {
+		in := c.lanes[l]
+		for n := min(len(in), c.maxBatch-len(batch)); n > 0; n-- {
+			batch = append(batch, <-in)
+		}
+	}
+	return batch
 }
 
 // commit stores and acknowledges one batch, then pushes what it assigned to this node's

@@ -115,13 +115,13 @@ type Config struct {
 	// its peer counts as not reading and is closed with 4008 (default 5 s; tests shorten it).
 	StallTimeout time.Duration
 
-	// Committers is how many group-commit lanes a replica runs (default 1): each keeps one
-	// Postgres backend busy with send statements; a sender's sends always use one lane. One
-	// lane makes fewer, larger batches, and a send batch's fixed cost dominates small ones: on
-	// a 2-core machine at 1,000 msgs/s across 3 replicas send→push p50 was 11-13 ms with one
-	// lane and 24-25 ms with two, at the same saturation throughput. More lanes help a
-	// database with idle cores, and a replica far from the primary: there a send that arrives
-	// while its lane's batch is in flight waits up to a round trip for it.
+	// Committers is how many group-commit lanes a replica runs (default 1), each with at most
+	// one send statement in flight; a sender's sends always use one lane. Lanes share one
+	// statement while traffic is light and commit side by side only once a lane has 64 sends
+	// waiting or the statement in flight has run 5 ms (committer.go). On 2 cores shared with
+	// the load generator one lane is best (saturation 11.1-11.6k msgs/s against 10.3-10.8k
+	// with two); with idle cores at the primary two raise the ceiling (Go benchmark: 14.7-15.4k
+	// against 16.3-17.2k).
 	Committers int
 
 	// NotifyAfterCommit sends a send batch's notifications from a second transaction right
