@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"encoding/base64"
 	"encoding/binary"
@@ -8,6 +9,7 @@ import (
 	"fmt"
 	"math"
 	"math/rand/v2"
+	"os"
 	"slices"
 	"strconv"
 	"strings"
@@ -42,6 +44,7 @@ type benchOpts struct {
 	hold            time.Duration
 	dialConcurrency int
 	drainTimeout    time.Duration
+	pushLog         string
 	plain           bool
 	noProgress      bool
 	invite          string
@@ -126,6 +129,7 @@ func newBenchCmd(a *app) *cobra.Command {
 	f.DurationVar(&o.hold, "hold", 5*time.Second, "idle mode: how long to keep the sessions open")
 	f.IntVar(&o.dialConcurrency, "dial-concurrency", 16, "connections being set up at once")
 	f.DurationVar(&o.drainTimeout, "drain-timeout", 30*time.Second, "how long to wait for outstanding deliveries after the last send")
+	f.StringVar(&o.pushLog, "push-log", "", "message mode: write each delivery's send time (Unix ns) and send→push latency (ns) to this file, one per line in send order, to see when the tail happened")
 	f.BoolVar(&o.plain, "plain", false, "send unencrypted base64 bodies (measures the broker without client crypto)")
 	f.BoolVar(&o.noProgress, "no-progress", false, "no progress bar on stderr")
 	f.StringVar(&o.invite, "invite", "", "create the members by joining with this invite link instead of in the database")
@@ -306,6 +310,7 @@ type benchPeer struct {
 
 	// Receiver-only state.
 	pushHist histogram
+	pushLog  [][2]int64 // with --push-log: send time and latency of each delivery (ns)
 	seen     [][]uint64 // per sender, a bitset of sequence numbers
 	recvDone chan struct{}
 }
@@ -526,6 +531,11 @@ func (a *app) bench(ctx context.Context, o benchOpts) error {
 		<-p.recvDone
 	}
 
+	if o.pushLog != "" {
+		if err := writePushLog(o.pushLog, r.peers); err != nil {
+			return err
+		}
+	}
 	var ackHist, pushHist histogram
 	for _, h := range ackHists {
 		ackHist.merge(h)
@@ -788,6 +798,9 @@ func (r *benchRun) account(p *benchPeer, push protocol.Push, now time.Time) {
 		r.sameURL.Add(1)
 	}
 	p.pushHist.record(now.Sub(time.Unix(0, sentAt)))
+	if r.o.pushLog != "" {
+		p.pushLog = append(p.pushLog, [2]int64{sentAt, now.UnixNano() - sentAt})
+	}
 	r.delivered.Add(1)
 	r.lastDeliveryNs.Store(now.UnixNano())
 }
@@ -828,6 +841,23 @@ func (a *app) printBench(rep *benchReport) error {
 	}
 	for _, r := range rep.RSS {
 		fmt.Fprintf(w, "rss pid %-7d before %s  connected %s  after %s\n", r.PID, mib(r.BeforeKiB), mib(r.ConnectedKiB), mib(r.AfterKiB))
+	}
+	return nil
+}
+
+// writePushLog writes every peer's deliveries, in send order.
+func writePushLog(path string, peers []*benchPeer) error {
+	var all [][2]int64
+	for _, p := range peers {
+		all = append(all, p.pushLog...)
+	}
+	slices.SortFunc(all, func(a, b [2]int64) int { return cmp.Compare(a[0], b[0]) })
+	var b strings.Builder
+	for _, d := range all {
+		fmt.Fprintf(&b, "%d %d\n", d[0], d[1])
+	}
+	if err := os.WriteFile(path, []byte(b.String()), 0o644); err != nil {
+		return fmt.Errorf("push log: %w", err)
 	}
 	return nil
 }
