@@ -3,6 +3,7 @@ package broker
 import (
 	"context"
 	"log/slog"
+	"math/rand/v2"
 	"time"
 
 	"github.com/claudemesh/broker/broker/startstop"
@@ -27,10 +28,20 @@ type sweeper struct {
 	metrics   *Metrics
 }
 
-// Start sweeps every second until Stop; the slower sweeps run every few ticks.
+// Start sweeps every second until Stop; the slower sweeps run every few ticks. Replicas
+// started together (a deploy, `broker dev`) would sweep in step: each starts at a random point
+// of the tick and of the slower sweeps' cycle, so their cluster-wide statements (the gauges,
+// the statistics) do not land on Postgres at the same instant.
 func (w *sweeper) Start(ctx context.Context) error {
 	return w.start(ctx, func(ctx context.Context) {
-		n := 0
+		phase := time.NewTimer(rand.N(w.every))
+		defer phase.Stop()
+		select {
+		case <-ctx.Done():
+			return
+		case <-phase.C:
+		}
+		n := rand.IntN(30)
 		startstop.Tick(ctx, w.every, func(time.Time) {
 			n++
 			w.run(ctx, "sweep_grace", w.sweepGrace)
