@@ -15,22 +15,23 @@ import (
 // busy. A replica has Committers lanes, each sender's sends always in the same lane, and at
 // most one statement in flight per lane, so a sender's sends commit in order.
 //
-// The lanes share statements while traffic is light: with nothing in flight, everything
-// waiting goes into one statement, and sends that arrive meanwhile wait for it. A send batch
-// has a fixed cost that dominates small ones, so two small statements at once cost Postgres
-// more than one: at 3,000 msgs/s on 2 cores, lanes that always ran side by side doubled
-// send→push p50 (BENCHMARKS.md). A lane gets a statement of its own beside one in flight once
-// splitAt of its sends wait, where the fixed cost is amortized and a second backend raises the
-// ceiling (Go benchmark, 2 cores: 14.7-15.4k envelopes/s with one lane, 16.4-17.0k with two),
-// or once the newest statement in flight has run for splitAfter, so a replica far from the
-// primary does not hold a send for most of a round trip.
+// The lanes share statements while traffic is light: with nothing in flight, what waits goes
+// into one statement (up to maxBatch), and sends that arrive meanwhile wait for it. A send
+// batch has a fixed cost that dominates small ones, so two small statements at once cost
+// Postgres more than one: at 3,000 msgs/s on 2 cores, lanes that always ran side by side
+// doubled send→push p50 (BENCHMARKS.md). A lane gets a statement of its own beside one in
+// flight once splitAt of its sends wait, where the fixed cost is amortized and a second backend
+// raises the ceiling (Go benchmark, 2 cores: 14.7-15.4k envelopes/s with one lane, 16.3-17.2k
+// with two), or once its sends have waited splitAfter, so a send in an idle lane of a replica
+// far from the primary does not wait most of a round trip for another lane's statement. A
+// shared statement whose outcome is unknown closes the senders of every lane it carried.
 const (
 	maxBatch = 512
 	// splitAt is how many sends must wait in a lane for it to get a statement of its own
 	// beside one in flight.
 	splitAt = 64
-	// splitAfter is how long the newest statement in flight may run before a lane with sends
-	// waiting gets its own: a few local statements' time, a small part of a wide-area round trip.
+	// splitAfter is how long a lane's sends wait for a statement in flight before the lane
+	// gets its own: a few local statements' time, a small part of a wide-area round trip.
 	splitAfter = 5 * time.Millisecond
 	// commitQueue bounds the sends waiting for the committer; a full queue blocks the
 	// sender's socket reader (back-pressure) instead of growing.
@@ -98,31 +99,40 @@ func (c *committer) Start(ctx context.Context) error {
 	})
 }
 
+// part is what one statement takes from one lane: the first n sends waiting in it.
+type part struct{ lane, n int }
+
 // dispatch starts statements as the lanes allow and learns when they end.
 func (c *committer) dispatch(ctx context.Context) {
 	busy := make([]bool, len(c.lanes))
+	// since is when the dispatcher first saw sends waiting in a lane without a statement in
+	// flight (zero: none).
+	since := make([]time.Time, len(c.lanes))
 	inFlight := 0
-	done := make(chan []int, len(c.lanes))
-	var newest time.Time // when the newest statement in flight started
+	done := make(chan []part, len(c.lanes))
 	overdue := time.NewTimer(time.Hour)
 	defer overdue.Stop()
 	for {
-		late := inFlight > 0 && time.Since(newest) >= c.splitAfter
-		for _, g := range c.next(busy, inFlight > 0 && !late) {
-			batch := c.take(g)
-			for _, l := range g {
-				busy[l] = true
+		now := time.Now()
+		for l, in := range c.lanes {
+			if !busy[l] && len(in) > 0 && since[l].IsZero() {
+				since[l] = now
+			}
+		}
+		for _, st := range c.next(busy, since, inFlight > 0, now) {
+			batch := c.take(st)
+			for _, p := range st {
+				busy[p.lane], since[p.lane] = true, time.Time{}
 			}
 			inFlight++
-			newest = time.Now()
 			go func() {
 				c.run(context.WithoutCancel(ctx), batch)
-				done <- g
+				done <- st
 			}()
 		}
 		var wait <-chan time.Time
-		if inFlight > 0 && c.waiting(busy) {
-			overdue.Reset(time.Until(newest.Add(c.splitAfter)))
+		if first := c.oldestWaiting(busy, since); inFlight > 0 && !first.IsZero() {
+			overdue.Reset(time.Until(first.Add(c.splitAfter)))
 			wait = overdue.C
 		}
 		select {
@@ -131,10 +141,10 @@ func (c *committer) dispatch(ctx context.Context) {
 				<-done
 			}
 			return
-		case g := <-done:
+		case st := <-done:
 			inFlight--
-			for _, l := range g {
-				busy[l] = false
+			for _, p := range st {
+				busy[p.lane] = false
 			}
 		case <-c.wake:
 		case <-wait:
@@ -142,64 +152,73 @@ func (c *committer) dispatch(ctx context.Context) {
 	}
 }
 
-// waiting reports whether a lane without a statement in flight has sends waiting.
-func (c *committer) waiting(busy []bool) bool {
-	for l, in := range c.lanes {
-		if !busy[l] && len(in) > 0 {
-			return true
+// oldestWaiting is the earliest since of the lanes without a statement in flight (zero: none).
+func (c *committer) oldestWaiting(busy []bool, since []time.Time) time.Time {
+	var first time.Time
+	for l := range c.lanes {
+		if !busy[l] && !since[l].IsZero() && (first.IsZero() || since[l].Before(first)) {
+			first = since[l]
 		}
 	}
-	return false
+	return first
 }
 
-// next picks the statements to start now, each as the lanes whose waiting sends it takes. A
-// lane with splitAt sends waiting gets its own, and lanes with fewer ride along while there
-// is room. Unless hold (a statement in flight, not yet running for splitAfter), the lanes
-// with fewer waiting share one.
-func (c *committer) next(busy []bool, hold bool) [][]int {
-	var groups [][]int
+// next picks the statements to start now. A lane with splitAt sends waiting gets its own, and
+// lanes with fewer ride along while there is room. The other lanes with sends waiting share one
+// statement when nothing is in flight, or once they have waited splitAfter; else they wait for
+// a statement to end. Each statement takes at most maxBatch sends.
+func (c *committer) next(busy []bool, since []time.Time, inFlight bool, now time.Time) [][]part {
+	var stmts [][]part
 	var room []int
 	var small []int
 	for l, in := range c.lanes {
 		switch n := len(in); {
 		case busy[l] || n == 0:
 		case n >= c.splitAt:
-			groups = append(groups, []int{l})
-			room = append(room, c.maxBatch-min(n, c.maxBatch))
+			k := min(n, c.maxBatch)
+			stmts = append(stmts, []part{{l, k}})
+			room = append(room, c.maxBatch-k)
 		default:
 			small = append(small, l)
 		}
 	}
-	if len(groups) == 0 {
-		if hold || len(small) == 0 {
-			return nil
-		}
-		return [][]int{small}
-	}
+	var shared []part
+	left := c.maxBatch
 	for _, l := range small {
-		for i := range groups {
-			if n := len(c.lanes[l]); n <= room[i] {
-				groups[i] = append(groups[i], l)
+		n := len(c.lanes[l])
+		rode := false
+		for i := range stmts {
+			if n <= room[i] {
+				stmts[i] = append(stmts[i], part{l, n})
 				room[i] -= n
+				rode = true
 				break
 			}
 		}
+		if rode || left == 0 || (inFlight && now.Sub(since[l]) < c.splitAfter) {
+			continue
+		}
+		k := min(n, left)
+		shared = append(shared, part{l, k})
+		left -= k
 	}
-	return groups
+	if len(shared) > 0 {
+		stmts = append(stmts, shared)
+	}
+	return stmts
 }
 
-// take receives up to maxBatch of the sends waiting in the lanes, lane by lane. Only the
-// dispatcher receives, so what len reports is there.
-func (c *committer) take(lanes []int) []sendReq {
+// take receives the sends a statement's parts name. Only the dispatcher receives, so what len
+// reported is there.
+func (c *committer) take(st []part) []sendReq {
 	n := 0
-	for _, l := range lanes {
-		n += len(c.lanes[l])
+	for _, p := range st {
+		n += p.n
 	}
-	batch := make([]sendReq, 0, min(n, c.maxBatch))
-	for _, l := range lanes {
-		in := c.lanes[l]
-		for n := min(len(in), c.maxBatch-len(batch)); n > 0; n-- {
-			batch = append(batch, <-in)
+	batch := make([]sendReq, 0, n)
+	for _, p := range st {
+		for range p.n {
+			batch = append(batch, <-c.lanes[p.lane])
 		}
 	}
 	return batch

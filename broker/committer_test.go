@@ -19,10 +19,10 @@ type heldStatement struct {
 	release chan struct{}
 }
 
-// holdingCommitter is a committer with two lanes whose statements the test starts and ends
-// itself; it fails the test if a lane is ever in two statements at once.
-func holdingCommitter(t *testing.T, splitAfter time.Duration) (*committer, chan heldStatement) {
-	c := newCommitter(nil, nil, "n", nil, maxBatch, 2, dbtest.Logger(t), nil)
+// holdingCommitter is a committer whose statements the test starts and ends itself; it fails
+// the test if a lane is ever in two statements at once.
+func holdingCommitter(t *testing.T, lanes, batch int, splitAfter time.Duration) (*committer, chan heldStatement) {
+	c := newCommitter(nil, nil, "n", nil, batch, lanes, dbtest.Logger(t), nil)
 	c.splitAfter = splitAfter
 	started := make(chan heldStatement)
 	quit := make(chan struct{}) // the test is over: statements still held end
@@ -31,7 +31,7 @@ func holdingCommitter(t *testing.T, splitAfter time.Duration) (*committer, chan 
 	c.run = func(_ context.Context, batch []sendReq) {
 		lanes := map[uint32]bool{}
 		for _, r := range batch {
-			lanes[r.sess.lane%2] = true
+			lanes[r.sess.lane%uint32(len(c.lanes))] = true
 		}
 		mu.Lock()
 		for l := range lanes {
@@ -86,14 +86,29 @@ func texts(b []sendReq, names map[*session]string) []string {
 	return out
 }
 
-func TestCommitLanesShareStatementsUntilTheyBackUp(t *testing.T) {
-	t.Parallel()
-	c, started := holdingCommitter(t, time.Hour) // held statements never count as slow here
-	s0, s1 := &session{lane: 0}, &session{lane: 1}
-	names := map[*session]string{s0: "s0", s1: "s1"}
-	send := func(s *session, text string) {
+// sendOf returns a function that queues a send with the given text on a session's lane.
+func sendOf(c *committer) func(s *session, text string) {
+	return func(s *session, text string) {
 		c.enqueue(s, &protocol.Send{TargetSpec: "x", Priority: protocol.PriorityNow, Nonce: "n", Ciphertext: text})
 	}
+}
+
+// numbered lists "<name>:0".."<name>:n-1" after queueing those sends.
+func numbered(send func(*session, string), s *session, name string, from, n int) []string {
+	var out []string
+	for i := from; i < from+n; i++ {
+		send(s, fmt.Sprint(i))
+		out = append(out, fmt.Sprintf("%s:%d", name, i))
+	}
+	return out
+}
+
+func TestCommitLanesShareStatementsUntilTheyBackUp(t *testing.T) {
+	t.Parallel()
+	c, started := holdingCommitter(t, 2, maxBatch, time.Hour) // held statements never count as slow here
+	s0, s1 := &session{lane: 0}, &session{lane: 1}
+	names := map[*session]string{s0: "s0", s1: "s1"}
+	send := sendOf(c)
 
 	// Light traffic: what arrives while a statement is in flight, in either lane, waits for it
 	// and then goes into one statement, each sender's sends in order.
@@ -138,7 +153,7 @@ func TestCommitLaneStartsBesideASlowStatement(t *testing.T) {
 	t.Parallel()
 	// A statement that runs past splitAfter (a primary a wide-area round trip away): a lane
 	// with one send waiting gets its own statement rather than wait for it.
-	c, started := holdingCommitter(t, 20*time.Millisecond)
+	c, started := holdingCommitter(t, 2, maxBatch, 20*time.Millisecond)
 	s0, s1 := &session{lane: 0}, &session{lane: 1}
 	names := map[*session]string{s0: "s0", s1: "s1"}
 	c.enqueue(s0, &protocol.Send{TargetSpec: "x", Priority: protocol.PriorityNow, Nonce: "n", Ciphertext: "slow"})
@@ -146,6 +161,69 @@ func TestCommitLaneStartsBesideASlowStatement(t *testing.T) {
 	c.enqueue(s1, &protocol.Send{TargetSpec: "x", Priority: protocol.PriorityNow, Nonce: "n", Ciphertext: "waiting"})
 	require.Equal(t, []string{"s1:waiting"}, texts(nextStatement(t, started).batch, names))
 	close(slow.release)
+}
+
+func TestCommitLanesRideAlongUpToTheBatchLimit(t *testing.T) {
+	t.Parallel()
+	// Three lanes; lane 2's statement is held, so lanes 0 and 1 can only start by backing up.
+	c, started := holdingCommitter(t, 3, splitAt+2, time.Hour)
+	s0, s1, s2 := &session{lane: 0}, &session{lane: 1}, &session{lane: 2}
+	names := map[*session]string{s0: "s0", s1: "s1", s2: "s2"}
+	send := sendOf(c)
+	send(s2, "held")
+	held := nextStatement(t, started)
+
+	// Lane 1's two sends wait; lane 0 backs up to splitAt and starts, lane 1 riding along.
+	want := numbered(send, s1, "s1", 0, 2)
+	want = append(numbered(send, s0, "s0", 0, splitAt), want...)
+	withRider := nextStatement(t, started)
+	require.Equal(t, want, texts(withRider.batch, names), "lane 1 rides along: there is room")
+
+	// Lane 1's three sends do not fit beside lane 0's next splitAt (the limit is splitAt+2):
+	// lane 0 starts alone, and lane 1 waits until nothing is in flight, then starts at once.
+	want = numbered(send, s1, "s1", 2, 3)
+	wantS0 := numbered(send, s0, "s0", splitAt, splitAt)
+	close(withRider.release)
+	alone := nextStatement(t, started)
+	require.Equal(t, wantS0, texts(alone.batch, names), "lane 0 alone: no room for lane 1")
+	close(held.release)
+	close(alone.release)
+	require.Equal(t, want, texts(nextStatement(t, started).batch, names), "lane 1 once the statements ended")
+}
+
+func TestCommitLaneIsNotStarvedByABackedUpLane(t *testing.T) {
+	t.Parallel()
+	// A batch limit of splitAt: a backed-up lane 0 fills every statement, leaving no room.
+	c, started := holdingCommitter(t, 2, splitAt, time.Hour)
+	s0, s1 := &session{lane: 0}, &session{lane: 1}
+	names := map[*session]string{s0: "s0", s1: "s1"}
+	send := sendOf(c)
+	send(s0, "a")
+	first := nextStatement(t, started)
+	send(s1, "w")
+	more := numbered(send, s0, "s0", 0, splitAt+10)
+	close(first.release)
+	// With nothing in flight, lane 0's next splitAt and lane 1's send both start; lane 1 does
+	// not wait behind lane 0's backlog.
+	got := map[string][]string{}
+	for range 2 {
+		st := nextStatement(t, started)
+		got[texts(st.batch, names)[0][:2]] = texts(st.batch, names)
+	}
+	require.Equal(t, []string{"s1:w"}, got["s1"])
+	require.Equal(t, more[:splitAt], got["s0"], "a statement takes at most the batch limit")
+}
+
+func TestCommitterStopWaitsForStatementsInFlight(t *testing.T) {
+	t.Parallel()
+	c, started := holdingCommitter(t, 2, maxBatch, time.Hour)
+	sendOf(c)(&session{lane: 0}, "a")
+	held := nextStatement(t, started)
+	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	defer cancel()
+	require.ErrorIs(t, c.Stop(ctx), context.DeadlineExceeded, "Stop returned while a statement was in flight")
+	close(held.release)
+	require.NoError(t, c.Stop(context.Background()))
 }
 
 func TestSendOrderKeptWhenLanesCommitAtOnce(t *testing.T) {
@@ -156,12 +234,15 @@ func TestSendOrderKeptWhenLanesCommitAtOnce(t *testing.T) {
 	// back up and commit side by side; each recipient reads its sender's burst in order.
 	const senders, burst = 8, 400
 	var wg sync.WaitGroup
+	lanes := map[uint32]bool{}
 	for i := range senders {
 		from, to := m.member(fmt.Sprintf("from%d", i)), m.member(fmt.Sprintf("to%d", i))
 		a := m.dial(0, from)
 		b := m.dial(1, to, noClientAck)
+		lanes[c.nodes[0].hub.get(a.HelloAck().PresenceID).lane%2] = true
 		wg.Go(func() { sendPipelined(t, a, to.pub, "m", burst, 32) })
 		wg.Go(func() { readAll(t, b, "m", burst, 20*time.Second) })
 	}
+	require.Len(t, lanes, 2, "the senders use both lanes")
 	wg.Wait()
 }
