@@ -21,7 +21,7 @@ import (
 // Postgres more than one: at 3,000 msgs/s on 2 cores, lanes that always ran side by side
 // doubled send→push p50 (BENCHMARKS.md). A lane gets a statement of its own beside one in
 // flight once splitAt of its sends wait, where the fixed cost is amortized and a second backend
-// raises the ceiling (Go benchmark, 2 cores: 14.7-15.4k envelopes/s with one lane, 16.3-17.2k
+// raises the ceiling (Go benchmark, 2 cores: 14.6-15.5k envelopes/s with one lane, 16.2-17.2k
 // with two), or once its sends have waited splitAfter, so a send in an idle lane of a replica
 // far from the primary does not wait most of a round trip for another lane's statement. A
 // shared statement whose outcome is unknown closes the senders of every lane it carried.

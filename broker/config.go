@@ -118,10 +118,10 @@ type Config struct {
 	// Committers is how many group-commit lanes a replica runs (default 1), each with at most
 	// one send statement in flight; a sender's sends always use one lane. Lanes share one
 	// statement while traffic is light and commit side by side only once a lane has 64 sends
-	// waiting or the statement in flight has run 5 ms (committer.go). On 2 cores shared with
+	// waiting or its sends have waited 5 ms (committer.go). On 2 cores shared with
 	// the load generator one lane is best (saturation 11.1-11.6k msgs/s against 10.3-10.8k
-	// with two); with idle cores at the primary two raise the ceiling (Go benchmark: 14.7-15.4k
-	// against 16.3-17.2k).
+	// with two); with idle cores at the primary two raise the ceiling (Go benchmark: 14.6-15.5k
+	// against 16.2-17.2k).
 	Committers int
 
 	// NotifyAfterCommit sends a send batch's notifications from a second transaction right
