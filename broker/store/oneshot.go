@@ -55,16 +55,8 @@ type HelloResult struct {
 // notifications and its audit entry. The results are in the order of hs; a hello that failed
 // with an error (not a refusal) has Err set, and fails alone.
 func (s *Store) Hellos(ctx context.Context, nodeID string, defaultLimit int, hs []HelloParams) ([]HelloResult, error) {
-	rows, err := s.q.HelloBatch(ctx, helloBatchParams(nodeID, s.ns, defaultLimit, hs))
-	if err != nil {
-		return nil, fmt.Errorf("hello: %w", err)
-	}
-	return helloResults(len(hs), rows), nil
-}
-
-func helloBatchParams(nodeID, ns string, defaultLimit int, hs []HelloParams) db.HelloBatchParams {
 	n := len(hs)
-	p := db.HelloBatchParams{NodeID: nodeID, Ns: ns, DefaultLimit: int32(defaultLimit), HMesh: make([]string, n),
+	p := db.HelloBatchParams{NodeID: nodeID, Ns: s.ns, DefaultLimit: int32(defaultLimit), HMesh: make([]string, n),
 		HMemberID: make([]string, n), HPubkey: make([]string, n), HSessionID: make([]string, n),
 		HSessionPubkey: make([]string, n), HDisplayName: make([]string, n), HPid: make([]int32, n), HCwd: make([]string, n),
 		HGroups: make([]json.RawMessage, n), HCaps: make([]json.RawMessage, n), HSignature: make([]string, n),
@@ -78,11 +70,10 @@ func helloBatchParams(nodeID, ns string, defaultLimit int, hs []HelloParams) db.
 		p.HSignature[i], p.HSigExpires[i], p.HLocalLive[i] = h.Signature, h.SignatureExpires, h.LocalLive
 		p.HRole[i], p.HHostname[i], p.HPeerType[i], p.HChannel[i], p.HModel[i] = h.Role, h.Hostname, h.PeerType, h.Channel, h.Model
 	}
-	return p
-}
-
-// helloResults puts a batch's rows in the hellos' order (the statement answers in mesh order).
-func helloResults(n int, rows []db.HelloBatchRow) []HelloResult {
+	rows, err := s.q.HelloBatch(ctx, p)
+	if err != nil {
+		return nil, fmt.Errorf("hello: %w", err)
+	}
 	out := make([]HelloResult, n)
 	for _, r := range rows {
 		i := int(r.Idx) - 1
@@ -101,7 +92,7 @@ func helloResults(n int, rows []db.HelloBatchRow) []HelloResult {
 			Limit: int(r.MaxSessions), Registration: Registration{PresenceID: r.PresenceID, Status: r.Status, Epoch: r.Epoch,
 				OldNode: r.OldNode}}
 	}
-	return out
+	return out, nil
 }
 
 // ErrHelloBusy is a hello that waited too long for a lock (hello_batch's lock_timeout, 00035)
