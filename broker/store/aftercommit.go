@@ -12,14 +12,19 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 )
 
-// notifyAfterCommit runs one generated statement as a transaction of its own whose
-// notifications leave from a second one, right after its COMMIT and in the same flight
-// (migration 00033): BEGIN, the deferral set, the statement, COMMIT, flush_notes(): one
-// pipeline, one Sync. Postgres holds the lock that orders notifying transactions from before a
+// committed runs one generated statement as a transaction of its own (BEGIN, the statement,
+// COMMIT: one pipeline, one Sync) with what must follow its commit in the same flight, each in
+// a transaction of its own after it:
+//   - the statement's notifications, when they are deferred (deferNotify);
+//   - a statement that must see the commit (then): a hello's probe for what waits for the
+//     sessions it registered.
+//
+// deferNotify: BEGIN, the deferral set, the statement, COMMIT, flush_notes() (migration
+// 00033). Postgres holds the lock that orders notifying transactions from before a
 // commit record is written until it is flushed; here the statement's commit does not notify,
 // and the one that does is not flushed first, so neither waits for another's fsync under it.
 //
-// Only the send batch runs this way, and only when the replica is configured to
+// Only the send batch defers its notifications, and only when the replica is configured to
 // (NOTIFY_AFTER_COMMIT): the second transaction costs more than it saves where the flush is
 // fast. Its notifications may now queue after those of a transaction that committed after it.
 // The same sender's next send cannot (its lane waits for this call to return); another
@@ -33,11 +38,22 @@ import (
 // the statement's rows, and the COMMIT's outcome is their Err. A statement Postgres refuses
 // is rolled back, and the notifications it kept (a session setting) with it. An error on this
 // side after the pipeline was sent (a row that does not scan) leaves the outcome to the
-// COMMIT already on its way: OutcomeUnknown. Notifications that cannot be sent once committed
-// are logged and left to the catch-up, as after a listener's reconnect.
-type notifyAfterCommit struct {
-	conn *pgxpool.Conn
-	log  *slog.Logger
+// COMMIT already on its way: OutcomeUnknown. What follows a commit cannot undo it: a failure
+// there is logged (notifications not sent are left to the catch-up, as after a listener's
+// reconnect) or left to then's reader.
+type committed struct {
+	conn        *pgxpool.Conn
+	log         *slog.Logger
+	deferNotify bool
+	then        *thenStatement
+}
+
+// thenStatement is a statement sent after a commit in its flight, and the reader of its rows.
+// The reader is called once, with the rows or with the error that kept them from coming.
+type thenStatement struct {
+	sql  string
+	args []any
+	read func(pgx.Rows, error)
 }
 
 const (
@@ -51,15 +67,26 @@ const (
 	sqlFlushNotes  = "SELECT claudemesh.flush_notes()"
 )
 
-func (a notifyAfterCommit) start(ctx context.Context, sql string, args []any) (pgx.BatchResults, error) {
+func (a committed) start(ctx context.Context, sql string, args []any) (pgx.BatchResults, error) {
 	b := &pgx.Batch{}
 	b.Queue("BEGIN")
-	b.Queue(sqlDeferNotify)
+	if a.deferNotify {
+		b.Queue(sqlDeferNotify)
+	}
 	b.Queue(sql, args...)
 	b.Queue("COMMIT")
-	b.Queue(sqlFlushNotes)
+	if a.deferNotify {
+		b.Queue(sqlFlushNotes)
+	}
+	if a.then != nil {
+		b.Queue(a.then.sql, a.then.args...)
+	}
 	br := a.conn.SendBatch(ctx, b)
-	for range 2 {
+	before := 1
+	if a.deferNotify {
+		before = 2
+	}
+	for range before {
 		if _, err := br.Exec(); err != nil {
 			a.abort(br)
 			return nil, err
@@ -68,18 +95,26 @@ func (a notifyAfterCommit) start(ctx context.Context, sql string, args []any) (p
 	return br, nil
 }
 
-// finish reads the COMMIT and the flush. Only the COMMIT decides the outcome.
-func (a notifyAfterCommit) finish(br pgx.BatchResults) error {
+// finish reads the COMMIT and what follows it. Only the COMMIT decides the outcome.
+func (a committed) finish(br pgx.BatchResults) error {
 	if _, err := br.Exec(); err != nil {
 		a.abort(br)
 		return fmt.Errorf("commit: %w", err)
 	}
-	_, err := br.Exec()
-	if cerr := br.Close(); err == nil {
-		err = cerr
+	if a.deferNotify {
+		if _, err := br.Exec(); err != nil {
+			a.log.Warn("committed, but its notifications were not sent; their replicas catch up", "err", err)
+		}
 	}
-	if err != nil {
-		a.log.Warn("committed, but its notifications were not sent; their replicas catch up", "err", err)
+	if a.then != nil {
+		rows, err := br.Query()
+		a.then.read(rows, err)
+		if rows != nil {
+			rows.Close()
+		}
+	}
+	if err := br.Close(); err != nil {
+		a.log.Warn("committed, but what followed the commit failed", "err", err)
 	}
 	return nil
 }
@@ -87,7 +122,7 @@ func (a notifyAfterCommit) finish(br pgx.BatchResults) error {
 // abort ends a pipeline whose statement failed: Postgres skipped the rest up to the Sync and
 // left the explicit transaction open and failed, so it is rolled back here, or the connection
 // would go back to the pool inside it (the pool then closes it).
-func (a notifyAfterCommit) abort(br pgx.BatchResults) {
+func (a committed) abort(br pgx.BatchResults) {
 	_ = br.Close()
 	c := a.conn.Conn()
 	if c.IsClosed() || c.PgConn().TxStatus() == 'I' {
@@ -99,7 +134,7 @@ func (a notifyAfterCommit) abort(br pgx.BatchResults) {
 }
 
 // Exec runs the statement through Query: one path for every kind of generated method.
-func (a notifyAfterCommit) Exec(ctx context.Context, sql string, args ...any) (pgconn.CommandTag, error) {
+func (a committed) Exec(ctx context.Context, sql string, args ...any) (pgconn.CommandTag, error) {
 	rows, err := a.Query(ctx, sql, args...)
 	if err != nil {
 		return pgconn.CommandTag{}, err
@@ -109,7 +144,7 @@ func (a notifyAfterCommit) Exec(ctx context.Context, sql string, args ...any) (p
 	return rows.CommandTag(), rows.Err()
 }
 
-func (a notifyAfterCommit) Query(ctx context.Context, sql string, args ...any) (pgx.Rows, error) {
+func (a committed) Query(ctx context.Context, sql string, args ...any) (pgx.Rows, error) {
 	br, err := a.start(ctx, sql, args)
 	if err != nil {
 		return nil, err
@@ -122,7 +157,7 @@ func (a notifyAfterCommit) Query(ctx context.Context, sql string, args ...any) (
 	return &committingRows{Rows: rows, a: a, br: br}, nil
 }
 
-func (a notifyAfterCommit) QueryRow(ctx context.Context, sql string, args ...any) pgx.Row {
+func (a committed) QueryRow(ctx context.Context, sql string, args ...any) pgx.Row {
 	rows, err := a.Query(ctx, sql, args...)
 	return committingRow{rows: rows, err: err}
 }
@@ -131,7 +166,7 @@ func (a notifyAfterCommit) QueryRow(ctx context.Context, sql string, args ...any
 // is read too, and its failure is the rows' Err.
 type committingRows struct {
 	pgx.Rows
-	a    notifyAfterCommit
+	a    committed
 	br   pgx.BatchResults
 	done bool
 	err  error
@@ -193,7 +228,7 @@ func (r committingRow) Scan(dest ...any) error {
 }
 
 // notifying runs f with queries on a connection of its own, whose statement notifies after its
-// commit when the store is set to (notifyAfterCommit), else from inside it. The connection is
+// commit when the store is set to (NOTIFY_AFTER_COMMIT), else from inside it. The connection is
 // taken first: failing to get one is known to have sent nothing.
 func (s *Store) notifying(ctx context.Context, f func(q *db.Queries) error) error {
 	conn, err := s.pool.Acquire(ctx)
@@ -204,5 +239,5 @@ func (s *Store) notifying(ctx context.Context, f func(q *db.Queries) error) erro
 	if !s.afterCommit {
 		return f(db.New(conn))
 	}
-	return f(db.New(notifyAfterCommit{conn: conn, log: s.log}))
+	return f(db.New(committed{conn: conn, log: s.log, deferNotify: true}))
 }

@@ -78,7 +78,7 @@ type Store struct {
 	q    *db.Queries
 	ns   string // the bus namespace: the single-statement operations notify from inside
 	log  *slog.Logger
-	// afterCommit: send batches notify after their commit (notifyAfterCommit).
+	// afterCommit: send batches notify after their commit (committed, deferNotify).
 	afterCommit bool
 }
 
@@ -95,7 +95,7 @@ func New(pool *pgxpool.Pool, namespace string) *Store {
 func (s *Store) SetLogger(l *slog.Logger) { s.log = l }
 
 // SetNotifyAfterCommit makes send batches notify from a transaction of their own right after
-// their commit (notifyAfterCommit) instead of from inside it. Call it before any send.
+// their commit (committed, deferNotify) instead of from inside it. Call it before any send.
 func (s *Store) SetNotifyAfterCommit(on bool) { s.afterCommit = on }
 
 // Ping checks that Postgres answers.
