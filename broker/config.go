@@ -153,6 +153,10 @@ type Config struct {
 	// quiet stretches the periodic background work (sweeps, the catch-up poll, the bus's
 	// self-ping) to an hour, so a test can count the round trips of one operation exactly.
 	quiet bool
+
+	// helloRegistered, when set, is called between a hello's statement and its session
+	// joining the hub (tests).
+	helloRegistered func()
 }
 
 // envVar describes one environment variable: its name, what it sets and how to parse it.

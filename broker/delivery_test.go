@@ -6,6 +6,8 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/http"
+	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -479,4 +481,57 @@ func TestSessionEndComesAfterItsWritesAreRecorded(t *testing.T) {
 	var state string
 	require.NoError(t, c.pool.QueryRow(ctx, `SELECT state FROM claudemesh.delivery WHERE id = $1`, local[0].ID).Scan(&state))
 	require.Equal(t, "acked", state, "delivered, not released to pending")
+}
+
+// A hello claims only when something may wait for its session (migration 00039): messages
+// queued while the member was away reach it at once; and a send that commits after the hello's
+// statement, while its session is not yet in the replica's hub, is still pushed without the
+// catch-up poll (an hour here): the wake-up that found no session there makes the hello claim.
+// The message is too large to ride in its notification, so the wake-up names only the member
+// (an inline push that finds no session is given back, which wakes the replica again).
+func TestHelloClaimsWhatWaitsAndWhatArrivesWhileItRegisters(t *testing.T) {
+	t.Parallel()
+	registered, release := make(chan struct{}, 1), make(chan struct{})
+	var pause atomic.Bool
+	c := newCluster(t, 1, func(cfg *Config) { cfg.quiet = true })
+	c.nodes = append(c.nodes, c.startNode("n1", func(cfg *Config) {
+		cfg.quiet = true
+		cfg.helloRegistered = func() {
+			if pause.Load() {
+				registered <- struct{}{}
+				<-release
+			}
+		}
+	}))
+	m := c.mesh(0)
+	alice, bob, carol := m.member("alice"), m.member("bob"), m.member("carol")
+	a := m.dial(0, alice)
+	ctx := ctxT(t)
+
+	// Queued while carol was away: her hello says so, and her session claims it.
+	queued, err := a.Send(ctx, carol.pub, protocol.PriorityNow, "n", "while away", "")
+	require.NoError(t, err)
+	cl := m.dial(1, carol)
+	require.Equal(t, queued.MessageID, nextPush(t, cl, 10*time.Second).MessageID)
+
+	// Sent while bob's hello is between its statement and the hub.
+	pause.Store(true)
+	dialed := make(chan *client.Client, 1)
+	go func() {
+		b, err := m.tryDial(1, bob)
+		if err != nil {
+			t.Error(err)
+		}
+		dialed <- b
+	}()
+	<-registered
+	pause.Store(false)
+	wakes := c.nodes[1].hub.wakeCount()
+	sent, err := a.Send(ctx, bob.pub, protocol.PriorityNow, "n", strings.Repeat("c", 9000), "")
+	require.NoError(t, err)
+	dbtest.WaitFor(t, 10*time.Second, "n1 woken for bob's send", func() bool { return c.nodes[1].hub.wakeCount() != wakes })
+	close(release)
+	b := <-dialed
+	require.NotNil(t, b)
+	require.Equal(t, sent.MessageID, nextPush(t, b, 10*time.Second).MessageID)
 }

@@ -53,9 +53,10 @@ func (p *peers) handleHello(ms *melody.Session, c *conn, msg protocol.ClientMess
 		req, err = p.checkSessionHello(h, time.Now())
 	}
 	var sess *session
-	var resumed bool
+	var resumed, waiting bool
+	wakes := p.hub.wakeCount() // before the hello's statement: see after hub.add below
 	if err == nil {
-		sess, resumed, err = p.register(ctx, ms, req)
+		sess, resumed, waiting, err = p.register(ctx, ms, req)
 	}
 	if err != nil {
 		var ref *helloRefusal
@@ -71,6 +72,9 @@ func (p *peers) handleHello(ms *melody.Session, c *conn, msg protocol.ClientMess
 		closeWith(ms, ref.closeCd, ref.code)
 		return
 	}
+	if p.cfg.helloRegistered != nil {
+		p.cfg.helloRegistered()
+	}
 	c.sess.Store(sess)
 	p.gate.release(c) // authenticated: no longer held to the hello deadline
 	if wc := ms.WebsocketConnection(); wc != nil {
@@ -83,8 +87,14 @@ func (p *peers) handleHello(ms *melody.Session, c *conn, msg protocol.ClientMess
 	}
 	p.reply(ms, &protocol.HelloAck{PresenceID: sess.presenceID, MemberDisplayName: sess.name(), Resumed: resumed, ReqID: msg.RequestID()})
 	p.log.Info("session connected", "mesh", sess.meshID, "presence", sess.presenceID, "role", sess.role, "resumed", resumed)
-	// Whatever waited for this session (offline queue, unacked pushes) goes out now.
-	p.pusher.request(sess)
+	// Whatever waited for this session (offline queue, unacked pushes) goes out now. Nothing
+	// did when the hello committed (its probe, in the same flight, saw every send committed
+	// before it), and a send committed after it saw the session and woke this replica: if no
+	// wake-up was applied since before the statement, none is on its way to a session that
+	// was not yet in the hub, and there is nothing to claim.
+	if waiting || p.hub.wakeCount() != wakes {
+		p.pusher.request(sess)
+	}
 }
 
 // helloReq is a hello of either kind whose signatures were verified: what registers it.
@@ -205,27 +215,27 @@ func signatureExpiry(ts time.Time) time.Time { return ts.Add(helloMaxSkew + 5*ti
 // signature and a session key that is another member's, then capacity (docs/protocol.md says
 // why this order); then the presence (taken over by session key or sessionId, or new), its notifications and
 // its audit entry.
-func (p *peers) register(ctx context.Context, ms *melody.Session, r *helloReq) (*session, bool, error) {
+func (p *peers) register(ctx context.Context, ms *melody.Session, r *helloReq) (sess *session, resumed, waiting bool, err error) {
 	hp := r.params
 	hp.LocalLive = p.liveHere(hp.MeshID, hp.MemberPubkey, hp.SessionID, hp.SessionPubkey)
 	res, err := p.registrar.register(ctx, hp)
 	if err != nil {
-		return nil, false, err
+		return nil, false, false, err
 	}
 	switch res.Refusal {
 	case "":
 	case protocol.CodeCapacity:
-		return nil, false, refuse(protocol.CodeCapacity, fmt.Sprintf("mesh has reached its limit of %d live sessions", res.Limit))
+		return nil, false, false, refuse(protocol.CodeCapacity, fmt.Sprintf("mesh has reached its limit of %d live sessions", res.Limit))
 	case protocol.CodeRevoked:
-		return nil, false, &helloRefusal{code: protocol.CodeRevoked, msg: "member was revoked", closeCd: protocol.CloseRevoked}
+		return nil, false, false, &helloRefusal{code: protocol.CodeRevoked, msg: "member was revoked", closeCd: protocol.CloseRevoked}
 	case protocol.CodeParentMemberIDMismatch:
-		return nil, false, refuse(protocol.CodeParentMemberIDMismatch, "parentMemberId is not the member of parentMemberPubkey")
+		return nil, false, false, refuse(protocol.CodeParentMemberIDMismatch, "parentMemberId is not the member of parentMemberPubkey")
 	case protocol.CodeHelloReplayed:
-		return nil, false, refuse(protocol.CodeHelloReplayed, "this signed hello was already used: sign a new one")
+		return nil, false, false, refuse(protocol.CodeHelloReplayed, "this signed hello was already used: sign a new one")
 	case protocol.CodeSessionKeyTaken:
-		return nil, false, refuse(protocol.CodeSessionKeyTaken, "sessionPubkey is another member's key or bound to another member")
+		return nil, false, false, refuse(protocol.CodeSessionKeyTaken, "sessionPubkey is another member's key or bound to another member")
 	default:
-		return nil, false, refuse(protocol.CodeUnauthorized, "no live member with that mesh and pubkey")
+		return nil, false, false, refuse(protocol.CodeUnauthorized, "no live member with that mesh and pubkey")
 	}
 	reg := res.Registration
 	// The hello's strings point into its frame: copies, so a session keeps a few ids, not the
@@ -234,7 +244,7 @@ func (p *peers) register(ctx context.Context, ms *melody.Session, r *helloReq) (
 	for i, g := range r.groups {
 		groups[i] = groupEntry{Name: strings.Clone(g.Name), Role: strings.Clone(g.Role)}
 	}
-	sess := &session{
+	sess = &session{
 		ws: ms, out: ms, presenceID: reg.PresenceID, meshID: strings.Clone(hp.MeshID), memberID: res.MemberID,
 		memberPubkey: strings.Clone(hp.MemberPubkey), sessionPubkey: strings.Clone(r.sessionKey),
 		sessionID: strings.Clone(hp.SessionID), role: hp.Role, systemEvents: r.systemEvents,
@@ -243,7 +253,7 @@ func (p *peers) register(ctx context.Context, ms *melody.Session, r *helloReq) (
 		overflow: func() { p.closeSlowConsumer(ms, "frames waiting to be sent") },
 	}
 	sess.clientAck.Store(r.clientAck)
-	return sess, res.Resumed, nil
+	return sess, res.Resumed, res.Waiting, nil
 }
 
 // laneOf spreads sessions over the committer's lanes.

@@ -2,6 +2,7 @@ package broker
 
 import (
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/gorilla/websocket"
@@ -23,7 +24,18 @@ type hub struct {
 	// bySlot spreads the sessions over the ping slots (by their lane hash), so each tick of the
 	// guard pings one slot's sessions without walking the others.
 	bySlot []map[*session]struct{}
+	// wakes counts what the router applied that may give this replica's sessions something to
+	// claim (deliveries, pushes, catch-ups), each counted before it looks for its sessions. A
+	// hello that saw it unchanged while it registered, and whose session had nothing waiting
+	// when it committed, has nothing to claim.
+	wakes atomic.Uint64
 }
+
+// woke counts a wake-up, before the router looks for the sessions it is for.
+func (h *hub) woke() { h.wakes.Add(1) }
+
+// wakeCount is the number of wake-ups counted so far.
+func (h *hub) wakeCount() uint64 { return h.wakes.Load() }
 
 // setPingSlots spreads the sessions over n ping slots (the ping period over the guard's tick).
 func (h *hub) setPingSlots(n int) {

@@ -57,8 +57,10 @@ func (r *router) Start(ctx context.Context) error {
 				r.pusher.pushAssigned(r.pushes)
 				r.pushes = r.pushes[:0]
 			case <-r.bus.Resync():
+				r.hub.woke()
 				r.resync(ctx, true)
 			case <-poll.C:
+				r.hub.woke()
 				r.resync(ctx, false)
 			}
 		}
@@ -66,6 +68,10 @@ func (r *router) Start(ctx context.Context) error {
 }
 
 func (r *router) apply(ctx context.Context, m pgbus.Message) {
+	switch m.Kind {
+	case pgbus.KindResync, pgbus.KindDeliveries, pgbus.KindPush, pgbus.KindPushFrame:
+		r.hub.woke()
+	}
 	switch m.Kind {
 	case pgbus.KindResync:
 		// In order: what came before goes out first; what follows queues behind the catch-up.

@@ -71,3 +71,7 @@ func NewPool(ctx context.Context, url string, cfg PoolConfig) (*pgxpool.Pool, er
 	}
 	return pool, nil
 }
+
+// HelloWaitingSQL is the generated HelloWaiting statement, for a caller that sends it in the
+// flight of another statement, after that one's commit (store.Hellos).
+const HelloWaitingSQL = helloWaiting

@@ -202,6 +202,39 @@ func (q *Queries) HelloBatch(ctx context.Context, arg HelloBatchParams) ([]Hello
 	return items, nil
 }
 
+const helloWaiting = `-- name: HelloWaiting :many
+SELECT w::int AS idx FROM claudemesh.hello_waiting($1::text[], $2::text[]) AS w
+`
+
+type HelloWaitingParams struct {
+	HMesh   []string
+	HPubkey []string
+}
+
+// The hellos of a batch (by position, from 1) whose member has deliveries waiting to be
+// claimed (migration 00039). store.Hellos sends it after the batch's COMMIT, in the same
+// flight and a transaction of its own, so it sees every send that committed before the
+// sessions were registered; a send that committed after them saw them, and woke their replica.
+func (q *Queries) HelloWaiting(ctx context.Context, arg HelloWaitingParams) ([]int32, error) {
+	rows, err := q.db.Query(ctx, helloWaiting, arg.HMesh, arg.HPubkey)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	items := []int32{}
+	for rows.Next() {
+		var idx int32
+		if err := rows.Scan(&idx); err != nil {
+			return nil, err
+		}
+		items = append(items, idx)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, err
+	}
+	return items, nil
+}
+
 const hookStatus = `-- name: HookStatus :many
 
 SELECT coalesce(h.presence_id, '')::text AS presence_id, h.pending::boolean AS pending, h.replayed::boolean AS replayed

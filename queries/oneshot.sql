@@ -48,6 +48,13 @@ FROM claudemesh.hello_batch(@node_id::text, @ns::text, @default_limit::int, @h_m
     @h_local_live::boolean[], @h_role::text[], @h_hostname::text[], @h_peer_type::text[], @h_channel::text[],
     @h_model::text[]) h;
 
+-- name: HelloWaiting :many
+-- The hellos of a batch (by position, from 1) whose member has deliveries waiting to be
+-- claimed (migration 00039). store.Hellos sends it after the batch's COMMIT, in the same
+-- flight and a transaction of its own, so it sees every send that committed before the
+-- sessions were registered; a send that committed after them saw them, and woke their replica.
+SELECT w::int AS idx FROM claudemesh.hello_waiting(@h_mesh::text[], @h_pubkey::text[]) AS w;
+
 -- name: Kick :many
 SELECT k.code::text AS code, coalesce(k.name, '')::text AS name, coalesce(k.skipped, false)::boolean AS skipped
 FROM claudemesh.kick(@ns::text, @mesh_id::text, @caller_member::text, @caller_presence::text, @actor::text,

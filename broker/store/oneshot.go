@@ -8,6 +8,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/jackc/pgx/v5"
+
 	"github.com/claudemesh/broker/db"
 )
 
@@ -47,7 +49,11 @@ type HelloResult struct {
 	Resumed      bool
 	DisplayName  string
 	Limit        int // the mesh's session limit, for the capacity message
-	Err          error
+	// Waiting: something may wait for the session to claim: deliveries pending for its member
+	// when the hello committed, or pushes to an earlier connection of the session (it resumed
+	// or replaced one). False: nothing did when the hello committed.
+	Waiting bool
+	Err     error
 }
 
 // Hellos checks and registers hellos in one statement, each as claudemesh.hello does alone:
@@ -55,8 +61,54 @@ type HelloResult struct {
 // notifications and its audit entry. The results are in the order of hs; a hello that failed
 // with an error (not a refusal) has Err set, and fails alone.
 func (s *Store) Hellos(ctx context.Context, nodeID string, defaultLimit int, hs []HelloParams) ([]HelloResult, error) {
+	conn, err := s.pool.Acquire(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("hello: %w", err)
+	}
+	defer conn.Release()
 	n := len(hs)
-	p := db.HelloBatchParams{NodeID: nodeID, Ns: s.ns, DefaultLimit: int32(defaultLimit), HMesh: make([]string, n),
+	meshes, keys := make([]string, n), make([]string, n)
+	for i, h := range hs {
+		meshes[i], keys[i] = h.MeshID, h.MemberPubkey
+	}
+	// What waits for the new sessions, read after the batch's commit in the same flight.
+	waiting := make([]bool, n)
+	probe := &thenStatement{sql: db.HelloWaitingSQL, args: []any{meshes, keys}, read: func(rows pgx.Rows, err error) {
+		var idx []int32
+		if err == nil {
+			idx, err = pgx.CollectRows(rows, pgx.RowTo[int32])
+		}
+		if err != nil {
+			// Not known: every session is claimed for, as it would be without the probe.
+			s.log.Warn("hello: could not read what waits for the new sessions; claiming for all", "hellos", n, "err", err)
+			for i := range waiting {
+				waiting[i] = true
+			}
+			return
+		}
+		for _, i := range idx {
+			if i >= 1 && int(i) <= n {
+				waiting[i-1] = true
+			}
+		}
+	}}
+	rows, err := db.New(committed{conn: conn, log: s.log, then: probe}).HelloBatch(ctx,
+		helloBatchParams(nodeID, s.ns, defaultLimit, hs))
+	if err != nil {
+		return nil, fmt.Errorf("hello: %w", err)
+	}
+	out := helloResults(n, rows)
+	for i := range out {
+		// A session that resumed or replaced one may have pushes to take back, whatever waits
+		// for its member.
+		out[i].Waiting = waiting[i] || out[i].Registration.OldNode != ""
+	}
+	return out, nil
+}
+
+func helloBatchParams(nodeID, ns string, defaultLimit int, hs []HelloParams) db.HelloBatchParams {
+	n := len(hs)
+	p := db.HelloBatchParams{NodeID: nodeID, Ns: ns, DefaultLimit: int32(defaultLimit), HMesh: make([]string, n),
 		HMemberID: make([]string, n), HPubkey: make([]string, n), HSessionID: make([]string, n),
 		HSessionPubkey: make([]string, n), HDisplayName: make([]string, n), HPid: make([]int32, n), HCwd: make([]string, n),
 		HGroups: make([]json.RawMessage, n), HCaps: make([]json.RawMessage, n), HSignature: make([]string, n),
@@ -70,10 +122,11 @@ func (s *Store) Hellos(ctx context.Context, nodeID string, defaultLimit int, hs 
 		p.HSignature[i], p.HSigExpires[i], p.HLocalLive[i] = h.Signature, h.SignatureExpires, h.LocalLive
 		p.HRole[i], p.HHostname[i], p.HPeerType[i], p.HChannel[i], p.HModel[i] = h.Role, h.Hostname, h.PeerType, h.Channel, h.Model
 	}
-	rows, err := s.q.HelloBatch(ctx, p)
-	if err != nil {
-		return nil, fmt.Errorf("hello: %w", err)
-	}
+	return p
+}
+
+// helloResults puts a batch's rows in the hellos' order (the statement answers in mesh order).
+func helloResults(n int, rows []db.HelloBatchRow) []HelloResult {
 	out := make([]HelloResult, n)
 	for _, r := range rows {
 		i := int(r.Idx) - 1
@@ -92,7 +145,7 @@ func (s *Store) Hellos(ctx context.Context, nodeID string, defaultLimit int, hs 
 			Limit: int(r.MaxSessions), Registration: Registration{PresenceID: r.PresenceID, Status: r.Status, Epoch: r.Epoch,
 				OldNode: r.OldNode}}
 	}
-	return out, nil
+	return out
 }
 
 // ErrHelloBusy is a hello that waited too long for a lock (hello_batch's lock_timeout, 00035)

@@ -582,3 +582,54 @@ func TestFullHelloBatchRegistersEveryHello(t *testing.T) {
 	require.NoError(t, pool.QueryRow(ctx, `SELECT count(*) FROM claudemesh.presence WHERE node_id = 'here' AND ended_at IS NULL`).Scan(&live))
 	require.Equal(t, len(hs), live)
 }
+
+// A hello says whether something may wait for its session (migration 00039): a pending
+// delivery for its member, or an earlier connection of the session it resumed. A delivery
+// already pushed to another of the member's sessions is not waiting for this one.
+func TestHelloSaysWhatWaitsForItsSession(t *testing.T) {
+	ctx := dbtest.Context(t)
+	pool := dbtest.Pool(t)
+	st := store.New(pool, "t")
+	_, err := pool.Exec(ctx, `INSERT INTO claudemesh.node (id, heartbeat_at) VALUES ('here', now())`)
+	require.NoError(t, err)
+	var mesh string
+	require.NoError(t, pool.QueryRow(ctx, `INSERT INTO claudemesh.mesh (slug, name, owner_pubkey) VALUES ('w', 'w', $1) RETURNING id`,
+		fmt.Sprintf("%064d", 0)).Scan(&mesh))
+	members := map[string]string{}
+	key := func(name string) string { return fmt.Sprintf("%064x", name) }
+	for _, name := range []string{"queued", "pushed", "resumed", "session", "none"} {
+		var id string
+		require.NoError(t, pool.QueryRow(ctx, `INSERT INTO claudemesh.member (mesh_id, pubkey) VALUES ($1, $2) RETURNING id`,
+			mesh, key(name)).Scan(&id))
+		members[name] = id
+	}
+	_, err = pool.Exec(ctx, `INSERT INTO claudemesh.delivery (envelope_id, mesh_id, recipient_member_id, priority, state,
+			pushed_node, pushed_at, expires_at)
+		VALUES ('e1', $1, $2, 'now', 'pending', NULL, NULL, now() + interval '1 day'),
+		       ('e2', $1, $3, 'now', 'pushed', 'here', now(), now() + interval '1 day'),
+		       ('e3', $1, $4, 'next', 'pending', NULL, NULL, now() + interval '1 day')`,
+		mesh, members["queued"], members["pushed"], members["session"])
+	require.NoError(t, err)
+	_, err = pool.Exec(ctx, `INSERT INTO claudemesh.presence (mesh_id, member_id, member_pubkey, node_id, session_id, grace_until)
+		VALUES ($1, $2, $3, 'here', 's-resumed', now() + interval '1 minute')`, mesh, members["resumed"], key("resumed"))
+	require.NoError(t, err)
+
+	var hs []store.HelloParams
+	for i, name := range []string{"queued", "pushed", "resumed", "session", "none"} {
+		h := store.HelloParams{MeshID: mesh, MemberID: members[name], MemberPubkey: key(name), SessionID: "s-" + name,
+			Role: "control-plane", CWD: "/w", Signature: fmt.Sprint("sig-", i), SignatureExpires: time.Now().Add(time.Minute)}
+		if name == "session" {
+			h.Role, h.MemberID = "session", "" // known by its parent's key alone
+		}
+		hs = append(hs, h)
+	}
+	res, err := st.Hellos(ctx, "here", 100, hs)
+	require.NoError(t, err)
+	got := map[string]bool{}
+	for i, name := range []string{"queued", "pushed", "resumed", "session", "none"} {
+		require.NoError(t, res[i].Err)
+		require.Empty(t, res[i].Refusal, name)
+		got[name] = res[i].Waiting
+	}
+	require.Equal(t, map[string]bool{"queued": true, "pushed": false, "resumed": true, "session": true, "none": false}, got)
+}
