@@ -550,11 +550,7 @@ func TestReleasedDeliveriesWakeTheirMembersReplicas(t *testing.T) {
 // one statement: each in its own subtransaction, 64 being as many as Postgres caches per
 // backend.
 func TestFullHelloBatchRegistersEveryHello(t *testing.T) {
-	ctx := dbtest.Context(t)
-	pool := dbtest.Pool(t)
-	st := store.New(pool, "t")
-	_, err := pool.Exec(ctx, `INSERT INTO claudemesh.node (id, heartbeat_at) VALUES ('here', now())`)
-	require.NoError(t, err)
+	ctx, pool, st := helloStore(t)
 	hs := make([]store.HelloParams, 64)
 	var meshes [4]string
 	for i := range meshes {
@@ -587,11 +583,7 @@ func TestFullHelloBatchRegistersEveryHello(t *testing.T) {
 // delivery for its member, or an earlier connection of the session it resumed. A delivery
 // already pushed to another of the member's sessions is not waiting for this one.
 func TestHelloSaysWhatWaitsForItsSession(t *testing.T) {
-	ctx := dbtest.Context(t)
-	pool := dbtest.Pool(t)
-	st := store.New(pool, "t")
-	_, err := pool.Exec(ctx, `INSERT INTO claudemesh.node (id, heartbeat_at) VALUES ('here', now())`)
-	require.NoError(t, err)
+	ctx, pool, st := helloStore(t)
 	var mesh string
 	require.NoError(t, pool.QueryRow(ctx, `INSERT INTO claudemesh.mesh (slug, name, owner_pubkey) VALUES ('w', 'w', $1) RETURNING id`,
 		fmt.Sprintf("%064d", 0)).Scan(&mesh))
@@ -603,7 +595,7 @@ func TestHelloSaysWhatWaitsForItsSession(t *testing.T) {
 			mesh, key(name)).Scan(&id))
 		members[name] = id
 	}
-	_, err = pool.Exec(ctx, `INSERT INTO claudemesh.delivery (envelope_id, mesh_id, recipient_member_id, priority, state,
+	_, err := pool.Exec(ctx, `INSERT INTO claudemesh.delivery (envelope_id, mesh_id, recipient_member_id, priority, state,
 			pushed_node, pushed_at, expires_at)
 		VALUES ('e1', $1, $2, 'now', 'pending', NULL, NULL, now() + interval '1 day'),
 		       ('e2', $1, $3, 'now', 'pushed', 'here', now(), now() + interval '1 day'),
@@ -632,4 +624,14 @@ func TestHelloSaysWhatWaitsForItsSession(t *testing.T) {
 		got[name] = res[i].Waiting
 	}
 	require.Equal(t, map[string]bool{"queued": true, "pushed": false, "resumed": true, "session": true, "none": false}, got)
+}
+
+// helloStore is a store on a fresh database whose replica, "here", is registered: what a
+// hello batch needs.
+func helloStore(t *testing.T) (context.Context, *pgxpool.Pool, *store.Store) {
+	ctx := dbtest.Context(t)
+	pool := dbtest.Pool(t)
+	_, err := pool.Exec(ctx, `INSERT INTO claudemesh.node (id, heartbeat_at) VALUES ('here', now())`)
+	require.NoError(t, err)
+	return ctx, pool, store.New(pool, "t")
 }
