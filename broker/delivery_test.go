@@ -486,9 +486,11 @@ func TestSessionEndComesAfterItsWritesAreRecorded(t *testing.T) {
 // A hello claims only when something may wait for its session (migration 00039): messages
 // queued while the member was away reach it at once; and a send that commits after the hello's
 // statement, while its session is not yet in the replica's hub, is still pushed without the
-// catch-up poll (an hour here): the wake-up that found no session there makes the hello claim.
-// The message is too large to ride in its notification, so the wake-up names only the member
-// (an inline push that finds no session is given back, which wakes the replica again).
+// catch-up poll (an hour here): the lookup that found no session there makes the hello claim.
+// The messages are too large to ride in their notifications, so a wake-up names only the
+// member (an inline push that finds no session is given back, which looks again). One sender
+// is on another replica (the wake-up comes over the bus), one on the hello's own (the send's
+// rows come back to the replica that committed it).
 func TestHelloClaimsWhatWaitsAndWhatArrivesWhileItRegisters(t *testing.T) {
 	t.Parallel()
 	registered, release := make(chan struct{}, 1), make(chan struct{})
@@ -504,7 +506,7 @@ func TestHelloClaimsWhatWaitsAndWhatArrivesWhileItRegisters(t *testing.T) {
 		}
 	}))
 	m := c.mesh(0)
-	alice, bob, carol := m.member("alice"), m.member("bob"), m.member("carol")
+	alice, bob, carol, erin := m.member("alice"), m.member("bob"), m.member("carol"), m.member("erin")
 	a := m.dial(0, alice)
 	ctx := ctxT(t)
 
@@ -514,24 +516,28 @@ func TestHelloClaimsWhatWaitsAndWhatArrivesWhileItRegisters(t *testing.T) {
 	cl := m.dial(1, carol)
 	require.Equal(t, queued.MessageID, nextPush(t, cl, 10*time.Second).MessageID)
 
-	// Sent while bob's hello is between its statement and the hub.
-	pause.Store(true)
-	dialed := make(chan *client.Client, 1)
-	go func() {
-		b, err := m.tryDial(1, bob)
-		if err != nil {
-			t.Error(err)
-		}
-		dialed <- b
-	}()
-	<-registered
-	pause.Store(false)
-	wakes := c.nodes[1].hub.wakeCount()
-	sent, err := a.Send(ctx, bob.pub, protocol.PriorityNow, "n", strings.Repeat("c", 9000), "")
-	require.NoError(t, err)
-	dbtest.WaitFor(t, 10*time.Second, "n1 woken for bob's send", func() bool { return c.nodes[1].hub.wakeCount() != wakes })
-	close(release)
-	b := <-dialed
-	require.NotNil(t, b)
-	require.Equal(t, sent.MessageID, nextPush(t, b, 10*time.Second).MessageID)
+	for _, tc := range []struct {
+		to     *testMember
+		sender *client.Client
+	}{{bob, a}, {erin, cl}} {
+		pause.Store(true)
+		dialed := make(chan *client.Client, 1)
+		go func() {
+			r, err := m.tryDial(1, tc.to)
+			if err != nil {
+				t.Error(err)
+			}
+			dialed <- r
+		}()
+		<-registered
+		pause.Store(false)
+		wakes := c.nodes[1].hub.wakeCount()
+		sent, err := tc.sender.Send(ctx, tc.to.pub, protocol.PriorityNow, "n", strings.Repeat("c", 9000), "")
+		require.NoError(t, err)
+		dbtest.WaitFor(t, 10*time.Second, "n1 looked for "+tc.to.name, func() bool { return c.nodes[1].hub.wakeCount() != wakes })
+		release <- struct{}{}
+		r := <-dialed
+		require.NotNil(t, r)
+		require.Equal(t, sent.MessageID, nextPush(t, r, 10*time.Second).MessageID, tc.to.name)
+	}
 }

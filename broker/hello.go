@@ -87,11 +87,14 @@ func (p *peers) handleHello(ms *melody.Session, c *conn, msg protocol.ClientMess
 	}
 	p.reply(ms, &protocol.HelloAck{PresenceID: sess.presenceID, MemberDisplayName: sess.name(), Resumed: resumed, ReqID: msg.RequestID()})
 	p.log.Info("session connected", "mesh", sess.meshID, "presence", sess.presenceID, "role", sess.role, "resumed", resumed)
-	// Whatever waited for this session (offline queue, unacked pushes) goes out now. Nothing
-	// did when the hello committed (its probe, in the same flight, saw every send committed
-	// before it), and a send committed after it saw the session and woke this replica: if no
-	// wake-up was applied since before the statement, none is on its way to a session that
-	// was not yet in the hub, and there is nothing to claim.
+	// Whatever waited for this session (offline queue, unacked pushes) goes out now: only if
+	// something may. The hello's probe, after its commit in the same flight, saw every send
+	// committed by then. A send that found the new session wakes this replica, whose lookups
+	// for it are counted: if none was counted from before the statement until the session
+	// joined the hub, none missed it. Left to the catch-up poll (pollInterval): a send on
+	// another replica that looked for the member's sessions before the hello committed and
+	// committed after the probe. The claim that followed every hello had that gap too, only
+	// shorter (it ran a little later than the probe).
 	if waiting || p.hub.wakeCount() != wakes {
 		p.pusher.request(sess)
 	}

@@ -24,18 +24,30 @@ type hub struct {
 	// bySlot spreads the sessions over the ping slots (by their lane hash), so each tick of the
 	// guard pings one slot's sessions without walking the others.
 	bySlot []map[*session]struct{}
-	// wakes counts what the router applied that may give this replica's sessions something to
-	// claim (deliveries, pushes, catch-ups), each counted before it looks for its sessions. A
-	// hello that saw it unchanged while it registered, and whose session had nothing waiting
-	// when it committed, has nothing to claim.
+	// wakes counts the lookups of sessions for something to deliver (a send's rows, a bus
+	// message, a release, a catch-up), each counted before it looks. A hello that saw the count
+	// unchanged from before its statement to after its session joined the hub, and whose
+	// session had nothing waiting when it committed, missed no delivery lookup.
 	wakes atomic.Uint64
 }
 
-// woke counts a wake-up, before the router looks for the sessions it is for.
+// woke counts a wake-up that looks at every session (a full catch-up), before it looks.
 func (h *hub) woke() { h.wakes.Add(1) }
 
 // wakeCount is the number of wake-ups counted so far.
 func (h *hub) wakeCount() uint64 { return h.wakes.Load() }
+
+// wakeSession is get for a delivery: the lookup is counted first.
+func (h *hub) wakeSession(presenceID string) *session {
+	h.woke()
+	return h.get(presenceID)
+}
+
+// wakeMember is memberSessions for a delivery: the lookup is counted first.
+func (h *hub) wakeMember(memberID string) []*session {
+	h.woke()
+	return h.memberSessions(memberID)
+}
 
 // setPingSlots spreads the sessions over n ping slots (the ping period over the guard's tick).
 func (h *hub) setPingSlots(n int) {

@@ -32,7 +32,7 @@ type pusher struct {
 	log     *slog.Logger
 	metrics *Metrics
 	// holders finds this node's sessions of a member, to wake after a release; local finds
-	// one by presence.
+	// one by presence, for a push or a claim. Both count the lookup first (hub.wakes).
 	holders func(memberID string) []*session
 	local   func(presenceID string) *session
 	// giveBack returns deliveries that could not be pushed to pending (release; tests fake it).
@@ -45,7 +45,7 @@ type pusher struct {
 }
 
 func newPusher(st *store.Store, nodeID string, log *slog.Logger, m *Metrics, h *hub) *pusher {
-	p := &pusher{store: st, nodeID: nodeID, log: log, metrics: m, holders: h.memberSessions, local: h.get,
+	p := &pusher{store: st, nodeID: nodeID, log: log, metrics: m, holders: h.wakeMember, local: h.wakeSession,
 		dirty: map[*session]struct{}{}, parked: map[*session]struct{}{}, wake: make(chan struct{}, 1)}
 	p.giveBack = func(ids []int64) { p.release(ids, true) }
 	return p

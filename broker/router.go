@@ -57,10 +57,8 @@ func (r *router) Start(ctx context.Context) error {
 				r.pusher.pushAssigned(r.pushes)
 				r.pushes = r.pushes[:0]
 			case <-r.bus.Resync():
-				r.hub.woke()
 				r.resync(ctx, true)
 			case <-poll.C:
-				r.hub.woke()
 				r.resync(ctx, false)
 			}
 		}
@@ -69,17 +67,13 @@ func (r *router) Start(ctx context.Context) error {
 
 func (r *router) apply(ctx context.Context, m pgbus.Message) {
 	switch m.Kind {
-	case pgbus.KindResync, pgbus.KindDeliveries, pgbus.KindPush, pgbus.KindPushFrame:
-		r.hub.woke()
-	}
-	switch m.Kind {
 	case pgbus.KindResync:
 		// In order: what came before goes out first; what follows queues behind the catch-up.
 		r.pusher.pushAssigned(r.pushes)
 		r.pushes = r.pushes[:0]
 		r.resync(ctx, true)
 	case pgbus.KindDeliveries:
-		for _, sess := range r.hub.memberSessions(m.Member) {
+		for _, sess := range r.hub.wakeMember(m.Member) {
 			r.pusher.request(sess)
 		}
 	case pgbus.KindStatus:
@@ -179,6 +173,9 @@ func (r *router) resync(ctx context.Context, full bool) {
 	// Also with no session here: pushes assigned here to sessions that left may wait for it.
 	ctx, cancel := context.WithTimeout(ctx, opTimeout)
 	defer cancel()
+	if full {
+		r.hub.woke() // it claims for the sessions in the hub: a hello not yet there claims itself
+	}
 	if full && r.hub.len() > 0 {
 		statuses, err := r.store.NodeStatuses(ctx, r.nodeID)
 		if err != nil {
@@ -214,7 +211,7 @@ func (r *router) resync(ctx context.Context, full bool) {
 		}
 	}
 	for id, st := range claimable {
-		if sess := r.hub.get(id); sess != nil {
+		if sess := r.hub.wakeSession(id); sess != nil {
 			sess.setStatus(protocol.Status(st))
 			r.pusher.request(sess)
 		}

@@ -213,8 +213,8 @@ type HelloWaitingParams struct {
 
 // The hellos of a batch (by position, from 1) whose member has deliveries waiting to be
 // claimed (migration 00039). store.Hellos sends it after the batch's COMMIT, in the same
-// flight and a transaction of its own, so it sees every send that committed before the
-// sessions were registered; a send that committed after them saw them, and woke their replica.
+// flight and a transaction of its own, so it sees every send committed by then (see
+// handleHello for the one it cannot see).
 func (q *Queries) HelloWaiting(ctx context.Context, arg HelloWaitingParams) ([]int32, error) {
 	rows, err := q.db.Query(ctx, helloWaiting, arg.HMesh, arg.HPubkey)
 	if err != nil {

@@ -4,8 +4,8 @@
 -- superset: a hello wrongly said to have something only costs the claim it had before). The
 -- replica sends it in the hello's own flight, after the hello's COMMIT (store.Hellos), and
 -- claims only for sessions it names, or that resumed or replaced one, or that were registered
--- while a wake-up reached the replica. Every hello used to be followed by a claim, which in a
--- connect storm was a statement per few hellos that found nothing.
+-- while the replica looked for sessions to deliver to. Every hello used to be followed by a
+-- claim, which in a connect storm was a statement per few hellos that found nothing.
 -- +goose StatementBegin
 CREATE FUNCTION claudemesh.hello_waiting(h_mesh text[], h_pubkey text[]) RETURNS SETOF int
 LANGUAGE sql STABLE AS $$

@@ -51,8 +51,8 @@ FROM claudemesh.hello_batch(@node_id::text, @ns::text, @default_limit::int, @h_m
 -- name: HelloWaiting :many
 -- The hellos of a batch (by position, from 1) whose member has deliveries waiting to be
 -- claimed (migration 00039). store.Hellos sends it after the batch's COMMIT, in the same
--- flight and a transaction of its own, so it sees every send that committed before the
--- sessions were registered; a send that committed after them saw them, and woke their replica.
+-- flight and a transaction of its own, so it sees every send committed by then (see
+-- handleHello for the one it cannot see).
 SELECT w::int AS idx FROM claudemesh.hello_waiting(@h_mesh::text[], @h_pubkey::text[]) AS w;
 
 -- name: Kick :many

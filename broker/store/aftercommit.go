@@ -2,6 +2,7 @@ package store
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"time"
@@ -101,19 +102,23 @@ func (a committed) finish(br pgx.BatchResults) error {
 		a.abort(br)
 		return fmt.Errorf("commit: %w", err)
 	}
+	reported := false // a failure after the commit is logged once (Close repeats the first)
 	if a.deferNotify {
 		if _, err := br.Exec(); err != nil {
 			a.log.Warn("committed, but its notifications were not sent; their replicas catch up", "err", err)
+			reported = true
 		}
 	}
 	if a.then != nil {
 		rows, err := br.Query()
-		a.then.read(rows, err)
+		a.then.read(rows, err) // the reader reports its own failure
 		if rows != nil {
 			rows.Close()
+			err = errors.Join(err, rows.Err())
 		}
+		reported = reported || err != nil
 	}
-	if err := br.Close(); err != nil {
+	if err := br.Close(); err != nil && !reported {
 		a.log.Warn("committed, but what followed the commit failed", "err", err)
 	}
 	return nil
