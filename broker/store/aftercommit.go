@@ -74,6 +74,7 @@ func (a committed) start(ctx context.Context, sql string, args []any) (pgx.Batch
 	if a.deferNotify {
 		b.Queue(sqlDeferNotify)
 	}
+	before := b.Len() // read here; the statement's rows are the caller's
 	b.Queue(sql, args...)
 	b.Queue("COMMIT")
 	if a.deferNotify {
@@ -83,10 +84,6 @@ func (a committed) start(ctx context.Context, sql string, args []any) (pgx.Batch
 		b.Queue(a.then.sql, a.then.args...)
 	}
 	br := a.conn.SendBatch(ctx, b)
-	before := 1
-	if a.deferNotify {
-		before = 2
-	}
 	for range before {
 		if _, err := br.Exec(); err != nil {
 			a.abort(br)
