@@ -50,8 +50,9 @@ type HelloResult struct {
 	DisplayName  string
 	Limit        int // the mesh's session limit, for the capacity message
 	// Waiting: something may wait for the session to claim: deliveries pending for its member
-	// when the hello committed, or pushes to an earlier connection of the session (it resumed
-	// or replaced one). False: nothing did when the hello committed.
+	// when the hello committed. That includes pushes to an earlier connection of the session
+	// (it resumed or replaced one): the hello made them pending again before its commit.
+	// False: nothing did when the hello committed.
 	Waiting bool
 	Err     error
 }
@@ -99,9 +100,7 @@ func (s *Store) Hellos(ctx context.Context, nodeID string, defaultLimit int, hs 
 	}
 	out := helloResults(n, rows)
 	for i := range out {
-		// A session that resumed or replaced one may have pushes to take back, whatever waits
-		// for its member.
-		out[i].Waiting = waiting[i] || out[i].Registration.OldNode != ""
+		out[i].Waiting = waiting[i]
 	}
 	return out, nil
 }

@@ -580,8 +580,10 @@ func TestFullHelloBatchRegistersEveryHello(t *testing.T) {
 }
 
 // A hello says whether something may wait for its session (migration 00039): a pending
-// delivery for its member, or an earlier connection of the session it resumed. A delivery
-// already pushed to another of the member's sessions is not waiting for this one.
+// delivery for its member, or a push to an earlier connection of the session it resumed (the
+// hello makes it pending again). A delivery already pushed to another of the member's sessions
+// is not waiting for this one, and a session taken over from another replica with nothing
+// held for it has nothing to claim (a failover's hellos claim nothing).
 func TestHelloSaysWhatWaitsForItsSession(t *testing.T) {
 	ctx, pool, st := helloStore(t)
 	var mesh string
@@ -589,7 +591,7 @@ func TestHelloSaysWhatWaitsForItsSession(t *testing.T) {
 		fmt.Sprintf("%064d", 0)).Scan(&mesh))
 	members := map[string]string{}
 	key := func(name string) string { return fmt.Sprintf("%064x", name) }
-	for _, name := range []string{"queued", "pushed", "resumed", "session", "none"} {
+	for _, name := range []string{"queued", "pushed", "resumed", "moved", "session", "none"} {
 		var id string
 		require.NoError(t, pool.QueryRow(ctx, `INSERT INTO claudemesh.member (mesh_id, pubkey) VALUES ($1, $2) RETURNING id`,
 			mesh, key(name)).Scan(&id))
@@ -602,12 +604,23 @@ func TestHelloSaysWhatWaitsForItsSession(t *testing.T) {
 		       ('e3', $1, $4, 'next', 'pending', NULL, NULL, now() + interval '1 day')`,
 		mesh, members["queued"], members["pushed"], members["session"])
 	require.NoError(t, err)
-	_, err = pool.Exec(ctx, `INSERT INTO claudemesh.presence (mesh_id, member_id, member_pubkey, node_id, session_id, grace_until)
-		VALUES ($1, $2, $3, 'here', 's-resumed', now() + interval '1 minute')`, mesh, members["resumed"], key("resumed"))
+	// resumed: in its grace on this replica, with a push written to its old socket and never
+	// acked; moved: live on another replica, with nothing held for it.
+	var resumed string
+	require.NoError(t, pool.QueryRow(ctx, `INSERT INTO claudemesh.presence (mesh_id, member_id, member_pubkey, node_id, session_id, grace_until)
+		VALUES ($1, $2, $3, 'here', 's-resumed', now() + interval '1 minute') RETURNING id`, mesh, members["resumed"], key("resumed")).Scan(&resumed))
+	_, err = pool.Exec(ctx, `INSERT INTO claudemesh.delivery (envelope_id, mesh_id, recipient_member_id, priority, state,
+			pushed_node, pushed_presence, pushed_at, expires_at)
+		VALUES ('e4', $1, $2, 'now', 'pushed', 'here', $3, now(), now() + interval '1 day')`, mesh, members["resumed"], resumed)
+	require.NoError(t, err)
+	_, err = pool.Exec(ctx, `INSERT INTO claudemesh.node (id, heartbeat_at) VALUES ('there', now())`)
+	require.NoError(t, err)
+	_, err = pool.Exec(ctx, `INSERT INTO claudemesh.presence (mesh_id, member_id, member_pubkey, node_id, session_id)
+		VALUES ($1, $2, $3, 'there', 's-moved')`, mesh, members["moved"], key("moved"))
 	require.NoError(t, err)
 
 	var hs []store.HelloParams
-	for i, name := range []string{"queued", "pushed", "resumed", "session", "none"} {
+	for i, name := range []string{"queued", "pushed", "resumed", "moved", "session", "none"} {
 		h := store.HelloParams{MeshID: mesh, MemberID: members[name], MemberPubkey: key(name), SessionID: "s-" + name,
 			Role: "control-plane", CWD: "/w", Signature: fmt.Sprint("sig-", i), SignatureExpires: time.Now().Add(time.Minute)}
 		if name == "session" {
@@ -618,12 +631,13 @@ func TestHelloSaysWhatWaitsForItsSession(t *testing.T) {
 	res, err := st.Hellos(ctx, "here", 100, hs)
 	require.NoError(t, err)
 	got := map[string]bool{}
-	for i, name := range []string{"queued", "pushed", "resumed", "session", "none"} {
+	for i, name := range []string{"queued", "pushed", "resumed", "moved", "session", "none"} {
 		require.NoError(t, res[i].Err)
 		require.Empty(t, res[i].Refusal, name)
 		got[name] = res[i].Waiting
 	}
-	require.Equal(t, map[string]bool{"queued": true, "pushed": false, "resumed": true, "session": true, "none": false}, got)
+	require.Equal(t, "there", res[3].Registration.OldNode, "moved: taken over from the other replica")
+	require.Equal(t, map[string]bool{"queued": true, "pushed": false, "resumed": true, "moved": false, "session": true, "none": false}, got)
 }
 
 // helloStore is a store on a fresh database whose replica, "here", is registered: what a
