@@ -531,13 +531,57 @@ func TestHelloClaimsWhatWaitsAndWhatArrivesWhileItRegisters(t *testing.T) {
 		}()
 		<-registered
 		pause.Store(false)
-		wakes := c.nodes[1].hub.wakeCount()
+		wakes := c.nodes[1].hub.wakeMark()
 		sent, err := tc.sender.Send(ctx, tc.to.pub, protocol.PriorityNow, "n", strings.Repeat("c", 9000), "")
 		require.NoError(t, err)
-		dbtest.WaitFor(t, 10*time.Second, "n1 looked for "+tc.to.name, func() bool { return c.nodes[1].hub.wakeCount() != wakes })
+		dbtest.WaitFor(t, 10*time.Second, "n1 looked for "+tc.to.name, func() bool { return *c.nodes[1].hub.wakeMark() != *wakes })
 		release <- struct{}{}
 		r := <-dialed
 		require.NotNil(t, r)
 		require.Equal(t, sent.MessageID, nextPush(t, r, 10*time.Second).MessageID, tc.to.name)
+	}
+}
+
+// A send that looked for its recipient's sessions before a new one's hello committed, and
+// committed after the hello's probe of what waits, reaches that session at once: the rows it
+// left pending wake every replica for the member (migration 00040), and the wake-up arrives
+// after the probe. The send is the store's statement in a transaction of the test's own, so it
+// starts before the hello and commits after it; the catch-up poll is an hour. One message of
+// each priority that can be taken at once (the statement's per-message form), then five (its
+// set-based form).
+func TestSendRacingAHelloReachesTheNewSession(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t, 2, func(cfg *Config) { cfg.quiet = true })
+	m := c.mesh(0)
+	alice := m.member("alice")
+	ctx := ctxT(t)
+	for _, tc := range []struct {
+		prio protocol.Priority
+		n    int
+	}{{protocol.PriorityNow, 1}, {protocol.PriorityNext, 1}, {protocol.PriorityNow, 5}} {
+		to := m.member(fmt.Sprintf("to-%s-%d", tc.prio, tc.n))
+		tx, err := c.pool.Begin(ctx)
+		require.NoError(t, err)
+		ids := make([]string, tc.n)
+		for i := range ids {
+			ids[i] = uuid.NewString()
+		}
+		var queued int
+		require.NoError(t, tx.QueryRow(ctx, `SELECT count(*) FILTER (WHERE b.queued) FROM claudemesh.send_batch('n0', 'claudemesh',
+				$1::text[], array_fill($2::text, ARRAY[$7::int]), array_fill($3::text, ARRAY[$7::int]),
+				array_fill($4::text, ARRAY[$7::int]), array_fill($4::text, ARRAY[$7::int]), array_fill($5::text, ARRAY[$7::int]),
+				array_fill('direct'::text, ARRAY[$7::int]), array_fill($5::text, ARRAY[$7::int]), array_fill($6::text, ARRAY[$7::int]),
+				array_fill('bm9uY2U='::text, ARRAY[$7::int]), array_fill('Y2lwaGVydGV4dA=='::text, ARRAY[$7::int]),
+				array_fill('c1'::text, ARRAY[$7::int]), array_fill(now(), ARRAY[$7::int]),
+				array_fill(now() + interval '1 hour', ARRAY[$7::int]), array_fill(''::text, ARRAY[$7::int]),
+				array_fill(''::text, ARRAY[$7::int]), array_fill('alice'::text, ARRAY[$7::int]), array_fill(''::text, ARRAY[$7::int])) b
+			WHERE b.row_kind = 'e'`,
+			ids, m.id, alice.id, alice.pub, to.pub, string(tc.prio), tc.n).Scan(&queued))
+		require.Equal(t, tc.n, queued, "stored, for no session yet")
+		r := m.dial(1, to) // registered, probed and in n1's hub while the send is still open
+		require.NoError(t, tx.Commit(ctx))
+		for i, id := range ids {
+			require.Equal(t, id, nextPush(t, r, 10*time.Second).MessageID, "%s message %d of %d", tc.prio, i+1, tc.n)
+		}
 	}
 }

@@ -54,7 +54,7 @@ func (p *peers) handleHello(ms *melody.Session, c *conn, msg protocol.ClientMess
 	}
 	var sess *session
 	var resumed, waiting bool
-	wakes := p.hub.wakeCount() // before the hello's statement: see after hub.add below
+	wakes := p.hub.wakeMark() // before the hello's statement: see after hub.add below
 	if err == nil {
 		sess, resumed, waiting, err = p.register(ctx, ms, req)
 	}
@@ -89,13 +89,12 @@ func (p *peers) handleHello(ms *melody.Session, c *conn, msg protocol.ClientMess
 	p.log.Info("session connected", "mesh", sess.meshID, "presence", sess.presenceID, "role", sess.role, "resumed", resumed)
 	// Whatever waited for this session (offline queue, unacked pushes) goes out now: only if
 	// something may. The hello's probe, after its commit in the same flight, saw every send
-	// committed by then. A send that found the new session wakes this replica, whose lookups
-	// for it are counted: if none was counted from before the statement until the session
-	// joined the hub, none missed it. Left to the catch-up poll (pollInterval): a send on
-	// another replica that looked for the member's sessions before the hello committed and
-	// committed after the probe. The claim that followed every hello had that gap too, only
-	// shorter (it ran a little later than the probe).
-	if waiting || p.hub.wakeCount() != wakes {
+	// committed by then. A send that commits later either found the new session, and wakes
+	// this replica for it, or left its rows pending, and wakes every replica for the member
+	// (migration 00040); so does a release. Lookups for this session or member are counted: if
+	// none was counted from before the statement until the session joined the hub, none
+	// missed it, and any later one finds it there.
+	if waiting || p.hub.wokeSince(wakes, sess.presenceID, sess.memberID) {
 		p.pusher.request(sess)
 	}
 }

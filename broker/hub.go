@@ -25,27 +25,58 @@ type hub struct {
 	// guard pings one slot's sessions without walking the others.
 	bySlot []map[*session]struct{}
 	// wakes counts the lookups of sessions for something to deliver (a send's rows, a bus
-	// message, a release, a catch-up), each counted before it looks. A hello that saw the count
-	// unchanged from before its statement to after its session joined the hub, and whose
-	// session had nothing waiting when it committed, missed no delivery lookup.
-	wakes atomic.Uint64
+	// message, a release, a catch-up), each counted before it looks, in the bucket of the id it
+	// looks up (wakes[0]: full catch-ups, which look at every session). A hello that saw its
+	// session's and its member's buckets and wakes[0] unchanged from before its statement to
+	// after its session joined the hub, and whose session had nothing waiting when it
+	// committed, missed no delivery lookup; lookups for other sessions meanwhile (steady
+	// traffic) rarely share its buckets, so they rarely make it claim.
+	wakes [wakeBuckets + 1]atomic.Uint64
+}
+
+// wakeBuckets is how many buckets the lookups are counted in, by id.
+const wakeBuckets = 256
+
+// wakeMark is the wake counts at one moment (hub.wakeMark).
+type wakeMark [wakeBuckets + 1]uint64
+
+// wakeBucket is the bucket of a presence's or a member's lookups (FNV-1a).
+func wakeBucket(id string) int {
+	h := uint32(2166136261)
+	for i := 0; i < len(id); i++ {
+		h = (h ^ uint32(id[i])) * 16777619
+	}
+	return 1 + int(h%wakeBuckets)
 }
 
 // woke counts a wake-up that looks at every session (a full catch-up), before it looks.
-func (h *hub) woke() { h.wakes.Add(1) }
+func (h *hub) woke() { h.wakes[0].Add(1) }
 
-// wakeCount is the number of wake-ups counted so far.
-func (h *hub) wakeCount() uint64 { return h.wakes.Load() }
+// wakeMark reads every wake count: what a hello compares with once its session is in the hub.
+func (h *hub) wakeMark() *wakeMark {
+	m := new(wakeMark)
+	for i := range h.wakes {
+		m[i] = h.wakes[i].Load()
+	}
+	return m
+}
+
+// wokeSince says whether a lookup that could have been for this presence or member, or a full
+// catch-up, was counted since the mark.
+func (h *hub) wokeSince(m *wakeMark, presenceID, memberID string) bool {
+	p, b := wakeBucket(presenceID), wakeBucket(memberID)
+	return h.wakes[0].Load() != m[0] || h.wakes[p].Load() != m[p] || h.wakes[b].Load() != m[b]
+}
 
 // wakeSession is get for a delivery: the lookup is counted first.
 func (h *hub) wakeSession(presenceID string) *session {
-	h.woke()
+	h.wakes[wakeBucket(presenceID)].Add(1)
 	return h.get(presenceID)
 }
 
 // wakeMember is memberSessions for a delivery: the lookup is counted first.
 func (h *hub) wakeMember(memberID string) []*session {
-	h.woke()
+	h.wakes[wakeBucket(memberID)].Add(1)
 	return h.memberSessions(memberID)
 }
 

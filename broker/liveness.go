@@ -63,7 +63,7 @@ func reconnectAll(h *hub) {
 }
 
 // takeOver marks silent nodes dead, puts their presences in grace and releases their unacked
-// pushes, then wakes the replicas holding the recipients.
+// pushes, then wakes every replica for the recipients (as release_held does, migration 00040).
 func (l *liveness) takeOver(ctx context.Context) {
 	ctx, cancel := context.WithTimeout(ctx, opTimeout)
 	defer cancel()
@@ -74,12 +74,8 @@ func (l *liveness) takeOver(ctx context.Context) {
 		if dead, released, err = tx.TakeOverDeadNodes(ctx, l.deadAfter, l.grace); err != nil {
 			return err
 		}
-		if len(released) == 0 {
-			return nil
-		}
-		holders, err := tx.Holders(ctx, released)
-		l.signals.deliveriesFor(tx.Outbox, holders)
-		return err
+		l.signals.pendingFor(tx.Outbox, released)
+		return nil
 	})
 	if err != nil {
 		if ctx.Err() == nil {

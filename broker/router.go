@@ -74,7 +74,12 @@ func (r *router) apply(ctx context.Context, m pgbus.Message) {
 		r.resync(ctx, true)
 	case pgbus.KindDeliveries:
 		for _, sess := range r.hub.wakeMember(m.Member) {
-			r.pusher.request(sess)
+			// A send's wake-up names its priority (Key): a session at work or dnd takes only
+			// "now" messages, and claiming for it would find nothing. Its change to idle
+			// releases what it may take then.
+			if m.Key == "" || m.Key == string(protocol.PriorityNow) || sess.idle() {
+				r.pusher.request(sess)
+			}
 		}
 	case pgbus.KindStatus:
 		if sess := r.hub.get(m.Presence); sess != nil {

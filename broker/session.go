@@ -137,6 +137,14 @@ func (s *session) setStatus(st protocol.Status) {
 	s.mu.Unlock()
 }
 
+// idle says whether the session may take next and low messages now, by this replica's copy of
+// its status.
+func (s *session) idle() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.status == protocol.StatusIdle
+}
+
 // markClosed records that the socket is gone: nothing is queued on it any more.
 func (s *session) markClosed() {
 	s.mu.Lock()

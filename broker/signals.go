@@ -39,9 +39,10 @@ func (n signals) presenceEnded(o *pgbus.Outbox, p store.EndedPresence) audit.Ent
 		Data: map[string]any{"presence_id": p.ID, "node": n.nodeID}}
 }
 
-// deliveriesFor wakes the nodes holding sessions of members with new or released deliveries.
-func (n signals) deliveriesFor(o *pgbus.Outbox, holders []store.Holder) {
-	for _, h := range holders {
-		o.Add(n.bus.NodeChannel(h.NodeID), pgbus.Message{Kind: pgbus.KindDeliveries, Member: h.MemberID})
+// pendingFor wakes every replica for members with deliveries pending again: each looks for its
+// own sessions of them, including one registering right now (see migration 00040).
+func (n signals) pendingFor(o *pgbus.Outbox, recipients []store.Recipient) {
+	for _, r := range recipients {
+		o.Add(n.bus.ClusterChannel(), pgbus.Message{Kind: pgbus.KindDeliveries, Member: r.MemberID})
 	}
 }

@@ -183,42 +183,6 @@ func (q *Queries) NodePresenceStatus(ctx context.Context, nodeID string) ([]Node
 	return items, nil
 }
 
-const nodesOfMembers = `-- name: NodesOfMembers :many
-SELECT DISTINCT node_id, member_id FROM claudemesh.presence
-WHERE mesh_id = $1 AND member_id = ANY($2::text[]) AND ended_at IS NULL
-`
-
-type NodesOfMembersParams struct {
-	MeshID    string
-	MemberIds []string
-}
-
-type NodesOfMembersRow struct {
-	NodeID   string
-	MemberID string
-}
-
-// Nodes holding live sessions of these members, to direct a wake-up at them.
-func (q *Queries) NodesOfMembers(ctx context.Context, arg NodesOfMembersParams) ([]NodesOfMembersRow, error) {
-	rows, err := q.db.Query(ctx, nodesOfMembers, arg.MeshID, arg.MemberIds)
-	if err != nil {
-		return nil, err
-	}
-	defer rows.Close()
-	items := []NodesOfMembersRow{}
-	for rows.Next() {
-		var i NodesOfMembersRow
-		if err := rows.Scan(&i.NodeID, &i.MemberID); err != nil {
-			return nil, err
-		}
-		items = append(items, i)
-	}
-	if err := rows.Err(); err != nil {
-		return nil, err
-	}
-	return items, nil
-}
-
 const orphanPresences = `-- name: OrphanPresences :many
 SELECT id, epoch FROM claudemesh.presence
 WHERE node_id = $1 AND ended_at IS NULL AND grace_until IS NULL

@@ -27,11 +27,6 @@ UPDATE claudemesh.presence p SET ended_at = now(), grace_until = NULL
 WHERE p.ended_at IS NULL AND p.grace_until IS NOT NULL AND p.grace_until <= now()
 RETURNING p.id, p.mesh_id, p.member_id, p.member_pubkey, p.session_pubkey, p.display_name, p.session_id, p.node_id;
 
--- name: NodesOfMembers :many
--- Nodes holding live sessions of these members, to direct a wake-up at them.
-SELECT DISTINCT node_id, member_id FROM claudemesh.presence
-WHERE mesh_id = @mesh_id AND member_id = ANY(@member_ids::text[]) AND ended_at IS NULL;
-
 -- name: DeleteExpiredSignatures :execrows
 DELETE FROM claudemesh.seen_signature WHERE expires_at < now();
 

@@ -137,22 +137,3 @@ func (t *Tx) EndExpiredGrace(ctx context.Context) ([]EndedPresence, error) {
 	}
 	return out, nil
 }
-
-// Holders returns the nodes holding live sessions of these recipients.
-func (t *Tx) Holders(ctx context.Context, recipients []Recipient) ([]Holder, error) {
-	byMesh := map[string][]string{}
-	for _, r := range recipients {
-		byMesh[r.MeshID] = append(byMesh[r.MeshID], r.MemberID)
-	}
-	var out []Holder
-	for mesh, members := range byMesh {
-		rows, err := t.q.NodesOfMembers(ctx, db.NodesOfMembersParams{MeshID: mesh, MemberIds: members})
-		if err != nil {
-			return nil, fmt.Errorf("find holders: %w", err)
-		}
-		for _, h := range rows {
-			out = append(out, Holder{NodeID: h.NodeID, MemberID: h.MemberID})
-		}
-	}
-	return out, nil
-}

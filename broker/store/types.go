@@ -74,11 +74,8 @@ func (e *EndedPresence) RoutingKey() string {
 	return e.MemberPubkey
 }
 
-// Recipient is a member with deliveries released back to pending: its holders are woken.
+// Recipient is a member with deliveries released back to pending: every replica is woken for it.
 type Recipient struct{ MeshID, MemberID string }
-
-// Holder is a node holding a live session of a member.
-type Holder struct{ NodeID, MemberID string }
 
 // Claimed is a delivery claimed for a session, with what its push carries.
 type Claimed struct {
