@@ -534,7 +534,7 @@ func TestHelloClaimsWhatWaitsAndWhatArrivesWhileItRegisters(t *testing.T) {
 		wakes := c.nodes[1].hub.wakeMark()
 		sent, err := tc.sender.Send(ctx, tc.to.pub, protocol.PriorityNow, "n", strings.Repeat("c", 9000), "")
 		require.NoError(t, err)
-		dbtest.WaitFor(t, 10*time.Second, "n1 looked for "+tc.to.name, func() bool { return *c.nodes[1].hub.wakeMark() != *wakes })
+		dbtest.WaitFor(t, 10*time.Second, "n1 looked for "+tc.to.name, func() bool { return c.nodes[1].hub.wakeMark() != wakes })
 		release <- struct{}{}
 		r := <-dialed
 		require.NotNil(t, r)
