@@ -289,7 +289,7 @@ func TestRetriedSendIsDeliveredOnce(t *testing.T) {
 // CLI's sockets ack without announcing it.
 func TestUnackedPushesComeBackAtOnceForClientsThatAck(t *testing.T) {
 	t.Parallel()
-	c := newCluster(t, 3, nil)
+	c := newCluster(t, 3, func(cfg *Config) { cfg.quiet = true }) // "at once": the catch-up poll is an hour
 	for _, kind := range helloKinds {
 		t.Run(kind.name, func(t *testing.T) {
 			m := c.mesh(0)
