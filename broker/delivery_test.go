@@ -531,10 +531,16 @@ func TestHelloClaimsWhatWaitsAndWhatArrivesWhileItRegisters(t *testing.T) {
 		}()
 		<-registered
 		pause.Store(false)
-		wakes := c.nodes[1].hub.wakeMark()
+		h := c.nodes[1].hub
+		wakes := h.wakeMark()
+		var presence string // committed: the hello is paused after its statement
+		require.NoError(t, c.pool.QueryRow(ctx, `SELECT id FROM claudemesh.presence WHERE member_id = $1 AND ended_at IS NULL`,
+			tc.to.id).Scan(&presence))
 		sent, err := tc.sender.Send(ctx, tc.to.pub, protocol.PriorityNow, "n", strings.Repeat("c", 9000), "")
 		require.NoError(t, err)
-		dbtest.WaitFor(t, 10*time.Second, "n1 looked for "+tc.to.name, func() bool { return c.nodes[1].hub.wakeMark() != wakes })
+		dbtest.WaitFor(t, 10*time.Second, "n1 looked for "+tc.to.name, func() bool {
+			return h.wokeAt[wakeBucket(presence)].Load() > wakes || h.wokeAt[wakeBucket(tc.to.id)].Load() > wakes
+		})
 		release <- struct{}{}
 		r := <-dialed
 		require.NotNil(t, r)

@@ -69,7 +69,7 @@ func (l *liveness) takeOver(ctx context.Context) {
 	defer cancel()
 	var dead []store.DeadNode
 	_, err := l.store.InTx(ctx, nil, func(tx *store.Tx) error {
-		var released []store.Recipient
+		var released []string
 		var err error
 		if dead, released, err = tx.TakeOverDeadNodes(ctx, l.deadAfter, l.grace); err != nil {
 			return err

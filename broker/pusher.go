@@ -31,10 +31,9 @@ type pusher struct {
 	nodeID  string
 	log     *slog.Logger
 	metrics *Metrics
-	// holders finds this node's sessions of a member, to wake after a release; local finds
-	// one by presence, for a push or a claim. Both count the lookup first (hub.wakes).
-	holders func(memberID string) []*session
-	local   func(presenceID string) *session
+	// local finds a session of this node by presence, for a push or a claim, numbering the
+	// lookup first (hub.wakes).
+	local func(presenceID string) *session
 	// giveBack returns deliveries that could not be pushed to pending (release; tests fake it).
 	giveBack func(ids []int64)
 
@@ -45,7 +44,7 @@ type pusher struct {
 }
 
 func newPusher(st *store.Store, nodeID string, log *slog.Logger, m *Metrics, h *hub) *pusher {
-	p := &pusher{store: st, nodeID: nodeID, log: log, metrics: m, holders: h.wakeMember, local: h.wakeSession,
+	p := &pusher{store: st, nodeID: nodeID, log: log, metrics: m, local: h.wakeSession,
 		dirty: map[*session]struct{}{}, parked: map[*session]struct{}{}, wake: make(chan struct{}, 1)}
 	p.giveBack = func(ids []int64) { p.release(ids, true) }
 	return p
@@ -188,24 +187,17 @@ func (p *pusher) claimAndPush(ctx context.Context, batch []*session) {
 }
 
 // release returns to pending claimed deliveries whose socket closed before the write, or
-// (onlyAssigned) assigned ones whose session is gone, and wakes the recipients' other local
-// sessions (other replicas catch up on their poll). Rare: a session closing during its push.
+// (onlyAssigned) assigned ones whose session is gone; the statement wakes every replica, this
+// one included, for the recipients' sessions. Rare: a session closing during its push.
 func (p *pusher) release(ids []int64, onlyAssigned bool) {
 	if len(ids) == 0 {
 		return
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), opTimeout)
 	defer cancel()
-	recips, err := p.store.Release(ctx, ids, onlyAssigned)
-	if err != nil {
+	if _, err := p.store.Release(ctx, ids, onlyAssigned); err != nil {
 		p.metrics.backgroundError(p.log, "release_unwritten", err, "count", len(ids),
 			"then", "re-sent when the recipient's replica is declared dead or the recipient reconnects")
-		return
-	}
-	for _, r := range recips {
-		for _, sess := range p.holders(r.MemberID) {
-			p.request(sess)
-		}
 	}
 }
 

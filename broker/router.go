@@ -73,11 +73,22 @@ func (r *router) apply(ctx context.Context, m pgbus.Message) {
 		r.pushes = r.pushes[:0]
 		r.resync(ctx, true)
 	case pgbus.KindDeliveries:
-		for _, sess := range r.hub.wakeMember(m.Member) {
-			// A send's wake-up names its priority (Key): a session at work or dnd takes only
-			// "now" messages, and claiming for it would find nothing. Its change to idle
-			// releases what it may take then.
-			if m.Key == "" || m.Key == string(protocol.PriorityNow) || sess.idle() {
+		// For the member's sessions, or for one session (a multicast's row for a session in
+		// its grace, which a hello may be resuming). A send's wake-up names its priority (Key):
+		// a claim for a session that may not take it now would find nothing. (Left to the
+		// catch-up poll, as before these wake-ups: a next message whose send committed while
+		// a change to idle ran, unseen by its release, and whose wake-up came before the
+		// change's notification.)
+		sessions := []*session(nil)
+		if m.Presence != "" {
+			if sess := r.hub.wakeSession(m.Presence); sess != nil {
+				sessions = append(sessions, sess)
+			}
+		} else {
+			sessions = r.hub.wakeMember(m.Member)
+		}
+		for _, sess := range sessions {
+			if sess.mayTake(protocol.Priority(m.Key)) {
 				r.pusher.request(sess)
 			}
 		}

@@ -137,9 +137,13 @@ func (s *session) setStatus(st protocol.Status) {
 	s.mu.Unlock()
 }
 
-// idle says whether the session may take next and low messages now, by this replica's copy of
-// its status.
-func (s *session) idle() bool {
+// mayTake says whether a wake-up for deliveries of priority p ("" when it does not say) is
+// worth a claim for the session now, by this replica's copy of its status: a session at work or
+// dnd takes only "now" messages, and a claim for it would find nothing.
+func (s *session) mayTake(p protocol.Priority) bool {
+	if p == "" || p == protocol.PriorityNow {
+		return true
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.status == protocol.StatusIdle

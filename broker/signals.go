@@ -41,8 +41,8 @@ func (n signals) presenceEnded(o *pgbus.Outbox, p store.EndedPresence) audit.Ent
 
 // pendingFor wakes every replica for members with deliveries pending again: each looks for its
 // own sessions of them, including one registering right now (see migration 00040).
-func (n signals) pendingFor(o *pgbus.Outbox, recipients []store.Recipient) {
-	for _, r := range recipients {
-		o.Add(n.bus.ClusterChannel(), pgbus.Message{Kind: pgbus.KindDeliveries, Member: r.MemberID})
+func (n signals) pendingFor(o *pgbus.Outbox, members []string) {
+	for _, m := range members {
+		o.Add(n.bus.ClusterChannel(), pgbus.Message{Kind: pgbus.KindDeliveries, Member: m})
 	}
 }

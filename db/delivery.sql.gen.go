@@ -346,42 +346,39 @@ func (q *Queries) PendingDeliveryCount(ctx context.Context) (int64, error) {
 	return n, err
 }
 
-const releaseDeliveries = `-- name: ReleaseDeliveries :many
-UPDATE claudemesh.delivery SET state = 'pending', pushed_node = NULL, pushed_presence = NULL,
-    pushed_at = NULL, acked_at = NULL
-WHERE id = ANY($1::bigint[]) AND (state = 'assigned' OR (state = 'pushed' AND NOT $2::boolean))
-RETURNING mesh_id, recipient_member_id
+const releaseDeliveries = `-- name: ReleaseDeliveries :one
+WITH rel AS (
+    UPDATE claudemesh.delivery SET state = 'pending', pushed_node = NULL, pushed_presence = NULL,
+        pushed_at = NULL, acked_at = NULL
+    WHERE id = ANY($1::bigint[]) AND (state = 'assigned' OR (state = 'pushed' AND NOT $2::boolean))
+    RETURNING recipient_member_id
+), woken AS (
+    SELECT claudemesh.notify_lines($3::text, array_agg(json_build_object('k', 'd', 'm', m.id)::text ORDER BY m.id)) AS n
+    FROM (SELECT DISTINCT recipient_member_id AS id FROM rel) m
+    HAVING count(*) > 0
+)
+SELECT (SELECT count(*) FROM rel)::int AS released, (SELECT count(*) FROM woken)::int AS notified
 `
 
 type ReleaseDeliveriesParams struct {
 	Ids          []int64
 	OnlyAssigned bool
+	Channel      string
 }
 
 type ReleaseDeliveriesRow struct {
-	MeshID            string
-	RecipientMemberID string
+	Released int32
+	Notified int32
 }
 
 // Pushes that could not be written go back to pending: claimed ones whose socket closed
 // (pushed), or assigned ones whose session is gone (assigned). With only_assigned,
 // a row a claim took meanwhile (pushed: on its way) is left alone, not delivered twice.
-func (q *Queries) ReleaseDeliveries(ctx context.Context, arg ReleaseDeliveriesParams) ([]ReleaseDeliveriesRow, error) {
-	rows, err := q.db.Query(ctx, releaseDeliveries, arg.Ids, arg.OnlyAssigned)
-	if err != nil {
-		return nil, err
-	}
-	defer rows.Close()
-	items := []ReleaseDeliveriesRow{}
-	for rows.Next() {
-		var i ReleaseDeliveriesRow
-		if err := rows.Scan(&i.MeshID, &i.RecipientMemberID); err != nil {
-			return nil, err
-		}
-		items = append(items, i)
-	}
-	if err := rows.Err(); err != nil {
-		return nil, err
-	}
-	return items, nil
+// Every replica is woken for their recipients on the cluster channel, as release_held wakes
+// them (migration 00040): a session of theirs registering on any replica meanwhile takes them.
+func (q *Queries) ReleaseDeliveries(ctx context.Context, arg ReleaseDeliveriesParams) (ReleaseDeliveriesRow, error) {
+	row := q.db.QueryRow(ctx, releaseDeliveries, arg.Ids, arg.OnlyAssigned, arg.Channel)
+	var i ReleaseDeliveriesRow
+	err := row.Scan(&i.Released, &i.Notified)
+	return i, err
 }

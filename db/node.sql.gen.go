@@ -180,30 +180,25 @@ WHERE d.ctid = ANY (ARRAY(
             FOR UPDATE OF x SKIP LOCKED) x
         WHERE n.dead_at IS NOT NULL))
   AND d.state IN ('assigned', 'pushed')
-RETURNING d.mesh_id, d.recipient_member_id
+RETURNING d.recipient_member_id
 `
-
-type ReleaseDeadNodesPushesRow struct {
-	MeshID            string
-	RecipientMemberID string
-}
 
 // Unacked pushes of dead nodes go back to pending for the recipients' next connection; as
 // above, every dead node at every check, skipping rows a concurrent statement holds, and only
 // pushes made before the node was declared dead.
-func (q *Queries) ReleaseDeadNodesPushes(ctx context.Context) ([]ReleaseDeadNodesPushesRow, error) {
+func (q *Queries) ReleaseDeadNodesPushes(ctx context.Context) ([]string, error) {
 	rows, err := q.db.Query(ctx, releaseDeadNodesPushes)
 	if err != nil {
 		return nil, err
 	}
 	defer rows.Close()
-	items := []ReleaseDeadNodesPushesRow{}
+	items := []string{}
 	for rows.Next() {
-		var i ReleaseDeadNodesPushesRow
-		if err := rows.Scan(&i.MeshID, &i.RecipientMemberID); err != nil {
+		var recipient_member_id string
+		if err := rows.Scan(&recipient_member_id); err != nil {
 			return nil, err
 		}
-		items = append(items, i)
+		items = append(items, recipient_member_id)
 	}
 	if err := rows.Err(); err != nil {
 		return nil, err

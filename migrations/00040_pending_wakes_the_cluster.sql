@@ -1,9 +1,11 @@
 -- +goose Up
 -- Deliveries that no session took are announced to the whole cluster, by member: a send's
--- rows left pending (no connected session of the recipient could take them), and rows made
--- pending again (release_held, give_back_assigned). Every replica looks for its own sessions of
--- the member and claims for those that may take them now; the send's line carries the
--- priority, so a replica does not claim for a session at work for a next or low message.
+-- direct rows left pending (no connected session of the recipient could take them) and its
+-- multicast rows for a session in its grace, and rows made pending again (release_held,
+-- give_back_assigned). Every replica looks for its own sessions of the member (for a
+-- multicast's row, for that session: "p") and claims for those that may take them now; the
+-- send's line carries the priority, so a replica does not claim for a session at work for a
+-- next or low message.
 --
 -- Why: a session that registers while such a statement runs was missed. The statement looked
 -- for the member's sessions before the hello committed; the hello's probe of what waits
@@ -14,8 +16,10 @@
 -- functions woke before (the nodes of the member's live sessions, found in the statement's own
 -- snapshot) had the same blind spot; the lookup that found them is gone.
 --
--- Cost: one line per member a statement leaves pending, read by every replica (a map lookup
--- each), where there was none (a send) or one per holding node (a release). Sends to connected
+-- Cost: one line per member (and priority) a statement leaves pending, read by every replica (a
+-- map lookup each), where there was none (a send) or one per holding node (a release). A send
+-- to an offline member, or a next or low one to a member at work, now notifies, so its commit
+-- takes the notification queue's lock as a delivered one does (00033). Sends to connected
 -- sessions that may take them now, the common case, send no more than before.
 -- +goose StatementBegin
 CREATE OR REPLACE FUNCTION claudemesh.send_batch(p_node text, p_ns text, e_ids text[], e_mesh text[], e_sender text[], e_sender_pub text[], e_sender_member_pub text[], e_spec text[], e_kind text[], e_key text[], e_prio text[], e_nonce text[], e_cipher text[], e_client text[], e_created timestamp with time zone[], e_expires timestamp with time zone[], e_cmid text[], e_fp text[], e_sender_name text[], e_frame text[])
@@ -197,7 +201,8 @@ BEGIN
     ), picked AS (
         -- A direct message goes to one connected session of its member that may take it now
         -- (this node's first), or waits; a multicast has one delivery per session.
-        SELECT d.i, d.member_id, d.session_pubkey, NULL::text AS session_id, p.id AS presence_id, p.node_id
+        SELECT d.i, d.member_id, d.session_pubkey, NULL::text AS session_id, p.id AS presence_id, p.node_id,
+               NULL::text AS grace_presence
         FROM direct d
         LEFT JOIN LATERAL (
             -- By both key columns of one index, a member's key or a session's: one branch runs.
@@ -216,7 +221,8 @@ BEGIN
         -- Addressed to the session's key when it has one (which a reattach keeps), else to its
         -- sessionId.
         SELECT e.i, x.member_id, x.session_pubkey, CASE WHEN x.session_pubkey IS NULL THEN x.session_id END,
-               CASE WHEN x.grace_until IS NULL AND (e.prio = 'now' OR x.status = 'idle') THEN x.id END, x.node_id
+               CASE WHEN x.grace_until IS NULL AND (e.prio = 'now' OR x.status = 'idle') THEN x.id END, x.node_id,
+               CASE WHEN x.grace_until IS NOT NULL THEN x.id END
         FROM env e CROSS JOIN LATERAL (
             -- The envelope's own mesh, probed per envelope. As a join (nested loops are off in
             -- this function) it was hashed: every live session of the cluster read per batch.
@@ -230,7 +236,7 @@ BEGIN
     ), r AS MATERIALIZED (
         -- Delivery ids are taken here, in batch order, so the rows below need no join back.
         SELECT nextval('claudemesh.delivery_id_seq') AS id, q.*
-        FROM (SELECT pk.*, e.id AS env_id, e.mesh_id, e.prio, e.expires, e.sender, e.sender_pub, e.sender_member_pub,
+        FROM (SELECT pk.*, e.id AS env_id, e.kind, e.mesh_id, e.prio, e.expires, e.sender, e.sender_pub, e.sender_member_pub,
                      e.frame, pk.presence_id IS NOT NULL AND e.frame <> '' AS assign
               FROM picked pk JOIN env e ON e.i = pk.i ORDER BY pk.i) q
     ), counts AS MATERIALIZED (
@@ -267,10 +273,14 @@ BEGIN
             SELECT DISTINCT ON (r.node_id, r.member_id) '_n_' || r.node_id, r.id, json_build_object('k', 'd', 'm', r.member_id)::text
             FROM r WHERE NOT r.assign AND r.presence_id IS NOT NULL AND r.node_id <> p_node
             UNION ALL
-            -- Nobody took it: every replica looks for the member's sessions, so one that
-            -- registers while this statement runs is woken (see the migration's comment).
-            SELECT DISTINCT ON (r.member_id, r.prio) '_all', r.id, '{"k":"d","m":"' || r.member_id || '","y":"' || r.prio || '"}'
-            FROM r WHERE r.presence_id IS NULL
+            -- Nobody took it: every replica looks for the member's sessions (a direct message,
+            -- which any of them may take) or for the one session it is for (a multicast's row
+            -- for a session in its grace, which a hello may be resuming), so one that registers
+            -- while this statement runs is woken (see the migration's comment). A multicast's
+            -- row for a session at work waits for its change of status, which releases it.
+            SELECT DISTINCT ON (r.member_id, r.prio, r.grace_presence) '_all', r.id,
+                '{"k":"d","m":"' || r.member_id || coalesce('","p":"' || r.grace_presence, '') || '","y":"' || r.prio || '"}'
+            FROM r WHERE r.presence_id IS NULL AND (r.kind = 'direct' OR r.grace_presence IS NOT NULL)
         ) n
         GROUP BY n.chan
     ), audit AS (
@@ -332,7 +342,7 @@ CREATE OR REPLACE FUNCTION claudemesh.give_back_assigned(p_ns text, p_node text,
 AS $function$
 DECLARE
     n int;
-    woken int;
+    notes int;
 BEGIN
     WITH rel AS (
         UPDATE claudemesh.delivery d SET state = 'pending', pushed_node = NULL, pushed_presence = NULL, pushed_at = NULL
@@ -348,7 +358,7 @@ BEGIN
         FROM (SELECT DISTINCT recipient_member_id AS id FROM rel) r
         HAVING count(*) > 0
     )
-    SELECT (SELECT count(*) FROM rel), (SELECT count(*) FROM woken) INTO n, woken;
+    SELECT (SELECT count(*) FROM rel), (SELECT count(*) FROM woken) INTO n, notes;
     RETURN n;
 END
 $function$;

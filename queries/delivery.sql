@@ -16,14 +16,23 @@ FROM claudemesh.claim_deliveries(@node_id::text, @presence_ids::text[], @member_
     @session_ids::text[], @include_held::bool[], @limits::int[], @take_assigned::bool[], @retake_presence_ids::text[],
     @retake_ids::bigint[], @assigned_stale_seconds::float8) c;
 
--- name: ReleaseDeliveries :many
+-- name: ReleaseDeliveries :one
 -- Pushes that could not be written go back to pending: claimed ones whose socket closed
 -- (pushed), or assigned ones whose session is gone (assigned). With only_assigned,
 -- a row a claim took meanwhile (pushed: on its way) is left alone, not delivered twice.
-UPDATE claudemesh.delivery SET state = 'pending', pushed_node = NULL, pushed_presence = NULL,
-    pushed_at = NULL, acked_at = NULL
-WHERE id = ANY(@ids::bigint[]) AND (state = 'assigned' OR (state = 'pushed' AND NOT @only_assigned::boolean))
-RETURNING mesh_id, recipient_member_id;
+-- Every replica is woken for their recipients on the cluster channel, as release_held wakes
+-- them (migration 00040): a session of theirs registering on any replica meanwhile takes them.
+WITH rel AS (
+    UPDATE claudemesh.delivery SET state = 'pending', pushed_node = NULL, pushed_presence = NULL,
+        pushed_at = NULL, acked_at = NULL
+    WHERE id = ANY(@ids::bigint[]) AND (state = 'assigned' OR (state = 'pushed' AND NOT @only_assigned::boolean))
+    RETURNING recipient_member_id
+), woken AS (
+    SELECT claudemesh.notify_lines(@channel::text, array_agg(json_build_object('k', 'd', 'm', m.id)::text ORDER BY m.id)) AS n
+    FROM (SELECT DISTINCT recipient_member_id AS id FROM rel) m
+    HAVING count(*) > 0
+)
+SELECT (SELECT count(*) FROM rel)::int AS released, (SELECT count(*) FROM woken)::int AS notified;
 
 -- name: MarkDelivered :exec
 -- Deliveries that are done, in one statement for many sessions: client_acks, each a (message

@@ -56,7 +56,7 @@ WHERE d.ctid = ANY (ARRAY(
             FOR UPDATE OF x SKIP LOCKED) x
         WHERE n.dead_at IS NOT NULL))
   AND d.state IN ('assigned', 'pushed')
-RETURNING d.mesh_id, d.recipient_member_id;
+RETURNING d.recipient_member_id;
 
 -- name: RefreshStatistics :one
 -- Analyzes the tables that outgrew their statistics (migration 00021) and names them; one

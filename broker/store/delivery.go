@@ -9,6 +9,7 @@ import (
 
 	"github.com/claudemesh/broker/broker/audit"
 	"github.com/claudemesh/broker/db"
+	"github.com/claudemesh/broker/pgbus"
 )
 
 // Envelope is one message of a send batch: the ciphertext, stored once.
@@ -107,19 +108,15 @@ func (s *Store) GiveBack(ctx context.Context, nodeID string, ids []int64) (int, 
 	return int(n), nil
 }
 
-// Release returns deliveries that were never written to pending: claimed ones whose socket
-// closed, or (onlyAssigned) assigned ones whose session is gone, unless a claim took them
-// meanwhile.
-func (s *Store) Release(ctx context.Context, ids []int64, onlyAssigned bool) ([]Recipient, error) {
-	rows, err := s.q.ReleaseDeliveries(ctx, db.ReleaseDeliveriesParams{Ids: ids, OnlyAssigned: onlyAssigned})
+// Release returns deliveries that could not be written to pending (see ReleaseDeliveries) and
+// wakes every replica for their recipients; it says how many it released.
+func (s *Store) Release(ctx context.Context, ids []int64, onlyAssigned bool) (int, error) {
+	r, err := s.q.ReleaseDeliveries(ctx, db.ReleaseDeliveriesParams{Ids: ids, OnlyAssigned: onlyAssigned,
+		Channel: pgbus.ClusterChannel(s.ns)})
 	if err != nil {
-		return nil, fmt.Errorf("release deliveries: %w", err)
+		return 0, fmt.Errorf("release deliveries: %w", err)
 	}
-	out := make([]Recipient, len(rows))
-	for i, r := range rows {
-		out[i] = Recipient{MeshID: r.MeshID, MemberID: r.RecipientMemberID}
-	}
-	return out, nil
+	return int(r.Released), nil
 }
 
 // Ack is one client_ack: a message id acked by a recipient session.

@@ -14,8 +14,8 @@ import (
 // just marked and any left over from earlier checks), puts its presences in grace (counted
 // from its last heartbeat) and releases its unacked pushes. Several replicas may race here:
 // the UPDATE decides who marks each node, and rows another statement holds are left to the
-// next check. It returns the nodes it marked and the recipients whose pushes it released.
-func (t *Tx) TakeOverDeadNodes(ctx context.Context, deadAfter, grace time.Duration) ([]DeadNode, []Recipient, error) {
+// next check. It returns the nodes it marked and the members whose pushes it released.
+func (t *Tx) TakeOverDeadNodes(ctx context.Context, deadAfter, grace time.Duration) ([]DeadNode, []string, error) {
 	nodes, err := t.q.MarkDeadNodes(ctx, deadAfter.Seconds())
 	if err != nil {
 		return nil, nil, fmt.Errorf("mark dead nodes: %w", err)
@@ -27,15 +27,11 @@ func (t *Tx) TakeOverDeadNodes(ctx context.Context, deadAfter, grace time.Durati
 	if err := t.q.GraceDeadNodesPresences(ctx, grace.Seconds()); err != nil {
 		return nil, nil, fmt.Errorf("grace dead nodes' presences: %w", err)
 	}
-	rows, err := t.q.ReleaseDeadNodesPushes(ctx)
+	members, err := t.q.ReleaseDeadNodesPushes(ctx)
 	if err != nil {
 		return nil, nil, fmt.Errorf("release dead nodes' pushes: %w", err)
 	}
-	released := make([]Recipient, 0, len(rows))
-	for _, r := range rows {
-		released = append(released, Recipient{MeshID: r.MeshID, MemberID: r.RecipientMemberID})
-	}
-	return marked, released, nil
+	return marked, members, nil
 }
 
 // StatusPageNode is one node as the status page shows it.

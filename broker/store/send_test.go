@@ -71,27 +71,32 @@ func TestOneDirectSendMatchesTheSetBasedForm(t *testing.T) {
 	listener, err := pgx.Connect(ctx, url)
 	require.NoError(t, err)
 	defer listener.Close(context.Background())
-	_, err = listener.Exec(ctx, `LISTEN t_n_other`)
-	require.NoError(t, err)
+	for _, ch := range []string{"t_n_other", "t_all"} {
+		_, err = listener.Exec(ctx, `LISTEN `+ch)
+		require.NoError(t, err)
+	}
 
 	frame := []byte(`{"type":"push","n":1}`)
+	// wake: the member every replica is woken for (migration 00040), when no session took the
+	// message.
 	cases := []struct {
 		name, key, prio, cmid string
 		frame                 []byte
+		wake                  byte
 	}{
-		{"member key, a session here and one elsewhere", key('1'), "now", "", frame},
-		{"member key, a session elsewhere", key('2'), "now", "", frame},
-		{"member key, too large to ride along", key('2'), "now", "", nil},
-		{"member key, working, now", key('3'), "now", "", frame},
-		{"member key, working, next", key('3'), "next", "", frame},
-		{"session key", key('4'), "now", "", frame},
-		{"session key's own session", key('a'), "now", "", frame},
-		{"session key of a revoked member", key('b'), "now", "", frame},
-		{"no session", key('5'), "low", "", frame},
-		{"only a session in grace", key('6'), "now", "", frame},
-		{"revoked member", key('d'), "now", "", frame},
-		{"unknown key", key('f'), "now", "", frame},
-		{"client message id", key('2'), "now", "cm-1", frame},
+		{"member key, a session here and one elsewhere", key('1'), "now", "", frame, 0},
+		{"member key, a session elsewhere", key('2'), "now", "", frame, 0},
+		{"member key, too large to ride along", key('2'), "now", "", nil, 0},
+		{"member key, working, now", key('3'), "now", "", frame, 0},
+		{"member key, working, next", key('3'), "next", "", frame, '3'},
+		{"session key", key('4'), "now", "", frame, 0},
+		{"session key's own session", key('a'), "now", "", frame, 0},
+		{"session key of a revoked member", key('b'), "now", "", frame, 0},
+		{"no session", key('5'), "low", "", frame, '5'},
+		{"only a session in grace", key('6'), "now", "", frame, '6'},
+		{"revoked member", key('d'), "now", "", frame, 0},
+		{"unknown key", key('f'), "now", "", frame, 0},
+		{"client message id", key('2'), "now", "cm-1", frame, 0},
 	}
 	sends, setSends := 0, 0
 	for _, c := range cases {
@@ -106,6 +111,11 @@ func TestOneDirectSendMatchesTheSetBasedForm(t *testing.T) {
 			}
 			if c.cmid == "" {
 				alone := send("", alone)
+				if c.wake != 0 {
+					require.Contains(t, alone.notified, fmt.Sprintf(`t_all {"k":"d","m":"%s","y":"%s"}`, members[c.wake], c.prio))
+				} else {
+					require.NotContains(t, alone.notified, "t_all")
+				}
 				require.Equal(t, alone, send("", inSmallBatch))
 				require.Equal(t, alone, send("", setBased))
 				return
@@ -271,7 +281,7 @@ func sendOutcome(ctx context.Context, t *testing.T, pool *pgxpool.Pool, st *stor
 		if n.Payload == "marker" {
 			break
 		}
-		out.notified += strings.ReplaceAll(n.Payload, fmt.Sprintf(`"i":%d`, did), `"i":ID`)
+		out.notified += n.Channel + " " + strings.ReplaceAll(n.Payload, fmt.Sprintf(`"i":%d`, did), `"i":ID`) + "\n"
 	}
 	return out
 }
@@ -470,4 +480,68 @@ func TestClaimGoesByTheStatusInTheDatabase(t *testing.T) {
 	rows := claim(true)
 	require.Len(t, rows, 1, "taken once bob is idle")
 	require.Equal(t, env.ID, rows[0].Push.EnvelopeID)
+}
+
+// A multicast wakes every replica only for its rows that no session took because their session
+// is in its grace (migration 00040): for that one session ("p"), which a hello may be resuming
+// on any replica. A row held for a session at work waits for its change of status, which
+// releases it, and wakes no one.
+func TestMulticastWakesEveryReplicaForASessionInItsGrace(t *testing.T) {
+	ctx := dbtest.Context(t)
+	url := dbtest.URL(t)
+	pool := dbtest.PoolFor(t, url)
+	st := store.New(pool, "t")
+	key := func(c byte) string { return strings.Repeat(string(c), 64) }
+	var mesh string
+	require.NoError(t, pool.QueryRow(ctx, `INSERT INTO claudemesh.mesh (slug, name, owner_pubkey) VALUES ('m', 'm', $1) RETURNING id`, key('0')).Scan(&mesh))
+	_, err := pool.Exec(ctx, `INSERT INTO claudemesh.node (id, heartbeat_at) VALUES ('here', now()), ('other', now())`)
+	require.NoError(t, err)
+	// a sends; b's session is in its grace, c's at work, d's idle.
+	members, presences := map[byte]string{}, map[byte]string{}
+	for _, m := range []struct {
+		c            byte
+		status       string
+		grace, alive bool
+	}{{'a', "idle", false, false}, {'b', "idle", true, true}, {'c', "working", false, true}, {'d', "idle", false, true}} {
+		var id string
+		require.NoError(t, pool.QueryRow(ctx, `INSERT INTO claudemesh.member (mesh_id, pubkey) VALUES ($1, $2) RETURNING id`, mesh, key(m.c)).Scan(&id))
+		members[m.c] = id
+		if !m.alive {
+			continue
+		}
+		require.NoError(t, pool.QueryRow(ctx, `INSERT INTO claudemesh.presence (mesh_id, member_id, member_pubkey, node_id, session_id, status, grace_until)
+			VALUES ($1, $2, $3, 'other', $4, $5, CASE WHEN $6 THEN now() + interval '1 minute' END) RETURNING id`,
+			mesh, id, key(m.c), "s-"+string(m.c), m.status, m.grace).Scan(&id))
+		presences[m.c] = id
+	}
+	listener := dbtest.ConnFor(t, url)
+	for _, ch := range []string{"t_n_other", "t_all"} {
+		_, err = listener.Exec(ctx, `LISTEN `+ch)
+		require.NoError(t, err)
+	}
+	env := directEnvelope(mesh, members['a'], key('a'), "", "next", []byte(`{"type":"push"}`))
+	env.Kind, env.Key, env.TargetSpec = store.SendAll, "", "*"
+	sent, _, err := st.SendBatch(ctx, "here", []store.OutgoingEnvelope{env})
+	require.NoError(t, err)
+	require.Equal(t, []store.SentEnvelope{{Queued: true, Recipients: 3}}, sent, "a row for each session but the sender's")
+	_, err = pool.Exec(ctx, `SELECT pg_notify('t_all', 'marker')`)
+	require.NoError(t, err)
+	var lines []string
+	for {
+		n, err := listener.WaitForNotification(ctx)
+		require.NoError(t, err)
+		if n.Payload == "marker" {
+			break
+		}
+		for line := range strings.SplitSeq(n.Payload, "\n") {
+			if n.Channel == "t_n_other" {
+				line = line[:strings.Index(line, `,"i":`)] // the idle session's push: to its presence
+			}
+			lines = append(lines, n.Channel+" "+line)
+		}
+	}
+	require.ElementsMatch(t, []string{
+		fmt.Sprintf(`t_n_other {"k":"w","p":"%s"`, presences['d']),
+		fmt.Sprintf(`t_all {"k":"d","m":"%s","p":"%s","y":"next"}`, members['b'], presences['b']),
+	}, lines)
 }

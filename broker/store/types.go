@@ -74,9 +74,6 @@ func (e *EndedPresence) RoutingKey() string {
 	return e.MemberPubkey
 }
 
-// Recipient is a member with deliveries released back to pending: every replica is woken for it.
-type Recipient struct{ MeshID, MemberID string }
-
 // Claimed is a delivery claimed for a session, with what its push carries.
 type Claimed struct {
 	ID           int64
