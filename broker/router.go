@@ -218,7 +218,7 @@ func (r *router) resync(ctx context.Context, full bool) {
 	}
 	if len(orphans) > 0 {
 		// Assigned here to a session that moved or ended, and never given back: pending again,
-		// the replicas of the member's live sessions woken (else its next connection takes them).
+		// every replica woken for the member (else its next connection takes them).
 		n, err := r.store.GiveBack(ctx, r.nodeID, orphans)
 		if err != nil {
 			r.metrics.backgroundError(r.log, "catch_up", err, "give_back", len(orphans), "retry", "next poll")

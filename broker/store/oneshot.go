@@ -301,7 +301,7 @@ func (s *Store) SetStatus(ctx context.Context, presenceID, status, source string
 
 // EndSessions records closed sockets in one statement: presences in grace until graceUntil, or
 // ended (peer_left and an audit entry each), only at the epoch each socket owned; what was
-// assigned or pushed to them back to pending, and the holders of those members woken.
+// assigned or pushed to them back to pending, and every replica woken for those members.
 func (s *Store) EndSessions(ctx context.Context, nodeID string, grace []PresenceRef, graceUntil time.Time, end []PresenceRef) error {
 	gIDs, gEpochs := splitRefs(grace)
 	xIDs, xEpochs := splitRefs(end)
