@@ -320,9 +320,24 @@ func TestUnackedPushesComeBackAtOnceForClientsThatAck(t *testing.T) {
 			// Reattach on another replica while the old socket is still open (a half-open
 			// connection): the unacked push comes at once on the new one, the acked one never.
 			b2 := m.dial(2, bob, kind.with(bKey), noCaps)
-			require.Equal(t, second.MessageID, nextPush(t, b2, 10*time.Second).MessageID)
-			probe(t, a, keyHex(bKey), b2)
+			p = nextPush(t, b2, 10*time.Second)
+			require.Equal(t, second.MessageID, p.MessageID)
 			<-b.Done()
+			// Then on that replica itself (the same presence, a new registration): the new
+			// socket acks that one and not the next, and is replaced there.
+			require.NoError(t, b2.AckPush(ctxT(t), p))
+			third, err := a.Send(ctxT(t), keyHex(bKey), protocol.PriorityNow, "n", "not acked either", "")
+			require.NoError(t, err)
+			require.Equal(t, third.MessageID, nextPush(t, b2, 5*time.Second).MessageID)
+			dbtest.WaitFor(t, 10*time.Second, "the second's ack recorded", func() bool {
+				var acked bool
+				_ = c.pool.QueryRow(ctxT(t), `SELECT state = 'acked' FROM claudemesh.delivery WHERE envelope_id = $1`, second.MessageID).Scan(&acked)
+				return acked
+			})
+			b3 := m.dial(2, bob, kind.with(bKey), noCaps)
+			require.Equal(t, third.MessageID, nextPush(t, b3, 10*time.Second).MessageID, "on the same replica")
+			probe(t, a, keyHex(bKey), b3)
+			<-b2.Done()
 		})
 	}
 }

@@ -591,3 +591,36 @@ func TestSendRacingAHelloReachesTheNewSession(t *testing.T) {
 		}
 	}
 }
+
+// The same race for a multicast and a session in its grace: the broadcast's row for the
+// session is left pending (its socket is gone) and names that session to every replica
+// (migration 00040), and a hello resuming it on another replica between the broadcast's lookup
+// and its commit gets it at once (the catch-up poll is an hour).
+func TestBroadcastRacingAResumeReachesTheResumedSession(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t, 2, func(cfg *Config) { cfg.quiet = true })
+	m := c.mesh(0)
+	alice, bob := m.member("alice"), m.member("bob")
+	ctx := ctxT(t)
+	b := m.dial(0, bob)
+	presence := b.HelloAck().PresenceID
+	b.Abort() // no close frame: the presence waits in its grace
+	dbtest.WaitFor(t, 10*time.Second, "bob's presence in its grace", func() bool {
+		var inGrace bool
+		return c.pool.QueryRow(ctx, `SELECT grace_until IS NOT NULL FROM claudemesh.presence WHERE id = $1`, presence).Scan(&inGrace) == nil && inGrace
+	})
+	tx, err := c.pool.Begin(ctx)
+	require.NoError(t, err)
+	id := uuid.NewString()
+	var recipients int
+	require.NoError(t, tx.QueryRow(ctx, `SELECT b.recipients FROM claudemesh.send_batch('n0', 'claudemesh',
+			ARRAY[$1], ARRAY[$2], ARRAY[$3], ARRAY[$4], ARRAY[$4], ARRAY['*'], ARRAY['all'], ARRAY[''], ARRAY['now'],
+			ARRAY['bm9uY2U='], ARRAY['Y2lwaGVydGV4dA=='], ARRAY['c1'], ARRAY[now()], ARRAY[now() + interval '1 hour'],
+			ARRAY[''], ARRAY[''], ARRAY['alice'], ARRAY['']) b WHERE b.row_kind = 'e'`,
+		id, m.id, alice.id, alice.pub).Scan(&recipients))
+	require.Equal(t, 1, recipients, "a row for bob's session in its grace")
+	r := m.dial(1, bob) // resumes it on the other replica while the broadcast is still open
+	require.True(t, r.HelloAck().Resumed)
+	require.NoError(t, tx.Commit(ctx))
+	require.Equal(t, id, nextPush(t, r, 10*time.Second).MessageID)
+}

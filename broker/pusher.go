@@ -138,7 +138,7 @@ func (p *pusher) claimAndPush(ctx context.Context, batch []*session) {
 		requests = append(requests, k)
 		live = append(live, sess)
 		retake, all := sess.claimAssigned()
-		claims = append(claims, store.ClaimFor{PresenceID: sess.presenceID, MemberID: sess.memberID,
+		claims = append(claims, store.ClaimFor{PresenceID: sess.presenceID, Epoch: sess.epoch, MemberID: sess.memberID,
 			SessionPubkey: sess.sessionPubkey, SessionID: sess.sessionID, IncludeHeld: idle, Limit: limit,
 			Retake: retake, TakeAssigned: all})
 	}
@@ -164,9 +164,20 @@ func (p *pusher) claimAndPush(ctx context.Context, batch []*session) {
 	for _, r := range rows {
 		byPresence[r.PresenceID] = append(byPresence[r.PresenceID], r)
 	}
+	// A presence's rows go to its newest socket in the batch: an older one, replaced on this
+	// replica and still closing, was claimed for at its own epoch and took nothing.
+	newest := make(map[string]*session, len(live))
+	for _, sess := range live {
+		if cur := newest[sess.presenceID]; cur == nil || sess.epoch > cur.epoch {
+			newest[sess.presenceID] = sess
+		}
+	}
 	var unwritten []int64
 	for i, sess := range live {
-		got := byPresence[sess.presenceID]
+		var got []store.Claimed
+		if newest[sess.presenceID] == sess {
+			got = byPresence[sess.presenceID]
+		}
 		for _, r := range got {
 			b := pushFrame(&r.Push)
 			if r.FromAssigned {

@@ -18,7 +18,7 @@ const MaxPayload = 7600
 
 // Kinds of bus messages. A message is a hint: receivers re-read the tables.
 const (
-	KindDeliveries = "d" // Member has new or released pending deliveries (Key: their priority, from a send).
+	KindDeliveries = "d" // Member has new or released pending deliveries (Key: their priority, from a send; Presence: the one session they are for).
 	KindStatus     = "s" // Presence's status changed (to Key when set, else reload it).
 	KindPush       = "u" // A delivery assigned to Presence: Data carries it (PushData); push it now.
 	KindPushFrame  = "w" // The same, Data being the push frame itself, ID the delivery, Key its priority.

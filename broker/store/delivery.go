@@ -25,8 +25,9 @@ type Envelope struct {
 // ClaimFor is one session a claim takes deliveries for.
 type ClaimFor struct {
 	PresenceID, MemberID, SessionPubkey, SessionID string
-	IncludeHeld                                    bool // may take next/low (the session is idle)
-	Limit                                          int  // at most this many
+	Epoch                                          int64 // the registration its socket owns: nothing is taken for an older one
+	IncludeHeld                                    bool  // may take next/low (the session is idle)
+	Limit                                          int   // at most this many
 	// Retake are deliveries assigned to the session that its replica could not push in order;
 	// TakeAssigned takes every one assigned to it (its replica's notifications were lost).
 	// Otherwise an assigned one is taken once AssignedStale old (its notification was lost): a
@@ -46,6 +47,7 @@ func (s *Store) Claim(ctx context.Context, nodeID string, sessions []ClaimFor) (
 	p := db.ClaimDeliveriesParams{NodeID: nodeID, AssignedStaleSeconds: AssignedStale.Seconds()}
 	for _, c := range sessions {
 		p.PresenceIds = append(p.PresenceIds, c.PresenceID)
+		p.Epochs = append(p.Epochs, c.Epoch)
 		p.MemberIds = append(p.MemberIds, c.MemberID)
 		p.SessionPubkeys = append(p.SessionPubkeys, c.SessionPubkey)
 		p.SessionIds = append(p.SessionIds, c.SessionID)

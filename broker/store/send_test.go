@@ -446,20 +446,22 @@ func presencePagesRead(ctx context.Context, t *testing.T, tx pgx.Tx) int64 {
 // in the database (migration 00036). The replica read its copy before the statement ran: a
 // "next" message held for a session at work is not taken by a claim whose replica still thinks
 // the session idle; nor by one whose replica has not yet heard that it became idle (the
-// change's own release goes first); it is taken when both say idle.
+// change's own release goes first); it is taken when both say idle. And only for the
+// registration the socket owns (00041).
 func TestClaimGoesByTheStatusInTheDatabase(t *testing.T) {
 	ctx := dbtest.Context(t)
 	pool := dbtest.Pool(t)
 	st := store.New(pool, "t")
 	key := func(c byte) string { return strings.Repeat(string(c), 64) }
 	var mesh, alice, bob, presence string
+	var epoch int64
 	require.NoError(t, pool.QueryRow(ctx, `INSERT INTO claudemesh.mesh (slug, name, owner_pubkey) VALUES ('m', 'm', $1) RETURNING id`, key('0')).Scan(&mesh))
 	_, err := pool.Exec(ctx, `INSERT INTO claudemesh.node (id, heartbeat_at) VALUES ('here', now())`)
 	require.NoError(t, err)
 	require.NoError(t, pool.QueryRow(ctx, `INSERT INTO claudemesh.member (mesh_id, pubkey) VALUES ($1, $2) RETURNING id`, mesh, key('a')).Scan(&alice))
 	require.NoError(t, pool.QueryRow(ctx, `INSERT INTO claudemesh.member (mesh_id, pubkey) VALUES ($1, $2) RETURNING id`, mesh, key('b')).Scan(&bob))
 	require.NoError(t, pool.QueryRow(ctx, `INSERT INTO claudemesh.presence (mesh_id, member_id, member_pubkey, node_id, session_id, status)
-		VALUES ($1, $2, $3, 'here', 's-bob', 'working') RETURNING id`, mesh, bob, key('b')).Scan(&presence))
+		VALUES ($1, $2, $3, 'here', 's-bob', 'working') RETURNING id, epoch`, mesh, bob, key('b')).Scan(&presence, &epoch))
 
 	env := directEnvelope(mesh, alice, key('a'), key('b'), "next", []byte(`{}`))
 	sent, _, err := st.SendBatch(ctx, "here", []store.OutgoingEnvelope{env})
@@ -468,7 +470,7 @@ func TestClaimGoesByTheStatusInTheDatabase(t *testing.T) {
 
 	claim := func(replicaSaysIdle bool) []store.Claimed {
 		t.Helper()
-		rows, err := st.Claim(ctx, "here", []store.ClaimFor{{PresenceID: presence, MemberID: bob, SessionID: "s-bob",
+		rows, err := st.Claim(ctx, "here", []store.ClaimFor{{PresenceID: presence, Epoch: epoch, MemberID: bob, SessionID: "s-bob",
 			IncludeHeld: replicaSaysIdle, Limit: 10}})
 		require.NoError(t, err)
 		return rows
@@ -480,6 +482,24 @@ func TestClaimGoesByTheStatusInTheDatabase(t *testing.T) {
 	rows := claim(true)
 	require.Len(t, rows, 1, "taken once bob is idle")
 	require.Equal(t, env.ID, rows[0].Push.EnvelopeID)
+
+	// A socket whose registration was taken over (migration 00041) takes nothing, on this node
+	// (the epoch moved on) or another (the presence moved).
+	_, err = pool.Exec(ctx, `UPDATE claudemesh.delivery SET state = 'pending', pushed_node = NULL, pushed_presence = NULL
+		WHERE envelope_id = $1`, env.ID)
+	require.NoError(t, err)
+	_, err = pool.Exec(ctx, `UPDATE claudemesh.presence SET epoch = epoch + 1 WHERE id = $1`, presence)
+	require.NoError(t, err)
+	require.Empty(t, claim(true), "replaced on this node")
+	epoch++
+	_, err = pool.Exec(ctx, `INSERT INTO claudemesh.node (id, heartbeat_at) VALUES ('there', now())`)
+	require.NoError(t, err)
+	_, err = pool.Exec(ctx, `UPDATE claudemesh.presence SET node_id = 'there' WHERE id = $1`, presence)
+	require.NoError(t, err)
+	require.Empty(t, claim(true), "taken over elsewhere")
+	_, err = pool.Exec(ctx, `UPDATE claudemesh.presence SET node_id = 'here' WHERE id = $1`, presence)
+	require.NoError(t, err)
+	require.Len(t, claim(true), 1, "its own registration takes it")
 }
 
 // A multicast wakes every replica only for its rows that no session took because their session

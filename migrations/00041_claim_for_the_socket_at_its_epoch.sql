@@ -1,0 +1,81 @@
+-- +goose Up
+-- A claim takes nothing for a socket whose registration was taken over: a hello for the same
+-- session on another replica (the presence moved) or on the same one (the presence's epoch
+-- moved on), while the old socket was still open (a half-open connection, a client that
+-- reconnected before its old socket closed). The hello releases the old socket's pushes to
+-- pending and wakes replicas for them (every replica since 00040); a replica still holding the
+-- old socket claimed them for it, and they were written to a socket about to close and left
+-- "pushed" there until the session's next reconnect. The replica now passes each socket's
+-- epoch, and the claim reads the session's presence row, which it already read for its status
+-- (00036), at that epoch and node, locked in share mode so that a takeover in flight is seen.
+-- A new function (the epochs are a new argument): replicas of the previous release keep
+-- calling 00036's, unchanged.
+-- +goose StatementBegin
+CREATE FUNCTION claudemesh.claim_deliveries(p_node text, p_presence_ids text[], p_epochs bigint[], p_member_ids text[], p_session_pubkeys text[], p_session_ids text[], p_include_held boolean[], p_limits integer[], p_take_assigned boolean[], p_retake_presence_ids text[], p_retake_ids bigint[], p_assigned_stale_seconds double precision)
+ RETURNS TABLE(id bigint, pushed_presence text, assigned boolean, envelope_id text, mesh_id text, sender_pubkey text, sender_member_pubkey text, priority text, nonce text, ciphertext text, created_at timestamp with time zone, sender_member_id text, sender_name text, client_message_id text, request_fingerprint text)
+ LANGUAGE plpgsql
+ SET plan_cache_mode TO 'force_generic_plan'
+ SET enable_seqscan TO 'off'
+ SET enable_hashjoin TO 'off'
+ SET enable_mergejoin TO 'off'
+ SET jit TO 'off'
+AS $function$
+#variable_conflict use_column
+BEGIN
+    RETURN QUERY
+    WITH s AS (
+        SELECT unnest(p_presence_ids) AS presence_id, unnest(p_epochs) AS epoch, unnest(p_member_ids) AS member_id,
+            unnest(p_session_pubkeys) AS session_pubkey, unnest(p_session_ids) AS session_id,
+            unnest(p_include_held) AS include_held, unnest(p_limits) AS lim,
+            unnest(p_take_assigned) AS take_assigned
+    ), mine AS (
+        -- The sessions whose registration is still the one the replica holds: live, on this
+        -- node, at the epoch its socket owns. Locked (shared): a hello taking one over, which
+        -- updates the row, waits for this claim, whose rows it then releases to the new
+        -- socket; or this claim waits for it, sees the row it left, and takes nothing.
+        SELECT s.*, p.status FROM s JOIN claudemesh.presence p ON p.id = s.presence_id
+        WHERE p.node_id = p_node AND p.epoch = s.epoch AND p.ended_at IS NULL
+        FOR SHARE OF p
+    ), retake AS (
+        SELECT unnest(p_retake_presence_ids) AS presence_id, unnest(p_retake_ids) AS id
+    ), c AS (
+        SELECT s.presence_id, x.id, x.assigned FROM mine s CROSS JOIN LATERAL (
+            SELECT u.id, u.assigned FROM (
+                SELECT d.id, false AS assigned FROM claudemesh.delivery d
+                WHERE d.recipient_member_id = s.member_id AND d.state = 'pending'
+                  AND claudemesh.claimable(d, s.member_id, s.session_pubkey, s.session_id,
+                          s.include_held AND s.status = 'idle')
+                UNION ALL
+                -- Assigned to this session and not pushed: ones the replica could not push in order
+                -- (retake), all of them after its notifications were lost (take_assigned), and any
+                -- assigned a while ago (the notification that carried it was lost). Not a recent one
+                -- otherwise: it may have been pushed from its notification, its push not recorded yet.
+                SELECT d.id, true FROM claudemesh.delivery d
+                WHERE d.pushed_presence = s.presence_id AND d.state = 'assigned'
+                  AND (s.take_assigned OR d.pushed_at < now() - make_interval(secs => p_assigned_stale_seconds)
+                       OR d.id IN (SELECT r.id FROM retake r WHERE r.presence_id = s.presence_id))
+            ) u
+            ORDER BY u.id
+            LIMIT s.lim
+        ) x
+    ), locked AS (
+        SELECT c.presence_id, c.assigned, d.id FROM c JOIN claudemesh.delivery d ON d.id = c.id
+        WHERE d.state IN ('pending', 'assigned')
+        FOR UPDATE OF d SKIP LOCKED
+    )
+    UPDATE claudemesh.delivery d
+    SET state = 'pushed', acked_at = NULL,
+        pushed_node = p_node, pushed_presence = c.presence_id, pushed_at = now()
+    FROM locked c, claudemesh.envelope e
+    WHERE d.id = c.id AND e.id = d.envelope_id
+    RETURNING d.id, d.pushed_presence, c.assigned, e.id AS envelope_id, e.mesh_id, e.sender_pubkey, e.sender_member_pubkey,
+        e.priority, e.nonce, e.ciphertext, e.created_at, e.sender_member_id, e.sender_name, e.client_message_id,
+        e.request_fingerprint;
+END
+$function$;
+-- +goose StatementEnd
+
+-- +goose Down
+-- +goose StatementBegin
+DROP FUNCTION claudemesh.claim_deliveries(text, text[], bigint[], text[], text[], text[], boolean[], integer[], boolean[], text[], bigint[], double precision);
+-- +goose StatementEnd
