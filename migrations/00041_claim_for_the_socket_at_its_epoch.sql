@@ -22,6 +22,11 @@ CREATE FUNCTION claudemesh.claim_deliveries(p_node text, p_presence_ids text[], 
 AS $function$
 #variable_conflict use_column
 BEGIN
+    -- Not waiting for the WAL flush (the store runs a claim as a transaction of its own): the
+    -- share locks below make every claim write, and a claim only moves deliveries forward to
+    -- a socket; lost in a crash, they are pending again and pushed again with the same
+    -- messageId at the next connection (at-least-once), as 00034 has it for their records.
+    PERFORM set_config('synchronous_commit', 'off', true);
     RETURN QUERY
     WITH s AS (
         SELECT unnest(p_presence_ids) AS presence_id, unnest(p_epochs) AS epoch, unnest(p_member_ids) AS member_id,
