@@ -460,8 +460,9 @@ func TestHookFindsItsSessionWithoutReadingOthers(t *testing.T) {
 // each looks for its own sessions of them, one registering right then included. Until 00040
 // only the replicas of the members' live sessions were woken, by node; none is any more. A
 // takeover calls release_held; the end of closed sockets (end_sessions, putting the presence
-// in its grace or ending it) calls it too since 00031, where it had a copy of its own. Each is
-// called twice on one connection: the second runs the plan PL/pgSQL kept from the first.
+// in its grace or ending it) calls it too since 00031, where it had a copy of its own; so does a
+// replica's release of pushes it could not write (store.Release). Each is called twice on one
+// connection: the second runs the plan PL/pgSQL kept from the first.
 func TestReleasedDeliveriesWakeTheirMembersReplicas(t *testing.T) {
 	ctx := dbtest.Context(t)
 	url := dbtest.URL(t)
@@ -503,7 +504,15 @@ func TestReleasedDeliveriesWakeTheirMembersReplicas(t *testing.T) {
 		{"takeover", "live", 0}, {"takeover", "live", 0},
 		{"grace", "grace", 0}, {"grace", "grace", 0},
 		{"end", "ended", 1}, {"end", "ended", 0},
+		// A replica's own release of pushes it could not write (store.Release).
+		{"unwritten", "ended", 0}, {"unwritten", "ended", 0},
 	}
+	st := store.New(pool, "t")
+	var held []int64
+	rows, err = pool.Query(ctx, `SELECT id FROM claudemesh.delivery WHERE envelope_id IN ('e1', 'e2')`)
+	require.NoError(t, err)
+	held, err = pgx.CollectRows(rows, pgx.RowTo[int64])
+	require.NoError(t, err)
 	conn, err := pool.Acquire(ctx)
 	require.NoError(t, err)
 	defer conn.Release()
@@ -514,7 +523,13 @@ func TestReleasedDeliveriesWakeTheirMembersReplicas(t *testing.T) {
 			require.NoError(t, err)
 		}
 		var ended int
-		require.NoError(t, conn.QueryRow(ctx, release[how], ids[0]).Scan(&ended), how)
+		if how == "unwritten" {
+			n, err := st.Release(ctx, held, false)
+			require.NoError(t, err)
+			require.Equal(t, 2, n, "released")
+		} else {
+			require.NoError(t, conn.QueryRow(ctx, release[how], ids[0]).Scan(&ended), how)
+		}
 		require.Equal(t, w.ended, ended, "%s: sessions ended", how)
 		var state string
 		require.NoError(t, pool.QueryRow(ctx, `SELECT CASE WHEN ended_at IS NOT NULL THEN 'ended' WHEN grace_until IS NOT NULL THEN 'grace' ELSE 'live' END
