@@ -13,8 +13,8 @@ import (
 
 // recorder records what happened to deliveries in batches off the hot path: client_acks, pushes
 // written to sessions that don't ack, and assigned pushes written to sessions that do.
-// Acks and writes are recorded at once, with everything that arrived while the previous
-// statement was in flight. A taken push waits recordLinger for its client_ack: the ack's update
+// Acks and writes wait up to ackLinger for others to share their statement (at once when
+// ackBatch are queued). A taken push waits recordLinger for its client_ack: the ack's update
 // makes the taken one a no-op (the row is no longer assigned), one row version instead of two.
 type recorder struct {
 	service
@@ -40,10 +40,21 @@ type takenPush struct {
 // half as long goes with the next statement.
 const recordLinger = 60 * time.Millisecond
 
+// ackLinger is how long an ack or a write waits for others before it is recorded, and ackBatch
+// how many make it go at once. Recording each at once cost a statement per push at a steady
+// trickle: across 3 replicas at 1,000 msgs/s, 0.68 record statements a message, about a fifth of
+// Postgres's statement time (BENCHMARKS.md). The cost is a window this long in which a
+// takeover on another replica pushes an acked message again (at-least-once; docs/protocol.md),
+// and message_status says delivered this much later; a session's own end still records first.
+const (
+	ackLinger = 20 * time.Millisecond
+	ackBatch  = 256
+)
+
 func newRecorder(st *store.Store, log *slog.Logger, m *Metrics) *recorder {
 	r := &recorder{store: st, log: log, metrics: m, acks: newQueue[store.Ack](), written: newQueue[int64](),
 		taken: newQueue[takenPush](), now: time.Now}
-	r.written.wake = r.acks.wake // acks and writes are recorded at once; taken pushes linger
+	r.written.wake = r.acks.wake // acks and writes linger together; taken pushes longer
 	return r
 }
 
@@ -77,6 +88,9 @@ func (r *recorder) Start(ctx context.Context) error {
 		timer := time.NewTimer(time.Hour)
 		timer.Stop()
 		armed := false
+		lingering := time.NewTimer(time.Hour) // the first queued ack's or write's ackLinger
+		lingering.Stop()
+		waiting := false
 		for {
 			if ctx.Err() != nil {
 				fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
@@ -94,8 +108,17 @@ func (r *recorder) Start(ctx context.Context) error {
 			case <-ctx.Done():
 				continue // the final flush above
 			case <-r.acks.wake:
-				// An ack is recorded at once: until it is, a reconnect would get the message
-				// again. Taken pushes young enough to expect their ack still wait.
+				// Until an ack is recorded, a reconnect would get the message again: it waits
+				// for company at most ackLinger.
+				if r.queuedRecords() < ackBatch {
+					if !waiting {
+						lingering.Reset(ackLinger)
+						waiting = true
+					}
+					continue
+				}
+			case <-lingering.C:
+				waiting = false
 			case <-r.taken.wake:
 				continue // the oldest taken push sets the timer (armed above)
 			case <-timer.C:
@@ -110,6 +133,16 @@ func (r *recorder) Start(ctx context.Context) error {
 			}
 		}
 	})
+}
+
+// queuedRecords is how many acks and writes wait.
+func (r *recorder) queuedRecords() int {
+	r.acks.mu.Lock()
+	n := len(r.acks.items)
+	r.acks.mu.Unlock()
+	r.written.mu.Lock()
+	defer r.written.mu.Unlock()
+	return n + len(r.written.items)
 }
 
 // oldestTaken is when the first taken push still queued was written.

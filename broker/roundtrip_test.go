@@ -339,3 +339,40 @@ func TestHelloBehindAHeldLockIsRefusedAlone(t *testing.T) {
 	a := stuck.dial(0, alices[0]) // the retry passes
 	require.NotEmpty(t, a.HelloAck().PresenceID)
 }
+
+// Today's CLI acks each push with a client_ack of its own as it reads it. At a steady trickle
+// those acks share record statements (ackLinger) instead of taking one each: ten acks 2 ms
+// apart took about ten statements when each was recorded at once.
+func TestAcksAtATrickleShareStatements(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t, 1, nil)
+	_, proxy := countedNode(t, c, false)
+	rt := len(c.nodes) - 1
+	m := c.mesh(0)
+	alice, bob := m.member("alice"), m.member("bob")
+	a, b := m.dial(0, alice), m.dial(rt, bob)
+	ctx := ctxT(t)
+	ids := make([]string, 10)
+	for i := range ids {
+		ack, err := a.Send(ctx, bob.pub, protocol.PriorityNow, "n", fmt.Sprint("trickle ", i), "")
+		require.NoError(t, err)
+		ids[i] = ack.MessageID
+	}
+	for _, id := range ids {
+		require.Equal(t, id, nextPush(t, b, 5*time.Second).MessageID)
+	}
+	n := flights(t, proxy, func() {
+		tick := time.NewTicker(2 * time.Millisecond)
+		defer tick.Stop()
+		for _, id := range ids {
+			<-tick.C
+			require.NoError(t, b.AckMessages(ctx, id))
+		}
+	}, func() bool {
+		var open int
+		err := c.pool.QueryRow(ctx, `SELECT count(*) FROM claudemesh.delivery WHERE envelope_id = ANY($1) AND state <> 'acked'`, ids).Scan(&open)
+		return err == nil && open == 0
+	})
+	t.Logf("10 acks 2 ms apart: %d statements", n)
+	require.LessOrEqual(t, n, int64(5), "acks at a trickle share statements")
+}
