@@ -2,6 +2,7 @@ package pgbus
 
 import (
 	"context"
+	"encoding/json"
 	"strings"
 	"testing"
 	"time"
@@ -52,12 +53,30 @@ func TestOutboxDeduplicatesPerChannel(t *testing.T) {
 func FuzzDecode(f *testing.F) {
 	f.Add(Encode([]Message{{Kind: KindDeliveries, Member: "m"}, {Kind: KindEvent, Data: []byte(`{"a":1}`)}})[0])
 	f.Add("\n\n{}")
+	f.Add(`{"k":"w","p":"p1","i":42,"y":"now","x":{"type":"push","nonce":"n","ciphertext":"c"}}` + "\n" + `{"k":"s","c":3,"x":null}`)
 	f.Fuzz(func(t *testing.T, payload string) {
 		msgs, _ := Decode(payload)
 		for _, m := range msgs {
 			require.NotEmpty(t, m.Kind)
 		}
+		// What the single-pass decoder accepts, encoding/json reads the same way (skipping
+		// lines where encoding/json's case-folded key match could pick another member).
+		for line := range strings.SplitSeq(payload, "\n") {
+			got, err := decodeLine(line)
+			if err != nil || foldable(line) {
+				continue
+			}
+			var want Message
+			require.NoError(t, json.Unmarshal([]byte(line), &want), "accepted what encoding/json refuses: %q", line)
+			require.Equal(t, want, got, "%q", line)
+		}
 	})
+}
+
+// foldable says whether encoding/json might match one of Message's keys to another member of
+// line than the exact name does: an upper-case letter, an escape or a non-ASCII byte there.
+func foldable(line string) bool {
+	return strings.ContainsAny(line, "KHMPNYCIX\\") || strings.IndexFunc(line, func(r rune) bool { return r >= 0x80 }) >= 0
 }
 
 func startBus(t *testing.T, url, node string) *Bus {
