@@ -79,6 +79,7 @@ func (p *peers) handleHello(ms *melody.Session, c *conn, msg protocol.ClientMess
 	p.gate.release(c) // authenticated: no longer held to the hello deadline
 	if wc := ms.WebsocketConnection(); wc != nil {
 		lingerOnClose(wc.UnderlyingConn()) // pushes will be written to it
+		coalesceFor(wc.UnderlyingConn(), sess.framesBehind)
 	}
 	if old := p.hub.add(sess); old != nil {
 		// The same session reconnected to this replica while its old socket was still open.

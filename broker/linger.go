@@ -128,6 +128,7 @@ type lingerConn struct {
 	// reading is held across each read of the socket by the WebSocket's reader, so that the
 	// drain starts only once that read has returned, and is the socket's only reader after.
 	reading sync.Mutex
+	coalescing // frames written back to back go out in one write (coalesce.go)
 }
 
 func (c *lingerConn) Read(b []byte) (int, error) {
@@ -150,7 +151,7 @@ func (c *lingerConn) Write(b []byte) (int, error) {
 	if c.closing.Load() {
 		return 0, net.ErrClosed
 	}
-	return c.Conn.Write(b)
+	return c.coalesce(b)
 }
 
 func (c *lingerConn) SetReadDeadline(t time.Time) error {
@@ -175,6 +176,7 @@ func (c *lingerConn) Close() error {
 		c.deadlines.Lock()
 		defer c.deadlines.Unlock()
 		c.closing.Store(true)
+		c.flushOnClose()
 		if !c.lingers.Load() || !c.l.admit(c) {
 			err = c.Conn.Close()
 			return

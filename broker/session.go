@@ -391,6 +391,15 @@ func (s *session) written(frame []byte) (p inflightPush, push, wake bool, next [
 	return p, true, wake, nil
 }
 
+// framesBehind says whether the write pump has frames queued behind the one it is writing (a
+// frame stays counted until written reports it): its socket then holds the frame back to write
+// the run at once (coalesce.go).
+func (s *session) framesBehind() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.inflight)+s.otherWire > 1
+}
+
 // requestPush records that pending deliveries may wait for the session: until the pusher
 // catches up, new deliveries queue behind them (the backlog) instead of being pushed directly,
 // so they arrive in commit order. False when the session is closed.

@@ -137,7 +137,11 @@ func (p *peers) frameWritten(ms *melody.Session, frame []byte) {
 	p.metrics.Pushes.Inc()
 	switch {
 	case !sess.clientAck.Load():
-		p.recorder.wrote(d.id)
+		if wc := ms.WebsocketConnection(); wc != nil {
+			whenWritten(wc.UnderlyingConn(), d.id, p.recorder.wrote)
+		} else {
+			p.recorder.wrote(d.id)
+		}
 	case d.assigned:
 		p.recorder.took(d.id)
 	}
