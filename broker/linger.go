@@ -127,7 +127,7 @@ type lingerConn struct {
 	deadlines sync.Mutex
 	// reading is held across each read of the socket by the WebSocket's reader, so that the
 	// drain starts only once that read has returned, and is the socket's only reader after.
-	reading sync.Mutex
+	reading    sync.Mutex
 	coalescing // frames written back to back go out in one write (coalesce.go)
 }
 
