@@ -125,11 +125,12 @@ func (c *lingerConn) flushLocked() error {
 	return err
 }
 
-// flushLate writes held-back bytes whose followers did not come within coalesceWait.
+// flushLate writes held-back bytes whose followers did not come within coalesceWait (also
+// while Close runs: its own flush skips a write in progress).
 func (c *lingerConn) flushLate() {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if c.err == nil && !c.closing.Load() {
+	if c.err == nil {
 		_ = c.flushLocked()
 	}
 }
