@@ -110,7 +110,7 @@ func (r *recorder) Start(ctx context.Context) error {
 			case <-r.acks.wake:
 				// Until an ack is recorded, a reconnect would get the message again: it waits
 				// for company at most ackLinger.
-				if r.queuedRecords() < ackBatch {
+				if r.acks.len()+r.written.len() < ackBatch {
 					if !waiting {
 						lingering.Reset(ackLinger)
 						waiting = true
@@ -133,16 +133,6 @@ func (r *recorder) Start(ctx context.Context) error {
 			}
 		}
 	})
-}
-
-// queuedRecords is how many acks and writes wait.
-func (r *recorder) queuedRecords() int {
-	r.acks.mu.Lock()
-	n := len(r.acks.items)
-	r.acks.mu.Unlock()
-	r.written.mu.Lock()
-	defer r.written.mu.Unlock()
-	return n + len(r.written.items)
 }
 
 // oldestTaken is when the first taken push still queued was written.

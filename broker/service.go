@@ -36,6 +36,13 @@ func (q *queue[T]) add(items ...T) {
 	}
 }
 
+// len is how many items are queued.
+func (q *queue[T]) len() int {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return len(q.items)
+}
+
 // take returns everything queued.
 func (q *queue[T]) take() []T {
 	q.mu.Lock()
