@@ -12,6 +12,7 @@ import (
 
 	"github.com/claudemesh/broker/db"
 	"github.com/claudemesh/broker/db/dbtest"
+	"github.com/claudemesh/broker/protocol"
 )
 
 func TestMain(m *testing.M) { dbtest.Main(m) }
@@ -74,9 +75,32 @@ func FuzzDecode(f *testing.F) {
 }
 
 // foldable says whether encoding/json might match one of Message's keys to another member of
-// line than the exact name does: an upper-case letter, an escape or a non-ASCII byte there.
+// line than the exact name does: a member whose name folds to one of them without being it.
 func foldable(line string) bool {
-	return strings.ContainsAny(line, "KHMPNYCIX\\") || strings.IndexFunc(line, func(r rune) bool { return r >= 0x80 }) >= 0
+	var m map[string]json.RawMessage
+	if json.Unmarshal([]byte(line), &m) != nil {
+		return true
+	}
+	for k := range m {
+		for _, n := range []string{"k", "h", "m", "p", "n", "y", "c", "i", "x"} {
+			if k != n && strings.EqualFold(k, n) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// A shared-state change carries the client's value, which may nest protocol.MaxDepth deep,
+// inside the line's own objects: it is read, not dropped as too deep.
+func TestDecodeReadsAClientsDeepestValueInsideALine(t *testing.T) {
+	deep := strings.Repeat("[", protocol.MaxDepth) + strings.Repeat("]", protocol.MaxDepth)
+	line := `{"k":"t","h":"mesh","x":{"key":"k","value":{"v":` + deep + `}}}`
+	got, err := Decode(line)
+	require.NoError(t, err)
+	require.Len(t, got, 1)
+	require.Equal(t, KindState, got[0].Kind)
+	require.JSONEq(t, `{"key":"k","value":{"v":`+deep+`}}`, string(got[0].Data))
 }
 
 func startBus(t *testing.T, url, node string) *Bus {

@@ -7,10 +7,14 @@ package protocol
 // reflection cost more per push than the rest of its way to the socket.
 type Fields struct{ o object }
 
+// WrapDepth is how many levels deeper than MaxDepth a value may nest in ScanFields: the replicas
+// pass on what clients sent (a set_state value MaxDepth deep) inside objects of their own.
+const WrapDepth = 8
+
 // ScanFields scans s, which must be exactly one JSON object. Member names match exactly, and a
 // name given twice is an error when it is read.
 func ScanFields(s string) (Fields, error) {
-	o, err := scanTop(s, nil)
+	o, err := scanTopAt(s, nil, 1-WrapDepth)
 	if err != nil {
 		return Fields{}, err
 	}

@@ -53,7 +53,11 @@ func (e *scanError) Error() string {
 // scanTop scans s, which must be exactly one JSON object, appending its
 // members to out. On error the members scanned so far are returned too, so
 // a _reqId before the error can still be echoed.
-func scanTop(s string, out object) (object, error) {
+func scanTop(s string, out object) (object, error) { return scanTopAt(s, out, 1) }
+
+// scanTopAt is scanTop with the object's own depth given: lower than 1 lets values nest that
+// much deeper than MaxDepth.
+func scanTopAt(s string, out object, depth int) (object, error) {
 	i := skipWS(s, 0)
 	if i == len(s) {
 		return out, &scanError{"empty input", i}
@@ -61,7 +65,7 @@ func scanTop(s string, out object) (object, error) {
 	if s[i] != '{' {
 		return out, &scanError{"want a JSON object", i}
 	}
-	out, i, err := scanObject(s, i, 1, out, true)
+	out, i, err := scanObject(s, i, depth, out, true)
 	if err != nil {
 		return out, err
 	}
