@@ -11,21 +11,27 @@ import (
 // load that made the pumps' writes a fifth of the CPU of the Go benchmark's process (both
 // replicas and their clients) at saturation. While the pump has more frames queued right behind
 // the one it is writing, that frame waits in a buffer and the last of the run is written with
-// it: one write for the run (4 % of the same profile; BENCHMARKS.md).
+// it: one write for the run (4 % of the same profile; BENCHMARKS.md). Control frames (close,
+// ping, pong) are never held: they go out at once, with whatever waits before them.
 //
 // A push written to a session that does not ack is delivered once it reaches the socket: one
 // held back is recorded when its bytes are written (whenWritten), and one lost with a failed
 // write is not, so it goes back to pending when the session ends.
 const (
-	// coalesceMax bounds the bytes held back for one connection.
-	coalesceMax = 64 << 10
+	// coalesceMax bounds the bytes held back for one connection: frames that were queued for
+	// it anyway, a few dozen pushes; a frame that would pass it goes out with the run.
+	coalesceMax = 16 << 10
 	// coalesceWait is how long held-back bytes wait at most when the frames said to be queued
 	// behind them never come (their session closed meanwhile, say).
 	coalesceWait = 2 * time.Millisecond
+	// closeFlushWait bounds what Close spends on held-back bytes: waiting for a writer that is
+	// appending, then the write itself. A socket too full to take them is a client not
+	// reading; what it loses comes again (unacked) or stays pending (unrecorded).
+	closeFlushWait = 2 * time.Millisecond
 )
 
 // coalesceBufs holds the buffers of connections between runs, so an idle session keeps none.
-var coalesceBufs = sync.Pool{New: func() any { b := make([]byte, 0, 16<<10); return &b }}
+var coalesceBufs = sync.Pool{New: func() any { b := make([]byte, 0, coalesceMax); return &b }}
 
 // coalescing is a lingerConn's write side: what it holds back and why.
 type coalescing struct {
@@ -39,16 +45,22 @@ type coalescing struct {
 	// held are the deliveries in buf to record as written once it is (whenWritten).
 	held   []int64
 	record func(int64)
+	wait   time.Duration // coalesceWait unless set (tests)
 }
 
 // whenWritten calls record(id) once the frame the write pump just reported written has reached
-// the socket: now, unless its bytes are held back.
+// the socket: now, unless its bytes are held back, or never, if a write of held-back bytes
+// failed before this call (the frame may have been among them).
 func whenWritten(c net.Conn, id int64, record func(int64)) {
 	if lc, ok := c.(*lingerConn); ok {
 		lc.mu.Lock()
-		if lc.buf != nil {
+		switch {
+		case lc.buf != nil:
 			lc.held = append(lc.held, id)
 			lc.record = record
+			lc.mu.Unlock()
+			return
+		case lc.err != nil:
 			lc.mu.Unlock()
 			return
 		}
@@ -65,6 +77,11 @@ func coalesceFor(c net.Conn, behind func() bool) {
 	}
 }
 
+// isControlFrame says whether b starts a WebSocket control frame (opcode 8-15). A write that
+// starts mid-frame (gorilla writes a large frame's payload separately) may look like one: it
+// is then written at once, which is always safe.
+func isControlFrame(b []byte) bool { return len(b) > 0 && b[0]&0x08 != 0 }
+
 // coalesce writes b, or holds it back while more frames are queued behind it.
 func (c *lingerConn) coalesce(b []byte) (int, error) {
 	behind := c.behind.Load()
@@ -80,13 +97,17 @@ func (c *lingerConn) coalesce(b []byte) (int, error) {
 	if c.buf != nil {
 		held = len(*c.buf)
 	}
-	if held+len(b) <= coalesceMax && (*behind)() {
+	if held+len(b) <= coalesceMax && !isControlFrame(b) && (*behind)() {
 		if c.buf == nil {
 			c.buf = coalesceBufs.Get().(*[]byte)
+			wait := c.wait
+			if wait == 0 {
+				wait = coalesceWait
+			}
 			if c.timer == nil {
-				c.timer = time.AfterFunc(coalesceWait, c.flushLate)
+				c.timer = time.AfterFunc(wait, c.flushLate)
 			} else {
-				c.timer.Reset(coalesceWait)
+				c.timer.Reset(wait)
 			}
 		}
 		*c.buf = append(*c.buf, b...)
@@ -95,24 +116,26 @@ func (c *lingerConn) coalesce(b []byte) (int, error) {
 	if c.buf == nil {
 		return c.Conn.Write(b)
 	}
-	*c.buf = append(*c.buf, b...)
-	if err := c.flushLocked(); err != nil {
+	if err := c.flushLocked(b); err != nil {
 		return 0, err
 	}
 	return len(b), nil
 }
 
-// flushLocked writes what is held back, under the write deadline the pump set last.
-func (c *lingerConn) flushLocked() error {
+// flushLocked writes what is held back and then b (nil: nothing more) in one writev, under the
+// write deadline set last.
+func (c *lingerConn) flushLocked(b []byte) error {
 	if c.buf == nil {
 		return nil
 	}
 	c.timer.Stop()
-	_, err := c.Conn.Write(*c.buf)
-	*c.buf = (*c.buf)[:0]
-	if cap(*c.buf) <= coalesceMax*2 {
-		coalesceBufs.Put(c.buf)
+	bufs := net.Buffers{*c.buf}
+	if len(b) > 0 {
+		bufs = append(bufs, b)
 	}
+	_, err := bufs.WriteTo(c.tcp)
+	*c.buf = (*c.buf)[:0]
+	coalesceBufs.Put(c.buf)
 	c.buf = nil
 	if err != nil {
 		c.err = err
@@ -122,32 +145,38 @@ func (c *lingerConn) flushLocked() error {
 		}
 	}
 	c.held = c.held[:0]
+	if cap(c.held) > 64 {
+		c.held = nil // a long run's memory goes with it
+	}
 	return err
 }
 
-// flushLate writes held-back bytes whose followers did not come within coalesceWait (also
-// while Close runs: its own flush skips a write in progress).
+// flushLate writes held-back bytes whose followers did not come within coalesceWait. If that
+// fails, the connection is closed: no write of the pump's would notice (its frames all count as
+// written), so the session would stay open and keep what it was sent.
 func (c *lingerConn) flushLate() {
 	c.mu.Lock()
-	defer c.mu.Unlock()
-	if c.err == nil {
-		_ = c.flushLocked()
+	failed := c.err == nil && c.flushLocked(nil) != nil
+	c.mu.Unlock()
+	if failed {
+		_ = c.Close()
 	}
 }
 
-// flushOnClose writes what is held back before the connection closes (the close frame is
-// among it, or follows it), giving up after a moment: what is lost comes again at the
-// session's next connection, unacked or still pending for one that does not (its record is dropped). A
-// write in progress has the bytes already, or fails; Close
-// must not wait for it (it wakes such a write).
+// flushOnClose writes what is held back before the connection closes, within closeFlushWait. A
+// write in progress (a socket that is full) is not waited for: the close wakes it.
 func (c *lingerConn) flushOnClose() {
-	if !c.mu.TryLock() {
-		return
+	deadline := time.Now().Add(closeFlushWait)
+	for !c.mu.TryLock() {
+		if time.Now().After(deadline) {
+			return
+		}
+		time.Sleep(50 * time.Microsecond)
 	}
 	defer c.mu.Unlock()
 	if c.buf == nil || c.err != nil {
 		return
 	}
-	_ = c.Conn.SetWriteDeadline(time.Now().Add(100 * time.Millisecond))
-	_ = c.flushLocked()
+	_ = c.Conn.SetWriteDeadline(deadline)
+	_ = c.flushLocked(nil)
 }

@@ -163,11 +163,22 @@ func (c *lingerConn) SetReadDeadline(t time.Time) error {
 	return c.Conn.SetReadDeadline(t)
 }
 
+// SetWriteDeadline is refused once Close has begun, so that a control frame's write (gorilla
+// sets its own deadline) cannot extend the one Close gives held-back bytes.
+func (c *lingerConn) SetWriteDeadline(t time.Time) error {
+	c.deadlines.Lock()
+	defer c.deadlines.Unlock()
+	if c.closing.Load() {
+		return net.ErrClosed
+	}
+	return c.Conn.SetWriteDeadline(t)
+}
+
 func (c *lingerConn) SetDeadline(t time.Time) error {
 	if err := c.SetReadDeadline(t); err != nil {
 		return err
 	}
-	return c.Conn.SetWriteDeadline(t)
+	return c.SetWriteDeadline(t)
 }
 
 func (c *lingerConn) Close() error {
