@@ -36,6 +36,16 @@ func coalescingPair(t *testing.T, queued *atomic.Int64, wait time.Duration) (cli
 	return cl, lc
 }
 
+// readsExactly reads len(want) bytes from the client's end and checks they are want.
+func readsExactly(t *testing.T, cl net.Conn, want string) {
+	t.Helper()
+	got := make([]byte, len(want))
+	_ = cl.SetReadDeadline(time.Now().Add(5 * time.Second))
+	_, err := io.ReadFull(cl, got)
+	require.NoError(t, err)
+	require.Equal(t, want, string(got))
+}
+
 // holding says whether lc holds bytes back.
 func holding(lc *lingerConn) bool {
 	lc.mu.Lock()
@@ -62,12 +72,7 @@ func TestFramesQueuedBackToBackGoOutTogether(t *testing.T) {
 	require.NoError(t, err)
 	whenWritten(lc, 3, rec.add)
 	require.Equal(t, []int64{1, 2, 3}, rec.get())
-	want := "\x81one;\x81two;\x81three;"
-	got := make([]byte, len(want))
-	_ = cl.SetReadDeadline(time.Now().Add(5 * time.Second))
-	_, err = io.ReadFull(cl, got)
-	require.NoError(t, err)
-	require.Equal(t, want, string(got))
+	readsExactly(t, cl, "\x81one;\x81two;\x81three;")
 }
 
 // Frames said to be queued that never come (the session closed meanwhile) do not strand the
@@ -80,11 +85,7 @@ func TestAHeldBackFrameGoesOutWhenNothingFollows(t *testing.T) {
 	_, err := lc.Write([]byte("\x81alone"))
 	require.NoError(t, err)
 	whenWritten(lc, 7, rec.add)
-	got := make([]byte, len("\x81alone"))
-	_ = cl.SetReadDeadline(time.Now().Add(5 * time.Second))
-	_, err = io.ReadFull(cl, got)
-	require.NoError(t, err)
-	require.Equal(t, "\x81alone", string(got))
+	readsExactly(t, cl, "\x81alone")
 	dbtest.WaitFor(t, 5*time.Second, "the held-back push recorded once written", func() bool { return len(rec.get()) == 1 })
 }
 
@@ -138,10 +139,5 @@ func TestControlFramesAreNeverHeldBack(t *testing.T) {
 	_, err = lc.Write([]byte("\x88close"))
 	require.NoError(t, err)
 	require.False(t, holding(lc), "the close frame went out, with what waited before it")
-	want := "\x81push;\x88close"
-	got := make([]byte, len(want))
-	_ = cl.SetReadDeadline(time.Now().Add(5 * time.Second))
-	_, err = io.ReadFull(cl, got)
-	require.NoError(t, err)
-	require.Equal(t, want, string(got))
+	readsExactly(t, cl, "\x81push;\x88close")
 }

@@ -155,23 +155,23 @@ func (c *lingerConn) Write(b []byte) (int, error) {
 }
 
 func (c *lingerConn) SetReadDeadline(t time.Time) error {
-	c.deadlines.Lock()
-	defer c.deadlines.Unlock()
-	if c.closing.Load() {
-		return net.ErrClosed
-	}
-	return c.Conn.SetReadDeadline(t)
+	return c.setUnlessClosing(c.Conn.SetReadDeadline, t)
 }
 
 // SetWriteDeadline is refused once Close has begun, so that a control frame's write (gorilla
 // sets its own deadline) cannot extend the one Close gives held-back bytes.
 func (c *lingerConn) SetWriteDeadline(t time.Time) error {
+	return c.setUnlessClosing(c.Conn.SetWriteDeadline, t)
+}
+
+// setUnlessClosing sets a deadline in the order Close sets its own, refusing once it has.
+func (c *lingerConn) setUnlessClosing(set func(time.Time) error, t time.Time) error {
 	c.deadlines.Lock()
 	defer c.deadlines.Unlock()
 	if c.closing.Load() {
 		return net.ErrClosed
 	}
-	return c.Conn.SetWriteDeadline(t)
+	return set(t)
 }
 
 func (c *lingerConn) SetDeadline(t time.Time) error {
