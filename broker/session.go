@@ -65,6 +65,9 @@ type session struct {
 	epoch     int64  // the presence registration this socket owns
 	lane      uint32 // the committer lane its sends go through (their order is kept)
 
+	// pushOrder is held from a push's place in the window to its place in the socket's queue
+	// (taken before mu).
+	pushOrder   sync.Mutex
 	mu          sync.Mutex
 	displayName string
 	status      protocol.Status
@@ -244,6 +247,11 @@ func (s *session) unreserve() {
 // assigned that a commit assigned it (rather than a claim). False means the socket is closed:
 // the caller releases the delivery.
 func (s *session) push(frame []byte, id int64, fromReserve, assigned bool) bool {
+	// Pushes come from several goroutines (committer lanes, the bus listener, claim rounds):
+	// the window and the socket's queue must take them in the same order, since written
+	// matches each written frame against the window's oldest.
+	s.pushOrder.Lock()
+	defer s.pushOrder.Unlock()
 	s.mu.Lock()
 	if fromReserve {
 		s.reserved--
@@ -254,7 +262,7 @@ func (s *session) push(frame []byte, id int64, fromReserve, assigned bool) bool 
 	}
 	s.inflight = append(s.inflight, inflightPush{frame: unsafe.SliceData(frame), id: id, assigned: assigned})
 	s.mu.Unlock()
-	return s.out.Write(frame) == nil
+	return s.out.Write(frame) == nil // never blocks: melody's queue refuses when full
 }
 
 // send queues a frame other than a push (a reply, an event); promised says its slot in the

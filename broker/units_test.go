@@ -2,6 +2,7 @@ package broker
 
 import (
 	"fmt"
+	"runtime"
 	"slices"
 	"strings"
 	"sync"
@@ -21,9 +22,13 @@ import (
 type sink struct {
 	mu     sync.Mutex
 	frames [][]byte
+	yield  bool // let other goroutines run before the frame is queued
 }
 
 func (k *sink) Write(b []byte) error {
+	if k.yield {
+		runtime.Gosched()
+	}
 	k.mu.Lock()
 	k.frames = append(k.frames, b)
 	k.mu.Unlock()
@@ -143,6 +148,40 @@ func TestSessionPushWindow(t *testing.T) {
 	}
 	require.True(t, woke)
 	require.Nil(t, s.inflight, "an idle session holds no window memory")
+}
+
+// Pushes reach one session from several goroutines at once (the committer's lanes, the bus
+// listener, claim rounds). The socket must write them in the order the window holds them: a
+// push written ahead of an older one was taken for a reply, the older one then never left the
+// window, and once the window filled the session was closed as a slow consumer (4008) while
+// its peer was reading (about one session in 70 at saturation).
+func TestConcurrentPushesLeaveTheWindowAsTheyAreWritten(t *testing.T) {
+	s, k := testSession("p", "m", "a")
+	k.yield = true // the socket's queue takes each frame a little later, as a busy core would
+	const pushers, each, rounds = 2, pushWindow / 2, 200
+	for round := range rounds {
+		var wg sync.WaitGroup
+		for g := range pushers {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for i := range each {
+					require.True(t, s.push([]byte{byte(g), byte(i)}, int64(1+g*each+i), false, true))
+				}
+			}()
+		}
+		wg.Wait()
+		// The write pump: every frame, in the queue's order.
+		k.mu.Lock()
+		queued := k.frames
+		k.frames = nil
+		k.mu.Unlock()
+		for _, f := range queued {
+			_, push, _, _ := s.written(f)
+			require.True(t, push, "round %d: a push written was taken for a reply", round)
+		}
+		require.Empty(t, s.inflight, "round %d: every written push left the window", round)
+	}
 }
 
 // A burst of events beyond the socket's share for them waits in the session, in order, and

@@ -104,7 +104,9 @@ func (p *peers) newMelody() *melody.Melody {
 	m.HandleError(func(ms *melody.Session, err error) {
 		switch {
 		case errors.Is(err, melody.ErrMessageBufferFull):
-			p.closeSlowConsumer(ms, "send queue full")
+			// Reported from inside the write, which may hold the session's push order: the close
+			// frame's write can wait up to a second, so it is not waited for here.
+			go p.closeSlowConsumer(ms, "send queue full")
 		case errors.Is(err, websocket.ErrReadLimit):
 			p.log.Info("frame too large; closing 1009", "limit", p.cfg.MaxMessageBytes)
 		}
