@@ -2,6 +2,8 @@ package broker
 
 import (
 	"fmt"
+	"os"
+	"strconv"
 	"sync"
 	"testing"
 	"time"
@@ -21,11 +23,14 @@ import (
 // commit per message) tops out near 4k/s on this machine kind (design.md).
 func BenchmarkSendPushAcrossReplicas(b *testing.B) {
 	for _, c := range []struct{ pairs, inflight int }{{1, 1}, {64, 1}, {64, 8}, {128, 16}} {
-		b.Run(fmt.Sprintf("pairs=%d/inflight=%d", c.pairs, c.inflight), func(b *testing.B) { benchSendPush(b, c.pairs, c.inflight, 0) })
+		b.Run(fmt.Sprintf("pairs=%d/inflight=%d", c.pairs, c.inflight), func(b *testing.B) { benchSendPush(b, 2, c.pairs, c.inflight, 0) })
 	}
+	// The issue-13 shape: three replicas, each sending to the next, so every replica's commit
+	// lane is busy and every push crosses the bus.
+	b.Run("replicas=3/pairs=129/inflight=16", func(b *testing.B) { benchSendPush(b, 3, 129, 16, 0) })
 	// The same load with group commit off: one notifying commit per message, the naive
 	// design's ceiling measured with this broker's own per-message work.
-	b.Run("nobatch/pairs=128/inflight=16", func(b *testing.B) { benchSendPush(b, 128, 16, 1) })
+	b.Run("nobatch/pairs=128/inflight=16", func(b *testing.B) { benchSendPush(b, 2, 128, 16, 1) })
 }
 
 // analyze gives the benchmark's fresh tables the statistics a running cluster's have
@@ -36,8 +41,8 @@ func analyze(b *testing.B, c *testCluster) {
 	require.NoError(b, err)
 }
 
-func benchSendPush(b *testing.B, pairs, inflight, maxBatch int) {
-	c := newCluster(b, 2, func(cfg *Config) { cfg.MaxBatch = maxBatch })
+func benchSendPush(b *testing.B, replicas, pairs, inflight, maxBatch int) {
+	c := newCluster(b, replicas, func(cfg *Config) { cfg.MaxBatch = maxBatch; cfg.Committers = benchCommitters })
 	m := c.mesh(10 * pairs)
 	senders := make([]*client.Client, pairs)
 	receivers := make([]*client.Client, pairs)
@@ -45,13 +50,13 @@ func benchSendPush(b *testing.B, pairs, inflight, maxBatch int) {
 	quiet := func(o *client.Options) { o.Capabilities = nil; o.PushBuffer = 4096; o.Logger = nil }
 	for i := range pairs {
 		snd, rcv := m.member(fmt.Sprintf("s%d", i)), m.member(fmt.Sprintf("r%d", i))
-		senders[i] = m.dial(0, snd, quiet)
-		receivers[i] = m.dial(1, rcv, quiet)
+		senders[i] = m.dial(i%replicas, snd, quiet)
+		receivers[i] = m.dial((i+1)%replicas, rcv, quiet)
 		keys[i] = rcv.pub
 	}
 	analyze(b, c)
 	payload := fmt.Sprintf("%0256d", 0) // a 256-byte ciphertext
-	batches0 := histCount(c.nodes[0].metrics.BatchSize)
+	batches0 := c.batches()
 	b.ReportAllocs()
 	b.ResetTimer()
 	start := time.Now()
@@ -88,7 +93,7 @@ func benchSendPush(b *testing.B, pairs, inflight, maxBatch int) {
 	b.StopTimer()
 	total := per * pairs * inflight
 	b.ReportMetric(float64(total)/elapsed.Seconds(), "msgs/s")
-	if n := histCount(c.nodes[0].metrics.BatchSize) - batches0; n > 0 {
+	if n := c.batches() - batches0; n > 0 {
 		b.ReportMetric(float64(total)/float64(n), "sends/commit")
 	}
 }
@@ -142,3 +147,15 @@ func histCount(h prometheus.Histogram) uint64 {
 	_ = h.Write(&m)
 	return m.GetHistogram().GetSampleCount()
 }
+
+// batches counts the group commits of every replica.
+func (c *testCluster) batches() (n uint64) {
+	for _, s := range c.nodes {
+		n += histCount(s.metrics.BatchSize)
+	}
+	return n
+}
+
+// benchCommitters is the commit lanes per replica for the send benchmarks: BENCH_COMMITTERS,
+// else the default (COMMITTERS's, one).
+var benchCommitters = func() int { n, _ := strconv.Atoi(os.Getenv("BENCH_COMMITTERS")); return n }()
