@@ -36,7 +36,7 @@ func (g *guard) Start(ctx context.Context) error {
 		startstop.Tick(ctx, guardTick, func(now time.Time) {
 			g.peers.closeHelloLate(now)
 			for _, sess := range g.pusher.stalled(now, g.stall) {
-				go g.peers.closeSlowConsumer(sess.ws, "pushes not read") // its close frame may wait up to a second
+				g.peers.closeSlowConsumerLater(sess.ws, "pushes not read")
 			}
 			// Slots follow the clock, so late ticks never stretch the ping period past the
 			// pong deadline: the slots of ticks that came late are pinged now.

@@ -253,7 +253,7 @@ func (p *peers) register(ctx context.Context, ms *melody.Session, r *helloReq) (
 		sessionID: strings.Clone(hp.SessionID), role: hp.Role, systemEvents: r.systemEvents,
 		displayName: res.DisplayName, status: protocol.Status(reg.Status), groups: groups,
 		epoch: reg.Epoch, lane: laneOf(reg.PresenceID),
-		overflow: func() { p.closeSlowConsumer(ms, "frames waiting to be sent") },
+		overflow: func() { p.closeSlowConsumerLater(ms, "frames waiting to be sent") },
 	}
 	sess.clientAck.Store(r.clientAck)
 	return sess, res.Resumed, res.Waiting, nil

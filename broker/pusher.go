@@ -232,11 +232,15 @@ func (p *pusher) pushAssigned(items []assigned) {
 	var failed map[string]*session // presence → its session, nil when gone
 	for _, a := range items {
 		sess := p.local(a.presenceID)
-		if sess != nil && sess.claimedByClaim(a.id) {
-			continue // a claim took it first (its notification came late): already pushed
-		}
-		if _, ok := failed[a.presenceID]; !ok && sess != nil && sess.reserve(a.priority) && sess.push(a.frame, a.id, true, true) {
-			continue
+		if sess != nil {
+			_, behind := failed[a.presenceID]
+			ok, claimed := sess.reserveAssigned(a.id, a.priority, behind)
+			if claimed {
+				continue // a claim took it first (its notification came late): already pushed
+			}
+			if ok && sess.push(a.frame, a.id, true, true) {
+				continue
+			}
 		}
 		if failed == nil {
 			failed = map[string]*session{}

@@ -179,6 +179,10 @@ func (s *session) room() int { return pushWindow - len(s.inflight) - s.reserved 
 func (s *session) reserve(p protocol.Priority) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	return s.reserveLocked(p)
+}
+
+func (s *session) reserveLocked(p protocol.Priority) bool {
 	if s.closed || s.backlog || (p != protocol.PriorityNow && s.status != protocol.StatusIdle) || s.room() <= 0 {
 		return false
 	}
@@ -186,17 +190,22 @@ func (s *session) reserve(p protocol.Priority) bool {
 	return true
 }
 
+// reserveAssigned is reserve for assigned delivery id, unless a claim already pushed it (its
+// notification came late: claimed). Both under one lock, so a claim round can't take it between
+// the check and the slot. behind: an earlier one of the session's could not go, so this one
+// must not either (order); it is only checked.
+func (s *session) reserveAssigned(id int64, p protocol.Priority, behind bool) (ok, claimed bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if slices.Contains(s.claimedAssigned, id) {
+		return false, true
+	}
+	return !behind && s.reserveLocked(p), false
+}
+
 // maxClaimedAssigned bounds the memo of assigned deliveries a claim pushed: their notifications
 // come within moments if at all.
 const maxClaimedAssigned = 256
-
-// claimedByClaim reports whether a claim already pushed assigned delivery id (its notification
-// came late).
-func (s *session) claimedByClaim(id int64) bool {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return slices.Contains(s.claimedAssigned, id)
-}
 
 // toRetake records an assigned delivery that could not be pushed in order. It counts as a
 // request at once, under the same lock: a claim round ending before the caller's request would

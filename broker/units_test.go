@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
 	"github.com/claudemesh/broker/broker/store"
@@ -166,7 +167,7 @@ func TestConcurrentPushesLeaveTheWindowAsTheyAreWritten(t *testing.T) {
 			go func() {
 				defer wg.Done()
 				for i := range each {
-					require.True(t, s.push([]byte{byte(g), byte(i)}, int64(1+g*each+i), false, true))
+					assert.True(t, s.push([]byte{byte(g), byte(i)}, int64(1+g*each+i), false, true))
 				}
 			}()
 		}
@@ -317,9 +318,10 @@ func TestPushAssignedKeepsOrder(t *testing.T) {
 		return assigned{presenceID: "pa", id: id, priority: protocol.PriorityNow, frame: []byte{byte(id)}}
 	}
 	b.pushedClaimed(2) // a claim pushed 2 first
+	a.pushedClaimed(6) // and a's 6, behind a's 2 that can't go: not retaken either
 	items := []assigned{frame(1), frame(2), {presenceID: "pb", id: 3, priority: protocol.PriorityNow, frame: []byte{3}}, frame(4),
 		{presenceID: "gone", id: 5, priority: protocol.PriorityNow, frame: []byte{5}},
-		{presenceID: "pb", id: 2, priority: protocol.PriorityNow, frame: []byte{2}}}
+		{presenceID: "pb", id: 2, priority: protocol.PriorityNow, frame: []byte{2}}, frame(6)}
 	p.pushAssigned(items)
 	require.Equal(t, 1, ka.count(), "one fitted")
 	require.Equal(t, 1, kb.count(), "3 pushed; 2 was claimed already")

@@ -104,9 +104,8 @@ func (p *peers) newMelody() *melody.Melody {
 	m.HandleError(func(ms *melody.Session, err error) {
 		switch {
 		case errors.Is(err, melody.ErrMessageBufferFull):
-			// Reported from inside the write, which may hold the session's push order: the close
-			// frame's write can wait up to a second, so it is not waited for here.
-			go p.closeSlowConsumer(ms, "send queue full")
+			// Reported from inside the write, which may hold the session's push order.
+			p.closeSlowConsumerLater(ms, "send queue full")
 		case errors.Is(err, websocket.ErrReadLimit):
 			p.log.Info("frame too large; closing 1009", "limit", p.cfg.MaxMessageBytes)
 		}
@@ -170,6 +169,16 @@ func (p *peers) closeSlowConsumer(ms *melody.Session, why string) {
 		// Not ms.Close: it would queue behind the full buffer and report it full again.
 		_ = wc.Close()
 	}
+}
+
+// closeSlowConsumerLater closes with 4008 without waiting for the close frame's write (up to a
+// second): for callers that push to other sessions too (the bus listener, a commit lane, the
+// guard) or hold a session's push order.
+func (p *peers) closeSlowConsumerLater(ms *melody.Session, why string) {
+	if connOf(ms).slowClosed.Load() {
+		return // closing already; melody reports each further dropped frame
+	}
+	go p.closeSlowConsumer(ms, why)
 }
 
 func connOf(ms *melody.Session) *conn {
