@@ -232,23 +232,31 @@ func (p *pusher) pushAssigned(items []assigned) {
 	var failed map[string]*session // presence → its session, nil when gone
 	for _, a := range items {
 		sess := p.local(a.presenceID)
+		stale := false
 		if sess != nil {
 			_, behind := failed[a.presenceID]
-			ok, claimed := sess.reserveAssigned(a.id, a.priority, behind)
+			ok, claimed, st := sess.reserveAssigned(a.id, a.priority, behind)
 			if claimed {
 				continue // a claim took it first (its notification came late): already pushed
 			}
 			if ok && sess.push(a.frame, a.id, true, true) {
 				continue
 			}
+			stale = st
 		}
 		if failed == nil {
 			failed = map[string]*session{}
 		}
 		failed[a.presenceID] = sess
-		if sess == nil || sess.isClosed() {
+		switch {
+		case sess == nil || sess.isClosed():
 			back = append(back, a.id)
-		} else {
+		case stale:
+			// The status change that let it be assigned released older deliveries too, which
+			// its notification brings later: the claim takes all that is assigned here, in id
+			// order, so this one does not overtake them (a late line is then not pushed again).
+			sess.takeAllAssigned()
+		default:
 			sess.toRetake(a.id)
 		}
 	}

@@ -193,14 +193,20 @@ func (s *session) reserveLocked(p protocol.Priority) bool {
 // reserveAssigned is reserve for assigned delivery id, unless a claim already pushed it (its
 // notification came late: claimed). Both under one lock, so a claim round can't take it between
 // the check and the slot. behind: an earlier one of the session's could not go, so this one
-// must not either (order); it is only checked.
-func (s *session) reserveAssigned(id int64, p protocol.Priority, behind bool) (ok, claimed bool) {
+// must not either (order); it is only checked. stale: a held priority was assigned while this
+// replica still takes the session for busy, so the status change that made it idle (and the
+// deliveries that change released, older than this one) has not reached the replica yet.
+func (s *session) reserveAssigned(id int64, p protocol.Priority, behind bool) (ok, claimed, stale bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if slices.Contains(s.claimedAssigned, id) {
-		return false, true
+		return false, true, false
 	}
-	return !behind && s.reserveLocked(p), false
+	if behind {
+		return false, false, false
+	}
+	ok = s.reserveLocked(p)
+	return ok, false, !ok && !s.closed && p != protocol.PriorityNow && s.status != protocol.StatusIdle
 }
 
 // maxClaimedAssigned bounds the memo of assigned deliveries a claim pushed: their notifications

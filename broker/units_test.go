@@ -332,6 +332,33 @@ func TestPushAssignedKeepsOrder(t *testing.T) {
 	require.Equal(t, []int64{2, 4}, retake, "its claims take the ones that stayed assigned")
 }
 
+// A held message assigned to a session this replica still takes for busy was assigned after a
+// status change that has not reached the replica yet; that change released older held messages,
+// whose notification comes later. The session's next claim takes everything assigned to it, in
+// id order, so the newer one can't overtake them (from the same sender, its order would break).
+func TestHeldMessageAssignedBeforeTheStatusChangeArrivesWaitsForOlderOnes(t *testing.T) {
+	h := newHub()
+	s, k := testSession("ps", "m", "sam")
+	s.setStatus(protocol.StatusWorking) // the replica's copy: the hook's change to idle is on its way
+	h.add(s)
+	p := newPusher(nil, "n0", nil, nil, h)
+	p.pushAssigned([]assigned{{presenceID: "ps", id: 9, priority: protocol.PriorityNext, frame: []byte{9}}})
+	require.Zero(t, k.count(), "not pushed ahead of what the change released")
+	require.Contains(t, p.dirty, s, "its claim runs")
+	_, all := s.claimAssigned()
+	require.True(t, all, "the claim takes all that is assigned to the session, the older ones first")
+
+	// A push the session may take now is no sign of a late status: it only waits its turn.
+	r, _ := testSession("pr", "m", "rob")
+	r.setStatus(protocol.StatusWorking)
+	require.True(t, r.requestPush()) // a backlog to keep order behind
+	h.add(r)
+	p.pushAssigned([]assigned{{presenceID: "pr", id: 10, priority: protocol.PriorityNow, frame: []byte{10}}})
+	retake, all := r.claimAssigned()
+	require.Equal(t, []int64{10}, retake)
+	require.False(t, all)
+}
+
 // A taken push's record waits for its ack: a flush takes the pushes written before its cutoff,
 // in order, and leaves the younger ones queued for theirs.
 func TestRecorderKeepsYoungTakenPushesForTheirAcks(t *testing.T) {
