@@ -209,6 +209,9 @@ func (s *session) reserveAssigned(id int64, p protocol.Priority, behind bool) (o
 	return ok, false, !ok && !s.closed && p != protocol.PriorityNow && s.status != protocol.StatusIdle
 }
 
+// maxRetake bounds a session's retake list (see toRetake).
+const maxRetake = 256
+
 // maxClaimedAssigned bounds the memo of assigned deliveries a claim pushed: their notifications
 // come within moments if at all.
 const maxClaimedAssigned = 256
@@ -218,7 +221,17 @@ const maxClaimedAssigned = 256
 // otherwise take the session for caught up, drop the retake and let later pushes overtake it.
 func (s *session) toRetake(id int64) {
 	s.mu.Lock()
-	s.retake = append(s.retake, id)
+	switch {
+	case s.takeAll:
+		// The claims take every assigned delivery already.
+	case len(s.retake) == maxRetake:
+		// A session this far behind (its window full while a burst is assigned to it) would
+		// send the whole list with every claim, which takes a window's worth: the claims take
+		// all that is assigned to it instead, in id order, and the list's memory goes.
+		s.retake, s.takeAll = nil, true
+	default:
+		s.retake = append(s.retake, id)
+	}
 	s.backlog = true
 	s.requests++
 	s.mu.Unlock()

@@ -359,6 +359,22 @@ func TestHeldMessageAssignedBeforeTheStatusChangeArrivesWaitsForOlderOnes(t *tes
 	require.False(t, all)
 }
 
+// A session whose window stays full while a burst of assigned deliveries arrives (a mesh's
+// broadcasts to a slow reader) keeps a bounded list of them: beyond maxRetake its claims take
+// all that is assigned to it. The list had grown with every delivery and gone out whole with
+// every claim (50 MB of parameters per replica in a broadcast-heavy saturation run).
+func TestRetakeListIsBounded(t *testing.T) {
+	s, _ := testSession("p", "m", "a")
+	for id := range int64(10 * maxRetake) {
+		s.toRetake(id + 1)
+	}
+	retake, all := s.claimAssigned()
+	require.True(t, all, "the claims take all that is assigned to the session")
+	require.LessOrEqual(t, len(retake), maxRetake)
+	require.LessOrEqual(t, cap(s.retake), maxRetake)
+	require.True(t, s.backlog, "later pushes still queue behind them")
+}
+
 // A taken push's record waits for its ack: a flush takes the pushes written before its cutoff,
 // in order, and leaves the younger ones queued for theirs.
 func TestRecorderKeepsYoungTakenPushesForTheirAcks(t *testing.T) {
