@@ -183,7 +183,7 @@ func (s *session) reserve(p protocol.Priority) bool {
 }
 
 func (s *session) reserveLocked(p protocol.Priority) bool {
-	if s.closed || s.backlog || (p != protocol.PriorityNow && s.status != protocol.StatusIdle) || s.room() <= 0 {
+	if s.closed || s.backlog || s.holds(p) || s.room() <= 0 {
 		return false
 	}
 	s.reserved++
@@ -206,7 +206,13 @@ func (s *session) reserveAssigned(id int64, p protocol.Priority, behind bool) (o
 		return false, false, false
 	}
 	ok = s.reserveLocked(p)
-	return ok, false, !ok && !s.closed && p != protocol.PriorityNow && s.status != protocol.StatusIdle
+	return ok, false, !ok && !s.closed && s.holds(p)
+}
+
+// holds says whether the session, as this replica knows its status, waits before taking
+// priority p (next and low wait for idle); mu must be held.
+func (s *session) holds(p protocol.Priority) bool {
+	return p != protocol.PriorityNow && s.status != protocol.StatusIdle
 }
 
 // maxRetake bounds a session's retake list (see toRetake).
