@@ -178,15 +178,7 @@ func (p *pusher) claimAndPush(ctx context.Context, batch []*session) {
 		if newest[sess.presenceID] == sess {
 			got = byPresence[sess.presenceID]
 		}
-		for _, r := range got {
-			b := pushFrame(&r.Push)
-			if r.FromAssigned {
-				sess.pushedClaimed(r.ID)
-			}
-			if !sess.push(b, r.ID, true, false) {
-				unwritten = append(unwritten, r.ID) // closed meanwhile: back to pending
-			}
-		}
+		unwritten = append(unwritten, pushClaimed(sess, got)...)
 		switch sess.claimDone(len(got), claims[i].Limit, requests[i]) {
 		case claimAgain:
 			p.request(sess)
@@ -195,6 +187,25 @@ func (p *pusher) claimAndPush(ctx context.Context, batch []*session) {
 		}
 	}
 	p.release(unwritten, false)
+}
+
+// pushClaimed pushes what a claim took for sess, in id order, and returns the ones whose socket
+// closed meanwhile (back to pending). An assigned one its notification already pushed (the claim
+// took it before its record was written: all assigned ones were asked for) is not pushed again.
+func pushClaimed(sess *session, got []store.Claimed) (unwritten []int64) {
+	for _, r := range got {
+		if r.FromAssigned {
+			if sess.pushedFromNotification(r.ID) {
+				sess.unreserve()
+				continue
+			}
+			sess.pushedClaimed(r.ID)
+		}
+		if !sess.push(pushFrame(&r.Push), r.ID, true, false) {
+			unwritten = append(unwritten, r.ID)
+		}
+	}
+	return unwritten
 }
 
 // release returns to pending claimed deliveries whose socket closed before the write, or
@@ -253,9 +264,8 @@ func (p *pusher) pushAssigned(items []assigned) {
 			back = append(back, a.id)
 		case stale:
 			// The status change that let it be assigned released older deliveries too, which
-			// its notification brings later: the claim takes all that is assigned here, in id
-			// order, so this one does not overtake them (a late line is then not pushed again).
-			sess.takeAllAssigned()
+			// its notification brings later: the claim takes them first (see statusLate).
+			sess.lateStatus()
 		default:
 			sess.toRetake(a.id)
 		}

@@ -83,17 +83,28 @@ type session struct {
 	reserved int
 	// retake: deliveries assigned here that could not be pushed in order (the window full, a
 	// backlog ahead of them): the next claims take them, with what is pending, in id order.
-	// takeAll: the replica's notifications were lost: the claims take all that is assigned
-	// here. Both hold until a claim round catches up. claimedAssigned: assigned deliveries a
+	// takeAll: the claims take all that is assigned here (the replica's notifications were
+	// lost, its status for the session was late, or the retake list grew too long). Both hold until a claim round catches up. claimedAssigned: assigned deliveries a
 	// claim pushed, whose notification may still come (then it is not pushed twice); the last
 	// few, kept only while claims take assigned ones.
 	retake          []int64
 	takeAll         bool
 	claimedAssigned []int64
-	parked          bool
-	stalledFrom     time.Time
-	lastWrite       time.Time   // when melody last wrote a frame to the socket (quiet)
-	pinging         atomic.Bool // a ping is waiting its turn on a busy socket
+	// statusLate: a held priority was assigned here while this replica still took the session
+	// for busy, so the change to idle, and what it released, is still on its way. Until a claim
+	// round catches up, claims take held priorities (the claim reads the database's status,
+	// never older than this replica's) and all that is assigned here, so nothing the change
+	// released is overtaken.
+	statusLate bool
+	// notified: the last assigned deliveries pushed from their notifications, a ring allocated
+	// at the first. A claim that takes all assigned ones may take one of these again before its
+	// record is written; it is not pushed twice.
+	notified    []int64
+	notifiedAt  int
+	parked      bool
+	stalledFrom time.Time
+	lastWrite   time.Time   // when melody last wrote a frame to the socket (quiet)
+	pinging     atomic.Bool // a ping is waiting its turn on a busy socket
 	// queued: frames other than pushes queued on the socket or promised (acks to come);
 	// roomWait is signalled when a reader blocked on a full reply window may go on.
 	queued   int
@@ -253,6 +264,28 @@ func (s *session) takeAllAssigned() {
 	s.mu.Unlock()
 }
 
+// lateStatus records that the session's status here is older than the database's (see
+// statusLate); a request at once, as toRetake.
+func (s *session) lateStatus() {
+	s.mu.Lock()
+	s.statusLate, s.takeAll = true, true
+	s.backlog = true
+	s.requests++
+	s.mu.Unlock()
+}
+
+// maxNotified bounds the ring of assigned deliveries pushed from their notifications: it
+// covers a window and the few written and not yet recorded.
+const maxNotified = 64
+
+// pushedFromNotification reports whether assigned delivery id was pushed from its notification
+// lately (see notified).
+func (s *session) pushedFromNotification(id int64) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return slices.Contains(s.notified, id)
+}
+
 // claimAssigned is what a claim round takes besides pending deliveries (see retake).
 func (s *session) claimAssigned() (retake []int64, all bool) {
 	s.mu.Lock()
@@ -295,6 +328,14 @@ func (s *session) push(frame []byte, id int64, fromReserve, assigned bool) bool 
 		return false
 	}
 	s.inflight = append(s.inflight, inflightPush{frame: unsafe.SliceData(frame), id: id, assigned: assigned})
+	if assigned {
+		if len(s.notified) < maxNotified {
+			s.notified = append(s.notified, id)
+		} else {
+			s.notified[s.notifiedAt] = id
+			s.notifiedAt = (s.notifiedAt + 1) % maxNotified
+		}
+	}
 	s.mu.Unlock()
 	return s.out.Write(frame) == nil // never blocks: melody's queue refuses when full
 }
@@ -470,7 +511,7 @@ func (s *session) claimStart(page int) (limit int, idle bool, requests uint64, o
 		return 0, false, s.requests, true
 	}
 	s.reserved += limit // held for the claim in flight; claimDone gives back what it did not use
-	return limit, s.status == protocol.StatusIdle, s.requests, true
+	return limit, s.status == protocol.StatusIdle || s.statusLate, s.requests, true
 }
 
 // park makes the pusher wait for the window; mu must be held.
@@ -502,7 +543,7 @@ func (s *session) claimDone(got, limit int, requests uint64) claimResult {
 		// Caught up: nothing assigned is left to retake (a retake recorded since would have
 		// come with a request).
 		s.backlog = false
-		s.retake, s.takeAll = nil, false
+		s.retake, s.takeAll, s.statusLate = nil, false, false
 		return claimCaughtUp
 	}
 	if s.room() <= 0 {

@@ -347,6 +347,11 @@ func TestHeldMessageAssignedBeforeTheStatusChangeArrivesWaitsForOlderOnes(t *tes
 	require.Contains(t, p.dirty, s, "its claim runs")
 	_, all := s.claimAssigned()
 	require.True(t, all, "the claim takes all that is assigned to the session, the older ones first")
+	limit, held, req, _ := s.claimStart(claimPage)
+	require.True(t, held, "and the held ones the change left pending (the claim reads the database's status)")
+	require.Equal(t, claimCaughtUp, s.claimDone(0, limit, req))
+	_, held, _, _ = s.claimStart(claimPage)
+	require.False(t, held, "once caught up, this replica's status decides again")
 
 	// A push the session may take now is no sign of a late status: it only waits its turn.
 	r, _ := testSession("pr", "m", "rob")
@@ -357,6 +362,32 @@ func TestHeldMessageAssignedBeforeTheStatusChangeArrivesWaitsForOlderOnes(t *tes
 	retake, all := r.claimAssigned()
 	require.Equal(t, []int64{10}, retake)
 	require.False(t, all)
+}
+
+// A claim that takes all that is assigned to a session (its status here was late, its list
+// too long, its notifications lost) can take deliveries their notifications already put in
+// its window, before their records are written. They are not pushed twice; the rest are.
+func TestClaimDoesNotPushAgainWhatItsNotificationPushed(t *testing.T) {
+	h := newHub()
+	s, k := testSession("ps", "m", "sam")
+	h.add(s)
+	p := newPusher(nil, "n0", nil, nil, h)
+	var notified []assigned
+	for id := range int64(3) {
+		notified = append(notified, assigned{presenceID: "ps", id: id + 1, priority: protocol.PriorityNow, frame: []byte{byte(id + 1)}})
+	}
+	p.pushAssigned(notified)
+	require.Equal(t, 3, k.count())
+	s.takeAllAssigned()
+	limit, _, req, _ := s.claimStart(claimPage)
+	got := []store.Claimed{{ID: 1, FromAssigned: true}, {ID: 2, FromAssigned: true}, {ID: 3, FromAssigned: true}, {ID: 4, FromAssigned: true}}
+	require.Empty(t, pushClaimed(s, got))
+	require.Equal(t, 4, k.count(), "only 4 was pushed again")
+	s.claimDone(len(got), limit, req)
+	for _, f := range k.frames {
+		s.written(f)
+	}
+	require.Equal(t, pushWindow, s.room(), "the skipped ones gave their slots back")
 }
 
 // A session whose window stays full while a burst of assigned deliveries arrives (a mesh's

@@ -66,13 +66,15 @@ BEGIN
                  ORDER BY d.id LIMIT s.lim)
                 UNION ALL
                 -- Assigned to this session and not pushed: ones the replica could not push in order
-                -- (retake), all of them after its notifications were lost (take_assigned), and any
+                -- (retake), all of them when the replica asks (take_assigned: its notifications were
+                -- lost, its status for the session was late, its retake list grew too long), and any
                 -- assigned a while ago (the notification that carried it was lost). Not a recent one
                 -- otherwise: it may have been pushed from its notification, its push not recorded yet.
+                -- The retake pairs are matched whole, so their hash is built once, not per session.
                 (SELECT d.id, true FROM claudemesh.delivery d
                  WHERE d.pushed_presence = s.presence_id AND d.state = 'assigned'
                    AND (s.take_assigned OR d.pushed_at < now() - make_interval(secs => p_assigned_stale_seconds)
-                        OR d.id IN (SELECT r.id FROM retake r WHERE r.presence_id = s.presence_id))
+                        OR (s.presence_id, d.id) IN (SELECT r.presence_id, r.id FROM retake r))
                  ORDER BY d.id LIMIT s.lim)
             ) u
             ORDER BY u.id

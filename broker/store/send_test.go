@@ -3,6 +3,7 @@ package store_test
 import (
 	"context"
 	"fmt"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -564,4 +565,53 @@ func TestMulticastWakesEveryReplicaForASessionInItsGrace(t *testing.T) {
 		fmt.Sprintf(`t_n_other {"k":"w","p":"%s"`, presences['d']),
 		fmt.Sprintf(`t_all {"k":"d","m":"%s","p":"%s","y":"next"}`, members['b'], presences['b']),
 	}, lines)
+}
+
+// A claim takes a session's assigned deliveries only when asked: the ones its replica lists to
+// take again (a retake, matched by session and id), all of them (take_assigned), or none while
+// they are recent (their notifications may have pushed them already). In id order, at most the
+// limit.
+func TestClaimTakesAssignedOnlyWhenAsked(t *testing.T) {
+	ctx := dbtest.Context(t)
+	pool := dbtest.Pool(t)
+	st := store.New(pool, "t")
+	key := func(c byte) string { return strings.Repeat(string(c), 64) }
+	var mesh, alice, bob, presence string
+	var epoch int64
+	require.NoError(t, pool.QueryRow(ctx, `INSERT INTO claudemesh.mesh (slug, name, owner_pubkey) VALUES ('m', 'm', $1) RETURNING id`, key('0')).Scan(&mesh))
+	_, err := pool.Exec(ctx, `INSERT INTO claudemesh.node (id, heartbeat_at) VALUES ('here', now())`)
+	require.NoError(t, err)
+	require.NoError(t, pool.QueryRow(ctx, `INSERT INTO claudemesh.member (mesh_id, pubkey) VALUES ($1, $2) RETURNING id`, mesh, key('a')).Scan(&alice))
+	require.NoError(t, pool.QueryRow(ctx, `INSERT INTO claudemesh.member (mesh_id, pubkey) VALUES ($1, $2) RETURNING id`, mesh, key('b')).Scan(&bob))
+	require.NoError(t, pool.QueryRow(ctx, `INSERT INTO claudemesh.presence (mesh_id, member_id, member_pubkey, node_id, session_id, status)
+		VALUES ($1, $2, $3, 'here', 's-bob', 'idle') RETURNING id, epoch`, mesh, bob, key('b')).Scan(&presence, &epoch))
+	var envs []store.OutgoingEnvelope
+	for range 4 {
+		envs = append(envs, directEnvelope(mesh, alice, key('a'), key('b'), "now", []byte(`{}`)))
+	}
+	_, local, err := st.SendBatch(ctx, "here", envs)
+	require.NoError(t, err)
+	require.Len(t, local, 4)
+	ids := make([]int64, 4)
+	for i, l := range local {
+		require.True(t, l.Assigned, "assigned to bob's session")
+		ids[i] = l.ID
+	}
+	claim := func(c store.ClaimFor) []int64 {
+		t.Helper()
+		c.PresenceID, c.Epoch, c.MemberID, c.SessionID, c.Limit = presence, epoch, bob, "s-bob", 2
+		rows, err := st.Claim(ctx, "here", []store.ClaimFor{c})
+		require.NoError(t, err)
+		var got []int64
+		for _, r := range rows {
+			require.True(t, r.FromAssigned)
+			got = append(got, r.ID)
+		}
+		slices.Sort(got)
+		return got
+	}
+	require.Empty(t, claim(store.ClaimFor{}), "recent ones may have been pushed from their notifications")
+	require.Equal(t, []int64{ids[2]}, claim(store.ClaimFor{Retake: []int64{ids[2]}}), "the listed one")
+	require.Equal(t, []int64{ids[0], ids[1]}, claim(store.ClaimFor{TakeAssigned: true}), "all, the oldest first, at most the limit")
+	require.Equal(t, []int64{ids[3]}, claim(store.ClaimFor{TakeAssigned: true}))
 }
