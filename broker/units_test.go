@@ -362,6 +362,15 @@ func TestHeldMessageAssignedBeforeTheStatusChangeArrivesWaitsForOlderOnes(t *tes
 	retake, all := r.claimAssigned()
 	require.Equal(t, []int64{10}, retake)
 	require.False(t, all)
+
+	// Nor is a held one for a session this replica knows is idle: it waits behind a backlog.
+	q, _ := testSession("pq", "m", "quinn")
+	require.True(t, q.requestPush())
+	h.add(q)
+	p.pushAssigned([]assigned{{presenceID: "pq", id: 11, priority: protocol.PriorityNext, frame: []byte{11}}})
+	retake, all = q.claimAssigned()
+	require.Equal(t, []int64{11}, retake)
+	require.False(t, all)
 }
 
 // A claim that takes all that is assigned to a session (its status here was late, its list
@@ -396,13 +405,19 @@ func TestClaimDoesNotPushAgainWhatItsNotificationPushed(t *testing.T) {
 // every claim (50 MB of parameters per replica in a broadcast-heavy saturation run).
 func TestRetakeListIsBounded(t *testing.T) {
 	s, _ := testSession("p", "m", "a")
-	for id := range int64(10 * maxRetake) {
+	for id := range int64(maxRetake) {
 		s.toRetake(id + 1)
 	}
 	retake, all := s.claimAssigned()
-	require.True(t, all, "the claims take all that is assigned to the session")
-	require.LessOrEqual(t, len(retake), maxRetake)
-	require.LessOrEqual(t, cap(s.retake), maxRetake)
+	require.Len(t, retake, maxRetake, "up to the bound, the list")
+	require.False(t, all)
+	for id := range int64(9 * maxRetake) {
+		s.toRetake(maxRetake + id + 1)
+	}
+	retake, all = s.claimAssigned()
+	require.True(t, all, "beyond it, the claims take all that is assigned to the session")
+	require.Empty(t, retake)
+	require.Nil(t, s.retake, "the list's memory goes")
 	require.True(t, s.backlog, "later pushes still queue behind them")
 }
 
