@@ -615,3 +615,73 @@ func TestClaimTakesAssignedOnlyWhenAsked(t *testing.T) {
 	require.Equal(t, []int64{ids[0], ids[1]}, claim(store.ClaimFor{TakeAssigned: true}), "all, the oldest first, at most the limit")
 	require.Equal(t, []int64{ids[3]}, claim(store.ClaimFor{TakeAssigned: true}))
 }
+
+// A claim reads about as many deliveries as it takes, however many wait: a session behind a
+// burst (hundreds pending for its member, or assigned to it) is claimed for a window at a
+// time, and each claim walked and sorted the whole backlog (migration 00043). Counted in index
+// tuples read, so it holds on any machine.
+func TestClaimReadsAWindowNotTheBacklog(t *testing.T) {
+	ctx := dbtest.Context(t)
+	// One connection: the claim's counts are its backend's, flushed when that backend is told.
+	pool, err := db.NewPool(ctx, dbtest.URL(t), db.PoolConfig{MaxConns: 1, AppName: "claudemesh-test"})
+	require.NoError(t, err)
+	t.Cleanup(pool.Close)
+	st := store.New(pool, "t")
+	key := func(c byte) string { return strings.Repeat(string(c), 64) }
+	var mesh, alice string
+	require.NoError(t, pool.QueryRow(ctx, `INSERT INTO claudemesh.mesh (slug, name, owner_pubkey) VALUES ('m', 'm', $1) RETURNING id`, key('0')).Scan(&mesh))
+	_, err = pool.Exec(ctx, `INSERT INTO claudemesh.node (id, heartbeat_at) VALUES ('here', now())`)
+	require.NoError(t, err)
+	require.NoError(t, pool.QueryRow(ctx, `INSERT INTO claudemesh.member (mesh_id, pubkey) VALUES ($1, $2) RETURNING id`, mesh, key('a')).Scan(&alice))
+	// A recipient with a live session in the given status.
+	recipient := func(k byte, status string) store.ClaimFor {
+		t.Helper()
+		c := store.ClaimFor{SessionID: "s-" + string(k), IncludeHeld: true, Limit: 16}
+		require.NoError(t, pool.QueryRow(ctx, `INSERT INTO claudemesh.member (mesh_id, pubkey) VALUES ($1, $2) RETURNING id`, mesh, key(k)).Scan(&c.MemberID))
+		require.NoError(t, pool.QueryRow(ctx, `INSERT INTO claudemesh.presence (mesh_id, member_id, member_pubkey, node_id, session_id, status)
+			VALUES ($1, $2, $3, 'here', $4, $5) RETURNING id, epoch`, mesh, c.MemberID, key(k), c.SessionID, status).Scan(&c.PresenceID, &c.Epoch))
+		return c
+	}
+	const backlog = 600
+	send := func(k byte, prio string) {
+		t.Helper()
+		envs := make([]store.OutgoingEnvelope, backlog)
+		for i := range envs {
+			envs[i] = directEnvelope(mesh, alice, key('a'), key(k), prio, []byte(`{}`))
+		}
+		_, _, err := st.SendBatch(ctx, "here", envs)
+		require.NoError(t, err)
+	}
+	read := func() (n int64) {
+		t.Helper()
+		_, err := pool.Exec(ctx, `SELECT pg_stat_force_next_flush()`) // flushed as this statement ends
+		require.NoError(t, err)
+		_, err = pool.Exec(ctx, `SELECT pg_stat_clear_snapshot()`)
+		require.NoError(t, err)
+		require.NoError(t, pool.QueryRow(ctx, `SELECT coalesce(sum(idx_tup_read), 0) FROM pg_stat_user_indexes
+			WHERE relname = 'delivery'`).Scan(&n))
+		return n
+	}
+	claim := func(c store.ClaimFor) (taken int, tuples int64) {
+		t.Helper()
+		before := read()
+		rows, err := st.Claim(ctx, "here", []store.ClaimFor{c})
+		require.NoError(t, err)
+		return len(rows), read() - before
+	}
+
+	bob := recipient('b', "working")
+	send('b', "next") // held while bob works: pending for him
+	_, err = pool.Exec(ctx, `UPDATE claudemesh.presence SET status = 'idle' WHERE id = $1`, bob.PresenceID)
+	require.NoError(t, err)
+	taken, tuples := claim(bob)
+	require.Equal(t, 16, taken)
+	require.Less(t, tuples, int64(100), "pending for the member: a window's worth read, not %d", backlog)
+
+	carol := recipient('c', "idle")
+	send('c', "now") // assigned to her session
+	carol.TakeAssigned = true
+	taken, tuples = claim(carol)
+	require.Equal(t, 16, taken)
+	require.Less(t, tuples, int64(100), "assigned to the session: a window's worth read, not %d", backlog)
+}
