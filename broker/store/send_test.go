@@ -622,15 +622,12 @@ func TestClaimTakesAssignedOnlyWhenAsked(t *testing.T) {
 // tuples read, so it holds on any machine.
 func TestClaimReadsAWindowNotTheBacklog(t *testing.T) {
 	ctx := dbtest.Context(t)
-	// One connection: the claim's counts are its backend's, flushed when that backend is told.
-	pool, err := db.NewPool(ctx, dbtest.URL(t), db.PoolConfig{MaxConns: 1, AppName: "claudemesh-test"})
-	require.NoError(t, err)
-	t.Cleanup(pool.Close)
+	pool := oneConnection(t)
 	st := store.New(pool, "t")
 	key := func(c byte) string { return strings.Repeat(string(c), 64) }
 	var mesh, alice string
 	require.NoError(t, pool.QueryRow(ctx, `INSERT INTO claudemesh.mesh (slug, name, owner_pubkey) VALUES ('m', 'm', $1) RETURNING id`, key('0')).Scan(&mesh))
-	_, err = pool.Exec(ctx, `INSERT INTO claudemesh.node (id, heartbeat_at) VALUES ('here', now())`)
+	_, err := pool.Exec(ctx, `INSERT INTO claudemesh.node (id, heartbeat_at) VALUES ('here', now())`)
 	require.NoError(t, err)
 	require.NoError(t, pool.QueryRow(ctx, `INSERT INTO claudemesh.member (mesh_id, pubkey) VALUES ($1, $2) RETURNING id`, mesh, key('a')).Scan(&alice))
 	// A recipient with a live session in the given status.
@@ -652,22 +649,12 @@ func TestClaimReadsAWindowNotTheBacklog(t *testing.T) {
 		_, _, err := st.SendBatch(ctx, "here", envs)
 		require.NoError(t, err)
 	}
-	read := func() (n int64) {
-		t.Helper()
-		_, err := pool.Exec(ctx, `SELECT pg_stat_force_next_flush()`) // flushed as this statement ends
-		require.NoError(t, err)
-		_, err = pool.Exec(ctx, `SELECT pg_stat_clear_snapshot()`)
-		require.NoError(t, err)
-		require.NoError(t, pool.QueryRow(ctx, `SELECT coalesce(sum(idx_tup_read), 0) FROM pg_stat_user_indexes
-			WHERE relname = 'delivery'`).Scan(&n))
-		return n
-	}
 	claim := func(c store.ClaimFor) (taken int, tuples int64) {
 		t.Helper()
-		before := read()
+		before := deliveryTuplesRead(t, pool)
 		rows, err := st.Claim(ctx, "here", []store.ClaimFor{c})
 		require.NoError(t, err)
-		return len(rows), read() - before
+		return len(rows), deliveryTuplesRead(t, pool) - before
 	}
 
 	bob := recipient('b', "working")
@@ -684,4 +671,65 @@ func TestClaimReadsAWindowNotTheBacklog(t *testing.T) {
 	taken, tuples = claim(carol)
 	require.Equal(t, 16, taken)
 	require.Less(t, tuples, int64(100), "assigned to the session: a window's worth read, not %d", backlog)
+}
+
+// oneConnection is a pool of one connection on a fresh database: the statistics a statement
+// leaves are its backend's, flushed when that backend is told (deliveryTuplesRead).
+func oneConnection(t *testing.T) *pgxpool.Pool {
+	t.Helper()
+	pool, err := db.NewPool(dbtest.Context(t), dbtest.URL(t), db.PoolConfig{MaxConns: 1, AppName: "claudemesh-test"})
+	require.NoError(t, err)
+	t.Cleanup(pool.Close)
+	return pool
+}
+
+// deliveryTuplesRead is how many index entries of claudemesh.delivery the database has read so
+// far, up to date with everything pool's one connection ran.
+func deliveryTuplesRead(t *testing.T, pool *pgxpool.Pool) (n int64) {
+	t.Helper()
+	ctx := dbtest.Context(t)
+	_, err := pool.Exec(ctx, `SELECT pg_stat_force_next_flush()`) // flushed as this statement ends
+	require.NoError(t, err)
+	_, err = pool.Exec(ctx, `SELECT pg_stat_clear_snapshot()`)
+	require.NoError(t, err)
+	require.NoError(t, pool.QueryRow(ctx, `SELECT coalesce(sum(idx_tup_read), 0) FROM pg_stat_user_indexes
+		WHERE relname = 'delivery'`).Scan(&n))
+	return n
+}
+
+// An ack of a broadcast reads its own delivery, not every recipient's (migration 00042): the
+// record probed the envelope's entries one by one, 200 here, for each ack.
+func TestBroadcastAckReadsItsOwnDelivery(t *testing.T) {
+	ctx := dbtest.Context(t)
+	pool := oneConnection(t)
+	st := store.New(pool, "t")
+	key := func(i int) string { return fmt.Sprintf("%064x", i) }
+	var mesh, sender string
+	require.NoError(t, pool.QueryRow(ctx, `INSERT INTO claudemesh.mesh (slug, name, owner_pubkey) VALUES ('m', 'm', $1) RETURNING id`, key(0)).Scan(&mesh))
+	_, err := pool.Exec(ctx, `INSERT INTO claudemesh.node (id, heartbeat_at) VALUES ('here', now())`)
+	require.NoError(t, err)
+	require.NoError(t, pool.QueryRow(ctx, `INSERT INTO claudemesh.member (mesh_id, pubkey) VALUES ($1, $2) RETURNING id`, mesh, key(1)).Scan(&sender))
+	const recipients = 200
+	_, err = pool.Exec(ctx, `WITH m AS (
+			INSERT INTO claudemesh.member (mesh_id, pubkey) SELECT $1, lpad(to_hex(i), 64, '0') FROM generate_series(2, $2 + 1) AS i
+			RETURNING id, pubkey)
+		INSERT INTO claudemesh.presence (mesh_id, member_id, member_pubkey, node_id, session_id, status)
+		SELECT $1, m.id, m.pubkey, 'here', 's-' || m.pubkey, 'idle' FROM m`, mesh, recipients)
+	require.NoError(t, err)
+	env := directEnvelope(mesh, sender, key(1), "", "now", []byte(`{}`))
+	env.Kind, env.Key, env.TargetSpec = store.SendAll, "", "*"
+	_, local, err := st.SendBatch(ctx, "here", []store.OutgoingEnvelope{env})
+	require.NoError(t, err)
+	require.Len(t, local, recipients)
+	var member, session string
+	require.NoError(t, pool.QueryRow(ctx, `SELECT member_id, session_id FROM claudemesh.presence WHERE member_pubkey = $1`, key(7)).Scan(&member, &session))
+
+	before := deliveryTuplesRead(t, pool)
+	require.NoError(t, st.MarkDelivered(ctx, []store.Ack{{EnvelopeID: env.ID, MemberID: member, SessionID: session}}, nil, nil))
+	read := deliveryTuplesRead(t, pool) - before
+	require.Less(t, read, int64(10), "one ack reads its own delivery, not the broadcast's %d", recipients)
+	var state string
+	require.NoError(t, pool.QueryRow(ctx, `SELECT state FROM claudemesh.delivery WHERE envelope_id = $1 AND recipient_member_id = $2`,
+		env.ID, member).Scan(&state))
+	require.Equal(t, "acked", state)
 }
