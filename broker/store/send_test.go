@@ -685,7 +685,14 @@ func oneConnection(t *testing.T) *pgxpool.Pool {
 
 // deliveryTuplesRead is how many index entries of claudemesh.delivery the database has read so
 // far, up to date with everything pool's one connection ran.
-func deliveryTuplesRead(t *testing.T, pool *pgxpool.Pool) (n int64) {
+func deliveryTuplesRead(t *testing.T, pool *pgxpool.Pool) int64 {
+	t.Helper()
+	return tuplesRead(t, pool, "delivery")
+}
+
+// tuplesRead is how many index entries of the table the database has read so far, up to date
+// with everything pool's one connection ran.
+func tuplesRead(t *testing.T, pool *pgxpool.Pool, table string) (n int64) {
 	t.Helper()
 	ctx := dbtest.Context(t)
 	_, err := pool.Exec(ctx, `SELECT pg_stat_force_next_flush()`) // flushed as this statement ends
@@ -693,8 +700,42 @@ func deliveryTuplesRead(t *testing.T, pool *pgxpool.Pool) (n int64) {
 	_, err = pool.Exec(ctx, `SELECT pg_stat_clear_snapshot()`)
 	require.NoError(t, err)
 	require.NoError(t, pool.QueryRow(ctx, `SELECT coalesce(sum(idx_tup_read), 0) FROM pg_stat_user_indexes
-		WHERE relname = 'delivery'`).Scan(&n))
+		WHERE schemaname = 'claudemesh' AND relname = $1`, table).Scan(&n))
 	return n
+}
+
+// A claim finds each session it claims for by its key, whatever else the replica holds
+// (migration 00044): it read every live session of the node, 3,000 here, for a claim of one.
+func TestClaimReadsOnlyItsSessions(t *testing.T) {
+	ctx := dbtest.Context(t)
+	pool := oneConnection(t)
+	st := store.New(pool, "t")
+	var mesh string
+	require.NoError(t, pool.QueryRow(ctx, `INSERT INTO claudemesh.mesh (slug, name, owner_pubkey) VALUES ('m', 'm', repeat('0', 64)) RETURNING id`).Scan(&mesh))
+	_, err := pool.Exec(ctx, `INSERT INTO claudemesh.node (id, heartbeat_at) VALUES ('here', now())`)
+	require.NoError(t, err)
+	const live = 3000
+	_, err = pool.Exec(ctx, `WITH m AS (
+			INSERT INTO claudemesh.member (mesh_id, pubkey) SELECT $1, lpad(to_hex(i), 64, '0') FROM generate_series(1, $2) AS i
+			RETURNING id, pubkey)
+		INSERT INTO claudemesh.presence (mesh_id, member_id, member_pubkey, node_id, session_id, status)
+		SELECT $1, m.id, m.pubkey, 'here', 's-' || m.pubkey, 'idle' FROM m`, mesh, live)
+	require.NoError(t, err)
+	rows, err := pool.Query(ctx, `SELECT id, epoch, member_id, session_id FROM claudemesh.presence LIMIT 64`)
+	require.NoError(t, err)
+	var sessions []store.ClaimFor
+	for rows.Next() {
+		c := store.ClaimFor{IncludeHeld: true, Limit: 16}
+		require.NoError(t, rows.Scan(&c.PresenceID, &c.Epoch, &c.MemberID, &c.SessionID))
+		sessions = append(sessions, c)
+	}
+	require.NoError(t, rows.Err())
+	for _, n := range []int{1, 64} {
+		before := tuplesRead(t, pool, "presence")
+		_, err := st.Claim(ctx, "here", sessions[:n])
+		require.NoError(t, err)
+		require.LessOrEqual(t, tuplesRead(t, pool, "presence")-before, int64(2*n), "a claim for %d of the node's %d sessions", n, live)
+	}
 }
 
 // An ack of a broadcast reads its own delivery, not every recipient's (migration 00042): the
