@@ -453,26 +453,20 @@ func TestClaimGoesByTheStatusInTheDatabase(t *testing.T) {
 	ctx := dbtest.Context(t)
 	pool := dbtest.Pool(t)
 	st := store.New(pool, "t")
-	key := func(c byte) string { return strings.Repeat(string(c), 64) }
-	var mesh, alice, bob, presence string
-	var epoch int64
-	require.NoError(t, pool.QueryRow(ctx, `INSERT INTO claudemesh.mesh (slug, name, owner_pubkey) VALUES ('m', 'm', $1) RETURNING id`, key('0')).Scan(&mesh))
-	_, err := pool.Exec(ctx, `INSERT INTO claudemesh.node (id, heartbeat_at) VALUES ('here', now())`)
-	require.NoError(t, err)
-	require.NoError(t, pool.QueryRow(ctx, `INSERT INTO claudemesh.member (mesh_id, pubkey) VALUES ($1, $2) RETURNING id`, mesh, key('a')).Scan(&alice))
-	require.NoError(t, pool.QueryRow(ctx, `INSERT INTO claudemesh.member (mesh_id, pubkey) VALUES ($1, $2) RETURNING id`, mesh, key('b')).Scan(&bob))
-	require.NoError(t, pool.QueryRow(ctx, `INSERT INTO claudemesh.presence (mesh_id, member_id, member_pubkey, node_id, session_id, status)
-		VALUES ($1, $2, $3, 'here', 's-bob', 'working') RETURNING id, epoch`, mesh, bob, key('b')).Scan(&presence, &epoch))
+	m := newClaimMesh(t, pool)
+	b := m.recipient('b', "working")
+	presence, epoch := b.PresenceID, b.Epoch
 
-	env := directEnvelope(mesh, alice, key('a'), key('b'), "next", []byte(`{}`))
+	env := m.envelope('b', "next")
 	sent, _, err := st.SendBatch(ctx, "here", []store.OutgoingEnvelope{env})
 	require.NoError(t, err)
 	require.True(t, sent[0].Queued, "held: bob is working")
 
 	claim := func(replicaSaysIdle bool) []store.Claimed {
 		t.Helper()
-		rows, err := st.Claim(ctx, "here", []store.ClaimFor{{PresenceID: presence, Epoch: epoch, MemberID: bob, SessionID: "s-bob",
-			IncludeHeld: replicaSaysIdle, Limit: 10}})
+		c := b
+		c.Epoch, c.IncludeHeld, c.Limit = epoch, replicaSaysIdle, 10
+		rows, err := st.Claim(ctx, "here", []store.ClaimFor{c})
 		require.NoError(t, err)
 		return rows
 	}
@@ -575,19 +569,11 @@ func TestClaimTakesAssignedOnlyWhenAsked(t *testing.T) {
 	ctx := dbtest.Context(t)
 	pool := dbtest.Pool(t)
 	st := store.New(pool, "t")
-	key := func(c byte) string { return strings.Repeat(string(c), 64) }
-	var mesh, alice, bob, presence string
-	var epoch int64
-	require.NoError(t, pool.QueryRow(ctx, `INSERT INTO claudemesh.mesh (slug, name, owner_pubkey) VALUES ('m', 'm', $1) RETURNING id`, key('0')).Scan(&mesh))
-	_, err := pool.Exec(ctx, `INSERT INTO claudemesh.node (id, heartbeat_at) VALUES ('here', now())`)
-	require.NoError(t, err)
-	require.NoError(t, pool.QueryRow(ctx, `INSERT INTO claudemesh.member (mesh_id, pubkey) VALUES ($1, $2) RETURNING id`, mesh, key('a')).Scan(&alice))
-	require.NoError(t, pool.QueryRow(ctx, `INSERT INTO claudemesh.member (mesh_id, pubkey) VALUES ($1, $2) RETURNING id`, mesh, key('b')).Scan(&bob))
-	require.NoError(t, pool.QueryRow(ctx, `INSERT INTO claudemesh.presence (mesh_id, member_id, member_pubkey, node_id, session_id, status)
-		VALUES ($1, $2, $3, 'here', 's-bob', 'idle') RETURNING id, epoch`, mesh, bob, key('b')).Scan(&presence, &epoch))
+	m := newClaimMesh(t, pool)
+	b := m.recipient('b', "idle")
 	var envs []store.OutgoingEnvelope
 	for range 4 {
-		envs = append(envs, directEnvelope(mesh, alice, key('a'), key('b'), "now", []byte(`{}`)))
+		envs = append(envs, m.envelope('b', "now"))
 	}
 	_, local, err := st.SendBatch(ctx, "here", envs)
 	require.NoError(t, err)
@@ -599,7 +585,7 @@ func TestClaimTakesAssignedOnlyWhenAsked(t *testing.T) {
 	}
 	claim := func(c store.ClaimFor) []int64 {
 		t.Helper()
-		c.PresenceID, c.Epoch, c.MemberID, c.SessionID, c.Limit = presence, epoch, bob, "s-bob", 2
+		c.PresenceID, c.Epoch, c.MemberID, c.SessionID, c.Limit = b.PresenceID, b.Epoch, b.MemberID, b.SessionID, 2
 		rows, err := st.Claim(ctx, "here", []store.ClaimFor{c})
 		require.NoError(t, err)
 		var got []int64
@@ -624,19 +610,10 @@ func TestClaimReadsAWindowNotTheBacklog(t *testing.T) {
 	ctx := dbtest.Context(t)
 	pool := oneConnection(t)
 	st := store.New(pool, "t")
-	key := func(c byte) string { return strings.Repeat(string(c), 64) }
-	var mesh, alice string
-	require.NoError(t, pool.QueryRow(ctx, `INSERT INTO claudemesh.mesh (slug, name, owner_pubkey) VALUES ('m', 'm', $1) RETURNING id`, key('0')).Scan(&mesh))
-	_, err := pool.Exec(ctx, `INSERT INTO claudemesh.node (id, heartbeat_at) VALUES ('here', now())`)
-	require.NoError(t, err)
-	require.NoError(t, pool.QueryRow(ctx, `INSERT INTO claudemesh.member (mesh_id, pubkey) VALUES ($1, $2) RETURNING id`, mesh, key('a')).Scan(&alice))
-	// A recipient with a live session in the given status.
+	m := newClaimMesh(t, pool)
 	recipient := func(k byte, status string) store.ClaimFor {
-		t.Helper()
-		c := store.ClaimFor{SessionID: "s-" + string(k), IncludeHeld: true, Limit: 16}
-		require.NoError(t, pool.QueryRow(ctx, `INSERT INTO claudemesh.member (mesh_id, pubkey) VALUES ($1, $2) RETURNING id`, mesh, key(k)).Scan(&c.MemberID))
-		require.NoError(t, pool.QueryRow(ctx, `INSERT INTO claudemesh.presence (mesh_id, member_id, member_pubkey, node_id, session_id, status)
-			VALUES ($1, $2, $3, 'here', $4, $5) RETURNING id, epoch`, mesh, c.MemberID, key(k), c.SessionID, status).Scan(&c.PresenceID, &c.Epoch))
+		c := m.recipient(k, status)
+		c.IncludeHeld, c.Limit = true, 16
 		return c
 	}
 	const backlog = 600
@@ -644,7 +621,7 @@ func TestClaimReadsAWindowNotTheBacklog(t *testing.T) {
 		t.Helper()
 		envs := make([]store.OutgoingEnvelope, backlog)
 		for i := range envs {
-			envs[i] = directEnvelope(mesh, alice, key('a'), key(k), prio, []byte(`{}`))
+			envs[i] = m.envelope(k, prio)
 		}
 		_, _, err := st.SendBatch(ctx, "here", envs)
 		require.NoError(t, err)
@@ -659,7 +636,7 @@ func TestClaimReadsAWindowNotTheBacklog(t *testing.T) {
 
 	bob := recipient('b', "working")
 	send('b', "next") // held while bob works: pending for him
-	_, err = pool.Exec(ctx, `UPDATE claudemesh.presence SET status = 'idle' WHERE id = $1`, bob.PresenceID)
+	_, err := pool.Exec(ctx, `UPDATE claudemesh.presence SET status = 'idle' WHERE id = $1`, bob.PresenceID)
 	require.NoError(t, err)
 	taken, tuples := claim(bob)
 	require.Equal(t, 16, taken)
@@ -773,4 +750,45 @@ func TestBroadcastAckReadsItsOwnDelivery(t *testing.T) {
 	require.NoError(t, pool.QueryRow(ctx, `SELECT state FROM claudemesh.delivery WHERE envelope_id = $1 AND recipient_member_id = $2`,
 		env.ID, member).Scan(&state))
 	require.Equal(t, "acked", state)
+}
+
+// claimMesh is a mesh for the claim tests: node "here" and a sender, alice (key 'a'), whose
+// envelopes go to recipients made with recipient.
+type claimMesh struct {
+	t           *testing.T
+	pool        *pgxpool.Pool
+	mesh, alice string
+}
+
+func claimKey(c byte) string { return strings.Repeat(string(c), 64) }
+
+func newClaimMesh(t *testing.T, pool *pgxpool.Pool) *claimMesh {
+	t.Helper()
+	ctx := dbtest.Context(t)
+	m := &claimMesh{t: t, pool: pool}
+	require.NoError(t, pool.QueryRow(ctx, `INSERT INTO claudemesh.mesh (slug, name, owner_pubkey) VALUES ('m', 'm', $1) RETURNING id`,
+		claimKey('0')).Scan(&m.mesh))
+	_, err := pool.Exec(ctx, `INSERT INTO claudemesh.node (id, heartbeat_at) VALUES ('here', now())`)
+	require.NoError(t, err)
+	require.NoError(t, pool.QueryRow(ctx, `INSERT INTO claudemesh.member (mesh_id, pubkey) VALUES ($1, $2) RETURNING id`,
+		m.mesh, claimKey('a')).Scan(&m.alice))
+	return m
+}
+
+// recipient is a member (key k) with a live session "s-<k>" on "here" in the given status; the
+// claim for it, with its identity filled in.
+func (m *claimMesh) recipient(k byte, status string) store.ClaimFor {
+	m.t.Helper()
+	ctx := dbtest.Context(m.t)
+	c := store.ClaimFor{SessionID: "s-" + string(k)}
+	require.NoError(m.t, m.pool.QueryRow(ctx, `INSERT INTO claudemesh.member (mesh_id, pubkey) VALUES ($1, $2) RETURNING id`,
+		m.mesh, claimKey(k)).Scan(&c.MemberID))
+	require.NoError(m.t, m.pool.QueryRow(ctx, `INSERT INTO claudemesh.presence (mesh_id, member_id, member_pubkey, node_id, session_id, status)
+		VALUES ($1, $2, $3, 'here', $4, $5) RETURNING id, epoch`, m.mesh, c.MemberID, claimKey(k), c.SessionID, status).Scan(&c.PresenceID, &c.Epoch))
+	return c
+}
+
+// envelope is a direct envelope from alice to recipient k.
+func (m *claimMesh) envelope(k byte, prio string) store.OutgoingEnvelope {
+	return directEnvelope(m.mesh, m.alice, claimKey('a'), claimKey(k), prio, []byte(`{}`))
 }
