@@ -624,3 +624,54 @@ func TestBroadcastRacingAResumeReachesTheResumedSession(t *testing.T) {
 	require.NoError(t, tx.Commit(ctx))
 	require.Equal(t, id, nextPush(t, r, 10*time.Second).MessageID)
 }
+
+// A claim that finds a session's row locked by another transaction (a hello taking the session
+// over, whose batch may also hold the claim's other sessions: a deadlock that Postgres broke
+// after a second) gives way after 100 ms (migration 00045), and the replica claims for the
+// session again shortly: the delivery arrives once the row is free, with the catch-up poll an
+// hour away.
+func TestClaimGivesWayToALockHolderAndComesBack(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t, 1, func(cfg *Config) { cfg.quiet = true })
+	srv := c.nodes[0]
+	m := c.mesh(0)
+	alice, bob := m.member("alice"), m.member("bob")
+	a, b := m.dial(0, alice), m.dial(0, bob)
+	first, err := a.Send(ctxT(t), bob.pub, protocol.PriorityNow, "n", "first", "")
+	require.NoError(t, err)
+	require.Equal(t, first.MessageID, nextPush(t, b, 5*time.Second).MessageID)
+
+	// A copy of the first left pending for bob, as a send leaves one that no session could take.
+	second := uuid.NewString()
+	_, err = c.pool.Exec(ctxT(t), `INSERT INTO claudemesh.envelope
+		SELECT (jsonb_populate_record(e, jsonb_build_object('id', $2::text))).* FROM claudemesh.envelope e WHERE e.id = $1`,
+		first.MessageID, second)
+	require.NoError(t, err)
+	_, err = c.pool.Exec(ctxT(t), `INSERT INTO claudemesh.delivery (envelope_id, mesh_id, recipient_member_id, priority, state, expires_at)
+		SELECT $2, mesh_id, recipient_member_id, priority, 'pending', expires_at FROM claudemesh.delivery WHERE envelope_id = $1`,
+		first.MessageID, second)
+	require.NoError(t, err)
+
+	var presence string
+	require.NoError(t, c.pool.QueryRow(ctxT(t), `SELECT id FROM claudemesh.presence WHERE member_id = $1 AND ended_at IS NULL`,
+		bob.id).Scan(&presence))
+	holder, err := c.pool.Begin(ctxT(t))
+	require.NoError(t, err)
+	defer func() { _ = holder.Rollback(context.Background()) }()
+	_, err = holder.Exec(ctxT(t), `SELECT 1 FROM claudemesh.presence WHERE id = $1 FOR NO KEY UPDATE`, presence)
+	require.NoError(t, err)
+
+	sess := srv.hub.wakeSession(presence)
+	require.NotNil(t, sess)
+	srv.pusher.request(sess)
+	dbtest.WaitFor(t, 10*time.Second, "the claim gave way to the row's holder", func() bool {
+		return testutilCounter(srv.metrics.ClaimConflicts) >= 1
+	})
+	select {
+	case p := <-b.Pushes():
+		t.Fatalf("pushed while the row was held: %s", p.MessageID)
+	default:
+	}
+	require.NoError(t, holder.Rollback(ctxT(t)))
+	require.Equal(t, second, nextPush(t, b, 10*time.Second).MessageID, "claimed again once the row was free")
+}

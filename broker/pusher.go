@@ -19,6 +19,12 @@ const (
 	claimChunk = 512
 )
 
+// claimRetry is how soon a claim that yielded a session's row to a takeover (its lock_timeout,
+// 00045) runs again for the same sessions: by then the takeover has committed, and the claim
+// finds the sessions it took gone. The catch-up poll would have left the others waiting
+// seconds.
+const claimRetry = 50 * time.Millisecond
+
 // pusher claims pending deliveries for this node's sessions and pushes them. A wake-up marks a
 // session dirty; one goroutine claims for all dirty sessions in one statement per chunk and
 // writes each session's pushes in id order, so per-recipient order holds and a burst of
@@ -149,13 +155,25 @@ func (p *pusher) claimAndPush(ctx context.Context, batch []*session) {
 	rows, err := p.store.Claim(qctx, p.nodeID, claims)
 	cancel()
 	if err != nil {
-		// The sessions keep their backlog: the next poll or wake-up retries.
+		// The sessions keep their backlog: the next poll or wake-up retries, or, when the claim
+		// gave way to a lock holder, a retry shortly.
 		for i, sess := range live {
 			sess.claimFailed(claims[i].Limit)
 		}
-		if ctx.Err() == nil {
-			p.metrics.backgroundError(p.log, "claim", err, "sessions", len(live), "retry", "next poll")
+		if ctx.Err() != nil {
+			return
 		}
+		if store.LockConflict(err) {
+			p.metrics.ClaimConflicts.Inc()
+			retry := slices.Clone(live)
+			time.AfterFunc(claimRetry, func() {
+				for _, sess := range retry {
+					p.request(sess)
+				}
+			})
+			return
+		}
+		p.metrics.backgroundError(p.log, "claim", err, "sessions", len(live), "retry", "next poll")
 		return
 	}
 	p.metrics.Claims.Inc()

@@ -10,6 +10,7 @@ import (
 
 	"github.com/google/uuid"
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/stretchr/testify/require"
 
@@ -791,4 +792,53 @@ func (m *claimMesh) recipient(k byte, status string) store.ClaimFor {
 // envelope is a direct envelope from alice to recipient k.
 func (m *claimMesh) envelope(k byte, prio string) store.OutgoingEnvelope {
 	return directEnvelope(m.mesh, m.alice, claimKey('a'), claimKey(k), prio, []byte(`{}`))
+}
+
+// A hello batch taking over two sessions of a claim, in the other order than the claim locks
+// them, deadlocked with it until Postgres's deadlock check a second later. The claim now gives
+// way after 100 ms (00045): it fails alone, as a lock conflict the replica retries, and the
+// takeover goes on; claimed again, the sessions taken over give nothing.
+func TestClaimGivesWayToATakeover(t *testing.T) {
+	ctx := dbtest.Context(t)
+	pool := dbtest.Pool(t)
+	st := store.New(pool, "t")
+	m := newClaimMesh(t, pool)
+	b, c := m.recipient('b', "idle"), m.recipient('c', "idle")
+	_, _, err := st.SendBatch(ctx, "here", []store.OutgoingEnvelope{m.envelope('b', "now"), m.envelope('c', "now")})
+	require.NoError(t, err)
+	// Left pending, as a send leaves what no session could take.
+	_, err = pool.Exec(ctx, `UPDATE claudemesh.delivery SET state = 'pending', pushed_node = NULL, pushed_presence = NULL, pushed_at = NULL`)
+	require.NoError(t, err)
+	b.Limit, c.Limit = 8, 8
+
+	takeover, err := pool.Begin(ctx)
+	require.NoError(t, err)
+	defer func() { _ = takeover.Rollback(context.Background()) }()
+	moveTo := func(p store.ClaimFor) error {
+		_, err := takeover.Exec(ctx, `UPDATE claudemesh.presence SET node_id = 'there', epoch = epoch + 1 WHERE id = $1`, p.PresenceID)
+		return err
+	}
+	require.NoError(t, moveTo(c))
+	claimed := make(chan error, 1)
+	go func() {
+		_, err := st.Claim(ctx, "here", []store.ClaimFor{b, c}) // b locked, then waits for c
+		claimed <- err
+	}()
+	dbtest.WaitFor(t, 10*time.Second, "the claim waiting for c's row", func() bool {
+		var waiting bool
+		_ = pool.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_stat_activity
+			WHERE wait_event_type = 'Lock' AND query LIKE '%ClaimDeliveries%')`).Scan(&waiting)
+		return waiting
+	})
+	require.NoError(t, moveTo(b), "the takeover takes b once the claim gives way")
+	err = <-claimed
+	require.True(t, store.LockConflict(err), "a lock conflict, retried: %v", err)
+	var pgErr *pgconn.PgError
+	require.ErrorAs(t, err, &pgErr)
+	require.Equal(t, "55P03", pgErr.Code, "gave way (lock_not_available), not a deadlock's victim")
+	require.NoError(t, takeover.Commit(ctx))
+
+	rows, err := st.Claim(ctx, "here", []store.ClaimFor{b, c})
+	require.NoError(t, err)
+	require.Empty(t, rows, "both sessions are now another node's")
 }
