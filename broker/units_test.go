@@ -13,6 +13,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/claudemesh/broker/broker/store"
+	"github.com/claudemesh/broker/pgbus"
 	"github.com/claudemesh/broker/protocol"
 )
 
@@ -440,4 +441,43 @@ func TestRecorderKeepsYoungTakenPushesForTheirAcks(t *testing.T) {
 	require.Equal(t, []int64{3}, r.takeTaken(time.Time{}), "on the way out, everything")
 	_, ok = r.oldestTaken()
 	require.False(t, ok)
+}
+
+// A wake-up for pending deliveries names a member (a direct message: any of its sessions may
+// take it) or one session ("p": a multicast's row for a session in its grace, which a hello
+// may be resuming). The first claims for the member's sessions that may take its priority now,
+// the second for that session only.
+func TestWakeUpsClaimForTheSessionsTheyName(t *testing.T) {
+	h := newHub()
+	a1, _ := testSession("pa1", "m", "alice")
+	a2, _ := testSession("pa2", "m", "alice")
+	a3, _ := testSession("pa3", "m", "alice")
+	a3.setStatus(protocol.StatusWorking)
+	b, _ := testSession("pb", "m", "bob")
+	for _, s := range []*session{a1, a2, a3, b} {
+		h.add(s)
+	}
+	p := newPusher(nil, "n0", nil, nil, h)
+	r := &router{hub: h, pusher: p, nodeID: "n0"}
+	woken := func(m pgbus.Message) []*session {
+		t.Helper()
+		p.dirty = map[*session]struct{}{}
+		r.apply(t.Context(), m)
+		var out []*session
+		for _, s := range []*session{a1, a2, a3, b} {
+			if _, ok := p.dirty[s]; ok {
+				out = append(out, s)
+			}
+		}
+		return out
+	}
+	require.Equal(t, []*session{a1, a2, a3}, woken(pgbus.Message{Kind: pgbus.KindDeliveries, Member: "alice", Key: "now"}))
+	require.Equal(t, []*session{a1, a2}, woken(pgbus.Message{Kind: pgbus.KindDeliveries, Member: "alice", Key: "next"}),
+		"not the session at work, for a next message")
+	require.Equal(t, []*session{a2}, woken(pgbus.Message{Kind: pgbus.KindDeliveries, Member: "alice", Presence: "pa2", Key: "low"}),
+		"the one session named")
+	require.Empty(t, woken(pgbus.Message{Kind: pgbus.KindDeliveries, Member: "alice", Presence: "pa3", Key: "low"}),
+		"named, but at work for a low message")
+	require.Empty(t, woken(pgbus.Message{Kind: pgbus.KindDeliveries, Member: "alice", Presence: "elsewhere", Key: "now"}),
+		"a session not on this replica")
 }
