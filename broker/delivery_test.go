@@ -625,12 +625,11 @@ func TestBroadcastRacingAResumeReachesTheResumedSession(t *testing.T) {
 	require.Equal(t, id, nextPush(t, r, 10*time.Second).MessageID)
 }
 
-// A claim that finds a session's row locked by another transaction (a hello taking the session
-// over, whose batch may also hold the claim's other sessions: a deadlock that Postgres broke
-// after a second) gives way after 100 ms (migration 00045), and the replica claims for the
-// session again shortly: the delivery arrives once the row is free, with the catch-up poll an
-// hour away.
-func TestClaimGivesWayToALockHolderAndComesBack(t *testing.T) {
+// A claim that finds a session's row held by another transaction (a hello taking the session
+// over, a change of status) skips the session (migration 00045), and the replica claims for it
+// again shortly, waiting longer while the row stays held: the delivery arrives once the row is
+// free, with the catch-up poll an hour away.
+func TestClaimSkipsAHeldSessionAndComesBack(t *testing.T) {
 	t.Parallel()
 	c := newCluster(t, 1, func(cfg *Config) { cfg.quiet = true })
 	srv := c.nodes[0]
@@ -664,14 +663,9 @@ func TestClaimGivesWayToALockHolderAndComesBack(t *testing.T) {
 	sess := srv.hub.wakeSession(presence)
 	require.NotNil(t, sess)
 	srv.pusher.request(sess)
-	dbtest.WaitFor(t, 10*time.Second, "the claim gave way to the row's holder", func() bool {
-		return testutilCounter(srv.metrics.ClaimConflicts) >= 1
+	dbtest.WaitFor(t, 10*time.Second, "claims that skipped bob's held row, more than once", func() bool {
+		return testutilCounter(srv.metrics.ClaimSkips) >= 3
 	})
-	select {
-	case p := <-b.Pushes():
-		t.Fatalf("pushed while the row was held: %s", p.MessageID)
-	default:
-	}
 	require.NoError(t, holder.Rollback(ctxT(t)))
 	require.Equal(t, second, nextPush(t, b, 10*time.Second).MessageID, "claimed again once the row was free")
 }

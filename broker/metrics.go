@@ -37,7 +37,7 @@ type Metrics struct {
 	HookRequests                     *prometheus.CounterVec
 	DeadNodes                        prometheus.Counter
 	Claims                           prometheus.Counter
-	ClaimConflicts                   prometheus.Counter
+	ClaimSkips                       prometheus.Counter
 	BackgroundErrors                 *prometheus.CounterVec
 
 	bgMu     sync.Mutex
@@ -85,7 +85,7 @@ func newMetrics() *Metrics {
 		HookRequests:     cv("hook_requests_total", "Hook requests, by outcome.", "outcome"),
 		DeadNodes:        c("dead_nodes_taken_over_total", "Silent replicas this replica declared dead and took over."),
 		Claims:           c("claims_total", "Claim statements run for pending deliveries (each covers many sessions)."),
-		ClaimConflicts:   c("claim_conflicts_total", "Claims that gave way to a session's lock holder (a takeover) and ran again shortly."),
+		ClaimSkips:       c("claim_skips_total", "Sessions a claim skipped because another transaction held their row (a takeover, a change of status); claimed for again shortly."),
 		BackgroundErrors: cv("background_errors_total", "Failures of background work (sweeps, records, catch-up), by task.", "task"),
 	}
 	// Every task's series exists from the start, at 0, so a dashboard shows it before it fails.
@@ -97,7 +97,7 @@ func newMetrics() *Metrics {
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 		m.HealthChecks, m.ConnActive, m.ConnTotal, m.ConnRejected, m.BadFrames, m.SlowConsumers,
 		m.MessagesRouted, m.Pushes, m.SendFailures, m.SendRefused, m.AdminOps, m.DeliveriesPending, m.AuditPending, m.AuditPendingOldest, m.BusSent, m.BusReceived,
-		m.BusEvents, m.BatchSize, m.HelloBatchSize, m.CommitSeconds, m.HookRequests, m.DeadNodes, m.Claims, m.ClaimConflicts, m.BackgroundErrors,
+		m.BusEvents, m.BatchSize, m.HelloBatchSize, m.CommitSeconds, m.HookRequests, m.DeadNodes, m.Claims, m.ClaimSkips, m.BackgroundErrors,
 	)
 	return m
 }

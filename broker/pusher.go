@@ -3,6 +3,7 @@ package broker
 import (
 	"cmp"
 	"context"
+	"errors"
 	"log/slog"
 	"slices"
 	"sync"
@@ -19,11 +20,18 @@ const (
 	claimChunk = 512
 )
 
-// claimRetry is how soon a claim that yielded a session's row to a takeover (its lock_timeout,
-// 00045) runs again for the same sessions: by then the takeover has committed, and the claim
-// finds the sessions it took gone. The catch-up poll would have left the others waiting
-// seconds.
-const claimRetry = 50 * time.Millisecond
+// claimRetry is how soon a session that a claim skipped (another transaction held its row: a
+// takeover, a change of status) is claimed for again, doubling while it stays held. A takeover
+// has committed by then, and the claim finds the session gone; a change of status has left the
+// row. claimSkipsLogged skips in a row (about 5 s) are logged: a row held that long is not a
+// takeover but a transaction left open.
+const (
+	claimRetry       = 50 * time.Millisecond
+	claimSkipsLogged = 8
+)
+
+// errSessionRowHeld is what the log says of a session skipped claimSkipsLogged times in a row.
+var errSessionRowHeld = errors.New("a session's row has been held by another transaction for seconds; its deliveries wait")
 
 // pusher claims pending deliveries for this node's sessions and pushes them. A wake-up marks a
 // session dirty; one goroutine claims for all dirty sessions in one statement per chunk and
@@ -152,28 +160,16 @@ func (p *pusher) claimAndPush(ctx context.Context, batch []*session) {
 		return
 	}
 	qctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	rows, err := p.store.Claim(qctx, p.nodeID, claims)
+	rows, skipped, err := p.store.Claim(qctx, p.nodeID, claims)
 	cancel()
 	if err != nil {
-		// The sessions keep their backlog: the next poll or wake-up retries, or, when the claim
-		// gave way to a lock holder, a retry shortly.
+		// The sessions keep their backlog: the next poll or wake-up retries.
 		for i, sess := range live {
 			sess.claimFailed(claims[i].Limit)
 		}
-		if ctx.Err() != nil {
-			return
+		if ctx.Err() == nil {
+			p.metrics.backgroundError(p.log, "claim", err, "sessions", len(live), "retry", "next poll")
 		}
-		if store.LockConflict(err) {
-			p.metrics.ClaimConflicts.Inc()
-			retry := slices.Clone(live)
-			time.AfterFunc(claimRetry, func() {
-				for _, sess := range retry {
-					p.request(sess)
-				}
-			})
-			return
-		}
-		p.metrics.backgroundError(p.log, "claim", err, "sessions", len(live), "retry", "next poll")
 		return
 	}
 	p.metrics.Claims.Inc()
@@ -190,8 +186,26 @@ func (p *pusher) claimAndPush(ctx context.Context, batch []*session) {
 			newest[sess.presenceID] = sess
 		}
 	}
+	held := make(map[string]bool, len(skipped))
+	for _, id := range skipped {
+		held[id] = true
+	}
+	var retry map[time.Duration][]*session
 	var unwritten []int64
 	for i, sess := range live {
+		if held[sess.presenceID] && newest[sess.presenceID] == sess {
+			// Skipped: nothing was taken for it. Claimed for again shortly.
+			p.metrics.ClaimSkips.Inc()
+			wait, n := sess.claimSkipped(claims[i].Limit)
+			if n >= claimSkipsLogged {
+				p.metrics.backgroundError(p.log, "claim", errSessionRowHeld, "presence", sess.presenceID, "skips", n)
+			}
+			if retry == nil {
+				retry = map[time.Duration][]*session{}
+			}
+			retry[wait] = append(retry[wait], sess)
+			continue
+		}
 		var got []store.Claimed
 		if newest[sess.presenceID] == sess {
 			got = byPresence[sess.presenceID]
@@ -205,6 +219,13 @@ func (p *pusher) claimAndPush(ctx context.Context, batch []*session) {
 		}
 	}
 	p.release(unwritten, false)
+	for wait, sessions := range retry {
+		time.AfterFunc(wait, func() {
+			for _, sess := range sessions {
+				p.request(sess)
+			}
+		})
+	}
 }
 
 // pushClaimed pushes what a claim took for sess, in id order, and returns the ones whose socket

@@ -481,3 +481,26 @@ func TestWakeUpsClaimForTheSessionsTheyName(t *testing.T) {
 	require.Empty(t, woken(pgbus.Message{Kind: pgbus.KindDeliveries, Member: "alice", Presence: "elsewhere", Key: "now"}),
 		"a session not on this replica")
 }
+
+// A session skipped by claim after claim (its row held by a transaction left open) is claimed
+// for less and less often, down to one claim every 1.6 s, and its reserved slots come back each
+// time; a claim that takes its turn starts the count again.
+func TestClaimsOfAHeldSessionBackOff(t *testing.T) {
+	s, _ := testSession("p", "m", "a")
+	var waits []time.Duration
+	for range 8 {
+		limit, _, _, ok := s.claimStart(claimPage)
+		require.True(t, ok)
+		wait, _ := s.claimSkipped(limit)
+		waits = append(waits, wait)
+	}
+	ms := time.Millisecond
+	require.Equal(t, []time.Duration{50 * ms, 100 * ms, 200 * ms, 400 * ms, 800 * ms, 1600 * ms, 1600 * ms, 1600 * ms}, waits)
+	require.Equal(t, pushWindow, s.room(), "no slot kept by the skipped claims")
+	limit, _, req, _ := s.claimStart(claimPage)
+	s.claimDone(0, limit, req)
+	limit, _, _, _ = s.claimStart(claimPage)
+	wait, n := s.claimSkipped(limit)
+	require.Equal(t, 50*ms, wait)
+	require.Equal(t, 1, n)
+}

@@ -17,7 +17,7 @@ SELECT c.id::bigint AS id, coalesce(c.pushed_presence, '')::text AS pushed_prese
     c.ciphertext::text AS ciphertext, c.created_at::timestamptz AS created_at, c.sender_member_id::text AS sender_member_id,
     c.sender_name::text AS sender_name, c.client_message_id::text AS client_message_id,
     c.request_fingerprint::text AS request_fingerprint
-FROM claudemesh.claim_deliveries($1::text, $2::text[], $3::bigint[], $4::text[], $5::text[],
+FROM claudemesh.claim_deliveries_skipping($1::text, $2::text[], $3::bigint[], $4::text[], $5::text[],
     $6::text[], $7::bool[], $8::int[], $9::bool[], $10::text[],
     $11::bigint[], $12::float8) c
 `
@@ -62,7 +62,8 @@ type ClaimDeliveriesRow struct {
 // may be interrupted. Claimed rows are "pushed": they count as delivered only once written
 // (MarkDelivered) or acked, and go back to pending if the session ends first. The statement
 // is claudemesh.claim_deliveries (migration 00015), so its plan is made once per connection;
-// each session is claimed for at the epoch its socket owns (00041).
+// each session is claimed for at the epoch its socket owns (00041). A session whose row another
+// transaction holds is skipped, as a row with id 0 (00045).
 func (q *Queries) ClaimDeliveries(ctx context.Context, arg ClaimDeliveriesParams) ([]ClaimDeliveriesRow, error) {
 	rows, err := q.db.Query(ctx, claimDeliveries,
 		arg.NodeID,

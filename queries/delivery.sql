@@ -6,14 +6,15 @@
 -- may be interrupted. Claimed rows are "pushed": they count as delivered only once written
 -- (MarkDelivered) or acked, and go back to pending if the session ends first. The statement
 -- is claudemesh.claim_deliveries (migration 00015), so its plan is made once per connection;
--- each session is claimed for at the epoch its socket owns (00041).
+-- each session is claimed for at the epoch its socket owns (00041). A session whose row another
+-- transaction holds is skipped, as a row with id 0 (00045).
 SELECT c.id::bigint AS id, coalesce(c.pushed_presence, '')::text AS pushed_presence, c.assigned::boolean AS assigned,
     c.envelope_id::text AS envelope_id, c.mesh_id::text AS mesh_id, c.sender_pubkey::text AS sender_pubkey,
     c.sender_member_pubkey::text AS sender_member_pubkey, c.priority::text AS priority, c.nonce::text AS nonce,
     c.ciphertext::text AS ciphertext, c.created_at::timestamptz AS created_at, c.sender_member_id::text AS sender_member_id,
     c.sender_name::text AS sender_name, c.client_message_id::text AS client_message_id,
     c.request_fingerprint::text AS request_fingerprint
-FROM claudemesh.claim_deliveries(@node_id::text, @presence_ids::text[], @epochs::bigint[], @member_ids::text[], @session_pubkeys::text[],
+FROM claudemesh.claim_deliveries_skipping(@node_id::text, @presence_ids::text[], @epochs::bigint[], @member_ids::text[], @session_pubkeys::text[],
     @session_ids::text[], @include_held::bool[], @limits::int[], @take_assigned::bool[], @retake_presence_ids::text[],
     @retake_ids::bigint[], @assigned_stale_seconds::float8) c;
 

@@ -43,7 +43,9 @@ const AssignedStale = 1500 * time.Millisecond
 // Claim takes the next deliveries of many sessions in one statement, in id order per session,
 // marking them pushed to that session by node: pending ones the session may take, and those
 // assigned to it that it did not push (see ClaimFor). Claimed.FromAssigned tells the latter.
-func (s *Store) Claim(ctx context.Context, nodeID string, sessions []ClaimFor) ([]Claimed, error) {
+// skipped are the presences whose row another transaction held (a takeover, a change of
+// status): nothing was taken for them, and a claim a moment later may take what they have.
+func (s *Store) Claim(ctx context.Context, nodeID string, sessions []ClaimFor) (claimed []Claimed, skipped []string, err error) {
 	p := db.ClaimDeliveriesParams{NodeID: nodeID, AssignedStaleSeconds: AssignedStale.Seconds()}
 	for _, c := range sessions {
 		p.PresenceIds = append(p.PresenceIds, c.PresenceID)
@@ -61,16 +63,20 @@ func (s *Store) Claim(ctx context.Context, nodeID string, sessions []ClaimFor) (
 	}
 	rows, err := s.q.ClaimDeliveries(ctx, p)
 	if err != nil {
-		return nil, fmt.Errorf("claim deliveries: %w", err)
+		return nil, nil, fmt.Errorf("claim deliveries: %w", err)
 	}
 	out := make([]Claimed, 0, len(rows))
 	for _, r := range rows {
+		if r.ID == 0 {
+			skipped = append(skipped, r.PushedPresence)
+			continue
+		}
 		out = append(out, Claimed{ID: r.ID, PresenceID: r.PushedPresence, FromAssigned: r.Assigned, Push: Push{EnvelopeID: r.EnvelopeID,
 			MeshID: r.MeshID, SenderPubkey: r.SenderPubkey, SenderMemberPubkey: r.SenderMemberPubkey, Priority: r.Priority,
 			Nonce: r.Nonce, Ciphertext: r.Ciphertext, CreatedAt: r.CreatedAt, SenderMemberID: r.SenderMemberID,
 			SenderName: r.SenderName, ClientMessageID: r.ClientMessageID, RequestFingerprint: r.RequestFingerprint}})
 	}
-	return out, nil
+	return out, skipped, nil
 }
 
 // SessionsWithClaimable returns node's connected sessions that have a delivery to claim now,

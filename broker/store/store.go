@@ -50,14 +50,6 @@ func RejectedInput(err error) bool {
 	return errors.As(err, &pgErr) && (strings.HasPrefix(pgErr.Code, "22") || strings.HasPrefix(pgErr.Code, "23"))
 }
 
-// LockConflict reports whether a statement gave up waiting for a row lock (lock_not_available,
-// from a lock_timeout) or lost a deadlock: it rolled back, and the same statement run again
-// after the other transaction ends may pass.
-func LockConflict(err error) bool {
-	var pgErr *pgconn.PgError
-	return errors.As(err, &pgErr) && (pgErr.Code == "55P03" || pgErr.Code == "40P01")
-}
-
 // OutcomeUnknown reports whether err leaves open whether the statement committed: it may have
 // reached Postgres and its answer was lost (the connection broke or the deadline passed while it
 // ran). Only Postgres's own errors (the statement rolled back), a connection that could not be
