@@ -31,31 +31,36 @@ BEGIN
             unnest(p_session_pubkeys) AS session_pubkey, unnest(p_session_ids) AS session_id,
             unnest(p_include_held) AS include_held, unnest(p_limits) AS lim,
             unnest(p_take_assigned) AS take_assigned
-    ), mine AS MATERIALIZED (
+    ), probe AS MATERIALIZED (
         -- The sessions whose registration is still the one the replica holds: live, on this
         -- node, at the epoch its socket owns. Locked (shared): a hello taking one over, which
         -- updates the row, waits for this claim, whose rows it then releases to the new
         -- socket. A row another transaction holds (a takeover, a change of status, an end) is
         -- skipped, not waited for: the claim never waits for a session's row, so it cannot
         -- deadlock with a hello batch taking over two of its sessions in the other order.
+        -- A skipped one that this statement's snapshot still shows live here at its epoch is
+        -- reported (the replica claims for it again shortly; taken over or ended meanwhile, it
+        -- then takes nothing); one not shown live has nothing to take.
         -- Each probed by its key: a join let the planner read every live session of the node
         -- (and unnest the arguments again for each), whatever the batch's size. The node is
         -- compared in a form no index takes (node_id is never null here), so the key is the
-        -- only way in.
-        SELECT s.*, p.status FROM s CROSS JOIN LATERAL (
+        -- only way in. The second probe runs only for a row the first skipped or did not find.
+        SELECT s.*, l.status, l.status IS NULL AND v.live IS NOT NULL AS skipped
+        FROM s
+        LEFT JOIN LATERAL (
             SELECT p.status FROM claudemesh.presence p
             WHERE p.id = s.presence_id AND p.node_id IS NOT DISTINCT FROM p_node AND p.epoch = s.epoch
               AND p.ended_at IS NULL
-            FOR SHARE SKIP LOCKED) p
+            FOR SHARE SKIP LOCKED) l ON true
+        LEFT JOIN LATERAL (
+            SELECT true AS live FROM claudemesh.presence p
+            WHERE l.status IS NULL AND p.id = s.presence_id AND p.node_id IS NOT DISTINCT FROM p_node
+              AND p.epoch = s.epoch AND p.ended_at IS NULL
+            OFFSET 0) v ON true -- a subquery, not a join: a join was planned as a read of every live session
+    ), mine AS (
+        SELECT * FROM probe WHERE status IS NOT NULL
     ), skipped AS (
-        -- Skipped for a lock, as this statement's snapshot still shows them live here at their
-        -- epoch: the replica claims for them again shortly. One taken over or ended meanwhile
-        -- then takes nothing. A session not shown live here is not skipped: it has nothing.
-        SELECT s.presence_id FROM s
-        WHERE NOT EXISTS (SELECT 1 FROM mine m WHERE m.presence_id = s.presence_id AND m.epoch = s.epoch)
-          AND EXISTS (SELECT 1 FROM claudemesh.presence p
-                      WHERE p.id = s.presence_id AND p.node_id IS NOT DISTINCT FROM p_node AND p.epoch = s.epoch
-                        AND p.ended_at IS NULL)
+        SELECT presence_id FROM probe WHERE skipped
     ), retake AS (
         SELECT unnest(p_retake_presence_ids) AS presence_id, unnest(p_retake_ids) AS id
     ), c AS (
