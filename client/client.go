@@ -238,6 +238,9 @@ type Client struct {
 
 	closeOnce  sync.Once
 	closedByUs atomic.Bool
+	// writeErr is the write that broke the connection (see writeFrame), for the read loop's
+	// error.
+	writeErr atomic.Pointer[error]
 	closing    chan struct{} // closed by Close: unblocks the read loop's channel sends
 	done       chan struct{} // closed when the read loop has exited
 
@@ -532,6 +535,8 @@ func (c *Client) setReadErr(err error) {
 	switch {
 	case c.closedByUs.Load():
 		c.err = ErrClosed
+	case c.writeErr.Load() != nil:
+		c.err = fmt.Errorf("write: %w", *c.writeErr.Load())
 	case ce != nil:
 		c.err = &CloseError{Code: ce.Code, Reason: ce.Text}
 	default:
@@ -619,7 +624,17 @@ func (c *Client) writeFrame(ctx context.Context, frame []byte) error {
 	default:
 	}
 	_ = c.conn.SetWriteDeadline(deadline)
-	return c.conn.WriteMessage(websocket.TextMessage, frame)
+	if err := c.conn.WriteMessage(websocket.TextMessage, frame); err != nil {
+		// A failed write (its deadline passed: the broker stopped reading, under its
+		// back-pressure or over a dead link) may have left part of a frame on the wire, and
+		// gorilla/websocket fails every write after it. The connection is ended, so Done fires
+		// and the caller reconnects, rather than every later request failing at once on a
+		// connection that still looks alive.
+		c.writeErr.CompareAndSwap(nil, &err)
+		_ = c.conn.UnderlyingConn().Close()
+		return err
+	}
+	return nil
 }
 
 // Request sends m with a fresh _reqId (set on m) and waits for the reply

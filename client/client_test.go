@@ -781,3 +781,35 @@ func TestAbortDropsWithoutCloseFrame(t *testing.T) {
 	err := <-seen
 	require.True(t, websocket.IsCloseError(err, websocket.CloseAbnormalClosure), "broker saw %v", err)
 }
+
+// A write that times out (the broker stopped reading this socket: its back-pressure while the
+// client is slow to read, or a dead link) leaves the connection unwritable. The client ends it,
+// so Done fires and a caller reconnects; every later request had failed at once on a
+// connection that still looked alive (a load run counted 60,000 such "refusals").
+func TestWriteTimeoutEndsTheConnection(t *testing.T) {
+	release := make(chan struct{})
+	fb := newFakeBroker(t, func(c *brokerConn) {
+		c.acceptHello()
+		<-release // reads nothing more: the reader stops once its buffer is full
+	})
+	t.Cleanup(func() { close(release) })
+	opts := testOptions(t, fb.url(), newKeys(t))
+	opts.WriteTimeout = 200 * time.Millisecond
+	c := dial(t, opts)
+	big := strings.Repeat("x", 256<<10)
+	var err error
+	for range 1000 {
+		if err = c.SetSummary(ctxT(t), big); err != nil {
+			break
+		}
+	}
+	require.Error(t, err, "the writes fill the socket and one times out")
+	select {
+	case <-c.Done():
+	case <-time.After(5 * time.Second):
+		t.Fatal("the connection is still open after its write failed")
+	}
+	require.ErrorContains(t, c.Err(), "write")
+	_, err = c.Send(ctxT(t), "peer", protocol.PriorityNow, "n", "c", "")
+	require.Error(t, err, "a later request fails as the connection's end, not as a write")
+}
