@@ -21,16 +21,16 @@ const (
 )
 
 // claimRetry is how soon a session that a claim skipped (another transaction held its row: a
-// takeover, a change of status) is claimed for again, doubling while it stays held. A takeover
-// has committed by then, and the claim finds the session gone; a change of status has left the
-// row. claimSkipsLogged skips in a row (about 5 s) are logged: a row held that long is not a
-// takeover but a transaction left open.
+// takeover, a change of status) is claimed for again; the wait grows with how long the row has
+// been held, to claimRetryMax. A takeover has committed by then, and the claim finds the
+// session gone; a change of status has left the row. A row held for claimHeldLogged is logged:
+// that is not a takeover but a transaction left open.
 const (
-	claimRetry       = 50 * time.Millisecond
-	claimSkipsLogged = 8
+	claimRetry      = 50 * time.Millisecond
+	claimRetryMax   = 1600 * time.Millisecond
+	claimHeldLogged = 5 * time.Second
 )
 
-// errSessionRowHeld is what the log says of a session skipped claimSkipsLogged times in a row.
 var errSessionRowHeld = errors.New("a session's row has been held by another transaction for seconds; its deliveries wait")
 
 // pusher claims pending deliveries for this node's sessions and pushes them. A wake-up marks a
@@ -186,6 +186,7 @@ func (p *pusher) claimAndPush(ctx context.Context, batch []*session) {
 			newest[sess.presenceID] = sess
 		}
 	}
+	now := time.Now()
 	held := make(map[string]bool, len(skipped))
 	for _, id := range skipped {
 		held[id] = true
@@ -196,14 +197,17 @@ func (p *pusher) claimAndPush(ctx context.Context, batch []*session) {
 		if held[sess.presenceID] && newest[sess.presenceID] == sess {
 			// Skipped: nothing was taken for it. Claimed for again shortly.
 			p.metrics.ClaimSkips.Inc()
-			wait, n := sess.claimSkipped(claims[i].Limit)
-			if n >= claimSkipsLogged {
-				p.metrics.backgroundError(p.log, "claim", errSessionRowHeld, "presence", sess.presenceID, "skips", n)
+			arm, wait, heldFor := sess.claimSkipped(claims[i].Limit, now)
+			if heldFor >= claimHeldLogged {
+				p.metrics.backgroundError(p.log, "session_row_held", errSessionRowHeld, "presence", sess.presenceID,
+					"held", heldFor.Round(time.Second))
 			}
-			if retry == nil {
-				retry = map[time.Duration][]*session{}
+			if arm {
+				if retry == nil {
+					retry = map[time.Duration][]*session{}
+				}
+				retry[wait] = append(retry[wait], sess)
 			}
-			retry[wait] = append(retry[wait], sess)
 			continue
 		}
 		var got []store.Claimed
@@ -222,6 +226,7 @@ func (p *pusher) claimAndPush(ctx context.Context, batch []*session) {
 	for wait, sessions := range retry {
 		time.AfterFunc(wait, func() {
 			for _, sess := range sessions {
+				sess.retryFired()
 				p.request(sess)
 			}
 		})

@@ -96,9 +96,10 @@ type session struct {
 	// never older than this replica's) and all that is assigned here, so nothing the change
 	// released is overtaken.
 	statusLate bool
-	// skips: the claims in a row that skipped the session because another transaction held its
-	// row; each waits longer before the next (claimSkipped).
-	skips int
+	// skippedSince: when claims began skipping the session because another transaction held
+	// its row (zero while they don't); retryArmed: a claim for it is timed (claimSkipped).
+	skippedSince time.Time
+	retryArmed   bool
 	// notified: the last assigned deliveries pushed from their notifications, a ring allocated
 	// at the first. A claim that takes all assigned ones may take one of these again before its
 	// record is written; it is not pushed twice.
@@ -539,7 +540,7 @@ func (s *session) claimDone(got, limit int, requests uint64) claimResult {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.reserved -= limit - got // the claimed ones were turned into inflight by push
-	s.skips = 0
+	s.skippedSince = time.Time{}
 	if s.closed {
 		return claimCaughtUp
 	}
@@ -558,15 +559,28 @@ func (s *session) claimDone(got, limit int, requests uint64) claimResult {
 }
 
 // claimSkipped gives back the slots of a claim that skipped the session (its row was held by
-// another transaction), keeping the backlog, and says how long to wait before claiming again:
-// 50 ms, doubling with each skip in a row up to 1.6 s, so a row held for long (a transaction
-// left open) costs a claim every 1.6 s, not twenty a second. n is the skips in a row.
-func (s *session) claimSkipped(limit int) (wait time.Duration, n int) {
+// another transaction), keeping the backlog. It says whether to time a claim for it (none is
+// timed yet), how long to wait (as long as the row has been held so far, from 50 ms to 1.6 s:
+// a takeover or a change of status is gone within the first; a transaction left open costs a
+// claim every 1.6 s, not twenty a second), and how long the row has been held. Claims that
+// wake-ups start meanwhile skip it too and time nothing more.
+func (s *session) claimSkipped(limit int, now time.Time) (arm bool, wait, held time.Duration) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.reserved -= limit
-	s.skips++
-	return claimRetry << min(s.skips-1, 5), s.skips
+	if s.skippedSince.IsZero() {
+		s.skippedSince = now
+	}
+	held = now.Sub(s.skippedSince)
+	arm, s.retryArmed = !s.retryArmed, true
+	return arm, min(max(held, claimRetry), claimRetryMax), held
+}
+
+// retryFired clears the timed claim's mark, as its timer runs.
+func (s *session) retryFired() {
+	s.mu.Lock()
+	s.retryArmed = false
+	s.mu.Unlock()
 }
 
 // claimFailed gives back the slots of a claim that failed; the backlog stays for the retry.

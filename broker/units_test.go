@@ -483,24 +483,34 @@ func TestWakeUpsClaimForTheSessionsTheyName(t *testing.T) {
 }
 
 // A session skipped by claim after claim (its row held by a transaction left open) is claimed
-// for less and less often, down to one claim every 1.6 s, and its reserved slots come back each
-// time; a claim that takes its turn starts the count again.
+// for less and less often, waiting as long as the row has been held (50 ms to 1.6 s), with one
+// timed claim at a time however many wake-ups meanwhile; its reserved slots come back each time,
+// and a claim that takes its turn starts over.
 func TestClaimsOfAHeldSessionBackOff(t *testing.T) {
 	s, _ := testSession("p", "m", "a")
-	var waits []time.Duration
-	for range 8 {
+	t0 := time.Now()
+	skip := func(at time.Duration) (bool, time.Duration, time.Duration) {
+		t.Helper()
 		limit, _, _, ok := s.claimStart(claimPage)
 		require.True(t, ok)
-		wait, _ := s.claimSkipped(limit)
-		waits = append(waits, wait)
+		return s.claimSkipped(limit, t0.Add(at))
 	}
 	ms := time.Millisecond
-	require.Equal(t, []time.Duration{50 * ms, 100 * ms, 200 * ms, 400 * ms, 800 * ms, 1600 * ms, 1600 * ms, 1600 * ms}, waits)
+	arm, wait, held := skip(0)
+	require.Equal(t, []any{true, 50 * ms, time.Duration(0)}, []any{arm, wait, held})
+	arm, _, _ = skip(10 * ms)
+	require.False(t, arm, "a wake-up's claim meanwhile times no second one")
+	s.retryFired()
+	arm, wait, held = skip(400 * ms)
+	require.Equal(t, []any{true, 400 * ms, 400 * ms}, []any{arm, wait, held})
+	s.retryFired()
+	arm, wait, held = skip(10 * time.Second)
+	require.Equal(t, []any{true, 1600 * ms, 10 * time.Second}, []any{arm, wait, held})
 	require.Equal(t, pushWindow, s.room(), "no slot kept by the skipped claims")
+
+	s.retryFired()
 	limit, _, req, _ := s.claimStart(claimPage)
 	s.claimDone(0, limit, req)
-	limit, _, _, _ = s.claimStart(claimPage)
-	wait, n := s.claimSkipped(limit)
-	require.Equal(t, 50*ms, wait)
-	require.Equal(t, 1, n)
+	_, wait, held = skip(11 * time.Second)
+	require.Equal(t, []any{50 * ms, time.Duration(0)}, []any{wait, held}, "the count starts over")
 }

@@ -241,8 +241,8 @@ type Client struct {
 	// writeErr is the write that broke the connection (see writeFrame), for the read loop's
 	// error.
 	writeErr atomic.Pointer[error]
-	closing    chan struct{} // closed by Close: unblocks the read loop's channel sends
-	done       chan struct{} // closed when the read loop has exited
+	closing  chan struct{} // closed by Close: unblocks the read loop's channel sends
+	done     chan struct{} // closed when the read loop has exited
 
 	// Written by the read loop before done is closed.
 	closeCode   int

@@ -61,9 +61,10 @@ type ClaimDeliveriesRow struct {
 // so a claim never outruns the socket. Held priorities are included only for sessions that
 // may be interrupted. Claimed rows are "pushed": they count as delivered only once written
 // (MarkDelivered) or acked, and go back to pending if the session ends first. The statement
-// is claudemesh.claim_deliveries (migration 00015), so its plan is made once per connection;
-// each session is claimed for at the epoch its socket owns (00041). A session whose row another
-// transaction holds is skipped, as a row with id 0 (00045).
+// is a function (claudemesh.claim_deliveries, 00015; claim_deliveries_skipping since 00045), so
+// its plan is made once per connection; each session is claimed for at the epoch its socket
+// owns (00041). A session whose row another transaction holds is skipped, as a row with id 0
+// (00045).
 func (q *Queries) ClaimDeliveries(ctx context.Context, arg ClaimDeliveriesParams) ([]ClaimDeliveriesRow, error) {
 	rows, err := q.db.Query(ctx, claimDeliveries,
 		arg.NodeID,

@@ -5,9 +5,10 @@
 -- so a claim never outruns the socket. Held priorities are included only for sessions that
 -- may be interrupted. Claimed rows are "pushed": they count as delivered only once written
 -- (MarkDelivered) or acked, and go back to pending if the session ends first. The statement
--- is claudemesh.claim_deliveries (migration 00015), so its plan is made once per connection;
--- each session is claimed for at the epoch its socket owns (00041). A session whose row another
--- transaction holds is skipped, as a row with id 0 (00045).
+-- is a function (claudemesh.claim_deliveries, 00015; claim_deliveries_skipping since 00045), so
+-- its plan is made once per connection; each session is claimed for at the epoch its socket
+-- owns (00041). A session whose row another transaction holds is skipped, as a row with id 0
+-- (00045).
 SELECT c.id::bigint AS id, coalesce(c.pushed_presence, '')::text AS pushed_presence, c.assigned::boolean AS assigned,
     c.envelope_id::text AS envelope_id, c.mesh_id::text AS mesh_id, c.sender_pubkey::text AS sender_pubkey,
     c.sender_member_pubkey::text AS sender_member_pubkey, c.priority::text AS priority, c.nonce::text AS nonce,
