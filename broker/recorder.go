@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"sort"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/claudemesh/broker/broker/store"
@@ -28,7 +29,20 @@ type recorder struct {
 	// recording is held from taking records off the queues until their statement is done, so
 	// that settle also waits for a statement in flight.
 	recording sync.Mutex
+	// drained is closed, and replaced, each time the queued acks are taken (under acks.mu);
+	// ackWait is how long a session's read waits for room in a full ack queue; ackWaiters
+	// counts the reads waiting.
+	drained    chan struct{}
+	ackWait    time.Duration
+	ackWaiters atomic.Int32
 }
+
+// maxQueuedAcks bounds the acks a replica holds before recording them. A client_ack has no
+// reply, so the reply window does not slow a client that floods them (up to 1,025 ids a frame,
+// the protocol's limit) while Postgres records slower. Past this, the read of each acking session waits for the recorder to take the queue,
+// at most ackWait, then queues its frame anyway: beyond the bound by at most one frame a
+// session a wait, and nothing acked is dropped.
+const maxQueuedAcks = 1 << 16
 
 // takenPush is an assigned push written to a session that acks, and when.
 type takenPush struct {
@@ -53,18 +67,57 @@ const (
 
 func newRecorder(st *store.Store, log *slog.Logger, m *Metrics) *recorder {
 	r := &recorder{store: st, log: log, metrics: m, acks: newQueue[store.Ack](), written: newQueue[int64](),
-		taken: newQueue[takenPush](), now: time.Now}
+		taken: newQueue[takenPush](), now: time.Now, drained: make(chan struct{}), ackWait: DefaultStallTimeout}
 	r.written.wake = r.acks.wake // acks and writes linger together; taken pushes longer
 	return r
 }
 
-// acked queues a session's client_ack of message ids.
+// acked queues a session's client_ack of message ids, once the queue has room (maxQueuedAcks).
 func (r *recorder) acked(sess *session, ids []string) {
+	r.awaitAckRoom()
 	acks := make([]store.Ack, len(ids))
 	for i, id := range ids {
 		acks[i] = store.Ack{EnvelopeID: id, MemberID: sess.memberID, SessionPubkey: sess.sessionPubkey, SessionID: sess.sessionID}
 	}
 	r.acks.add(acks...)
+}
+
+// awaitAckRoom waits, at most ackWait, while maxQueuedAcks acks are queued.
+func (r *recorder) awaitAckRoom() {
+	var timer *time.Timer
+	for {
+		r.acks.mu.Lock()
+		if len(r.acks.items) < maxQueuedAcks {
+			r.acks.mu.Unlock()
+			return
+		}
+		drained := r.drained
+		r.acks.mu.Unlock()
+		if timer == nil {
+			timer = time.NewTimer(r.ackWait)
+			defer timer.Stop()
+		}
+		r.ackWaiters.Add(1)
+		select {
+		case <-drained:
+			r.ackWaiters.Add(-1)
+		case <-timer.C:
+			r.ackWaiters.Add(-1)
+			return
+		}
+	}
+}
+
+// takeAcks takes the queued acks and wakes the reads waiting for room.
+func (r *recorder) takeAcks() []store.Ack {
+	r.acks.mu.Lock()
+	acks := r.acks.items
+	r.acks.items = nil
+	drained := r.drained
+	r.drained = make(chan struct{})
+	r.acks.mu.Unlock()
+	close(drained)
+	return acks
 }
 
 // wrote queues a delivery whose push was written to a session that does not ack.
@@ -170,7 +223,7 @@ func (r *recorder) takeTaken(cutoff time.Time) []int64 {
 func (r *recorder) flush(ctx context.Context, cutoff time.Time) {
 	r.recording.Lock()
 	defer r.recording.Unlock()
-	r.record(ctx, r.acks.take(), r.written.take(), r.takeTaken(cutoff))
+	r.record(ctx, r.takeAcks(), r.written.take(), r.takeTaken(cutoff))
 }
 
 // settle records the acks and writes queued so far, after any statement already recording
@@ -183,7 +236,7 @@ func (r *recorder) flush(ctx context.Context, cutoff time.Time) {
 func (r *recorder) settle(ctx context.Context) error {
 	r.recording.Lock()
 	defer r.recording.Unlock()
-	acks, written := r.acks.take(), r.written.take()
+	acks, written := r.takeAcks(), r.written.take()
 	if len(acks)+len(written) == 0 {
 		return nil
 	}

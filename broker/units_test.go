@@ -13,6 +13,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/claudemesh/broker/broker/store"
+	"github.com/claudemesh/broker/db/dbtest"
 	"github.com/claudemesh/broker/pgbus"
 	"github.com/claudemesh/broker/protocol"
 )
@@ -513,4 +514,30 @@ func TestClaimsOfAHeldSessionBackOff(t *testing.T) {
 	s.claimDone(0, limit, req)
 	_, wait, held = skip(11 * time.Second)
 	require.Equal(t, []any{50 * ms, time.Duration(0)}, []any{wait, held}, "the count starts over")
+}
+
+// A client_ack has no reply, so the reply window does not slow a client that floods them. The
+// replica holds at most maxQueuedAcks before recording them: past that, an acking session's
+// read waits until the recorder takes the queue (or ackWait passes, then queues its frame
+// anyway); nothing acked is dropped.
+func TestAcksQueuedForRecordingAreBounded(t *testing.T) {
+	r := newRecorder(nil, nil, nil)
+	s, _ := testSession("p", "m", "a")
+	r.acks.add(make([]store.Ack, maxQueuedAcks)...)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		r.acked(s, []string{"e1", "e2"})
+	}()
+	dbtest.WaitFor(t, 10*time.Second, "the ack waiting for room", func() bool { return r.ackWaiters.Load() == 1 })
+	require.Equal(t, maxQueuedAcks, r.acks.len(), "not queued while the queue is full")
+	require.Len(t, r.takeAcks(), maxQueuedAcks)
+	<-done
+	require.Equal(t, []string{"e1", "e2"}, []string{r.acks.items[0].EnvelopeID, r.acks.items[1].EnvelopeID}, "queued once there was room")
+
+	// A recorder that does not catch up within ackWait: the frame is queued anyway.
+	r.ackWait = time.Millisecond
+	r.acks.add(make([]store.Ack, maxQueuedAcks)...)
+	r.acked(s, []string{"e3"})
+	require.Equal(t, maxQueuedAcks+3, r.acks.len())
 }
