@@ -74,7 +74,7 @@ func newRecorder(st *store.Store, log *slog.Logger, m *Metrics) *recorder {
 
 // acked queues a session's client_ack of message ids, once the queue has room (maxQueuedAcks).
 func (r *recorder) acked(sess *session, ids []string) {
-	r.awaitAckRoom()
+	r.awaitAckRoom(sess)
 	acks := make([]store.Ack, len(ids))
 	for i, id := range ids {
 		acks[i] = store.Ack{EnvelopeID: id, MemberID: sess.memberID, SessionPubkey: sess.sessionPubkey, SessionID: sess.sessionID}
@@ -82,10 +82,15 @@ func (r *recorder) acked(sess *session, ids []string) {
 	r.acks.add(acks...)
 }
 
-// awaitAckRoom waits, at most ackWait, while maxQueuedAcks acks are queued.
-func (r *recorder) awaitAckRoom() {
+// awaitAckRoom waits, at most ackWait, while maxQueuedAcks acks are queued. A closed session
+// does not wait (its acks still spare its recipient a duplicate), and the recorder is woken:
+// a queue refilled after a failed settle put its acks back would otherwise wait for company.
+func (r *recorder) awaitAckRoom(sess *session) {
 	var timer *time.Timer
 	for {
+		if sess.isClosed() {
+			return
+		}
 		r.acks.mu.Lock()
 		if len(r.acks.items) < maxQueuedAcks {
 			r.acks.mu.Unlock()
@@ -93,6 +98,10 @@ func (r *recorder) awaitAckRoom() {
 		}
 		drained := r.drained
 		r.acks.mu.Unlock()
+		select {
+		case r.acks.wake <- struct{}{}:
+		default:
+		}
 		if timer == nil {
 			timer = time.NewTimer(r.ackWait)
 			defer timer.Stop()

@@ -112,6 +112,9 @@ func NewServer(cfg Config, pool *pgxpool.Pool, logger *slog.Logger) (*Server, er
 	sig := signals{bus: bus, nodeID: nodeID}
 	refusals := newSampledLog(s.log, 5, 20)
 	s.recorder = newRecorder(s.store, s.log, s.metrics)
+	if cfg.StallTimeout > 0 {
+		s.recorder.ackWait = cfg.StallTimeout
+	}
 	s.pusher = newPusher(s.store, nodeID, s.log, s.metrics, s.hub)
 	s.ender = newEnder(s.store, nodeID, cfg.Grace(), s.recorder.settle, s.log, s.metrics)
 	pl := &planner{ttl: cfg.MessageTTL, now: time.Now}

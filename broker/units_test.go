@@ -540,4 +540,10 @@ func TestAcksQueuedForRecordingAreBounded(t *testing.T) {
 	r.acks.add(make([]store.Ack, maxQueuedAcks)...)
 	r.acked(s, []string{"e3"})
 	require.Equal(t, maxQueuedAcks+3, r.acks.len())
+
+	// A closed session's read does not wait: its acks are queued at once.
+	r.ackWait = time.Hour
+	s.markClosed()
+	r.acked(s, []string{"e4"})
+	require.Equal(t, maxQueuedAcks+4, r.acks.len())
 }

@@ -12,6 +12,7 @@ import (
 	"context"
 	"crypto/ed25519"
 	"crypto/rand"
+	"crypto/tls"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -535,10 +536,10 @@ func (c *Client) setReadErr(err error) {
 	switch {
 	case c.closedByUs.Load():
 		c.err = ErrClosed
+	case ce != nil: // the broker's close (a kick, a revocation) wins over a write it broke
+		c.err = &CloseError{Code: ce.Code, Reason: ce.Text}
 	case c.writeErr.Load() != nil:
 		c.err = fmt.Errorf("write: %w", *c.writeErr.Load())
-	case ce != nil:
-		c.err = &CloseError{Code: ce.Code, Reason: ce.Text}
 	default:
 		c.err = fmt.Errorf("read: %w", err)
 	}
@@ -609,19 +610,21 @@ func (c *Client) write(ctx context.Context, m protocol.ClientMessage) error {
 }
 
 func (c *Client) writeFrame(ctx context.Context, frame []byte) error {
+	c.writeMu.Lock()
+	defer c.writeMu.Unlock()
+	// After the lock: a context that ended while another write held it fails here, and never
+	// as a write cut short, which would end the connection for everyone.
 	if err := ctx.Err(); err != nil {
 		return err
 	}
-	deadline := time.Now().Add(c.writeTimeout)
-	if d, ok := ctx.Deadline(); ok && d.Before(deadline) {
-		deadline = d
-	}
-	c.writeMu.Lock()
-	defer c.writeMu.Unlock()
 	select {
 	case <-c.done:
 		return c.connErr()
 	default:
+	}
+	deadline := time.Now().Add(c.writeTimeout)
+	if d, ok := ctx.Deadline(); ok && d.Before(deadline) {
+		deadline = d
 	}
 	_ = c.conn.SetWriteDeadline(deadline)
 	if err := c.conn.WriteMessage(websocket.TextMessage, frame); err != nil {
@@ -631,7 +634,13 @@ func (c *Client) writeFrame(ctx context.Context, frame []byte) error {
 		// and the caller reconnects, rather than every later request failing at once on a
 		// connection that still looks alive.
 		c.writeErr.CompareAndSwap(nil, &err)
-		_ = c.conn.UnderlyingConn().Close()
+		conn := c.conn.UnderlyingConn()
+		if tc, ok := conn.(*tls.Conn); ok {
+			// Not tls.Conn.Close: it would first try to write a close_notify into the full
+			// socket, for up to 5 s, with the write lock held.
+			conn = tc.NetConn()
+		}
+		_ = conn.Close()
 		return err
 	}
 	return nil
