@@ -31,6 +31,7 @@ const (
 	claimHeldLogged = 5 * time.Second
 )
 
+// errSessionRowHeld is what the log says of a session whose row has been held claimHeldLogged.
 var errSessionRowHeld = errors.New("a session's row has been held by another transaction for seconds; its deliveries wait")
 
 // pusher claims pending deliveries for this node's sessions and pushes them. A wake-up marks a

@@ -39,9 +39,9 @@ type recorder struct {
 
 // maxQueuedAcks bounds the acks a replica holds before recording them. A client_ack has no
 // reply, so the reply window does not slow a client that floods them (up to 1,025 ids a frame,
-// the protocol's limit) while Postgres records slower. Past this, the read of each acking session waits for the recorder to take the queue,
-// at most ackWait, then queues its frame anyway: beyond the bound by at most one frame a
-// session a wait, and nothing acked is dropped.
+// the protocol's limit) while Postgres records slower. Past this, the read of each acking
+// session waits for the recorder to take the queue, at most ackWait, then queues its frame
+// anyway: beyond the bound by at most one frame a session a wait, and nothing acked is dropped.
 const maxQueuedAcks = 1 << 16
 
 // takenPush is an assigned push written to a session that acks, and when.
