@@ -7,6 +7,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	neturl "net/url"
+	"strings"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -25,9 +27,15 @@ func NotFound(err error) error {
 	return err
 }
 
-// PoolConfig tunes a pool; zero values mean the defaults below.
+// PoolConfig tunes a pool; zero values mean the defaults below. DATABASE_URL's own pool_*
+// settings (pool_max_conns, pool_min_idle_conns, pool_max_conn_lifetime_jitter, ...) win over
+// these: an operator sizing a fleet's connections sets them there.
 type PoolConfig struct {
 	MaxConns int32
+	// MinIdle connections are kept open beyond those in use, opened in the background: a
+	// replica's next burst finds one ready instead of connecting first (TCP, TLS and start-up:
+	// several round trips at multi-region distance, and a fresh backend).
+	MinIdle int32
 	// AppName shows in pg_stat_activity, so an operator can tell replicas apart.
 	AppName string
 }
@@ -38,6 +46,11 @@ const idlePing = 30 * time.Second
 // DefaultMaxConns leaves room for several replicas on a default max_connections=100 server.
 const DefaultMaxConns = 16
 
+// ReplicaMinIdle is a replica's spare connections (PoolConfig.MinIdle): two, so a burst that
+// needs one or two more than its steady use finds them open; more would hold backends on an
+// idle fleet for little.
+const ReplicaMinIdle = 2
+
 // NewPool opens a pool. It does not fail when Postgres is down: the broker must start and
 // report degraded health, then recover on its own when the database comes back.
 func NewPool(ctx context.Context, url string, cfg PoolConfig) (*pgxpool.Pool, error) {
@@ -45,9 +58,22 @@ func NewPool(ctx context.Context, url string, cfg PoolConfig) (*pgxpool.Pool, er
 	if err != nil {
 		return nil, fmt.Errorf("parse DATABASE_URL: %w", err)
 	}
-	pc.MaxConns = DefaultMaxConns
-	if cfg.MaxConns > 0 {
-		pc.MaxConns = cfg.MaxConns
+	set := poolSettings(url)
+	if !set["pool_max_conns"] {
+		pc.MaxConns = DefaultMaxConns
+		if cfg.MaxConns > 0 {
+			pc.MaxConns = cfg.MaxConns
+		}
+	}
+	if !set["pool_min_idle_conns"] {
+		pc.MinIdleConns = min(cfg.MinIdle, pc.MaxConns)
+	}
+	// Connections opened together (a replica's start, a burst) would all reach their
+	// lifetime (an hour) together and be replaced together, each replacement a cold backend
+	// that connects, compiles the broker's functions and plans their statements on the
+	// request path: a latency spike every hour. Spread over the half hour after.
+	if !set["pool_max_conn_lifetime_jitter"] && pc.MaxConnLifetime > 0 {
+		pc.MaxConnLifetimeJitter = pc.MaxConnLifetime / 2
 	}
 	if cfg.AppName != "" {
 		pc.ConnConfig.RuntimeParams["application_name"] = cfg.AppName
@@ -70,6 +96,25 @@ func NewPool(ctx context.Context, url string, cfg PoolConfig) (*pgxpool.Pool, er
 		return nil, fmt.Errorf("open pool: %w", err)
 	}
 	return pool, nil
+}
+
+// poolSettings says which of pgxpool's pool_* settings the connection string sets (URL query
+// parameters or key=value pairs; pgxpool.ParseConfig parses both and keeps no record of which
+// it found).
+func poolSettings(connString string) map[string]bool {
+	set := map[string]bool{}
+	if u, err := neturl.Parse(connString); err == nil && (u.Scheme == "postgres" || u.Scheme == "postgresql") {
+		for k := range u.Query() {
+			set[k] = true
+		}
+		return set
+	}
+	for _, f := range strings.Fields(connString) {
+		if k, _, ok := strings.Cut(f, "="); ok {
+			set[strings.TrimSpace(k)] = true
+		}
+	}
+	return set
 }
 
 // HelloWaitingSQL is the generated HelloWaiting statement, for a caller that sends it in the

@@ -93,7 +93,7 @@ func runDev(ctx context.Context, cmd *cobra.Command, url string, cfg broker.Conf
 		}
 	}()
 	for i := 1; i <= replicas; i++ {
-		pool, err := db.NewPool(ctx, replicaURL, db.PoolConfig{AppName: fmt.Sprintf("claudemesh-dev-%d", i)})
+		pool, err := db.NewPool(ctx, replicaURL, db.PoolConfig{MinIdle: db.ReplicaMinIdle, AppName: fmt.Sprintf("claudemesh-dev-%d", i)})
 		if err != nil {
 			return err
 		}

@@ -242,7 +242,7 @@ func migrateWithRetry(ctx context.Context, url string, logger *slog.Logger) erro
 }
 
 func serve(ctx context.Context, url string, cfg broker.Config, logger *slog.Logger) error {
-	pool, err := db.NewPool(ctx, url, db.PoolConfig{AppName: "claudemesh-broker"})
+	pool, err := db.NewPool(ctx, url, db.PoolConfig{MinIdle: db.ReplicaMinIdle, AppName: "claudemesh-broker"})
 	if err != nil {
 		return err
 	}
