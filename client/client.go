@@ -18,6 +18,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"net/http"
 	"strconv"
 	"sync"
@@ -102,6 +103,9 @@ type Options struct {
 	// hostname, peerType ("ai", "human"), channel (the CLI's
 	// "claudemesh-daemon", "claudemesh-session"), model.
 	Hostname, PeerType, Channel, Model string
+
+	// netDial, when set, opens the TCP connection (tests wrap it to stall writes).
+	netDial func(ctx context.Context, network, addr string) (net.Conn, error)
 }
 
 // SessionOptions are a launched session's credentials: its own key, which
@@ -242,6 +246,7 @@ type Client struct {
 	// writeErr is the write that broke the connection (see writeFrame), for the read loop's
 	// error.
 	writeErr atomic.Pointer[error]
+	ponging  atomic.Bool   // a pong is being written (onPing)
 	closing  chan struct{} // closed by Close: unblocks the read loop's channel sends
 	done     chan struct{} // closed when the read loop has exited
 
@@ -267,7 +272,8 @@ func Dial(ctx context.Context, opts Options) (*Client, error) {
 	ctx, cancel := context.WithTimeout(ctx, opts.HandshakeTimeout)
 	defer cancel()
 
-	dialer := websocket.Dialer{Proxy: http.ProxyFromEnvironment, HandshakeTimeout: opts.HandshakeTimeout}
+	dialer := websocket.Dialer{Proxy: http.ProxyFromEnvironment, HandshakeTimeout: opts.HandshakeTimeout,
+		NetDialContext: opts.netDial}
 	conn, resp, err := dialer.DialContext(ctx, opts.URL, opts.Header)
 	if resp != nil && resp.Body != nil {
 		_ = resp.Body.Close()
@@ -471,13 +477,27 @@ func (c *Client) Close() error {
 	return nil
 }
 
+// onPing answers from another goroutine: the read loop must not wait for the writer. A pong
+// written here waited behind any write in progress, up to its timeout (a full socket, the
+// broker not reading), and the read loop with it, so the broker's frames to a client that
+// was only waiting to write piled up as for one that stopped reading. One pong at a time: a
+// ping that comes while one is waiting adds nothing to it (either tells the broker the
+// client is there). A pong cut short breaks the connection for the next write, which ends
+// it (writeFrame); one with nothing else to write ends at the broker's pong deadline.
 func (c *Client) onPing(appData string) error {
 	_ = c.conn.SetReadDeadline(time.Now().Add(c.idleTimeout))
-	err := c.conn.WriteControl(websocket.PongMessage, []byte(appData), time.Now().Add(c.writeTimeout))
-	if err == websocket.ErrCloseSent {
-		return nil // as gorilla's default handler: the close is under way
+	if !c.ponging.CompareAndSwap(false, true) {
+		return nil
 	}
-	return err
+	data := []byte(appData)
+	go func() {
+		defer c.ponging.Store(false)
+		err := c.conn.WriteControl(websocket.PongMessage, data, time.Now().Add(c.writeTimeout))
+		if err != nil && err != websocket.ErrCloseSent {
+			c.log.Debug("pong not written", "err", err)
+		}
+	}()
+	return nil
 }
 
 func (c *Client) readLoop() {

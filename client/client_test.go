@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"os"
 	"strings"
 	"sync"
 	"testing"
@@ -812,4 +813,95 @@ func TestWriteTimeoutEndsTheConnection(t *testing.T) {
 	require.ErrorContains(t, c.Err(), "write")
 	_, err = c.Send(ctxT(t), "peer", protocol.PriorityNow, "n", "c", "")
 	require.Error(t, err, "a later request fails as the connection's end, not as a write")
+}
+
+// stallConn holds its writes while stalled, as a socket whose peer stopped reading does: a
+// write waits until the gate opens or its deadline passes.
+type stallConn struct {
+	net.Conn
+	mu       sync.Mutex
+	stalled  bool
+	deadline time.Time
+	open     chan struct{} // closed: writes go through again
+	waiting  chan struct{} // closed when a write first waits
+	once     sync.Once
+}
+
+func (c *stallConn) SetWriteDeadline(t time.Time) error {
+	c.mu.Lock()
+	c.deadline = t
+	c.mu.Unlock()
+	return c.Conn.SetWriteDeadline(t)
+}
+
+func (c *stallConn) Write(p []byte) (int, error) {
+	c.mu.Lock()
+	stalled, deadline := c.stalled, c.deadline
+	c.mu.Unlock()
+	if stalled {
+		c.once.Do(func() { close(c.waiting) })
+		var timeout <-chan time.Time
+		if !deadline.IsZero() {
+			timer := time.NewTimer(time.Until(deadline))
+			defer timer.Stop()
+			timeout = timer.C
+		}
+		select {
+		case <-c.open:
+		case <-timeout:
+			return 0, os.ErrDeadlineExceeded
+		}
+	}
+	return c.Conn.Write(p)
+}
+
+// A ping that arrives while a write waits on a full socket is answered without stopping the
+// read loop: pushes and replies keep coming in. A read loop that waited to write the pong
+// stopped reading for as long as the write waited (up to its timeout), so the broker's frames
+// to a client that was only waiting to write piled up, as for a client that stopped reading.
+func TestPingDuringAStalledWriteKeepsReading(t *testing.T) {
+	ready := make(chan struct{})
+	release := make(chan struct{})
+	fb := newFakeBroker(t, func(c *brokerConn) {
+		c.acceptHello()
+		<-ready
+		c.mu.Lock()
+		require.NoError(t, c.ws.WriteControl(websocket.PingMessage, []byte("p"), time.Now().Add(5*time.Second)))
+		c.mu.Unlock()
+		c.send(protocol.Push{MessageID: "after-ping"})
+		<-release
+	})
+	sc := &stallConn{open: make(chan struct{}), waiting: make(chan struct{})}
+	opts := testOptions(t, fb.url(), newKeys(t))
+	opts.WriteTimeout = time.Minute // longer than the test waits for the push
+	opts.netDial = func(ctx context.Context, network, addr string) (net.Conn, error) {
+		conn, err := (&net.Dialer{}).DialContext(ctx, network, addr)
+		sc.Conn = conn
+		return sc, err
+	}
+	c := dial(t, opts)
+	t.Cleanup(func() {
+		close(sc.open)
+		close(release)
+	})
+
+	sc.mu.Lock()
+	sc.stalled = true
+	sc.mu.Unlock()
+	writeDone := make(chan error, 1)
+	go func() { writeDone <- c.SetSummary(context.Background(), "waits on a full socket") }()
+	<-sc.waiting // the write holds the connection's writer, waiting
+	close(ready)
+
+	select {
+	case p := <-c.Pushes():
+		require.Equal(t, "after-ping", p.MessageID)
+	case <-time.After(10 * time.Second):
+		t.Fatal("the read loop stopped at the ping while a write waited")
+	}
+	select {
+	case err := <-writeDone:
+		t.Fatalf("the stalled write ended early: %v", err)
+	default:
+	}
 }
