@@ -246,9 +246,10 @@ type Client struct {
 	// writeErr is the write that broke the connection (see writeFrame), for the read loop's
 	// error.
 	writeErr atomic.Pointer[error]
-	ponging  atomic.Bool   // a pong is being written (onPing)
-	closing  chan struct{} // closed by Close: unblocks the read loop's channel sends
-	done     chan struct{} // closed when the read loop has exited
+	ponging  atomic.Bool    // a pong is being written (onPing)
+	pongs    sync.WaitGroup // that pong's goroutine, for Close
+	closing  chan struct{}  // closed by Close: unblocks the read loop's channel sends
+	done     chan struct{}  // closed when the read loop has exited
 
 	// Written by the read loop before done is closed.
 	closeCode   int
@@ -299,9 +300,7 @@ func Dial(ctx context.Context, opts Options) (*Client, error) {
 		closing:      make(chan struct{}),
 		done:         make(chan struct{}),
 	}
-	if c.idleTimeout > 0 {
-		c.conn.SetPingHandler(c.onPing) // before the read loop: a read-side setter
-	}
+	c.conn.SetPingHandler(c.onPing) // before the read loop: a read-side setter
 	go c.readLoop()
 
 	if err := c.write(ctx, buildHello(&opts)); err != nil {
@@ -474,6 +473,7 @@ func (c *Client) Close() error {
 		_ = c.conn.Close()
 	})
 	<-c.done
+	c.pongs.Wait() // a pong's write ends with the connection
 	return nil
 }
 
@@ -482,18 +482,28 @@ func (c *Client) Close() error {
 // broker not reading), and the read loop with it, so the broker's frames to a client that
 // was only waiting to write piled up as for one that stopped reading. One pong at a time: a
 // ping that comes while one is waiting adds nothing to it (either tells the broker the
-// client is there). A pong cut short breaks the connection for the next write, which ends
-// it (writeFrame); one with nothing else to write ends at the broker's pong deadline.
+// client is there).
 func (c *Client) onPing(appData string) error {
-	_ = c.conn.SetReadDeadline(time.Now().Add(c.idleTimeout))
+	if c.idleTimeout > 0 {
+		_ = c.conn.SetReadDeadline(time.Now().Add(c.idleTimeout))
+	}
 	if !c.ponging.CompareAndSwap(false, true) {
 		return nil
 	}
 	data := []byte(appData)
+	c.pongs.Add(1)
 	go func() {
+		defer c.pongs.Done()
 		defer c.ponging.Store(false)
 		err := c.conn.WriteControl(websocket.PongMessage, data, time.Now().Add(c.writeTimeout))
-		if err != nil && err != websocket.ErrCloseSent {
+		var opErr *net.OpError
+		switch {
+		case err == nil, err == websocket.ErrCloseSent, c.closedByUs.Load():
+		case errors.As(err, &opErr):
+			// The socket failed under the pong, maybe partway through it: as for any write.
+			c.brokenWrite(err)
+		default:
+			// It waited its timeout for the writer, busy with other frames: nothing written.
 			c.log.Debug("pong not written", "err", err)
 		}
 	}()
@@ -648,22 +658,26 @@ func (c *Client) writeFrame(ctx context.Context, frame []byte) error {
 	}
 	_ = c.conn.SetWriteDeadline(deadline)
 	if err := c.conn.WriteMessage(websocket.TextMessage, frame); err != nil {
-		// A failed write (its deadline passed: the broker stopped reading, under its
-		// back-pressure or over a dead link) may have left part of a frame on the wire, and
-		// gorilla/websocket fails every write after it. The connection is ended, so Done fires
-		// and the caller reconnects, rather than every later request failing at once on a
-		// connection that still looks alive.
-		c.writeErr.CompareAndSwap(nil, &err)
-		conn := c.conn.UnderlyingConn()
-		if tc, ok := conn.(*tls.Conn); ok {
-			// Not tls.Conn.Close: it would first try to write a close_notify into the full
-			// socket, for up to 5 s, with the write lock held.
-			conn = tc.NetConn()
-		}
-		_ = conn.Close()
+		c.brokenWrite(err)
 		return err
 	}
 	return nil
+}
+
+// brokenWrite ends the connection after a failed write. The write (its deadline passed: the
+// broker stopped reading, under its back-pressure or over a dead link) may have left part of
+// a frame on the wire, and gorilla/websocket fails every write after it. Ending the connection
+// makes Done fire and the caller reconnect, rather than every later request failing at once
+// on a connection that still looks alive.
+func (c *Client) brokenWrite(err error) {
+	c.writeErr.CompareAndSwap(nil, &err)
+	conn := c.conn.UnderlyingConn()
+	if tc, ok := conn.(*tls.Conn); ok {
+		// Not tls.Conn.Close: it would first try to write a close_notify into the full
+		// socket, for up to 5 s, with the write lock held.
+		conn = tc.NetConn()
+	}
+	_ = conn.Close()
 }
 
 // Request sends m with a fresh _reqId (set on m) and waits for the reply

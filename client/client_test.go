@@ -13,6 +13,7 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -821,6 +822,7 @@ type stallConn struct {
 	net.Conn
 	mu       sync.Mutex
 	stalled  bool
+	broken   bool // writes fail at once, as on a reset socket
 	deadline time.Time
 	open     chan struct{} // closed: writes go through again
 	waiting  chan struct{} // closed when a write first waits
@@ -836,8 +838,11 @@ func (c *stallConn) SetWriteDeadline(t time.Time) error {
 
 func (c *stallConn) Write(p []byte) (int, error) {
 	c.mu.Lock()
-	stalled, deadline := c.stalled, c.deadline
+	stalled, broken, deadline := c.stalled, c.broken, c.deadline
 	c.mu.Unlock()
+	if broken {
+		return 0, &net.OpError{Op: "write", Net: "tcp", Err: syscall.ECONNRESET}
+	}
 	if stalled {
 		c.once.Do(func() { close(c.waiting) })
 		var timeout <-chan time.Time
@@ -904,4 +909,35 @@ func TestPingDuringAStalledWriteKeepsReading(t *testing.T) {
 		t.Fatalf("the stalled write ended early: %v", err)
 	default:
 	}
+}
+
+// A pong that the socket fails ends the connection, as any failed write does: a client that
+// only listens learns at once, not at the broker's pong deadline.
+func TestFailedPongEndsTheConnection(t *testing.T) {
+	ready := make(chan struct{})
+	fb := newFakeBroker(t, func(c *brokerConn) {
+		c.acceptHello()
+		<-ready
+		c.mu.Lock()
+		_ = c.ws.WriteControl(websocket.PingMessage, []byte("p"), time.Now().Add(5*time.Second))
+		c.mu.Unlock()
+	})
+	sc := &stallConn{open: make(chan struct{}), waiting: make(chan struct{})}
+	opts := testOptions(t, fb.url(), newKeys(t))
+	opts.netDial = func(ctx context.Context, network, addr string) (net.Conn, error) {
+		conn, err := (&net.Dialer{}).DialContext(ctx, network, addr)
+		sc.Conn = conn
+		return sc, err
+	}
+	c := dial(t, opts)
+	sc.mu.Lock()
+	sc.broken = true
+	sc.mu.Unlock()
+	close(ready)
+	select {
+	case <-c.Done():
+	case <-time.After(10 * time.Second):
+		t.Fatal("the connection is still open after its pong failed")
+	}
+	require.ErrorContains(t, c.Err(), "write")
 }

@@ -7,11 +7,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	neturl "net/url"
 	"strings"
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 )
 
@@ -58,15 +58,23 @@ func NewPool(ctx context.Context, url string, cfg PoolConfig) (*pgxpool.Pool, er
 	if err != nil {
 		return nil, fmt.Errorf("parse DATABASE_URL: %w", err)
 	}
-	set := poolSettings(url)
+	set, err := poolSettings(url)
+	if err != nil {
+		return nil, fmt.Errorf("parse DATABASE_URL: %w", err)
+	}
 	if !set["pool_max_conns"] {
 		pc.MaxConns = DefaultMaxConns
 		if cfg.MaxConns > 0 {
 			pc.MaxConns = cfg.MaxConns
 		}
 	}
+	// The spares are also the floor (MinConns): above it pgxpool closes a connection idle for
+	// 30 minutes, so an idle replica's spares would be closed and reopened every half hour.
 	if !set["pool_min_idle_conns"] {
 		pc.MinIdleConns = min(cfg.MinIdle, pc.MaxConns)
+	}
+	if !set["pool_min_conns"] {
+		pc.MinConns = min(cfg.MinIdle, pc.MaxConns)
 	}
 	// Connections opened together (a replica's start, a burst) would all reach their
 	// lifetime (an hour) together and be replaced together, each replacement a cold backend
@@ -98,23 +106,33 @@ func NewPool(ctx context.Context, url string, cfg PoolConfig) (*pgxpool.Pool, er
 	return pool, nil
 }
 
-// poolSettings says which of pgxpool's pool_* settings the connection string sets (URL query
-// parameters or key=value pairs; pgxpool.ParseConfig parses both and keeps no record of which
-// it found).
-func poolSettings(connString string) map[string]bool {
+// poolSettings says which of pgxpool's pool_* settings the connection string sets. pgxpool
+// reads them from the settings pgconn parses (URL, key=value string, service file, with their
+// quoting) and keeps no record of which it found, so they are read the same way here.
+func poolSettings(connString string) (map[string]bool, error) {
+	cc, err := pgconn.ParseConfig(connString)
+	if err != nil {
+		return nil, err
+	}
 	set := map[string]bool{}
-	if u, err := neturl.Parse(connString); err == nil && (u.Scheme == "postgres" || u.Scheme == "postgresql") {
-		for k := range u.Query() {
+	for k := range cc.RuntimeParams {
+		if strings.HasPrefix(k, "pool_") {
 			set[k] = true
 		}
-		return set
 	}
-	for _, f := range strings.Fields(connString) {
-		if k, _, ok := strings.Cut(f, "="); ok {
-			set[strings.TrimSpace(k)] = true
+	return set, nil
+}
+
+// WithoutPoolSettings is cc without pgxpool's pool_* settings, for a connection opened
+// outside a pool: Postgres would refuse them as unknown parameters.
+func WithoutPoolSettings(cc *pgx.ConnConfig) *pgx.ConnConfig {
+	cc = cc.Copy()
+	for k := range cc.RuntimeParams {
+		if strings.HasPrefix(k, "pool_") {
+			delete(cc.RuntimeParams, k)
 		}
 	}
-	return set
+	return cc
 }
 
 // HelloWaitingSQL is the generated HelloWaiting statement, for a caller that sends it in the

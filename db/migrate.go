@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/stdlib"
 	"github.com/pressly/goose/v3"
 	"github.com/pressly/goose/v3/lock"
@@ -29,11 +30,12 @@ type Migrator struct {
 
 // NewMigrator opens a dedicated database/sql handle (goose needs one) for url.
 func NewMigrator(url string, logger *slog.Logger) (*Migrator, error) {
-	sqlDB, err := sql.Open("pgx", url)
+	cc, err := pgx.ParseConfig(url)
 	if err != nil {
-		return nil, fmt.Errorf("open migration connection: %w", err)
+		return nil, fmt.Errorf("parse DATABASE_URL: %w", err)
 	}
-	_ = stdlib.GetDefaultDriver() // registers "pgx"
+	// DATABASE_URL may carry the replicas' pool settings (pool_max_conns, ...).
+	sqlDB := stdlib.OpenDB(*WithoutPoolSettings(cc))
 	locker, err := lock.NewPostgresSessionLocker(
 		lock.WithLockID(migrationLockID),
 		// Poll every second, for up to five minutes: a racing replica waits, it doesn't fail.
