@@ -860,6 +860,17 @@ func (c *stallConn) Write(p []byte) (int, error) {
 	return c.Conn.Write(p)
 }
 
+// dialStallable dials through a stallConn, which the test then stalls or breaks.
+func dialStallable(t *testing.T, opts Options) (*Client, *stallConn) {
+	sc := &stallConn{open: make(chan struct{}), waiting: make(chan struct{})}
+	opts.netDial = func(ctx context.Context, network, addr string) (net.Conn, error) {
+		conn, err := (&net.Dialer{}).DialContext(ctx, network, addr)
+		sc.Conn = conn
+		return sc, err
+	}
+	return dial(t, opts), sc
+}
+
 // A ping that arrives while a write waits on a full socket is answered without stopping the
 // read loop: pushes and replies keep coming in. A read loop that waited to write the pong
 // stopped reading for as long as the write waited (up to its timeout), so the broker's frames
@@ -876,15 +887,9 @@ func TestPingDuringAStalledWriteKeepsReading(t *testing.T) {
 		c.send(protocol.Push{MessageID: "after-ping"})
 		<-release
 	})
-	sc := &stallConn{open: make(chan struct{}), waiting: make(chan struct{})}
 	opts := testOptions(t, fb.url(), newKeys(t))
 	opts.WriteTimeout = time.Minute // longer than the test waits for the push
-	opts.netDial = func(ctx context.Context, network, addr string) (net.Conn, error) {
-		conn, err := (&net.Dialer{}).DialContext(ctx, network, addr)
-		sc.Conn = conn
-		return sc, err
-	}
-	c := dial(t, opts)
+	c, sc := dialStallable(t, opts)
 	t.Cleanup(func() {
 		close(sc.open)
 		close(release)
@@ -922,14 +927,7 @@ func TestFailedPongEndsTheConnection(t *testing.T) {
 		_ = c.ws.WriteControl(websocket.PingMessage, []byte("p"), time.Now().Add(5*time.Second))
 		c.mu.Unlock()
 	})
-	sc := &stallConn{open: make(chan struct{}), waiting: make(chan struct{})}
-	opts := testOptions(t, fb.url(), newKeys(t))
-	opts.netDial = func(ctx context.Context, network, addr string) (net.Conn, error) {
-		conn, err := (&net.Dialer{}).DialContext(ctx, network, addr)
-		sc.Conn = conn
-		return sc, err
-	}
-	c := dial(t, opts)
+	c, sc := dialStallable(t, testOptions(t, fb.url(), newKeys(t)))
 	sc.mu.Lock()
 	sc.broken = true
 	sc.mu.Unlock()
