@@ -137,7 +137,7 @@ func TestStoppedReaderIsClosedAndLosesNothing(t *testing.T) {
 	// connection gets, is everything.
 	require.Contains(t, []int{protocol.CloseSlowConsumer, websocket.CloseAbnormalClosure}, b.CloseCode(), "ended by: %v", b.Err())
 	b2 := m.dial(0, bob, noClientAck)
-	dbtest.WaitFor(t, 30*time.Second, "every message received across both connections", func() bool {
+	dbtest.WaitForExplained(t, 30*time.Second, "every message received across both connections", func() bool {
 		for {
 			select {
 			case p := <-b2.Pushes():
@@ -147,10 +147,46 @@ func TestStoppedReaderIsClosedAndLosesNothing(t *testing.T) {
 			}
 			return len(got) == n
 		}
-	})
+	}, func() string { return explainMissing(c, bob.id, "m", n, got) })
 	for i := range n {
 		require.True(t, got[fmt.Sprintf("m%d", i)], "message %d lost", i)
 	}
+}
+
+// explainMissing says where the messages "<prefix>0".."<prefix>n-1" that got lacks stand in
+// the tables: not stored (the send failed), acked (recorded as delivered, so lost on the way),
+// or open (not yet pushed again), with the replicas' session counts.
+func explainMissing(c *testCluster, recipient, prefix string, n int, got map[string]bool) string {
+	var missing []string
+	for i := range n {
+		if id := fmt.Sprintf("%s%d", prefix, i); !got[id] {
+			missing = append(missing, id)
+		}
+	}
+	out := fmt.Sprintf("%d of %d missing, first %q", len(missing), n, missing[:min(len(missing), 10)])
+	for i, node := range c.nodes {
+		out += fmt.Sprintf("; replica %d: %d sessions", i, node.Sessions())
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	rows, err := c.pool.Query(ctx, `SELECT coalesce(d.state, 'not stored'), coalesce(d.pushed_node, ''), count(*)
+		FROM unnest($2::text[]) AS x(m)
+		LEFT JOIN claudemesh.envelope e ON left(e.ciphertext, length(x.m) + 1) = x.m || 'A'
+		LEFT JOIN claudemesh.delivery d ON d.envelope_id = e.id AND d.recipient_member_id = $1
+		GROUP BY 1, 2 ORDER BY 1, 2`, recipient, missing)
+	if err != nil {
+		return out + "; " + err.Error()
+	}
+	defer rows.Close()
+	for rows.Next() {
+		var state, node string
+		var count int
+		if err := rows.Scan(&state, &node, &count); err != nil {
+			return out + "; " + err.Error()
+		}
+		out += fmt.Sprintf("; %s (node %q): %d", state, node, count)
+	}
+	return out
 }
 
 func TestNULRefusedAtTheEdgeAndAloneInABatch(t *testing.T) {

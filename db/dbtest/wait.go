@@ -13,6 +13,13 @@ import (
 // Tests wait on conditions, never on fixed sleeps.
 func WaitFor(t testing.TB, deadline time.Duration, msg string, cond func() bool) {
 	t.Helper()
+	WaitForExplained(t, deadline, msg, cond, nil)
+}
+
+// WaitForExplained is WaitFor whose failure also reports explain(): the state that says why
+// the condition did not hold, for a failure too rare to reproduce at will.
+func WaitForExplained(t testing.TB, deadline time.Duration, msg string, cond func() bool, explain func() string) {
+	t.Helper()
 	end := time.Now().Add(deadline)
 	delay := time.Millisecond
 	for {
@@ -20,6 +27,9 @@ func WaitFor(t testing.TB, deadline time.Duration, msg string, cond func() bool)
 			return
 		}
 		if time.Now().After(end) {
+			if explain != nil {
+				t.Fatalf("timed out after %s waiting for: %s\n%s", deadline, msg, explain())
+			}
 			t.Fatalf("timed out after %s waiting for: %s", deadline, msg)
 		}
 		time.Sleep(delay)
