@@ -5,6 +5,8 @@ import (
 	"log/slog"
 	"time"
 
+	"golang.org/x/sync/semaphore"
+
 	"github.com/claudemesh/broker/broker/store"
 	"github.com/claudemesh/broker/protocol"
 )
@@ -36,6 +38,15 @@ const (
 	// commitQueue bounds the sends waiting for the committer; a full queue blocks the
 	// sender's socket reader (back-pressure) instead of growing.
 	commitQueue = 4096
+	// queueBytes bounds the envelope bytes of the sends waiting for or in a statement, the same
+	// way: 4096 sends of the default 64 KiB frame would be 256 MiB, held again while a
+	// statement is encoded and in Postgres's memory while it runs; a client with a few
+	// members could make a small replica run out of memory.
+	queueBytes = 32 << 20
+	// statementBytes bounds one statement's envelope bytes (it takes at least one send): a
+	// statement's time and memory in Postgres, and the senders closed if its outcome is unknown,
+	// grow with it. Small sends reach maxBatch first.
+	statementBytes = 4 << 20
 	// DefaultMessageTTL is how long an undelivered envelope waits for its recipients.
 	DefaultMessageTTL = 7 * 24 * time.Hour
 	// ackUnavailable is the ack error when the envelope could not be stored (Postgres away).
@@ -51,6 +62,14 @@ type committer struct {
 	pusher   *pusher
 	maxBatch int
 	splitAt  int
+	// bytes holds the envelope bytes of the queued sends (queueBytes); statementBytes bounds a
+	// statement's (tests set both smaller).
+	bytes          *semaphore.Weighted
+	queueBytes     int64
+	statementBytes int64
+	// unblock ends enqueue's wait for bytes once the committer has stopped.
+	unblock    context.Context
+	cancelWait context.CancelFunc
 	// splitAfter: see the constant (tests hold statements for longer).
 	splitAfter time.Duration
 	log        *slog.Logger
@@ -69,6 +88,8 @@ type committer struct {
 func newCommitter(st *store.Store, pl *planner, nodeID string, p *pusher, maxBatch, lanes int, log *slog.Logger, m *Metrics) *committer {
 	c := &committer{store: st, planner: pl, nodeID: nodeID, pusher: p, maxBatch: maxBatch, splitAt: min(splitAt, maxBatch),
 		splitAfter: splitAfter, log: log, metrics: m, wake: make(chan struct{}, 1), stopped: make(chan struct{})}
+	c.setByteLimits(queueBytes, statementBytes)
+	c.unblock, c.cancelWait = context.WithCancel(context.Background())
 	c.run = c.commit
 	for range max(lanes, 1) {
 		c.lanes = append(c.lanes, make(chan sendReq, commitQueue/max(lanes, 1)))
@@ -76,17 +97,34 @@ func newCommitter(st *store.Store, pl *planner, nodeID string, p *pusher, maxBat
 	return c
 }
 
-// enqueue hands a send to its sender's lane. It blocks when the lane is full: back-pressure on
-// the sender's socket rather than unbounded memory.
+// setByteLimits sets the queue's and a statement's byte bounds (before Start).
+func (c *committer) setByteLimits(queue, statement int64) {
+	c.bytes, c.queueBytes, c.statementBytes = semaphore.NewWeighted(queue), queue, statement
+}
+
+// sendBytes is what a send counts against the byte bounds: its envelope, as checkSend measures
+// it, plus what a sendReq and its decoded frame hold besides.
+func sendBytes(m *protocol.Send) int64 {
+	return int64(len(m.Nonce)+len(m.Ciphertext)+len(m.TargetSpec)) + 256
+}
+
+// enqueue hands a send to its sender's lane. It blocks while the lane is full or the queue's
+// bytes are taken: back-pressure on the sender's socket rather than unbounded memory.
 func (c *committer) enqueue(sess *session, m *protocol.Send) {
 	sess.promise() // the ack's slot in the reply window
+	r := sendReq{sess: sess, msg: m, size: min(sendBytes(m), c.queueBytes)}
+	if c.bytes.Acquire(c.unblock, r.size) != nil { // stopped
+		ackTo(c.log, sess, &protocol.Ack{ID: m.ID, Queued: false, Error: ackUnavailable, ReqID: m.ReqID})
+		return
+	}
 	select {
-	case c.lanes[sess.lane%uint32(len(c.lanes))] <- sendReq{sess: sess, msg: m}:
+	case c.lanes[sess.lane%uint32(len(c.lanes))] <- r:
 		select {
 		case c.wake <- struct{}{}:
 		default:
 		}
 	case <-c.stopped:
+		c.bytes.Release(r.size)
 		ackTo(c.log, sess, &protocol.Ack{ID: m.ID, Queued: false, Error: ackUnavailable, ReqID: m.ReqID})
 	}
 }
@@ -94,6 +132,7 @@ func (c *committer) enqueue(sess *session, m *protocol.Send) {
 // Start commits batches until Stop, then waits for the statements in flight.
 func (c *committer) Start(ctx context.Context) error {
 	return c.start(ctx, func(ctx context.Context) {
+		defer c.cancelWait()
 		defer close(c.stopped)
 		c.dispatch(ctx)
 	})
@@ -127,6 +166,12 @@ func (c *committer) dispatch(ctx context.Context) {
 			inFlight++
 			go func() {
 				c.run(context.WithoutCancel(ctx), batch)
+				// Acked (or answered otherwise): their bytes are free for the sends waiting.
+				var size int64
+				for _, r := range batch {
+					size += r.size
+				}
+				c.bytes.Release(size)
 				done <- st
 			}()
 		}
@@ -208,17 +253,24 @@ func (c *committer) next(busy []bool, since []time.Time, inFlight bool, now time
 	return stmts
 }
 
-// take receives the sends a statement's parts name. Only the dispatcher receives, so what len
-// reported is there.
+// take receives the sends a statement's parts name, up to statementBytes (at least one); what
+// it leaves goes into the lanes' next statements, after this one, so each sender's order holds.
+// Only the dispatcher receives, so what len reported is there.
 func (c *committer) take(st []part) []sendReq {
 	n := 0
 	for _, p := range st {
 		n += p.n
 	}
 	batch := make([]sendReq, 0, n)
+	var size int64
 	for _, p := range st {
 		for range p.n {
-			batch = append(batch, <-c.lanes[p.lane])
+			if len(batch) > 0 && size >= c.statementBytes {
+				return batch
+			}
+			r := <-c.lanes[p.lane]
+			batch = append(batch, r)
+			size += r.size
 		}
 	}
 	return batch

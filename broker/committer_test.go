@@ -3,6 +3,7 @@ package broker
 import (
 	"context"
 	"fmt"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -21,9 +22,12 @@ type heldStatement struct {
 
 // holdingCommitter is a committer whose statements the test starts and ends itself; it fails
 // the test if a lane is ever in two statements at once.
-func holdingCommitter(t *testing.T, lanes, batch int, splitAfter time.Duration) (*committer, chan heldStatement) {
+func holdingCommitter(t *testing.T, lanes, batch int, splitAfter time.Duration, tweak ...func(*committer)) (*committer, chan heldStatement) {
 	c := newCommitter(nil, nil, "n", nil, batch, lanes, dbtest.Logger(t), nil)
 	c.splitAfter = splitAfter
+	for _, f := range tweak {
+		f(c)
+	}
 	started := make(chan heldStatement)
 	quit := make(chan struct{}) // the test is over: statements still held end
 	var mu sync.Mutex
@@ -212,6 +216,75 @@ func TestCommitLaneIsNotStarvedByABackedUpLane(t *testing.T) {
 	}
 	require.Equal(t, []string{"s1:w"}, got["s1"])
 	require.Equal(t, more[:splitAt], got["s0"], "a statement takes at most the batch limit")
+}
+
+// sized is a send of n bytes of ciphertext: sendBytes(sized(n)) is n + 258.
+func sized(text string, n int) *protocol.Send {
+	return &protocol.Send{TargetSpec: "x", Priority: protocol.PriorityNow, Nonce: "n",
+		Ciphertext: text + strings.Repeat("A", n-len(text))}
+}
+
+func TestCommitStatementsStayWithinTheirBytes(t *testing.T) {
+	t.Parallel()
+	// Large sends: a statement stops taking them at statementBytes (here three sends' worth,
+	// reached with the third), whatever maxBatch allows; what it leaves goes next, in order.
+	one := sendBytes(sized("", 1000))
+	c, started := holdingCommitter(t, 1, maxBatch, time.Hour, func(c *committer) { c.setByteLimits(1<<30, 3*one-1) })
+	s0 := &session{}
+	c.enqueue(s0, sized("0", 1000))
+	first := nextStatement(t, started)
+	for i := 1; i < 10; i++ {
+		c.enqueue(s0, sized(fmt.Sprint(i), 1000))
+	}
+	close(first.release)
+	var got []string
+	for len(got) < 9 {
+		st := nextStatement(t, started)
+		require.LessOrEqual(t, len(st.batch), 3, "a statement past its bytes")
+		for _, r := range st.batch {
+			got = append(got, strings.TrimRight(r.msg.Ciphertext, "A"))
+		}
+		close(st.release)
+	}
+	require.Equal(t, []string{"1", "2", "3", "4", "5", "6", "7", "8", "9"}, got, "each sender's order")
+}
+
+func TestCommitQueueHoldsItsBytesAndNoMore(t *testing.T) {
+	t.Parallel()
+	// The queue's bytes (here three sends' worth) are taken from a send's enqueue until its
+	// statement has ended: a fourth waits, blocking its sender's reader, and goes once a
+	// statement ends. Nothing is refused.
+	one := sendBytes(sized("", 1000))
+	c, started := holdingCommitter(t, 1, maxBatch, time.Hour, func(c *committer) { c.setByteLimits(3*one, 1<<30) })
+	s0 := &session{}
+	c.enqueue(s0, sized("0", 1000))
+	first := nextStatement(t, started)
+	queued := make(chan int, 10)
+	go func() {
+		for i := 1; i < 6; i++ {
+			c.enqueue(s0, sized(fmt.Sprint(i), 1000))
+			queued <- i
+		}
+	}()
+	require.Equal(t, 1, <-queued)
+	require.Equal(t, 2, <-queued)
+	require.False(t, c.bytes.TryAcquire(1), "the queue's bytes are all taken: the next send waits")
+	select {
+	case i := <-queued:
+		t.Fatalf("send %d queued past the queue's bytes", i)
+	default:
+	}
+	close(first.release)
+	got := []string{}
+	for len(got) < 5 {
+		st := nextStatement(t, started)
+		require.LessOrEqual(t, len(st.batch), 3)
+		for _, r := range st.batch {
+			got = append(got, strings.TrimRight(r.msg.Ciphertext, "A"))
+		}
+		close(st.release)
+	}
+	require.Equal(t, []string{"1", "2", "3", "4", "5"}, got)
 }
 
 func TestCommitterStopWaitsForStatementsInFlight(t *testing.T) {

@@ -14,6 +14,7 @@ import (
 type sendReq struct {
 	sess *session
 	msg  *protocol.Send
+	size int64 // counted against the committer's byte bounds (sendBytes)
 }
 
 // parseTarget classifies a targetSpec: a member or session key (normalized), everyone, or a
