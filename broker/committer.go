@@ -158,8 +158,10 @@ func (c *committer) dispatch(ctx context.Context) {
 				since[l] = now
 			}
 		}
-		for _, st := range c.next(busy, since, inFlight > 0, now) {
-			batch := c.take(st)
+		for _, planned := range c.next(busy, since, inFlight > 0, now) {
+			// Only the lanes it took from are in the statement: one that take left whole (the
+			// statement's bytes were reached first) may start its own beside it.
+			batch, st := c.take(planned)
 			for _, p := range st {
 				busy[p.lane], since[p.lane] = true, time.Time{}
 			}
@@ -253,27 +255,31 @@ func (c *committer) next(busy []bool, since []time.Time, inFlight bool, now time
 	return stmts
 }
 
-// take receives the sends a statement's parts name, up to statementBytes (at least one); what
-// it leaves goes into the lanes' next statements, after this one, so each sender's order holds.
-// Only the dispatcher receives, so what len reported is there.
-func (c *committer) take(st []part) []sendReq {
+// take receives the sends a statement's parts name until it holds statementBytes (at least one
+// send), and returns them with the parts it took them from. What it leaves stays at the head of
+// its lane for the lane's next statement, after this one, so each sender's order holds. Only the
+// dispatcher receives, so what len reported is there.
+func (c *committer) take(st []part) ([]sendReq, []part) {
 	n := 0
 	for _, p := range st {
 		n += p.n
 	}
 	batch := make([]sendReq, 0, n)
+	took := make([]part, 0, len(st))
 	var size int64
 	for _, p := range st {
-		for range p.n {
-			if len(batch) > 0 && size >= c.statementBytes {
-				return batch
-			}
+		k := 0
+		for ; k < p.n && (len(batch) == 0 || size < c.statementBytes); k++ {
 			r := <-c.lanes[p.lane]
 			batch = append(batch, r)
 			size += r.size
 		}
+		if k == 0 {
+			break // the statement is full: so is it for the parts after this one
+		}
+		took = append(took, part{p.lane, k})
 	}
-	return batch
+	return batch, took
 }
 
 // commit stores and acknowledges one batch, then pushes what it assigned to this node's

@@ -287,6 +287,94 @@ func TestCommitQueueHoldsItsBytesAndNoMore(t *testing.T) {
 	require.Equal(t, []string{"1", "2", "3", "4", "5"}, got)
 }
 
+func TestCommitLaneLeftOutOfAFullStatementStartsBesideIt(t *testing.T) {
+	t.Parallel()
+	// Two lanes share a statement that reaches its bytes within lane 0's sends: lane 1, left
+	// out of it, is not held up by it (before, it was marked busy until the statement ended,
+	// and a lane 0 that kept the statements full kept lane 1 waiting for good).
+	one := sendBytes(sized("", 1000))
+	c, started := holdingCommitter(t, 2, maxBatch, time.Millisecond, func(c *committer) { c.setByteLimits(1<<30, 2*one-1) })
+	s0, s1 := &session{lane: 0}, &session{lane: 1}
+	names := map[*session]string{s0: "s0", s1: "s1"}
+	c.enqueue(s0, sized("a", 1000))
+	first := nextStatement(t, started)
+	for i := range 4 {
+		c.enqueue(s0, sized(fmt.Sprint(i), 1000))
+	}
+	c.enqueue(s1, sized("w", 1000))
+	close(first.release)
+	full := nextStatement(t, started)
+	require.Equal(t, []string{"s0:0", "s0:1"}, trimmed(full.batch, names), "lane 0's first two fill the statement")
+	require.Equal(t, []string{"s1:w"}, trimmed(nextStatement(t, started).batch, names),
+		"lane 1 starts beside the full statement, which is still held")
+	close(full.release)
+	require.Equal(t, []string{"s0:2", "s0:3"}, trimmed(nextStatement(t, started).batch, names))
+}
+
+// trimmed is texts for sized sends: "<session>:<text>".
+func trimmed(b []sendReq, names map[*session]string) []string {
+	out := texts(b, names)
+	for i := range out {
+		out[i] = strings.TrimRight(out[i], "A")
+	}
+	return out
+}
+
+func TestSendWaitingForBytesIsAnsweredAtStop(t *testing.T) {
+	t.Parallel()
+	// A send waiting for the queue's bytes when the committer stops is answered, never left
+	// waiting: here the bytes stay taken by a send queued behind a statement in flight, so it
+	// gets "unavailable", as one arriving after the stop does.
+	one := sendBytes(sized("", 1000))
+	c, started := holdingCommitter(t, 1, maxBatch, time.Hour, func(c *committer) { c.setByteLimits(3*one, 1<<30) })
+	held, _ := testSession("p0", "m", "a")
+	c.enqueue(held, sized("0", 1000))
+	first := nextStatement(t, started)
+	c.enqueue(held, sized("1", 2*1000+258)) // two sends' bytes, queued behind the statement
+	waiting, out := testSession("p1", "m", "b")
+	answered := make(chan struct{})
+	go func() {
+		defer close(answered)
+		c.enqueue(waiting, &protocol.Send{ID: "w", TargetSpec: "x", Priority: protocol.PriorityNow, Nonce: "n",
+			Ciphertext: strings.Repeat("A", 2*1000+258), ReqID: "r1"})
+	}()
+	dbtest.WaitFor(t, 5*time.Second, "the third send waiting for bytes", func() bool {
+		waiting.mu.Lock()
+		defer waiting.mu.Unlock()
+		return waiting.queued == 1 // promised its ack, then blocked in Acquire
+	})
+	// The stop begins while the statement is in flight, and waits for it.
+	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	defer cancel()
+	require.ErrorIs(t, c.Stop(ctx), context.DeadlineExceeded)
+	// A statement the dispatcher still starts (on a machine too busy to have seen the stop in
+	// that time) is let through.
+	over := make(chan struct{})
+	defer close(over)
+	go func() {
+		for {
+			select {
+			case st := <-started:
+				close(st.release)
+			case <-over:
+				return
+			}
+		}
+	}()
+	close(first.release) // frees the first send's bytes: not enough for the waiting one
+	require.NoError(t, c.Stop(context.Background()))
+	select {
+	case <-answered:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the send waiting for bytes was not answered after the stop")
+	}
+	if out.count() == 1 { // else it was taken into a statement before the stop (no ack here)
+		ack, err := protocol.DecodeServer(out.frames[0])
+		require.NoError(t, err)
+		require.Equal(t, &protocol.Ack{ID: "w", Queued: false, Error: ackUnavailable, ReqID: "r1"}, ack)
+	}
+}
+
 func TestCommitterStopWaitsForStatementsInFlight(t *testing.T) {
 	t.Parallel()
 	c, started := holdingCommitter(t, 2, maxBatch, time.Hour)

@@ -169,7 +169,8 @@ func explainMissing(c *testCluster, recipient, prefix string, n int, got map[str
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	rows, err := c.pool.Query(ctx, `SELECT coalesce(d.state, 'not stored'), coalesce(d.pushed_node, ''), count(*)
+	rows, err := c.pool.Query(ctx, `SELECT coalesce(d.state, CASE WHEN e.id IS NULL THEN 'not stored' ELSE 'no delivery row' END),
+			coalesce(d.pushed_node, ''), count(*)
 		FROM unnest($2::text[]) AS x(m)
 		LEFT JOIN claudemesh.envelope e ON left(e.ciphertext, length(x.m) + 1) = x.m || 'A'
 		LEFT JOIN claudemesh.delivery d ON d.envelope_id = e.id AND d.recipient_member_id = $1

@@ -14,6 +14,10 @@
 
 int main(int argc, char **argv) {
 	int n = argc > 1 ? atoi(argv[1]) : 200000;
+	if (n <= 0) {
+		fprintf(stderr, "usage: pingpong [round trips > 0]\n");
+		return 2;
+	}
 	int a[2], b[2];
 	char c = 'x';
 	if (pipe(a) || pipe(b)) {
