@@ -237,16 +237,23 @@ func TestCommitStatementsStayWithinTheirBytes(t *testing.T) {
 		c.enqueue(s0, sized(fmt.Sprint(i), 1000))
 	}
 	close(first.release)
+	require.Equal(t, []string{"1", "2", "3", "4", "5", "6", "7", "8", "9"}, releaseUntil(t, started, 9, 3), "each sender's order")
+}
+
+// releaseUntil lets statements end as they start until n sends have gone through, failing if
+// one takes more than most, and returns the sends' texts in statement order.
+func releaseUntil(t *testing.T, started chan heldStatement, n, most int) []string {
+	t.Helper()
 	var got []string
-	for len(got) < 9 {
+	for len(got) < n {
 		st := nextStatement(t, started)
-		require.LessOrEqual(t, len(st.batch), 3, "a statement past its bytes")
+		require.LessOrEqual(t, len(st.batch), most, "a statement past its bytes")
 		for _, r := range st.batch {
 			got = append(got, strings.TrimRight(r.msg.Ciphertext, "A"))
 		}
 		close(st.release)
 	}
-	require.Equal(t, []string{"1", "2", "3", "4", "5", "6", "7", "8", "9"}, got, "each sender's order")
+	return got
 }
 
 func TestCommitQueueHoldsItsBytesAndNoMore(t *testing.T) {
@@ -275,16 +282,7 @@ func TestCommitQueueHoldsItsBytesAndNoMore(t *testing.T) {
 	default:
 	}
 	close(first.release)
-	got := []string{}
-	for len(got) < 5 {
-		st := nextStatement(t, started)
-		require.LessOrEqual(t, len(st.batch), 3)
-		for _, r := range st.batch {
-			got = append(got, strings.TrimRight(r.msg.Ciphertext, "A"))
-		}
-		close(st.release)
-	}
-	require.Equal(t, []string{"1", "2", "3", "4", "5"}, got)
+	require.Equal(t, []string{"1", "2", "3", "4", "5"}, releaseUntil(t, started, 5, 3))
 }
 
 func TestCommitLaneLeftOutOfAFullStatementStartsBesideIt(t *testing.T) {
