@@ -537,6 +537,57 @@ func TestSendLimits(t *testing.T) {
 	require.NoError(t, err)
 }
 
+// What waits for one member is bounded (MAX_PENDING_PER_MEMBER). Once a sweep on any replica
+// finds a member at the bound, sends that would wait for it are refused recipient_full on every
+// replica and nothing of them is stored; sends to others go on. Once the member has read what
+// waited, the next sweep lets sends to it wait again.
+func TestWaitingMessagesAreBoundedPerRecipient(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t, 2, func(cfg *Config) { cfg.MaxPendingPerMember, cfg.quiet = 3, true })
+	m := c.mesh(0)
+	alice, bob, carol := m.member("alice"), m.member("bob"), m.member("carol")
+	a, cr := m.dial(0, alice), m.dial(1, carol)
+	ctx := ctxT(t)
+	var waited []string
+	for i := range 3 {
+		ack, err := a.Send(ctx, bob.pub, protocol.PriorityNow, "n", fmt.Sprint(i), "")
+		require.NoError(t, err, "bob is away: his messages wait")
+		waited = append(waited, ack.MessageID)
+	}
+	require.NoError(t, c.nodes[1].sweeper.sweepBacklog(ctx))
+	_, err := a.Send(ctx, bob.pub, protocol.PriorityNow, "n", "one too many", "")
+	requireCode(t, err, protocol.CodeRecipientFull)
+	_, err = cr.Send(ctx, bob.pub, protocol.PriorityLow, "n", "from the other replica", "")
+	requireCode(t, err, protocol.CodeRecipientFull)
+	require.Equal(t, 1.0, testutilCounter(c.nodes[0].metrics.BacklogSkips))
+	toCarol, err := a.Send(ctx, carol.pub, protocol.PriorityNow, "n", "to carol", "")
+	require.NoError(t, err, "other recipients are not refused")
+	require.Equal(t, toCarol.MessageID, nextPush(t, cr, 10*time.Second).MessageID)
+
+	b := m.dial(1, bob)
+	for _, id := range waited {
+		p := nextPush(t, b, 10*time.Second)
+		require.Equal(t, id, p.MessageID)
+		require.NoError(t, b.AckPush(ctx, p))
+	}
+	dbtest.WaitFor(t, 10*time.Second, "bob's acks recorded", func() bool {
+		var open int
+		return c.pool.QueryRow(ctx, `SELECT count(*) FROM claudemesh.delivery WHERE recipient_member_id = $1 AND state <> 'acked'`,
+			bob.id).Scan(&open) == nil && open == 0
+	})
+	require.NoError(t, c.nodes[0].sweeper.sweepBacklog(ctx))
+	require.NoError(t, b.Close())
+	dbtest.WaitFor(t, 10*time.Second, "bob away again", func() bool {
+		var live int
+		return c.pool.QueryRow(ctx, `SELECT count(*) FROM claudemesh.presence WHERE member_id = $1 AND ended_at IS NULL AND grace_until IS NULL`,
+			bob.id).Scan(&live) == nil && live == 0
+	})
+	later, err := cr.Send(ctx, bob.pub, protocol.PriorityNow, "n", "after he read", "")
+	require.NoError(t, err, "waits for bob again")
+	require.Equal(t, later.MessageID, nextPush(t, m.dial(0, bob), 10*time.Second).MessageID,
+		"the refused sends were never stored: the next push is the one sent after")
+}
+
 // eventsUntil returns the system events cl receives before the push with messageID.
 func eventsUntil(t *testing.T, cl *client.Client, messageID string) []protocol.Push {
 	t.Helper()

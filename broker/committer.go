@@ -351,6 +351,13 @@ func (c *committer) persist(ctx context.Context, batch []sendReq, plan *batchPla
 		return nil, err
 	}
 	plan.settle(batch, sent)
+	skipped := 0
+	for _, s := range sent {
+		skipped += s.Skipped
+	}
+	if skipped > 0 {
+		c.metrics.BacklogSkips.Add(float64(skipped))
+	}
 	return local, nil
 }
 

@@ -42,6 +42,10 @@ const (
 	DefaultMaxStateBytesPerMesh = 1 << 20
 	DefaultMaxStateValueBytes   = 32 << 10
 	DefaultMaxGroupsPerSession  = 64
+	// What may wait for one member (stored, not yet delivered): at the default envelope limit
+	// about 640 MiB, at a typical envelope of 1-2 KB 10-20 MB; a Claude Code session away for
+	// a day receives far fewer, a member flooding another's inbox stops here.
+	DefaultMaxPendingPerMember  = 10_000
 	DefaultHookRatePerCallerMin = 600
 	// A member's sends per second on one replica, and the burst above that rate: generous
 	// (a Claude Code session sends a few a minute), a cap on a runaway or hostile client.
@@ -101,6 +105,9 @@ type Config struct {
 	MaxStateBytesPerMesh int
 	MaxStateValueBytes   int
 	MaxGroupsPerSession  int
+	// MaxPendingPerMember bounds what waits for one member: a send that would add to it (no
+	// session takes it now) is refused recipient_full once the sweep finds it at the bound.
+	MaxPendingPerMember int
 	// HookAllowUnsigned accepts the April clients' unsigned pid/cwd hook requests (see
 	// docs/operations.md for what that trusts).
 	HookAllowUnsigned bool
@@ -212,6 +219,7 @@ var envVars = []envVar{
 	{"MAX_STATE_BYTES_PER_MESH", "a whole number of bytes >= 1024", func(v string, c *Config) error { return intIn(v, 1024, 1<<30, &c.MaxStateBytesPerMesh) }},
 	{"MAX_STATE_VALUE_BYTES", "a whole number of bytes >= 16", func(v string, c *Config) error { return intIn(v, 16, 1<<30, &c.MaxStateValueBytes) }},
 	{"MAX_GROUPS_PER_SESSION", "a whole number >= 1", func(v string, c *Config) error { return intIn(v, 1, 1<<20, &c.MaxGroupsPerSession) }},
+	{"MAX_PENDING_PER_MEMBER", "a whole number >= 1", func(v string, c *Config) error { return intIn(v, 1, 1<<30, &c.MaxPendingPerMember) }},
 	{"HOOK_ALLOW_UNSIGNED", "true or false", func(v string, c *Config) error { return boolean(v, &c.HookAllowUnsigned) }},
 	{"HOOK_RATE_LIMIT_PER_CALLER_PER_MIN", "a whole number >= 1", func(v string, c *Config) error { return intIn(v, 1, 1<<30, &c.HookRatePerCallerMin) }},
 	{"METRICS_TOKEN", "any non-empty secret", func(v string, c *Config) error { c.MetricsToken = v; return nil }},
@@ -293,6 +301,7 @@ func (c Config) WithDefaults() Config {
 	setInt(&c.MaxStateBytesPerMesh, DefaultMaxStateBytesPerMesh)
 	setInt(&c.MaxStateValueBytes, DefaultMaxStateValueBytes)
 	setInt(&c.MaxGroupsPerSession, DefaultMaxGroupsPerSession)
+	setInt(&c.MaxPendingPerMember, DefaultMaxPendingPerMember)
 	setInt(&c.HookRatePerCallerMin, DefaultHookRatePerCallerMin)
 	setInt(&c.HelloConcurrency, DefaultHelloConcurrency)
 	setInt(&c.Committers, DefaultCommitters)

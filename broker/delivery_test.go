@@ -573,7 +573,7 @@ func TestSendRacingAHelloReachesTheNewSession(t *testing.T) {
 			ids[i] = uuid.NewString()
 		}
 		var queued int
-		require.NoError(t, tx.QueryRow(ctx, `SELECT count(*) FILTER (WHERE b.queued) FROM claudemesh.send_batch('n0', 'claudemesh',
+		require.NoError(t, tx.QueryRow(ctx, `SELECT count(*) FILTER (WHERE b.queued) FROM claudemesh.send_batch_capped('n0', 'claudemesh',
 				$1::text[], array_fill($2::text, ARRAY[$7::int]), array_fill($3::text, ARRAY[$7::int]),
 				array_fill($4::text, ARRAY[$7::int]), array_fill($4::text, ARRAY[$7::int]), array_fill($5::text, ARRAY[$7::int]),
 				array_fill('direct'::text, ARRAY[$7::int]), array_fill($5::text, ARRAY[$7::int]), array_fill($6::text, ARRAY[$7::int]),
@@ -613,7 +613,7 @@ func TestBroadcastRacingAResumeReachesTheResumedSession(t *testing.T) {
 	require.NoError(t, err)
 	id := uuid.NewString()
 	var recipients int
-	require.NoError(t, tx.QueryRow(ctx, `SELECT b.recipients FROM claudemesh.send_batch('n0', 'claudemesh',
+	require.NoError(t, tx.QueryRow(ctx, `SELECT b.recipients FROM claudemesh.send_batch_capped('n0', 'claudemesh',
 			ARRAY[$1], ARRAY[$2], ARRAY[$3], ARRAY[$4], ARRAY[$4], ARRAY['*'], ARRAY['all'], ARRAY[''], ARRAY['now'],
 			ARRAY['bm9uY2U='], ARRAY['Y2lwaGVydGV4dA=='], ARRAY['c1'], ARRAY[now()], ARRAY[now() + interval '1 hour'],
 			ARRAY[''], ARRAY[''], ARRAY['alice'], ARRAY['']) b WHERE b.row_kind = 'e'`,

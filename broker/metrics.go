@@ -23,6 +23,7 @@ type Metrics struct {
 	MessagesRouted    *prometheus.CounterVec
 	Pushes            prometheus.Counter
 	SendFailures      prometheus.Counter
+	BacklogSkips      prometheus.Counter
 	SendRefused       *prometheus.CounterVec
 	AdminOps          *prometheus.CounterVec
 	DeliveriesPending prometheus.Gauge
@@ -56,17 +57,19 @@ func newMetrics() *Metrics {
 		return prometheus.NewGauge(prometheus.GaugeOpts{Namespace: "claudemesh", Name: name, Help: help})
 	}
 	m := &Metrics{
-		bgLogged:          map[string]bgLog{},
-		Registry:          reg,
-		HealthChecks:      cv("health_checks_total", "Health checks served, by reported status.", "status"),
-		ConnActive:        g("connections_active", "Open WebSocket connections on this replica."),
-		ConnTotal:         c("connections_total", "WebSocket connections accepted."),
-		ConnRejected:      cv("connections_rejected_total", "Connections or hellos refused, by reason.", "reason"),
-		BadFrames:         cv("bad_frames_total", "Client frames answered with an error, by code.", "code"),
-		SlowConsumers:     c("slow_consumer_closes_total", "Sessions closed with 4008 because their send queue overflowed."),
-		MessagesRouted:    cv("messages_routed_total", "Envelopes stored and routed, by priority.", "priority"),
-		Pushes:            c("pushes_total", "Envelopes written to recipient sockets."),
-		SendFailures:      c("send_failures_total", "Sends refused because their batch could not be stored."),
+		bgLogged:       map[string]bgLog{},
+		Registry:       reg,
+		HealthChecks:   cv("health_checks_total", "Health checks served, by reported status.", "status"),
+		ConnActive:     g("connections_active", "Open WebSocket connections on this replica."),
+		ConnTotal:      c("connections_total", "WebSocket connections accepted."),
+		ConnRejected:   cv("connections_rejected_total", "Connections or hellos refused, by reason.", "reason"),
+		BadFrames:      cv("bad_frames_total", "Client frames answered with an error, by code.", "code"),
+		SlowConsumers:  c("slow_consumer_closes_total", "Sessions closed with 4008 because their send queue overflowed."),
+		MessagesRouted: cv("messages_routed_total", "Envelopes stored and routed, by priority.", "priority"),
+		Pushes:         c("pushes_total", "Envelopes written to recipient sockets."),
+		SendFailures:   c("send_failures_total", "Sends refused because their batch could not be stored."),
+		BacklogSkips: c("backlog_skips_total", "Recipients left out of sends because what waits for them reached MAX_PENDING_PER_MEMBER: "+
+			"a direct send refused recipient_full, or a multicast's copy for that member not stored."),
 		SendRefused:       cv("sends_refused_total", "Sends refused before the database, by code (too_large, rate_limited).", "code"),
 		AdminOps:          cv("admin_operations_total", "kick, disconnect, ban, unban and list_bans requests, by operation and outcome.", "op", "outcome"),
 		DeliveriesPending: g("deliveries_pending", "Deliveries not yet acknowledged (pending or pushed), cluster-wide."),
@@ -96,7 +99,7 @@ func newMetrics() *Metrics {
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 		m.HealthChecks, m.ConnActive, m.ConnTotal, m.ConnRejected, m.BadFrames, m.SlowConsumers,
-		m.MessagesRouted, m.Pushes, m.SendFailures, m.SendRefused, m.AdminOps, m.DeliveriesPending, m.AuditPending, m.AuditPendingOldest, m.BusSent, m.BusReceived,
+		m.MessagesRouted, m.Pushes, m.SendFailures, m.BacklogSkips, m.SendRefused, m.AdminOps, m.DeliveriesPending, m.AuditPending, m.AuditPendingOldest, m.BusSent, m.BusReceived,
 		m.BusEvents, m.BatchSize, m.HelloBatchSize, m.CommitSeconds, m.HookRequests, m.DeadNodes, m.Claims, m.ClaimSkips, m.BackgroundErrors,
 	)
 	return m
@@ -127,7 +130,7 @@ func (m *Metrics) backgroundError(log *slog.Logger, task string, err error, args
 // backgroundTasks are the task labels of background_errors_total.
 var backgroundTasks = []string{"record_deliveries", "record_session_ends", "claim", "release_unwritten", "catch_up",
 	"resync", "reload_status", "load_changed_state", "sweep_grace", "sweep_working", "sweep_expired", "pending_gauge", "refresh_statistics",
-	"reconcile", "dead_node_takeover", "session_row_held"}
+	"reconcile", "dead_node_takeover", "session_row_held", "sweep_backlog"}
 
 type bgLog struct {
 	at         time.Time

@@ -95,7 +95,8 @@ func (p *planner) plan(batch []sendReq) *batchPlan {
 }
 
 // settle fills the acks of the stored envelopes: queued with their message id, refused (a
-// direct target that is no member and no session key of the mesh), or a retry acked with the
+// direct target that is no member and no session key of the mesh, or one whose waiting
+// messages are at the bound), or a retry acked with the
 // first envelope's id, unless it reuses the client_message_id for a different request.
 func (plan *batchPlan) settle(batch []sendReq, sent []store.SentEnvelope) {
 	for e, s := range sent {
@@ -105,6 +106,8 @@ func (plan *batchPlan) settle(batch []sendReq, sent []store.SentEnvelope) {
 			plan.acks[plan.reqOf[e]] = retryAck(m, s.Original, s.StoredFingerprint)
 		case s.Queued:
 			plan.acks[plan.reqOf[e]] = &protocol.Ack{ID: m.ID, MessageID: plan.envelopes[e].ID, Queued: true, ReqID: m.ReqID}
+		case s.Skipped > 0:
+			plan.acks[plan.reqOf[e]] = &protocol.Ack{ID: m.ID, Queued: false, Error: protocol.CodeRecipientFull, ReqID: m.ReqID}
 		default:
 			plan.acks[plan.reqOf[e]] = &protocol.Ack{ID: m.ID, Queued: false, Error: protocol.CodeNoRecipient, ReqID: m.ReqID}
 		}

@@ -130,7 +130,7 @@ func NewServer(cfg Config, pool *pgxpool.Pool, logger *slog.Logger) (*Server, er
 		linger: newLingerer(lingerWait)}
 	s.peers.melody = s.peers.newMelody()
 	s.sweeper = &sweeper{store: s.store, signals: sig, hub: s.hub, pusher: s.pusher, ender: s.ender,
-		statusTTL: cfg.StatusTTL, every: sweepEvery, log: s.log, metrics: s.metrics}
+		statusTTL: cfg.StatusTTL, maxPending: cfg.MaxPendingPerMember, every: sweepEvery, log: s.log, metrics: s.metrics}
 	live := &liveness{store: s.store, signals: sig, heartbeat: s.heartbeat, hub: s.hub, interval: cfg.Heartbeat,
 		deadAfter: cfg.NodeDeadAfter, grace: cfg.Grace(), log: s.log, metrics: s.metrics,
 		onTakeOver: func(ctx context.Context) { _ = s.sweeper.sweepGrace(ctx) }}

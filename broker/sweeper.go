@@ -23,9 +23,11 @@ type sweeper struct {
 	pusher    *pusher
 	ender     *ender
 	statusTTL time.Duration
-	every     time.Duration // the tick; the slower sweeps run every few ticks
-	log       *slog.Logger
-	metrics   *Metrics
+	// maxPending is what may wait for one member (MAX_PENDING_PER_MEMBER).
+	maxPending int
+	every      time.Duration // the tick; the slower sweeps run every few ticks
+	log        *slog.Logger
+	metrics    *Metrics
 }
 
 // Start sweeps every second until Stop; the slower sweeps run every few ticks. Replicas
@@ -46,6 +48,9 @@ func (w *sweeper) Start(ctx context.Context) error {
 			n++
 			w.run(ctx, "sweep_grace", w.sweepGrace)
 			w.run(ctx, "sweep_working", w.sweepWorking)
+			if n%2 == 0 {
+				w.run(ctx, "sweep_backlog", w.sweepBacklog)
+			}
 			if n%5 == 0 {
 				w.run(ctx, "pending_gauge", w.updatePendingGauge)
 				w.run(ctx, "refresh_statistics", w.refreshStatistics)
@@ -136,6 +141,23 @@ func (w *sweeper) reconcile(ctx context.Context) error {
 		}
 	}
 	return nil
+}
+
+// sweepBacklog keeps the set of members whose waiting messages are at the bound, which sends
+// that would add to them are refused for. A member reaching it is logged once, with its mesh
+// (never what waits); the refusals are counted in backlog_skips_total.
+func (w *sweeper) sweepBacklog(ctx context.Context) error {
+	changes, err := w.store.SweepBacklog(ctx, w.maxPending)
+	for _, c := range changes {
+		if c.AtBound {
+			w.log.Warn("a member's waiting messages reached the bound; sends that would wait for it are refused recipient_full",
+				"mesh", c.MeshID, "member", c.MemberID, "waiting", c.Waiting, "bound", w.maxPending)
+		} else {
+			w.log.Info("a member's waiting messages fell below the bound; sends to it are accepted again",
+				"mesh", c.MeshID, "member", c.MemberID, "waiting", c.Waiting)
+		}
+	}
+	return err
 }
 
 func (w *sweeper) sweepExpired(ctx context.Context) error {

@@ -35,6 +35,19 @@ type ClaudemeshAuditPending struct {
 	TsMicros  int64
 }
 
+type ClaudemeshBacklogFull struct {
+	MemberID  string
+	MeshID    string
+	Waiting   int32
+	Oldest    *int64
+	CheckedAt time.Time
+}
+
+type ClaudemeshBacklogSweep struct {
+	One          bool
+	LastDelivery int64
+}
+
 type ClaudemeshDelivery struct {
 	ID                     int64
 	EnvelopeID             string

@@ -401,7 +401,7 @@ SELECT b.row_kind::text AS row_kind, b.idx::int AS idx, coalesce(b.queued, false
     coalesce(b.recipients, 0)::int AS recipients, coalesce(b.delivery_id, 0)::bigint AS delivery_id,
     coalesce(b.presence_id, '')::text AS presence_id, coalesce(b.assigned, false)::boolean AS assigned,
     coalesce(b.original, '')::text AS original, coalesce(b.fingerprint, '')::text AS fingerprint
-FROM claudemesh.send_batch($1::text, $2::text,
+FROM claudemesh.send_batch_capped($1::text, $2::text,
     $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
     $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], $13::text[],
     $14::text[], $15::timestamptz[], $16::timestamptz[],
@@ -443,7 +443,8 @@ type SendBatchRow struct {
 	Fingerprint string
 }
 
-// Idempotent by client_message_id: a retry's row (x) names the stored envelope.
+// Idempotent by client_message_id: a retry's row (x) names the stored envelope. A row (f) counts
+// the recipients left out because what waits for them is at the bound (00046).
 func (q *Queries) SendBatch(ctx context.Context, arg SendBatchParams) ([]SendBatchRow, error) {
 	rows, err := q.db.Query(ctx, sendBatch,
 		arg.NodeID,
@@ -597,6 +598,50 @@ func (q *Queries) SetStatus(ctx context.Context, arg SetStatusParams) ([]SetStat
 	for rows.Next() {
 		var i SetStatusRow
 		if err := rows.Scan(&i.ID, &i.NodeID, &i.Status); err != nil {
+			return nil, err
+		}
+		items = append(items, i)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, err
+	}
+	return items, nil
+}
+
+const sweepBacklog = `-- name: SweepBacklog :many
+SELECT b.member_id::text AS member_id, b.mesh_id::text AS mesh_id, b.waiting::int AS waiting, b.at_bound::boolean AS at_bound
+FROM claudemesh.sweep_backlog($1::int, $2::int) b
+`
+
+type SweepBacklogParams struct {
+	MaxWaiting int32
+	Scan       int32
+}
+
+type SweepBacklogRow struct {
+	MemberID string
+	MeshID   string
+	Waiting  int32
+	AtBound  bool
+}
+
+// Recounts what waits for the members that got waiting rows since the last sweep (and those
+// already at the bound); returns the members that reached p_limit or fell below it (00046).
+func (q *Queries) SweepBacklog(ctx context.Context, arg SweepBacklogParams) ([]SweepBacklogRow, error) {
+	rows, err := q.db.Query(ctx, sweepBacklog, arg.MaxWaiting, arg.Scan)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	items := []SweepBacklogRow{}
+	for rows.Next() {
+		var i SweepBacklogRow
+		if err := rows.Scan(
+			&i.MemberID,
+			&i.MeshID,
+			&i.Waiting,
+			&i.AtBound,
+		); err != nil {
 			return nil, err
 		}
 		items = append(items, i)

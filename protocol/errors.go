@@ -40,6 +40,9 @@ const (
 	CodeNoRecipient = "no_recipient" // direct target is no member or session key of the mesh
 	CodeTooLarge    = "too_large"
 	CodeRateLimited = "rate_limited"
+	// (ext) the direct target's waiting messages (stored, not yet delivered) reached
+	// MAX_PENDING_PER_MEMBER: nothing stored; retry once it has read some.
+	CodeRecipientFull = "recipient_full"
 )
 
 // /join error values (the error field of a 400 JoinResponse).

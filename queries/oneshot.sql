@@ -23,12 +23,13 @@ SELECT mesh_id, key, value, updated_by, updated_at FROM claudemesh.set_state(@ns
     @audit_data::text);
 
 -- name: SendBatch :many
--- Idempotent by client_message_id: a retry's row (x) names the stored envelope.
+-- Idempotent by client_message_id: a retry's row (x) names the stored envelope. A row (f) counts
+-- the recipients left out because what waits for them is at the bound (00046).
 SELECT b.row_kind::text AS row_kind, b.idx::int AS idx, coalesce(b.queued, false)::boolean AS queued,
     coalesce(b.recipients, 0)::int AS recipients, coalesce(b.delivery_id, 0)::bigint AS delivery_id,
     coalesce(b.presence_id, '')::text AS presence_id, coalesce(b.assigned, false)::boolean AS assigned,
     coalesce(b.original, '')::text AS original, coalesce(b.fingerprint, '')::text AS fingerprint
-FROM claudemesh.send_batch(@node_id::text, @ns::text,
+FROM claudemesh.send_batch_capped(@node_id::text, @ns::text,
     @e_ids::text[], @e_mesh::text[], @e_sender::text[], @e_sender_pub::text[], @e_sender_member_pub::text[],
     @e_spec::text[], @e_kind::text[], @e_key::text[], @e_prio::text[], @e_nonce::text[], @e_cipher::text[],
     @e_client::text[], @e_created::timestamptz[], @e_expires::timestamptz[],
@@ -73,3 +74,9 @@ FROM claudemesh.unban(@mesh_id::text, @caller_member::text, @actor::text, @targe
 SELECT b.code::text AS code, coalesce(b.name, '')::text AS name, coalesce(b.pubkey, '')::text AS pubkey,
     coalesce(b.revoked_at, 'epoch')::timestamptz AS revoked_at
 FROM claudemesh.list_bans(@mesh_id::text, @caller_member::text, @max_rows::int) b;
+
+-- name: SweepBacklog :many
+-- Recounts what waits for the members that got waiting rows since the last sweep (and those
+-- already at the bound); returns the members that reached p_limit or fell below it (00046).
+SELECT b.member_id::text AS member_id, b.mesh_id::text AS mesh_id, b.waiting::int AS waiting, b.at_bound::boolean AS at_bound
+FROM claudemesh.sweep_backlog(@max_waiting::int, @scan::int) b;

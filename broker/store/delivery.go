@@ -217,3 +217,31 @@ func (s *Store) MessageStatus(ctx context.Context, meshID, envelopeID string) (M
 	}
 	return out, nil
 }
+
+// BacklogChange is a member whose waiting messages reached the bound (AtBound) or fell below
+// it, as a sweep found them.
+type BacklogChange struct {
+	MemberID, MeshID string
+	Waiting          int
+	AtBound          bool
+}
+
+// BacklogScan is how many delivery ids one sweep looks at: a cursor left far behind (a
+// cluster stopped for a while under load) catches up over several sweeps, each one short.
+const BacklogScan = 100_000
+
+// SweepBacklog recounts what waits (pending or pushed, not yet delivered) for the members that
+// got waiting rows since the last sweep, on any replica, and for those already at the bound,
+// and keeps the set of members at maxWaiting that the send statement refuses to add to. One
+// replica sweeps at a time: another's concurrent call returns no change at once.
+func (s *Store) SweepBacklog(ctx context.Context, maxWaiting int) ([]BacklogChange, error) {
+	rows, err := s.q.SweepBacklog(ctx, db.SweepBacklogParams{MaxWaiting: int32(maxWaiting), Scan: BacklogScan})
+	if err != nil {
+		return nil, fmt.Errorf("sweep backlog: %w", err)
+	}
+	out := make([]BacklogChange, len(rows))
+	for i, r := range rows {
+		out[i] = BacklogChange{MemberID: r.MemberID, MeshID: r.MeshID, Waiting: int(r.Waiting), AtBound: r.AtBound}
+	}
+	return out, nil
+}

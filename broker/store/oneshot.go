@@ -183,11 +183,15 @@ type OutgoingEnvelope struct {
 const InlineMax = 6000
 
 // SentEnvelope is an envelope's outcome: stored (Queued) with that many recipients, or not
-// (a direct target that is no member and no session key of the mesh), or a retry of a stored
-// one (Original: its id, StoredFingerprint: its request fingerprint), not stored again.
+// (a direct target that is no member and no session key of the mesh, or one whose waiting
+// messages are at the bound: Skipped), or a retry of a stored one (Original: its id,
+// StoredFingerprint: its request fingerprint), not stored again.
 type SentEnvelope struct {
-	Queued            bool
-	Recipients        int
+	Queued     bool
+	Recipients int
+	// Skipped counts recipients left out because what waits for them reached the bound
+	// (SweepBacklog): a direct send's one recipient (refused), or a multicast's members.
+	Skipped           int
 	Original          string
 	StoredFingerprint string
 }
@@ -244,7 +248,10 @@ func (s *Store) SendBatch(ctx context.Context, nodeID string, envs []OutgoingEnv
 		i := int(r.Idx) - 1
 		switch r.RowKind {
 		case "e":
-			out[i] = SentEnvelope{Queued: r.Queued, Recipients: int(r.Recipients)}
+			out[i].Queued, out[i].Recipients = r.Queued, int(r.Recipients)
+			continue
+		case "f":
+			out[i].Skipped = int(r.Recipients)
 			continue
 		case "x":
 			out[i] = SentEnvelope{Queued: true, Original: r.Original, StoredFingerprint: r.Fingerprint}

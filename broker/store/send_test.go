@@ -180,8 +180,8 @@ func TestOneDirectSendMatchesTheSetBasedForm(t *testing.T) {
 	}
 	dbtest.WaitFor(t, 10*time.Second, "every one-envelope direct batch on the lean path", func() bool {
 		var all, set int
-		require.NoError(t, admin.QueryRow(ctx, `SELECT coalesce(sum(calls) FILTER (WHERE funcname = 'send_batch'), 0),
-				coalesce(sum(calls) FILTER (WHERE funcname = 'send_batch_set'), 0)
+		require.NoError(t, admin.QueryRow(ctx, `SELECT coalesce(sum(calls) FILTER (WHERE funcname = 'send_batch_capped'), 0),
+				coalesce(sum(calls) FILTER (WHERE funcname = 'send_batch_set_capped'), 0)
 			FROM pg_stat_user_functions WHERE schemaname = 'claudemesh'`).Scan(&all, &set))
 		return all == sends && set == setSends
 	})

@@ -1,0 +1,135 @@
+package store_test
+
+import (
+	"strings"
+	"testing"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/claudemesh/broker/broker/store"
+	"github.com/claudemesh/broker/db/dbtest"
+)
+
+// What waits for one member is bounded: once a sweep finds a member at the bound, a send that
+// would wait for it (no session takes it now) is not stored. A direct send is refused, a
+// multicast leaves that member out and stores the others' copies; a send a session takes at
+// once still goes through. Once the member reads, the next sweep lifts the refusal. Both forms
+// of the send statement (one envelope, a set) answer alike.
+func TestWaitingMessagesAreBoundedPerMember(t *testing.T) {
+	ctx := dbtest.Context(t)
+	pool := dbtest.PoolFor(t, dbtest.URL(t))
+	st := store.New(pool, "t")
+	// Members by role: s sends, a is away (no session), w at work, i idle; their keys are hex.
+	key := func(c byte) string {
+		return strings.Repeat(map[byte]string{'s': "1", 'a': "a", 'w': "b", 'i': "c", '0': "0"}[c], 64)
+	}
+	var mesh string
+	require.NoError(t, pool.QueryRow(ctx, `INSERT INTO claudemesh.mesh (slug, name, owner_pubkey) VALUES ('m', 'm', $1) RETURNING id`, key('0')).Scan(&mesh))
+	_, err := pool.Exec(ctx, `INSERT INTO claudemesh.node (id, heartbeat_at) VALUES ('here', now())`)
+	require.NoError(t, err)
+	members := map[byte]string{}
+	for _, c := range []byte("sawi") {
+		var id string
+		require.NoError(t, pool.QueryRow(ctx, `INSERT INTO claudemesh.member (mesh_id, pubkey) VALUES ($1, $2) RETURNING id`, mesh, key(c)).Scan(&id))
+		members[c] = id
+	}
+	for _, c := range []byte("wi") {
+		status := map[byte]string{'w': "working", 'i': "idle"}[c]
+		_, err := pool.Exec(ctx, `INSERT INTO claudemesh.presence (mesh_id, member_id, member_pubkey, node_id, session_id, status)
+			VALUES ($1, $2, $3, 'here', $4, $5)`, mesh, members[c], key(c), string(c), status)
+		require.NoError(t, err)
+	}
+	frame := []byte(`{"type":"push"}`)
+	send := func(target byte, prio string, batch int) []store.SentEnvelope {
+		t.Helper()
+		envs := make([]store.OutgoingEnvelope, batch)
+		for i := range envs {
+			envs[i] = directEnvelope(mesh, members['s'], key('s'), key(target), prio, frame)
+		}
+		sent, _, err := st.SendBatch(ctx, "here", envs)
+		require.NoError(t, err)
+		return sent
+	}
+	broadcast := func(prio string) store.SentEnvelope {
+		t.Helper()
+		all := directEnvelope(mesh, members['s'], key('s'), "*", prio, frame)
+		all.Kind, all.Key, all.TargetSpec = store.SendAll, "", "*"
+		sent, _, err := st.SendBatch(ctx, "here", []store.OutgoingEnvelope{all})
+		require.NoError(t, err)
+		return sent[0]
+	}
+	stored := func() (n int) {
+		t.Helper()
+		require.NoError(t, pool.QueryRow(ctx, `SELECT count(*) FROM claudemesh.envelope`).Scan(&n))
+		return n
+	}
+	const bound = 3
+	sweep := func() map[string]store.BacklogChange {
+		t.Helper()
+		changes, err := st.SweepBacklog(ctx, bound)
+		require.NoError(t, err)
+		out := map[string]store.BacklogChange{}
+		for _, c := range changes {
+			out[c.MemberID] = c
+		}
+		return out
+	}
+
+	// Three wait for the member away, three next ones for the member at work.
+	send('a', "now", 1)
+	send('a', "now", 2)
+	send('w', "next", bound)
+	require.Equal(t, map[string]store.BacklogChange{
+		members['a']: {MemberID: members['a'], MeshID: mesh, Waiting: bound, AtBound: true},
+		members['w']: {MemberID: members['w'], MeshID: mesh, Waiting: bound, AtBound: true},
+	}, sweep(), "the first sweep finds both at the bound")
+	require.Empty(t, sweep(), "nothing changed: nothing to report")
+
+	before := stored()
+	// Refused alone, in a small batch and in a set (five envelopes); nothing stored.
+	for _, n := range []int{1, 2, 5} {
+		for _, s := range send('a', "now", n) {
+			require.Equal(t, store.SentEnvelope{Skipped: 1}, s)
+		}
+		for _, s := range send('w', "low", n) {
+			require.Equal(t, store.SentEnvelope{Skipped: 1}, s, "held for a member at work: it would wait")
+		}
+	}
+	require.Equal(t, before, stored())
+	// A session that takes it now gets it, bound or not.
+	for _, n := range []int{1, 5} {
+		for _, s := range send('w', "now", n) {
+			require.Equal(t, store.SentEnvelope{Queued: true, Recipients: 1}, s)
+		}
+	}
+	// A multicast stores the idle member's copy and leaves the held one out.
+	require.Equal(t, store.SentEnvelope{Queued: true, Recipients: 1, Skipped: 1}, broadcast("next"))
+	require.Equal(t, store.SentEnvelope{Queued: true, Recipients: 2}, broadcast("now"), "taken at once by both sessions")
+	var waitingForW int
+	require.NoError(t, pool.QueryRow(ctx, `SELECT count(*) FROM claudemesh.delivery WHERE recipient_member_id = $1 AND state = 'pending'`,
+		members['w']).Scan(&waitingForW))
+	require.Equal(t, bound, waitingForW, "nothing more waits for the member at the bound")
+
+	// The member away reads one (its oldest): the next sweep lifts the refusal; the member at
+	// work reads none and stays refused.
+	_, err = pool.Exec(ctx, `UPDATE claudemesh.delivery SET state = 'acked'
+		WHERE id = (SELECT min(id) FROM claudemesh.delivery WHERE recipient_member_id = $1)`, members['a'])
+	require.NoError(t, err)
+	require.Equal(t, map[string]store.BacklogChange{
+		members['a']: {MemberID: members['a'], MeshID: mesh, Waiting: bound - 1},
+	}, sweep())
+	require.Equal(t, []store.SentEnvelope{{Queued: true, Recipients: 1}}, send('a', "now", 1))
+	require.Equal(t, []store.SentEnvelope{{Skipped: 1}}, send('w', "next", 1))
+
+	// One replica sweeps at a time: while another holds the sweep, a call returns at once.
+	tx, err := pool.Begin(ctx)
+	require.NoError(t, err)
+	defer func() { _ = tx.Rollback(ctx) }()
+	_, err = tx.Exec(ctx, `SELECT pg_advisory_xact_lock(hashtextextended('claudemesh.sweep_backlog', 0))`)
+	require.NoError(t, err)
+	require.Empty(t, sweep(), "the member away is at the bound again, but this sweep did not run")
+	require.NoError(t, tx.Rollback(ctx))
+	require.Equal(t, map[string]store.BacklogChange{
+		members['a']: {MemberID: members['a'], MeshID: mesh, Waiting: bound, AtBound: true},
+	}, sweep())
+}
