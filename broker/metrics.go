@@ -68,8 +68,8 @@ func newMetrics() *Metrics {
 		MessagesRouted: cv("messages_routed_total", "Envelopes stored and routed, by priority.", "priority"),
 		Pushes:         c("pushes_total", "Envelopes written to recipient sockets."),
 		SendFailures:   c("send_failures_total", "Sends refused because their batch could not be stored."),
-		BacklogSkips: c("backlog_skips_total", "Recipients left out of sends because what waits for them reached MAX_PENDING_PER_MEMBER: "+
-			"a direct send refused recipient_full, or a multicast's copy for that member not stored."),
+		BacklogSkips: c("backlog_skips_total", "Deliveries left out of sends because what waits for their member reached MAX_PENDING_PER_MEMBER: "+
+			"a direct send refused recipient_full, or a multicast's copy for a waiting session of that member not stored."),
 		SendRefused:       cv("sends_refused_total", "Sends refused before the database, by code (too_large, rate_limited).", "code"),
 		AdminOps:          cv("admin_operations_total", "kick, disconnect, ban, unban and list_bans requests, by operation and outcome.", "op", "outcome"),
 		DeliveriesPending: g("deliveries_pending", "Deliveries not yet acknowledged (pending or pushed), cluster-wide."),

@@ -35,10 +35,11 @@ type ClaudemeshAuditPending struct {
 	TsMicros  int64
 }
 
-type ClaudemeshBacklogFull struct {
+type ClaudemeshBacklog struct {
 	MemberID  string
 	MeshID    string
-	Waiting   int32
+	Estimate  int32
+	AtBound   bool
 	Oldest    *int64
 	CheckedAt time.Time
 }
@@ -46,6 +47,7 @@ type ClaudemeshBacklogFull struct {
 type ClaudemeshBacklogSweep struct {
 	One          bool
 	LastDelivery int64
+	SweptAt      time.Time
 }
 
 type ClaudemeshDelivery struct {

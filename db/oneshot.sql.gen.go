@@ -609,13 +609,15 @@ func (q *Queries) SetStatus(ctx context.Context, arg SetStatusParams) ([]SetStat
 }
 
 const sweepBacklog = `-- name: SweepBacklog :many
-SELECT b.member_id::text AS member_id, b.mesh_id::text AS mesh_id, b.waiting::int AS waiting, b.at_bound::boolean AS at_bound
-FROM claudemesh.sweep_backlog($1::int, $2::int) b
+SELECT coalesce(b.member_id, '')::text AS member_id, coalesce(b.mesh_id, '')::text AS mesh_id,
+    coalesce(b.waiting, 0)::int AS waiting, coalesce(b.at_bound, false)::boolean AS at_bound
+FROM claudemesh.sweep_backlog($1::int, $2::int, $3::float8) b
 `
 
 type SweepBacklogParams struct {
 	MaxWaiting int32
 	Scan       int32
+	GapSeconds float64
 }
 
 type SweepBacklogRow struct {
@@ -625,10 +627,11 @@ type SweepBacklogRow struct {
 	AtBound  bool
 }
 
-// Recounts what waits for the members that got waiting rows since the last sweep (and those
-// already at the bound); returns the members that reached p_limit or fell below it (00046).
+// Adds the rows that began waiting since the last sweep to their members' estimates and counts
+// the members that may be at the bound; returns a row with no member when it ran, then the
+// members that reached the bound or fell below it (00046).
 func (q *Queries) SweepBacklog(ctx context.Context, arg SweepBacklogParams) ([]SweepBacklogRow, error) {
-	rows, err := q.db.Query(ctx, sweepBacklog, arg.MaxWaiting, arg.Scan)
+	rows, err := q.db.Query(ctx, sweepBacklog, arg.MaxWaiting, arg.Scan, arg.GapSeconds)
 	if err != nil {
 		return nil, err
 	}

@@ -4,41 +4,77 @@
 -- TTL, and nothing capped the rows, the disk or the catch-up that followed.
 --
 -- How: counting a member's waiting rows on every send would put a walk of up to the bound on the
--- send's hot path. Instead sweep_backlog, run by the replicas every few seconds (one at a time),
--- recounts only the members that got waiting rows since its last run (a cursor over delivery
--- ids) and the members already at the bound, and keeps the set at the bound in backlog_full.
--- The send statements look a member up there (one probe of a small table) only for a row that
--- would wait, so a send to a session that takes it now pays nothing. A direct send to a member
--- in the set is refused ('f' row: recipient_full); a multicast leaves that member's waiting
--- copy out and says how many it left out. The bound is thus enforced one sweep late: what
--- arrives between two sweeps passes it (documented in docs/operations.md).
+-- send's hot path. Instead sweep_backlog, which the replicas run every few seconds (one at a
+-- time), keeps an estimate per member in claudemesh.backlog: the waiting rows added since its
+-- last run (a cursor over delivery ids) are added to it. Rows only leave, so the estimate only
+-- overstates: the member is counted exactly (a bounded walk) only when its estimate reaches the
+-- bound, which costs one walk per bound's worth of new rows. A member found at the bound is
+-- counted again when its oldest waiting delivery changes (it read, or one expired) or a minute
+-- after. The send statements look a member up (one probe of a small table) only for a row that
+-- would wait, so a send that a session takes at once pays nothing. A direct send to a member at
+-- the bound is refused ('f' row: recipient_full); a multicast leaves that member's waiting copies
+-- out and says how many. The bound is enforced a sweep late: what arrives between two sweeps
+-- passes it, and so do the few rows whose id was taken before a sweep and committed after it
+-- (the cursor has passed them; they count at the member's next exact count).
+--
+-- What counts: the member's open deliveries (pending, or pushed and not yet acked) addressed to
+-- the member, or to one of its sessions that is live or in its grace. Rows addressed to a
+-- session that has ended (a multicast's copies held for it) wait for that session only; they
+-- do not hold the member's other sessions' messages back.
 --
 -- New functions, not replacements: replicas of the previous release keep calling send_batch
 -- (they would read an 'f' row as a delivery), unchanged and uncapped until they are replaced.
-CREATE TABLE claudemesh.backlog_full (
-    member_id  text PRIMARY KEY REFERENCES claudemesh.member (id) ON DELETE CASCADE,
+CREATE TABLE claudemesh.backlog (
+    member_id  text PRIMARY KEY,
     mesh_id    text NOT NULL,
-    waiting    int NOT NULL,
-    oldest     bigint,     -- its oldest waiting delivery when counted: when that changes, it drained
+    estimate   int NOT NULL,              -- at least what waits (exact when last counted)
+    at_bound   boolean NOT NULL DEFAULT false,
+    oldest     bigint,                    -- its oldest waiting delivery when counted
     checked_at timestamptz NOT NULL DEFAULT now()
 );
+-- The members sends are refused for, read by the send statements' probe and by every sweep.
+CREATE INDEX backlog_at_bound ON claudemesh.backlog (member_id) WHERE at_bound;
 
--- The sweep's cursor: the last delivery id it has looked at. It starts at the newest, so an
--- upgrade does not walk the whole table; a backlog built before is counted at the member's
--- next waiting row, which is when the bound matters.
+-- The sweep's cursor: the last delivery id it has looked at, and when it last ran. It starts at
+-- the newest, so an upgrade does not walk the whole table; a backlog built before is counted
+-- once its member gets a bound's worth of new waiting rows.
 CREATE TABLE claudemesh.backlog_sweep (
     one           boolean PRIMARY KEY DEFAULT true CHECK (one),
-    last_delivery bigint NOT NULL
+    last_delivery bigint NOT NULL,
+    swept_at      timestamptz NOT NULL DEFAULT '-infinity'
 );
 INSERT INTO claudemesh.backlog_sweep (last_delivery) SELECT coalesce(max(id), 0) FROM claudemesh.delivery;
 
 -- +goose StatementBegin
--- Returns the members that reached the bound or fell below it in this run. p_scan bounds the
--- delivery ids looked at per run, so a cursor far behind (a long outage) catches up in steps.
--- A member at the bound is recounted when its oldest waiting delivery is no longer the one it
--- was counted with (one index probe: it read, or its oldest expired), or a minute after its
--- last count (rows out of order); a recount walks at most p_limit index entries.
-CREATE FUNCTION claudemesh.sweep_backlog(p_limit int, p_scan int)
+-- What waits for member p_member, exactly, up to 2 x p_limit: its newest open deliveries, each
+-- counted when addressed to the member or to a session of it that has not ended. The walk stops
+-- after 2 x p_limit index entries, so rows left for ended sessions cannot make it long.
+CREATE FUNCTION claudemesh.backlog_count(p_member text, p_limit int)
+ RETURNS int
+ LANGUAGE sql
+ STABLE
+AS $function$
+    SELECT count(*)::int FROM (
+        SELECT o.mesh_id, o.recipient_session_pubkey AS sk, o.recipient_session_id AS sid
+        FROM claudemesh.delivery o
+        WHERE o.recipient_member_id = p_member AND o.state IN ('pending', 'pushed')
+        ORDER BY o.id DESC LIMIT 2 * p_limit) w
+    WHERE (w.sk IS NULL AND w.sid IS NULL)
+       OR (w.sk IS NOT NULL AND EXISTS (
+           SELECT 1 FROM claudemesh.presence x
+           WHERE x.mesh_id = w.mesh_id AND x.session_pubkey = w.sk AND x.ended_at IS NULL))
+       OR (w.sk IS NULL AND w.sid IS NOT NULL AND EXISTS (
+           SELECT 1 FROM claudemesh.presence x
+           WHERE x.mesh_id = w.mesh_id AND x.member_id = p_member AND x.session_id = w.sid AND x.ended_at IS NULL))
+$function$;
+-- +goose StatementEnd
+
+-- +goose StatementBegin
+-- Returns the members whose state changed in this run (reached the bound, or fell below it),
+-- and one row of NULLs first when it ran: it returns nothing when another replica is sweeping
+-- or swept less than p_gap seconds ago. p_scan bounds the delivery ids looked at per run, so
+-- a cursor far behind (a long outage) catches up in steps.
+CREATE FUNCTION claudemesh.sweep_backlog(p_limit int, p_scan int, p_gap double precision)
  RETURNS TABLE(member_id text, mesh_id text, waiting int, at_bound boolean)
  LANGUAGE plpgsql
  SET enable_seqscan TO 'off'
@@ -47,53 +83,65 @@ AS $function$
 #variable_conflict use_column
 DECLARE
     v_last bigint;
+    v_at timestamptz;
     v_upto bigint;
+    v_due text[];
 BEGIN
     -- One replica at a time; the others' calls return at once.
     IF NOT pg_try_advisory_xact_lock(hashtextextended('claudemesh.sweep_backlog', 0)) THEN
         RETURN;
     END IF;
-    SELECT s.last_delivery INTO v_last FROM claudemesh.backlog_sweep s;
+    SELECT s.last_delivery, s.swept_at INTO v_last, v_at FROM claudemesh.backlog_sweep s;
+    IF v_at > clock_timestamp() - make_interval(secs => p_gap) THEN
+        RETURN;
+    END IF;
     SELECT coalesce(max(d.id), v_last) INTO v_upto
     FROM (SELECT d.id FROM claudemesh.delivery d WHERE d.id > v_last ORDER BY d.id LIMIT p_scan) d;
-    UPDATE claudemesh.backlog_sweep SET last_delivery = v_upto;
-    RETURN QUERY
-    WITH touched AS (
-        SELECT DISTINCT d.recipient_member_id AS m, d.mesh_id AS mesh
+    UPDATE claudemesh.backlog_sweep SET last_delivery = v_upto, swept_at = clock_timestamp();
+    RETURN QUERY SELECT NULL::text, NULL::text, NULL::int, NULL::boolean;
+    -- What was added to wait since the last run, added to each member's estimate; the members
+    -- whose estimate reached the bound are counted below. (One statement each: a row updated
+    -- here and again by a later part of the same statement would keep only one of the two.)
+    WITH fresh AS (
+        SELECT d.recipient_member_id AS m, min(d.mesh_id) AS mesh, count(*)::int AS n
         FROM claudemesh.delivery d
         WHERE d.id > v_last AND d.id <= v_upto AND d.state = 'pending'
-        UNION
-        SELECT f.member_id, f.mesh_id FROM claudemesh.backlog_full f
-        WHERE f.checked_at < now() - interval '1 minute'
-           OR f.oldest IS DISTINCT FROM (
-               SELECT o.id FROM claudemesh.delivery o
-               WHERE o.recipient_member_id = f.member_id AND o.state IN ('pending', 'pushed') ORDER BY o.id LIMIT 1)
-    ), counted AS MATERIALIZED (
-        SELECT t.m, t.mesh, (SELECT count(*) FROM (
-            SELECT 1 FROM claudemesh.delivery o
-            WHERE o.recipient_member_id = t.m AND o.state IN ('pending', 'pushed') LIMIT p_limit) x)::int AS n,
-            (SELECT o.id FROM claudemesh.delivery o
-             WHERE o.recipient_member_id = t.m AND o.state IN ('pending', 'pushed') ORDER BY o.id LIMIT 1) AS oldest
-        FROM touched t
-    ), fell AS (
-        DELETE FROM claudemesh.backlog_full f USING counted c
-        WHERE f.member_id = c.m AND c.n < p_limit
-        RETURNING f.member_id, f.mesh_id, c.n
-    ), still AS (
-        UPDATE claudemesh.backlog_full f SET waiting = c.n, oldest = c.oldest, checked_at = now()
-        FROM counted c WHERE f.member_id = c.m AND c.n >= p_limit
-        RETURNING f.member_id
-    ), reached AS (
-        INSERT INTO claudemesh.backlog_full AS f (member_id, mesh_id, waiting, oldest)
-        SELECT c.m, c.mesh, c.n, c.oldest FROM counted c
-        WHERE c.n >= p_limit AND NOT EXISTS (SELECT 1 FROM claudemesh.backlog_full b WHERE b.member_id = c.m)
-        ON CONFLICT (member_id) DO NOTHING
-        RETURNING f.member_id, f.mesh_id, f.waiting
+        GROUP BY d.recipient_member_id
+    ), grown AS (
+        INSERT INTO claudemesh.backlog AS b (member_id, mesh_id, estimate)
+        SELECT f.m, f.mesh, f.n FROM fresh f
+        ON CONFLICT (member_id) DO UPDATE SET estimate = b.estimate + excluded.estimate
+        RETURNING b.member_id, b.estimate, b.at_bound
     )
-    SELECT r.member_id, r.mesh_id, r.waiting, true FROM reached r
-    UNION ALL
-    SELECT g.member_id, g.mesh_id, g.n, false FROM fell g;
-    -- (still runs though unread: Postgres runs every data-modifying WITH to completion.)
+    SELECT coalesce(array_agg(g.member_id), '{}') INTO v_due FROM grown g WHERE g.estimate >= p_limit AND NOT g.at_bound;
+    RETURN QUERY
+    WITH due AS (
+        -- Counted exactly: an estimate that reached the bound, and members at the bound whose
+        -- oldest waiting delivery changed or that were counted a minute ago.
+        SELECT b.member_id, b.mesh_id, b.at_bound FROM claudemesh.backlog b WHERE b.member_id = ANY (v_due)
+        UNION
+        SELECT b.member_id, b.mesh_id, b.at_bound FROM claudemesh.backlog b
+        WHERE b.at_bound
+          AND (b.checked_at < now() - interval '1 minute'
+               OR b.oldest IS DISTINCT FROM (
+                   SELECT o.id FROM claudemesh.delivery o
+                   WHERE o.recipient_member_id = b.member_id AND o.state IN ('pending', 'pushed')
+                   ORDER BY o.id LIMIT 1))
+    ), counted AS MATERIALIZED (
+        SELECT d.member_id, d.mesh_id, d.at_bound AS was, claudemesh.backlog_count(d.member_id, p_limit) AS n,
+            (SELECT o.id FROM claudemesh.delivery o
+             WHERE o.recipient_member_id = d.member_id AND o.state IN ('pending', 'pushed')
+             ORDER BY o.id LIMIT 1) AS oldest
+        FROM due d
+    ), counted_in AS (
+        UPDATE claudemesh.backlog b
+        SET estimate = c.n, at_bound = c.n >= p_limit, oldest = c.oldest, checked_at = now()
+        FROM counted c WHERE b.member_id = c.member_id
+        RETURNING b.member_id
+    )
+    -- counted_in runs though unread: Postgres runs every data-modifying WITH to completion.
+    SELECT c.member_id, c.mesh_id, c.n, c.n >= p_limit FROM counted c
+    WHERE (c.n >= p_limit) <> c.was;
 END
 $function$;
 -- +goose StatementEnd
@@ -175,8 +223,8 @@ BEGIN
             ORDER BY x.node_id = p_node DESC, x.connected_at DESC LIMIT 1;
         END IF;
         -- No session takes it now, so it would wait: refused while the member's waiting
-        -- messages are at the bound (claudemesh.backlog_full, kept by sweep_backlog).
-        IF v_pres IS NULL AND EXISTS (SELECT 1 FROM claudemesh.backlog_full f WHERE f.member_id = v_member) THEN
+        -- messages are at the bound (claudemesh.backlog, kept by sweep_backlog).
+        IF v_pres IS NULL AND EXISTS (SELECT 1 FROM claudemesh.backlog f WHERE f.member_id = v_member AND f.at_bound) THEN
             RETURN QUERY SELECT 'f'::text, i, false, 1, NULL::bigint, NULL::text, NULL::boolean, NULL::text, NULL::text;
             CONTINUE;
         END IF;
@@ -318,14 +366,14 @@ BEGIN
                                          WHERE g->>'name' = e.key OR starts_with(g->>'name', e.key || '/')))
     ), refused AS MATERIALIZED (
         -- Rows that would wait (no session takes them now) for a member whose waiting messages
-        -- are at the bound (claudemesh.backlog_full, kept by sweep_backlog) are not written: a
+        -- are at the bound (claudemesh.backlog, kept by sweep_backlog) are not written: a
         -- direct send is refused, a multicast leaves that member out. Per envelope, how many.
         SELECT c.i, count(*)::int AS n FROM candidates c
-        WHERE c.presence_id IS NULL AND EXISTS (SELECT 1 FROM claudemesh.backlog_full f WHERE f.member_id = c.member_id)
+        WHERE c.presence_id IS NULL AND EXISTS (SELECT 1 FROM claudemesh.backlog f WHERE f.member_id = c.member_id AND f.at_bound)
         GROUP BY c.i
     ), picked AS (
         SELECT c.* FROM candidates c
-        WHERE c.presence_id IS NOT NULL OR NOT EXISTS (SELECT 1 FROM claudemesh.backlog_full f WHERE f.member_id = c.member_id)
+        WHERE c.presence_id IS NOT NULL OR NOT EXISTS (SELECT 1 FROM claudemesh.backlog f WHERE f.member_id = c.member_id AND f.at_bound)
     ), r AS MATERIALIZED (
         -- Delivery ids are taken here, in batch order, so the rows below need no join back.
         SELECT nextval('claudemesh.delivery_id_seq') AS id, q.*
@@ -409,6 +457,7 @@ $function$;
 -- +goose Down
 DROP FUNCTION claudemesh.send_batch_capped(text, text, text[], text[], text[], text[], text[], text[], text[], text[], text[], text[], text[], text[], timestamp with time zone[], timestamp with time zone[], text[], text[], text[], text[]);
 DROP FUNCTION claudemesh.send_batch_set_capped(text, text, text[], text[], text[], text[], text[], text[], text[], text[], text[], text[], text[], text[], timestamp with time zone[], timestamp with time zone[], text[], text[], text[], text[]);
-DROP FUNCTION claudemesh.sweep_backlog(int, int);
+DROP FUNCTION claudemesh.sweep_backlog(int, int, double precision);
+DROP FUNCTION claudemesh.backlog_count(text, int);
 DROP TABLE claudemesh.backlog_sweep;
-DROP TABLE claudemesh.backlog_full;
+DROP TABLE claudemesh.backlog;

@@ -28,7 +28,7 @@ type HelloAck struct {
 
 // Ack answers a send. Queued is true only once the envelope is durably
 // stored; when false, Error holds the refusal code (CodeNoRecipient,
-// CodeTooLarge, CodeRateLimited).
+// CodeTooLarge, CodeRateLimited, CodeRecipientFull).
 type Ack struct {
 	ID        string `json:"id"` // the send's id, or ""
 	MessageID string `json:"messageId"`

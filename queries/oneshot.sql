@@ -76,7 +76,9 @@ SELECT b.code::text AS code, coalesce(b.name, '')::text AS name, coalesce(b.pubk
 FROM claudemesh.list_bans(@mesh_id::text, @caller_member::text, @max_rows::int) b;
 
 -- name: SweepBacklog :many
--- Recounts what waits for the members that got waiting rows since the last sweep (and those
--- already at the bound); returns the members that reached p_limit or fell below it (00046).
-SELECT b.member_id::text AS member_id, b.mesh_id::text AS mesh_id, b.waiting::int AS waiting, b.at_bound::boolean AS at_bound
-FROM claudemesh.sweep_backlog(@max_waiting::int, @scan::int) b;
+-- Adds the rows that began waiting since the last sweep to their members' estimates and counts
+-- the members that may be at the bound; returns a row with no member when it ran, then the
+-- members that reached the bound or fell below it (00046).
+SELECT coalesce(b.member_id, '')::text AS member_id, coalesce(b.mesh_id, '')::text AS mesh_id,
+    coalesce(b.waiting, 0)::int AS waiting, coalesce(b.at_bound, false)::boolean AS at_bound
+FROM claudemesh.sweep_backlog(@max_waiting::int, @scan::int, @gap_seconds::float8) b;

@@ -3,6 +3,7 @@ package store_test
 import (
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/require"
 
@@ -66,8 +67,9 @@ func TestWaitingMessagesAreBoundedPerMember(t *testing.T) {
 	const bound = 3
 	sweep := func() map[string]store.BacklogChange {
 		t.Helper()
-		changes, err := st.SweepBacklog(ctx, bound)
+		changes, ran, err := st.SweepBacklog(ctx, bound, 0)
 		require.NoError(t, err)
+		require.True(t, ran, "no other sweep runs")
 		out := map[string]store.BacklogChange{}
 		for _, c := range changes {
 			out[c.MemberID] = c
@@ -127,9 +129,38 @@ func TestWaitingMessagesAreBoundedPerMember(t *testing.T) {
 	defer func() { _ = tx.Rollback(ctx) }()
 	_, err = tx.Exec(ctx, `SELECT pg_advisory_xact_lock(hashtextextended('claudemesh.sweep_backlog', 0))`)
 	require.NoError(t, err)
-	require.Empty(t, sweep(), "the member away is at the bound again, but this sweep did not run")
+	changes, ran, err := st.SweepBacklog(ctx, bound, 0)
+	require.NoError(t, err)
+	require.False(t, ran)
+	require.Empty(t, changes, "the member away is at the bound again, but this sweep did not run")
 	require.NoError(t, tx.Rollback(ctx))
 	require.Equal(t, map[string]store.BacklogChange{
 		members['a']: {MemberID: members['a'], MeshID: mesh, Waiting: bound, AtBound: true},
 	}, sweep())
+	// Nor does it run within the gap after another.
+	_, ran, err = st.SweepBacklog(ctx, bound, time.Hour)
+	require.NoError(t, err)
+	require.False(t, ran)
+
+	// Copies held for a session count while it lives: the idle member goes to work and gets
+	// three next broadcasts, held for its session; its next copy is left out.
+	_, err = pool.Exec(ctx, `UPDATE claudemesh.presence SET status = 'working' WHERE member_id = $1`, members['i'])
+	require.NoError(t, err)
+	for range bound {
+		require.Equal(t, store.SentEnvelope{Queued: true, Recipients: 1, Skipped: 1}, broadcast("next"), "the member at work's copy is left out")
+	}
+	require.Equal(t, map[string]store.BacklogChange{
+		members['i']: {MemberID: members['i'], MeshID: mesh, Waiting: bound, AtBound: true},
+	}, sweep())
+	require.Equal(t, store.SentEnvelope{Queued: true, Skipped: 2}, broadcast("next"))
+	// Once that session has ended, only it could take them: they no longer hold the member's
+	// messages back, at its next count (a minute after the last, here made to have passed).
+	_, err = pool.Exec(ctx, `UPDATE claudemesh.presence SET ended_at = now() WHERE member_id = $1`, members['i'])
+	require.NoError(t, err)
+	_, err = pool.Exec(ctx, `UPDATE claudemesh.backlog SET checked_at = now() - interval '2 minutes' WHERE member_id = $1`, members['i'])
+	require.NoError(t, err)
+	require.Equal(t, map[string]store.BacklogChange{
+		members['i']: {MemberID: members['i'], MeshID: mesh, Waiting: 0},
+	}, sweep())
+	require.Equal(t, []store.SentEnvelope{{Queued: true, Recipients: 1}}, send('i', "now", 1), "waits for the member's next session")
 }

@@ -230,18 +230,23 @@ type BacklogChange struct {
 // cluster stopped for a while under load) catches up over several sweeps, each one short.
 const BacklogScan = 100_000
 
-// SweepBacklog recounts what waits (pending or pushed, not yet delivered) for the members that
-// got waiting rows since the last sweep, on any replica, and for those already at the bound,
-// and keeps the set of members at maxWaiting that the send statement refuses to add to. One
-// replica sweeps at a time: another's concurrent call returns no change at once.
-func (s *Store) SweepBacklog(ctx context.Context, maxWaiting int) ([]BacklogChange, error) {
-	rows, err := s.q.SweepBacklog(ctx, db.SweepBacklogParams{MaxWaiting: int32(maxWaiting), Scan: BacklogScan})
+// SweepBacklog adds the deliveries that began waiting since the last sweep, on any replica, to
+// their members' estimates, counts exactly the members whose estimate reached maxWaiting and
+// those at it that read (or were counted a minute ago), and keeps the set of members at
+// maxWaiting that the send statement refuses to add to (migration 00046). One replica sweeps at
+// a time, at most once per gap: ran is false when another replica is sweeping or swept less
+// than gap ago, and nothing was done.
+func (s *Store) SweepBacklog(ctx context.Context, maxWaiting int, gap time.Duration) (changes []BacklogChange, ran bool, err error) {
+	rows, err := s.q.SweepBacklog(ctx, db.SweepBacklogParams{MaxWaiting: int32(maxWaiting), Scan: BacklogScan, GapSeconds: gap.Seconds()})
 	if err != nil {
-		return nil, fmt.Errorf("sweep backlog: %w", err)
+		return nil, false, fmt.Errorf("sweep backlog: %w", err)
 	}
-	out := make([]BacklogChange, len(rows))
-	for i, r := range rows {
-		out[i] = BacklogChange{MemberID: r.MemberID, MeshID: r.MeshID, Waiting: int(r.Waiting), AtBound: r.AtBound}
+	for _, r := range rows {
+		if r.MemberID == "" { // the row that says the sweep ran
+			ran = true
+			continue
+		}
+		changes = append(changes, BacklogChange{MemberID: r.MemberID, MeshID: r.MeshID, Waiting: int(r.Waiting), AtBound: r.AtBound})
 	}
-	return out, nil
+	return changes, ran, nil
 }

@@ -189,8 +189,8 @@ const InlineMax = 6000
 type SentEnvelope struct {
 	Queued     bool
 	Recipients int
-	// Skipped counts recipients left out because what waits for them reached the bound
-	// (SweepBacklog): a direct send's one recipient (refused), or a multicast's members.
+	// Skipped counts deliveries left out because what waits for their member reached the
+	// bound (SweepBacklog): a direct send's one (refused), or a multicast's, one a session.
 	Skipped           int
 	Original          string
 	StoredFingerprint string
