@@ -219,7 +219,7 @@ var envVars = []envVar{
 	{"MAX_STATE_BYTES_PER_MESH", "a whole number of bytes >= 1024", func(v string, c *Config) error { return intIn(v, 1024, 1<<30, &c.MaxStateBytesPerMesh) }},
 	{"MAX_STATE_VALUE_BYTES", "a whole number of bytes >= 16", func(v string, c *Config) error { return intIn(v, 16, 1<<30, &c.MaxStateValueBytes) }},
 	{"MAX_GROUPS_PER_SESSION", "a whole number >= 1", func(v string, c *Config) error { return intIn(v, 1, 1<<20, &c.MaxGroupsPerSession) }},
-	{"MAX_PENDING_PER_MEMBER", "a whole number >= 1", func(v string, c *Config) error { return intIn(v, 1, 1<<30, &c.MaxPendingPerMember) }},
+	{"MAX_PENDING_PER_MEMBER", "a whole number >= 1", func(v string, c *Config) error { return intIn(v, 1, 1<<24, &c.MaxPendingPerMember) }},
 	{"HOOK_ALLOW_UNSIGNED", "true or false", func(v string, c *Config) error { return boolean(v, &c.HookAllowUnsigned) }},
 	{"HOOK_RATE_LIMIT_PER_CALLER_PER_MIN", "a whole number >= 1", func(v string, c *Config) error { return intIn(v, 1, 1<<30, &c.HookRatePerCallerMin) }},
 	{"METRICS_TOKEN", "any non-empty secret", func(v string, c *Config) error { c.MetricsToken = v; return nil }},

@@ -5,10 +5,12 @@
 --
 -- How: counting a member's waiting rows on every send would put a walk of up to the bound on the
 -- send's hot path. Instead sweep_backlog, which the replicas run every few seconds (one at a
--- time), keeps an estimate per member in claudemesh.backlog: the waiting rows added since its
--- last run (a cursor over delivery ids) are added to it. Rows only leave, so the estimate only
--- overstates: the member is counted exactly (a bounded walk) only when its estimate reaches the
--- bound, which costs one walk per bound's worth of new rows. A member found at the bound is
+-- time), keeps an estimate per member in claudemesh.backlog: every delivery row added since its
+-- last run (a cursor over delivery ids), whatever its state, is added to it. A row taken at once
+-- may wait later (its session ends or stalls and it is released), so all are counted; rows only
+-- leave after that, so the estimate only overstates: the member is counted exactly (a bounded
+-- walk) only when its estimate reaches the bound, which costs one walk per bound's worth of new
+-- rows. A member found at the bound is
 -- counted again when its oldest waiting delivery changes (it read, or one expired) or a minute
 -- after. The send statements look a member up (one probe of a small table) only for a row that
 -- would wait, so a send that a session takes at once pays nothing. A direct send to a member at
@@ -18,9 +20,9 @@
 -- (the cursor has passed them; they count at the member's next exact count).
 --
 -- What counts: the member's open deliveries (pending, or pushed and not yet acked) addressed to
--- the member, or to one of its sessions that is live or in its grace. Rows addressed to a
--- session that has ended (a multicast's copies held for it) wait for that session only; they
--- do not hold the member's other sessions' messages back.
+-- the member, sent to one of its session keys, or copies of a multicast for one of its sessions
+-- that is live or in its grace. A multicast's copies held for a session that has ended wait
+-- for that session only; they do not hold the member's other sessions' messages back.
 --
 -- New functions, not replacements: replicas of the previous release keep calling send_batch
 -- (they would read an 'f' row as a delivery), unchanged and uncapped until they are replaced.
@@ -46,26 +48,40 @@ CREATE TABLE claudemesh.backlog_sweep (
 INSERT INTO claudemesh.backlog_sweep (last_delivery) SELECT coalesce(max(id), 0) FROM claudemesh.delivery;
 
 -- +goose StatementBegin
--- What waits for member p_member, exactly, up to 2 x p_limit: its newest open deliveries, each
--- counted when addressed to the member or to a session of it that has not ended. The walk stops
--- after 2 x p_limit index entries, so rows left for ended sessions cannot make it long.
-CREATE FUNCTION claudemesh.backlog_count(p_member text, p_limit int)
+-- What waits for member p_member of mesh p_mesh, exactly, up to 3 x p_limit:
+--  - its newest open deliveries (pending, or pushed and not acked), each counted when addressed
+--    to the member, to a session of it that has not ended, or sent to a session key (a direct
+--    send: the envelope's target is the key; a session key outlives its sessions). The walk
+--    stops after 2 x p_limit index entries, so copies left for ended sessions cannot make it
+--    long;
+--  - and what is assigned to its live sessions, on its way to their sockets: it waits again if
+--    the session ends or stalls first, so it counts (the estimate stays an upper bound).
+CREATE FUNCTION claudemesh.backlog_count(p_member text, p_mesh text, p_limit int)
  RETURNS int
  LANGUAGE sql
  STABLE
 AS $function$
-    SELECT count(*)::int FROM (
-        SELECT o.mesh_id, o.recipient_session_pubkey AS sk, o.recipient_session_id AS sid
+    SELECT (SELECT count(*) FROM (
+        SELECT o.mesh_id, o.envelope_id, o.recipient_session_pubkey AS sk, o.recipient_session_id AS sid
         FROM claudemesh.delivery o
         WHERE o.recipient_member_id = p_member AND o.state IN ('pending', 'pushed')
-        ORDER BY o.id DESC LIMIT 2 * p_limit) w
+        ORDER BY o.id DESC LIMIT 2 * p_limit::bigint) w
     WHERE (w.sk IS NULL AND w.sid IS NULL)
        OR (w.sk IS NOT NULL AND EXISTS (
            SELECT 1 FROM claudemesh.presence x
            WHERE x.mesh_id = w.mesh_id AND x.session_pubkey = w.sk AND x.ended_at IS NULL))
+       OR (w.sk IS NOT NULL AND EXISTS (
+           SELECT 1 FROM claudemesh.envelope e WHERE e.id = w.envelope_id AND e.target_spec = w.sk))
        OR (w.sk IS NULL AND w.sid IS NOT NULL AND EXISTS (
            SELECT 1 FROM claudemesh.presence x
-           WHERE x.mesh_id = w.mesh_id AND x.member_id = p_member AND x.session_id = w.sid AND x.ended_at IS NULL))
+           WHERE x.mesh_id = w.mesh_id AND x.member_id = p_member AND x.session_id = w.sid AND x.ended_at IS NULL)))::int
+    + (SELECT count(*) FROM (
+        SELECT 1 FROM claudemesh.presence x
+        CROSS JOIN LATERAL (
+            SELECT 1 FROM claudemesh.delivery d
+            WHERE d.pushed_presence = x.id AND d.state = 'assigned' LIMIT p_limit) a
+        WHERE x.mesh_id = p_mesh AND x.member_id = p_member AND x.ended_at IS NULL
+        LIMIT p_limit) z)::int
 $function$;
 -- +goose StatementEnd
 
@@ -99,13 +115,13 @@ BEGIN
     FROM (SELECT d.id FROM claudemesh.delivery d WHERE d.id > v_last ORDER BY d.id LIMIT p_scan) d;
     UPDATE claudemesh.backlog_sweep SET last_delivery = v_upto, swept_at = clock_timestamp();
     RETURN QUERY SELECT NULL::text, NULL::text, NULL::int, NULL::boolean;
-    -- What was added to wait since the last run, added to each member's estimate; the members
+    -- What was added since the last run, added to each member's estimate; the members
     -- whose estimate reached the bound are counted below. (One statement each: a row updated
     -- here and again by a later part of the same statement would keep only one of the two.)
     WITH fresh AS (
         SELECT d.recipient_member_id AS m, min(d.mesh_id) AS mesh, count(*)::int AS n
         FROM claudemesh.delivery d
-        WHERE d.id > v_last AND d.id <= v_upto AND d.state = 'pending'
+        WHERE d.id > v_last AND d.id <= v_upto
         GROUP BY d.recipient_member_id
     ), grown AS (
         INSERT INTO claudemesh.backlog AS b (member_id, mesh_id, estimate)
@@ -128,7 +144,7 @@ BEGIN
                    WHERE o.recipient_member_id = b.member_id AND o.state IN ('pending', 'pushed')
                    ORDER BY o.id LIMIT 1))
     ), counted AS MATERIALIZED (
-        SELECT d.member_id, d.mesh_id, d.at_bound AS was, claudemesh.backlog_count(d.member_id, p_limit) AS n,
+        SELECT d.member_id, d.mesh_id, d.at_bound AS was, claudemesh.backlog_count(d.member_id, d.mesh_id, p_limit) AS n,
             (SELECT o.id FROM claudemesh.delivery o
              WHERE o.recipient_member_id = d.member_id AND o.state IN ('pending', 'pushed')
              ORDER BY o.id LIMIT 1) AS oldest
@@ -458,6 +474,6 @@ $function$;
 DROP FUNCTION claudemesh.send_batch_capped(text, text, text[], text[], text[], text[], text[], text[], text[], text[], text[], text[], text[], text[], timestamp with time zone[], timestamp with time zone[], text[], text[], text[], text[]);
 DROP FUNCTION claudemesh.send_batch_set_capped(text, text, text[], text[], text[], text[], text[], text[], text[], text[], text[], text[], text[], text[], timestamp with time zone[], timestamp with time zone[], text[], text[], text[], text[]);
 DROP FUNCTION claudemesh.sweep_backlog(int, int, double precision);
-DROP FUNCTION claudemesh.backlog_count(text, int);
+DROP FUNCTION claudemesh.backlog_count(text, text, int);
 DROP TABLE claudemesh.backlog_sweep;
 DROP TABLE claudemesh.backlog;

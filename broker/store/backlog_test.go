@@ -20,20 +20,24 @@ func TestWaitingMessagesAreBoundedPerMember(t *testing.T) {
 	ctx := dbtest.Context(t)
 	pool := dbtest.PoolFor(t, dbtest.URL(t))
 	st := store.New(pool, "t")
-	// Members by role: s sends, a is away (no session), w at work, i idle; their keys are hex.
+	// Members by role: s sends, a is away (no session), w at work, i idle, r idle until its
+	// session ends, k away with a session key (K); their keys are hex.
 	key := func(c byte) string {
-		return strings.Repeat(map[byte]string{'s': "1", 'a': "a", 'w': "b", 'i': "c", '0': "0"}[c], 64)
+		return strings.Repeat(map[byte]string{'s': "1", 'a': "a", 'w': "b", 'i': "c", 'r': "d", 'k': "e", 'K': "f", '0': "0"}[c], 64)
 	}
 	var mesh string
 	require.NoError(t, pool.QueryRow(ctx, `INSERT INTO claudemesh.mesh (slug, name, owner_pubkey) VALUES ('m', 'm', $1) RETURNING id`, key('0')).Scan(&mesh))
 	_, err := pool.Exec(ctx, `INSERT INTO claudemesh.node (id, heartbeat_at) VALUES ('here', now())`)
 	require.NoError(t, err)
 	members := map[byte]string{}
-	for _, c := range []byte("sawi") {
+	for _, c := range []byte("sawirk") {
 		var id string
 		require.NoError(t, pool.QueryRow(ctx, `INSERT INTO claudemesh.member (mesh_id, pubkey) VALUES ($1, $2) RETURNING id`, mesh, key(c)).Scan(&id))
 		members[c] = id
 	}
+	_, err = pool.Exec(ctx, `INSERT INTO claudemesh.session_key (mesh_id, session_pubkey, member_id) VALUES ($1, $2, $3)`,
+		mesh, key('K'), members['k'])
+	require.NoError(t, err)
 	for _, c := range []byte("wi") {
 		status := map[byte]string{'w': "working", 'i': "idle"}[c]
 		_, err := pool.Exec(ctx, `INSERT INTO claudemesh.presence (mesh_id, member_id, member_pubkey, node_id, session_id, status)
@@ -149,8 +153,10 @@ func TestWaitingMessagesAreBoundedPerMember(t *testing.T) {
 	for range bound {
 		require.Equal(t, store.SentEnvelope{Queued: true, Recipients: 1, Skipped: 1}, broadcast("next"), "the member at work's copy is left out")
 	}
+	// Counted with the two copies its session took at once, still on their way (no replica
+	// pushes them here).
 	require.Equal(t, map[string]store.BacklogChange{
-		members['i']: {MemberID: members['i'], MeshID: mesh, Waiting: bound, AtBound: true},
+		members['i']: {MemberID: members['i'], MeshID: mesh, Waiting: bound + 2, AtBound: true},
 	}, sweep())
 	require.Equal(t, store.SentEnvelope{Queued: true, Skipped: 2}, broadcast("next"))
 	// Once that session has ended, only it could take them: they no longer hold the member's
@@ -163,4 +169,30 @@ func TestWaitingMessagesAreBoundedPerMember(t *testing.T) {
 		members['i']: {MemberID: members['i'], MeshID: mesh, Waiting: 0},
 	}, sweep())
 	require.Equal(t, []store.SentEnvelope{{Queued: true, Recipients: 1}}, send('i', "now", 1), "waits for the member's next session")
+
+	// Direct sends to a session key wait for that key, which outlives its sessions: they count.
+	for range bound {
+		require.Equal(t, []store.SentEnvelope{{Queued: true, Recipients: 1}}, send('K', "now", 1))
+	}
+	require.Equal(t, map[string]store.BacklogChange{
+		members['k']: {MemberID: members['k'], MeshID: mesh, Waiting: bound, AtBound: true},
+	}, sweep())
+	require.Equal(t, []store.SentEnvelope{{Skipped: 1}}, send('K', "now", 1))
+
+	// What a session takes at once counts while on its way: if the session ends first, it waits.
+	_, err = pool.Exec(ctx, `INSERT INTO claudemesh.presence (mesh_id, member_id, member_pubkey, node_id, session_id, status)
+		VALUES ($1, $2, $3, 'here', 'r', 'idle')`, mesh, members['r'], key('r'))
+	require.NoError(t, err)
+	for range bound {
+		require.Equal(t, []store.SentEnvelope{{Queued: true, Recipients: 1}}, send('r', "now", 1))
+	}
+	require.Equal(t, map[string]store.BacklogChange{
+		members['r']: {MemberID: members['r'], MeshID: mesh, Waiting: bound, AtBound: true},
+	}, sweep())
+	_, err = pool.Exec(ctx, `UPDATE claudemesh.presence SET ended_at = now() WHERE member_id = $1`, members['r'])
+	require.NoError(t, err)
+	_, err = pool.Exec(ctx, `UPDATE claudemesh.delivery SET state = 'pending', pushed_node = NULL, pushed_presence = NULL, pushed_at = NULL
+		WHERE recipient_member_id = $1`, members['r']) // as end_sessions releases them
+	require.NoError(t, err)
+	require.Equal(t, []store.SentEnvelope{{Skipped: 1}}, send('r', "now", 1), "released, they wait: the member is at the bound")
 }
