@@ -40,6 +40,7 @@ type ClaudemeshBacklog struct {
 	MeshID    string
 	Estimate  int32
 	AtBound   bool
+	Unsure    bool
 	Oldest    *int64
 	CheckedAt time.Time
 }

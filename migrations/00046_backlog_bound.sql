@@ -22,20 +22,26 @@
 -- What counts: the member's open deliveries (pending, or pushed and not yet acked) addressed to
 -- the member, sent to one of its session keys, or copies of a multicast for one of its sessions
 -- that is live or in its grace. A multicast's copies held for a session that has ended wait
--- for that session only; they do not hold the member's other sessions' messages back.
+-- for that session only; they do not hold the member's other sessions' messages back. What is
+-- on its way to a live session (assigned) does not count either: it is not refused, and it is
+-- gone in milliseconds. Both may wait again (the session comes back; the session ends or stalls
+-- and its rows are released), so the estimate keeps them, and a member whose estimate is at the
+-- bound while its count is not ("unsure") is counted again every few seconds.
 --
 -- New functions, not replacements: replicas of the previous release keep calling send_batch
 -- (they would read an 'f' row as a delivery), unchanged and uncapped until they are replaced.
 CREATE TABLE claudemesh.backlog (
     member_id  text PRIMARY KEY,
     mesh_id    text NOT NULL,
-    estimate   int NOT NULL,              -- at least what waits (exact when last counted)
+    estimate   int NOT NULL,              -- at least what waits or may wait again
     at_bound   boolean NOT NULL DEFAULT false,
+    unsure     boolean NOT NULL DEFAULT false, -- below the bound, estimate at it: counted again soon
     oldest     bigint,                    -- its oldest waiting delivery when counted
     checked_at timestamptz NOT NULL DEFAULT now()
 );
 -- The members sends are refused for, read by the send statements' probe and by every sweep.
 CREATE INDEX backlog_at_bound ON claudemesh.backlog (member_id) WHERE at_bound;
+CREATE INDEX backlog_unsure ON claudemesh.backlog (member_id) WHERE unsure;
 
 -- The sweep's cursor: the last delivery id it has looked at, and when it last ran. It starts at
 -- the newest, so an upgrade does not walk the whole table; a backlog built before is counted
@@ -48,40 +54,42 @@ CREATE TABLE claudemesh.backlog_sweep (
 INSERT INTO claudemesh.backlog_sweep (last_delivery) SELECT coalesce(max(id), 0) FROM claudemesh.delivery;
 
 -- +goose StatementBegin
--- What waits for member p_member of mesh p_mesh, exactly, up to 3 x p_limit:
---  - its newest open deliveries (pending, or pushed and not acked), each counted when addressed
---    to the member, to a session of it that has not ended, or sent to a session key (a direct
---    send: the envelope's target is the key; a session key outlives its sessions). The walk
---    stops after 2 x p_limit index entries, so copies left for ended sessions cannot make it
---    long;
---  - and what is assigned to its live sessions, on its way to their sockets: it waits again if
---    the session ends or stalls first, so it counts (the estimate stays an upper bound).
+-- What waits for member p_member of mesh p_mesh (waiting, exact up to 2 x p_limit), and what
+-- may wait later (upper):
+--  - its newest open deliveries (pending, or pushed and not acked), up to 2 x p_limit index
+--    entries; each waits when addressed to the member, to a session of it that has not ended,
+--    or sent to a session key (a direct send: the envelope's target is the key, as its sender
+--    wrote it; a session key outlives its sessions). All of them may: a copy for an ended
+--    session waits again if that session comes back;
+--  - and, in upper, what is assigned to its live sessions, on its way to their sockets (up to
+--    p_limit): it waits again if the session ends or stalls first.
 CREATE FUNCTION claudemesh.backlog_count(p_member text, p_mesh text, p_limit int)
- RETURNS int
+ RETURNS TABLE(waiting int, upper int)
  LANGUAGE sql
  STABLE
 AS $function$
-    SELECT (SELECT count(*) FROM (
+    SELECT count(*) FILTER (WHERE
+           (w.sk IS NULL AND w.sid IS NULL)
+        OR (w.sk IS NOT NULL AND EXISTS (
+            SELECT 1 FROM claudemesh.presence x
+            WHERE x.mesh_id = w.mesh_id AND x.session_pubkey = w.sk AND x.ended_at IS NULL))
+        OR (w.sk IS NOT NULL AND EXISTS (
+            SELECT 1 FROM claudemesh.envelope e WHERE e.id = w.envelope_id AND lower(e.target_spec) = w.sk))
+        OR (w.sk IS NULL AND w.sid IS NOT NULL AND EXISTS (
+            SELECT 1 FROM claudemesh.presence x
+            WHERE x.mesh_id = w.mesh_id AND x.member_id = p_member AND x.session_id = w.sid AND x.ended_at IS NULL)))::int,
+        count(*)::int + (SELECT count(*) FROM (
+            SELECT 1 FROM claudemesh.presence x
+            CROSS JOIN LATERAL (
+                SELECT 1 FROM claudemesh.delivery d
+                WHERE d.pushed_presence = x.id AND d.state = 'assigned' LIMIT p_limit) a
+            WHERE x.mesh_id = p_mesh AND x.member_id = p_member AND x.ended_at IS NULL
+            LIMIT p_limit) z)::int
+    FROM (
         SELECT o.mesh_id, o.envelope_id, o.recipient_session_pubkey AS sk, o.recipient_session_id AS sid
         FROM claudemesh.delivery o
         WHERE o.recipient_member_id = p_member AND o.state IN ('pending', 'pushed')
         ORDER BY o.id DESC LIMIT 2 * p_limit::bigint) w
-    WHERE (w.sk IS NULL AND w.sid IS NULL)
-       OR (w.sk IS NOT NULL AND EXISTS (
-           SELECT 1 FROM claudemesh.presence x
-           WHERE x.mesh_id = w.mesh_id AND x.session_pubkey = w.sk AND x.ended_at IS NULL))
-       OR (w.sk IS NOT NULL AND EXISTS (
-           SELECT 1 FROM claudemesh.envelope e WHERE e.id = w.envelope_id AND e.target_spec = w.sk))
-       OR (w.sk IS NULL AND w.sid IS NOT NULL AND EXISTS (
-           SELECT 1 FROM claudemesh.presence x
-           WHERE x.mesh_id = w.mesh_id AND x.member_id = p_member AND x.session_id = w.sid AND x.ended_at IS NULL)))::int
-    + (SELECT count(*) FROM (
-        SELECT 1 FROM claudemesh.presence x
-        CROSS JOIN LATERAL (
-            SELECT 1 FROM claudemesh.delivery d
-            WHERE d.pushed_presence = x.id AND d.state = 'assigned' LIMIT p_limit) a
-        WHERE x.mesh_id = p_mesh AND x.member_id = p_member AND x.ended_at IS NULL
-        LIMIT p_limit) z)::int
 $function$;
 -- +goose StatementEnd
 
@@ -132,9 +140,13 @@ BEGIN
     SELECT coalesce(array_agg(g.member_id), '{}') INTO v_due FROM grown g WHERE g.estimate >= p_limit AND NOT g.at_bound;
     RETURN QUERY
     WITH due AS (
-        -- Counted exactly: an estimate that reached the bound, and members at the bound whose
-        -- oldest waiting delivery changed or that were counted a minute ago.
+        -- Counted exactly: an estimate that reached the bound, members unsure counted 5 s ago,
+        -- and members at the bound whose oldest waiting delivery changed or that were counted a
+        -- minute ago.
         SELECT b.member_id, b.mesh_id, b.at_bound FROM claudemesh.backlog b WHERE b.member_id = ANY (v_due)
+        UNION
+        SELECT b.member_id, b.mesh_id, b.at_bound FROM claudemesh.backlog b
+        WHERE b.unsure AND b.checked_at < now() - interval '5 seconds'
         UNION
         SELECT b.member_id, b.mesh_id, b.at_bound FROM claudemesh.backlog b
         WHERE b.at_bound
@@ -144,14 +156,15 @@ BEGIN
                    WHERE o.recipient_member_id = b.member_id AND o.state IN ('pending', 'pushed')
                    ORDER BY o.id LIMIT 1))
     ), counted AS MATERIALIZED (
-        SELECT d.member_id, d.mesh_id, d.at_bound AS was, claudemesh.backlog_count(d.member_id, d.mesh_id, p_limit) AS n,
+        SELECT d.member_id, d.mesh_id, d.at_bound AS was, n.waiting AS n, n.upper,
             (SELECT o.id FROM claudemesh.delivery o
              WHERE o.recipient_member_id = d.member_id AND o.state IN ('pending', 'pushed')
              ORDER BY o.id LIMIT 1) AS oldest
-        FROM due d
+        FROM due d CROSS JOIN LATERAL claudemesh.backlog_count(d.member_id, d.mesh_id, p_limit) n
     ), counted_in AS (
         UPDATE claudemesh.backlog b
-        SET estimate = c.n, at_bound = c.n >= p_limit, oldest = c.oldest, checked_at = now()
+        SET estimate = c.upper, at_bound = c.n >= p_limit, unsure = c.n < p_limit AND c.upper >= p_limit,
+            oldest = c.oldest, checked_at = now()
         FROM counted c WHERE b.member_id = c.member_id
         RETURNING b.member_id
     )
