@@ -10,14 +10,15 @@
 -- may wait later (its session ends or stalls and it is released), so all are counted; rows only
 -- leave after that, so the estimate only overstates: the member is counted exactly (a bounded
 -- walk) only when its estimate reaches the bound, which costs one walk per bound's worth of new
--- rows. A member found at the bound is
--- counted again when its oldest waiting delivery changes (it read, or one expired) or a minute
--- after. The send statements look a member up (one probe of a small table) only for a row that
+-- rows (an "unsure" member, below, at most one per 5 s while rows arrive, else one a minute).
+-- A member found at the bound is counted again when its oldest open delivery changes (it read,
+-- or one expired) or a minute after. The estimate misses what the cursor passed before it
+-- committed, and rows assigned to a session while it ended that its end did not release (its
+-- replica gives them back later): a few rows, counted at the member's next exact count. The send statements look a member up (one probe of a small table) only for a row that
 -- would wait, so a send that a session takes at once pays nothing. A direct send to a member at
 -- the bound is refused ('f' row: recipient_full); a multicast leaves that member's waiting copies
 -- out and says how many. The bound is enforced a sweep late: what arrives between two sweeps
--- passes it, and so do the few rows whose id was taken before a sweep and committed after it
--- (the cursor has passed them; they count at the member's next exact count).
+-- passes it, and so do the few rows the estimate misses (above).
 --
 -- What counts: the member's open deliveries (pending, or pushed and not yet acked) addressed to
 -- the member, sent to one of its session keys, or copies of a multicast for one of its sessions
@@ -26,7 +27,8 @@
 -- on its way to a live session (assigned) does not count either: it is not refused, and it is
 -- gone in milliseconds. Both may wait again (the session comes back; the session ends or stalls
 -- and its rows are released), so the estimate keeps them, and a member whose estimate is at the
--- bound while its count is not ("unsure") is counted again every few seconds.
+-- bound while its count is not ("unsure") is counted again when rows arrive for it, at most
+-- once per 5 s, and otherwise once a minute.
 --
 -- New functions, not replacements: replicas of the previous release keep calling send_batch
 -- (they would read an 'f' row as a delivery), unchanged and uncapped until they are replaced.
@@ -54,8 +56,9 @@ CREATE TABLE claudemesh.backlog_sweep (
 INSERT INTO claudemesh.backlog_sweep (last_delivery) SELECT coalesce(max(id), 0) FROM claudemesh.delivery;
 
 -- +goose StatementBegin
--- What waits for member p_member of mesh p_mesh (waiting, exact up to 2 x p_limit), and what
--- may wait later (upper):
+-- What waits for member p_member of mesh p_mesh (waiting: exact, or short of it when rows that
+-- do not count are among the newest 2 x p_limit; the member is then "unsure"), and what may
+-- wait later (upper):
 --  - its newest open deliveries (pending, or pushed and not acked), up to 2 x p_limit index
 --    entries; each waits when addressed to the member, to a session of it that has not ended,
 --    or sent to a session key (a direct send: the envelope's target is the key, as its sender
@@ -135,18 +138,19 @@ BEGIN
         INSERT INTO claudemesh.backlog AS b (member_id, mesh_id, estimate)
         SELECT f.m, f.mesh, f.n FROM fresh f
         ON CONFLICT (member_id) DO UPDATE SET estimate = b.estimate + excluded.estimate
-        RETURNING b.member_id, b.estimate, b.at_bound
+        RETURNING b.member_id, b.estimate, b.at_bound, b.unsure, b.checked_at
     )
-    SELECT coalesce(array_agg(g.member_id), '{}') INTO v_due FROM grown g WHERE g.estimate >= p_limit AND NOT g.at_bound;
+    SELECT coalesce(array_agg(g.member_id), '{}') INTO v_due FROM grown g
+    WHERE g.estimate >= p_limit AND NOT g.at_bound AND (NOT g.unsure OR g.checked_at < now() - interval '5 seconds');
     RETURN QUERY
     WITH due AS (
-        -- Counted exactly: an estimate that reached the bound, members unsure counted 5 s ago,
-        -- and members at the bound whose oldest waiting delivery changed or that were counted a
-        -- minute ago.
+        -- Counted exactly: an estimate that reached the bound (for an unsure member, one counted
+        -- 5 s ago), members unsure counted a minute ago, and members at the bound whose oldest
+        -- open delivery changed or that were counted a minute ago.
         SELECT b.member_id, b.mesh_id, b.at_bound FROM claudemesh.backlog b WHERE b.member_id = ANY (v_due)
         UNION
         SELECT b.member_id, b.mesh_id, b.at_bound FROM claudemesh.backlog b
-        WHERE b.unsure AND b.checked_at < now() - interval '5 seconds'
+        WHERE b.unsure AND b.checked_at < now() - interval '1 minute'
         UNION
         SELECT b.member_id, b.mesh_id, b.at_bound FROM claudemesh.backlog b
         WHERE b.at_bound

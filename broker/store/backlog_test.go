@@ -160,24 +160,42 @@ func TestWaitingMessagesAreBoundedPerMember(t *testing.T) {
 	require.Equal(t, store.SentEnvelope{Queued: true, Skipped: 2}, broadcast("next"))
 	// Once that session has ended, only it could take them: they no longer hold the member's
 	// messages back, at its next count (a minute after the last, here made to have passed).
+	backdate := func(member byte, by string) {
+		t.Helper()
+		_, err := pool.Exec(ctx, `UPDATE claudemesh.backlog SET checked_at = checked_at - $2::interval WHERE member_id = $1`, members[member], by)
+		require.NoError(t, err)
+	}
+	estimate := func(member byte) (n int, unsure bool) {
+		t.Helper()
+		require.NoError(t, pool.QueryRow(ctx, `SELECT estimate, unsure FROM claudemesh.backlog WHERE member_id = $1`, members[member]).Scan(&n, &unsure))
+		return n, unsure
+	}
 	_, err = pool.Exec(ctx, `UPDATE claudemesh.presence SET ended_at = now() WHERE member_id = $1`, members['i'])
 	require.NoError(t, err)
-	_, err = pool.Exec(ctx, `UPDATE claudemesh.backlog SET checked_at = now() - interval '2 minutes' WHERE member_id = $1`, members['i'])
-	require.NoError(t, err)
+	backdate('i', "2 minutes")
 	require.Equal(t, map[string]store.BacklogChange{
 		members['i']: {MemberID: members['i'], MeshID: mesh, Waiting: 0},
 	}, sweep())
+	n, unsure := estimate('i')
+	require.True(t, unsure, "the copies may count again")
+	require.GreaterOrEqual(t, n, bound)
 	require.Equal(t, []store.SentEnvelope{{Queued: true, Recipients: 1}}, send('i', "now", 1), "waits for the member's next session")
-	// The session comes back (same session id): its copies count again, within seconds.
+	checkedAt := func(member byte) (at time.Time) {
+		t.Helper()
+		require.NoError(t, pool.QueryRow(ctx, `SELECT checked_at FROM claudemesh.backlog WHERE member_id = $1`, members[member]).Scan(&at))
+		return at
+	}
+	counted := checkedAt('i')
+	require.Empty(t, sweep())
+	require.Equal(t, counted, checkedAt('i'), "unsure, counted less than 5 s ago: not walked again on every new row")
+	// The session comes back (same session id): its copies count again, at its next count (a
+	// minute after the last without new rows, here made to have passed).
 	_, err = pool.Exec(ctx, `INSERT INTO claudemesh.presence (mesh_id, member_id, member_pubkey, node_id, session_id, status)
 		VALUES ($1, $2, $3, 'here', 'i', 'working')`, mesh, members['i'], key('i'))
 	require.NoError(t, err)
-	backdate := func(member byte) {
-		t.Helper()
-		_, err := pool.Exec(ctx, `UPDATE claudemesh.backlog SET checked_at = checked_at - interval '10 seconds' WHERE member_id = $1`, members[member])
-		require.NoError(t, err)
-	}
-	backdate('i')
+	backdate('i', "10 seconds")
+	require.Empty(t, sweep(), "no new rows: counted again a minute after its last count")
+	backdate('i', "2 minutes")
 	require.Equal(t, map[string]store.BacklogChange{
 		members['i']: {MemberID: members['i'], MeshID: mesh, Waiting: bound + 1, AtBound: true},
 	}, sweep())
@@ -198,7 +216,8 @@ func TestWaitingMessagesAreBoundedPerMember(t *testing.T) {
 	}, sweep())
 	require.Equal(t, []store.SentEnvelope{{Skipped: 1}}, send('K', "now", 1))
 
-	// What a session takes at once counts while on its way: if the session ends first, it waits.
+	// What a session takes at once is not refused, nor counted while on its way; the estimate
+	// keeps it, and if the session ends first, it waits and counts.
 	_, err = pool.Exec(ctx, `INSERT INTO claudemesh.presence (mesh_id, member_id, member_pubkey, node_id, session_id, status)
 		VALUES ($1, $2, $3, 'here', 'r', 'idle')`, mesh, members['r'], key('r'))
 	require.NoError(t, err)
@@ -206,14 +225,19 @@ func TestWaitingMessagesAreBoundedPerMember(t *testing.T) {
 		require.Equal(t, []store.SentEnvelope{{Queued: true, Recipients: 1}}, send('r', "now", 1))
 	}
 	require.Empty(t, sweep(), "on their way, not waiting: not at the bound")
+	n, unsure = estimate('r')
+	require.Equal(t, bound, n)
+	require.True(t, unsure)
 	_, err = pool.Exec(ctx, `UPDATE claudemesh.presence SET ended_at = now() WHERE member_id = $1`, members['r'])
 	require.NoError(t, err)
 	_, err = pool.Exec(ctx, `UPDATE claudemesh.delivery SET state = 'pending', pushed_node = NULL, pushed_presence = NULL, pushed_at = NULL
 		WHERE recipient_member_id = $1`, members['r']) // as end_sessions releases them
 	require.NoError(t, err)
-	backdate('r')
+	// The next send to it is counted with them once 5 s have passed since its last count.
+	require.Equal(t, []store.SentEnvelope{{Queued: true, Recipients: 1}}, send('r', "now", 1))
+	backdate('r', "10 seconds")
 	require.Equal(t, map[string]store.BacklogChange{
-		members['r']: {MemberID: members['r'], MeshID: mesh, Waiting: bound, AtBound: true},
+		members['r']: {MemberID: members['r'], MeshID: mesh, Waiting: bound + 1, AtBound: true},
 	}, sweep(), "released, they wait")
 	require.Equal(t, []store.SentEnvelope{{Skipped: 1}}, send('r', "now", 1))
 }

@@ -230,10 +230,11 @@ type BacklogChange struct {
 // cluster stopped for a while under load) catches up over several sweeps, each one short.
 const BacklogScan = 100_000
 
-// SweepBacklog adds the deliveries that began waiting since the last sweep, on any replica, to
-// their members' estimates, counts exactly the members whose estimate reached maxWaiting and
-// those at it that read (or were counted a minute ago), and keeps the set of members at
-// maxWaiting that the send statement refuses to add to (migration 00046). One replica sweeps at
+// SweepBacklog adds the deliveries stored since the last sweep, on any replica, to their
+// members' estimates, counts exactly the members whose estimate reached maxWaiting (an unsure
+// one, whose estimate is at it while its count is not, at most every 5 s, else every minute)
+// and those at it whose oldest open delivery changed (or counted a minute ago), and keeps the
+// set of members at maxWaiting that the send statement refuses to add to (migration 00046). One replica sweeps at
 // a time, at most once per gap: ran is false when another replica is sweeping or swept less
 // than gap ago, and nothing was done.
 func (s *Store) SweepBacklog(ctx context.Context, maxWaiting int, gap time.Duration) (changes []BacklogChange, ran bool, err error) {
