@@ -14,9 +14,11 @@
 -- A member found at the bound is counted again when its oldest open delivery changes (it read,
 -- or one expired) or a minute after. The estimate misses what the cursor passed before it
 -- committed, and rows assigned to a session while it ended that its end did not release (its
--- replica gives them back later): a few rows, counted at the member's next exact count. The send statements look a member up (one probe of a small table) only for a row that
--- would wait, so a send that a session takes at once pays nothing. A direct send to a member at
--- the bound is refused ('f' row: recipient_full); a multicast leaves that member's waiting copies
+-- replica gives them back later): a few rows, counted at the member's next exact count.
+--
+-- The send statements look a member up (one probe of a small table) only for a row that would
+-- wait, so a send that a session takes at once pays nothing. A direct send to a member at the
+-- bound is refused ('f' row: recipient_full); a multicast leaves that member's waiting copies
 -- out and says how many. The bound is enforced a sweep late: what arrives between two sweeps
 -- passes it, and so do the few rows the estimate misses (above).
 --
@@ -25,7 +27,7 @@
 -- that is live or in its grace. A multicast's copies held for a session that has ended wait
 -- for that session only; they do not hold the member's other sessions' messages back. What is
 -- on its way to a live session (assigned) does not count either: it is not refused, and it is
--- gone in milliseconds. Both may wait again (the session comes back; the session ends or stalls
+-- usually gone in milliseconds. Both may wait again (the session comes back; the session ends or stalls
 -- and its rows are released), so the estimate keeps them, and a member whose estimate is at the
 -- bound while its count is not ("unsure") is counted again when rows arrive for it, at most
 -- once per 5 s, and otherwise once a minute.
@@ -47,7 +49,7 @@ CREATE INDEX backlog_unsure ON claudemesh.backlog (member_id) WHERE unsure;
 
 -- The sweep's cursor: the last delivery id it has looked at, and when it last ran. It starts at
 -- the newest, so an upgrade does not walk the whole table; a backlog built before is counted
--- once its member gets a bound's worth of new waiting rows.
+-- once its member gets a bound's worth of new rows.
 CREATE TABLE claudemesh.backlog_sweep (
     one           boolean PRIMARY KEY DEFAULT true CHECK (one),
     last_delivery bigint NOT NULL,
