@@ -44,9 +44,10 @@ type recorder struct {
 // anyway: beyond the bound by at most one frame a session a wait, and nothing acked is dropped.
 const maxQueuedAcks = 1 << 16
 
-// takenPush is an assigned push written to a session that acks, and when.
+// takenPush is an assigned push written to a session that acks, the epoch of the socket it
+// was written to, and when.
 type takenPush struct {
-	id int64
+	store.Taken
 	at time.Time
 }
 
@@ -132,11 +133,12 @@ func (r *recorder) takeAcks() []store.Ack {
 // wrote queues a delivery whose push was written to a session that does not ack.
 func (r *recorder) wrote(id int64) { r.written.add(id) }
 
-// took queues an assigned delivery written to a session that acks: it waits for the ack now.
-// The time is read under the queue's lock, so the queue stays in time order.
-func (r *recorder) took(id int64) {
+// took queues an assigned delivery written to a session (at its socket's epoch) that acks: it
+// waits for the ack now. The time is read under the queue's lock, so the queue stays in time
+// order.
+func (r *recorder) took(id, epoch int64) {
 	r.taken.mu.Lock()
-	r.taken.items = append(r.taken.items, takenPush{id: id, at: r.now()})
+	r.taken.items = append(r.taken.items, takenPush{Taken: store.Taken{ID: id, Epoch: epoch}, at: r.now()})
 	r.taken.mu.Unlock()
 	select {
 	case r.taken.wake <- struct{}{}:
@@ -209,7 +211,7 @@ func (r *recorder) oldestTaken() (time.Time, bool) {
 
 // takeTaken returns the taken pushes written at or before cutoff (all of them when cutoff is
 // zero) and keeps the younger ones queued, in order.
-func (r *recorder) takeTaken(cutoff time.Time) []int64 {
+func (r *recorder) takeTaken(cutoff time.Time) []store.Taken {
 	r.taken.mu.Lock()
 	defer r.taken.mu.Unlock()
 	n := len(r.taken.items)
@@ -219,9 +221,9 @@ func (r *recorder) takeTaken(cutoff time.Time) []int64 {
 	if n == 0 {
 		return nil
 	}
-	ids := make([]int64, n)
+	ids := make([]store.Taken, n)
 	for i, t := range r.taken.items[:n] {
-		ids[i] = t.id
+		ids[i] = t.Taken
 	}
 	r.taken.items = append(r.taken.items[:0:0], r.taken.items[n:]...)
 	return ids
@@ -259,7 +261,7 @@ func (r *recorder) settle(ctx context.Context) error {
 	return nil
 }
 
-func (r *recorder) record(ctx context.Context, acks []store.Ack, written, taken []int64) {
+func (r *recorder) record(ctx context.Context, acks []store.Ack, written []int64, taken []store.Taken) {
 	if len(acks)+len(written)+len(taken) == 0 {
 		return
 	}

@@ -432,14 +432,14 @@ func TestRecorderKeepsYoungTakenPushesForTheirAcks(t *testing.T) {
 	r.now = func() time.Time { return now }
 	for i, at := range []time.Duration{0, 5 * time.Millisecond, 30 * time.Millisecond} {
 		now = t0.Add(at)
-		r.took(int64(i + 1))
+		r.took(int64(i+1), 7)
 	}
-	require.Equal(t, []int64{1, 2}, r.takeTaken(t0.Add(10*time.Millisecond)))
+	require.Equal(t, []store.Taken{{ID: 1, Epoch: 7}, {ID: 2, Epoch: 7}}, r.takeTaken(t0.Add(10*time.Millisecond)))
 	first, ok := r.oldestTaken()
 	require.True(t, ok)
 	require.Equal(t, t0.Add(30*time.Millisecond), first)
 	require.Empty(t, r.takeTaken(t0.Add(10*time.Millisecond)))
-	require.Equal(t, []int64{3}, r.takeTaken(time.Time{}), "on the way out, everything")
+	require.Equal(t, []store.Taken{{ID: 3, Epoch: 7}}, r.takeTaken(time.Time{}), "on the way out, everything")
 	_, ok = r.oldestTaken()
 	require.False(t, ok)
 }

@@ -144,7 +144,7 @@ func (p *peers) frameWritten(ms *melody.Session, frame []byte) {
 			p.recorder.wrote(d.id)
 		}
 	case d.assigned:
-		p.recorder.took(d.id)
+		p.recorder.took(d.id, sess.epoch)
 	}
 	if wake {
 		p.pusher.request(sess)

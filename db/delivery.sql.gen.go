@@ -252,32 +252,38 @@ func (q *Queries) GiveBackAssigned(ctx context.Context, arg GiveBackAssignedPara
 }
 
 const markDelivered = `-- name: MarkDelivered :exec
-SELECT claudemesh.mark_delivered($1::text[], $2::text[], $3::text[],
-    $4::text[], $5::bigint[], $6::bigint[])
+SELECT claudemesh.mark_delivered_fenced($1::text, $2::text[], $3::text[], $4::text[],
+    $5::text[], $6::bigint[], $7::bigint[], $8::bigint[])
 `
 
 type MarkDeliveredParams struct {
+	Ns             string
 	EnvelopeIds    []string
 	MemberIds      []string
 	SessionPubkeys []string
 	SessionIds     []string
 	WrittenIds     []int64
 	TakenIds       []int64
+	TakenEpochs    []int64
 }
 
 // Deliveries that are done, in one statement for many sessions: client_acks, each a (message
 // id, recipient session) pair, the ids of pushes written to the socket of a session that does
 // not ack (done: a row released to pending meanwhile, its session closed after the write, was
-// still written), and the ids of assigned pushes written to sessions that ack (taken).
+// still written), and the ids of assigned pushes written to sessions that ack (taken), each
+// with the epoch of the socket it was written to (migration 00049: one written to a socket
+// since taken over goes back to pending).
 // One function call (migration 00012): its plan is the generic one, never re-planned per call.
 func (q *Queries) MarkDelivered(ctx context.Context, arg MarkDeliveredParams) error {
 	_, err := q.db.Exec(ctx, markDelivered,
+		arg.Ns,
 		arg.EnvelopeIds,
 		arg.MemberIds,
 		arg.SessionPubkeys,
 		arg.SessionIds,
 		arg.WrittenIds,
 		arg.TakenIds,
+		arg.TakenEpochs,
 	)
 	return err
 }

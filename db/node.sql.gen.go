@@ -61,7 +61,7 @@ func (q *Queries) GraceDeadNodesPresences(ctx context.Context, graceSeconds floa
 
 const markDeadNodes = `-- name: MarkDeadNodes :many
 UPDATE claudemesh.node SET dead_at = now()
-WHERE stopped_at IS NULL AND dead_at IS NULL
+WHERE dead_at IS NULL
   AND heartbeat_at < now() - make_interval(secs => $1::float8)
 RETURNING id, heartbeat_at
 `
@@ -72,6 +72,9 @@ type MarkDeadNodesRow struct {
 }
 
 // Nodes silent past the deadline. Only one replica's UPDATE wins per node: idempotent.
+// Stopped nodes too: a stop whose last writes failed (its sessions' ends, a hello that
+// committed as it stopped) leaves presences live on it that only this reclaims; after a clean
+// stop there is nothing left for it to find.
 func (q *Queries) MarkDeadNodes(ctx context.Context, deadAfterSeconds float64) ([]MarkDeadNodesRow, error) {
 	rows, err := q.db.Query(ctx, markDeadNodes, deadAfterSeconds)
 	if err != nil {

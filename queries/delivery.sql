@@ -41,10 +41,12 @@ SELECT (SELECT count(*) FROM rel)::int AS released, (SELECT count(*) FROM woken)
 -- Deliveries that are done, in one statement for many sessions: client_acks, each a (message
 -- id, recipient session) pair, the ids of pushes written to the socket of a session that does
 -- not ack (done: a row released to pending meanwhile, its session closed after the write, was
--- still written), and the ids of assigned pushes written to sessions that ack (taken).
+-- still written), and the ids of assigned pushes written to sessions that ack (taken), each
+-- with the epoch of the socket it was written to (migration 00049: one written to a socket
+-- since taken over goes back to pending).
 -- One function call (migration 00012): its plan is the generic one, never re-planned per call.
-SELECT claudemesh.mark_delivered(@envelope_ids::text[], @member_ids::text[], @session_pubkeys::text[],
-    @session_ids::text[], @written_ids::bigint[], @taken_ids::bigint[]);
+SELECT claudemesh.mark_delivered_fenced(@ns::text, @envelope_ids::text[], @member_ids::text[], @session_pubkeys::text[],
+    @session_ids::text[], @written_ids::bigint[], @taken_ids::bigint[], @taken_epochs::bigint[]);
 
 -- name: ExpireDeliveries :execrows
 -- Found through their envelopes' expiry index, so deliveries need no index of their own for it.

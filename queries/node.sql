@@ -17,8 +17,11 @@ UPDATE claudemesh.node SET stopped_at = now() WHERE id = @id AND stopped_at IS N
 
 -- name: MarkDeadNodes :many
 -- Nodes silent past the deadline. Only one replica's UPDATE wins per node: idempotent.
+-- Stopped nodes too: a stop whose last writes failed (its sessions' ends, a hello that
+-- committed as it stopped) leaves presences live on it that only this reclaims; after a clean
+-- stop there is nothing left for it to find.
 UPDATE claudemesh.node SET dead_at = now()
-WHERE stopped_at IS NULL AND dead_at IS NULL
+WHERE dead_at IS NULL
   AND heartbeat_at < now() - make_interval(secs => @dead_after_seconds::float8)
 RETURNING id, heartbeat_at;
 

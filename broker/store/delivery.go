@@ -130,11 +130,23 @@ func (s *Store) Release(ctx context.Context, ids []int64, onlyAssigned bool) (in
 // Ack is one client_ack: a message id acked by a recipient session.
 type Ack struct{ EnvelopeID, MemberID, SessionPubkey, SessionID string }
 
+// Taken is an assigned push written to a session that acks, and the epoch of the socket it was
+// written to.
+type Taken struct {
+	ID    int64
+	Epoch int64
+}
+
 // MarkDelivered records finished deliveries in one statement: client acks, the ids of pushes
-// written to sessions that do not ack (done), and the ids of assigned pushes written to
-// sessions that ack (taken: pushed, waiting for the ack).
-func (s *Store) MarkDelivered(ctx context.Context, acks []Ack, written, taken []int64) error {
-	p := db.MarkDeliveredParams{WrittenIds: written, TakenIds: taken}
+// written to sessions that do not ack (done), and the assigned pushes written to sessions that
+// ack (taken: pushed, waiting for the ack; pending again when the socket they were written to
+// has been taken over since, so that the new one gets them).
+func (s *Store) MarkDelivered(ctx context.Context, acks []Ack, written []int64, taken []Taken) error {
+	p := db.MarkDeliveredParams{Ns: s.ns, WrittenIds: written}
+	for _, t := range taken {
+		p.TakenIds = append(p.TakenIds, t.ID)
+		p.TakenEpochs = append(p.TakenEpochs, t.Epoch)
+	}
 	for _, a := range acks {
 		p.EnvelopeIds = append(p.EnvelopeIds, a.EnvelopeID)
 		p.MemberIds = append(p.MemberIds, a.MemberID)
