@@ -319,6 +319,44 @@ func TestKilledListenConnectionRecovers(t *testing.T) {
 	_ = context.Background
 }
 
+// Kicks, revocations and takeovers reach a replica as notices; one lost with its LISTEN
+// connection must not leave a socket open that is no longer its presence's, able to send. The
+// resync after the reconnect closes them: a revoked member's with 4002, one whose presence
+// ended with 1001 (its client reconnects and is told what holds). Others are left alone.
+func TestLostNoticesAreAppliedAfterTheListenerReconnects(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t, 1, nil)
+	m := c.mesh(0)
+	alice, bob, carol := m.member("alice"), m.member("bob"), m.member("carol")
+	a, b, cc := m.dial(0, alice), m.dial(0, bob), m.dial(0, carol)
+	ctx := ctxT(t)
+	// What a revocation and a kick elsewhere write, without their notices.
+	_, err := c.pool.Exec(ctx, `UPDATE claudemesh.member SET revoked_at = now() WHERE id = $1`, bob.id)
+	require.NoError(t, err)
+	_, err = c.pool.Exec(ctx, `UPDATE claudemesh.presence SET ended_at = now() WHERE member_id = $1`, carol.id)
+	require.NoError(t, err)
+	var killed int
+	require.NoError(t, c.pool.QueryRow(ctx, `SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+		WHERE datname = current_database() AND query ILIKE 'listen%'`).Scan(&killed))
+	require.Equal(t, 1, killed)
+	for _, w := range []struct {
+		cl   *client.Client
+		code int
+	}{{b, protocol.CloseRevoked}, {cc, protocol.CloseGoingAway}} {
+		select {
+		case <-w.cl.Done():
+			require.Equal(t, w.code, w.cl.CloseCode())
+		case <-time.After(15 * time.Second):
+			t.Fatalf("a socket whose presence is no longer its own is still open (want close %d)", w.code)
+		}
+	}
+	peers, err := a.ListPeers(ctx)
+	require.NoError(t, err, "alice's session is left alone")
+	require.Len(t, peers, 1)
+	_, err = m.tryDial(0, bob)
+	require.Error(t, err, "the revoked member is refused at its next hello")
+}
+
 // An envelope past its expiry is never pushed, even to a recipient that connects later, and
 // the sweep marks its deliveries expired.
 func TestExpiredEnvelopeNeverPushedAndSwept(t *testing.T) {

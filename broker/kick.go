@@ -2,7 +2,7 @@ package broker
 
 import (
 	"context"
-	"log/slog"
+	"fmt"
 
 	"github.com/claudemesh/broker/broker/store"
 	"github.com/claudemesh/broker/pgbus"
@@ -21,11 +21,14 @@ func KickMember(ctx context.Context, exec store.DBTX, namespace, memberID string
 	return store.Notify(ctx, exec, &o)
 }
 
-// RevokeHook is the membership OnRevoke callback that closes a revoked member's sessions.
-func RevokeHook(exec store.DBTX, namespace string, logger *slog.Logger) func(ctx context.Context, meshID, memberID string) {
-	return func(ctx context.Context, meshID, memberID string) {
-		if err := KickMember(ctx, exec, namespace, memberID, protocol.CloseRevoked); err != nil && logger != nil {
-			logger.Warn("close revoked member's sessions; they end at their next hello", "mesh", meshID, "member", memberID, "err", err)
+// RevokeHook is the membership OnRevoke callback: in the revocation's transaction, it tells
+// every replica to close the member's sessions (the notice leaves with the commit). A notice
+// lost anyway, with a replica's LISTEN connection, is applied by that replica's resync.
+func RevokeHook(namespace string) func(ctx context.Context, tx store.DBTX, meshID, memberID string) error {
+	return func(ctx context.Context, tx store.DBTX, meshID, memberID string) error {
+		if err := KickMember(ctx, tx, namespace, memberID, protocol.CloseRevoked); err != nil {
+			return fmt.Errorf("notify the replicas to close the member's sessions: %w", err)
 		}
+		return nil
 	}
 }

@@ -166,6 +166,30 @@ func (r *router) apply(ctx context.Context, m pgbus.Message) {
 	}
 }
 
+// closeStale closes a local socket whose presence is no longer its own, found by a full
+// resync: the notice that would have closed it (a kick, a revocation, a takeover) was lost with
+// the LISTEN connection or in an overflow, and the socket could still send. Revoked: 4002, as
+// the kick says. Taken over here by a newer socket: session_replaced. Ended or moved away (a
+// kick, a takeover on another replica, this replica declared dead meanwhile): 1001, so a
+// client that still runs reconnects and is told what holds (a revoked or banned member is
+// refused at hello). Its end is fenced by its epoch: it ends nothing of a newer socket.
+func (r *router) closeStale(sess *session, p store.NodePresence, live bool) {
+	c := connOf(sess.ws)
+	switch {
+	case live && p.Revoked:
+		c.end.Set(endNow)
+		closeWith(sess.ws, protocol.CloseRevoked, "revoked")
+	case live:
+		c.end.Set(endReplaced)
+		closeWith(sess.ws, protocol.CloseSessionReplaced, protocol.CloseReasonSessionReplaced)
+	default:
+		c.end.Set(endNow)
+		closeWith(sess.ws, protocol.CloseGoingAway, "session ended")
+	}
+	r.log.Info("closed a socket whose presence is no longer its own", "presence", sess.presenceID,
+		"revoked", p.Revoked, "live_here", live)
+}
+
 // reloadStatus reads a local session's status from the table (the truth) and releases held
 // messages when it became idle.
 func (r *router) reloadStatus(ctx context.Context, sess *session) {
@@ -193,14 +217,18 @@ func (r *router) resync(ctx context.Context, full bool) {
 		r.hub.woke() // it claims for the sessions in the hub: a hello not yet there claims itself
 	}
 	if full && r.hub.len() > 0 {
+		// Every session here now registered before the read below: its hello committed first.
+		before := r.hub.all()
 		statuses, err := r.store.NodeStatuses(ctx, r.nodeID)
 		if err != nil {
 			r.metrics.backgroundError(r.log, "resync", err, "retry", "next poll")
 			return
 		}
-		for id, st := range statuses {
-			if sess := r.hub.get(id); sess != nil {
-				sess.setStatus(protocol.Status(st))
+		for _, sess := range before {
+			if p, ok := statuses[sess.presenceID]; ok && p.Epoch == sess.epoch && !p.Revoked {
+				sess.setStatus(protocol.Status(p.Status))
+			} else {
+				r.closeStale(sess, p, ok)
 			}
 		}
 		// Pushes assigned to our sessions while notifications were lost are taken by a claim

@@ -8,7 +8,6 @@ package db
 import (
 	"context"
 	"encoding/json"
-	"time"
 )
 
 const deleteEndedPresences = `-- name: DeleteEndedPresences :execrows
@@ -147,17 +146,21 @@ func (q *Queries) ListLivePresence(ctx context.Context, meshID string) ([]Claude
 }
 
 const nodePresenceStatus = `-- name: NodePresenceStatus :many
-SELECT id, status, status_source, status_at FROM claudemesh.presence
-WHERE node_id = $1 AND ended_at IS NULL
+SELECT x.id, x.status, x.epoch, EXISTS (
+        SELECT 1 FROM claudemesh.member m WHERE m.id = x.member_id AND m.revoked_at IS NOT NULL) AS revoked
+FROM claudemesh.presence x
+WHERE x.node_id = $1 AND x.ended_at IS NULL
 `
 
 type NodePresenceStatusRow struct {
-	ID           string
-	Status       string
-	StatusSource string
-	StatusAt     time.Time
+	ID      string
+	Status  string
+	Epoch   int64
+	Revoked bool
 }
 
+// This node's live presences, the epoch of the socket each belongs to, and whether its member
+// was revoked since (the resync closes local sockets that are no longer theirs).
 func (q *Queries) NodePresenceStatus(ctx context.Context, nodeID string) ([]NodePresenceStatusRow, error) {
 	rows, err := q.db.Query(ctx, nodePresenceStatus, nodeID)
 	if err != nil {
@@ -170,8 +173,8 @@ func (q *Queries) NodePresenceStatus(ctx context.Context, nodeID string) ([]Node
 		if err := rows.Scan(
 			&i.ID,
 			&i.Status,
-			&i.StatusSource,
-			&i.StatusAt,
+			&i.Epoch,
+			&i.Revoked,
 		); err != nil {
 			return nil, err
 		}

@@ -2,8 +2,12 @@
 SELECT * FROM claudemesh.presence WHERE mesh_id = @mesh_id AND ended_at IS NULL ORDER BY connected_at, id;
 
 -- name: NodePresenceStatus :many
-SELECT id, status, status_source, status_at FROM claudemesh.presence
-WHERE node_id = @node_id AND ended_at IS NULL;
+-- This node's live presences, the epoch of the socket each belongs to, and whether its member
+-- was revoked since (the resync closes local sockets that are no longer theirs).
+SELECT x.id, x.status, x.epoch, EXISTS (
+        SELECT 1 FROM claudemesh.member m WHERE m.id = x.member_id AND m.revoked_at IS NOT NULL) AS revoked
+FROM claudemesh.presence x
+WHERE x.node_id = @node_id AND x.ended_at IS NULL;
 
 -- name: PresenceByID :one
 SELECT * FROM claudemesh.presence WHERE id = @id;

@@ -43,9 +43,11 @@ const (
 type Config struct {
 	// Logger receives /join refusals and failures; nil discards.
 	Logger *slog.Logger
-	// OnRevoke runs after a member's revocation has committed, so the broker can close the
-	// member's live sessions on every replica. It must not block for long.
-	OnRevoke func(ctx context.Context, meshID, memberID string)
+	// OnRevoke runs in the revocation's transaction, so the broker can tell every replica to
+	// close the member's live sessions (a NOTIFY leaves with the commit, or not at all: never a
+	// revocation whose notice failed after it committed). Its error rolls the revocation back.
+	// It must not block for long.
+	OnRevoke func(ctx context.Context, tx db.DBTX, meshID, memberID string) error
 	// Now is the clock invites are dated by; nil means time.Now.
 	Now func() time.Time
 }
@@ -54,7 +56,7 @@ type Config struct {
 type Service struct {
 	pool     *pgxpool.Pool
 	log      *slog.Logger
-	onRevoke func(ctx context.Context, meshID, memberID string)
+	onRevoke func(ctx context.Context, tx db.DBTX, meshID, memberID string) error
 	now      func() time.Time
 }
 
@@ -460,8 +462,8 @@ func (s *Service) Members(ctx context.Context, mesh string) ([]Member, error) {
 	return out, nil
 }
 
-// RevokeMember revokes the live member with pubkey in mesh. Once the revocation commits it
-// calls Config.OnRevoke, which closes the member's sessions; a later hello answers "revoked".
+// RevokeMember revokes the live member with pubkey in mesh. Config.OnRevoke, in the same
+// transaction, has the member's sessions closed; a later hello answers "revoked".
 func (s *Service) RevokeMember(ctx context.Context, mesh, pubkey string) (Member, error) {
 	pub, err := protocol.NormalizePubkey(pubkey)
 	if err != nil {
@@ -484,14 +486,16 @@ func (s *Service) RevokeMember(ctx context.Context, mesh, pubkey string) (Member
 			return err
 		}
 		out = memberFromDB(mb)
+		if s.onRevoke != nil {
+			if err := s.onRevoke(ctx, tx, out.MeshID, out.ID); err != nil {
+				return err
+			}
+		}
 		return audit.Append(ctx, tx, []audit.Entry{{MeshID: m.ID, Type: audit.MemberRevoked, Actor: audit.ActorOperator, At: *mb.RevokedAt,
 			Data: map[string]any{"member_id": mb.ID, "pubkey": pub}}})
 	})
 	if err != nil {
 		return Member{}, fmt.Errorf("revoke member: %w", err)
-	}
-	if s.onRevoke != nil {
-		s.onRevoke(context.WithoutCancel(ctx), out.MeshID, out.ID)
 	}
 	return out, nil
 }

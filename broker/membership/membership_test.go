@@ -2,6 +2,7 @@ package membership_test
 
 import (
 	"context"
+	"errors"
 	"os"
 	"path/filepath"
 	"strings"
@@ -13,6 +14,7 @@ import (
 
 	"github.com/claudemesh/broker/broker/audit"
 	"github.com/claudemesh/broker/broker/membership"
+	"github.com/claudemesh/broker/db"
 	"github.com/claudemesh/broker/protocol"
 )
 
@@ -415,10 +417,11 @@ func TestMembersAddRevoke(t *testing.T) {
 	t.Parallel()
 	var mu sync.Mutex
 	var revoked []string
-	f := newFixture(t, membership.Config{OnRevoke: func(_ context.Context, meshID, memberID string) {
+	f := newFixture(t, membership.Config{OnRevoke: func(_ context.Context, _ db.DBTX, meshID, memberID string) error {
 		mu.Lock()
 		defer mu.Unlock()
 		revoked = append(revoked, meshID+"/"+memberID)
+		return nil
 	}})
 	m, key := f.mesh("demo")
 	pub := newPubkey(t)
@@ -546,4 +549,27 @@ func flipFirst(v string) string {
 		return "y" + v[1:]
 	}
 	return "x" + v[1:]
+}
+
+// The notice that closes a revoked member's sessions is part of the revocation: when it can't
+// be sent, nothing is revoked and the operator is told, instead of a revocation whose sessions
+// stay open.
+func TestRevocationFailsWithItsNotice(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t, membership.Config{OnRevoke: func(context.Context, db.DBTX, string, string) error {
+		return errors.New("notify: connection lost")
+	}})
+	f.mesh("demo")
+	pub := newPubkey(t)
+	_, err := f.svc.AddMember(f.ctx, membership.AddMemberParams{Mesh: "demo", Pubkey: pub, DisplayName: "carol"})
+	require.NoError(t, err)
+	_, err = f.svc.RevokeMember(f.ctx, "demo", pub)
+	require.ErrorContains(t, err, "connection lost")
+	members, err := f.svc.Members(f.ctx, "demo")
+	require.NoError(t, err)
+	for _, m := range members {
+		if m.Pubkey == pub {
+			require.Nil(t, m.RevokedAt, "still a member")
+		}
+	}
 }

@@ -70,15 +70,22 @@ func (s *Store) SetGroups(ctx context.Context, presenceID string, groups []Group
 	return nil
 }
 
-// NodeStatuses returns the status of every live presence owned by node.
-func (s *Store) NodeStatuses(ctx context.Context, nodeID string) (map[string]string, error) {
+// NodePresence is a live presence a node owns, as the table has it.
+type NodePresence struct {
+	Status  string
+	Epoch   int64 // of the socket it belongs to
+	Revoked bool  // its member was revoked since
+}
+
+// NodeStatuses returns every live presence owned by node, by id.
+func (s *Store) NodeStatuses(ctx context.Context, nodeID string) (map[string]NodePresence, error) {
 	rows, err := s.q.NodePresenceStatus(ctx, nodeID)
 	if err != nil {
 		return nil, fmt.Errorf("node statuses: %w", err)
 	}
-	out := make(map[string]string, len(rows))
+	out := make(map[string]NodePresence, len(rows))
 	for _, r := range rows {
-		out[r.ID] = r.Status
+		out[r.ID] = NodePresence{Status: r.Status, Epoch: r.Epoch, Revoked: r.Revoked}
 	}
 	return out, nil
 }
