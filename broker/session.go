@@ -32,6 +32,13 @@ const pushWindow = socketQueue / 2
 // spill. It is larger than the socket queue's share for them: the excess waits in the spill.
 const replyWindow = 64
 
+// replyBytes bounds the bytes of those frames a session has queued, as replyWindow bounds
+// their number: the next request is not read while this much waits. A request is read only
+// once the one before it has queued its reply (sends aside, whose acks are small), so a
+// session holds at most this plus one reply: without it, 64 pipelined list_peers of a mesh
+// whose sessions carry long summaries and cwds held about 2 MB each, 128 MB a session.
+const replyBytes = 4 << 20
+
 // otherOnWire bounds the frames other than pushes handed to the socket's queue at once; the
 // rest of the queue is the push window's, and two slots stay free for a close frame. Frames
 // beyond it (a burst of events, say a mesh reconnecting) wait in the session's spill, which is
@@ -111,8 +118,9 @@ type session struct {
 	pinging     atomic.Bool // a ping is waiting its turn on a busy socket
 	// queued: frames other than pushes queued on the socket or promised (acks to come);
 	// roomWait is signalled when a reader blocked on a full reply window may go on.
-	queued   int
-	roomWait chan struct{}
+	queued      int
+	queuedBytes int // of those frames that are queued (not the promised ones)
+	roomWait    chan struct{}
 	// otherWire: frames other than pushes in the socket's queue; spill: those waiting for room
 	// (see otherOnWire); overflow closes the socket when the spill is full (nil in unit tests).
 	otherWire int
@@ -360,6 +368,7 @@ func (s *session) send(frame []byte, promised bool) {
 		full := len(s.spill) >= maxSpill
 		if !full {
 			s.spill = append(s.spill, frame)
+			s.queuedBytes += len(frame)
 		}
 		s.mu.Unlock()
 		if full && s.overflow != nil {
@@ -368,6 +377,7 @@ func (s *session) send(frame []byte, promised bool) {
 		return
 	}
 	s.otherWire++
+	s.queuedBytes += len(frame)
 	s.mu.Unlock()
 	_ = s.out.Write(frame)
 }
@@ -406,7 +416,7 @@ func (s *session) awaitReplyRoom(stall time.Duration) bool {
 			s.mu.Unlock()
 			return false
 		}
-		if s.queued < replyWindow {
+		if s.queued < replyWindow && s.queuedBytes < replyBytes {
 			s.mu.Unlock()
 			return true
 		}
@@ -445,6 +455,7 @@ func (s *session) written(frame []byte) (p inflightPush, push, wake bool, next [
 		if s.queued > 0 {
 			s.queued--
 		}
+		s.queuedBytes = max(0, s.queuedBytes-len(frame)) // a frame sent past send (hello_ack) was never counted
 		if s.otherWire > 0 {
 			s.otherWire--
 		}

@@ -238,6 +238,26 @@ func TestSessionReplyWindow(t *testing.T) {
 	require.False(t, s.awaitReplyRoom(10*time.Millisecond), "no write at all: the peer stopped reading")
 }
 
+// Large replies hold the reader by their bytes, well before the window's count: a client that
+// pipelines big requests (list_peers of a mesh with long summaries) and reads slowly holds a
+// few MiB on the replica, not 64 replies.
+func TestSessionReplyBytes(t *testing.T) {
+	s, _ := testSession("p", "m", "a")
+	big := make([]byte, replyBytes/2)
+	s.send(big, false)
+	require.True(t, s.awaitReplyRoom(10*time.Millisecond), "under the bound: the next request is read")
+	other := make([]byte, replyBytes/2)
+	s.send(other, false)
+	require.False(t, s.awaitReplyRoom(10*time.Millisecond), "two replies hold the bound's bytes, the peer reads none")
+	s.written(big)
+	require.True(t, s.awaitReplyRoom(10*time.Millisecond), "one written: room again")
+	s.written(other)
+	s.written([]byte(`{"type":"hello_ack"}`)) // a frame that never went through send
+	s.send(big, false)
+	s.send(big, false)
+	require.False(t, s.awaitReplyRoom(10*time.Millisecond), "an uncounted frame's write leaves the count at zero, not below")
+}
+
 func TestHubIndexAndFanOut(t *testing.T) {
 	h := newHub()
 	a, ka := testSession("pa", "m", "alice")
