@@ -111,7 +111,14 @@ func sendBytes(m *protocol.Send) int64 {
 // enqueue hands a send to its sender's lane. It blocks while the lane is full or the queue's
 // bytes are taken: back-pressure on the sender's socket rather than unbounded memory.
 func (c *committer) enqueue(sess *session, m *protocol.Send) {
-	sess.promise() // the ack's slot in the reply window
+	if !sess.promise() { // the ack's slot in the reply window
+		// Its socket is closing for a drain: refused, never stored; the client sends it again
+		// on its next connection.
+		if b, err := protocol.Encode(&protocol.Ack{ID: m.ID, Queued: false, Error: ackUnavailable, ReqID: m.ReqID}); err == nil {
+			sess.send(b, false)
+		}
+		return
+	}
 	r := sendReq{sess: sess, msg: m, size: min(sendBytes(m), c.queueBytes)}
 	if c.bytes.Acquire(c.unblock, r.size) != nil { // stopped
 		ackTo(c.log, sess, &protocol.Ack{ID: m.ID, Queued: false, Error: ackUnavailable, ReqID: m.ReqID})
@@ -416,6 +423,7 @@ func ackTo(log *slog.Logger, sess *session, a *protocol.Ack) {
 	b, err := protocol.Encode(a)
 	if err != nil {
 		log.Error("encode ack", "err", err)
+		sess.releasePromise()
 		return
 	}
 	sess.send(b, true)

@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/stretchr/testify/require"
 
 	"github.com/claudemesh/broker/broker/audit"
@@ -210,6 +211,60 @@ func TestDrainClosesWith1012AndKeepsPresences(t *testing.T) {
 		require.Contains(t, string(p.EventData), "newcomer")
 		break
 	}
+}
+
+// A drain closes each socket only once the sends it accepted are answered: a send stored but
+// never acked is sent again by its client, a duplicate under a new message id for today's CLI,
+// which sets no client_message_id. Sends that arrive as the socket is about to close are
+// refused unavailable and never stored.
+func TestDrainAnswersTheSendsItAccepted(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t, 2, func(cfg *Config) { cfg.SessionGrace = time.Minute })
+	m := c.mesh(0)
+	alice, bob := m.member("alice"), m.member("bob")
+	a := m.dial(0, alice)
+	m.dial(1, bob)
+	var mu sync.Mutex
+	acked := map[string]bool{}
+	var wg sync.WaitGroup
+	started := make(chan struct{})
+	for g := range 8 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; ; i++ {
+				if g == 0 && i == 20 {
+					close(started)
+				}
+				ack, err := a.Send(ctxT(t), bob.pub, protocol.PriorityNow, "n", fmt.Sprint(g, "-", i), "")
+				if err != nil {
+					return // the socket closed
+				}
+				if ack.Queued {
+					mu.Lock()
+					acked[ack.MessageID] = true
+					mu.Unlock()
+				} else {
+					require.Equal(t, "unavailable", ack.Error)
+				}
+			}
+		}()
+	}
+	<-started
+	require.NoError(t, c.nodes[0].Stop(context.Background()))
+	wg.Wait()
+	rows, err := c.pool.Query(ctxT(t), `SELECT id FROM claudemesh.envelope WHERE mesh_id = $1`, m.id)
+	require.NoError(t, err)
+	stored, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	require.NoError(t, err)
+	require.NotEmpty(t, stored)
+	var unacked []string
+	for _, id := range stored {
+		if !acked[id] {
+			unacked = append(unacked, id)
+		}
+	}
+	require.Empty(t, unacked, "stored sends whose ack never reached the sender (of %d stored)", len(stored))
 }
 
 // nextSystem waits for the next system push.

@@ -459,6 +459,10 @@ func (s *Server) drainSessions(ctx context.Context) {
 	window := min(2*time.Second, s.cfg.DrainTimeout/4)
 	step := window / time.Duration(len(sessions))
 	s.log.Info("draining sessions", "count", len(sessions), "window", window)
+	// Each socket closes once the acks of the sends it accepted are queued before the close
+	// frame, or after ackWait (a statement that slow is the failover's case: the client's
+	// client_message_id, when it sets one, folds its retry into the stored send).
+	ackWait := min(2*time.Second, s.cfg.DrainTimeout/8)
 	for i, sess := range sessions {
 		if i > 0 && step > 0 {
 			select {
@@ -466,7 +470,16 @@ func (s *Server) drainSessions(ctx context.Context) {
 			case <-ctx.Done():
 			}
 		}
-		closeWith(sess.ws, protocol.CloseDraining, "draining")
+		owed := sess.stopSends()
+		go func() {
+			t := time.NewTimer(ackWait)
+			defer t.Stop()
+			select {
+			case <-owed:
+			case <-t.C:
+			}
+			closeWith(sess.ws, protocol.CloseDraining, "draining")
+		}()
 	}
 	deadline := time.NewTimer(min(5*time.Second, s.cfg.DrainTimeout/2))
 	defer deadline.Stop()

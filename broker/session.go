@@ -121,6 +121,12 @@ type session struct {
 	queued      int
 	queuedBytes int // of those frames that are queued (not the promised ones)
 	roomWait    chan struct{}
+	// promised: acks the committer owes (sends accepted, not yet answered). sendsStopped: the
+	// socket is about to close for a drain, and takes no more sends; acksOwed is closed after
+	// that once every ack owed is on the socket's queue (none owed, none in the spill).
+	promised     int
+	sendsStopped bool
+	acksOwed     chan struct{}
 	// otherWire: frames other than pushes in the socket's queue; spill: those waiting for room
 	// (see otherOnWire); overflow closes the socket when the spill is full (nil in unit tests).
 	otherWire int
@@ -357,8 +363,13 @@ func (s *session) push(frame []byte, id int64, fromReserve, assigned bool) bool 
 // in the spill, in order.
 func (s *session) send(frame []byte, promised bool) {
 	s.mu.Lock()
+	if promised && s.promised > 0 {
+		s.promised--
+	}
 	if s.closed {
+		owed := s.owedDone()
 		s.mu.Unlock()
+		closeChan(owed)
 		return
 	}
 	if !promised {
@@ -378,15 +389,65 @@ func (s *session) send(frame []byte, promised bool) {
 	}
 	s.otherWire++
 	s.queuedBytes += len(frame)
+	owed := s.owedDone()
 	s.mu.Unlock()
 	_ = s.out.Write(frame)
+	closeChan(owed) // after the frame is queued: the close frame goes behind it
 }
 
-// promise takes a reply-window slot for an ack that the committer will send.
-func (s *session) promise() {
+func closeChan(ch chan struct{}) {
+	if ch != nil {
+		close(ch)
+	}
+}
+
+// promise takes a reply-window slot for an ack that the committer will send; false once the
+// session takes no more sends (stopSends).
+func (s *session) promise() bool {
 	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.sendsStopped {
+		return false
+	}
 	s.queued++
+	s.promised++
+	return true
+}
+
+// owedDone returns stopSends' channel, for the caller to close once it has queued the frame
+// it is sending, when nothing owed is left unqueued; else nil. s.mu is held.
+func (s *session) owedDone() chan struct{} {
+	if s.acksOwed == nil || s.promised > 0 || len(s.spill) > 0 {
+		return nil
+	}
+	ch := s.acksOwed
+	s.acksOwed = nil
+	return ch
+}
+
+// spillWritten is told that a spilled frame was handed to the socket's queue.
+func (s *session) spillWritten() {
+	s.mu.Lock()
+	owed := s.owedDone()
 	s.mu.Unlock()
+	closeChan(owed)
+}
+
+// stopSends makes the session refuse sends from now on (a drain is about to close its socket)
+// and returns a channel closed once the acks of the sends it accepted are queued on the socket,
+// ahead of the close frame: a send stored and not acked would be sent again by its client, a
+// duplicate under a new message id for a client that does not set client_message_id.
+func (s *session) stopSends() <-chan struct{} {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.sendsStopped = true
+	ch := make(chan struct{})
+	if s.promised == 0 && len(s.spill) == 0 {
+		close(ch)
+	} else {
+		s.acksOwed = ch
+	}
+	return ch
 }
 
 // releasePromise gives back a reply-window slot whose ack will never be sent (its send's
@@ -396,8 +457,13 @@ func (s *session) releasePromise() {
 	if s.queued > 0 {
 		s.queued--
 	}
+	if s.promised > 0 {
+		s.promised--
+	}
+	owed := s.owedDone()
 	wait := s.roomWait
 	s.mu.Unlock()
+	closeChan(owed)
 	if wait != nil {
 		select {
 		case wait <- struct{}{}:

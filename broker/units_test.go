@@ -258,6 +258,45 @@ func TestSessionReplyBytes(t *testing.T) {
 	require.False(t, s.awaitReplyRoom(10*time.Millisecond), "an uncounted frame's write leaves the count at zero, not below")
 }
 
+// A drain closes a socket once every ack it owes is on the socket's queue: not while a send it
+// accepted is still being stored, nor while the ack waits in the spill (the close frame would
+// overtake it). Sends after that are refused.
+func TestStopSendsWaitsForTheAcksOwed(t *testing.T) {
+	s, _ := testSession("p", "m", "a")
+	open := func(ch <-chan struct{}) bool {
+		select {
+		case <-ch:
+			return false
+		default:
+			return true
+		}
+	}
+	require.True(t, s.promise())
+	require.True(t, s.promise())
+	owed := s.stopSends()
+	require.False(t, s.promise(), "no send is taken any more")
+	s.send([]byte("ack 1"), true)
+	require.True(t, open(owed), "one ack still owed")
+	s.releasePromise() // its outcome is unknown: that ack never comes
+	require.False(t, open(owed))
+
+	s, _ = testSession("p", "m", "a")
+	for i := range otherOnWire {
+		s.send(fmt.Appendf(nil, "event %d", i), false)
+	}
+	require.True(t, s.promise())
+	owed = s.stopSends()
+	ack := []byte("ack")
+	s.send(ack, true)
+	require.True(t, open(owed), "the ack waits in the spill")
+	_, _, _, next := s.written([]byte("event 0"))
+	require.Equal(t, ack, next)
+	s.spillWritten()
+	require.False(t, open(owed), "the ack is on the socket's queue")
+	idle, _ := testSession("p", "m", "a")
+	require.False(t, open(idle.stopSends()), "a session owing nothing closes at once")
+}
+
 func TestHubIndexAndFanOut(t *testing.T) {
 	h := newHub()
 	a, ka := testSession("pa", "m", "alice")

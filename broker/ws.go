@@ -131,6 +131,7 @@ func (p *peers) frameWritten(ms *melody.Session, frame []byte) {
 	d, push, wake, next := sess.written(frame)
 	if next != nil {
 		_ = ms.Write(next) // a spilled frame, in the slot this one freed
+		sess.spillWritten()
 	}
 	if !push {
 		return
