@@ -144,3 +144,21 @@ func (q *Queries) MemberRevoke(ctx context.Context, arg MemberRevokeParams) (Cla
 	)
 	return i, err
 }
+
+const sessionKeyBound = `-- name: SessionKeyBound :one
+SELECT EXISTS (SELECT 1 FROM claudemesh.session_key WHERE mesh_id = $1 AND session_pubkey = $2) AS bound
+`
+
+type SessionKeyBoundParams struct {
+	MeshID string
+	Pubkey string
+}
+
+// Whether pubkey is some session's key in the mesh: such a key never becomes a member's
+// (sends to it would reach the new member, not the session).
+func (q *Queries) SessionKeyBound(ctx context.Context, arg SessionKeyBoundParams) (bool, error) {
+	row := q.db.QueryRow(ctx, sessionKeyBound, arg.MeshID, arg.Pubkey)
+	var bound bool
+	err := row.Scan(&bound)
+	return bound, err
+}

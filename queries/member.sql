@@ -22,3 +22,8 @@ RETURNING *;
 -- The lock a hello takes around its capacity and membership checks (claudemesh.hello): a
 -- revocation holding it until it commits can't be raced by a hello already past its checks.
 SELECT pg_advisory_xact_lock(hashtextextended('claudemesh.hello:' || @mesh_id::text, 0));
+
+-- name: SessionKeyBound :one
+-- Whether pubkey is some session's key in the mesh: such a key never becomes a member's
+-- (sends to it would reach the new member, not the session).
+SELECT EXISTS (SELECT 1 FROM claudemesh.session_key WHERE mesh_id = @mesh_id AND session_pubkey = @pubkey) AS bound;

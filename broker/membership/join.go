@@ -84,6 +84,14 @@ func (s *Service) Join(ctx context.Context, req protocol.JoinRequest) (JoinResul
 			return err
 		}
 
+		// A session key, shown to every member by list_peers, is not a member key to be taken:
+		// the new member would receive the direct sends meant for that session.
+		if bound, err := q.SessionKeyBound(ctx, db.SessionKeyBoundParams{MeshID: m.ID, Pubkey: peer}); err != nil {
+			return err
+		} else if bound {
+			s.log.Info("join refused: the key is a session key in the mesh", "mesh", m.ID, "pubkey", peer)
+			return joinError(protocol.JoinErrMemberInsertFailed)
+		}
 		if _, err := q.InviteClaim(ctx, inv.ID); err != nil {
 			if err = db.NotFound(err); !errors.Is(err, db.ErrNotFound) {
 				return err

@@ -145,6 +145,29 @@ func TestJoinEnrollsThenAlreadyMember(t *testing.T) {
 	require.Contains(t, string(tail[0].Data), inv.ID)
 }
 
+// A session's key, which every member sees in list_peers, can't be taken as a member key by
+// whoever holds an invite: direct sends to that key would reach the newcomer instead of the
+// session. The join is refused and the invite's use is not taken.
+func TestJoinRefusesASessionKey(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t, membership.Config{})
+	m, key := f.mesh("demo")
+	owner, err := f.svc.Members(f.ctx, "demo")
+	require.NoError(t, err)
+	sessionKey := newPubkey(t)
+	_, err = f.pool.Exec(f.ctx, `INSERT INTO claudemesh.session_key (mesh_id, session_pubkey, member_id) VALUES ($1, $2, $3)`,
+		m.ID, sessionKey, owner[0].ID)
+	require.NoError(t, err)
+	inv := f.invite("demo", key, 1, "")
+	_, err = f.svc.Join(f.ctx, joinRequest(t, inv.Link, strings.ToUpper(sessionKey), "mallory"))
+	var je *membership.JoinError
+	require.ErrorAs(t, err, &je)
+	require.Equal(t, protocol.JoinErrMemberInsertFailed, je.Code)
+	require.Equal(t, 0, f.usedCount(inv.ID))
+	_, err = f.svc.Join(f.ctx, joinRequest(t, inv.Link, newPubkey(t), "carol"))
+	require.NoError(t, err, "another key joins on the same invite")
+}
+
 // Every /join refusal, each from the state that causes it.
 func TestJoinErrors(t *testing.T) {
 	t.Parallel()
