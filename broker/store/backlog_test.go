@@ -12,7 +12,8 @@ import (
 )
 
 // What waits for one member is bounded: once a sweep finds a member at the bound, a send that
-// would wait for it (no session takes it now) is not stored. A direct send is refused, a
+// would wait for it (no session takes it now, or the one that would is stuck behind its full
+// push window) is not stored. A direct send is refused, a
 // multicast leaves that member out and stores the others' copies; a send a session takes at
 // once still goes through. Once the member reads, the next sweep lifts the refusal. Both forms
 // of the send statement (one envelope, a set) answer alike.
@@ -21,16 +22,17 @@ func TestWaitingMessagesAreBoundedPerMember(t *testing.T) {
 	pool := dbtest.PoolFor(t, dbtest.URL(t))
 	st := store.New(pool, "t")
 	// Members by role: s sends, a is away (no session), w at work, i idle, r idle until its
-	// session ends, k away with a session key (K); their keys are hex.
+	// session ends, k away with a session key (K), q connected and reading slowly; their keys
+	// are hex.
 	key := func(c byte) string {
-		return strings.Repeat(map[byte]string{'s': "1", 'a': "a", 'w': "b", 'i': "c", 'r': "d", 'k': "e", 'K': "f", '0': "0"}[c], 64)
+		return strings.Repeat(map[byte]string{'s': "1", 'a': "a", 'w': "b", 'i': "c", 'r': "d", 'k': "e", 'K': "f", 'q': "9", '0': "0"}[c], 64)
 	}
 	var mesh string
 	require.NoError(t, pool.QueryRow(ctx, `INSERT INTO claudemesh.mesh (slug, name, owner_pubkey) VALUES ('m', 'm', $1) RETURNING id`, key('0')).Scan(&mesh))
 	_, err := pool.Exec(ctx, `INSERT INTO claudemesh.node (id, heartbeat_at) VALUES ('here', now())`)
 	require.NoError(t, err)
 	members := map[byte]string{}
-	for _, c := range []byte("sawirk") {
+	for _, c := range []byte("sawirkq") {
 		var id string
 		require.NoError(t, pool.QueryRow(ctx, `INSERT INTO claudemesh.member (mesh_id, pubkey) VALUES ($1, $2) RETURNING id`, mesh, key(c)).Scan(&id))
 		members[c] = id
@@ -240,4 +242,35 @@ func TestWaitingMessagesAreBoundedPerMember(t *testing.T) {
 		members['r']: {MemberID: members['r'], MeshID: mesh, Waiting: bound + 1, AtBound: true},
 	}, sweep(), "released, they wait")
 	require.Equal(t, []store.SentEnvelope{{Skipped: 1}}, send('r', "now", 1))
+
+	// A session that reads slowly (its socket alive, its push window full): what is assigned to
+	// it and still there 5 s later waits behind the window, and counts. At the bound, what that
+	// session would take is refused too; a session that reads is never stuck that way.
+	_, err = pool.Exec(ctx, `INSERT INTO claudemesh.presence (mesh_id, member_id, member_pubkey, node_id, session_id, status)
+		VALUES ($1, $2, $3, 'here', 'q', 'idle')`, mesh, members['q'], key('q'))
+	require.NoError(t, err)
+	for range bound {
+		require.Equal(t, []store.SentEnvelope{{Queued: true, Recipients: 1}}, send('q', "now", 1))
+	}
+	require.Empty(t, sweep(), "on their way: not waiting yet")
+	_, err = pool.Exec(ctx, `UPDATE claudemesh.delivery SET pushed_at = pushed_at - interval '10 seconds' WHERE recipient_member_id = $1`, members['q'])
+	require.NoError(t, err)
+	backdate('q', "10 seconds")
+	require.Equal(t, []store.SentEnvelope{{Queued: true, Recipients: 1}}, send('q', "now", 1), "not known to be at the bound yet")
+	require.Equal(t, map[string]store.BacklogChange{
+		members['q']: {MemberID: members['q'], MeshID: mesh, Waiting: bound, AtBound: true},
+	}, sweep(), "the rows stuck behind the window count; the one just assigned does not")
+	require.Equal(t, []store.SentEnvelope{{Skipped: 1}}, send('q', "now", 1), "refused though its session would take it")
+	for _, s := range send('q', "now", 5) {
+		require.Equal(t, store.SentEnvelope{Skipped: 1}, s, "in a set too")
+	}
+	// It reads what was stuck: its next count (a minute after the last, here made to have
+	// passed) lifts the refusal.
+	_, err = pool.Exec(ctx, `UPDATE claudemesh.delivery SET state = 'acked' WHERE recipient_member_id = $1 AND pushed_at < now() - interval '5 seconds'`, members['q'])
+	require.NoError(t, err)
+	backdate('q', "2 minutes")
+	require.Equal(t, map[string]store.BacklogChange{
+		members['q']: {MemberID: members['q'], MeshID: mesh, Waiting: 0},
+	}, sweep())
+	require.Equal(t, []store.SentEnvelope{{Queued: true, Recipients: 1}}, send('q', "now", 1))
 }
