@@ -257,6 +257,24 @@ func (q *Queries) PresenceByID(ctx context.Context, id string) (ClaudemeshPresen
 	return i, err
 }
 
+const releaseHeld = `-- name: ReleaseHeld :exec
+SELECT claudemesh.release_held($1::text, $2::text[])
+`
+
+type ReleaseHeldParams struct {
+	Ns  string
+	Ids []string
+}
+
+// What is assigned or pushed to these presences goes back to pending, every replica woken for
+// the members (release_held). For presences whose grace ran out: a send that read one while
+// its node was being taken over assigned a row to it after the take-over released the node's
+// pushes, and nothing else would release that row (the node is gone).
+func (q *Queries) ReleaseHeld(ctx context.Context, arg ReleaseHeldParams) error {
+	_, err := q.db.Exec(ctx, releaseHeld, arg.Ns, arg.Ids)
+	return err
+}
+
 const setPresenceGroups = `-- name: SetPresenceGroups :exec
 UPDATE claudemesh.presence SET groups = $1 WHERE id = $2 AND ended_at IS NULL
 `

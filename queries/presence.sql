@@ -31,6 +31,13 @@ UPDATE claudemesh.presence p SET ended_at = now(), grace_until = NULL
 WHERE p.ended_at IS NULL AND p.grace_until IS NOT NULL AND p.grace_until <= now()
 RETURNING p.id, p.mesh_id, p.member_id, p.member_pubkey, p.session_pubkey, p.display_name, p.session_id, p.node_id;
 
+-- name: ReleaseHeld :exec
+-- What is assigned or pushed to these presences goes back to pending, every replica woken for
+-- the members (release_held). For presences whose grace ran out: a send that read one while
+-- its node was being taken over assigned a row to it after the take-over released the node's
+-- pushes, and nothing else would release that row (the node is gone).
+SELECT claudemesh.release_held(@ns::text, @ids::text[]);
+
 -- name: DeleteExpiredSignatures :execrows
 DELETE FROM claudemesh.seen_signature WHERE expires_at < now();
 

@@ -129,3 +129,39 @@ func TestAStoppedNodesLeftoversAreTakenOver(t *testing.T) {
 		textColumn(t, pool, `SELECT session_id || ' ' || CASE WHEN grace_until IS NULL THEN 'live' ELSE 'grace' END FROM claudemesh.presence ORDER BY session_id`),
 		"a node stopped within the deadline is left alone")
 }
+
+// A send that read a presence while its replica was being taken over can assign a row to it
+// after the take-over released that replica's pushes. When the presence's grace runs out (its
+// session never came back), the row goes back to pending for the member's other sessions,
+// instead of waiting for a node that is gone until it expires.
+func TestAPresenceWhoseGraceRanOutReleasesWhatItHeld(t *testing.T) {
+	ctx := dbtest.Context(t)
+	url := dbtest.URL(t)
+	pool := dbtest.PoolFor(t, url)
+	st := store.New(pool, "t")
+	var p string
+	require.NoError(t, pool.QueryRow(ctx, `INSERT INTO claudemesh.presence (mesh_id, member_id, member_pubkey, node_id, session_id, grace_until)
+		VALUES ('m', 'bob', repeat('b', 64), 'dead', 's', now() - interval '1 second') RETURNING id`).Scan(&p))
+	_, err := pool.Exec(ctx, `INSERT INTO claudemesh.delivery (envelope_id, mesh_id, recipient_member_id, priority, state,
+			pushed_node, pushed_presence, pushed_at, expires_at)
+		VALUES ('late', 'm', 'bob', 'now', 'assigned', 'dead', $1, now(), now() + interval '1 hour')`, p)
+	require.NoError(t, err)
+	listener := dbtest.ConnFor(t, url)
+	_, err = listener.Exec(ctx, `LISTEN t_all`)
+	require.NoError(t, err)
+	var ended []store.EndedPresence
+	_, err = st.InTx(ctx, nil, func(tx *store.Tx) error {
+		var err error
+		ended, err = tx.EndExpiredGrace(ctx)
+		return err
+	})
+	require.NoError(t, err)
+	require.Len(t, ended, 1)
+	require.Equal(t, []string{"late pending -"},
+		textColumn(t, pool, `SELECT envelope_id || ' ' || state || ' ' || coalesce(pushed_node, '-') FROM claudemesh.delivery`))
+	wait, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	n, err := listener.WaitForNotification(wait)
+	require.NoError(t, err, "every replica is woken for the member")
+	require.JSONEq(t, `{"k":"d","m":"bob"}`, n.Payload)
+}

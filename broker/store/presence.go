@@ -139,8 +139,17 @@ func (t *Tx) EndExpiredGrace(ctx context.Context) ([]EndedPresence, error) {
 		return nil, fmt.Errorf("end expired grace: %w", err)
 	}
 	out := make([]EndedPresence, len(rows))
+	ids := make([]string, len(rows))
 	for i, r := range rows {
 		out[i] = EndedPresence{r.ID, r.MeshID, r.MemberID, r.MemberPubkey, deref(r.SessionPubkey), r.DisplayName}
+		ids[i] = r.ID
+	}
+	if len(ids) > 0 {
+		// Their sockets are gone: what is still assigned or pushed to them waits for the
+		// member's other sessions.
+		if err := t.q.ReleaseHeld(ctx, db.ReleaseHeldParams{Ns: t.ns, Ids: ids}); err != nil {
+			return nil, fmt.Errorf("end expired grace: release: %w", err)
+		}
 	}
 	return out, nil
 }

@@ -105,6 +105,7 @@ func (s *Store) Ping(ctx context.Context) error { return s.pool.Ping(ctx) }
 // it appends, all committed together.
 type Tx struct {
 	q      *db.Queries
+	ns     string
 	tx     pgx.Tx
 	Outbox *pgbus.Outbox
 	audit  []audit.Entry
@@ -124,7 +125,7 @@ func (s *Store) InTx(ctx context.Context, o *pgbus.Outbox, f func(*Tx) error) (i
 	}
 	sent := 0
 	err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
-		t := &Tx{q: s.q.WithTx(tx), tx: tx, Outbox: o}
+		t := &Tx{q: s.q.WithTx(tx), ns: s.ns, tx: tx, Outbox: o}
 		if err := f(t); err != nil {
 			return err
 		}
