@@ -350,9 +350,11 @@ func TestLostNoticesAreAppliedAfterTheListenerReconnects(t *testing.T) {
 			t.Fatalf("a socket whose presence is no longer its own is still open (want close %d)", w.code)
 		}
 	}
-	peers, err := a.ListPeers(ctx)
-	require.NoError(t, err, "alice's session is left alone")
-	require.Len(t, peers, 1)
+	dbtest.WaitFor(t, 10*time.Second, "alice's session left alone, the closed ones gone from the list", func() bool {
+		peers, err := a.ListPeers(ctx)
+		require.NoError(t, err)
+		return len(peers) == 1
+	})
 	_, err = m.tryDial(0, bob)
 	require.Error(t, err, "the revoked member is refused at its next hello")
 }
