@@ -263,11 +263,13 @@ func (s *Store) SendBatch(ctx context.Context, nodeID string, envs []OutgoingEnv
 }
 
 // HookOutcome is what a hook changed: the sessions it matched, or none yet (pending: the
-// signal waits 10 s for the session's hello), or nothing because its signature was replayed.
+// signal waits 10 s for the session's hello), or nothing because its signature was replayed
+// or its key is no live member's (NotMember: nothing was written, migration 00048).
 type HookOutcome struct {
 	PresenceIDs []string
 	Pending     bool
 	Replayed    bool
+	NotMember   bool
 }
 
 // HookStatus applies a hook's status in one statement: a signed hook's signature recorded
@@ -280,6 +282,11 @@ func (s *Store) HookStatus(ctx context.Context, h HookQuery, status string, fres
 		Signature: signature, SigExpires: sigExpires})
 	if err != nil {
 		return HookOutcome{}, fmt.Errorf("hook status: %w", err)
+	}
+	// Every call that writes returns a row; only a signed hook of a key no live member holds
+	// returns none (00048).
+	if len(rows) == 0 && h.MemberPubkey != "" {
+		return HookOutcome{NotMember: true}, nil
 	}
 	var o HookOutcome
 	for _, r := range rows {

@@ -416,6 +416,11 @@ func TestHookFindsItsSessionWithoutReadingOthers(t *testing.T) {
 		       CASE WHEN i % 3 = 0 THEN now() END
 		FROM generate_series(1, 12000) AS i`)
 	require.NoError(t, err)
+	// The signed hooks' keys are live members' (a key no member holds is answered without a
+	// look at presence: TestHookOfNoLiveMemberWritesNothing).
+	_, err = pool.Exec(ctx, `INSERT INTO claudemesh.mesh (id, slug, name, owner_pubkey) VALUES ('mesh-7', 'm7', 'm7', repeat('0', 64));
+		INSERT INTO claudemesh.member (mesh_id, pubkey) SELECT 'mesh-7', md5(i::text) || md5(i::text) FROM generate_series(7, 8) AS i`)
+	require.NoError(t, err)
 	_, err = pool.Exec(ctx, `ANALYZE claudemesh.presence`)
 	require.NoError(t, err)
 	// Signed (the member's key) and unsigned (HOOK_ALLOW_UNSIGNED: any member's session), with
@@ -453,6 +458,60 @@ func TestHookFindsItsSessionWithoutReadingOthers(t *testing.T) {
 			require.Less(t, read, int64(60), "pages of presence and its indexes read")
 		}()
 	}
+}
+
+// A signed hook proves its key, not that the key is anyone's. Anyone can make a fresh key per
+// request, so a hook of a key no live member holds (never a member, or revoked) must write
+// nothing: no remembered signature, no pending signal, no status (migration 00048). A live
+// member's hook, with no session yet, still waits for its hello.
+func TestHookOfNoLiveMemberWritesNothing(t *testing.T) {
+	ctx := dbtest.Context(t)
+	pool := dbtest.Pool(t)
+	st := store.New(pool, "t")
+	key := func(c byte) string { return strings.Repeat(string(c), 64) }
+	_, err := pool.Exec(ctx, `INSERT INTO claudemesh.mesh (id, slug, name, owner_pubkey) VALUES ('m', 'm', 'm', repeat('0', 64));
+		INSERT INTO claudemesh.member (mesh_id, pubkey) VALUES ('m', repeat('a', 64));
+		INSERT INTO claudemesh.member (mesh_id, pubkey, revoked_at) VALUES ('m', repeat('b', 64), now());
+		INSERT INTO claudemesh.presence (mesh_id, member_id, member_pubkey, node_id, session_id, cwd, pid)
+		VALUES ('m', 'x', repeat('c', 64), 'node-1', 'claude-1', '/w', 1)`)
+	require.NoError(t, err)
+	written := func() (sigs, pending int) {
+		require.NoError(t, pool.QueryRow(ctx, `SELECT (SELECT count(*) FROM claudemesh.seen_signature),
+			(SELECT count(*) FROM claudemesh.pending_status)`).Scan(&sigs, &pending))
+		return sigs, pending
+	}
+	hook := func(member, sig string) store.HookOutcome {
+		o, err := st.HookStatus(ctx, store.HookQuery{MemberPubkey: member, SessionID: "claude-1", CWD: "/w", PID: 1}, "working",
+			time.Minute, sig, time.Now().Add(time.Minute))
+		require.NoError(t, err)
+		return o
+	}
+	// 'c' has a live session (a presence row) but is no member: presence alone proves nothing.
+	for _, k := range []string{key('d'), key('b'), key('c')} {
+		require.Equal(t, store.HookOutcome{NotMember: true}, hook(k, "sig-"+k[:1]), "key %.1s…", k)
+	}
+	sigs, pending := written()
+	require.Zero(t, sigs, "no signature remembered for a key no live member holds")
+	require.Zero(t, pending, "no pending signal for a key no live member holds")
+	var status string
+	require.NoError(t, pool.QueryRow(ctx, `SELECT status FROM claudemesh.presence WHERE session_id = 'claude-1'`).Scan(&status))
+	require.Equal(t, "idle", status, "no status changed")
+
+	// A live member with no session yet: the signal waits, once per signature.
+	require.Equal(t, store.HookOutcome{Pending: true}, hook(key('a'), "sig-a"))
+	require.Equal(t, store.HookOutcome{Replayed: true}, hook(key('a'), "sig-a"))
+	sigs, pending = written()
+	require.Equal(t, 1, sigs)
+	require.Equal(t, 1, pending)
+
+	// The look-up by key alone is one probe of an index, whatever the number of members.
+	_, err = pool.Exec(ctx, `INSERT INTO claudemesh.member (mesh_id, pubkey)
+		SELECT 'm', md5(i::text) || md5(i::text) FROM generate_series(1, 20000) AS i; ANALYZE claudemesh.member`)
+	require.NoError(t, err)
+	var plan string
+	require.NoError(t, pool.QueryRow(ctx, `EXPLAIN (COSTS OFF) SELECT 1 FROM claudemesh.member m
+		WHERE m.pubkey = $1 AND m.revoked_at IS NULL`, key('e')).Scan(&plan))
+	require.Contains(t, plan, "member_live_by_key")
 }
 
 // Deliveries held by presences that went away (a takeover, a session's end) are pending again,
