@@ -47,6 +47,14 @@ const (
 	// a day receives far fewer, a member flooding another's inbox stops here.
 	DefaultMaxPendingPerMember  = 10_000
 	DefaultHookRatePerCallerMin = 600
+	// Hook requests from one client address (an IPv6 /64) per minute, checked before anything
+	// else: room for a hundred busy hook scripts behind one NAT, far below what would keep a
+	// replica verifying signatures.
+	DefaultHookRatePerSourceMin = 1200
+	// Hook statements in the database at once, per replica: a quarter of the default pool, so
+	// hooks never hold the connections sends and hellos need. At ~1 ms a statement that is
+	// thousands of hooks a second; a far region's round trip divides it (100 ms: 40/s).
+	DefaultHookConcurrency = 4
 	// A member's sends per second on one replica, and the burst above that rate: generous
 	// (a Claude Code session sends a few a minute), a cap on a runaway or hostile client.
 	DefaultSendRatePerMember  = 500
@@ -114,6 +122,12 @@ type Config struct {
 	// HookRatePerCallerMin bounds hook requests per proven caller per minute: the member key of
 	// a signed hook, the client address of an unsigned one.
 	HookRatePerCallerMin int
+	// HookRatePerSourceMin bounds hook requests per client address (an IPv6 /64) per minute,
+	// signed or not, before the body is read.
+	HookRatePerSourceMin int
+	// HookConcurrency bounds the hook statements a replica runs at once; a hook waits up to a
+	// second for one, else is refused 503 (retryable).
+	HookConcurrency int
 	// MetricsToken, when set, is required as a bearer token on /metrics. MetricsAddr, when
 	// set, serves /metrics on that address instead of the main port.
 	MetricsToken string
@@ -222,6 +236,8 @@ var envVars = []envVar{
 	{"MAX_PENDING_PER_MEMBER", "a whole number >= 1", func(v string, c *Config) error { return intIn(v, 1, 1<<24, &c.MaxPendingPerMember) }},
 	{"HOOK_ALLOW_UNSIGNED", "true or false", func(v string, c *Config) error { return boolean(v, &c.HookAllowUnsigned) }},
 	{"HOOK_RATE_LIMIT_PER_CALLER_PER_MIN", "a whole number >= 1", func(v string, c *Config) error { return intIn(v, 1, 1<<30, &c.HookRatePerCallerMin) }},
+	{"HOOK_RATE_LIMIT_PER_SOURCE_PER_MIN", "a whole number >= 1", func(v string, c *Config) error { return intIn(v, 1, 1<<30, &c.HookRatePerSourceMin) }},
+	{"HOOK_CONCURRENCY", "a whole number >= 1", func(v string, c *Config) error { return intIn(v, 1, 1<<20, &c.HookConcurrency) }},
 	{"METRICS_TOKEN", "any non-empty secret", func(v string, c *Config) error { c.MetricsToken = v; return nil }},
 	{"METRICS_ADDR", "a listen address such as 127.0.0.1:9090", func(v string, c *Config) error {
 		if _, _, err := net.SplitHostPort(v); err != nil {
@@ -303,6 +319,8 @@ func (c Config) WithDefaults() Config {
 	setInt(&c.MaxGroupsPerSession, DefaultMaxGroupsPerSession)
 	setInt(&c.MaxPendingPerMember, DefaultMaxPendingPerMember)
 	setInt(&c.HookRatePerCallerMin, DefaultHookRatePerCallerMin)
+	setInt(&c.HookRatePerSourceMin, DefaultHookRatePerSourceMin)
+	setInt(&c.HookConcurrency, DefaultHookConcurrency)
 	setInt(&c.HelloConcurrency, DefaultHelloConcurrency)
 	setInt(&c.Committers, DefaultCommitters)
 	// A queued hello is a socket without a hello, which MaxUnauthenticated already bounds: a

@@ -2,8 +2,8 @@ package broker
 
 import (
 	"log/slog"
-	"net"
 	"net/http"
+	"net/netip"
 	"strings"
 	"sync"
 	"time"
@@ -96,22 +96,37 @@ func (g *gate) unauthenticated() int {
 
 // clientSource is the address a request's limits are keyed by: the TCP peer, or, behind a
 // proxy the operator trusts (TRUSTED_PROXY_HEADER), the client address that proxy reports.
-// Trusting a header by default would let any client pick its own key.
+// Trusting a header by default would let any client pick its own key. An IPv6 address is
+// keyed by its /64: one host is usually given a whole /64 and can rotate within it at will.
 func clientSource(r *http.Request, trustedHeader string) string {
 	if trustedHeader != "" {
-		if v := r.Header.Get(trustedHeader); v != "" {
-			// X-Forwarded-For lists the original client first.
-			first, _, _ := strings.Cut(v, ",")
-			if ip := net.ParseIP(strings.TrimSpace(first)); ip != nil {
-				return ip.String()
+		// A proxy appends the address it saw to X-Forwarded-For, after whatever the client
+		// sent (a list, or several header lines): only the last entry is the proxy's.
+		if vs := r.Header.Values(trustedHeader); len(vs) > 0 {
+			v := vs[len(vs)-1]
+			if i := strings.LastIndexByte(v, ','); i >= 0 {
+				v = v[i+1:]
+			}
+			if a, err := netip.ParseAddr(strings.TrimSpace(v)); err == nil {
+				return sourceKey(a)
 			}
 		}
 	}
-	host, _, err := net.SplitHostPort(r.RemoteAddr)
-	if err != nil {
-		return r.RemoteAddr
+	if ap, err := netip.ParseAddrPort(r.RemoteAddr); err == nil {
+		return sourceKey(ap.Addr())
 	}
-	return host
+	return r.RemoteAddr
+}
+
+// sourceKey is a's limit key: an IPv4 address (IPv4-mapped IPv6 included) whole, an IPv6
+// address's /64 prefix.
+func sourceKey(a netip.Addr) string {
+	a = a.Unmap().WithZone("")
+	if a.Is4() {
+		return a.String()
+	}
+	p, _ := a.Prefix(64)
+	return p.String()
 }
 
 // sampledLog logs refusals an attacker can trigger at will (bad hellos, bad frames, bad hook

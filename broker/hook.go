@@ -4,26 +4,38 @@ import (
 	"context"
 	"crypto/subtle"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"net/http"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
+	"github.com/hashicorp/golang-lru/v2/simplelru"
+	"golang.org/x/sync/semaphore"
 	"golang.org/x/time/rate"
 
 	"github.com/claudemesh/broker/broker/store"
 	"github.com/claudemesh/broker/protocol"
 )
 
-// hookLimiter is a token bucket per key (a claimed pid + cwd, or a proven caller). It is per
-// replica: a hook script hitting several replicas gets up to N× the rate, which is harmless
-// for status signals and avoids a database write per request just to count.
+// hookLimiter is a token bucket per key (a client address, a claimed pid + cwd, or a proven
+// caller). It is per replica: a hook script hitting several replicas gets up to N× the rate,
+// which is harmless for status signals and avoids a database write per request just to count.
+//
+// It holds at most maxKeys buckets, least recently used first out, and costs O(1) a request. A
+// key idle for a minute is forgotten: its bucket (a minute's worth, refilled over a minute) is
+// full again by then, so forgetting it gives nobody anything. When every bucket is younger than
+// that, a new key is refused (limitFull) rather than the store growing or a live bucket being
+// dropped, which would hand its owner a fresh allowance.
 type hookLimiter struct {
 	mu      sync.Mutex
 	perMin  int
-	buckets map[string]*hookBucket
+	maxKeys int
+	now     func() time.Time // tests move the clock
+	buckets *simplelru.LRU[string, *hookBucket]
 }
 
 type hookBucket struct {
@@ -31,50 +43,143 @@ type hookBucket struct {
 	seen time.Time
 }
 
-func newHookLimiter(perMin int) *hookLimiter {
-	return &hookLimiter{perMin: perMin, buckets: map[string]*hookBucket{}}
+// limitVerdict is a hookLimiter's answer.
+type limitVerdict int
+
+const (
+	limitAllowed limitVerdict = iota
+	limitExceeded
+	limitFull // a new key, and the store holds maxKeys buckets all in use
+)
+
+// hookLimiterKeys bounds each hook limiter's buckets: about 200 bytes each, 20 MB at most.
+const hookLimiterKeys = 100_000
+
+// hookBucketIdle is when a bucket is full again (perMin tokens at perMin a minute).
+const hookBucketIdle = time.Minute
+
+func newHookLimiter(perMin, maxKeys int) *hookLimiter {
+	lru, err := simplelru.NewLRU[string, *hookBucket](maxKeys, nil)
+	if err != nil {
+		panic(fmt.Sprintf("hook limiter: %v", err)) // maxKeys <= 0: a programming error
+	}
+	return &hookLimiter{perMin: perMin, maxKeys: maxKeys, now: time.Now, buckets: lru}
 }
 
-func (h *hookLimiter) allow(key string) bool {
+func (h *hookLimiter) allow(key string) limitVerdict {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	now := time.Now()
-	b := h.buckets[key]
-	if b == nil {
-		if len(h.buckets) > 100_000 { // bound memory: forget idle buckets
-			for k, v := range h.buckets {
-				if now.Sub(v.seen) > time.Minute {
-					delete(h.buckets, k)
-				}
+	now := h.now()
+	b, ok := h.buckets.Get(key)
+	if !ok {
+		// Each bucket is removed at most once: O(1) a request, amortized.
+		for h.buckets.Len() >= h.maxKeys {
+			_, oldest, _ := h.buckets.GetOldest()
+			if now.Sub(oldest.seen) < hookBucketIdle {
+				return limitFull
 			}
+			h.buckets.RemoveOldest()
 		}
 		b = &hookBucket{lim: rate.NewLimiter(rate.Limit(float64(h.perMin)/60), h.perMin)}
-		h.buckets[key] = b
+		h.buckets.Add(key, b)
 	}
 	b.seen = now
-	return b.lim.Allow()
+	if !b.lim.AllowN(now, 1) {
+		return limitExceeded
+	}
+	return limitAllowed
 }
 
-// handleHook serves POST /hook/set-status. What it trusts: a signed request proves the member
-// key that signed it (checked before any query, and accepted once within the skew window),
-// so it changes that member's sessions only, rate-limited per key. The April clients' unsigned
-// form proves nothing but the client address; it is accepted only when the operator allowed it
-// (HOOK_ALLOW_UNSIGNED, or a broker listening on loopback only), behind HOOK_TOKEN when set,
-// rate-limited per address and per claimed pid + cwd.
-// hooks serves POST /hook/set-status.
+// len is the number of buckets held (tests).
+func (h *hookLimiter) len() int {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.buckets.Len()
+}
+
+// hookSlots bounds the hook statements a replica runs at once, so hooks can never take the
+// whole database pool from sends and hellos. A request waits up to wait for a slot; beyond
+// queue waiting, or after wait, it is refused (503, retryable).
+type hookSlots struct {
+	sem     *semaphore.Weighted
+	waiting atomic.Int64
+	queue   int64
+	wait    time.Duration
+}
+
+func newHookSlots(concurrency, queue int, wait time.Duration) *hookSlots {
+	return &hookSlots{sem: semaphore.NewWeighted(int64(concurrency)), queue: int64(queue), wait: wait}
+}
+
+// acquire takes a slot; release it with release. false: none within the wait, or the queue full.
+func (s *hookSlots) acquire(ctx context.Context) bool {
+	if s.sem.TryAcquire(1) {
+		return true
+	}
+	if s.waiting.Add(1) > s.queue {
+		s.waiting.Add(-1)
+		return false
+	}
+	defer s.waiting.Add(-1)
+	ctx, cancel := context.WithTimeout(ctx, s.wait)
+	defer cancel()
+	return s.sem.Acquire(ctx, 1) == nil
+}
+
+func (s *hookSlots) release() { s.sem.Release(1) }
+
+// handleHook serves POST /hook/set-status. What it trusts: nothing before the client address's
+// allowance (HOOK_RATE_LIMIT_PER_SOURCE_PER_MIN) is spent, which bounds what one address (an
+// IPv6 /64) can make a replica verify. A signed request proves the member key that signed it
+// (checked before any query, and accepted once within the skew window), so it changes that
+// member's sessions only, rate-limited per key; a key no live member holds is refused 403 and
+// writes nothing (migration 00048). The April clients' unsigned form proves nothing but the
+// client address; it is accepted only when the operator allowed it (HOOK_ALLOW_UNSIGNED, or a
+// broker listening on loopback only), behind HOOK_TOKEN when set, rate-limited per address
+// and per claimed pid + cwd. At most HOOK_CONCURRENCY hook statements run at once.
 type hooks struct {
-	cfg      Config
-	store    *store.Store
-	signals  signals
-	metrics  *Metrics
-	log      *slog.Logger
-	refusals *sampledLog
-	perPID   *hookLimiter // per claimed pid + cwd
-	callers  *hookLimiter // per proven caller: member key of a signed hook, client address otherwise
+	cfg       Config
+	store     *store.Store
+	signals   signals
+	metrics   *Metrics
+	log       *slog.Logger
+	refusals  *sampledLog
+	perSource *hookLimiter // per client address (IPv6: per /64), before anything else
+	perPID    *hookLimiter // per claimed pid + cwd
+	callers   *hookLimiter // per proven caller: member key of a signed hook, client address otherwise
+	slots     *hookSlots   // hook statements in flight
+}
+
+// hookSlotWait is how long a hook waits for a statement slot before it is refused 503.
+const hookSlotWait = time.Second
+
+func newHooks(cfg Config, st *store.Store, sig signals, m *Metrics, log *slog.Logger, refusals *sampledLog) *hooks {
+	return &hooks{cfg: cfg, store: st, signals: sig, metrics: m, log: log, refusals: refusals,
+		perSource: newHookLimiter(cfg.HookRatePerSourceMin, hookLimiterKeys),
+		perPID:    newHookLimiter(cfg.HookRatePerMin, hookLimiterKeys),
+		callers:   newHookLimiter(cfg.HookRatePerCallerMin, hookLimiterKeys),
+		slots:     newHookSlots(cfg.HookConcurrency, 64*cfg.HookConcurrency, hookSlotWait)}
+}
+
+// limited answers a request a limiter refused (429); true when it did.
+func (s *hooks) limited(w http.ResponseWriter, v limitVerdict, what, source string) bool {
+	switch v {
+	case limitAllowed:
+		return false
+	case limitFull:
+		// Many distinct callers within a minute: a flood, or a limit set far too low.
+		s.refusals.Info("hook refused: rate limiter full", "limiter", what, "source", source)
+	}
+	s.hookFail(w, http.StatusTooManyRequests, "rate limited", "rate_limited")
+	return true
 }
 
 func (s *hooks) handleHook(w http.ResponseWriter, r *http.Request) {
 	s.metrics.HookRequests.WithLabelValues("received").Inc()
+	source := clientSource(r, s.cfg.TrustedProxyHeader)
+	if s.limited(w, s.perSource.allow(source), "per_source", source) {
+		return
+	}
 	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, protocol.MaxHookBodyBytes))
 	if err != nil {
 		var tooLarge *http.MaxBytesError
@@ -82,10 +187,10 @@ func (s *hooks) handleHook(w http.ResponseWriter, r *http.Request) {
 			s.hookFail(w, http.StatusRequestEntityTooLarge, "body too large", "too_large")
 			return
 		}
+		s.refusals.Info("hook body not read", "err", err, "source", source)
 		s.hookFail(w, http.StatusBadRequest, "could not read body", "bad_request")
 		return
 	}
-	source := clientSource(r, s.cfg.TrustedProxyHeader)
 	req, err := protocol.ParseHookRequest(body)
 	if err != nil {
 		s.refusals.Info("bad hook request", "err", err, "source", source)
@@ -104,8 +209,7 @@ func (s *hooks) handleHook(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 		member, _ = protocol.NormalizePubkey(req.Pubkey)
-		if !s.callers.allow("k|" + member) {
-			s.hookFail(w, http.StatusTooManyRequests, "rate limited", "rate_limited")
+		if s.limited(w, s.callers.allow("k|"+member), "per_caller", source) {
 			return
 		}
 	} else {
@@ -125,27 +229,37 @@ func (s *hooks) handleHook(w http.ResponseWriter, r *http.Request) {
 				return
 			}
 		}
-		if !s.callers.allow("a|" + source) {
-			s.hookFail(w, http.StatusTooManyRequests, "rate limited", "rate_limited")
+		if s.limited(w, s.callers.allow("a|"+source), "per_caller", source) {
 			return
 		}
 	}
-	if !s.perPID.allow(member + "|" + strconv.Itoa(req.PID) + "|" + req.CWD) {
-		s.hookFail(w, http.StatusTooManyRequests, "rate limited", "rate_limited")
+	if s.limited(w, s.perPID.allow(member+"|"+strconv.Itoa(req.PID)+"|"+req.CWD), "per_pid", source) {
 		return
 	}
 	ctx, cancel := context.WithTimeout(r.Context(), opTimeout)
 	defer cancel()
+	if !s.slots.acquire(ctx) {
+		s.refusals.Info("hook refused: too many in flight", "source", source)
+		w.Header().Set("Retry-After", "1")
+		s.hookFail(w, http.StatusServiceUnavailable, "broker busy: too many hook requests in flight; retry in a second", "busy")
+		return
+	}
 	o, err := s.store.HookStatus(ctx, store.HookQuery{MemberPubkey: member, SessionID: req.SessionID, CWD: req.CWD, PID: req.PID},
 		string(req.Status), s.cfg.HookFreshWindow, signatureOf(req), signatureExpiry(time.UnixMilli(req.Timestamp)))
-	if err == nil && o.Replayed {
+	s.slots.release()
+	switch {
+	case err != nil:
+		s.log.Warn("hook could not be applied", "session_id", req.SessionID, "status", req.Status, "err", err)
+		s.hookFail(w, http.StatusServiceUnavailable, "broker could not apply the status; retry", "unavailable")
+		return
+	case o.Replayed:
 		s.refusals.Info("hook refused", "reason", "replayed", "source", source)
 		s.hookFail(w, http.StatusUnauthorized, "this signed hook was already used: sign a new one", "unauthorized")
 		return
-	}
-	if err != nil {
-		s.log.Warn("hook could not be applied", "session_id", req.SessionID, "status", req.Status, "err", err)
-		s.hookFail(w, http.StatusServiceUnavailable, "broker could not apply the status; retry", "unavailable")
+	case o.NotMember:
+		s.refusals.Info("hook refused", "reason", "not_member", "source", source)
+		s.hookFail(w, http.StatusForbidden, "the signing key is no live member's on this broker: join a mesh with it first "+
+			"(meshctl join), or it was revoked", "forbidden")
 		return
 	}
 	s.metrics.HookRequests.WithLabelValues("ok").Inc()

@@ -146,8 +146,7 @@ func NewServer(cfg Config, pool *pgxpool.Pool, logger *slog.Logger) (*Server, er
 		sl, live, gd)
 
 	s.metrics.registerFuncs(s)
-	hk := &hooks{cfg: cfg, store: s.store, signals: sig, metrics: s.metrics, log: s.log, refusals: refusals,
-		perPID: newHookLimiter(cfg.HookRatePerMin), callers: newHookLimiter(cfg.HookRatePerCallerMin)}
+	hk := newHooks(cfg, s.store, sig, s.metrics, s.log, refusals)
 	sp := &statusPage{cfg: cfg, store: s.store, nodeID: nodeID, started: s.started, hub: s.hub, log: s.log,
 		listener: bus.Connected, draining: s.draining.Load}
 	s.members = membership.New(pool, membership.Config{Logger: s.log, OnRevoke: RevokeHook(cfg.BusNamespace)})
