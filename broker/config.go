@@ -168,6 +168,9 @@ type Config struct {
 	SendBurstPerMember int
 	MaxEnvelopeBytes   int
 
+	// httpTimeouts overrides the plain HTTP requests' read, write and idle timeouts (tests).
+	httpTimeouts *[3]time.Duration
+
 	// pingEvery and pongWait override the protocol's 30 s ping and 75 s pong deadline (tests).
 	pingEvery, pongWait time.Duration
 

@@ -11,6 +11,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/pprof"
+	"net/netip"
 	"os"
 	"strings"
 	"sync"
@@ -279,7 +280,19 @@ func (s *Server) Start(ctx context.Context, addr string) error {
 			return err
 		}
 	}
-	srv := &http.Server{Handler: s.mux, ReadHeaderTimeout: 10 * time.Second,
+	// Every plain request (a hook, a join, health, a 404) has httpReadTimeout for its headers
+	// and body and httpWriteTimeout to be answered, and a kept-alive connection is closed after
+	// httpIdleTimeout without a request: a client trickling a body or sitting on a connection
+	// holds a socket and a goroutine that no other limit counts. A WebSocket is not cut by
+	// them: the upgrade (gorilla/websocket) clears the connection's deadlines once it is
+	// hijacked, and the session keeps its own (pings, pong deadline, write stalls);
+	// TestPlainHTTPTimesOutAndWebSocketsStay checks both.
+	readTimeout, writeTimeout, idleTimeout := httpReadTimeout, httpReadTimeout+httpHandlerTimeout, httpIdleTimeout
+	if s.cfg.httpTimeouts != nil {
+		readTimeout, writeTimeout, idleTimeout = s.cfg.httpTimeouts[0], s.cfg.httpTimeouts[1], s.cfg.httpTimeouts[2]
+	}
+	srv := &http.Server{Handler: s.mux, ReadHeaderTimeout: readTimeout, ReadTimeout: readTimeout,
+		WriteTimeout: writeTimeout, IdleTimeout: idleTimeout,
 		ErrorLog: slog.NewLogLogger(s.log.Handler(), slog.LevelWarn)}
 	s.mu.Lock()
 	s.httpSrv = srv
@@ -288,11 +301,22 @@ func (s *Server) Start(ctx context.Context, addr string) error {
 	if mln != nil {
 		mux := http.NewServeMux()
 		mux.Handle("GET /metrics", s.metricsHandler())
-		// Profiles (heap, goroutines, CPU) for the operator, only on this address: never on the
-		// peers' port, and behind METRICS_TOKEN when set.
-		mux.Handle("GET /debug/pprof/", s.guardMetrics(http.HandlerFunc(pprof.Index)))
-		mux.Handle("GET /debug/pprof/profile", s.guardMetrics(http.HandlerFunc(pprof.Profile)))
-		ms := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+		// Profiles (heap, goroutines, CPU) for the operator, only on this address, never on the
+		// peers' port, and only behind METRICS_TOKEN or on a loopback address: a profile shows
+		// every goroutine's stack and can cost a core for its duration, more than the numbers
+		// an operator may choose to leave open on a private network.
+		if s.pprofServed() {
+			mux.Handle("GET /debug/pprof/", s.guardMetrics(http.HandlerFunc(pprof.Index)))
+			mux.Handle("GET /debug/pprof/profile", s.guardMetrics(http.HandlerFunc(pprof.Profile)))
+		} else {
+			s.log.Info("profiles (/debug/pprof/) not served: set METRICS_TOKEN, or METRICS_ADDR on a loopback address",
+				"metrics_addr", s.cfg.MetricsAddr)
+		}
+		// No WebSocket here: plain timeouts, the write one long enough for a CPU profile (30 s
+		// by default; pprof refuses one longer than the write timeout).
+		ms := &http.Server{Handler: mux, ReadHeaderTimeout: httpReadTimeout, ReadTimeout: httpReadTimeout,
+			WriteTimeout: metricsWriteTimeout, IdleTimeout: httpIdleTimeout,
+			ErrorLog: slog.NewLogLogger(s.log.Handler(), slog.LevelWarn)}
 		s.mu.Lock()
 		s.metricsSrv = ms
 		s.mu.Unlock()
@@ -300,6 +324,33 @@ func (s *Server) Start(ctx context.Context, addr string) error {
 	}
 	s.log.Info("broker listening", "addr", ln.Addr().String(), "version", Version, "region", s.cfg.Region)
 	return nil
+}
+
+// Timeouts of the plain HTTP requests (see Start).
+const (
+	httpReadTimeout = 10 * time.Second // headers and body
+	// httpHandlerTimeout is what a handler may take after its body is read: a hook waits up to
+	// hookSlotWait for a slot and opTimeout for its statement.
+	httpHandlerTimeout  = 20 * time.Second
+	httpIdleTimeout     = 60 * time.Second
+	metricsWriteTimeout = 2 * time.Minute
+)
+
+// pprofServed reports whether METRICS_ADDR serves profiles: behind METRICS_TOKEN, or on a
+// loopback address (only this machine's processes reach it).
+func (s *Server) pprofServed() bool {
+	if s.cfg.MetricsToken != "" {
+		return true
+	}
+	host, _, err := net.SplitHostPort(s.cfg.MetricsAddr)
+	if err != nil {
+		return false
+	}
+	if host == "localhost" {
+		return true
+	}
+	a, err := netip.ParseAddr(host)
+	return err == nil && a.IsLoopback()
 }
 
 func (s *Server) serve(srv *http.Server, ln net.Listener, what string) {
