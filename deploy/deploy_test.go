@@ -349,6 +349,20 @@ func TestComposeServices(t *testing.T) {
 	if !slices.Equal(servers, names) {
 		t.Errorf("haproxy.cfg backend %q serves %v, compose runs replicas %v", be.name, servers, names)
 	}
+
+	// Per-address limits key on each client, not on HAProxy: the replicas trust a header that
+	// the frontend sets (replacing the client's own) to the client's address.
+	for _, name := range names {
+		h := brokerConfig(t, "service "+name, c.Services[name].Environment).TrustedProxyHeader
+		if h == "" {
+			t.Errorf("service %s sets no TRUSTED_PROXY_HEADER: every client would share HAProxy's address", name)
+			continue
+		}
+		if !fe.has("http-request set-header " + h + " %[src]") {
+			t.Errorf("service %s trusts %s, which the haproxy frontend does not set to the client's address "+
+				"(http-request set-header %s %%[src])", name, h, h)
+		}
+	}
 }
 
 func sameBuild(a, b *composeBuild) bool {
@@ -895,6 +909,10 @@ func TestFlyConfig(t *testing.T) {
 	}
 
 	cfg := brokerConfig(t, "fly.toml [env]", fc.Env)
+	if cfg.TrustedProxyHeader != "Fly-Client-IP" {
+		t.Errorf("TRUSTED_PROXY_HEADER is %q: Fly's proxy puts the client's address in Fly-Client-IP; without it every client "+
+			"shares the proxy's address", cfg.TrustedProxyHeader)
+	}
 	if fc.KillSignal != "SIGTERM" {
 		t.Errorf("kill_signal is %q: the broker drains on SIGTERM", fc.KillSignal)
 	}
