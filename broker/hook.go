@@ -5,6 +5,7 @@ import (
 	"crypto/subtle"
 	"errors"
 	"fmt"
+	"hash/maphash"
 	"io"
 	"log/slog"
 	"net/http"
@@ -30,12 +31,17 @@ import (
 // full again by then, so forgetting it gives nobody anything. When every bucket is younger than
 // that, a new key is refused (limitFull) rather than the store growing or a live bucket being
 // dropped, which would hand its owner a fresh allowance.
+//
+// Keys are held as 64-bit hashes under a seed of the process's own: a key can hold a 4 KiB cwd,
+// and a hash keeps every bucket small whatever its key, while the seed keeps a client from
+// choosing keys that share another's bucket.
 type hookLimiter struct {
 	mu      sync.Mutex
 	perMin  int
 	maxKeys int
+	seed    maphash.Seed
 	now     func() time.Time // tests move the clock
-	buckets *simplelru.LRU[string, *hookBucket]
+	buckets *simplelru.LRU[uint64, *hookBucket]
 }
 
 type hookBucket struct {
@@ -52,25 +58,26 @@ const (
 	limitFull // a new key, and the store holds maxKeys buckets all in use
 )
 
-// hookLimiterKeys bounds each hook limiter's buckets: about 200 bytes each, 20 MB at most.
+// hookLimiterKeys bounds each hook limiter's buckets: about 250 bytes each, 25 MB at most.
 const hookLimiterKeys = 100_000
 
 // hookBucketIdle is when a bucket is full again (perMin tokens at perMin a minute).
 const hookBucketIdle = time.Minute
 
 func newHookLimiter(perMin, maxKeys int) *hookLimiter {
-	lru, err := simplelru.NewLRU[string, *hookBucket](maxKeys, nil)
+	lru, err := simplelru.NewLRU[uint64, *hookBucket](maxKeys, nil)
 	if err != nil {
 		panic(fmt.Sprintf("hook limiter: %v", err)) // maxKeys <= 0: a programming error
 	}
-	return &hookLimiter{perMin: perMin, maxKeys: maxKeys, now: time.Now, buckets: lru}
+	return &hookLimiter{perMin: perMin, maxKeys: maxKeys, seed: maphash.MakeSeed(), now: time.Now, buckets: lru}
 }
 
 func (h *hookLimiter) allow(key string) limitVerdict {
+	k := maphash.String(h.seed, key)
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	now := h.now()
-	b, ok := h.buckets.Get(key)
+	b, ok := h.buckets.Get(k)
 	if !ok {
 		// Each bucket is removed at most once: O(1) a request, amortized.
 		for h.buckets.Len() >= h.maxKeys {
@@ -81,7 +88,7 @@ func (h *hookLimiter) allow(key string) limitVerdict {
 			h.buckets.RemoveOldest()
 		}
 		b = &hookBucket{lim: rate.NewLimiter(rate.Limit(float64(h.perMin)/60), h.perMin)}
-		h.buckets.Add(key, b)
+		h.buckets.Add(k, b)
 	}
 	b.seen = now
 	if !b.lim.AllowN(now, 1) {
