@@ -176,6 +176,8 @@ func (s *hooks) limited(w http.ResponseWriter, v limitVerdict, what, source stri
 	case limitFull:
 		// Many distinct callers within a minute: a flood, or a limit set far too low.
 		s.refusals.Info("hook refused: rate limiter full", "limiter", what, "source", source)
+	default:
+		s.refusals.Info("hook refused: rate limited", "limiter", what, "source", source)
 	}
 	s.hookFail(w, http.StatusTooManyRequests, "rate limited", "rate_limited")
 	return true
