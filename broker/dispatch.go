@@ -152,9 +152,12 @@ func (p *peers) setState(ctx context.Context, sess *session, m *protocol.SetStat
 	if len(value) == 0 {
 		value = json.RawMessage("null")
 	}
-	if len(value) > p.cfg.MaxStateValueBytes {
-		return &protocol.Error{Code: protocol.CodeTooLarge,
-			Message: fmt.Sprintf("value: %d bytes is over the limit of %d (MAX_STATE_VALUE_BYTES)", len(value), p.cfg.MaxStateValueBytes)}
+	// The limit is on the value as Postgres stores and renders it (what the quota counts and
+	// every reader gets): numbers in all their digits, so 1e300 weighs 301 bytes, not 5.
+	if size := protocol.JSONBSize(value); size > p.cfg.MaxStateValueBytes {
+		return &protocol.Error{Code: protocol.CodeTooLarge, Message: fmt.Sprintf(
+			"value: %d bytes as stored (numbers written out in full, members with spaces) is over the limit of %d (MAX_STATE_VALUE_BYTES)",
+			size, p.cfg.MaxStateValueBytes)}
 	}
 	quota := store.StateQuota{MaxKeys: p.cfg.MaxStateKeysPerMesh, MaxBytes: p.cfg.MaxStateBytesPerMesh}
 	data, err := audit.CanonicalData(map[string]any{"key": m.Key, "size": len(value)})

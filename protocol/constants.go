@@ -170,6 +170,12 @@ const (
 	// MaxDepth bounds the nesting of JSON values (a set_state value, an
 	// unknown field).
 	MaxDepth = 128
+	// MaxNumberExponent bounds the exponent of a number in a set_state value. Postgres stores
+	// numbers as numeric, which writes every digit back (1e131000 is 131,001 bytes of text), so
+	// a short frame could make it render hundreds of megabytes. A double spans 4.9e-324 to
+	// 1.8e308, so no JSON encoder working from doubles (JavaScript, Go, Python) writes an
+	// exponent beyond ±324; 400 leaves room for an unnormalized mantissa (0.001e310).
+	MaxNumberExponent = 400
 	// MaxHookTokenLen bounds /hook/set-status hook_token.
 	MaxHookTokenLen = 256
 	// MaxInviteTokenLen bounds an invite token or link.

@@ -5,6 +5,7 @@ import (
 	"encoding/base64"
 	"encoding/json"
 	"errors"
+	"math/big"
 	"reflect"
 	"strings"
 	"testing"
@@ -33,6 +34,8 @@ func FuzzDecodeClient(f *testing.F) {
 		`{"type":"send","targetSpec":"*","priority":"now","nonce":"n","ciphertext":"a\u0000b"}`,
 		`{"type":"set_state","key":"k","value":{"\\u0000":"\ud83d\ude00","b":"\ud800"}}`,
 		`{"type":"set_state","key":"k","value":"\\\u0000"}`,
+		`{"type":"set_state","key":"k","value":[1e131000,-0.5E-401,1e400,"1e999"]}`,
+		`{"type":"set_state","key":"k","value":{"a":0.000e-3,"b":-0.0,"c":1.50e-3}}`,
 		// Today's CLI (docs/protocol.md): session_hello, idempotent sends, admin verbs.
 		`{"type":"session_hello","meshId":"m","parentMemberId":"p","parentMemberPubkey":"aa","sessionPubkey":"bb",` +
 			`"parentAttestation":{"sessionPubkey":"bb","parentMemberPubkey":"aa","expiresAt":1,"signature":"cc"},` +
@@ -274,6 +277,37 @@ func FuzzDecodeServer(f *testing.F) {
 		}
 		if _, err := DecodeServer(enc); err != nil {
 			t.Fatalf("re-decode %s: %v", enc, err)
+		}
+	})
+}
+
+// JSONBSize's numbers are as long as numeric writes them: the exact value in decimal, with as
+// many decimals as the scale Postgres keeps (those written after the point less the exponent).
+func FuzzJSONBNumber(f *testing.F) {
+	for _, s := range []string{"0", "-0.0", "0.000e-3", "1.50e-3", "123.456e1", "0.001e2", "-1e-400", "9.999e400", "12"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, tok string) {
+		if numberEnd(tok, 0) != len(tok) || !json.Valid([]byte(tok)) || tok[0] == '"' || tok[0] == '[' || tok[0] == '{' {
+			return
+		}
+		if c := tok[0]; c != '-' && (c < '0' || c > '9') {
+			return
+		}
+		size, exp := jsonbNumber(tok)
+		if exp > MaxNumberExponent || exp < -MaxNumberExponent {
+			return // refused before it is stored
+		}
+		frac := 0
+		if i := strings.IndexByte(tok, '.'); i >= 0 {
+			frac = strings.IndexAny(tok[i+1:]+"e", "eE")
+		}
+		r, ok := new(big.Rat).SetString(tok)
+		if !ok {
+			t.Fatalf("big.Rat cannot read %q", tok)
+		}
+		if want := r.FloatString(max(0, frac-exp)); size != len(want) {
+			t.Fatalf("%q: size %d, numeric writes %q (%d)", tok, size, want, len(want))
 		}
 	})
 }

@@ -564,7 +564,8 @@ func (o object) rawJSON(name string) (json.RawMessage, *Error) {
 }
 
 // jsonbStorable reports why a validated JSON value could not be stored as Postgres jsonb (""
-// when it can): invalid UTF-8, a \u0000 escape, or a \u escape of half a surrogate pair.
+// when it can): invalid UTF-8, a \u0000 escape, a \u escape of half a surrogate pair, or a
+// number whose exponent is beyond ±MaxNumberExponent (jsonb would store it in all its digits).
 func jsonbStorable(v string) string {
 	if !utf8.ValidString(v) {
 		return "invalid UTF-8"
@@ -575,6 +576,13 @@ func jsonbStorable(v string) string {
 		switch {
 		case c == '"':
 			inString = !inString
+		case !inString && (c == '-' || ('0' <= c && c <= '9')):
+			end := numberEnd(v, i)
+			if _, exp := jsonbNumber(v[i:end]); exp > MaxNumberExponent || exp < -MaxNumberExponent {
+				return fmt.Sprintf("number %s has an exponent beyond ±%d (it would be stored in all its digits)",
+					truncate(v[i:end], 32), MaxNumberExponent)
+			}
+			i = end - 1
 		case c == '\\' && inString:
 			if v[i+1] != 'u' { // the scanner checked every escape is complete
 				i++

@@ -1,0 +1,71 @@
+package broker
+
+import (
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/claudemesh/broker/client"
+	"github.com/claudemesh/broker/protocol"
+)
+
+// nextStateChange waits for cl's next state_change.
+func nextStateChange(t *testing.T, cl *client.Client, within time.Duration) protocol.StateChange {
+	t.Helper()
+	select {
+	case ch := <-cl.StateChanges():
+		return ch
+	case <-time.After(within):
+		t.Fatalf("no state_change within %s", within)
+		return protocol.StateChange{}
+	}
+}
+
+// A value that is short on the wire but long as Postgres stores it (numbers are written out in
+// full) is refused before the database: a huge exponent as bad_request, a value over the limit
+// once written out as too_large. The session stays open, and no one's state changes.
+func TestSetStateNumbersAreSizedAsStored(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t, 1, nil)
+	m := c.mesh(0)
+	a, b := m.dial(0, m.member("alice")), m.dial(0, m.member("bob"))
+	ctx := ctxT(t)
+	require.NoError(t, b.SetState(ctx, "build", "green"))
+	require.Equal(t, "build", nextStateChange(t, a, 5*time.Second).Key)
+
+	// 3,000 numbers of 131,001 digits each fit a 32 KB frame; stored they were 393 MB.
+	huge := "[" + strings.TrimSuffix(strings.Repeat("1e131000,", 3000), ",") + "]"
+	require.NoError(t, a.SendRaw(ctx, []byte(`{"type":"set_state","_reqId":"huge","key":"build","value":`+huge+`}`)))
+	e, err := a.NextError(ctx)
+	require.NoError(t, err)
+	require.Equal(t, protocol.CodeBadRequest, e.Code)
+	require.Equal(t, "huge", e.ReqID)
+	require.Contains(t, e.Message, "value: number 1e131000 has an exponent beyond ±400")
+
+	// Within the exponent bound, but 200 × 301 bytes once written out: over 32 KiB.
+	long := "[" + strings.TrimSuffix(strings.Repeat("1e300,", 200), ",") + "]"
+	require.Less(t, len(long), 2000)
+	require.NoError(t, a.SendRaw(ctx, []byte(`{"type":"set_state","_reqId":"long","key":"build","value":`+long+`}`)))
+	e, err = a.NextError(ctx)
+	require.NoError(t, err)
+	require.Equal(t, protocol.CodeTooLarge, e.Code)
+	require.Equal(t, "long", e.ReqID)
+	require.Contains(t, e.Message, "value: 60600 bytes as stored")
+	require.Contains(t, e.Message, "MAX_STATE_VALUE_BYTES")
+
+	// The same numbers, fewer of them, are stored and read back written out.
+	require.NoError(t, a.SetState(ctx, "few", []any{1e300, 2.5e-3}))
+	got := nextStateChange(t, b, 5*time.Second)
+	require.Equal(t, "few", got.Key, "the refused writes told no one")
+	require.Equal(t, "["+"1"+strings.Repeat("0", 300)+", 0.0025]", string(got.Value))
+
+	r, err := b.GetState(ctx, "build")
+	require.NoError(t, err)
+	require.Equal(t, `"green"`, string(r.Value), "bob's value is untouched")
+	require.Equal(t, "bob", r.UpdatedBy)
+	list, err := a.ListState(ctx)
+	require.NoError(t, err)
+	require.Len(t, list, 2)
+}
