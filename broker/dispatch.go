@@ -164,7 +164,8 @@ func (p *peers) setState(ctx context.Context, sess *session, m *protocol.SetStat
 	if err != nil {
 		return err
 	}
-	// One statement: the row within the quota, the state_change for every replica, the audit.
+	// One statement: the row within the quota (null deletes it, whatever the quota), the
+	// state_change for every replica, the audit.
 	_, err = p.store.SetState(ctx, store.StateWrite{MeshID: sess.meshID, Key: m.Key, Value: value, UpdatedBy: sess.name(),
 		PresenceID: sess.presenceID, Actor: sess.routingKey(), AuditData: data, Quota: quota})
 	if errors.Is(err, store.ErrQuotaExceeded) {

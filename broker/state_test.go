@@ -69,3 +69,50 @@ func TestSetStateNumbersAreSizedAsStored(t *testing.T) {
 	require.NoError(t, err)
 	require.Len(t, list, 2)
 }
+
+// A full mesh frees room by setting a key to null: the key is deleted (not stored as null), the
+// other sessions, on every replica, get state_change with value null, and it is gone from
+// get_state and list_state.
+func TestSetStateNullDeletesTheKey(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t, 2, func(cfg *Config) { cfg.MaxStateKeysPerMesh = 3 })
+	m := c.mesh(0)
+	a, b := m.dial(0, m.member("alice")), m.dial(1, m.member("bob"))
+	ctx := ctxT(t)
+	for _, k := range []string{"k1", "k2", "k3"} {
+		require.NoError(t, a.SetState(ctx, k, k))
+		require.Equal(t, k, nextStateChange(t, b, 5*time.Second).Key)
+	}
+	require.NoError(t, a.Notify(ctx, &protocol.SetState{Key: "k4", Value: []byte(`4`)}))
+	e, err := a.NextError(ctx)
+	require.NoError(t, err)
+	require.Equal(t, protocol.CodeQuotaExceeded, e.Code)
+	require.Contains(t, e.Message, "delete keys by setting them to null")
+
+	require.NoError(t, a.SetState(ctx, "k2", nil))
+	ch := nextStateChange(t, b, 5*time.Second)
+	require.Equal(t, protocol.StateChange{Key: "k2", Value: []byte("null"), UpdatedBy: "alice"}, ch)
+	r, err := b.GetState(ctx, "k2")
+	require.NoError(t, err)
+	require.Equal(t, protocol.StateResult{Key: "k2", Value: []byte("null"), ReqID: r.ReqID}, r, "answered as for a missing key")
+
+	require.NoError(t, a.SetState(ctx, "k4", 4), "the freed key's room is taken")
+	require.Equal(t, "k4", nextStateChange(t, b, 5*time.Second).Key)
+	list, err := b.ListState(ctx)
+	require.NoError(t, err)
+	var keys []string
+	for _, e := range list {
+		keys = append(keys, e.Key)
+	}
+	require.Equal(t, []string{"k1", "k3", "k4"}, keys)
+
+	// Deleting a key that is not there is no error.
+	require.NoError(t, a.SetState(ctx, "never", nil))
+	_, err = a.ListPeers(ctx) // replies come in request order: an error would be here by now
+	require.NoError(t, err)
+	select {
+	case e := <-a.Errors():
+		t.Fatalf("deleting a missing key: %v", e)
+	default:
+	}
+}

@@ -338,7 +338,8 @@ type StateWrite struct {
 }
 
 // SetState writes a key in one statement within the mesh's quota, tells every replica and
-// appends the audit entry; ErrQuotaExceeded when the write would pass the quota.
+// appends the audit entry; ErrQuotaExceeded when the write would pass the quota. A null value
+// deletes the key (00047): no quota applies, and a missing key is no error.
 func (s *Store) SetState(ctx context.Context, w StateWrite) (StateEntry, error) {
 	rows, err := s.q.SetStateOne(ctx, db.SetStateOneParams{Ns: s.ns, MeshID: w.MeshID, Key: w.Key, Value: w.Value,
 		UpdatedBy: w.UpdatedBy, MaxKeys: int64(w.Quota.MaxKeys), MaxBytes: int64(w.Quota.MaxBytes), PresenceID: w.PresenceID,

@@ -1,12 +1,15 @@
 package store_test
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"math/rand/v2"
 	"strings"
 	"testing"
+	"time"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/stretchr/testify/require"
 
 	"github.com/claudemesh/broker/broker/store"
@@ -25,7 +28,7 @@ func TestStateSizeIsWhatTheBrokerChecks(t *testing.T) {
 	require.NoError(t, pool.QueryRow(ctx, `INSERT INTO claudemesh.mesh (slug, name, owner_pubkey) VALUES ('m', 'm', $1) RETURNING id`,
 		strings.Repeat("0", 64)).Scan(&mesh))
 
-	values := []string{`true`, `"x,:"`, `[]`, `{}`, `[1,{"a":2,"b":[false,null]}]`, `{"b":1e2,"a":[0.000e-3,-0.0]}`,
+	values := []string{`null`, `true`, `"x,:"`, `[]`, `{}`, `[1,{"a":2,"b":[false,null]}]`, `{"b":1e2,"a":[0.000e-3,-0.0]}`,
 		`[1e400,-1E-400,9.999e-3,123.456e1,0.001e2]`}
 	rng := rand.New(rand.NewPCG(1, 2))
 	for range 200 {
@@ -50,11 +53,89 @@ func TestStateSizeIsWhatTheBrokerChecks(t *testing.T) {
 	}
 	entries, err := st.ListState(ctx, mesh, len(values))
 	require.NoError(t, err)
-	require.Equal(t, len(values), len(entries))
+	require.Equal(t, len(values)-1, len(entries), "null is no entry: it deletes")
 	for _, e := range entries {
 		var i int
 		_, err := fmt.Sscanf(e.Key, "k%03d", &i)
 		require.NoError(t, err)
 		require.Equal(t, len(e.Key)+protocol.JSONBSize([]byte(values[i])), e.Size, "%s stored as %s", values[i], e.Value)
+	}
+}
+
+// A null value deletes the key in the one statement: it frees the key's room even at the key
+// quota, tells the other sessions (value null) and is audited; a missing key is no error and
+// tells no one.
+func TestSetStateNullDeletes(t *testing.T) {
+	t.Parallel()
+	ctx := dbtest.Context(t)
+	url := dbtest.URL(t)
+	pool := dbtest.PoolFor(t, url)
+	st := store.New(pool, "t")
+	var mesh string
+	require.NoError(t, pool.QueryRow(ctx, `INSERT INTO claudemesh.mesh (slug, name, owner_pubkey) VALUES ('m', 'm', $1) RETURNING id`,
+		strings.Repeat("0", 64)).Scan(&mesh))
+	audits := func() (n int) {
+		require.NoError(t, pool.QueryRow(ctx, `SELECT (SELECT count(*) FROM claudemesh.audit WHERE mesh_id = $1)
+			+ (SELECT count(*) FROM claudemesh.audit_pending WHERE mesh_id = $1)`, mesh).Scan(&n))
+		return n
+	}
+
+	quota := store.StateQuota{MaxKeys: 2, MaxBytes: 1 << 20}
+	set := func(key, value string) error {
+		_, err := st.SetState(ctx, store.StateWrite{MeshID: mesh, Key: key, Value: json.RawMessage(value), UpdatedBy: "alice",
+			PresenceID: "p1", Actor: "a", AuditData: []byte(`{}`), Quota: quota})
+		return err
+	}
+	require.NoError(t, set("a", `1`))
+	require.NoError(t, set("b", `2`))
+	require.ErrorIs(t, set("c", `3`), store.ErrQuotaExceeded, "at the key quota")
+	before := audits()
+	listener := dbtest.ConnFor(t, url)
+	_, err := listener.Exec(ctx, `LISTEN t_all`)
+	require.NoError(t, err)
+
+	require.NoError(t, set("a", `null`), "a delete at the key quota")
+	note := nextStateNote(t, listener)
+	require.Equal(t, "a", note.Key)
+	require.JSONEq(t, `{"type":"state_change","key":"a","value":null,"updatedBy":"alice"}`, string(note.Change))
+	require.Equal(t, before+1, audits(), "the delete is audited")
+	_, err = st.GetState(ctx, mesh, "a")
+	require.ErrorIs(t, err, store.ErrNotFound)
+	require.NoError(t, set("c", `3`), "the deleted key's room is free")
+	require.Equal(t, "c", nextStateNote(t, listener).Key)
+
+	// A missing key: no error, no notification, no audit entry.
+	before = audits()
+	require.NoError(t, set("never", `null`))
+	require.NoError(t, set("b", `null`))
+	require.Equal(t, "b", nextStateNote(t, listener).Key, "the first notification is b's: the missing key told no one")
+	require.Equal(t, before+1, audits())
+	entries, err := st.ListState(ctx, mesh, 10)
+	require.NoError(t, err)
+	require.Len(t, entries, 1)
+	require.Equal(t, "c", entries[0].Key)
+}
+
+// stateNote is a shared-state line of the bus (set_state's notification).
+type stateNote struct {
+	Kind   string          `json:"k"`
+	Key    string          `json:"y"`
+	Change json.RawMessage `json:"x"`
+}
+
+// nextStateNote waits for the next shared-state line on conn, which listens on the bus channel.
+func nextStateNote(t *testing.T, conn *pgx.Conn) stateNote {
+	t.Helper()
+	for {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		n, err := conn.WaitForNotification(ctx)
+		cancel()
+		require.NoError(t, err, "no notification within 5 s")
+		for _, line := range strings.Split(n.Payload, "\n") {
+			var note stateNote
+			if json.Unmarshal([]byte(line), &note) == nil && note.Kind == "t" {
+				return note
+			}
+		}
 	}
 }
