@@ -38,8 +38,9 @@ func newCluster(t testing.TB, n int, tweak func(*Config)) *testCluster {
 
 func (c *testCluster) startNode(id string, tweak func(*Config)) *Server {
 	t := c.t
-	// No send rate limit unless a test sets one: bursts are what many tests send.
-	cfg := Config{NodeID: id, Region: "test", SessionGrace: 5 * time.Second, SendRatePerMember: 1 << 30, SendBurstPerMember: 1 << 30}
+	// No rate limits unless a test sets one: bursts are what many tests send.
+	cfg := Config{NodeID: id, Region: "test", SessionGrace: 5 * time.Second, SendRatePerMember: 1 << 30, SendBurstPerMember: 1 << 30,
+		WriteRatePerMember: 1 << 30, WriteBurstPerMember: 1 << 30, ReadRatePerMember: 1 << 30, ReadBurstPerMember: 1 << 30}
 	if tweak != nil {
 		tweak(&cfg)
 	}

@@ -59,6 +59,16 @@ const (
 	// (a Claude Code session sends a few a minute), a cap on a runaway or hostile client.
 	DefaultSendRatePerMember  = 500
 	DefaultSendBurstPerMember = 1000
+	// A member's other requests per second on one replica, and the bursts above: writes
+	// (set_state, set_status, set_summary, join_group, leave_group, kick, ban, unban) each
+	// commit with a NOTIFY to every replica, take the cluster-wide notification lock and most
+	// append an audit entry; a Claude Code session makes a few a minute, tens when it starts.
+	// Reads (list_peers, get_state, list_state, message_status, list_bans) write nothing, but
+	// a list_state may answer a megabyte: looser, still bounded.
+	DefaultWriteRatePerMember  = 10
+	DefaultWriteBurstPerMember = 60
+	DefaultReadRatePerMember   = 20
+	DefaultReadBurstPerMember  = 100
 	// envelopeHeadroom is what a send frame holds besides its envelope (type, ids, priority,
 	// fingerprint): the default envelope limit leaves it, so an envelope over the limit is
 	// still read and refused with too_large instead of closing the socket (1009).
@@ -170,6 +180,15 @@ type Config struct {
 
 	// httpTimeouts overrides the plain HTTP requests' read, write and idle timeouts (tests).
 	httpTimeouts *[3]time.Duration
+	// WriteRatePerMember and WriteBurstPerMember bound a member's requests that write
+	// (set_state, set_status, set_summary, join_group, leave_group, kick, ban, unban) on one
+	// replica; ReadRatePerMember and ReadBurstPerMember those that read (list_peers, get_state,
+	// list_state, message_status, list_bans). Token buckets shared by the member's sessions
+	// there; beyond, the request is answered error rate_limited and the session stays open.
+	WriteRatePerMember  int
+	WriteBurstPerMember int
+	ReadRatePerMember   int
+	ReadBurstPerMember  int
 
 	// pingEvery and pongWait override the protocol's 30 s ping and 75 s pong deadline (tests).
 	pingEvery, pongWait time.Duration
@@ -255,6 +274,10 @@ var envVars = []envVar{
 	{"HELLO_QUEUE", "a whole number >= 1", func(v string, c *Config) error { return intIn(v, 1, 1<<30, &c.HelloQueue) }},
 	{"SEND_RATE_PER_MEMBER", "a whole number of sends per second >= 1", func(v string, c *Config) error { return intIn(v, 1, 1<<30, &c.SendRatePerMember) }},
 	{"SEND_BURST_PER_MEMBER", "a whole number of sends >= 1", func(v string, c *Config) error { return intIn(v, 1, 1<<30, &c.SendBurstPerMember) }},
+	{"WRITE_RATE_PER_MEMBER", "a whole number of requests per second >= 1", func(v string, c *Config) error { return intIn(v, 1, 1<<30, &c.WriteRatePerMember) }},
+	{"WRITE_BURST_PER_MEMBER", "a whole number of requests >= 1", func(v string, c *Config) error { return intIn(v, 1, 1<<30, &c.WriteBurstPerMember) }},
+	{"READ_RATE_PER_MEMBER", "a whole number of requests per second >= 1", func(v string, c *Config) error { return intIn(v, 1, 1<<30, &c.ReadRatePerMember) }},
+	{"READ_BURST_PER_MEMBER", "a whole number of requests >= 1", func(v string, c *Config) error { return intIn(v, 1, 1<<30, &c.ReadBurstPerMember) }},
 	{"MAX_ENVELOPE_BYTES", "a whole number of bytes between 64 and 16777216", func(v string, c *Config) error { return intIn(v, 64, 16<<20, &c.MaxEnvelopeBytes) }},
 	{"ALLOWED_ORIGINS", "a comma-separated list of origins, or *", func(v string, c *Config) error {
 		for _, o := range strings.Split(v, ",") {
@@ -341,6 +364,10 @@ func (c Config) WithDefaults() Config {
 	}
 	setInt(&c.SendRatePerMember, DefaultSendRatePerMember)
 	setInt(&c.SendBurstPerMember, DefaultSendBurstPerMember)
+	setInt(&c.WriteRatePerMember, DefaultWriteRatePerMember)
+	setInt(&c.WriteBurstPerMember, DefaultWriteBurstPerMember)
+	setInt(&c.ReadRatePerMember, DefaultReadRatePerMember)
+	setInt(&c.ReadBurstPerMember, DefaultReadBurstPerMember)
 	setInt(&c.MaxEnvelopeBytes, max(c.MaxMessageBytes-envelopeHeadroom, 64))
 	if c.HookRatePerMin == 0 {
 		c.HookRatePerMin = DefaultHookRateLimitPerMin

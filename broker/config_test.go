@@ -23,13 +23,15 @@ func TestLoadConfigDefaults(t *testing.T) {
 	require.Equal(t, "text", c.LogFormat)
 	require.Empty(t, c.DatabaseURL)
 	require.False(t, c.NotifyAfterCommit)
+	require.Equal(t, [4]int{10, 60, 20, 100}, [4]int{c.WriteRatePerMember, c.WriteBurstPerMember, c.ReadRatePerMember, c.ReadBurstPerMember})
 }
 
 func TestLoadConfigValues(t *testing.T) {
 	c, err := LoadConfig(env(map[string]string{
 		"BROKER_PORT": "8000", "DATABASE_URL": "postgres://u@h/db", "STATUS_TTL_SECONDS": "5",
 		"SESSION_GRACE_SECONDS": "0", "LOG_LEVEL": "debug", "LOG_FORMAT": "json", "FLY_REGION": "ams",
-		"NOTIFY_AFTER_COMMIT": "true",
+		"NOTIFY_AFTER_COMMIT": "true", "WRITE_RATE_PER_MEMBER": "2", "WRITE_BURST_PER_MEMBER": "3", "READ_RATE_PER_MEMBER": "4",
+		"READ_BURST_PER_MEMBER": "5",
 	}))
 	require.NoError(t, err)
 	require.Equal(t, 8000, c.Port)
@@ -39,6 +41,7 @@ func TestLoadConfigValues(t *testing.T) {
 	require.Equal(t, "json", c.LogFormat)
 	require.Equal(t, "ams", c.Region)
 	require.True(t, c.NotifyAfterCommit)
+	require.Equal(t, [4]int{2, 3, 4, 5}, [4]int{c.WriteRatePerMember, c.WriteBurstPerMember, c.ReadRatePerMember, c.ReadBurstPerMember})
 }
 
 func TestLoadConfigErrorsNameVariableAndFix(t *testing.T) {
@@ -56,6 +59,8 @@ func TestLoadConfigErrorsNameVariableAndFix(t *testing.T) {
 		"notify after":  {"NOTIFY_AFTER_COMMIT", "yes", "true or false"},
 		"database url":  {"DATABASE_URL", "mysql://x", "postgres:// URL"},
 		"node id chars": {"BROKER_NODE_ID", "a b", "letters, digits"},
+		"write rate":    {"WRITE_RATE_PER_MEMBER", "0", "requests per second >= 1"},
+		"read burst":    {"READ_BURST_PER_MEMBER", "-1", "requests >= 1"},
 	}
 	for name, tc := range cases {
 		t.Run(name, func(t *testing.T) {

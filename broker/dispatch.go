@@ -29,6 +29,13 @@ func (p *peers) dispatch(ms *melody.Session, sess *session, msg protocol.ClientM
 		p.committer.enqueue(sess, m)
 		return
 	}
+	// Refused before any database work; the session stays open.
+	if refusal := sess.limits.allow(msg, p.cfg); refusal != "" {
+		p.metrics.RequestsRateLimited.WithLabelValues(msg.Type()).Inc()
+		p.refusals.Info("request rate limited", "type", msg.Type(), "presence", sess.presenceID)
+		p.reply(ms, &protocol.Error{Code: protocol.CodeRateLimited, Message: refusal, ReqID: msg.RequestID()})
+		return
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), opTimeout)
 	defer cancel()
 	var reply protocol.ServerMessage
@@ -108,7 +115,7 @@ func (p *peers) checkSend(sess *session, m *protocol.Send) string {
 	if len(m.Nonce)+len(m.Ciphertext)+len(m.TargetSpec) > p.cfg.MaxEnvelopeBytes {
 		return protocol.CodeTooLarge
 	}
-	if sess.sendLimit != nil && !sess.sendLimit.Allow() {
+	if sess.limits != nil && !sess.limits.send.Allow() {
 		return protocol.CodeRateLimited
 	}
 	return ""

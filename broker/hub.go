@@ -6,7 +6,6 @@ import (
 	"time"
 
 	"github.com/gorilla/websocket"
-	"golang.org/x/time/rate"
 )
 
 // hub is this replica's sessions: indexed by presence, mesh and member, so routing never scans
@@ -18,9 +17,9 @@ type hub struct {
 	byPresence map[string]*session
 	byMesh     map[string]map[*session]struct{}
 	byMember   map[string]map[*session]struct{}
-	// newLimiter makes a member's send rate limiter, shared by its sessions on this replica
+	// newLimits makes a member's request rate limiters, shared by its sessions on this replica
 	// (nil: no limit).
-	newLimiter func() *rate.Limiter
+	newLimits func() *memberLimits
 	// bySlot spreads the sessions over the ping slots (by their lane hash), so each tick of the
 	// guard pings one slot's sessions without walking the others.
 	bySlot []map[*session]struct{}
@@ -135,13 +134,13 @@ func (h *hub) add(s *session) *session {
 	if old != nil {
 		h.removeLocked(old)
 	}
-	if s.sendLimit == nil && h.newLimiter != nil {
+	if s.limits == nil && h.newLimits != nil {
 		for other := range h.byMember[s.memberID] {
-			s.sendLimit = other.sendLimit
+			s.limits = other.limits
 			break
 		}
-		if s.sendLimit == nil {
-			s.sendLimit = h.newLimiter()
+		if s.limits == nil {
+			s.limits = h.newLimits()
 		}
 	}
 	h.byPresence[s.presenceID] = s

@@ -43,6 +43,9 @@ type Metrics struct {
 
 	bgMu     sync.Mutex
 	bgLogged map[string]bgLog
+
+	// RequestsRateLimited counts requests other than send refused rate_limited, by type.
+	RequestsRateLimited *prometheus.CounterVec
 }
 
 func newMetrics() *Metrics {
@@ -91,6 +94,8 @@ func newMetrics() *Metrics {
 		ClaimSkips:       c("claim_skips_total", "Sessions a claim skipped because another transaction held their row (a takeover, a change of status); claimed for again shortly."),
 		BackgroundErrors: cv("background_errors_total", "Failures of background work (sweeps, records, catch-up), by task.", "task"),
 	}
+	m.RequestsRateLimited = cv("requests_rate_limited_total",
+		"Requests other than send refused rate_limited (WRITE_RATE_PER_MEMBER, READ_RATE_PER_MEMBER), by type.", "type")
 	// Every task's series exists from the start, at 0, so a dashboard shows it before it fails.
 	for _, task := range backgroundTasks {
 		m.BackgroundErrors.WithLabelValues(task)
@@ -99,7 +104,7 @@ func newMetrics() *Metrics {
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 		m.HealthChecks, m.ConnActive, m.ConnTotal, m.ConnRejected, m.BadFrames, m.SlowConsumers,
-		m.MessagesRouted, m.Pushes, m.SendFailures, m.BacklogSkips, m.SendRefused, m.AdminOps, m.DeliveriesPending, m.AuditPending, m.AuditPendingOldest, m.BusSent, m.BusReceived,
+		m.MessagesRouted, m.Pushes, m.SendFailures, m.BacklogSkips, m.SendRefused, m.RequestsRateLimited, m.AdminOps, m.DeliveriesPending, m.AuditPending, m.AuditPendingOldest, m.BusSent, m.BusReceived,
 		m.BusEvents, m.BatchSize, m.HelloBatchSize, m.CommitSeconds, m.HookRequests, m.DeadNodes, m.Claims, m.ClaimSkips, m.BackgroundErrors,
 	)
 	return m

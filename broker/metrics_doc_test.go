@@ -112,7 +112,7 @@ func scrapeMetrics(t *testing.T, addr string) map[string]*scrapedFamily {
 func TestMetricsDocumented(t *testing.T) {
 	t.Parallel()
 	documented := readMetricsDoc(t)
-	c := newCluster(t, 1, nil)
+	c := newCluster(t, 1, func(cfg *Config) { cfg.WriteRatePerMember, cfg.WriteBurstPerMember = 1, 1 })
 	srv := c.nodes[0]
 	ctx := ctxT(t)
 
@@ -132,6 +132,11 @@ func TestMetricsDocumented(t *testing.T) {
 	require.Error(t, err)
 	_, err = a.Send(ctx, bob.pub, protocol.PriorityNow, "n", strings.Repeat("c", srv.cfg.MaxEnvelopeBytes), "") // sends_refused
 	require.Error(t, err)
+	require.NoError(t, a.SetSummary(ctx, "one")) // requests_rate_limited: the second write of a burst of one
+	require.NoError(t, a.SetSummary(ctx, "two"))
+	e, err := a.NextError(ctx)
+	require.NoError(t, err)
+	require.Equal(t, protocol.CodeRateLimited, e.Code)
 	_, err = a.ListBans(ctx) // admin_operations
 	require.Error(t, err)
 	code, _ := postHook(t, srv, alice, protocol.HookRequest{CWD: "/work/alice", PID: 1000, Status: "working"}) // hook_requests

@@ -20,7 +20,6 @@ import (
 
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
-	"golang.org/x/time/rate"
 
 	"github.com/claudemesh/broker/broker/membership"
 	"github.com/claudemesh/broker/broker/store"
@@ -86,9 +85,7 @@ func NewServer(cfg Config, pool *pgxpool.Pool, logger *slog.Logger) (*Server, er
 		started: time.Now(), metrics: newMetrics(), mux: http.NewServeMux(), hub: newHub()}
 	s.store.SetLogger(s.log)
 	s.store.SetNotifyAfterCommit(cfg.NotifyAfterCommit)
-	s.hub.newLimiter = func() *rate.Limiter {
-		return rate.NewLimiter(rate.Limit(cfg.SendRatePerMember), cfg.SendBurstPerMember)
-	}
+	s.hub.newLimits = func() *memberLimits { return newMemberLimits(cfg) }
 	sweepEvery, pollEvery, busPing := time.Second, pollInterval, time.Duration(0)
 	if cfg.quiet {
 		sweepEvery, pollEvery, busPing = time.Hour, time.Hour, time.Hour

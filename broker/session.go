@@ -8,7 +8,6 @@ import (
 	"unsafe"
 
 	"github.com/olahol/melody"
-	"golang.org/x/time/rate"
 
 	"github.com/claudemesh/broker/broker/store"
 	"github.com/claudemesh/broker/protocol"
@@ -67,10 +66,10 @@ type session struct {
 	// clientAck: the peer acks pushes (capability, today's CLI's acking sockets, or since its
 	// first client_ack), so a written push waits for its ack.
 	clientAck atomic.Bool
-	// sendLimit is the member's send rate on this replica, shared by its sessions (nil: none).
-	sendLimit *rate.Limiter
-	epoch     int64  // the presence registration this socket owns
-	lane      uint32 // the committer lane its sends go through (their order is kept)
+	// limits are the member's request rates on this replica, shared by its sessions (nil: none).
+	limits *memberLimits
+	epoch  int64  // the presence registration this socket owns
+	lane   uint32 // the committer lane its sends go through (their order is kept)
 
 	// pushOrder is held from a push's place in the window to its place in the socket's queue
 	// (taken before mu).

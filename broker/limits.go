@@ -1,0 +1,58 @@
+package broker
+
+import (
+	"fmt"
+
+	"golang.org/x/time/rate"
+
+	"github.com/claudemesh/broker/protocol"
+)
+
+// memberLimits are a member's request rates on this replica, shared by all its sessions here
+// (token buckets): keyed by member like the send limit, so that a member opening more sessions
+// does not get more of the database. Like it, they are per replica.
+type memberLimits struct {
+	// send bounds sends (SEND_RATE_PER_MEMBER).
+	send *rate.Limiter
+	// write bounds the requests that write to Postgres, NOTIFY every replica or append an
+	// audit entry (WRITE_RATE_PER_MEMBER): each takes the cluster-wide notification lock at
+	// commit, and set_state fans a state_change out to the whole mesh.
+	write *rate.Limiter
+	// read bounds the requests that only read (READ_RATE_PER_MEMBER): cheaper, but a
+	// list_state answers up to MAX_STATE_BYTES_PER_MESH and a list_peers the whole mesh.
+	read *rate.Limiter
+}
+
+func newMemberLimits(cfg Config) *memberLimits {
+	return &memberLimits{
+		send:  rate.NewLimiter(rate.Limit(cfg.SendRatePerMember), cfg.SendBurstPerMember),
+		write: rate.NewLimiter(rate.Limit(cfg.WriteRatePerMember), cfg.WriteBurstPerMember),
+		read:  rate.NewLimiter(rate.Limit(cfg.ReadRatePerMember), cfg.ReadBurstPerMember),
+	}
+}
+
+// allow takes a token for msg from its bucket and returns "" when it may go on, else the
+// refusal's message. Sends have their own check (checkSend); client_ack is not limited: it
+// only acknowledges what was pushed, and the recorder batches acks into shared statements.
+func (l *memberLimits) allow(msg protocol.ClientMessage, cfg Config) string {
+	if l == nil {
+		return ""
+	}
+	var lim *rate.Limiter
+	var env string
+	var perSec, burst int
+	switch msg.(type) {
+	case *protocol.SetStatus, *protocol.SetSummary, *protocol.JoinGroup, *protocol.LeaveGroup, *protocol.SetState,
+		*protocol.Kick, *protocol.Ban, *protocol.Unban:
+		lim, env, perSec, burst = l.write, "WRITE_RATE_PER_MEMBER", cfg.WriteRatePerMember, cfg.WriteBurstPerMember
+	case *protocol.ListPeers, *protocol.GetState, *protocol.ListState, *protocol.MessageStatus, *protocol.ListBans:
+		lim, env, perSec, burst = l.read, "READ_RATE_PER_MEMBER", cfg.ReadRatePerMember, cfg.ReadBurstPerMember
+	default:
+		return ""
+	}
+	if lim.Allow() {
+		return ""
+	}
+	return fmt.Sprintf("%s: this member's requests on this replica are over %s (%d a second, bursts of %d); retry in a moment",
+		msg.Type(), env, perSec, burst)
+}

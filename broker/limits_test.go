@@ -1,0 +1,111 @@
+package broker
+
+import (
+	"errors"
+	"fmt"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/claudemesh/broker/client"
+	"github.com/claudemesh/broker/db/dbtest"
+	"github.com/claudemesh/broker/protocol"
+)
+
+// A member's writes and reads beyond their buckets are refused rate_limited with the request's
+// _reqId, before the database: nothing refused is stored, the session stays open, the member's
+// other sessions on the replica share the bucket, and other members are not slowed.
+func TestRequestsBeyondTheMembersRateAreRefused(t *testing.T) {
+	t.Parallel()
+	const burst, sent = 5, 20
+	c := newCluster(t, 1, func(cfg *Config) {
+		cfg.WriteRatePerMember, cfg.WriteBurstPerMember = 1, burst
+		cfg.ReadRatePerMember, cfg.ReadBurstPerMember = 1, burst
+	})
+	m := c.mesh(0)
+	alice, bob := m.member("alice"), m.member("bob")
+	a := m.dial(0, alice)
+	a2 := m.dial(0, alice, func(o *client.Options) { o.SessionID = "s-alice-2" })
+	b := m.dial(0, bob)
+	ctx := ctxT(t)
+
+	// rateLimited drains cl's unmatched errors, which a request answered after them makes
+	// complete (replies come in request order), and returns the _reqIds refused rate_limited.
+	rateLimited := func(cl *client.Client) map[string]bool {
+		t.Helper()
+		_, _ = cl.GetState(ctx, "barrier") // its own refusal, if any, is its answer
+		out := map[string]bool{}
+		for {
+			select {
+			case e := <-cl.Errors():
+				require.Equal(t, protocol.CodeRateLimited, e.Code, e.Message)
+				require.Contains(t, e.Message, "WRITE_RATE_PER_MEMBER")
+				out[e.ReqID] = true
+			default:
+				return out
+			}
+		}
+	}
+
+	start := time.Now()
+	reqs := make([]*protocol.SetState, sent)
+	for i := range reqs {
+		reqs[i] = &protocol.SetState{Key: fmt.Sprintf("k%02d", i), Value: []byte(`1`)}
+		require.NoError(t, a.Notify(ctx, reqs[i]))
+	}
+	refused := rateLimited(a)
+	// The bucket holds burst tokens and gains one a second.
+	require.GreaterOrEqual(t, len(refused), sent-burst-1-int(time.Since(start).Seconds()))
+	require.NotEmpty(t, refused)
+	// Exactly the writes not refused were stored, and bob was told of those only.
+	list, err := b.ListState(ctx)
+	require.NoError(t, err)
+	stored := map[string]bool{}
+	for _, e := range list {
+		stored[e.Key] = true
+	}
+	for _, r := range reqs {
+		require.NotEqual(t, refused[r.ReqID], stored[r.Key], "%s (%s): refused %v, stored %v", r.Key, r.ReqID, refused[r.ReqID], stored[r.Key])
+	}
+	require.Len(t, stored, sent-len(refused))
+	for range stored {
+		nextStateChange(t, b, 5*time.Second)
+	}
+
+	// alice's other session shares her bucket; bob has his own.
+	require.NoError(t, a2.SetState(ctx, "from-a2", 1))
+	require.Len(t, rateLimited(a2), 1, "alice's second session is refused too")
+	for i := range burst {
+		require.NoError(t, b.SetState(ctx, fmt.Sprintf("bob%d", i), i))
+	}
+	require.Empty(t, rateLimited(b), "bob is not slowed by alice")
+
+	// Reads have their own bucket: a refusal is the reply to the request, with its _reqId.
+	var readRefusals int
+	for range sent {
+		_, err := a.ListPeers(ctx)
+		var pe *protocol.Error
+		if errors.As(err, &pe) {
+			require.Equal(t, protocol.CodeRateLimited, pe.Code)
+			require.Contains(t, pe.Message, "list_peers: ")
+			require.Contains(t, pe.Message, "READ_RATE_PER_MEMBER")
+			readRefusals++
+			continue
+		}
+		require.NoError(t, err)
+	}
+	require.Positive(t, readRefusals)
+
+	// Still open: once the bucket has a token again, alice writes.
+	select {
+	case <-a.Done():
+		t.Fatalf("alice's session ended: %v", a.Err())
+	default:
+	}
+	dbtest.WaitFor(t, 10*time.Second, "alice writes again once her bucket has a token", func() bool {
+		require.NoError(t, a.SetState(ctx, "later", 1))
+		return len(rateLimited(a)) == 0
+	})
+	require.Equal(t, "later", nextStateChange(t, b, 5*time.Second).Key)
+}
