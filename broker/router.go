@@ -160,6 +160,9 @@ func (r *router) apply(ctx context.Context, m pgbus.Message) {
 				r.metrics.backgroundError(r.log, "load_changed_state", err, "mesh", m.Mesh)
 				return
 			}
+			if err != nil { // deleted since (null deletes, 00047): the key as readers now see it
+				e = store.StateEntry{Key: m.Key, Value: json.RawMessage("null")}
+			}
 			change, _ = json.Marshal(&protocol.StateChange{Key: e.Key, Value: e.Value, UpdatedBy: e.UpdatedBy})
 		}
 		r.hub.toMesh(m.Mesh, change, func(s *session) bool { return s.presenceID == m.Presence })

@@ -1,6 +1,7 @@
 package broker
 
 import (
+	"fmt"
 	"strings"
 	"testing"
 	"time"
@@ -115,4 +116,20 @@ func TestSetStateNullDeletesTheKey(t *testing.T) {
 		t.Fatalf("deleting a missing key: %v", e)
 	default:
 	}
+}
+
+// A change too large to ride along is read back by each replica; when the key was deleted in
+// the meantime, the sessions are told the key with value null (not a state_change without a
+// key).
+func TestStateChangeReadBackOfADeletedKey(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t, 1, nil)
+	m := c.mesh(0)
+	b := m.dial(0, m.member("bob"))
+	ctx := ctxT(t)
+	// The line set_state sends for a large value: no "x", so the replica reads the key back.
+	line := fmt.Sprintf(`{"k":"t","h":%q,"y":"gone","p":"someone-else"}`, m.id)
+	_, err := c.pool.Exec(ctx, `SELECT pg_notify('claudemesh_all', $1)`, line)
+	require.NoError(t, err)
+	require.Equal(t, protocol.StateChange{Key: "gone", Value: []byte("null")}, nextStateChange(t, b, 5*time.Second))
 }
