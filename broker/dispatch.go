@@ -162,6 +162,7 @@ func (p *peers) setState(ctx context.Context, sess *session, m *protocol.SetStat
 	// The limit is on the value as Postgres stores and renders it (what the quota counts and
 	// every reader gets): numbers in all their digits, so 1e300 weighs 301 bytes, not 5.
 	if size := protocol.JSONBSize(value); size > p.cfg.MaxStateValueBytes {
+		p.refusals.Info("state value too large", "presence", sess.presenceID, "size", size, "frame_bytes", len(value))
 		return &protocol.Error{Code: protocol.CodeTooLarge, Message: fmt.Sprintf(
 			"value: %d bytes as stored (numbers written out in full, members with spaces) is over the limit of %d (MAX_STATE_VALUE_BYTES)",
 			size, p.cfg.MaxStateValueBytes)}
