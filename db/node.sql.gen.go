@@ -60,10 +60,13 @@ func (q *Queries) GraceDeadNodesPresences(ctx context.Context, graceSeconds floa
 }
 
 const markDeadNodes = `-- name: MarkDeadNodes :many
-UPDATE claudemesh.node SET dead_at = now()
-WHERE dead_at IS NULL
-  AND heartbeat_at < now() - make_interval(secs => $1::float8)
-RETURNING id, heartbeat_at
+UPDATE claudemesh.node n SET dead_at = now()
+WHERE n.dead_at IS NULL
+  AND (n.stopped_at IS NULL
+       OR EXISTS (SELECT 1 FROM claudemesh.presence x WHERE x.node_id = n.id AND x.ended_at IS NULL)
+       OR EXISTS (SELECT 1 FROM claudemesh.delivery d WHERE d.pushed_node = n.id AND d.state IN ('assigned', 'pushed')))
+  AND n.heartbeat_at < now() - make_interval(secs => $1::float8)
+RETURNING n.id, n.heartbeat_at
 `
 
 type MarkDeadNodesRow struct {
@@ -72,9 +75,9 @@ type MarkDeadNodesRow struct {
 }
 
 // Nodes silent past the deadline. Only one replica's UPDATE wins per node: idempotent.
-// Stopped nodes too: a stop whose last writes failed (its sessions' ends, a hello that
-// committed as it stopped) leaves presences live on it that only this reclaims; after a clean
-// stop there is nothing left for it to find.
+// A stopped node only when something is left on it: a stop whose last writes failed (its
+// sessions' ends, a hello that committed as it stopped) leaves presences live on it, or pushes
+// held for them, that only this reclaims. A clean stop leaves nothing, and is not a death.
 func (q *Queries) MarkDeadNodes(ctx context.Context, deadAfterSeconds float64) ([]MarkDeadNodesRow, error) {
 	rows, err := q.db.Query(ctx, markDeadNodes, deadAfterSeconds)
 	if err != nil {

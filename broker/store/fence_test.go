@@ -102,19 +102,26 @@ func TestAStaleEndLeavesTheNewSocketsPushes(t *testing.T) {
 
 // A replica that stopped without recording its sessions' ends (its last statement failed, or a
 // hello committed as it stopped) is declared dead once silent past the deadline, like one that
-// crashed: its presences enter their grace and end, instead of staying listed, counted against
-// the mesh's capacity and chosen for direct sends, for good.
+// crashed: its presences enter their grace and end, and its pushes go back to pending, instead
+// of staying listed, counted against the mesh's capacity and chosen for direct sends, for good.
+// One that stopped cleanly left nothing, and is not counted as dead.
 func TestAStoppedNodesLeftoversAreTakenOver(t *testing.T) {
 	ctx := dbtest.Context(t)
 	pool := dbtest.Pool(t)
 	st := store.New(pool, "t")
 	_, err := pool.Exec(ctx, `INSERT INTO claudemesh.node (id, heartbeat_at, stopped_at) VALUES
 		('stopped', now() - interval '1 minute', now() - interval '1 minute'),
+		('stopped-cleanly', now() - interval '1 minute', now() - interval '1 minute'),
+		('stopped-with-a-push', now() - interval '1 minute', now() - interval '1 minute'),
 		('stopping', now(), now())`)
 	require.NoError(t, err)
 	_, err = pool.Exec(ctx, `INSERT INTO claudemesh.presence (mesh_id, member_id, member_pubkey, node_id, session_id, last_seen_at)
 		VALUES ('m', 'bob', repeat('b', 64), 'stopped', 'left', now() - interval '1 minute'),
 		       ('m', 'bob', repeat('b', 64), 'stopping', 'fresh', now())`)
+	require.NoError(t, err)
+	_, err = pool.Exec(ctx, `INSERT INTO claudemesh.delivery (envelope_id, mesh_id, recipient_member_id, priority, state,
+			pushed_node, pushed_presence, pushed_at, expires_at)
+		VALUES ('held', 'm', 'bob', 'now', 'pushed', 'stopped-with-a-push', 'p', now() - interval '1 minute', now() + interval '1 hour')`)
 	require.NoError(t, err)
 	var marked []store.DeadNode
 	_, err = st.InTx(ctx, nil, func(tx *store.Tx) error {
@@ -123,8 +130,13 @@ func TestAStoppedNodesLeftoversAreTakenOver(t *testing.T) {
 		return err
 	})
 	require.NoError(t, err)
-	require.Len(t, marked, 1)
-	require.Equal(t, "stopped", marked[0].ID)
+	var ids []string
+	for _, n := range marked {
+		ids = append(ids, n.ID)
+	}
+	require.ElementsMatch(t, []string{"stopped", "stopped-with-a-push"}, ids, "a clean stop is not a death")
+	require.Equal(t, []string{"held pending"},
+		textColumn(t, pool, `SELECT envelope_id || ' ' || state FROM claudemesh.delivery`), "its push goes back to pending")
 	require.Equal(t, []string{"fresh live", "left grace"},
 		textColumn(t, pool, `SELECT session_id || ' ' || CASE WHEN grace_until IS NULL THEN 'live' ELSE 'grace' END FROM claudemesh.presence ORDER BY session_id`),
 		"a node stopped within the deadline is left alone")
