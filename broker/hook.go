@@ -26,11 +26,12 @@ import (
 // caller). It is per replica: a hook script hitting several replicas gets up to N× the rate,
 // which is harmless for status signals and avoids a database write per request just to count.
 //
-// It holds at most maxKeys buckets, least recently used first out, and costs O(1) a request. A
-// key idle for a minute is forgotten: its bucket (a minute's worth, refilled over a minute) is
-// full again by then, so forgetting it gives nobody anything. When every bucket is younger than
-// that, a new key is refused (limitFull) rather than the store growing or a live bucket being
-// dropped, which would hand its owner a fresh allowance.
+// It holds at most maxKeys buckets, least recently used first out, and costs O(1) a request.
+// A new key in a full store evicts the least recently used bucket, however young: refusing new
+// keys instead would let whoever fills the store (100,000 fresh signing keys, or IPv6 /64s, in
+// a minute) lock every other caller out, and the evicted owner's fresh allowance is worth
+// nothing to such a flooder, who can always mint new keys. An idle key's bucket is full again
+// after a minute anyway.
 //
 // Keys are held as 64-bit hashes under a seed of the process's own: a key can hold a 4 KiB cwd,
 // and a hash keeps every bucket small whatever its key, while the seed keeps a client from
@@ -38,15 +39,13 @@ import (
 type hookLimiter struct {
 	mu      sync.Mutex
 	perMin  int
-	maxKeys int
 	seed    maphash.Seed
 	now     func() time.Time // tests move the clock
 	buckets *simplelru.LRU[uint64, *hookBucket]
 }
 
 type hookBucket struct {
-	lim  *rate.Limiter
-	seen time.Time
+	lim *rate.Limiter
 }
 
 // limitVerdict is a hookLimiter's answer.
@@ -55,21 +54,17 @@ type limitVerdict int
 const (
 	limitAllowed limitVerdict = iota
 	limitExceeded
-	limitFull // a new key, and the store holds maxKeys buckets all in use
 )
 
 // hookLimiterKeys bounds each hook limiter's buckets: about 250 bytes each, 25 MB at most.
 const hookLimiterKeys = 100_000
-
-// hookBucketIdle is when a bucket is full again (perMin tokens at perMin a minute).
-const hookBucketIdle = time.Minute
 
 func newHookLimiter(perMin, maxKeys int) *hookLimiter {
 	lru, err := simplelru.NewLRU[uint64, *hookBucket](maxKeys, nil)
 	if err != nil {
 		panic(fmt.Sprintf("hook limiter: %v", err)) // maxKeys <= 0: a programming error
 	}
-	return &hookLimiter{perMin: perMin, maxKeys: maxKeys, seed: maphash.MakeSeed(), now: time.Now, buckets: lru}
+	return &hookLimiter{perMin: perMin, seed: maphash.MakeSeed(), now: time.Now, buckets: lru}
 }
 
 func (h *hookLimiter) allow(key string) limitVerdict {
@@ -79,18 +74,9 @@ func (h *hookLimiter) allow(key string) limitVerdict {
 	now := h.now()
 	b, ok := h.buckets.Get(k)
 	if !ok {
-		// Each bucket is removed at most once: O(1) a request, amortized.
-		for h.buckets.Len() >= h.maxKeys {
-			_, oldest, _ := h.buckets.GetOldest()
-			if now.Sub(oldest.seen) < hookBucketIdle {
-				return limitFull
-			}
-			h.buckets.RemoveOldest()
-		}
 		b = &hookBucket{lim: rate.NewLimiter(rate.Limit(float64(h.perMin)/60), h.perMin)}
-		h.buckets.Add(k, b)
+		h.buckets.Add(k, b) // evicts the least recently used when full
 	}
-	b.seen = now
 	if !b.lim.AllowN(now, 1) {
 		return limitExceeded
 	}
@@ -170,15 +156,10 @@ func newHooks(cfg Config, st *store.Store, sig signals, m *Metrics, log *slog.Lo
 
 // limited answers a request a limiter refused (429); true when it did.
 func (s *hooks) limited(w http.ResponseWriter, v limitVerdict, what, source string) bool {
-	switch v {
-	case limitAllowed:
+	if v == limitAllowed {
 		return false
-	case limitFull:
-		// Many distinct callers within a minute: a flood, or a limit set far too low.
-		s.refusals.Info("hook refused: rate limiter full", "limiter", what, "source", source)
-	default:
-		s.refusals.Info("hook refused: rate limited", "limiter", what, "source", source)
 	}
+	s.refusals.Info("hook refused: rate limited", "limiter", what, "source", source)
 	s.hookFail(w, http.StatusTooManyRequests, "rate limited", "rate_limited")
 	return true
 }
