@@ -274,3 +274,44 @@ func TestWaitingMessagesAreBoundedPerMember(t *testing.T) {
 	}, sweep())
 	require.Equal(t, []store.SentEnvelope{{Queued: true, Recipients: 1}}, send('q', "now", 1))
 }
+
+// Whether a session at the bound is stuck behind its window is one probe of assigned rows by
+// age (migration 00051): a recipient that never acks what it was pushed, at the bound, made
+// every send to it walk its whole backlog of pushed rows inside the group commit.
+func TestSendToAMemberAtTheBoundReadsNotItsBacklog(t *testing.T) {
+	ctx := dbtest.Context(t)
+	pool := oneConnection(t)
+	st := store.New(pool, "t")
+	var mesh, sender, bob, p string
+	require.NoError(t, pool.QueryRow(ctx, `INSERT INTO claudemesh.mesh (slug, name, owner_pubkey) VALUES ('m', 'm', repeat('0', 64)) RETURNING id`).Scan(&mesh))
+	require.NoError(t, pool.QueryRow(ctx, `INSERT INTO claudemesh.member (mesh_id, pubkey) VALUES ($1, repeat('1', 64)) RETURNING id`, mesh).Scan(&sender))
+	require.NoError(t, pool.QueryRow(ctx, `INSERT INTO claudemesh.member (mesh_id, pubkey) VALUES ($1, repeat('b', 64)) RETURNING id`, mesh).Scan(&bob))
+	_, err := pool.Exec(ctx, `INSERT INTO claudemesh.node (id, heartbeat_at) VALUES ('here', now())`)
+	require.NoError(t, err)
+	require.NoError(t, pool.QueryRow(ctx, `INSERT INTO claudemesh.presence (mesh_id, member_id, member_pubkey, node_id, session_id, status)
+		VALUES ($1, $2, repeat('b', 64), 'here', 's', 'idle') RETURNING id`, mesh, bob).Scan(&p))
+	const backlog = 2000
+	_, err = pool.Exec(ctx, `INSERT INTO claudemesh.delivery (envelope_id, mesh_id, recipient_member_id, priority, state,
+			pushed_node, pushed_presence, pushed_at, expires_at)
+		SELECT 'e' || i, $1, $2, 'now', 'pushed', 'here', $3, now() - interval '1 minute', now() + interval '1 hour'
+		FROM generate_series(1, $4) AS i`, mesh, bob, p, backlog)
+	require.NoError(t, err)
+	_, err = pool.Exec(ctx, `INSERT INTO claudemesh.backlog (member_id, mesh_id, estimate, at_bound) VALUES ($1, $2, $3, true)`, bob, mesh, backlog)
+	require.NoError(t, err)
+	_, err = pool.Exec(ctx, `ANALYZE claudemesh.delivery`)
+	require.NoError(t, err)
+	frame := []byte(`{"type":"push"}`)
+	for _, n := range []int{1, 5} { // the per-row form and the set-based one
+		envs := make([]store.OutgoingEnvelope, n)
+		for i := range envs {
+			envs[i] = directEnvelope(mesh, sender, strings.Repeat("1", 64), strings.Repeat("b", 64), "now", frame)
+		}
+		before := deliveryTuplesRead(t, pool)
+		sent, _, err := st.SendBatch(ctx, "here", envs)
+		require.NoError(t, err)
+		for _, s := range sent {
+			require.Equal(t, store.SentEnvelope{Queued: true, Recipients: 1}, s, "its session reads: it takes it")
+		}
+		require.Less(t, deliveryTuplesRead(t, pool)-before, int64(100), "a batch of %d, %d pushed rows unacked", n, backlog)
+	}
+}
