@@ -65,8 +65,8 @@ const (
 	// append an audit entry; a Claude Code session makes a few a minute, tens when it starts.
 	// Reads (list_peers, get_state, list_state, message_status, list_bans) write nothing, but
 	// a list_state may answer a megabyte: looser, still bounded.
-	DefaultWriteRatePerMember  = 10
-	DefaultWriteBurstPerMember = 60
+	DefaultWriteRatePerMember  = 20
+	DefaultWriteBurstPerMember = 200
 	DefaultReadRatePerMember   = 20
 	DefaultReadBurstPerMember  = 100
 	// envelopeHeadroom is what a send frame holds besides its envelope (type, ids, priority,

@@ -23,7 +23,7 @@ func TestLoadConfigDefaults(t *testing.T) {
 	require.Equal(t, "text", c.LogFormat)
 	require.Empty(t, c.DatabaseURL)
 	require.False(t, c.NotifyAfterCommit)
-	require.Equal(t, [4]int{10, 60, 20, 100}, [4]int{c.WriteRatePerMember, c.WriteBurstPerMember, c.ReadRatePerMember, c.ReadBurstPerMember})
+	require.Equal(t, [4]int{20, 200, 20, 100}, [4]int{c.WriteRatePerMember, c.WriteBurstPerMember, c.ReadRatePerMember, c.ReadBurstPerMember})
 }
 
 func TestLoadConfigValues(t *testing.T) {

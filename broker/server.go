@@ -510,6 +510,8 @@ func (s *Server) drainSessions(ctx context.Context) {
 	// frame, or after ackWait (a statement that slow is the failover's case: the client's
 	// client_message_id, when it sets one, folds its retry into the stored send).
 	ackWait := min(2*time.Second, s.cfg.DrainTimeout/8)
+	var closers sync.WaitGroup
+	defer closers.Wait() // each within ackWait: none outlives the drain
 	for i, sess := range sessions {
 		if i > 0 && step > 0 {
 			select {
@@ -518,15 +520,16 @@ func (s *Server) drainSessions(ctx context.Context) {
 			}
 		}
 		owed := sess.stopSends()
-		go func() {
+		closers.Go(func() {
 			t := time.NewTimer(ackWait)
 			defer t.Stop()
 			select {
 			case <-owed:
 			case <-t.C:
+			case <-ctx.Done():
 			}
 			closeWith(sess.ws, protocol.CloseDraining, "draining")
-		}()
+		})
 	}
 	deadline := time.NewTimer(min(5*time.Second, s.cfg.DrainTimeout/2))
 	defer deadline.Stop()
