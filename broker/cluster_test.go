@@ -120,7 +120,7 @@ func (m *testMesh) tryDial(node int, mem *testMember, opts ...func(*client.Optio
 	return cl, err
 }
 
-func ctxT(t *testing.T) context.Context {
+func ctxT(t testing.TB) context.Context {
 	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
 	t.Cleanup(cancel)
 	return ctx

@@ -290,6 +290,16 @@ func TestReplacedSession(t *testing.T) {
 	require.Len(t, peers, 2)
 }
 
+// killListeners terminates every LISTEN connection of the cluster's database, as a network
+// cut would: what is notified until they reconnect is lost. It returns how many it killed.
+func (c *testCluster) killListeners() int {
+	c.t.Helper()
+	var killed int
+	require.NoError(c.t, c.pool.QueryRow(ctxT(c.t), `SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+		WHERE datname = current_database() AND query ILIKE 'listen%'`).Scan(&killed))
+	return killed
+}
+
 func TestKilledListenConnectionRecovers(t *testing.T) {
 	t.Parallel()
 	c := newCluster(t, 2, nil)
@@ -300,10 +310,7 @@ func TestKilledListenConnectionRecovers(t *testing.T) {
 	ctx := ctxT(t)
 	// Kill every LISTEN connection of this test's database, then send at once: the
 	// notifications are lost, the catch-up after reconnect must deliver anyway.
-	var killed int
-	require.NoError(t, c.pool.QueryRow(ctx, `SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
-		WHERE datname = current_database() AND query ILIKE 'listen%'`).Scan(&killed))
-	require.Equal(t, 2, killed)
+	require.Equal(t, 2, c.killListeners())
 	var ids []string
 	for i := range 10 {
 		ack, err := a.Send(ctx, bob.pub, protocol.PriorityNow, "n", fmt.Sprint(i), "")
@@ -335,10 +342,7 @@ func TestLostNoticesAreAppliedAfterTheListenerReconnects(t *testing.T) {
 	require.NoError(t, err)
 	_, err = c.pool.Exec(ctx, `UPDATE claudemesh.presence SET ended_at = now() WHERE member_id = $1`, carol.id)
 	require.NoError(t, err)
-	var killed int
-	require.NoError(t, c.pool.QueryRow(ctx, `SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
-		WHERE datname = current_database() AND query ILIKE 'listen%'`).Scan(&killed))
-	require.Equal(t, 1, killed)
+	require.Equal(t, 1, c.killListeners())
 	for _, w := range []struct {
 		cl   *client.Client
 		code int
