@@ -36,6 +36,9 @@ func (p *peers) adminError(op string, err error) error {
 	case errors.Is(err, store.ErrAmbiguous):
 		outcome, err = "invalid", &protocol.Error{Code: protocol.CodeInvalid,
 			Message: "several members match that name or key prefix: give the full key"}
+	case errors.Is(err, store.ErrProtected) && op == "unban":
+		outcome, err = "forbidden", &protocol.Error{Code: protocol.CodeForbidden,
+			Message: "only the owner can lift the owner's ban or an admin's, and only the operator an operator's revocation"}
 	case errors.Is(err, store.ErrProtected):
 		outcome, err = "forbidden", &protocol.Error{Code: protocol.CodeForbidden,
 			Message: "the mesh owner can't be banned, and only the owner can ban an admin"}

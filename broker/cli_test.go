@@ -484,9 +484,30 @@ func TestKickAndBan(t *testing.T) {
 		_, err = ad.Ban(ctxT(t), target)
 		requireCode(t, err, protocol.CodeForbidden)
 	}
-	name, err = m.dial(1, owner, asDaemon).Ban(ctxT(t), "other-admin")
+	ownerCl := m.dial(1, owner, asSession(newKey(t)))
+	name, err = ownerCl.Ban(ctxT(t), "other-admin")
 	require.NoError(t, err)
 	require.Equal(t, "other-admin", name)
+	// Nor can an admin kick the owner's sessions: they are not matched.
+	res, err = ad.Kick(ctxT(t), protocol.Kick{Target: owner.pub})
+	require.NoError(t, err)
+	require.Empty(t, res.Kicked)
+	res, err = ad.Kick(ctxT(t), protocol.Kick{All: true})
+	require.NoError(t, err)
+	require.NotContains(t, res.Kicked, "owner")
+	_, err = ownerCl.ListPeers(ctxT(t))
+	require.NoError(t, err, "the owner's session is still open")
+	// An admin undoes only what an admin did: not the owner's ban of an admin, and nobody but
+	// the operator lifts the operator's revocation (`broker member revoke`, a compromised key).
+	_, err = ad.Unban(ctxT(t), "other-admin")
+	requireCode(t, err, protocol.CodeForbidden)
+	carol := m.member("carol")
+	_, err = c.pool.Exec(ctxT(t), `UPDATE claudemesh.member SET revoked_at = now(), revoked_by = 'operator' WHERE id = $1`, carol.id)
+	require.NoError(t, err) // as membership.RevokeMember writes it
+	for _, cl := range []*client.Client{ad, ownerCl} {
+		_, err = cl.Unban(ctxT(t), "carol")
+		requireCode(t, err, protocol.CodeForbidden)
+	}
 
 	// unban: bob is back.
 	name, err = ad.Unban(ctxT(t), bob.pub)
@@ -495,8 +516,12 @@ func TestKickAndBan(t *testing.T) {
 	m.dial(2, bob, asSession(newKey(t)))
 	bans, err = ad.ListBans(ctxT(t))
 	require.NoError(t, err)
-	require.Len(t, bans, 1)
-	require.Equal(t, "other-admin", bans[0].Name, "bob is no longer listed")
+	require.Len(t, bans, 2)
+	require.ElementsMatch(t, []string{"other-admin", "carol"}, []string{bans[0].Name, bans[1].Name}, "bob is no longer listed")
+	// The owner lifts its own ban.
+	name, err = ownerCl.Unban(ctxT(t), "other-admin")
+	require.NoError(t, err)
+	require.Equal(t, "other-admin", name)
 
 	// Audited, and the chain still verifies.
 	var events []string
@@ -511,7 +536,7 @@ func TestKickAndBan(t *testing.T) {
 		events = append(events, e)
 	}
 	require.NoError(t, rows.Err())
-	require.Equal(t, []string{"peer_kicked", "peer_kicked", "member_banned", "member_banned", "member_unbanned"}, events)
+	require.Equal(t, []string{"peer_kicked", "peer_kicked", "member_banned", "member_banned", "member_unbanned", "member_unbanned"}, events)
 	_, err = audit.Verify(ctxT(t), c.pool, m.id)
 	require.NoError(t, err)
 }

@@ -23,7 +23,7 @@ func (q *Queries) LockMeshHellos(ctx context.Context, meshID string) error {
 const memberInsert = `-- name: MemberInsert :one
 INSERT INTO claudemesh.member (mesh_id, pubkey, display_name, role, invite_id)
 VALUES ($1, $2, $3, $4, $5)
-RETURNING id, mesh_id, pubkey, display_name, role, invite_id, created_at, revoked_at
+RETURNING id, mesh_id, pubkey, display_name, role, invite_id, created_at, revoked_at, revoked_by
 `
 
 type MemberInsertParams struct {
@@ -52,12 +52,13 @@ func (q *Queries) MemberInsert(ctx context.Context, arg MemberInsertParams) (Cla
 		&i.InviteID,
 		&i.CreatedAt,
 		&i.RevokedAt,
+		&i.RevokedBy,
 	)
 	return i, err
 }
 
 const memberList = `-- name: MemberList :many
-SELECT id, mesh_id, pubkey, display_name, role, invite_id, created_at, revoked_at FROM claudemesh.member
+SELECT id, mesh_id, pubkey, display_name, role, invite_id, created_at, revoked_at, revoked_by FROM claudemesh.member
 WHERE mesh_id = $1
 ORDER BY created_at, id
 `
@@ -81,6 +82,7 @@ func (q *Queries) MemberList(ctx context.Context, meshID string) ([]ClaudemeshMe
 			&i.InviteID,
 			&i.CreatedAt,
 			&i.RevokedAt,
+			&i.RevokedBy,
 		); err != nil {
 			return nil, err
 		}
@@ -93,7 +95,7 @@ func (q *Queries) MemberList(ctx context.Context, meshID string) ([]ClaudemeshMe
 }
 
 const memberLiveByPubkey = `-- name: MemberLiveByPubkey :one
-SELECT id, mesh_id, pubkey, display_name, role, invite_id, created_at, revoked_at FROM claudemesh.member
+SELECT id, mesh_id, pubkey, display_name, role, invite_id, created_at, revoked_at, revoked_by FROM claudemesh.member
 WHERE mesh_id = $1 AND pubkey = $2 AND revoked_at IS NULL
 `
 
@@ -114,14 +116,15 @@ func (q *Queries) MemberLiveByPubkey(ctx context.Context, arg MemberLiveByPubkey
 		&i.InviteID,
 		&i.CreatedAt,
 		&i.RevokedAt,
+		&i.RevokedBy,
 	)
 	return i, err
 }
 
 const memberRevoke = `-- name: MemberRevoke :one
-UPDATE claudemesh.member SET revoked_at = now()
+UPDATE claudemesh.member SET revoked_at = now(), revoked_by = 'operator'
 WHERE mesh_id = $1 AND pubkey = $2 AND revoked_at IS NULL
-RETURNING id, mesh_id, pubkey, display_name, role, invite_id, created_at, revoked_at
+RETURNING id, mesh_id, pubkey, display_name, role, invite_id, created_at, revoked_at, revoked_by
 `
 
 type MemberRevokeParams struct {
@@ -129,6 +132,7 @@ type MemberRevokeParams struct {
 	Pubkey string
 }
 
+// The operator's revocation: no admin's unban undoes it (migration 00052).
 func (q *Queries) MemberRevoke(ctx context.Context, arg MemberRevokeParams) (ClaudemeshMember, error) {
 	row := q.db.QueryRow(ctx, memberRevoke, arg.MeshID, arg.Pubkey)
 	var i ClaudemeshMember
@@ -141,6 +145,7 @@ func (q *Queries) MemberRevoke(ctx context.Context, arg MemberRevokeParams) (Cla
 		&i.InviteID,
 		&i.CreatedAt,
 		&i.RevokedAt,
+		&i.RevokedBy,
 	)
 	return i, err
 }

@@ -108,6 +108,7 @@ type ClaudemeshMember struct {
 	InviteID    *string
 	CreatedAt   time.Time
 	RevokedAt   *time.Time
+	RevokedBy   *string
 }
 
 type ClaudemeshMesh struct {

@@ -14,7 +14,8 @@ WHERE mesh_id = @mesh_id
 ORDER BY created_at, id;
 
 -- name: MemberRevoke :one
-UPDATE claudemesh.member SET revoked_at = now()
+-- The operator's revocation: no admin's unban undoes it (migration 00052).
+UPDATE claudemesh.member SET revoked_at = now(), revoked_by = 'operator'
 WHERE mesh_id = @mesh_id AND pubkey = @pubkey AND revoked_at IS NULL
 RETURNING *;
 

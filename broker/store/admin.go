@@ -20,7 +20,9 @@ var (
 	ErrBanSelf   = errors.New("cannot ban yourself")
 	// ErrAmbiguous: the target (a display name or key prefix) names several members.
 	ErrAmbiguous = errors.New("several members match")
-	// ErrProtected: the owner's key, or an admin when the caller is not the owner.
+	// ErrProtected: the owner's key, or an admin when the caller is not the owner; for an
+	// unban, a ban by the owner or of an admin when the caller is not the owner, or an
+	// operator's revocation.
 	ErrProtected = errors.New("member is protected")
 )
 
