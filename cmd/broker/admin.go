@@ -24,6 +24,7 @@ import (
 	"github.com/claudemesh/broker/broker"
 	"github.com/claudemesh/broker/broker/audit"
 	"github.com/claudemesh/broker/broker/membership"
+	"github.com/claudemesh/broker/client"
 	"github.com/claudemesh/broker/db"
 )
 
@@ -350,7 +351,7 @@ func newMemberCmd() *cobra.Command {
 					if m.InviteID != "" {
 						via = "invite " + m.InviteID
 					}
-					rows[i] = strings.Join([]string{m.ID, orDash(m.DisplayName), m.Role, m.Pubkey, state, shortTime(m.CreatedAt), via}, "\t")
+					rows[i] = strings.Join([]string{m.ID, client.Printable(orDash(m.DisplayName), false), m.Role, m.Pubkey, state, shortTime(m.CreatedAt), via}, "\t")
 				}
 				return a.table("ID\tNAME\tROLE\tPUBKEY\tSTATE\tADDED\tVIA", rows)
 			})
@@ -375,7 +376,7 @@ func newMemberCmd() *cobra.Command {
 				if a.json {
 					return a.printJSON(m)
 				}
-				fmt.Fprintf(a.out(), "member %s (%s) revoked\n", m.ID, orDash(m.DisplayName))
+				fmt.Fprintf(a.out(), "member %s (%s) revoked\n", m.ID, client.Printable(orDash(m.DisplayName), false))
 				return nil
 			})
 		},

@@ -135,6 +135,13 @@ func TestAdminSession(t *testing.T) {
 	out = mustCLI(t, "member", "list", "--mesh", "demo")
 	require.Contains(t, out, "revoked")
 	require.Contains(t, out, strings.ToLower(carol))
+	// A name chosen by whoever joined can't drive the operator's terminal or fake a row.
+	_, err = pool.Exec(context.Background(), `UPDATE claudemesh.member SET display_name = $1 WHERE pubkey = $2`,
+		"alice\x1b]0;pwned\x07\nfake\trow", peer)
+	require.NoError(t, err)
+	out = mustCLI(t, "member", "list", "--mesh", "demo")
+	require.Contains(t, out, `alice\x1b]0;pwned\x07\x0afake\x09row`)
+	require.NotContains(t, out, "\x1b")
 
 	out = mustCLI(t, "invite", "revoke", "--token", link)
 	require.Contains(t, out, "revoked (used 1 of 2)")

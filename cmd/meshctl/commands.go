@@ -172,8 +172,8 @@ func newPeersCmd(a *app) *cobra.Command {
 					for i, g := range p.Groups {
 						groups[i] = g.Name
 					}
-					fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", sanitize(orDash(p.DisplayName)), p.Status,
-						sanitize(orDash(oneLine(p.Summary, 40))), orDash(strings.Join(groups, ",")), p.Pubkey, p.ConnectedAt)
+					fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", field(orDash(p.DisplayName)), field(string(p.Status)),
+						field(orDash(oneLine(p.Summary, 40))), field(orDash(strings.Join(groups, ","))), p.Pubkey, p.ConnectedAt)
 				}
 				return tw.Flush()
 			})
@@ -284,7 +284,7 @@ func newStateCmd(a *app) *cobra.Command {
 			fmt.Fprintf(a.stdout, "%s is not set\n", key)
 			return
 		}
-		fmt.Fprintf(a.stdout, "%s = %s", sanitize(key), sanitize(string(value)))
+		fmt.Fprintf(a.stdout, "%s = %s", field(key), sanitize(string(value)))
 		if by != "" {
 			fmt.Fprintf(a.stdout, "  (by %s at %s)", shortKey(by), at)
 		}
@@ -413,7 +413,7 @@ func newMessageStatusCmd(a *app) *cobra.Command {
 					tw := tabwriter.NewWriter(a.stdout, 0, 4, 2, ' ', 0)
 					fmt.Fprintln(tw, "RECIPIENT\tSTATUS\tPUBKEY")
 					for _, rc := range r.Recipients {
-						fmt.Fprintf(tw, "%s\t%s\t%s\n", sanitize(orDash(rc.Name)), rc.Status, rc.Pubkey)
+						fmt.Fprintf(tw, "%s\t%s\t%s\n", field(orDash(rc.Name)), rc.Status, rc.Pubkey)
 					}
 					return tw.Flush()
 				}

@@ -111,6 +111,7 @@ func TestMeshSelection(t *testing.T) {
 func TestSanitize(t *testing.T) {
 	t.Parallel()
 	require.Equal(t, "a\\x1b[31mred\nb\tc", sanitize("a\x1b[31mred\nb\tc"))
+	require.Equal(t, "a\\x0ab", field("a\nb"), "a name keeps to its row")
 	require.Equal(t, "é ✓", sanitize("é ✓"))
 	require.Equal(t, "\\x9b", sanitize("\u009b"))
 }

@@ -238,19 +238,8 @@ func shortKey(k string) string {
 	return k
 }
 
-// sanitize makes peer-supplied text safe for a terminal: control characters (escape
-// sequences included) are shown escaped; newlines and tabs are kept.
-func sanitize(s string) string {
-	var b strings.Builder
-	for _, r := range s {
-		switch {
-		case r == '\n' || r == '\t':
-			b.WriteRune(r)
-		case r < 0x20 || r == 0x7f || (r >= 0x80 && r < 0xa0):
-			fmt.Fprintf(&b, "\\x%02x", r)
-		default:
-			b.WriteRune(r)
-		}
-	}
-	return b.String()
-}
+// sanitize makes a peer's text (a message, a state value) safe for a terminal, its lines kept;
+// field does the same for a name, a key or a table cell, on one line.
+func sanitize(s string) string { return client.Printable(s, true) }
+
+func field(s string) string { return client.Printable(s, false) }

@@ -261,7 +261,7 @@ func (a *app) listenSession(ctx context.Context, s *session, o listenOpts, pr *l
 				if pr.asJSON {
 					pr.json(map[string]any{"type": "state_change", "key": c.Key, "value": rawOrNull(c.Value), "updatedBy": c.UpdatedBy})
 				} else {
-					pr.text("%s  state %s = %s\n", time.Now().Format(time.TimeOnly), sanitize(c.Key), sanitize(string(rawOrNull(c.Value))))
+					pr.text("%s  state %s = %s\n", time.Now().Format(time.TimeOnly), field(c.Key), sanitize(string(rawOrNull(c.Value))))
 				}
 			}
 		case e, ok := <-errs:
@@ -322,11 +322,11 @@ func (a *app) printMessage(p protocol.Push, keys *e2e.Keyring, pr *listenPrinter
 	at := time.Now().Format(time.TimeOnly)
 	switch {
 	case m.Error != "":
-		pr.text("%s  %s: [message %s could not be decrypted]\n", at, sanitize(from), p.MessageID)
+		pr.text("%s  %s: [message %s could not be decrypted]\n", at, field(from), p.MessageID)
 	case opened.Mode == e2e.ModePlain:
-		pr.text("%s  %s (UNENCRYPTED, %s): %s\n", at, sanitize(from), p.Priority, sanitize(m.Text))
+		pr.text("%s  %s (UNENCRYPTED, %s): %s\n", at, field(from), p.Priority, sanitize(m.Text))
 	default:
-		pr.text("%s  %s (%s, %s): %s\n", at, sanitize(from), opened.Mode, p.Priority, sanitize(m.Text))
+		pr.text("%s  %s (%s, %s): %s\n", at, field(from), opened.Mode, p.Priority, sanitize(m.Text))
 	}
 }
 
@@ -348,7 +348,7 @@ func (a *app) onEvent(p protocol.Push, o listenOpts, pr *listenPrinter, st *list
 		pr.json(map[string]any{"type": "event", "event": p.Event, "data": rawOrNull(p.EventData)})
 		return
 	}
-	name := sanitize(orDash(ev.DisplayName))
+	name := field(orDash(ev.DisplayName))
 	at := time.Now().Format(time.TimeOnly)
 	switch p.Event {
 	case protocol.EventPeerJoined:
@@ -356,8 +356,8 @@ func (a *app) onEvent(p protocol.Push, o listenOpts, pr *listenPrinter, st *list
 	case protocol.EventPeerLeft:
 		pr.text("%s  * %s left\n", at, name)
 	case protocol.EventPeerStatus:
-		pr.text("%s  * %s is %s\n", at, name, sanitize(ev.Status))
+		pr.text("%s  * %s is %s\n", at, name, field(ev.Status))
 	default:
-		pr.text("%s  * %s\n", at, sanitize(p.Event))
+		pr.text("%s  * %s\n", at, field(p.Event))
 	}
 }
