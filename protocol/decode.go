@@ -340,6 +340,17 @@ func decodeKick(o object, disconnect bool) (*Kick, *Error) {
 	if m.All, e = o.optBool("all"); e != nil {
 		return nil, e
 	}
+	// One selector: the broker used to let all override stale and stale override target, so
+	// {target:"bob", stale:60000} ended every stale session of the mesh instead of bob's.
+	n := 0
+	for _, set := range []bool{m.Target != "", m.Stale > 0, m.All} {
+		if set {
+			n++
+		}
+	}
+	if n > 1 {
+		return nil, badRequest(m.Type() + ": give one of target, stale and all")
+	}
 	return &m, nil
 }
 

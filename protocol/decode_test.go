@@ -270,6 +270,8 @@ func TestDecodeClientErrors(t *testing.T) {
 		{"message_status missing", `{"type":"message_status"}`, CodeBadRequest, "messageId: required string", ""},
 		{"message_status empty", `{"type":"message_status","messageId":""}`, CodeBadRequest, "messageId: must not be empty", ""},
 		{"message_status too long", `{"type":"message_status","messageId":"` + long(MaxIDLen+1) + `"}`, CodeBadRequest, "messageId: too long", ""},
+		{"kick target and stale", `{"type":"kick","target":"bob","stale":60000}`, CodeBadRequest, "kick: give one of target, stale and all", ""},
+		{"disconnect target and all", `{"type":"disconnect","target":"bob","all":true}`, CodeBadRequest, "disconnect: give one of", ""},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
