@@ -5,6 +5,7 @@ import (
 	"log/slog"
 	"time"
 
+	"github.com/claudemesh/broker/broker/audit"
 	"github.com/claudemesh/broker/broker/store"
 )
 
@@ -17,7 +18,13 @@ type sealer struct {
 	every   time.Duration
 	log     *slog.Logger
 	metrics *Metrics
+	anchors *audit.Anchors // nil: none logged
 }
+
+// anchorEvery is how often a replica logs the chain heads that moved (audit.Anchors): the
+// anchors an operator verifies the chain against (`broker audit verify --anchor`), kept where
+// the logs go, off the database. A cut or rewrite of the chain is seen back to the last anchor.
+const anchorEvery = 10 * time.Minute
 
 // sealSoonFactor divides the interval after a seal that chained entries. While entries keep
 // coming, the replica that holds the seal seals ten times as often, in statements a tenth the
@@ -32,6 +39,7 @@ func (s *sealer) Start(ctx context.Context) error {
 	return s.start(ctx, func(ctx context.Context) {
 		t := time.NewTimer(s.every)
 		defer t.Stop()
+		var anchored time.Time // the first logs none: it records the heads
 		for {
 			select {
 			case <-ctx.Done():
@@ -47,6 +55,15 @@ func (s *sealer) Start(ctx context.Context) error {
 				s.metrics.backgroundError(s.log, "seal_audit", err, "retry", "next interval")
 			case n > 0:
 				next = s.every / sealSoonFactor
+			}
+			if s.anchors != nil && time.Since(anchored) >= anchorEvery {
+				actx, cancel := context.WithTimeout(ctx, 30*time.Second)
+				if _, err := s.store.LogAuditAnchors(actx, s.anchors); err != nil && ctx.Err() == nil {
+					s.metrics.backgroundError(s.log, "audit_anchors", err, "retry", "next interval")
+				} else {
+					anchored = time.Now()
+				}
+				cancel()
 			}
 			t.Reset(next)
 		}

@@ -21,6 +21,7 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"github.com/claudemesh/broker/broker/audit"
 	"github.com/claudemesh/broker/broker/membership"
 	"github.com/claudemesh/broker/broker/store"
 	"github.com/claudemesh/broker/pgbus"
@@ -139,7 +140,7 @@ func NewServer(cfg Config, pool *pgxpool.Pool, logger *slog.Logger) (*Server, er
 	}
 	// Start order: the node row first (presences reference it), the listener, then the
 	// services that write (records and ends stop last, so closing sessions are recorded).
-	sl := &sealer{store: s.store, every: sweepEvery, log: s.log, metrics: s.metrics}
+	sl := &sealer{store: s.store, every: sweepEvery, log: s.log, metrics: s.metrics, anchors: audit.NewAnchors(s.log)}
 	s.services = append(s.services, s.heartbeat, bus, s.recorder, s.ender, s.pusher, s.committer, s.registrar, rt, s.sweeper,
 		sl, live, gd)
 

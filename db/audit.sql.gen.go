@@ -9,6 +9,22 @@ import (
 	"context"
 )
 
+const auditEntryHash = `-- name: AuditEntryHash :one
+SELECT hash FROM claudemesh.audit WHERE mesh_id = $1 AND seq = $2
+`
+
+type AuditEntryHashParams struct {
+	MeshID string
+	Seq    int64
+}
+
+func (q *Queries) AuditEntryHash(ctx context.Context, arg AuditEntryHashParams) (string, error) {
+	row := q.db.QueryRow(ctx, auditEntryHash, arg.MeshID, arg.Seq)
+	var hash string
+	err := row.Scan(&hash)
+	return hash, err
+}
+
 const auditHead = `-- name: AuditHead :one
 SELECT mesh_id, seq, hash FROM claudemesh.audit_head WHERE mesh_id = $1
 `
@@ -18,6 +34,31 @@ func (q *Queries) AuditHead(ctx context.Context, meshID string) (ClaudemeshAudit
 	var i ClaudemeshAuditHead
 	err := row.Scan(&i.MeshID, &i.Seq, &i.Hash)
 	return i, err
+}
+
+const auditHeads = `-- name: AuditHeads :many
+SELECT mesh_id, seq, hash FROM claudemesh.audit_head WHERE seq > 0
+`
+
+// Every mesh's chain head, for the anchors the replicas log (audit.Anchors).
+func (q *Queries) AuditHeads(ctx context.Context) ([]ClaudemeshAuditHead, error) {
+	rows, err := q.db.Query(ctx, auditHeads)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	items := []ClaudemeshAuditHead{}
+	for rows.Next() {
+		var i ClaudemeshAuditHead
+		if err := rows.Scan(&i.MeshID, &i.Seq, &i.Hash); err != nil {
+			return nil, err
+		}
+		items = append(items, i)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, err
+	}
+	return items, nil
 }
 
 const auditPage = `-- name: AuditPage :many

@@ -27,3 +27,10 @@ SELECT claudemesh.audit_seal(@max_entries::int, @wait::boolean)::int AS sealed;
 SELECT count(*)::bigint AS entries,
        coalesce(extract(epoch FROM now()) - min(ts_micros) / 1e6, 0)::float8 AS oldest_seconds
 FROM claudemesh.audit_pending;
+
+-- name: AuditHeads :many
+-- Every mesh's chain head, for the anchors the replicas log (audit.Anchors).
+SELECT mesh_id, seq, hash FROM claudemesh.audit_head WHERE seq > 0;
+
+-- name: AuditEntryHash :one
+SELECT hash FROM claudemesh.audit WHERE mesh_id = @mesh_id AND seq = @seq;

@@ -183,6 +183,11 @@ func (s *Store) SealAudit(ctx context.Context) (int, error) {
 	return audit.Seal(ctx, s.pool, false)
 }
 
+// LogAuditAnchors logs the chain heads that moved since a's last call (audit.Anchors).
+func (s *Store) LogAuditAnchors(ctx context.Context, a *audit.Anchors) (int, error) {
+	return a.Log(ctx, s.pool)
+}
+
 // AuditPending is how many audit entries wait to be chained, cluster-wide, and the age of the
 // oldest in seconds (0 when none).
 func (s *Store) AuditPending(ctx context.Context) (int64, float64, error) {

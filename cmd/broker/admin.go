@@ -392,6 +392,16 @@ func newMemberCmd() *cobra.Command {
 }
 
 // verifyResult is `audit verify --json`.
+// parseAnchor reads an --anchor value, SEQ:HASH as an `audit anchor` log line gives them.
+func parseAnchor(meshID, v string) (audit.Anchor, error) {
+	seq, hash, ok := strings.Cut(v, ":")
+	n, err := strconv.ParseInt(seq, 10, 64)
+	if !ok || err != nil || n < 1 || len(hash) != 64 {
+		return audit.Anchor{}, fmt.Errorf("--anchor %q: want SEQ:HASH, a positive entry number and a 64-digit hex hash", v)
+	}
+	return audit.Anchor{MeshID: meshID, Seq: n, Hash: strings.ToLower(hash)}, nil
+}
+
 type verifyResult struct {
 	MeshID  string `json:"meshId"`
 	Slug    string `json:"slug"`
@@ -405,7 +415,7 @@ type verifyResult struct {
 func newAuditCmd() *cobra.Command {
 	cmd := &cobra.Command{Use: "audit", Short: "Verify and read a mesh's tamper-evident audit log"}
 
-	var verifyMesh string
+	var verifyMesh, verifyAnchor string
 	var verifyJSON bool
 	verify := &cobra.Command{
 		Use:   "verify",
@@ -417,7 +427,16 @@ func newAuditCmd() *cobra.Command {
 				if err != nil {
 					return err
 				}
-				n, err := audit.Verify(ctx, a.pool, m.ID)
+				var n int
+				if verifyAnchor == "" {
+					n, err = audit.Verify(ctx, a.pool, m.ID)
+				} else {
+					anchor, perr := parseAnchor(m.ID, verifyAnchor)
+					if perr != nil {
+						return perr
+					}
+					n, err = audit.VerifyAnchor(ctx, a.pool, anchor)
+				}
 				var broken *audit.BrokenError
 				if err != nil && !errors.As(err, &broken) {
 					return err
@@ -443,6 +462,7 @@ func newAuditCmd() *cobra.Command {
 		},
 	}
 	verify.Flags().StringVar(&verifyMesh, "mesh", "", "mesh slug or id (required)")
+	verify.Flags().StringVar(&verifyAnchor, "anchor", "", "SEQ:HASH from an `audit anchor` log line of the mesh: the chain must still hold that entry unchanged (catches a cut or rewritten chain)")
 	addJSONFlag(verify, &verifyJSON)
 	_ = verify.MarkFlagRequired("mesh")
 

@@ -156,11 +156,28 @@ func TestAdminSession(t *testing.T) {
 	require.Equal(t, []string{audit.MemberAdded, audit.MemberRevoked, audit.InviteRevoked}, []string{tail[0].Type, tail[1].Type, tail[2].Type})
 	out = mustCLI(t, "audit", "tail", "--mesh", "demo")
 	require.Contains(t, out, audit.MemberJoined)
+	// Against an anchor (a head a replica logged): still there, then cut off with the head set
+	// to match, which only the anchor shows.
+	var anchor string
+	require.NoError(t, pool.QueryRow(context.Background(), `SELECT seq || ':' || hash FROM claudemesh.audit_head h
+		JOIN claudemesh.mesh m ON m.id = h.mesh_id WHERE m.slug = 'demo'`).Scan(&anchor))
+	require.Contains(t, mustCLI(t, "audit", "verify", "--mesh", "demo", "--anchor", anchor), "intact: 7 entries")
+	_, err = runCLI(t, "audit", "verify", "--mesh", "demo", "--anchor", "7:nothex")
+	require.ErrorContains(t, err, "want SEQ:HASH")
+	_, err = pool.Exec(context.Background(), `WITH m AS (SELECT id FROM claudemesh.mesh WHERE slug = 'demo'),
+		gone AS (DELETE FROM claudemesh.audit a USING m WHERE a.mesh_id = m.id AND a.seq = 7 RETURNING a.mesh_id)
+		UPDATE claudemesh.audit_head h SET seq = a.seq, hash = a.hash FROM claudemesh.audit a, m
+		WHERE h.mesh_id = m.id AND a.mesh_id = m.id AND a.seq = 6`)
+	require.NoError(t, err)
+	require.Contains(t, mustCLI(t, "audit", "verify", "--mesh", "demo"), "intact: 6 entries", "without the anchor, the cut is not seen")
+	out, err = runCLI(t, "audit", "verify", "--mesh", "demo", "--anchor", anchor)
+	var ee exitError
+	require.True(t, errors.As(err, &ee), "err: %v", err)
+	require.Contains(t, out, "BROKEN at entry 7")
 
 	_, err = pool.Exec(context.Background(), `UPDATE claudemesh.audit SET data = jsonb_set(data, '{role}', '"admin"') WHERE seq = 4`)
 	require.NoError(t, err)
 	out, err = runCLI(t, "audit", "verify", "--mesh", "demo")
-	var ee exitError
 	require.True(t, errors.As(err, &ee), "err: %v", err)
 	require.Equal(t, 1, ee.code)
 	require.Contains(t, out, "BROKEN at entry 4")

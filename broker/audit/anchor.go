@@ -1,0 +1,75 @@
+package audit
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+
+	"github.com/claudemesh/broker/db"
+)
+
+// Anchor is a chain head seen at some moment: entry Seq of the mesh's chain had hash Hash.
+//
+// The chain alone shows edits, reordering and deletions in its middle, but its hash is not
+// keyed: whoever can write to Postgres can cut its tail and set the head to the entry left
+// last, or rewrite it whole and recompute every hash. An anchor kept outside the database (the
+// replicas log them: Anchors) catches both: VerifyAnchor.
+type Anchor struct {
+	MeshID string
+	Seq    int64
+	Hash   string
+}
+
+// Anchors logs each mesh's chain head that moved since the last call, so that the log stream
+// (shipped off the database's host) holds anchors to verify the chain against later. The first
+// call records the heads without logging them: they were logged before, by this process or
+// another replica. It holds one entry per mesh.
+type Anchors struct {
+	log  *slog.Logger
+	seen map[string]int64
+}
+
+// NewAnchors returns an Anchors that logs to log.
+func NewAnchors(log *slog.Logger) *Anchors { return &Anchors{log: log} }
+
+// Log reads every chain head and logs those that moved; it returns how many it logged.
+func (a *Anchors) Log(ctx context.Context, q db.DBTX) (int, error) {
+	heads, err := db.New(q).AuditHeads(ctx)
+	if err != nil {
+		return 0, fmt.Errorf("audit anchors: %w", err)
+	}
+	first := a.seen == nil
+	seen := make(map[string]int64, len(heads))
+	n := 0
+	for _, h := range heads {
+		seen[h.MeshID] = h.Seq
+		if !first && a.seen[h.MeshID] != h.Seq {
+			a.log.Info("audit anchor", "mesh", h.MeshID, "seq", h.Seq, "hash", h.Hash)
+			n++
+		}
+	}
+	a.seen = seen
+	return n, nil
+}
+
+// VerifyAnchor verifies meshID's chain (Verify) and that it still holds the anchored entry
+// unchanged: a chain cut below the anchor, or rewritten, is broken even when it is consistent
+// with its own head.
+func VerifyAnchor(ctx context.Context, q db.DBTX, a Anchor) (int, error) {
+	n, err := Verify(ctx, q, a.MeshID)
+	if err != nil {
+		return n, err
+	}
+	hash, err := db.New(q).AuditEntryHash(ctx, db.AuditEntryHashParams{MeshID: a.MeshID, Seq: a.Seq})
+	switch err = db.NotFound(err); {
+	case errors.Is(err, db.ErrNotFound):
+		return n, &BrokenError{MeshID: a.MeshID, Seq: a.Seq, Reason: fmt.Sprintf(
+			"the anchored entry %d is gone: the chain was cut after it (it ends at %d)", a.Seq, n)}
+	case err != nil:
+		return n, fmt.Errorf("verify audit anchor: %w", err)
+	case hash != a.Hash:
+		return n, &BrokenError{MeshID: a.MeshID, Seq: a.Seq, Reason: "the anchored entry's hash differs: the chain was rewritten"}
+	}
+	return n, nil
+}
