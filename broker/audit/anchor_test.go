@@ -56,11 +56,15 @@ func TestAnchorsCatchACutOrRewrittenChain(t *testing.T) {
 	_, err = pool.Exec(ctx, `UPDATE claudemesh.audit_head h SET seq = a.seq, hash = a.hash
 		FROM claudemesh.audit a WHERE h.mesh_id = $1 AND a.mesh_id = $1 AND a.seq = 3`, cut)
 	require.NoError(t, err)
-	n, err = audit.Verify(ctx, pool, cut)
-	require.NoError(t, err, "consistent with its own head")
-	require.Equal(t, 3, n)
-	_, err = audit.VerifyAnchor(ctx, pool, cutAt)
-	requireBroken(t, err, 5)
+	onlyTheAnchorSees := func(a audit.Anchor, entries int) {
+		t.Helper()
+		n, err := audit.Verify(ctx, pool, a.MeshID)
+		require.NoError(t, err, "consistent with its own head")
+		require.Equal(t, entries, n)
+		_, err = audit.VerifyAnchor(ctx, pool, a)
+		requireBroken(t, err, a.Seq)
+	}
+	onlyTheAnchorSees(cutAt, 3)
 
 	// Entry 2 edited and every hash from it on recomputed, the head too.
 	rows, err := pool.Query(ctx, `SELECT seq, event_type, actor, data, ts_micros FROM claudemesh.audit WHERE mesh_id = $1 ORDER BY seq`, rewritten)
@@ -92,9 +96,5 @@ func TestAnchorsCatchACutOrRewrittenChain(t *testing.T) {
 	}
 	_, err = pool.Exec(ctx, `UPDATE claudemesh.audit_head SET hash = $2 WHERE mesh_id = $1`, rewritten, prev)
 	require.NoError(t, err)
-	n, err = audit.Verify(ctx, pool, rewritten)
-	require.NoError(t, err, "consistent with its own head")
-	require.Equal(t, 5, n)
-	_, err = audit.VerifyAnchor(ctx, pool, rewrittenAt)
-	requireBroken(t, err, 5)
+	onlyTheAnchorSees(rewrittenAt, 5)
 }
