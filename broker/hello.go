@@ -98,6 +98,12 @@ func (p *peers) handleHello(ms *melody.Session, c *conn, msg protocol.ClientMess
 	if waiting || p.hub.wokeSince(wakes, sess.presenceID, sess.memberID) {
 		p.pusher.request(sess)
 	}
+	// A status change that came over the bus between the statement and the hub (a hook, the
+	// working-TTL sweep) found no session here and was dropped; the session would keep the
+	// status the hello read, and a stale `working` would hold its messages until the poll.
+	if p.hub.statusMissed(wakes, sess.presenceID) {
+		reloadStatus(ctx, p.store, p.pusher, p.metrics, p.log, sess)
+	}
 }
 
 // helloReq is a hello of either kind whose signatures were verified: what registers it.

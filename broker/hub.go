@@ -34,6 +34,9 @@ type hub struct {
 	wakes   atomic.Uint64
 	wokeAt  [wakeBuckets]atomic.Uint64
 	wokeAll atomic.Uint64
+	// statusAt does for the bus's status changes what wokeAt does for deliveries: one that
+	// came for a session not yet in the hub was dropped, and its hello re-reads the status.
+	statusAt [wakeBuckets]atomic.Uint64
 }
 
 // wakeBuckets is how many buckets the lookups are numbered in, by id: with 4,096, a hello whose
@@ -79,6 +82,18 @@ func (h *hub) wokeSince(mark uint64, presenceID, memberID string) bool {
 func (h *hub) wakeSession(presenceID string) *session {
 	raise(&h.wokeAt[wakeBucket(presenceID)], h.wakes.Add(1))
 	return h.get(presenceID)
+}
+
+// statusSession is get for a status change from the bus: the lookup is counted first.
+func (h *hub) statusSession(presenceID string) *session {
+	raise(&h.statusAt[wakeBucket(presenceID)], h.wakes.Add(1))
+	return h.get(presenceID)
+}
+
+// statusMissed says whether a status change that could have been for this presence, or a full
+// catch-up (which reloads the statuses of the sessions in the hub), was numbered after the mark.
+func (h *hub) statusMissed(mark uint64, presenceID string) bool {
+	return h.wokeAll.Load() > mark || h.statusAt[wakeBucket(presenceID)].Load() > mark
 }
 
 // wakeMember is memberSessions for a delivery: the lookup is counted first.

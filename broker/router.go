@@ -73,6 +73,11 @@ func (r *router) apply(ctx context.Context, m pgbus.Message) {
 		r.pushes = r.pushes[:0]
 		r.resync(ctx, true)
 	case pgbus.KindDeliveries:
+		// The pushes gathered so far go out first. A release sends its inline pushes and then a
+		// wake-up for what could not ride along, which is younger: the claim the wake-up starts
+		// must find them already in the session's window, not overtake them.
+		r.pusher.pushAssigned(r.pushes)
+		r.pushes = r.pushes[:0]
 		// For the member's sessions, or for one session (a multicast's row for a session in
 		// its grace, which a hello may be resuming). A send's wake-up names its priority (Key):
 		// a claim for a session that may not take it now would find nothing. (Left to the
@@ -93,7 +98,7 @@ func (r *router) apply(ctx context.Context, m pgbus.Message) {
 			}
 		}
 	case pgbus.KindStatus:
-		if sess := r.hub.get(m.Presence); sess != nil {
+		if sess := r.hub.statusSession(m.Presence); sess != nil {
 			if m.Key != "" {
 				// From the status statement itself (apply_status), which, for a connected
 				// session, also released what it may now take: the inline pushes and a wake-up
@@ -194,16 +199,20 @@ func (r *router) closeStale(sess *session, p store.NodePresence, live bool) {
 }
 
 // reloadStatus reads a local session's status from the table (the truth) and releases held
-// messages when it became idle.
+// messages if it is idle.
 func (r *router) reloadStatus(ctx context.Context, sess *session) {
+	reloadStatus(ctx, r.store, r.pusher, r.metrics, r.log, sess)
+}
+
+func reloadStatus(ctx context.Context, st *store.Store, p *pusher, m *Metrics, log *slog.Logger, sess *session) {
 	ctx, cancel := context.WithTimeout(ctx, opTimeout)
 	defer cancel()
-	st, err := r.store.PresenceStatus(ctx, sess.presenceID)
+	status, err := st.PresenceStatus(ctx, sess.presenceID)
 	if err != nil {
-		r.metrics.backgroundError(r.log, "reload_status", err, "presence", sess.presenceID, "retry", "next poll")
+		m.backgroundError(log, "reload_status", err, "presence", sess.presenceID, "retry", "next poll")
 		return
 	}
-	noteStatus(r.pusher, sess, protocol.Status(st))
+	noteStatus(p, sess, protocol.Status(status))
 }
 
 // resync claims for this node's sessions that have something claimable, as one indexed query
