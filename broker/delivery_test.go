@@ -62,7 +62,7 @@ func TestNextHeldWhileWorkingReleasedByHookOnThirdReplica(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, now.MessageID, nextPush(t, b, 5*time.Second).MessageID, "now passes while working")
 	probe(t, a, bob.pub, b)
-	st, err := a.MessageStatus(ctx, held.MessageID)
+	st, err := a.MessageStatus(ctx, strings.ToUpper(held.MessageID)) // ids are UUIDs, in either case
 	require.NoError(t, err)
 	require.False(t, st.Delivered)
 	require.Equal(t, protocol.RecipientHeld, st.Recipients[0].Status)

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/olahol/melody"
@@ -92,6 +93,8 @@ func (p *peers) dispatch(ms *melody.Session, sess *session, msg protocol.ClientM
 		reply, err = p.unban(ctx, sess, m)
 	case *protocol.ListBans:
 		reply, err = p.listBans(ctx, sess, m)
+	case *protocol.SetStats:
+		// Taken and not kept (protocol.SetStats); it has no reply.
 	default:
 		reply = &protocol.Error{Code: protocol.CodeUnknownMessageType, Message: "unknown type " + msg.Type(), ReqID: msg.RequestID()}
 	}
@@ -216,7 +219,8 @@ func (p *peers) listState(ctx context.Context, sess *session, m *protocol.ListSt
 }
 
 func (p *peers) messageStatus(ctx context.Context, sess *session, m *protocol.MessageStatus) (protocol.ServerMessage, error) {
-	st, err := p.store.MessageStatus(ctx, sess.meshID, m.MessageID)
+	// Message ids are UUIDs, stored lowercase; a client may write them in either case.
+	st, err := p.store.MessageStatus(ctx, sess.meshID, strings.ToLower(m.MessageID))
 	if errors.Is(err, store.ErrNotFound) {
 		return nil, &protocol.Error{Code: protocol.CodeNotFound, Message: "no message with that id in this mesh"}
 	}

@@ -176,6 +176,19 @@ func TestNoHelloAndBadFramesKeepSessionOpen(t *testing.T) {
 	require.Equal(t, "error", v["type"])
 	require.Equal(t, protocol.CodeNoHello, v["code"])
 	require.Equal(t, "r1", v["_reqId"])
+	// Whatever else is wrong with it, a message before hello is told to send hello first; a
+	// broken hello, or a frame that names no type, what is wrong.
+	for frame, code := range map[string]string{
+		`{"type":"teleport","_reqId":"r2"}`:         protocol.CodeNoHello,
+		`{"type":"send","_reqId":"r2"}`:             protocol.CodeNoHello,
+		`{"type":"hello","pubkey":1,"_reqId":"r2"}`: protocol.CodeBadRequest,
+		`{"_reqId":"r2"}`:                           protocol.CodeBadRequest,
+	} {
+		require.NoError(t, ws.WriteMessage(websocket.TextMessage, []byte(frame)))
+		v := readJSON(t, ws)
+		require.Equal(t, code, v["code"], frame)
+		require.Equal(t, "r2", v["_reqId"], frame)
+	}
 
 	m := c.mesh(0)
 	cl := m.dial(0, m.member("alice"))
@@ -202,8 +215,16 @@ func TestNoHelloAndBadFramesKeepSessionOpen(t *testing.T) {
 			require.Equal(t, "q", e.ReqID, frame)
 		}
 	}
+	// Today's CLI reports its counters every 60 s with no _reqId and expects no reply: an
+	// error would reach whichever of its requests was waiting. The next error is the next
+	// bad frame's.
+	require.NoError(t, cl.SendRaw(ctx, []byte(`{"type":"set_stats","stats":{"messagesIn":3,"toolCalls":7,"uptime":60}}`)))
+	require.NoError(t, cl.SendRaw(ctx, []byte(`{"type":"teleport","_reqId":"after-stats"}`)))
+	e, err := cl.NextError(ctx)
+	require.NoError(t, err)
+	require.Equal(t, "after-stats", e.ReqID, "set_stats got a reply: %s %s", e.Code, e.Message)
 	// Still open and working.
-	_, err := cl.ListPeers(ctx)
+	_, err = cl.ListPeers(ctx)
 	require.NoError(t, err)
 	_, err = cl.MessageStatus(ctx, "00000000-0000-0000-0000-000000000000")
 	var perr *protocol.Error
@@ -273,4 +294,20 @@ func TestHelloRecordsPeerConnected(t *testing.T) {
 	n, err := audit.Verify(ctxT(t), c.pool, m.id)
 	require.NoError(t, err)
 	require.Positive(t, n)
+}
+
+func TestPlainHelloIsTheMembersByItsKeyAlone(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t, 1, nil)
+	m := c.mesh(0)
+	alice := m.member("alice")
+	// A client holding another id for its key (the protocol: unauthorized means no live member
+	// with that mesh and pubkey).
+	cl := m.dial(0, alice, func(o *client.Options) { o.MemberID = "00000000-0000-0000-0000-000000000000" })
+	require.Equal(t, alice.name, cl.HelloAck().MemberDisplayName)
+	// A key that is no member's is still refused.
+	_, err := m.tryDial(0, &testMember{id: alice.id, key: newKey(t), name: "mallory"})
+	var perr *protocol.Error
+	require.ErrorAs(t, err, &perr)
+	require.Equal(t, protocol.CodeUnauthorized, perr.Code)
 }

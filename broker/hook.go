@@ -184,7 +184,11 @@ func (s *hooks) handleHook(w http.ResponseWriter, r *http.Request) {
 	req, err := protocol.ParseHookRequest(body)
 	if err != nil {
 		s.refusals.Info("bad hook request", "err", err, "source", source)
-		s.hookFail(w, http.StatusBadRequest, err.Error(), "bad_request")
+		msg := err.Error()
+		if perr := (*protocol.Error)(nil); errors.As(err, &perr) {
+			msg = perr.Message // the field and what is wrong, without the code in front
+		}
+		s.hookFail(w, http.StatusBadRequest, msg, "bad_request")
 		return
 	}
 	if req.Status == protocol.StatusDND {

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"net/http"
 	"net/http/httptest"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -250,4 +251,21 @@ func TestClientSource(t *testing.T) {
 		}
 		require.Equal(t, tc.want, clientSource(r, tc.header), tc.name)
 	}
+}
+
+func TestBadHookBodyNamesTheFieldAndWritesNothing(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t, 1, nil)
+	for body, want := range map[string]string{
+		`{"cwd":"/repo","pid":"12","status":"idle"}`: "pid: ",
+		`{"cwd":"/repo","status":"asleep"}`:          "status: ",
+		`{"pid":12,"status":"idle"}`:                 "cwd: ",
+	} {
+		code, res, _ := postHookFrom(t, c.nodes[0], "", []byte(body))
+		require.Equal(t, http.StatusBadRequest, code, body)
+		require.False(t, res.OK)
+		require.True(t, strings.HasPrefix(res.Error, want), "%s: %q", body, res.Error)
+	}
+	sigs, pending := hookRows(t, c)
+	require.Zero(t, sigs+pending)
 }

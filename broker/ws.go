@@ -270,6 +270,13 @@ func (p *peers) handleFrame(ms *melody.Session, frame []byte) {
 		if !errors.As(err, &perr) {
 			perr = &protocol.Error{Code: protocol.CodeBadRequest, Message: err.Error()}
 		}
+		if c.session() == nil {
+			// Before hello, any message but a hello is answered no_hello (the protocol's
+			// order), whatever else is wrong with it; a broken hello is told what.
+			if typ := protocol.FrameType(frame); typ != "" && typ != protocol.TypeHello && typ != protocol.TypeSessionHello {
+				perr = &protocol.Error{Code: protocol.CodeNoHello, Message: "send hello first", ReqID: perr.ReqID}
+			}
+		}
 		p.metrics.BadFrames.WithLabelValues(perr.Code).Inc()
 		p.refusals.Info("bad frame", "code", perr.Code, "err", perr.Message, "presence", presenceOf(c))
 		p.reply(ms, perr)

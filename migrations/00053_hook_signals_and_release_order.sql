@@ -14,6 +14,9 @@
 --    before its commit) stored a signal nobody read: the session started idle under a hook
 --    that said working. Hellos hold their cwd's advisory lock shared until they commit; a hook
 --    that finds no session takes it exclusively and looks again.
+--  - A plain hello is the member's by its key alone, as the protocol says (unauthorized: no
+--    live member with that mesh and pubkey) and upstream does; its memberId had to name the
+--    key's row too, so a client holding another id for its key was locked out.
 --  - By cwd alone, a hook now prefers a connected session to a newer one in its reconnect grace.
 --  - release_to pushed the small held messages inline and left a larger one (over inline_max)
 --    for the claim its wake-up starts, so the later small ones could reach the session before
@@ -50,7 +53,9 @@ BEGIN
         code := 'unauthorized'; RETURN NEXT; RETURN;
     END IF;
     SELECT * INTO mb FROM claudemesh.member m
-    WHERE m.mesh_id = p_mesh AND m.pubkey = p_pubkey AND (p_role = 'session' OR m.id = p_member_id)
+    -- By key alone, as the protocol has it (unauthorized: no live member with that mesh and
+    -- pubkey); a plain hello's memberId is signed but names nothing the key does not (00053).
+    WHERE m.mesh_id = p_mesh AND m.pubkey = p_pubkey
     ORDER BY m.revoked_at IS NULL DESC, m.created_at DESC LIMIT 1;
     IF NOT FOUND THEN
         code := 'unauthorized'; RETURN NEXT; RETURN;

@@ -20,6 +20,7 @@ const (
 	TypeBan          = "ban"
 	TypeUnban        = "unban"
 	TypeListBans     = "list_bans"
+	TypeSetStats     = "set_stats"
 
 	TypeKickAck        = "kick_ack"
 	TypeDisconnectAck  = "disconnect_ack"
@@ -169,6 +170,26 @@ func (m *Ban) SetRequestID(id string) { m.ReqID = id }
 func (m *Unban) Type() string           { return TypeUnban }
 func (m *Unban) RequestID() string      { return m.ReqID }
 func (m *Unban) SetRequestID(id string) { m.ReqID = id }
+
+// SetStats is the CLI's report of its session's counters (messages, tool calls, uptime), sent
+// every 60 s with no reply expected. Upstream shows them in peers_list; this broker takes the
+// message and keeps nothing. Refusing it (unknown_message_type, with no _reqId to match) made
+// the CLI hand that error to whichever of its other requests was waiting for a reply.
+type SetStats struct {
+	ReqID string `json:"_reqId,omitempty"`
+}
+
+func (m *SetStats) Type() string           { return TypeSetStats }
+func (m *SetStats) RequestID() string      { return m.ReqID }
+func (m *SetStats) SetRequestID(id string) { m.ReqID = id }
+
+func (m SetStats) MarshalJSON() ([]byte, error) {
+	type wire SetStats
+	return json.Marshal(struct {
+		Type string `json:"type"`
+		wire
+	}{TypeSetStats, wire(m)})
+}
 
 func (m *ListBans) Type() string           { return TypeListBans }
 func (m *ListBans) RequestID() string      { return m.ReqID }

@@ -21,6 +21,21 @@ func DecodeClient(frame []byte) (ClientMessage, error) {
 	return m, nil
 }
 
+// FrameType returns a frame's "type" when it can be read, else "": what a frame that failed to
+// decode meant to be (a frame before hello is answered no_hello whatever else is wrong in it).
+func FrameType(frame []byte) string {
+	var store [16]rawField
+	fields, err := scanTop(string(frame), store[:0])
+	if err != nil {
+		return ""
+	}
+	typ, _, e := fields.str("type", 0)
+	if e != nil {
+		return ""
+	}
+	return typ
+}
+
 func decodeClientObject(fields object, scanErr error) (ClientMessage, *Error) {
 	// _reqId first: every error below should echo it when readable.
 	reqID, _, reqErr := fields.str("_reqId", MaxIDLen)
@@ -125,6 +140,8 @@ func decodeClientFields(o object) (ClientMessage, *Error) {
 		return &Unban{Target: t}, nil
 	case TypeListBans:
 		return &ListBans{}, nil
+	case TypeSetStats:
+		return &SetStats{}, nil // what it reports is not kept: see SetStats
 	default:
 		return nil, &Error{
 			Code:    CodeUnknownMessageType,

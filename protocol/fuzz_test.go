@@ -50,6 +50,7 @@ func FuzzDecodeClient(f *testing.F) {
 		`{"type":"ban","target":"bob","reason":"spam"}`,
 		`{"type":"unban","target":"bob"}`,
 		`{"type":"list_bans","_reqId":"r"}`,
+		`{"type":"set_stats","stats":{"messagesIn":3,"uptime":60}}`,
 	}
 	for _, s := range seeds {
 		f.Add([]byte(s))
