@@ -282,3 +282,29 @@ func nextSystem(t *testing.T, cl *client.Client, within time.Duration) protocol.
 		}
 	}
 }
+
+// Two replicas given one BROKER_NODE_ID: each would take the other's sessions for orphans and
+// end them. The first one's next heartbeat finds the id registered by another process, and it
+// reports that it must stop (Fatal), naming the setting; the node row stays the newcomer's.
+func TestTwoReplicasGivenOneNodeIDStopTheOlder(t *testing.T) {
+	t.Parallel()
+	fast := func(cfg *Config) { cfg.Heartbeat = 200 * time.Millisecond; cfg.NodeDeadAfter = 2 * time.Second }
+	c := newCluster(t, 1, fast)
+	m := c.mesh(0)
+	m.dial(0, m.member("alice"))
+	newer := c.startNode("n0", fast)
+	select {
+	case err := <-c.nodes[0].Fatal():
+		require.ErrorContains(t, err, "BROKER_NODE_ID must be unique")
+	case <-time.After(10 * time.Second):
+		t.Fatal("the older replica did not find its node id taken")
+	}
+	require.True(t, c.nodes[0].heartbeat.TakenOver())
+	require.False(t, newer.heartbeat.TakenOver())
+	// Stopping the older one leaves the newer one's registration as it is.
+	ctx := ctxT(t)
+	require.NoError(t, c.nodes[0].Stop(ctx))
+	var stopped bool
+	require.NoError(t, c.pool.QueryRow(ctx, `SELECT stopped_at IS NOT NULL FROM claudemesh.node WHERE id = 'n0'`).Scan(&stopped))
+	require.False(t, stopped)
+}

@@ -67,6 +67,8 @@ type Server struct {
 	metricsLn  net.Listener
 	served     sync.WaitGroup
 	stopped    bool
+	// fatal carries why this replica must stop on its own (Fatal).
+	fatal chan error
 }
 
 // NewServer builds a replica on pool. It does no I/O; Start does.
@@ -83,7 +85,7 @@ func NewServer(cfg Config, pool *pgxpool.Pool, logger *slog.Logger) (*Server, er
 		nodeID = NewNodeID()
 	}
 	s := &Server{cfg: cfg, pool: pool, store: store.New(pool, cfg.BusNamespace), log: logger.With("node", nodeID), nodeID: nodeID,
-		started: time.Now(), metrics: newMetrics(), mux: http.NewServeMux(), hub: newHub()}
+		started: time.Now(), metrics: newMetrics(), mux: http.NewServeMux(), hub: newHub(), fatal: make(chan error, 1)}
 	s.store.SetLogger(s.log)
 	s.store.SetNotifyAfterCommit(cfg.NotifyAfterCommit)
 	s.hub.newLimits = func() *memberLimits { return newMemberLimits(cfg) }
@@ -106,6 +108,10 @@ func NewServer(cfg Config, pool *pgxpool.Pool, logger *slog.Logger) (*Server, er
 		// Our presences were handed to the grace sweep: send the peers to reconnect so their
 		// presences are registered afresh.
 		OnDeclaredDead: func() { reconnectAll(s.hub) },
+		OnTakenOver: func(string) {
+			s.fail(fmt.Errorf("another process registered as node %s: BROKER_NODE_ID must be unique per replica", nodeID))
+		},
+		SharedAfter: cfg.NodeDeadAfter,
 	})
 
 	sig := signals{bus: bus, nodeID: nodeID}
@@ -128,7 +134,7 @@ func NewServer(cfg Config, pool *pgxpool.Pool, logger *slog.Logger) (*Server, er
 		metrics: s.metrics, log: s.log, refusals: refusals, draining: &s.draining,
 		linger: newLingerer(lingerWait)}
 	s.peers.melody = s.peers.newMelody()
-	s.sweeper = &sweeper{store: s.store, signals: sig, hub: s.hub, pusher: s.pusher, ender: s.ender,
+	s.sweeper = &sweeper{store: s.store, signals: sig, hub: s.hub, pusher: s.pusher, ender: s.ender, idTaken: s.heartbeat.TakenOver,
 		statusTTL: cfg.StatusTTL, maxPending: cfg.MaxPendingPerMember, every: sweepEvery, log: s.log, metrics: s.metrics}
 	live := &liveness{store: s.store, signals: sig, heartbeat: s.heartbeat, hub: s.hub, interval: cfg.Heartbeat,
 		deadAfter: cfg.NodeDeadAfter, grace: cfg.Grace(), log: s.log, metrics: s.metrics,
@@ -434,6 +440,17 @@ func (s *Server) waitSessionsGone(d time.Duration) {
 	}
 }
 
+// Fatal delivers, once, why this replica must stop although nobody asked it to (another
+// process took its node id); whoever runs it should Stop it and exit with an error.
+func (s *Server) Fatal() <-chan error { return s.fatal }
+
+func (s *Server) fail(err error) {
+	select {
+	case s.fatal <- err:
+	default:
+	}
+}
+
 // Health is the body of GET /health.
 type Health struct {
 	Status   string `json:"status"` // ok, degraded, draining
@@ -444,6 +461,10 @@ type Health struct {
 	UptimeS  int64  `json:"uptimeSeconds"`
 	Sessions int    `json:"sessions"`
 	Listener string `json:"listener"` // up, down
+	// Heartbeat is failing when this replica's node row has not been written for half the
+	// dead-node deadline: Postgres answers reads but not its writes (disk full, locks), and
+	// the replica is about to send its sessions away (liveness).
+	Heartbeat string `json:"heartbeat"` // ok, failing
 	// Capacity is how many sessions this replica's open-file limit allows (0: unknown): the
 	// figure to set a load balancer's per-replica limit below.
 	Capacity     int    `json:"sessionCapacity,omitempty"`
@@ -475,7 +496,12 @@ func (s *Server) handleHealth(w http.ResponseWriter, r *http.Request) {
 	if !s.bus.Connected() {
 		h.Status, h.Listener = "degraded", "down"
 	}
-	if err := s.store.Ping(ctx); err != nil {
+	h.Heartbeat = "ok"
+	beating := time.Since(s.heartbeat.LastOK()) <= s.cfg.NodeDeadAfter/2
+	if !beating {
+		h.Status, h.Heartbeat = "degraded", "failing"
+	}
+	if err := s.store.Ping(ctx); err != nil && !(beating && s.store.PoolBusy()) {
 		h.Status, h.DB = "degraded", "down"
 	}
 	if s.draining.Load() {

@@ -71,6 +71,39 @@ func TestHealthFollowsDatabase(t *testing.T) {
 	require.True(t, strings.Contains(string(body), `claudemesh_health_checks_total{status="degraded"}`), "metrics count degraded checks")
 }
 
+// A replica whose node row can't be written (here: locked; in life a full disk) while reads
+// still work is about to send its sessions away: /health says so before it does, so the load
+// balancer stops routing peers to it.
+func TestHealthFollowsTheHeartbeat(t *testing.T) {
+	t.Parallel()
+	url := dbtest.URL(t)
+	pool := dbtest.PoolFor(t, url)
+	srv, err := NewServer(Config{Region: "test", Heartbeat: 200 * time.Millisecond, NodeDeadAfter: 2 * time.Second},
+		pool, dbtest.Logger(t))
+	require.NoError(t, err)
+	require.NoError(t, srv.Start(context.Background(), "127.0.0.1:0"))
+	t.Cleanup(func() { _ = srv.Stop(context.Background()) })
+	dbtest.WaitFor(t, 10*time.Second, "healthy after start", func() bool {
+		code, h := getHealth(t, srv.Addr())
+		return code == http.StatusOK && h.Heartbeat == "ok"
+	})
+	ctx := ctxT(t)
+	tx, err := pool.Begin(ctx)
+	require.NoError(t, err)
+	defer func() { _ = tx.Rollback(context.Background()) }()
+	_, err = tx.Exec(ctx, `LOCK TABLE claudemesh.node IN EXCLUSIVE MODE`) // reads pass, writes wait
+	require.NoError(t, err)
+	dbtest.WaitFor(t, 10*time.Second, "health 503 with the heartbeat failing", func() bool {
+		code, h := getHealth(t, srv.Addr())
+		return code == http.StatusServiceUnavailable && h.Status == "degraded" && h.Heartbeat == "failing" && h.DB == "up"
+	})
+	require.NoError(t, tx.Rollback(ctx))
+	dbtest.WaitFor(t, 10*time.Second, "health 200 once the heartbeat is written again", func() bool {
+		code, h := getHealth(t, srv.Addr())
+		return code == http.StatusOK && h.Heartbeat == "ok"
+	})
+}
+
 // nodeStopped reads whether the node row says it stopped cleanly.
 func nodeStopped(t *testing.T, pool *pgxpool.Pool, id string) (alive, stopped bool) {
 	t.Helper()

@@ -26,8 +26,11 @@ type sweeper struct {
 	// maxPending is what may wait for one member (MAX_PENDING_PER_MEMBER).
 	maxPending int
 	every      time.Duration // the tick; the slower sweeps run every few ticks
-	log        *slog.Logger
-	metrics    *Metrics
+	// idTaken says another process registered under this node's id: the presences under it
+	// that this one holds no socket for are that one's, not orphans.
+	idTaken func() bool
+	log     *slog.Logger
+	metrics *Metrics
 }
 
 // Start sweeps every second until Stop; the slower sweeps run every few ticks. Replicas
@@ -130,6 +133,9 @@ func noteStatus(p *pusher, sess *session, st protocol.Status) {
 // reconcile puts presences this node owns but holds no session for into grace, so the end of
 // a session that could not be recorded (the database was away) is never lost for good.
 func (w *sweeper) reconcile(ctx context.Context) error {
+	if w.idTaken != nil && w.idTaken() {
+		return nil
+	}
 	orphans, err := w.store.Orphans(ctx, w.signals.nodeID)
 	if err != nil {
 		return err

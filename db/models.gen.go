@@ -130,6 +130,7 @@ type ClaudemeshNode struct {
 	HeartbeatAt time.Time
 	StoppedAt   *time.Time
 	DeadAt      *time.Time
+	Instance    *string
 }
 
 type ClaudemeshPendingStatus struct {

@@ -99,62 +99,94 @@ func (q *Queries) MarkDeadNodes(ctx context.Context, deadAfterSeconds float64) (
 }
 
 const nodeHeartbeat = `-- name: NodeHeartbeat :one
-UPDATE claudemesh.node SET heartbeat_at = now()
-WHERE id = $1 AND stopped_at IS NULL AND dead_at IS NULL
-RETURNING true AS alive
+WITH beat AS (
+    UPDATE claudemesh.node n SET heartbeat_at = now()
+    WHERE n.id = $1 AND n.stopped_at IS NULL AND n.dead_at IS NULL
+      AND n.instance IS NOT DISTINCT FROM $2::text
+    RETURNING n.id
+)
+SELECT EXISTS (SELECT 1 FROM beat) AS alive,
+       coalesce((SELECT h.instance FROM claudemesh.node h WHERE h.id = $1), '')::text AS holder
 `
 
-// Returns false when another replica already declared this node dead, so it can re-register.
-func (q *Queries) NodeHeartbeat(ctx context.Context, id string) (bool, error) {
-	row := q.db.QueryRow(ctx, nodeHeartbeat, id)
-	var alive bool
-	err := row.Scan(&alive)
-	return alive, err
+type NodeHeartbeatParams struct {
+	ID       string
+	Instance string
+}
+
+type NodeHeartbeatRow struct {
+	Alive  bool
+	Holder string
+}
+
+// alive is false when another replica declared this node dead, so it re-registers; or when
+// another process registered under this node's id since (holder: that process's instance).
+func (q *Queries) NodeHeartbeat(ctx context.Context, arg NodeHeartbeatParams) (NodeHeartbeatRow, error) {
+	row := q.db.QueryRow(ctx, nodeHeartbeat, arg.ID, arg.Instance)
+	var i NodeHeartbeatRow
+	err := row.Scan(&i.Alive, &i.Holder)
+	return i, err
 }
 
 const nodeRegister = `-- name: NodeRegister :one
-INSERT INTO claudemesh.node (id, region, address, version)
-VALUES ($1, $2, $3, $4)
-ON CONFLICT (id) DO UPDATE
-SET region = EXCLUDED.region, address = EXCLUDED.address, version = EXCLUDED.version,
-    started_at = now(), heartbeat_at = now(), stopped_at = NULL, dead_at = NULL
-RETURNING id, region, address, version, started_at, heartbeat_at, stopped_at, dead_at
+WITH prev AS (
+    SELECT n.instance, n.heartbeat_at FROM claudemesh.node n
+    WHERE n.id = $1 AND n.stopped_at IS NULL AND n.dead_at IS NULL
+      AND n.instance IS DISTINCT FROM $2::text
+), reg AS (
+    INSERT INTO claudemesh.node (id, region, address, version, instance)
+    VALUES ($1, $3, $4, $5, $2::text)
+    ON CONFLICT (id) DO UPDATE
+    SET region = EXCLUDED.region, address = EXCLUDED.address, version = EXCLUDED.version,
+        instance = EXCLUDED.instance, started_at = now(), heartbeat_at = now(), stopped_at = NULL, dead_at = NULL
+    RETURNING id
+)
+SELECT coalesce((SELECT prev.instance FROM prev), '')::text AS prev_instance,
+       coalesce((SELECT extract(epoch FROM now() - prev.heartbeat_at) FROM prev), -1)::float8 AS prev_heartbeat_age_seconds
+FROM reg
 `
 
 type NodeRegisterParams struct {
-	ID      string
-	Region  string
-	Address string
-	Version string
+	ID       string
+	Instance string
+	Region   string
+	Address  string
+	Version  string
 }
 
-func (q *Queries) NodeRegister(ctx context.Context, arg NodeRegisterParams) (ClaudemeshNode, error) {
+type NodeRegisterRow struct {
+	PrevInstance            string
+	PrevHeartbeatAgeSeconds float64
+}
+
+// The row as it was: held by another live process (another instance, neither stopped nor
+// dead) is worth a warning, as its id is shared or it has just crashed.
+func (q *Queries) NodeRegister(ctx context.Context, arg NodeRegisterParams) (NodeRegisterRow, error) {
 	row := q.db.QueryRow(ctx, nodeRegister,
 		arg.ID,
+		arg.Instance,
 		arg.Region,
 		arg.Address,
 		arg.Version,
 	)
-	var i ClaudemeshNode
-	err := row.Scan(
-		&i.ID,
-		&i.Region,
-		&i.Address,
-		&i.Version,
-		&i.StartedAt,
-		&i.HeartbeatAt,
-		&i.StoppedAt,
-		&i.DeadAt,
-	)
+	var i NodeRegisterRow
+	err := row.Scan(&i.PrevInstance, &i.PrevHeartbeatAgeSeconds)
 	return i, err
 }
 
 const nodeStop = `-- name: NodeStop :exec
-UPDATE claudemesh.node SET stopped_at = now() WHERE id = $1 AND stopped_at IS NULL
+UPDATE claudemesh.node n SET stopped_at = now()
+WHERE n.id = $1 AND n.stopped_at IS NULL AND n.instance IS NOT DISTINCT FROM $2::text
 `
 
-func (q *Queries) NodeStop(ctx context.Context, id string) error {
-	_, err := q.db.Exec(ctx, nodeStop, id)
+type NodeStopParams struct {
+	ID       string
+	Instance string
+}
+
+// Only this process's registration: one that another process has since taken is not stopped.
+func (q *Queries) NodeStop(ctx context.Context, arg NodeStopParams) error {
+	_, err := q.db.Exec(ctx, nodeStop, arg.ID, arg.Instance)
 	return err
 }
 

@@ -2,12 +2,11 @@ package pgbus
 
 import (
 	"context"
+	"crypto/rand"
 	"errors"
 	"log/slog"
 	"sync/atomic"
 	"time"
-
-	"github.com/jackc/pgx/v5"
 
 	"github.com/claudemesh/broker/broker/startstop"
 	"github.com/claudemesh/broker/db"
@@ -25,16 +24,27 @@ type HeartbeatConfig struct {
 	// OnDeclaredDead runs on the heartbeat goroutine when another replica declared this node
 	// dead (it was cut off from Postgres): the node re-registers at the next beat.
 	OnDeclaredDead func()
+	// OnTakenOver runs on the heartbeat goroutine, once, when another process registered
+	// under this node's id (two replicas given one BROKER_NODE_ID): this one must stop, as each
+	// would end the other's sessions. The heartbeat beats no more.
+	OnTakenOver func(holder string)
+	// SharedAfter is how recent another process's heartbeat must be, at registration, for the
+	// id to be reported as possibly shared (0: never).
+	SharedAfter time.Duration
 }
 
 // Heartbeat keeps this replica's row in the node registry: registered at Start (presences
 // reference it, so a replica registers before it serves), refreshed every Interval, marked
 // stopped by Stop. Other replicas judge a node dead by its heartbeat.
 type Heartbeat struct {
-	cfg     HeartbeatConfig
-	q       *db.Queries
-	lastOK  atomic.Int64 // unix nanos of the last successful beat
-	upSince atomic.Int64 // unix nanos since beats succeed without a break; 0 while failing
+	cfg HeartbeatConfig
+	q   *db.Queries
+	// instance tells this process's registration from another's under the same node id.
+	instance string
+	lastOK   atomic.Int64 // unix nanos of the last successful beat
+	// takenOver: another process registered under this id; beats stopped for good.
+	takenOver atomic.Bool
+	upSince   atomic.Int64 // unix nanos since beats succeed without a break; 0 while failing
 
 	base startstop.Base
 }
@@ -47,11 +57,17 @@ func NewHeartbeat(cfg HeartbeatConfig) *Heartbeat {
 	if cfg.OnDeclaredDead == nil {
 		cfg.OnDeclaredDead = func() {}
 	}
-	return &Heartbeat{cfg: cfg, q: db.New(cfg.Exec)}
+	if cfg.OnTakenOver == nil {
+		cfg.OnTakenOver = func(string) {}
+	}
+	return &Heartbeat{cfg: cfg, q: db.New(cfg.Exec), instance: rand.Text()}
 }
 
 // LastOK is when the last beat (or registration) succeeded; zero before any did.
 func (h *Heartbeat) LastOK() time.Time { return unixNanos(h.lastOK.Load()) }
+
+// TakenOver says another process registered under this node's id (OnTakenOver ran).
+func (h *Heartbeat) TakenOver() bool { return h.takenOver.Load() }
 
 // UpSince is the start of the current unbroken run of successful beats; zero while failing.
 func (h *Heartbeat) UpSince() time.Time { return unixNanos(h.upSince.Load()) }
@@ -74,11 +90,18 @@ func (h *Heartbeat) register(ctx context.Context) bool {
 	ctx, cancel := context.WithTimeout(ctx, h.cfg.Interval)
 	defer cancel()
 	n := h.cfg.Node()
-	if _, err := h.q.NodeRegister(ctx, db.NodeRegisterParams{ID: n.ID, Region: n.Region, Address: n.Address, Version: n.Version}); err != nil {
+	prev, err := h.q.NodeRegister(ctx, db.NodeRegisterParams{ID: n.ID, Instance: h.instance, Region: n.Region,
+		Address: n.Address, Version: n.Version})
+	if err != nil {
 		if ctx.Err() == nil {
 			h.cfg.Logger.Warn("register node", "err", err)
 		}
 		return false
+	}
+	if age := time.Duration(prev.PrevHeartbeatAgeSeconds * float64(time.Second)); age >= 0 && age < h.cfg.SharedAfter {
+		h.cfg.Logger.Warn("this node id was held by another process until moments ago: if that process still runs, "+
+			"give each replica its own BROKER_NODE_ID (it will stop); if it crashed, nothing is wrong",
+			"node", n.ID, "heartbeat_age", age.Round(time.Millisecond))
 	}
 	h.ok()
 	return true
@@ -98,13 +121,23 @@ func (h *Heartbeat) loop(ctx context.Context, registered bool) {
 			}
 			return
 		}
+		if h.takenOver.Load() {
+			return
+		}
 		opCtx, cancel := context.WithTimeout(ctx, h.cfg.Interval)
-		_, err := h.q.NodeHeartbeat(opCtx, h.cfg.Node().ID)
+		beat, err := h.q.NodeHeartbeat(opCtx, db.NodeHeartbeatParams{ID: h.cfg.Node().ID, Instance: h.instance})
 		cancel()
 		switch {
-		case err == nil:
+		case err == nil && beat.Alive:
 			h.ok()
-		case errors.Is(err, pgx.ErrNoRows):
+		case err == nil && beat.Holder != "" && beat.Holder != h.instance:
+			// Registering again would take the id back and end the other's sessions in turn.
+			h.takenOver.Store(true)
+			h.upSince.Store(0)
+			h.cfg.Logger.Error("another process registered under this node's id: BROKER_NODE_ID is shared by two replicas; "+
+				"this one stops (give each replica its own id)", "node", h.cfg.Node().ID)
+			h.cfg.OnTakenOver(beat.Holder)
+		case err == nil:
 			h.cfg.Logger.Warn("this node was declared dead by a peer; re-registering")
 			h.upSince.Store(0)
 			registered = false
@@ -122,9 +155,12 @@ func (h *Heartbeat) loop(ctx context.Context, registered bool) {
 // ctx has already ended, so a clean exit is never mistaken for a death. Safe twice.
 func (h *Heartbeat) Stop(ctx context.Context) error {
 	err := h.base.Stop(ctx)
+	if h.takenOver.Load() {
+		return err // the row is the other process's now
+	}
 	mctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 3*time.Second)
 	defer cancel()
-	if e := h.q.NodeStop(mctx, h.cfg.Node().ID); e != nil {
+	if e := h.q.NodeStop(mctx, db.NodeStopParams{ID: h.cfg.Node().ID, Instance: h.instance}); e != nil {
 		h.cfg.Logger.Warn("mark node stopped", "err", e)
 		return errors.Join(err, e)
 	}

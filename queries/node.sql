@@ -1,19 +1,38 @@
 -- name: NodeRegister :one
-INSERT INTO claudemesh.node (id, region, address, version)
-VALUES (@id, @region, @address, @version)
-ON CONFLICT (id) DO UPDATE
-SET region = EXCLUDED.region, address = EXCLUDED.address, version = EXCLUDED.version,
-    started_at = now(), heartbeat_at = now(), stopped_at = NULL, dead_at = NULL
-RETURNING *;
+-- The row as it was: held by another live process (another instance, neither stopped nor
+-- dead) is worth a warning, as its id is shared or it has just crashed.
+WITH prev AS (
+    SELECT n.instance, n.heartbeat_at FROM claudemesh.node n
+    WHERE n.id = @id AND n.stopped_at IS NULL AND n.dead_at IS NULL
+      AND n.instance IS DISTINCT FROM sqlc.arg(instance)::text
+), reg AS (
+    INSERT INTO claudemesh.node (id, region, address, version, instance)
+    VALUES (@id, @region, @address, @version, sqlc.arg(instance)::text)
+    ON CONFLICT (id) DO UPDATE
+    SET region = EXCLUDED.region, address = EXCLUDED.address, version = EXCLUDED.version,
+        instance = EXCLUDED.instance, started_at = now(), heartbeat_at = now(), stopped_at = NULL, dead_at = NULL
+    RETURNING id
+)
+SELECT coalesce((SELECT prev.instance FROM prev), '')::text AS prev_instance,
+       coalesce((SELECT extract(epoch FROM now() - prev.heartbeat_at) FROM prev), -1)::float8 AS prev_heartbeat_age_seconds
+FROM reg;
 
 -- name: NodeHeartbeat :one
--- Returns false when another replica already declared this node dead, so it can re-register.
-UPDATE claudemesh.node SET heartbeat_at = now()
-WHERE id = @id AND stopped_at IS NULL AND dead_at IS NULL
-RETURNING true AS alive;
+-- alive is false when another replica declared this node dead, so it re-registers; or when
+-- another process registered under this node's id since (holder: that process's instance).
+WITH beat AS (
+    UPDATE claudemesh.node n SET heartbeat_at = now()
+    WHERE n.id = @id AND n.stopped_at IS NULL AND n.dead_at IS NULL
+      AND n.instance IS NOT DISTINCT FROM sqlc.arg(instance)::text
+    RETURNING n.id
+)
+SELECT EXISTS (SELECT 1 FROM beat) AS alive,
+       coalesce((SELECT h.instance FROM claudemesh.node h WHERE h.id = @id), '')::text AS holder;
 
 -- name: NodeStop :exec
-UPDATE claudemesh.node SET stopped_at = now() WHERE id = @id AND stopped_at IS NULL;
+-- Only this process's registration: one that another process has since taken is not stopped.
+UPDATE claudemesh.node n SET stopped_at = now()
+WHERE n.id = @id AND n.stopped_at IS NULL AND n.instance IS NOT DISTINCT FROM sqlc.arg(instance)::text;
 
 -- name: MarkDeadNodes :many
 -- Nodes silent past the deadline. Only one replica's UPDATE wins per node: idempotent.

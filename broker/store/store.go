@@ -101,6 +101,13 @@ func (s *Store) SetNotifyAfterCommit(on bool) { s.afterCommit = on }
 // Ping checks that Postgres answers.
 func (s *Store) Ping(ctx context.Context) error { return s.pool.Ping(ctx) }
 
+// PoolBusy says every connection of the pool is in use: a ping that timed out waiting for one
+// says the replica is busy, not that Postgres is away.
+func (s *Store) PoolBusy() bool {
+	st := s.pool.Stat()
+	return st.AcquiredConns() >= st.MaxConns()
+}
+
 // Tx is one transaction's work: its queries, the bus messages it sends and the audit entries
 // it appends, all committed together.
 type Tx struct {
