@@ -110,6 +110,65 @@ func TestEmbeddedPostgresSharedWithAdminVerbs(t *testing.T) {
 	require.NoFileExists(t, filepath.Join(dataDir, "postmaster.pid"), "the verb stopped its own Postgres")
 }
 
+// If the embedded Postgres dies under `broker serve` (kill -9, the OOM killer), serve says so
+// and exits non-zero at once instead of answering 503 until someone looks; started again, it
+// serves on the same data.
+func TestServeExitsWhenEmbeddedPostgresDies(t *testing.T) {
+	if testing.Short() {
+		t.Skip("drives real broker and postgres processes; skipped in -short")
+	}
+	t.Parallel()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	dir := t.TempDir()
+	bin := buildBroker(t, dir)
+	dataDir := filepath.Join(dir, "data")
+	port := freePort(t)
+	env := embeddedEnv(dataDir, port, filepath.Join(dir, "config"))
+
+	serve := exec.Command(bin, "serve")
+	serve.Env = env
+	var stderr lockedBuffer
+	serve.Stdout, serve.Stderr = &stderr, &stderr
+	require.NoError(t, serve.Start())
+	serveExited := make(chan struct{})
+	var serveErr error
+	go func() { serveErr = serve.Wait(); close(serveExited) }()
+	t.Cleanup(func() {
+		_ = serve.Process.Kill()
+		<-serveExited
+		if t.Failed() {
+			t.Logf("broker serve log:\n%s", stderr.String())
+		}
+	})
+	dbtest.WaitFor(t, 2*time.Minute, "serve healthy", func() bool { return health(port) == http.StatusOK })
+	out, errOut, err := runBroker(ctx, bin, env, "mesh", "create", "--slug", "kept")
+	require.NoError(t, err, "mesh create: %s%s", out, errOut)
+
+	postmaster := postmasterPID(t, dataDir)
+	require.NoError(t, syscall.Kill(postmaster, syscall.SIGKILL))
+	select {
+	case <-serveExited:
+	case <-ctx.Done():
+		t.Fatal("serve kept running without its Postgres")
+	}
+	var exitErr *exec.ExitError
+	require.ErrorAs(t, serveErr, &exitErr)
+	require.Equal(t, 1, exitErr.ExitCode())
+	realData, err := filepath.EvalSymlinks(dataDir)
+	require.NoError(t, err)
+	log := stderr.String()
+	require.Contains(t, log, `level=ERROR msg="embedded postgres exited unexpectedly"`)
+	require.Contains(t, log, fmt.Sprintf("broker: stopping, its database is gone; start the broker again "+
+		"(the next start recovers the data directory): embedded postgres in %s (pid %d) exited unexpectedly: killed by signal 9 (killed); "+
+		"its log is %s", realData, postmaster, filepath.Join(realData, "postgres.log")))
+
+	// What a supervisor does next.
+	out, errOut, err = runBroker(ctx, bin, env, "mesh", "list")
+	require.NoError(t, err, "mesh list after the crash: %s%s", out, errOut)
+	require.Contains(t, out, "kept")
+}
+
 // buildBroker builds the broker binary into dir.
 func buildBroker(t *testing.T, dir string) string {
 	t.Helper()

@@ -103,29 +103,40 @@ const (
 	ownEmbedded
 )
 
-// openDatabase returns the URL to use: DATABASE_URL, or the embedded Postgres in
-// BROKER_DATA_DIR, started or (with attachEmbedded) attached to. The returned stop function stops
-// an embedded cluster this process started; it never stops one it attached to.
-func openDatabase(ctx context.Context, cfg broker.Config, logger *slog.Logger, use embeddedUse) (string, func(), error) {
+// database is what openDatabase opened.
+type database struct {
+	url string
+	// died is closed if the embedded Postgres this process started exits on its own; nil (never
+	// ready) with DATABASE_URL or an attached cluster. diedErr then says how.
+	died    <-chan struct{}
+	diedErr func() error
+	// stop stops an embedded cluster this process started; it never stops one it attached to.
+	stop func()
+}
+
+// openDatabase returns the database to use: DATABASE_URL, or the embedded Postgres in
+// BROKER_DATA_DIR, started or (with attachEmbedded) attached to.
+func openDatabase(ctx context.Context, cfg broker.Config, logger *slog.Logger, use embeddedUse) (database, error) {
 	if cfg.DatabaseURL != "" {
-		return cfg.DatabaseURL, func() {}, nil
+		return database{url: cfg.DatabaseURL, diedErr: func() error { return nil }, stop: func() {}}, nil
 	}
 	logger.Info("DATABASE_URL is unset: using the embedded Postgres", "data_dir", cfg.DataDir)
 	c, err := embedded.Start(ctx, embedded.Config{DataDir: cfg.DataDir, Logger: logger, Attach: use == attachEmbedded})
 	var inUse *embedded.InUseError
 	if errors.As(err, &inUse) {
-		return "", nil, inUseError(inUse)
+		return database{}, inUseError(inUse)
 	}
 	if err != nil {
-		return "", nil, fmt.Errorf("embedded Postgres: %w", err)
+		return database{}, fmt.Errorf("embedded Postgres: %w", err)
 	}
-	return c.URL(), func() {
+	return database{url: c.URL(), died: c.Died(), diedErr: c.Err, stop: func() {
 		stopCtx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		defer cancel()
-		if err := c.Stop(stopCtx); err != nil {
+		// After a death, Stop only repeats what was already logged.
+		if err := c.Stop(stopCtx); err != nil && c.Err() == nil {
 			logger.Error("stop embedded Postgres", "err", err)
 		}
-	}, nil
+	}}, nil
 }
 
 // inUseError tells the user of a refused serve or dev what to do instead.
@@ -145,18 +156,34 @@ func inUseError(e *embedded.InUseError) error {
 }
 
 // withDatabase runs f with a database URL and stops an embedded cluster it started afterwards.
+// If that cluster dies meanwhile, f's context ends as on SIGTERM and the command fails: a broker
+// without its database only answers 503s, and a restart (by its supervisor or the user)
+// recovers the data directory.
 func withDatabase(cmd *cobra.Command, use embeddedUse, f func(ctx context.Context, url string, cfg broker.Config, logger *slog.Logger) error) error {
 	cfg, logger, err := loadConfig()
 	if err != nil {
 		return err
 	}
-	ctx := cmd.Context()
-	url, stop, err := openDatabase(ctx, cfg, logger, use)
+	pg, err := openDatabase(cmd.Context(), cfg, logger, use)
 	if err != nil {
 		return err
 	}
-	defer stop()
-	return f(ctx, url, cfg, logger)
+	defer pg.stop()
+	ctx, cancel := context.WithCancel(cmd.Context())
+	defer cancel()
+	go func() {
+		select {
+		case <-pg.died:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+	err = f(ctx, pg.url, cfg, logger)
+	if died := pg.diedErr(); died != nil {
+		// f's own error, if any, only follows from it.
+		return fmt.Errorf("stopping, its database is gone; start the broker again (the next start recovers the data directory): %w", died)
+	}
+	return err
 }
 
 func newMigrateCmd() *cobra.Command {

@@ -22,3 +22,9 @@ func (c *Cluster) URL() string { return "" }
 
 // Stop does nothing.
 func (c *Cluster) Stop(ctx context.Context) error { return nil }
+
+// Died returns nil: there is never a postmaster to watch.
+func (c *Cluster) Died() <-chan struct{} { return nil }
+
+// Err returns nil.
+func (c *Cluster) Err() error { return nil }

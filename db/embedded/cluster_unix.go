@@ -50,7 +50,8 @@ const (
 //
 // A Cluster either owns its postmaster (it started it, holds the data directory's lock and
 // stops it in Stop) or is attached to one another process owns (proc and lock are nil; Stop
-// leaves the postmaster alone).
+// leaves the postmaster alone). An owned postmaster that exits before Stop is reported through
+// Died and Err.
 type Cluster struct {
 	log      *slog.Logger
 	binDir   string
@@ -62,13 +63,19 @@ type Cluster struct {
 	logFile  *os.File
 	proc     *postmaster
 
-	// ownMu guards serving and lock, so that the postmaster's exit and the end of a successful
-	// start cannot miss each other.
+	// ownMu guards serving, lock and stopping, so that the postmaster's exit, the end of a
+	// successful start and the beginning of Stop cannot miss each other.
 	ownMu sync.Mutex
 	// serving is our postmaster once Start succeeded; lock is the data directory's flock, held
 	// while serving runs. Both are nil when attached.
 	serving *postmaster
 	lock    *dirLock
+	// stopping is set once Stop has begun: from then on the postmaster's exit is expected.
+	stopping bool
+
+	// died is closed, after diedErr is set, when our postmaster exits without Stop.
+	died    chan struct{}
+	diedErr *UnexpectedExitError
 
 	// ownerPID and attachedPID name the owning process and its postmaster when attached.
 	ownerPID    int
@@ -85,6 +92,8 @@ type postmaster struct {
 	exited chan struct{} // closed once the process has been reaped
 	err    error         // cmd.Wait's result; read only after exited is closed
 	reaped bool          // guarded by Cluster.ownMu
+	// logOffset is where this start's output begins in the log file.
+	logOffset int64
 }
 
 // Start initializes cfg.DataDir if it holds no cluster yet, starts a postmaster on 127.0.0.1,
@@ -140,6 +149,7 @@ func Start(ctx context.Context, cfg Config) (*Cluster, error) {
 		database: database,
 		acct:     acct,
 		logPath:  filepath.Join(dataDir, logFileName),
+		died:     make(chan struct{}),
 	}
 	lock, err := openDirLock(dataDir)
 	if err != nil {
@@ -252,7 +262,9 @@ func (c *Cluster) takeOwnership(lock *dirLock) {
 	defer c.ownMu.Unlock()
 	c.lock = lock
 	if c.proc.reaped {
+		// It died between accepting connections and now: report it like any later death.
 		c.releaseLocked()
+		c.diedLocked(c.proc)
 		return
 	}
 	c.serving = c.proc
@@ -265,6 +277,59 @@ func (c *Cluster) postmasterExited(p *postmaster) {
 	p.reaped = true
 	if c.serving == p {
 		c.releaseLocked()
+		if !c.stopping {
+			c.diedLocked(p)
+		}
+	}
+}
+
+// diedLocked reports that our serving postmaster p exited without Stop: nothing else would
+// notice, and whoever uses the database would fail on every query from now on.
+func (c *Cluster) diedLocked(p *postmaster) {
+	e := &UnexpectedExitError{
+		DataDir: c.dataDir,
+		PID:     p.pid,
+		How:     describeExit(p.err),
+		LogFile: c.logPath,
+		LogTail: c.logLines(p.logOffset, 5),
+	}
+	c.log.Error("embedded postgres exited unexpectedly", "pid", e.PID, "exit", e.How, "log_file", e.LogFile)
+	c.diedErr = e
+	close(c.died)
+}
+
+// describeExit says how a process ended, from cmd.Wait's result.
+func describeExit(err error) string {
+	var ee *exec.ExitError
+	if !errors.As(err, &ee) {
+		if err != nil {
+			return err.Error()
+		}
+		return "exit status 0"
+	}
+	if ws, ok := ee.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
+		return fmt.Sprintf("killed by signal %d (%v)", int(ws.Signal()), ws.Signal())
+	}
+	return fmt.Sprintf("exit status %d", ee.ExitCode())
+}
+
+// Died returns a channel that is closed when the postmaster this Cluster started exits while
+// Stop has not been called: it was killed, crashed or was shut down by someone else. Err then
+// says how. For an attached cluster the channel never closes (its owner watches it).
+func (c *Cluster) Died() <-chan struct{} {
+	if c.proc == nil {
+		return nil
+	}
+	return c.died
+}
+
+// Err returns an *UnexpectedExitError once Died is closed, and nil before.
+func (c *Cluster) Err() error {
+	select {
+	case <-c.Died():
+		return c.diedErr
+	default:
+		return nil
 	}
 }
 
@@ -318,6 +383,9 @@ func (c *Cluster) stop(ctx context.Context) error {
 		return nil
 	}
 	defer c.closeLog()
+	c.ownMu.Lock()
+	c.stopping = true
+	c.ownMu.Unlock()
 	p := c.proc
 	select {
 	case <-p.exited:
@@ -469,7 +537,7 @@ func (c *Cluster) startPostmaster(ctx context.Context, fixedPort int) error {
 		offset := c.logSize()
 		_, _ = fmt.Fprintf(c.logFile, "---- embedded: starting postgres on 127.0.0.1:%d at %s ----\n",
 			port, time.Now().Format(time.RFC3339))
-		p, err := c.launch(port)
+		p, err := c.launch(port, offset)
 		if err != nil {
 			return err
 		}
@@ -515,8 +583,9 @@ func (c *Cluster) startPostmaster(ctx context.Context, fixedPort int) error {
 	}
 }
 
-// launch starts the postmaster as a child in its own process group.
-func (c *Cluster) launch(port int) (*postmaster, error) {
+// launch starts the postmaster as a child in its own process group; its output goes to the log
+// from logOffset on.
+func (c *Cluster) launch(port int, logOffset int64) (*postmaster, error) {
 	cmd := exec.Command(filepath.Join(c.binDir, "postgres"),
 		"-D", c.dataDir,
 		"-p", strconv.Itoa(port),
@@ -536,7 +605,7 @@ func (c *Cluster) launch(port int) (*postmaster, error) {
 	c.prepareCmd(cmd)
 	setParentDeathSignal(cmd.SysProcAttr)
 
-	p := &postmaster{cmd: cmd, exited: make(chan struct{})}
+	p := &postmaster{cmd: cmd, exited: make(chan struct{}), logOffset: logOffset}
 	started := make(chan error, 1)
 	go func() {
 		// The parent-death signal (Linux) fires when the thread that forked the child exits,
@@ -722,9 +791,27 @@ func (c *Cluster) logSize() int64 {
 
 // logTail returns the end of the postmaster log written since offset, for error messages.
 func (c *Cluster) logTail(offset int64) string {
+	s, err := c.readLog(offset)
+	if err != nil {
+		return err.Error()
+	}
+	return "postgres log " + c.logPath + ":\n" + lastLines(s, 15)
+}
+
+// logLines returns the last n lines of the postmaster log written since offset, or "".
+func (c *Cluster) logLines(offset int64, n int) string {
+	s, err := c.readLog(offset)
+	if err != nil {
+		return ""
+	}
+	return lastLines(s, n)
+}
+
+// readLog returns at most the last 4 KiB of the postmaster log written since offset.
+func (c *Cluster) readLog(offset int64) (string, error) {
 	f, err := os.Open(c.logPath)
 	if err != nil {
-		return "no postgres log: " + err.Error()
+		return "", fmt.Errorf("no postgres log: %w", err)
 	}
 	defer f.Close()
 	const maxTail = 4 << 10
@@ -733,9 +820,9 @@ func (c *Cluster) logTail(offset int64) string {
 	}
 	b, err := io.ReadAll(io.NewSectionReader(f, offset, maxTail))
 	if err != nil {
-		return "read postgres log: " + err.Error()
+		return "", fmt.Errorf("read postgres log: %w", err)
 	}
-	return "postgres log " + c.logPath + ":\n" + lastLines(string(b), 15)
+	return string(b), nil
 }
 
 func lastLines(s string, n int) string {

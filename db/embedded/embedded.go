@@ -88,6 +88,27 @@ func (e *InUseError) Error() string {
 	return s
 }
 
+// UnexpectedExitError is Cluster.Err's error: the postmaster a Cluster started exited while
+// Stop had not been called.
+type UnexpectedExitError struct {
+	DataDir string
+	PID     int
+	// How is how it ended: "killed by signal 9 (killed)", "exit status 1".
+	How string
+	// LogFile is the postmaster's log, which says why when postgres ended itself.
+	LogFile string
+	// LogTail is the end of what this postmaster wrote to LogFile; "" when unreadable.
+	LogTail string
+}
+
+func (e *UnexpectedExitError) Error() string {
+	s := fmt.Sprintf("embedded postgres in %s (pid %d) exited unexpectedly: %s; its log is %s", e.DataDir, e.PID, e.How, e.LogFile)
+	if e.LogTail != "" {
+		s += ", ending:\n" + e.LogTail
+	}
+	return s
+}
+
 func ownerName(pid int) string {
 	if pid <= 0 {
 		return "another process"

@@ -233,6 +233,77 @@ func TestRestartAfterCrash(t *testing.T) {
 	require.NoError(t, c2.Stop(ctx))
 }
 
+// A postmaster that dies under its owner (kill -9, a crash) is reported at once through Died
+// and Err, with an ERROR log saying how, where the data and the log are; Stop never counts as
+// dying.
+func TestUnexpectedExitIsReported(t *testing.T) {
+	t.Parallel()
+	ctx := testContext(t)
+	dir := t.TempDir()
+	var logs lockedBuffer
+	c := startCluster(t, Config{DataDir: dir, Logger: slog.New(slog.NewTextHandler(&logs, nil))})
+	require.NoError(t, c.Err())
+	pid := c.proc.pid
+
+	require.NoError(t, syscall.Kill(pid, syscall.SIGKILL))
+	select {
+	case <-c.Died():
+	case <-ctx.Done():
+		t.Fatal("the postmaster's death was not reported")
+	}
+	var exit *UnexpectedExitError
+	require.ErrorAs(t, c.Err(), &exit)
+	realDir, err := filepath.EvalSymlinks(dir)
+	require.NoError(t, err)
+	require.Equal(t, pid, exit.PID)
+	require.Equal(t, "killed by signal 9 (killed)", exit.How)
+	require.Equal(t, realDir, exit.DataDir)
+	require.Equal(t, filepath.Join(realDir, logFileName), exit.LogFile)
+	require.ErrorContains(t, c.Err(), fmt.Sprintf("embedded postgres in %s (pid %d) exited unexpectedly: killed by signal 9", realDir, pid))
+	logged := logs.String()
+	require.Contains(t, logged, `level=ERROR msg="embedded postgres exited unexpectedly"`)
+	require.Contains(t, logged, `exit="killed by signal 9 (killed)"`)
+	require.Contains(t, logged, "log_file="+exit.LogFile)
+	require.Contains(t, logged, "data_dir="+realDir)
+	require.Error(t, c.Stop(ctx), "Stop still reports that it had died")
+
+	// A stop is no death.
+	c2 := startCluster(t, Config{DataDir: dir})
+	require.NoError(t, c2.Stop(ctx))
+	select {
+	case <-c2.Died():
+		t.Fatalf("Stop reported as a death: %v", c2.Err())
+	default:
+	}
+	require.NoError(t, c2.Err())
+
+	// An attached cluster leaves watching to its owner.
+	owner := startCluster(t, Config{DataDir: dir})
+	attached := startCluster(t, Config{DataDir: dir, Attach: true})
+	require.Nil(t, attached.Died())
+	require.NoError(t, attached.Err())
+	require.NoError(t, attached.Stop(ctx))
+	require.NoError(t, owner.Stop(ctx))
+}
+
+// lockedBuffer collects what a logger writes from other goroutines.
+type lockedBuffer struct {
+	mu  sync.Mutex
+	buf strings.Builder
+}
+
+func (b *lockedBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *lockedBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
+
 // A second Start on a directory whose cluster this process already runs never stops it: without
 // Attach it reports who runs it, with Attach it shares it, and the attached Stop leaves it up.
 func TestSecondStartAttaches(t *testing.T) {
