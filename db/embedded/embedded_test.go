@@ -540,15 +540,22 @@ func TestStalePIDFile(t *testing.T) {
 	dead := exec.Command("true")
 	require.NoError(t, dead.Run())
 
-	for _, tc := range []struct {
+	type stale struct {
 		name    string
 		content string
-	}{
+	}
+	cases := []stale{
 		{"dead pid", fmt.Sprintf("%d\n%s\n", dead.Process.Pid, dir)},
 		// Our own pid: alive, but not a postgres working in dir (a recycled pid).
 		{"unrelated live pid", fmt.Sprintf("%d\n%s\n", os.Getpid(), dir)},
 		{"empty file", ""},
-	} {
+	}
+	if runtime.GOOS == "linux" {
+		// A postmaster killed along with its owner and not reaped by its new parent (an init
+		// that never reaps) stays a zombie, which postgres's own check counts as running.
+		cases = append(cases, stale{"unreaped pid", fmt.Sprintf("%d\n%s\n", zombie(t), dir)})
+	}
+	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			require.NoError(t, os.WriteFile(filepath.Join(dir, "postmaster.pid"), []byte(tc.content), 0o600))
 			c := startCluster(t, Config{DataDir: dir})
@@ -558,6 +565,27 @@ func TestStalePIDFile(t *testing.T) {
 			require.NoError(t, c.Stop(ctx))
 		})
 	}
+}
+
+// zombie returns the pid of a child of this process that has exited and that nobody reaps
+// until the test ends (Linux: it waits for the state /proc shows). It runs as the user postgres
+// runs as, like a dead postmaster: postgres takes a pid it may not signal (EPERM) for stale.
+func zombie(t *testing.T) int {
+	t.Helper()
+	acct, err := unprivilegedAccount()
+	require.NoError(t, err)
+	cmd := exec.Command("true")
+	if acct != nil {
+		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: acct.uid, Gid: acct.gid, Groups: []uint32{}}}
+	}
+	require.NoError(t, cmd.Start())
+	t.Cleanup(func() { _ = cmd.Wait() })
+	pid := cmd.Process.Pid
+	require.True(t, waitUntil(testContext(t), testTimeout, func() bool {
+		st, ok := readProcStat(pid)
+		return ok && st.state == 'Z'
+	}), "child %d did not exit", pid)
+	return pid
 }
 
 func TestStartRejects(t *testing.T) {

@@ -20,12 +20,14 @@ import (
 //
 // postmaster.pid names the last postmaster. If that process is gone, postgres recognises the
 // file as stale by itself (and still checks, through the shared-memory key in the file, that no
-// orphaned backend is attached), so the file stays. If a postmaster of this directory is still
-// running, its parent decides: a live parent in the postmaster's session started it without
-// the lock (an older broker binary, a hand-run postgres), so the server is not ours to stop and
-// an *InUseError naming that parent is returned; otherwise its owner died without Stop and it
-// is stopped. If the pid now belongs to an unrelated process, postgres would refuse to start,
-// so the file is removed, but only when no postgres process is seen working in the directory.
+// orphaned backend is attached), so the file stays. If it has exited but its parent has not
+// reaped it (a zombie), postgres still counts it as running; see clearUnreaped. If a postmaster
+// of this directory is still running, its parent decides: a live parent in the postmaster's
+// session started it without the lock (an older broker binary, a hand-run postgres), so the
+// server is not ours to stop and an *InUseError naming that parent is returned; otherwise its
+// owner died without Stop and it is stopped. If the pid now belongs to an unrelated process,
+// postgres would refuse to start, so the file is removed, but only when no postgres process is
+// seen working in the directory.
 //
 // Identification needs /proc (Linux). Elsewhere a live pid is left for postgres to judge, which
 // fails the start with its "lock file already exists" message rather than signalling a process
@@ -47,6 +49,9 @@ func (c *Cluster) clearLeftover(ctx context.Context) error {
 		return nil
 	}
 	if !alive(pid) {
+		if exists(pid) {
+			return c.clearUnreaped(ctx, pidPath, pid)
+		}
 		c.log.Info("found stale postmaster.pid from an earlier run; its process is gone", "stale_pid", pid)
 		return nil
 	}
@@ -75,6 +80,10 @@ func (c *Cluster) clearLeftover(ctx context.Context) error {
 		}
 		c.log.Info("stopped postgres left running by an earlier run", "pid", pid,
 			"elapsed", time.Since(began).Round(time.Millisecond))
+		if exists(pid) {
+			// Not our child: its parent reaps it, if ever. Killed, it left postmaster.pid behind.
+			return c.clearUnreaped(ctx, pidPath, pid)
+		}
 		return nil
 	case known:
 		procs, reliable := postgresProcsIn(c.dataDir)
@@ -94,6 +103,50 @@ func (c *Cluster) clearLeftover(ctx context.Context) error {
 	}
 }
 
+// unreapedTimeout bounds how long clearUnreaped waits for the processes of a dead postmaster.
+const unreapedTimeout = 10 * time.Second
+
+// clearUnreaped handles a postmaster.pid naming pid, a process that has exited but that its
+// parent has not reaped (a zombie): postgres's own check (kill(pid, 0)) counts it as running and
+// refuses to start ("lock file already exists"), for as long as the parent does not reap it,
+// which may be forever (some container inits never do). So once the pid is gone, or no postgres
+// process works in the directory any more (orphaned backends of a dead postmaster leave within
+// moments), the file is stale. It is removed only in the second case, because postgres's own
+// check that no orphaned backend is attached goes with it.
+func (c *Cluster) clearUnreaped(ctx context.Context, pidPath string, pid int) error {
+	if pf, err := readPIDFile(pidPath); err != nil || pf.pid != pid {
+		return nil // a clean shutdown removed it
+	}
+	var procs []int
+	reliable := false
+	waitUntil(ctx, unreapedTimeout, func() bool {
+		if !exists(pid) {
+			return true
+		}
+		procs, reliable = postgresProcsIn(c.dataDir)
+		return reliable && len(procs) == 0
+	})
+	if !exists(pid) {
+		c.log.Info("found stale postmaster.pid from an earlier run; its process is gone", "stale_pid", pid)
+		return nil
+	}
+	parent := 0
+	if st, ok := readProcStat(pid); ok {
+		parent = st.ppid
+	}
+	if !reliable || len(procs) > 0 {
+		return fmt.Errorf("postmaster.pid in %s names process %d, which has exited but was not reaped by its parent (pid %d), "+
+			"and postgres processes %v may still work in the directory; postgres refuses to start until they are gone",
+			c.dataDir, pid, parent, procs)
+	}
+	c.log.Warn("removing postmaster.pid of a postgres that has exited but was not reaped by its parent; postgres would count it as running",
+		"stale_pid", pid, "parent_pid", parent)
+	if err := os.Remove(pidPath); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("remove stale postmaster.pid: %w", err)
+	}
+	return nil
+}
+
 // liveStarter returns the parent of postmaster pid if that parent is alive and is the process
 // that started it. An orphan is reparented to init or a subreaper, which run in sessions of
 // their own, while the starter shares the postmaster's session (the postmaster gets its own
@@ -111,19 +164,26 @@ func liveStarter(pid int) (int, bool) {
 	return st.ppid, parent.session == st.session
 }
 
-// alive reports whether pid names a running process. EPERM means it exists but belongs to
-// someone else. A zombie has exited and only waits for its parent, so it counts as gone.
+// alive reports whether pid names a running process. A zombie has exited and only waits for
+// its parent, so it does not count (but see exists).
 func alive(pid int) bool {
-	if pid <= 0 {
+	if !exists(pid) {
 		return false
 	}
-	if err := syscall.Kill(pid, 0); err != nil && !errors.Is(err, syscall.EPERM) {
-		return false
-	}
-	if st, ok := readProcStat(pid); ok && st.state == 'Z' {
+	if st, ok := readProcStat(pid); ok && (st.state == 'Z' || st.state == 'X') {
 		return false
 	}
 	return true
+}
+
+// exists reports whether pid names a process, a zombie included: what postgres's check of
+// postmaster.pid sees. EPERM means it exists but belongs to someone else.
+func exists(pid int) bool {
+	if pid <= 0 {
+		return false
+	}
+	err := syscall.Kill(pid, 0)
+	return err == nil || errors.Is(err, syscall.EPERM)
 }
 
 type procStat struct {
