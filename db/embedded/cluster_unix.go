@@ -130,15 +130,15 @@ func Start(ctx context.Context, cfg Config) (*Cluster, error) {
 		logger = discardLogger()
 	}
 
-	binDir, err := FindBinDir()
-	if err != nil {
-		return nil, err
-	}
 	acct, err := unprivilegedAccount()
 	if err != nil {
 		return nil, err
 	}
 	dataDir, err := makeDataDir(cfg.DataDir)
+	if err != nil {
+		return nil, err
+	}
+	binDir, err := binDirFor(dataDir)
 	if err != nil {
 		return nil, err
 	}

@@ -33,7 +33,8 @@
 // a subreaper, which run in sessions of their own; the owner shares the postmaster's session,
 // since the postmaster gets its own process group but not its own session.
 //
-// Binaries are found by FindBinDir; nothing is downloaded. When the process runs as root, the
+// Binaries are found by FindBinDir, or, for a data directory that already holds a cluster, are
+// those of its PostgreSQL major version; nothing is downloaded. When the process runs as root, the
 // cluster runs as the unprivileged "postgres" user (or "nobody" if that does not exist), because
 // initdb and postgres refuse to run as root; see Start for what that changes on disk.
 package embedded
@@ -45,6 +46,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"sort"
 	"strconv"
 	"strings"
@@ -161,6 +163,83 @@ func FindBinDir() (string, error) {
 		return dir, nil
 	}
 	return "", fmt.Errorf("find postgres binaries: %w", ErrNoBinaries)
+}
+
+// binDirFor returns the directory of the server binaries for the cluster in dataDir: when it
+// already holds one, those of its PostgreSQL major version (PG_VERSION), because postgres runs
+// a data directory only with binaries of the version that created it. They are FindBinDir's
+// choice if that matches, else /usr/lib/postgresql/<version>/bin (after an upgrade, Debian
+// keeps the older version installed next to the new one). Without a PG_VERSION it is
+// FindBinDir's choice. When the matching binaries are not installed, the error says which
+// version the data directory needs and what to do.
+func binDirFor(dataDir string) (string, error) {
+	want := dataDirVersion(dataDir)
+	found, err := FindBinDir()
+	if want == "" {
+		return found, err
+	}
+	have := ""
+	if err == nil {
+		if have = binVersion(found); have == want {
+			return found, nil
+		}
+	}
+	if dir := debianBinDir(want); dir != "" {
+		return dir, nil
+	}
+	if err != nil {
+		return "", fmt.Errorf("find postgres binaries for %s, which needs PostgreSQL %s: %w", dataDir, want, err)
+	}
+	if have == "" {
+		return found, nil // version unknown: postgres itself judges
+	}
+	return "", fmt.Errorf("data directory %s was created by PostgreSQL %s, but the server binaries installed are "+
+		"PostgreSQL %s (%s), and postgres runs a data directory only with binaries of its own major version:\n"+
+		"  install PostgreSQL %s's server binaries (Debian/Ubuntu: `sudo apt-get install postgresql-%s`), or\n"+
+		"  move %s away to start with a fresh, empty one (it holds the broker's data: keep it while you need "+
+		"that data, or upgrade it with pg_upgrade)", dataDir, want, have, found, want, want, dataDir)
+}
+
+// dataDirVersion returns the PostgreSQL major version in dataDir's PG_VERSION ("15", "9.6"), or
+// "" when there is none.
+func dataDirVersion(dataDir string) string {
+	b, err := os.ReadFile(filepath.Join(dataDir, "PG_VERSION"))
+	if err != nil {
+		return ""
+	}
+	return strings.TrimSpace(string(b))
+}
+
+// pgVersionRE finds the version in `postgres --version` output, e.g.
+// "postgres (PostgreSQL) 15.20 (Debian 15.20-0+deb12u1)" or "postgres (PostgreSQL) 17beta1".
+var pgVersionRE = regexp.MustCompile(`\(PostgreSQL\) (\d+)(\.\d+)?`)
+
+// binVersion returns the major version of the postgres binary in binDir in PG_VERSION's form
+// ("15", or "9.6" before PostgreSQL 10), or "" when it cannot be told.
+func binVersion(binDir string) string {
+	out, err := exec.Command(filepath.Join(binDir, "postgres"), "--version").Output()
+	if err != nil {
+		return ""
+	}
+	m := pgVersionRE.FindStringSubmatch(string(out))
+	if m == nil {
+		return ""
+	}
+	if major, _ := strconv.Atoi(m[1]); major < 10 {
+		return m[1] + m[2]
+	}
+	return m[1]
+}
+
+// debianBinDir returns /usr/lib/postgresql/<version>/bin if it holds the server binaries, or "".
+func debianBinDir(version string) string {
+	dirs, _ := filepath.Glob(debianBinGlob)
+	for _, d := range dirs {
+		if filepath.Base(filepath.Dir(d)) == version && hasServerBinaries(d) {
+			return d
+		}
+	}
+	return ""
 }
 
 // newestDebianBinDir returns the highest-versioned /usr/lib/postgresql/*/bin holding the

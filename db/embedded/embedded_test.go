@@ -117,6 +117,76 @@ func TestNewestDebianBinDir(t *testing.T) {
 	require.Equal(t, filepath.Join(root, "15", "bin"), newestDebianBinDir())
 }
 
+// fakeBinDir makes dir/initdb and dir/postgres, a postgres that reports version.
+func fakeBinDir(t *testing.T, dir, version string) {
+	t.Helper()
+	require.NoError(t, os.MkdirAll(dir, 0o755))
+	require.NoError(t, os.WriteFile(filepath.Join(dir, "initdb"), []byte("#!/bin/sh\nexit 1\n"), 0o755))
+	script := fmt.Sprintf("#!/bin/sh\necho 'postgres (PostgreSQL) %s (Debian %s-1)'\n", version, version)
+	require.NoError(t, os.WriteFile(filepath.Join(dir, "postgres"), []byte(script), 0o755))
+}
+
+// A data directory runs only with binaries of the version that created it: after an upgrade
+// the older ones, still installed, are used; when they are missing the error says what to do.
+func TestBinDirForDataDirVersion(t *testing.T) {
+	root := t.TempDir()
+	fakeBinDir(t, filepath.Join(root, "9.6", "bin"), "9.6.24")
+	fakeBinDir(t, filepath.Join(root, "13", "bin"), "13.16")
+	fakeBinDir(t, filepath.Join(root, "16", "bin"), "16.4")
+	onPath := filepath.Join(t.TempDir(), "bin")
+	fakeBinDir(t, onPath, "17.2") // e.g. a newer build in /usr/local
+	t.Setenv("PATH", onPath)
+	old := debianBinGlob
+	debianBinGlob = filepath.Join(root, "*", "bin")
+	t.Cleanup(func() { debianBinGlob = old })
+
+	dataDir := t.TempDir()
+	dir, err := binDirFor(dataDir)
+	require.NoError(t, err)
+	require.Equal(t, onPath, dir, "a new cluster gets FindBinDir's choice")
+
+	for version, want := range map[string]string{
+		"17":  onPath,
+		"16":  filepath.Join(root, "16", "bin"),
+		"13":  filepath.Join(root, "13", "bin"),
+		"9.6": filepath.Join(root, "9.6", "bin"),
+	} {
+		require.NoError(t, os.WriteFile(filepath.Join(dataDir, "PG_VERSION"), []byte(version+"\n"), 0o600))
+		dir, err := binDirFor(dataDir)
+		require.NoError(t, err, version)
+		require.Equal(t, want, dir, version)
+	}
+
+	require.NoError(t, os.WriteFile(filepath.Join(dataDir, "PG_VERSION"), []byte("14\n"), 0o600))
+	_, err = binDirFor(dataDir)
+	require.ErrorContains(t, err, fmt.Sprintf("data directory %s was created by PostgreSQL 14, but the server binaries installed are PostgreSQL 17 (%s)", dataDir, onPath))
+	require.ErrorContains(t, err, "\n  install PostgreSQL 14's server binaries (Debian/Ubuntu: `sudo apt-get install postgresql-14`), or\n")
+	require.ErrorContains(t, err, fmt.Sprintf("\n  move %s away to start with a fresh, empty one (it holds the broker's data", dataDir))
+
+	// No binaries at all: still ErrNoBinaries, saying which version is needed.
+	t.Setenv("PATH", t.TempDir())
+	debianBinGlob = filepath.Join(t.TempDir(), "*", "bin")
+	_, err = binDirFor(dataDir)
+	require.ErrorIs(t, err, ErrNoBinaries)
+	require.ErrorContains(t, err, "needs PostgreSQL 14")
+}
+
+// Start on a data directory of a PostgreSQL version whose binaries are not installed fails
+// with what to do, and leaves the directory as it was.
+func TestStartOnDataDirOfMissingVersion(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	// No machine has this version: the installed binaries never match.
+	require.NoError(t, os.WriteFile(filepath.Join(dir, "PG_VERSION"), []byte("99\n"), 0o600))
+	_, err := Start(testContext(t), Config{DataDir: dir, Logger: testLogger(t)})
+	require.ErrorContains(t, err, "was created by PostgreSQL 99, but the server binaries installed are PostgreSQL ")
+	require.ErrorContains(t, err, "sudo apt-get install postgresql-99")
+	require.ErrorContains(t, err, "it holds the broker's data")
+	entries, err := os.ReadDir(dir)
+	require.NoError(t, err)
+	require.Len(t, entries, 1, "only PG_VERSION")
+}
+
 func TestLifecycle(t *testing.T) {
 	t.Parallel()
 	ctx := testContext(t)
