@@ -1,5 +1,6 @@
 # The two commands a new user runs: `make run` and `make test`. Both make sure the machine has
-# Postgres server binaries first (installing Debian's package when it can).
+# Postgres server binaries first (installing Debian's package when it can), unless a database
+# URL names the server to use: DATABASE_URL for run, TEST_DATABASE_URL or DATABASE_URL for test.
 SHELL := /bin/bash
 GO ?= go
 BIN := bin
@@ -24,10 +25,11 @@ build:
 	@if [ -d cmd/meshctl ]; then $(GO) build -ldflags "$(LDFLAGS)" -o $(BIN)/meshctl ./cmd/meshctl; fi
 
 # Runs one replica on the embedded Postgres (./.broker-data) unless DATABASE_URL is set.
-run: ensure-postgres build
+run: $(if $(DATABASE_URL),,ensure-postgres) build
 	$(BIN)/broker serve
 
-test: ensure-postgres
+# With a database URL set, the tests of the embedded Postgres skip when the binaries are missing.
+test: $(if $(TEST_DATABASE_URL)$(DATABASE_URL),,ensure-postgres)
 	$(GO) test -race -count=1 -timeout $(TEST_TIMEOUT) ./...
 
 # Short fuzz runs of every decoder and body parser (CI runs these too).

@@ -43,6 +43,7 @@ func TestChaos(t *testing.T) {
 	if testing.Short() {
 		t.Skip("chaos test drives real processes; skipped in -short")
 	}
+	needEmbeddedPostgres(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
 	defer cancel()
 	h := newChaosHarness(t, ctx)

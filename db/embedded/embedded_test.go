@@ -44,10 +44,22 @@ func testLogger(t *testing.T) *slog.Logger {
 	return slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelDebug}))
 }
 
+// needBinaries skips t when this machine has no PostgreSQL server binaries and the suite is
+// pointed at a server (TEST_DATABASE_URL or DATABASE_URL), for which `make test` installs
+// none. Otherwise missing binaries fail the test.
+func needBinaries(t *testing.T) {
+	t.Helper()
+	_, err := FindBinDir()
+	if errors.Is(err, ErrNoBinaries) && (os.Getenv("TEST_DATABASE_URL") != "" || os.Getenv("DATABASE_URL") != "") {
+		t.Skipf("needs the PostgreSQL server binaries: %v", err)
+	}
+}
+
 // startCluster starts a cluster in dir and stops it at the end of the test (a no-op if the test
 // already did).
 func startCluster(t *testing.T, cfg Config) *Cluster {
 	t.Helper()
+	needBinaries(t)
 	if cfg.Logger == nil {
 		cfg.Logger = testLogger(t)
 	}
@@ -78,6 +90,7 @@ func requireGone(t *testing.T, pid int) {
 }
 
 func TestFindBinDir(t *testing.T) {
+	needBinaries(t)
 	dir, err := FindBinDir()
 	require.NoError(t, err)
 	require.True(t, filepath.IsAbs(dir), dir)
@@ -174,6 +187,7 @@ func TestBinDirForDataDirVersion(t *testing.T) {
 // Start on a data directory of a PostgreSQL version whose binaries are not installed fails
 // with what to do, and leaves the directory as it was.
 func TestStartOnDataDirOfMissingVersion(t *testing.T) {
+	needBinaries(t)
 	t.Parallel()
 	dir := t.TempDir()
 	// No machine has this version: the installed binaries never match.
@@ -415,6 +429,7 @@ func TestSecondStartAttaches(t *testing.T) {
 // Several processes starting on a fresh directory at once: one initializes and owns it, the
 // others wait for it and attach.
 func TestConcurrentStartsShareOneCluster(t *testing.T) {
+	needBinaries(t)
 	t.Parallel()
 	ctx := testContext(t)
 	dir := t.TempDir()
@@ -545,6 +560,7 @@ func requireServing(t *testing.T, url string, pid int) {
 // ready and stops it at the end of the test if it still runs.
 func launchPostgres(t *testing.T, dir string, orphan bool) int {
 	t.Helper()
+	needBinaries(t)
 	ctx := testContext(t)
 	binDir, err := FindBinDir()
 	require.NoError(t, err)
@@ -659,6 +675,7 @@ func zombie(t *testing.T) int {
 }
 
 func TestStartRejects(t *testing.T) {
+	needBinaries(t)
 	ctx := testContext(t)
 	_, err := Start(ctx, Config{})
 	require.ErrorContains(t, err, "DataDir is required")
@@ -676,6 +693,7 @@ func TestStartRejects(t *testing.T) {
 // A start cancelled during initdb must not leave a half-initialized directory that later
 // starts would mistake for a cluster.
 func TestCancelledInitdbLeavesEmptyDir(t *testing.T) {
+	needBinaries(t)
 	t.Parallel()
 	dir := t.TempDir()
 	ctx, cancel := context.WithCancel(context.Background())
@@ -706,6 +724,7 @@ func TestCancelledInitdbLeavesEmptyDir(t *testing.T) {
 }
 
 func TestPortInUse(t *testing.T) {
+	needBinaries(t)
 	t.Parallel()
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	require.NoError(t, err)
@@ -735,6 +754,7 @@ func TestHelperProcess(t *testing.T) {
 // returns it with its postmaster's pid. The child is killed at the end of the test.
 func startHelperOwner(t *testing.T, dir string) (*exec.Cmd, int) {
 	t.Helper()
+	needBinaries(t)
 	helper := exec.Command(os.Args[0], "-test.run=^TestHelperProcess$")
 	helper.Env = append(os.Environ(), helperEnv+"="+dir)
 	stdout, err := helper.StdoutPipe()
