@@ -61,7 +61,8 @@ func makeReachable(dir string, acct *account, log *slog.Logger) error {
 			if err := syscall.Chmod(p, mode|0o001); err != nil {
 				return fmt.Errorf("chmod o+x %s: %w", p, err)
 			}
-			log.Info("granted search permission (o+x) on a parent of the data directory so the postgres user can reach it",
+			// A warning: it opens a directory the user may have meant to keep closed (/root).
+			log.Warn("added search permission for others (o+x) to a parent of the data directory so the postgres user can reach it",
 				"path", p, "run_as", acct.name, "old_mode", fmt.Sprintf("%04o", mode), "new_mode", fmt.Sprintf("%04o", mode|0o001))
 		}
 		if p == filepath.Dir(p) {

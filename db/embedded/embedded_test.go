@@ -14,6 +14,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"runtime"
 	"strconv"
 	"strings"
@@ -832,15 +833,22 @@ func TestMakeReachable(t *testing.T) {
 	require.NoError(t, os.Chmod(a, 0o700))
 	require.NoError(t, os.Chmod(b, 0o750))
 
-	require.NoError(t, makeReachable(data, acct, testLogger(t)))
+	var logs lockedBuffer
+	require.NoError(t, makeReachable(data, acct, slog.New(slog.NewTextHandler(&logs, nil))))
 	for _, tc := range []struct {
-		path string
-		want os.FileMode
-	}{{a, 0o701}, {b, 0o751}} {
+		path     string
+		was      string
+		want     os.FileMode
+		wantText string
+	}{{a, "0700", 0o701, "0701"}, {b, "0750", 0o751, "0751"}} {
 		fi, err := os.Stat(tc.path)
 		require.NoError(t, err)
 		require.Equal(t, tc.want, fi.Mode().Perm(), tc.path)
+		// Each change is a warning naming the directory and both modes.
+		require.Regexp(t, `level=WARN msg="added search permission for others \(o\+x\) to a parent of the data directory[^"]*" `+
+			`path=`+regexp.QuoteMeta(tc.path)+` run_as=\S+ old_mode=`+tc.was+` new_mode=`+tc.wantText+`\n`, logs.String())
 	}
+	require.NotContains(t, logs.String(), "path="+data+" ", "the data dir itself is not opened up")
 	fi, err := os.Stat(data)
 	require.NoError(t, err)
 	require.Equal(t, os.FileMode(0o700), fi.Mode().Perm(), "the data dir itself is chowned, not opened up")
