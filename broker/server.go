@@ -497,7 +497,10 @@ func (s *Server) handleHealth(w http.ResponseWriter, r *http.Request) {
 		h.Status, h.Listener = "degraded", "down"
 	}
 	h.Heartbeat = "ok"
-	beating := time.Since(s.heartbeat.LastOK()) <= s.cfg.NodeDeadAfter/2
+	// A beat's slack on top of the point where liveness sends the sessions away: with the
+	// shortest deadline allowed (two beats), half of it is one beat, and a beat a little late
+	// would flap the answer.
+	beating := time.Since(s.heartbeat.LastOK()) <= s.cfg.NodeDeadAfter/2+s.cfg.Heartbeat
 	if !beating {
 		h.Status, h.Heartbeat = "degraded", "failing"
 	}

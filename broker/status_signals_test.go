@@ -209,3 +209,21 @@ func TestStatusChangeBeforeTheSessionJoinsTheHubIsKept(t *testing.T) {
 	require.Equal(t, held.MessageID, nextPush(t, b, 10*time.Second).MessageID,
 		"bob is idle: what waited for him comes without the catch-up poll")
 }
+
+func TestHookBeforeHelloIsNotTakenByAnotherSessionInItsCwd(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t, 1, nil)
+	m := c.mesh(0)
+	alice, bob := m.member("alice"), m.member("bob")
+	a := m.dial(0, alice)
+	// Two terminals of bob's in one repo; the first prompt's hook of the one at pid 100 comes
+	// before either peer says hello.
+	code, res := postHook(t, c.nodes[0], bob, protocol.HookRequest{CWD: "/repo", PID: 100,
+		Status: protocol.StatusWorking, SessionID: "claude-A"})
+	require.Equal(t, http.StatusOK, code)
+	require.True(t, res.Pending)
+	m.dial(0, bob, func(o *client.Options) { o.SessionID = "peer-B"; o.CWD = "/repo"; o.PID = 200 })
+	require.Equal(t, protocol.StatusIdle, peerStatus(t, a, "peer-B"), "the signal names another process")
+	m.dial(0, bob, func(o *client.Options) { o.SessionID = "peer-A"; o.CWD = "/repo"; o.PID = 100 })
+	require.Equal(t, protocol.StatusWorking, peerStatus(t, a, "peer-A"))
+}

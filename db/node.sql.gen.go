@@ -99,14 +99,10 @@ func (q *Queries) MarkDeadNodes(ctx context.Context, deadAfterSeconds float64) (
 }
 
 const nodeHeartbeat = `-- name: NodeHeartbeat :one
-WITH beat AS (
-    UPDATE claudemesh.node n SET heartbeat_at = now()
-    WHERE n.id = $1 AND n.stopped_at IS NULL AND n.dead_at IS NULL
-      AND n.instance IS NOT DISTINCT FROM $2::text
-    RETURNING n.id
-)
-SELECT EXISTS (SELECT 1 FROM beat) AS alive,
-       coalesce((SELECT h.instance FROM claudemesh.node h WHERE h.id = $1), '')::text AS holder
+UPDATE claudemesh.node n SET heartbeat_at = now()
+WHERE n.id = $1 AND n.stopped_at IS NULL AND n.dead_at IS NULL
+  AND n.instance IS NOT DISTINCT FROM $2::text
+RETURNING true AS alive
 `
 
 type NodeHeartbeatParams struct {
@@ -114,18 +110,26 @@ type NodeHeartbeatParams struct {
 	Instance string
 }
 
-type NodeHeartbeatRow struct {
-	Alive  bool
-	Holder string
+// No row when another replica declared this node dead, so it re-registers; or when another
+// process registered under this node's id since (NodeHolder tells which).
+func (q *Queries) NodeHeartbeat(ctx context.Context, arg NodeHeartbeatParams) (bool, error) {
+	row := q.db.QueryRow(ctx, nodeHeartbeat, arg.ID, arg.Instance)
+	var alive bool
+	err := row.Scan(&alive)
+	return alive, err
 }
 
-// alive is false when another replica declared this node dead, so it re-registers; or when
-// another process registered under this node's id since (holder: that process's instance).
-func (q *Queries) NodeHeartbeat(ctx context.Context, arg NodeHeartbeatParams) (NodeHeartbeatRow, error) {
-	row := q.db.QueryRow(ctx, nodeHeartbeat, arg.ID, arg.Instance)
-	var i NodeHeartbeatRow
-	err := row.Scan(&i.Alive, &i.Holder)
-	return i, err
+const nodeHolder = `-- name: NodeHolder :one
+SELECT coalesce(n.instance, '')::text AS holder FROM claudemesh.node n WHERE n.id = $1
+`
+
+// Its own statement, after a heartbeat that matched nothing: one that waited for another
+// process's registration reads the row as it was before it (its snapshot), not as it is.
+func (q *Queries) NodeHolder(ctx context.Context, id string) (string, error) {
+	row := q.db.QueryRow(ctx, nodeHolder, id)
+	var holder string
+	err := row.Scan(&holder)
+	return holder, err
 }
 
 const nodeRegister = `-- name: NodeRegister :one

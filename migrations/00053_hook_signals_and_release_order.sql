@@ -6,14 +6,16 @@
 --    only by the same sessionId, or by pid and cwd when the hook named no sessionId: meshctl's
 --    hook sends Claude Code's session id and meshctl's peer another, so the project's own setup
 --    never had its first `working` applied. A hello now takes what the hook would have resolved
---    to it had it been live (hook_status): by sessionId, else pid and cwd, else cwd.
+--    to it had it been live (hook_status): by sessionId, else pid and cwd, else cwd for a
+--    signal that names no process (one naming another pid or sessionId is another session's).
 --  - A hello took the newest matching signal and left the older ones, which its session's next
 --    hello within their 10 s applied: a reconnect came back `working` after the hooks had said
 --    working, then idle. The best-matching signals are all taken now, the newest applied.
 --  - A hook that found no session while the session's hello was running (past its lookup,
 --    before its commit) stored a signal nobody read: the session started idle under a hook
---    that said working. Hellos hold their cwd's advisory lock shared until they commit; a hook
---    that finds no session takes it exclusively and looks again.
+--    that said working. Hellos hold advisory locks on their member's key and cwd, and on the
+--    cwd for unsigned hooks, shared until they commit; a hook that finds no session takes its
+--    own exclusively and looks again.
 --  - A plain hello is the member's by its key alone, as the protocol says (unauthorized: no
 --    live member with that mesh and pubkey) and upstream does; its memberId had to name the
 --    key's row too, so a client holding another id for its key was locked out.
@@ -102,19 +104,25 @@ BEGIN
         code := 'capacity'; RETURN NEXT; RETURN;
     END IF;
     -- A hook that fired before this hello (the first-turn race) applies now; a hello refused
-    -- above leaves it for the next. A signal is this session's if the hook would have found
-    -- the session had it been live: by sessionId, else by pid and cwd, else by cwd (00053).
-    -- The best-matching kind wins; its newest signal applies and its older ones go with it, so
-    -- none of them comes back at the session's next hello. The shared lock on the cwd makes a
-    -- hook that finds no session wait for this statement (hook_status), so it either sees this
-    -- presence or leaves its signal where this lookup sees it.
-    PERFORM pg_advisory_xact_lock_shared(hashtextextended('claudemesh.pending_status:' || p_cwd, 0));
+    -- above leaves it for the next. A signal is this session's by its sessionId, else by the
+    -- pid and cwd it names (whatever sessionId it gave: meshctl's hook and peer name one
+    -- process with two ids), else by cwd when it names no process at all (00053). A signal
+    -- naming another pid or sessionId is another session's. The best-matching kind wins; its
+    -- newest signal applies and its older ones go with it, so none of them comes back at the
+    -- session's next hello. The shared locks on the cwd (the member's, and unsigned hooks') make
+    -- a hook that finds no session wait for this statement (hook_status), so it either sees
+    -- this presence or leaves its signal where this lookup sees it.
+    PERFORM pg_advisory_xact_lock_shared(hashtextextended('claudemesh.pending_status:' || p_pubkey || ':' || p_cwd, 0));
+    PERFORM pg_advisory_xact_lock_shared(hashtextextended('claudemesh.pending_status::' || p_cwd, 0));
     WITH m AS (
-        SELECT q.id,
-               CASE WHEN q.session_id = p_session_id THEN 1 WHEN q.pid = p_pid AND q.cwd = p_cwd THEN 2 ELSE 3 END AS rank
+        SELECT q.id, r.rank
         FROM claudemesh.pending_status q
+        CROSS JOIN LATERAL (SELECT CASE
+            WHEN q.session_id = p_session_id THEN 1
+            WHEN q.pid = p_pid AND q.cwd = p_cwd THEN 2
+            WHEN q.pid IS NULL AND q.session_id IS NULL AND q.cwd = p_cwd THEN 3 END AS rank) r
         WHERE q.expires_at > now() AND (q.member_pubkey IS NULL OR q.member_pubkey = p_pubkey)
-          AND (q.session_id = p_session_id OR q.cwd = p_cwd)
+          AND (q.session_id = p_session_id OR q.cwd = p_cwd) AND r.rank IS NOT NULL
     ), gone AS (
         -- What this hello deletes is what it applies: a hello racing it for the same signals
         -- gets none of them.
@@ -259,7 +267,9 @@ BEGIN
         SELECT array_agg(id) INTO ids FROM (
             SELECT id FROM by_session UNION ALL SELECT id FROM by_pid UNION ALL SELECT id FROM by_cwd) u;
         EXIT WHEN ids IS NOT NULL OR attempt = 2;
-        PERFORM pg_advisory_xact_lock(hashtextextended('claudemesh.pending_status:' || p_cwd, 0));
+        -- The member's key and the cwd, as the hellos hold them: a hook waits only for hellos
+        -- that could take its signal, not for every tenant's in a common directory.
+        PERFORM pg_advisory_xact_lock(hashtextextended('claudemesh.pending_status:' || p_member_pubkey || ':' || p_cwd, 0));
     END LOOP;
     IF ids IS NULL THEN
         INSERT INTO claudemesh.pending_status (cwd, pid, session_id, status, member_pubkey, expires_at)

@@ -8,6 +8,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/jackc/pgx/v5"
+
 	"github.com/claudemesh/broker/broker/startstop"
 	"github.com/claudemesh/broker/db"
 )
@@ -125,18 +127,28 @@ func (h *Heartbeat) loop(ctx context.Context, registered bool) {
 			return
 		}
 		opCtx, cancel := context.WithTimeout(ctx, h.cfg.Interval)
-		beat, err := h.q.NodeHeartbeat(opCtx, db.NodeHeartbeatParams{ID: h.cfg.Node().ID, Instance: h.instance})
-		cancel()
-		switch {
-		case err == nil && beat.Alive:
+		defer cancel()
+		_, err := h.q.NodeHeartbeat(opCtx, db.NodeHeartbeatParams{ID: h.cfg.Node().ID, Instance: h.instance})
+		holder := h.instance
+		if errors.Is(err, pgx.ErrNoRows) {
+			if holder, err = h.q.NodeHolder(opCtx, h.cfg.Node().ID); errors.Is(err, pgx.ErrNoRows) {
+				holder, err = h.instance, nil // the row is gone: register again
+			}
+			if err == nil && holder == "" {
+				holder = h.instance // a replica of the previous release registered it last
+			}
+		} else if err == nil {
 			h.ok()
-		case err == nil && beat.Holder != "" && beat.Holder != h.instance:
+			return
+		}
+		switch {
+		case err == nil && holder != h.instance:
 			// Registering again would take the id back and end the other's sessions in turn.
 			h.takenOver.Store(true)
 			h.upSince.Store(0)
 			h.cfg.Logger.Error("another process registered under this node's id: BROKER_NODE_ID is shared by two replicas; "+
 				"this one stops (give each replica its own id)", "node", h.cfg.Node().ID)
-			h.cfg.OnTakenOver(beat.Holder)
+			h.cfg.OnTakenOver(holder)
 		case err == nil:
 			h.cfg.Logger.Warn("this node was declared dead by a peer; re-registering")
 			h.upSince.Store(0)

@@ -18,16 +18,17 @@ SELECT coalesce((SELECT prev.instance FROM prev), '')::text AS prev_instance,
 FROM reg;
 
 -- name: NodeHeartbeat :one
--- alive is false when another replica declared this node dead, so it re-registers; or when
--- another process registered under this node's id since (holder: that process's instance).
-WITH beat AS (
-    UPDATE claudemesh.node n SET heartbeat_at = now()
-    WHERE n.id = @id AND n.stopped_at IS NULL AND n.dead_at IS NULL
-      AND n.instance IS NOT DISTINCT FROM sqlc.arg(instance)::text
-    RETURNING n.id
-)
-SELECT EXISTS (SELECT 1 FROM beat) AS alive,
-       coalesce((SELECT h.instance FROM claudemesh.node h WHERE h.id = @id), '')::text AS holder;
+-- No row when another replica declared this node dead, so it re-registers; or when another
+-- process registered under this node's id since (NodeHolder tells which).
+UPDATE claudemesh.node n SET heartbeat_at = now()
+WHERE n.id = @id AND n.stopped_at IS NULL AND n.dead_at IS NULL
+  AND n.instance IS NOT DISTINCT FROM sqlc.arg(instance)::text
+RETURNING true AS alive;
+
+-- name: NodeHolder :one
+-- Its own statement, after a heartbeat that matched nothing: one that waited for another
+-- process's registration reads the row as it was before it (its snapshot), not as it is.
+SELECT coalesce(n.instance, '')::text AS holder FROM claudemesh.node n WHERE n.id = @id;
 
 -- name: NodeStop :exec
 -- Only this process's registration: one that another process has since taken is not stopped.
