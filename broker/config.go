@@ -9,6 +9,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/claudemesh/broker/db"
 )
 
 // Defaults for every setting; a zero field in Config means its default.
@@ -289,6 +291,15 @@ var envVars = []envVar{
 	}},
 }
 
+// shown is a setting's value as an error may print it: a database URL's password never is
+// (a mistyped URL is exactly the one printed).
+func shown(name, v string) string {
+	if name == "DATABASE_URL" {
+		return db.Redact(v)
+	}
+	return v
+}
+
 // LoadConfig reads the configuration from the environment (getenv is os.Getenv in main).
 // Every invalid value is reported, each naming the variable and what it should be.
 func LoadConfig(getenv func(string) string) (Config, error) {
@@ -303,7 +314,7 @@ func LoadConfig(getenv func(string) string) (Config, error) {
 			continue
 		}
 		if err := ev.parse(v, &c); err != nil {
-			errs = append(errs, fmt.Errorf("%s=%q is invalid (%v): set it to %s, or unset it for the default", ev.name, v, err, ev.help))
+			errs = append(errs, fmt.Errorf("%s=%q is invalid (%v): set it to %s, or unset it for the default", ev.name, shown(ev.name, v), err, ev.help))
 		}
 	}
 	if err := errors.Join(errs...); err != nil {

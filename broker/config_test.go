@@ -75,3 +75,16 @@ func TestLoadConfigErrorsNameVariableAndFix(t *testing.T) {
 	require.ErrorContains(t, err, "BROKER_PORT")
 	require.ErrorContains(t, err, "LOG_FORMAT")
 }
+
+// A mistyped DATABASE_URL is named in the error, its password is not.
+func TestLoadConfigHidesDatabasePassword(t *testing.T) {
+	for _, v := range []string{
+		"postgress://admin:S3cretPW@db.example.com/broker",
+		"admin:S3cretPW@db.example.com/broker",
+	} {
+		_, err := LoadConfig(env(map[string]string{"DATABASE_URL": v}))
+		require.ErrorContains(t, err, "DATABASE_URL")
+		require.ErrorContains(t, err, "db.example.com/broker", "the user still sees which URL is wrong")
+		require.NotContains(t, err.Error(), "S3cretPW")
+	}
+}

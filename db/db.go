@@ -56,11 +56,11 @@ const ReplicaMinIdle = 2
 func NewPool(ctx context.Context, url string, cfg PoolConfig) (*pgxpool.Pool, error) {
 	pc, err := pgxpool.ParseConfig(url)
 	if err != nil {
-		return nil, fmt.Errorf("parse DATABASE_URL: %w", err)
+		return nil, parseError(url, err)
 	}
 	set, err := poolSettings(url)
 	if err != nil {
-		return nil, fmt.Errorf("parse DATABASE_URL: %w", err)
+		return nil, parseError(url, err)
 	}
 	if !set["pool_max_conns"] {
 		pc.MaxConns = DefaultMaxConns

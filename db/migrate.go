@@ -32,7 +32,7 @@ type Migrator struct {
 func NewMigrator(url string, logger *slog.Logger) (*Migrator, error) {
 	cc, err := pgx.ParseConfig(url)
 	if err != nil {
-		return nil, fmt.Errorf("parse DATABASE_URL: %w", err)
+		return nil, parseError(url, err)
 	}
 	// DATABASE_URL may carry the replicas' pool settings (pool_max_conns, ...).
 	sqlDB := stdlib.OpenDB(*WithoutPoolSettings(cc))

@@ -10,6 +10,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/claudemesh/broker/broker"
+	"github.com/claudemesh/broker/db"
 	"github.com/claudemesh/broker/db/pgproxy"
 )
 
@@ -77,8 +78,8 @@ func runDBProxy(cmd *cobra.Command, target, dbURL, listen string, delay time.Dur
 		if err != nil {
 			return err
 		}
-		fmt.Fprintf(out, "  postgres   %s\n", redactURL(dbURL))
-		fmt.Fprintf(out, "  proxied    %s\n", redactURL(proxied))
+		fmt.Fprintf(out, "  postgres   %s\n", db.Redact(dbURL))
+		fmt.Fprintf(out, "  proxied    %s\n", db.Redact(proxied))
 	}
 	fmt.Fprintf(out, "\nCtrl-C stops it.\n")
 	<-ctx.Done()

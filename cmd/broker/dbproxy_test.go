@@ -19,6 +19,7 @@ import (
 
 	"github.com/claudemesh/broker/broker/membership"
 	"github.com/claudemesh/broker/client"
+	"github.com/claudemesh/broker/db"
 	"github.com/claudemesh/broker/db/dbtest"
 	"github.com/claudemesh/broker/db/pgproxy"
 	"github.com/claudemesh/broker/protocol"
@@ -136,8 +137,8 @@ func TestDBProxyVerb(t *testing.T) {
 	t.Setenv("DATABASE_URL", dbURL)
 	out, stop = startCLI(t, "dbproxy", "--listen", "127.0.0.1:0")
 	addr = bannerField(t, out, "listen")
-	require.Equal(t, redactURL(dbURL), bannerField(t, out, "postgres"))
-	require.Equal(t, redactURL(viaProxy(t, dbURL, addr)), bannerField(t, out, "proxied"))
+	require.Equal(t, db.Redact(dbURL), bannerField(t, out, "postgres"))
+	require.Equal(t, db.Redact(viaProxy(t, dbURL, addr)), bannerField(t, out, "proxied"))
 	require.Contains(t, out.String(), "0s each way")
 	roundTrip(t, viaProxy(t, dbURL, addr))
 	require.NoError(t, stop())

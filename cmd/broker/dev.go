@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
-	"net/url"
 	"strconv"
 	"time"
 
@@ -125,10 +124,10 @@ func runDev(ctx context.Context, cmd *cobra.Command, url string, cfg broker.Conf
 	for i, s := range servers {
 		fmt.Fprintf(out, "  replica %-2d     ws://localhost:%d/ws   node %s\n", i+1, cfg.Port+i+1, s.NodeID())
 	}
-	fmt.Fprintf(out, "  postgres       %s\n", redactURL(url))
+	fmt.Fprintf(out, "  postgres       %s\n", db.Redact(url))
 	if dbDelay > 0 {
 		fmt.Fprintf(out, "  db delay       %s each way (+%s per round trip): replicas reach Postgres through %s\n",
-			dbDelay, 2*dbDelay, redactURL(replicaURL))
+			dbDelay, 2*dbDelay, db.Redact(replicaURL))
 	}
 	fmt.Fprintf(out, "  health         http://localhost:%d/health   metrics /metrics\n", cfg.Port)
 	for i, s := range servers {
@@ -159,13 +158,4 @@ func devMetricsAddr(addr string, i int) (string, error) {
 		return "", fmt.Errorf("METRICS_ADDR %q: give a fixed port for a dev cluster (replica i serves on port+i-1)", addr)
 	}
 	return net.JoinHostPort(host, strconv.Itoa(p+i-1)), nil
-}
-
-// redactURL hides a connection URL's password, which must never reach a terminal or log.
-func redactURL(s string) string {
-	u, err := url.Parse(s)
-	if err != nil {
-		return "(unparsable URL)"
-	}
-	return u.Redacted()
 }

@@ -258,7 +258,7 @@ func withAdmin(ctx context.Context, base string, f func(*pgx.Conn) error) error 
 func withDatabase(base, name string) string {
 	u, err := url.Parse(base)
 	if err != nil || (u.Scheme != "postgres" && u.Scheme != "postgresql") {
-		panic(fmt.Sprintf("dbtest: DATABASE_URL must be a postgres:// URL, got %q", base))
+		panic(fmt.Sprintf("dbtest: DATABASE_URL must be a postgres:// URL, got %q", db.Redact(base)))
 	}
 	u.Path = "/" + name
 	return u.String()

@@ -12,6 +12,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/claudemesh/broker/db"
 )
 
 // Defaults for the zero values of Config.
@@ -80,7 +82,8 @@ func (c Config) validate() error {
 func TargetFromURL(dbURL string) (string, error) {
 	u, err := url.Parse(dbURL)
 	if err != nil {
-		return "", fmt.Errorf("parse database url: %w", err)
+		// Not %w: url.Error quotes the whole URL, password included.
+		return "", fmt.Errorf("parse database url %s: not a valid URL", db.Redact(dbURL))
 	}
 	if u.Hostname() == "" {
 		return "", errors.New("parse database url: no host (a proxy needs a TCP address, not a Unix socket)")
@@ -196,7 +199,8 @@ func (p *Proxy) URL(dbURL string) (string, error) {
 	}
 	u, err := url.Parse(dbURL)
 	if err != nil {
-		return "", fmt.Errorf("pgproxy url: %w", err)
+		// Not %w: url.Error quotes the whole URL, password included.
+		return "", fmt.Errorf("pgproxy url %s: not a valid URL", db.Redact(dbURL))
 	}
 	u.Host = addr.String()
 	return u.String(), nil

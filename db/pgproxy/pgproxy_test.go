@@ -389,6 +389,9 @@ func TestConfig(t *testing.T) {
 	require.Equal(t, "[::1]:6543", target)
 	_, err = pgproxy.TargetFromURL("postgres:///app?host=/run/postgresql")
 	require.ErrorContains(t, err, "Unix socket")
+	_, err = pgproxy.TargetFromURL("postgres://u:Top%zzSecret@db/app")
+	require.ErrorContains(t, err, "postgres://u:xxxxx@db/app")
+	require.NotContains(t, err.Error(), "Secret", "a URL that does not parse is printed without its password")
 
 	p := start(t, pgproxy.Config{Target: "127.0.0.1:1"})
 	u, err := p.URL("postgres://u:p@db:5432/app?sslmode=disable")
