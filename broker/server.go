@@ -276,7 +276,9 @@ func (s *Server) Start(ctx context.Context, addr string) error {
 	runCtx := context.WithoutCancel(ctx)
 	for i, svc := range s.services {
 		if err := svc.Start(runCtx); err != nil {
-			s.stopServices(ctx, s.services[:i])
+			late, cancel := pastDeadline(ctx)
+			s.stopServices(ctx, late, s.services[:i])
+			cancel()
 			_ = ln.Close()
 			if mln != nil {
 				_ = mln.Close()
@@ -365,15 +367,18 @@ func (s *Server) serve(srv *http.Server, ln net.Listener, what string) {
 	})
 }
 
-// stopTimeout is what each service gets to stop when the caller's deadline has already
-// passed: the bus must still be stopped and the node marked stopped, or the node would be
-// declared dead instead and its LISTEN goroutines would outlive the server.
-const stopTimeout = 3 * time.Second
+// StopMargin is how long Stop may run past its context's deadline: what the services share
+// to stop once the drain has used the deadline up, since the bus must still be stopped and the
+// node marked stopped, or the node would be declared dead instead and its LISTEN goroutines
+// would outlive the server. Shared, not per service: with Postgres not answering, a margin
+// each added up to half a minute past the deadline, beyond what platforms wait before SIGKILL.
+const StopMargin = 3 * time.Second
 
 // Stop shuts the replica down: no new connections, sessions closed with 1012 (their
 // presences kept in grace), every service stopped in reverse order, the node marked stopped.
-// Each service gets what is left of ctx, and at least stopTimeout of its own. Safe to call
-// twice; the second call returns at once.
+// The services get what is left of ctx and, once it is done, StopMargin more between them:
+// Stop returns within ctx's deadline plus StopMargin, leaving a service that has not stopped
+// by then behind. Safe to call twice; the second call returns at once.
 func (s *Server) Stop(ctx context.Context) error {
 	s.mu.Lock()
 	if s.stopped || s.httpSrv == nil {
@@ -385,12 +390,14 @@ func (s *Server) Stop(ctx context.Context) error {
 	srv, ms := s.httpSrv, s.metricsSrv
 	s.mu.Unlock()
 
+	late, cancelLate := pastDeadline(ctx)
+	defer cancelLate()
 	s.draining.Store(true)
 	s.drainSessions(ctx)
 	// Whatever did not leave in the drain window is cut now, and its end queued for the ender
 	// (which stops after everything that could still close a session).
 	_ = s.peers.melody.Close()
-	s.waitSessionsGone(stopTimeout)
+	s.waitSessionsGone(late, StopMargin)
 	err := srv.Shutdown(ctx)
 	if err != nil {
 		_ = srv.Close() // the deadline passed with requests open: cut them
@@ -406,36 +413,49 @@ func (s *Server) Stop(ctx context.Context) error {
 		grace = max(0, min(grace, time.Until(d)))
 	}
 	s.peers.linger.stop(grace)
-	err = errors.Join(err, s.stopServices(ctx, s.services))
+	err = errors.Join(err, s.stopServices(ctx, late, s.services))
 	s.log.Info("broker stopped")
 	return err
 }
 
-// stopServices stops services in reverse order, each with a deadline of its own when ctx is
-// already done.
-func (s *Server) stopServices(ctx context.Context, services []interface {
+// pastDeadline is ctx extended by StopMargin: done StopMargin after ctx's deadline, or after
+// ctx is done when it has none.
+func pastDeadline(ctx context.Context) (context.Context, context.CancelFunc) {
+	if d, ok := ctx.Deadline(); ok {
+		return context.WithDeadline(context.WithoutCancel(ctx), d.Add(StopMargin))
+	}
+	late, cancel := context.WithCancel(context.WithoutCancel(ctx))
+	stop := context.AfterFunc(ctx, func() {
+		t := time.AfterFunc(StopMargin, cancel)
+		context.AfterFunc(late, func() { t.Stop() })
+	})
+	return late, func() { stop(); cancel() }
+}
+
+// stopServices stops services in reverse order with what is left of ctx, and once ctx is done
+// with what is left of late.
+func (s *Server) stopServices(ctx, late context.Context, services []interface {
 	Start(context.Context) error
 	Stop(context.Context) error
 }) error {
 	var errs []error
 	for i := len(services) - 1; i >= 0; i-- {
-		sctx, cancel := ctx, context.CancelFunc(func() {})
+		sctx := ctx
 		if ctx.Err() != nil {
-			sctx, cancel = context.WithTimeout(context.WithoutCancel(ctx), stopTimeout)
+			sctx = late
 		}
 		if err := services[i].Stop(sctx); err != nil {
 			errs = append(errs, fmt.Errorf("stop %T: %w", services[i], err))
 		}
-		cancel()
 	}
 	return errors.Join(errs...)
 }
 
-// waitSessionsGone waits, up to d, until every closed socket's session left the hub (its end
-// is then queued).
-func (s *Server) waitSessionsGone(d time.Duration) {
+// waitSessionsGone waits, up to d and while ctx lasts, until every closed socket's session
+// left the hub (its end is then queued).
+func (s *Server) waitSessionsGone(ctx context.Context, d time.Duration) {
 	deadline := time.Now().Add(d)
-	for s.hub.len() > 0 && time.Now().Before(deadline) {
+	for s.hub.len() > 0 && time.Now().Before(deadline) && ctx.Err() == nil {
 		time.Sleep(10 * time.Millisecond)
 	}
 }

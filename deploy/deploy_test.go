@@ -269,8 +269,8 @@ func TestComposeServices(t *testing.T) {
 		grace, err := time.ParseDuration(s.StopGracePeriod)
 		if err != nil {
 			t.Errorf("%s: stop_grace_period %q: %v", where, s.StopGracePeriod, err)
-		} else if grace <= cfg.DrainTimeout {
-			t.Errorf("%s: stop_grace_period %s must exceed the drain deadline %s, or Docker kills the drain", where, grace, cfg.DrainTimeout)
+		} else if bound := cfg.DrainTimeout + broker.StopMargin; grace <= bound {
+			t.Errorf("%s: stop_grace_period %s must exceed the drain deadline plus the stop margin %s, or Docker kills the drain", where, grace, bound)
 		}
 
 		for _, p := range s.Ports {
@@ -928,8 +928,8 @@ func TestFlyConfig(t *testing.T) {
 	default:
 		t.Errorf("kill_timeout is %v (%T), want seconds", v, v)
 	}
-	if kill < cfg.DrainTimeout {
-		t.Errorf("kill_timeout %s is shorter than the drain deadline %s: Fly would SIGKILL a draining replica", kill, cfg.DrainTimeout)
+	if bound := cfg.DrainTimeout + broker.StopMargin; kill <= bound {
+		t.Errorf("kill_timeout %s does not exceed the drain deadline plus the stop margin %s: Fly would SIGKILL a draining replica", kill, bound)
 	}
 
 	// The Dockerfile path is relative to fly.toml; the build context is where `fly deploy` runs.

@@ -163,14 +163,15 @@ func (h *Heartbeat) loop(ctx context.Context, registered bool) {
 	})
 }
 
-// Stop ends the heartbeat and marks the node stopped, with a deadline of its own even when
-// ctx has already ended, so a clean exit is never mistaken for a death. Safe twice.
+// Stop ends the heartbeat and marks the node stopped, so a clean exit is never mistaken for a
+// death: within ctx and 3 s. Not beyond ctx, which the caller's stop is bounded by (the broker's
+// Stop passes its margin past the drain deadline here). Safe twice.
 func (h *Heartbeat) Stop(ctx context.Context) error {
 	err := h.base.Stop(ctx)
 	if h.takenOver.Load() {
 		return err // the row is the other process's now
 	}
-	mctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 3*time.Second)
+	mctx, cancel := context.WithTimeout(ctx, 3*time.Second)
 	defer cancel()
 	if e := h.q.NodeStop(mctx, db.NodeStopParams{ID: h.cfg.Node().ID, Instance: h.instance}); e != nil {
 		h.cfg.Logger.Warn("mark node stopped", "err", e)

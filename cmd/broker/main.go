@@ -12,9 +12,11 @@ import (
 	"os/signal"
 	"runtime/debug"
 	"strconv"
+	"sync/atomic"
 	"syscall"
 	"time"
 
+	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/spf13/cobra"
 
 	"github.com/claudemesh/broker/broker"
@@ -32,9 +34,9 @@ func main() {
 	if os.Getenv("GOGC") == "" {
 		debug.SetGCPercent(defaultGCPercent)
 	}
-	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	ctx, cancel := context.WithCancel(context.Background())
+	watchSignals(cancel)
 	err := newRootCmd().ExecuteContext(ctx)
-	stop()
 	if err != nil {
 		var ee exitError
 		if errors.As(err, &ee) {
@@ -43,6 +45,35 @@ func main() {
 		fmt.Fprintln(os.Stderr, "broker:", err)
 		os.Exit(1)
 	}
+}
+
+// watchSignals cancels the command's context at the first SIGINT or SIGTERM (a serve drains)
+// and ends the process at the second: whoever signals again (Ctrl-C pressed twice, a supervisor
+// giving up on the drain) wants it gone now.
+func watchSignals(cancel context.CancelFunc) {
+	sigs := make(chan os.Signal, 2)
+	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM)
+	go func() {
+		<-sigs
+		cancel()
+		sig := <-sigs
+		code := 1
+		if n, ok := sig.(syscall.Signal); ok {
+			code = 128 + int(n) // what a shell reports for a process the signal ended
+		}
+		currentLogger().Error("second signal: exiting now without finishing the stop", "signal", sig.String(), "exit_code", code)
+		os.Exit(code)
+	}()
+}
+
+// processLogger is the logger loadConfig built, for what happens outside a command.
+var processLogger atomic.Pointer[slog.Logger]
+
+func currentLogger() *slog.Logger {
+	if l := processLogger.Load(); l != nil {
+		return l
+	}
+	return slog.New(slog.NewTextHandler(os.Stderr, nil))
 }
 
 // exitError ends the process with a specific code after the command printed its own output.
@@ -86,7 +117,9 @@ func loadConfig() (broker.Config, *slog.Logger, error) {
 	if cfg.LogFormat == "json" {
 		h = slog.NewJSONHandler(os.Stderr, opts)
 	}
-	return cfg, slog.New(h), nil
+	logger := slog.New(h)
+	processLogger.Store(logger)
+	return cfg, logger, nil
 }
 
 // embeddedUse says what a command does when another process already runs the embedded Postgres
@@ -273,17 +306,60 @@ func serve(ctx context.Context, url string, cfg broker.Config, logger *slog.Logg
 	if err != nil {
 		return err
 	}
-	defer pool.Close()
 	srv, err := broker.NewServer(cfg, pool, logger)
 	if err != nil {
+		pool.Close()
 		return err
 	}
 	if err := srv.Start(ctx, net.JoinHostPort(cfg.Host, strconv.Itoa(cfg.Port))); err != nil {
+		pool.Close()
 		return err
 	}
 	<-ctx.Done()
-	logger.Info("shutting down", "deadline", cfg.DrainTimeout)
-	stopCtx, cancel := context.WithTimeout(context.Background(), cfg.DrainTimeout)
+	logger.Info("shutting down", "deadline", cfg.DrainTimeout, "at_most", cfg.DrainTimeout+broker.StopMargin)
+	return stopWithin(cfg.DrainTimeout, logger, []*broker.Server{srv}, []*pgxpool.Pool{pool})
+}
+
+// stopWithin stops the servers (at once, each draining its own sessions) and then closes the
+// pools, and returns by drain + broker.StopMargin whatever is still stopping: the promise to
+// platforms that SIGKILL after a grace period (docs/operations.md). With Postgres not
+// answering, closing a pool waits on each connection's close (pgxpool: up to 15 s each), and a
+// service can be stuck in a statement; both are left behind, and said so, rather than waited for.
+func stopWithin(drain time.Duration, logger *slog.Logger, servers []*broker.Server, pools []*pgxpool.Pool) error {
+	deadline := time.Now().Add(drain)
+	hard := time.NewTimer(time.Until(deadline.Add(broker.StopMargin)))
+	defer hard.Stop()
+	stopCtx, cancel := context.WithDeadline(context.Background(), deadline)
 	defer cancel()
-	return srv.Stop(stopCtx)
+
+	errs := make(chan error, len(servers))
+	for _, s := range servers {
+		go func() { errs <- s.Stop(stopCtx) }()
+	}
+	var stopErrs []error
+	for range servers {
+		select {
+		case err := <-errs:
+			stopErrs = append(stopErrs, err)
+		case <-hard.C:
+			logger.Error("stop cut at the deadline: the broker had not finished stopping (Postgres not answering?); exiting anyway",
+				"after", drain+broker.StopMargin)
+			return exitError{code: 1}
+		}
+	}
+	closed := make(chan struct{})
+	go func() {
+		for _, p := range pools {
+			p.Close()
+		}
+		close(closed)
+	}()
+	select {
+	case <-closed:
+	case <-hard.C:
+		logger.Error("stop cut at the deadline: database connections were still closing (Postgres not answering?); exiting anyway",
+			"after", drain+broker.StopMargin)
+		return exitError{code: 1}
+	}
+	return errors.Join(stopErrs...)
 }
