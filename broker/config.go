@@ -204,6 +204,10 @@ type Config struct {
 	helloRegistered func()
 }
 
+// minDeadAfter is the shortest NODE_DEAD_AFTER_SECONDS: two heartbeats, so one late heartbeat
+// never gets a live replica declared dead.
+const minDeadAfter = int(2 * DefaultHeartbeatInterval / time.Second)
+
 // envVar describes one environment variable: its name, what it sets and how to parse it.
 type envVar struct {
 	name  string
@@ -213,7 +217,7 @@ type envVar struct {
 
 var envVars = []envVar{
 	{"BROKER_PORT", "a TCP port between 1 and 65535", func(v string, c *Config) error { return intIn(v, 1, 65535, &c.Port) }},
-	{"DATABASE_URL", "a postgres:// URL, or unset for the embedded Postgres", func(v string, c *Config) error {
+	{"DATABASE_URL", "a postgres:// URL or a key=value connection string", func(v string, c *Config) error {
 		if !strings.HasPrefix(v, "postgres://") && !strings.HasPrefix(v, "postgresql://") && !strings.Contains(v, "=") {
 			return errors.New("not a postgres:// URL or key=value connection string")
 		}
@@ -245,7 +249,9 @@ var envVars = []envVar{
 		}
 		return nil
 	}},
-	{"NODE_DEAD_AFTER_SECONDS", "a whole number of seconds >= 2", func(v string, c *Config) error { return seconds(v, 2, &c.NodeDeadAfter) }},
+	{"NODE_DEAD_AFTER_SECONDS", fmt.Sprintf("a whole number of seconds >= %d (two heartbeats)", minDeadAfter), func(v string, c *Config) error {
+		return seconds(v, minDeadAfter, &c.NodeDeadAfter)
+	}},
 	{"DRAIN_TIMEOUT_SECONDS", "a whole number of seconds >= 1", func(v string, c *Config) error { return seconds(v, 1, &c.DrainTimeout) }},
 	{"MESSAGE_TTL_SECONDS", "a whole number of seconds >= 60", func(v string, c *Config) error { return seconds(v, 60, &c.MessageTTL) }},
 	{"BROKER_HOST", "a host or IP address to listen on (127.0.0.1 for this machine only)", func(v string, c *Config) error { c.Host = v; return nil }},
@@ -291,6 +297,9 @@ var envVars = []envVar{
 	}},
 }
 
+// unsetMeans says what unsetting a variable does where "for the default" would not.
+var unsetMeans = map[string]string{"DATABASE_URL": "to use the embedded Postgres in BROKER_DATA_DIR"}
+
 // shown is a setting's value as an error may print it: a database URL's password never is
 // (a mistyped URL is exactly the one printed).
 func shown(name, v string) string {
@@ -314,14 +323,20 @@ func LoadConfig(getenv func(string) string) (Config, error) {
 			continue
 		}
 		if err := ev.parse(v, &c); err != nil {
-			errs = append(errs, fmt.Errorf("%s=%q is invalid (%v): set it to %s, or unset it for the default", ev.name, shown(ev.name, v), err, ev.help))
+			unset, ok := unsetMeans[ev.name]
+			if !ok {
+				unset = "for the default"
+			}
+			errs = append(errs, fmt.Errorf("%s=%q is invalid (%v): set it to %s, or unset it %s", ev.name, shown(ev.name, v), err, ev.help, unset))
 		}
 	}
-	if err := errors.Join(errs...); err != nil {
+	// The relations between settings are checked too, a value that did not parse standing at
+	// its default, so that every mistake is reported in one go.
+	c = c.WithDefaults()
+	if err := errors.Join(append(errs, c.Validate())...); err != nil {
 		return Config{}, err
 	}
-	c = c.WithDefaults()
-	return c, c.Validate()
+	return c, nil
 }
 
 // WithDefaults returns c with every zero field set to its default.
@@ -400,7 +415,16 @@ func (c Config) Grace() time.Duration { return max(c.SessionGrace, 0) }
 func (c Config) Validate() error {
 	var errs []error
 	if c.Heartbeat*2 > c.NodeDeadAfter {
-		errs = append(errs, fmt.Errorf("NODE_DEAD_AFTER_SECONDS=%d is too short: it must be at least two heartbeats (%s)", int(c.NodeDeadAfter.Seconds()), 2*c.Heartbeat))
+		errs = append(errs, fmt.Errorf("NODE_DEAD_AFTER_SECONDS=%d is too short: set it to at least %d, two heartbeats of %s",
+			int(c.NodeDeadAfter.Seconds()), int((2*c.Heartbeat+time.Second-1)/time.Second), c.Heartbeat))
+	}
+	// A send's envelope rides in one frame of at most MAX_MESSAGE_BYTES: a larger limit could
+	// never be reached, and the sends it meant to allow would close their sockets (1009)
+	// instead of being stored or refused too_large.
+	if c.MaxEnvelopeBytes > c.MaxMessageBytes {
+		errs = append(errs, fmt.Errorf("MAX_ENVELOPE_BYTES=%d is more than MAX_MESSAGE_BYTES=%d, the largest frame, which carries the envelope: "+
+			"raise MAX_MESSAGE_BYTES to at least %d (the envelope plus 1 KiB for the rest of the frame), or unset MAX_ENVELOPE_BYTES for MAX_MESSAGE_BYTES - 1024",
+			c.MaxEnvelopeBytes, c.MaxMessageBytes, c.MaxEnvelopeBytes+envelopeHeadroom))
 	}
 	for _, r := range c.NodeID {
 		if !(r == '-' || r == '_' || r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9') {

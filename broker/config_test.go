@@ -1,6 +1,7 @@
 package broker
 
 import (
+	"strings"
 	"testing"
 	"time"
 
@@ -57,7 +58,8 @@ func TestLoadConfigErrorsNameVariableAndFix(t *testing.T) {
 		"log level":     {"LOG_LEVEL", "loud", "one of debug, info, warn, error"},
 		"log format":    {"LOG_FORMAT", "xml", "text or json"},
 		"notify after":  {"NOTIFY_AFTER_COMMIT", "yes", "true or false"},
-		"database url":  {"DATABASE_URL", "mysql://x", "postgres:// URL"},
+		"database url":  {"DATABASE_URL", "mysql://x", "unset it to use the embedded Postgres"},
+		"dead after":    {"NODE_DEAD_AFTER_SECONDS", "3", "set it to a whole number of seconds >= 4"},
 		"node id chars": {"BROKER_NODE_ID", "a b", "letters, digits"},
 		"write rate":    {"WRITE_RATE_PER_MEMBER", "0", "requests per second >= 1"},
 		"read burst":    {"READ_BURST_PER_MEMBER", "-1", "requests >= 1"},
@@ -86,5 +88,44 @@ func TestLoadConfigHidesDatabasePassword(t *testing.T) {
 		require.ErrorContains(t, err, "DATABASE_URL")
 		require.ErrorContains(t, err, "db.example.com/broker", "the user still sees which URL is wrong")
 		require.NotContains(t, err.Error(), "S3cretPW")
+	}
+}
+
+// Every message says something the user can do: the fix it proposes is one the check accepts.
+func TestLoadConfigHelpAgreesWithChecks(t *testing.T) {
+	_, err := LoadConfig(env(map[string]string{"NODE_DEAD_AFTER_SECONDS": "3"}))
+	require.ErrorContains(t, err, ">= 4")
+	c, err := LoadConfig(env(map[string]string{"NODE_DEAD_AFTER_SECONDS": "4"}))
+	require.NoError(t, err, "the minimum the help names is accepted")
+	require.Equal(t, 4*time.Second, c.NodeDeadAfter)
+
+	_, err = LoadConfig(env(map[string]string{"DATABASE_URL": "mysql://x"}))
+	require.NotContains(t, err.Error(), "unset it for the default", "said once, in words that fit DATABASE_URL")
+	require.Equal(t, 1, strings.Count(err.Error(), "unset"), err.Error())
+}
+
+// A bad value and a bad relation between values are reported together.
+func TestLoadConfigReportsEveryProblemAtOnce(t *testing.T) {
+	_, err := LoadConfig(env(map[string]string{"BROKER_PORT": "abc", "BROKER_NODE_ID": "bad id!", "MAX_ENVELOPE_BYTES": "70000"}))
+	require.ErrorContains(t, err, "BROKER_PORT")
+	require.ErrorContains(t, err, "BROKER_NODE_ID")
+	require.ErrorContains(t, err, "MAX_ENVELOPE_BYTES")
+}
+
+// An envelope limit above the frame limit could never be reached: refused, with both values
+// and the way out.
+func TestEnvelopeLimitWithinFrameLimit(t *testing.T) {
+	_, err := LoadConfig(env(map[string]string{"MAX_MESSAGE_BYTES": "4096", "MAX_ENVELOPE_BYTES": "8192"}))
+	require.ErrorContains(t, err, "MAX_ENVELOPE_BYTES=8192 is more than MAX_MESSAGE_BYTES=4096")
+	require.ErrorContains(t, err, "at least 9216")
+	for _, ok := range []map[string]string{
+		{"MAX_MESSAGE_BYTES": "4096", "MAX_ENVELOPE_BYTES": "3072"},
+		{"MAX_MESSAGE_BYTES": "4096", "MAX_ENVELOPE_BYTES": "4096"},
+		{"MAX_MESSAGE_BYTES": "4096"},
+		{"MAX_ENVELOPE_BYTES": "1000"},
+	} {
+		c, err := LoadConfig(env(ok))
+		require.NoError(t, err, ok)
+		require.LessOrEqual(t, c.MaxEnvelopeBytes, c.MaxMessageBytes)
 	}
 }

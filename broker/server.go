@@ -16,6 +16,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgxpool"
@@ -260,7 +261,12 @@ func (s *Server) Start(ctx context.Context, addr string) error {
 	}
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
-		return fmt.Errorf("listen %s: %w", addr, err)
+		// Name the settings: "address already in use" alone leaves the operator to guess
+		// where the address came from.
+		if errors.Is(err, syscall.EADDRINUSE) {
+			return fmt.Errorf("listen %s: %w: another process (another broker?) holds the port; stop it or set BROKER_PORT to a free one", addr, err)
+		}
+		return fmt.Errorf("listen %s: %w: check BROKER_HOST and BROKER_PORT", addr, err)
 	}
 	var mln net.Listener
 	if s.cfg.MetricsAddr != "" {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"io"
+	"net"
 	"net/http"
 	"strings"
 	"testing"
@@ -160,4 +161,18 @@ func TestStopPastItsDeadlineStillStopsBusAndMarksNode(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		t.Fatal("the session was not closed by Stop")
 	}
+}
+
+// A port another process holds is reported with the setting that chose it.
+func TestStartNamesThePortSetting(t *testing.T) {
+	t.Parallel()
+	taken, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	defer taken.Close()
+	srv, err := NewServer(Config{}, dbtest.Pool(t), dbtest.Logger(t))
+	require.NoError(t, err)
+	err = srv.Start(context.Background(), taken.Addr().String())
+	require.ErrorContains(t, err, "address already in use")
+	require.ErrorContains(t, err, "BROKER_PORT")
+	require.NoError(t, srv.Stop(context.Background()))
 }
