@@ -304,7 +304,7 @@ func (c *committer) commit(ctx context.Context, batch []sendReq) {
 			c.abandon(batch, plan, err)
 			return
 		}
-		c.log.Warn("send batch failed; refusing its sends", "size", len(batch), "err", err)
+		c.metrics.warnRepeated(c.log, "send batch failed; refusing its sends", "size", len(batch), "err", err)
 		c.metrics.SendFailures.Add(float64(len(batch)))
 		for _, r := range batch {
 			ackTo(c.log, r.sess, &protocol.Ack{ID: r.msg.ID, Queued: false, Error: ackUnavailable, ReqID: r.msg.ReqID})
@@ -376,7 +376,7 @@ func (c *committer) persist(ctx context.Context, batch []sendReq, plan *batchPla
 // by the catch-up, and until then those sessions' new pushes queue behind it (as after lost
 // notifications), so order per recipient holds.
 func (c *committer) abandon(batch []sendReq, plan *batchPlan, err error) {
-	c.log.Warn("send batch outcome unknown (Postgres did not answer); closing its senders' sockets so they retry",
+	c.metrics.warnRepeated(c.log, "send batch outcome unknown (Postgres did not answer); closing its senders' sockets so they retry",
 		"size", len(batch), "err", err)
 	unknown := map[*session]bool{}
 	for i, r := range batch {

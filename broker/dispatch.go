@@ -101,7 +101,7 @@ func (p *peers) dispatch(ms *melody.Session, sess *session, msg protocol.ClientM
 	if err != nil {
 		var perr *protocol.Error
 		if !errors.As(err, &perr) {
-			p.log.Warn("request failed", "type", msg.Type(), "presence", sess.presenceID, "err", err)
+			p.metrics.warnRepeated(p.log, "request failed", "type", msg.Type(), "presence", sess.presenceID, "err", err)
 			perr = &protocol.Error{Code: "internal", Message: "broker could not complete " + msg.Type() + "; retry"}
 		}
 		perr.ReqID = msg.RequestID()

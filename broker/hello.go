@@ -62,7 +62,7 @@ func (p *peers) handleHello(ms *melody.Session, c *conn, msg protocol.ClientMess
 		var ref *helloRefusal
 		if !errors.As(err, &ref) {
 			// Not the peer's fault (database down, ...): say so and let it retry elsewhere.
-			p.log.Warn("hello failed", "type", msg.Type(), "err", err)
+			p.metrics.warnRepeated(p.log, "hello failed", "type", msg.Type(), "err", err)
 			ref = &helloRefusal{code: "internal", msg: "broker could not register the session; retry", closeCd: protocol.CloseGoingAway}
 		} else {
 			p.refusals.Info("hello refused", "type", msg.Type(), "code", ref.code, "reason", ref.msg, "source", c.source)

@@ -243,7 +243,7 @@ func (s *hooks) handleHook(w http.ResponseWriter, r *http.Request) {
 	s.slots.release()
 	switch {
 	case err != nil:
-		s.log.Warn("hook could not be applied", "session_id", req.SessionID, "status", req.Status, "err", err)
+		s.metrics.warnRepeated(s.log, "hook could not be applied", "session_id", req.SessionID, "status", req.Status, "err", err)
 		s.hookFail(w, http.StatusServiceUnavailable, "broker could not apply the status; retry", "unavailable")
 		return
 	case o.Replayed:

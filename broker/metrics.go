@@ -41,8 +41,9 @@ type Metrics struct {
 	ClaimSkips                       prometheus.Counter
 	BackgroundErrors                 *prometheus.CounterVec
 
-	bgMu     sync.Mutex
-	bgLogged map[string]bgLog
+	// logged holds back repeats of a failure's log line: background failures by task
+	// (backgroundError), request failures by message (warnRepeated).
+	logged *repeatLog
 
 	// RequestsRateLimited counts requests other than send refused rate_limited, by type.
 	RequestsRateLimited *prometheus.CounterVec
@@ -60,7 +61,7 @@ func newMetrics() *Metrics {
 		return prometheus.NewGauge(prometheus.GaugeOpts{Namespace: "claudemesh", Name: name, Help: help})
 	}
 	m := &Metrics{
-		bgLogged:       map[string]bgLog{},
+		logged:         newRepeatLog(repeatLogEvery),
 		Registry:       reg,
 		HealthChecks:   cv("health_checks_total", "Health checks served, by reported status.", "status"),
 		ConnActive:     g("connections_active", "Open WebSocket connections on this replica."),
@@ -116,20 +117,61 @@ func newMetrics() *Metrics {
 // retried says so in args.
 func (m *Metrics) backgroundError(log *slog.Logger, task string, err error, args ...any) {
 	m.BackgroundErrors.WithLabelValues(task).Inc()
-	m.bgMu.Lock()
-	last := m.bgLogged[task]
-	if time.Since(last.at) < 10*time.Second {
-		last.suppressed++
-		m.bgLogged[task] = last
-		m.bgMu.Unlock()
+	ok, left := m.logged.allow("task " + task)
+	if !ok {
 		return
 	}
-	m.bgLogged[task] = bgLog{at: time.Now()}
-	m.bgMu.Unlock()
-	if last.suppressed > 0 {
-		args = append(args, "suppressed_since_last", last.suppressed)
+	if left > 0 {
+		args = append(args, "suppressed_since_last", left)
 	}
 	log.Error(task+" failed", append([]any{"task", task, "err", err}, args...)...)
+}
+
+// warnRepeated logs msg at Warn as backgroundError logs a task's failure: at most once per 10 s
+// per msg, the next line saying how many were left out. For the failures every request meets
+// while Postgres is down, which thousands of peers reconnecting turn into hundreds of lines a
+// second; the first in each interval still shows the error.
+func (m *Metrics) warnRepeated(log *slog.Logger, msg string, args ...any) {
+	ok, left := m.logged.allow("warn " + msg)
+	if !ok {
+		return
+	}
+	if left > 0 {
+		args = append(args, "suppressed_since_last", left)
+	}
+	log.Warn(msg, args...)
+}
+
+// repeatLogEvery is how often a repeated failure's line is let through.
+const repeatLogEvery = 10 * time.Second
+
+// repeatLog lets each kind of log line through at most once per interval and counts the ones it
+// holds back, for the next line of that kind to report.
+type repeatLog struct {
+	every time.Duration
+	now   func() time.Time // time.Now; tests move it
+	mu    sync.Mutex
+	last  map[string]bgLog // by kind: a fixed set of tasks and messages
+}
+
+func newRepeatLog(every time.Duration) *repeatLog {
+	return &repeatLog{every: every, now: time.Now, last: map[string]bgLog{}}
+}
+
+// allow reports whether a line of kind may be logged now and, when it may, how many lines of
+// that kind were held back since the last one.
+func (r *repeatLog) allow(kind string) (bool, int) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	now := r.now()
+	last, seen := r.last[kind]
+	if seen && now.Sub(last.at) < r.every {
+		last.suppressed++
+		r.last[kind] = last
+		return false, 0
+	}
+	r.last[kind] = bgLog{at: now}
+	return true, last.suppressed
 }
 
 // backgroundTasks are the task labels of background_errors_total.
