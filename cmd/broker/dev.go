@@ -52,7 +52,7 @@ machine shows what a replica far from the primary pays per operation. Migrations
 
 func runDev(ctx context.Context, cmd *cobra.Command, url string, cfg broker.Config, logger *slog.Logger, replicas int, dbDelay time.Duration) error {
 	if err := migrateWithRetry(ctx, url, logger); err != nil {
-		return err
+		return stoppedOr(ctx, err, logger)
 	}
 	// The replicas' pools (and their LISTEN connections, which the bus derives from the pool's
 	// config) go through the proxy; with no delay they connect direct, as before.

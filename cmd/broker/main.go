@@ -267,7 +267,7 @@ func newServeCmd() *cobra.Command {
 			return withDatabase(cmd, ownEmbedded, func(ctx context.Context, url string, cfg broker.Config, logger *slog.Logger) error {
 				if !noMigrate {
 					if err := migrateWithRetry(ctx, url, logger); err != nil {
-						return err
+						return stoppedOr(ctx, err, logger)
 					}
 				}
 				return serve(ctx, url, cfg, logger)
@@ -299,6 +299,16 @@ func migrateWithRetry(ctx context.Context, url string, logger *slog.Logger) erro
 		}
 		delay = min(delay*2, 5*time.Second)
 	}
+}
+
+// stoppedOr returns err, or nil when it is only the end of a stop that was asked for (SIGTERM
+// while the start-up waits for Postgres): a requested stop exits 0.
+func stoppedOr(ctx context.Context, err error, logger *slog.Logger) error {
+	if ctx.Err() != nil {
+		logger.Info("stopped before start-up finished")
+		return nil
+	}
+	return err
 }
 
 func serve(ctx context.Context, url string, cfg broker.Config, logger *slog.Logger) error {

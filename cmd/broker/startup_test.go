@@ -1,0 +1,60 @@
+//go:build unix
+
+package main
+
+import (
+	"fmt"
+	"os"
+	"os/exec"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/claudemesh/broker/db/dbtest"
+)
+
+// startServe runs `broker serve` with env added to ours and its output collected.
+func startServe(t *testing.T, bin string, env []string, args ...string) (*exec.Cmd, *lockedBuffer, *exited) {
+	t.Helper()
+	cmd := exec.Command(bin, append([]string{"serve"}, args...)...)
+	cmd.Env = append(os.Environ(), env...)
+	out := &lockedBuffer{}
+	cmd.Stdout, cmd.Stderr = out, out
+	require.NoError(t, cmd.Start())
+	ex := &exited{done: make(chan struct{})}
+	go func() { ex.err = cmd.Wait(); close(ex.done) }()
+	t.Cleanup(func() {
+		_ = cmd.Process.Kill()
+		<-ex.done
+		if t.Failed() {
+			t.Logf("broker serve output:\n%s", out)
+		}
+	})
+	return cmd, out, ex
+}
+
+func TestServeStartUp(t *testing.T) {
+	if testing.Short() {
+		t.Skip("drives real broker processes; skipped in -short")
+	}
+	bin := buildBroker(t, t.TempDir())
+
+	// SIGTERM while serve waits for its database is a stop that was asked for, not a failure.
+	t.Run("stopped while waiting for Postgres", func(t *testing.T) {
+		nobody := freePort(t) // nothing listens there: every migration attempt fails
+		cmd, out, ex := startServe(t, bin, []string{
+			fmt.Sprintf("DATABASE_URL=postgres://postgres@127.0.0.1:%d/x?sslmode=disable", nobody),
+			"BROKER_PORT=" + strconv.Itoa(freePort(t)), "LOG_LEVEL=info"})
+		dbtest.WaitFor(t, 30*time.Second, "a migration retry", func() bool {
+			return strings.Contains(out.String(), "migrations failed; retrying")
+		})
+		require.NoError(t, cmd.Process.Signal(syscall.SIGTERM))
+		require.Equal(t, 0, waitExit(t, ex, 10*time.Second), "a requested stop exits 0")
+		require.NotContains(t, out.String(), "context canceled")
+		require.NotContains(t, out.String(), "broker: ", "no error printed")
+	})
+}
