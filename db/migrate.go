@@ -109,6 +109,22 @@ func (m *Migrator) Status(ctx context.Context) ([]MigrationStatus, error) {
 	return out, nil
 }
 
+// SchemaVersions returns the newest migration applied to the database at url and the newest
+// this binary carries; the first is the larger when a newer release migrated the database.
+// It takes no lock: it never waits for a migration in progress.
+func SchemaVersions(ctx context.Context, url string) (applied, known int64, err error) {
+	m, err := NewMigrator(url, nil)
+	if err != nil {
+		return 0, 0, err
+	}
+	defer m.Close()
+	applied, known, err = m.provider.GetVersions(ctx)
+	if err != nil {
+		return 0, 0, fmt.Errorf("schema version: %w", err)
+	}
+	return applied, known, nil
+}
+
 // Close releases the migration connection.
 func (m *Migrator) Close() error { return m.db.Close() }
 

@@ -69,3 +69,24 @@ func TestMigrateConcurrentUp(t *testing.T) {
 	}
 	require.Greater(t, tableCount(t, url), 10)
 }
+
+// A database migrated by a newer release shows a version above the binary's newest.
+func TestSchemaVersions(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	url := dbtest.URL(t)
+	applied, known, err := db.SchemaVersions(ctx, url)
+	require.NoError(t, err)
+	require.Positive(t, known)
+	require.Equal(t, known, applied, "migrated by this binary")
+
+	conn, err := pgx.Connect(ctx, url)
+	require.NoError(t, err)
+	defer conn.Close(ctx)
+	_, err = conn.Exec(ctx, "INSERT INTO "+db.VersionTable+" (version_id, is_applied) VALUES ($1, true)", known+1)
+	require.NoError(t, err)
+	applied, known2, err := db.SchemaVersions(ctx, url)
+	require.NoError(t, err)
+	require.Equal(t, known, known2)
+	require.Equal(t, known+1, applied)
+}

@@ -54,6 +54,7 @@ func runDev(ctx context.Context, cmd *cobra.Command, url string, cfg broker.Conf
 	if err := migrateWithRetry(ctx, url, logger); err != nil {
 		return stoppedOr(ctx, err, logger)
 	}
+	go warnIfSchemaNewer(ctx, url, logger)
 	// The replicas' pools (and their LISTEN connections, which the bus derives from the pool's
 	// config) go through the proxy; with no delay they connect direct, as before.
 	replicaURL := url

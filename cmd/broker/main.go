@@ -270,6 +270,7 @@ func newServeCmd() *cobra.Command {
 						return stoppedOr(ctx, err, logger)
 					}
 				}
+				go warnIfSchemaNewer(ctx, url, logger)
 				return serve(ctx, url, cfg, logger)
 			})
 		},
@@ -309,6 +310,23 @@ func stoppedOr(ctx context.Context, err error, logger *slog.Logger) error {
 		return nil
 	}
 	return err
+}
+
+// warnIfSchemaNewer says, without refusing to start, when the database holds migrations this
+// binary does not know: an older replica of a rolling deploy after `migrate up`, expected until
+// the rollout reaches it (docs/operations.md, "Upgrades and rolling restarts"), a mistake if it
+// lasts. In the background: with --no-migrate and Postgres away, start-up does not wait on it.
+func warnIfSchemaNewer(ctx context.Context, url string, logger *slog.Logger) {
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	applied, known, err := db.SchemaVersions(ctx, url)
+	switch {
+	case err != nil && ctx.Err() == nil:
+		logger.Warn("could not compare the database schema with this binary's migrations", "err", err)
+	case err == nil && applied > known:
+		logger.Warn("the database schema is newer than this binary: fine while a rolling deploy replaces it, otherwise deploy the release that migrated it",
+			"schema_version", applied, "binary_schema_version", known)
+	}
 }
 
 func serve(ctx context.Context, url string, cfg broker.Config, logger *slog.Logger) error {

@@ -3,7 +3,9 @@
 package main
 
 import (
+	"context"
 	"fmt"
+	"net/http"
 	"os"
 	"os/exec"
 	"strconv"
@@ -12,8 +14,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/stretchr/testify/require"
 
+	"github.com/claudemesh/broker/db"
 	"github.com/claudemesh/broker/db/dbtest"
 )
 
@@ -56,5 +60,29 @@ func TestServeStartUp(t *testing.T) {
 		require.Equal(t, 0, waitExit(t, ex, 10*time.Second), "a requested stop exits 0")
 		require.NotContains(t, out.String(), "context canceled")
 		require.NotContains(t, out.String(), "broker: ", "no error printed")
+	})
+
+	// An older binary on a schema a newer release migrated starts (a rolling deploy runs it so
+	// on purpose) and says which versions it sees.
+	t.Run("newer schema", func(t *testing.T) {
+		dbURL := dbtest.URL(t)
+		ctx := context.Background()
+		_, known, err := db.SchemaVersions(ctx, dbURL)
+		require.NoError(t, err)
+		conn, err := pgx.Connect(ctx, dbURL)
+		require.NoError(t, err)
+		_, err = conn.Exec(ctx, "INSERT INTO "+db.VersionTable+" (version_id, is_applied) VALUES ($1, true)", known+1)
+		require.NoError(t, err)
+		require.NoError(t, conn.Close(ctx))
+
+		port := freePort(t)
+		cmd, out, ex := startServe(t, bin, []string{"DATABASE_URL=" + dbURL, "BROKER_PORT=" + strconv.Itoa(port), "LOG_LEVEL=info"}, "--no-migrate")
+		dbtest.WaitFor(t, time.Minute, "the schema warning", func() bool {
+			return strings.Contains(out.String(), "the database schema is newer than this binary")
+		})
+		require.Contains(t, out.String(), fmt.Sprintf("schema_version=%d binary_schema_version=%d", known+1, known))
+		dbtest.WaitFor(t, time.Minute, "serve healthy all the same", func() bool { return health(port) == http.StatusOK })
+		require.NoError(t, cmd.Process.Signal(syscall.SIGTERM))
+		require.Equal(t, 0, waitExit(t, ex, 30*time.Second))
 	})
 }
