@@ -213,3 +213,39 @@ func freePorts(t *testing.T, n int) int {
 	t.Fatalf("no %d consecutive free ports", n)
 	return 0
 }
+
+// Ctrl-C on `broker dev`: a client connected through the load balancer is told to reconnect
+// (1012) like one on a replica's own port, not cut off by the load balancer closing first.
+func TestDevLoadBalancerCarriesTheDrain(t *testing.T) {
+	dbURL := dbtest.URL(t)
+	t.Setenv("DATABASE_URL", dbURL)
+	t.Setenv("BROKER_PORT", strconv.Itoa(freePorts(t, 3)))
+	t.Setenv("LOG_LEVEL", "warn")
+	out, stop := startCLI(t, "dev", "--replicas", "2")
+	lb := bannerField(t, out, "load balancer")
+
+	ctx := context.Background()
+	svc := membership.New(dbtest.PoolFor(t, dbURL), membership.Config{Logger: dbtest.Logger(t)})
+	ownerPub, _, err := ed25519.GenerateKey(rand.Reader)
+	require.NoError(t, err)
+	mesh, _, err := svc.CreateMesh(ctx, membership.CreateMeshParams{Slug: "lb", OwnerPubkey: protocol.PubkeyHex(ownerPub)})
+	require.NoError(t, err)
+	pub, key, err := ed25519.GenerateKey(rand.Reader)
+	require.NoError(t, err)
+	member, err := svc.AddMember(ctx, membership.AddMemberParams{Mesh: mesh.ID, Pubkey: protocol.PubkeyHex(pub), DisplayName: "lb"})
+	require.NoError(t, err)
+	var cl *client.Client
+	dbtest.WaitFor(t, time.Minute, "a hello through the load balancer", func() bool {
+		cl, err = client.Dial(ctx, client.Options{URL: lb, MeshID: mesh.ID, MemberID: member.ID, MemberKey: key, DisplayName: "lb"})
+		return err == nil
+	})
+	defer cl.Close()
+
+	require.NoError(t, stop())
+	select {
+	case <-cl.Done():
+		require.Equal(t, protocol.CloseDraining, cl.CloseCode(), "closed by the drain, through the load balancer")
+	case <-time.After(10 * time.Second):
+		t.Fatal("the session was not closed")
+	}
+}

@@ -78,18 +78,16 @@ func runDev(ctx context.Context, cmd *cobra.Command, url string, cfg broker.Conf
 	if err != nil {
 		return fmt.Errorf("load balancer port %d: %w (set BROKER_PORT to use another)", cfg.Port, err)
 	}
+	defer lbLn.Close() // for an error before the load balancer serves (it closes it itself)
 	var servers []*broker.Server
 	var pools []*pgxpool.Pool
 	var backends []string
-	// Replicas stop (and mark their nodes stopped) before their pools close.
+	stopped := false
+	// On an error part way, the replicas started so far stop (and mark their nodes stopped)
+	// before their pools close.
 	defer func() {
-		stopCtx, cancel := context.WithTimeout(context.Background(), cfg.DrainTimeout)
-		defer cancel()
-		for _, s := range servers {
-			_ = s.Stop(stopCtx)
-		}
-		for _, p := range pools {
-			p.Close()
+		if !stopped {
+			_ = stopWithin(cfg.DrainTimeout, logger, servers, pools)
 		}
 	}()
 	for i := 1; i <= replicas; i++ {
@@ -117,7 +115,8 @@ func runDev(ctx context.Context, cmd *cobra.Command, url string, cfg broker.Conf
 	lb := &roundRobin{backends: backends, log: logger}
 	lbCtx, stopLB := context.WithCancel(context.WithoutCancel(ctx))
 	defer stopLB()
-	go lb.serve(lbCtx, lbLn)
+	lbDone := make(chan struct{})
+	go func() { lb.serve(lbCtx, lbLn); close(lbDone) }()
 
 	out := cmd.OutOrStdout()
 	fmt.Fprintf(out, "\nclaudemesh dev cluster\n")
@@ -140,8 +139,14 @@ func runDev(ctx context.Context, cmd *cobra.Command, url string, cfg broker.Conf
 
 	<-ctx.Done()
 	logger.Info("stopping dev cluster")
+	// The replicas drain while the load balancer still carries their connections: a client on
+	// its port gets the 1012 that sends it elsewhere, as one on a replica's own port does,
+	// instead of a cut connection. Then the load balancer stops.
+	stopped = true
+	err = stopWithin(cfg.DrainTimeout, logger, servers, pools)
 	stopLB()
-	return nil
+	<-lbDone
+	return err
 }
 
 // devMetricsAddr gives replica i (from 1) its own METRICS_ADDR: the port plus i-1, so one
