@@ -343,9 +343,20 @@ func serve(ctx context.Context, url string, cfg broker.Config, logger *slog.Logg
 		pool.Close()
 		return err
 	}
-	<-ctx.Done()
+	var fatal error
+	select {
+	case <-ctx.Done():
+	case fatal = <-srv.Fatal():
+		// Not asked to stop, but it must (another process took its node id): drain as on
+		// SIGTERM, then fail so that the operator (or the supervisor's restarts) sees why.
+		logger.Error("stopping", "err", fatal)
+	}
 	logger.Info("shutting down", "deadline", cfg.DrainTimeout, "at_most", cfg.DrainTimeout+broker.StopMargin)
-	return stopWithin(cfg.DrainTimeout, logger, []*broker.Server{srv}, []*pgxpool.Pool{pool})
+	err = stopWithin(cfg.DrainTimeout, logger, []*broker.Server{srv}, []*pgxpool.Pool{pool})
+	if fatal != nil {
+		return errors.Join(fatal, err)
+	}
+	return err
 }
 
 // stopWithin stops the servers (at once, each draining its own sessions) and then closes the

@@ -85,4 +85,23 @@ func TestServeStartUp(t *testing.T) {
 		require.NoError(t, cmd.Process.Signal(syscall.SIGTERM))
 		require.Equal(t, 0, waitExit(t, ex, 30*time.Second))
 	})
+
+	// Two replicas given one BROKER_NODE_ID would end each other's sessions: the older one
+	// stops with an error naming the setting, the newer one serves on.
+	t.Run("node id taken by another process", func(t *testing.T) {
+		dbURL := dbtest.URL(t)
+		env := func(port int) []string {
+			return []string{"DATABASE_URL=" + dbURL, "BROKER_PORT=" + strconv.Itoa(port), "BROKER_NODE_ID=twin",
+				"NODE_DEAD_AFTER_SECONDS=4", "DRAIN_TIMEOUT_SECONDS=2"}
+		}
+		first, second := freePort(t), freePort(t)
+		_, out, ex := startServe(t, bin, env(first))
+		dbtest.WaitFor(t, time.Minute, "the first replica healthy", func() bool { return health(first) == http.StatusOK })
+		cmd2, _, ex2 := startServe(t, bin, env(second), "--no-migrate")
+		require.Equal(t, 1, waitExit(t, ex, 30*time.Second), "the older replica fails")
+		require.Contains(t, out.String(), "BROKER_NODE_ID must be unique")
+		dbtest.WaitFor(t, time.Minute, "the newer replica healthy", func() bool { return health(second) == http.StatusOK })
+		require.NoError(t, cmd2.Process.Signal(syscall.SIGTERM))
+		require.Equal(t, 0, waitExit(t, ex2, 30*time.Second))
+	})
 }
