@@ -5,7 +5,6 @@ package main
 import (
 	"errors"
 	"net/http"
-	"os"
 	"os/exec"
 	"strconv"
 	"strings"
@@ -27,21 +26,8 @@ func hungServe(t *testing.T, bin string, drain int) (*exec.Cmd, *lockedBuffer, *
 	dbURL := dbtest.URL(t)
 	proxy := dbtest.NewProxy(t, dbURL)
 	port := freePort(t)
-	cmd := exec.Command(bin, "serve", "--no-migrate")
-	cmd.Env = append(os.Environ(), "DATABASE_URL="+proxy.URL(dbURL), "BROKER_PORT="+strconv.Itoa(port),
-		"DRAIN_TIMEOUT_SECONDS="+strconv.Itoa(drain), "LOG_LEVEL=info", "BROKER_HOST=127.0.0.1")
-	out := &lockedBuffer{}
-	cmd.Stdout, cmd.Stderr = out, out
-	require.NoError(t, cmd.Start())
-	ex := &exited{done: make(chan struct{})}
-	go func() { ex.err = cmd.Wait(); close(ex.done) }()
-	t.Cleanup(func() {
-		_ = cmd.Process.Kill()
-		<-ex.done
-		if t.Failed() {
-			t.Logf("broker serve output:\n%s", out)
-		}
-	})
+	cmd, out, ex := startServe(t, bin, []string{"DATABASE_URL=" + proxy.URL(dbURL), "BROKER_PORT=" + strconv.Itoa(port),
+		"DRAIN_TIMEOUT_SECONDS=" + strconv.Itoa(drain), "LOG_LEVEL=info", "BROKER_HOST=127.0.0.1"}, "--no-migrate")
 	dbtest.WaitFor(t, time.Minute, "serve healthy", func() bool { return health(port) == http.StatusOK })
 	proxy.SetDelay(time.Hour)
 	return cmd, out, ex
