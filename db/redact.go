@@ -18,11 +18,13 @@ const redactedPassword = "xxxxx"
 // key=value string, quoted or not, are masked. A string too malformed to tell its parts apart
 // loses everything from where a password could begin: printing too little beats a leak.
 func Redact(s string) string {
-	if i := strings.Index(s, "://"); i > 0 && isScheme(s[:i]) {
+	// A scheme may come with a driver's prefix (jdbc:postgresql://) or inside the quotes an
+	// env file kept.
+	if i := strings.Index(s, "://"); i > 0 && isScheme(strings.TrimLeft(s[:i], `"'`)) {
 		return redactURL(s, i+len("://"))
 	}
 	if strings.Contains(s, "=") {
-		return redactKeywordValue(s)
+		return maskUserinfoWords(redactKeywordValue(s))
 	}
 	if strings.Contains(s, "@") { // user:password@host with the scheme left out
 		return maskUserinfo(s)
@@ -30,8 +32,25 @@ func Redact(s string) string {
 	return s
 }
 
+// maskUserinfoWords masks user:password@ in every whitespace-separated word of a key=value
+// string that still holds one: a URL with a slash missing (postgres:/u:p@h) reads as keywords
+// and is printed back as it came.
+func maskUserinfoWords(s string) string {
+	words := strings.Fields(s)
+	for _, w := range words {
+		if at := strings.LastIndex(w, "@"); at > 0 && strings.Contains(w[:at], ":") &&
+			!strings.Contains(w[:at], ":"+redactedPassword) {
+			s = strings.Replace(s, w, maskUserinfo(w), 1)
+		}
+	}
+	return s
+}
+
 func isScheme(s string) bool {
 	for i, r := range s {
+		if r == ':' && i > 0 { // jdbc:postgresql
+			continue
+		}
 		letter := r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z'
 		if !letter && (i == 0 || !(r >= '0' && r <= '9' || r == '+' || r == '-' || r == '.')) {
 			return false
@@ -43,11 +62,17 @@ func isScheme(s string) bool {
 // redactURL masks a URL whose authority starts at rest.
 func redactURL(s string, rest int) string {
 	u, err := url.Parse(s)
-	// The parse is trusted only when it put every '@' in the userinfo: an unescaped '/', '?' or
-	// '#' in a password ends the authority early (postgres://u:12/34@h parses, with "34@h" as
-	// path), and a multi-host URL or a bad escape does not parse at all.
+	// The parse is trusted only when it put every '@' before the query in the userinfo: an
+	// unescaped '/', '?' or '#' in a password ends the authority early (postgres://u:12/34@h
+	// parses, with "34@h" as path; postgres://u:12?34@h, with "34@h" as query), and a
+	// multi-host URL or a bad escape does not parse at all. Past the userinfo, an '@' in the
+	// query (?password=p@ss) is the query's, redacted with it.
+	q := len(s)
+	if j := strings.IndexAny(s[rest:], "?#"); j >= 0 {
+		q = rest + j
+	}
 	ats := strings.Count(s[rest:], "@")
-	if err == nil && (ats == 0 && u.User == nil || ats == 1 && u.User != nil) {
+	if err == nil && (ats == 0 && u.User == nil || u.User != nil && strings.Count(s[rest:q], "@") == 1) {
 		if _, ok := u.User.Password(); ok {
 			u.User = url.UserPassword(u.User.Username(), redactedPassword)
 		}
