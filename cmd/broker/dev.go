@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net"
@@ -137,7 +138,29 @@ func runDev(ctx context.Context, cmd *cobra.Command, url string, cfg broker.Conf
 	}
 	fmt.Fprintf(out, "\nCtrl-C stops everything.\n")
 
-	<-ctx.Done()
+	// A replica that must stop on its own (another process took its node id: two dev clusters
+	// on one DATABASE_URL share dev-1..N) stops the cluster, with the reason.
+	fatal := make(chan error, 1)
+	watching, stopWatching := context.WithCancel(ctx)
+	defer stopWatching()
+	for _, s := range servers {
+		go func() {
+			select {
+			case err := <-s.Fatal():
+				select {
+				case fatal <- err:
+				default:
+				}
+			case <-watching.Done():
+			}
+		}()
+	}
+	var failed error
+	select {
+	case <-ctx.Done():
+	case failed = <-fatal:
+		logger.Error("stopping", "err", failed)
+	}
 	logger.Info("stopping dev cluster")
 	// The replicas drain while the load balancer still carries their connections: a client on
 	// its port gets the 1012 that sends it elsewhere, as one on a replica's own port does,
@@ -146,6 +169,9 @@ func runDev(ctx context.Context, cmd *cobra.Command, url string, cfg broker.Conf
 	err = stopWithin(cfg.DrainTimeout, logger, servers, pools)
 	stopLB()
 	<-lbDone
+	if failed != nil {
+		return errors.Join(failed, err)
+	}
 	return err
 }
 

@@ -105,3 +105,22 @@ func TestServeStartUp(t *testing.T) {
 		require.Equal(t, 0, waitExit(t, ex2, 30*time.Second))
 	})
 }
+
+// Two dev clusters on one DATABASE_URL name their replicas alike (dev-1, ...): the older one
+// finds its ids taken and stops, saying why, instead of serving on without a heartbeat.
+func TestDevClustersSharingADatabaseStopTheOlder(t *testing.T) {
+	t.Setenv("DATABASE_URL", dbtest.URL(t))
+	t.Setenv("LOG_LEVEL", "warn")
+	t.Setenv("NODE_DEAD_AFTER_SECONDS", "4")
+	t.Setenv("DRAIN_TIMEOUT_SECONDS", "2")
+	first := freePorts(t, 2)
+	t.Setenv("BROKER_PORT", strconv.Itoa(first))
+	outA, stopA := startCLI(t, "dev", "--replicas", "1")
+	bannerField(t, outA, "load balancer")
+	t.Setenv("BROKER_PORT", strconv.Itoa(freePorts(t, 2)))
+	outB, stopB := startCLI(t, "dev", "--replicas", "1")
+	bannerField(t, outB, "load balancer")
+	dbtest.WaitFor(t, time.Minute, "the older cluster's replica gone", func() bool { return health(first+1) == 0 })
+	require.ErrorContains(t, stopA(), "BROKER_NODE_ID must be unique")
+	require.NoError(t, stopB())
+}
