@@ -129,35 +129,14 @@ func TestServeExitsWhenEmbeddedPostgresDies(t *testing.T) {
 	port := freePort(t)
 	env := embeddedEnv(dataDir, port, filepath.Join(dir, "config"))
 
-	serve := exec.Command(bin, "serve")
-	serve.Env = env
-	var stderr lockedBuffer
-	serve.Stdout, serve.Stderr = &stderr, &stderr
-	require.NoError(t, serve.Start())
-	serveExited := make(chan struct{})
-	var serveErr error
-	go func() { serveErr = serve.Wait(); close(serveExited) }()
-	t.Cleanup(func() {
-		_ = serve.Process.Kill()
-		<-serveExited
-		if t.Failed() {
-			t.Logf("broker serve log:\n%s", stderr.String())
-		}
-	})
+	_, stderr, serveExited := startServeIn(t, bin, env)
 	dbtest.WaitFor(t, 2*time.Minute, "serve healthy", func() bool { return health(port) == http.StatusOK })
 	out, errOut, err := runBroker(ctx, bin, env, "mesh", "create", "--slug", "kept")
 	require.NoError(t, err, "mesh create: %s%s", out, errOut)
 
 	postmaster := postmasterPID(t, dataDir)
 	require.NoError(t, syscall.Kill(postmaster, syscall.SIGKILL))
-	select {
-	case <-serveExited:
-	case <-ctx.Done():
-		t.Fatal("serve kept running without its Postgres")
-	}
-	var exitErr *exec.ExitError
-	require.ErrorAs(t, serveErr, &exitErr)
-	require.Equal(t, 1, exitErr.ExitCode())
+	require.Equal(t, 1, waitExit(t, serveExited, time.Minute), "serve kept running without its Postgres, or exited 0")
 	realData, err := filepath.EvalSymlinks(dataDir)
 	require.NoError(t, err)
 	log := stderr.String()

@@ -24,8 +24,14 @@ import (
 // startServe runs `broker serve` with env added to ours and its output collected.
 func startServe(t *testing.T, bin string, env []string, args ...string) (*exec.Cmd, *lockedBuffer, *exited) {
 	t.Helper()
+	return startServeIn(t, bin, append(os.Environ(), env...), args...)
+}
+
+// startServeIn is startServe with env as the whole environment (embeddedEnv: no DATABASE_URL).
+func startServeIn(t *testing.T, bin string, env []string, args ...string) (*exec.Cmd, *lockedBuffer, *exited) {
+	t.Helper()
 	cmd := exec.Command(bin, append([]string{"serve"}, args...)...)
-	cmd.Env = append(os.Environ(), env...)
+	cmd.Env = env
 	out := &lockedBuffer{}
 	cmd.Stdout, cmd.Stderr = out, out
 	require.NoError(t, cmd.Start())
