@@ -9,6 +9,7 @@ import (
 
 	"github.com/stretchr/testify/require"
 
+	"github.com/claudemesh/broker/broker/store"
 	"github.com/claudemesh/broker/client"
 	"github.com/claudemesh/broker/db"
 	"github.com/claudemesh/broker/db/dbtest"
@@ -25,13 +26,20 @@ import (
 // background, as node "rt"; the cluster's other nodes are not counted.
 func countedNode(t *testing.T, c *testCluster, notifyAfterCommit bool) (*Server, *dbtest.Proxy) {
 	t.Helper()
+	return countedNodeWith(t, c, notifyAfterCommit, nil)
+}
+
+// countedNodeWith is countedNode whose pool prepares prepare on its connection (a replica's:
+// store.RequestPathSQL).
+func countedNodeWith(t *testing.T, c *testCluster, notifyAfterCommit bool, prepare []string) (*Server, *dbtest.Proxy) {
+	t.Helper()
 	proxy := dbtest.NewProxy(t, c.url)
 	cfg := Config{NodeID: "rt", Region: "test", SessionGrace: 5 * time.Second, Heartbeat: time.Hour, NodeDeadAfter: 3 * time.Hour, quiet: true,
 		NotifyAfterCommit: notifyAfterCommit}
 	// One pooled connection: every statement is prepared on it once, in the warm-up, so the
 	// counts below are of steady state (a statement costs two flights on its first use on a
 	// connection: prepare, then execute).
-	pool, err := db.NewPool(context.Background(), proxy.URL(c.url), db.PoolConfig{MaxConns: 1})
+	pool, err := db.NewPool(context.Background(), proxy.URL(c.url), db.PoolConfig{MaxConns: 1, Prepare: prepare})
 	require.NoError(t, err)
 	t.Cleanup(pool.Close)
 	srv, err := NewServer(cfg, pool, dbtest.Logger(t).With("test_node", "rt"))
@@ -82,6 +90,67 @@ func TestRoundTripsPerOperation(t *testing.T) {
 		t.Run(fmt.Sprintf("notify_after_commit=%v", after), func(t *testing.T) {
 			t.Parallel()
 			roundTripsPerOperation(t, after)
+		})
+	}
+}
+
+// A replica's connections come with its request path prepared: the first operations on a
+// new connection cost what they cost later, one round trip, not a second to prepare their
+// statements first. A replica far from the primary opens connections as its pool grows and
+// replaces each one at its lifetime; a hook landing on a connection that had not yet run the
+// hook's statement took two round trips (BENCHMARKS.md, stop 37).
+func TestFirstOperationsOnANewConnectionCostOneRoundTrip(t *testing.T) {
+	t.Parallel()
+	for _, after := range []bool{false, true} {
+		t.Run(fmt.Sprintf("notify_after_commit=%v", after), func(t *testing.T) {
+			t.Parallel()
+			c := newCluster(t, 1, func(cfg *Config) { cfg.NotifyAfterCommit = after })
+			srv, proxy := countedNodeWith(t, c, after, store.RequestPathSQL())
+			rt := len(c.nodes) - 1
+			m := c.mesh(0)
+			alice, bob := m.member("alice"), m.member("bob")
+			a := m.dial(0, alice)
+			ctx := ctxT(t)
+
+			var b *client.Client
+			n := flights(t, proxy, func() {
+				b = m.dial(rt, bob, func(o *client.Options) { o.CWD = "/repo/bob"; o.SessionID = "claude-bob" })
+			}, func() bool {
+				sess := srv.hub.get(b.HelloAck().PresenceID)
+				if sess == nil {
+					return false
+				}
+				sess.mu.Lock()
+				defer sess.mu.Unlock()
+				return !sess.backlog
+			})
+			require.Equal(t, int64(1), n, "the first hello")
+			n = flights(t, proxy, func() {
+				_, err := b.ListPeers(ctx)
+				require.NoError(t, err)
+			}, nil)
+			require.Equal(t, int64(1), n, "the first list_peers")
+			n = flights(t, proxy, func() {
+				_, err := b.Send(ctx, alice.pub, protocol.PriorityNow, "n", "to alice", "")
+				require.NoError(t, err)
+			}, nil)
+			require.Equal(t, int64(1), n, "the first send")
+			var in protocol.Ack
+			n = flights(t, proxy, func() {
+				var err error
+				in, err = a.Send(ctx, bob.pub, protocol.PriorityNow, "n", "to bob", "")
+				require.NoError(t, err)
+				require.Equal(t, in.MessageID, nextPush(t, b, 5*time.Second).MessageID)
+			}, func() bool { return deliveryState(t, c, in.MessageID) == "pushed" })
+			require.Equal(t, int64(1), n, "the first record of a push")
+			n = flights(t, proxy, func() { require.NoError(t, b.AckMessages(ctx, in.MessageID)) },
+				func() bool { return deliveryState(t, c, in.MessageID) == "acked" })
+			require.Equal(t, int64(1), n, "the first client_ack")
+			n = flights(t, proxy, func() {
+				code, _ := postHook(t, srv, bob, protocol.HookRequest{CWD: "/repo/bob", Status: protocol.StatusWorking, SessionID: "claude-bob"})
+				require.Equal(t, http.StatusOK, code)
+			}, nil)
+			require.Equal(t, int64(1), n, "the first hook")
 		})
 	}
 }

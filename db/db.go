@@ -38,6 +38,9 @@ type PoolConfig struct {
 	MinIdle int32
 	// AppName shows in pg_stat_activity, so an operator can tell replicas apart.
 	AppName string
+	// Prepare is prepared on every new connection before the pool hands it out, in one round
+	// trip (prepareAll): a replica's first use of each on a connection costs no extra one.
+	Prepare []string
 }
 
 // idlePing is how long a pooled connection may sit idle before it is pinged on acquire.
@@ -99,6 +102,10 @@ func NewPool(ctx context.Context, url string, cfg PoolConfig) (*pgxpool.Pool, er
 	// health check above finds dead connections in the background; only one idle for long
 	// (a NAT or proxy may have dropped it silently) is pinged first.
 	pc.ShouldPing = func(_ context.Context, p pgxpool.ShouldPingParams) bool { return p.IdleDuration > idlePing }
+	if len(cfg.Prepare) > 0 {
+		stmts := cfg.Prepare
+		pc.AfterConnect = func(ctx context.Context, conn *pgx.Conn) error { return prepareAll(ctx, conn, stmts) }
+	}
 	pool, err := pgxpool.NewWithConfig(ctx, pc)
 	if err != nil {
 		return nil, fmt.Errorf("open pool: %w", err)

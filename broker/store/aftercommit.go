@@ -68,6 +68,13 @@ const (
 	sqlFlushNotes  = "SELECT claudemesh.flush_notes()"
 )
 
+// RequestPathSQL is what a replica's pool prepares on every new connection (db.PoolConfig
+// Prepare): the generated statements of the request path and the statements a committed call
+// wraps them in.
+func RequestPathSQL() []string {
+	return append([]string{"BEGIN", "COMMIT", sqlDeferNotify, sqlFlushNotes}, db.RequestPath...)
+}
+
 func (a committed) start(ctx context.Context, sql string, args []any) (pgx.BatchResults, error) {
 	b := &pgx.Batch{}
 	b.Queue("BEGIN")

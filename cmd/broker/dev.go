@@ -13,6 +13,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/claudemesh/broker/broker"
+	"github.com/claudemesh/broker/broker/store"
 	"github.com/claudemesh/broker/db"
 	"github.com/claudemesh/broker/db/pgproxy"
 )
@@ -92,7 +93,7 @@ func runDev(ctx context.Context, cmd *cobra.Command, url string, cfg broker.Conf
 		}
 	}()
 	for i := 1; i <= replicas; i++ {
-		pool, err := db.NewPool(ctx, replicaURL, db.PoolConfig{MinIdle: db.ReplicaMinIdle, AppName: fmt.Sprintf("claudemesh-dev-%d", i)})
+		pool, err := db.NewPool(ctx, replicaURL, db.PoolConfig{MinIdle: db.ReplicaMinIdle, AppName: fmt.Sprintf("claudemesh-dev-%d", i), Prepare: store.RequestPathSQL()})
 		if err != nil {
 			return err
 		}

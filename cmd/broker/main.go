@@ -20,6 +20,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/claudemesh/broker/broker"
+	"github.com/claudemesh/broker/broker/store"
 	"github.com/claudemesh/broker/db"
 	"github.com/claudemesh/broker/db/embedded"
 )
@@ -330,7 +331,7 @@ func warnIfSchemaNewer(ctx context.Context, url string, logger *slog.Logger) {
 }
 
 func serve(ctx context.Context, url string, cfg broker.Config, logger *slog.Logger) error {
-	pool, err := db.NewPool(ctx, url, db.PoolConfig{MinIdle: db.ReplicaMinIdle, AppName: "claudemesh-broker"})
+	pool, err := db.NewPool(ctx, url, db.PoolConfig{MinIdle: db.ReplicaMinIdle, AppName: "claudemesh-broker", Prepare: store.RequestPathSQL()})
 	if err != nil {
 		return err
 	}

@@ -1,0 +1,53 @@
+package db
+
+import (
+	"context"
+	"errors"
+
+	"github.com/jackc/pgx/v5"
+)
+
+// RequestPath is the generated statements a replica runs on its clients' behalf: a send, a
+// hello and the probe after it, a record, a hook, a status set, a session's end, state, peers,
+// a claim, message_status. PoolConfig.Prepare takes them (store.RequestPathSQL adds the
+// transaction control around them).
+var RequestPath = []string{
+	sendBatch, helloBatch, helloWaiting, markDelivered, hookStatus, setStatus, endSessions,
+	setStateOne, getState, listState, listLivePresence, presenceByID, setPresenceSummary,
+	setPresenceGroups, claimDeliveries, releaseHeld, deliveryStatus, envelopeForStatus,
+}
+
+// prepareSentinel is queued first in prepareAll's batch with an argument it has no parameter
+// for: pgx prepares every statement of a batch it has not cached in one flight, then binds
+// each statement's arguments before sending any; the sentinel's bind fails, so nothing runs.
+const prepareSentinel = "SELECT 1 AS claudemesh_prepare_only"
+
+// errNotIdle: a connection left inside a transaction by prepareAll is not handed out.
+var errNotIdle = errors.New("prepare on connect left the connection inside a transaction")
+
+// prepareAll prepares stmts on conn and leaves them in its statement cache, in one round trip
+// and without running any.
+//
+// pgx prepares a statement on its first use on a connection, in a flight of its own before
+// the one that runs it. A replica far from the primary pays that round trip once per statement
+// and connection: on every new connection of a growing pool, and again when one is replaced
+// at its lifetime (measured: a hook landing on a connection that had not yet run the hook's
+// statement took two round trips instead of one, 5 hooks in 66). pgx has no call that only
+// prepares many statements at once; a batch whose first statement cannot be bound does it.
+// A failure (a schema not migrated yet) leaves the statements to be prepared on first use, as
+// without this; only a connection not back at rest is refused.
+func prepareAll(ctx context.Context, conn *pgx.Conn, stmts []string) error {
+	if len(stmts) == 0 {
+		return nil
+	}
+	b := &pgx.Batch{}
+	b.Queue(prepareSentinel, 0)
+	for _, sql := range stmts {
+		b.Queue(sql)
+	}
+	_ = conn.SendBatch(ctx, b).Close() // the sentinel's bind error, expected
+	if conn.PgConn().TxStatus() != 'I' {
+		return errNotIdle
+	}
+	return nil
+}
