@@ -182,6 +182,9 @@ type Config struct {
 
 	// httpTimeouts overrides the plain HTTP requests' read, write and idle timeouts (tests).
 	httpTimeouts *[3]time.Duration
+	// plainConnLimits overrides the plain HTTP connections' limits, replica-wide and per
+	// source (tests; plainConns).
+	plainConnLimits *[2]int
 	// WriteRatePerMember and WriteBurstPerMember bound a member's requests that write
 	// (set_state, set_status, set_summary, join_group, leave_group, kick, ban, unban) on one
 	// replica; ReadRatePerMember and ReadBurstPerMember those that read (list_peers, get_state,

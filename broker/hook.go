@@ -164,6 +164,14 @@ func (s *hooks) limited(w http.ResponseWriter, v limitVerdict, what, source stri
 	return true
 }
 
+// fromWebPage: a browser sends Origin with every cross-origin POST, a "simple" one included
+// (text/plain, no preflight, which any page may send to 127.0.0.1), and Sec-Fetch-Site with
+// every request; hook scripts and the CLI send neither.
+func fromWebPage(r *http.Request) bool {
+	site := r.Header.Get("Sec-Fetch-Site")
+	return r.Header.Get("Origin") != "" || (site != "" && site != "none")
+}
+
 func (s *hooks) handleHook(w http.ResponseWriter, r *http.Request) {
 	s.metrics.HookRequests.WithLabelValues("received").Inc()
 	source := clientSource(r, s.cfg.TrustedProxyHeader)
@@ -207,6 +215,12 @@ func (s *hooks) handleHook(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 	} else {
+		if fromWebPage(r) {
+			s.refusals.Info("unsigned hook refused: sent by a web page", "source", source)
+			s.hookFail(w, http.StatusForbidden, "hooks from a web page are refused: an unsigned hook is trusted for coming "+
+				"from this machine, and a page open in a browser is on it too; sign hooks (meshctl hook)", "unauthorized")
+			return
+		}
 		if !s.cfg.UnsignedHooks() {
 			s.refusals.Info("unsigned hook refused", "source", source)
 			s.hookFail(w, http.StatusUnauthorized, "hooks must be signed by the member key (meshctl hook signs them); "+

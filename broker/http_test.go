@@ -2,15 +2,23 @@ package broker
 
 import (
 	"bufio"
+	"context"
+	"encoding/json"
 	"errors"
 	"io"
 	"net"
 	"net/http"
+	"strings"
+	"sync"
 	"testing"
 	"time"
 
+	"github.com/gorilla/websocket"
 	"github.com/stretchr/testify/require"
 
+	"github.com/claudemesh/broker/client"
+	"github.com/claudemesh/broker/db"
+	"github.com/claudemesh/broker/db/dbtest"
 	"github.com/claudemesh/broker/protocol"
 )
 
@@ -125,4 +133,194 @@ func TestProfilesOnlyBehindTokenOrOnLoopback(t *testing.T) {
 	guarded := newCluster(t, 1, func(cfg *Config) { cfg.MetricsAddr = "0.0.0.0:0"; cfg.MetricsToken = "m3trics" })
 	require.Equal(t, http.StatusUnauthorized, get(guarded.nodes[0], ""))
 	require.Equal(t, http.StatusOK, get(guarded.nodes[0], "m3trics"))
+}
+
+// openPlain opens n connections to addr that send half a request and wait; it returns them.
+func openPlain(t *testing.T, addr string, n int) []net.Conn {
+	t.Helper()
+	conns := make([]net.Conn, 0, n)
+	for range n {
+		c, err := net.Dial("tcp", addr)
+		require.NoError(t, err)
+		t.Cleanup(func() { _ = c.Close() })
+		_, err = io.WriteString(c, "POST "+protocol.PathHookState+" HTTP/1.1\r\nHost: x\r\n")
+		require.NoError(t, err)
+		conns = append(conns, c)
+	}
+	return conns
+}
+
+// closedByServer: the server has closed c (a read ends in EOF or a reset, not a timeout).
+func closedByServer(c net.Conn) bool {
+	_ = c.SetReadDeadline(time.Now().Add(20 * time.Millisecond))
+	_, err := c.Read(make([]byte, 1))
+	var ne net.Error
+	return err != nil && !(errors.As(err, &ne) && ne.Timeout())
+}
+
+// Connections not upgraded to a WebSocket are counted, per address and on the replica: one
+// client can't hold the open files the sessions need with half-sent requests or kept-alive
+// connections; the one beyond a limit is closed unread, and a socket upgraded to a session
+// no longer counts.
+func TestPlainHTTPConnectionsAreLimited(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t, 1, func(cfg *Config) { cfg.plainConnLimits = &[2]int{12, 5} })
+	addr := c.nodes[0].Addr()
+	m := c.mesh(0)
+	a := m.dial(0, m.member("alice")) // an upgraded connection: not counted
+
+	held := openPlain(t, addr, 5)
+	extra := openPlain(t, addr, 1)[0]
+	dbtest.WaitFor(t, 5*time.Second, "the sixth from one address closed", func() bool { return closedByServer(extra) })
+	for _, h := range held {
+		require.False(t, closedByServer(h), "the first five stay open")
+	}
+	_, err := a.ListPeers(ctxT(t))
+	require.NoError(t, err, "sessions are not touched")
+
+	// One closed frees its place.
+	require.NoError(t, held[0].Close())
+	dbtest.WaitFor(t, 5*time.Second, "a place free again", func() bool {
+		next := openPlain(t, addr, 1)[0]
+		open := !closedByServer(next)
+		_ = next.Close()
+		return open
+	})
+}
+
+// The replica-wide limit holds when the per-address one is not kept (behind a trusted proxy,
+// where every connection comes from the proxy).
+func TestPlainHTTPConnectionsAreLimitedOnTheReplica(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t, 1, func(cfg *Config) { cfg.plainConnLimits = &[2]int{6, 0} })
+	addr := c.nodes[0].Addr()
+	held := openPlain(t, addr, 6)
+	extra := openPlain(t, addr, 1)[0]
+	dbtest.WaitFor(t, 5*time.Second, "the seventh closed", func() bool { return closedByServer(extra) })
+	for _, h := range held {
+		require.False(t, closedByServer(h))
+	}
+}
+
+// A request whose headers pass 16 KiB is refused 431, not read into memory up to 1 MiB.
+func TestLargeHeadersAreRefused(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t, 1, nil)
+	req, err := http.NewRequestWithContext(ctxT(t), http.MethodGet, "http://"+c.nodes[0].Addr()+protocol.PathHealth, nil)
+	require.NoError(t, err)
+	req.Header.Set("X-Pad", strings.Repeat("a", 32<<10))
+	resp, err := http.DefaultClient.Do(req)
+	require.NoError(t, err)
+	resp.Body.Close()
+	require.Equal(t, http.StatusRequestHeaderFieldsTooLarge, resp.StatusCode)
+}
+
+// A socket does not keep its upgrade request's line and Host for its life, with or without a
+// hello: up to 16 KiB each, over thousands of sockets.
+func TestSocketsDoNotKeepTheirUpgradeRequest(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t, 1, nil)
+	srv := c.nodes[0]
+	m := c.mesh(0)
+	pad := strings.Repeat("a", 8<<10)
+	a := m.dial(0, m.member("alice"), func(o *client.Options) { o.URL += "?pad=" + pad })
+	_, err := a.ListPeers(ctxT(t))
+	require.NoError(t, err)
+	for _, s := range srv.hub.all() {
+		require.Empty(t, s.ws.Request.RequestURI, "a session's upgrade request line")
+		require.Empty(t, s.ws.Request.Host)
+	}
+
+	// Without a hello.
+	ws, resp, err := websocket.DefaultDialer.Dial("ws://"+srv.Addr()+"/ws?pad="+pad, nil)
+	require.NoError(t, err)
+	resp.Body.Close()
+	defer ws.Close()
+	dbtest.WaitFor(t, 5*time.Second, "the socket counted", func() bool { return srv.peers.gate.unauthenticated() == 1 })
+	srv.peers.gate.mu.Lock()
+	defer srv.peers.gate.mu.Unlock()
+	for cn := range srv.peers.gate.pending {
+		require.Empty(t, cn.ms.Request.RequestURI, "a socket without a hello keeps its upgrade request line")
+	}
+}
+
+// A broker on loopback accepts unsigned hooks for coming from this machine; a web page open
+// in a browser there posts from it too (a "simple" request needs no preflight). Such a post is
+// refused and changes nothing; the same hook from a script goes through.
+func TestUnsignedHookFromAWebPageIsRefused(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t, 1, func(cfg *Config) { cfg.Host = "127.0.0.1" })
+	m := c.mesh(0)
+	a := m.dial(0, m.member("alice"), func(o *client.Options) { o.CWD = "/home/alice/project"; o.SessionID = "s-alice" })
+	post := func(headers map[string]string) int {
+		req, err := http.NewRequestWithContext(ctxT(t), http.MethodPost, "http://"+c.nodes[0].Addr()+protocol.PathHookState,
+			strings.NewReader(`{"cwd":"/home/alice/project","status":"working"}`))
+		require.NoError(t, err)
+		for k, v := range headers {
+			req.Header.Set(k, v)
+		}
+		resp, err := http.DefaultClient.Do(req)
+		require.NoError(t, err)
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	// What a browser sends for fetch(url, {method: "POST", mode: "no-cors", body}).
+	require.Equal(t, http.StatusForbidden, post(map[string]string{"Content-Type": "text/plain;charset=UTF-8",
+		"Origin": "https://evil.example", "Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "no-cors"}))
+	require.Equal(t, http.StatusForbidden, post(map[string]string{"Sec-Fetch-Site": "same-site"}))
+	require.Equal(t, protocol.StatusIdle, peerStatus(t, a, "s-alice"), "nothing changed")
+
+	require.Equal(t, http.StatusOK, post(map[string]string{"Content-Type": "application/json"}))
+	dbtest.WaitFor(t, 5*time.Second, "the script's hook applied", func() bool { return peerStatus(t, a, "s-alice") == protocol.StatusWorking })
+}
+
+// /health's database ping is shared and not the client's: a client that half-closes its
+// connection (as some probes do) is not told the database is down, and a flood of health
+// checks costs the pool a ping now and then, not one each.
+func TestHealthPingIsSharedAndOutlivesTheClient(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t, 0, nil)
+	proxy := dbtest.NewProxy(t, c.url)
+	pool, err := db.NewPool(context.Background(), proxy.URL(c.url), db.PoolConfig{})
+	require.NoError(t, err)
+	t.Cleanup(pool.Close)
+	srv, err := NewServer(Config{NodeID: "h", Region: "test", SessionGrace: 5 * time.Second, quiet: true}, pool, dbtest.Logger(t))
+	require.NoError(t, err)
+	require.NoError(t, srv.Start(context.Background(), "127.0.0.1:0"))
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+		defer cancel()
+		_ = srv.Stop(ctx)
+	})
+	dbtest.WaitFor(t, 10*time.Second, "listener connected", srv.BusConnected)
+
+	conn, err := net.Dial("tcp", srv.Addr())
+	require.NoError(t, err)
+	defer conn.Close()
+	_, err = io.WriteString(conn, "GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+	require.NoError(t, err)
+	require.NoError(t, conn.(*net.TCPConn).CloseWrite())
+	require.NoError(t, conn.SetReadDeadline(time.Now().Add(5*time.Second)))
+	resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+	require.NoError(t, err)
+	var h Health
+	require.NoError(t, json.NewDecoder(resp.Body).Decode(&h))
+	require.Equal(t, "up", h.DB, "the client only closed its half of the connection")
+
+	flights := proxy.Count(func() {
+		var wg sync.WaitGroup
+		for range 100 {
+			wg.Go(func() {
+				resp, err := http.Get("http://" + srv.Addr() + protocol.PathHealth)
+				if err == nil {
+					_, _ = io.Copy(io.Discard, resp.Body)
+					resp.Body.Close()
+				}
+			})
+		}
+		wg.Wait()
+	})
+	// The replica's own background statements share the proxy: a generous bound, far below
+	// one ping per request.
+	require.Less(t, flights.Statement, int64(30), "100 health checks pinged the database one by one")
 }

@@ -43,6 +43,9 @@ type Server struct {
 	draining atomic.Bool
 	// fileLimit is the open-file limit after Start raised it (sessions hold one each).
 	fileLimit atomic.Uint64
+	plain     *plainConns // set by Start
+	health    *healthPing
+	refusals  *sampledLog
 
 	hub       *hub
 	bus       *pgbus.Bus
@@ -117,6 +120,8 @@ func NewServer(cfg Config, pool *pgxpool.Pool, logger *slog.Logger) (*Server, er
 
 	sig := signals{bus: bus, nodeID: nodeID}
 	refusals := newSampledLog(s.log, 5, 20)
+	s.refusals = refusals
+	s.health = &healthPing{ping: s.store.Ping}
 	s.recorder = newRecorder(s.store, s.log, s.metrics)
 	if cfg.StallTimeout > 0 {
 		s.recorder.ackWait = cfg.StallTimeout
@@ -303,8 +308,23 @@ func (s *Server) Start(ctx context.Context, addr string) error {
 	if s.cfg.httpTimeouts != nil {
 		readTimeout, writeTimeout, idleTimeout = s.cfg.httpTimeouts[0], s.cfg.httpTimeouts[1], s.cfg.httpTimeouts[2]
 	}
+	maxPlain, perSource := plainConnLimit(sessionCapacity(s.fileLimit.Load())), s.cfg.MaxUnauthPerSource
+	if s.cfg.TrustedProxyHeader != "" {
+		perSource = 0
+	}
+	if s.cfg.plainConnLimits != nil {
+		maxPlain, perSource = s.cfg.plainConnLimits[0], s.cfg.plainConnLimits[1]
+	}
+	s.plain = newPlainConns(maxPlain, perSource, func(source string, replicaWide bool) {
+		reason, limit := "http_source_limit", perSource
+		if replicaWide {
+			reason, limit = "http_limit", maxPlain
+		}
+		s.metrics.ConnRejected.WithLabelValues(reason).Inc()
+		s.refusals.Info("HTTP connection closed unread: too many open", "reason", reason, "limit", limit, "source", source)
+	})
 	srv := &http.Server{Handler: s.mux, ReadHeaderTimeout: readTimeout, ReadTimeout: readTimeout,
-		WriteTimeout: writeTimeout, IdleTimeout: idleTimeout,
+		WriteTimeout: writeTimeout, IdleTimeout: idleTimeout, MaxHeaderBytes: maxHeaderBytes, ConnState: s.plain.track,
 		ErrorLog: slog.NewLogLogger(s.log.Handler(), slog.LevelWarn)}
 	s.mu.Lock()
 	s.httpSrv = srv
@@ -327,7 +347,7 @@ func (s *Server) Start(ctx context.Context, addr string) error {
 		// No WebSocket here: plain timeouts, the write one long enough for a CPU profile (30 s
 		// by default; pprof refuses one longer than the write timeout).
 		ms := &http.Server{Handler: mux, ReadHeaderTimeout: httpReadTimeout, ReadTimeout: httpReadTimeout,
-			WriteTimeout: metricsWriteTimeout, IdleTimeout: httpIdleTimeout,
+			WriteTimeout: metricsWriteTimeout, IdleTimeout: httpIdleTimeout, MaxHeaderBytes: maxHeaderBytes,
 			ErrorLog: slog.NewLogLogger(s.log.Handler(), slog.LevelWarn)}
 		s.mu.Lock()
 		s.metricsSrv = ms
@@ -513,8 +533,6 @@ func sessionCapacity(limit uint64) int {
 func (s *Server) handleHealth(w http.ResponseWriter, r *http.Request) {
 	h := Health{Status: "ok", DB: "up", Version: Version, NodeID: s.nodeID, Region: s.cfg.Region,
 		UptimeS: int64(time.Since(s.started).Seconds())}
-	ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
-	defer cancel()
 	h.Sessions = s.hub.len()
 	h.OpenFilesMax = s.fileLimit.Load()
 	h.Capacity = sessionCapacity(h.OpenFilesMax)
@@ -530,7 +548,7 @@ func (s *Server) handleHealth(w http.ResponseWriter, r *http.Request) {
 	if !beating {
 		h.Status, h.Heartbeat = "degraded", "failing"
 	}
-	if err := s.store.Ping(ctx); err != nil && !(beating && s.store.PoolBusy()) {
+	if err := s.health.result(r.Context()); err != nil && !(beating && s.store.PoolBusy()) {
 		h.Status, h.DB = "degraded", "down"
 	}
 	if s.draining.Load() {

@@ -74,9 +74,10 @@ func (p *peers) newMelody() *melody.Melody {
 	m.Upgrader.WriteBufferSize = 4096
 	m.Upgrader.WriteBufferPool = &sync.Pool{}
 	m.HandleConnect(func(ms *melody.Session) {
-		// melody keeps the upgrade request for the socket's life; its headers are read (client
-		// address, origin) before the upgrade and never after.
-		ms.Request.Header = nil
+		// melody keeps the upgrade request for the socket's life; it is read (client address,
+		// origin) before the upgrade and never after. Its request line and Host (up to
+		// maxHeaderBytes) would stay with every socket, a hello or not.
+		ms.Request = &http.Request{RemoteAddr: ms.Request.RemoteAddr}
 		p.metrics.ConnActive.Inc()
 		p.metrics.ConnTotal.Inc()
 		p.gate.attach(connOf(ms), ms)
