@@ -37,7 +37,9 @@ var errNotIdle = errors.New("prepare on connect left the connection inside a tra
 // A failure (a schema not migrated yet) leaves the statements to be prepared on first use, as
 // without this; only a connection not back at rest is refused.
 func prepareAll(ctx context.Context, conn *pgx.Conn, stmts []string) error {
-	if len(stmts) == 0 {
+	// Only where pgx keeps prepared statements: with a DATABASE_URL that asks for another mode
+	// (default_query_exec_mode, e.g. behind a transaction pooler) nothing is prepared.
+	if len(stmts) == 0 || conn.Config().DefaultQueryExecMode != pgx.QueryExecModeCacheStatement {
 		return nil
 	}
 	b := &pgx.Batch{}

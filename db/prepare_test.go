@@ -33,6 +33,8 @@ func TestPoolPreparesOnConnectWithoutRunning(t *testing.T) {
 	}{
 		{"none", nil, 2},
 		{"listed", []string{"BEGIN", insert, "COMMIT"}, 1},
+		// A connection string asking for another mode (a transaction pooler's): nothing.
+		{"simple protocol", []string{"BEGIN", insert}, 1},
 		// One that cannot be prepared (a schema not migrated yet) takes the others with it;
 		// the connection still works: pgx drops what the failed flight left, then prepares
 		// on first use.
@@ -40,7 +42,11 @@ func TestPoolPreparesOnConnectWithoutRunning(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			proxy := dbtest.NewProxy(t, url)
-			pool, err := db.NewPool(ctx, proxy.URL(url), db.PoolConfig{MaxConns: 1, Prepare: tc.prepare})
+			poolURL := proxy.URL(url)
+			if tc.name == "simple protocol" {
+				poolURL = withQuery(t, poolURL, "default_query_exec_mode", "simple_protocol")
+			}
+			pool, err := db.NewPool(ctx, poolURL, db.PoolConfig{MaxConns: 1, Prepare: tc.prepare})
 			require.NoError(t, err)
 			t.Cleanup(pool.Close)
 			conn, err := pool.Acquire(ctx)
