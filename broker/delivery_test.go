@@ -379,7 +379,7 @@ func TestExpiredEnvelopeNeverPushedAndSwept(t *testing.T) {
 		_ = c.pool.QueryRow(ctx, `SELECT expires_at < now() FROM claudemesh.envelope WHERE id = $1`, old.MessageID).Scan(&expired)
 		return expired
 	})
-	require.NoError(t, c.nodes[0].sweeper.sweepExpired(ctx))
+	require.NoError(t, c.nodes[0].sweeper.expireDeliveries(ctx))
 	var state string
 	require.NoError(t, c.pool.QueryRow(ctx, `SELECT state FROM claudemesh.delivery WHERE envelope_id = $1`, old.MessageID).Scan(&state))
 	require.Equal(t, "expired", state)

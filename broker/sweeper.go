@@ -31,6 +31,8 @@ type sweeper struct {
 	idTaken func() bool
 	log     *slog.Logger
 	metrics *Metrics
+	// taskTimeout bounds each sweep (default 30 s; tests).
+	taskTimeout time.Duration
 }
 
 // Start sweeps every second until Stop; the slower sweeps run every few ticks. Replicas
@@ -62,7 +64,7 @@ func (w *sweeper) Start(ctx context.Context) error {
 				w.run(ctx, "reconcile", w.reconcile)
 			}
 			if n%30 == 0 {
-				w.run(ctx, "sweep_expired", w.sweepExpired)
+				w.sweepExpired(ctx)
 			}
 		})
 	})
@@ -71,7 +73,11 @@ func (w *sweeper) Start(ctx context.Context) error {
 // run runs one sweep with its own deadline; a failure is logged and counted, and the sweep
 // runs again at its next tick.
 func (w *sweeper) run(ctx context.Context, task string, f func(context.Context) error) {
-	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	timeout := 30 * time.Second
+	if w.taskTimeout > 0 {
+		timeout = w.taskTimeout
+	}
+	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	if err := f(ctx); err != nil && ctx.Err() == nil {
 		w.metrics.backgroundError(w.log, task, err, "retry", "next tick")
@@ -178,18 +184,26 @@ func (w *sweeper) sweepBacklogNow(ctx context.Context) (ran bool, err error) {
 	return ran, err
 }
 
-func (w *sweeper) sweepExpired(ctx context.Context) error {
+// sweepExpired expires what is past its expiry and deletes what is kept no longer, each part
+// with a deadline of its own: one held up (a table locked, a long backlog) leaves the others
+// to run.
+func (w *sweeper) sweepExpired(ctx context.Context) {
+	w.run(ctx, "sweep_expired", w.expireDeliveries)
+	w.run(ctx, "sweep_expired", w.deleteOldEnvelopes)
+	w.run(ctx, "sweep_expired", w.store.DeleteExpired)
+}
+
+func (w *sweeper) expireDeliveries(ctx context.Context) error {
 	n, err := w.store.ExpireDeliveries(ctx)
-	if err != nil {
-		return err
-	}
 	if n > 0 {
 		w.log.Info("expired deliveries", "count", n)
 	}
-	if _, err := w.store.DeleteOldEnvelopes(ctx); err != nil {
-		return err
-	}
-	return w.store.DeleteExpired(ctx)
+	return err
+}
+
+func (w *sweeper) deleteOldEnvelopes(ctx context.Context) error {
+	_, err := w.store.DeleteOldEnvelopes(ctx)
+	return err
 }
 
 func (w *sweeper) updatePendingGauge(ctx context.Context) error {

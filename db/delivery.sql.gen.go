@@ -114,23 +114,32 @@ func (q *Queries) ClaimDeliveries(ctx context.Context, arg ClaimDeliveriesParams
 	return items, nil
 }
 
-const deleteOldEnvelopes = `-- name: DeleteOldEnvelopes :execrows
+const deleteOldEnvelopes = `-- name: DeleteOldEnvelopes :one
 WITH old AS (
     DELETE FROM claudemesh.envelope
-    WHERE id IN (SELECT id FROM claudemesh.envelope WHERE expires_at < now() - interval '1 day' LIMIT 5000)
+    WHERE id IN (SELECT id FROM claudemesh.envelope WHERE expires_at < now() - interval '1 day'
+                 ORDER BY expires_at LIMIT $1::int FOR UPDATE SKIP LOCKED)
     RETURNING id
+), dels AS (
+    DELETE FROM claudemesh.delivery WHERE envelope_id IN (SELECT id FROM old)
+    RETURNING 1
 )
-DELETE FROM claudemesh.delivery WHERE envelope_id IN (SELECT id FROM old)
+SELECT (SELECT count(*) FROM old)::bigint AS envelopes, (SELECT count(*) FROM dels)::bigint AS deliveries
 `
 
-// Envelopes are kept a day past expiry so message_status can still answer, then removed with
-// their deliveries (no foreign key cascades on these tables: see the schema).
-func (q *Queries) DeleteOldEnvelopes(ctx context.Context) (int64, error) {
-	result, err := q.db.Exec(ctx, deleteOldEnvelopes)
-	if err != nil {
-		return 0, err
-	}
-	return result.RowsAffected(), nil
+type DeleteOldEnvelopesRow struct {
+	Envelopes  int64
+	Deliveries int64
+}
+
+// A page of envelopes kept a day past expiry so message_status can still answer, removed with
+// their deliveries (no foreign key cascades on these tables: see the schema). Rows another
+// replica's sweep holds are left to it. Counts the envelopes.
+func (q *Queries) DeleteOldEnvelopes(ctx context.Context, pageSize int32) (DeleteOldEnvelopesRow, error) {
+	row := q.db.QueryRow(ctx, deleteOldEnvelopes, pageSize)
+	var i DeleteOldEnvelopesRow
+	err := row.Scan(&i.Envelopes, &i.Deliveries)
+	return i, err
 }
 
 const deliveryStatus = `-- name: DeliveryStatus :many
@@ -208,18 +217,20 @@ func (q *Queries) EnvelopeForStatus(ctx context.Context, arg EnvelopeForStatusPa
 
 const expireDeliveries = `-- name: ExpireDeliveries :execrows
 UPDATE claudemesh.delivery SET state = 'expired'
-WHERE envelope_id IN (
-        SELECT e.id FROM claudemesh.envelope e
-        WHERE e.expires_at <= now()
-          AND EXISTS (SELECT 1 FROM claudemesh.delivery o
-                      WHERE o.envelope_id = e.id AND o.state IN ('pending', 'assigned', 'pushed'))
-        LIMIT 5000)
+WHERE id = ANY (ARRAY(
+        SELECT o.id FROM claudemesh.delivery o
+        WHERE o.expires_at <= now() AND o.state IN ('pending', 'assigned', 'pushed')
+        ORDER BY o.expires_at
+        LIMIT $1::int
+        FOR UPDATE SKIP LOCKED))
   AND state IN ('pending', 'assigned', 'pushed')
 `
 
-// Found through their envelopes' expiry index, so deliveries need no index of their own for it.
-func (q *Queries) ExpireDeliveries(ctx context.Context) (int64, error) {
-	result, err := q.db.Exec(ctx, expireDeliveries)
+// A page of open deliveries past their expiry, by the index of open deliveries by expiry
+// (00055), each then by its key (an array, not IN: as a join the planner hashed every open
+// delivery for each page). Rows another replica's sweep holds are left to it.
+func (q *Queries) ExpireDeliveries(ctx context.Context, pageSize int32) (int64, error) {
+	result, err := q.db.Exec(ctx, expireDeliveries, pageSize)
 	if err != nil {
 		return 0, err
 	}

@@ -49,25 +49,32 @@ SELECT claudemesh.mark_delivered_fenced(@ns::text, @envelope_ids::text[], @membe
     @session_ids::text[], @written_ids::bigint[], @taken_ids::bigint[], @taken_epochs::bigint[]);
 
 -- name: ExpireDeliveries :execrows
--- Found through their envelopes' expiry index, so deliveries need no index of their own for it.
+-- A page of open deliveries past their expiry, by the index of open deliveries by expiry
+-- (00055), each then by its key (an array, not IN: as a join the planner hashed every open
+-- delivery for each page). Rows another replica's sweep holds are left to it.
 UPDATE claudemesh.delivery SET state = 'expired'
-WHERE envelope_id IN (
-        SELECT e.id FROM claudemesh.envelope e
-        WHERE e.expires_at <= now()
-          AND EXISTS (SELECT 1 FROM claudemesh.delivery o
-                      WHERE o.envelope_id = e.id AND o.state IN ('pending', 'assigned', 'pushed'))
-        LIMIT 5000)
+WHERE id = ANY (ARRAY(
+        SELECT o.id FROM claudemesh.delivery o
+        WHERE o.expires_at <= now() AND o.state IN ('pending', 'assigned', 'pushed')
+        ORDER BY o.expires_at
+        LIMIT @page_size::int
+        FOR UPDATE SKIP LOCKED))
   AND state IN ('pending', 'assigned', 'pushed');
 
--- name: DeleteOldEnvelopes :execrows
--- Envelopes are kept a day past expiry so message_status can still answer, then removed with
--- their deliveries (no foreign key cascades on these tables: see the schema).
+-- name: DeleteOldEnvelopes :one
+-- A page of envelopes kept a day past expiry so message_status can still answer, removed with
+-- their deliveries (no foreign key cascades on these tables: see the schema). Rows another
+-- replica's sweep holds are left to it. Counts the envelopes.
 WITH old AS (
     DELETE FROM claudemesh.envelope
-    WHERE id IN (SELECT id FROM claudemesh.envelope WHERE expires_at < now() - interval '1 day' LIMIT 5000)
+    WHERE id IN (SELECT id FROM claudemesh.envelope WHERE expires_at < now() - interval '1 day'
+                 ORDER BY expires_at LIMIT @page_size::int FOR UPDATE SKIP LOCKED)
     RETURNING id
+), dels AS (
+    DELETE FROM claudemesh.delivery WHERE envelope_id IN (SELECT id FROM old)
+    RETURNING 1
 )
-DELETE FROM claudemesh.delivery WHERE envelope_id IN (SELECT id FROM old);
+SELECT (SELECT count(*) FROM old)::bigint AS envelopes, (SELECT count(*) FROM dels)::bigint AS deliveries;
 
 -- name: EnvelopeForStatus :one
 SELECT id, mesh_id, target_spec FROM claudemesh.envelope WHERE id = @id AND mesh_id = @mesh_id;

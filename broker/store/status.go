@@ -40,14 +40,16 @@ type HookQuery struct {
 // than GoneNodeRetention ago, and up to endedPresencePages pages of presences ended more than
 // EndedPresenceRetention ago.
 func (s *Store) DeleteExpired(ctx context.Context) error {
+	// Each on its own: one failing leaves the others' rows to be deleted.
+	var errs []error
 	if err := s.q.DeleteExpiredPendingStatus(ctx); err != nil {
-		return fmt.Errorf("delete expired hook signals: %w", err)
+		errs = append(errs, fmt.Errorf("delete expired hook signals: %w", err))
 	}
 	if _, err := s.q.DeleteExpiredSignatures(ctx); err != nil {
-		return fmt.Errorf("delete expired signatures: %w", err)
+		errs = append(errs, fmt.Errorf("delete expired signatures: %w", err))
 	}
 	if _, err := s.q.DeleteGoneNodes(ctx, GoneNodeRetention.Seconds()); err != nil {
-		return fmt.Errorf("delete gone nodes: %w", err)
+		errs = append(errs, fmt.Errorf("delete gone nodes: %w", err))
 	}
 	// A few pages per sweep: a backlog (the rows kept before pruning existed) clears in
 	// minutes without one long statement.
@@ -55,13 +57,14 @@ func (s *Store) DeleteExpired(ctx context.Context) error {
 		n, err := s.q.DeleteEndedPresences(ctx, db.DeleteEndedPresencesParams{
 			EndedBeforeSeconds: EndedPresenceRetention.Seconds(), PageSize: endedPresencePage})
 		if err != nil {
-			return fmt.Errorf("delete ended presences: %w", err)
+			errs = append(errs, fmt.Errorf("delete ended presences: %w", err))
+			break
 		}
 		if n < endedPresencePage {
 			break
 		}
 	}
-	return nil
+	return errors.Join(errs...)
 }
 
 // endedPresencePage is the rows one DeleteEndedPresences statement deletes at most;
