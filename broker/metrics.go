@@ -7,6 +7,8 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
+
+	"github.com/claudemesh/broker/broker/membership"
 )
 
 // Metrics are one replica's Prometheus collectors. Each Server has its own registry, so
@@ -36,6 +38,7 @@ type Metrics struct {
 	HelloBatchSize                   prometheus.Histogram
 	CommitSeconds                    prometheus.Histogram
 	HookRequests                     *prometheus.CounterVec
+	JoinRequests                     *prometheus.CounterVec
 	DeadNodes                        prometheus.Counter
 	Claims                           prometheus.Counter
 	ClaimSkips                       prometheus.Counter
@@ -90,6 +93,7 @@ func newMetrics() *Metrics {
 		CommitSeconds: prometheus.NewHistogram(prometheus.HistogramOpts{Namespace: "claudemesh", Name: "commit_seconds",
 			Help: "Time to resolve and commit one send batch.", Buckets: prometheus.ExponentialBuckets(0.0005, 2, 14)}),
 		HookRequests:     cv("hook_requests_total", "Hook requests, by outcome.", "outcome"),
+		JoinRequests:     cv("join_requests_total", "POST /join requests, by outcome.", "outcome"),
 		DeadNodes:        c("dead_nodes_taken_over_total", "Silent replicas this replica declared dead and took over."),
 		Claims:           c("claims_total", "Claim statements run for pending deliveries (each covers many sessions)."),
 		ClaimSkips:       c("claim_skips_total", "Sessions a claim skipped because another transaction held their row (a takeover, a change of status); claimed for again shortly."),
@@ -101,12 +105,15 @@ func newMetrics() *Metrics {
 	for _, task := range backgroundTasks {
 		m.BackgroundErrors.WithLabelValues(task)
 	}
+	for _, outcome := range membership.JoinOutcomes {
+		m.JoinRequests.WithLabelValues(outcome)
+	}
 	reg.MustRegister(
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 		m.HealthChecks, m.ConnActive, m.ConnTotal, m.ConnRejected, m.BadFrames, m.SlowConsumers,
 		m.MessagesRouted, m.Pushes, m.SendFailures, m.BacklogSkips, m.SendRefused, m.RequestsRateLimited, m.AdminOps, m.DeliveriesPending, m.AuditPending, m.AuditPendingOldest, m.BusSent, m.BusReceived,
-		m.BusEvents, m.BatchSize, m.HelloBatchSize, m.CommitSeconds, m.HookRequests, m.DeadNodes, m.Claims, m.ClaimSkips, m.BackgroundErrors,
+		m.BusEvents, m.BatchSize, m.HelloBatchSize, m.CommitSeconds, m.HookRequests, m.JoinRequests, m.DeadNodes, m.Claims, m.ClaimSkips, m.BackgroundErrors,
 	)
 	return m
 }
@@ -183,6 +190,9 @@ type bgLog struct {
 	at         time.Time
 	suppressed int
 }
+
+// countJoin counts a POST /join under its outcome (membership.JoinOutcomes).
+func (m *Metrics) countJoin(outcome string) { m.JoinRequests.WithLabelValues(outcome).Inc() }
 
 func (m *Metrics) observeBus(event string, n int) {
 	if event == "received" {

@@ -89,7 +89,7 @@ func (s *Service) Join(ctx context.Context, req protocol.JoinRequest) (JoinResul
 		if bound, err := q.SessionKeyBound(ctx, db.SessionKeyBoundParams{MeshID: m.ID, Pubkey: peer}); err != nil {
 			return err
 		} else if bound {
-			s.log.Info("join refused: the key is a session key in the mesh", "mesh", m.ID, "pubkey", peer)
+			s.refusals.Info("join refused: the key is a session key in the mesh", "mesh", m.ID, "pubkey", peer)
 			return joinError(protocol.JoinErrMemberInsertFailed)
 		}
 		if _, err := q.InviteClaim(ctx, inv.ID); err != nil {
@@ -153,26 +153,41 @@ func payloadOfInvite(stored []byte, p *protocol.InvitePayload) bool {
 		o.ExpiresAt == p.ExpiresAt && o.Role == p.Role && strings.EqualFold(o.OwnerPubkey, p.OwnerPubkey)
 }
 
+// Outcomes of POST /join, counted through Config.CountJoin: a fixed set, whatever clients send.
+const (
+	JoinOutcomeOK         = "ok"          // joined, or already a member
+	JoinOutcomeBadRequest = "bad_request" // not a POST, an unreadable or malformed body, a bad peer_pubkey
+	JoinOutcomeTooLarge   = "too_large"   // a body over protocol.MaxJoinBodyBytes
+	JoinOutcomeRefused    = "refused"     // a protocol refusal (bad signature, no such mesh or invite, expired...)
+	JoinOutcomeInternal   = "internal"    // the broker failed, usually Postgres
+)
+
+// JoinOutcomes lists every outcome, for a metric to show each from the start.
+var JoinOutcomes = []string{JoinOutcomeOK, JoinOutcomeBadRequest, JoinOutcomeTooLarge, JoinOutcomeRefused,
+	JoinOutcomeInternal}
+
 // HandleJoin serves POST /join: 200 {ok:true, memberId, alreadyMember?}, 400 {ok:false, error}
 // with a protocol code or, for a malformed body, a message naming the field, 413 for a body
 // over protocol.MaxJoinBodyBytes, 500 {ok:false, error:"internal error"} when the broker fails.
-// The body carries the mesh root key, so neither it nor the token is ever logged.
+// Refusals are logged through Config.Refusals. The body carries the mesh root key, so neither
+// it nor the token is ever logged.
 func (s *Service) HandleJoin(w http.ResponseWriter, r *http.Request) {
+	source := r.RemoteAddr
 	if r.Method != http.MethodPost {
 		w.Header().Set("Allow", http.MethodPost)
-		writeJoin(w, http.StatusMethodNotAllowed, protocol.JoinResponse{Error: "method not allowed"})
+		s.joinFail(w, http.StatusMethodNotAllowed, JoinOutcomeBadRequest, "method not allowed")
 		return
 	}
 	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, protocol.MaxJoinBodyBytes))
 	if err != nil {
 		var tooLarge *http.MaxBytesError
 		if errors.As(err, &tooLarge) {
-			s.log.Info("join: body too large", "remote", r.RemoteAddr, "limit", tooLarge.Limit)
-			writeJoin(w, http.StatusRequestEntityTooLarge, protocol.JoinResponse{Error: "payload too large"})
+			s.refusals.Info("join: body too large", "source", source, "limit", tooLarge.Limit)
+			s.joinFail(w, http.StatusRequestEntityTooLarge, JoinOutcomeTooLarge, "payload too large")
 			return
 		}
-		s.log.Info("join: read body", "remote", r.RemoteAddr, "err", err)
-		writeJoin(w, http.StatusBadRequest, protocol.JoinResponse{Error: "could not read body"})
+		s.refusals.Info("join: read body", "source", source, "err", err)
+		s.joinFail(w, http.StatusBadRequest, JoinOutcomeBadRequest, "could not read body")
 		return
 	}
 	req, err := protocol.ParseJoinRequest(body)
@@ -182,27 +197,36 @@ func (s *Service) HandleJoin(w http.ResponseWriter, r *http.Request) {
 		if errors.As(err, &pe) {
 			msg = pe.Message
 		}
-		s.log.Info("join: bad request", "remote", r.RemoteAddr, "reason", msg)
-		writeJoin(w, http.StatusBadRequest, protocol.JoinResponse{Error: msg})
+		s.refusals.Info("join: bad request", "source", source, "reason", msg)
+		s.joinFail(w, http.StatusBadRequest, JoinOutcomeBadRequest, msg)
 		return
 	}
 	res, err := s.Join(r.Context(), req)
 	var je *JoinError
 	switch {
 	case errors.As(err, &je):
-		s.log.Info("join refused", "code", je.Code, "mesh", req.InvitePayload.MeshID,
-			"pubkey", req.PeerPubkey, "remote", r.RemoteAddr)
-		writeJoin(w, http.StatusBadRequest, protocol.JoinResponse{Error: je.Code})
+		s.refusals.Info("join refused", "code", je.Code, "mesh", req.InvitePayload.MeshID,
+			"pubkey", req.PeerPubkey, "source", source)
+		s.joinFail(w, http.StatusBadRequest, JoinOutcomeRefused, je.Code)
 	case errors.Is(err, ErrInvalidPubkey):
-		writeJoin(w, http.StatusBadRequest, protocol.JoinResponse{Error: "peer_pubkey: must be 64 hex characters"})
+		const msg = "peer_pubkey: must be 64 hex characters"
+		s.refusals.Info("join: bad request", "source", source, "reason", msg)
+		s.joinFail(w, http.StatusBadRequest, JoinOutcomeBadRequest, msg)
 	case err != nil:
 		s.log.Error("join failed", "mesh", req.InvitePayload.MeshID, "pubkey", req.PeerPubkey, "err", err)
-		writeJoin(w, http.StatusInternalServerError, protocol.JoinResponse{Error: "internal error"})
+		s.joinFail(w, http.StatusInternalServerError, JoinOutcomeInternal, "internal error")
 	default:
 		s.log.Info("join", "mesh", res.MeshID, "member", res.MemberID, "pubkey", req.PeerPubkey,
 			"already_member", res.AlreadyMember)
+		s.countJoin(JoinOutcomeOK)
 		writeJoin(w, http.StatusOK, protocol.JoinResponse{OK: true, MemberID: res.MemberID, AlreadyMember: res.AlreadyMember})
 	}
+}
+
+// joinFail counts a /join that did not succeed under outcome and answers it {ok:false, error}.
+func (s *Service) joinFail(w http.ResponseWriter, code int, outcome, msg string) {
+	s.countJoin(outcome)
+	writeJoin(w, code, protocol.JoinResponse{Error: msg})
 }
 
 func writeJoin(w http.ResponseWriter, code int, body protocol.JoinResponse) {

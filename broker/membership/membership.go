@@ -50,21 +50,41 @@ type Config struct {
 	OnRevoke func(ctx context.Context, tx db.DBTX, meshID, memberID string) error
 	// Now is the clock invites are dated by; nil means time.Now.
 	Now func() time.Time
+	// Refusals receives the /join lines a client can cause at will (a malformed or oversized
+	// body, a refused invite); nil means Logger. The broker passes its sampled
+	// logger, so a flood can neither fill the disk nor drown other lines.
+	Refusals InfoLogger
+	// CountJoin counts every POST /join once, under one of JoinOutcomes; nil counts nothing.
+	CountJoin func(outcome string)
+}
+
+// InfoLogger is where refusals are logged: a *slog.Logger, or a sampled logger in front of one.
+type InfoLogger interface {
+	Info(msg string, args ...any)
 }
 
 // Service runs membership operations against the database.
 type Service struct {
-	pool     *pgxpool.Pool
-	log      *slog.Logger
-	onRevoke func(ctx context.Context, tx db.DBTX, meshID, memberID string) error
-	now      func() time.Time
+	pool      *pgxpool.Pool
+	log       *slog.Logger
+	refusals  InfoLogger
+	countJoin func(outcome string)
+	onRevoke  func(ctx context.Context, tx db.DBTX, meshID, memberID string) error
+	now       func() time.Time
 }
 
 // New returns a Service on pool. It does no I/O.
 func New(pool *pgxpool.Pool, cfg Config) *Service {
-	s := &Service{pool: pool, log: cfg.Logger, onRevoke: cfg.OnRevoke, now: cfg.Now}
+	s := &Service{pool: pool, log: cfg.Logger, refusals: cfg.Refusals, countJoin: cfg.CountJoin,
+		onRevoke: cfg.OnRevoke, now: cfg.Now}
 	if s.log == nil {
 		s.log = slog.New(slog.DiscardHandler)
+	}
+	if s.refusals == nil {
+		s.refusals = s.log
+	}
+	if s.countJoin == nil {
+		s.countJoin = func(string) {}
 	}
 	if s.now == nil {
 		s.now = time.Now
