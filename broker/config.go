@@ -57,6 +57,10 @@ const (
 	// hooks never hold the connections sends and hellos need. At ~1 ms a statement that is
 	// thousands of hooks a second; a far region's round trip divides it (100 ms: 40/s).
 	DefaultHookConcurrency = 4
+	// Joins from one client address (an IPv6 /64) per minute, and their burst: a join is a
+	// person accepting an invite, so a team behind one NAT joins together while a flood of
+	// self-signed invites gets one transaction a second.
+	DefaultJoinRatePerSourceMin = 60
 	// A member's sends per second on one replica, and the burst above that rate: generous
 	// (a Claude Code session sends a few a minute), a cap on a runaway or hostile client.
 	DefaultSendRatePerMember  = 500
@@ -140,6 +144,9 @@ type Config struct {
 	// HookConcurrency bounds the hook statements a replica runs at once; a hook waits up to a
 	// second for one, else is refused 503 (retryable).
 	HookConcurrency int
+	// JoinRatePerSourceMin bounds POST /join requests per client address (an IPv6 /64) per
+	// minute, before the body is read.
+	JoinRatePerSourceMin int
 	// MetricsToken, when set, is required as a bearer token on /metrics. MetricsAddr, when
 	// set, serves /metrics on that address instead of the main port.
 	MetricsToken string
@@ -271,6 +278,7 @@ var envVars = []envVar{
 	{"HOOK_RATE_LIMIT_PER_CALLER_PER_MIN", "a whole number >= 1", func(v string, c *Config) error { return intIn(v, 1, 1<<30, &c.HookRatePerCallerMin) }},
 	{"HOOK_RATE_LIMIT_PER_SOURCE_PER_MIN", "a whole number >= 1", func(v string, c *Config) error { return intIn(v, 1, 1<<30, &c.HookRatePerSourceMin) }},
 	{"HOOK_CONCURRENCY", "a whole number >= 1", func(v string, c *Config) error { return intIn(v, 1, 1<<20, &c.HookConcurrency) }},
+	{"JOIN_RATE_LIMIT_PER_SOURCE_PER_MIN", "a whole number >= 1", func(v string, c *Config) error { return intIn(v, 1, 1<<30, &c.JoinRatePerSourceMin) }},
 	{"METRICS_TOKEN", "any non-empty secret", func(v string, c *Config) error { c.MetricsToken = v; return nil }},
 	{"METRICS_ADDR", "a listen address such as 127.0.0.1:9090", func(v string, c *Config) error {
 		if _, _, err := net.SplitHostPort(v); err != nil {
@@ -376,6 +384,7 @@ func (c Config) WithDefaults() Config {
 	setInt(&c.HookRatePerCallerMin, DefaultHookRatePerCallerMin)
 	setInt(&c.HookRatePerSourceMin, DefaultHookRatePerSourceMin)
 	setInt(&c.HookConcurrency, DefaultHookConcurrency)
+	setInt(&c.JoinRatePerSourceMin, DefaultJoinRatePerSourceMin)
 	setInt(&c.HelloConcurrency, DefaultHelloConcurrency)
 	setInt(&c.Committers, DefaultCommitters)
 	// A queued hello is a socket without a hello, which MaxUnauthenticated already bounds: a

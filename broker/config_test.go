@@ -25,6 +25,7 @@ func TestLoadConfigDefaults(t *testing.T) {
 	require.Empty(t, c.DatabaseURL)
 	require.False(t, c.NotifyAfterCommit)
 	require.Equal(t, [4]int{20, 200, 20, 100}, [4]int{c.WriteRatePerMember, c.WriteBurstPerMember, c.ReadRatePerMember, c.ReadBurstPerMember})
+	require.Equal(t, 60, c.JoinRatePerSourceMin)
 }
 
 func TestLoadConfigValues(t *testing.T) {

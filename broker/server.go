@@ -161,7 +161,7 @@ func NewServer(cfg Config, pool *pgxpool.Pool, logger *slog.Logger) (*Server, er
 	sp := &statusPage{cfg: cfg, store: s.store, nodeID: nodeID, started: s.started, hub: s.hub, log: s.log,
 		listener: bus.Connected, draining: s.draining.Load}
 	s.members = membership.New(pool, membership.Config{Logger: s.log, OnRevoke: RevokeHook(cfg.BusNamespace),
-		Refusals: refusals, CountJoin: s.metrics.countJoin})
+		Refusals: refusals, JoinBounds: newJoinBounds(cfg), CountJoin: s.metrics.countJoin})
 	s.mux.HandleFunc("GET /health", s.handleHealth)
 	if cfg.MetricsAddr == "" {
 		s.mux.Handle("GET /metrics", s.metricsHandler())

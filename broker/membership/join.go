@@ -8,6 +8,7 @@ import (
 	"io"
 	"net/http"
 	"strings"
+	"time"
 
 	"github.com/jackc/pgx/v5"
 
@@ -153,26 +154,56 @@ func payloadOfInvite(stored []byte, p *protocol.InvitePayload) bool {
 		o.ExpiresAt == p.ExpiresAt && o.Role == p.Role && strings.EqualFold(o.OwnerPubkey, p.OwnerPubkey)
 }
 
+// JoinBounds bounds what POST /join can make a replica do. Anyone can sign an invite payload
+// with a key of their own for a mesh id of their choosing: it passes every check made before
+// the database, so without bounds a flood of them takes the pool from sends and hellos.
+type JoinBounds interface {
+	// Allow is asked first, before the body is read: false refuses the request 429. source
+	// names the client the limit is keyed by, for the logs.
+	Allow(r *http.Request) (source string, ok bool)
+	// Acquire takes one of the few slots /join statements run in, waiting within ctx and a
+	// bound of its own: false refuses the request 503 (retryable). Release gives it back.
+	Acquire(ctx context.Context) bool
+	Release()
+}
+
 // Outcomes of POST /join, counted through Config.CountJoin: a fixed set, whatever clients send.
 const (
-	JoinOutcomeOK         = "ok"          // joined, or already a member
-	JoinOutcomeBadRequest = "bad_request" // not a POST, an unreadable or malformed body, a bad peer_pubkey
-	JoinOutcomeTooLarge   = "too_large"   // a body over protocol.MaxJoinBodyBytes
-	JoinOutcomeRefused    = "refused"     // a protocol refusal (bad signature, no such mesh or invite, expired...)
-	JoinOutcomeInternal   = "internal"    // the broker failed, usually Postgres
+	JoinOutcomeOK          = "ok"           // joined, or already a member
+	JoinOutcomeBadRequest  = "bad_request"  // not a POST, an unreadable or malformed body, a bad peer_pubkey
+	JoinOutcomeTooLarge    = "too_large"    // a body over protocol.MaxJoinBodyBytes
+	JoinOutcomeRefused     = "refused"      // a protocol refusal (bad signature, no such mesh or invite, expired...)
+	JoinOutcomeRateLimited = "rate_limited" // JoinBounds.Allow refused the client
+	JoinOutcomeBusy        = "busy"         // no statement slot in time
+	JoinOutcomeInternal    = "internal"     // the broker failed, usually Postgres
 )
 
 // JoinOutcomes lists every outcome, for a metric to show each from the start.
 var JoinOutcomes = []string{JoinOutcomeOK, JoinOutcomeBadRequest, JoinOutcomeTooLarge, JoinOutcomeRefused,
-	JoinOutcomeInternal}
+	JoinOutcomeRateLimited, JoinOutcomeBusy, JoinOutcomeInternal}
+
+// joinTimeout bounds a join's statements. They run detached from the request: a client hanging
+// up mid-join is no failure of the broker's, and its join, once started, completes or rolls back.
+const joinTimeout = 5 * time.Second
 
 // HandleJoin serves POST /join: 200 {ok:true, memberId, alreadyMember?}, 400 {ok:false, error}
 // with a protocol code or, for a malformed body, a message naming the field, 413 for a body
 // over protocol.MaxJoinBodyBytes, 500 {ok:false, error:"internal error"} when the broker fails.
-// Refusals are logged through Config.Refusals. The body carries the mesh root key, so neither
-// it nor the token is ever logged.
+// With JoinBounds: 429 for a client over its rate, checked before the body is read, and 503
+// with Retry-After when no statement slot is free in time. Refusals are logged through
+// Config.Refusals. The body carries the mesh root key, so neither it nor the token is ever
+// logged.
 func (s *Service) HandleJoin(w http.ResponseWriter, r *http.Request) {
 	source := r.RemoteAddr
+	if s.bounds != nil {
+		var ok bool
+		if source, ok = s.bounds.Allow(r); !ok {
+			s.refusals.Info("join refused: rate limited", "source", source)
+			s.joinFail(w, http.StatusTooManyRequests, JoinOutcomeRateLimited,
+				"rate limited: too many join requests from this address; retry in a few seconds")
+			return
+		}
+	}
 	if r.Method != http.MethodPost {
 		w.Header().Set("Allow", http.MethodPost)
 		s.joinFail(w, http.StatusMethodNotAllowed, JoinOutcomeBadRequest, "method not allowed")
@@ -201,7 +232,19 @@ func (s *Service) HandleJoin(w http.ResponseWriter, r *http.Request) {
 		s.joinFail(w, http.StatusBadRequest, JoinOutcomeBadRequest, msg)
 		return
 	}
-	res, err := s.Join(r.Context(), req)
+	if s.bounds != nil {
+		if !s.bounds.Acquire(r.Context()) {
+			s.refusals.Info("join refused: too many in flight", "source", source)
+			w.Header().Set("Retry-After", "1")
+			s.joinFail(w, http.StatusServiceUnavailable, JoinOutcomeBusy,
+				"broker busy: too many join requests in flight; retry in a second")
+			return
+		}
+		defer s.bounds.Release()
+	}
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), joinTimeout)
+	defer cancel()
+	res, err := s.Join(ctx, req)
 	var je *JoinError
 	switch {
 	case errors.As(err, &je):

@@ -2,12 +2,14 @@ package membership_test
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"io"
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
 	"strings"
+	"sync"
 	"testing"
 
 	"github.com/stretchr/testify/require"
@@ -149,4 +151,37 @@ func FuzzJoinBody(f *testing.F) {
 			t.Fatalf("status %d: %s", rec.Code, rec.Body.String())
 		}
 	})
+}
+
+// A client that hangs up while its join runs does not fail the join: the join completes (the
+// client, retrying, is told it is a member) and nothing is logged as a broker error.
+func TestHandleJoinCompletesWhenTheClientHangsUp(t *testing.T) {
+	t.Parallel()
+	var logged bytes.Buffer
+	var mu sync.Mutex
+	f := newFixture(t, membership.Config{Logger: slog.New(slog.NewTextHandler(lockedWriter{&mu, &logged}, nil))})
+	_, key := f.mesh("demo")
+	inv := f.invite("demo", key, 1, "")
+	req := joinRequest(t, inv.Link, newPubkey(t), "alice")
+
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel() // gone before the statements run
+	rec := httptest.NewRecorder()
+	f.svc.HandleJoin(rec, httptest.NewRequestWithContext(ctx, http.MethodPost, protocol.PathJoin, bytes.NewReader(joinBody(t, req))))
+	require.Equal(t, http.StatusOK, rec.Code, rec.Body.String())
+	require.Equal(t, 1, f.usedCount(inv.ID), "the join completed")
+	mu.Lock()
+	defer mu.Unlock()
+	require.NotContains(t, logged.String(), "level=ERROR")
+}
+
+type lockedWriter struct {
+	mu *sync.Mutex
+	w  io.Writer
+}
+
+func (l lockedWriter) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.w.Write(p)
 }

@@ -51,9 +51,11 @@ type Config struct {
 	// Now is the clock invites are dated by; nil means time.Now.
 	Now func() time.Time
 	// Refusals receives the /join lines a client can cause at will (a malformed or oversized
-	// body, a refused invite); nil means Logger. The broker passes its sampled
+	// body, a refused invite, a limit reached); nil means Logger. The broker passes its sampled
 	// logger, so a flood can neither fill the disk nor drown other lines.
 	Refusals InfoLogger
+	// JoinBounds bounds what POST /join can make a replica do; nil bounds nothing (tests, tools).
+	JoinBounds JoinBounds
 	// CountJoin counts every POST /join once, under one of JoinOutcomes; nil counts nothing.
 	CountJoin func(outcome string)
 }
@@ -68,6 +70,7 @@ type Service struct {
 	pool      *pgxpool.Pool
 	log       *slog.Logger
 	refusals  InfoLogger
+	bounds    JoinBounds
 	countJoin func(outcome string)
 	onRevoke  func(ctx context.Context, tx db.DBTX, meshID, memberID string) error
 	now       func() time.Time
@@ -75,7 +78,7 @@ type Service struct {
 
 // New returns a Service on pool. It does no I/O.
 func New(pool *pgxpool.Pool, cfg Config) *Service {
-	s := &Service{pool: pool, log: cfg.Logger, refusals: cfg.Refusals, countJoin: cfg.CountJoin,
+	s := &Service{pool: pool, log: cfg.Logger, refusals: cfg.Refusals, bounds: cfg.JoinBounds, countJoin: cfg.CountJoin,
 		onRevoke: cfg.OnRevoke, now: cfg.Now}
 	if s.log == nil {
 		s.log = slog.New(slog.DiscardHandler)
