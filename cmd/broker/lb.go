@@ -66,11 +66,23 @@ func (lb *roundRobin) proxy(ctx context.Context, c net.Conn) {
 		return
 	}
 	defer up.Close()
-	done := make(chan struct{}, 2)
-	go func() { _, _ = io.Copy(up, c); done <- struct{}{} }()
-	go func() { _, _ = io.Copy(c, up); done <- struct{}{} }()
+	sent := make(chan error, 1)
+	answered := make(chan struct{})
+	go func() { _, err := io.Copy(up, c); sent <- err }()
+	go func() { _, _ = io.Copy(c, up); close(answered) }()
 	select {
-	case <-done:
+	case err := <-sent:
+		// The client half-closed (shutdown SHUT_WR, `nc -N`): pass the end of its request on
+		// and keep the answer coming back, as a TCP load balancer does. An error ends both.
+		tc, ok := up.(*net.TCPConn)
+		if err != nil || !ok || tc.CloseWrite() != nil {
+			return
+		}
+		select {
+		case <-answered:
+		case <-ctx.Done():
+		}
+	case <-answered:
 	case <-ctx.Done():
 	}
 }
