@@ -11,12 +11,14 @@ import (
 	"log/slog"
 	"net/http"
 	"path/filepath"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/google/uuid"
+	"github.com/gorilla/websocket"
 	"github.com/stretchr/testify/require"
 
 	"github.com/claudemesh/broker/broker/membership"
@@ -227,4 +229,40 @@ func TestJoinRefusalsAreLoggedSampled(t *testing.T) {
 	require.LessOrEqual(t, logged, 20+5*(int(elapsed.Seconds())+1), "refused joins are logged sampled")
 	require.Equal(t, float64(n), testutilCounter(srv.metrics.JoinRequests.WithLabelValues(membership.JoinOutcomeBadRequest)))
 	require.Equal(t, float64(n), testutilCounter(srv.metrics.JoinRequests.WithLabelValues(membership.JoinOutcomeRefused)))
+}
+
+// A frame over MAX_MESSAGE_BYTES closes its socket 1009; any client can send one, before any
+// hello, so the line it logs is sampled like every refusal a client causes at will.
+func TestOversizedFramesAreLoggedSampled(t *testing.T) {
+	t.Parallel()
+	lines := &logLines{}
+	c := newCluster(t, 0, nil)
+	srv, err := NewServer(Config{NodeID: "f", Region: "test", MaxMessageBytes: 4096}, dbtest.PoolFor(t, c.url),
+		slog.New(slog.NewTextHandler(lines, nil)))
+	require.NoError(t, err)
+	require.NoError(t, srv.Start(context.Background(), "127.0.0.1:0"))
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+		defer cancel()
+		_ = srv.Stop(ctx)
+	})
+
+	const n = 60
+	start := time.Now()
+	big := strings.Repeat("x", 8192)
+	for range n {
+		ws, resp, err := websocket.DefaultDialer.Dial("ws://"+srv.Addr()+protocol.PathWS, nil)
+		require.NoError(t, err)
+		resp.Body.Close()
+		require.NoError(t, ws.WriteMessage(websocket.TextMessage, []byte(big)))
+		_, _, err = ws.ReadMessage()
+		var ce *websocket.CloseError
+		require.ErrorAs(t, err, &ce)
+		require.Equal(t, websocket.CloseMessageTooBig, ce.Code)
+		ws.Close()
+	}
+	elapsed := time.Since(start)
+	logged := len(lines.matching(`msg="frame too large`))
+	t.Logf("%d oversized frames in %s logged %d lines", n, elapsed.Round(time.Millisecond), logged)
+	require.LessOrEqual(t, logged, 20+5*(int(elapsed.Seconds())+1), "oversized frames are logged sampled")
 }

@@ -108,7 +108,8 @@ func (p *peers) newMelody() *melody.Melody {
 			// Reported from inside the write, which may hold the session's push order.
 			p.closeSlowConsumerLater(ms, "send queue full")
 		case errors.Is(err, websocket.ErrReadLimit):
-			p.log.Info("frame too large; closing 1009", "limit", p.cfg.MaxMessageBytes)
+			// Any client can send one, a socket without a hello too: sampled.
+			p.refusals.Info("frame too large; closing 1009", "limit", p.cfg.MaxMessageBytes, "presence", presenceOf(connOf(ms)))
 		}
 	})
 	m.HandleDisconnect(func(ms *melody.Session) {
@@ -163,7 +164,8 @@ func (p *peers) closeSlowConsumer(ms *melody.Session, why string) {
 		return // melody reports each further dropped frame; one close is enough
 	}
 	p.metrics.SlowConsumers.Inc()
-	p.log.Info("slow consumer; closing 4008", "presence", presenceOf(c), "why", why)
+	// A client that stops reading causes it at will (counted in slow_consumer_closes_total): sampled.
+	p.refusals.Info("slow consumer; closing 4008", "presence", presenceOf(c), "why", why)
 	c.end.Set(endGrace)
 	if wc := ms.WebsocketConnection(); wc != nil {
 		_ = wc.WriteControl(websocket.CloseMessage,
