@@ -213,53 +213,68 @@ func TestThousandAppendsOverFourPools(t *testing.T) {
 	requireBroken(t, err, 617)
 }
 
+// intact: a tamperCase that Verify must not call broken.
+const intact = -1
+
+// tamperCases are edits to a chain of five entries (newChainOfFive) and the entry Verify must
+// name for each.
+var tamperCases = []struct {
+	name   string
+	tamper []string // statements; $1 is the mesh id
+	seq    int64    // the entry Verify must name; intact: none
+}{
+	{"edited data", []string{`UPDATE claudemesh.audit SET data = '{"role":"admin"}' WHERE mesh_id = $1 AND seq = 3`}, 3},
+	{"rewritten with an equal value is not tampering", []string{`UPDATE claudemesh.audit SET data = '{ "role" : "member", "j" : 2.0 }' WHERE mesh_id = $1 AND seq = 3`}, intact},
+	{"edited actor", []string{`UPDATE claudemesh.audit SET actor = 'x' WHERE mesh_id = $1 AND seq = 1`}, 1},
+	{"edited type", []string{`UPDATE claudemesh.audit SET event_type = 'member_added' WHERE mesh_id = $1 AND seq = 4`}, 4},
+	{"edited timestamp", []string{`UPDATE claudemesh.audit SET ts_micros = ts_micros + 1 WHERE mesh_id = $1 AND seq = 2`}, 2},
+	{"edited hash", []string{`UPDATE claudemesh.audit SET hash = repeat('a', 64) WHERE mesh_id = $1 AND seq = 2`}, 2},
+	{"deleted row", []string{`DELETE FROM claudemesh.audit WHERE mesh_id = $1 AND seq = 3`}, 3},
+	{"deleted first row", []string{`DELETE FROM claudemesh.audit WHERE mesh_id = $1 AND seq = 1`}, 1},
+	{"deleted last row", []string{`DELETE FROM claudemesh.audit WHERE mesh_id = $1 AND seq = 5`}, 5},
+	{"deleted row and renumbered", []string{
+		`DELETE FROM claudemesh.audit WHERE mesh_id = $1 AND seq = 3`,
+		`UPDATE claudemesh.audit SET seq = seq - 1 WHERE mesh_id = $1 AND seq > 3`,
+		`UPDATE claudemesh.audit_head SET seq = seq - 1 WHERE mesh_id = $1`,
+	}, 3},
+	{"reordered rows", []string{
+		`UPDATE claudemesh.audit SET seq = -2 WHERE mesh_id = $1 AND seq = 2`,
+		`UPDATE claudemesh.audit SET seq = 2 WHERE mesh_id = $1 AND seq = 3`,
+		`UPDATE claudemesh.audit SET seq = 3 WHERE mesh_id = $1 AND seq = -2`,
+	}, 2},
+	{"row added behind the chain's back", []string{
+		`INSERT INTO claudemesh.audit (mesh_id, seq, event_type, actor, data, ts_micros, prev_hash, hash)
+		 SELECT mesh_id, 6, event_type, actor, data, ts_micros, hash, hash FROM claudemesh.audit WHERE mesh_id = $1 AND seq = 5`,
+	}, 6},
+	{"row added below the chain", []string{
+		`INSERT INTO claudemesh.audit (mesh_id, seq, event_type, actor, data, ts_micros, prev_hash, hash)
+		 SELECT mesh_id, 0, event_type, actor, data, ts_micros, prev_hash, hash FROM claudemesh.audit WHERE mesh_id = $1 AND seq = 1`,
+	}, 0},
+	{"head edited", []string{`UPDATE claudemesh.audit_head SET hash = repeat('b', 64) WHERE mesh_id = $1`}, 5},
+	{"head deleted", []string{`DELETE FROM claudemesh.audit_head WHERE mesh_id = $1`}, 5},
+}
+
+// newChainOfFive appends five entries, one transaction each, to a new mesh, seals them and
+// returns the mesh id.
+func newChainOfFive(t *testing.T, ctx context.Context, pool *pgxpool.Pool, slug string) string {
+	t.Helper()
+	m := newMesh(t, pool, slug)
+	for j, typ := range []string{audit.MeshCreated, audit.MemberAdded, audit.InviteCreated, audit.MemberJoined, audit.MemberRevoked} {
+		require.NoError(t, appendTx(ctx, pool, audit.Entry{MeshID: m, Type: typ, Actor: "op", Data: map[string]any{"j": j, "role": "member"}}))
+	}
+	_, err := audit.Seal(ctx, pool, true) // on the chain, for the tampering to edit
+	require.NoError(t, err)
+	return m
+}
+
 func TestVerifyDetectsTampering(t *testing.T) {
 	t.Parallel()
 	ctx := dbtest.Context(t)
 	pool := dbtest.Pool(t)
 
-	const intact = -1
-	cases := []struct {
-		name   string
-		tamper []string // statements; $1 is the mesh id
-		seq    int64    // the entry Verify must name; intact: none
-	}{
-		{"edited data", []string{`UPDATE claudemesh.audit SET data = '{"role":"admin"}' WHERE mesh_id = $1 AND seq = 3`}, 3},
-		{"rewritten with an equal value is not tampering", []string{`UPDATE claudemesh.audit SET data = '{ "role" : "member", "j" : 2.0 }' WHERE mesh_id = $1 AND seq = 3`}, intact},
-		{"edited actor", []string{`UPDATE claudemesh.audit SET actor = 'x' WHERE mesh_id = $1 AND seq = 1`}, 1},
-		{"edited type", []string{`UPDATE claudemesh.audit SET event_type = 'member_added' WHERE mesh_id = $1 AND seq = 4`}, 4},
-		{"edited timestamp", []string{`UPDATE claudemesh.audit SET ts_micros = ts_micros + 1 WHERE mesh_id = $1 AND seq = 2`}, 2},
-		{"edited hash", []string{`UPDATE claudemesh.audit SET hash = repeat('a', 64) WHERE mesh_id = $1 AND seq = 2`}, 2},
-		{"deleted row", []string{`DELETE FROM claudemesh.audit WHERE mesh_id = $1 AND seq = 3`}, 3},
-		{"deleted first row", []string{`DELETE FROM claudemesh.audit WHERE mesh_id = $1 AND seq = 1`}, 1},
-		{"deleted last row", []string{`DELETE FROM claudemesh.audit WHERE mesh_id = $1 AND seq = 5`}, 5},
-		{"deleted row and renumbered", []string{
-			`DELETE FROM claudemesh.audit WHERE mesh_id = $1 AND seq = 3`,
-			`UPDATE claudemesh.audit SET seq = seq - 1 WHERE mesh_id = $1 AND seq > 3`,
-			`UPDATE claudemesh.audit_head SET seq = seq - 1 WHERE mesh_id = $1`,
-		}, 3},
-		{"reordered rows", []string{
-			`UPDATE claudemesh.audit SET seq = -2 WHERE mesh_id = $1 AND seq = 2`,
-			`UPDATE claudemesh.audit SET seq = 2 WHERE mesh_id = $1 AND seq = 3`,
-			`UPDATE claudemesh.audit SET seq = 3 WHERE mesh_id = $1 AND seq = -2`,
-		}, 2},
-		{"row added behind the chain's back", []string{
-			`INSERT INTO claudemesh.audit (mesh_id, seq, event_type, actor, data, ts_micros, prev_hash, hash)
-			 SELECT mesh_id, 6, event_type, actor, data, ts_micros, hash, hash FROM claudemesh.audit WHERE mesh_id = $1 AND seq = 5`,
-		}, 6},
-		{"row added below the chain", []string{
-			`INSERT INTO claudemesh.audit (mesh_id, seq, event_type, actor, data, ts_micros, prev_hash, hash)
-			 SELECT mesh_id, 0, event_type, actor, data, ts_micros, prev_hash, hash FROM claudemesh.audit WHERE mesh_id = $1 AND seq = 1`,
-		}, 0},
-		{"head edited", []string{`UPDATE claudemesh.audit_head SET hash = repeat('b', 64) WHERE mesh_id = $1`}, 5},
-		{"head deleted", []string{`DELETE FROM claudemesh.audit_head WHERE mesh_id = $1`}, 5},
-	}
-	for i, tc := range cases {
+	for i, tc := range tamperCases {
 		t.Run(tc.name, func(t *testing.T) {
-			m := newMesh(t, pool, fmt.Sprintf("m%d", i))
-			for j, typ := range []string{audit.MeshCreated, audit.MemberAdded, audit.InviteCreated, audit.MemberJoined, audit.MemberRevoked} {
-				require.NoError(t, appendTx(ctx, pool, audit.Entry{MeshID: m, Type: typ, Actor: "op", Data: map[string]any{"j": j, "role": "member"}}))
-			}
+			m := newChainOfFive(t, ctx, pool, fmt.Sprintf("m%d", i))
 			n, err := audit.Verify(ctx, pool, m)
 			require.NoError(t, err)
 			require.Equal(t, 5, n)
