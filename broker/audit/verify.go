@@ -15,7 +15,7 @@ import (
 
 // verifyPageSize bounds the entries Verify reads at once. Each page is a statement of its own,
 // so a walk of hours holds a snapshot (which keeps VACUUM from removing dead rows in every
-// table) for one page's read, not for the whole walk.
+// table of the database) for one page's read, not for the whole walk.
 const verifyPageSize = 1000
 
 // walk is how Verify reads a chain: pages of pageSize entries, with between (tests only) called
@@ -30,7 +30,7 @@ type txBeginner interface {
 	BeginTx(ctx context.Context, opts pgx.TxOptions) (pgx.Tx, error)
 }
 
-// Verify walks meshID's chain in seq order and returns how many entries it holds. When an
+// Verify walks meshID's chain in seq order and returns how many entries it checked. When an
 // entry does not check out it returns a *BrokenError naming the first such entry and why: a
 // missing seq (a deleted row), a prev_hash that is not the previous entry's hash (a deleted,
 // inserted or reordered row), a hash that does not match the entry's fields (an edited row), or
