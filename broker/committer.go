@@ -47,7 +47,8 @@ const (
 	// statement's time and memory in Postgres, and the senders closed if its outcome is unknown,
 	// grow with it. Small sends reach maxBatch first.
 	statementBytes = 4 << 20
-	// DefaultMessageTTL is how long an undelivered envelope waits for its recipients.
+	// DefaultMessageTTL is how long an envelope waits for its recipients; it is kept a day more,
+	// delivered or not, for message_status.
 	DefaultMessageTTL = 7 * 24 * time.Hour
 	// ackUnavailable is the ack error when the envelope could not be stored (Postgres away).
 	ackUnavailable = "unavailable"
