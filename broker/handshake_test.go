@@ -3,6 +3,7 @@ package broker
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net/http"
 	"strings"
 	"testing"
@@ -310,4 +311,23 @@ func TestPlainHelloIsTheMembersByItsKeyAlone(t *testing.T) {
 	var perr *protocol.Error
 	require.ErrorAs(t, err, &perr)
 	require.Equal(t, protocol.CodeUnauthorized, perr.Code)
+}
+
+// A member's client reconnecting in a loop is refused rate_limited (close 1013, retry later)
+// beyond HELLO_RATE_LIMIT_PER_MEMBER_PER_MIN on a replica, before any database work; other
+// members' hellos are not touched.
+func TestHellosPerMemberAreLimited(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t, 1, func(cfg *Config) { cfg.HelloRatePerMemberMin = 3 })
+	m := c.mesh(0)
+	alice, bob := m.member("alice"), m.member("bob")
+	for i := range 3 {
+		a := m.dial(0, alice, func(o *client.Options) { o.SessionID = fmt.Sprint("s", i) })
+		require.NoError(t, a.Close())
+	}
+	_, err := m.tryDial(0, alice, func(o *client.Options) { o.SessionID = "s3" })
+	he := helloErr(t, err)
+	require.Equal(t, protocol.CodeRateLimited, he.Code, he.Message)
+	require.Equal(t, protocol.CloseTryAgainLater, he.CloseCode)
+	require.NotEmpty(t, m.dial(0, bob).HelloAck().PresenceID, "another member's hello")
 }

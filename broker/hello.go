@@ -38,6 +38,10 @@ func refuse(code, msg string) *helloRefusal {
 	return &helloRefusal{code: code, msg: msg, closeCd: protocol.CloseHelloRefused}
 }
 
+// errHelloRateLimited: retryable, as overloaded (close 1013).
+var errHelloRateLimited = &helloRefusal{code: protocol.CodeRateLimited,
+	msg: "too many hellos from this member on this broker; retry in a moment", closeCd: protocol.CloseTryAgainLater}
+
 var errOverloaded = &helloRefusal{code: protocol.CodeOverloaded, msg: "too many hellos at once; retry in a moment",
 	closeCd: protocol.CloseTryAgainLater}
 
@@ -51,6 +55,12 @@ func (p *peers) handleHello(ms *melody.Session, c *conn, msg protocol.ClientMess
 		req, err = p.checkHello(h, time.Now())
 	case *protocol.SessionHello:
 		req, err = p.checkSessionHello(h, time.Now())
+	}
+	// A member's client reconnecting in a loop (each hello signed afresh) would fill the
+	// replica's hello statements and audit log: counted by the member key, once its signature
+	// verified (a forger can't spend a member's hellos), before any database work.
+	if err == nil && p.hellos.allow(req.params.MemberPubkey) != limitAllowed {
+		err = errHelloRateLimited
 	}
 	var sess *session
 	var resumed, waiting bool

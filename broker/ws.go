@@ -49,9 +49,11 @@ type peers struct {
 	metrics   *Metrics
 	log       *slog.Logger
 	refusals  *sampledLog // refusals a client can cause at will
-	draining  *atomic.Bool
-	melody    *melody.Melody
-	linger    *lingerer
+	// hellos limits each member's verified hellos on this replica (HELLO_RATE_LIMIT_PER_MEMBER_PER_MIN).
+	hellos   *hookLimiter
+	draining *atomic.Bool
+	melody   *melody.Melody
+	linger   *lingerer
 }
 
 func (p *peers) newMelody() *melody.Melody {
