@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"os"
 	"os/user"
+	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -162,34 +163,61 @@ func postJoin(ctx context.Context, url string, req protocol.JoinRequest) (protoc
 	}
 	ctx, cancel := context.WithTimeout(ctx, joinTimeout)
 	defer cancel()
+	// A broker with too many joins in flight answers 503 before running this one (Retry-After):
+	// a join is safe to send again, and one turn later it usually goes through.
+	for attempt := 1; ; attempt++ {
+		res, retryAfter, err := postJoinOnce(ctx, url, body)
+		if retryAfter == 0 || attempt == joinAttempts {
+			return res, err
+		}
+		select {
+		case <-ctx.Done():
+			return res, err
+		case <-time.After(retryAfter):
+		}
+	}
+}
+
+// joinAttempts bounds postJoin's tries when the broker answers busy.
+const joinAttempts = 4
+
+// postJoinOnce posts one join; retryAfter is set when the broker said to try again later.
+func postJoinOnce(ctx context.Context, url string, body []byte) (res protocol.JoinResponse, retryAfter time.Duration, err error) {
 	hr, err := http.NewRequestWithContext(ctx, http.MethodPost, url, bytes.NewReader(body))
 	if err != nil {
-		return res, fmt.Errorf("join: %w", err)
+		return res, 0, fmt.Errorf("join: %w", err)
 	}
 	hr.Header.Set("Content-Type", "application/json")
 	resp, err := http.DefaultClient.Do(hr)
 	if err != nil {
-		return res, fmt.Errorf("join: %w", err)
+		return res, 0, fmt.Errorf("join: %w", err)
 	}
 	defer resp.Body.Close()
 	raw, err := readAllLimit(resp.Body, 1<<20)
 	if err != nil {
-		return res, fmt.Errorf("join: read answer: %w", err)
+		return res, 0, fmt.Errorf("join: read answer: %w", err)
 	}
 	if err := json.Unmarshal(raw, &res); err != nil {
-		return res, fmt.Errorf("join: broker answered HTTP %d without a JSON body (is %s a claudemesh broker?)", resp.StatusCode, url)
+		return res, 0, fmt.Errorf("join: broker answered HTTP %d without a JSON body (is %s a claudemesh broker?)", resp.StatusCode, url)
 	}
 	if resp.StatusCode != http.StatusOK || !res.OK {
 		msg := res.Error
 		if hint, ok := joinHints[msg]; ok {
 			msg += ": " + hint
 		}
-		return res, fmt.Errorf("join refused (HTTP %d): %s", resp.StatusCode, msg)
+		err := fmt.Errorf("join refused (HTTP %d): %s", resp.StatusCode, msg)
+		if resp.StatusCode == http.StatusServiceUnavailable {
+			retryAfter = time.Second
+			if s, perr := strconv.Atoi(resp.Header.Get("Retry-After")); perr == nil && s >= 0 {
+				retryAfter = min(max(time.Duration(s)*time.Second, 100*time.Millisecond), 5*time.Second)
+			}
+		}
+		return res, retryAfter, err
 	}
 	if res.MemberID == "" {
-		return res, errors.New("join: broker answered ok without a member id")
+		return res, 0, errors.New("join: broker answered ok without a member id")
 	}
-	return res, nil
+	return res, 0, nil
 }
 
 func newMeshesCmd(a *app) *cobra.Command {
