@@ -6,6 +6,7 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"fmt"
+	"log/slog"
 	"testing"
 	"time"
 
@@ -44,7 +45,15 @@ func (c *testCluster) startNode(id string, tweak func(*Config)) *Server {
 	if tweak != nil {
 		tweak(&cfg)
 	}
-	srv, err := NewServer(cfg, dbtest.PoolFor(t, c.url), dbtest.Logger(t).With("test_node", id))
+	srv := startServer(t, cfg, dbtest.PoolFor(t, c.url), dbtest.Logger(t).With("test_node", id))
+	dbtest.WaitFor(t, 10*time.Second, "listener of "+id+" connected", srv.BusConnected)
+	return srv
+}
+
+// startServer starts a replica on a free local port, stopped when the test ends.
+func startServer(t testing.TB, cfg Config, pool *pgxpool.Pool, log *slog.Logger) *Server {
+	t.Helper()
+	srv, err := NewServer(cfg, pool, log)
 	require.NoError(t, err)
 	require.NoError(t, srv.Start(context.Background(), "127.0.0.1:0"))
 	t.Cleanup(func() {
@@ -52,7 +61,6 @@ func (c *testCluster) startNode(id string, tweak func(*Config)) *Server {
 		defer cancel()
 		_ = srv.Stop(ctx)
 	})
-	dbtest.WaitFor(t, 10*time.Second, "listener of "+id+" connected", srv.BusConnected)
 	return srv
 }
 

@@ -24,7 +24,16 @@ import (
 // X-Forwarded-For): the status code, the answer and its Retry-After.
 func postHookFrom(t *testing.T, srv *Server, from string, body []byte) (int, protocol.HookResponse, string) {
 	t.Helper()
-	req, err := http.NewRequestWithContext(ctxT(t), http.MethodPost, "http://"+srv.Addr()+protocol.PathHookState, bytes.NewReader(body))
+	var out protocol.HookResponse
+	code, retry := postJSONFrom(t, srv, protocol.PathHookState, from, body, &out)
+	return code, out, retry
+}
+
+// postJSONFrom posts body to path as if from the client address from ("" for none, else in
+// X-Forwarded-For), decodes the JSON answer into out and returns its status and Retry-After.
+func postJSONFrom(t *testing.T, srv *Server, path, from string, body []byte, out any) (int, string) {
+	t.Helper()
+	req, err := http.NewRequestWithContext(ctxT(t), http.MethodPost, "http://"+srv.Addr()+path, bytes.NewReader(body))
 	require.NoError(t, err)
 	req.Header.Set("Content-Type", "application/json")
 	if from != "" {
@@ -33,9 +42,9 @@ func postHookFrom(t *testing.T, srv *Server, from string, body []byte) (int, pro
 	resp, err := http.DefaultClient.Do(req)
 	require.NoError(t, err)
 	defer resp.Body.Close()
-	var out protocol.HookResponse
-	require.NoError(t, json.NewDecoder(resp.Body).Decode(&out))
-	return resp.StatusCode, out, resp.Header.Get("Retry-After")
+	require.Equal(t, "application/json", resp.Header.Get("Content-Type"))
+	require.NoError(t, json.NewDecoder(resp.Body).Decode(out))
+	return resp.StatusCode, resp.Header.Get("Retry-After")
 }
 
 // signedHook is a hook signed now by key.

@@ -286,14 +286,7 @@ func TestHealthPingIsSharedAndOutlivesTheClient(t *testing.T) {
 	pool, err := db.NewPool(context.Background(), proxy.URL(c.url), db.PoolConfig{})
 	require.NoError(t, err)
 	t.Cleanup(pool.Close)
-	srv, err := NewServer(Config{NodeID: "h", Region: "test", SessionGrace: 5 * time.Second, quiet: true}, pool, dbtest.Logger(t))
-	require.NoError(t, err)
-	require.NoError(t, srv.Start(context.Background(), "127.0.0.1:0"))
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-		defer cancel()
-		_ = srv.Stop(ctx)
-	})
+	srv := startServer(t, Config{NodeID: "h", Region: "test", SessionGrace: 5 * time.Second, quiet: true}, pool, dbtest.Logger(t))
 	dbtest.WaitFor(t, 10*time.Second, "listener connected", srv.BusConnected)
 
 	conn, err := net.Dial("tcp", srv.Addr())

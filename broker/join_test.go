@@ -30,19 +30,9 @@ import (
 // X-Forwarded-For ("" for none), and returns the status, the answer and its Retry-After.
 func postJoinFrom(t *testing.T, srv *Server, from string, body []byte) (int, protocol.JoinResponse, string) {
 	t.Helper()
-	req, err := http.NewRequestWithContext(ctxT(t), http.MethodPost, "http://"+srv.Addr()+protocol.PathJoin, bytes.NewReader(body))
-	require.NoError(t, err)
-	req.Header.Set("Content-Type", "application/json")
-	if from != "" {
-		req.Header.Set("X-Forwarded-For", from)
-	}
-	resp, err := http.DefaultClient.Do(req)
-	require.NoError(t, err)
-	defer resp.Body.Close()
-	require.Equal(t, "application/json", resp.Header.Get("Content-Type"))
 	var out protocol.JoinResponse
-	require.NoError(t, json.NewDecoder(resp.Body).Decode(&out))
-	return resp.StatusCode, out, resp.Header.Get("Retry-After")
+	code, retry := postJSONFrom(t, srv, protocol.PathJoin, from, body, &out)
+	return code, out, retry
 }
 
 // selfSignedJoin is a /join body anyone can make: an invite payload signed by a key of their
@@ -200,15 +190,8 @@ func TestJoinRefusalsAreLoggedSampled(t *testing.T) {
 	lines := &logLines{}
 	c := newCluster(t, 0, nil)
 	// Each request from an address of its own: the limit per address is not what is tested here.
-	srv, err := NewServer(Config{NodeID: "l", Region: "test", TrustedProxyHeader: "X-Forwarded-For"}, dbtest.PoolFor(t, c.url),
+	srv := startServer(t, Config{NodeID: "l", Region: "test", TrustedProxyHeader: "X-Forwarded-For"}, dbtest.PoolFor(t, c.url),
 		slog.New(slog.NewTextHandler(lines, nil)))
-	require.NoError(t, err)
-	require.NoError(t, srv.Start(context.Background(), "127.0.0.1:0"))
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-		defer cancel()
-		_ = srv.Stop(ctx)
-	})
 
 	const n = 100
 	start := time.Now()
@@ -237,15 +220,8 @@ func TestOversizedFramesAreLoggedSampled(t *testing.T) {
 	t.Parallel()
 	lines := &logLines{}
 	c := newCluster(t, 0, nil)
-	srv, err := NewServer(Config{NodeID: "f", Region: "test", MaxMessageBytes: 4096}, dbtest.PoolFor(t, c.url),
+	srv := startServer(t, Config{NodeID: "f", Region: "test", MaxMessageBytes: 4096}, dbtest.PoolFor(t, c.url),
 		slog.New(slog.NewTextHandler(lines, nil)))
-	require.NoError(t, err)
-	require.NoError(t, srv.Start(context.Background(), "127.0.0.1:0"))
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-		defer cancel()
-		_ = srv.Stop(ctx)
-	})
 
 	const n = 60
 	start := time.Now()

@@ -42,14 +42,7 @@ func countedNodeWith(t *testing.T, c *testCluster, notifyAfterCommit bool, prepa
 	pool, err := db.NewPool(context.Background(), proxy.URL(c.url), db.PoolConfig{MaxConns: 1, Prepare: prepare})
 	require.NoError(t, err)
 	t.Cleanup(pool.Close)
-	srv, err := NewServer(cfg, pool, dbtest.Logger(t).With("test_node", "rt"))
-	require.NoError(t, err)
-	require.NoError(t, srv.Start(context.Background(), "127.0.0.1:0"))
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-		defer cancel()
-		_ = srv.Stop(ctx)
-	})
+	srv := startServer(t, cfg, pool, dbtest.Logger(t).With("test_node", "rt"))
 	dbtest.WaitFor(t, 10*time.Second, "listener of rt connected", srv.BusConnected)
 	c.nodes = append(c.nodes, srv)
 	return srv, proxy
@@ -74,6 +67,23 @@ func flights(t *testing.T, p *dbtest.Proxy, op func(), done func() bool) int64 {
 		dbtest.WaitFor(t, 10*time.Second, "operation finished", done)
 	}
 	return p.Flights().Sub(before).Statement
+}
+
+// dialCounted counts the flights of a hello (dial), through the session's catch-up: until its
+// session on srv has nothing left to claim.
+func dialCounted(t *testing.T, srv *Server, proxy *dbtest.Proxy, dial func() *client.Client) (*client.Client, int64) {
+	t.Helper()
+	var b *client.Client
+	n := flights(t, proxy, func() { b = dial() }, func() bool {
+		sess := srv.hub.get(b.HelloAck().PresenceID)
+		if sess == nil {
+			return false
+		}
+		sess.mu.Lock()
+		defer sess.mu.Unlock()
+		return !sess.backlog
+	})
+	return b, n
 }
 
 func deliveryState(t *testing.T, c *testCluster, messageID string) string {
@@ -112,17 +122,8 @@ func TestFirstOperationsOnANewConnectionCostOneRoundTrip(t *testing.T) {
 			a := m.dial(0, alice)
 			ctx := ctxT(t)
 
-			var b *client.Client
-			n := flights(t, proxy, func() {
-				b = m.dial(rt, bob, func(o *client.Options) { o.CWD = "/repo/bob"; o.SessionID = "claude-bob" })
-			}, func() bool {
-				sess := srv.hub.get(b.HelloAck().PresenceID)
-				if sess == nil {
-					return false
-				}
-				sess.mu.Lock()
-				defer sess.mu.Unlock()
-				return !sess.backlog
+			b, n := dialCounted(t, srv, proxy, func() *client.Client {
+				return m.dial(rt, bob, func(o *client.Options) { o.CWD = "/repo/bob"; o.SessionID = "claude-bob" })
 			})
 			require.Equal(t, int64(1), n, "the first hello")
 			n = flights(t, proxy, func() {
@@ -181,17 +182,8 @@ func roundTripsPerOperation(t *testing.T, notifyAfterCommit bool) {
 
 	// hello → hello_ack: one flight, the hello's statement and, after its commit, the probe
 	// of what waits for the session: nothing here, so no claim follows.
-	var b *client.Client
-	n := flights(t, proxy, func() {
-		b = m.dial(rt, bob, func(o *client.Options) { o.CWD = "/repo/bob"; o.SessionID = "claude-bob" })
-	}, func() bool {
-		sess := srv.hub.get(b.HelloAck().PresenceID)
-		if sess == nil {
-			return false
-		}
-		sess.mu.Lock()
-		defer sess.mu.Unlock()
-		return !sess.backlog
+	b, n := dialCounted(t, srv, proxy, func() *client.Client {
+		return m.dial(rt, bob, func(o *client.Options) { o.CWD = "/repo/bob"; o.SessionID = "claude-bob" })
 	})
 	require.Equal(t, int64(1), n, "hello with nothing waiting: one flight, no claim")
 	t.Logf("hello: %d round trips", n)
