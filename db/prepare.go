@@ -3,18 +3,24 @@ package db
 import (
 	"context"
 	"errors"
+	"time"
 
 	"github.com/jackc/pgx/v5"
 )
 
-// RequestPath is the generated statements a replica runs on its clients' behalf: a send, a
-// hello and the probe after it, a record, a hook, a status set, a session's end, state, peers,
-// a claim, message_status. PoolConfig.Prepare takes them (store.RequestPathSQL adds the
-// transaction control around them).
+// RequestPath is the generated statements on a replica's busiest paths: a send, a hello and
+// the probe after it, a record, a hook, a session's end, a claim, a release. PoolConfig.Prepare
+// takes them (store.RequestPathSQL adds the transaction control around them).
+//
+// Each calls a function that names no table in its result: preparing one takes no lock on a
+// table, so a table held exclusively (an ALTER TABLE, a VACUUM FULL) never holds up a new
+// connection (TestPreparingTheRequestPathWaitsOnNoTable). A statement that names a table, or a
+// function returning a table's rows (a status or state set: its row type is read under the
+// table's lock), and the reads (list_peers, get_state, list_state, message_status) are
+// prepared on their first use, as before.
 var RequestPath = []string{
-	sendBatch, helloBatch, helloWaiting, markDelivered, hookStatus, setStatus, endSessions,
-	setStateOne, getState, listState, listLivePresence, presenceByID, setPresenceSummary,
-	setPresenceGroups, claimDeliveries, releaseHeld, deliveryStatus, envelopeForStatus,
+	sendBatch, helloBatch, helloWaiting, markDelivered, hookStatus, endSessions,
+	claimDeliveries, releaseHeld,
 }
 
 // prepareSentinel is queued first in prepareAll's batch with an argument it has no parameter
@@ -47,9 +53,22 @@ func prepareAll(ctx context.Context, conn *pgx.Conn, stmts []string) error {
 	for _, sql := range stmts {
 		b.Queue(sql)
 	}
+	// pgxpool gives AfterConnect a context that ends only with the pool: a primary that stops
+	// answering mid-flight must not hold a pool slot for as long as TCP takes to notice.
+	ctx, cancel := context.WithTimeout(ctx, prepareTimeout)
+	defer cancel()
 	_ = conn.SendBatch(ctx, b).Close() // the sentinel's bind error, expected
+	if conn.IsClosed() {
+		return errPrepareClosed
+	}
 	if conn.PgConn().TxStatus() != 'I' {
 		return errNotIdle
 	}
 	return nil
 }
+
+// prepareTimeout bounds prepareAll's flight: a round trip and the parsing of a few statements.
+const prepareTimeout = 5 * time.Second
+
+// errPrepareClosed: a connection that broke during the flight is not handed out.
+var errPrepareClosed = errors.New("connection closed while preparing on connect")

@@ -1,7 +1,9 @@
 package db_test
 
 import (
+	"context"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/require"
 
@@ -62,4 +64,28 @@ func TestPoolPreparesOnConnectWithoutRunning(t *testing.T) {
 			require.Equal(t, before+1, rows(), "only the insert above ran")
 		})
 	}
+}
+
+// Preparing a replica's request path takes no lock on a table: with every table of the schema
+// held exclusively (an ALTER TABLE, a VACUUM FULL), a new connection is still handed out at
+// once, and queries that do not touch those tables go on.
+func TestPreparingTheRequestPathWaitsOnNoTable(t *testing.T) {
+	t.Parallel()
+	ctx := dbtest.Context(t)
+	url := dbtest.URL(t)
+	holder := dbtest.ConnFor(t, url)
+	var tables string
+	require.NoError(t, holder.QueryRow(ctx, `SELECT string_agg(format('%I.%I', schemaname, tablename), ', ')
+		FROM pg_tables WHERE schemaname = 'claudemesh'`).Scan(&tables))
+	_, err := holder.Exec(ctx, "BEGIN; LOCK TABLE "+tables+" IN ACCESS EXCLUSIVE MODE")
+	require.NoError(t, err)
+	t.Cleanup(func() { _, _ = holder.Exec(context.Background(), "ROLLBACK") })
+
+	pool, err := db.NewPool(ctx, url, db.PoolConfig{MaxConns: 1, Prepare: db.RequestPath})
+	require.NoError(t, err)
+	t.Cleanup(pool.Close)
+	actx, cancel := context.WithTimeout(ctx, 3*time.Second)
+	defer cancel()
+	var one int
+	require.NoError(t, pool.QueryRow(actx, `SELECT 1`).Scan(&one), "a new connection waited on a locked table")
 }
