@@ -76,10 +76,12 @@ func (p *peers) newMelody() *melody.Melody {
 	m.Upgrader.WriteBufferSize = 4096
 	m.Upgrader.WriteBufferPool = &sync.Pool{}
 	m.HandleConnect(func(ms *melody.Session) {
-		// melody keeps the upgrade request for the socket's life; it is read (client address,
-		// origin) before the upgrade and never after. Its request line and Host (up to
-		// maxHeaderBytes) would stay with every socket, a hello or not.
-		ms.Request = &http.Request{RemoteAddr: ms.Request.RemoteAddr}
+		// melody keeps the upgrade request for the socket's life, and so does net/http (the
+		// handler runs as long as the socket); it is read (client address, origin) before the
+		// upgrade and never after. Emptied in place, not replaced: its headers, request line and
+		// Host (up to maxHeaderBytes) would stay with every socket, a hello or not.
+		r := ms.Request
+		r.Header, r.Host, r.RequestURI, r.URL, r.Form, r.PostForm, r.Trailer = nil, "", "", &url.URL{}, nil, nil, nil
 		p.metrics.ConnActive.Inc()
 		p.metrics.ConnTotal.Inc()
 		p.gate.attach(connOf(ms), ms)
