@@ -5,11 +5,13 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -188,19 +190,56 @@ func TestPlainHTTPConnectionsAreLimited(t *testing.T) {
 	})
 }
 
-// The replica-wide limit holds when the per-address one is not kept (behind a trusted proxy,
-// where every connection comes from the proxy).
-func TestPlainHTTPConnectionsAreLimitedOnTheReplica(t *testing.T) {
+// At the replica's limit (per address not kept: behind a trusted proxy every connection comes
+// from the proxy), the connection that has waited longest without a request is closed to make
+// room: connections held open can't keep a new client out.
+func TestPlainHTTPConnectionsAtTheReplicaLimitMakeRoom(t *testing.T) {
 	t.Parallel()
 	c := newCluster(t, 1, func(cfg *Config) { cfg.plainConnLimits = &[2]int{6, 0} })
 	addr := c.nodes[0].Addr()
 	held := openPlain(t, addr, 6)
-	extra := openPlain(t, addr, 1)[0]
-	dbtest.WaitFor(t, 5*time.Second, "the seventh closed", func() bool { return closedByServer(extra) })
-	for _, h := range held {
+	dbtest.WaitFor(t, 5*time.Second, "the six counted", func() bool {
+		c.nodes[0].plain.mu.Lock()
+		defer c.nodes[0].plain.mu.Unlock()
+		return len(c.nodes[0].plain.conns) == 6
+	})
+	// A health check gets through: the longest waiting is closed for it.
+	resp, err := http.Get("http://" + addr + protocol.PathHealth)
+	require.NoError(t, err)
+	resp.Body.Close()
+	require.Equal(t, http.StatusOK, resp.StatusCode)
+	dbtest.WaitFor(t, 5*time.Second, "the first held closed", func() bool { return closedByServer(held[0]) })
+	for _, h := range held[1:] {
 		require.False(t, closedByServer(h))
 	}
 }
+
+// One IPv6 host is one source whatever addresses of its /64 it uses, as for every other
+// per-address limit.
+func TestPlainConnectionsCountAnIPv6HostByItsPrefix(t *testing.T) {
+	t.Parallel()
+	var refused []string
+	p := newPlainConns(100, 3, func(source string, _ bool) { refused = append(refused, source) })
+	conns := make([]*addrConn, 0, 4)
+	for i := range 4 {
+		a := &addrConn{addr: &net.TCPAddr{IP: net.ParseIP(fmt.Sprintf("2001:db8:1:2::%x", i+1)), Port: 4000 + i}}
+		p.track(a, http.StateNew)
+		conns = append(conns, a)
+	}
+	require.Equal(t, []string{"2001:db8:1:2::/64"}, refused)
+	require.True(t, conns[3].closed.Load(), "the fourth from one /64 closed")
+	require.False(t, conns[2].closed.Load())
+}
+
+// addrConn is a net.Conn with an address, that records being closed.
+type addrConn struct {
+	net.Conn
+	addr   net.Addr
+	closed atomic.Bool
+}
+
+func (a *addrConn) RemoteAddr() net.Addr { return a.addr }
+func (a *addrConn) Close() error         { a.closed.Store(true); return nil }
 
 // A request whose headers pass 16 KiB is refused 431, not read into memory up to 1 MiB.
 func TestLargeHeadersAreRefused(t *testing.T) {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"net"
 	"net/http"
+	"net/netip"
 	"sync"
 	"time"
 )
@@ -14,9 +15,16 @@ import (
 const maxHeaderBytes = 16 << 10
 
 // plainConns counts the HTTP connections not upgraded to a WebSocket (hooks, joins, health,
-// kept-alive or sending their headers) and closes a new one beyond its limits. The WebSocket
-// gate counts only upgrades; without this one client holds as many sockets, and so open
-// files, as it opens, and the sessions' share of the open-file limit goes with them.
+// kept-alive or sending their headers). The WebSocket gate counts only upgrades; without this
+// one client holds as many sockets, and so open files, as it opens, and the sessions' share of
+// the open-file limit goes with them.
+//
+// Per source (an IPv6 /64, as every per-address limit here) a new connection beyond the limit
+// is closed unread. At the replica's limit the connection that has waited longest without a
+// request being served (still sending its headers, or kept alive between requests) is closed
+// to make room: many sources holding idle connections can't keep a new client, a health
+// check or an upgrade out, since a request is served in milliseconds and what waits longest is
+// theirs. Only with every connection in a request is the new one closed.
 //
 // Per source only where the connection's address is the client's (no TRUSTED_PROXY_HEADER):
 // behind a proxy every connection comes from the proxy, and the client's address is in a
@@ -26,20 +34,30 @@ type plainConns struct {
 	onRefuse       func(source string, replicaWide bool)
 
 	mu       sync.Mutex
-	open     int
 	bySource map[string]int
-	sources  map[net.Conn]string
+	conns    map[net.Conn]*plainConn
+}
+
+type plainConn struct {
+	source  string
+	waiting bool      // StateNew or StateIdle: no request being served
+	since   time.Time // when it began waiting
 }
 
 func newPlainConns(max, perSource int, onRefuse func(source string, replicaWide bool)) *plainConns {
 	return &plainConns{max: max, perSource: perSource, onRefuse: onRefuse,
-		bySource: map[string]int{}, sources: map[net.Conn]string{}}
+		bySource: map[string]int{}, conns: map[net.Conn]*plainConn{}}
 }
 
 // plainConnLimit is the replica-wide limit: a quarter of the sessions the open-file limit
 // allows, between 64 and 1,024 (hook scripts open one connection a call and close it).
 func plainConnLimit(sessionCapacity int) int {
 	return min(max(sessionCapacity/4, 64), 1024)
+}
+
+// perSourceLimit keeps one source's share below the replica's: a few sources can't fill it.
+func perSourceLimit(configured, replicaWide int) int {
+	return min(configured, max(replicaWide/4, 1))
 }
 
 // track is an http.Server's ConnState. Every connection ends in exactly one of Hijacked (a
@@ -49,36 +67,67 @@ func (p *plainConns) track(c net.Conn, st http.ConnState) {
 	case http.StateNew:
 		source := ""
 		if p.perSource > 0 {
-			source = hostOf(c.RemoteAddr())
+			source = addrSource(c.RemoteAddr())
 		}
 		p.mu.Lock()
-		p.open++
-		p.sources[c] = source
+		p.conns[c] = &plainConn{source: source, waiting: true, since: time.Now()}
 		p.bySource[source]++
-		overReplica, overSource := p.open > p.max, p.perSource > 0 && p.bySource[source] > p.perSource
+		var evict net.Conn
+		overSource := p.perSource > 0 && p.bySource[source] > p.perSource
+		overReplica := !overSource && len(p.conns) > p.max
+		evictedSource := ""
+		if overReplica {
+			if evict = p.longestWaiting(c); evict != nil {
+				evictedSource = p.conns[evict].source
+			}
+		}
 		p.mu.Unlock()
-		if overReplica || overSource {
+		switch {
+		case overSource || (overReplica && evict == nil):
 			// Closed before a byte is read: net/http then moves it to StateClosed, which
 			// uncounts it.
 			_ = c.Close()
 			p.onRefuse(source, overReplica)
+		case evict != nil:
+			_ = evict.Close()
+			p.onRefuse(evictedSource, true)
 		}
+	case http.StateActive, http.StateIdle:
+		p.mu.Lock()
+		if pc := p.conns[c]; pc != nil {
+			pc.waiting = st == http.StateIdle
+			pc.since = time.Now()
+		}
+		p.mu.Unlock()
 	case http.StateHijacked, http.StateClosed:
 		p.mu.Lock()
-		if source, ok := p.sources[c]; ok {
-			delete(p.sources, c)
-			p.open--
-			if p.bySource[source]--; p.bySource[source] == 0 {
-				delete(p.bySource, source)
+		if pc, ok := p.conns[c]; ok {
+			delete(p.conns, c)
+			if p.bySource[pc.source]--; p.bySource[pc.source] == 0 {
+				delete(p.bySource, pc.source)
 			}
 		}
 		p.mu.Unlock()
 	}
 }
 
-func hostOf(a net.Addr) string {
-	if host, _, err := net.SplitHostPort(a.String()); err == nil {
-		return host
+// longestWaiting is the connection other than skip that has waited longest without a request
+// being served, or nil. A walk of at most the replica's limit, only when it is reached.
+func (p *plainConns) longestWaiting(skip net.Conn) net.Conn {
+	var oldest net.Conn
+	var at time.Time
+	for c, pc := range p.conns {
+		if c != skip && pc.waiting && (oldest == nil || pc.since.Before(at)) {
+			oldest, at = c, pc.since
+		}
+	}
+	return oldest
+}
+
+// addrSource is a connection's per-source key, as clientSource keys a request's.
+func addrSource(a net.Addr) string {
+	if ap, err := netip.ParseAddrPort(a.String()); err == nil {
+		return sourceKey(ap.Addr())
 	}
 	return a.String()
 }

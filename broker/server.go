@@ -309,7 +309,8 @@ func (s *Server) Start(ctx context.Context, addr string) error {
 	if s.cfg.httpTimeouts != nil {
 		readTimeout, writeTimeout, idleTimeout = s.cfg.httpTimeouts[0], s.cfg.httpTimeouts[1], s.cfg.httpTimeouts[2]
 	}
-	maxPlain, perSource := plainConnLimit(sessionCapacity(s.fileLimit.Load())), s.cfg.MaxUnauthPerSource
+	maxPlain := plainConnLimit(sessionCapacity(s.fileLimit.Load()))
+	perSource := perSourceLimit(s.cfg.MaxUnauthPerSource, maxPlain)
 	if s.cfg.TrustedProxyHeader != "" {
 		perSource = 0
 	}
