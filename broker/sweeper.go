@@ -4,6 +4,8 @@ import (
 	"context"
 	"log/slog"
 	"math/rand/v2"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/claudemesh/broker/broker/startstop"
@@ -49,6 +51,12 @@ func (w *sweeper) Start(ctx context.Context) error {
 		case <-phase.C:
 		}
 		n := rand.IntN(30)
+		// The deleting sweep runs beside the tick, one at a time: clearing a backlog takes
+		// seconds, and the grace, working and backlog sweeps run every tick (a dead node's
+		// sessions end on time).
+		var expiring sync.WaitGroup
+		var expiryBusy atomic.Bool
+		defer expiring.Wait()
 		startstop.Tick(ctx, w.every, func(time.Time) {
 			n++
 			w.run(ctx, "sweep_grace", w.sweepGrace)
@@ -63,8 +71,11 @@ func (w *sweeper) Start(ctx context.Context) error {
 			if n%15 == 0 {
 				w.run(ctx, "reconcile", w.reconcile)
 			}
-			if n%30 == 0 {
-				w.sweepExpired(ctx)
+			if n%30 == 0 && expiryBusy.CompareAndSwap(false, true) {
+				expiring.Go(func() {
+					defer expiryBusy.Store(false)
+					w.sweepExpired(ctx)
+				})
 			}
 		})
 	})
