@@ -60,8 +60,8 @@ const (
 	// Joins from one client address (an IPv6 /64) per minute, and their burst: a join is a
 	// person accepting an invite, so a team behind one NAT joins together while a flood of
 	// self-signed invites gets one transaction a second.
-	DefaultJoinRatePerSourceMin  = 60
-	DefaultHelloRatePerMemberMin = 300
+	DefaultJoinRatePerSourceMin   = 60
+	DefaultHelloRatePerSessionMin = 60
 	// A member's sends per second on one replica, and the burst above that rate: generous
 	// (a Claude Code session sends a few a minute), a cap on a runaway or hostile client.
 	DefaultSendRatePerMember  = 500
@@ -148,9 +148,9 @@ type Config struct {
 	// JoinRatePerSourceMin bounds POST /join requests per client address (an IPv6 /64) per
 	// minute, before the body is read.
 	JoinRatePerSourceMin int
-	// HelloRatePerMemberMin bounds a member's verified hellos per minute on this replica (its
-	// sessions' and its own, by the member key), before any database work.
-	HelloRatePerMemberMin int
+	// HelloRatePerSessionMin bounds one session's verified hellos per minute on this replica
+	// (by member key and session id), before any database work.
+	HelloRatePerSessionMin int
 	// MetricsToken, when set, is required as a bearer token on /metrics. MetricsAddr, when
 	// set, serves /metrics on that address instead of the main port.
 	MetricsToken string
@@ -283,7 +283,7 @@ var envVars = []envVar{
 	{"HOOK_RATE_LIMIT_PER_SOURCE_PER_MIN", "a whole number >= 1", func(v string, c *Config) error { return intIn(v, 1, 1<<30, &c.HookRatePerSourceMin) }},
 	{"HOOK_CONCURRENCY", "a whole number >= 1", func(v string, c *Config) error { return intIn(v, 1, 1<<20, &c.HookConcurrency) }},
 	{"JOIN_RATE_LIMIT_PER_SOURCE_PER_MIN", "a whole number >= 1", func(v string, c *Config) error { return intIn(v, 1, 1<<30, &c.JoinRatePerSourceMin) }},
-	{"HELLO_RATE_LIMIT_PER_MEMBER_PER_MIN", "a whole number >= 1", func(v string, c *Config) error { return intIn(v, 1, 1<<30, &c.HelloRatePerMemberMin) }},
+	{"HELLO_RATE_LIMIT_PER_SESSION_PER_MIN", "a whole number >= 1", func(v string, c *Config) error { return intIn(v, 1, 1<<30, &c.HelloRatePerSessionMin) }},
 	{"METRICS_TOKEN", "any non-empty secret", func(v string, c *Config) error { c.MetricsToken = v; return nil }},
 	{"METRICS_ADDR", "a listen address such as 127.0.0.1:9090", func(v string, c *Config) error {
 		if _, _, err := net.SplitHostPort(v); err != nil {
@@ -390,7 +390,7 @@ func (c Config) WithDefaults() Config {
 	setInt(&c.HookRatePerSourceMin, DefaultHookRatePerSourceMin)
 	setInt(&c.HookConcurrency, DefaultHookConcurrency)
 	setInt(&c.JoinRatePerSourceMin, DefaultJoinRatePerSourceMin)
-	setInt(&c.HelloRatePerMemberMin, DefaultHelloRatePerMemberMin)
+	setInt(&c.HelloRatePerSessionMin, DefaultHelloRatePerSessionMin)
 	setInt(&c.HelloConcurrency, DefaultHelloConcurrency)
 	setInt(&c.Committers, DefaultCommitters)
 	// A queued hello is a socket without a hello, which MaxUnauthenticated already bounds: a

@@ -26,7 +26,7 @@ func TestLoadConfigDefaults(t *testing.T) {
 	require.False(t, c.NotifyAfterCommit)
 	require.Equal(t, [4]int{20, 200, 20, 100}, [4]int{c.WriteRatePerMember, c.WriteBurstPerMember, c.ReadRatePerMember, c.ReadBurstPerMember})
 	require.Equal(t, 60, c.JoinRatePerSourceMin)
-	require.Equal(t, 300, c.HelloRatePerMemberMin)
+	require.Equal(t, 60, c.HelloRatePerSessionMin)
 }
 
 func TestLoadConfigValues(t *testing.T) {

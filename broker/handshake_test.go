@@ -3,7 +3,6 @@ package broker
 import (
 	"context"
 	"errors"
-	"fmt"
 	"net/http"
 	"strings"
 	"testing"
@@ -313,21 +312,23 @@ func TestPlainHelloIsTheMembersByItsKeyAlone(t *testing.T) {
 	require.Equal(t, protocol.CodeUnauthorized, perr.Code)
 }
 
-// A member's client reconnecting in a loop is refused rate_limited (close 1013, retry later)
-// beyond HELLO_RATE_LIMIT_PER_MEMBER_PER_MIN on a replica, before any database work; other
-// members' hellos are not touched.
-func TestHellosPerMemberAreLimited(t *testing.T) {
+// A client reconnecting in a loop is refused rate_limited (close 1013, retry later) beyond
+// HELLO_RATE_LIMIT_PER_SESSION_PER_MIN on a replica, before any database work; the member's
+// other sessions and other members are not touched.
+func TestHellosPerSessionAreLimited(t *testing.T) {
 	t.Parallel()
-	c := newCluster(t, 1, func(cfg *Config) { cfg.HelloRatePerMemberMin = 3 })
+	c := newCluster(t, 1, func(cfg *Config) { cfg.HelloRatePerSessionMin = 3 })
 	m := c.mesh(0)
 	alice, bob := m.member("alice"), m.member("bob")
-	for i := range 3 {
-		a := m.dial(0, alice, func(o *client.Options) { o.SessionID = fmt.Sprint("s", i) })
+	for range 3 {
+		a := m.dial(0, alice, func(o *client.Options) { o.SessionID = "looping" })
 		require.NoError(t, a.Close())
 	}
-	_, err := m.tryDial(0, alice, func(o *client.Options) { o.SessionID = "s3" })
+	_, err := m.tryDial(0, alice, func(o *client.Options) { o.SessionID = "looping" })
 	he := helloErr(t, err)
 	require.Equal(t, protocol.CodeRateLimited, he.Code, he.Message)
 	require.Equal(t, protocol.CloseTryAgainLater, he.CloseCode)
+	require.NotEmpty(t, m.dial(0, alice, func(o *client.Options) { o.SessionID = "another" }).HelloAck().PresenceID,
+		"the member's other session")
 	require.NotEmpty(t, m.dial(0, bob).HelloAck().PresenceID, "another member's hello")
 }

@@ -40,7 +40,7 @@ func refuse(code, msg string) *helloRefusal {
 
 // errHelloRateLimited: retryable, as overloaded (close 1013).
 var errHelloRateLimited = &helloRefusal{code: protocol.CodeRateLimited,
-	msg: "too many hellos from this member on this broker; retry in a moment", closeCd: protocol.CloseTryAgainLater}
+	msg: "too many hellos for this session on this broker; retry in a moment", closeCd: protocol.CloseTryAgainLater}
 
 var errOverloaded = &helloRefusal{code: protocol.CodeOverloaded, msg: "too many hellos at once; retry in a moment",
 	closeCd: protocol.CloseTryAgainLater}
@@ -56,10 +56,11 @@ func (p *peers) handleHello(ms *melody.Session, c *conn, msg protocol.ClientMess
 	case *protocol.SessionHello:
 		req, err = p.checkSessionHello(h, time.Now())
 	}
-	// A member's client reconnecting in a loop (each hello signed afresh) would fill the
-	// replica's hello statements and audit log: counted by the member key, once its signature
-	// verified (a forger can't spend a member's hellos), before any database work.
-	if err == nil && p.hellos.allow(req.params.MemberPubkey) != limitAllowed {
+	// A client reconnecting in a loop (each hello signed afresh) would fill the replica's hello
+	// statements and audit log: counted per session (member key and session id, so a member's
+	// many sessions each have their own), once its signature verified (a forger can't spend
+	// anyone's), before any database work.
+	if err == nil && p.hellos.allow(req.params.MemberPubkey+"|"+req.params.SessionID) != limitAllowed {
 		err = errHelloRateLimited
 	}
 	var sess *session

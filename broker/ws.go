@@ -49,7 +49,7 @@ type peers struct {
 	metrics   *Metrics
 	log       *slog.Logger
 	refusals  *sampledLog // refusals a client can cause at will
-	// hellos limits each member's verified hellos on this replica (HELLO_RATE_LIMIT_PER_MEMBER_PER_MIN).
+	// hellos limits each session's verified hellos on this replica (HELLO_RATE_LIMIT_PER_SESSION_PER_MIN).
 	hellos   *hookLimiter
 	draining *atomic.Bool
 	melody   *melody.Melody
