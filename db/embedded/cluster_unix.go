@@ -385,8 +385,14 @@ func (c *Cluster) stop(ctx context.Context) error {
 	defer c.closeLog()
 	c.ownMu.Lock()
 	c.stopping = true
+	died := c.diedErr != nil
 	c.ownMu.Unlock()
 	p := c.proc
+	if died {
+		// Its death is reported just before exited closes: a Stop right after Died must not
+		// take it for a running postmaster and report a clean stop.
+		<-p.exited
+	}
 	select {
 	case <-p.exited:
 		if p.err != nil {
