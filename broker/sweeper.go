@@ -35,6 +35,8 @@ type sweeper struct {
 	metrics *Metrics
 	// taskTimeout bounds each sweep (default 30 s; tests).
 	taskTimeout time.Duration
+	// expire replaces sweepExpired (tests).
+	expire func(context.Context)
 }
 
 // Start sweeps every second until Stop; the slower sweeps run every few ticks. Replicas
@@ -74,6 +76,10 @@ func (w *sweeper) Start(ctx context.Context) error {
 			if n%30 == 0 && expiryBusy.CompareAndSwap(false, true) {
 				expiring.Go(func() {
 					defer expiryBusy.Store(false)
+					if w.expire != nil {
+						w.expire(ctx)
+						return
+					}
 					w.sweepExpired(ctx)
 				})
 			}
