@@ -86,6 +86,23 @@ func dialCounted(t *testing.T, srv *Server, proxy *dbtest.Proxy, dial func() *cl
 	return b, n
 }
 
+// pushAndAckFlights sends from a (another replica) to b's member, counting b's replica's
+// flights until the push is recorded, then until b's client_ack is.
+func pushAndAckFlights(t *testing.T, c *testCluster, proxy *dbtest.Proxy, a, b *client.Client, to *testMember) (pushed, acked int64) {
+	t.Helper()
+	ctx := ctxT(t)
+	var in protocol.Ack
+	pushed = flights(t, proxy, func() {
+		var err error
+		in, err = a.Send(ctx, to.pub, protocol.PriorityNow, "n", "to "+to.name, "")
+		require.NoError(t, err)
+		require.Equal(t, in.MessageID, nextPush(t, b, 5*time.Second).MessageID)
+	}, func() bool { return deliveryState(t, c, in.MessageID) == "pushed" })
+	acked = flights(t, proxy, func() { require.NoError(t, b.AckMessages(ctx, in.MessageID)) },
+		func() bool { return deliveryState(t, c, in.MessageID) == "acked" })
+	return pushed, acked
+}
+
 func deliveryState(t *testing.T, c *testCluster, messageID string) string {
 	var st string
 	_ = c.pool.QueryRow(context.Background(), `SELECT state FROM claudemesh.delivery WHERE envelope_id = $1`, messageID).Scan(&st)
@@ -131,17 +148,9 @@ func TestFirstOperationsOnANewConnectionCostOneRoundTrip(t *testing.T) {
 				require.NoError(t, err)
 			}, nil)
 			require.Equal(t, int64(1), n, "the first send")
-			var in protocol.Ack
-			n = flights(t, proxy, func() {
-				var err error
-				in, err = a.Send(ctx, bob.pub, protocol.PriorityNow, "n", "to bob", "")
-				require.NoError(t, err)
-				require.Equal(t, in.MessageID, nextPush(t, b, 5*time.Second).MessageID)
-			}, func() bool { return deliveryState(t, c, in.MessageID) == "pushed" })
-			require.Equal(t, int64(1), n, "the first record of a push")
-			n = flights(t, proxy, func() { require.NoError(t, b.AckMessages(ctx, in.MessageID)) },
-				func() bool { return deliveryState(t, c, in.MessageID) == "acked" })
-			require.Equal(t, int64(1), n, "the first client_ack")
+			pushed, acked := pushAndAckFlights(t, c, proxy, a, b, bob)
+			require.Equal(t, int64(1), pushed, "the first record of a push")
+			require.Equal(t, int64(1), acked, "the first client_ack")
 			n = flights(t, proxy, func() {
 				code, _ := postHook(t, srv, bob, protocol.HookRequest{CWD: "/repo/bob", Status: protocol.StatusWorking, SessionID: "claude-bob"})
 				require.Equal(t, http.StatusOK, code)
@@ -214,20 +223,10 @@ func roundTripsPerOperation(t *testing.T, notifyAfterCommit bool) {
 	}
 
 	// A push from another replica: it arrives inside the notification and is written at once;
-	// recording it takes one statement.
-	var in protocol.Ack
-	n = flights(t, proxy, func() {
-		var err error
-		in, err = a.Send(ctx, bob.pub, protocol.PriorityNow, "n", "to bob", "")
-		require.NoError(t, err)
-		require.Equal(t, in.MessageID, nextPush(t, b, 5*time.Second).MessageID)
-	}, func() bool { return deliveryState(t, c, in.MessageID) == "pushed" })
-	require.Equal(t, int64(1), n, "a push from another replica: written, then recorded")
-
-	// client_ack: one (batched) statement.
-	n = flights(t, proxy, func() { require.NoError(t, b.AckMessages(ctx, in.MessageID)) },
-		func() bool { return deliveryState(t, c, in.MessageID) == "acked" })
-	require.Equal(t, int64(1), n, "client_ack")
+	// recording it takes one statement. client_ack: one (batched) statement.
+	pushed, acked := pushAndAckFlights(t, c, proxy, a, b, bob)
+	require.Equal(t, int64(1), pushed, "a push from another replica: written, then recorded")
+	require.Equal(t, int64(1), acked, "client_ack")
 
 	// A hook on this replica that releases a message held on the other: one statement here
 	// (status, release, notifications); the holder pushes it from the notification.
