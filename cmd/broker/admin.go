@@ -487,16 +487,25 @@ func newAuditCmd() *cobra.Command {
 					return a.printJSON(recs)
 				}
 				rows := make([]string, len(recs))
+				// Every cell through client.Printable: data holds text peers chose (state keys,
+				// names) and JSON leaves bidi overrides and C1 controls raw; a row may have been
+				// edited by whoever the operator is investigating, so no length is assumed either.
 				for i, r := range recs {
 					actor := r.Actor
 					if len(actor) == 64 { // a key: its prefix is enough to recognise it
 						actor = actor[:12] + "…"
 					}
+					hash := r.Hash
+					if len(hash) > 12 {
+						hash = hash[:12]
+					}
 					data := r.Data
 					if c, err := audit.CanonicalJSON(r.Data); err == nil { // compact, keys sorted
 						data = c
 					}
-					rows[i] = strings.Join([]string{strconv.FormatInt(r.Seq, 10), r.At.Local().Format("2006-01-02 15:04:05.000"), r.Type, orDash(actor), string(data), r.Hash[:12]}, "\t")
+					rows[i] = strings.Join([]string{strconv.FormatInt(r.Seq, 10), r.At.Local().Format("2006-01-02 15:04:05.000"),
+						client.Printable(r.Type, false), client.Printable(orDash(actor), false),
+						client.Printable(string(data), false), client.Printable(hash, false)}, "\t")
 				}
 				return a.table("SEQ\tTIME\tEVENT\tACTOR\tDATA\tHASH", rows)
 			})

@@ -244,3 +244,38 @@ func TestParseTTL(t *testing.T) {
 		require.Error(t, err, bad)
 	}
 }
+
+// `audit tail` is what an operator reads after a failed verify. A mesh member chooses the
+// shared-state keys its entries record: printed raw, a bidi override or a C1 control (CSI)
+// rewrites the operator's screen. And a row an attacker edited (a hash cut short) must still
+// print, not crash the command.
+func TestAuditTailPrintsPeerTextEscapedAndTamperedRows(t *testing.T) {
+	url := dbtest.URL(t)
+	t.Setenv("DATABASE_URL", url)
+	t.Setenv("LOG_LEVEL", "warn")
+	dir := t.TempDir()
+	t.Setenv("XDG_CONFIG_HOME", dir)
+	created := cliJSON[struct {
+		Mesh membership.Mesh `json:"mesh"`
+	}](t, "mesh", "create", "--slug", "tail", "--owner-key", filepath.Join(dir, "tail.json"))
+
+	pool := dbtest.PoolFor(t, url)
+	ctx := context.Background()
+	key := "notes\u202eevil\u009b2J\x7f"
+	require.NoError(t, audit.AppendVia(ctx, pool, []audit.Entry{{MeshID: created.Mesh.ID, Type: audit.StateSet,
+		Actor: strings.Repeat("ab", 32), Data: map[string]any{"key": key, "size": 3}}}))
+
+	out := mustCLI(t, "audit", "tail", "--mesh", "tail", "-n", "1")
+	require.Contains(t, out, audit.StateSet)
+	for _, raw := range []string{"\u202e", "\u009b", "\x7f"} {
+		require.NotContains(t, out, raw, "peer text reaches the terminal raw")
+	}
+	require.Contains(t, out, `notes\u202eevil\x9b2J\x7f`)
+	recs := cliJSON[[]audit.Record](t, "audit", "tail", "--mesh", "tail", "-n", "1")
+	require.JSONEq(t, `{"key":"`+key+`","size":3}`, string(recs[0].Data), "--json keeps the data as stored")
+
+	_, err := pool.Exec(ctx, `UPDATE claudemesh.audit SET hash = 'x' WHERE mesh_id = $1 AND seq = 3`, created.Mesh.ID)
+	require.NoError(t, err)
+	out = mustCLI(t, "audit", "tail", "--mesh", "tail", "-n", "1")
+	require.Contains(t, out, audit.StateSet)
+}
