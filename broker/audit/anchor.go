@@ -65,7 +65,7 @@ func VerifyAnchor(ctx context.Context, q db.DBTX, a Anchor) (int, error) {
 	switch err = db.NotFound(err); {
 	case errors.Is(err, db.ErrNotFound):
 		return n, &BrokenError{MeshID: a.MeshID, Seq: a.Seq, Reason: fmt.Sprintf(
-			"the anchored entry %d is gone: the chain was cut after it (it ends at %d)", a.Seq, n)}
+			"the anchored entry %d is gone: the chain was cut back below it (it ends at %d)", a.Seq, n)}
 	case err != nil:
 		return n, fmt.Errorf("verify audit anchor: %w", err)
 	case hash != a.Hash:

@@ -6,6 +6,7 @@ package main
 
 import (
 	"context"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -391,17 +392,18 @@ func newMemberCmd() *cobra.Command {
 	return cmd
 }
 
-// verifyResult is `audit verify --json`.
 // parseAnchor reads an --anchor value, SEQ:HASH as an `audit anchor` log line gives them.
 func parseAnchor(meshID, v string) (audit.Anchor, error) {
 	seq, hash, ok := strings.Cut(v, ":")
 	n, err := strconv.ParseInt(seq, 10, 64)
-	if !ok || err != nil || n < 1 || len(hash) != 64 {
+	_, herr := hex.DecodeString(hash)
+	if !ok || err != nil || n < 1 || len(hash) != 64 || herr != nil {
 		return audit.Anchor{}, fmt.Errorf("--anchor %q: want SEQ:HASH, a positive entry number and a 64-digit hex hash", v)
 	}
 	return audit.Anchor{MeshID: meshID, Seq: n, Hash: strings.ToLower(hash)}, nil
 }
 
+// verifyResult is `audit verify --json`.
 type verifyResult struct {
 	MeshID  string `json:"meshId"`
 	Slug    string `json:"slug"`

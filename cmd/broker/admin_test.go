@@ -279,3 +279,16 @@ func TestAuditTailPrintsPeerTextEscapedAndTamperedRows(t *testing.T) {
 	out = mustCLI(t, "audit", "tail", "--mesh", "tail", "-n", "1")
 	require.Contains(t, out, audit.StateSet)
 }
+
+// An anchor mistyped (a hash that is not hex) is an input error, not a false alarm of a
+// rewritten chain.
+func TestAuditVerifyAnchorMustBeHex(t *testing.T) {
+	t.Setenv("DATABASE_URL", dbtest.URL(t))
+	t.Setenv("LOG_LEVEL", "warn")
+	dir := t.TempDir()
+	t.Setenv("XDG_CONFIG_HOME", dir)
+	mustCLI(t, "mesh", "create", "--slug", "anchor", "--owner-key", filepath.Join(dir, "anchor.json"))
+	out, err := runCLI(t, "audit", "verify", "--mesh", "anchor", "--anchor", "1:"+strings.Repeat("g", 64))
+	require.ErrorContains(t, err, "want SEQ:HASH")
+	require.NotContains(t, out, "BROKEN")
+}
