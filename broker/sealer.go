@@ -43,6 +43,7 @@ func (s *sealer) Start(ctx context.Context) error {
 		for {
 			select {
 			case <-ctx.Done():
+				s.lastAnchors(context.WithoutCancel(ctx))
 				return
 			case <-t.C:
 			}
@@ -68,4 +69,25 @@ func (s *sealer) Start(ctx context.Context) error {
 			t.Reset(next)
 		}
 	})
+}
+
+// stopAnchorTimeout bounds the last seal and anchor log of a stopping replica, so a Postgres
+// that does not answer holds up its drain by no more than this.
+const stopAnchorTimeout = 3 * time.Second
+
+// lastAnchors seals what is pending and logs the heads that moved since the last anchor: the
+// next start only records the heads it finds, so without this a mesh that goes quiet would
+// never have its last entries anchored.
+func (s *sealer) lastAnchors(ctx context.Context) {
+	if s.anchors == nil {
+		return
+	}
+	ctx, cancel := context.WithTimeout(ctx, stopAnchorTimeout)
+	defer cancel()
+	if _, err := s.store.SealAudit(ctx); err != nil {
+		s.metrics.backgroundError(s.log, "seal_audit", err, "retry", "next start")
+	}
+	if _, err := s.store.LogAuditAnchors(ctx, s.anchors); err != nil {
+		s.metrics.backgroundError(s.log, "audit_anchors", err, "retry", "none: the heads of the last minutes go unanchored")
+	}
 }
