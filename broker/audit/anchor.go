@@ -23,8 +23,9 @@ type Anchor struct {
 
 // Anchors logs each mesh's chain head that moved since the last call, so that the log stream
 // (shipped off the database's host) holds anchors to verify the chain against later. The first
-// call records the heads without logging them: they were logged before, by this process or
-// another replica. It holds one entry per mesh.
+// call records the heads without logging them: they were logged before, by another replica or
+// by the replica this one replaces as it stopped (the sealer logs once more on stop). It holds
+// one entry per mesh.
 type Anchors struct {
 	log  *slog.Logger
 	seen map[string]int64
