@@ -290,7 +290,8 @@ func canonicalNumbers(v any) (any, error) {
 }
 
 // canonicalNumber maps every spelling of a number to one: integral values (1000, 1e3, 1.0e3,
-// 1000.0) to their exact digits, others to the shortest float form.
+// 1000.0) to their exact digits, others to the shortest float form, and refuses a non-integral
+// value that form does not hold exactly.
 func canonicalNumber(s string) (json.Number, error) {
 	// A huge exponent would make big.Rat allocate without bound; audit data never holds one.
 	if i := strings.IndexAny(s, "eE"); i >= 0 && len(strings.TrimLeft(s[i+1:], "+-")) > 3 {
@@ -307,6 +308,11 @@ func canonicalNumber(s string) (json.Number, error) {
 	b, err := json.Marshal(f)
 	if err != nil {
 		return "", fmt.Errorf("canonical json: number %q: %w", s, err)
+	}
+	// Only a number that is exactly its float's shortest form has one: rounded, 2.000000000000000001
+	// would hash as 2, and a row edited so would verify.
+	if exact, ok := new(big.Rat).SetString(string(b)); !ok || exact.Cmp(r) != 0 {
+		return "", fmt.Errorf("canonical json: number %q is not exactly a float64", s)
 	}
 	return json.Number(b), nil
 }

@@ -225,6 +225,7 @@ var tamperCases = []struct {
 }{
 	{"edited data", []string{`UPDATE claudemesh.audit SET data = '{"role":"admin"}' WHERE mesh_id = $1 AND seq = 3`}, 3},
 	{"rewritten with an equal value is not tampering", []string{`UPDATE claudemesh.audit SET data = '{ "role" : "member", "j" : 2.0 }' WHERE mesh_id = $1 AND seq = 3`}, intact},
+	{"number edited below float precision", []string{`UPDATE claudemesh.audit SET data = '{"role":"member","j":2.000000000000000001}' WHERE mesh_id = $1 AND seq = 3`}, 3},
 	{"edited actor", []string{`UPDATE claudemesh.audit SET actor = 'x' WHERE mesh_id = $1 AND seq = 1`}, 1},
 	{"edited type", []string{`UPDATE claudemesh.audit SET event_type = 'member_added' WHERE mesh_id = $1 AND seq = 4`}, 4},
 	{"edited timestamp", []string{`UPDATE claudemesh.audit SET ts_micros = ts_micros + 1 WHERE mesh_id = $1 AND seq = 2`}, 2},
@@ -333,7 +334,9 @@ func TestCanonicalJSON(t *testing.T) {
 		require.NoError(t, err, in)
 		require.Equal(t, want, string(got), in)
 	}
-	for _, bad := range []string{``, `{`, `{"a":1}x`, `{"a":1e99999}`} {
+	// A non-integer beyond float64's precision has no canonical form: rounded, it would hash
+	// like another number.
+	for _, bad := range []string{``, `{`, `{"a":1}x`, `{"a":1e99999}`, `{"a":2.000000000000000001}`, `{"a":0.10000000000000000001}`} {
 		_, err := audit.CanonicalJSON([]byte(bad))
 		require.Error(t, err, bad)
 	}

@@ -101,7 +101,7 @@ func verify(ctx context.Context, q db.DBTX, meshID string, w walk) (int, error) 
 			}
 			data, err := CanonicalJSON(r.Data)
 			if err != nil {
-				return count, broken(r.Seq, "data is not valid JSON: %v", err)
+				return count, broken(r.Seq, "data is not valid or not canonical JSON (%v): the entry was edited", err)
 			}
 			if Hash(r.PrevHash, r.MeshID, r.EventType, r.Actor, data, r.TsMicros) != r.Hash {
 				return count, broken(r.Seq, "hash does not match the entry's contents: the entry was edited")
