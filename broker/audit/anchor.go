@@ -1,10 +1,12 @@
 package audit
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 
 	"github.com/claudemesh/broker/db"
 )
@@ -58,19 +60,31 @@ func (a *Anchors) Log(ctx context.Context, q db.DBTX) (int, error) {
 // unchanged: a chain cut below the anchor, or rewritten, is broken even when it is consistent
 // with its own head.
 func VerifyAnchor(ctx context.Context, q db.DBTX, a Anchor) (int, error) {
-	n, err := Verify(ctx, q, a.MeshID)
+	return VerifyAnchors(ctx, q, a.MeshID, []Anchor{a})
+}
+
+// VerifyAnchors is VerifyAnchor for several anchors of meshID's chain, in one walk. Give every
+// anchor logged since the last check: those logged after a cut or rewrite are the tampered
+// chain's own, so the latest alone does not show what was done before it. The first anchor
+// (by seq) the chain does not hold is named.
+func VerifyAnchors(ctx context.Context, q db.DBTX, meshID string, anchors []Anchor) (int, error) {
+	n, err := Verify(ctx, q, meshID)
 	if err != nil {
 		return n, err
 	}
-	hash, err := db.New(q).AuditEntryHash(ctx, db.AuditEntryHashParams{MeshID: a.MeshID, Seq: a.Seq})
-	switch err = db.NotFound(err); {
-	case errors.Is(err, db.ErrNotFound):
-		return n, &BrokenError{MeshID: a.MeshID, Seq: a.Seq, Reason: fmt.Sprintf(
-			"the anchored entry %d is gone: the chain was cut back below it (it ends at %d)", a.Seq, n)}
-	case err != nil:
-		return n, fmt.Errorf("verify audit anchor: %w", err)
-	case hash != a.Hash:
-		return n, &BrokenError{MeshID: a.MeshID, Seq: a.Seq, Reason: "the anchored entry's hash differs: the chain was rewritten"}
+	anchors = slices.Clone(anchors)
+	slices.SortFunc(anchors, func(a, b Anchor) int { return cmp.Compare(a.Seq, b.Seq) })
+	for _, a := range anchors {
+		hash, err := db.New(q).AuditEntryHash(ctx, db.AuditEntryHashParams{MeshID: meshID, Seq: a.Seq})
+		switch err = db.NotFound(err); {
+		case errors.Is(err, db.ErrNotFound):
+			return n, &BrokenError{MeshID: meshID, Seq: a.Seq, Reason: fmt.Sprintf(
+				"the anchored entry %d is gone: the chain was cut back below it (it ends at %d)", a.Seq, n)}
+		case err != nil:
+			return n, fmt.Errorf("verify audit anchor: %w", err)
+		case hash != a.Hash:
+			return n, &BrokenError{MeshID: meshID, Seq: a.Seq, Reason: "the anchored entry's hash differs: the chain was rewritten"}
+		}
 	}
 	return n, nil
 }

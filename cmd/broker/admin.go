@@ -417,7 +417,8 @@ type verifyResult struct {
 func newAuditCmd() *cobra.Command {
 	cmd := &cobra.Command{Use: "audit", Short: "Verify and read a mesh's tamper-evident audit log"}
 
-	var verifyMesh, verifyAnchor string
+	var verifyMesh string
+	var verifyAnchors []string
 	var verifyJSON bool
 	verify := &cobra.Command{
 		Use:   "verify",
@@ -429,16 +430,13 @@ func newAuditCmd() *cobra.Command {
 				if err != nil {
 					return err
 				}
-				var n int
-				if verifyAnchor == "" {
-					n, err = audit.Verify(ctx, a.pool, m.ID)
-				} else {
-					anchor, perr := parseAnchor(m.ID, verifyAnchor)
-					if perr != nil {
-						return perr
+				anchors := make([]audit.Anchor, len(verifyAnchors))
+				for i, v := range verifyAnchors {
+					if anchors[i], err = parseAnchor(m.ID, v); err != nil {
+						return err
 					}
-					n, err = audit.VerifyAnchor(ctx, a.pool, anchor)
 				}
+				n, err := audit.VerifyAnchors(ctx, a.pool, m.ID, anchors)
 				var broken *audit.BrokenError
 				if err != nil && !errors.As(err, &broken) {
 					return err
@@ -464,7 +462,7 @@ func newAuditCmd() *cobra.Command {
 		},
 	}
 	verify.Flags().StringVar(&verifyMesh, "mesh", "", "mesh slug or id (required)")
-	verify.Flags().StringVar(&verifyAnchor, "anchor", "", "SEQ:HASH from an `audit anchor` log line of the mesh: the chain must still hold that entry unchanged (catches a cut or rewritten chain)")
+	verify.Flags().StringArrayVar(&verifyAnchors, "anchor", nil, "SEQ:HASH from an `audit anchor` log line of the mesh: the chain must still hold that entry unchanged (catches a cut or rewritten chain); repeat it for every anchor logged since the last check")
 	addJSONFlag(verify, &verifyJSON)
 	_ = verify.MarkFlagRequired("mesh")
 

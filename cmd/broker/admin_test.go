@@ -292,3 +292,50 @@ func TestAuditVerifyAnchorMustBeHex(t *testing.T) {
 	require.ErrorContains(t, err, "want SEQ:HASH")
 	require.NotContains(t, out, "BROKEN")
 }
+
+// The anchors logged after a chain was cut are the cut chain's: checked against the latest
+// anchor alone, a cut made before it passes. Every anchor logged since the last check is
+// given, in one walk, and the chain must hold each.
+func TestAuditVerifyAgainstEveryAnchor(t *testing.T) {
+	url := dbtest.URL(t)
+	t.Setenv("DATABASE_URL", url)
+	t.Setenv("LOG_LEVEL", "warn")
+	dir := t.TempDir()
+	t.Setenv("XDG_CONFIG_HOME", dir)
+	created := cliJSON[struct {
+		Mesh membership.Mesh `json:"mesh"`
+	}](t, "mesh", "create", "--slug", "anchors", "--owner-key", filepath.Join(dir, "anchors.json"))
+	m := created.Mesh.ID
+	pool := dbtest.PoolFor(t, url)
+	ctx := context.Background()
+	add := func(n int) {
+		for range n {
+			require.NoError(t, audit.AppendVia(ctx, pool, []audit.Entry{{MeshID: m, Type: audit.StateSet, Actor: "a"}}))
+		}
+		_, err := audit.Seal(ctx, pool, true)
+		require.NoError(t, err)
+	}
+	head := func() string {
+		var h string
+		require.NoError(t, pool.QueryRow(ctx, `SELECT seq || ':' || hash FROM claudemesh.audit_head WHERE mesh_id = $1`, m).Scan(&h))
+		return h
+	}
+	add(3) // entries 1-2 (mesh created, owner added), 3-5
+	before := head()
+	require.True(t, strings.HasPrefix(before, "5:"), before)
+	// Entries 4 and 5 cut with the head; the replicas go on sealing, and log the cut chain's head.
+	_, err := pool.Exec(ctx, `DELETE FROM claudemesh.audit WHERE mesh_id = $1 AND seq > 3`, m)
+	require.NoError(t, err)
+	_, err = pool.Exec(ctx, `UPDATE claudemesh.audit_head h SET seq = a.seq, hash = a.hash
+		FROM claudemesh.audit a WHERE h.mesh_id = $1 AND a.mesh_id = $1 AND a.seq = 3`, m)
+	require.NoError(t, err)
+	add(4)
+	after := head()
+
+	require.Contains(t, mustCLI(t, "audit", "verify", "--mesh", "anchors", "--anchor", after), "intact: 7 entries",
+		"the latest anchor is the cut chain's")
+	out, err := runCLI(t, "audit", "verify", "--mesh", "anchors", "--anchor", before, "--anchor", after)
+	var ee exitError
+	require.True(t, errors.As(err, &ee), "err: %v\n%s", err, out)
+	require.Contains(t, out, "BROKEN at entry 5")
+}
