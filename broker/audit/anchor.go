@@ -26,30 +26,43 @@ type Anchor struct {
 // Anchors logs each mesh's chain head that moved since the last call, so that the log stream
 // (shipped off the database's host) holds anchors to verify the chain against later. The first
 // call records the heads without logging them: they were logged before, by another replica or
-// by the replica this one replaces as it stopped (the sealer logs once more on stop). It holds
-// one entry per mesh.
+// by the replica this one replaces as it stopped (the sealer logs once more on stop). A head
+// only moves forward: one that went back, changed in place or vanished was tampered with, and
+// is reported (Error) rather than logged as an anchor. It holds one entry per mesh.
 type Anchors struct {
 	log  *slog.Logger
-	seen map[string]int64
+	seen map[string]db.ClaudemeshAuditHead
 }
 
 // NewAnchors returns an Anchors that logs to log.
 func NewAnchors(log *slog.Logger) *Anchors { return &Anchors{log: log} }
 
-// Log reads every chain head and logs those that moved; it returns how many it logged.
+// Log reads every chain head and logs those that moved; it returns how many anchors it logged.
 func (a *Anchors) Log(ctx context.Context, q db.DBTX) (int, error) {
 	heads, err := db.New(q).AuditHeads(ctx)
 	if err != nil {
 		return 0, fmt.Errorf("audit anchors: %w", err)
 	}
 	first := a.seen == nil
-	seen := make(map[string]int64, len(heads))
+	seen := make(map[string]db.ClaudemeshAuditHead, len(heads))
 	n := 0
 	for _, h := range heads {
-		seen[h.MeshID] = h.Seq
-		if !first && a.seen[h.MeshID] != h.Seq {
+		seen[h.MeshID] = h
+		was, ok := a.seen[h.MeshID]
+		switch {
+		case first || (ok && was == h):
+		case ok && h.Seq < was.Seq:
+			a.log.Error("audit head went back", "mesh", h.MeshID, "seq", h.Seq, "was", was.Seq, "hash", h.Hash)
+		case ok && h.Seq == was.Seq:
+			a.log.Error("audit head changed", "mesh", h.MeshID, "seq", h.Seq, "hash", h.Hash, "was", was.Hash)
+		default:
 			a.log.Info("audit anchor", "mesh", h.MeshID, "seq", h.Seq, "hash", h.Hash)
 			n++
+		}
+	}
+	for mesh, was := range a.seen {
+		if _, ok := seen[mesh]; !ok {
+			a.log.Error("audit head gone", "mesh", mesh, "was", was.Seq, "hash", was.Hash)
 		}
 	}
 	a.seen = seen

@@ -98,3 +98,44 @@ func TestAnchorsCatchACutOrRewrittenChain(t *testing.T) {
 	require.NoError(t, err)
 	onlyTheAnchorSees(rewrittenAt, 5)
 }
+
+// A chain's head only ever moves forward. A running replica that sees one go back, or change
+// in place, or vanish, says so at once (Error), instead of logging the cut chain's head as a
+// fresh anchor for the operator to verify against.
+func TestAnchorsReportAHeadThatWentBack(t *testing.T) {
+	t.Parallel()
+	ctx := dbtest.Context(t)
+	pool := dbtest.Pool(t)
+	var logged bytes.Buffer
+	anchors := audit.NewAnchors(slog.New(slog.NewTextHandler(&logged, nil)))
+	back, edited, gone := newMesh(t, pool, "back"), newMesh(t, pool, "edited"), newMesh(t, pool, "gone")
+	for range 3 {
+		for _, m := range []string{back, edited, gone} {
+			require.NoError(t, appendTx(ctx, pool, audit.Entry{MeshID: m, Type: audit.MemberAdded, Actor: "op"}))
+		}
+	}
+	_, err := audit.Seal(ctx, pool, true)
+	require.NoError(t, err)
+	_, err = anchors.Log(ctx, pool)
+	require.NoError(t, err)
+
+	for _, stmt := range []string{
+		`UPDATE claudemesh.audit_head h SET seq = a.seq, hash = a.hash FROM claudemesh.audit a
+		 WHERE h.mesh_id = $1 AND a.mesh_id = $1 AND a.seq = 2`,
+	} {
+		_, err = pool.Exec(ctx, stmt, back)
+		require.NoError(t, err)
+	}
+	_, err = pool.Exec(ctx, `UPDATE claudemesh.audit_head SET hash = repeat('c', 64) WHERE mesh_id = $1`, edited)
+	require.NoError(t, err)
+	_, err = pool.Exec(ctx, `DELETE FROM claudemesh.audit_head WHERE mesh_id = $1`, gone)
+	require.NoError(t, err)
+	n, err := anchors.Log(ctx, pool)
+	require.NoError(t, err)
+	require.Zero(t, n, "no anchor of a tampered head")
+	out := logged.String()
+	require.Contains(t, out, `level=ERROR msg="audit head went back" mesh=`+back+" seq=2 was=3")
+	require.Contains(t, out, `level=ERROR msg="audit head changed" mesh=`+edited+" seq=3")
+	require.Contains(t, out, `level=ERROR msg="audit head gone" mesh=`+gone+" was=3")
+	require.NotContains(t, out, "audit anchor")
+}
