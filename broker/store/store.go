@@ -123,9 +123,8 @@ func (t *Tx) Audit(entries ...audit.Entry) { t.audit = append(t.audit, entries..
 
 // InTx runs f in one transaction, then sends the bus messages f queued in o (o may be nil),
 // then appends f's audit entries, and commits. Notifications go out exactly when the rows they
-// point at commit. The audit append comes last because it locks the mesh's chain head until
-// commit: every replica writing to the mesh queues on that lock. It returns how many
-// notifications were sent.
+// point at commit. The append takes no lock (it only records the entries; the sealer chains
+// them, migration 00014). It returns how many notifications were sent.
 func (s *Store) InTx(ctx context.Context, o *pgbus.Outbox, f func(*Tx) error) (int, error) {
 	if o == nil {
 		o = &pgbus.Outbox{}
