@@ -43,6 +43,10 @@ const (
 	// (ext) the direct target's waiting messages (stored, not yet delivered) reached
 	// MAX_PENDING_PER_MEMBER: nothing stored; retry once it has read some.
 	CodeRecipientFull = "recipient_full"
+	// CodeUnavailable (ext): the envelope was not stored (the replica is draining, or
+	// Postgres did not answer): nothing stored; send it again, on another connection if this
+	// one closes.
+	CodeUnavailable = "unavailable"
 )
 
 // /join error values (the error field of a 400 JoinResponse).

@@ -11,10 +11,12 @@ import (
 	"slices"
 	"strings"
 	"text/tabwriter"
+	"time"
 
 	"github.com/google/uuid"
 	"github.com/spf13/cobra"
 
+	"github.com/claudemesh/broker/client"
 	"github.com/claudemesh/broker/protocol"
 )
 
@@ -120,7 +122,10 @@ func newSendCmd(a *app) *cobra.Command {
 				if err != nil {
 					return fmt.Errorf("encrypt: %w", err)
 				}
-				ack, err := s.cl.Send(ctx, tgt.spec, p, nonce, ct, uuid.NewString())
+				// The client_message_id makes a send repeated after a lost ack stored once.
+				cmid := uuid.NewString()
+				ack, err := a.sendRetrying(ctx, s, &protocol.Send{TargetSpec: tgt.spec, Priority: p, Nonce: nonce,
+					Ciphertext: ct, ID: cmid, ClientMessageID: cmid})
 				if err != nil {
 					var pe *protocol.Error
 					if errors.As(err, &pe) && pe.Code == protocol.CodeNoRecipient {
@@ -138,6 +143,96 @@ func newSendCmd(a *app) *cobra.Command {
 	}
 	cmd.Flags().StringVarP(&prio, "priority", "p", "next", "now (interrupts), next (when idle) or low")
 	return cmd
+}
+
+// sendAttempts bounds how often send tries one message, all within requestTimeout.
+const sendAttempts = 4
+
+// sendRetrying sends m and sends it again when its outcome is unknown or it was not stored
+// for a passing reason: the connection ended before the ack (a replica killed or draining,
+// a network cut, 1013 send_outcome_unknown), or the broker answered unavailable. A new
+// connection resumes the same session. m carries a client_message_id, so an attempt that
+// was stored after all is acked again with its message id, and delivered once.
+func (a *app) sendRetrying(ctx context.Context, s *session, m *protocol.Send) (protocol.Ack, error) {
+	cl := s.cl
+	defer func() {
+		if cl != nil && cl != s.cl {
+			cl.Close()
+		}
+	}()
+	backoff := client.Backoff{Min: 250 * time.Millisecond, Max: 2 * time.Second}
+	var ack protocol.Ack
+	var err, sendErr error // the last error, and the last one of a send
+	for attempt := 1; ; attempt++ {
+		if cl == nil {
+			ns, derr := a.dial(ctx, s.id, s.mesh, s.keys, dialOpts{buffers: 16})
+			if derr != nil {
+				err = fmt.Errorf("%w; reconnecting: %w", sendErr, derr)
+				if !client.DialRetryable(derr) {
+					return ack, err
+				}
+			} else {
+				go discardEvents(ns.cl)
+				cl = ns.cl
+			}
+		}
+		why := ""
+		if cl != nil {
+			ack, err = cl.SendMessage(ctx, m)
+			sendErr = err
+			var again, reconnect bool
+			why, again, reconnect = sendRetryable(cl, err)
+			if !again || ctx.Err() != nil {
+				return ack, err
+			}
+			if reconnect {
+				if cl != s.cl {
+					cl.Close()
+				}
+				cl = nil
+			}
+		}
+		if attempt == sendAttempts {
+			return ack, err
+		}
+		d := backoff.Next()
+		if why != "" {
+			fmt.Fprintf(a.stderr, "meshctl: %s; sending again in %s (it is stored once either way)\n", why, d.Round(time.Millisecond))
+		}
+		if !sleepCtx(ctx, d) {
+			return ack, err
+		}
+	}
+}
+
+// sendRetryable tells whether a send that failed with err may be sent again, why, and
+// whether on a new connection.
+func sendRetryable(cl *client.Client, err error) (why string, again, reconnect bool) {
+	var pe *protocol.Error
+	switch {
+	case err == nil, errors.Is(err, context.Canceled), errors.Is(err, context.DeadlineExceeded):
+		return "", false, false
+	case errors.As(err, &pe):
+		if pe.Code != protocol.CodeUnavailable {
+			return "", false, false // refused for good: no_recipient, too_large, ...
+		}
+		select {
+		case <-cl.Done():
+			return "the broker could not store the message", true, true
+		default:
+			return "the broker could not store the message", true, false
+		}
+	}
+	// The connection broke (a failed write ends it too) before the ack came.
+	select {
+	case <-cl.Done():
+		if !client.ShouldReconnect(cl.CloseCode(), cl.CloseReason()) {
+			return "", false, false // kicked, revoked, replaced: not ours to override
+		}
+		return fmt.Sprintf("connection lost before the broker acknowledged the message (close %d)", cl.CloseCode()), true, true
+	default:
+		return "connection lost before the broker acknowledged the message", true, true
+	}
 }
 
 func newPeersCmd(a *app) *cobra.Command {

@@ -1,0 +1,109 @@
+package main
+
+import (
+	"bytes"
+	"io"
+	"net"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/claudemesh/broker/protocol"
+)
+
+// ackCutter is a TCP proxy to a broker that drops the first connection on which the broker
+// answers a send: the envelope is stored, the client never hears so (a replica killed, a
+// network cut right after the commit). Later connections pass untouched.
+type ackCutter struct {
+	ln     net.Listener
+	target string
+	cuts   atomic.Int32
+	wg     sync.WaitGroup
+}
+
+func newAckCutter(t *testing.T, target string) *ackCutter {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	p := &ackCutter{ln: ln, target: target}
+	p.wg.Go(p.accept)
+	t.Cleanup(func() {
+		_ = ln.Close()
+		p.wg.Wait()
+	})
+	return p
+}
+
+func (p *ackCutter) url() string { return "ws://" + p.ln.Addr().String() + protocol.PathWS }
+
+func (p *ackCutter) accept() {
+	for {
+		c, err := p.ln.Accept()
+		if err != nil {
+			return
+		}
+		b, err := net.Dial("tcp", p.target)
+		if err != nil {
+			_ = c.Close()
+			continue
+		}
+		closeBoth := sync.OnceFunc(func() { _ = c.Close(); _ = b.Close() })
+		p.wg.Go(func() { _, _ = io.Copy(b, c); closeBoth() })
+		p.wg.Go(func() { p.toClient(c, b); closeBoth() })
+	}
+}
+
+// toClient copies broker → client frames (unmasked, so readable) until the first ack, which
+// it swallows by cutting both sides, once.
+func (p *ackCutter) toClient(c, b net.Conn) {
+	needle := []byte(`"type":"ack"`)
+	var tail []byte
+	buf := make([]byte, 32<<10)
+	for {
+		n, err := b.Read(buf)
+		if n > 0 {
+			window := append(tail, buf[:n]...)
+			if p.cuts.Load() == 0 && bytes.Contains(window, needle) && p.cuts.CompareAndSwap(0, 1) {
+				return
+			}
+			if _, werr := c.Write(buf[:n]); werr != nil {
+				return
+			}
+			tail = append(tail[:0], window[max(0, len(window)-len(needle)):]...)
+		}
+		if err != nil {
+			return
+		}
+	}
+}
+
+// A send whose ack is lost with its connection (the envelope stored, the answer never
+// arriving) is sent again on a new connection with the same client_message_id: the command
+// succeeds, and the recipient gets the message once.
+func TestSendRetriesWhenTheAckIsLost(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, 1, nil)
+	alice, bob := joinPair2(t, e)
+	listen := bob.start("listen", "--json")
+	listen.waitErrOutput(t, "listening in mesh demo", 1)
+	waitPeer(t, alice, "bob", protocol.StatusIdle)
+
+	cutter := newAckCutter(t, e.nodes[0].Addr())
+	text := randomText("ack lost")
+	out, errOut, err := alice.run("", "--broker", cutter.url(), "--json", "send", "--priority", "now", "bob", text)
+	require.NoError(t, err, "stderr: %s", errOut)
+	require.EqualValues(t, 1, cutter.cuts.Load(), "the first ack was cut")
+	require.Contains(t, errOut, "sending again")
+	listen.waitOutput(t, text)
+	got := findMessage(t, listen.out.String(), text)
+	require.Contains(t, out, got.MessageID, "the send reports the id the recipient got")
+
+	// A later message proves the first is not still on its way a second time.
+	after := randomText("after")
+	alice.must("send", "--priority", "now", "bob", after)
+	listen.waitOutput(t, after)
+	require.Equal(t, 1, strings.Count(listen.out.String(), text), "delivered once")
+}
