@@ -120,13 +120,17 @@ func (a *app) ensureSessionID() string {
 	return a.sessionID
 }
 
+// meshWSURL is the WebSocket URL of the mesh's broker, or of --broker.
+func (a *app) meshWSURL(mesh *MeshEntry) (string, error) {
+	if a.brokerURL != "" {
+		return wsURL(a.brokerURL)
+	}
+	return wsURL(mesh.BrokerURL)
+}
+
 // dial connects to the mesh's broker (or --broker) with client_ack on.
 func (a *app) dial(ctx context.Context, id *Identity, mesh *MeshEntry, keys *e2e.Keyring, o dialOpts) (*session, error) {
-	broker := mesh.BrokerURL
-	if a.brokerURL != "" {
-		broker = a.brokerURL
-	}
-	u, err := wsURL(broker)
+	u, err := a.meshWSURL(mesh)
 	if err != nil {
 		return nil, err
 	}

@@ -120,6 +120,10 @@ func (a *app) listen(ctx context.Context, o listenOpts) error {
 	if err != nil {
 		return err
 	}
+	// A URL that can't work never will: said once, not retried below as if the broker were away.
+	if _, err := a.meshWSURL(mesh); err != nil {
+		return err
+	}
 	pr := &listenPrinter{w: a.stdout, asJSON: a.asJSON}
 	st := &listenState{names: newPeerNames(), seen: make(map[string]struct{})}
 	backoff := client.Backoff{Min: 250 * time.Millisecond, Max: 30 * time.Second}

@@ -8,6 +8,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/require"
 
@@ -106,4 +107,20 @@ func TestSendRetriesWhenTheAckIsLost(t *testing.T) {
 	alice.must("send", "--priority", "now", "bob", after)
 	listen.waitOutput(t, after)
 	require.Equal(t, 1, strings.Count(listen.out.String(), text), "delivered once")
+}
+
+// A broker URL that can never work (a typo in --broker or in meshes.json) ends listen with
+// the reason, instead of "retrying" it forever.
+func TestListenGivesUpOnABadBrokerURL(t *testing.T) {
+	t.Parallel()
+	bob := newCLI(t)
+	bob.must("init", "--name", "bob")
+	a := &app{home: bob.home, getenv: bob.getenv}
+	require.NoError(t, a.saveMesh(MeshEntry{MeshID: "m1", Slug: "demo", MemberID: "b1", BrokerURL: "ws://127.0.0.1:1/ws"}))
+	for _, bad := range []string{"wss//broker.example/ws", "ftp://broker.example/ws", "ws:///ws"} {
+		l := bob.start("--broker", bad, "listen")
+		err := l.wait(t, 10*time.Second)
+		require.ErrorContains(t, err, "broker URL", bad)
+		require.NotContains(t, l.err.String(), "retrying", bad)
+	}
 }
