@@ -26,8 +26,9 @@ func ShouldReconnect(code int, reason string) bool {
 }
 
 // DialRetryable reports whether a Dial error is transient: a network failure or a broker that
-// closed during the handshake for its own reasons (1001 "internal") is; a refused hello
-// (1008: bad credentials, capacity, ...) or a revoked member (4002) is not.
+// closed during the handshake for its own reasons (1001 "internal", 1013 "overloaded" or
+// "rate_limited", by code when the close frame came too late) is; a refused hello (1008: bad
+// credentials, capacity, ...) or a revoked member (4002) is not.
 func DialRetryable(err error) bool {
 	var he *HelloError
 	if errors.As(err, &he) {
@@ -35,7 +36,8 @@ func DialRetryable(err error) bool {
 			return ShouldReconnect(he.CloseCode, he.CloseReason)
 		}
 		switch he.Code {
-		case "", "internal":
+		// The broker's own trouble or load, answered "retry in a moment" (close 1013).
+		case "", "internal", protocol.CodeOverloaded, protocol.CodeRateLimited:
 			return true
 		}
 		return false

@@ -40,6 +40,11 @@ func TestDialRetryable(t *testing.T) {
 	require.True(t, DialRetryable(&HelloError{Code: "internal", CloseCode: protocol.CloseGoingAway}))
 	require.True(t, DialRetryable(&HelloError{CloseCode: 1006}))
 	require.True(t, DialRetryable(&HelloError{}))
+	// Refusals that say "retry shortly" are retried even when their close frame (1013) was
+	// not seen before the handshake deadline.
+	require.True(t, DialRetryable(&HelloError{Code: protocol.CodeOverloaded}))
+	require.True(t, DialRetryable(&HelloError{Code: protocol.CodeRateLimited}))
+	require.True(t, DialRetryable(&HelloError{Code: protocol.CodeOverloaded, CloseCode: protocol.CloseTryAgainLater}))
 }
 
 func TestBackoff(t *testing.T) {
