@@ -3,6 +3,7 @@ package main
 import (
 	"crypto/ed25519"
 	"encoding/json"
+	"fmt"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
@@ -176,4 +177,20 @@ func TestReadRSS(t *testing.T) {
 	require.Positive(t, kb)
 	_, err = readRSS(1 << 30)
 	require.Error(t, err)
+}
+
+// listen learns names from every peer_joined and peer_status event: a long run in a busy
+// mesh (a new session key per session) or a broker sending endless events must not grow the
+// table without bound, and a name just learned still resolves.
+func TestPeerNamesBounded(t *testing.T) {
+	const bound, events = 4096, 50_000
+	n := newPeerNames()
+	for i := range events {
+		n.set(fmt.Sprintf("%064x", i), "peer")
+	}
+	require.LessOrEqual(t, len(n.m), bound)
+	last := fmt.Sprintf("%064x", events-1)
+	name, ok := n.lookup(last)
+	require.True(t, ok)
+	require.Equal(t, "peer", name)
 }

@@ -207,12 +207,21 @@ type peerNames struct {
 
 func newPeerNames() *peerNames { return &peerNames{m: make(map[string]string)} }
 
+// maxPeerNames bounds the table: listen learns a key from every peer event for as long as it
+// runs (a new session key per session, or a broker sending endless events). Far more than a
+// mesh has live; a name dropped is looked up again (list_peers) when its sender next writes.
+const maxPeerNames = 4096
+
 func (n *peerNames) set(pub, name string) {
 	if pub == "" || name == "" {
 		return
 	}
+	k := strings.ToLower(pub)
 	n.mu.Lock()
-	n.m[strings.ToLower(pub)] = name
+	if _, ok := n.m[k]; !ok && len(n.m) >= maxPeerNames {
+		clear(n.m)
+	}
+	n.m[k] = name
 	n.mu.Unlock()
 }
 
