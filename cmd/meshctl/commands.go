@@ -154,6 +154,13 @@ const sendAttempts = 4
 // connection resumes the same session. m carries a client_message_id, so an attempt that
 // was stored after all is acked again with its message id, and delivered once.
 func (a *app) sendRetrying(ctx context.Context, s *session, m *protocol.Send) (protocol.Ack, error) {
+	frame, err := protocol.Encode(m)
+	if err != nil {
+		return protocol.Ack{}, err
+	}
+	// Beyond the brokers' default frame limit the broker most likely closed for the size
+	// (1009), which can come as a reset before its close frame: no point in sending it again.
+	oversized := len(frame) > protocol.DefaultMaxMessageBytes
 	cl := s.cl
 	defer func() {
 		if cl != nil && cl != s.cl {
@@ -162,7 +169,7 @@ func (a *app) sendRetrying(ctx context.Context, s *session, m *protocol.Send) (p
 	}()
 	backoff := client.Backoff{Min: 250 * time.Millisecond, Max: 2 * time.Second}
 	var ack protocol.Ack
-	var err, sendErr error // the last error, and the last one of a send
+	var sendErr error // the last send's error
 	for attempt := 1; ; attempt++ {
 		if cl == nil {
 			ns, derr := a.dial(ctx, s.id, s.mesh, s.keys, dialOpts{buffers: 16})
@@ -181,8 +188,13 @@ func (a *app) sendRetrying(ctx context.Context, s *session, m *protocol.Send) (p
 			ack, err = cl.SendMessage(ctx, m)
 			sendErr = err
 			var again, reconnect bool
-			why, again, reconnect = sendRetryable(cl, err)
-			if !again || ctx.Err() != nil {
+			why, again, reconnect = sendRetryable(ctx, cl, err)
+			lost := again && reconnect && why != unavailableWhy
+			if err != nil && (cl.CloseCode() == protocol.CloseTooLarge || (lost && oversized)) {
+				return ack, fmt.Errorf("message too large for the broker: its frame is %d bytes, brokers take %d unless configured otherwise (%w)",
+					len(frame), protocol.DefaultMaxMessageBytes, err)
+			}
+			if !again {
 				return ack, err
 			}
 			if reconnect {
@@ -205,12 +217,14 @@ func (a *app) sendRetrying(ctx context.Context, s *session, m *protocol.Send) (p
 	}
 }
 
+const unavailableWhy = "the broker could not store the message"
+
 // sendRetryable tells whether a send that failed with err may be sent again, why, and
 // whether on a new connection.
-func sendRetryable(cl *client.Client, err error) (why string, again, reconnect bool) {
+func sendRetryable(ctx context.Context, cl *client.Client, err error) (why string, again, reconnect bool) {
 	var pe *protocol.Error
 	switch {
-	case err == nil, errors.Is(err, context.Canceled), errors.Is(err, context.DeadlineExceeded):
+	case err == nil, ctx.Err() != nil:
 		return "", false, false
 	case errors.As(err, &pe):
 		if pe.Code != protocol.CodeUnavailable {
@@ -218,21 +232,22 @@ func sendRetryable(cl *client.Client, err error) (why string, again, reconnect b
 		}
 		select {
 		case <-cl.Done():
-			return "the broker could not store the message", true, true
+			return unavailableWhy, true, true
 		default:
-			return "the broker could not store the message", true, false
+			return unavailableWhy, true, false
 		}
 	}
-	// The connection broke (a failed write ends it too) before the ack came.
+	// The connection broke before the ack came. A failed write ends it too: wait for the end,
+	// whose close code says whether to try again.
 	select {
 	case <-cl.Done():
-		if !client.ShouldReconnect(cl.CloseCode(), cl.CloseReason()) {
-			return "", false, false // kicked, revoked, replaced: not ours to override
-		}
-		return fmt.Sprintf("connection lost before the broker acknowledged the message (close %d)", cl.CloseCode()), true, true
-	default:
-		return "connection lost before the broker acknowledged the message", true, true
+	case <-ctx.Done():
+		return "", false, false
 	}
+	if !client.ShouldReconnect(cl.CloseCode(), cl.CloseReason()) {
+		return "", false, false // kicked, revoked, replaced: not ours to override
+	}
+	return fmt.Sprintf("connection lost before the broker acknowledged the message (close %d)", cl.CloseCode()), true, true
 }
 
 func newPeersCmd(a *app) *cobra.Command {

@@ -124,3 +124,18 @@ func TestListenGivesUpOnABadBrokerURL(t *testing.T) {
 		require.NotContains(t, l.err.String(), "retrying", bad)
 	}
 }
+
+// A message too large for the broker's frames fails at once with the reason: resending it
+// can't help.
+func TestSendTooLargeFailsOnce(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, 1, nil)
+	alice, bob := joinPair2(t, e)
+	id, err := bob.loadIdentityT()
+	require.NoError(t, err)
+	big := strings.Repeat("x", 60_000)
+	_, errOut, err := alice.run(big, "send", id.Pubkey, "-")
+	require.Error(t, err)
+	require.NotContains(t, errOut, "sending again")
+	require.ErrorContains(t, err, "too large")
+}
