@@ -136,7 +136,7 @@ func newSendCmd(a *app) *cobra.Command {
 				if a.asJSON {
 					return printJSON(a.stdout, map[string]any{"messageId": ack.MessageID, "targetSpec": tgt.spec, "priority": p, "mode": mode, "queued": ack.Queued})
 				}
-				fmt.Fprintf(a.stdout, "sent %s to %s (%s, priority %s)\n", ack.MessageID, tgt.label, mode, p)
+				fmt.Fprintf(a.stdout, "sent %s to %s (%s, priority %s)\n", field(ack.MessageID), field(tgt.label), mode, p)
 				return nil
 			})
 		},
@@ -283,7 +283,7 @@ func newPeersCmd(a *app) *cobra.Command {
 						groups[i] = g.Name
 					}
 					fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", field(orDash(p.DisplayName)), field(string(p.Status)),
-						field(orDash(oneLine(p.Summary, 40))), field(orDash(strings.Join(groups, ","))), p.Pubkey, p.ConnectedAt)
+						field(orDash(oneLine(p.Summary, 40))), field(orDash(strings.Join(groups, ","))), field(p.Pubkey), field(p.ConnectedAt))
 				}
 				return tw.Flush()
 			})
@@ -391,12 +391,12 @@ func newStateCmd(a *app) *cobra.Command {
 	}
 	printEntry := func(key string, value json.RawMessage, by, at string) {
 		if len(value) == 0 || string(value) == "null" {
-			fmt.Fprintf(a.stdout, "%s is not set\n", key)
+			fmt.Fprintf(a.stdout, "%s is not set\n", field(key))
 			return
 		}
 		fmt.Fprintf(a.stdout, "%s = %s", field(key), sanitize(string(value)))
 		if by != "" {
-			fmt.Fprintf(a.stdout, "  (by %s at %s)", shortKey(by), at)
+			fmt.Fprintf(a.stdout, "  (by %s at %s)", field(shortKey(by)), field(at))
 		}
 		fmt.Fprintln(a.stdout)
 	}
@@ -518,12 +518,12 @@ func newMessageStatusCmd(a *app) *cobra.Command {
 				if r.Delivered {
 					state = "delivered at " + r.DeliveredAt
 				}
-				fmt.Fprintf(a.stdout, "message %s to %s: %s\n", r.MessageID, r.TargetSpec, state)
+				fmt.Fprintf(a.stdout, "message %s to %s: %s\n", field(r.MessageID), field(r.TargetSpec), field(state))
 				if len(r.Recipients) > 0 {
 					tw := tabwriter.NewWriter(a.stdout, 0, 4, 2, ' ', 0)
 					fmt.Fprintln(tw, "RECIPIENT\tSTATUS\tPUBKEY")
 					for _, rc := range r.Recipients {
-						fmt.Fprintf(tw, "%s\t%s\t%s\n", field(orDash(rc.Name)), rc.Status, rc.Pubkey)
+						fmt.Fprintf(tw, "%s\t%s\t%s\n", field(orDash(rc.Name)), field(string(rc.Status)), field(rc.Pubkey))
 					}
 					return tw.Flush()
 				}

@@ -70,7 +70,7 @@ func newHookCmd(a *app) *cobra.Command {
 				if strict {
 					return err
 				}
-				fmt.Fprintln(a.stderr, "meshctl hook: warning:", err)
+				fmt.Fprintln(a.stderr, "meshctl hook: warning:", sanitize(err.Error()))
 				return nil
 			},
 		}

@@ -137,13 +137,14 @@ func (a *app) listen(ctx context.Context, o listenOpts) error {
 				return fmt.Errorf("connect to %s: %w", mesh.Slug, err)
 			}
 			d := backoff.Next()
-			fmt.Fprintf(a.stderr, "meshctl: connect failed (%v); retrying in %s\n", err, d.Round(time.Millisecond))
+			fmt.Fprintf(a.stderr, "meshctl: connect failed (%s); retrying in %s\n", field(err.Error()), d.Round(time.Millisecond))
 			if !sleepCtx(ctx, d) {
 				return nil
 			}
 			continue
 		}
-		fmt.Fprintf(a.stderr, "meshctl: listening in mesh %s as %s (session %s, %s)\n", mesh.Slug, s.cl.HelloAck().MemberDisplayName, s.sessionID, s.url)
+		fmt.Fprintf(a.stderr, "meshctl: listening in mesh %s as %s (session %s, %s)\n", field(mesh.Slug), field(s.cl.HelloAck().MemberDisplayName),
+			field(s.sessionID), s.url)
 		started := time.Now()
 		code, reason := a.listenSession(ctx, s, o, pr, st)
 		if ctx.Err() != nil {
@@ -159,7 +160,7 @@ func (a *app) listen(ctx context.Context, o listenOpts) error {
 		if code == protocol.CloseDraining {
 			d = min(d, 250*time.Millisecond) // "reconnect at once (any replica)"; jittered
 		}
-		fmt.Fprintf(a.stderr, "meshctl: disconnected (close %d %s); reconnecting in %s\n", code, reason, d.Round(time.Millisecond))
+		fmt.Fprintf(a.stderr, "meshctl: disconnected (close %d %s); reconnecting in %s\n", code, field(reason), d.Round(time.Millisecond))
 		if !sleepCtx(ctx, d) {
 			return nil
 		}
@@ -173,11 +174,11 @@ func closeExplanation(code int, reason string) error {
 	case protocol.CloseRevoked:
 		return errors.New("your membership was revoked (close 4002)")
 	case protocol.CloseHelloRefused:
-		return fmt.Errorf("hello refused (close 1008 %s)", reason)
+		return fmt.Errorf("hello refused (close 1008 %s)", field(reason))
 	case protocol.CloseSessionReplaced:
 		return errors.New("a newer process took over this session (same --session-id); not reconnecting")
 	}
-	return fmt.Errorf("connection closed (%d %s)", code, reason)
+	return fmt.Errorf("connection closed (%d %s)", code, field(reason))
 }
 
 func sleepCtx(ctx context.Context, d time.Duration) bool {
@@ -326,7 +327,7 @@ func (a *app) printMessage(p protocol.Push, keys *e2e.Keyring, pr *listenPrinter
 	at := time.Now().Format(time.TimeOnly)
 	switch {
 	case m.Error != "":
-		pr.text("%s  %s: [message %s could not be decrypted]\n", at, field(from), p.MessageID)
+		pr.text("%s  %s: [message %s could not be decrypted]\n", at, field(from), field(p.MessageID))
 	case opened.Mode == e2e.ModePlain:
 		pr.text("%s  %s (UNENCRYPTED, %s): %s\n", at, field(from), p.Priority, sanitize(m.Text))
 	default:

@@ -14,6 +14,8 @@ import (
 	"syscall"
 
 	"github.com/spf13/cobra"
+
+	"github.com/claudemesh/broker/client"
 )
 
 func main() {
@@ -25,7 +27,7 @@ func main() {
 		if errors.As(err, &ee) {
 			os.Exit(ee.code)
 		}
-		fmt.Fprintln(os.Stderr, "meshctl:", err)
+		printError(os.Stderr, err)
 		os.Exit(1)
 	}
 }
@@ -91,4 +93,11 @@ func newRootCmd(getenv func(string) string) *cobra.Command {
 		newHookCmd(a), newBenchCmd(a),
 	)
 	return root
+}
+
+// printError writes a command's failure for the terminal. Errors carry text from the broker
+// (refusal messages, close reasons), escaped like a peer's: a hostile broker must not drive
+// the terminal.
+func printError(w io.Writer, err error) {
+	fmt.Fprintln(w, "meshctl:", client.Printable(err.Error(), true))
 }

@@ -2,14 +2,18 @@ package main
 
 import (
 	"bytes"
+	"errors"
 	"io"
 	"net"
+	"net/http"
+	"net/http/httptest"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/gorilla/websocket"
 	"github.com/stretchr/testify/require"
 
 	"github.com/claudemesh/broker/protocol"
@@ -138,4 +142,53 @@ func TestSendTooLargeFailsOnce(t *testing.T) {
 	require.Error(t, err)
 	require.NotContains(t, errOut, "sending again")
 	require.ErrorContains(t, err, "too large")
+}
+
+// Text a broker sends (error messages, close reasons) reaches the terminal escaped, like a
+// peer's: a hostile or hijacked broker (ws:// has no TLS) can't drive the user's terminal.
+func TestBrokerTextIsEscapedOnTheTerminal(t *testing.T) {
+	t.Parallel()
+	const evil = "\x1b]52;c;cGF5bG9hZA==\x07\x1b[2J"
+	var n atomic.Int32
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		ws, err := (&websocket.Upgrader{}).Upgrade(w, r, nil)
+		if err != nil {
+			return
+		}
+		defer ws.Close()
+		if _, _, err := ws.ReadMessage(); err != nil { // the hello
+			return
+		}
+		if n.Add(1) == 1 {
+			b, _ := protocol.Encode(&protocol.Error{Code: "internal", Message: "db down " + evil})
+			_ = ws.WriteMessage(websocket.TextMessage, b)
+			_ = ws.WriteMessage(websocket.CloseMessage, websocket.FormatCloseMessage(protocol.CloseGoingAway, "x"+evil))
+			return
+		}
+		b, _ := protocol.Encode(&protocol.HelloAck{PresenceID: "p1", MemberDisplayName: "bob" + evil})
+		_ = ws.WriteMessage(websocket.TextMessage, b)
+		_ = ws.WriteMessage(websocket.CloseMessage, websocket.FormatCloseMessage(protocol.CloseKicked, "kicked"+evil))
+		for {
+			if _, _, err := ws.ReadMessage(); err != nil {
+				return
+			}
+		}
+	}))
+	t.Cleanup(srv.Close)
+	bob := newCLI(t)
+	bob.must("init", "--name", "bob")
+	a := &app{home: bob.home, getenv: bob.getenv}
+	require.NoError(t, a.saveMesh(MeshEntry{MeshID: "m1", Slug: "demo", MemberID: "b1", BrokerURL: srv.URL + "/ws"}))
+	l := bob.start("listen")
+	err := l.wait(t, 20*time.Second)
+	require.ErrorContains(t, err, "4001")
+	require.Contains(t, l.err.String(), "connect failed")
+	require.Contains(t, l.err.String(), "listening in mesh demo")
+	require.NotContains(t, l.err.String(), "\x1b", "stderr")
+	require.NotContains(t, l.err.String(), "\x07", "stderr")
+
+	var printed bytes.Buffer
+	printError(&printed, errors.New("join refused (HTTP 400): "+evil))
+	require.NotContains(t, printed.String(), "\x1b")
+	require.Contains(t, printed.String(), "join refused")
 }
