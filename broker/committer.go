@@ -51,7 +51,7 @@ const (
 	// delivered or not, for message_status.
 	DefaultMessageTTL = 7 * 24 * time.Hour
 	// ackUnavailable is the ack error when the envelope could not be stored (Postgres away).
-	ackUnavailable = "unavailable"
+	ackUnavailable = protocol.CodeUnavailable
 )
 
 // committer stores sends in batches and acknowledges them once committed.
