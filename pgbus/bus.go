@@ -59,6 +59,9 @@ type Bus struct {
 	connected atomic.Bool
 	lastPing  atomic.Int64 // unix nanos of the last own ping received
 	log       *slog.Logger
+	// behind: a message was dropped and no resync has been queued since; until one is, nothing
+	// more is queued (touched only on the listener's goroutine).
+	behind bool
 
 	startstop.Base
 }
@@ -156,11 +159,42 @@ func (b *Bus) signalResync() {
 
 // resyncInOrder queues a resync among the messages; a full queue falls back to the signal.
 func (b *Bus) resyncInOrder() {
+	if !b.queueResync() {
+		b.overflow()
+	}
+}
+
+// queueResync queues a resync among the messages if there is room, and says so.
+func (b *Bus) queueResync() bool {
 	select {
 	case b.queue <- Message{Kind: KindResync}:
+		b.behind = false
+		return true
 	default:
-		b.cfg.Observe("overflow", 1)
-		b.signalResync()
+		return false
+	}
+}
+
+// overflow records a dropped message: the consumer is told at once (nothing more may come to
+// carry the resync), and what arrives next waits behind a queued resync (enqueue).
+func (b *Bus) overflow() {
+	b.cfg.Observe("overflow", 1)
+	b.behind = true
+	b.signalResync()
+}
+
+// enqueue hands m to the consumer, never blocking. After a drop, m goes only behind a resync:
+// applied before the catch-up that recovers the dropped message, a later push to the same
+// session would reach it first (the out-of-band signal may be read after the queue).
+func (b *Bus) enqueue(m Message) {
+	if b.behind && !b.queueResync() {
+		b.overflow()
+		return
+	}
+	select {
+	case b.queue <- m:
+	default:
+		b.overflow()
 	}
 }
 
@@ -310,12 +344,7 @@ func (h *handler) HandleNotification(_ context.Context, n *pgconn.Notification, 
 			h.b.resyncInOrder()
 			continue
 		}
-		select {
-		case h.b.queue <- m:
-		default:
-			h.b.cfg.Observe("overflow", 1)
-			h.b.signalResync()
-		}
+		h.b.enqueue(m)
 	}
 	return nil
 }

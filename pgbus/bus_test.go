@@ -3,11 +3,14 @@ package pgbus
 import (
 	"context"
 	"encoding/json"
+	"fmt"
+	"slices"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/stretchr/testify/require"
 
 	"github.com/claudemesh/broker/db"
@@ -209,4 +212,44 @@ func TestBackoffGrowsAndIsBounded(t *testing.T) {
 		require.LessOrEqual(t, backoff(n), maxReconnectDelay)
 	}
 	require.GreaterOrEqual(t, backoff(30), maxReconnectDelay/2)
+}
+
+// After the queue overflowed, what arrives next is queued behind a resync, never ahead of it:
+// the consumer catches up (the dropped push among what it claims, in order) before it applies
+// a later push to the same session, which would otherwise reach the session first.
+func TestNothingOvertakesTheResyncOfAnOverflow(t *testing.T) {
+	cc, err := pgx.ParseConfig("postgres://localhost/x")
+	require.NoError(t, err)
+	b, err := New(Config{ConnConfig: cc, Exec: &pgx.Conn{}, NodeID: "b", QueueSize: 2}) // never started: no I/O
+	require.NoError(t, err)
+	h := &handler{b: b, onConnect: func() {}}
+	ctx := context.Background()
+	push := func(id int64) {
+		t.Helper()
+		payload := Encode([]Message{{Kind: KindPushFrame, Presence: "p", ID: id, Key: "now", Data: []byte(`{}`)}})[0]
+		require.NoError(t, h.HandleNotification(ctx, &pgconn.Notification{Channel: b.node, Payload: payload}, nil))
+	}
+	push(1)
+	push(2)
+	push(3) // the queue holds 2: dropped
+	select {
+	case <-b.Resync():
+	default:
+		t.Fatal("an overflow with nothing after it must still ask for a resync")
+	}
+	require.Equal(t, int64(1), (<-b.queue).ID, "the consumer takes one")
+	push(4)
+	push(5)
+	var got []string
+	for len(b.queue) > 0 {
+		m := <-b.queue
+		got = append(got, fmt.Sprintf("%s%d", m.Kind, m.ID))
+	}
+	resync := slices.Index(got, string(KindResync)+"0")
+	require.NotEqual(t, -1, resync, "a resync is queued after the drop: %v", got)
+	for i, g := range got {
+		if g == string(KindPushFrame)+"4" || g == string(KindPushFrame)+"5" {
+			require.Greater(t, i, resync, "a push after the dropped one comes after the resync: %v", got)
+		}
+	}
 }
