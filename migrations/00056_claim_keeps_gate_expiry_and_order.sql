@@ -1,3 +1,4 @@
+-- +goose NO TRANSACTION
 -- +goose Up
 -- A claim's assigned branch (what a send or a release assigned to the session and its replica
 -- asks a claim to take: listed to retake, all of it, or old enough to count its notification
@@ -17,6 +18,14 @@
 --    a freed window, a retry) pushed the large one first: per-recipient order broken. Now an
 --    assigned one older than a pending one the claim could take is taken with it, in id order.
 -- Same signature and result: the replicas call it unchanged.
+-- A session at work or dnd (or one whose replica asks for "now" only) may take only "now"
+-- messages; its member's pending ones by this index, so neither its claims nor the catch-up
+-- poll walk the held backlog (up to MAX_PENDING_PER_MEMBER) behind them.
+-- +goose StatementBegin
+CREATE INDEX CONCURRENTLY IF NOT EXISTS delivery_pending_now ON claudemesh.delivery (recipient_member_id, id)
+    WHERE state = 'pending' AND priority = 'now';
+-- +goose StatementEnd
+
 -- +goose StatementBegin
 CREATE OR REPLACE FUNCTION claudemesh.claim_deliveries_skipping(p_node text, p_presence_ids text[], p_epochs bigint[], p_member_ids text[], p_session_pubkeys text[], p_session_ids text[], p_include_held boolean[], p_limits integer[], p_take_assigned boolean[], p_retake_presence_ids text[], p_retake_ids bigint[], p_assigned_stale_seconds double precision)
  RETURNS TABLE(id bigint, pushed_presence text, assigned boolean, envelope_id text, mesh_id text, sender_pubkey text, sender_member_pubkey text, priority text, nonce text, ciphertext text, created_at timestamp with time zone, sender_member_id text, sender_name text, client_message_id text, request_fingerprint text)
@@ -79,10 +88,18 @@ BEGIN
                 -- Each branch in id order and only as far as the window: an index walk that stops,
                 -- where it read every open delivery of the member and every held one of the
                 -- session to sort them.
+                -- A session that takes only "now" walks only those (00056): past its member's
+                -- held backlog, it read every held message of a session at work on each claim.
                 (SELECT d.id, false AS assigned FROM claudemesh.delivery d
-                 WHERE d.recipient_member_id = s.member_id AND d.state = 'pending'
-                   AND claudemesh.claimable(d, s.member_id, s.session_pubkey, s.session_id,
-                           s.include_held AND s.status = 'idle')
+                 WHERE (s.include_held AND s.status = 'idle') IS TRUE
+                   AND d.recipient_member_id = s.member_id AND d.state = 'pending'
+                   AND claudemesh.claimable(d, s.member_id, s.session_pubkey, s.session_id, true)
+                 ORDER BY d.id LIMIT s.lim)
+                UNION ALL
+                (SELECT d.id, false AS assigned FROM claudemesh.delivery d
+                 WHERE (s.include_held AND s.status = 'idle') IS NOT TRUE
+                   AND d.recipient_member_id = s.member_id AND d.state = 'pending' AND d.priority = 'now'
+                   AND claudemesh.claimable(d, s.member_id, s.session_pubkey, s.session_id, false)
                  ORDER BY d.id LIMIT s.lim)
                 UNION ALL
                 -- Assigned to this session and not pushed: ones the replica could not push in order
@@ -93,7 +110,9 @@ BEGIN
                 -- The retake pairs are matched whole, so their hash is built once, not per session.
                 -- Only what the session may take now, as for pending ones: unexpired, and a held
                 -- priority only while it is idle in the database (00056). Also a recent one older
-                -- than a pending one this claim could take: its notification has not been applied
+                -- than a pending one this claim could take (looked for above it only: from the top,
+                -- a session at work would walk its member's whole held backlog for each assigned
+                -- row): its notification has not been applied
                 -- yet (or it would have been pushed, or listed to retake), and the pending one must
                 -- not overtake it; the replica's memo of what claims took keeps that notification
                 -- from pushing it again, and its memo of what notifications pushed keeps this claim
@@ -103,11 +122,10 @@ BEGIN
                    AND d.expires_at > now() AND (d.priority = 'now' OR s.status = 'idle')
                    AND (s.take_assigned OR d.pushed_at < now() - make_interval(secs => p_assigned_stale_seconds)
                         OR (s.presence_id, d.id) IN (SELECT r.presence_id, r.id FROM retake r)
-                        OR d.id < (SELECT p.id FROM claudemesh.delivery p
-                                   WHERE p.recipient_member_id = s.member_id AND p.state = 'pending'
+                        OR EXISTS (SELECT 1 FROM claudemesh.delivery p
+                                   WHERE p.recipient_member_id = s.member_id AND p.id > d.id AND p.state = 'pending'
                                      AND claudemesh.claimable(p, s.member_id, s.session_pubkey, s.session_id,
-                                             s.include_held AND s.status = 'idle')
-                                   ORDER BY p.id DESC LIMIT 1))
+                                             s.include_held AND s.status = 'idle')))
                  ORDER BY d.id LIMIT s.lim)
             ) u
             ORDER BY u.id
@@ -164,6 +182,7 @@ $function$;
 -- +goose StatementEnd
 
 -- +goose Down
+
 -- 00045's body.
 -- +goose StatementBegin
 CREATE OR REPLACE FUNCTION claudemesh.claim_deliveries_skipping(p_node text, p_presence_ids text[], p_epochs bigint[], p_member_ids text[], p_session_pubkeys text[], p_session_ids text[], p_include_held boolean[], p_limits integer[], p_take_assigned boolean[], p_retake_presence_ids text[], p_retake_ids bigint[], p_assigned_stale_seconds double precision)
@@ -269,4 +288,8 @@ BEGIN
     FROM skipped k;
 END
 $function$;
+-- +goose StatementEnd
+
+-- +goose StatementBegin
+DROP INDEX CONCURRENTLY IF EXISTS claudemesh.delivery_pending_now;
 -- +goose StatementEnd

@@ -99,9 +99,14 @@ ORDER BY d.id;
 -- give-back was lost. One indexed query per replica, whatever its number of sessions; no locks.
 SELECT 's'::text AS kind, p.id, p.status FROM claudemesh.presence p
 WHERE p.node_id = @node_id AND p.ended_at IS NULL AND p.grace_until IS NULL
-  AND (EXISTS (SELECT 1 FROM claudemesh.delivery d
+  AND ((p.status = 'idle' AND EXISTS (SELECT 1 FROM claudemesh.delivery d
                WHERE d.recipient_member_id = p.member_id AND d.state = 'pending'
-                 AND claudemesh.claimable(d, p.member_id, coalesce(p.session_pubkey, ''), p.session_id, p.status = 'idle'))
+                 AND claudemesh.claimable(d, p.member_id, coalesce(p.session_pubkey, ''), p.session_id, true)))
+       -- A session at work takes only "now": by their own index (00056), not through its
+       -- member's held backlog on every poll.
+       OR (p.status <> 'idle' AND EXISTS (SELECT 1 FROM claudemesh.delivery d
+               WHERE d.recipient_member_id = p.member_id AND d.state = 'pending' AND d.priority = 'now'
+                 AND claudemesh.claimable(d, p.member_id, coalesce(p.session_pubkey, ''), p.session_id, false)))
        -- Old assigned pushes of this node, by node and age (00037), not by session: a probe
        -- per session would read each one's every held delivery, dead versions included.
        OR p.id IN (SELECT d.pushed_presence FROM claudemesh.delivery d

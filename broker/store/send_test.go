@@ -648,6 +648,25 @@ func TestClaimReadsAWindowNotTheBacklog(t *testing.T) {
 	taken, tuples = claim(carol)
 	require.Equal(t, 16, taken)
 	require.Less(t, tuples, int64(100), "assigned to the session: a window's worth read, not %d", backlog)
+
+	// At work behind a held backlog, with a "now" message assigned and on its way: whether a
+	// pending message would overtake it is asked of what came after it, not of the backlog.
+	dave := recipient('d', "working")
+	send('d', "next")
+	envs := []store.OutgoingEnvelope{m.envelope('d', "now")}
+	_, _, err = st.SendBatch(ctx, "here", envs)
+	require.NoError(t, err)
+	taken, tuples = claim(dave)
+	require.Equal(t, 0, taken, "the held ones wait, the assigned one is on its way")
+	require.Less(t, tuples, int64(100), "behind a held backlog: a window's worth read, not %d", backlog)
+
+	// The catch-up poll asks the same of every session of the replica, every few seconds.
+	before := deliveryTuplesRead(t, pool)
+	sessions, _, err := st.SessionsWithClaimable(ctx, "here")
+	require.NoError(t, err)
+	require.NotContains(t, sessions, dave.PresenceID, "nothing dave may take while he works")
+	require.Contains(t, sessions, bob.PresenceID, "bob, idle, has the rest of his backlog to take")
+	require.Less(t, deliveryTuplesRead(t, pool)-before, int64(100), "the poll walked a held backlog")
 }
 
 // oneConnection is a pool of one connection on a fresh database: the statistics a statement
