@@ -6,6 +6,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/claudemesh/broker/broker/store"
+	"github.com/claudemesh/broker/db"
 	"github.com/claudemesh/broker/db/dbtest"
 )
 
@@ -117,4 +118,70 @@ func TestClaimKeepsOrderWithAssignedStillOnTheirWay(t *testing.T) {
 	rows, _, err = st.Claim(ctx, "here", []store.ClaimFor{c})
 	require.NoError(t, err)
 	require.Empty(t, rows)
+}
+
+// A claim for a session at work looks for a pending "now" delivery above a recent assigned one
+// (00056's overtaking check) by the index of pending "now" deliveries, not through its member's
+// held backlog: with "next" messages held for the session, each claim read every one of them,
+// again for each recent assigned push (00057). Counted by the rows the claim's statement read
+// from the index of open deliveries by recipient, which only that walk uses for a session at work.
+func TestClaimOfASessionAtWorkDoesNotReadItsHeldBacklog(t *testing.T) {
+	ctx := dbtest.Context(t)
+	url := dbtest.URL(t)
+	pool := dbtest.PoolFor(t, url)
+	// One connection: the claim's statistics are read back on the connection that ran it.
+	one, err := db.NewPool(ctx, url, db.PoolConfig{MaxConns: 1, AppName: "claudemesh-test"})
+	require.NoError(t, err)
+	t.Cleanup(one.Close)
+	st := store.New(one, "t")
+	m := newClaimMesh(t, pool)
+	b := m.recipient('b', "working")
+
+	now := m.envelope('b', "now")
+	_, local, err := st.SendBatch(ctx, "here", []store.OutgoingEnvelope{now})
+	require.NoError(t, err)
+	require.Len(t, local, 1)
+	require.True(t, local[0].Assigned, "a now message goes to a session at work")
+	// Its notification is on its way (never counted lost here), and a backlog of next messages
+	// is held for bob behind it.
+	_, err = pool.Exec(ctx, `UPDATE claudemesh.delivery SET pushed_at = now() + interval '1 hour' WHERE id = $1`, local[0].ID)
+	require.NoError(t, err)
+	const backlog = 2000
+	_, err = pool.Exec(ctx, `
+		WITH e AS (
+			INSERT INTO claudemesh.envelope (mesh_id, sender_member_id, sender_pubkey, sender_member_pubkey, target_spec,
+				priority, nonce, ciphertext, expires_at)
+			SELECT $1, $2, $3, $3, $4, 'next', 'bg==', 'Yw==', now() + interval '1 hour' FROM generate_series(1, $5::int)
+			RETURNING id)
+		INSERT INTO claudemesh.delivery (envelope_id, mesh_id, recipient_member_id, priority, state, expires_at)
+		SELECT e.id, $1, $6, 'next', 'pending', now() + interval '1 hour' FROM e`,
+		m.mesh, m.alice, claimKey('a'), claimKey('b'), backlog, b.MemberID)
+	require.NoError(t, err)
+
+	read := func() int64 {
+		t.Helper()
+		var n int64
+		require.NoError(t, one.QueryRow(ctx, `SELECT idx_tup_read FROM pg_stat_user_indexes
+			WHERE schemaname = 'claudemesh' AND indexrelname = 'delivery_open_recipient'`).Scan(&n))
+		return n
+	}
+	flush := func() {
+		t.Helper()
+		// Reported as the statement's backend goes idle; read in a fresh snapshot.
+		_, err := one.Exec(ctx, `SELECT pg_stat_force_next_flush()`)
+		require.NoError(t, err)
+		_, err = one.Exec(ctx, `SELECT pg_stat_clear_snapshot()`)
+		require.NoError(t, err)
+	}
+	flush()
+	before := read()
+	c := b
+	c.Limit = 10
+	for range 3 {
+		rows, _, err := st.Claim(ctx, "here", []store.ClaimFor{c})
+		require.NoError(t, err)
+		require.Empty(t, rows, "nothing bob may take now: the now message is its notification's")
+	}
+	flush()
+	require.Less(t, read()-before, int64(backlog/10), "three claims for bob read his held backlog")
 }
