@@ -184,7 +184,7 @@ func (r *repeatLog) allow(kind string) (bool, int) {
 // backgroundTasks are the task labels of background_errors_total.
 var backgroundTasks = []string{"record_deliveries", "record_session_ends", "claim", "release_unwritten", "catch_up",
 	"resync", "reload_status", "load_changed_state", "sweep_grace", "sweep_working", "sweep_expired", "pending_gauge", "refresh_statistics",
-	"reconcile", "dead_node_takeover", "session_row_held", "sweep_backlog"}
+	"reconcile", "dead_node_takeover", "session_row_held", "sweep_backlog", "seal_audit", "audit_anchors"}
 
 type bgLog struct {
 	at         time.Time

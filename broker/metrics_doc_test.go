@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net/http"
 	"os"
+	"path/filepath"
 	"regexp"
 	"slices"
 	"sort"
@@ -16,6 +17,7 @@ import (
 
 	"github.com/stretchr/testify/require"
 
+	"github.com/claudemesh/broker/broker/membership"
 	"github.com/claudemesh/broker/protocol"
 )
 
@@ -202,4 +204,77 @@ func TestMetricsDocumented(t *testing.T) {
 	require.Positive(t, ours, "no claudemesh_* family at /metrics at all")
 	require.Contains(t, exported, "go_goroutines", "the Go collector the docs mention")
 	require.Contains(t, exported, "process_resident_memory_bytes", "the process collector the docs mention")
+}
+
+// docLabelValues returns the backticked words of a metric's row in docs/metrics.md, past its
+// label column: the label values (and the settings) its meaning names.
+func docLabelValues(t *testing.T, metric string) map[string]bool {
+	t.Helper()
+	b, err := os.ReadFile("../docs/metrics.md")
+	require.NoError(t, err)
+	for _, line := range strings.Split(string(b), "\n") {
+		if !strings.HasPrefix(line, "| `"+metric+"` |") {
+			continue
+		}
+		cells := strings.Split(line, "|")
+		require.GreaterOrEqual(t, len(cells), 6, "docs/metrics.md: row of %s", metric)
+		out := map[string]bool{}
+		for _, v := range backticked.FindAllStringSubmatch(strings.Join(cells[4:], "|"), -1) {
+			out[v[1]] = true
+		}
+		return out
+	}
+	t.Fatalf("docs/metrics.md has no row for %s", metric)
+	return nil
+}
+
+// taskLiteral finds the task names given to backgroundError and to the sweeper's run.
+var taskLiteral = regexp.MustCompile(`(?:backgroundError\([^,]+, |\.run\(ctx, )"([a-z_]+)"`)
+
+// TestMetricsDocLabelValues checks the label values whose full set the code knows: every
+// task a background failure is counted under is listed in backgroundTasks (so its series
+// exists from the start, at 0, and an alert on it has a series to watch) and documented, and
+// every documented task is one; every join outcome is documented.
+func TestMetricsDocLabelValues(t *testing.T) {
+	t.Parallel()
+	tasks := map[string]bool{}
+	for _, task := range backgroundTasks {
+		tasks[task] = true
+	}
+	files, err := filepath.Glob("*.go")
+	require.NoError(t, err)
+	used := map[string]bool{}
+	for _, f := range files {
+		if strings.HasSuffix(f, "_test.go") {
+			continue
+		}
+		src, err := os.ReadFile(f)
+		require.NoError(t, err)
+		for _, m := range taskLiteral.FindAllStringSubmatch(string(src), -1) {
+			used[m[1]] = true
+		}
+	}
+	require.NotEmpty(t, used, "found no backgroundError calls: the pattern is out of date")
+	for task := range used {
+		if !tasks[task] {
+			t.Errorf("background task %q is counted in background_errors_total but missing from backgroundTasks: its series does not exist until it first fails", task)
+		}
+	}
+	documented := docLabelValues(t, "claudemesh_background_errors_total")
+	for task := range tasks {
+		if !documented[task] {
+			t.Errorf("background task %q is not documented in the claudemesh_background_errors_total row of docs/metrics.md", task)
+		}
+	}
+	for v := range documented {
+		if !tasks[v] {
+			t.Errorf("docs/metrics.md documents background task %q, which backgroundTasks does not have", v)
+		}
+	}
+	documented = docLabelValues(t, "claudemesh_join_requests_total")
+	for _, outcome := range membership.JoinOutcomes {
+		if !documented[outcome] {
+			t.Errorf("join outcome %q is not documented in the claudemesh_join_requests_total row of docs/metrics.md", outcome)
+		}
+	}
 }
