@@ -462,7 +462,7 @@ func newAuditCmd() *cobra.Command {
 		},
 	}
 	verify.Flags().StringVar(&verifyMesh, "mesh", "", "mesh slug or id (required)")
-	verify.Flags().StringArrayVar(&verifyAnchors, "anchor", nil, "SEQ:HASH from an `audit anchor` log line of the mesh: the chain must still hold that entry unchanged (catches a cut or rewritten chain); repeat it for every anchor logged since the last check")
+	verify.Flags().StringArrayVar(&verifyAnchors, "anchor", nil, "`SEQ:HASH` from an \"audit anchor\" log line of the mesh: the chain must still hold that entry unchanged (catches a cut or rewritten chain); repeat it for every anchor logged since the last check")
 	addJSONFlag(verify, &verifyJSON)
 	_ = verify.MarkFlagRequired("mesh")
 

@@ -276,7 +276,7 @@ func newServeCmd() *cobra.Command {
 			})
 		},
 	}
-	cmd.Flags().BoolVar(&noMigrate, "no-migrate", false, "do not apply migrations at start (run `broker migrate up` as a release step instead)")
+	cmd.Flags().BoolVar(&noMigrate, "no-migrate", false, "do not apply migrations at start (run \"broker migrate up\" as a release step instead)")
 	return cmd
 }
 
