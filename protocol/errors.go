@@ -18,8 +18,8 @@ const (
 
 	// Hello refusals. Each is followed by close 1008, except CodeRevoked
 	// (close 4002). The broker checks timestamp, formats and signature
-	// first (no database work for an unauthenticated hello), then capacity,
-	// membership, revocation, replay and the session key.
+	// first (no database work for an unauthenticated hello), then membership,
+	// revocation, replay, the session key and capacity last (docs/protocol.md).
 	CodeCapacity        = "capacity"          // the mesh's live sessions reached its limit
 	CodeTimestampSkew   = "timestamp_skew"    // more than HelloMaxSkew off
 	CodeMalformed       = "malformed"         // key or signature not hex of the right length
