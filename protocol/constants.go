@@ -110,8 +110,9 @@ const (
 	CloseHelloRefused = 1008
 	// CloseTooLarge (1009): a frame exceeded MAX_MESSAGE_BYTES.
 	CloseTooLarge = 1009
-	// CloseTryAgainLater (1013, ext): the replica is overloaded with hellos;
-	// reconnect after a short backoff.
+	// CloseTryAgainLater (1013, ext): a hello refused overloaded or
+	// rate_limited, or a send batch whose outcome is unknown
+	// (send_outcome_unknown); reconnect after a short backoff.
 	CloseTryAgainLater = 1013
 	// CloseDraining (1012, service restart): the replica is draining;
 	// reconnect at once to any replica, the presence is kept in grace.
