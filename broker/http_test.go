@@ -219,7 +219,7 @@ func TestPlainHTTPConnectionsAtTheReplicaLimitMakeRoom(t *testing.T) {
 func TestPlainConnectionsCountAnIPv6HostByItsPrefix(t *testing.T) {
 	t.Parallel()
 	var refused []string
-	p := newPlainConns(100, 3, func(source string, _ bool) { refused = append(refused, source) })
+	p := newPlainConns(100, 3, nil, func(source string, _ bool) { refused = append(refused, source) })
 	conns := make([]*addrConn, 0, 4)
 	for i := range 4 {
 		a := &addrConn{addr: &net.TCPAddr{IP: net.ParseIP(fmt.Sprintf("2001:db8:1:2::%x", i+1)), Port: 4000 + i}}
@@ -229,6 +229,53 @@ func TestPlainConnectionsCountAnIPv6HostByItsPrefix(t *testing.T) {
 	require.Equal(t, []string{"2001:db8:1:2::/64"}, refused)
 	require.True(t, conns[3].closed.Load(), "the fourth from one /64 closed")
 	require.False(t, conns[2].closed.Load())
+}
+
+// A replica taking over a dead one's sessions sees thousands of connections arrive at once,
+// each counted here until its upgrade is read: while the replica has session slots free they
+// are not closed as if they held what the sessions need (they are those sessions), and one
+// source still holds at most a quarter. With the slots taken, the floor holds again.
+func TestPlainConnectionsMayTakeTheFreeSessionSlots(t *testing.T) {
+	t.Parallel()
+	var free atomic.Int64
+	free.Store(40)
+	var refused []string
+	p := newPlainConns(8, 100, func() int { return int(free.Load()) }, func(source string, _ bool) { refused = append(refused, source) })
+	var all []*addrConn
+	gone := map[*addrConn]bool{}
+	open := func(ip string, n int) []*addrConn {
+		out := make([]*addrConn, n)
+		for i := range out {
+			out[i] = &addrConn{addr: &net.TCPAddr{IP: net.ParseIP(ip), Port: 5000 + i}}
+			all = append(all, out[i])
+			p.track(out[i], http.StateNew)
+			for _, c := range all { // as net/http does after a close
+				if c.closed.Load() && !gone[c] {
+					gone[c] = true
+					p.track(c, http.StateClosed)
+				}
+			}
+		}
+		return out
+	}
+	storm := open("192.0.2.1", 10)
+	require.Empty(t, refused, "ten from one source, beyond the floor of 8: the free slots take them")
+	extra := open("192.0.2.1", 1)[0]
+	require.True(t, extra.closed.Load(), "the eleventh from that source: a quarter of 40 is 10")
+	require.Len(t, refused, 1)
+
+	for _, c := range storm {
+		p.track(c, http.StateHijacked) // upgraded: sessions now, counted by the gate and the hub
+	}
+	free.Store(0)
+	require.Len(t, open("192.0.2.2", 3), 3)
+	require.Len(t, refused, 2, "a quarter of the floor of 8 from one source")
+	var late []*addrConn
+	for i := range 8 {
+		late = append(late, open(fmt.Sprintf("192.0.2.%d", 10+i), 1)...)
+	}
+	require.False(t, late[7].closed.Load())
+	require.Len(t, refused, 4, "at the floor again, the two waiting longest (the second source's) made room")
 }
 
 // addrConn is a net.Conn with an address, that records being closed.

@@ -29,8 +29,14 @@ const maxHeaderBytes = 16 << 10
 // Per source only where the connection's address is the client's (no TRUSTED_PROXY_HEADER):
 // behind a proxy every connection comes from the proxy, and the client's address is in a
 // header this layer has not read yet. The replica-wide limit holds either way.
+//
+// The replica's limit grows to the session slots not in use (room): every session connects
+// through this state, so a replica taking over a dead one's sessions (thousands at once, each
+// waiting here until the replica reads its upgrade) must not close them as if they held open
+// files the sessions need: they are those sessions. One source may hold a quarter of it.
 type plainConns struct {
-	max, perSource int // perSource 0: not kept per source
+	max, perSource int        // perSource 0: not kept per source
+	room           func() int // session slots not in use; nil: max and perSource as given
 	onRefuse       func(source string, replicaWide bool)
 
 	mu       sync.Mutex
@@ -44,13 +50,22 @@ type plainConn struct {
 	since   time.Time // when it began waiting
 }
 
-func newPlainConns(max, perSource int, onRefuse func(source string, replicaWide bool)) *plainConns {
-	return &plainConns{max: max, perSource: perSource, onRefuse: onRefuse,
+func newPlainConns(max, perSource int, room func() int, onRefuse func(source string, replicaWide bool)) *plainConns {
+	return &plainConns{max: max, perSource: perSource, room: room, onRefuse: onRefuse,
 		bySource: map[string]int{}, conns: map[net.Conn]*plainConn{}}
 }
 
-// plainConnLimit is the replica-wide limit: a quarter of the sessions the open-file limit
-// allows, between 64 and 1,024 (hook scripts open one connection a call and close it).
+// limits are the replica's and one source's limits now (perSource: the configured one).
+func (p *plainConns) limits() (replica, source int) {
+	if p.room == nil {
+		return p.max, p.perSource
+	}
+	replica = max(p.max, p.room())
+	return replica, perSourceLimit(p.perSource, replica)
+}
+
+// plainConnLimit is the replica-wide limit's floor: a quarter of the sessions the open-file
+// limit allows, between 64 and 1,024 (hook scripts open one connection a call and close it).
 func plainConnLimit(sessionCapacity int) int {
 	return min(max(sessionCapacity/4, 64), 1024)
 }
@@ -69,12 +84,13 @@ func (p *plainConns) track(c net.Conn, st http.ConnState) {
 		if p.perSource > 0 {
 			source = addrSource(c.RemoteAddr())
 		}
+		maxReplica, maxSource := p.limits()
 		p.mu.Lock()
 		p.conns[c] = &plainConn{source: source, waiting: true, since: time.Now()}
 		p.bySource[source]++
 		var evict net.Conn
-		overSource := p.perSource > 0 && p.bySource[source] > p.perSource
-		overReplica := !overSource && len(p.conns) > p.max
+		overSource := p.perSource > 0 && p.bySource[source] > maxSource
+		overReplica := !overSource && len(p.conns) > maxReplica
 		evictedSource := ""
 		if overReplica {
 			if evict = p.longestWaiting(c); evict != nil {

@@ -310,17 +310,24 @@ func (s *Server) Start(ctx context.Context, addr string) error {
 		readTimeout, writeTimeout, idleTimeout = s.cfg.httpTimeouts[0], s.cfg.httpTimeouts[1], s.cfg.httpTimeouts[2]
 	}
 	maxPlain := plainConnLimit(sessionCapacity(s.fileLimit.Load()))
-	perSource := perSourceLimit(s.cfg.MaxUnauthPerSource, maxPlain)
+	perSource := s.cfg.MaxUnauthPerSource
 	if s.cfg.TrustedProxyHeader != "" {
 		perSource = 0
 	}
-	if s.cfg.plainConnLimits != nil {
-		maxPlain, perSource = s.cfg.plainConnLimits[0], s.cfg.plainConnLimits[1]
+	// The session slots not in use: what a storm of reconnects may take while it upgrades.
+	room := func() int {
+		return sessionCapacity(s.fileLimit.Load()) - s.hub.len() - s.peers.gate.unauthenticated()
 	}
-	s.plain = newPlainConns(maxPlain, perSource, func(source string, replicaWide bool) {
-		reason, limit := "http_source_limit", perSource
+	if s.cfg.plainConnLimits != nil {
+		maxPlain, perSource, room = s.cfg.plainConnLimits[0], s.cfg.plainConnLimits[1], nil
+	}
+	s.plain = newPlainConns(maxPlain, perSource, room, func(source string, replicaWide bool) {
+		reason := "http_source_limit"
+		limit, sourceLimit := s.plain.limits()
 		if replicaWide {
-			reason, limit = "http_limit", maxPlain
+			reason = "http_limit"
+		} else {
+			limit = sourceLimit
 		}
 		s.metrics.ConnRejected.WithLabelValues(reason).Inc()
 		s.refusals.Info("HTTP connection closed unread: too many open", "reason", reason, "limit", limit, "source", source)
