@@ -219,7 +219,7 @@ func TestPlainHTTPConnectionsAtTheReplicaLimitMakeRoom(t *testing.T) {
 func TestPlainConnectionsCountAnIPv6HostByItsPrefix(t *testing.T) {
 	t.Parallel()
 	var refused []string
-	p := newPlainConns(100, 3, nil, func(source string, _ bool) { refused = append(refused, source) })
+	p := newPlainConns(100, 3, 0, nil, func(source string, _ bool, _ int) { refused = append(refused, source) })
 	conns := make([]*addrConn, 0, 4)
 	for i := range 4 {
 		a := &addrConn{addr: &net.TCPAddr{IP: net.ParseIP(fmt.Sprintf("2001:db8:1:2::%x", i+1)), Port: 4000 + i}}
@@ -240,7 +240,7 @@ func TestPlainConnectionsMayTakeTheFreeSessionSlots(t *testing.T) {
 	var free atomic.Int64
 	free.Store(40)
 	var refused []string
-	p := newPlainConns(8, 100, func() int { return int(free.Load()) }, func(source string, _ bool) { refused = append(refused, source) })
+	p := newPlainConns(8, 100, 48, func() int { return int(free.Load()) }, func(source string, _ bool, _ int) { refused = append(refused, source) })
 	var all []*addrConn
 	gone := map[*addrConn]bool{}
 	open := func(ip string, n int) []*addrConn {
@@ -276,6 +276,36 @@ func TestPlainConnectionsMayTakeTheFreeSessionSlots(t *testing.T) {
 	}
 	require.False(t, late[7].closed.Load())
 	require.Len(t, refused, 4, "at the floor again, the two waiting longest (the second source's) made room")
+
+	// However many slots are free, no more than the ceiling (the floor and the gate's share):
+	// many sources must not hold a connection's memory for every open file.
+	for _, c := range all {
+		if !gone[c] {
+			gone[c] = true
+			p.track(c, http.StateClosed)
+		}
+	}
+	free.Store(100_000)
+	for i := range 48 {
+		open(fmt.Sprintf("198.51.100.%d", i), 1)
+	}
+	require.Len(t, refused, 4)
+	open("198.51.100.200", 1)
+	require.Len(t, refused, 5, "the 49th: past the ceiling of 48, the longest waiting made room")
+}
+
+// The room the plain connections may take is the session slots a replica's sessions and its
+// sockets waiting for a hello leave.
+func TestPlainRoomIsTheSessionSlotsNotInUse(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t, 1, nil)
+	n := c.nodes[0]
+	capacity := sessionCapacity(n.fileLimit.Load())
+	require.Positive(t, capacity)
+	require.Equal(t, capacity, n.plainRoom())
+	m := c.mesh(0)
+	m.dial(0, m.member("alice"))
+	dbtest.WaitFor(t, 5*time.Second, "alice's session takes a slot", func() bool { return n.plainRoom() == capacity-1 })
 }
 
 // addrConn is a net.Conn with an address, that records being closed.

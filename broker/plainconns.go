@@ -30,14 +30,18 @@ const maxHeaderBytes = 16 << 10
 // behind a proxy every connection comes from the proxy, and the client's address is in a
 // header this layer has not read yet. The replica-wide limit holds either way.
 //
-// The replica's limit grows to the session slots not in use (room): every session connects
-// through this state, so a replica taking over a dead one's sessions (thousands at once, each
-// waiting here until the replica reads its upgrade) must not close them as if they held open
-// files the sessions need: they are those sessions. One source may hold a quarter of it.
+// Past max, the replica's limit grows to the session slots not in use (room), up to ceiling:
+// every session connects through this state, so a replica taking over a dead one's sessions
+// (thousands at once, each waiting here until the replica reads its upgrade) must not close
+// them as if they held open files the sessions need: they are those sessions. The ceiling is
+// max plus what the WebSocket gate lets wait for a hello (MAX_UNAUTHENTICATED_SOCKETS): a
+// storm's sockets pass the gate anyway, and many sources must not hold a connection's memory
+// for every open file the limit allows. One source may hold a quarter of the limit.
 type plainConns struct {
 	max, perSource int        // perSource 0: not kept per source
+	ceiling        int        // the most room may raise the limit to
 	room           func() int // session slots not in use; nil: max and perSource as given
-	onRefuse       func(source string, replicaWide bool)
+	onRefuse       func(source string, replicaWide bool, limit int)
 
 	mu       sync.Mutex
 	bySource map[string]int
@@ -50,17 +54,22 @@ type plainConn struct {
 	since   time.Time // when it began waiting
 }
 
-func newPlainConns(max, perSource int, room func() int, onRefuse func(source string, replicaWide bool)) *plainConns {
-	return &plainConns{max: max, perSource: perSource, room: room, onRefuse: onRefuse,
+func newPlainConns(max, perSource, ceiling int, room func() int, onRefuse func(source string, replicaWide bool, limit int)) *plainConns {
+	return &plainConns{max: max, perSource: perSource, ceiling: ceiling, room: room, onRefuse: onRefuse,
 		bySource: map[string]int{}, conns: map[net.Conn]*plainConn{}}
 }
 
-// limits are the replica's and one source's limits now (perSource: the configured one).
-func (p *plainConns) limits() (replica, source int) {
+// limits are the replica's and one source's limits for the count'th connection, or for
+// source's n'th (perSource: the configured one). The room is asked only past the floor's
+// share, so a replica's usual hooks and health checks never take the hub's and gate's locks.
+func (p *plainConns) limits(count, n int) (replica, source int) {
 	if p.room == nil {
 		return p.max, p.perSource
 	}
-	replica = max(p.max, p.room())
+	replica = p.max
+	if count > p.max || (p.perSource > 0 && n > perSourceLimit(p.perSource, p.max)) {
+		replica = min(max(p.max, p.room()), max(p.ceiling, p.max))
+	}
 	return replica, perSourceLimit(p.perSource, replica)
 }
 
@@ -84,10 +93,14 @@ func (p *plainConns) track(c net.Conn, st http.ConnState) {
 		if p.perSource > 0 {
 			source = addrSource(c.RemoteAddr())
 		}
-		maxReplica, maxSource := p.limits()
 		p.mu.Lock()
 		p.conns[c] = &plainConn{source: source, waiting: true, since: time.Now()}
 		p.bySource[source]++
+		count, n := len(p.conns), p.bySource[source]
+		p.mu.Unlock()
+		// Asked outside the lock: room takes the hub's and the gate's.
+		maxReplica, maxSource := p.limits(count, n)
+		p.mu.Lock()
 		var evict net.Conn
 		overSource := p.perSource > 0 && p.bySource[source] > maxSource
 		overReplica := !overSource && len(p.conns) > maxReplica
@@ -103,10 +116,14 @@ func (p *plainConns) track(c net.Conn, st http.ConnState) {
 			// Closed before a byte is read: net/http then moves it to StateClosed, which
 			// uncounts it.
 			_ = c.Close()
-			p.onRefuse(source, overReplica)
+			if overReplica {
+				p.onRefuse(source, true, maxReplica)
+			} else {
+				p.onRefuse(source, false, maxSource)
+			}
 		case evict != nil:
 			_ = evict.Close()
-			p.onRefuse(evictedSource, true)
+			p.onRefuse(evictedSource, true, maxReplica)
 		}
 	case http.StateActive, http.StateIdle:
 		p.mu.Lock()
@@ -128,7 +145,8 @@ func (p *plainConns) track(c net.Conn, st http.ConnState) {
 }
 
 // longestWaiting is the connection other than skip that has waited longest without a request
-// being served, or nil. A walk of at most the replica's limit, only when it is reached.
+// being served, or nil. A walk of at most the replica's limit (its ceiling), only when it is
+// reached.
 func (p *plainConns) longestWaiting(skip net.Conn) net.Conn {
 	var oldest net.Conn
 	var at time.Time

@@ -314,20 +314,14 @@ func (s *Server) Start(ctx context.Context, addr string) error {
 	if s.cfg.TrustedProxyHeader != "" {
 		perSource = 0
 	}
-	// The session slots not in use: what a storm of reconnects may take while it upgrades.
-	room := func() int {
-		return sessionCapacity(s.fileLimit.Load()) - s.hub.len() - s.peers.gate.unauthenticated()
-	}
+	room := s.plainRoom
 	if s.cfg.plainConnLimits != nil {
 		maxPlain, perSource, room = s.cfg.plainConnLimits[0], s.cfg.plainConnLimits[1], nil
 	}
-	s.plain = newPlainConns(maxPlain, perSource, room, func(source string, replicaWide bool) {
+	s.plain = newPlainConns(maxPlain, perSource, maxPlain+s.cfg.MaxUnauthenticated, room, func(source string, replicaWide bool, limit int) {
 		reason := "http_source_limit"
-		limit, sourceLimit := s.plain.limits()
 		if replicaWide {
 			reason = "http_limit"
-		} else {
-			limit = sourceLimit
 		}
 		s.metrics.ConnRejected.WithLabelValues(reason).Inc()
 		s.refusals.Info("HTTP connection closed unread: too many open", "reason", reason, "limit", limit, "source", source)
@@ -524,6 +518,12 @@ type Health struct {
 	// figure to set a load balancer's per-replica limit below.
 	Capacity     int    `json:"sessionCapacity,omitempty"`
 	OpenFilesMax uint64 `json:"openFilesLimit,omitempty"`
+}
+
+// plainRoom is the session slots not in use (sessions and sockets waiting for their hello
+// take theirs): what a storm of reconnects may hold while the replica reads their upgrades.
+func (s *Server) plainRoom() int {
+	return sessionCapacity(s.fileLimit.Load()) - s.hub.len() - s.peers.gate.unauthenticated()
 }
 
 // fdReserve is what a replica keeps of its open-file limit for other than sessions: its pool
