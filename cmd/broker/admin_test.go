@@ -191,10 +191,7 @@ func TestAdminSession(t *testing.T) {
 }
 
 func TestAdminErrors(t *testing.T) {
-	t.Setenv("DATABASE_URL", dbtest.URL(t))
-	t.Setenv("LOG_LEVEL", "warn")
-	dir := t.TempDir()
-	t.Setenv("XDG_CONFIG_HOME", dir)
+	_, dir := cliEnv(t)
 
 	mustCLI(t, "mesh", "create", "--slug", "one", "--owner-key", filepath.Join(dir, "one.json"))
 	mustCLI(t, "mesh", "create", "--slug", "two", "--owner-key", filepath.Join(dir, "two.json"))
@@ -250,19 +247,13 @@ func TestParseTTL(t *testing.T) {
 // rewrites the operator's screen. And a row an attacker edited (a hash cut short) must still
 // print, not crash the command.
 func TestAuditTailPrintsPeerTextEscapedAndTamperedRows(t *testing.T) {
-	url := dbtest.URL(t)
-	t.Setenv("DATABASE_URL", url)
-	t.Setenv("LOG_LEVEL", "warn")
-	dir := t.TempDir()
-	t.Setenv("XDG_CONFIG_HOME", dir)
-	created := cliJSON[struct {
-		Mesh membership.Mesh `json:"mesh"`
-	}](t, "mesh", "create", "--slug", "tail", "--owner-key", filepath.Join(dir, "tail.json"))
+	url, dir := cliEnv(t)
+	meshID := createMesh(t, dir, "tail")
 
 	pool := dbtest.PoolFor(t, url)
 	ctx := context.Background()
 	key := "notes\u202eevil\u009b2J\x7f"
-	require.NoError(t, audit.AppendVia(ctx, pool, []audit.Entry{{MeshID: created.Mesh.ID, Type: audit.StateSet,
+	require.NoError(t, audit.AppendVia(ctx, pool, []audit.Entry{{MeshID: meshID, Type: audit.StateSet,
 		Actor: strings.Repeat("ab", 32), Data: map[string]any{"key": key, "size": 3}}}))
 
 	out := mustCLI(t, "audit", "tail", "--mesh", "tail", "-n", "1")
@@ -274,7 +265,7 @@ func TestAuditTailPrintsPeerTextEscapedAndTamperedRows(t *testing.T) {
 	recs := cliJSON[[]audit.Record](t, "audit", "tail", "--mesh", "tail", "-n", "1")
 	require.JSONEq(t, `{"key":"`+key+`","size":3}`, string(recs[0].Data), "--json keeps the data as stored")
 
-	_, err := pool.Exec(ctx, `UPDATE claudemesh.audit SET hash = 'x' WHERE mesh_id = $1 AND seq = 3`, created.Mesh.ID)
+	_, err := pool.Exec(ctx, `UPDATE claudemesh.audit SET hash = 'x' WHERE mesh_id = $1 AND seq = 3`, meshID)
 	require.NoError(t, err)
 	out = mustCLI(t, "audit", "tail", "--mesh", "tail", "-n", "1")
 	require.Contains(t, out, audit.StateSet)
@@ -283,10 +274,7 @@ func TestAuditTailPrintsPeerTextEscapedAndTamperedRows(t *testing.T) {
 // An anchor mistyped (a hash that is not hex) is an input error, not a false alarm of a
 // rewritten chain.
 func TestAuditVerifyAnchorMustBeHex(t *testing.T) {
-	t.Setenv("DATABASE_URL", dbtest.URL(t))
-	t.Setenv("LOG_LEVEL", "warn")
-	dir := t.TempDir()
-	t.Setenv("XDG_CONFIG_HOME", dir)
+	_, dir := cliEnv(t)
 	mustCLI(t, "mesh", "create", "--slug", "anchor", "--owner-key", filepath.Join(dir, "anchor.json"))
 	out, err := runCLI(t, "audit", "verify", "--mesh", "anchor", "--anchor", "1:"+strings.Repeat("g", 64))
 	require.ErrorContains(t, err, "want SEQ:HASH")
@@ -297,15 +285,8 @@ func TestAuditVerifyAnchorMustBeHex(t *testing.T) {
 // anchor alone, a cut made before it passes. Every anchor logged since the last check is
 // given, in one walk, and the chain must hold each.
 func TestAuditVerifyAgainstEveryAnchor(t *testing.T) {
-	url := dbtest.URL(t)
-	t.Setenv("DATABASE_URL", url)
-	t.Setenv("LOG_LEVEL", "warn")
-	dir := t.TempDir()
-	t.Setenv("XDG_CONFIG_HOME", dir)
-	created := cliJSON[struct {
-		Mesh membership.Mesh `json:"mesh"`
-	}](t, "mesh", "create", "--slug", "anchors", "--owner-key", filepath.Join(dir, "anchors.json"))
-	m := created.Mesh.ID
+	url, dir := cliEnv(t)
+	m := createMesh(t, dir, "anchors")
 	pool := dbtest.PoolFor(t, url)
 	ctx := context.Background()
 	add := func(n int) {
@@ -338,4 +319,23 @@ func TestAuditVerifyAgainstEveryAnchor(t *testing.T) {
 	var ee exitError
 	require.True(t, errors.As(err, &ee), "err: %v\n%s", err, out)
 	require.Contains(t, out, "BROKEN at entry 5")
+}
+
+// cliEnv points the CLI at a test database and a config directory of its own, quiet, and
+// returns both.
+func cliEnv(t *testing.T) (url, dir string) {
+	t.Helper()
+	url, dir = dbtest.URL(t), t.TempDir()
+	t.Setenv("DATABASE_URL", url)
+	t.Setenv("LOG_LEVEL", "warn")
+	t.Setenv("XDG_CONFIG_HOME", dir)
+	return url, dir
+}
+
+// createMesh creates a mesh through the CLI, its owner key in dir, and returns its id.
+func createMesh(t *testing.T, dir, slug string) string {
+	t.Helper()
+	return cliJSON[struct {
+		Mesh membership.Mesh `json:"mesh"`
+	}](t, "mesh", "create", "--slug", slug, "--owner-key", filepath.Join(dir, slug+".json")).Mesh.ID
 }
