@@ -97,6 +97,13 @@ func (p *peers) handleHello(ms *melody.Session, c *conn, msg protocol.ClientMess
 		connOf(old.ws).end.Set(endReplaced)
 		closeWith(old.ws, protocol.CloseSessionReplaced, protocol.CloseReasonSessionReplaced)
 	}
+	// A kick, ban or revocation that committed after the hello's statement and whose notice
+	// came before the session joined the hub found nothing to close here: closed now, before
+	// the ack, or it would stay open (and a revoked member keep sending) until a full resync.
+	if k, found, unsure := p.hub.kickedSince(wakes, sess.presenceID, sess.memberID); (found || unsure) &&
+		p.closedMeanwhile(ctx, sess, k, found) {
+		return
+	}
 	p.reply(ms, &protocol.HelloAck{PresenceID: sess.presenceID, MemberDisplayName: sess.name(), Resumed: resumed, ReqID: msg.RequestID()})
 	p.log.Info("session connected", "mesh", sess.meshID, "presence", sess.presenceID, "role", sess.role, "resumed", resumed)
 	// Whatever waited for this session (offline queue, unacked pushes) goes out now: only if
@@ -295,4 +302,28 @@ func (p *peers) liveHere(meshID, memberPubkey, sessionID, sessionKey string) boo
 		}
 	}
 	return false
+}
+
+// closedMeanwhile checks a session that joined the hub after a close notice for it (or for its
+// member) came, with the database: its presence ended, moved or its member revoked, it is
+// closed as the notice said (found) or as the resync closes stale sockets, and it reports true.
+// A notice that turns out not to apply (a member revoked and added again meanwhile) leaves it.
+func (p *peers) closedMeanwhile(ctx context.Context, sess *session, k kickNote, found bool) bool {
+	statuses, err := p.store.NodeStatuses(ctx, p.nodeID)
+	if err != nil && !found {
+		return false // unsure and can't tell: the next full resync does
+	}
+	pr, live := statuses[sess.presenceID]
+	if err == nil && live && pr.Epoch == sess.epoch && !pr.Revoked {
+		return false
+	}
+	if found {
+		connOf(sess.ws).end.Set(endNow)
+		closeWith(sess.ws, k.code, k.reason)
+		p.log.Info("closed a session whose close notice came while it registered", "presence", sess.presenceID,
+			"code", k.code, "reason", k.reason)
+		return true
+	}
+	closeStale(p.log, sess, pr, live)
+	return true
 }

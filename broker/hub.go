@@ -37,6 +37,58 @@ type hub struct {
 	// statusAt does for the bus's status changes what wokeAt does for deliveries: one that
 	// came for a session not yet in the hub was dropped, and its hello re-reads the status.
 	statusAt [wakeBuckets]atomic.Uint64
+	// kicks are the recent close notices (kick, ban, revocation, takeover), numbered as the
+	// wake-ups are, before their lookup: one that came for a session not yet in the hub found
+	// nothing to close, and its hello closes it (kickedSince). kickFloor is the number of the
+	// newest notice dropped to keep the list short: a hello that started before it checks with
+	// the database.
+	kickMu    sync.Mutex
+	kicks     []kickNote
+	kickFloor uint64
+}
+
+// kickNote is a close notice: for one presence, or (presence "") for every session of a member.
+type kickNote struct {
+	seq      uint64
+	at       time.Time
+	presence string
+	member   string
+	code     int
+	reason   string
+}
+
+// kickKeep is how long a close notice is kept for the hellos registering meanwhile: well past
+// the longest a hello runs (helloTimeout). maxKicks bounds the list.
+const (
+	kickKeep = 30 * time.Second
+	maxKicks = 4096
+)
+
+// noteKick numbers a close notice and keeps it, before the lookup of the sessions it closes.
+func (h *hub) noteKick(presence, member string, code int, reason string) {
+	n := kickNote{seq: h.wakes.Add(1), at: time.Now(), presence: presence, member: member, code: code, reason: reason}
+	h.kickMu.Lock()
+	defer h.kickMu.Unlock()
+	drop := 0
+	for drop < len(h.kicks) && (n.at.Sub(h.kicks[drop].at) > kickKeep || len(h.kicks)-drop >= maxKicks) {
+		h.kickFloor = max(h.kickFloor, h.kicks[drop].seq)
+		drop++
+	}
+	h.kicks = append(h.kicks[drop:], n)
+}
+
+// kickedSince finds a close notice numbered after mark that was for this presence or this
+// member: its session may have joined the hub after the notice looked for it. unsure says that
+// notices from after mark were dropped, so the database must tell.
+func (h *hub) kickedSince(mark uint64, presenceID, memberID string) (k kickNote, found, unsure bool) {
+	h.kickMu.Lock()
+	defer h.kickMu.Unlock()
+	for i := len(h.kicks) - 1; i >= 0 && h.kicks[i].seq > mark; i-- {
+		if n := h.kicks[i]; n.presence == presenceID || (n.presence == "" && n.member == memberID) {
+			return n, true, false
+		}
+	}
+	return kickNote{}, false, h.kickFloor > mark
 }
 
 // wakeBuckets is how many buckets the lookups are numbered in, by id: with 4,096, a hello whose

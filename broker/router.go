@@ -138,6 +138,9 @@ func (r *router) apply(ctx context.Context, m pgbus.Message) {
 		default:
 			reason = "revoked"
 		}
+		// Kept for a hello whose statement committed before this notice's and whose session
+		// is not in the hub yet: numbered before the lookup (see handleHello).
+		r.hub.noteKick(m.Presence, m.Member, m.Code, reason)
 		targets := r.hub.memberSessions(m.Member)
 		if m.Presence != "" { // one session (kick, ban, replaced): its presence has already ended
 			targets = nil
@@ -182,6 +185,10 @@ func (r *router) apply(ctx context.Context, m pgbus.Message) {
 // client that still runs reconnects and is told what holds (a revoked or banned member is
 // refused at hello). Its end is fenced by its epoch: it ends nothing of a newer socket.
 func (r *router) closeStale(sess *session, p store.NodePresence, live bool) {
+	closeStale(r.log, sess, p, live)
+}
+
+func closeStale(log *slog.Logger, sess *session, p store.NodePresence, live bool) {
 	c := connOf(sess.ws)
 	switch {
 	case live && p.Revoked:
@@ -194,7 +201,7 @@ func (r *router) closeStale(sess *session, p store.NodePresence, live bool) {
 		c.end.Set(endNow)
 		closeWith(sess.ws, protocol.CloseGoingAway, "session ended")
 	}
-	r.log.Info("closed a socket whose presence is no longer its own", "presence", sess.presenceID,
+	log.Info("closed a socket whose presence is no longer its own", "presence", sess.presenceID,
 		"revoked", p.Revoked, "live_here", live)
 }
 
