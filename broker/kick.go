@@ -21,11 +21,20 @@ func KickMember(ctx context.Context, exec store.DBTX, namespace, memberID string
 	return store.Notify(ctx, exec, &o)
 }
 
-// RevokeHook is the membership OnRevoke callback: in the revocation's transaction, it tells
-// every replica to close the member's sessions (the notice leaves with the commit). A notice
+// RevokeHook is the membership OnRevoke callback: in the revocation's transaction, it ends
+// the member's presences and tells every replica to close the member's sessions (the notice leaves with the commit). A notice
 // lost anyway, with a replica's LISTEN connection, is applied by that replica's resync.
 func RevokeHook(namespace string) func(ctx context.Context, tx store.DBTX, meshID, memberID string) error {
+	if namespace == "" {
+		namespace = pgbus.DefaultNamespace
+	}
 	return func(ctx context.Context, tx store.DBTX, meshID, memberID string) error {
+		// Its presences end with the revocation, those in their grace (or on a replica that
+		// died) too, as a ban's do: each live one's replica is told to close it (4002).
+		if _, err := store.EndMemberSessions(ctx, tx, namespace, meshID, memberID, protocol.CloseRevoked, "revoked"); err != nil {
+			return err
+		}
+		// And, as before, the member-wide notice (redundant now, harmless: a socket closes once).
 		if err := KickMember(ctx, tx, namespace, memberID, protocol.CloseRevoked); err != nil {
 			return fmt.Errorf("notify the replicas to close the member's sessions: %w", err)
 		}

@@ -82,3 +82,30 @@ func TestMembershipChangeDuringHelloClosesTheSession(t *testing.T) {
 		})
 	}
 }
+
+// An operator's revocation ends the member's sessions in their reconnect grace too, as a ban
+// does: they leave the peer list at once (peer_left), and messages for them are no longer
+// queued as if they would come back.
+func TestRevokeEndsSessionsInGrace(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t, 2, func(cfg *Config) { cfg.SessionGrace = time.Minute })
+	m := c.mesh(0)
+	alice, bob := m.member("alice"), m.member("bob")
+	a := m.dial(0, alice)
+	b := m.dial(1, bob)
+	nextEvent(t, a, protocol.EventPeerJoined, 5*time.Second)
+	b.Abort() // no close frame: bob's presence waits in its grace
+	dbtest.WaitFor(t, 5*time.Second, "bob in his grace", func() bool {
+		var n int
+		_ = c.pool.QueryRow(ctxT(t), `SELECT count(*) FROM claudemesh.presence WHERE member_id = $1 AND grace_until IS NOT NULL AND ended_at IS NULL`,
+			bob.id).Scan(&n)
+		return n == 1
+	})
+	_, err := c.nodes[0].Members().RevokeMember(ctxT(t), m.id, bob.pub)
+	require.NoError(t, err)
+	ev := nextEvent(t, a, protocol.EventPeerLeft, 5*time.Second)
+	require.Contains(t, string(ev.EventData), bob.pub)
+	peers, err := a.ListPeers(ctxT(t))
+	require.NoError(t, err)
+	require.Len(t, peers, 1, "only alice is listed once bob is revoked")
+}
