@@ -139,3 +139,44 @@ func nextStateNote(t *testing.T, conn *pgx.Conn) stateNote {
 		}
 	}
 }
+
+// Writers of new keys on several replicas at once never take a mesh past its quota: each
+// write's check and insert see the writes that committed before it. Before, every writer
+// counted the keys without the others' and all of them were accepted.
+func TestSetStateQuotaHoldsUnderConcurrentWriters(t *testing.T) {
+	t.Parallel()
+	ctx := dbtest.Context(t)
+	pool := dbtest.Pool(t)
+	st := store.New(pool, "t")
+	const writers, rounds = 8, 10
+	quota := store.StateQuota{MaxKeys: 2, MaxBytes: 1 << 20}
+	for round := range rounds {
+		var mesh string
+		require.NoError(t, pool.QueryRow(ctx, `INSERT INTO claudemesh.mesh (slug, name, owner_pubkey) VALUES ($1, 'm', $2) RETURNING id`,
+			fmt.Sprintf("m%d", round), strings.Repeat("0", 64)).Scan(&mesh))
+		start := make(chan struct{})
+		errs := make(chan error, writers)
+		for w := range writers {
+			go func() {
+				<-start
+				_, err := st.SetState(ctx, store.StateWrite{MeshID: mesh, Key: fmt.Sprintf("k%d", w), Value: json.RawMessage(`1`),
+					UpdatedBy: "u", PresenceID: "p", Actor: "a", AuditData: []byte(`{}`), Quota: quota})
+				errs <- err
+			}()
+		}
+		close(start)
+		accepted := 0
+		for range writers {
+			err := <-errs
+			if err == nil {
+				accepted++
+			} else {
+				require.ErrorIs(t, err, store.ErrQuotaExceeded)
+			}
+		}
+		var keys int
+		require.NoError(t, pool.QueryRow(ctx, `SELECT count(*) FROM claudemesh.state WHERE mesh_id = $1`, mesh).Scan(&keys))
+		require.Equal(t, quota.MaxKeys, keys, "round %d: keys stored in a mesh with a quota of %d", round, quota.MaxKeys)
+		require.Equal(t, quota.MaxKeys, accepted, "round %d: writes accepted", round)
+	}
+}
