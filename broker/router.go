@@ -160,7 +160,9 @@ func (r *router) apply(ctx context.Context, m pgbus.Message) {
 		r.hub.toMesh(m.Mesh, frame, func(s *session) bool { return !s.systemEvents || s.memberID == m.Member })
 	case pgbus.KindState:
 		change := m.Data
-		if len(change) == 0 { // too large to ride along: read it back
+		// Too large to ride along: read it back. set_state writes the line's "x" as null then
+		// (json_build_object keeps the member), which is no frame to send.
+		if len(change) == 0 || string(change) == "null" {
 			qctx, cancel := context.WithTimeout(ctx, opTimeout)
 			e, err := r.store.GetState(qctx, m.Mesh, m.Key)
 			cancel()

@@ -133,3 +133,21 @@ func TestStateChangeReadBackOfADeletedKey(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, protocol.StateChange{Key: "gone", Value: []byte("null")}, nextStateChange(t, b, 5*time.Second))
 }
+
+// A value too large to ride in the notification (over about 7,000 bytes, within
+// MAX_STATE_VALUE_BYTES) reaches the other sessions, on every replica, as a state_change with
+// that value. Before, set_state's notice carried "x": null for it and each replica wrote that
+// null to its sessions as the whole frame: no state_change at all.
+func TestStateChangeOfALargeValueReachesEveryReplica(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t, 2, nil)
+	m := c.mesh(0)
+	a, b, d := m.dial(0, m.member("alice")), m.dial(1, m.member("bob")), m.dial(0, m.member("carol"))
+	ctx := ctxT(t)
+	big := strings.Repeat("x", 10_000)
+	require.NoError(t, a.SetState(ctx, "notes", big))
+	for _, cl := range []*client.Client{b, d} {
+		ch := nextStateChange(t, cl, 5*time.Second)
+		require.Equal(t, protocol.StateChange{Key: "notes", Value: []byte(`"` + big + `"`), UpdatedBy: "alice"}, ch)
+	}
+}
