@@ -170,6 +170,12 @@ func (r *router) apply(ctx context.Context, m pgbus.Message) {
 				r.metrics.backgroundError(r.log, "load_changed_state", err, "mesh", m.Mesh)
 				return
 			}
+			if m.ID != 0 && (err != nil || e.UpdatedAt.UnixMicro() != m.ID) {
+				// Changed again or deleted since this write (00059 names it in ID): the later
+				// change's own notice follows, and is sent in its turn. Sending what is stored
+				// now would tell the sessions the newer value before the ones between.
+				return
+			}
 			if err != nil { // deleted since (null deletes, 00047): the key as readers now see it
 				e = store.StateEntry{Key: m.Key, Value: json.RawMessage("null")}
 			}

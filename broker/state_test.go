@@ -151,3 +151,39 @@ func TestStateChangeOfALargeValueReachesEveryReplica(t *testing.T) {
 		require.Equal(t, protocol.StateChange{Key: "notes", Value: []byte(`"` + big + `"`), UpdatedBy: "alice"}, ch)
 	}
 }
+
+// A change too large to ride along is read back; by then the key may have changed again. The
+// sessions get each key's changes once and in commit order: a read-back that finds a later
+// write gives nothing (that write's own notice follows), so no one is told the newer value,
+// then the older one, then the newer again.
+func TestStateChangesOfLargeValuesInCommitOrder(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t, 1, nil)
+	m := c.mesh(0)
+	b := m.dial(0, m.member("bob"))
+	ctx := ctxT(t)
+	large := func(c byte) string { return `"` + strings.Repeat(string(c), 8000) + `"` }
+	// Three writes committed before the replica reads any of their notices back (as when it
+	// falls behind a burst): large, small, large.
+	tx, err := c.pool.Begin(ctx)
+	require.NoError(t, err)
+	for _, v := range []string{large('a'), `"small"`, large('c')} {
+		_, err := tx.Exec(ctx, `SELECT count(*) FROM claudemesh.set_state('claudemesh', $1, 'plan', $2::jsonb, 'alice',
+			1000, 1000000, 'someone-else', 'a', '{}')`, m.id, v)
+		require.NoError(t, err)
+	}
+	require.NoError(t, tx.Commit(ctx))
+	a := m.dial(0, m.member("alice"))
+	require.NoError(t, a.SetState(ctx, "done", true))
+
+	var got []string
+	for {
+		ch := nextStateChange(t, b, 5*time.Second)
+		if ch.Key == "done" {
+			break
+		}
+		require.Equal(t, "plan", ch.Key)
+		got = append(got, string(ch.Value))
+	}
+	require.Equal(t, []string{`"small"`, large('c')}, got, "plan's changes as bob was told them")
+}

@@ -5,8 +5,14 @@
 -- mesh at MAX_STATE_KEYS_PER_MESH - 1 took as many keys as writers raced, and its bytes went
 -- past MAX_STATE_BYTES_PER_MESH the same way. A write (not a delete) now takes a per-mesh
 -- transaction lock before the check, held for the statement's server time until its commit,
--- never across a round trip. Same signature, replaced: replicas of the previous release call it
--- unchanged.
+-- never across a round trip.
+--
+-- Its notice names the write (updated_at, now the write's own clock time under that lock, in
+-- microseconds: 'i'), so a replica reading a large value back sends it only if it is still
+-- that write's: before, a replica behind a burst (large, small, large) read the last value
+-- back for the first notice and told its sessions the newer value, then the older, then the
+-- newer again. Replicas of the previous release ignore 'i'. Same signature, replaced:
+-- replicas of the previous release call it unchanged.
 -- +goose StatementBegin
 CREATE OR REPLACE FUNCTION claudemesh.set_state(p_ns text, p_mesh text, p_key text, p_value jsonb, p_updated_by text,
     p_max_keys bigint, p_max_bytes bigint, p_presence text, p_actor text, p_audit_data text)
@@ -41,10 +47,10 @@ BEGIN
             FROM claudemesh.state WHERE mesh_id = p_mesh
         )
         INSERT INTO claudemesh.state AS s (mesh_id, key, value, updated_by, updated_at)
-        SELECT p_mesh, p_key, p_value, p_updated_by, now() FROM cur
+        SELECT p_mesh, p_key, p_value, p_updated_by, clock_timestamp() FROM cur
         WHERE (cur.present OR cur.keys < p_max_keys)
           AND cur.bytes - cur.old_size + octet_length(p_key) + octet_length(p_value::text) <= p_max_bytes
-        ON CONFLICT (mesh_id, key) DO UPDATE SET value = EXCLUDED.value, updated_by = EXCLUDED.updated_by, updated_at = now()
+        ON CONFLICT (mesh_id, key) DO UPDATE SET value = EXCLUDED.value, updated_by = EXCLUDED.updated_by, updated_at = EXCLUDED.updated_at
         RETURNING s.* INTO st;
         IF NOT FOUND THEN
             RETURN;
@@ -52,7 +58,10 @@ BEGIN
     END IF;
     change := json_build_object('type', 'state_change', 'key', st.key, 'value', st.value, 'updatedBy', st.updated_by)::text;
     PERFORM claudemesh.notify_lines(p_ns || '_all', ARRAY[json_build_object('k', 't', 'h', p_mesh, 'y', p_key, 'p', p_presence,
-        -- Small values ride along (a delete always does); receivers read large ones back.
+        -- Small values ride along (a delete always does); receivers read large ones back, and
+        -- send them only when the row still has this write's updated_at ('i', microseconds):
+        -- a later write's notice follows and is sent in its turn.
+        'i', (extract(epoch FROM st.updated_at) * 1000000)::bigint,
         'x', CASE WHEN octet_length(change) < 7000 THEN change::json END)::text]);
     PERFORM claudemesh.audit_append(ARRAY[p_mesh], ARRAY['state_set'], ARRAY[p_actor], ARRAY[p_audit_data],
         ARRAY[(extract(epoch FROM clock_timestamp()) * 1000000)::bigint]);
