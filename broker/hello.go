@@ -224,7 +224,13 @@ func (p *peers) helloReq(hp store.HelloParams, groups []protocol.Group, signatur
 		clientAck: slices.Contains(hp.Capabilities, protocol.CapClientAck) || hp.Role == protocol.RoleSession ||
 			hp.Channel == protocol.ChannelDaemon || hp.Channel == protocol.ChannelSession,
 		systemEvents: slices.Contains(hp.Capabilities, protocol.CapSystemEvents)}
+	// A group named twice is one membership, the later role kept, as join_group has it: twice,
+	// it showed twice in list_peers and counted twice toward the limit.
 	for _, g := range groups {
+		if i := slices.IndexFunc(r.groups, func(e groupEntry) bool { return e.Name == g.Name }); i >= 0 {
+			r.groups[i].Role = g.Role
+			continue
+		}
 		r.groups = append(r.groups, groupEntry{Name: g.Name, Role: g.Role})
 	}
 	r.params.Groups = r.groups

@@ -120,3 +120,17 @@ func TestDirectToSessionKeyAcrossReplicas(t *testing.T) {
 		t.Fatalf("member-addressed message %s reached neither session first: %v", toMember, got)
 	}
 }
+
+// A hello that names a group twice is in it once, with the later role, as join_group has it.
+func TestHelloNamingAGroupTwiceJoinsItOnce(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t, 1, nil)
+	m := c.mesh(0)
+	bob := m.dial(0, m.member("bob"), func(o *client.Options) {
+		o.Groups = []protocol.Group{{Name: "eng", Role: "member"}, {Name: "ops"}, {Name: "eng", Role: "lead"}}
+	})
+	peers, err := bob.ListPeers(ctxT(t))
+	require.NoError(t, err)
+	require.Len(t, peers, 1)
+	require.Equal(t, []protocol.Group{{Name: "eng", Role: "lead"}, {Name: "ops"}}, peers[0].Groups)
+}
