@@ -22,12 +22,10 @@ func TestClaimOfAssignedKeepsThePriorityGateAndExpiry(t *testing.T) {
 	b := m.recipient('b', "idle")
 
 	next := m.envelope('b', "next")
-	_, local, err := st.SendBatch(ctx, "here", []store.OutgoingEnvelope{next})
-	require.NoError(t, err)
-	require.Len(t, local, 1)
-	require.True(t, local[0].Assigned, "bob is idle: assigned to his session")
+	local := sendOneLocal(t, st, next)
+	require.True(t, local.Assigned, "bob is idle: assigned to his session")
 	// His replica could not push it at once (window full), and a hook says he is at work now.
-	_, err = pool.Exec(ctx, `UPDATE claudemesh.presence SET status = 'working' WHERE id = $1`, b.PresenceID)
+	_, err := pool.Exec(ctx, `UPDATE claudemesh.presence SET status = 'working' WHERE id = $1`, b.PresenceID)
 	require.NoError(t, err)
 
 	claim := func(c store.ClaimFor) []store.Claimed {
@@ -38,13 +36,13 @@ func TestClaimOfAssignedKeepsThePriorityGateAndExpiry(t *testing.T) {
 		return rows
 	}
 	retake := b
-	retake.Retake = []int64{local[0].ID}
+	retake.Retake = []int64{local.ID}
 	require.Empty(t, claim(retake), "a next message is not pushed to a session at work")
 	all := b
 	all.TakeAssigned, all.IncludeHeld = true, true // its replica's status was late
 	require.Empty(t, claim(all), "not when all that is assigned is taken either")
 	var state string
-	require.NoError(t, pool.QueryRow(ctx, `SELECT state FROM claudemesh.delivery WHERE id = $1`, local[0].ID).Scan(&state))
+	require.NoError(t, pool.QueryRow(ctx, `SELECT state FROM claudemesh.delivery WHERE id = $1`, local.ID).Scan(&state))
 	require.Equal(t, "pending", state, "held for bob, as a next message sent while he works")
 
 	_, err = pool.Exec(ctx, `UPDATE claudemesh.presence SET status = 'idle' WHERE id = $1`, b.PresenceID)
@@ -57,18 +55,16 @@ func TestClaimOfAssignedKeepsThePriorityGateAndExpiry(t *testing.T) {
 
 	// Expired while assigned: never pushed.
 	now := m.envelope('b', "now")
-	_, local, err = st.SendBatch(ctx, "here", []store.OutgoingEnvelope{now})
-	require.NoError(t, err)
-	require.Len(t, local, 1)
-	require.True(t, local[0].Assigned)
-	_, err = pool.Exec(ctx, `UPDATE claudemesh.delivery SET expires_at = now() - interval '1 second' WHERE id = $1`, local[0].ID)
+	local = sendOneLocal(t, st, now)
+	require.True(t, local.Assigned)
+	_, err = pool.Exec(ctx, `UPDATE claudemesh.delivery SET expires_at = now() - interval '1 second' WHERE id = $1`, local.ID)
 	require.NoError(t, err)
 	all = b
 	all.TakeAssigned, all.IncludeHeld = true, true
 	require.Empty(t, claim(all), "an expired delivery is never pushed")
 	stale := b
 	stale.IncludeHeld = true
-	_, err = pool.Exec(ctx, `UPDATE claudemesh.delivery SET pushed_at = now() - interval '1 minute' WHERE id = $1`, local[0].ID)
+	_, err = pool.Exec(ctx, `UPDATE claudemesh.delivery SET pushed_at = now() - interval '1 minute' WHERE id = $1`, local.ID)
 	require.NoError(t, err)
 	require.Empty(t, claim(stale), "nor when its notification counts as lost")
 }
@@ -90,14 +86,10 @@ func TestClaimKeepsOrderWithAssignedStillOnTheirWay(t *testing.T) {
 	small.Frame = []byte(`{"type":"push"}`)
 	large := m.envelope('b', "now")
 	large.Frame = nil // too large to ride in a notification
-	_, local, err := st.SendBatch(ctx, "here", []store.OutgoingEnvelope{small})
-	require.NoError(t, err)
-	require.Len(t, local, 1)
-	require.True(t, local[0].Assigned)
-	_, local2, err := st.SendBatch(ctx, "here", []store.OutgoingEnvelope{large})
-	require.NoError(t, err)
-	require.Len(t, local2, 1)
-	require.False(t, local2[0].Assigned, "pending: claimed by the session's replica")
+	local := sendOneLocal(t, st, small)
+	require.True(t, local.Assigned)
+	local2 := sendOneLocal(t, st, large)
+	require.False(t, local2.Assigned, "pending: claimed by the session's replica")
 
 	c := b
 	c.IncludeHeld, c.Limit = true, 10
@@ -138,13 +130,11 @@ func TestClaimOfASessionAtWorkDoesNotReadItsHeldBacklog(t *testing.T) {
 	b := m.recipient('b', "working")
 
 	now := m.envelope('b', "now")
-	_, local, err := st.SendBatch(ctx, "here", []store.OutgoingEnvelope{now})
-	require.NoError(t, err)
-	require.Len(t, local, 1)
-	require.True(t, local[0].Assigned, "a now message goes to a session at work")
+	local := sendOneLocal(t, st, now)
+	require.True(t, local.Assigned, "a now message goes to a session at work")
 	// Its notification is on its way (never counted lost here), and a backlog of next messages
 	// is held for bob behind it.
-	_, err = pool.Exec(ctx, `UPDATE claudemesh.delivery SET pushed_at = now() + interval '1 hour' WHERE id = $1`, local[0].ID)
+	_, err = pool.Exec(ctx, `UPDATE claudemesh.delivery SET pushed_at = now() + interval '1 hour' WHERE id = $1`, local.ID)
 	require.NoError(t, err)
 	const backlog = 2000
 	_, err = pool.Exec(ctx, `
@@ -184,4 +174,13 @@ func TestClaimOfASessionAtWorkDoesNotReadItsHeldBacklog(t *testing.T) {
 	}
 	flush()
 	require.Less(t, read()-before, int64(backlog/10), "three claims for bob read his held backlog")
+}
+
+// sendOneLocal stores env on node "here" and returns its one delivery to a session there.
+func sendOneLocal(t *testing.T, st *store.Store, env store.OutgoingEnvelope) store.LocalDelivery {
+	t.Helper()
+	_, local, err := st.SendBatch(dbtest.Context(t), "here", []store.OutgoingEnvelope{env})
+	require.NoError(t, err)
+	require.Len(t, local, 1)
+	return local[0]
 }
