@@ -6,6 +6,7 @@ import (
 	"time"
 
 	"github.com/gorilla/websocket"
+	"github.com/hashicorp/golang-lru/v2/simplelru"
 )
 
 // hub is this replica's sessions: indexed by presence, mesh and member, so routing never scans
@@ -20,6 +21,11 @@ type hub struct {
 	// newLimits makes a member's request rate limiters, shared by its sessions on this replica
 	// (nil: no limit).
 	newLimits func() *memberLimits
+	// spentLimits keeps the limiters of members whose last session here left before their
+	// buckets filled again, for their next session: else a member could reset its budget
+	// (a send burst, say) by reconnecting under a fresh session id. Least recently used out
+	// past spentLimitsKeys; a member whose buckets are full leaves nothing to keep.
+	spentLimits *simplelru.LRU[string, *memberLimits]
 	// bySlot spreads the sessions over the ping slots (by their lane hash), so each tick of the
 	// guard pings one slot's sessions without walking the others.
 	bySlot []map[*session]struct{}
@@ -167,11 +173,21 @@ func (h *hub) setPingSlots(n int) {
 	}
 }
 
+// spentLimitsKeys bounds the limiters kept for members with no session here: about 500 bytes
+// each, 8 MB at most. Evicting one early only gives its member the fresh budget it would have
+// had a few seconds later (the longest refill at the default rates is 10 s).
+const spentLimitsKeys = 16_384
+
 func newHub() *hub {
+	spent, err := simplelru.NewLRU[string, *memberLimits](spentLimitsKeys, nil)
+	if err != nil {
+		panic(err) // a positive constant size cannot fail
+	}
 	return &hub{
-		byPresence: map[string]*session{},
-		byMesh:     map[string]map[*session]struct{}{},
-		byMember:   map[string]map[*session]struct{}{},
+		byPresence:  map[string]*session{},
+		byMesh:      map[string]map[*session]struct{}{},
+		byMember:    map[string]map[*session]struct{}{},
+		spentLimits: spent,
 	}
 }
 
@@ -207,7 +223,12 @@ func (h *hub) add(s *session) *session {
 			break
 		}
 		if s.limits == nil {
-			s.limits = h.newLimits()
+			if l, ok := h.spentLimits.Get(s.memberID); ok {
+				h.spentLimits.Remove(s.memberID)
+				s.limits = l
+			} else {
+				s.limits = h.newLimits()
+			}
 		}
 	}
 	h.byPresence[s.presenceID] = s
@@ -237,6 +258,9 @@ func (h *hub) removeLocked(s *session) {
 	}
 	removeFrom(h.byMesh, s.meshID, s)
 	removeFrom(h.byMember, s.memberID, s)
+	if _, more := h.byMember[s.memberID]; !more && s.limits != nil && !s.limits.full() {
+		h.spentLimits.Add(s.memberID, s.limits)
+	}
 }
 
 func (h *hub) get(presenceID string) *session {

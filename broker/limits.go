@@ -2,6 +2,7 @@ package broker
 
 import (
 	"fmt"
+	"time"
 
 	"golang.org/x/time/rate"
 
@@ -29,6 +30,18 @@ func newMemberLimits(cfg Config) *memberLimits {
 		write: rate.NewLimiter(rate.Limit(cfg.WriteRatePerMember), cfg.WriteBurstPerMember),
 		read:  rate.NewLimiter(rate.Limit(cfg.ReadRatePerMember), cfg.ReadBurstPerMember),
 	}
+}
+
+// full reports whether every bucket is full again: a member's next session then starts from
+// the same budget whether it is given these limiters or new ones.
+func (l *memberLimits) full() bool {
+	now := time.Now()
+	for _, lim := range []*rate.Limiter{l.send, l.write, l.read} {
+		if lim.TokensAt(now) < float64(lim.Burst()) {
+			return false
+		}
+	}
+	return true
 }
 
 // allow takes a token for msg from its bucket and returns "" when it may go on, else the

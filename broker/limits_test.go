@@ -109,3 +109,57 @@ func TestRequestsBeyondTheMembersRateAreRefused(t *testing.T) {
 	})
 	require.Equal(t, "later", nextStateChange(t, b, 5*time.Second).Key)
 }
+
+// A member can't refill its buckets by reconnecting: its last session here gone, the next one
+// (under a fresh session id) takes up the same buckets, while a member that never spent
+// anything leaves nothing behind.
+func TestReconnectingKeepsTheMembersBuckets(t *testing.T) {
+	t.Parallel()
+	const burst = 20
+	c := newCluster(t, 1, func(cfg *Config) { cfg.ReadRatePerMember, cfg.ReadBurstPerMember = 1, burst })
+	m := c.mesh(0)
+	alice, bob := m.member("alice"), m.member("bob")
+	ctx := ctxT(t)
+	h := c.nodes[0].hub
+	gone := func(mem *testMember) func() bool {
+		return func() bool {
+			h.mu.RLock()
+			defer h.mu.RUnlock()
+			return len(h.byMember[mem.id]) == 0
+		}
+	}
+	// refusals sends n reads and counts those refused rate_limited.
+	refusals := func(cl *client.Client, n int) int {
+		t.Helper()
+		refused := 0
+		for range n {
+			_, err := cl.ListPeers(ctx)
+			var pe *protocol.Error
+			if errors.As(err, &pe) {
+				require.Equal(t, protocol.CodeRateLimited, pe.Code, pe.Message)
+				refused++
+				continue
+			}
+			require.NoError(t, err)
+		}
+		return refused
+	}
+
+	start := time.Now()
+	a := m.dial(0, alice)
+	require.Positive(t, refusals(a, burst+1), "alice spent her bucket")
+	require.NoError(t, a.Close())
+	dbtest.WaitFor(t, 10*time.Second, "alice's session gone from the replica", gone(alice))
+	a2 := m.dial(0, alice, func(o *client.Options) { o.SessionID = "fresh-id" })
+	// A token a second comes back meanwhile, no more.
+	require.GreaterOrEqual(t, refusals(a2, burst), burst-1-int(time.Since(start).Seconds()),
+		"alice's new session starts from her spent bucket, not a full one")
+
+	b := m.dial(0, bob)
+	require.NoError(t, b.Close())
+	dbtest.WaitFor(t, 10*time.Second, "bob's session gone from the replica", gone(bob))
+	h.mu.RLock()
+	require.False(t, h.spentLimits.Contains(bob.id), "bob spent nothing: nothing kept")
+	h.mu.RUnlock()
+	require.Zero(t, refusals(m.dial(0, bob), burst), "bob's bucket is full")
+}
