@@ -62,6 +62,9 @@ const (
 	// self-signed invites gets one transaction a second.
 	DefaultJoinRatePerSourceMin   = 60
 	DefaultHelloRatePerSessionMin = 60
+	// A member's hellos per minute on one replica, whatever their session ids, and their
+	// burst: room for 600 sessions of one member coming back at once after a failover.
+	DefaultHelloRatePerMemberMin = 600
 	// A member's sends per second on one replica, and the burst above that rate: generous
 	// (a Claude Code session sends a few a minute), a cap on a runaway or hostile client.
 	DefaultSendRatePerMember  = 500
@@ -151,6 +154,9 @@ type Config struct {
 	// HelloRatePerSessionMin bounds one session's verified hellos per minute on this replica
 	// (by member key and session id), before any database work.
 	HelloRatePerSessionMin int
+	// HelloRatePerMemberMin bounds one member's verified hellos per minute on this replica,
+	// whatever their session ids (a fresh id per hello would dodge the per-session bound).
+	HelloRatePerMemberMin int
 	// MetricsToken, when set, is required as a bearer token on /metrics. MetricsAddr, when
 	// set, serves /metrics on that address instead of the main port.
 	MetricsToken string
@@ -284,6 +290,7 @@ var envVars = []envVar{
 	{"HOOK_CONCURRENCY", "a whole number >= 1", func(v string, c *Config) error { return intIn(v, 1, 1<<20, &c.HookConcurrency) }},
 	{"JOIN_RATE_LIMIT_PER_SOURCE_PER_MIN", "a whole number >= 1", func(v string, c *Config) error { return intIn(v, 1, 1<<30, &c.JoinRatePerSourceMin) }},
 	{"HELLO_RATE_LIMIT_PER_SESSION_PER_MIN", "a whole number >= 1", func(v string, c *Config) error { return intIn(v, 1, 1<<30, &c.HelloRatePerSessionMin) }},
+	{"HELLO_RATE_LIMIT_PER_MEMBER_PER_MIN", "a whole number >= 1", func(v string, c *Config) error { return intIn(v, 1, 1<<30, &c.HelloRatePerMemberMin) }},
 	{"METRICS_TOKEN", "any non-empty secret", func(v string, c *Config) error { c.MetricsToken = v; return nil }},
 	{"METRICS_ADDR", "a listen address such as 127.0.0.1:9090", func(v string, c *Config) error {
 		if _, _, err := net.SplitHostPort(v); err != nil {
@@ -391,6 +398,7 @@ func (c Config) WithDefaults() Config {
 	setInt(&c.HookConcurrency, DefaultHookConcurrency)
 	setInt(&c.JoinRatePerSourceMin, DefaultJoinRatePerSourceMin)
 	setInt(&c.HelloRatePerSessionMin, DefaultHelloRatePerSessionMin)
+	setInt(&c.HelloRatePerMemberMin, DefaultHelloRatePerMemberMin)
 	setInt(&c.HelloConcurrency, DefaultHelloConcurrency)
 	setInt(&c.Committers, DefaultCommitters)
 	// A queued hello is a socket without a hello, which MaxUnauthenticated already bounds: a

@@ -3,6 +3,7 @@ package broker
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net/http"
 	"strings"
 	"testing"
@@ -330,5 +331,24 @@ func TestHellosPerSessionAreLimited(t *testing.T) {
 	require.Equal(t, protocol.CloseTryAgainLater, he.CloseCode)
 	require.NotEmpty(t, m.dial(0, alice, func(o *client.Options) { o.SessionID = "another" }).HelloAck().PresenceID,
 		"the member's other session")
+	require.NotEmpty(t, m.dial(0, bob).HelloAck().PresenceID, "another member's hello")
+}
+
+// A member opening a fresh session id per hello is bounded too, by
+// HELLO_RATE_LIMIT_PER_MEMBER_PER_MIN on a replica; other members are not touched.
+func TestHellosPerMemberAreLimited(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t, 1, func(cfg *Config) { cfg.HelloRatePerMemberMin = 3 })
+	m := c.mesh(0)
+	alice, bob := m.member("alice"), m.member("bob")
+	for i := range 3 {
+		a := m.dial(0, alice, func(o *client.Options) { o.SessionID = fmt.Sprintf("fresh-%d", i) })
+		require.NoError(t, a.Close())
+	}
+	_, err := m.tryDial(0, alice, func(o *client.Options) { o.SessionID = "fresh-3" })
+	he := helloErr(t, err)
+	require.Equal(t, protocol.CodeRateLimited, he.Code, he.Message)
+	require.Contains(t, he.Message, "this member")
+	require.Equal(t, protocol.CloseTryAgainLater, he.CloseCode)
 	require.NotEmpty(t, m.dial(0, bob).HelloAck().PresenceID, "another member's hello")
 }

@@ -42,6 +42,9 @@ func refuse(code, msg string) *helloRefusal {
 var errHelloRateLimited = &helloRefusal{code: protocol.CodeRateLimited,
 	msg: "too many hellos for this session on this broker; retry in a moment", closeCd: protocol.CloseTryAgainLater}
 
+var errMemberHelloRateLimited = &helloRefusal{code: protocol.CodeRateLimited,
+	msg: "too many hellos for this member on this broker; retry in a moment", closeCd: protocol.CloseTryAgainLater}
+
 var errOverloaded = &helloRefusal{code: protocol.CodeOverloaded, msg: "too many hellos at once; retry in a moment",
 	closeCd: protocol.CloseTryAgainLater}
 
@@ -59,9 +62,13 @@ func (p *peers) handleHello(ms *melody.Session, c *conn, msg protocol.ClientMess
 	// A client reconnecting in a loop (each hello signed afresh) would fill the replica's hello
 	// statements and audit log: counted per session (member key and session id, so a member's
 	// many sessions each have their own), once its signature verified (a forger can't spend
-	// anyone's), before any database work.
+	// anyone's), before any database work. A member's fresh session id per hello would dodge
+	// that, so its member has a bound too, wide enough for its sessions after a failover; a
+	// hello the session's bound refused spends none of it.
 	if err == nil && p.hellos.allow(req.params.MemberPubkey+"|"+req.params.SessionID) != limitAllowed {
 		err = errHelloRateLimited
+	} else if err == nil && p.memberHellos.allow(req.params.MemberPubkey) != limitAllowed {
+		err = errMemberHelloRateLimited
 	}
 	var sess *session
 	var resumed, waiting bool

@@ -134,9 +134,10 @@ func NewServer(cfg Config, pool *pgxpool.Pool, logger *slog.Logger) (*Server, er
 	s.registrar = newRegistrar(s.store, nodeID, cfg.MaxConnsPerMesh, cfg.HelloConcurrency, cfg.HelloQueue, helloQueueWait,
 		s.log, s.metrics)
 	s.peers = &peers{cfg: cfg, nodeID: nodeID, store: s.store, hub: s.hub, hellos: newHookLimiter(cfg.HelloRatePerSessionMin, hookLimiterKeys),
-		gate:      newGate(cfg.MaxUnauthenticated, cfg.MaxUnauthPerSource, cfg.HelloTimeout),
-		registrar: s.registrar,
-		signals:   sig, committer: s.committer, pusher: s.pusher, recorder: s.recorder, ender: s.ender,
+		memberHellos: newHookLimiter(cfg.HelloRatePerMemberMin, hookLimiterKeys),
+		gate:         newGate(cfg.MaxUnauthenticated, cfg.MaxUnauthPerSource, cfg.HelloTimeout),
+		registrar:    s.registrar,
+		signals:      sig, committer: s.committer, pusher: s.pusher, recorder: s.recorder, ender: s.ender,
 		metrics: s.metrics, log: s.log, refusals: refusals, draining: &s.draining,
 		linger: newLingerer(lingerWait)}
 	s.peers.melody = s.peers.newMelody()

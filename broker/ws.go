@@ -50,10 +50,12 @@ type peers struct {
 	log       *slog.Logger
 	refusals  *sampledLog // refusals a client can cause at will
 	// hellos limits each session's verified hellos on this replica (HELLO_RATE_LIMIT_PER_SESSION_PER_MIN).
-	hellos   *hookLimiter
-	draining *atomic.Bool
-	melody   *melody.Melody
-	linger   *lingerer
+	hellos *hookLimiter
+	// memberHellos limits each member's, whatever the session ids (HELLO_RATE_LIMIT_PER_MEMBER_PER_MIN).
+	memberHellos *hookLimiter
+	draining     *atomic.Bool
+	melody       *melody.Melody
+	linger       *lingerer
 }
 
 func (p *peers) newMelody() *melody.Melody {
