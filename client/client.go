@@ -17,10 +17,12 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"net/http"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -262,6 +264,39 @@ type helloResult struct {
 	err *protocol.Error
 }
 
+// upgradeBodyMax bounds what of a refused upgrade's body an UpgradeError keeps.
+const upgradeBodyMax = 256
+
+// UpgradeError is a WebSocket upgrade the server answered with an HTTP status instead: a
+// broker refusing for the moment (503 draining or full, 429), or a URL that is no broker's
+// (404, 400, 401, 403), which no retry mends.
+type UpgradeError struct {
+	URL    string
+	Status int
+	Body   string // the start of the server's answer, made printable
+	Err    error
+}
+
+func (e *UpgradeError) Error() string {
+	msg := fmt.Sprintf("dial %s: HTTP %d", e.URL, e.Status)
+	if e.Body != "" {
+		msg += ": " + e.Body
+	}
+	return msg
+}
+
+func (e *UpgradeError) Unwrap() error { return e.Err }
+
+// Retryable reports whether the status says to come back later: the server's own trouble
+// (5xx), a timeout (408), too early (425) or too many requests (429).
+func (e *UpgradeError) Retryable() bool {
+	switch e.Status {
+	case http.StatusRequestTimeout, http.StatusTooEarly, http.StatusTooManyRequests:
+		return true
+	}
+	return e.Status >= 500
+}
+
 // Dial connects, sends a signed hello and waits for hello_ack. A refused
 // hello returns a *HelloError carrying the broker's error code and the
 // close code.
@@ -276,12 +311,18 @@ func Dial(ctx context.Context, opts Options) (*Client, error) {
 	dialer := websocket.Dialer{Proxy: http.ProxyFromEnvironment, HandshakeTimeout: opts.HandshakeTimeout,
 		NetDialContext: opts.netDial}
 	conn, resp, err := dialer.DialContext(ctx, opts.URL, opts.Header)
+	var body []byte
 	if resp != nil && resp.Body != nil {
+		if err != nil {
+			// The server's reason (the broker says why it refused), shown, not trusted.
+			body, _ = io.ReadAll(io.LimitReader(resp.Body, upgradeBodyMax))
+		}
 		_ = resp.Body.Close()
 	}
 	if err != nil {
 		if resp != nil {
-			return nil, fmt.Errorf("dial %s: HTTP %d: %w", opts.URL, resp.StatusCode, err)
+			return nil, &UpgradeError{URL: opts.URL, Status: resp.StatusCode,
+				Body: Printable(strings.TrimSpace(string(body)), false), Err: err}
 		}
 		return nil, fmt.Errorf("dial %s: %w", opts.URL, err)
 	}

@@ -330,7 +330,8 @@ func TestDialErrors(t *testing.T) {
 	fb := newFakeBroker(t, func(c *brokerConn) {})
 	opts := testOptions(t, strings.TrimSuffix(fb.url(), "/ws")+"/nope", k)
 	_, err = Dial(context.Background(), opts)
-	require.ErrorContains(t, err, "HTTP 404")
+	require.ErrorContains(t, err, "HTTP 404: 404 page not found")
+	require.False(t, DialRetryable(err), "a wrong path stays wrong")
 }
 
 func TestRequestCorrelationOutOfOrder(t *testing.T) {

@@ -28,7 +28,8 @@ func ShouldReconnect(code int, reason string) bool {
 // DialRetryable reports whether a Dial error is transient: a network failure or a broker that
 // closed during the handshake for its own reasons (1001 "internal", 1013 "overloaded" or
 // "rate_limited", by code when the close frame came too late) is; a refused hello (1008: bad
-// credentials, capacity, ...) or a revoked member (4002) is not.
+// credentials, capacity, ...), a revoked member (4002) or an upgrade answered with a status
+// no retry mends (404: not a broker's URL) is not.
 func DialRetryable(err error) bool {
 	var he *HelloError
 	if errors.As(err, &he) {
@@ -41,6 +42,10 @@ func DialRetryable(err error) bool {
 			return true
 		}
 		return false
+	}
+	var ue *UpgradeError
+	if errors.As(err, &ue) {
+		return ue.Retryable()
 	}
 	return err != nil
 }

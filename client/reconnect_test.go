@@ -2,6 +2,7 @@ package client
 
 import (
 	"errors"
+	"fmt"
 	"testing"
 	"time"
 
@@ -45,6 +46,10 @@ func TestDialRetryable(t *testing.T) {
 	require.True(t, DialRetryable(&HelloError{Code: protocol.CodeOverloaded}))
 	require.True(t, DialRetryable(&HelloError{Code: protocol.CodeRateLimited}))
 	require.True(t, DialRetryable(&HelloError{Code: protocol.CodeOverloaded, CloseCode: protocol.CloseTryAgainLater}))
+	// An upgrade answered with a status: "later" is retried, a wrong URL or credentials not.
+	for status, retry := range map[int]bool{503: true, 502: true, 429: true, 408: true, 404: false, 400: false, 401: false, 403: false} {
+		require.Equal(t, retry, DialRetryable(fmt.Errorf("connect: %w", &UpgradeError{Status: status})), "HTTP %d", status)
+	}
 }
 
 func TestBackoff(t *testing.T) {

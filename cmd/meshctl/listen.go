@@ -46,8 +46,9 @@ func newListenCmd(a *app) *cobra.Command {
 			"each is acknowledged (client_ack) once printed, so a message is never lost between a\n" +
 			"push and a crash: unacknowledged messages come again on the next connection and are\n" +
 			"printed once. The connection is re-established with jittered backoff when it drops or\n" +
-			"the broker drains, and not after a refused hello, a kick, a revocation or a newer\n" +
-			"session with the same --session-id. With --json, one JSON object per line.\n\n" +
+			"the broker drains, and not after a refused hello, a kick, a revocation, a newer\n" +
+			"session with the same --session-id, or an upgrade refused with an HTTP status no retry\n" +
+			"mends (404: not a broker's URL). With --json, one JSON object per line.\n\n" +
 			"For Claude Code's hooks to find this session, run it from the project directory (or pass\n" +
 			"--cwd); --pid defaults to the parent process, which is Claude Code when it starts listen.",
 		Args: cobra.NoArgs,

@@ -129,6 +129,35 @@ func TestListenGivesUpOnABadBrokerURL(t *testing.T) {
 	}
 }
 
+// A server that answers the upgrade with a status no retry mends (a wrong path: 404) ends
+// listen with the status and the server's words; one saying "later" (503) is retried.
+func TestListenGivesUpOnAnUpgradeRefusedForGood(t *testing.T) {
+	t.Parallel()
+	var calls atomic.Int32
+	status := atomic.Int32{}
+	status.Store(http.StatusNotFound)
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+		calls.Add(1)
+		http.Error(w, "no broker here", int(status.Load()))
+	}))
+	t.Cleanup(srv.Close)
+	bob := newCLI(t)
+	bob.must("init", "--name", "bob")
+	a := &app{home: bob.home, getenv: bob.getenv}
+	require.NoError(t, a.saveMesh(MeshEntry{MeshID: "m1", Slug: "demo", MemberID: "b1", BrokerURL: "ws://127.0.0.1:1/ws"}))
+	url := "ws" + strings.TrimPrefix(srv.URL, "http") + "/ws"
+
+	l := bob.start("--broker", url, "listen")
+	err := l.wait(t, 10*time.Second)
+	require.ErrorContains(t, err, "HTTP 404: no broker here")
+	require.NotContains(t, l.err.String(), "retrying")
+	require.EqualValues(t, 1, calls.Load())
+
+	status.Store(http.StatusServiceUnavailable)
+	l = bob.start("--broker", url, "listen")
+	l.waitErrOutput(t, "HTTP 503: no broker here); retrying", 2)
+}
+
 // A message too large for the broker's frames fails at once with the reason: resending it
 // can't help.
 func TestSendTooLargeFailsOnce(t *testing.T) {
