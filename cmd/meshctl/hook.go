@@ -313,7 +313,7 @@ func newHookInstallCmd(a *app) *cobra.Command {
 				}
 				path = filepath.Join(home, ".claude", "settings.json")
 			}
-			settings := map[string]any{}
+			var doc []settingsKey
 			mode := os.FileMode(0o644)
 			raw, err := os.ReadFile(path)
 			switch {
@@ -325,8 +325,18 @@ func newHookInstallCmd(a *app) *cobra.Command {
 					mode = st.Mode().Perm()
 				}
 				if len(bytes.TrimSpace(raw)) > 0 {
-					if err := json.Unmarshal(raw, &settings); err != nil {
+					if doc, err = parseSettings(raw); err != nil {
 						return fmt.Errorf("%s is not a JSON object (%v): fix it or pass another --settings", path, err)
+					}
+				}
+			}
+			settings := map[string]any{}
+			hooksAt := -1
+			for i, k := range doc {
+				if k.key == "hooks" {
+					hooksAt = i
+					if settings["hooks"], err = decodeKeepingNumbers(k.raw); err != nil {
+						return fmt.Errorf("%s: %w", path, err)
 					}
 				}
 			}
@@ -338,14 +348,20 @@ func newHookInstallCmd(a *app) *cobra.Command {
 				fmt.Fprintf(a.stdout, "%s already has the meshctl hooks\n", path)
 				return nil
 			}
-			var buf bytes.Buffer
-			enc := json.NewEncoder(&buf)
-			enc.SetIndent("", "  ")
-			enc.SetEscapeHTML(false)
-			if err := enc.Encode(merged); err != nil {
+			hooks, err := marshalNoEscape(merged["hooks"])
+			if err != nil {
 				return err
 			}
-			if err := writeFileAtomic(path, buf.Bytes(), mode); err != nil {
+			if hooksAt < 0 {
+				doc = append(doc, settingsKey{key: "hooks"})
+				hooksAt = len(doc) - 1
+			}
+			doc[hooksAt].raw = hooks
+			out, err := formatSettings(doc)
+			if err != nil {
+				return err
+			}
+			if err := writeFileAtomic(path, out, mode); err != nil {
 				return err
 			}
 			fmt.Fprintf(a.stdout, "hooks added to %s (UserPromptSubmit → %s hook working, Stop → %s hook idle)\n", path, bin, bin)
@@ -356,6 +372,94 @@ func newHookInstallCmd(a *app) *cobra.Command {
 	cmd.Flags().StringVar(&path, "settings", "", "settings file to write (default ~/.claude/settings.json)")
 	cmd.Flags().StringVar(&bin, "bin", "meshctl", "how the hook invokes meshctl (an absolute path if it is not on Claude Code's PATH)")
 	return cmd
+}
+
+// settingsKey is one top-level key of a settings file and its value as written: a merge
+// rewrites only "hooks", so the user's other settings keep their order and their numbers'
+// exact text (decoded, 12345678901234567890 would come back as 12345678901234567000).
+type settingsKey struct {
+	key string
+	raw json.RawMessage
+}
+
+// parseSettings splits a JSON object into its keys in order. A key given twice is refused:
+// which one Claude Code reads is not ours to guess.
+func parseSettings(raw []byte) ([]settingsKey, error) {
+	dec := json.NewDecoder(bytes.NewReader(raw))
+	if tok, err := dec.Token(); err != nil {
+		return nil, err
+	} else if tok != json.Delim('{') {
+		return nil, errors.New("not an object")
+	}
+	var doc []settingsKey
+	seen := map[string]bool{}
+	for dec.More() {
+		tok, err := dec.Token()
+		if err != nil {
+			return nil, err
+		}
+		key, _ := tok.(string)
+		if seen[key] {
+			return nil, fmt.Errorf("key %q appears twice", key)
+		}
+		seen[key] = true
+		var v json.RawMessage
+		if err := dec.Decode(&v); err != nil {
+			return nil, err
+		}
+		doc = append(doc, settingsKey{key: key, raw: v})
+	}
+	if _, err := dec.Token(); err != nil { // the closing brace
+		return nil, err
+	}
+	if _, err := dec.Token(); !errors.Is(err, io.EOF) {
+		return nil, errors.New("data after the object")
+	}
+	return doc, nil
+}
+
+// decodeKeepingNumbers decodes raw with numbers kept as written (json.Number).
+func decodeKeepingNumbers(raw []byte) (any, error) {
+	dec := json.NewDecoder(bytes.NewReader(raw))
+	dec.UseNumber()
+	var v any
+	err := dec.Decode(&v)
+	return v, err
+}
+
+func marshalNoEscape(v any) ([]byte, error) {
+	var buf bytes.Buffer
+	enc := json.NewEncoder(&buf)
+	enc.SetEscapeHTML(false)
+	if err := enc.Encode(v); err != nil {
+		return nil, err
+	}
+	return bytes.TrimRight(buf.Bytes(), "\n"), nil
+}
+
+// formatSettings writes the keys back in order, indented by two spaces.
+func formatSettings(doc []settingsKey) ([]byte, error) {
+	var compact bytes.Buffer
+	compact.WriteByte('{')
+	for i, k := range doc {
+		if i > 0 {
+			compact.WriteByte(',')
+		}
+		key, err := marshalNoEscape(k.key)
+		if err != nil {
+			return nil, err
+		}
+		compact.Write(key)
+		compact.WriteByte(':')
+		compact.Write(k.raw)
+	}
+	compact.WriteByte('}')
+	var out bytes.Buffer
+	if err := json.Indent(&out, compact.Bytes(), "", "  "); err != nil {
+		return nil, err
+	}
+	out.WriteByte('\n')
+	return out.Bytes(), nil
 }
 
 // writeFileAtomic replaces path through a temporary file in its directory.

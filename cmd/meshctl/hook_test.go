@@ -7,6 +7,8 @@ import (
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"reflect"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -199,4 +201,70 @@ func TestHookInstall(t *testing.T) {
 	require.NoError(t, os.WriteFile(badHooks, []byte(`{"hooks":[]}`), 0o644))
 	_, _, err = c.run("", "hook", "install", "--write", "--settings", badHooks)
 	require.ErrorContains(t, err, `"hooks" is not a JSON object`)
+}
+
+// Merging the hooks leaves the user's other settings as they were: their keys in their order
+// and their numbers' exact text, a hook's timeout too. A file naming a key twice is refused.
+func TestHookInstallKeepsOtherSettingsAsWritten(t *testing.T) {
+	t.Parallel()
+	c := newCLI(t)
+	path := filepath.Join(t.TempDir(), "settings.json")
+	existing := `{"zeta":12345678901234567890,"alpha":{"ratio":1.0,"big":1e400},` +
+		`"hooks":{"Stop":[{"hooks":[{"type":"command","command":"notify-send done","timeout":30.50}]}]},"model":"opus"}`
+	require.NoError(t, os.WriteFile(path, []byte(existing), 0o644))
+	c.must("hook", "install", "--write", "--settings", path, "--bin", "/opt/bin/meshctl")
+	raw, err := os.ReadFile(path)
+	require.NoError(t, err)
+	got := string(raw)
+	for _, want := range []string{"12345678901234567890", `"ratio": 1.0`, `"big": 1e400`, `"timeout": 30.50`, "/opt/bin/meshctl hook idle"} {
+		require.Contains(t, got, want)
+	}
+	z, a, h, m := strings.Index(got, `"zeta"`), strings.Index(got, `"alpha"`), strings.Index(got, `"hooks"`), strings.Index(got, `"model"`)
+	require.True(t, z < a && a < h && h < m, "keys keep their order:\n%s", got)
+
+	for name, bad := range map[string]string{
+		"twice": `{"hooks":{},"hooks":{"Stop":[]}}`,
+		"tail":  `{"model":"opus"} {"model":"x"}`,
+	} {
+		p := filepath.Join(t.TempDir(), name+".json")
+		require.NoError(t, os.WriteFile(p, []byte(bad), 0o644))
+		_, _, err := c.run("", "hook", "install", "--write", "--settings", p)
+		require.ErrorContains(t, err, "not a JSON object", name)
+		after, err := os.ReadFile(p)
+		require.NoError(t, err)
+		require.Equal(t, bad, string(after), "left untouched")
+	}
+}
+
+// Whatever a settings file holds, the parser refuses it or gives back the same document: the
+// keys written back decode to the values read, in the same order.
+func FuzzParseSettings(f *testing.F) {
+	for _, s := range []string{`{}`, `{"a":1,"hooks":{"Stop":[]}}`, `{"a":12345678901234567890}`, `{"a":1}x`,
+		`{"a":1,"a":2}`, `[1]`, `{"\u00e9":"<b>"}`, ` {"a" : [1 , {"b":null}] } `} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, raw []byte) {
+		doc, err := parseSettings(raw)
+		if err != nil {
+			return
+		}
+		out, err := formatSettings(doc)
+		if err != nil {
+			t.Fatalf("a parsed document did not format: %v", err)
+		}
+		again, err := parseSettings(out)
+		if err != nil {
+			t.Fatalf("formatted output does not parse: %v\n%s", err, out)
+		}
+		if len(again) != len(doc) {
+			t.Fatalf("%d keys became %d", len(doc), len(again))
+		}
+		for i := range doc {
+			var a, b any
+			if doc[i].key != again[i].key || json.Unmarshal(doc[i].raw, &a) != nil || json.Unmarshal(again[i].raw, &b) != nil ||
+				!reflect.DeepEqual(a, b) {
+				t.Fatalf("key %d: %q=%s became %q=%s", i, doc[i].key, doc[i].raw, again[i].key, again[i].raw)
+			}
+		}
+	})
 }
