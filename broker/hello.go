@@ -99,7 +99,13 @@ func (p *peers) handleHello(ms *melody.Session, c *conn, msg protocol.ClientMess
 		lingerOnClose(wc.UnderlyingConn()) // pushes will be written to it
 		coalesceFor(wc.UnderlyingConn(), sess.framesBehind)
 	}
-	if old := p.hub.add(sess); old != nil {
+	if old, added := p.hub.add(sess); !added {
+		// A later hello of the same session registered here first: this one is the replaced.
+		// Its presence is the later one's now, so its end must not end that.
+		connOf(ms).end.Set(endReplaced)
+		closeWith(ms, protocol.CloseSessionReplaced, protocol.CloseReasonSessionReplaced)
+		return
+	} else if old != nil {
 		// The same session reconnected to this replica while its old socket was still open.
 		connOf(old.ws).end.Set(endReplaced)
 		closeWith(old.ws, protocol.CloseSessionReplaced, protocol.CloseReasonSessionReplaced)

@@ -210,10 +210,16 @@ func removeFrom[K comparable](m map[K]map[*session]struct{}, k K, s *session) {
 }
 
 // add registers s; it returns the session it replaced on this node (same presence), if any.
-func (h *hub) add(s *session) *session {
+// A session registered at a later epoch than s's stays, and s is not added (added false, old
+// the one that stays): two hellos for one session, batched into one statement, come back
+// from it in their epochs' order but may reach the hub in the other.
+func (h *hub) add(s *session) (old *session, added bool) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	old := h.byPresence[s.presenceID]
+	old = h.byPresence[s.presenceID]
+	if old != nil && old.epoch > s.epoch {
+		return old, false
+	}
 	if old != nil {
 		h.removeLocked(old)
 	}
@@ -237,7 +243,7 @@ func (h *hub) add(s *session) *session {
 	}
 	addTo(h.byMesh, s.meshID, s)
 	addTo(h.byMember, s.memberID, s)
-	return old
+	return old, true
 }
 
 // remove unregisters s if it is still the registered session of its presence.

@@ -304,7 +304,9 @@ func TestHubIndexAndFanOut(t *testing.T) {
 	c, kc := testSession("pc", "m", "carol")
 	o, ko := testSession("po", "other", "dave")
 	for _, s := range []*session{a, b, c, o} {
-		require.Nil(t, h.add(s))
+		old, added := h.add(s)
+		require.Nil(t, old)
+		require.True(t, added)
 	}
 	h.toMesh("m", []byte("event"), func(s *session) bool { return s.memberID == "bob" })
 	require.Equal(t, 1, ka.count())
@@ -318,12 +320,28 @@ func TestHubIndexAndFanOut(t *testing.T) {
 
 	// The same presence reconnecting replaces the old session; removing the old one is a no-op.
 	a3, _ := testSession("pa", "m", "alice")
-	require.Equal(t, a, h.add(a3))
+	old, added := h.add(a3)
+	require.True(t, added)
+	require.Equal(t, a, old)
 	require.False(t, h.remove(a))
 	require.Equal(t, a3, h.get("pa"))
 	require.True(t, h.remove(a3))
 	require.Nil(t, h.get("pa"))
 	require.Equal(t, 4, h.len())
+
+	// A hello at an earlier epoch that reaches the hub after a later one of the same session
+	// is not registered: the later one stays.
+	later, _ := testSession("pe", "m", "erin")
+	later.epoch = 7
+	earlier, _ := testSession("pe", "m", "erin")
+	earlier.epoch = 6
+	_, added = h.add(later)
+	require.True(t, added)
+	old, added = h.add(earlier)
+	require.False(t, added)
+	require.Equal(t, later, old)
+	require.Equal(t, later, h.get("pe"))
+	require.ElementsMatch(t, []*session{later}, h.memberSessions("erin"))
 }
 
 func TestPlannerAndSettle(t *testing.T) {
