@@ -150,6 +150,26 @@ func (q *Queries) MemberRevoke(ctx context.Context, arg MemberRevokeParams) (Cla
 	return i, err
 }
 
+const memberRevokedByPubkey = `-- name: MemberRevokedByPubkey :one
+SELECT revoked_by FROM claudemesh.member
+WHERE mesh_id = $1 AND pubkey = $2 AND revoked_at IS NOT NULL
+ORDER BY revoked_at DESC, created_at DESC LIMIT 1
+`
+
+type MemberRevokedByPubkeyParams struct {
+	MeshID string
+	Pubkey string
+}
+
+// Who revoked the key's latest member row in the mesh ('operator', 'owner', 'admin'; NULL for
+// revocations older than 00052); no row when the key was never revoked there.
+func (q *Queries) MemberRevokedByPubkey(ctx context.Context, arg MemberRevokedByPubkeyParams) (*string, error) {
+	row := q.db.QueryRow(ctx, memberRevokedByPubkey, arg.MeshID, arg.Pubkey)
+	var revoked_by *string
+	err := row.Scan(&revoked_by)
+	return revoked_by, err
+}
+
 const sessionKeyBound = `-- name: SessionKeyBound :one
 SELECT EXISTS (SELECT 1 FROM claudemesh.session_key WHERE mesh_id = $1 AND session_pubkey = $2) AS bound
 `

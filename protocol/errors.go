@@ -65,7 +65,11 @@ const (
 	// invite with that token was created with (a token of one invite with
 	// the payload of another).
 	JoinErrInvitePayloadMismatch = "invite_payload_mismatch"
-	HookErrRateLimited           = "rate limited" // /hook/set-status 429 body error, as protocol.md writes it
+	// JoinErrMemberRevoked (ext): the key was revoked in the mesh (banned, or revoked by the
+	// operator) and has no live member there: an invite does not readmit it; an unban or the
+	// operator's `broker member add` does.
+	JoinErrMemberRevoked = "member_revoked"
+	HookErrRateLimited   = "rate limited" // /hook/set-status 429 body error, as protocol.md writes it
 )
 
 // Sentinel errors of the key and invite helpers.

@@ -28,3 +28,10 @@ SELECT pg_advisory_xact_lock(hashtextextended('claudemesh.hello:' || @mesh_id::t
 -- Whether pubkey is some session's key in the mesh: such a key never becomes a member's
 -- (sends to it would reach the new member, not the session).
 SELECT EXISTS (SELECT 1 FROM claudemesh.session_key WHERE mesh_id = @mesh_id AND session_pubkey = @pubkey) AS bound;
+
+-- name: MemberRevokedByPubkey :one
+-- Who revoked the key's latest member row in the mesh ('operator', 'owner', 'admin'; NULL for
+-- revocations older than 00052); no row when the key was never revoked there.
+SELECT revoked_by FROM claudemesh.member
+WHERE mesh_id = @mesh_id AND pubkey = @pubkey AND revoked_at IS NOT NULL
+ORDER BY revoked_at DESC, created_at DESC LIMIT 1;

@@ -29,7 +29,8 @@ type JoinResult struct {
 // the payload's signature by its owner_pubkey; the mesh exists, is not archived and has that
 // owner key; the invite (found by its exact token) belongs to the mesh and is neither revoked
 // nor expired. A key that is already a live member gets its member id back without using the
-// invite. Otherwise one use is taken atomically under max_uses (so of N concurrent joins on the
+// invite; a key revoked in the mesh without a live member is refused (member_revoked).
+// Otherwise one use is taken atomically under max_uses (so of N concurrent joins on the
 // last use exactly one wins) and the member is inserted with the payload's role, audited in the
 // same transaction. Refusals are *JoinError; other errors are failures of the broker.
 func (s *Service) Join(ctx context.Context, req protocol.JoinRequest) (JoinResult, error) {
@@ -81,6 +82,16 @@ func (s *Service) Join(ctx context.Context, req protocol.JoinRequest) (JoinResul
 		if err == nil {
 			res = JoinResult{MeshID: m.ID, MemberID: existing.ID, AlreadyMember: true}
 			return nil
+		} else if err = db.NotFound(err); !errors.Is(err, db.ErrNotFound) {
+			return err
+		}
+		// A revoked key is kept out: else a banned member (or a compromised key the operator
+		// revoked) joins again with any invite it still holds, and the unban rules (00052: who
+		// may lift whose revocation) mean nothing. Readmitting is an unban or `member add`.
+		if by, err := q.MemberRevokedByPubkey(ctx, db.MemberRevokedByPubkeyParams{MeshID: m.ID, Pubkey: peer}); err == nil {
+			s.refusals.Info("join refused: the key was revoked in the mesh", "mesh", m.ID, "pubkey", peer,
+				"revoked_by", derefOr(by, "unknown"))
+			return joinError(protocol.JoinErrMemberRevoked)
 		} else if err = db.NotFound(err); !errors.Is(err, db.ErrNotFound) {
 			return err
 		}
@@ -138,6 +149,13 @@ func (s *Service) Join(ctx context.Context, req protocol.JoinRequest) (JoinResul
 		return JoinResult{}, fmt.Errorf("join: %w", err)
 	}
 	return res, nil
+}
+
+func derefOr(s *string, def string) string {
+	if s == nil {
+		return def
+	}
+	return *s
 }
 
 // payloadOfInvite reports whether p (whose signature was verified) is the payload the invite

@@ -481,15 +481,65 @@ func TestMembersAddRevoke(t *testing.T) {
 	require.Len(t, members, 2, "a revoked member stays listed")
 	require.NotNil(t, members[1].RevokedAt)
 
-	// A revoked key is no live member: a fresh invite enrolls it again as a new member.
+	// A revoked key is not readmitted by an invite (TestRevokedKeyCannotJoinAgain); the
+	// operator adds it again as a new member.
+	_, err = f.svc.Join(f.ctx, joinRequest(t, inv.Link, pub, "carol"))
+	requireJoinError(t, err, protocol.JoinErrMemberRevoked)
+	again, err := f.svc.AddMember(f.ctx, membership.AddMemberParams{Mesh: "demo", Pubkey: pub, DisplayName: "carol"})
+	require.NoError(t, err)
+	require.NotEqual(t, mb.ID, again.ID)
 	res, err = f.svc.Join(f.ctx, joinRequest(t, inv.Link, pub, "carol"))
 	require.NoError(t, err)
-	require.False(t, res.AlreadyMember)
-	require.NotEqual(t, mb.ID, res.MemberID)
+	require.True(t, res.AlreadyMember)
+	require.Equal(t, again.ID, res.MemberID)
+	require.Equal(t, 0, f.usedCount(inv.ID))
 
 	n, err := audit.Verify(f.ctx, f.pool, m.ID)
 	require.NoError(t, err)
-	require.Equal(t, 6, n) // created, owner added, carol added, invite, revoked, joined
+	require.Equal(t, 6, n) // created, owner added, carol added, invite, revoked, carol added again
+}
+
+// A member revoked by the operator or banned by an admin can't join again with an invite it
+// still holds (or any other): before, it did, as a new member, which made the ban meaningless
+// and let a revoked (compromised) key back in past the rule that only the operator lifts an
+// operator's revocation. The invite's use is not taken. An unban readmits the key.
+func TestRevokedKeyCannotJoinAgain(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t, membership.Config{})
+	m, key := f.mesh("demo")
+	inv := f.invite("demo", key, 10, "")
+	owner, err := f.svc.Members(f.ctx, "demo")
+	require.NoError(t, err)
+
+	revoked, banned := newPubkey(t), newPubkey(t)
+	for _, pub := range []string{revoked, banned} {
+		_, err := f.svc.Join(f.ctx, joinRequest(t, inv.Link, pub, "x"))
+		require.NoError(t, err)
+	}
+	_, err = f.svc.RevokeMember(f.ctx, "demo", revoked)
+	require.NoError(t, err)
+	var code string // the statement a ban over the WebSocket runs, by the owner
+	require.NoError(t, f.pool.QueryRow(f.ctx, `SELECT code FROM claudemesh.ban('test', $1, $2, $3, $4)`,
+		m.ID, owner[0].ID, owner[0].Pubkey, banned).Scan(&code))
+	require.Empty(t, code)
+
+	for _, pub := range []string{revoked, strings.ToUpper(banned)} {
+		_, err := f.svc.Join(f.ctx, joinRequest(t, inv.Link, pub, "x"))
+		requireJoinError(t, err, protocol.JoinErrMemberRevoked)
+		fresh := f.invite("demo", key, 1, "")
+		_, err = f.svc.Join(f.ctx, joinRequest(t, fresh.Link, pub, "x"))
+		requireJoinError(t, err, protocol.JoinErrMemberRevoked)
+		require.Zero(t, f.usedCount(fresh.ID), "a refused join takes no use")
+	}
+	require.Equal(t, 2, f.usedCount(inv.ID))
+
+	// The owner's unban lifts the ban: the key is a member again, as before.
+	require.NoError(t, f.pool.QueryRow(f.ctx, `SELECT code FROM claudemesh.unban($1, $2, $3, $4)`,
+		m.ID, owner[0].ID, owner[0].Pubkey, banned).Scan(&code))
+	require.Empty(t, code)
+	res, err := f.svc.Join(f.ctx, joinRequest(t, inv.Link, banned, "x"))
+	require.NoError(t, err)
+	require.True(t, res.AlreadyMember)
 }
 
 func TestInvites(t *testing.T) {

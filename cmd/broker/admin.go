@@ -302,7 +302,7 @@ func newMemberCmd() *cobra.Command {
 	var addJSON bool
 	add := &cobra.Command{
 		Use:   "add",
-		Short: "Add a member directly, without an invite; prints the member id",
+		Short: "Add a member directly, without an invite (also readmits a revoked key); prints the member id",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			return runAdmin(cmd, addJSON, func(ctx context.Context, a *admin) error {

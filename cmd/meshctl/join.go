@@ -153,6 +153,7 @@ var joinHints = map[string]string{
 	protocol.JoinErrInviteNotFound:     "the broker does not know this invite: is --broker the mesh's broker?",
 	protocol.JoinErrMeshNotFound:       "the broker does not know this mesh: is --broker the mesh's broker?",
 	protocol.JoinErrInviteBadSignature: "the invite's signature does not verify",
+	protocol.JoinErrMemberRevoked:      "this key was revoked in the mesh: an admin's unban or the operator's `broker member add` readmits it",
 }
 
 func postJoin(ctx context.Context, url string, req protocol.JoinRequest) (protocol.JoinResponse, error) {
