@@ -118,6 +118,15 @@ func (s *Service) Join(ctx context.Context, req protocol.JoinRequest) (JoinResul
 			case now.Expired:
 				return joinError(protocol.JoinErrInviteExpired)
 			}
+			// Used up, maybe by this key's own join that held the row (a retry of a join still
+			// in flight): committed before the lock was released, so this statement sees it.
+			mb, err := q.MemberLiveByPubkey(ctx, db.MemberLiveByPubkeyParams{MeshID: m.ID, Pubkey: peer})
+			if err == nil {
+				res = JoinResult{MeshID: m.ID, MemberID: mb.ID, AlreadyMember: true}
+				return nil
+			} else if err = db.NotFound(err); !errors.Is(err, db.ErrNotFound) {
+				return err
+			}
 			return joinError(protocol.JoinErrInviteExhausted)
 		}
 		mb, err := q.MemberInsert(ctx, db.MemberInsertParams{

@@ -436,6 +436,51 @@ func TestConcurrentJoinsSameKey(t *testing.T) {
 	require.Equal(t, 1, f.usedCount(inv.ID))
 }
 
+// A join retried while its first attempt is still in flight (the client timed out, or hung up
+// and tried again) on a single-use invite: the first takes the last use and the retry, which
+// waited for it on the invite's row, is told it is a member. Before, it was told
+// invite_exhausted, for a join that had succeeded.
+func TestJoinRetriedInFlightOnTheLastUse(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t, membership.Config{})
+	_, key := f.mesh("demo")
+	inv := f.invite("demo", key, 1, "")
+	req := joinRequest(t, inv.Link, newPubkey(t), "twin")
+
+	// Hold the invite's row so that both attempts are past their member check and wait to take
+	// the use, as two attempts in flight together do.
+	hold, err := f.pool.Begin(f.ctx)
+	require.NoError(t, err)
+	defer func() { _ = hold.Rollback(f.ctx) }()
+	_, err = hold.Exec(f.ctx, `SELECT 1 FROM claudemesh.invite WHERE id = $1 FOR UPDATE`, inv.ID)
+	require.NoError(t, err)
+
+	const n = 2
+	var wg sync.WaitGroup
+	ids := make([]string, n)
+	errs := make([]error, n)
+	for i := range n {
+		wg.Go(func() {
+			res, err := f.svc.Join(f.ctx, req)
+			ids[i], errs[i] = res.MemberID, err
+		})
+	}
+	require.Eventually(t, func() bool {
+		var waiting int
+		err := f.pool.QueryRow(f.ctx, `SELECT count(*) FROM pg_stat_activity
+			WHERE datname = current_database() AND wait_event_type = 'Lock' AND query LIKE '%InviteClaim%'`).Scan(&waiting)
+		return err == nil && waiting == n
+	}, 10*time.Second, 10*time.Millisecond, "both attempts wait on the invite's row")
+	require.NoError(t, hold.Rollback(f.ctx))
+	wg.Wait()
+
+	for i := range n {
+		require.NoError(t, errs[i], "attempt %d", i)
+		require.Equal(t, ids[0], ids[i])
+	}
+	require.Equal(t, 1, f.usedCount(inv.ID))
+}
+
 func TestMembersAddRevoke(t *testing.T) {
 	t.Parallel()
 	var mu sync.Mutex
