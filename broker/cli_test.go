@@ -541,6 +541,44 @@ func TestKickAndBan(t *testing.T) {
 	require.NoError(t, err)
 }
 
+// unban by a display name that two banned members share lifts neither: before, it lifted the
+// one banned last, which need not be the one the admin meant (a member who joined under
+// another's name and was banned for it came back). A key names its member.
+func TestUnbanBySharedNameIsRefused(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t, 1, nil)
+	m := c.mesh(0)
+	admin, bob, impostor := m.member("admin"), m.member("bob"), m.member("bob")
+	_, err := c.pool.Exec(ctxT(t), `UPDATE claudemesh.member SET role = 'admin' WHERE id = $1`, admin.id)
+	require.NoError(t, err)
+	ad := m.dial(0, admin)
+	for _, target := range []*testMember{bob, impostor} {
+		_, err := ad.Ban(ctxT(t), target.pub)
+		require.NoError(t, err)
+	}
+	revoked := func(mem *testMember) bool {
+		var r bool
+		require.NoError(t, c.pool.QueryRow(ctxT(t), `SELECT revoked_at IS NOT NULL FROM claudemesh.member WHERE id = $1`,
+			mem.id).Scan(&r))
+		return r
+	}
+
+	_, err = ad.Unban(ctxT(t), "bob")
+	requireCode(t, err, protocol.CodeInvalid)
+	require.True(t, revoked(bob))
+	require.True(t, revoked(impostor))
+
+	name, err := ad.Unban(ctxT(t), strings.ToUpper(bob.pub))
+	require.NoError(t, err)
+	require.Equal(t, "bob", name)
+	require.False(t, revoked(bob))
+	require.True(t, revoked(impostor))
+	// Now one banned member has the name: it names that one.
+	_, err = ad.Unban(ctxT(t), "bob")
+	require.NoError(t, err)
+	require.False(t, revoked(impostor))
+}
+
 func TestSendLimits(t *testing.T) {
 	t.Parallel()
 	c := newCluster(t, 1, func(cfg *Config) { cfg.SendRatePerMember, cfg.SendBurstPerMember, cfg.MaxEnvelopeBytes = 1, 2, 1000 })
