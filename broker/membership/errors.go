@@ -10,6 +10,7 @@ var (
 	ErrMeshArchived      = errors.New("mesh is archived")
 	ErrMemberNotFound    = errors.New("no live member with that key in the mesh")
 	ErrMemberExists      = errors.New("a live member with that key already exists in the mesh")
+	ErrKeyIsSessionKey   = errors.New("that key is a session key in the mesh (list_peers shows it): a member key must be the member's own")
 	ErrInviteNotFound    = errors.New("invite not found")
 	ErrInviteRevoked     = errors.New("invite is already revoked")
 	ErrOwnerKeyMismatch  = errors.New("the owner key file is not this mesh's owner key")

@@ -450,6 +450,13 @@ func (s *Service) AddMember(ctx context.Context, p AddMemberParams) (Member, err
 		if m.ArchivedAt != nil {
 			return ErrMeshArchived
 		}
+		// As /join refuses it: a direct send to the key would reach the new member, not the
+		// session (a member key is resolved first).
+		if bound, err := q.SessionKeyBound(ctx, db.SessionKeyBoundParams{MeshID: m.ID, Pubkey: pub}); err != nil {
+			return err
+		} else if bound {
+			return ErrKeyIsSessionKey
+		}
 		mb, err := q.MemberInsert(ctx, db.MemberInsertParams{MeshID: m.ID, Pubkey: pub, DisplayName: p.DisplayName, Role: p.Role})
 		if isUniqueViolation(err) {
 			return ErrMemberExists

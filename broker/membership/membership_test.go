@@ -168,6 +168,26 @@ func TestJoinRefusesASessionKey(t *testing.T) {
 	require.NoError(t, err, "another key joins on the same invite")
 }
 
+// The operator's `member add` refuses a session key as /join does: asked to add "my key" by a
+// member who gave another's session key (shown to every member by list_peers), it made that
+// key a member's, and direct sends meant for the session went to the new member instead.
+func TestAddMemberRefusesASessionKey(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t, membership.Config{})
+	m, _ := f.mesh("demo")
+	owner, err := f.svc.Members(f.ctx, "demo")
+	require.NoError(t, err)
+	sessionKey := newPubkey(t)
+	_, err = f.pool.Exec(f.ctx, `INSERT INTO claudemesh.session_key (mesh_id, session_pubkey, member_id) VALUES ($1, $2, $3)`,
+		m.ID, sessionKey, owner[0].ID)
+	require.NoError(t, err)
+	_, err = f.svc.AddMember(f.ctx, membership.AddMemberParams{Mesh: "demo", Pubkey: strings.ToUpper(sessionKey), DisplayName: "mallory"})
+	require.ErrorIs(t, err, membership.ErrKeyIsSessionKey)
+	members, err := f.svc.Members(f.ctx, "demo")
+	require.NoError(t, err)
+	require.Len(t, members, 1, "nobody added")
+}
+
 // Every /join refusal, each from the state that causes it.
 func TestJoinErrors(t *testing.T) {
 	t.Parallel()
