@@ -209,6 +209,10 @@ func newInviteCmd() *cobra.Command {
 			if err != nil {
 				return fmt.Errorf("--expires: %w", err)
 			}
+			// The service reads 0 as its default (one use): said here, 0 meant "no limit".
+			if uses < 1 {
+				return fmt.Errorf("--uses %d: must be at least 1 (there is no unlimited invite; give a large number)", uses)
+			}
 			return runAdmin(cmd, createJSON, func(ctx context.Context, a *admin) error {
 				m, err := a.svc.Mesh(ctx, mesh)
 				if err != nil {

@@ -230,6 +230,20 @@ func TestAdminErrors(t *testing.T) {
 	require.Contains(t, out, "intact: 2 entries")
 }
 
+// `invite create --uses 0` is refused: it made a single-use invite (0 read as "the default"),
+// so an operator who meant "no limit" shared a link that failed for the second person.
+func TestInviteCreateRefusesZeroUses(t *testing.T) {
+	url, dir := cliEnv(t)
+	createMesh(t, dir, "demo")
+	for _, uses := range []string{"0", "-2"} {
+		_, err := runCLI(t, "invite", "create", "--mesh", "demo", "--owner-key", filepath.Join(dir, "demo.json"), "--uses", uses)
+		require.ErrorContains(t, err, "--uses", uses)
+	}
+	var n int
+	require.NoError(t, dbtest.PoolFor(t, url).QueryRow(context.Background(), `SELECT count(*) FROM claudemesh.invite`).Scan(&n))
+	require.Zero(t, n, "no invite stored")
+}
+
 func TestParseTTL(t *testing.T) {
 	for in, want := range map[string]time.Duration{"24h": 24 * time.Hour, "90m": 90 * time.Minute, "7d": 7 * 24 * time.Hour, "1s": time.Second} {
 		got, err := parseTTL(in)
