@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -286,6 +287,10 @@ func parseTTL(s string) (time.Duration, error) {
 		n, err := strconv.Atoi(d)
 		if err != nil || n < 1 {
 			return 0, fmt.Errorf("%q: want a whole number of days like 7d", s)
+		}
+		// Past it the product wraps: 200000d came out negative, 300000d as about 236 years.
+		if int64(n) > math.MaxInt64/int64(24*time.Hour) {
+			return 0, fmt.Errorf("%q: at most %dd", s, math.MaxInt64/int64(24*time.Hour))
 		}
 		return time.Duration(n) * 24 * time.Hour, nil
 	}
