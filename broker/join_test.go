@@ -214,6 +214,42 @@ func TestJoinRefusalsAreLoggedSampled(t *testing.T) {
 	require.Equal(t, float64(n), testutilCounter(srv.metrics.JoinRequests.WithLabelValues(membership.JoinOutcomeRefused)))
 }
 
+// A join by a key that is already a member changes nothing and can be sent again at will, by
+// anyone holding the (even used up) invite and any member's public key: its line is sampled as
+// refusals are. Before, each logged a line of its own. A join that enrolls is always logged.
+func TestRepeatedJoinsOfAMemberAreLoggedSampled(t *testing.T) {
+	t.Parallel()
+	lines := &logLines{}
+	c := newCluster(t, 0, nil)
+	srv := startServer(t, Config{NodeID: "l", Region: "test", TrustedProxyHeader: "X-Forwarded-For"}, dbtest.PoolFor(t, c.url),
+		slog.New(slog.NewTextHandler(lines, nil)))
+	key, _, err := membership.LoadOrCreateOwnerKey(filepath.Join(t.TempDir(), "owner.json"))
+	require.NoError(t, err)
+	_, _, err = srv.Members().CreateMesh(ctxT(t), membership.CreateMeshParams{Slug: "demo", OwnerPubkey: key.Pubkey()})
+	require.NoError(t, err)
+	inv, err := srv.Members().CreateInvite(ctxT(t), membership.CreateInviteParams{Mesh: "demo", Key: key, BrokerURL: "ws://x/ws"})
+	require.NoError(t, err)
+	token, payload, err := protocol.ParseInviteLink(inv.Link)
+	require.NoError(t, err)
+	body := joinBodyFor(t, token, *payload)
+
+	code, res, _ := postJoinFrom(t, srv, "192.0.2.1", body)
+	require.Equal(t, http.StatusOK, code)
+	require.False(t, res.AlreadyMember)
+	require.Len(t, lines.matching("already_member=false"), 1, "the join that enrolled is logged")
+	const n = 100
+	start := time.Now()
+	for i := range n {
+		code, res, _ := postJoinFrom(t, srv, fmt.Sprintf("198.51.100.%d", i), body)
+		require.Equal(t, http.StatusOK, code)
+		require.True(t, res.AlreadyMember)
+	}
+	elapsed := time.Since(start)
+	logged := len(lines.matching("already_member=true"))
+	t.Logf("%d joins of a member in %s logged %d lines", n, elapsed.Round(time.Millisecond), logged)
+	require.LessOrEqual(t, logged, 20+5*(int(elapsed.Seconds())+1), "logged sampled")
+}
+
 // A frame over MAX_MESSAGE_BYTES closes its socket 1009; any client can send one, before any
 // hello, so the line it logs is sampled like every refusal a client causes at will.
 func TestOversizedFramesAreLoggedSampled(t *testing.T) {

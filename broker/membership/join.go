@@ -218,7 +218,7 @@ const joinTimeout = 5 * time.Second
 // over protocol.MaxJoinBodyBytes, 500 {ok:false, error:"internal error"} when the broker fails.
 // With JoinBounds: 429 for a client over its rate, checked before the body is read, and 503
 // with Retry-After when no statement slot is free in time. Refusals are logged through
-// Config.Refusals. The body carries the mesh root key, so neither it nor the token is ever
+// Config.Refusals, and so are joins of a key that is already a member. The body carries the mesh root key, so neither it nor the token is ever
 // logged.
 func (s *Service) HandleJoin(w http.ResponseWriter, r *http.Request) {
 	source := r.RemoteAddr
@@ -286,7 +286,13 @@ func (s *Service) HandleJoin(w http.ResponseWriter, r *http.Request) {
 		s.log.Error("join failed", "mesh", req.InvitePayload.MeshID, "pubkey", req.PeerPubkey, "err", err)
 		s.joinFail(w, http.StatusInternalServerError, JoinOutcomeInternal, "internal error")
 	default:
-		s.log.Info("join", "mesh", res.MeshID, "member", res.MemberID, "pubkey", req.PeerPubkey,
+		// A join that changed nothing can be repeated at will (any member's key, any invite of
+		// the mesh not yet expired): sampled, as refusals are. One that enrolled is always told.
+		log := s.log.Info
+		if res.AlreadyMember {
+			log = s.refusals.Info
+		}
+		log("join", "mesh", res.MeshID, "member", res.MemberID, "pubkey", req.PeerPubkey,
 			"already_member", res.AlreadyMember)
 		s.countJoin(JoinOutcomeOK)
 		writeJoin(w, http.StatusOK, protocol.JoinResponse{OK: true, MemberID: res.MemberID, AlreadyMember: res.AlreadyMember})

@@ -51,8 +51,9 @@ type Config struct {
 	// Now is the clock invites are dated by; nil means time.Now.
 	Now func() time.Time
 	// Refusals receives the /join lines a client can cause at will (a malformed or oversized
-	// body, a refused invite, a limit reached); nil means Logger. The broker passes its sampled
-	// logger, so a flood can neither fill the disk nor drown other lines.
+	// body, a refused invite, a limit reached, a join of a key already a member); nil means
+	// Logger. The broker passes its sampled logger, so a flood can neither fill the disk nor
+	// drown other lines.
 	Refusals InfoLogger
 	// JoinBounds bounds what POST /join can make a replica do; nil bounds nothing (tests, tools).
 	JoinBounds JoinBounds
