@@ -171,7 +171,8 @@ func (q *Queries) MemberRevokedByPubkey(ctx context.Context, arg MemberRevokedBy
 }
 
 const sessionKeyBound = `-- name: SessionKeyBound :one
-SELECT EXISTS (SELECT 1 FROM claudemesh.session_key WHERE mesh_id = $1 AND session_pubkey = $2) AS bound
+SELECT EXISTS (SELECT 1 FROM claudemesh.session_key k JOIN claudemesh.member m ON m.id = k.member_id
+               WHERE k.mesh_id = $1 AND k.session_pubkey = $2 AND m.pubkey <> $2) AS bound
 `
 
 type SessionKeyBoundParams struct {
@@ -179,8 +180,9 @@ type SessionKeyBoundParams struct {
 	Pubkey string
 }
 
-// Whether pubkey is some session's key in the mesh: such a key never becomes a member's
-// (sends to it would reach the new member, not the session).
+// Whether pubkey is the session key of another member's session in the mesh: such a key never
+// becomes a member's (sends to it would reach the new member, not the session). A member that
+// used its own key as its session key may still be added again after a revocation.
 func (q *Queries) SessionKeyBound(ctx context.Context, arg SessionKeyBoundParams) (bool, error) {
 	row := q.db.QueryRow(ctx, sessionKeyBound, arg.MeshID, arg.Pubkey)
 	var bound bool

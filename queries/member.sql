@@ -25,9 +25,11 @@ RETURNING *;
 SELECT pg_advisory_xact_lock(hashtextextended('claudemesh.hello:' || @mesh_id::text, 0));
 
 -- name: SessionKeyBound :one
--- Whether pubkey is some session's key in the mesh: such a key never becomes a member's
--- (sends to it would reach the new member, not the session).
-SELECT EXISTS (SELECT 1 FROM claudemesh.session_key WHERE mesh_id = @mesh_id AND session_pubkey = @pubkey) AS bound;
+-- Whether pubkey is the session key of another member's session in the mesh: such a key never
+-- becomes a member's (sends to it would reach the new member, not the session). A member that
+-- used its own key as its session key may still be added again after a revocation.
+SELECT EXISTS (SELECT 1 FROM claudemesh.session_key k JOIN claudemesh.member m ON m.id = k.member_id
+               WHERE k.mesh_id = @mesh_id AND k.session_pubkey = @pubkey AND m.pubkey <> @pubkey) AS bound;
 
 -- name: MemberRevokedByPubkey :one
 -- Who revoked the key's latest member row in the mesh ('operator', 'owner', 'admin'; NULL for

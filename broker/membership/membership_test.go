@@ -186,6 +186,19 @@ func TestAddMemberRefusesASessionKey(t *testing.T) {
 	members, err := f.svc.Members(f.ctx, "demo")
 	require.NoError(t, err)
 	require.Len(t, members, 1, "nobody added")
+
+	// A member's own key, which it used as its session key too, is no other's: once revoked,
+	// the operator adds it again.
+	own := newPubkey(t)
+	carol, err := f.svc.AddMember(f.ctx, membership.AddMemberParams{Mesh: "demo", Pubkey: own, DisplayName: "carol"})
+	require.NoError(t, err)
+	_, err = f.pool.Exec(f.ctx, `INSERT INTO claudemesh.session_key (mesh_id, session_pubkey, member_id) VALUES ($1, $2, $3)`,
+		m.ID, own, carol.ID)
+	require.NoError(t, err)
+	_, err = f.svc.RevokeMember(f.ctx, "demo", own)
+	require.NoError(t, err)
+	_, err = f.svc.AddMember(f.ctx, membership.AddMemberParams{Mesh: "demo", Pubkey: own, DisplayName: "carol"})
+	require.NoError(t, err)
 }
 
 // Every /join refusal, each from the state that causes it.
