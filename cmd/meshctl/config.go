@@ -169,6 +169,20 @@ func (a *app) loadMeshes() ([]MeshEntry, error) {
 	return doc.Meshes, nil
 }
 
+// meshByID returns the joined mesh with that id, or nil.
+func (a *app) meshByID(id string) (*MeshEntry, error) {
+	meshes, err := a.loadMeshes()
+	if err != nil {
+		return nil, err
+	}
+	for i := range meshes {
+		if meshes[i].MeshID == id {
+			return &meshes[i], nil
+		}
+	}
+	return nil, nil
+}
+
 // saveMesh adds e, replacing an entry of the same mesh.
 func (a *app) saveMesh(e MeshEntry) error {
 	meshes, err := a.loadMeshes()

@@ -77,6 +77,7 @@ func defaultDisplayName() string {
 
 func newJoinCmd(a *app) *cobra.Command {
 	var name string
+	var replace bool
 	cmd := &cobra.Command{
 		Use:   "join <ic://join/...>",
 		Short: "Join a mesh with an invite link",
@@ -103,6 +104,21 @@ func newJoinCmd(a *app) *cobra.Command {
 			base, err := httpBaseURL(brokerURL)
 			if err != nil {
 				return err
+			}
+			// An invite naming a mesh already joined, at another broker or with another root key,
+			// is refused before anything is sent: accepted, it would silently move every later
+			// command to that broker, which could then relay this identity's signed hellos to the
+			// real one (a hello names no broker) and read what the mesh's root key encrypts.
+			if prev, err := a.meshByID(p.MeshID); err != nil {
+				return err
+			} else if prev != nil && !replace && (prev.BrokerURL != brokerURL || prev.MeshRootKey != p.MeshRootKey) {
+				what := "at " + field(brokerURL)
+				if prev.MeshRootKey != p.MeshRootKey {
+					what += " with another root key"
+				}
+				return fmt.Errorf("you are already in mesh %s (%s) at %s; this invite names it %s: not joined "+
+					"(an invite reusing a mesh's id can be a lure); pass --replace if the mesh really moved",
+					field(prev.Slug), field(prev.MeshID), field(prev.BrokerURL), what)
 			}
 			if name == "" {
 				name = id.DisplayName
@@ -142,6 +158,7 @@ func newJoinCmd(a *app) *cobra.Command {
 		},
 	}
 	cmd.Flags().StringVar(&name, "name", "", "display name in this mesh (default: the identity's)")
+	cmd.Flags().BoolVar(&replace, "replace", false, "join even if the invite names a mesh already joined at another broker or with another root key")
 	return cmd
 }
 

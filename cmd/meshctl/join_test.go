@@ -2,9 +2,14 @@ package main
 
 import (
 	"context"
+	"crypto/ed25519"
+	"encoding/hex"
 	"encoding/json"
 	"net/http"
 	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"strings"
 	"sync/atomic"
 	"testing"
 
@@ -52,4 +57,47 @@ func TestJoinRetriesWhenTheBrokerIsBusy(t *testing.T) {
 	_, err = postJoin(context.Background(), srv.URL+protocol.PathJoin, protocol.JoinRequest{})
 	require.ErrorContains(t, err, "HTTP 503")
 	require.Equal(t, int32(joinAttempts), calls.Load())
+}
+
+// An invite that names a mesh already joined, at another broker, is a lure meshctl refuses
+// before sending anything: accepted, it moved every later command (and this identity's signed
+// hellos) to that broker. --replace joins it; the same invite again is harmless.
+func TestJoinRefusesAMeshIDAlreadyJoinedElsewhere(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, 1, nil)
+	link := e.invite(2)
+	alice := newCLI(t)
+	alice.must("init", "--name", "alice")
+	alice.must("join", link)
+	require.Contains(t, alice.must("join", link), "already a member", "the same invite again")
+
+	var calls atomic.Int32
+	lure := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+		calls.Add(1)
+		_ = json.NewEncoder(w).Encode(protocol.JoinResponse{OK: true, MemberID: "m-lure"})
+	}))
+	t.Cleanup(lure.Close)
+	_, real, err := protocol.ParseInviteLink(link)
+	require.NoError(t, err)
+	fake := *real
+	fake.BrokerURL = "ws" + strings.TrimPrefix(lure.URL, "http") + "/ws"
+	pub, priv, err := ed25519.GenerateKey(nil)
+	require.NoError(t, err)
+	fake.OwnerPubkey = hex.EncodeToString(pub)
+	require.NoError(t, protocol.SignInvite(priv, &fake))
+	token, err := protocol.EncodeInviteToken(&fake)
+	require.NoError(t, err)
+	before, err := os.ReadFile(filepath.Join(alice.home, "meshes.json"))
+	require.NoError(t, err)
+
+	_, _, err = alice.run("", "join", protocol.InviteLink(token))
+	require.ErrorContains(t, err, "you are already in mesh demo")
+	require.ErrorContains(t, err, "--replace")
+	require.Zero(t, calls.Load(), "nothing sent to the lure")
+	after, err := os.ReadFile(filepath.Join(alice.home, "meshes.json"))
+	require.NoError(t, err)
+	require.Equal(t, string(before), string(after), "meshes.json untouched")
+
+	require.Contains(t, alice.must("join", "--replace", protocol.InviteLink(token)), "m-lure")
+	require.EqualValues(t, 1, calls.Load())
 }
