@@ -29,6 +29,9 @@ type router struct {
 	log     *slog.Logger
 	metrics *Metrics
 	pushes  []assigned // gathered while applying a run of messages
+	// fullOwed: a full catch-up failed (the database away or slow); the next poll runs it in
+	// full, since only a full one applies the notices lost with the connection or an overflow.
+	fullOwed bool
 }
 
 // Start applies bus messages until Stop.
@@ -214,32 +217,37 @@ func closeStale(log *slog.Logger, sess *session, p store.NodePresence, live bool
 }
 
 // reloadStatus reads a local session's status from the table (the truth) and releases held
-// messages if it is idle.
+// messages if it is idle. When the read fails, the next poll re-reads every local status.
 func (r *router) reloadStatus(ctx context.Context, sess *session) {
-	reloadStatus(ctx, r.store, r.pusher, r.metrics, r.log, sess)
+	if !reloadStatus(ctx, r.store, r.pusher, r.metrics, r.log, sess) {
+		r.fullOwed = true
+	}
 }
 
-func reloadStatus(ctx context.Context, st *store.Store, p *pusher, m *Metrics, log *slog.Logger, sess *session) {
+func reloadStatus(ctx context.Context, st *store.Store, p *pusher, m *Metrics, log *slog.Logger, sess *session) bool {
 	ctx, cancel := context.WithTimeout(ctx, opTimeout)
 	defer cancel()
 	status, err := st.PresenceStatus(ctx, sess.presenceID)
 	if err != nil {
 		m.backgroundError(log, "reload_status", err, "presence", sess.presenceID, "retry", "next poll")
-		return
+		return false
 	}
 	noteStatus(p, sess, protocol.Status(status))
+	return true
 }
 
 // resync claims for this node's sessions that have something claimable, as one indexed query
 // asks, taking their status from the table first (the truth: a lost status notification must
 // not keep held messages held). After a (re)connect of the LISTEN connection or an overflow
-// (full), every local status is re-read too, since anything may have been missed. A replica
+// (full), every local status is re-read too, since anything may have been missed; a full one
+// that failed runs in full at the next poll (fullOwed). A replica
 // whose sessions are caught up polls with one read-only query and takes no row locks, whatever
 // its number of sessions (a second statement gives back orphaned pushes, when there are any).
 func (r *router) resync(ctx context.Context, full bool) {
 	// Also with no session here: pushes assigned here to sessions that left may wait for it.
 	ctx, cancel := context.WithTimeout(ctx, opTimeout)
 	defer cancel()
+	full = full || r.fullOwed
 	if full {
 		r.hub.woke() // it claims for the sessions in the hub: a hello not yet there claims itself
 	}
@@ -248,7 +256,8 @@ func (r *router) resync(ctx context.Context, full bool) {
 		before := r.hub.all()
 		statuses, err := r.store.NodeStatuses(ctx, r.nodeID)
 		if err != nil {
-			r.metrics.backgroundError(r.log, "resync", err, "retry", "next poll")
+			r.fullOwed = true
+			r.metrics.backgroundError(r.log, "resync", err, "retry", "next poll, in full")
 			return
 		}
 		for _, sess := range before {
@@ -265,6 +274,9 @@ func (r *router) resync(ctx context.Context, full bool) {
 			sess.takeAllAssigned()
 			r.pusher.request(sess)
 		}
+	}
+	if full {
+		r.fullOwed = false
 	}
 	claimable, orphans, err := r.store.SessionsWithClaimable(ctx, r.nodeID)
 	if err != nil {
