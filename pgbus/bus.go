@@ -179,6 +179,10 @@ func (b *Bus) queueResync() bool {
 // carry the resync), and what arrives next waits behind a queued resync (enqueue).
 func (b *Bus) overflow() {
 	b.cfg.Observe("overflow", 1)
+	if !b.behind { // once per episode: a burst drops many
+		b.log.Warn("bus queue full: notifications dropped until the consumer catches up; a full resync follows",
+			"queue_size", cap(b.queue))
+	}
 	b.behind = true
 	b.signalResync()
 }

@@ -1,9 +1,11 @@
 package pgbus
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
+	"log/slog"
 	"slices"
 	"strings"
 	"testing"
@@ -252,4 +254,35 @@ func TestNothingOvertakesTheResyncOfAnOverflow(t *testing.T) {
 			require.Greater(t, i, resync, "a push after the dropped one comes after the resync: %v", got)
 		}
 	}
+}
+
+// An overflow drops notifications: the log says so, once per episode (until the resync is
+// queued), with the queue's size, not only the metric.
+func TestOverflowIsLoggedOncePerEpisode(t *testing.T) {
+	cc, err := pgx.ParseConfig("postgres://localhost/x")
+	require.NoError(t, err)
+	var logged bytes.Buffer
+	b, err := New(Config{ConnConfig: cc, Exec: &pgx.Conn{}, NodeID: "b", QueueSize: 2, // never started: no I/O
+		Logger: slog.New(slog.NewTextHandler(&logged, nil))})
+	require.NoError(t, err)
+	h := &handler{b: b, onConnect: func() {}}
+	ctx := context.Background()
+	push := func(id int64) {
+		t.Helper()
+		payload := Encode([]Message{{Kind: KindPushFrame, Presence: "p", ID: id, Key: "now", Data: []byte(`{}`)}})[0]
+		require.NoError(t, h.HandleNotification(ctx, &pgconn.Notification{Channel: b.node, Payload: payload}, nil))
+	}
+	for id := range int64(6) { // the queue holds 2: four dropped, one episode
+		push(id)
+	}
+	require.Equal(t, 1, strings.Count(logged.String(), "bus queue full"), logged.String())
+	require.Contains(t, logged.String(), "queue_size=2")
+	<-b.queue
+	<-b.queue
+	push(10) // room again: the resync is queued first, which ends the episode
+	require.Equal(t, KindResync, (<-b.queue).Kind)
+	push(11)
+	push(12)
+	push(13) // a new episode
+	require.Equal(t, 2, strings.Count(logged.String(), "bus queue full"), logged.String())
 }
