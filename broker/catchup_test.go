@@ -1,6 +1,7 @@
 package broker
 
 import (
+	"strings"
 	"testing"
 	"time"
 
@@ -51,4 +52,65 @@ func TestFailedFullCatchUpIsRetriedInFull(t *testing.T) {
 		t.Fatalf("alice's socket was closed: %d", a.CloseCode())
 	default:
 	}
+}
+
+// nonce and ciphertext are opaque strings: the broker must route any, whatever they escape to.
+// A held message small enough to ride inline as stored, but over Postgres's 8,000-byte
+// notification once JSON-escaped (quotes double), is released by the recipient's change to
+// idle like any other. Before, the release's notification failed the status statement: the
+// recipient's set_status (and its hooks) failed with an internal error until the message
+// expired, and it stayed working for the whole mesh.
+func TestReleaseOfAMessageThatEscapesLargeSucceeds(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t, 2, nil)
+	m := c.mesh(0)
+	alice, bob := m.member("alice"), m.member("bob")
+	a, b := m.dial(0, alice), m.dial(1, bob)
+	ctx := ctxT(t)
+	require.NoError(t, b.SetStatus(ctx, protocol.StatusWorking))
+	_, err := b.ListPeers(ctx) // replies come in request order: the status is set
+	require.NoError(t, err)
+
+	quoted := strings.Repeat(`"`, 5000) // 5,000 bytes stored, 10,000 escaped
+	held, err := a.Send(ctx, bob.pub, protocol.PriorityNext, "n", quoted, "")
+	require.NoError(t, err)
+	small, err := a.Send(ctx, bob.pub, protocol.PriorityNext, "n", "c", "")
+	require.NoError(t, err)
+
+	require.NoError(t, b.SetStatus(ctx, protocol.StatusIdle))
+	_, err = b.ListPeers(ctx)
+	require.NoError(t, err)
+	select {
+	case e := <-b.Errors():
+		t.Fatalf("set_status idle failed: %+v", e)
+	default:
+	}
+	p := nextPush(t, b, 5*time.Second)
+	require.Equal(t, held.MessageID, p.MessageID)
+	require.Equal(t, quoted, p.Ciphertext)
+	require.Equal(t, small.MessageID, nextPush(t, b, 5*time.Second).MessageID, "and in order")
+}
+
+// A state key may hold any character but NUL; control characters escape to six bytes each. A
+// change whose notice, once escaped, is over Postgres's 8,000-byte notification is stored and
+// reaches the other sessions (read back, as a large value is). Before, the notice failed the
+// statement: set_state answered an internal error, every time.
+func TestStateChangeWhoseNoticeEscapesLargeIsStoredAndSent(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t, 2, nil)
+	m := c.mesh(0)
+	a, b := m.dial(0, m.member("alice")), m.dial(1, m.member("bob"))
+	ctx := ctxT(t)
+	key := strings.Repeat("\x01", protocol.MaxStateKeyLen) // 1,536 bytes escaped, twice in the notice
+	value := strings.Repeat("v", 5300)                     // the change itself stays under 7,000 bytes
+	require.NoError(t, a.SetState(ctx, key, value))
+	_, err := a.ListPeers(ctx) // replies come in request order: an error would be here by now
+	require.NoError(t, err)
+	select {
+	case e := <-a.Errors():
+		t.Fatalf("set_state failed: %+v", e)
+	default:
+	}
+	ch := nextStateChange(t, b, 5*time.Second)
+	require.Equal(t, protocol.StateChange{Key: key, Value: []byte(`"` + value + `"`), UpdatedBy: "alice"}, ch)
 }
