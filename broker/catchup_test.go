@@ -1,6 +1,7 @@
 package broker
 
 import (
+	"fmt"
 	"strings"
 	"testing"
 	"time"
@@ -8,6 +9,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/testutil"
 	"github.com/stretchr/testify/require"
 
+	"github.com/claudemesh/broker/client"
 	"github.com/claudemesh/broker/db/dbtest"
 	"github.com/claudemesh/broker/protocol"
 )
@@ -113,4 +115,143 @@ func TestStateChangeWhoseNoticeEscapesLargeIsStoredAndSent(t *testing.T) {
 	}
 	ch := nextStateChange(t, b, 5*time.Second)
 	require.Equal(t, protocol.StateChange{Key: key, Value: []byte(`"` + value + `"`), UpdatedBy: "alice"}, ch)
+}
+
+// newCutCluster starts n0 straight on the database and n1 through a proxy the test can cut.
+func newCutCluster(t *testing.T) (*testCluster, *dbtest.Proxy) {
+	t.Helper()
+	url := dbtest.URL(t)
+	c := &testCluster{t: t, url: url, pool: dbtest.PoolFor(t, url)}
+	c.nodes = append(c.nodes, c.startNode("n0", nil))
+	proxy := dbtest.NewProxy(t, url)
+	c.url = proxy.URL(url)
+	c.nodes = append(c.nodes, c.startNode("n1", nil))
+	c.url = url
+	return c, proxy
+}
+
+// stateChangesUntil collects cl's state_changes up to the one of key last.
+func stateChangesUntil(t *testing.T, cl *client.Client, last string) []protocol.StateChange {
+	t.Helper()
+	var got []protocol.StateChange
+	for {
+		ch := nextStateChange(t, cl, 15*time.Second)
+		got = append(got, ch)
+		if ch.Key == last {
+			return got
+		}
+	}
+}
+
+// Shared-state changes made while a replica's LISTEN connection is cut (their notices lost)
+// reach its sessions once it reconnects: a key set, a key deleted (value null), a value too
+// large to ride along, each once, in commit order, never to the writer; a key the sessions were
+// told before the cut is not told again. Before, they were lost: the sessions kept the stale
+// values until they asked.
+func TestStateChangesMadeWhileTheListenerIsCutAreCaughtUp(t *testing.T) {
+	t.Parallel()
+	c, proxy := newCutCluster(t)
+	m := c.mesh(0)
+	alice, bob := m.member("alice"), m.member("bob")
+	a := m.dial(0, alice)
+	b := m.dial(1, bob)
+	a1 := m.dial(1, alice, func(o *client.Options) { o.SessionID = "alice-on-n1" })
+	ctx := ctxT(t)
+	require.NoError(t, a.SetState(ctx, "kept", "before"))
+	require.NoError(t, a.SetState(ctx, "gone", "before"))
+	for _, cl := range []*client.Client{b, a1} {
+		require.Equal(t, []string{"kept", "gone"}, keys(stateChangesUntil(t, cl, "gone")))
+	}
+
+	proxy.Cut()
+	dbtest.WaitFor(t, 10*time.Second, "n1's listener down", func() bool { return !c.nodes[1].BusConnected() })
+	big := strings.Repeat("x", 10_000)
+	require.NoError(t, a.SetState(ctx, "plan", "during"))
+	require.NoError(t, a.SetState(ctx, "gone", nil))
+	require.NoError(t, a.SetState(ctx, "notes", big))
+	_, err := a.ListPeers(ctx) // replies come in request order: the writes are stored
+	require.NoError(t, err)
+	// A write by the session on n1 itself is not told back to it.
+	_, err = c.pool.Exec(ctx, `SELECT count(*) FROM claudemesh.set_state('claudemesh', $1, 'own', '1', 'alice',
+		1000, 1000000, $2, 'a', '{}')`, m.id, a1.HelloAck().PresenceID)
+	require.NoError(t, err)
+	proxy.Restore()
+	dbtest.WaitFor(t, 15*time.Second, "n1's listener back", c.nodes[1].BusConnected)
+
+	got := stateChangesUntil(t, b, "own")
+	require.Equal(t, []protocol.StateChange{
+		{Key: "plan", Value: []byte(`"during"`), UpdatedBy: "alice"},
+		{Key: "gone", Value: []byte(`null`), UpdatedBy: "alice"},
+		{Key: "notes", Value: []byte(`"` + big + `"`), UpdatedBy: "alice"},
+		{Key: "own", Value: []byte(`1`), UpdatedBy: "alice"},
+	}, got)
+	require.NoError(t, a.SetState(ctx, "after", true))
+	require.Equal(t, "after", nextStateChange(t, b, 5*time.Second).Key, "nothing told twice")
+	require.Equal(t, []string{"plan", "gone", "notes", "after"}, keys(stateChangesUntil(t, a1, "after")),
+		"the writer's session is not told its own change")
+}
+
+func keys(changes []protocol.StateChange) []string {
+	out := make([]string, len(changes))
+	for i, c := range changes {
+		out[i] = c.Key
+	}
+	return out
+}
+
+// A mesh with more changes in the gap than the catch-up tells (stateCatchUpPerMesh) gets its
+// newest ones, oldest first, and the cap is counted and logged: never a flood of frames.
+func TestStateCatchUpOfAMeshWithManyChangesIsCapped(t *testing.T) {
+	t.Parallel()
+	c, proxy := newCutCluster(t)
+	m := c.mesh(0)
+	a := m.dial(0, m.member("alice"))
+	b := m.dial(1, m.member("bob"))
+	ctx := ctxT(t)
+	proxy.Cut()
+	dbtest.WaitFor(t, 10*time.Second, "n1's listener down", func() bool { return !c.nodes[1].BusConnected() })
+	n := stateCatchUpPerMesh + 5
+	for i := range n {
+		require.NoError(t, a.SetState(ctx, fmt.Sprintf("k%03d", i), i))
+	}
+	_, err := a.ListPeers(ctx)
+	require.NoError(t, err)
+	capped := c.nodes[1].Metrics().StateCatchUp.WithLabelValues("capped")
+	proxy.Restore()
+
+	got := keys(stateChangesUntil(t, b, fmt.Sprintf("k%03d", n-1)))
+	require.Len(t, got, stateCatchUpPerMesh)
+	require.Equal(t, "k005", got[0], "the newest, oldest first")
+	require.Equal(t, 1.0, testutil.ToFloat64(capped))
+	require.NoError(t, a.SetState(ctx, "after", true))
+	require.Equal(t, "after", nextStateChange(t, b, 5*time.Second).Key)
+}
+
+// A large value's change is read back by each replica; a read that fails (the database slow or
+// away) is caught up at the next poll instead of lost.
+func TestStateChangeWhoseReadBackFailedIsCaughtUp(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t, 1, nil)
+	m := c.mesh(0)
+	b := m.dial(0, m.member("bob"))
+	ctx := ctxT(t)
+	// A large value written without its notice, the notice sent while the read back waits on a
+	// lock until its deadline.
+	var at int64
+	require.NoError(t, c.pool.QueryRow(ctx, `INSERT INTO claudemesh.state (mesh_id, key, value, updated_by, updated_at)
+		VALUES ($1, 'notes', to_jsonb(repeat('x', 8000)), 'alice', clock_timestamp())
+		RETURNING (extract(epoch FROM updated_at) * 1000000)::bigint`, m.id).Scan(&at))
+	tx, err := c.pool.Begin(ctx)
+	require.NoError(t, err)
+	defer func() { _ = tx.Rollback(ctx) }()
+	_, err = tx.Exec(ctx, `LOCK TABLE claudemesh.state IN ACCESS EXCLUSIVE MODE`)
+	require.NoError(t, err)
+	failed := c.nodes[0].Metrics().BackgroundErrors.WithLabelValues("load_changed_state")
+	line := fmt.Sprintf(`{"k":"t","h":%q,"y":"notes","p":"someone-else","i":%d}`, m.id, at)
+	_, err = c.pool.Exec(ctx, `SELECT pg_notify('claudemesh_all', $1)`, line)
+	require.NoError(t, err)
+	dbtest.WaitFor(t, 2*opTimeout, "the read back failed", func() bool { return testutil.ToFloat64(failed) > 0 })
+	require.NoError(t, tx.Rollback(ctx))
+	ch := nextStateChange(t, b, 3*pollInterval)
+	require.Equal(t, protocol.StateChange{Key: "notes", Value: []byte(`"` + strings.Repeat("x", 8000) + `"`), UpdatedBy: "alice"}, ch)
 }

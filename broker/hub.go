@@ -296,10 +296,23 @@ func (h *hub) memberSessions(memberID string) []*session {
 	return collect(h.byMember[memberID])
 }
 
-// toMesh queues frame on every session of the mesh that skip does not exclude. The frame is
-// encoded once by the caller; every recipient gets the same bytes.
-func (h *hub) toMesh(meshID string, frame []byte, skip func(*session) bool) {
+// meshIDs returns the meshes that have sessions here.
+func (h *hub) meshIDs() []string {
 	h.mu.RLock()
+	defer h.mu.RUnlock()
+	out := make([]string, 0, len(h.byMesh))
+	for id := range h.byMesh {
+		out = append(out, id)
+	}
+	return out
+}
+
+// toMesh queues frame on every session of the mesh that skip does not exclude, and reports
+// whether the mesh has sessions here. The frame is encoded once by the caller; every recipient
+// gets the same bytes.
+func (h *hub) toMesh(meshID string, frame []byte, skip func(*session) bool) bool {
+	h.mu.RLock()
+	local := len(h.byMesh[meshID]) > 0
 	targets := make([]*session, 0, len(h.byMesh[meshID]))
 	for s := range h.byMesh[meshID] {
 		if skip == nil || !skip(s) {
@@ -310,6 +323,7 @@ func (h *hub) toMesh(meshID string, frame []byte, skip func(*session) bool) {
 	for _, s := range targets { // queueing never blocks, but outside the lock all the same
 		s.send(frame, false)
 	}
+	return local
 }
 
 // pingWait bounds the ping of a quiet session (nothing queued or written for writeWait): its

@@ -32,7 +32,33 @@ type router struct {
 	// fullOwed: a full catch-up failed (the database away or slow); the next poll runs it in
 	// full, since only a full one applies the notices lost with the connection or an overflow.
 	fullOwed bool
+	// stateOwed, stateFrom: shared-state changes from stateFrom (database clock, unix
+	// microseconds; 0: from the start) on may not have reached the local sessions (notices lost,
+	// a read-back failed); catchUpState tells them, at the next resync or poll.
+	stateOwed bool
+	stateFrom int64
+	// told is what the local sessions were last told of each key (the write's time): a
+	// catch-up does not tell them a change again, and a notice applied after a catch-up does
+	// not take them back to an older value. Only the router's goroutine touches it.
+	told map[stateKey]int64
 }
+
+// stateKey is a shared-state key of a mesh.
+type stateKey struct{ mesh, key string }
+
+// The state catch-up's bounds. stateCatchUpMargin: a write's time is taken before its commit,
+// so one committed after the last notice heard may carry a time somewhat before it.
+// stateCatchUpPerMesh: a mesh with more changes than this in a gap gets its newest ones (the
+// sessions are told, and the log says, that some were left out; they see the rest on get_state
+// or list_state), so the catch-up never floods a socket's queue. stateCatchUpChunk: meshes
+// read per statement. maxTold bounds the memo of what was told (a few minutes' writes of busy
+// meshes; past it, a catch-up may tell a change twice).
+const (
+	stateCatchUpMargin  = 10 * time.Second
+	stateCatchUpPerMesh = 128
+	stateCatchUpChunk   = 16
+	maxTold             = 1 << 16
+)
 
 // Start applies bus messages until Stop.
 func (r *router) Start(ctx context.Context) error {
@@ -162,6 +188,9 @@ func (r *router) apply(ctx context.Context, m pgbus.Message) {
 		// Never to the sessions of the member the event is about.
 		r.hub.toMesh(m.Mesh, frame, func(s *session) bool { return !s.systemEvents || s.memberID == m.Member })
 	case pgbus.KindState:
+		if m.ID != 0 && r.told[stateKey{m.Mesh, m.Key}] >= m.ID {
+			return // a catch-up told this write, or a later one, already
+		}
 		change := m.Data
 		// Too large to ride along: read it back. set_state writes the line's "x" as null then
 		// (json_build_object keeps the member), which is no frame to send.
@@ -170,7 +199,10 @@ func (r *router) apply(ctx context.Context, m pgbus.Message) {
 			e, err := r.store.GetState(qctx, m.Mesh, m.Key)
 			cancel()
 			if err != nil && !errors.Is(err, store.ErrNotFound) {
-				r.metrics.backgroundError(r.log, "load_changed_state", err, "mesh", m.Mesh)
+				r.metrics.backgroundError(r.log, "load_changed_state", err, "mesh", m.Mesh, "retry", "state catch-up")
+				if m.ID != 0 {
+					r.oweState(m.ID)
+				}
 				return
 			}
 			if m.ID != 0 && (err != nil || e.UpdatedAt.UnixMicro() != m.ID) {
@@ -184,7 +216,99 @@ func (r *router) apply(ctx context.Context, m pgbus.Message) {
 			}
 			change, _ = json.Marshal(&protocol.StateChange{Key: e.Key, Value: e.Value, UpdatedBy: e.UpdatedBy})
 		}
-		r.hub.toMesh(m.Mesh, change, func(s *session) bool { return s.presenceID == m.Presence })
+		if r.hub.toMesh(m.Mesh, change, func(s *session) bool { return s.presenceID == m.Presence }) && m.ID != 0 {
+			r.noteTold(stateKey{m.Mesh, m.Key}, m.ID)
+		}
+	}
+}
+
+// oweState records that the shared-state changes from `from` on (database clock, unix
+// microseconds) may not have reached the local sessions.
+func (r *router) oweState(from int64) {
+	if !r.stateOwed || from < r.stateFrom {
+		r.stateOwed, r.stateFrom = true, from
+	}
+}
+
+// noteTold remembers that the local sessions of k's mesh were told k's write of time at.
+func (r *router) noteTold(k stateKey, at int64) {
+	if r.told == nil {
+		r.told = map[stateKey]int64{}
+	}
+	if _, ok := r.told[k]; !ok && len(r.told) >= maxTold {
+		r.pruneTold()
+		if len(r.told) >= maxTold {
+			return // a later catch-up may tell it again: harmless
+		}
+	}
+	r.told[k] = at
+}
+
+// pruneTold forgets what no catch-up can read again: a gap starts at or after what the bus has
+// heard, and a catch-up reads from a margin before its start.
+func (r *router) pruneTold() {
+	floor := r.bus.Heard() - stateCatchUpMargin.Microseconds()
+	for k, at := range r.told {
+		if at < floor {
+			delete(r.told, k)
+		}
+	}
+}
+
+// catchUpState tells the local sessions the shared-state changes they may have missed (from
+// stateFrom, less the margin), as the notices would have: each mesh's keys written or deleted
+// since, oldest first, a deletion as value null, never to the writer's own session, and not
+// again what they were told. At most stateCatchUpPerMesh a mesh, its newest.
+func (r *router) catchUpState(ctx context.Context) error {
+	since := time.UnixMicro(r.stateFrom - stateCatchUpMargin.Microseconds())
+	if r.stateFrom == 0 { // nothing was heard before the gap: everything may be new
+		since = time.Unix(0, 0)
+	}
+	meshes := r.hub.meshIDs()
+	for len(meshes) > 0 {
+		chunk := meshes[:min(len(meshes), stateCatchUpChunk)]
+		meshes = meshes[len(chunk):]
+		qctx, cancel := context.WithTimeout(ctx, opTimeout)
+		rows, err := r.store.StateChangesSince(qctx, chunk, since, stateCatchUpPerMesh+1)
+		cancel()
+		if err != nil {
+			return err
+		}
+		for len(rows) > 0 {
+			n := 1
+			for n < len(rows) && rows[n].MeshID == rows[0].MeshID {
+				n++
+			}
+			r.tellChanges(rows[:n])
+			rows = rows[n:]
+		}
+	}
+	return nil
+}
+
+// tellChanges tells the local sessions of one mesh its changes (oldest first).
+func (r *router) tellChanges(changes []store.StateChange) {
+	mesh := changes[0].MeshID
+	if len(changes) > stateCatchUpPerMesh {
+		left := len(changes) - stateCatchUpPerMesh
+		changes = changes[left:]
+		r.metrics.StateCatchUp.WithLabelValues("capped").Inc()
+		r.log.Warn("state catch-up capped: the mesh's sessions are told only its newest changes; they see the others with get_state or list_state",
+			"mesh", mesh, "told", stateCatchUpPerMesh, "oldest_told", changes[0].At)
+	}
+	for _, c := range changes {
+		k, at := stateKey{mesh, c.Key}, c.At.UnixMicro()
+		if r.told[k] >= at {
+			continue
+		}
+		frame, err := protocol.Encode(protocol.StateChange{Key: c.Key, Value: c.Value, UpdatedBy: c.UpdatedBy})
+		if err != nil {
+			continue
+		}
+		writer := c.PresenceID
+		r.hub.toMesh(mesh, frame, func(s *session) bool { return s.presenceID == writer })
+		r.noteTold(k, at)
+		r.metrics.StateCatchUp.WithLabelValues("sent").Inc()
 	}
 }
 
@@ -244,12 +368,16 @@ func reloadStatus(ctx context.Context, st *store.Store, p *pusher, m *Metrics, l
 // whose sessions are caught up polls with one read-only query and takes no row locks, whatever
 // its number of sessions (a second statement gives back orphaned pushes, when there are any).
 func (r *router) resync(ctx context.Context, full bool) {
+	root := ctx // the state catch-up bounds each of its statements itself
 	// Also with no session here: pushes assigned here to sessions that left may wait for it.
 	ctx, cancel := context.WithTimeout(ctx, opTimeout)
 	defer cancel()
 	full = full || r.fullOwed
 	if full {
 		r.hub.woke() // it claims for the sessions in the hub: a hello not yet there claims itself
+		if from, ok := r.bus.TakeGap(); ok {
+			r.oweState(from)
+		}
 	}
 	if full && r.hub.len() > 0 {
 		// Every session here now registered before the read below: its hello committed first.
@@ -277,6 +405,16 @@ func (r *router) resync(ctx context.Context, full bool) {
 	}
 	if full {
 		r.fullOwed = false
+	}
+	if r.stateOwed {
+		if err := r.catchUpState(root); err != nil {
+			r.metrics.backgroundError(r.log, "state_catch_up", err, "retry", "next poll")
+		} else {
+			r.stateOwed = false
+		}
+	}
+	if len(r.told) > maxTold/2 {
+		r.pruneTold()
 	}
 	claimable, orphans, err := r.store.SessionsWithClaimable(ctx, r.nodeID)
 	if err != nil {

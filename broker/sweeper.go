@@ -15,8 +15,8 @@ import (
 
 // sweeper is the replica's periodic database upkeep: presences whose grace ran out end,
 // sessions stuck in working flip to idle, presences without a socket are reconciled, expired
-// deliveries, envelopes, hook signals and signatures are swept, the pending gauge is read, and
-// the hot tables' planner statistics are kept up with their growth.
+// deliveries, envelopes, hook signals, signatures and old state deletions are swept, the
+// pending gauge is read, and the hot tables' planner statistics are kept up with their growth.
 type sweeper struct {
 	service
 	store     *store.Store

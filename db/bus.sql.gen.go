@@ -39,3 +39,20 @@ func (q *Queries) NotifyMany(ctx context.Context, arg NotifyManyParams) error {
 	_, err := q.db.Exec(ctx, notifyMany, arg.Channels, arg.Payloads)
 	return err
 }
+
+const notifyPing = `-- name: NotifyPing :exec
+SELECT pg_notify($1::text,
+    json_build_object('k', 'p', 'n', $2::text, 'i', (extract(epoch FROM clock_timestamp()) * 1000000)::bigint)::text)
+`
+
+type NotifyPingParams struct {
+	Channel string
+	NodeID  string
+}
+
+// The bus's liveness ping to its own channel, carrying the database's clock (microseconds): a
+// replica that hears it has heard every notification committed before it.
+func (q *Queries) NotifyPing(ctx context.Context, arg NotifyPingParams) error {
+	_, err := q.db.Exec(ctx, notifyPing, arg.Channel, arg.NodeID)
+	return err
+}

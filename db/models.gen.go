@@ -186,10 +186,19 @@ type ClaudemeshSessionKey struct {
 }
 
 type ClaudemeshState struct {
-	MeshID    string
-	Key       string
-	Value     json.RawMessage
-	UpdatedBy string
-	UpdatedAt time.Time
-	Size      int32
+	MeshID          string
+	Key             string
+	Value           json.RawMessage
+	UpdatedBy       string
+	UpdatedAt       time.Time
+	Size            int32
+	UpdatedPresence *string
+}
+
+type ClaudemeshStateDeleted struct {
+	MeshID          string
+	Key             string
+	DeletedBy       string
+	DeletedPresence string
+	DeletedAt       time.Time
 }

@@ -11,6 +11,19 @@ import (
 	"time"
 )
 
+const deleteOldStateDeletions = `-- name: DeleteOldStateDeletions :execrows
+DELETE FROM claudemesh.state_deleted WHERE deleted_at < now() - make_interval(secs => $1::float8)
+`
+
+// Deletions are kept for the replicas catching up; an hour covers any gap they close.
+func (q *Queries) DeleteOldStateDeletions(ctx context.Context, keptSeconds float64) (int64, error) {
+	result, err := q.db.Exec(ctx, deleteOldStateDeletions, keptSeconds)
+	if err != nil {
+		return 0, err
+	}
+	return result.RowsAffected(), nil
+}
+
 const getState = `-- name: GetState :one
 SELECT mesh_id, key, value, updated_by, updated_at FROM claudemesh.state WHERE mesh_id = $1 AND key = $2
 `
@@ -51,16 +64,25 @@ type ListStateParams struct {
 	MaxKeys int32
 }
 
+type ListStateRow struct {
+	MeshID    string
+	Key       string
+	Value     json.RawMessage
+	UpdatedBy string
+	UpdatedAt time.Time
+	Size      int32
+}
+
 // Bounded by the quotas; the limit guards against entries stored before them.
-func (q *Queries) ListState(ctx context.Context, arg ListStateParams) ([]ClaudemeshState, error) {
+func (q *Queries) ListState(ctx context.Context, arg ListStateParams) ([]ListStateRow, error) {
 	rows, err := q.db.Query(ctx, listState, arg.MeshID, arg.MaxKeys)
 	if err != nil {
 		return nil, err
 	}
 	defer rows.Close()
-	items := []ClaudemeshState{}
+	items := []ListStateRow{}
 	for rows.Next() {
-		var i ClaudemeshState
+		var i ListStateRow
 		if err := rows.Scan(
 			&i.MeshID,
 			&i.Key,
@@ -68,6 +90,55 @@ func (q *Queries) ListState(ctx context.Context, arg ListStateParams) ([]Claudem
 			&i.UpdatedBy,
 			&i.UpdatedAt,
 			&i.Size,
+		); err != nil {
+			return nil, err
+		}
+		items = append(items, i)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, err
+	}
+	return items, nil
+}
+
+const stateChangesSince = `-- name: StateChangesSince :many
+SELECT c.mesh_id::text AS mesh_id, c.key::text AS key, c.value::jsonb AS value, c.updated_by::text AS updated_by,
+    c.presence_id::text AS presence_id, c.at::timestamptz AS at
+FROM claudemesh.state_changes_since($1::text[], $2::timestamptz, $3::int) c
+`
+
+type StateChangesSinceParams struct {
+	MeshIds []string
+	Since   time.Time
+	PerMesh int32
+}
+
+type StateChangesSinceRow struct {
+	MeshID     string
+	Key        string
+	Value      json.RawMessage
+	UpdatedBy  string
+	PresenceID string
+	At         time.Time
+}
+
+// What a replica catching up on lost notices tells its sessions (migration 00063).
+func (q *Queries) StateChangesSince(ctx context.Context, arg StateChangesSinceParams) ([]StateChangesSinceRow, error) {
+	rows, err := q.db.Query(ctx, stateChangesSince, arg.MeshIds, arg.Since, arg.PerMesh)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	items := []StateChangesSinceRow{}
+	for rows.Next() {
+		var i StateChangesSinceRow
+		if err := rows.Scan(
+			&i.MeshID,
+			&i.Key,
+			&i.Value,
+			&i.UpdatedBy,
+			&i.PresenceID,
+			&i.At,
 		); err != nil {
 			return nil, err
 		}

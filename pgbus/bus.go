@@ -62,6 +62,20 @@ type Bus struct {
 	// behind: a message was dropped and no resync has been queued since; until one is, nothing
 	// more is queued (touched only on the listener's goroutine).
 	behind bool
+	// heard is the database clock (unix microseconds) of the newest own ping received: every
+	// notification committed before that ping has been received, since Postgres delivers them
+	// in commit order. 0 until the first.
+	heard atomic.Int64
+	// lost, lostFrom: a complete connection ended and the next has not completed yet; what was
+	// heard when it ended (listener goroutine only). The gap is marked once the next connection
+	// is complete, just before its resync, so no catch-up run meanwhile can take it.
+	lost     bool
+	lostFrom int64
+	gapMu    sync.Mutex
+	gapOpen  bool
+	gapFrom  int64
+	// pingNow asks for a ping at once (a connection completed): heard is then soon current.
+	pingNow chan struct{}
 
 	startstop.Base
 }
@@ -99,6 +113,7 @@ func New(cfg Config) (*Bus, error) {
 		cluster: ClusterChannel(cfg.Namespace),
 		queue:   make(chan Message, cfg.QueueSize),
 		resync:  make(chan struct{}, 1),
+		pingNow: make(chan struct{}, 1),
 		log:     cfg.Logger.With("component", "pgbus"),
 	}, nil
 }
@@ -135,6 +150,42 @@ func (b *Bus) Resync() <-chan struct{} { return b.resync }
 
 // Connected reports whether the LISTEN connection is up.
 func (b *Bus) Connected() bool { return b.connected.Load() }
+
+// Heard is the database clock (unix microseconds) up to which every notification was received
+// (see heard); 0 before the first ping came back.
+func (b *Bus) Heard() int64 { return b.heard.Load() }
+
+// TakeGap returns, and forgets, the start of the notifications lost since the last call (a
+// connection that ended, a queue overflow): the database clock (unix microseconds) up to which
+// every notification had been received before them, 0 if none had been yet. ok is false when
+// nothing was lost. Call it when resyncing: what changed since then may not have been heard.
+func (b *Bus) TakeGap() (from int64, ok bool) {
+	b.gapMu.Lock()
+	defer b.gapMu.Unlock()
+	from, ok = b.gapFrom, b.gapOpen
+	b.gapOpen = false
+	return from, ok
+}
+
+// markGap records that notifications after from may have been lost; the earliest counts.
+func (b *Bus) markGap(from int64) {
+	b.gapMu.Lock()
+	defer b.gapMu.Unlock()
+	if !b.gapOpen || from < b.gapFrom {
+		b.gapOpen, b.gapFrom = true, from
+	}
+}
+
+// disconnected records the end of the connection; it reports whether it had been complete.
+func (b *Bus) disconnected() bool {
+	if !b.connected.Swap(false) {
+		return false
+	}
+	if !b.lost {
+		b.lost, b.lostFrom = true, b.heard.Load()
+	}
+	return true
+}
 
 // Start runs the listener and the self-ping until Stop or until ctx ends.
 func (b *Bus) Start(ctx context.Context) error {
@@ -183,6 +234,9 @@ func (b *Bus) overflow() {
 		b.log.Warn("bus queue full: notifications dropped until the consumer catches up; a full resync follows",
 			"queue_size", cap(b.queue))
 	}
+	// Every drop: the consumer may have taken the episode's gap (its out-of-band resync) while
+	// the queue was still full.
+	b.markGap(b.heard.Load())
 	b.behind = true
 	b.signalResync()
 }
@@ -217,7 +271,7 @@ func (b *Bus) listenLoop(ctx context.Context) {
 		}()
 		l := &pgxlisten.Listener{
 			Connect: func(ctx context.Context) (*pgx.Conn, error) {
-				if b.connected.Swap(false) {
+				if b.disconnected() {
 					b.log.Warn("LISTEN connection lost; reconnecting")
 				}
 				if failures > 0 {
@@ -248,7 +302,7 @@ func (b *Bus) listenLoop(ctx context.Context) {
 		_ = l.Listen(connCtx) // returns only when connCtx ends; errors were logged
 		cancelConn()
 		<-watchDone
-		b.connected.Store(false)
+		b.disconnected()
 		if ctx.Err() != nil {
 			return
 		}
@@ -285,17 +339,26 @@ func (b *Bus) watchdog(ctx context.Context, cancel context.CancelFunc) {
 }
 
 // pingLoop notifies the node's own channel so the watchdog can see the LISTEN path work end
-// to end (a socket can look open while delivering nothing).
+// to end (a socket can look open while delivering nothing). Each ping carries the database's
+// clock, which says up to when notifications were heard (Heard).
 func (b *Bus) pingLoop(ctx context.Context) {
-	payload := Encode([]Message{{Kind: KindPing, Node: b.cfg.NodeID}})[0]
 	q := db.New(b.cfg.Exec)
-	startstop.Tick(ctx, b.cfg.PingInterval, func(time.Time) {
+	t := time.NewTicker(b.cfg.PingInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		case <-b.pingNow:
+		}
 		opCtx, cancel := context.WithTimeout(ctx, b.cfg.PingInterval)
-		defer cancel()
-		if err := q.Notify(opCtx, db.NotifyParams{Channel: b.node, Payload: payload}); err != nil && ctx.Err() == nil {
+		err := q.NotifyPing(opCtx, db.NotifyPingParams{Channel: b.node, NodeID: b.cfg.NodeID})
+		cancel()
+		if err != nil && ctx.Err() == nil {
 			b.log.Debug("bus ping", "err", err)
 		}
-	})
+	}
 }
 
 type handler struct {
@@ -323,6 +386,14 @@ func (h *handler) HandleBacklog(_ context.Context, channel string, conn *pgx.Con
 		h.b.lastPing.Store(time.Now().UnixNano())
 		h.onConnect()
 		h.b.log.Info("LISTEN connected", "channel", h.b.node)
+		if h.b.lost { // before the resync that will take it
+			h.b.markGap(h.b.lostFrom)
+			h.b.lost = false
+		}
+		select {
+		case h.b.pingNow <- struct{}{}:
+		default:
+		}
 		// Notifications are read only after every channel's backlog call: this comes first.
 		h.b.resyncInOrder()
 	}
@@ -340,6 +411,9 @@ func (h *handler) HandleNotification(_ context.Context, n *pgconn.Notification, 
 		if m.Kind == KindPing {
 			if m.Node == h.b.cfg.NodeID {
 				h.b.lastPing.Store(time.Now().UnixNano())
+				if m.ID > h.b.heard.Load() { // only this goroutine stores it
+					h.b.heard.Store(m.ID)
+				}
 			}
 			continue
 		}

@@ -286,3 +286,105 @@ func TestOverflowIsLoggedOncePerEpisode(t *testing.T) {
 	push(13) // a new episode
 	require.Equal(t, 2, strings.Count(logged.String(), "bus queue full"), logged.String())
 }
+
+// TakeGap says from when notifications may have been lost: what had been heard (the database
+// clock of the last own ping received) when the connection ended or the queue overflowed.
+// A first connect lost nothing; a taken gap is forgotten.
+func TestGapStartsAtWhatWasHeard(t *testing.T) {
+	t.Parallel()
+	url := dbtest.URL(t)
+	b := startBus(t, url, "b")
+	requireResync(t, b)
+	dbtest.WaitFor(t, 5*time.Second, "a ping heard", func() bool { return b.Heard() > 0 })
+	_, ok := b.TakeGap()
+	require.False(t, ok, "a first connect lost nothing")
+	pool := dbtest.PoolFor(t, url)
+	dbNow := func() (us int64) {
+		require.NoError(t, pool.QueryRow(context.Background(), `SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::bigint`).Scan(&us))
+		return us
+	}
+
+	heard, before := b.Heard(), dbNow()
+	_, err := pool.Exec(context.Background(), `SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+		WHERE datname = current_database() AND application_name = $1`, ListenerAppName("b"))
+	require.NoError(t, err)
+	requireResync(t, b)
+	from, ok := b.TakeGap()
+	require.True(t, ok, "a lost connection is a gap")
+	require.GreaterOrEqual(t, from, heard)
+	require.LessOrEqual(t, from, before, "from a ping sent before the connection was cut")
+	_, ok = b.TakeGap()
+	require.False(t, ok, "taken")
+
+	var o Outbox
+	for i := range 50 { // the queue holds 8
+		o.Add(b.NodeChannel("b"), Message{Kind: KindDeliveries, Member: fmt.Sprint(i)})
+	}
+	_, err = Send(context.Background(), db.New(pool), &o)
+	require.NoError(t, err)
+	select {
+	case <-b.Resync():
+	case <-time.After(5 * time.Second):
+		t.Fatal("overflow did not signal a resync")
+	}
+	from, ok = b.TakeGap()
+	require.True(t, ok, "an overflow is a gap")
+	require.Positive(t, from)
+	require.LessOrEqual(t, from, dbNow())
+}
+
+// The gap of a lost connection is marked only once the next connection is complete, just
+// before its resync: a catch-up run while the bus is still away (a poll) must not take it, or
+// what is lost after that catch-up would go unnoticed.
+func TestGapOfALostConnectionWaitsForTheReconnect(t *testing.T) {
+	cc, err := pgx.ParseConfig("postgres://localhost/x")
+	require.NoError(t, err)
+	b, err := New(Config{ConnConfig: cc, Exec: &pgx.Conn{}, NodeID: "b"}) // never started: no I/O
+	require.NoError(t, err)
+	h := &handler{b: b, onConnect: func() {}}
+	ctx := context.Background()
+	conn := &pgx.Conn{}
+	require.NoError(t, h.HandleBacklog(ctx, b.node, conn))
+	require.NoError(t, h.HandleBacklog(ctx, b.cluster, conn))
+	require.Equal(t, KindResync, (<-b.queue).Kind)
+	b.heard.Store(42)
+	require.True(t, b.disconnected())
+	b.heard.Store(43) // not heard on this connection: no ping comes while it is away
+	_, ok := b.TakeGap()
+	require.False(t, ok, "not before the reconnect")
+	conn = &pgx.Conn{}
+	require.NoError(t, h.HandleBacklog(ctx, b.cluster, conn))
+	require.NoError(t, h.HandleBacklog(ctx, b.node, conn))
+	from, ok := b.TakeGap()
+	require.True(t, ok)
+	require.Equal(t, int64(42), from, "from what was heard when it was lost")
+}
+
+// A consumer may take the gap of an overflow (its out-of-band resync) while the queue is still
+// full and more is dropped: those drops open a gap of their own, or what they carried would
+// never be caught up.
+func TestDropsAfterATakenGapOpenAnother(t *testing.T) {
+	cc, err := pgx.ParseConfig("postgres://localhost/x")
+	require.NoError(t, err)
+	b, err := New(Config{ConnConfig: cc, Exec: &pgx.Conn{}, NodeID: "b", QueueSize: 2}) // never started: no I/O
+	require.NoError(t, err)
+	h := &handler{b: b, onConnect: func() {}}
+	ctx := context.Background()
+	push := func(id int64) {
+		t.Helper()
+		payload := Encode([]Message{{Kind: KindPushFrame, Presence: "p", ID: id, Key: "now", Data: []byte(`{}`)}})[0]
+		require.NoError(t, h.HandleNotification(ctx, &pgconn.Notification{Channel: b.node, Payload: payload}, nil))
+	}
+	b.heard.Store(10)
+	push(1)
+	push(2)
+	push(3) // dropped
+	from, ok := b.TakeGap()
+	require.True(t, ok)
+	require.Equal(t, int64(10), from)
+	b.heard.Store(20)
+	push(4) // the queue is still full: dropped too
+	from, ok = b.TakeGap()
+	require.True(t, ok, "a drop after the gap was taken is a gap")
+	require.Equal(t, int64(20), from)
+}

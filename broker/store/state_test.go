@@ -180,3 +180,76 @@ func TestSetStateQuotaHoldsUnderConcurrentWriters(t *testing.T) {
 		require.Equal(t, quota.MaxKeys, accepted, "round %d: writes accepted", round)
 	}
 }
+
+// What a replica catching up on lost notices reads: the keys of its meshes written or deleted
+// since a time (a deletion as null, with who deleted it from which session), each key's writes
+// later than the one before even when the clock says otherwise, the newest few per mesh, oldest
+// first; a key written again loses its deletion, and deletions are swept after an hour.
+func TestStateChangesSince(t *testing.T) {
+	t.Parallel()
+	ctx := dbtest.Context(t)
+	pool := dbtest.Pool(t)
+	st := store.New(pool, "t")
+	mesh := func(slug string) (id string) {
+		require.NoError(t, pool.QueryRow(ctx, `INSERT INTO claudemesh.mesh (slug, name, owner_pubkey) VALUES ($1, $1, $2) RETURNING id`,
+			slug, strings.Repeat("0", 64)).Scan(&id))
+		return id
+	}
+	m1, m2, other := mesh("m1"), mesh("m2"), mesh("other")
+	set := func(mesh, key, value, by string) store.StateEntry {
+		t.Helper()
+		e, err := st.SetState(ctx, store.StateWrite{MeshID: mesh, Key: key, Value: json.RawMessage(value), UpdatedBy: by,
+			PresenceID: "p-" + by, Actor: "a", AuditData: []byte(`{}`), Quota: store.StateQuota{MaxKeys: 100, MaxBytes: 1 << 20}})
+		require.NoError(t, err)
+		return e
+	}
+	set(m1, "old", `0`, "alice")
+	var since time.Time
+	require.NoError(t, pool.QueryRow(ctx, `SELECT clock_timestamp()`).Scan(&since))
+	a := set(m1, "a", `1`, "alice")
+	// A clock that stepped back: the key's next write still comes later.
+	_, err := pool.Exec(ctx, `UPDATE claudemesh.state SET updated_at = updated_at + interval '1 hour' WHERE mesh_id = $1 AND key = 'a'`, m1)
+	require.NoError(t, err)
+	a2 := set(m1, "a", `2`, "alice")
+	require.Equal(t, a.UpdatedAt.Add(time.Hour+time.Microsecond), a2.UpdatedAt)
+	gone := set(m1, "gone", `1`, "bob")
+	del := set(m1, "gone", `null`, "bob")
+	require.True(t, del.UpdatedAt.After(gone.UpdatedAt))
+	set(m1, "back", `1`, "bob")
+	set(m1, "back", `null`, "bob")
+	set(m1, "back", `3`, "carol")
+	set(m2, "x", `"y"`, "carol")
+	set(other, "z", `1`, "carol")
+
+	type row struct{ Mesh, Key, Value, By, Presence string }
+	read := func(perMesh int) (out []row) {
+		t.Helper()
+		changes, err := st.StateChangesSince(ctx, []string{m1, m2}, since, perMesh)
+		require.NoError(t, err)
+		for _, c := range changes {
+			out = append(out, row{c.MeshID, c.Key, string(c.Value), c.UpdatedBy, c.PresenceID})
+		}
+		return out
+	}
+	mesh1 := []row{{m1, "gone", "null", "bob", "p-bob"}, {m1, "back", "3", "carol", "p-carol"}, {m1, "a", "2", "alice", "p-alice"}}
+	mesh2 := []row{{m2, "x", `"y"`, "carol", "p-carol"}}
+	byMesh := func(rows ...[]row) (out []row) {
+		if m1 > m2 {
+			rows[0], rows[1] = rows[1], rows[0]
+		}
+		for _, r := range rows {
+			out = append(out, r...)
+		}
+		return out
+	}
+	require.Equal(t, byMesh(mesh1, mesh2), read(10), "by mesh, oldest first; a (an hour ahead) last")
+	require.Equal(t, byMesh(mesh1[1:], mesh2), read(2), "each mesh's newest")
+
+	// Deletions are swept an hour after; the key's row is untouched.
+	_, err = pool.Exec(ctx, `UPDATE claudemesh.state_deleted SET deleted_at = deleted_at - $1::interval`, store.StateDeletionRetention)
+	require.NoError(t, err)
+	require.NoError(t, st.DeleteExpired(ctx))
+	var left int
+	require.NoError(t, pool.QueryRow(ctx, `SELECT count(*) FROM claudemesh.state_deleted`).Scan(&left))
+	require.Zero(t, left)
+}

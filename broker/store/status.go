@@ -2,6 +2,7 @@ package store
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"time"
@@ -37,8 +38,8 @@ type HookQuery struct {
 }
 
 // DeleteExpired drops stale hook signals, remembered signatures, the rows of nodes gone more
-// than GoneNodeRetention ago, and up to endedPresencePages pages of presences ended more than
-// EndedPresenceRetention ago.
+// than GoneNodeRetention ago, shared-state deletions older than StateDeletionRetention, and up
+// to endedPresencePages pages of presences ended more than EndedPresenceRetention ago.
 func (s *Store) DeleteExpired(ctx context.Context) error {
 	// Each on its own: one failing leaves the others' rows to be deleted.
 	var errs []error
@@ -50,6 +51,9 @@ func (s *Store) DeleteExpired(ctx context.Context) error {
 	}
 	if _, err := s.q.DeleteGoneNodes(ctx, GoneNodeRetention.Seconds()); err != nil {
 		errs = append(errs, fmt.Errorf("delete gone nodes: %w", err))
+	}
+	if _, err := s.q.DeleteOldStateDeletions(ctx, StateDeletionRetention.Seconds()); err != nil {
+		errs = append(errs, fmt.Errorf("delete old state deletions: %w", err))
 	}
 	// A few pages per sweep: a backlog (the rows kept before pruning existed) clears in
 	// minutes without one long statement.
@@ -81,6 +85,34 @@ const EndedPresenceRetention = time.Hour
 // GoneNodeRetention is how long the row of a replica that stopped or was declared dead is
 // kept; then it goes once nothing live names it.
 const GoneNodeRetention = 24 * time.Hour
+
+// StateDeletionRetention is how long a shared-state key's deletion is kept for the replicas
+// catching up on notices they lost (StateChangesSince): far longer than a LISTEN connection
+// stays away while its replica keeps its sessions.
+const StateDeletionRetention = time.Hour
+
+// StateChange is a shared-state write or deletion (Value null) of a mesh, for a catch-up.
+type StateChange struct {
+	MeshID, Key string
+	Value       json.RawMessage
+	UpdatedBy   string
+	PresenceID  string // the writer's session ("" when unknown), not told its own change
+	At          time.Time
+}
+
+// StateChangesSince returns the shared-state changes of these meshes at or after since, for
+// each mesh its newest perMesh, ordered by mesh and then oldest first.
+func (s *Store) StateChangesSince(ctx context.Context, meshIDs []string, since time.Time, perMesh int) ([]StateChange, error) {
+	rows, err := s.q.StateChangesSince(ctx, db.StateChangesSinceParams{MeshIds: meshIDs, Since: since, PerMesh: int32(perMesh)})
+	if err != nil {
+		return nil, fmt.Errorf("state changes since: %w", err)
+	}
+	out := make([]StateChange, len(rows))
+	for i, r := range rows {
+		out[i] = StateChange{MeshID: r.MeshID, Key: r.Key, Value: r.Value, UpdatedBy: r.UpdatedBy, PresenceID: r.PresenceID, At: r.At}
+	}
+	return out, nil
+}
 
 // StateQuota bounds a mesh's shared state.
 type StateQuota struct{ MaxKeys, MaxBytes int }
