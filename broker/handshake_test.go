@@ -2,6 +2,7 @@ package broker
 
 import (
 	"context"
+	"crypto/ed25519"
 	"errors"
 	"fmt"
 	"net/http"
@@ -13,6 +14,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/claudemesh/broker/broker/audit"
+	"github.com/claudemesh/broker/broker/membership"
 	"github.com/claudemesh/broker/client"
 	"github.com/claudemesh/broker/db/dbtest"
 	"github.com/claudemesh/broker/protocol"
@@ -351,4 +353,35 @@ func TestHellosPerMemberAreLimited(t *testing.T) {
 	require.Contains(t, he.Message, "this member")
 	require.Equal(t, protocol.CloseTryAgainLater, he.CloseCode)
 	require.NotEmpty(t, m.dial(0, bob).HelloAck().PresenceID, "another member's hello")
+}
+
+// A key the operator readmits with `broker member add` after its member was revoked keeps the
+// session keys it had used: its own key as its session key, or a key of its own sessions. They
+// stayed bound to the revoked row: the readmitted member's hellos presenting them were refused
+// session_key_taken ("another member's"), and direct sends to them no_recipient.
+func TestReaddedMemberKeepsItsSessionKeys(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t, 1, nil)
+	m := c.mesh(0)
+	alice, bob := m.member("alice"), m.member("bob")
+	own := alice.key.Public().(ed25519.PublicKey)
+	sessionKey, _, err := generateKey()
+	require.NoError(t, err)
+	for i, key := range []ed25519.PublicKey{own, sessionKey} {
+		cl := m.dial(0, alice, func(o *client.Options) { o.SessionKey = key; o.SessionID = fmt.Sprintf("before-%d", i) })
+		require.NoError(t, cl.Close())
+	}
+	_, err = c.nodes[0].Members().RevokeMember(ctxT(t), m.id, alice.pub)
+	require.NoError(t, err)
+	again, err := c.nodes[0].Members().AddMember(ctxT(t), membership.AddMemberParams{Mesh: m.id, Pubkey: alice.pub, DisplayName: "alice"})
+	require.NoError(t, err)
+	alice.id = again.ID
+
+	m.dial(0, alice, func(o *client.Options) { o.SessionKey = own; o.SessionID = "own" })
+	a := m.dial(0, alice, func(o *client.Options) { o.SessionKey = sessionKey; o.SessionID = "session" })
+	b := m.dial(0, bob)
+	ack, err := b.Send(ctxT(t), protocol.PubkeyHex(sessionKey), protocol.PriorityNow, "n", "c", "")
+	require.NoError(t, err)
+	require.True(t, ack.Queued, ack.Error)
+	require.Equal(t, ack.MessageID, nextPush(t, a, 5*time.Second).MessageID)
 }

@@ -189,3 +189,24 @@ func (q *Queries) SessionKeyBound(ctx context.Context, arg SessionKeyBoundParams
 	err := row.Scan(&bound)
 	return bound, err
 }
+
+const sessionKeysReadmit = `-- name: SessionKeysReadmit :exec
+UPDATE claudemesh.session_key k SET member_id = $1
+FROM claudemesh.member r
+WHERE k.mesh_id = $2 AND k.member_id = r.id
+  AND r.mesh_id = $2 AND r.pubkey = $3 AND r.id <> $1
+`
+
+type SessionKeysReadmitParams struct {
+	MemberID string
+	MeshID   string
+	Pubkey   string
+}
+
+// A key readmitted as a new member row takes over the session keys bound to its earlier
+// (revoked) rows: the same member key proved them. Left on a revoked row, they made the
+// readmitted member's hellos presenting them session_key_taken and sends to them no_recipient.
+func (q *Queries) SessionKeysReadmit(ctx context.Context, arg SessionKeysReadmitParams) error {
+	_, err := q.db.Exec(ctx, sessionKeysReadmit, arg.MemberID, arg.MeshID, arg.Pubkey)
+	return err
+}

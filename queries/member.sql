@@ -37,3 +37,12 @@ SELECT EXISTS (SELECT 1 FROM claudemesh.session_key k JOIN claudemesh.member m O
 SELECT revoked_by FROM claudemesh.member
 WHERE mesh_id = @mesh_id AND pubkey = @pubkey AND revoked_at IS NOT NULL
 ORDER BY revoked_at DESC, created_at DESC LIMIT 1;
+
+-- name: SessionKeysReadmit :exec
+-- A key readmitted as a new member row takes over the session keys bound to its earlier
+-- (revoked) rows: the same member key proved them. Left on a revoked row, they made the
+-- readmitted member's hellos presenting them session_key_taken and sends to them no_recipient.
+UPDATE claudemesh.session_key k SET member_id = @member_id
+FROM claudemesh.member r
+WHERE k.mesh_id = @mesh_id AND k.member_id = r.id
+  AND r.mesh_id = @mesh_id AND r.pubkey = @pubkey AND r.id <> @member_id;

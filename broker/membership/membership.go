@@ -465,6 +465,10 @@ func (s *Service) AddMember(ctx context.Context, p AddMemberParams) (Member, err
 		if err != nil {
 			return err
 		}
+		// A revoked key added again is the same member: the session keys it used are still its.
+		if err := q.SessionKeysReadmit(ctx, db.SessionKeysReadmitParams{MemberID: mb.ID, MeshID: m.ID, Pubkey: pub}); err != nil {
+			return err
+		}
 		out = memberFromDB(mb)
 		return audit.Append(ctx, tx, []audit.Entry{{MeshID: m.ID, Type: audit.MemberAdded, Actor: audit.ActorOperator, At: mb.CreatedAt,
 			Data: map[string]any{"member_id": mb.ID, "pubkey": pub, "role": mb.Role, "display_name": mb.DisplayName}}})
