@@ -274,11 +274,17 @@ type UpgradeError struct {
 	URL    string
 	Status int
 	Body   string // the start of the server's answer, made printable
-	Err    error
+	// Location is where a redirect points (a ws:// URL sent on to https://, say): not
+	// followed, since the hello's signature would go wherever it says, but shown.
+	Location string
+	Err      error
 }
 
 func (e *UpgradeError) Error() string {
 	msg := fmt.Sprintf("dial %s: HTTP %d", e.URL, e.Status)
+	if e.Location != "" {
+		msg += " (redirected to " + e.Location + ": use that URL)"
+	}
 	if e.Body != "" {
 		msg += ": " + e.Body
 	}
@@ -322,7 +328,8 @@ func Dial(ctx context.Context, opts Options) (*Client, error) {
 	if err != nil {
 		if resp != nil {
 			return nil, &UpgradeError{URL: opts.URL, Status: resp.StatusCode,
-				Body: Printable(strings.TrimSpace(string(body)), false), Err: err}
+				Body:     Printable(strings.TrimSpace(string(body)), false),
+				Location: Printable(resp.Header.Get("Location"), false), Err: err}
 		}
 		return nil, fmt.Errorf("dial %s: %w", opts.URL, err)
 	}

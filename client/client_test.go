@@ -332,6 +332,13 @@ func TestDialErrors(t *testing.T) {
 	_, err = Dial(context.Background(), opts)
 	require.ErrorContains(t, err, "HTTP 404: 404 page not found")
 	require.False(t, DialRetryable(err), "a wrong path stays wrong")
+
+	// A redirect is not followed (the signed hello would go wherever it points) but named.
+	moved := httptest.NewServer(http.RedirectHandler("https://broker.example/ws", http.StatusMovedPermanently))
+	t.Cleanup(moved.Close)
+	_, err = Dial(context.Background(), testOptions(t, "ws"+strings.TrimPrefix(moved.URL, "http")+"/ws", k))
+	require.ErrorContains(t, err, "HTTP 301 (redirected to https://broker.example/ws: use that URL)")
+	require.False(t, DialRetryable(err))
 }
 
 func TestRequestCorrelationOutOfOrder(t *testing.T) {
