@@ -2,6 +2,7 @@ package db_test
 
 import (
 	"context"
+	"strings"
 	"sync"
 	"testing"
 
@@ -89,4 +90,57 @@ func TestSchemaVersions(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, known, known2)
 	require.Equal(t, known+1, applied)
+}
+
+// Migration 00060 hands the session keys bound to a revoked member row to the live row of the
+// same key (a key enrolled anew after its revocation): left there, its hellos presenting them
+// were refused session_key_taken for good. Another member's bindings stay.
+func TestMigrationHandsSessionKeysToTheReadmittedMember(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	url := dbtest.EmptyURL(t)
+	m, err := db.NewMigrator(url, dbtest.Logger(t))
+	require.NoError(t, err)
+	defer m.Close()
+	require.NoError(t, m.Up(ctx))
+	// Back to just before 00060, where a database of the previous release stands.
+	for {
+		st, err := m.Status(ctx)
+		require.NoError(t, err)
+		newest := int64(0)
+		for _, s := range st {
+			if s.Applied && s.Version > newest {
+				newest = s.Version
+			}
+		}
+		if newest < 60 {
+			break
+		}
+		require.NoError(t, m.Down(ctx))
+	}
+	conn, err := pgx.Connect(ctx, url)
+	require.NoError(t, err)
+	defer conn.Close(ctx)
+	key, other := strings.Repeat("a", 64), strings.Repeat("b", 64)
+	sk1, sk2, sk3 := strings.Repeat("1", 64), strings.Repeat("2", 64), strings.Repeat("3", 64)
+	_, err = conn.Exec(ctx, `
+		INSERT INTO claudemesh.mesh (id, slug, name, owner_pubkey) VALUES ('m1', 'demo', 'demo', '`+other+`');
+		INSERT INTO claudemesh.member (id, mesh_id, pubkey, display_name, role, revoked_at) VALUES
+			('old', 'm1', '`+key+`', 'alice', 'member', now()),
+			('new', 'm1', '`+key+`', 'alice', 'member', NULL),
+			('bob', 'm1', '`+other+`', 'bob', 'member', NULL);
+		INSERT INTO claudemesh.session_key (mesh_id, session_pubkey, member_id) VALUES
+			('m1', '`+key+`', 'old'), ('m1', '`+sk1+`', 'old'), ('m1', '`+sk2+`', 'bob'), ('m1', '`+sk3+`', 'new')`)
+	require.NoError(t, err)
+	require.NoError(t, m.Up(ctx))
+	rows, err := conn.Query(ctx, `SELECT session_pubkey, member_id FROM claudemesh.session_key ORDER BY session_pubkey`)
+	require.NoError(t, err)
+	got := map[string]string{}
+	for rows.Next() {
+		var k, mem string
+		require.NoError(t, rows.Scan(&k, &mem))
+		got[k] = mem
+	}
+	require.NoError(t, rows.Err())
+	require.Equal(t, map[string]string{key: "new", sk1: "new", sk2: "bob", sk3: "new"}, got)
 }
