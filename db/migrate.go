@@ -49,6 +49,9 @@ func NewMigrator(url string, logger *slog.Logger) (*Migrator, error) {
 		goose.WithSessionLocker(locker),
 		goose.WithTableName(VersionTable),
 		goose.WithDisableGlobalRegistry(true),
+		// Numbers are handed out per change, so one merged later can be below one a release
+		// already applied (00062 and 00063 after 00064): apply it, don't refuse the release.
+		goose.WithAllowOutofOrder(true),
 	}
 	if logger != nil {
 		opts = append(opts, goose.WithSlog(logger), goose.WithVerbose(true))
