@@ -255,3 +255,35 @@ func TestStateChangeWhoseReadBackFailedIsCaughtUp(t *testing.T) {
 	ch := nextStateChange(t, b, 3*pollInterval)
 	require.Equal(t, protocol.StateChange{Key: "notes", Value: []byte(`"` + strings.Repeat("x", 8000) + `"`), UpdatedBy: "alice"}, ch)
 }
+
+// The database clock can step back: corrected after it ran ahead, or a failover to a server
+// whose clock is behind. The writes after the step carry the clock as it is then, so the state
+// catch-up must read from what the latest ping said, not from the highest clock ever heard.
+// Before, one ping an hour ahead kept the replica's "heard" an hour ahead: for that hour every
+// catch-up read from the future, and the changes lost with a LISTEN connection were never told.
+func TestStateCatchUpAfterTheDatabaseClockSteppedBack(t *testing.T) {
+	t.Parallel()
+	c, proxy := newCutCluster(t)
+	m := c.mesh(0)
+	a := m.dial(0, m.member("alice"))
+	b := m.dial(1, m.member("bob"))
+	ctx := ctxT(t)
+	// n1's pings as the database would send them: its clock an hour ahead, then set right.
+	for _, ahead := range []int{3600, 0} {
+		_, err := c.pool.Exec(ctx, `SELECT pg_notify('claudemesh_n_n1', json_build_object('k', 'p', 'n', 'n1',
+			'i', ((extract(epoch FROM clock_timestamp()) + $1::int) * 1000000)::bigint)::text)`, ahead)
+		require.NoError(t, err)
+	}
+	// Notices arrive in commit order: once this change is told, n1 has heard both pings.
+	require.NoError(t, a.SetState(ctx, "before", 1))
+	require.Equal(t, "before", nextStateChange(t, b, 5*time.Second).Key)
+
+	proxy.Cut()
+	dbtest.WaitFor(t, 10*time.Second, "n1's listener down", func() bool { return !c.nodes[1].BusConnected() })
+	require.NoError(t, a.SetState(ctx, "during", 2))
+	_, err := a.ListPeers(ctx) // replies come in request order: the write is stored
+	require.NoError(t, err)
+	proxy.Restore()
+	dbtest.WaitFor(t, 15*time.Second, "n1's listener back", c.nodes[1].BusConnected)
+	require.Equal(t, protocol.StateChange{Key: "during", Value: []byte(`2`), UpdatedBy: "alice"}, nextStateChange(t, b, 15*time.Second))
+}

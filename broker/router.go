@@ -245,7 +245,8 @@ func (r *router) noteTold(k stateKey, at int64) {
 }
 
 // pruneTold forgets what no catch-up can read again: a gap starts at or after what the bus has
-// heard, and a catch-up reads from a margin before its start.
+// heard, and a catch-up reads from a margin before its start. (Unless the database clock steps
+// back meanwhile: then a catch-up may tell a change again, never an older one.)
 func (r *router) pruneTold() {
 	floor := r.bus.Heard() - stateCatchUpMargin.Microseconds()
 	for k, at := range r.told {

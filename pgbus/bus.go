@@ -62,9 +62,9 @@ type Bus struct {
 	// behind: a message was dropped and no resync has been queued since; until one is, nothing
 	// more is queued (touched only on the listener's goroutine).
 	behind bool
-	// heard is the database clock (unix microseconds) of the newest own ping received: every
+	// heard is the database clock (unix microseconds) of the latest own ping received: every
 	// notification committed before that ping has been received, since Postgres delivers them
-	// in commit order. 0 until the first.
+	// in commit order. 0 until the first. It follows the clock back when it steps back.
 	heard atomic.Int64
 	// lost, lostFrom: a complete connection ended and the next has not completed yet; what was
 	// heard when it ended (listener goroutine only). The gap is marked once the next connection
@@ -411,7 +411,9 @@ func (h *handler) HandleNotification(_ context.Context, n *pgconn.Notification, 
 		if m.Kind == KindPing {
 			if m.Node == h.b.cfg.NodeID {
 				h.b.lastPing.Store(time.Now().UnixNano())
-				if m.ID > h.b.heard.Load() { // only this goroutine stores it
+				// The latest ping, not the highest clock seen: the database clock can step
+				// back, and the writes after the step carry the clock as it is then.
+				if m.ID != 0 {
 					h.b.heard.Store(m.ID)
 				}
 			}
