@@ -59,8 +59,9 @@ type Bus struct {
 	connected atomic.Bool
 	lastPing  atomic.Int64 // unix nanos of the last own ping received
 	log       *slog.Logger
-	// behind: a message was dropped and no resync has been queued since; until one is, nothing
-	// more is queued (touched only on the listener's goroutine).
+	// behind: a message was dropped and no resync has been queued since; until one is (once
+	// the queue is half empty: resume), nothing more is queued (touched only on the listener's
+	// goroutine).
 	behind bool
 	// heard is the database clock (unix microseconds) of the latest own ping received: every
 	// notification committed before that ping has been received, since Postgres delivers them
@@ -226,6 +227,14 @@ func (b *Bus) queueResync() bool {
 	}
 }
 
+// resume ends an episode of drops, queueing its resync, once the consumer has taken half the
+// queue. Not at the first free slot: a consumer that stays behind would get a resync (a full
+// one, for every local session) and a log line for nearly every message it takes, and
+// everything else dropped; one resync covers what is dropped until it is queued.
+func (b *Bus) resume() bool {
+	return len(b.queue) <= cap(b.queue)/2 && b.queueResync()
+}
+
 // overflow records a dropped message: the consumer is told at once (nothing more may come to
 // carry the resync), and what arrives next waits behind a queued resync (enqueue).
 func (b *Bus) overflow() {
@@ -245,7 +254,7 @@ func (b *Bus) overflow() {
 // applied before the catch-up that recovers the dropped message, a later push to the same
 // session would reach it first (the out-of-band signal may be read after the queue).
 func (b *Bus) enqueue(m Message) {
-	if b.behind && !b.queueResync() {
+	if b.behind && !b.resume() {
 		b.overflow()
 		return
 	}

@@ -388,3 +388,43 @@ func TestDropsAfterATakenGapOpenAnother(t *testing.T) {
 	require.True(t, ok, "a drop after the gap was taken is a gap")
 	require.Equal(t, int64(20), from)
 }
+
+// A consumer that stays behind (more notifications arrive than it applies) is sent one resync
+// per episode of drops, not one per message it takes: the drops go on until it has taken half
+// the queue. Before, every message it took made room for a resync, and the next notification
+// was dropped again: the queue filled with resyncs, each a full one (every local session's
+// status re-read and claimed for, the shared state of their meshes re-read), and the log had a
+// "bus queue full" line per message. The replica could never catch up.
+func TestAConsumerBehindGetsOneResyncPerEpisode(t *testing.T) {
+	cc, err := pgx.ParseConfig("postgres://localhost/x")
+	require.NoError(t, err)
+	var logged bytes.Buffer
+	const size = 8
+	b, err := New(Config{ConnConfig: cc, Exec: &pgx.Conn{}, NodeID: "b", QueueSize: size, // never started: no I/O
+		Logger: slog.New(slog.NewTextHandler(&logged, nil))})
+	require.NoError(t, err)
+	h := &handler{b: b, onConnect: func() {}}
+	ctx := context.Background()
+	id := int64(0)
+	push := func() {
+		t.Helper()
+		id++
+		payload := Encode([]Message{{Kind: KindPushFrame, Presence: "p", ID: id, Key: "now", Data: []byte(`{}`)}})[0]
+		require.NoError(t, h.HandleNotification(ctx, &pgconn.Notification{Channel: b.node, Payload: payload}, nil))
+	}
+	for range size + 1 {
+		push()
+	}
+	const taken = 200
+	resyncs := 0
+	for range taken { // two arrive for each one the consumer takes
+		if (<-b.queue).Kind == KindResync {
+			resyncs++
+		}
+		push()
+		push()
+	}
+	require.LessOrEqual(t, resyncs, taken/(size/2)+1)
+	require.LessOrEqual(t, strings.Count(logged.String(), "bus queue full"), taken/(size/2)+1)
+	require.Positive(t, resyncs)
+}
