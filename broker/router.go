@@ -49,8 +49,8 @@ type stateKey struct{ mesh, key string }
 // The state catch-up's bounds. stateCatchUpMargin: a write's time is taken before its commit,
 // so one committed after the last notice heard may carry a time somewhat before it.
 // stateCatchUpPerMesh: a mesh with more changes than this in a gap gets its newest ones (the
-// sessions are told, and the log says, that some were left out; they see the rest on get_state
-// or list_state), so the catch-up never floods a socket's queue. stateCatchUpChunk: meshes
+// log says some were left out; the sessions are not told, and see the rest on get_state or
+// list_state), so the catch-up never floods a socket's queue. stateCatchUpChunk: meshes
 // read per statement. maxTold bounds the memo of what was told (a few minutes' writes of busy
 // meshes; past it, a catch-up may tell a change twice).
 const (
