@@ -161,7 +161,7 @@ func NewServer(cfg Config, pool *pgxpool.Pool, logger *slog.Logger) (*Server, er
 	hk := newHooks(cfg, s.store, sig, s.metrics, s.log, refusals)
 	sp := &statusPage{cfg: cfg, store: s.store, nodeID: nodeID, started: s.started, hub: s.hub, log: s.log,
 		listener: bus.Connected, draining: s.draining.Load}
-	s.members = membership.New(pool, membership.Config{Logger: s.log, OnRevoke: RevokeHook(cfg.BusNamespace),
+	s.members = membership.New(pool, membership.Config{Logger: s.log, BusNamespace: cfg.BusNamespace,
 		Refusals: refusals, JoinBounds: newJoinBounds(cfg), CountJoin: s.metrics.countJoin})
 	s.mux.HandleFunc("GET /health", s.handleHealth)
 	if cfg.MetricsAddr == "" {

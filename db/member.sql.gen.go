@@ -170,6 +170,35 @@ func (q *Queries) MemberRevokedByPubkey(ctx context.Context, arg MemberRevokedBy
 	return revoked_by, err
 }
 
+const revokeMemberInOneStatement = `-- name: RevokeMemberInOneStatement :one
+SELECT id, mesh_id, pubkey, display_name, role, invite_id, created_at, revoked_at, revoked_by FROM claudemesh.revoke_member($1::text, $2::text, $3::text)
+`
+
+type RevokeMemberInOneStatementParams struct {
+	Ns     string
+	MeshID string
+	Pubkey string
+}
+
+// The operator's revocation, its sessions' end and its audit entry in one statement, holding
+// the mesh's hello lock for its server time only (migration 00061). No row: no live member.
+func (q *Queries) RevokeMemberInOneStatement(ctx context.Context, arg RevokeMemberInOneStatementParams) (ClaudemeshMember, error) {
+	row := q.db.QueryRow(ctx, revokeMemberInOneStatement, arg.Ns, arg.MeshID, arg.Pubkey)
+	var i ClaudemeshMember
+	err := row.Scan(
+		&i.ID,
+		&i.MeshID,
+		&i.Pubkey,
+		&i.DisplayName,
+		&i.Role,
+		&i.InviteID,
+		&i.CreatedAt,
+		&i.RevokedAt,
+		&i.RevokedBy,
+	)
+	return i, err
+}
+
 const sessionKeyBound = `-- name: SessionKeyBound :one
 SELECT EXISTS (SELECT 1 FROM claudemesh.session_key k JOIN claudemesh.member m ON m.id = k.member_id
                WHERE k.mesh_id = $1 AND k.session_pubkey = $2 AND m.pubkey <> $2) AS bound

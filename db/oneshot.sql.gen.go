@@ -65,32 +65,6 @@ func (q *Queries) Ban(ctx context.Context, arg BanParams) (BanRow, error) {
 	return i, err
 }
 
-const endMemberSessions = `-- name: EndMemberSessions :one
-SELECT claudemesh.end_member_sessions($1::text, $2::text, $3::text, $4::int, $5::text)::int AS ended
-`
-
-type EndMemberSessionsParams struct {
-	Ns       string
-	MeshID   string
-	MemberID string
-	Code     int32
-	Reason   string
-}
-
-// An operator's revocation: the member's sessions end, in its transaction (migration 00058).
-func (q *Queries) EndMemberSessions(ctx context.Context, arg EndMemberSessionsParams) (int32, error) {
-	row := q.db.QueryRow(ctx, endMemberSessions,
-		arg.Ns,
-		arg.MeshID,
-		arg.MemberID,
-		arg.Code,
-		arg.Reason,
-	)
-	var ended int32
-	err := row.Scan(&ended)
-	return ended, err
-}
-
 const endSessions = `-- name: EndSessions :one
 SELECT claudemesh.end_sessions($1::text, $2::text, $3::text[], $4::bigint[],
     $5::timestamptz, $6::text[], $7::bigint[])::int AS ended

@@ -46,3 +46,8 @@ UPDATE claudemesh.session_key k SET member_id = @member_id
 FROM claudemesh.member r
 WHERE k.mesh_id = @mesh_id AND k.member_id = r.id
   AND r.mesh_id = @mesh_id AND r.pubkey = @pubkey AND r.id <> @member_id;
+
+-- name: RevokeMemberInOneStatement :one
+-- The operator's revocation, its sessions' end and its audit entry in one statement, holding
+-- the mesh's hello lock for its server time only (migration 00061). No row: no live member.
+SELECT * FROM claudemesh.revoke_member(@ns::text, @mesh_id::text, @pubkey::text);

@@ -82,7 +82,3 @@ FROM claudemesh.list_bans(@mesh_id::text, @caller_member::text, @max_rows::int) 
 SELECT coalesce(b.member_id, '')::text AS member_id, coalesce(b.mesh_id, '')::text AS mesh_id,
     coalesce(b.waiting, 0)::int AS waiting, coalesce(b.at_bound, false)::boolean AS at_bound
 FROM claudemesh.sweep_backlog(@max_waiting::int, @scan::int, @gap_seconds::float8) b;
-
--- name: EndMemberSessions :one
--- An operator's revocation: the member's sessions end, in its transaction (migration 00058).
-SELECT claudemesh.end_member_sessions(@ns::text, @mesh_id::text, @member_id::text, @code::int, @reason::text)::int AS ended;

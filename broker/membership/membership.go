@@ -26,6 +26,7 @@ import (
 
 	"github.com/claudemesh/broker/broker/audit"
 	"github.com/claudemesh/broker/db"
+	"github.com/claudemesh/broker/pgbus"
 	"github.com/claudemesh/broker/protocol"
 )
 
@@ -43,11 +44,10 @@ const (
 type Config struct {
 	// Logger receives /join refusals and failures; nil discards.
 	Logger *slog.Logger
-	// OnRevoke runs in the revocation's transaction, so the broker can tell every replica to
-	// close the member's live sessions (a NOTIFY leaves with the commit, or not at all: never a
-	// revocation whose notice failed after it committed). Its error rolls the revocation back.
-	// It must not block for long.
-	OnRevoke func(ctx context.Context, tx db.DBTX, meshID, memberID string) error
+	// BusNamespace is the replicas' notification namespace (BUS_NAMESPACE; "" means the
+	// default): a revocation's statement tells the replicas holding the member's sessions to
+	// close them, with its commit or not at all.
+	BusNamespace string
 	// Now is the clock invites are dated by; nil means time.Now.
 	Now func() time.Time
 	// Refusals receives the /join lines a client can cause at will (a malformed or oversized
@@ -73,14 +73,17 @@ type Service struct {
 	refusals  InfoLogger
 	bounds    JoinBounds
 	countJoin func(outcome string)
-	onRevoke  func(ctx context.Context, tx db.DBTX, meshID, memberID string) error
+	busNS     string
 	now       func() time.Time
 }
 
 // New returns a Service on pool. It does no I/O.
 func New(pool *pgxpool.Pool, cfg Config) *Service {
 	s := &Service{pool: pool, log: cfg.Logger, refusals: cfg.Refusals, bounds: cfg.JoinBounds, countJoin: cfg.CountJoin,
-		onRevoke: cfg.OnRevoke, now: cfg.Now}
+		busNS: cfg.BusNamespace, now: cfg.Now}
+	if s.busNS == "" {
+		s.busNS = pgbus.DefaultNamespace
+	}
 	if s.log == nil {
 		s.log = slog.New(slog.DiscardHandler)
 	}
@@ -497,42 +500,26 @@ func (s *Service) Members(ctx context.Context, mesh string) ([]Member, error) {
 	return out, nil
 }
 
-// RevokeMember revokes the live member with pubkey in mesh. Config.OnRevoke, in the same
-// transaction, has the member's sessions closed; a later hello answers "revoked".
+// RevokeMember revokes the live member with pubkey in mesh, ends its sessions (their replicas
+// are told to close them) and audits it, in one statement that holds the mesh's hello lock for
+// its server time only; a later hello answers "revoked".
 func (s *Service) RevokeMember(ctx context.Context, mesh, pubkey string) (Member, error) {
 	pub, err := protocol.NormalizePubkey(pubkey)
 	if err != nil {
 		return Member{}, fmt.Errorf("revoke member: %w", ErrInvalidPubkey)
 	}
-	var out Member
-	err = pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
-		q := db.New(tx)
-		m, err := findMesh(ctx, q, mesh)
-		if err != nil {
-			return err
-		}
-		if err := q.LockMeshHellos(ctx, m.ID); err != nil {
-			return err
-		}
-		mb, err := q.MemberRevoke(ctx, db.MemberRevokeParams{MeshID: m.ID, Pubkey: pub})
-		if err = db.NotFound(err); errors.Is(err, db.ErrNotFound) {
-			return ErrMemberNotFound
-		} else if err != nil {
-			return err
-		}
-		out = memberFromDB(mb)
-		if s.onRevoke != nil {
-			if err := s.onRevoke(ctx, tx, out.MeshID, out.ID); err != nil {
-				return err
-			}
-		}
-		return audit.Append(ctx, tx, []audit.Entry{{MeshID: m.ID, Type: audit.MemberRevoked, Actor: audit.ActorOperator, At: *mb.RevokedAt,
-			Data: map[string]any{"member_id": mb.ID, "pubkey": pub}}})
-	})
+	q := db.New(s.pool)
+	m, err := findMesh(ctx, q, mesh)
 	if err != nil {
 		return Member{}, fmt.Errorf("revoke member: %w", err)
 	}
-	return out, nil
+	mb, err := q.RevokeMemberInOneStatement(ctx, db.RevokeMemberInOneStatementParams{Ns: s.busNS, MeshID: m.ID, Pubkey: pub})
+	if err = db.NotFound(err); errors.Is(err, db.ErrNotFound) {
+		return Member{}, fmt.Errorf("revoke member: %w", ErrMemberNotFound)
+	} else if err != nil {
+		return Member{}, fmt.Errorf("revoke member: %w", err)
+	}
+	return memberFromDB(mb), nil
 }
 
 // isUniqueViolation reports whether err is Postgres's unique_violation.

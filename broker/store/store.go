@@ -8,7 +8,6 @@ package store
 import (
 	"context"
 	"errors"
-	"fmt"
 	"log/slog"
 	"strings"
 
@@ -147,24 +146,3 @@ func (s *Store) InTx(ctx context.Context, o *pgbus.Outbox, f func(*Tx) error) (i
 
 // DBTX is what runs a statement: a pool, a connection or a transaction.
 type DBTX = db.DBTX
-
-// EndMemberSessions ends every presence of a member, live or in its grace, as a ban does: each
-// live socket is told to close (code, reason) by the replica that holds it, and the mesh is
-// told they left. Run in the revocation's transaction (the admin CLI's, a separate process).
-func EndMemberSessions(ctx context.Context, exec DBTX, namespace, meshID, memberID string, code int, reason string) (int, error) {
-	n, err := db.New(exec).EndMemberSessions(ctx, db.EndMemberSessionsParams{Ns: namespace, MeshID: meshID, MemberID: memberID,
-		Code: int32(code), Reason: reason})
-	if err != nil {
-		return 0, fmt.Errorf("end the member's sessions: %w", err)
-	}
-	return int(n), nil
-}
-
-// Notify sends an outbox's messages outside any transaction (the admin CLI's kick).
-func Notify(ctx context.Context, exec DBTX, o *pgbus.Outbox) error {
-	_, err := pgbus.Send(ctx, db.New(exec), o)
-	if err != nil {
-		return fmt.Errorf("notify: %w", err)
-	}
-	return nil
-}

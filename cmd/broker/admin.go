@@ -55,7 +55,7 @@ func runAdmin(cmd *cobra.Command, asJSON bool, f func(ctx context.Context, a *ad
 			return err
 		}
 		defer pool.Close()
-		return f(ctx, &admin{cmd: cmd, cfg: cfg, pool: pool, svc: membership.New(pool, membership.Config{Logger: logger, OnRevoke: broker.RevokeHook(cfg.BusNamespace)}), json: asJSON})
+		return f(ctx, &admin{cmd: cmd, cfg: cfg, pool: pool, svc: membership.New(pool, membership.Config{Logger: logger, BusNamespace: cfg.BusNamespace}), json: asJSON})
 	})
 }
 
