@@ -109,9 +109,12 @@ func newJoinCmd(a *app) *cobra.Command {
 			// is refused before anything is sent: accepted, it would silently move every later
 			// command to that broker, which could then relay this identity's signed hellos to the
 			// real one (a hello names no broker) and read what the mesh's root key encrypts.
+			// A broker given with --broker is the user's choice, not the invite's, and the same
+			// broker spelled another way (http://host for ws://host/ws) is no other broker.
 			if prev, err := a.meshByID(p.MeshID); err != nil {
 				return err
-			} else if prev != nil && !replace && (prev.BrokerURL != brokerURL || prev.MeshRootKey != p.MeshRootKey) {
+			} else if otherBroker := a.brokerURL == "" && !sameBroker(prev, brokerURL); prev != nil && !replace &&
+				(otherBroker || prev.MeshRootKey != p.MeshRootKey) {
 				what := "at " + field(brokerURL)
 				if prev.MeshRootKey != p.MeshRootKey {
 					what += " with another root key"
@@ -160,6 +163,17 @@ func newJoinCmd(a *app) *cobra.Command {
 	cmd.Flags().StringVar(&name, "name", "", "display name in this mesh (default: the identity's)")
 	cmd.Flags().BoolVar(&replace, "replace", false, "join even if the invite names a mesh already joined at another broker or with another root key")
 	return cmd
+}
+
+// sameBroker reports whether a joined mesh's stored broker URL and broker name the same
+// WebSocket endpoint (a join stores the URL as given: ws://host/ws or http://host).
+func sameBroker(prev *MeshEntry, broker string) bool {
+	if prev == nil || prev.BrokerURL == broker {
+		return true
+	}
+	a, errA := wsURL(prev.BrokerURL)
+	b, errB := wsURL(broker)
+	return errA == nil && errB == nil && a == b
 }
 
 // joinHints explain the /join refusals a user can act on.

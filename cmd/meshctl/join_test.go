@@ -101,3 +101,35 @@ func TestJoinRefusesAMeshIDAlreadyJoinedElsewhere(t *testing.T) {
 	require.Contains(t, alice.must("join", "--replace", protocol.InviteLink(token)), "m-lure")
 	require.EqualValues(t, 1, calls.Load())
 }
+
+// Joining a mesh again through --broker is the user's own choice of broker, not the invite's:
+// it is not refused as a lure, and the broker given is stored, as docs/meshctl.md says. The same
+// broker spelled another way (http://host for ws://host/ws) is no other broker either.
+func TestJoinAgainThroughBroker(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, 2, nil)
+	link := e.invite(5)
+	bob := newCLI(t)
+	bob.must("init", "--name", "bob")
+	require.Contains(t, bob.must("join", link), "joined mesh demo as bob")
+	// The invite's broker (replica 0, ws://host/ws), spelled as its HTTP base.
+	require.Contains(t, bob.must("--broker", e.httpURL(0), "join", link), "already a member")
+	// Another replica, named with --broker: stored from now on.
+	out := bob.must("--broker", e.httpURL(1), "join", link)
+	require.Contains(t, out, "already a member")
+	require.Contains(t, out, "broker: "+e.httpURL(1))
+	require.Contains(t, bob.must("--broker", e.httpURL(1), "join", link), "already a member")
+	// An invite naming another root key is still refused, --broker or not.
+	_, real, err := protocol.ParseInviteLink(link)
+	require.NoError(t, err)
+	fake := *real
+	fake.MeshRootKey = strings.Repeat("A", len(real.MeshRootKey))
+	pub, priv, err := ed25519.GenerateKey(nil)
+	require.NoError(t, err)
+	fake.OwnerPubkey = hex.EncodeToString(pub)
+	require.NoError(t, protocol.SignInvite(priv, &fake))
+	token, err := protocol.EncodeInviteToken(&fake)
+	require.NoError(t, err)
+	_, _, err = bob.run("", "--broker", e.httpURL(1), "join", protocol.InviteLink(token))
+	require.ErrorContains(t, err, "with another root key")
+}
