@@ -21,6 +21,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/url"
 	"strconv"
 	"strings"
 	"sync"
@@ -280,6 +281,23 @@ type UpgradeError struct {
 	Err      error
 }
 
+// redirectTarget is where a redirect's Location points, resolved against the URL dialed: a
+// relative one ("/v2/ws", as Go's http.Redirect writes a path) names no URL to use on its own.
+func redirectTarget(dialed, location string) string {
+	if location == "" {
+		return ""
+	}
+	base, err := url.Parse(dialed)
+	if err != nil {
+		return location
+	}
+	ref, err := url.Parse(location)
+	if err != nil {
+		return location
+	}
+	return base.ResolveReference(ref).String()
+}
+
 func (e *UpgradeError) Error() string {
 	msg := fmt.Sprintf("dial %s: HTTP %d", e.URL, e.Status)
 	if e.Location != "" {
@@ -329,7 +347,7 @@ func Dial(ctx context.Context, opts Options) (*Client, error) {
 		if resp != nil {
 			return nil, &UpgradeError{URL: opts.URL, Status: resp.StatusCode,
 				Body:     Printable(strings.TrimSpace(string(body)), false),
-				Location: Printable(resp.Header.Get("Location"), false), Err: err}
+				Location: Printable(redirectTarget(opts.URL, resp.Header.Get("Location")), false), Err: err}
 		}
 		return nil, fmt.Errorf("dial %s: %w", opts.URL, err)
 	}

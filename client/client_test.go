@@ -339,6 +339,13 @@ func TestDialErrors(t *testing.T) {
 	_, err = Dial(context.Background(), testOptions(t, "ws"+strings.TrimPrefix(moved.URL, "http")+"/ws", k))
 	require.ErrorContains(t, err, "HTTP 301 (redirected to https://broker.example/ws: use that URL)")
 	require.False(t, DialRetryable(err))
+	// A relative redirect (what Go's http.Redirect writes for a path) is named in full: "/v2/ws"
+	// alone is no URL to use.
+	rel := httptest.NewServer(http.RedirectHandler("/v2/ws", http.StatusMovedPermanently))
+	t.Cleanup(rel.Close)
+	relURL := "ws" + strings.TrimPrefix(rel.URL, "http")
+	_, err = Dial(context.Background(), testOptions(t, relURL+"/ws", k))
+	require.ErrorContains(t, err, "HTTP 301 (redirected to "+relURL+"/v2/ws: use that URL)")
 }
 
 func TestRequestCorrelationOutOfOrder(t *testing.T) {
