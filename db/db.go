@@ -101,7 +101,14 @@ func NewPool(ctx context.Context, url string, cfg PoolConfig) (*pgxpool.Pool, er
 	// trip in front of the operation, which a replica far from the primary pays in full. The
 	// health check above finds dead connections in the background; only one idle for long
 	// (a NAT or proxy may have dropped it silently) is pinged first.
-	pc.ShouldPing = func(_ context.Context, p pgxpool.ShouldPingParams) bool { return p.IdleDuration > idlePing }
+	// A connection the server ended while it sat idle (pg_terminate_backend, a restart, a
+	// failover) has its FATAL or its close waiting on the socket: a statement sent on it would
+	// fail (a send refused, a hello or /health answered as if the database were down) while the
+	// database is up. One non-blocking peek finds it, no round trip; the ping then fails and
+	// pgxpool takes the next connection.
+	pc.ShouldPing = func(_ context.Context, p pgxpool.ShouldPingParams) bool {
+		return p.IdleDuration > idlePing || inputWaiting(p.Conn.PgConn().Conn())
+	}
 	if len(cfg.Prepare) > 0 {
 		stmts := cfg.Prepare
 		pc.AfterConnect = func(ctx context.Context, conn *pgx.Conn) error { return prepareAll(ctx, conn, stmts) }

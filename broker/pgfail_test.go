@@ -1,0 +1,86 @@
+package broker
+
+import (
+	"context"
+	"net/http"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/claudemesh/broker/broker/store"
+	"github.com/claudemesh/broker/db"
+	"github.com/claudemesh/broker/db/dbtest"
+	"github.com/claudemesh/broker/protocol"
+)
+
+// startNodeNamed starts a replica whose pool is set up as in production (spares, prepared
+// statements) under its own application name, so a test can find its backends.
+func (c *testCluster) startNodeNamed(id, appName string, tweak func(*Config)) *Server {
+	t := c.t
+	pool, err := db.NewPool(context.Background(), c.url, db.PoolConfig{MaxConns: 8, MinIdle: db.ReplicaMinIdle,
+		AppName: appName, Prepare: store.RequestPathSQL()})
+	require.NoError(t, err)
+	t.Cleanup(pool.Close)
+	cfg := Config{NodeID: id, Region: "test", SessionGrace: 5 * time.Second, SendRatePerMember: 1 << 30, SendBurstPerMember: 1 << 30,
+		WriteRatePerMember: 1 << 30, WriteBurstPerMember: 1 << 30, ReadRatePerMember: 1 << 30, ReadBurstPerMember: 1 << 30}
+	if tweak != nil {
+		tweak(&cfg)
+	}
+	srv := startServer(t, cfg, pool, dbtest.Logger(t).With("test_node", id))
+	dbtest.WaitFor(t, 10*time.Second, "listener of "+id+" connected", srv.BusConnected)
+	c.nodes = append(c.nodes, srv)
+	return srv
+}
+
+// terminateBackends ends every backend of appName (pg_terminate_backend, as an operator or a
+// restart of Postgres does) and waits until they are gone. It returns how many it ended.
+func (c *testCluster) terminateBackends(appName string) int {
+	c.t.Helper()
+	ctx := ctxT(c.t)
+	var pids []int32
+	require.NoError(c.t, c.pool.QueryRow(ctx, `SELECT coalesce(array_agg(pid), '{}') FROM pg_stat_activity
+		WHERE datname = current_database() AND application_name = $1`, appName).Scan(&pids))
+	_, err := c.pool.Exec(ctx, `SELECT pg_terminate_backend(p) FROM unnest($1::int[]) p`, pids)
+	require.NoError(c.t, err)
+	dbtest.WaitFor(c.t, 10*time.Second, "terminated backends gone", func() bool {
+		var left int
+		_ = c.pool.QueryRow(ctx, `SELECT count(*) FROM pg_stat_activity WHERE pid = ANY($1)`, pids).Scan(&left)
+		return left == 0
+	})
+	return len(pids)
+}
+
+// Connections of the pool that Postgres ended while they sat idle are not handed out: the
+// replica's next send, hello, request and health check take a live one. Before, each of them
+// failed once per dead connection while the database was up: the send refused "unavailable",
+// list_peers answered "internal", and /health said 503 db down, taking the replica out of the
+// load balancer.
+func TestIdleConnectionsTerminatedFailNothing(t *testing.T) {
+	t.Parallel()
+	url := dbtest.URL(t)
+	c := &testCluster{t: t, url: url, pool: dbtest.PoolFor(t, url)}
+	srv := c.startNodeNamed("n0", "pgfail-idle", nil)
+	m := c.mesh(0)
+	alice, bob := m.member("alice"), m.member("bob")
+	a := m.dial(0, alice)
+	ctx := ctxT(t)
+
+	require.Greater(t, c.terminateBackends("pgfail-idle"), 1, "the pool held spare connections")
+	code, h := getHealth(t, srv.Addr())
+	require.Equal(t, http.StatusOK, code, "health after the pool's connections ended: %+v", h)
+	queued, err := a.Send(ctx, bob.pub, protocol.PriorityNow, "n", "c", "first")
+	require.NoError(t, err, "a send after the pool's connections ended")
+	require.True(t, queued.Queued)
+	peers, err := a.ListPeers(ctx)
+	require.NoError(t, err)
+	require.Len(t, peers, 1)
+
+	require.Positive(t, c.terminateBackends("pgfail-idle"))
+	b := m.dial(0, bob) // a hello
+	require.Equal(t, queued.MessageID, nextPush(t, b, 5*time.Second).MessageID)
+	ack, err := b.Send(ctx, alice.pub, protocol.PriorityNow, "n", "c", "second")
+	require.NoError(t, err)
+	require.True(t, ack.Queued)
+	require.Equal(t, ack.MessageID, nextPush(t, a, 5*time.Second).MessageID)
+}
