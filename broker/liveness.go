@@ -47,6 +47,12 @@ func (l *liveness) Start(ctx context.Context) error {
 			// replica before the others declare us dead, so they resume there instead of being
 			// listed as gone.
 			if !sentAway && time.Since(l.heartbeat.LastOK()) > l.deadAfter/2 && l.hub.len() > 0 {
+				// The heartbeat ticks with this check, so the beats read may end with one that
+				// failed just before Postgres came back: beat now, and keep the sessions if it
+				// succeeds (an outage spanning two beats closed every session a beat after it).
+				if l.heartbeat.Beat(ctx) {
+					return
+				}
 				l.log.Warn("Postgres unreachable; asking sessions to reconnect to another replica", "sessions", l.hub.len())
 				reconnectAll(l.hub)
 				sentAway = true

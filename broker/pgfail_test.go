@@ -2,6 +2,8 @@ package broker
 
 import (
 	"context"
+	"io"
+	"log/slog"
 	"net/http"
 	"testing"
 	"time"
@@ -84,3 +86,42 @@ func TestIdleConnectionsTerminatedFailNothing(t *testing.T) {
 	require.True(t, ack.Queued)
 	require.Equal(t, ack.MessageID, nextPush(t, a, 5*time.Second).MessageID)
 }
+
+// A replica whose database comes back before its heartbeat's next beat keeps its sessions.
+// The send-away check and the heartbeat tick together, and the check read the beats before
+// the one then due: an outage spanning two beats (here cut after a beat and restored after
+// the next two failed, well within half of NODE_DEAD_AFTER_SECONDS plus a beat) closed every
+// session with 1012 a beat after the database was back. The check now beats first.
+func TestSessionsStayWhenPostgresIsBackBeforeTheBeat(t *testing.T) {
+	t.Parallel()
+	url := dbtest.URL(t)
+	proxy := dbtest.NewProxy(t, url)
+	c := &testCluster{t: t, url: url, pool: dbtest.PoolFor(t, url)}
+	lines := &logLines{}
+	pool := dbtest.PoolFor(t, proxy.URL(url))
+	srv := startServer(t, Config{NodeID: "n0", Region: "test", Heartbeat: time.Second, NodeDeadAfter: 5 * time.Second},
+		pool, slog.New(slog.NewTextHandler(io.MultiWriter(lines, tLog{t}), nil)))
+	dbtest.WaitFor(t, 10*time.Second, "listener connected", srv.BusConnected)
+	c.nodes = []*Server{srv}
+	m := c.mesh(0)
+	alice := m.member("alice")
+	a := m.dial(0, alice)
+
+	// Cut just after a beat, and restore once the next two have failed: the database is away
+	// for two seconds, less than the 2.5 s after which a replica gives its sessions up.
+	last := srv.heartbeat.LastOK()
+	dbtest.WaitFor(t, 5*time.Second, "a beat", func() bool { return srv.heartbeat.LastOK().After(last) })
+	proxy.Cut()
+	dbtest.WaitFor(t, 5*time.Second, "two beats failed", func() bool { return len(lines.matching(`msg=heartbeat`)) >= 2 })
+	proxy.Restore()
+	restored := time.Now()
+	dbtest.WaitFor(t, 5*time.Second, "beating again", func() bool { return srv.heartbeat.LastOK().After(restored) })
+	_, err := a.ListPeers(ctxT(t))
+	require.NoError(t, err, "the session is still open (closed %d %q)", a.CloseCode(), a.CloseReason())
+	require.Empty(t, lines.matching("asking sessions to reconnect"))
+}
+
+// tLog writes through t.Log, as dbtest.Logger does.
+type tLog struct{ t *testing.T }
+
+func (w tLog) Write(p []byte) (int, error) { w.t.Log(string(p)); return len(p), nil }

@@ -5,6 +5,7 @@ import (
 	"crypto/rand"
 	"errors"
 	"log/slog"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -47,6 +48,9 @@ type Heartbeat struct {
 	// takenOver: another process registered under this id; beats stopped for good.
 	takenOver atomic.Bool
 	upSince   atomic.Int64 // unix nanos since beats succeed without a break; 0 while failing
+	// mu serializes beats (the ticks and Beat); registered is whether the node row is ours.
+	mu         sync.Mutex
+	registered bool
 
 	base startstop.Base
 }
@@ -84,8 +88,10 @@ func unixNanos(n int64) time.Time {
 // Start registers the node, waiting at most one interval (Postgres being down does not fail
 // Start: the registration is retried at every beat), then beats until Stop.
 func (h *Heartbeat) Start(ctx context.Context) error {
-	registered := h.register(ctx)
-	return h.base.Run(ctx, func(ctx context.Context) { h.loop(ctx, registered) })
+	h.mu.Lock()
+	h.registered = h.register(ctx)
+	h.mu.Unlock()
+	return h.base.Run(ctx, h.loop)
 }
 
 func (h *Heartbeat) register(ctx context.Context) bool {
@@ -115,52 +121,63 @@ func (h *Heartbeat) ok() {
 	h.upSince.CompareAndSwap(0, now)
 }
 
-func (h *Heartbeat) loop(ctx context.Context, registered bool) {
-	startstop.Tick(ctx, h.cfg.Interval, func(time.Time) {
-		if !registered {
-			if registered = h.register(ctx); !registered {
-				h.upSince.Store(0)
-			}
-			return
-		}
-		if h.takenOver.Load() {
-			return
-		}
-		opCtx, cancel := context.WithTimeout(ctx, h.cfg.Interval)
-		defer cancel()
-		_, err := h.q.NodeHeartbeat(opCtx, db.NodeHeartbeatParams{ID: h.cfg.Node().ID, Instance: h.instance})
-		holder := h.instance
-		if errors.Is(err, pgx.ErrNoRows) {
-			if holder, err = h.q.NodeHolder(opCtx, h.cfg.Node().ID); errors.Is(err, pgx.ErrNoRows) {
-				holder, err = h.instance, nil // the row is gone: register again
-			}
-			if err == nil && holder == "" {
-				holder = h.instance // a replica of the previous release registered it last
-			}
-		} else if err == nil {
-			h.ok()
-			return
-		}
-		switch {
-		case err == nil && holder != h.instance:
-			// Registering again would take the id back and end the other's sessions in turn.
-			h.takenOver.Store(true)
+func (h *Heartbeat) loop(ctx context.Context) {
+	startstop.Tick(ctx, h.cfg.Interval, func(time.Time) { h.beat(ctx) })
+}
+
+// Beat beats now, beside the ticks, and reports whether beats succeed: for a caller about to
+// act on beats failing, whose own tick may come just before the one that finds Postgres back.
+func (h *Heartbeat) Beat(ctx context.Context) bool {
+	h.beat(ctx)
+	return !h.UpSince().IsZero()
+}
+
+func (h *Heartbeat) beat(ctx context.Context) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if !h.registered {
+		if h.registered = h.register(ctx); !h.registered {
 			h.upSince.Store(0)
-			h.cfg.Logger.Error("another process registered under this node's id: BROKER_NODE_ID is shared by two replicas; "+
-				"this one stops (give each replica its own id)", "node", h.cfg.Node().ID)
-			h.cfg.OnTakenOver(holder)
-		case err == nil:
-			h.cfg.Logger.Warn("this node was declared dead by a peer; re-registering")
-			h.upSince.Store(0)
-			registered = false
-			h.cfg.OnDeclaredDead()
-		default:
-			h.upSince.Store(0)
-			if ctx.Err() == nil {
-				h.cfg.Logger.Warn("heartbeat", "err", err)
-			}
 		}
-	})
+		return
+	}
+	if h.takenOver.Load() {
+		return
+	}
+	opCtx, cancel := context.WithTimeout(ctx, h.cfg.Interval)
+	defer cancel()
+	_, err := h.q.NodeHeartbeat(opCtx, db.NodeHeartbeatParams{ID: h.cfg.Node().ID, Instance: h.instance})
+	holder := h.instance
+	if errors.Is(err, pgx.ErrNoRows) {
+		if holder, err = h.q.NodeHolder(opCtx, h.cfg.Node().ID); errors.Is(err, pgx.ErrNoRows) {
+			holder, err = h.instance, nil // the row is gone: register again
+		}
+		if err == nil && holder == "" {
+			holder = h.instance // a replica of the previous release registered it last
+		}
+	} else if err == nil {
+		h.ok()
+		return
+	}
+	switch {
+	case err == nil && holder != h.instance:
+		// Registering again would take the id back and end the other's sessions in turn.
+		h.takenOver.Store(true)
+		h.upSince.Store(0)
+		h.cfg.Logger.Error("another process registered under this node's id: BROKER_NODE_ID is shared by two replicas; "+
+			"this one stops (give each replica its own id)", "node", h.cfg.Node().ID)
+		h.cfg.OnTakenOver(holder)
+	case err == nil:
+		h.cfg.Logger.Warn("this node was declared dead by a peer; re-registering")
+		h.upSince.Store(0)
+		h.registered = false
+		h.cfg.OnDeclaredDead()
+	default:
+		h.upSince.Store(0)
+		if ctx.Err() == nil {
+			h.cfg.Logger.Warn("heartbeat", "err", err)
+		}
+	}
 }
 
 // Stop ends the heartbeat and marks the node stopped, so a clean exit is never mistaken for a
