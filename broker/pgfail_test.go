@@ -125,3 +125,34 @@ func TestSessionsStayWhenPostgresIsBackBeforeTheBeat(t *testing.T) {
 type tLog struct{ t *testing.T }
 
 func (w tLog) Write(p []byte) (int, error) { w.t.Log(string(p)); return len(p), nil }
+
+// claudemesh_bus_events_total{event="reconnect"} counts the LISTEN connection re-established:
+// once for a connection killed and replaced at the first attempt, once for an outage however
+// many attempts it took. It counted the attempts that followed a failed one: nothing for the
+// first case, and one per retry (every few seconds) for the second.
+func TestListenerReconnectCountedOncePerReestablishment(t *testing.T) {
+	t.Parallel()
+	url := dbtest.URL(t)
+	proxy := dbtest.NewProxy(t, url)
+	c := &testCluster{t: t, url: url, pool: dbtest.PoolFor(t, url)}
+	srv := startServer(t, Config{NodeID: "n0", Region: "test", Heartbeat: 200 * time.Millisecond, NodeDeadAfter: 2 * time.Second},
+		dbtest.PoolFor(t, proxy.URL(url)), dbtest.Logger(t))
+	dbtest.WaitFor(t, 10*time.Second, "listener connected", srv.BusConnected)
+	c.nodes = []*Server{srv}
+	reconnects := func() float64 { return testutilCounter(srv.metrics.BusEvents.WithLabelValues("reconnect")) }
+
+	require.Equal(t, 1, c.killListeners())
+	dbtest.WaitFor(t, 10*time.Second, "a reconnect counted", func() bool { return reconnects() == 1 })
+	require.True(t, srv.BusConnected())
+
+	proxy.Cut()
+	// Long enough for several attempts (50 ms doubling): until the heartbeat is reported failing.
+	dbtest.WaitFor(t, 10*time.Second, "heartbeat failing", func() bool {
+		_, h := getHealth(t, srv.Addr())
+		return h.Heartbeat == "failing" && h.Listener == "down"
+	})
+	require.Equal(t, float64(1), reconnects(), "nothing re-established yet")
+	proxy.Restore()
+	dbtest.WaitFor(t, 10*time.Second, "listener back", srv.BusConnected)
+	require.Equal(t, float64(2), reconnects())
+}

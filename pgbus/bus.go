@@ -284,7 +284,6 @@ func (b *Bus) listenLoop(ctx context.Context) {
 					b.log.Warn("LISTEN connection lost; reconnecting")
 				}
 				if failures > 0 {
-					b.cfg.Observe("reconnect", 1)
 					if !sleepCtx(ctx, backoff(failures)) {
 						return nil, ctx.Err()
 					}
@@ -398,6 +397,9 @@ func (h *handler) HandleBacklog(_ context.Context, channel string, conn *pgx.Con
 		if h.b.lost { // before the resync that will take it
 			h.b.markGap(h.b.lostFrom)
 			h.b.lost = false
+			// Counted here, once re-established: counted per attempt, an outage added one
+			// for each retry and a connection replaced at the first attempt none.
+			h.b.cfg.Observe("reconnect", 1)
 		}
 		select {
 		case h.b.pingNow <- struct{}{}:
