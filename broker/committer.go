@@ -50,6 +50,10 @@ const (
 	// DefaultMessageTTL is how long an envelope waits for its recipients; it is kept a day more,
 	// delivered or not, for message_status.
 	DefaultMessageTTL = 7 * 24 * time.Hour
+	// sendTimeout bounds a send batch's statement. Past it Postgres is asked to cancel the
+	// statement (a rolled-back batch is refused "unavailable"); only when it does not answer
+	// that either is the outcome unknown.
+	sendTimeout = 10 * time.Second
 	// ackUnavailable is the ack error when the envelope could not be stored (Postgres away).
 	ackUnavailable = protocol.CodeUnavailable
 )
@@ -73,9 +77,11 @@ type committer struct {
 	cancelWait context.CancelFunc
 	// splitAfter: see the constant (tests hold statements for longer).
 	splitAfter time.Duration
-	log        *slog.Logger
-	metrics    *Metrics
-	lanes      []chan sendReq
+	// deadline: sendTimeout (tests shorten it).
+	deadline time.Duration
+	log      *slog.Logger
+	metrics  *Metrics
+	lanes    []chan sendReq
 	// wake tells the dispatcher that a send was queued.
 	wake chan struct{}
 	// run commits one batch (commit; tests count and hold the statements).
@@ -88,7 +94,7 @@ type committer struct {
 
 func newCommitter(st *store.Store, pl *planner, nodeID string, p *pusher, maxBatch, lanes int, log *slog.Logger, m *Metrics) *committer {
 	c := &committer{store: st, planner: pl, nodeID: nodeID, pusher: p, maxBatch: maxBatch, splitAt: min(splitAt, maxBatch),
-		splitAfter: splitAfter, log: log, metrics: m, wake: make(chan struct{}, 1), stopped: make(chan struct{})}
+		splitAfter: splitAfter, deadline: sendTimeout, log: log, metrics: m, wake: make(chan struct{}, 1), stopped: make(chan struct{})}
 	c.setByteLimits(queueBytes, statementBytes)
 	c.unblock, c.cancelWait = context.WithCancel(context.Background())
 	c.run = c.commit
@@ -347,7 +353,7 @@ func (c *committer) persist(ctx context.Context, batch []sendReq, plan *batchPla
 	if len(plan.envelopes) == 0 {
 		return nil, nil
 	}
-	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	ctx, cancel := context.WithTimeout(ctx, c.deadline)
 	defer cancel()
 	sent, local, err := c.store.SendBatch(ctx, c.nodeID, plan.envelopes)
 	// A retry raced its first attempt, committed meanwhile by another replica: run again, the

@@ -222,6 +222,9 @@ type Config struct {
 	// helloRegistered, when set, is called between a hello's statement and its session
 	// joining the hub (tests).
 	helloRegistered func()
+
+	// sendDeadline overrides a send batch's deadline, sendTimeout (tests).
+	sendDeadline time.Duration
 }
 
 // minDeadAfter is the shortest NODE_DEAD_AFTER_SECONDS: two heartbeats, so one late heartbeat

@@ -156,3 +156,41 @@ func TestListenerReconnectCountedOncePerReestablishment(t *testing.T) {
 	dbtest.WaitFor(t, 10*time.Second, "listener back", srv.BusConnected)
 	require.Equal(t, float64(2), reconnects())
 }
+
+// A send batch still waiting past its deadline (here on a table lock, as a migration or a
+// VACUUM FULL takes) is cancelled in Postgres: its sender is refused "unavailable", a known
+// outcome, and keeps its socket, and no backend is left running the statement. Before, the
+// connection was dropped at the deadline: the sender's socket was closed 1013
+// send_outcome_unknown, and the statement waited on in a backend nobody read, holding a
+// connection slot, one more for every batch while the lock lasted.
+func TestSendPastItsDeadlineIsCancelledInPostgres(t *testing.T) {
+	t.Parallel()
+	url := dbtest.URL(t)
+	c := &testCluster{t: t, url: url, pool: dbtest.PoolFor(t, url)}
+	c.startNodeNamed("n0", "pgfail-deadline", func(cfg *Config) { cfg.sendDeadline = 300 * time.Millisecond })
+	m := c.mesh(0)
+	alice, bob := m.member("alice"), m.member("bob")
+	a := m.dial(0, alice)
+	ctx := ctxT(t)
+
+	lock, err := c.pool.Begin(ctx)
+	require.NoError(t, err)
+	defer func() { _ = lock.Rollback(context.Background()) }()
+	_, err = lock.Exec(ctx, `LOCK TABLE claudemesh.envelope IN ACCESS EXCLUSIVE MODE`)
+	require.NoError(t, err)
+
+	_, err = a.Send(ctx, bob.pub, protocol.PriorityNow, "n", "c", "locked")
+	var perr *protocol.Error
+	require.ErrorAs(t, err, &perr, "refused, not closed (close %d %q)", a.CloseCode(), a.CloseReason())
+	require.Equal(t, protocol.CodeUnavailable, perr.Code)
+	var running int
+	require.NoError(t, c.pool.QueryRow(ctx, `SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgfail-deadline'
+		AND state = 'active' AND query LIKE '-- name: SendBatch%'`).Scan(&running))
+	require.Zero(t, running, "the statement still runs in Postgres")
+
+	require.NoError(t, lock.Rollback(ctx))
+	ack, err := a.Send(ctx, bob.pub, protocol.PriorityNow, "n", "c", "locked") // the retry
+	require.NoError(t, err)
+	require.True(t, ack.Queued)
+	require.False(t, ack.Duplicate, "the first was not stored")
+}

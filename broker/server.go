@@ -131,6 +131,9 @@ func NewServer(cfg Config, pool *pgxpool.Pool, logger *slog.Logger) (*Server, er
 	pl := &planner{ttl: cfg.MessageTTL, now: time.Now}
 	s.committer = newCommitter(s.store, pl, nodeID, s.pusher, cfg.MaxBatch, cfg.Committers, s.log, s.metrics)
 	s.committer.sessions = s.hub.all
+	if cfg.sendDeadline > 0 {
+		s.committer.deadline = cfg.sendDeadline
+	}
 	s.registrar = newRegistrar(s.store, nodeID, cfg.MaxConnsPerMesh, cfg.HelloConcurrency, cfg.HelloQueue, helloQueueWait,
 		s.log, s.metrics)
 	s.peers = &peers{cfg: cfg, nodeID: nodeID, store: s.store, hub: s.hub, hellos: newHookLimiter(cfg.HelloRatePerSessionMin, hookLimiterKeys),

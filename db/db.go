@@ -12,6 +12,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgconn/ctxwatch"
 	"github.com/jackc/pgx/v5/pgxpool"
 )
 
@@ -45,6 +46,11 @@ type PoolConfig struct {
 
 // idlePing is how long a pooled connection may sit idle before it is pinged on acquire.
 const idlePing = 30 * time.Second
+
+// CancelWait is how long a pooled connection waits for Postgres to answer a cancelled
+// statement before it is dropped: the cancel request's connection and the answer, a few round
+// trips at multi-region distance.
+const CancelWait = time.Second
 
 // DefaultMaxConns leaves room for several replicas on a default max_connections=100 server.
 const DefaultMaxConns = 16
@@ -97,6 +103,14 @@ func NewPool(ctx context.Context, url string, cfg PoolConfig) (*pgxpool.Pool, er
 		pc.ConnConfig.ConnectTimeout = 5 * time.Second
 	}
 	pc.HealthCheckPeriod = 5 * time.Second
+	// A statement past its context's deadline is cancelled in Postgres (a cancel request), and
+	// the connection dropped only if that brings no answer within CancelWait. pgx's default
+	// drops the connection at once: the statement runs on in a backend nobody reads (waiting on
+	// a lock, holding a connection slot, committing perhaps), and the caller can't know whether
+	// it committed, where a cancelled statement is known to have rolled back.
+	pc.ConnConfig.BuildContextWatcherHandler = func(c *pgconn.PgConn) ctxwatch.Handler {
+		return &pgconn.CancelRequestContextWatcherHandler{Conn: c, DeadlineDelay: CancelWait}
+	}
 	// pgxpool pings a connection idle for more than a second before handing it out: a round
 	// trip in front of the operation, which a replica far from the primary pays in full. The
 	// health check above finds dead connections in the background; only one idle for long

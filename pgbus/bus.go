@@ -13,6 +13,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgconn/ctxwatch"
 	"github.com/jackc/pgxlisten"
 
 	"github.com/claudemesh/broker/broker/startstop"
@@ -291,6 +292,11 @@ func (b *Bus) listenLoop(ctx context.Context) {
 				cc := b.cfg.ConnConfig.Copy()
 				// Named, so operators (and tests) can tell listeners apart in pg_stat_activity.
 				cc.RuntimeParams["application_name"] = ListenerAppName(b.cfg.NodeID)
+				// Its context ends while it waits, idle, for notifications (a stop, the watchdog):
+				// no statement to cancel, so drop it at once rather than after a cancel's wait.
+				cc.BuildContextWatcherHandler = func(c *pgconn.PgConn) ctxwatch.Handler {
+					return &pgconn.DeadlineContextWatcherHandler{Conn: c.Conn()}
+				}
 				// Keepalive finds a silently dropped connection even between pings.
 				cc.DialFunc = (&net.Dialer{KeepAlive: 10 * time.Second, Timeout: 5 * time.Second}).DialContext
 				conn, err := pgx.ConnectConfig(ctx, cc)

@@ -50,8 +50,8 @@ func RejectedInput(err error) bool {
 }
 
 // OutcomeUnknown reports whether err leaves open whether the statement committed: it may have
-// reached Postgres and its answer was lost (the connection broke or the deadline passed while it
-// ran). Only Postgres's own errors (the statement rolled back), a connection that could not be
+// reached Postgres and its answer was lost (the connection broke, or the deadline passed while it
+// ran and Postgres did not answer the cancel request in time: db.CancelWait). Only Postgres's own errors (the statement rolled back), a connection that could not be
 // made or taken from the pool (nothing was sent) are known failures. pgx's SafeToRetry is not
 // enough: a connection that broke mid-statement can surface as "conn closed", which it deems
 // safe.
