@@ -194,3 +194,46 @@ func TestSendPastItsDeadlineIsCancelledInPostgres(t *testing.T) {
 	require.True(t, ack.Queued)
 	require.False(t, ack.Duplicate, "the first was not stored")
 }
+
+// A client_ack that arrives while Postgres is away is recorded once it is back. It was dropped
+// with its failed statement: the delivery stayed pushed, and the recipient's next connection
+// got the acked message again.
+func TestAcksDuringAnOutageAreRecordedAfterIt(t *testing.T) {
+	t.Parallel()
+	url := dbtest.URL(t)
+	proxy := dbtest.NewProxy(t, url)
+	c := &testCluster{t: t, url: url, pool: dbtest.PoolFor(t, url)}
+	c.url = proxy.URL(url)
+	srv := c.startNode("n0", nil)
+	c.nodes = []*Server{srv}
+	c.url = url
+	m := c.mesh(0)
+	alice, bob := m.member("alice"), m.member("bob")
+	a := m.dial(0, alice)
+	b := m.dial(0, bob)
+	ctx := ctxT(t)
+	sent, err := b.Send(ctx, alice.pub, protocol.PriorityNow, "n", "c", "")
+	require.NoError(t, err)
+	p := nextPush(t, a, 5*time.Second)
+	require.Equal(t, sent.MessageID, p.MessageID)
+
+	proxy.Cut()
+	failed := testutilCounter(srv.metrics.BackgroundErrors.WithLabelValues("record_deliveries"))
+	require.NoError(t, a.AckPush(ctx, p))
+	dbtest.WaitFor(t, 10*time.Second, "the ack's statement failed", func() bool {
+		return testutilCounter(srv.metrics.BackgroundErrors.WithLabelValues("record_deliveries")) > failed
+	})
+	proxy.Restore()
+	dbtest.WaitFor(t, 10*time.Second, "the ack recorded once Postgres is back", func() bool {
+		var state string
+		_ = c.pool.QueryRow(ctx, `SELECT state FROM claudemesh.delivery WHERE envelope_id = $1`, sent.MessageID).Scan(&state)
+		return state == "acked"
+	})
+
+	// alice's next connection does not get it again: the next push is the next message.
+	require.NoError(t, a.Close())
+	a = m.dial(0, alice)
+	next, err := b.Send(ctx, alice.pub, protocol.PriorityNow, "n", "c", "")
+	require.NoError(t, err)
+	require.Equal(t, next.MessageID, nextPush(t, a, 5*time.Second).MessageID)
+}

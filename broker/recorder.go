@@ -155,6 +155,7 @@ func (r *recorder) Start(ctx context.Context) error {
 		lingering := time.NewTimer(time.Hour) // the first queued ack's or write's ackLinger
 		lingering.Stop()
 		waiting := false
+		failures := 0 // consecutive failed statements
 		for {
 			if ctx.Err() != nil {
 				fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
@@ -193,7 +194,22 @@ func (r *recorder) Start(ctx context.Context) error {
 			if ctx.Err() == nil { // else the final flush above
 				// Not cancelled by a stop that comes meanwhile: records taken from the queues
 				// are written, never dropped with a cancelled statement.
-				r.flush(context.WithoutCancel(ctx), r.now().Add(-recordLinger/2))
+				if r.flush(context.WithoutCancel(ctx), r.now().Add(-recordLinger/2)) {
+					failures = 0
+					continue
+				}
+				// Put back: retried after a pause that grows while Postgres stays away.
+				failures++
+				pause := time.NewTimer(min(time.Duration(failures)*200*time.Millisecond, 3*time.Second))
+				select {
+				case <-ctx.Done():
+				case <-pause.C:
+				}
+				pause.Stop()
+				select {
+				case r.acks.wake <- struct{}{}:
+				default:
+				}
 			}
 		}
 	})
@@ -230,11 +246,11 @@ func (r *recorder) takeTaken(cutoff time.Time) []store.Taken {
 }
 
 // flush records what is queued: every ack and write, and the taken pushes written at or
-// before cutoff (zero: all).
-func (r *recorder) flush(ctx context.Context, cutoff time.Time) {
+// before cutoff (zero: all). False: the statement failed and its records were put back.
+func (r *recorder) flush(ctx context.Context, cutoff time.Time) bool {
 	r.recording.Lock()
 	defer r.recording.Unlock()
-	r.record(ctx, r.takeAcks(), r.written.take(), r.takeTaken(cutoff))
+	return r.record(ctx, r.takeAcks(), r.written.take(), r.takeTaken(cutoff))
 }
 
 // settle records the acks and writes queued so far, after any statement already recording
@@ -261,15 +277,32 @@ func (r *recorder) settle(ctx context.Context) error {
 	return nil
 }
 
-func (r *recorder) record(ctx context.Context, acks []store.Ack, written []int64, taken []store.Taken) {
+func (r *recorder) record(ctx context.Context, acks []store.Ack, written []int64, taken []store.Taken) bool {
 	if len(acks)+len(written)+len(taken) == 0 {
-		return
+		return true
 	}
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	if err := r.store.MarkDelivered(ctx, acks, written, taken); err != nil {
-		// The rows stay assigned or pushed: they go back to pending when the session ends and
-		// reach the recipient again: at least once.
-		r.metrics.backgroundError(r.log, "record_deliveries", err, "count", len(acks)+len(written)+len(taken))
+	err := r.store.MarkDelivered(ctx, acks, written, taken)
+	if err == nil {
+		return true
 	}
+	if store.RejectedInput(err) {
+		// Postgres refuses these records: retried they would fail for good. The rows stay
+		// assigned or pushed: they go back to pending when the session ends and reach the
+		// recipient again: at least once.
+		r.metrics.backgroundError(r.log, "record_deliveries", err, "count", len(acks)+len(written)+len(taken))
+		return true
+	}
+	// Postgres away: kept for the retry (recording them twice is harmless). Dropped, an ack
+	// made during an outage was lost and the recipient's next connection got the message again.
+	r.metrics.backgroundError(r.log, "record_deliveries", err, "count", len(acks)+len(written)+len(taken), "retry", "with backoff")
+	r.acks.putBack(acks)
+	r.written.putBack(written)
+	back := make([]takenPush, len(taken))
+	for i, t := range taken { // the oldest: they go first again
+		back[i] = takenPush{Taken: t}
+	}
+	r.taken.putBack(back)
+	return false
 }
