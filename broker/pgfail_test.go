@@ -2,9 +2,11 @@ package broker
 
 import (
 	"context"
+	"fmt"
 	"io"
 	"log/slog"
 	"net/http"
+	"strings"
 	"testing"
 	"time"
 
@@ -112,7 +114,7 @@ func TestSessionsStayWhenPostgresIsBackBeforeTheBeat(t *testing.T) {
 	last := srv.heartbeat.LastOK()
 	dbtest.WaitFor(t, 5*time.Second, "a beat", func() bool { return srv.heartbeat.LastOK().After(last) })
 	proxy.Cut()
-	dbtest.WaitFor(t, 5*time.Second, "two beats failed", func() bool { return len(lines.matching(`msg=heartbeat`)) >= 2 })
+	dbtest.WaitFor(t, 5*time.Second, "two beats failed", func() bool { return srv.heartbeat.FailedBeats() >= 2 })
 	proxy.Restore()
 	restored := time.Now()
 	dbtest.WaitFor(t, 5*time.Second, "beating again", func() bool { return srv.heartbeat.LastOK().After(restored) })
@@ -236,4 +238,32 @@ func TestAcksDuringAnOutageAreRecordedAfterIt(t *testing.T) {
 	next, err := b.Send(ctx, alice.pub, protocol.PriorityNow, "n", "c", "")
 	require.NoError(t, err)
 	require.Equal(t, next.MessageID, nextPush(t, a, 5*time.Second).MessageID)
+}
+
+// An outage is logged once by the heartbeat and once by the listener, with a line each when
+// they are back saying how many attempts failed; not a line per beat and per retry.
+func TestAnOutageIsLoggedOncePerEpisode(t *testing.T) {
+	t.Parallel()
+	url := dbtest.URL(t)
+	proxy := dbtest.NewProxy(t, url)
+	lines := &logLines{}
+	srv := startServer(t, Config{NodeID: "n0", Region: "test", Heartbeat: 200 * time.Millisecond, NodeDeadAfter: time.Minute},
+		dbtest.PoolFor(t, proxy.URL(url)), slog.New(slog.NewTextHandler(io.MultiWriter(lines, tLog{t}), nil)))
+	dbtest.WaitFor(t, 10*time.Second, "listener connected", srv.BusConnected)
+
+	proxy.Cut()
+	// 1.6 s: the listener retries at 50 ms doubling, so four times at least.
+	dbtest.WaitFor(t, 10*time.Second, "eight beats failed", func() bool { return srv.heartbeat.FailedBeats() >= 8 })
+	proxy.Restore()
+	dbtest.WaitFor(t, 10*time.Second, "back", func() bool { return srv.BusConnected() && srv.heartbeat.FailedBeats() == 0 })
+
+	require.Len(t, lines.matching("heartbeat failing"), 1)
+	require.Len(t, lines.matching("heartbeat written again", "failed_beats="), 1)
+	require.LessOrEqual(t, len(lines.matching("msg=listener")), 2, "the loss and the first failed attempt")
+	back := lines.matching("LISTEN connected", "failed_attempts=")
+	require.NotEmpty(t, back)
+	var failed int
+	_, err := fmt.Sscanf(back[len(back)-1][strings.Index(back[len(back)-1], "failed_attempts="):], "failed_attempts=%d", &failed)
+	require.NoError(t, err)
+	require.GreaterOrEqual(t, failed, 3, "several attempts failed, one line")
 }

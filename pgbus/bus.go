@@ -304,13 +304,15 @@ func (b *Bus) listenLoop(ctx context.Context) {
 				return conn, err
 			},
 			LogError: func(ctx context.Context, err error) {
-				if ctx.Err() == nil {
+				// The loss and the first failed attempt, not every retry of an outage (every
+				// 3 s at most): "LISTEN connected" then says how many failed.
+				if ctx.Err() == nil && failures <= 1 {
 					b.log.Warn("listener", "err", err, "attempt", failures)
 				}
 			},
 			ReconnectDelay: -1, // no fixed delay: Connect backs off with jitter
 		}
-		handler := &handler{b: b, onConnect: func() { failures = 0 }}
+		handler := &handler{b: b, onConnect: func() int { f := failures; failures = 0; return f }}
 		l.Handle(b.node, handler)
 		l.Handle(b.cluster, handler)
 		_ = l.Listen(connCtx) // returns only when connCtx ends; errors were logged
@@ -377,7 +379,7 @@ func (b *Bus) pingLoop(ctx context.Context) {
 
 type handler struct {
 	b         *Bus
-	onConnect func()
+	onConnect func() int // the failed attempts before this connection
 	// The connection each channel was last LISTENed on. pgxlisten LISTENs in map order,
 	// which is random: either channel may come last. Holding the pointers keeps a closed
 	// connection's address from being reused, so equality means the same connection.
@@ -398,8 +400,8 @@ func (h *handler) HandleBacklog(_ context.Context, channel string, conn *pgx.Con
 	if h.nodeOn == conn && h.clusterOn == conn {
 		h.b.connected.Store(true)
 		h.b.lastPing.Store(time.Now().UnixNano())
-		h.onConnect()
-		h.b.log.Info("LISTEN connected", "channel", h.b.node)
+		// The attempt that connected counts among failures: the ones before it failed.
+		h.b.log.Info("LISTEN connected", "channel", h.b.node, "failed_attempts", max(h.onConnect()-1, 0))
 		if h.b.lost { // before the resync that will take it
 			h.b.markGap(h.b.lostFrom)
 			h.b.lost = false

@@ -174,7 +174,7 @@ func TestConnectedOnlyOnceBothChannelsListen(t *testing.T) {
 	require.NoError(t, err)
 	b, err := New(Config{ConnConfig: cc, Exec: &pgx.Conn{}, NodeID: "b"}) // never started: no I/O
 	require.NoError(t, err)
-	h := &handler{b: b, onConnect: func() {}}
+	h := &handler{b: b, onConnect: func() int { return 0 }}
 	ctx := context.Background()
 	for _, order := range [][2]string{{b.cluster, b.node}, {b.node, b.cluster}} {
 		b.connected.Store(false)
@@ -224,7 +224,7 @@ func TestNothingOvertakesTheResyncOfAnOverflow(t *testing.T) {
 	require.NoError(t, err)
 	b, err := New(Config{ConnConfig: cc, Exec: &pgx.Conn{}, NodeID: "b", QueueSize: 2}) // never started: no I/O
 	require.NoError(t, err)
-	h := &handler{b: b, onConnect: func() {}}
+	h := &handler{b: b, onConnect: func() int { return 0 }}
 	ctx := context.Background()
 	push := func(id int64) {
 		t.Helper()
@@ -265,7 +265,7 @@ func TestOverflowIsLoggedOncePerEpisode(t *testing.T) {
 	b, err := New(Config{ConnConfig: cc, Exec: &pgx.Conn{}, NodeID: "b", QueueSize: 2, // never started: no I/O
 		Logger: slog.New(slog.NewTextHandler(&logged, nil))})
 	require.NoError(t, err)
-	h := &handler{b: b, onConnect: func() {}}
+	h := &handler{b: b, onConnect: func() int { return 0 }}
 	ctx := context.Background()
 	push := func(id int64) {
 		t.Helper()
@@ -341,7 +341,7 @@ func TestGapOfALostConnectionWaitsForTheReconnect(t *testing.T) {
 	require.NoError(t, err)
 	b, err := New(Config{ConnConfig: cc, Exec: &pgx.Conn{}, NodeID: "b"}) // never started: no I/O
 	require.NoError(t, err)
-	h := &handler{b: b, onConnect: func() {}}
+	h := &handler{b: b, onConnect: func() int { return 0 }}
 	ctx := context.Background()
 	conn := &pgx.Conn{}
 	require.NoError(t, h.HandleBacklog(ctx, b.node, conn))
@@ -368,7 +368,7 @@ func TestDropsAfterATakenGapOpenAnother(t *testing.T) {
 	require.NoError(t, err)
 	b, err := New(Config{ConnConfig: cc, Exec: &pgx.Conn{}, NodeID: "b", QueueSize: 2}) // never started: no I/O
 	require.NoError(t, err)
-	h := &handler{b: b, onConnect: func() {}}
+	h := &handler{b: b, onConnect: func() int { return 0 }}
 	ctx := context.Background()
 	push := func(id int64) {
 		t.Helper()
@@ -403,7 +403,7 @@ func TestAConsumerBehindGetsOneResyncPerEpisode(t *testing.T) {
 	b, err := New(Config{ConnConfig: cc, Exec: &pgx.Conn{}, NodeID: "b", QueueSize: size, // never started: no I/O
 		Logger: slog.New(slog.NewTextHandler(&logged, nil))})
 	require.NoError(t, err)
-	h := &handler{b: b, onConnect: func() {}}
+	h := &handler{b: b, onConnect: func() int { return 0 }}
 	ctx := context.Background()
 	id := int64(0)
 	push := func() {

@@ -51,6 +51,7 @@ type Heartbeat struct {
 	// mu serializes beats (the ticks and Beat); registered is whether the node row is ours.
 	mu         sync.Mutex
 	registered bool
+	failing    int // beats failed in a row (logged at the first and when written again)
 
 	base startstop.Base
 }
@@ -71,6 +72,13 @@ func NewHeartbeat(cfg HeartbeatConfig) *Heartbeat {
 
 // LastOK is when the last beat (or registration) succeeded; zero before any did.
 func (h *Heartbeat) LastOK() time.Time { return unixNanos(h.lastOK.Load()) }
+
+// FailedBeats is how many beats (or registrations) have failed in a row: 0 while beating.
+func (h *Heartbeat) FailedBeats() int {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.failing
+}
 
 // TakenOver says another process registered under this node's id (OnTakenOver ran).
 func (h *Heartbeat) TakenOver() bool { return h.takenOver.Load() }
@@ -101,10 +109,15 @@ func (h *Heartbeat) register(ctx context.Context) bool {
 	prev, err := h.q.NodeRegister(ctx, db.NodeRegisterParams{ID: n.ID, Instance: h.instance, Region: n.Region,
 		Address: n.Address, Version: n.Version})
 	if err != nil {
-		if ctx.Err() == nil {
-			h.cfg.Logger.Warn("register node", "err", err)
+		if ctx.Err() == nil && h.failing == 0 { // once per outage, as the beats
+			h.cfg.Logger.Warn("register node failing; retried every beat", "err", err)
 		}
+		h.failing++
 		return false
+	}
+	if h.failing > 0 {
+		h.cfg.Logger.Info("node registered", "failed_attempts", h.failing)
+		h.failing = 0
 	}
 	if age := time.Duration(prev.PrevHeartbeatAgeSeconds * float64(time.Second)); age >= 0 && age < h.cfg.SharedAfter {
 		h.cfg.Logger.Warn("this node id was held by another process until moments ago: if that process still runs, "+
@@ -156,6 +169,10 @@ func (h *Heartbeat) beat(ctx context.Context) {
 			holder = h.instance // a replica of the previous release registered it last
 		}
 	} else if err == nil {
+		if h.failing > 0 {
+			h.cfg.Logger.Info("heartbeat written again", "failed_beats", h.failing)
+			h.failing = 0
+		}
 		h.ok()
 		return
 	}
@@ -174,9 +191,11 @@ func (h *Heartbeat) beat(ctx context.Context) {
 		h.cfg.OnDeclaredDead()
 	default:
 		h.upSince.Store(0)
-		if ctx.Err() == nil {
-			h.cfg.Logger.Warn("heartbeat", "err", err)
+		// Once per outage, not per beat: /health and the next line say how long it lasted.
+		if ctx.Err() == nil && h.failing == 0 {
+			h.cfg.Logger.Warn("heartbeat failing; retried every beat", "err", err)
 		}
+		h.failing++
 	}
 }
 
