@@ -13,6 +13,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/claudemesh/broker/broker/store"
+	"github.com/claudemesh/broker/client"
 	"github.com/claudemesh/broker/db"
 	"github.com/claudemesh/broker/db/dbtest"
 	"github.com/claudemesh/broker/protocol"
@@ -266,4 +267,66 @@ func TestAnOutageIsLoggedOncePerEpisode(t *testing.T) {
 	_, err := fmt.Sscanf(back[len(back)-1][strings.Index(back[len(back)-1], "failed_attempts="):], "failed_attempts=%d", &failed)
 	require.NoError(t, err)
 	require.GreaterOrEqual(t, failed, 3, "several attempts failed, one line")
+}
+
+// A send that committed but whose answer was lost (the connection cut while the answer was on
+// its way) is never acked queued:false: its sender's socket is closed 1013
+// send_outcome_unknown, and its retry with the same client_message_id, on its next connection,
+// is acked with the first messageId (duplicate) and reaches the recipient once.
+func TestSendCommittedButAnswerLostIsRetriedOnce(t *testing.T) {
+	t.Parallel()
+	url := dbtest.URL(t)
+	proxy := dbtest.NewProxy(t, url)
+	c := &testCluster{t: t, url: url, pool: dbtest.PoolFor(t, url)}
+	c.url = proxy.URL(url)
+	c.nodes = append(c.nodes, c.startNode("n0", nil))
+	c.url = url
+	c.nodes = append(c.nodes, c.startNode("n1", nil))
+	m := c.mesh(0)
+	alice, bob := m.member("alice"), m.member("bob")
+	a := m.dial(0, alice)
+	b := m.dial(1, bob)
+	ctx := ctxT(t)
+	send := func(cl *client.Client) (protocol.Ack, error) {
+		return cl.SendMessage(ctx, &protocol.Send{TargetSpec: bob.pub, Priority: protocol.PriorityNow, Nonce: "n",
+			Ciphertext: "c", ClientMessageID: "cm-1"})
+	}
+
+	proxy.SetDelay(300 * time.Millisecond) // the answer takes that long to come back
+	done := make(chan error, 1)
+	go func() { _, err := send(a); done <- err }()
+	dbtest.WaitFor(t, 10*time.Second, "the send committed", func() bool {
+		var n int
+		_ = c.pool.QueryRow(ctx, `SELECT count(*) FROM claudemesh.envelope WHERE client_message_id = 'cm-1'`).Scan(&n)
+		return n == 1
+	})
+	proxy.Cut() // the answer is lost on its way
+	err := <-done
+	var cerr *client.CloseError
+	require.ErrorAs(t, err, &cerr, "never refused: it was stored")
+	require.Equal(t, protocol.CloseTryAgainLater, cerr.Code)
+	require.Equal(t, "send_outcome_unknown", cerr.Reason)
+	first := nextPush(t, b, 10*time.Second)
+
+	proxy.SetDelay(0)
+	proxy.Restore()
+	var retry protocol.Ack
+	var a2 *client.Client
+	dbtest.WaitFor(t, 20*time.Second, "the retry acked", func() bool {
+		var err error
+		if a2 == nil || a2.CloseCode() != 0 {
+			if a2, err = m.tryDial(0, alice); err != nil {
+				a2 = nil
+				return false
+			}
+		}
+		retry, err = send(a2)
+		return err == nil
+	})
+	require.True(t, retry.Queued)
+	require.True(t, retry.Duplicate)
+	require.Equal(t, first.MessageID, retry.MessageID)
+	sentinel, err := a2.Send(ctx, bob.pub, protocol.PriorityNow, "n", "c", "")
+	require.NoError(t, err)
+	require.Equal(t, sentinel.MessageID, nextPush(t, b, 10*time.Second).MessageID, "the retry was not delivered again")
 }
