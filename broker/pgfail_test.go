@@ -250,7 +250,9 @@ func TestAnOutageIsLoggedOncePerEpisode(t *testing.T) {
 	lines := &logLines{}
 	srv := startServer(t, Config{NodeID: "n0", Region: "test", Heartbeat: 200 * time.Millisecond, NodeDeadAfter: time.Minute},
 		dbtest.PoolFor(t, proxy.URL(url)), slog.New(slog.NewTextHandler(io.MultiWriter(lines, tLog{t}), nil)))
-	dbtest.WaitFor(t, 10*time.Second, "listener connected", srv.BusConnected)
+	dbtest.WaitFor(t, 10*time.Second, "listener connected and beating", func() bool {
+		return srv.BusConnected() && !srv.heartbeat.UpSince().IsZero()
+	})
 
 	proxy.Cut()
 	// 1.6 s: the listener retries at 50 ms doubling, so four times at least.

@@ -51,7 +51,8 @@ type Heartbeat struct {
 	// mu serializes beats (the ticks and Beat); registered is whether the node row is ours.
 	mu         sync.Mutex
 	registered bool
-	failing    int // beats failed in a row (logged at the first and when written again)
+	failing    int  // beats (or registrations) failed in a row
+	logged     bool // the outage's first failure was logged: its end is too
 
 	base startstop.Base
 }
@@ -103,22 +104,18 @@ func (h *Heartbeat) Start(ctx context.Context) error {
 }
 
 func (h *Heartbeat) register(ctx context.Context) bool {
-	ctx, cancel := context.WithTimeout(ctx, h.cfg.Interval)
+	opCtx, cancel := context.WithTimeout(ctx, h.cfg.Interval)
 	defer cancel()
 	n := h.cfg.Node()
-	prev, err := h.q.NodeRegister(ctx, db.NodeRegisterParams{ID: n.ID, Instance: h.instance, Region: n.Region,
+	prev, err := h.q.NodeRegister(opCtx, db.NodeRegisterParams{ID: n.ID, Instance: h.instance, Region: n.Region,
 		Address: n.Address, Version: n.Version})
 	if err != nil {
-		if ctx.Err() == nil && h.failing == 0 { // once per outage, as the beats
-			h.cfg.Logger.Warn("register node failing; retried every beat", "err", err)
-		}
-		h.failing++
+		// Judged by the caller's context: a registration that timed out (Postgres not
+		// answering) is an outage too, only a stop is not.
+		h.failed(ctx, err, "registering", true)
 		return false
 	}
-	if h.failing > 0 {
-		h.cfg.Logger.Info("node registered", "failed_attempts", h.failing)
-		h.failing = 0
-	}
+	h.recovered()
 	if age := time.Duration(prev.PrevHeartbeatAgeSeconds * float64(time.Second)); age >= 0 && age < h.cfg.SharedAfter {
 		h.cfg.Logger.Warn("this node id was held by another process until moments ago: if that process still runs, "+
 			"give each replica its own BROKER_NODE_ID (it will stop); if it crashed, nothing is wrong",
@@ -126,6 +123,25 @@ func (h *Heartbeat) register(ctx context.Context) bool {
 	}
 	h.ok()
 	return true
+}
+
+// failed counts a failed beat or registration and logs the first of an outage that is not
+// this replica's own stop: once per outage, not per beat (/health says it lasts, and the line
+// when it ends how long).
+func (h *Heartbeat) failed(ctx context.Context, err error, args ...any) {
+	h.failing++
+	if ctx.Err() == nil && !h.logged {
+		h.logged = true
+		h.cfg.Logger.Warn("heartbeat failing; retried every beat", append([]any{"err", err}, args...)...)
+	}
+}
+
+// recovered ends an outage of failed beats.
+func (h *Heartbeat) recovered() {
+	if h.logged {
+		h.cfg.Logger.Info("heartbeat written again", "failed_beats", h.failing)
+	}
+	h.failing, h.logged = 0, false
 }
 
 func (h *Heartbeat) ok() {
@@ -169,10 +185,7 @@ func (h *Heartbeat) beat(ctx context.Context) {
 			holder = h.instance // a replica of the previous release registered it last
 		}
 	} else if err == nil {
-		if h.failing > 0 {
-			h.cfg.Logger.Info("heartbeat written again", "failed_beats", h.failing)
-			h.failing = 0
-		}
+		h.recovered()
 		h.ok()
 		return
 	}
@@ -191,11 +204,7 @@ func (h *Heartbeat) beat(ctx context.Context) {
 		h.cfg.OnDeclaredDead()
 	default:
 		h.upSince.Store(0)
-		// Once per outage, not per beat: /health and the next line say how long it lasted.
-		if ctx.Err() == nil && h.failing == 0 {
-			h.cfg.Logger.Warn("heartbeat failing; retried every beat", "err", err)
-		}
-		h.failing++
+		h.failed(ctx, err)
 	}
 }
 
