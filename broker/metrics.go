@@ -45,6 +45,8 @@ type Metrics struct {
 	BackgroundErrors                 *prometheus.CounterVec
 	// StateCatchUp counts what the state catch-up told, by outcome (sent, capped).
 	StateCatchUp *prometheus.CounterVec
+	// EventCatchUp counts what the system events' catch-up told, by outcome (sent, capped).
+	EventCatchUp *prometheus.CounterVec
 
 	// logged holds back repeats of a failure's log line: background failures by task
 	// (backgroundError), request failures by message (warnRepeated).
@@ -102,6 +104,8 @@ func newMetrics() *Metrics {
 		BackgroundErrors: cv("background_errors_total", "Failures of background work (sweeps, records, catch-up), by task.", "task"),
 		StateCatchUp: cv("state_catch_up_total",
 			"Shared-state changes told to local sessions after lost notices (sent), and meshes whose catch-up was capped (capped).", "outcome"),
+		EventCatchUp: cv("event_catch_up_total",
+			"System events (peer_joined, peer_left, peer_status) told to local sessions after lost notices (sent), and meshes whose catch-up was capped (capped).", "outcome"),
 	}
 	m.RequestsRateLimited = cv("requests_rate_limited_total",
 		"Requests other than send refused rate_limited (WRITE_RATE_PER_MEMBER, READ_RATE_PER_MEMBER), by type.", "type")
@@ -111,6 +115,7 @@ func newMetrics() *Metrics {
 	}
 	for _, outcome := range []string{"sent", "capped"} {
 		m.StateCatchUp.WithLabelValues(outcome)
+		m.EventCatchUp.WithLabelValues(outcome)
 	}
 	for _, outcome := range membership.JoinOutcomes {
 		m.JoinRequests.WithLabelValues(outcome)
@@ -121,7 +126,7 @@ func newMetrics() *Metrics {
 		m.HealthChecks, m.ConnActive, m.ConnTotal, m.ConnRejected, m.BadFrames, m.SlowConsumers,
 		m.MessagesRouted, m.Pushes, m.SendFailures, m.BacklogSkips, m.SendRefused, m.RequestsRateLimited, m.AdminOps, m.DeliveriesPending, m.AuditPending, m.AuditPendingOldest, m.BusSent, m.BusReceived,
 		m.BusEvents, m.BatchSize, m.HelloBatchSize, m.CommitSeconds, m.HookRequests, m.JoinRequests, m.DeadNodes, m.Claims, m.ClaimSkips, m.BackgroundErrors,
-		m.StateCatchUp,
+		m.StateCatchUp, m.EventCatchUp,
 	)
 	return m
 }
@@ -191,7 +196,7 @@ func (r *repeatLog) allow(kind string) (bool, int) {
 
 // backgroundTasks are the task labels of background_errors_total.
 var backgroundTasks = []string{"record_deliveries", "record_session_ends", "claim", "release_unwritten", "catch_up",
-	"resync", "reload_status", "load_changed_state", "state_catch_up", "sweep_grace", "sweep_working", "sweep_expired", "pending_gauge", "refresh_statistics",
+	"resync", "reload_status", "load_changed_state", "state_catch_up", "event_catch_up", "sweep_grace", "sweep_working", "sweep_expired", "pending_gauge", "refresh_statistics",
 	"reconcile", "dead_node_takeover", "session_row_held", "sweep_backlog", "seal_audit", "audit_anchors"}
 
 type bgLog struct {

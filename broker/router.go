@@ -41,6 +41,26 @@ type router struct {
 	// catch-up does not tell them a change again, and a notice applied after a catch-up does
 	// not take them back to an older value. Only the router's goroutine touches it.
 	told map[stateKey]int64
+	// eventsOwed, eventsFrom: as stateOwed and stateFrom, for the system events (peer_joined,
+	// peer_left, peer_status) the local sessions may have missed; catchUpEvents tells them.
+	eventsOwed bool
+	eventsFrom int64
+	// seen is what the local sessions were told of each presence (by a notice or a catch-up):
+	// a catch-up does not tell an event again, and a notice of what a catch-up told is not sent
+	// again. Only the router's goroutine touches it.
+	seen       map[string]peerSeen
+	seenPruned int64 // Heard when seen was last pruned for room
+}
+
+// peerSeen is what the local sessions were told of one presence.
+type peerSeen struct {
+	joined, left bool
+	status       string // the status last told ("": none)
+	// caught: status was told by a catch-up, so a notice of the same status is its duplicate.
+	caught bool
+	// at: the database clock (unix microseconds) at or after every event told of it, by which
+	// it is forgotten (pruneSeen).
+	at int64
 }
 
 // stateKey is a shared-state key of a mesh.
@@ -58,6 +78,15 @@ const (
 	stateCatchUpPerMesh = 128
 	stateCatchUpChunk   = 16
 	maxTold             = 1 << 16
+)
+
+// The system events' catch-up bounds, as the state's (same margin and chunk): at most
+// eventCatchUpPerMesh presences a mesh, its newest (past it the log says so, and the sessions
+// see the rest with list_peers); maxSeen bounds the memo of what was told (past it, an event
+// may be told twice).
+const (
+	eventCatchUpPerMesh = 128
+	maxSeen             = 1 << 16
 )
 
 // Start applies bus messages until Stop.
@@ -182,11 +211,17 @@ func (r *router) apply(ctx context.Context, m pgbus.Message) {
 			closeWith(sess.ws, m.Code, reason)
 		}
 	case pgbus.KindEvent:
-		frame, _ := protocol.Encode(&protocol.Push{MessageID: "", MeshID: m.Mesh, SenderPubkey: protocol.SenderSystem,
-			Priority: protocol.PriorityNow, Subtype: protocol.SubtypeSystem, Event: m.Key, EventData: m.Data,
-			CreatedAt: protocol.FormatTime(time.Now())})
-		// Never to the sessions of the member the event is about.
-		r.hub.toMesh(m.Mesh, frame, func(s *session) bool { return !s.systemEvents || s.memberID == m.Member })
+		// Remembered even with no session of the mesh here yet: one registering now is told
+		// what the notices say from its hello on, and a catch-up must not tell it again.
+		var d struct {
+			PresenceID string `json:"presenceId"`
+			Status     string `json:"status"`
+		}
+		// Unreadable, or without a presence: sent as it is, not remembered.
+		if json.Unmarshal(m.Data, &d) == nil && d.PresenceID != "" && !r.noteEvent(m.Key, d.PresenceID, d.Status) {
+			return // a catch-up told it already
+		}
+		r.tellEvent(m.Mesh, m.Member, m.Key, m.Data, time.Now())
 	case pgbus.KindState:
 		if m.ID != 0 && r.told[stateKey{m.Mesh, m.Key}] >= m.ID {
 			return // a catch-up told this write, or a later one, already
@@ -219,6 +254,90 @@ func (r *router) apply(ctx context.Context, m pgbus.Message) {
 		if r.hub.toMesh(m.Mesh, change, func(s *session) bool { return s.presenceID == m.Presence }) && m.ID != 0 {
 			r.noteTold(stateKey{m.Mesh, m.Key}, m.ID)
 		}
+	}
+}
+
+// tellEvent sends a system event to the local sessions of the mesh that asked for them, never
+// to the sessions of the member it is about.
+func (r *router) tellEvent(mesh, aboutMember, event string, data json.RawMessage, at time.Time) {
+	frame, _ := protocol.Encode(&protocol.Push{MessageID: "", MeshID: mesh, SenderPubkey: protocol.SenderSystem,
+		Priority: protocol.PriorityNow, Subtype: protocol.SubtypeSystem, Event: event, EventData: data,
+		CreatedAt: protocol.FormatTime(at)})
+	r.hub.toMesh(mesh, frame, func(s *session) bool { return !s.systemEvents || s.memberID == aboutMember })
+}
+
+// noteEvent remembers a notice's event about a presence and reports whether to send it: not
+// when a catch-up told it already (its notice came after the catch-up's read), nor an event
+// about a presence the sessions were told has left (its notice, committed before the end, came
+// after a catch-up that told the end).
+func (r *router) noteEvent(event, presence, status string) bool {
+	e := r.seen[presence]
+	switch event {
+	case protocol.EventPeerJoined:
+		if e.joined || e.left {
+			return false
+		}
+		e.joined, e.status, e.caught = true, status, false
+	case protocol.EventPeerStatus:
+		if e.left {
+			return false
+		}
+		if e.caught && e.status == status {
+			e.caught = false // once: a later notice of the same status is a change of its own
+			r.noteSeen(presence, e)
+			return false
+		}
+		e.status, e.caught = status, false
+	case protocol.EventPeerLeft:
+		if e.left {
+			return false
+		}
+		e.left = true
+	default:
+		return true
+	}
+	// The event's time is before its commit, which came before the next ping; a replica whose
+	// pings stop for longer than the margin replaces its connection, a gap read from what it
+	// heard last.
+	e.at = max(e.at, r.bus.Heard()+stateCatchUpMargin.Microseconds())
+	r.noteSeen(presence, e)
+	return true
+}
+
+// noteSeen stores what the local sessions were told of a presence, within maxSeen.
+func (r *router) noteSeen(presence string, e peerSeen) {
+	if r.seen == nil {
+		r.seen = map[string]peerSeen{}
+	}
+	if _, ok := r.seen[presence]; !ok && len(r.seen) >= maxSeen {
+		// At most once per ping heard: in a burst of hellos, a full memo of events all within
+		// the margin would otherwise be walked for every one.
+		if heard := r.bus.Heard(); heard != r.seenPruned {
+			r.seenPruned = heard
+			r.pruneSeen()
+		}
+		if len(r.seen) >= maxSeen {
+			return // a later catch-up may tell it again: the same event, harmless
+		}
+	}
+	r.seen[presence] = e
+}
+
+// pruneSeen forgets what no catch-up can read again (as pruneTold).
+func (r *router) pruneSeen() {
+	floor := r.bus.Heard() - stateCatchUpMargin.Microseconds()
+	for p, e := range r.seen {
+		if e.at < floor {
+			delete(r.seen, p)
+		}
+	}
+}
+
+// oweEvents records that the system events from `from` on (database clock, unix microseconds)
+// may not have reached the local sessions.
+func (r *router) oweEvents(from int64) {
+	if !r.eventsOwed || from < r.eventsFrom {
+		r.eventsOwed, r.eventsFrom = true, from
 	}
 }
 
@@ -313,6 +432,82 @@ func (r *router) tellChanges(changes []store.StateChange) {
 	}
 }
 
+// catchUpEvents tells the local sessions with system_events the peer_joined, peer_left and
+// peer_status they may have missed (from eventsFrom, less the margin), as the notices would
+// have, from what the presences are now: a presence that ended, its peer_left; a live one that
+// connected since, its peer_joined with its status; another live one whose status changed
+// since, its peer_status. Each mesh's oldest first, never to the sessions of the member it is
+// about, not what they were told already. At most eventCatchUpPerMesh a mesh, its newest.
+func (r *router) catchUpEvents(ctx context.Context) error {
+	since := time.UnixMicro(r.eventsFrom - stateCatchUpMargin.Microseconds())
+	if r.eventsFrom == 0 { // nothing was heard before the gap: everything may be new
+		since = time.Unix(0, 0)
+	} else if heard := r.bus.Heard(); heard-r.eventsFrom > store.EndedPresenceRetention.Microseconds() {
+		r.log.Warn("system event catch-up after a gap longer than ended presences are kept: peers that left early in it are not told; sessions see them with list_peers",
+			"gap_from", time.UnixMicro(r.eventsFrom), "kept", store.EndedPresenceRetention)
+	}
+	meshes := r.hub.meshIDs()
+	for len(meshes) > 0 {
+		chunk := meshes[:min(len(meshes), stateCatchUpChunk)]
+		meshes = meshes[len(chunk):]
+		qctx, cancel := context.WithTimeout(ctx, opTimeout)
+		rows, err := r.store.PresenceChangesSince(qctx, chunk, since, eventCatchUpPerMesh+1)
+		cancel()
+		if err != nil {
+			return err
+		}
+		for len(rows) > 0 {
+			n := 1
+			for n < len(rows) && rows[n].MeshID == rows[0].MeshID {
+				n++
+			}
+			r.tellPresenceChanges(rows[:n], since)
+			rows = rows[n:]
+		}
+	}
+	return nil
+}
+
+// tellPresenceChanges tells the local sessions of one mesh the events of its changed
+// presences (oldest first).
+func (r *router) tellPresenceChanges(changes []store.PresenceChange, since time.Time) {
+	mesh := changes[0].MeshID
+	if len(changes) > eventCatchUpPerMesh {
+		changes = changes[len(changes)-eventCatchUpPerMesh:]
+		r.metrics.EventCatchUp.WithLabelValues("capped").Inc()
+		r.log.Warn("system event catch-up capped: the mesh's sessions are told only its newest changes; they see the others with list_peers",
+			"mesh", mesh, "told", eventCatchUpPerMesh, "oldest_told", changes[0].At)
+	}
+	for _, c := range changes {
+		e := r.seen[c.PresenceID]
+		var event string
+		switch {
+		case c.Ended:
+			if e.left {
+				continue
+			}
+			event, e.left = protocol.EventPeerLeft, true
+		case e.left: // told it left (an end is final): a row read before it
+			continue
+		case !e.joined && !c.ConnectedAt.Before(since):
+			event, e.joined = protocol.EventPeerJoined, true
+		case e.status == c.Status: // what they were told (with its peer_joined, or since)
+			continue
+		default:
+			event = protocol.EventPeerStatus
+		}
+		status := ""
+		if !c.Ended {
+			status, e.status, e.caught = c.Status, c.Status, true
+		}
+		e.at = max(e.at, c.At.UnixMicro())
+		// When it happened: it reaches the sessions late.
+		r.tellEvent(mesh, c.MemberID, event, peerEventData(c.PresenceID, c.Pubkey, c.DisplayName, status), c.At)
+		r.noteSeen(c.PresenceID, e)
+		r.metrics.EventCatchUp.WithLabelValues("sent").Inc()
+	}
+}
+
 // closeStale closes a local socket whose presence is no longer its own, found by a full
 // resync: the notice that would have closed it (a kick, a revocation, a takeover) was lost with
 // the LISTEN connection or in an overflow, and the socket could still send. Revoked: 4002, as
@@ -369,7 +564,7 @@ func reloadStatus(ctx context.Context, st *store.Store, p *pusher, m *Metrics, l
 // whose sessions are caught up polls with one read-only query and takes no row locks, whatever
 // its number of sessions (a second statement gives back orphaned pushes, when there are any).
 func (r *router) resync(ctx context.Context, full bool) {
-	root := ctx // the state catch-up bounds each of its statements itself
+	root := ctx // the state and event catch-ups bound each of their statements themselves
 	// Also with no session here: pushes assigned here to sessions that left may wait for it.
 	ctx, cancel := context.WithTimeout(ctx, opTimeout)
 	defer cancel()
@@ -378,6 +573,7 @@ func (r *router) resync(ctx context.Context, full bool) {
 		r.hub.woke() // it claims for the sessions in the hub: a hello not yet there claims itself
 		if from, ok := r.bus.TakeGap(); ok {
 			r.oweState(from)
+			r.oweEvents(from)
 		}
 	}
 	if full && r.hub.len() > 0 {
@@ -414,8 +610,18 @@ func (r *router) resync(ctx context.Context, full bool) {
 			r.stateOwed = false
 		}
 	}
+	if r.eventsOwed {
+		if err := r.catchUpEvents(root); err != nil {
+			r.metrics.backgroundError(r.log, "event_catch_up", err, "retry", "next poll")
+		} else {
+			r.eventsOwed = false
+		}
+	}
 	if len(r.told) > maxTold/2 {
 		r.pruneTold()
+	}
+	if len(r.seen) > maxSeen/2 {
+		r.pruneSeen()
 	}
 	claimable, orphans, err := r.store.SessionsWithClaimable(ctx, r.nodeID)
 	if err != nil {

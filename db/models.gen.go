@@ -145,32 +145,33 @@ type ClaudemeshPendingStatus struct {
 }
 
 type ClaudemeshPresence struct {
-	ID            string
-	MeshID        string
-	MemberID      string
-	MemberPubkey  string
-	NodeID        string
-	SessionID     string
-	SessionPubkey *string
-	DisplayName   string
-	Pid           int32
-	Cwd           string
-	Status        string
-	StatusSource  string
-	StatusAt      time.Time
-	Summary       string
-	Groups        json.RawMessage
-	Capabilities  []string
-	ConnectedAt   time.Time
-	LastSeenAt    time.Time
-	GraceUntil    *time.Time
-	EndedAt       *time.Time
-	Epoch         int64
-	Role          string
-	Hostname      string
-	PeerType      string
-	Channel       string
-	Model         string
+	ID              string
+	MeshID          string
+	MemberID        string
+	MemberPubkey    string
+	NodeID          string
+	SessionID       string
+	SessionPubkey   *string
+	DisplayName     string
+	Pid             int32
+	Cwd             string
+	Status          string
+	StatusSource    string
+	StatusAt        time.Time
+	Summary         string
+	Groups          json.RawMessage
+	Capabilities    []string
+	ConnectedAt     time.Time
+	LastSeenAt      time.Time
+	GraceUntil      *time.Time
+	EndedAt         *time.Time
+	Epoch           int64
+	Role            string
+	Hostname        string
+	PeerType        string
+	Channel         string
+	Model           string
+	StatusChangedAt *time.Time
 }
 
 type ClaudemeshSeenSignature struct {

@@ -8,6 +8,7 @@ package db
 import (
 	"context"
 	"encoding/json"
+	"time"
 )
 
 const deleteEndedPresences = `-- name: DeleteEndedPresences :execrows
@@ -95,7 +96,7 @@ func (q *Queries) EndExpiredGrace(ctx context.Context) ([]EndExpiredGraceRow, er
 }
 
 const listLivePresence = `-- name: ListLivePresence :many
-SELECT id, mesh_id, member_id, member_pubkey, node_id, session_id, session_pubkey, display_name, pid, cwd, status, status_source, status_at, summary, groups, capabilities, connected_at, last_seen_at, grace_until, ended_at, epoch, role, hostname, peer_type, channel, model FROM claudemesh.presence WHERE mesh_id = $1 AND ended_at IS NULL ORDER BY connected_at, id
+SELECT id, mesh_id, member_id, member_pubkey, node_id, session_id, session_pubkey, display_name, pid, cwd, status, status_source, status_at, summary, groups, capabilities, connected_at, last_seen_at, grace_until, ended_at, epoch, role, hostname, peer_type, channel, model, status_changed_at FROM claudemesh.presence WHERE mesh_id = $1 AND ended_at IS NULL ORDER BY connected_at, id
 `
 
 func (q *Queries) ListLivePresence(ctx context.Context, meshID string) ([]ClaudemeshPresence, error) {
@@ -134,6 +135,7 @@ func (q *Queries) ListLivePresence(ctx context.Context, meshID string) ([]Claude
 			&i.PeerType,
 			&i.Channel,
 			&i.Model,
+			&i.StatusChangedAt,
 		); err != nil {
 			return nil, err
 		}
@@ -220,7 +222,7 @@ func (q *Queries) OrphanPresences(ctx context.Context, nodeID string) ([]OrphanP
 }
 
 const presenceByID = `-- name: PresenceByID :one
-SELECT id, mesh_id, member_id, member_pubkey, node_id, session_id, session_pubkey, display_name, pid, cwd, status, status_source, status_at, summary, groups, capabilities, connected_at, last_seen_at, grace_until, ended_at, epoch, role, hostname, peer_type, channel, model FROM claudemesh.presence WHERE id = $1
+SELECT id, mesh_id, member_id, member_pubkey, node_id, session_id, session_pubkey, display_name, pid, cwd, status, status_source, status_at, summary, groups, capabilities, connected_at, last_seen_at, grace_until, ended_at, epoch, role, hostname, peer_type, channel, model, status_changed_at FROM claudemesh.presence WHERE id = $1
 `
 
 func (q *Queries) PresenceByID(ctx context.Context, id string) (ClaudemeshPresence, error) {
@@ -253,8 +255,65 @@ func (q *Queries) PresenceByID(ctx context.Context, id string) (ClaudemeshPresen
 		&i.PeerType,
 		&i.Channel,
 		&i.Model,
+		&i.StatusChangedAt,
 	)
 	return i, err
+}
+
+const presenceChangesSince = `-- name: PresenceChangesSince :many
+SELECT c.mesh_id::text AS mesh_id, c.presence_id::text AS presence_id, c.member_id::text AS member_id,
+    c.pubkey::text AS pubkey, c.display_name::text AS display_name, c.status::text AS status,
+    c.connected_at::timestamptz AS connected_at, c.ended::boolean AS ended, c.at::timestamptz AS at
+FROM claudemesh.presence_changes_since($1::text[], $2::timestamptz, $3::int) c
+`
+
+type PresenceChangesSinceParams struct {
+	MeshIds []string
+	Since   time.Time
+	PerMesh int32
+}
+
+type PresenceChangesSinceRow struct {
+	MeshID      string
+	PresenceID  string
+	MemberID    string
+	Pubkey      string
+	DisplayName string
+	Status      string
+	ConnectedAt time.Time
+	Ended       bool
+	At          time.Time
+}
+
+// What a replica catching up on lost system events tells its sessions (migration 00065).
+func (q *Queries) PresenceChangesSince(ctx context.Context, arg PresenceChangesSinceParams) ([]PresenceChangesSinceRow, error) {
+	rows, err := q.db.Query(ctx, presenceChangesSince, arg.MeshIds, arg.Since, arg.PerMesh)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	items := []PresenceChangesSinceRow{}
+	for rows.Next() {
+		var i PresenceChangesSinceRow
+		if err := rows.Scan(
+			&i.MeshID,
+			&i.PresenceID,
+			&i.MemberID,
+			&i.Pubkey,
+			&i.DisplayName,
+			&i.Status,
+			&i.ConnectedAt,
+			&i.Ended,
+			&i.At,
+		); err != nil {
+			return nil, err
+		}
+		items = append(items, i)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, err
+	}
+	return items, nil
 }
 
 const releaseHeld = `-- name: ReleaseHeld :exec

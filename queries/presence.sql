@@ -51,3 +51,10 @@ WHERE ctid = ANY (ARRAY(
     WHERE p.ended_at < now() - make_interval(secs => @ended_before_seconds::float8)
     LIMIT @page_size::int FOR UPDATE SKIP LOCKED))
   AND ended_at < now() - make_interval(secs => @ended_before_seconds::float8);
+
+-- name: PresenceChangesSince :many
+-- What a replica catching up on lost system events tells its sessions (migration 00065).
+SELECT c.mesh_id::text AS mesh_id, c.presence_id::text AS presence_id, c.member_id::text AS member_id,
+    c.pubkey::text AS pubkey, c.display_name::text AS display_name, c.status::text AS status,
+    c.connected_at::timestamptz AS connected_at, c.ended::boolean AS ended, c.at::timestamptz AS at
+FROM claudemesh.presence_changes_since(@mesh_ids::text[], @since::timestamptz, @per_mesh::int) c;

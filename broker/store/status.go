@@ -79,7 +79,8 @@ const (
 )
 
 // EndedPresenceRetention is how long an ended presence is kept: every new session adds one,
-// and nothing reads them once ended (the audit log records who connected when).
+// and only a replica catching up on the peer_left notices it lost reads one once ended
+// (PresenceChangesSince; the audit log records who connected when).
 const EndedPresenceRetention = time.Hour
 
 // GoneNodeRetention is how long the row of a replica that stopped or was declared dead is
@@ -110,6 +111,32 @@ func (s *Store) StateChangesSince(ctx context.Context, meshIDs []string, since t
 	out := make([]StateChange, len(rows))
 	for i, r := range rows {
 		out[i] = StateChange{MeshID: r.MeshID, Key: r.Key, Value: r.Value, UpdatedBy: r.UpdatedBy, PresenceID: r.PresenceID, At: r.At}
+	}
+	return out, nil
+}
+
+// PresenceChange is a presence of a mesh that connected, changed status or ended since a time,
+// as it is now, for a catch-up of system events.
+type PresenceChange struct {
+	MeshID, PresenceID, MemberID string
+	Pubkey, DisplayName, Status  string // Pubkey: the session key if set, else the member key
+	ConnectedAt                  time.Time
+	Ended                        bool      // ended (peer_left); else live
+	At                           time.Time // its latest change: the end, else the later of connect and change of status
+}
+
+// PresenceChangesSince returns the presences of these meshes that connected, changed status or
+// ended at or after since, for each mesh its newest perMesh, ordered by mesh and then oldest
+// first.
+func (s *Store) PresenceChangesSince(ctx context.Context, meshIDs []string, since time.Time, perMesh int) ([]PresenceChange, error) {
+	rows, err := s.q.PresenceChangesSince(ctx, db.PresenceChangesSinceParams{MeshIds: meshIDs, Since: since, PerMesh: int32(perMesh)})
+	if err != nil {
+		return nil, fmt.Errorf("presence changes since: %w", err)
+	}
+	out := make([]PresenceChange, len(rows))
+	for i, r := range rows {
+		out[i] = PresenceChange{MeshID: r.MeshID, PresenceID: r.PresenceID, MemberID: r.MemberID, Pubkey: r.Pubkey,
+			DisplayName: r.DisplayName, Status: r.Status, ConnectedAt: r.ConnectedAt, Ended: r.Ended, At: r.At}
 	}
 	return out, nil
 }
