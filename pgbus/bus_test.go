@@ -304,15 +304,25 @@ func TestGapStartsAtWhatWasHeard(t *testing.T) {
 		return us
 	}
 
-	heard, before := b.Heard(), dbNow()
-	_, err := pool.Exec(context.Background(), `SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-		WHERE datname = current_database() AND application_name = $1`, ListenerAppName("b"))
+	heard := b.Heard()
+	var pids []int32
+	require.NoError(t, pool.QueryRow(context.Background(), `SELECT array_agg(pid) FROM pg_stat_activity
+		WHERE datname = current_database() AND application_name = $1`, ListenerAppName("b")).Scan(&pids))
+	_, err := pool.Exec(context.Background(), `SELECT pg_terminate_backend(p) FROM unnest($1::int[]) p`, pids)
 	require.NoError(t, err)
+	// The cut is when the backend is gone: until then it may still pass on a ping sent after
+	// the terminate (the bound read before it was racy).
+	dbtest.WaitFor(t, 5*time.Second, "the listener's backend gone", func() bool {
+		var left int
+		_ = pool.QueryRow(context.Background(), `SELECT count(*) FROM pg_stat_activity WHERE pid = ANY($1)`, pids).Scan(&left)
+		return left == 0
+	})
+	cut := dbNow()
 	requireResync(t, b)
 	from, ok := b.TakeGap()
 	require.True(t, ok, "a lost connection is a gap")
 	require.GreaterOrEqual(t, from, heard)
-	require.LessOrEqual(t, from, before, "from a ping sent before the connection was cut")
+	require.LessOrEqual(t, from, cut, "from a ping sent before the connection was cut")
 	_, ok = b.TakeGap()
 	require.False(t, ok, "taken")
 
