@@ -40,7 +40,8 @@ type router struct {
 	// told is what the local sessions were last told of each key (the write's time): a
 	// catch-up does not tell them a change again, and a notice applied after a catch-up does
 	// not take them back to an older value. Only the router's goroutine touches it.
-	told map[stateKey]int64
+	told       map[stateKey]int64
+	toldPruned int64 // Heard when told was last pruned for room
 	// eventsOwed, eventsFrom: as stateOwed and stateFrom, for the system events (peer_joined,
 	// peer_left, peer_status) the local sessions may have missed; catchUpEvents tells them.
 	eventsOwed bool
@@ -355,7 +356,12 @@ func (r *router) noteTold(k stateKey, at int64) {
 		r.told = map[stateKey]int64{}
 	}
 	if _, ok := r.told[k]; !ok && len(r.told) >= maxTold {
-		r.pruneTold()
+		// At most once per ping heard, as noteSeen: a full memo of changes all within the
+		// margin (a burst of writes) would otherwise be walked for every one.
+		if heard := r.bus.Heard(); heard != r.toldPruned {
+			r.toldPruned = heard
+			r.pruneTold()
+		}
 		if len(r.told) >= maxTold {
 			return // a later catch-up may tell it again: harmless
 		}
