@@ -225,6 +225,14 @@ type Config struct {
 
 	// sendDeadline overrides a send batch's deadline, sendTimeout (tests).
 	sendDeadline time.Duration
+
+	// helloJoined, when set, is called once a hello's session joined the hub, before the hello
+	// looks at what may wait for it (tests).
+	helloJoined func()
+
+	// givingBack, when set, is called in place of the pusher's give-back to pending of assigned
+	// deliveries it found no session for, with that give-back to call (tests).
+	givingBack func(ids []int64, giveBack func(ids []int64))
 }
 
 // minDeadAfter is the shortest NODE_DEAD_AFTER_SECONDS: two heartbeats, so one late heartbeat

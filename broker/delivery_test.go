@@ -592,6 +592,132 @@ func TestHelloClaimsWhatWaitsAndWhatArrivesWhileItRegisters(t *testing.T) {
 	}
 }
 
+// A message assigned to a session while its hello registers (after the statement, before the
+// session joins the replica's hub) is not overtaken by the next one. The first finds no session
+// on the replica and is given back to pending, a statement of its own. The hello saw that a
+// lookup missed it and claimed, but only what was pending; and a claim running while the
+// give-back held the row skipped it. Either way the next message, sent after the hello or while
+// its session was joining the hub, was pushed first and the first followed the give-back's
+// wake-up. Now the session's pushes queue behind until the hello has looked, its claims take
+// what is assigned to it too, and a give-back leaves a row whose presence is connected on the
+// replica (joining its hub) to that claim. Here the give-back is held, then (if it still
+// changes the row) stopped holding the row's lock, until the next message was sent.
+func TestAMessageGivenBackDuringAHelloIsNotOvertaken(t *testing.T) {
+	t.Parallel()
+	registered, joined, release := make(chan struct{}, 1), make(chan struct{}, 1), make(chan struct{})
+	givingBack, gaveBack := make(chan chan struct{}, 1), make(chan struct{}, 1)
+	var pause, pauseJoined, hold atomic.Bool
+	c := newCluster(t, 1, func(cfg *Config) { cfg.quiet = true })
+	c.nodes = append(c.nodes, c.startNode("n1", func(cfg *Config) {
+		cfg.quiet = true
+		cfg.helloRegistered = func() {
+			if pause.Swap(false) {
+				registered <- struct{}{}
+				<-release
+			}
+		}
+		cfg.helloJoined = func() {
+			if pauseJoined.Swap(false) {
+				joined <- struct{}{}
+				<-release
+			}
+		}
+		cfg.givingBack = func(ids []int64, giveBack func([]int64)) {
+			if !hold.Load() {
+				giveBack(ids)
+				return
+			}
+			held := make(chan struct{})
+			givingBack <- held
+			<-held
+			giveBack(ids)
+			gaveBack <- struct{}{}
+		}
+	}))
+	m := c.mesh(0)
+	alice, carol := m.member("alice"), m.member("carol")
+	a, cl := m.dial(0, alice), m.dial(1, carol)
+	ctx := ctxT(t)
+	wait := func(what string, ch <-chan struct{}) {
+		t.Helper()
+		select {
+		case <-ch:
+		case <-time.After(10 * time.Second):
+			t.Fatal(what)
+		}
+	}
+	// A give-back that changes the row waits here, holding its lock, while gate is held.
+	_, err := c.pool.Exec(ctx, `CREATE FUNCTION public.hold_give_back() RETURNS trigger LANGUAGE plpgsql AS $$
+		BEGIN
+			IF OLD.state = 'assigned' AND NEW.state = 'pending' THEN
+				PERFORM pg_advisory_lock(4243);
+				PERFORM pg_advisory_unlock(4243);
+			END IF;
+			RETURN NEW;
+		END $$;
+		CREATE TRIGGER hold_give_back BEFORE UPDATE ON claudemesh.delivery FOR EACH ROW EXECUTE FUNCTION public.hold_give_back()`)
+	require.NoError(t, err)
+	gate := dbtest.ConnFor(t, c.url)
+
+	for _, whileJoining := range []bool{false, true} {
+		to := m.member(fmt.Sprintf("to-%v", whileJoining))
+		_, err := gate.Exec(ctx, `SELECT pg_advisory_lock(4243)`)
+		require.NoError(t, err)
+		pause.Store(true)
+		pauseJoined.Store(whileJoining)
+		hold.Store(true)
+		dialed := make(chan *client.Client, 1)
+		go func() {
+			r, err := m.tryDial(1, to)
+			if err != nil {
+				t.Error(err)
+			}
+			dialed <- r
+		}()
+		wait("the hello never registered", registered)
+		first, err := a.Send(ctx, to.pub, protocol.PriorityNow, "n", "first", "")
+		require.NoError(t, err)
+		var giveBack chan struct{}
+		select {
+		case giveBack = <-givingBack: // n1 found no session for it: its give-back waits here
+		case <-time.After(10 * time.Second):
+			t.Fatal("n1 never gave the first message back")
+		}
+		hold.Store(false)
+		release <- struct{}{}
+		if whileJoining {
+			wait("the session never joined the hub", joined)
+		}
+		// The give-back runs now: it leaves the row, or holds its lock at the trigger.
+		close(giveBack)
+		require.Eventually(t, func() bool {
+			select {
+			case <-gaveBack:
+				return true
+			default:
+			}
+			var waiting bool
+			err := c.pool.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND NOT granted)`).Scan(&waiting)
+			return err == nil && waiting
+		}, 10*time.Second, 5*time.Millisecond, "the give-back neither ran nor reached the row")
+		var r *client.Client
+		if !whileJoining {
+			r = <-dialed
+		}
+		second, err := cl.Send(ctx, to.pub, protocol.PriorityNow, "n", "second", "")
+		require.NoError(t, err)
+		if whileJoining {
+			release <- struct{}{}
+			r = <-dialed
+		}
+		require.NotNil(t, r)
+		require.Equal(t, first.MessageID, nextPush(t, r, 10*time.Second).MessageID, "the first message first (sent while joining: %v)", whileJoining)
+		_, err = gate.Exec(ctx, `SELECT pg_advisory_unlock(4243)`)
+		require.NoError(t, err)
+		require.Equal(t, second.MessageID, nextPush(t, r, 10*time.Second).MessageID)
+	}
+}
+
 // A send that looked for its recipient's sessions before a new one's hello committed, and
 // committed after the hello's probe of what waits, reaches that session at once: the rows it
 // left pending wake every replica for the member (migration 00040), and the wake-up arrives

@@ -110,6 +110,9 @@ func (p *peers) handleHello(ms *melody.Session, c *conn, msg protocol.ClientMess
 		connOf(old.ws).end.Set(endReplaced)
 		closeWith(old.ws, protocol.CloseSessionReplaced, protocol.CloseReasonSessionReplaced)
 	}
+	if p.cfg.helloJoined != nil {
+		p.cfg.helloJoined()
+	}
 	// A kick, ban or revocation that committed after the hello's statement and whose notice
 	// came before the session joined the hub found nothing to close here: closed now, before
 	// the ack, or it would stay open (and a revoked member keep sending) until a full resync.
@@ -117,8 +120,6 @@ func (p *peers) handleHello(ms *melody.Session, c *conn, msg protocol.ClientMess
 		p.closedMeanwhile(ctx, sess, k, found) {
 		return
 	}
-	p.reply(ms, &protocol.HelloAck{PresenceID: sess.presenceID, MemberDisplayName: sess.name(), Resumed: resumed, ReqID: msg.RequestID()})
-	p.log.Info("session connected", "mesh", sess.meshID, "presence", sess.presenceID, "role", sess.role, "resumed", resumed)
 	// Whatever waited for this session (offline queue, unacked pushes) goes out now: only if
 	// something may. The hello's probe, after its commit in the same flight, saw every send
 	// committed by then. A send that commits later either found the new session, and wakes
@@ -126,7 +127,18 @@ func (p *peers) handleHello(ms *melody.Session, c *conn, msg protocol.ClientMess
 	// (migration 00040); so does a release. Lookups for this session or member are counted: if
 	// none was counted from before the statement until the session joined the hub, none
 	// missed it, and any later one finds it there.
-	if waiting || p.hub.wokeSince(wakes, sess.presenceID, sess.memberID) {
+	// Decided before the ack, so what is sent to it once the peer has the ack is pushed as
+	// before. Until here, and until a claim catches up if one runs, the session's pushes queue behind
+	// and its claims take what is assigned to it too (set in register): a lookup that missed
+	// it may have found a delivery assigned to it and be giving that back to pending in a
+	// statement of its own, not committed yet, and a push written at once would overtake it.
+	claim := waiting || p.hub.wokeSince(wakes, sess.presenceID, sess.memberID)
+	if !claim {
+		sess.noBacklog()
+	}
+	p.reply(ms, &protocol.HelloAck{PresenceID: sess.presenceID, MemberDisplayName: sess.name(), Resumed: resumed, ReqID: msg.RequestID()})
+	p.log.Info("session connected", "mesh", sess.meshID, "presence", sess.presenceID, "role", sess.role, "resumed", resumed)
+	if claim {
 		p.pusher.request(sess)
 	}
 	// A status change that came over the bus between the statement and the hub (a hook, the
@@ -296,6 +308,9 @@ func (p *peers) register(ctx context.Context, ms *melody.Session, r *helloReq) (
 		sessionID: strings.Clone(hp.SessionID), role: hp.Role, systemEvents: r.systemEvents,
 		displayName: res.DisplayName, status: protocol.Status(reg.Status), groups: groups,
 		epoch: reg.Epoch, lane: laneOf(reg.PresenceID),
+		// Pushes queue behind whatever may wait for it, assigned ones included, until the
+		// hello has looked (see the end of handleHello).
+		backlog: true, takeAll: true,
 		overflow: func() { p.closeSlowConsumerLater(ms, "frames waiting to be sent") },
 	}
 	sess.clientAck.Store(r.clientAck)

@@ -262,7 +262,7 @@ func (p *pusher) release(ids []int64, onlyAssigned bool) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), opTimeout)
 	defer cancel()
-	if _, err := p.store.Release(ctx, ids, onlyAssigned); err != nil {
+	if _, err := p.store.Release(ctx, p.nodeID, ids, onlyAssigned); err != nil {
 		p.metrics.backgroundError(p.log, "release_unwritten", err, "count", len(ids),
 			"then", "re-sent when the recipient's replica is declared dead or the recipient reconnects")
 	}

@@ -127,6 +127,10 @@ func NewServer(cfg Config, pool *pgxpool.Pool, logger *slog.Logger) (*Server, er
 		s.recorder.ackWait = cfg.StallTimeout
 	}
 	s.pusher = newPusher(s.store, nodeID, s.log, s.metrics, s.hub)
+	if hook := cfg.givingBack; hook != nil {
+		giveBack := s.pusher.giveBack
+		s.pusher.giveBack = func(ids []int64) { hook(ids, giveBack) }
+	}
 	s.ender = newEnder(s.store, nodeID, cfg.Grace(), s.recorder.settle, s.log, s.metrics)
 	pl := &planner{ttl: cfg.MessageTTL, now: time.Now}
 	s.committer = newCommitter(s.store, pl, nodeID, s.pusher, cfg.MaxBatch, cfg.Committers, s.log, s.metrics)

@@ -281,6 +281,17 @@ func (s *session) takeAllAssigned() {
 	s.mu.Unlock()
 }
 
+// noBacklog clears the backlog (and the claims' taking of all that is assigned) a new session
+// starts with, once its hello found nothing that may wait for it, unless a push was refused
+// meanwhile: that one's request claims, and the claim clears them when caught up.
+func (s *session) noBacklog() {
+	s.mu.Lock()
+	if s.requests == 0 {
+		s.backlog, s.takeAll = false, false
+	}
+	s.mu.Unlock()
+}
+
 // lateStatus records that the session's status here is older than the database's (see
 // statusLate); a request at once, as toRetake.
 func (s *session) lateStatus() {

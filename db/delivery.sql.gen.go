@@ -375,12 +375,15 @@ func (q *Queries) PendingDeliveryCount(ctx context.Context) (int64, error) {
 
 const releaseDeliveries = `-- name: ReleaseDeliveries :one
 WITH rel AS (
-    UPDATE claudemesh.delivery SET state = 'pending', pushed_node = NULL, pushed_presence = NULL,
+    UPDATE claudemesh.delivery d SET state = 'pending', pushed_node = NULL, pushed_presence = NULL,
         pushed_at = NULL, acked_at = NULL
-    WHERE id = ANY($1::bigint[]) AND (state = 'assigned' OR (state = 'pushed' AND NOT $2::boolean))
-    RETURNING recipient_member_id
+    WHERE d.id = ANY($1::bigint[]) AND (d.state = 'assigned' OR (d.state = 'pushed' AND NOT $2::boolean))
+      AND NOT ($2::boolean AND EXISTS (
+          SELECT 1 FROM claudemesh.presence x
+          WHERE x.id = d.pushed_presence AND x.node_id = $3::text AND x.ended_at IS NULL AND x.grace_until IS NULL))
+    RETURNING d.recipient_member_id
 ), woken AS (
-    SELECT claudemesh.notify_lines($3::text, array_agg(json_build_object('k', 'd', 'm', m.id)::text ORDER BY m.id)) AS n
+    SELECT claudemesh.notify_lines($4::text, array_agg(json_build_object('k', 'd', 'm', m.id)::text ORDER BY m.id)) AS n
     FROM (SELECT DISTINCT recipient_member_id AS id FROM rel) m
     HAVING count(*) > 0
 )
@@ -390,6 +393,7 @@ SELECT (SELECT count(*) FROM rel)::int AS released, (SELECT count(*) FROM woken)
 type ReleaseDeliveriesParams struct {
 	Ids          []int64
 	OnlyAssigned bool
+	NodeID       string
 	Channel      string
 }
 
@@ -400,11 +404,20 @@ type ReleaseDeliveriesRow struct {
 
 // Pushes that could not be written go back to pending: claimed ones whose socket closed
 // (pushed), or assigned ones whose session is gone (assigned). With only_assigned,
-// a row a claim took meanwhile (pushed: on its way) is left alone, not delivered twice.
+// a row a claim took meanwhile (pushed: on its way) is left alone, not delivered twice, and
+// so is one whose presence is connected on this node: its session is not gone but joining the
+// hub (its hello registered it), and the hello's claim takes it in order. Given back, a claim
+// running meanwhile skipped it (locked) and pushed the later ones first; a session that closed
+// here releases it with its end.
 // Every replica is woken for their recipients on the cluster channel, as release_held wakes
 // them (migration 00040): a session of theirs registering on any replica meanwhile takes them.
 func (q *Queries) ReleaseDeliveries(ctx context.Context, arg ReleaseDeliveriesParams) (ReleaseDeliveriesRow, error) {
-	row := q.db.QueryRow(ctx, releaseDeliveries, arg.Ids, arg.OnlyAssigned, arg.Channel)
+	row := q.db.QueryRow(ctx, releaseDeliveries,
+		arg.Ids,
+		arg.OnlyAssigned,
+		arg.NodeID,
+		arg.Channel,
+	)
 	var i ReleaseDeliveriesRow
 	err := row.Scan(&i.Released, &i.Notified)
 	return i, err

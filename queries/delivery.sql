@@ -22,14 +22,21 @@ FROM claudemesh.claim_deliveries_skipping(@node_id::text, @presence_ids::text[],
 -- name: ReleaseDeliveries :one
 -- Pushes that could not be written go back to pending: claimed ones whose socket closed
 -- (pushed), or assigned ones whose session is gone (assigned). With only_assigned,
--- a row a claim took meanwhile (pushed: on its way) is left alone, not delivered twice.
+-- a row a claim took meanwhile (pushed: on its way) is left alone, not delivered twice, and
+-- so is one whose presence is connected on this node: its session is not gone but joining the
+-- hub (its hello registered it), and the hello's claim takes it in order. Given back, a claim
+-- running meanwhile skipped it (locked) and pushed the later ones first; a session that closed
+-- here releases it with its end.
 -- Every replica is woken for their recipients on the cluster channel, as release_held wakes
 -- them (migration 00040): a session of theirs registering on any replica meanwhile takes them.
 WITH rel AS (
-    UPDATE claudemesh.delivery SET state = 'pending', pushed_node = NULL, pushed_presence = NULL,
+    UPDATE claudemesh.delivery d SET state = 'pending', pushed_node = NULL, pushed_presence = NULL,
         pushed_at = NULL, acked_at = NULL
-    WHERE id = ANY(@ids::bigint[]) AND (state = 'assigned' OR (state = 'pushed' AND NOT @only_assigned::boolean))
-    RETURNING recipient_member_id
+    WHERE d.id = ANY(@ids::bigint[]) AND (d.state = 'assigned' OR (d.state = 'pushed' AND NOT @only_assigned::boolean))
+      AND NOT (@only_assigned::boolean AND EXISTS (
+          SELECT 1 FROM claudemesh.presence x
+          WHERE x.id = d.pushed_presence AND x.node_id = @node_id::text AND x.ended_at IS NULL AND x.grace_until IS NULL))
+    RETURNING d.recipient_member_id
 ), woken AS (
     SELECT claudemesh.notify_lines(@channel::text, array_agg(json_build_object('k', 'd', 'm', m.id)::text ORDER BY m.id)) AS n
     FROM (SELECT DISTINCT recipient_member_id AS id FROM rel) m

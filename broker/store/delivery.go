@@ -117,10 +117,11 @@ func (s *Store) GiveBack(ctx context.Context, nodeID string, ids []int64) (int, 
 }
 
 // Release returns deliveries that could not be written to pending (see ReleaseDeliveries) and
-// wakes every replica for their recipients; it says how many it released.
-func (s *Store) Release(ctx context.Context, ids []int64, onlyAssigned bool) (int, error) {
+// wakes every replica for their recipients; it says how many it released. With onlyAssigned,
+// one whose presence is connected on node stays assigned: its session is joining the hub.
+func (s *Store) Release(ctx context.Context, nodeID string, ids []int64, onlyAssigned bool) (int, error) {
 	r, err := s.q.ReleaseDeliveries(ctx, db.ReleaseDeliveriesParams{Ids: ids, OnlyAssigned: onlyAssigned,
-		Channel: pgbus.ClusterChannel(s.ns)})
+		NodeID: nodeID, Channel: pgbus.ClusterChannel(s.ns)})
 	if err != nil {
 		return 0, fmt.Errorf("release deliveries: %w", err)
 	}

@@ -583,7 +583,7 @@ func TestReleasedDeliveriesWakeTheirMembersReplicas(t *testing.T) {
 		}
 		var ended int
 		if how == "unwritten" {
-			n, err := st.Release(ctx, held, false)
+			n, err := st.Release(ctx, "n1", held, false)
 			require.NoError(t, err)
 			require.Equal(t, 2, n, "released")
 		} else {
