@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/uuid"
 	"github.com/stretchr/testify/require"
 
 	"github.com/claudemesh/broker/broker/store"
@@ -331,4 +332,31 @@ func TestSendCommittedButAnswerLostIsRetriedOnce(t *testing.T) {
 	sentinel, err := a2.Send(ctx, bob.pub, protocol.PriorityNow, "n", "c", "")
 	require.NoError(t, err)
 	require.Equal(t, sentinel.MessageID, nextPush(t, b, 10*time.Second).MessageID, "the retry was not delivered again")
+}
+
+// Acks kept for a retry while Postgres is away are bounded: at most maxQueuedAcks, the oldest,
+// whatever the outage's length. Every acking session adds a frame per ackWait past the bound,
+// and each failed statement put them all back: the queue grew with the outage (memory), and
+// once Postgres was back its one statement could be too large to finish, retried for good.
+func TestAcksKeptThroughAnOutageAreBounded(t *testing.T) {
+	t.Parallel()
+	url := dbtest.URL(t)
+	proxy := dbtest.NewProxy(t, url)
+	r := newRecorder(store.New(dbtest.PoolFor(t, proxy.URL(url)), "t"), dbtest.Logger(t), newMetrics())
+	acks := make([]store.Ack, 3*maxQueuedAcks) // three ackWaits of 1,024 sessions flooding
+	for i := range acks {
+		acks[i] = store.Ack{EnvelopeID: uuid.NewString(), MemberID: "m", SessionID: "s"}
+	}
+	r.acks.add(acks...)
+	ctx := ctxT(t)
+
+	proxy.Cut()
+	require.False(t, r.flush(ctx, time.Time{}), "Postgres is away")
+	require.Equal(t, maxQueuedAcks, r.acks.len(), "kept for the retry, within the bound")
+	require.Equal(t, acks[0].EnvelopeID, r.acks.items[0].EnvelopeID, "the oldest kept, first")
+	require.Equal(t, acks[maxQueuedAcks-1].EnvelopeID, r.acks.items[maxQueuedAcks-1].EnvelopeID)
+
+	proxy.Restore()
+	require.True(t, r.flush(ctx, time.Time{}), "recorded once Postgres is back")
+	require.Zero(t, r.acks.len())
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"slices"
 	"sort"
 	"sync"
 	"sync/atomic"
@@ -270,7 +271,9 @@ func (r *recorder) settle(ctx context.Context) error {
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
 	defer cancel()
 	if err := r.store.MarkDelivered(ctx, acks, written, nil); err != nil {
-		r.acks.putBack(acks)
+		if dropped := r.putBackAcks(acks); dropped > 0 {
+			err = fmt.Errorf("%w (%d acks dropped: more than %d waiting)", err, dropped, maxQueuedAcks)
+		}
 		r.written.putBack(written)
 		return fmt.Errorf("record deliveries before ending sessions: %w", err)
 	}
@@ -296,8 +299,11 @@ func (r *recorder) record(ctx context.Context, acks []store.Ack, written []int64
 	}
 	// Postgres away: kept for the retry (recording them twice is harmless). Dropped, an ack
 	// made during an outage was lost and the recipient's next connection got the message again.
-	r.metrics.backgroundError(r.log, "record_deliveries", err, "count", len(acks)+len(written)+len(taken), "retry", "with backoff")
-	r.acks.putBack(acks)
+	args := []any{"count", len(acks) + len(written) + len(taken), "retry", "with backoff"}
+	if dropped := r.putBackAcks(acks); dropped > 0 {
+		args = append(args, "acks_dropped", dropped)
+	}
+	r.metrics.backgroundError(r.log, "record_deliveries", err, args...)
 	r.written.putBack(written)
 	back := make([]takenPush, len(taken))
 	for i, t := range taken { // the oldest: they go first again
@@ -305,4 +311,21 @@ func (r *recorder) record(ctx context.Context, acks []store.Ack, written []int64
 	}
 	r.taken.putBack(back)
 	return false
+}
+
+// putBackAcks returns acks whose statement failed to the front of the queue, and keeps at most
+// maxQueuedAcks queued, the oldest; it returns how many it dropped. While Postgres stays away
+// every acking session adds a frame per ackWait past the bound: kept for a retry each time, they
+// grew with the outage's length (memory, and a statement too large to finish once it was back,
+// retried for good). A dropped ack's message may be pushed again (at least once).
+func (r *recorder) putBackAcks(acks []store.Ack) int {
+	r.acks.mu.Lock()
+	defer r.acks.mu.Unlock()
+	all := append(acks, r.acks.items...)
+	dropped := max(len(all)-maxQueuedAcks, 0)
+	if dropped > 0 {
+		all = slices.Clone(all[:maxQueuedAcks]) // not the dropped ones' backing array
+	}
+	r.acks.items = all
+	return dropped
 }
