@@ -116,7 +116,8 @@ func NewPool(ctx context.Context, url string, cfg PoolConfig) (*pgxpool.Pool, er
 	// health check above finds dead connections in the background; only one idle for long
 	// (a NAT or proxy may have dropped it silently) is pinged first.
 	// A connection the server ended while it sat idle (pg_terminate_backend, a restart, a
-	// failover) has its FATAL or its close waiting on the socket: a statement sent on it would
+	// crashed server process; not a vanished host, which sends nothing) has its FATAL or its
+	// close waiting on the socket: a statement sent on it would
 	// fail (a send refused, a hello or /health answered as if the database were down) while the
 	// database is up. One non-blocking peek finds it, no round trip; the ping then fails and
 	// pgxpool takes the next connection.
