@@ -369,3 +369,27 @@ func TestAcksKeptThroughAnOutageAreBounded(t *testing.T) {
 	require.True(t, r.flush(ctx, time.Time{}), "recorded once Postgres is back")
 	require.Zero(t, r.acks.len())
 }
+
+// Records are written at most recordChunk of each kind a statement. Those kept through an
+// outage, or through a statement that timed out under load, are retried with what came
+// meanwhile: in one statement each retry was larger than the last, and could only time out
+// again while pushes kept adding records.
+func TestRecordsAreWrittenInBoundedStatements(t *testing.T) {
+	t.Parallel()
+	url := dbtest.URL(t)
+	proxy := dbtest.NewProxy(t, url)
+	r := newRecorder(store.New(dbtest.PoolFor(t, proxy.URL(url)), "t"), dbtest.Logger(t), newMetrics())
+	ctx := ctxT(t)
+	ack := func() store.Ack { return store.Ack{EnvelopeID: uuid.NewString(), MemberID: "m", SessionID: "s"} }
+	r.acks.add(ack())
+	require.True(t, r.flush(ctx, time.Time{}), "a connection made and the statement prepared")
+
+	for range 2*recordChunk + 1 {
+		r.acks.add(ack())
+	}
+	var ok bool
+	flights := proxy.Count(func() { ok = r.flush(ctx, time.Time{}) })
+	require.True(t, ok)
+	require.Equal(t, int64(3), flights.Statement, "three statements, none larger than recordChunk")
+	require.Zero(t, r.acks.len())
+}

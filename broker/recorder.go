@@ -280,13 +280,28 @@ func (r *recorder) settle(ctx context.Context) error {
 	return nil
 }
 
+// recordChunk bounds the records of each kind one statement writes. Records kept through an
+// outage, or a statement that timed out under load, are retried with what came meanwhile: in
+// one statement each retry was larger than the last and could only time out again.
+const recordChunk = 16 * ackBatch
+
 func (r *recorder) record(ctx context.Context, acks []store.Ack, written []int64, taken []store.Taken) bool {
-	if len(acks)+len(written)+len(taken) == 0 {
-		return true
+	for len(acks)+len(written)+len(taken) > 0 {
+		na, nw, nt := min(len(acks), recordChunk), min(len(written), recordChunk), min(len(taken), recordChunk)
+		if !r.recordChunk(ctx, acks, written, taken, na, nw, nt) {
+			return false
+		}
+		acks, written, taken = acks[na:], written[nw:], taken[nt:]
 	}
+	return true
+}
+
+// recordChunk records the first na acks, nw writes and nt taken pushes in one statement; when
+// Postgres is away it puts them all back, those not yet recorded, and reports false.
+func (r *recorder) recordChunk(ctx context.Context, acks []store.Ack, written []int64, taken []store.Taken, na, nw, nt int) bool {
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	err := r.store.MarkDelivered(ctx, acks, written, taken)
+	err := r.store.MarkDelivered(ctx, acks[:na], written[:nw], taken[:nt])
 	if err == nil {
 		return true
 	}
@@ -294,7 +309,7 @@ func (r *recorder) record(ctx context.Context, acks []store.Ack, written []int64
 		// Postgres refuses these records: retried they would fail for good. The rows stay
 		// assigned or pushed: they go back to pending when the session ends and reach the
 		// recipient again: at least once.
-		r.metrics.backgroundError(r.log, "record_deliveries", err, "count", len(acks)+len(written)+len(taken))
+		r.metrics.backgroundError(r.log, "record_deliveries", err, "count", na+nw+nt)
 		return true
 	}
 	// Postgres away: kept for the retry (recording them twice is harmless). Dropped, an ack
