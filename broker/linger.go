@@ -1,6 +1,7 @@
 package broker
 
 import (
+	"errors"
 	"net"
 	"sync"
 	"sync/atomic"
@@ -17,8 +18,14 @@ import (
 // queued), read and discard until the client closes or lingerWait passes, then close. Only
 // connections that said hello linger (marked by lingerOnClose): a socket that never did has
 // nothing of ours to lose, and must not take the slots.
+//
+// A client still reading what was queued for it when lingerWait passes (a slow link, a busy
+// machine, megabytes of pushes) keeps the socket while its kernel's queue for the peer shrinks,
+// lingerWait at a time up to lingerMax: closed under it, a pong or close frame it then sends is
+// answered with a reset, and the pushes still queued, recorded as delivered, were lost.
 const (
 	lingerWait = 2 * time.Second
+	lingerMax  = 30 * time.Second
 	// maxLingering bounds the sockets kept past their close, so that clients opening and
 	// getting closed in a loop cannot make the replica hold a socket each for lingerWait;
 	// past it, a socket is closed at once, as before. They come out of fdReserve.
@@ -29,15 +36,18 @@ const (
 // them within its grace, then cuts the rest.
 type lingerer struct {
 	wait time.Duration
+	max  time.Duration // lingerMax unless set (tests)
 	mu   sync.Mutex
 	open map[*lingerConn]struct{}
 	done bool
 	cut  int // connections stop cut before they ended on their own
-	wg   sync.WaitGroup
+	// extended counts the waits given to clients still reading (tests).
+	extended int
+	wg       sync.WaitGroup
 }
 
 func newLingerer(wait time.Duration) *lingerer {
-	return &lingerer{wait: wait, open: map[*lingerConn]struct{}{}}
+	return &lingerer{wait: wait, max: lingerMax, open: map[*lingerConn]struct{}{}}
 }
 
 // wrap returns c able to close with a linger when it is a plain TCP connection; others (TLS,
@@ -215,11 +225,37 @@ func (c *lingerConn) drain() {
 		_ = c.Conn.SetReadDeadline(time.Now().Add(c.l.wait))
 	}
 	c.l.mu.Unlock()
+	start, queued := time.Now(), unsentBytes(c.tcp)
 	buf := make([]byte, 512)
 	for {
-		if _, err := c.Conn.Read(buf); err != nil {
+		_, err := c.Conn.Read(buf)
+		if err == nil {
+			continue
+		}
+		if !isTimeout(err) || !c.l.extend(c, start, &queued) {
 			break
 		}
 	}
 	_ = c.Conn.Close()
+}
+
+// extend gives a lingering connection another wait when the client took some of what the
+// kernel still held for it since the last look, until lingerMax; never once stop began.
+func (l *lingerer) extend(c *lingerConn, start time.Time, queued *int) bool {
+	n := unsentBytes(c.tcp)
+	progress := n > 0 && n < *queued
+	*queued = n
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.done || !progress || time.Since(start) >= l.max {
+		return false
+	}
+	_ = c.Conn.SetReadDeadline(time.Now().Add(l.wait))
+	l.extended++
+	return true
+}
+
+func isTimeout(err error) bool {
+	var ne net.Error
+	return errors.As(err, &ne) && ne.Timeout()
 }

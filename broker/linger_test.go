@@ -214,3 +214,51 @@ func TestSessionSocketsLinger(t *testing.T) {
 		require.True(t, lc.lingers.Load(), "%s: marked to linger at the hello", k.name)
 	}
 }
+
+// A client still reading what was queued for it when the linger time passes keeps the socket
+// while it makes progress: closed then, the pong it sends meanwhile was answered with a reset
+// and the rest of its pushes, recorded as delivered, never arrived.
+func TestLingerWaitsForAClientStillReading(t *testing.T) {
+	t.Parallel()
+	cl, sv := tcpPair(t)
+	l := newLingerer(100 * time.Millisecond)
+	sc := l.wrap(sv)
+	lingerOnClose(sc)
+	var full atomic.Bool
+	written := writeOn(sc, &full)
+	dbtest.WaitFor(t, 10*time.Second, "the socket's buffers full", full.Load)
+	require.NoError(t, sc.Close())
+	n := <-written
+
+	// A slow client: 32 KiB every 5 ms, far longer in all than the linger time.
+	got := make(chan int64, 1)
+	go func() {
+		var total int64
+		buf := make([]byte, 32<<10)
+		tick := time.NewTicker(5 * time.Millisecond)
+		defer tick.Stop()
+		_ = cl.SetReadDeadline(time.Now().Add(30 * time.Second))
+		for range tick.C {
+			m, err := cl.Read(buf)
+			total += int64(m)
+			if err != nil {
+				got <- total
+				return
+			}
+		}
+	}()
+	dbtest.WaitFor(t, 10*time.Second, "the linger extended twice for the reading client", func() bool {
+		l.mu.Lock()
+		defer l.mu.Unlock()
+		return l.extended >= 2
+	})
+	_, err := cl.Write([]byte("pong"))
+	require.NoError(t, err)
+	select {
+	case total := <-got:
+		require.Equal(t, int64(n), total, "every byte the broker wrote reaches the client")
+	case <-time.After(30 * time.Second):
+		t.Fatal("the client never reached the end")
+	}
+	dbtest.WaitFor(t, 5*time.Second, "the lingering socket closed", func() bool { return l.lingerCount() == 0 })
+}
