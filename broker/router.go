@@ -390,22 +390,30 @@ func (r *router) catchUpState(ctx context.Context) error {
 	if r.stateFrom == 0 { // nothing was heard before the gap: everything may be new
 		since = time.Unix(0, 0)
 	}
-	meshes := r.hub.meshIDs()
+	return readByMesh(ctx, r.hub.meshIDs(), func(ctx context.Context, chunk []string) ([]store.StateChange, error) {
+		return r.store.StateChangesSince(ctx, chunk, since, stateCatchUpPerMesh+1)
+	}, func(c store.StateChange) string { return c.MeshID }, r.tellChanges)
+}
+
+// readByMesh reads what a catch-up tells, stateCatchUpChunk meshes a statement (each bounded
+// by opTimeout), and hands each mesh's rows, which read returns together, to tell.
+func readByMesh[T any](ctx context.Context, meshes []string, read func(context.Context, []string) ([]T, error),
+	meshOf func(T) string, tell func([]T)) error {
 	for len(meshes) > 0 {
 		chunk := meshes[:min(len(meshes), stateCatchUpChunk)]
 		meshes = meshes[len(chunk):]
 		qctx, cancel := context.WithTimeout(ctx, opTimeout)
-		rows, err := r.store.StateChangesSince(qctx, chunk, since, stateCatchUpPerMesh+1)
+		rows, err := read(qctx, chunk)
 		cancel()
 		if err != nil {
 			return err
 		}
 		for len(rows) > 0 {
 			n := 1
-			for n < len(rows) && rows[n].MeshID == rows[0].MeshID {
+			for n < len(rows) && meshOf(rows[n]) == meshOf(rows[0]) {
 				n++
 			}
-			r.tellChanges(rows[:n])
+			tell(rows[:n])
 			rows = rows[n:]
 		}
 	}
@@ -453,26 +461,10 @@ func (r *router) catchUpEvents(ctx context.Context) error {
 		r.log.Warn("system event catch-up after a gap longer than ended presences are kept: peers that left early in it are not told; sessions see them with list_peers",
 			"gap_from", time.UnixMicro(r.eventsFrom), "kept", store.EndedPresenceRetention)
 	}
-	meshes := r.hub.meshIDs()
-	for len(meshes) > 0 {
-		chunk := meshes[:min(len(meshes), stateCatchUpChunk)]
-		meshes = meshes[len(chunk):]
-		qctx, cancel := context.WithTimeout(ctx, opTimeout)
-		rows, err := r.store.PresenceChangesSince(qctx, chunk, since, eventCatchUpPerMesh+1)
-		cancel()
-		if err != nil {
-			return err
-		}
-		for len(rows) > 0 {
-			n := 1
-			for n < len(rows) && rows[n].MeshID == rows[0].MeshID {
-				n++
-			}
-			r.tellPresenceChanges(rows[:n], since)
-			rows = rows[n:]
-		}
-	}
-	return nil
+	return readByMesh(ctx, r.hub.meshIDs(), func(ctx context.Context, chunk []string) ([]store.PresenceChange, error) {
+		return r.store.PresenceChangesSince(ctx, chunk, since, eventCatchUpPerMesh+1)
+	}, func(c store.PresenceChange) string { return c.MeshID },
+		func(rows []store.PresenceChange) { r.tellPresenceChanges(rows, since) })
 }
 
 // tellPresenceChanges tells the local sessions of one mesh the events of its changed
