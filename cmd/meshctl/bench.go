@@ -129,7 +129,7 @@ func newBenchCmd(a *app) *cobra.Command {
 	f.DurationVar(&o.hold, "hold", 5*time.Second, "idle mode: how long to keep the sessions open")
 	f.IntVar(&o.dialConcurrency, "dial-concurrency", 16, "connections being set up at once")
 	f.DurationVar(&o.drainTimeout, "drain-timeout", 30*time.Second, "how long to wait for outstanding deliveries after the last send")
-	f.StringVar(&o.pushLog, "push-log", "", "message mode: write each delivery's send time (Unix ns) and send→push latency (ns) to this file, one per line in send order, to see when the tail happened")
+	f.StringVar(&o.pushLog, "push-log", "", "message mode: write each delivery's send time (Unix ns), send→push latency (ns), sender and recipient (peer numbers) to this file, one per line in send order, to see when and where the tail happened")
 	f.BoolVar(&o.plain, "plain", false, "send unencrypted base64 bodies (measures the broker without client crypto)")
 	f.BoolVar(&o.noProgress, "no-progress", false, "no progress bar on stderr")
 	f.StringVar(&o.invite, "invite", "", "create the members by joining with this invite link instead of in the database")
@@ -310,7 +310,7 @@ type benchPeer struct {
 
 	// Receiver-only state.
 	pushHist histogram
-	pushLog  [][2]int64 // with --push-log: send time and latency of each delivery (ns)
+	pushLog  [][4]int64 // with --push-log: send time and latency of each delivery (ns), sender and recipient
 	seen     [][]uint64 // per sender, a bitset of sequence numbers
 	recvDone chan struct{}
 }
@@ -799,7 +799,7 @@ func (r *benchRun) account(p *benchPeer, push protocol.Push, now time.Time) {
 	}
 	p.pushHist.record(now.Sub(time.Unix(0, sentAt)))
 	if r.o.pushLog != "" {
-		p.pushLog = append(p.pushLog, [2]int64{sentAt, now.UnixNano() - sentAt})
+		p.pushLog = append(p.pushLog, [4]int64{sentAt, now.UnixNano() - sentAt, int64(sender), int64(p.idx)})
 	}
 	r.delivered.Add(1)
 	r.lastDeliveryNs.Store(now.UnixNano())
@@ -847,14 +847,14 @@ func (a *app) printBench(rep *benchReport) error {
 
 // writePushLog writes every peer's deliveries, in send order.
 func writePushLog(path string, peers []*benchPeer) error {
-	var all [][2]int64
+	var all [][4]int64
 	for _, p := range peers {
 		all = append(all, p.pushLog...)
 	}
-	slices.SortFunc(all, func(a, b [2]int64) int { return cmp.Compare(a[0], b[0]) })
+	slices.SortFunc(all, func(a, b [4]int64) int { return cmp.Compare(a[0], b[0]) })
 	var b strings.Builder
 	for _, d := range all {
-		fmt.Fprintf(&b, "%d %d\n", d[0], d[1])
+		fmt.Fprintf(&b, "%d %d %d %d\n", d[0], d[1], d[2], d[3])
 	}
 	if err := os.WriteFile(path, []byte(b.String()), 0o644); err != nil {
 		return fmt.Errorf("push log: %w", err)
