@@ -117,7 +117,8 @@ type Config struct {
 	// notifying commit per message, the baseline the benchmarks compare against.
 	MaxBatch int
 	// Host is the listen address's host ("" all interfaces). On loopback only, the unsigned
-	// April-client hooks are accepted without HookAllowUnsigned: only local processes reach it.
+	// April-client hooks are accepted without HookAllowUnsigned: only local processes reach it
+	// (unless TrustedProxyHeader says a proxy is in front).
 	Host string
 	// HelloTimeout is how long a socket may stay open without a successful hello.
 	HelloTimeout time.Duration
@@ -497,10 +498,14 @@ func boolean(v string, dst *bool) error {
 }
 
 // UnsignedHooks reports whether /hook/set-status accepts the April clients' unsigned form:
-// when allowed explicitly, or when the broker listens on loopback only.
+// when allowed explicitly, or when the broker listens on loopback only and no proxy is in
+// front (TrustedProxyHeader unset): a proxy on this machine brings every client it serves.
 func (c Config) UnsignedHooks() bool {
 	if c.HookAllowUnsigned {
 		return true
+	}
+	if c.TrustedProxyHeader != "" {
+		return false
 	}
 	if c.Host == "localhost" {
 		return true

@@ -445,3 +445,17 @@ func TestHealthPingIsSharedAndOutlivesTheClient(t *testing.T) {
 	// one ping per request.
 	require.Less(t, flights.Statement, int64(30), "100 health checks pinged the database one by one")
 }
+
+// A broker on loopback behind a proxy on its machine (TRUSTED_PROXY_HEADER set) is reached by
+// every client the proxy serves, not by this machine's processes only: an unsigned hook proves
+// nothing there, and is refused as on any public broker unless HOOK_ALLOW_UNSIGNED says so.
+func TestUnsignedHookThroughAProxyToLoopbackIsRefused(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t, 1, func(cfg *Config) { cfg.Host = "127.0.0.1"; cfg.TrustedProxyHeader = "X-Forwarded-For" })
+	m := c.mesh(0)
+	a := m.dial(0, m.member("alice"), func(o *client.Options) { o.CWD = "/home/alice/project"; o.SessionID = "s-alice" })
+	code, res, _ := postHookFrom(t, c.nodes[0], "203.0.113.9", []byte(`{"cwd":"/home/alice/project","status":"working"}`))
+	require.Equal(t, http.StatusUnauthorized, code, "an unsigned hook from the internet, through the proxy: %+v", res)
+	require.Contains(t, res.Error, "HOOK_ALLOW_UNSIGNED")
+	require.Equal(t, protocol.StatusIdle, peerStatus(t, a, "s-alice"), "nothing changed")
+}
