@@ -227,3 +227,60 @@ func TestHookBeforeHelloIsNotTakenByAnotherSessionInItsCwd(t *testing.T) {
 	m.dial(0, bob, func(o *client.Options) { o.SessionID = "peer-A"; o.CWD = "/repo"; o.PID = 100 })
 	require.Equal(t, protocol.StatusWorking, peerStatus(t, a, "peer-A"))
 }
+
+// A hook finds its session by sessionId whatever cwd it names (Claude Code's hook sends the
+// directory Claude is in, the peer the one it started in): one that arrives during the hello
+// must wait for it as one naming the hello's cwd does, or its signal is stored after the hello
+// looked for it and the session starts idle under a hook that said working.
+func TestHookDuringHelloByItsSessionIDFromAnotherCwdIsApplied(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t, 1, nil)
+	m := c.mesh(0)
+	alice, bob := m.member("alice"), m.member("bob")
+	a := m.dial(0, alice)
+	ctx := ctxT(t)
+	tx, err := c.pool.Begin(ctx)
+	require.NoError(t, err)
+	defer func() { _ = tx.Rollback(context.Background()) }()
+	_, err = tx.Exec(ctx, `LOCK TABLE claudemesh.audit_pending IN SHARE MODE`)
+	require.NoError(t, err)
+	var wg sync.WaitGroup
+	var b *client.Client
+	wg.Go(func() {
+		b = m.dial(0, bob, func(o *client.Options) { o.SessionID = "claude-1"; o.CWD = "/repo/bob"; o.PID = 4242 })
+	})
+	waitingOn := func(event string) func() bool {
+		return func() bool {
+			var n int
+			_ = c.pool.QueryRow(ctx, `SELECT count(*) FROM pg_stat_activity
+				WHERE datname = current_database() AND wait_event_type = 'Lock' AND wait_event = $1`, event).Scan(&n)
+			return n == 1
+		}
+	}
+	dbtest.WaitFor(t, 5*time.Second, "bob's hello waiting near its end", waitingOn("relation"))
+	hooked := make(chan protocol.HookResponse, 1)
+	go func() {
+		_, res := postHook(t, c.nodes[0], bob, protocol.HookRequest{CWD: "/repo/bob/web", PID: 4242,
+			Status: protocol.StatusWorking, SessionID: "claude-1"})
+		hooked <- res
+	}()
+	var res protocol.HookResponse
+	answered := false
+	dbtest.WaitFor(t, 5*time.Second, "the hook waiting for the hello, or answered", func() bool {
+		select {
+		case res = <-hooked:
+			answered = true
+			return true
+		default:
+			return waitingOn("advisory")()
+		}
+	})
+	require.NoError(t, tx.Commit(ctx))
+	wg.Wait()
+	if !answered {
+		res = <-hooked
+	}
+	require.Equal(t, protocol.StatusWorking, peerStatus(t, a, "claude-1"), "the hook said working (answer %+v)", res)
+	require.False(t, res.Pending, "the hook found bob's session once his hello committed")
+	require.Equal(t, b.HelloAck().PresenceID, res.PresenceID)
+}
