@@ -12,6 +12,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/claudemesh/broker/broker/audit"
+	"github.com/claudemesh/broker/broker/membership"
 	"github.com/claudemesh/broker/client"
 	"github.com/claudemesh/broker/db/dbtest"
 	"github.com/claudemesh/broker/protocol"
@@ -577,6 +578,45 @@ func TestUnbanBySharedNameIsRefused(t *testing.T) {
 	_, err = ad.Unban(ctxT(t), "bob")
 	require.NoError(t, err)
 	require.False(t, revoked(impostor))
+}
+
+// unban by name can't reach past a key's latest revocation: a key an admin banned as "carol",
+// added again by the operator under another name and revoked by the operator (a compromised
+// key) is listed by list_bans under its latest name, and an admin's "unban carol" lifted the
+// old ban row instead, letting the operator's revoked key back in.
+func TestUnbanByAnOldNameCannotLiftAnOperatorsRevocation(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t, 1, nil)
+	m := c.mesh(0)
+	admin, carol := m.member("admin"), m.member("carol")
+	_, err := c.pool.Exec(ctxT(t), `UPDATE claudemesh.member SET role = 'admin' WHERE id = $1`, admin.id)
+	require.NoError(t, err)
+	ad := m.dial(0, admin)
+	_, err = ad.Ban(ctxT(t), carol.pub)
+	require.NoError(t, err)
+	members := c.nodes[0].Members()
+	_, err = members.AddMember(ctxT(t), membership.AddMemberParams{Mesh: m.id, Pubkey: carol.pub, DisplayName: "carol-laptop"})
+	require.NoError(t, err)
+	_, err = members.RevokeMember(ctxT(t), m.id, carol.pub)
+	require.NoError(t, err)
+	bans, err := ad.ListBans(ctxT(t))
+	require.NoError(t, err)
+	require.Len(t, bans, 1)
+	require.Equal(t, "carol-laptop", bans[0].Name, "listed under its latest name")
+
+	_, err = ad.Unban(ctxT(t), "carol")
+	requireCode(t, err, protocol.CodeNotFound)
+	var live int
+	require.NoError(t, c.pool.QueryRow(ctxT(t), `SELECT count(*) FROM claudemesh.member WHERE mesh_id = $1 AND pubkey = $2
+		AND revoked_at IS NULL`, m.id, carol.pub).Scan(&live))
+	require.Zero(t, live, "the key is live again")
+	_, err = m.tryDial(0, carol)
+	require.Equal(t, protocol.CodeRevoked, helloErr(t, err).Code)
+	// Nor by its key, nor by its latest name.
+	for _, target := range []string{carol.pub, "carol-laptop"} {
+		_, err = ad.Unban(ctxT(t), target)
+		requireCode(t, err, protocol.CodeForbidden)
+	}
 }
 
 func TestSendLimits(t *testing.T) {
