@@ -1,10 +1,15 @@
 package broker
 
 import (
+	"context"
+	"fmt"
+	"net"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/gorilla/websocket"
 	"github.com/stretchr/testify/require"
 
 	"github.com/claudemesh/broker/db/dbtest"
@@ -108,4 +113,85 @@ func TestRevokeEndsSessionsInGrace(t *testing.T) {
 	peers, err := a.ListPeers(ctxT(t))
 	require.NoError(t, err)
 	require.Len(t, peers, 1, "only alice is listed once bob is revoked")
+}
+
+// A revoked member's socket whose close frame waits behind replies it does not read takes no
+// more requests: its sends are not stored. Before, the close notice only queued the close
+// frame, and until the write pump got to it (up to writeWait for a client that stopped
+// reading) every frame the revoked member sent was processed: its messages were stored and
+// pushed to the mesh after its revocation.
+func TestRevokedSocketWithUnreadRepliesTakesNoMoreSends(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t, 2, func(cfg *Config) { cfg.quiet, cfg.ReadRatePerMember, cfg.ReadBurstPerMember = true, 1000, 1000 })
+	m := c.mesh(0)
+	alice, bob := m.member("alice"), m.member("bob")
+	m.dial(0, alice)
+
+	// A small receive buffer: the broker's writes block after little.
+	d := websocket.Dialer{NetDialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+		conn, err := (&net.Dialer{}).DialContext(ctx, network, addr)
+		if err == nil {
+			err = conn.(*net.TCPConn).SetReadBuffer(16 << 10)
+		}
+		return conn, err
+	}}
+	ws, _, err := d.Dial(c.wsURL(1), nil)
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = ws.Close() })
+	h := &protocol.Hello{MeshID: m.id, MemberID: bob.id, Pubkey: bob.pub, SessionID: "raw-bob", PID: 1, CWD: "/raw",
+		Timestamp: time.Now().UnixMilli()}
+	h.Signature = protocol.SignHello(bob.key, h.MeshID, h.MemberID, h.Pubkey, h.Timestamp)
+	frame, err := protocol.Encode(h)
+	require.NoError(t, err)
+	require.NoError(t, ws.WriteMessage(websocket.TextMessage, frame))
+	require.Equal(t, protocol.TypeHelloAck, readJSON(t, ws)["type"])
+
+	// Bob stops reading: replies he asks for fill the socket's buffers on both sides until the
+	// broker's writer blocks, a few frames waiting (fewer than the reply window's frames and
+	// bytes, so his requests are still read). One request at a time: its reply either went
+	// to the socket or waits.
+	require.NoError(t, ws.WriteMessage(websocket.TextMessage,
+		[]byte(`{"type":"set_state","key":"big","value":"`+strings.Repeat("x", 30<<10)+`"}`)))
+	var sess *session
+	dbtest.WaitFor(t, 5*time.Second, "bob's session", func() bool {
+		for _, s := range c.nodes[1].peers.hub.all() {
+			sess = s
+		}
+		return sess != nil
+	})
+	look := func() (queued int, wrote time.Time) {
+		sess.mu.Lock()
+		defer sess.mu.Unlock()
+		return sess.queued, sess.lastWrite
+	}
+	for i := 0; ; i++ {
+		require.Less(t, i, 2000, "the broker's writes to bob never blocked")
+		waiting, wrote := look()
+		if waiting >= 20 {
+			break
+		}
+		require.NoError(t, ws.WriteMessage(websocket.TextMessage, fmt.Appendf(nil, `{"type":"get_state","key":"big","_reqId":"g%d"}`, i)))
+		dbtest.WaitFor(t, 5*time.Second, "the reply written or waiting", func() bool {
+			q, w := look()
+			return q > waiting || !w.Equal(wrote)
+		})
+	}
+
+	_, err = c.nodes[0].Members().RevokeMember(ctxT(t), m.id, bob.pub)
+	require.NoError(t, err)
+	dbtest.WaitFor(t, 5*time.Second, "the revocation's notice applied on bob's replica", func() bool {
+		end := &connOf(sess.ws).end
+		end.mu.Lock()
+		defer end.mu.Unlock()
+		return end.set
+	})
+	send, err := protocol.Encode(&protocol.Send{TargetSpec: alice.pub, Priority: protocol.PriorityNow, Nonce: "n",
+		Ciphertext: "after revocation", ID: "late"})
+	require.NoError(t, err)
+	require.NoError(t, ws.WriteMessage(websocket.TextMessage, send))
+	dbtest.WaitFor(t, 30*time.Second, "bob's socket gone from his replica", func() bool { return c.nodes[1].Sessions() == 0 })
+	var stored int
+	require.NoError(t, c.pool.QueryRow(ctxT(t), `SELECT count(*) FROM claudemesh.envelope WHERE sender_member_id = $1`,
+		bob.id).Scan(&stored))
+	require.Zero(t, stored, "a send read after the revocation's notice was stored")
 }

@@ -208,7 +208,9 @@ func (r *router) apply(ctx context.Context, m pgbus.Message) {
 			}
 		}
 		for _, sess := range targets {
-			connOf(sess.ws).end.Set(endNow)
+			c := connOf(sess.ws)
+			c.removed.Store(removes(m.Code))
+			c.end.Set(endNow)
 			closeWith(sess.ws, m.Code, reason)
 		}
 	case pgbus.KindEvent:
@@ -507,6 +509,10 @@ func (r *router) tellPresenceChanges(changes []store.PresenceChange, since time.
 	}
 }
 
+// removes reports whether a close code takes the member out (kicked, banned or revoked): its
+// socket takes no more requests. A session replaced or disconnected is still the member's.
+func removes(code int) bool { return code == protocol.CloseKicked || code == protocol.CloseRevoked }
+
 // closeStale closes a local socket whose presence is no longer its own, found by a full
 // resync: the notice that would have closed it (a kick, a revocation, a takeover) was lost with
 // the LISTEN connection or in an overflow, and the socket could still send. Revoked: 4002, as
@@ -522,6 +528,7 @@ func closeStale(log *slog.Logger, sess *session, p store.NodePresence, live bool
 	c := connOf(sess.ws)
 	switch {
 	case live && p.Revoked:
+		c.removed.Store(true)
 		c.end.Set(endNow)
 		closeWith(sess.ws, protocol.CloseRevoked, "revoked")
 	case live:

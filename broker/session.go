@@ -703,6 +703,9 @@ type conn struct {
 	sess       atomic.Pointer[session] // nil until hello succeeded
 	end        atomicEnd
 	slowClosed atomic.Bool
+	// removed: closed by a kick, ban or revocation. Its close frame may wait behind frames a
+	// client does not read (up to writeWait); what it sends meanwhile is dropped unread.
+	removed atomic.Bool
 	// Set before the upgrade, and by the gate (under its lock) while unauthenticated.
 	source   string
 	admitted time.Time

@@ -306,6 +306,9 @@ func (p *peers) handleFrame(ms *melody.Session, frame []byte) {
 		p.reply(ms, &protocol.Error{Code: protocol.CodeNoHello, Message: "send hello first", ReqID: msg.RequestID()})
 		return
 	}
+	if c.removed.Load() {
+		return // kicked, banned or revoked: nothing more it sends is done, its sends stored least of all
+	}
 	// Back-pressure: a peer that does not read its replies is not read either.
 	if !sess.awaitReplyRoom(p.cfg.StallTimeout) {
 		if !sess.isClosed() {
