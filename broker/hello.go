@@ -352,7 +352,9 @@ func (p *peers) closedMeanwhile(ctx context.Context, sess *session, k kickNote, 
 		return false
 	}
 	if found {
-		connOf(sess.ws).removed.Store(removes(k.code))
+		if removes(k.code) {
+			connOf(sess.ws).removed.Store(true)
+		}
 		connOf(sess.ws).end.Set(endNow)
 		closeWith(sess.ws, k.code, k.reason)
 		p.log.Info("closed a session whose close notice came while it registered", "presence", sess.presenceID,

@@ -209,7 +209,9 @@ func (r *router) apply(ctx context.Context, m pgbus.Message) {
 		}
 		for _, sess := range targets {
 			c := connOf(sess.ws)
-			c.removed.Store(removes(m.Code))
+			if removes(m.Code) { // never undone by a later notice (a takeover's 1000)
+				c.removed.Store(true)
+			}
 			c.end.Set(endNow)
 			closeWith(sess.ws, m.Code, reason)
 		}
