@@ -284,3 +284,56 @@ func TestHookDuringHelloByItsSessionIDFromAnotherCwdIsApplied(t *testing.T) {
 	require.False(t, res.Pending, "the hook found bob's session once his hello committed")
 	require.Equal(t, b.HelloAck().PresenceID, res.PresenceID)
 }
+
+// One hello statement registers many sessions in one transaction (claudemesh.hello_batch),
+// each hello holding its cwd's and sessionId's locks until the batch commits. A hook that
+// finds no session and holds the lock of one hello's cwd must not wait for another's
+// sessionId: the batch, holding that sessionId, would wait for the cwd in turn, and Postgres
+// would end one of them as a deadlock (the hook answered 503 and its signal was lost, or the
+// batch's hello failed). The two hellos run here as two statements of one transaction, as the
+// batch runs them, so the test can stop between them.
+func TestHookDuringAHelloBatchOfItsSessionAndItsCwdDoesNotDeadlock(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t, 1, nil)
+	m := c.mesh(0)
+	bob := m.member("bob")
+	ctx := ctxT(t)
+	tx, err := c.pool.Begin(ctx)
+	require.NoError(t, err)
+	defer func() { _ = tx.Rollback(context.Background()) }()
+	hello := func(session, cwd string, pid int) (code, presence string) {
+		require.NoError(t, tx.QueryRow(ctx, `SELECT code, coalesce(presence_id, '') || coalesce(failure, '')
+			FROM claudemesh.hello_batch('elsewhere', 'rv2test', 100, ARRAY[$1], ARRAY[$2], ARRAY[$3], ARRAY[$4], ARRAY[''],
+				ARRAY['bob'], ARRAY[$5::int], ARRAY[$6], ARRAY['[]'::jsonb], ARRAY['[]'::jsonb], ARRAY[$7],
+				ARRAY[now() + interval '1 minute'], ARRAY[false], ARRAY['session'], ARRAY[''], ARRAY['claude'], ARRAY[''], ARRAY[''])`,
+			m.id, bob.id, bob.pub, session, pid, cwd, "sig-"+session).Scan(&code, &presence))
+		return code, presence
+	}
+	code, first := hello("claude-1", "/repo/bob", 4242)
+	require.Empty(t, code, first)
+	hooked := make(chan protocol.HookResponse, 1)
+	codes := make(chan int, 1)
+	go func() {
+		code, res := postHook(t, c.nodes[0], bob, protocol.HookRequest{CWD: "/repo/bob/web", PID: 4242,
+			Status: protocol.StatusWorking, SessionID: "claude-1"})
+		codes <- code
+		hooked <- res
+	}()
+	dbtest.WaitFor(t, 5*time.Second, "the hook waiting for the batch's hello of its session", func() bool {
+		var n int
+		_ = c.pool.QueryRow(ctx, `SELECT count(*) FROM pg_stat_activity
+			WHERE datname = current_database() AND wait_event_type = 'Lock' AND wait_event = 'advisory'`).Scan(&n)
+		return n == 1
+	})
+	// The batch's next hello: a session of bob's in the directory the hook named.
+	code, second := hello("claude-2", "/repo/bob/web", 5252)
+	require.Empty(t, code, "the batch's second hello: %s", second)
+	require.NoError(t, tx.Commit(ctx))
+	require.Equal(t, http.StatusOK, <-codes, "the hook")
+	res := <-hooked
+	require.False(t, res.Pending, "the hook found its session once the batch committed")
+	require.Equal(t, first, res.PresenceID)
+	var status string
+	require.NoError(t, c.pool.QueryRow(ctx, `SELECT status FROM claudemesh.presence WHERE id = $1`, first).Scan(&status))
+	require.Equal(t, "working", status)
+}
