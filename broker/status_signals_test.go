@@ -85,28 +85,7 @@ func TestHookDuringHelloIsApplied(t *testing.T) {
 	m := c.mesh(0)
 	alice, bob := m.member("alice"), m.member("bob")
 	a := m.dial(0, alice)
-	ctx := ctxT(t)
-	// Stretch bob's hello statement past its look for waiting signals: its audit insert, near
-	// its end, waits for this lock.
-	tx, err := c.pool.Begin(ctx)
-	require.NoError(t, err)
-	defer func() { _ = tx.Rollback(context.Background()) }()
-	_, err = tx.Exec(ctx, `LOCK TABLE claudemesh.audit_pending IN SHARE MODE`)
-	require.NoError(t, err)
-	var wg sync.WaitGroup
-	var b *client.Client
-	wg.Go(func() {
-		b = m.dial(0, bob, func(o *client.Options) { o.SessionID = "claude-1"; o.CWD = "/repo/bob"; o.PID = 4242 })
-	})
-	waitingOn := func(event string) func() bool {
-		return func() bool {
-			var n int
-			_ = c.pool.QueryRow(ctx, `SELECT count(*) FROM pg_stat_activity
-				WHERE datname = current_database() AND wait_event_type = 'Lock' AND wait_event = $1`, event).Scan(&n)
-			return n == 1
-		}
-	}
-	dbtest.WaitFor(t, 5*time.Second, "bob's hello waiting near its end", waitingOn("relation"))
+	release, waitingOn := stallHello(t, m, bob, func(o *client.Options) { o.SessionID = "claude-1"; o.CWD = "/repo/bob"; o.PID = 4242 })
 	// The first prompt's hook arrives now: it finds no committed session, and waits for the
 	// hello in its cwd instead of storing a signal the hello has already looked for.
 	hooked := make(chan protocol.HookResponse, 1)
@@ -116,8 +95,7 @@ func TestHookDuringHelloIsApplied(t *testing.T) {
 		hooked <- res
 	}()
 	dbtest.WaitFor(t, 5*time.Second, "the hook waiting for the hello", waitingOn("advisory"))
-	require.NoError(t, tx.Commit(ctx))
-	wg.Wait()
+	b := release()
 	res := <-hooked
 	require.False(t, res.Pending, "the hook found bob's session once his hello committed")
 	require.Equal(t, b.HelloAck().PresenceID, res.PresenceID)
@@ -238,26 +216,7 @@ func TestHookDuringHelloByItsSessionIDFromAnotherCwdIsApplied(t *testing.T) {
 	m := c.mesh(0)
 	alice, bob := m.member("alice"), m.member("bob")
 	a := m.dial(0, alice)
-	ctx := ctxT(t)
-	tx, err := c.pool.Begin(ctx)
-	require.NoError(t, err)
-	defer func() { _ = tx.Rollback(context.Background()) }()
-	_, err = tx.Exec(ctx, `LOCK TABLE claudemesh.audit_pending IN SHARE MODE`)
-	require.NoError(t, err)
-	var wg sync.WaitGroup
-	var b *client.Client
-	wg.Go(func() {
-		b = m.dial(0, bob, func(o *client.Options) { o.SessionID = "claude-1"; o.CWD = "/repo/bob"; o.PID = 4242 })
-	})
-	waitingOn := func(event string) func() bool {
-		return func() bool {
-			var n int
-			_ = c.pool.QueryRow(ctx, `SELECT count(*) FROM pg_stat_activity
-				WHERE datname = current_database() AND wait_event_type = 'Lock' AND wait_event = $1`, event).Scan(&n)
-			return n == 1
-		}
-	}
-	dbtest.WaitFor(t, 5*time.Second, "bob's hello waiting near its end", waitingOn("relation"))
+	release, waitingOn := stallHello(t, m, bob, func(o *client.Options) { o.SessionID = "claude-1"; o.CWD = "/repo/bob"; o.PID = 4242 })
 	hooked := make(chan protocol.HookResponse, 1)
 	go func() {
 		_, res := postHook(t, c.nodes[0], bob, protocol.HookRequest{CWD: "/repo/bob/web", PID: 4242,
@@ -275,8 +234,7 @@ func TestHookDuringHelloByItsSessionIDFromAnotherCwdIsApplied(t *testing.T) {
 			return waitingOn("advisory")()
 		}
 	})
-	require.NoError(t, tx.Commit(ctx))
-	wg.Wait()
+	b := release()
 	if !answered {
 		res = <-hooked
 	}
@@ -336,4 +294,36 @@ func TestHookDuringAHelloBatchOfItsSessionAndItsCwdDoesNotDeadlock(t *testing.T)
 	var status string
 	require.NoError(t, c.pool.QueryRow(ctx, `SELECT status FROM claudemesh.presence WHERE id = $1`, first).Scan(&status))
 	require.Equal(t, "working", status)
+}
+
+// stallHello starts mem's hello on node 0 and holds its statement past its look for waiting
+// signals (its audit insert, near its end, waits for a lock held here), so a hook arriving
+// meanwhile finds no committed session. release lets the hello finish and returns its client;
+// waitingOn(event) says whether one backend waits on a lock of that kind (relation: the hello;
+// advisory: a hook waiting for it).
+func stallHello(t *testing.T, m *testMesh, mem *testMember, opts func(*client.Options)) (release func() *client.Client, waitingOn func(event string) func() bool) {
+	t.Helper()
+	ctx, pool := ctxT(t), m.c.pool
+	tx, err := pool.Begin(ctx)
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = tx.Rollback(context.Background()) })
+	_, err = tx.Exec(ctx, `LOCK TABLE claudemesh.audit_pending IN SHARE MODE`)
+	require.NoError(t, err)
+	var wg sync.WaitGroup
+	var b *client.Client
+	wg.Go(func() { b = m.dial(0, mem, opts) })
+	waitingOn = func(event string) func() bool {
+		return func() bool {
+			var n int
+			_ = pool.QueryRow(ctx, `SELECT count(*) FROM pg_stat_activity
+				WHERE datname = current_database() AND wait_event_type = 'Lock' AND wait_event = $1`, event).Scan(&n)
+			return n == 1
+		}
+	}
+	dbtest.WaitFor(t, 5*time.Second, mem.name+"'s hello waiting near its end", waitingOn("relation"))
+	return func() *client.Client {
+		require.NoError(t, tx.Commit(ctx))
+		wg.Wait()
+		return b
+	}, waitingOn
 }
