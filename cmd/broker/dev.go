@@ -76,7 +76,11 @@ func runDev(ctx context.Context, cmd *cobra.Command, url string, cfg broker.Conf
 			return err
 		}
 	}
-	lbLn, err := net.Listen("tcp", fmt.Sprintf(":%d", cfg.Port))
+	// BROKER_HOST is where the load balancer and the replicas listen, as `broker serve` does: a
+	// replica on loopback takes the April clients' unsigned hooks (Config.UnsignedHooks), which
+	// only a cluster that listens on loopback alone may do.
+	dialHost, showHost := devHosts(cfg.Host)
+	lbLn, err := net.Listen("tcp", net.JoinHostPort(cfg.Host, strconv.Itoa(cfg.Port)))
 	if err != nil {
 		return fmt.Errorf("load balancer port %d: %w (set BROKER_PORT to use another)", cfg.Port, err)
 	}
@@ -107,12 +111,12 @@ func runDev(ctx context.Context, cmd *cobra.Command, url string, cfg broker.Conf
 		if err != nil {
 			return err
 		}
-		addr := fmt.Sprintf(":%d", cfg.Port+i)
+		addr := net.JoinHostPort(cfg.Host, strconv.Itoa(cfg.Port+i))
 		if err := srv.Start(ctx, addr); err != nil {
 			return err
 		}
 		servers = append(servers, srv)
-		backends = append(backends, fmt.Sprintf("127.0.0.1:%d", cfg.Port+i))
+		backends = append(backends, net.JoinHostPort(dialHost, strconv.Itoa(cfg.Port+i)))
 	}
 	lb := &roundRobin{backends: backends, log: logger}
 	lbCtx, stopLB := context.WithCancel(context.WithoutCancel(ctx))
@@ -122,16 +126,16 @@ func runDev(ctx context.Context, cmd *cobra.Command, url string, cfg broker.Conf
 
 	out := cmd.OutOrStdout()
 	fmt.Fprintf(out, "\nclaudemesh dev cluster\n")
-	fmt.Fprintf(out, "  load balancer  ws://localhost:%d/ws   (round-robin, no stickiness)\n", cfg.Port)
+	fmt.Fprintf(out, "  load balancer  ws://%s/ws   (round-robin, no stickiness)\n", net.JoinHostPort(showHost, strconv.Itoa(cfg.Port)))
 	for i, s := range servers {
-		fmt.Fprintf(out, "  replica %-2d     ws://localhost:%d/ws   node %s\n", i+1, cfg.Port+i+1, s.NodeID())
+		fmt.Fprintf(out, "  replica %-2d     ws://%s/ws   node %s\n", i+1, net.JoinHostPort(showHost, strconv.Itoa(cfg.Port+i+1)), s.NodeID())
 	}
 	fmt.Fprintf(out, "  postgres       %s\n", db.Redact(url))
 	if dbDelay > 0 {
 		fmt.Fprintf(out, "  db delay       %s each way (+%s per round trip): replicas reach Postgres through %s\n",
 			dbDelay, 2*dbDelay, db.Redact(replicaURL))
 	}
-	fmt.Fprintf(out, "  health         http://localhost:%d/health   metrics /metrics\n", cfg.Port)
+	fmt.Fprintf(out, "  health         http://%s/health   metrics /metrics\n", net.JoinHostPort(showHost, strconv.Itoa(cfg.Port)))
 	for i, s := range servers {
 		if a := s.MetricsAddr(); a != "" {
 			fmt.Fprintf(out, "  metrics %-2d     http://%s/metrics (and /debug/pprof/)\n", i+1, a)
@@ -191,4 +195,13 @@ func devMetricsAddr(addr string, i int) (string, error) {
 		return "", fmt.Errorf("METRICS_ADDR %q: give a fixed port for a dev cluster (replica i serves on port+i-1)", addr)
 	}
 	return net.JoinHostPort(host, strconv.Itoa(p+i-1)), nil
+}
+
+// devHosts gives the address the load balancer dials its replicas on and the one the banner
+// shows, for a cluster listening on host ("" or an unspecified address: every interface).
+func devHosts(host string) (dial, show string) {
+	if ip := net.ParseIP(host); host == "" || (ip != nil && ip.IsUnspecified()) {
+		return "127.0.0.1", "localhost"
+	}
+	return host, host
 }

@@ -5,6 +5,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -129,4 +130,44 @@ func TestDevClustersSharingADatabaseStopTheOlder(t *testing.T) {
 	dbtest.WaitFor(t, time.Minute, "the older cluster's replica gone", func() bool { return health(first+1) == 0 })
 	require.ErrorContains(t, stopA(), "BROKER_NODE_ID must be unique")
 	require.NoError(t, stopB())
+}
+
+// `broker dev` listens where BROKER_HOST says, as `broker serve` does: on loopback its replicas
+// take the April clients' unsigned hooks, so they must not be reachable from another machine.
+// It listened on every interface whatever BROKER_HOST said, and a cluster started with
+// BROKER_HOST=127.0.0.1 took unsigned hooks from the network.
+func TestDevOnLoopbackListensOnLoopbackOnly(t *testing.T) {
+	other := nonLoopbackIPv4(t)
+	t.Setenv("DATABASE_URL", dbtest.URL(t))
+	t.Setenv("LOG_LEVEL", "warn")
+	t.Setenv("DRAIN_TIMEOUT_SECONDS", "2")
+	t.Setenv("BROKER_HOST", "127.0.0.1")
+	port := freePorts(t, 2)
+	t.Setenv("BROKER_PORT", strconv.Itoa(port))
+	out, stop := startCLI(t, "dev", "--replicas", "1")
+	require.Equal(t, "ws://127.0.0.1:"+strconv.Itoa(port)+"/ws", bannerField(t, out, "load balancer"))
+	dbtest.WaitFor(t, time.Minute, "the cluster healthy on loopback", func() bool { return health(port) == http.StatusOK })
+	for _, p := range []int{port, port + 1} { // the load balancer and the replica
+		c, err := net.DialTimeout("tcp", net.JoinHostPort(other, strconv.Itoa(p)), 5*time.Second)
+		if err == nil {
+			c.Close()
+		}
+		require.Error(t, err, "port %d answers on %s", p, other)
+	}
+	require.NoError(t, stop())
+}
+
+// nonLoopbackIPv4 is an address of this machine other than loopback (a test of what listens
+// where needs one).
+func nonLoopbackIPv4(t *testing.T) string {
+	t.Helper()
+	addrs, err := net.InterfaceAddrs()
+	require.NoError(t, err)
+	for _, a := range addrs {
+		if n, ok := a.(*net.IPNet); ok && n.IP.To4() != nil && !n.IP.IsLoopback() {
+			return n.IP.String()
+		}
+	}
+	t.Skip("this machine has no address but loopback")
+	return ""
 }
