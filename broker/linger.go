@@ -22,9 +22,13 @@ import (
 // A client still reading what was queued for it when lingerWait passes (a slow link, a busy
 // machine, megabytes of pushes) keeps the socket while its kernel's queue for the peer shrinks,
 // lingerWait at a time up to lingerMax: closed under it, a pong or close frame it then sends is
-// answered with a reset, and the pushes still queued, recorded as delivered, were lost.
+// answered with a reset, and the pushes still queued, recorded as delivered, were lost. For its
+// first lingerIdle it keeps the socket while anything is queued for it, read or not: a client
+// closed for not reading (4008) has by definition stopped for a while, and one that resumed a
+// few seconds later (a collector, a loaded machine, a laptop waking) lost what was queued.
 const (
 	lingerWait = 2 * time.Second
+	lingerIdle = 10 * time.Second
 	lingerMax  = 30 * time.Second
 	// maxLingering bounds the sockets kept past their close, so that clients opening and
 	// getting closed in a loop cannot make the replica hold a socket each for lingerWait;
@@ -36,6 +40,7 @@ const (
 // them within its grace, then cuts the rest.
 type lingerer struct {
 	wait time.Duration
+	idle time.Duration // lingerIdle unless set (tests)
 	max  time.Duration // lingerMax unless set (tests)
 	mu   sync.Mutex
 	open map[*lingerConn]struct{}
@@ -47,7 +52,7 @@ type lingerer struct {
 }
 
 func newLingerer(wait time.Duration) *lingerer {
-	return &lingerer{wait: wait, max: lingerMax, open: map[*lingerConn]struct{}{}}
+	return &lingerer{wait: wait, idle: lingerIdle, max: lingerMax, open: map[*lingerConn]struct{}{}}
 }
 
 // wrap returns c able to close with a linger when it is a plain TCP connection; others (TLS,
@@ -239,11 +244,12 @@ func (c *lingerConn) drain() {
 	_ = c.Conn.Close()
 }
 
-// extend gives a lingering connection another wait when the client took some of what the
-// kernel still held for it since the last look, until lingerMax; never once stop began.
+// extend gives a lingering connection another wait while the kernel still holds bytes for the
+// client: within lingerIdle of the close whether it reads or not, after that only if it took
+// some since the last look; until lingerMax, and never once stop began.
 func (l *lingerer) extend(c *lingerConn, start time.Time, queued *int) bool {
 	n := unsentBytes(c.tcp)
-	progress := n > 0 && n < *queued
+	progress := n > 0 && (n < *queued || time.Since(start) < l.idle)
 	*queued = n
 	l.mu.Lock()
 	defer l.mu.Unlock()

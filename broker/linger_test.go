@@ -262,3 +262,44 @@ func TestLingerWaitsForAClientStillReading(t *testing.T) {
 	}
 	dbtest.WaitFor(t, 5*time.Second, "the lingering socket closed", func() bool { return l.lingerCount() == 0 })
 }
+
+// A client closed for not reading (4008) has stopped for a while by definition: one that
+// resumes a moment after the close, past lingerWait, still gets every byte queued for it.
+// The socket was closed after the first lingerWait without the client reading, and the pong it
+// sent on resuming was answered with a reset: what the kernel still held, pushes recorded as
+// delivered for a client without client_ack, was lost.
+func TestLingerWaitsForAClientThatResumesReading(t *testing.T) {
+	t.Parallel()
+	cl, sv := tcpPair(t)
+	l := newLingerer(100 * time.Millisecond)
+	sc := l.wrap(sv)
+	lingerOnClose(sc)
+	var full atomic.Bool
+	written := writeOn(sc, &full)
+	dbtest.WaitFor(t, 10*time.Second, "the socket's buffers full", full.Load)
+	require.NoError(t, sc.Close())
+	n := <-written
+	// The client reads nothing until the linger's first wait has passed: extended without a
+	// byte taken, or the socket given up.
+	dbtest.WaitFor(t, 10*time.Second, "the first linger wait over", func() bool {
+		l.mu.Lock()
+		defer l.mu.Unlock()
+		return l.extended >= 1 || len(l.open) == 0
+	})
+	// It resumes: a pong for the ping it had read, then everything queued for it.
+	_, err := cl.Write([]byte("pong"))
+	require.NoError(t, err)
+	var total int64
+	buf := make([]byte, 64<<10)
+	_ = cl.SetReadDeadline(time.Now().Add(30 * time.Second))
+	for {
+		m, err := cl.Read(buf)
+		total += int64(m)
+		if err != nil {
+			require.ErrorIs(t, err, io.EOF, "the socket ended by its FIN, not a reset")
+			break
+		}
+	}
+	require.Equal(t, int64(n), total, "every byte the broker wrote reaches the client")
+	dbtest.WaitFor(t, 5*time.Second, "the lingering socket closed", func() bool { return l.lingerCount() == 0 })
+}
