@@ -222,13 +222,7 @@ func TestLingerWaitsForAClientStillReading(t *testing.T) {
 	t.Parallel()
 	cl, sv := tcpPair(t)
 	l := newLingerer(100 * time.Millisecond)
-	sc := l.wrap(sv)
-	lingerOnClose(sc)
-	var full atomic.Bool
-	written := writeOn(sc, &full)
-	dbtest.WaitFor(t, 10*time.Second, "the socket's buffers full", full.Load)
-	require.NoError(t, sc.Close())
-	n := <-written
+	n := closedFull(t, l, sv)
 
 	// A slow client: 32 KiB every 5 ms, far longer in all than the linger time.
 	got := make(chan int64, 1)
@@ -272,13 +266,7 @@ func TestLingerWaitsForAClientThatResumesReading(t *testing.T) {
 	t.Parallel()
 	cl, sv := tcpPair(t)
 	l := newLingerer(100 * time.Millisecond)
-	sc := l.wrap(sv)
-	lingerOnClose(sc)
-	var full atomic.Bool
-	written := writeOn(sc, &full)
-	dbtest.WaitFor(t, 10*time.Second, "the socket's buffers full", full.Load)
-	require.NoError(t, sc.Close())
-	n := <-written
+	n := closedFull(t, l, sv)
 	// The client reads nothing until the linger's first wait has passed: extended without a
 	// byte taken, or the socket given up.
 	dbtest.WaitFor(t, 10*time.Second, "the first linger wait over", func() bool {
@@ -302,4 +290,17 @@ func TestLingerWaitsForAClientThatResumesReading(t *testing.T) {
 	}
 	require.Equal(t, int64(n), total, "every byte the broker wrote reaches the client")
 	dbtest.WaitFor(t, 5*time.Second, "the lingering socket closed", func() bool { return l.lingerCount() == 0 })
+}
+
+// closedFull wraps sv in l as a session's connection, writes to it until its buffers and the
+// client's are full, closes it (it lingers) and returns how many bytes the writes got out.
+func closedFull(t *testing.T, l *lingerer, sv net.Conn) int {
+	t.Helper()
+	sc := l.wrap(sv)
+	lingerOnClose(sc)
+	var full atomic.Bool
+	written := writeOn(sc, &full)
+	dbtest.WaitFor(t, 10*time.Second, "the socket's buffers full", full.Load)
+	require.NoError(t, sc.Close())
+	return <-written
 }
