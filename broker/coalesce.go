@@ -14,9 +14,10 @@ import (
 // it: one write for the run (4 % of the same profile; BENCHMARKS.md). Control frames (close,
 // ping, pong) are never held: they go out at once, with whatever waits before them.
 //
-// A push written to a session that does not ack is delivered once it reaches the socket: one
-// held back is recorded when its bytes are written (whenWritten), and one lost with a failed
-// write is not, so it goes back to pending when the session ends.
+// A push written to a session that does not ack is delivered once the client's TCP has
+// acknowledged its bytes (whenWritten, kernelack.go): one held back here has not even reached
+// the kernel, and one lost with a failed write never does, so it goes back to pending when the
+// session ends.
 const (
 	// coalesceMax bounds the bytes held back for one connection: frames that were queued for
 	// it anyway, a few dozen pushes; a frame that would pass it goes out with the run.
@@ -42,31 +43,34 @@ type coalescing struct {
 	buf    *[]byte // held-back bytes; nil when none
 	err    error   // a failed write of held-back bytes: the stream is broken from there
 	timer  *time.Timer
-	// held are the deliveries in buf to record as written once it is (whenWritten).
-	held   []int64
-	record func(int64)
 	wait   time.Duration // coalesceWait unless set (tests)
+	// sent counts the bytes the kernel took; a frame's place in the stream is read against it
+	// and the kernel's unacknowledged bytes (kernelack.go).
+	sent atomic.Int64
 }
 
-// whenWritten calls record(id) once the frame the write pump just reported written has reached
-// the socket: now, unless its bytes are held back, or never, if a write of held-back bytes
-// failed before this call (the frame may have been among them).
+// whenWritten calls record(id) once the client's TCP has acknowledged the frame the write pump
+// just reported written (kernelack.go): never, if a write of held-back bytes failed before this
+// call (the frame may have been among them), or if the connection closes first. A connection
+// that is not a lingerConn (TLS) records it now: handed to the kernel, as before.
 func whenWritten(c net.Conn, id int64, record func(int64)) {
-	if lc, ok := c.(*lingerConn); ok {
-		lc.mu.Lock()
-		switch {
-		case lc.buf != nil:
-			lc.held = append(lc.held, id)
-			lc.record = record
-			lc.mu.Unlock()
-			return
-		case lc.err != nil:
-			lc.mu.Unlock()
-			return
-		}
-		lc.mu.Unlock()
+	lc, ok := c.(*lingerConn)
+	if !ok {
+		record(id)
+		return
 	}
-	record(id)
+	lc.mu.Lock()
+	failed := lc.err != nil
+	// Every byte of the frame is counted in sent or held in buf by now: its end is at most
+	// this (later writes only make it later, which only delays the record).
+	end := lc.sent.Load()
+	if lc.buf != nil {
+		end += int64(len(*lc.buf))
+	}
+	lc.mu.Unlock()
+	if !failed {
+		lc.awaitAck(id, end, record)
+	}
 }
 
 // coalesceFor makes c (a connection from lingerer.wrap) hold frames back while behind reports
@@ -86,7 +90,7 @@ func isControlFrame(b []byte) bool { return len(b) > 0 && b[0]&0x08 != 0 }
 func (c *lingerConn) coalesce(b []byte) (int, error) {
 	behind := c.behind.Load()
 	if behind == nil {
-		return c.Conn.Write(b)
+		return c.write(b)
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -114,7 +118,7 @@ func (c *lingerConn) coalesce(b []byte) (int, error) {
 		return len(b), nil
 	}
 	if c.buf == nil {
-		return c.Conn.Write(b)
+		return c.write(b)
 	}
 	if err := c.flushLocked(b); err != nil {
 		return 0, err
@@ -133,22 +137,22 @@ func (c *lingerConn) flushLocked(b []byte) error {
 	if len(b) > 0 {
 		bufs = append(bufs, b)
 	}
-	_, err := bufs.WriteTo(c.tcp)
+	n, err := bufs.WriteTo(c.tcp)
+	c.sent.Add(n)
 	*c.buf = (*c.buf)[:0]
 	coalesceBufs.Put(c.buf)
 	c.buf = nil
 	if err != nil {
 		c.err = err
-	} else {
-		for _, id := range c.held {
-			c.record(id)
-		}
-	}
-	c.held = c.held[:0]
-	if cap(c.held) > 64 {
-		c.held = nil // a long run's memory goes with it
 	}
 	return err
+}
+
+// write writes b straight to the socket, counting what the kernel took.
+func (c *lingerConn) write(b []byte) (int, error) {
+	n, err := c.Conn.Write(b)
+	c.sent.Add(int64(n))
+	return n, err
 }
 
 // flushLate writes held-back bytes whose followers did not come within coalesceWait. If that

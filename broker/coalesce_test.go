@@ -71,8 +71,9 @@ func TestFramesQueuedBackToBackGoOutTogether(t *testing.T) {
 	_, err := lc.Write([]byte("\x81three;"))
 	require.NoError(t, err)
 	whenWritten(lc, 3, rec.add)
-	require.Equal(t, []int64{1, 2, 3}, rec.get())
 	readsExactly(t, cl, "\x81one;\x81two;\x81three;")
+	dbtest.WaitFor(t, 5*time.Second, "the run recorded once the client's TCP has it", func() bool { return len(rec.get()) == 3 })
+	require.Equal(t, []int64{1, 2, 3}, rec.get())
 }
 
 // Frames said to be queued that never come (the session closed meanwhile) do not strand the

@@ -227,6 +227,9 @@ type Config struct {
 	// sendDeadline overrides a send batch's deadline, sendTimeout (tests).
 	sendDeadline time.Duration
 
+	// noLinger closes sockets at once, as when maxLingering are lingering (tests).
+	noLinger bool
+
 	// helloJoined, when set, is called once a hello's session joined the hub, before the hello
 	// looks at what may wait for it (tests).
 	helloJoined func()

@@ -160,6 +160,49 @@ func TestStoppedReaderIsClosedAndLosesNothing(t *testing.T) {
 	}
 }
 
+// The same client cut off at once (no linger: more than maxLingering closing, say), which then
+// speaks before it reads: the replica's socket is gone, so the kernel answers with a reset and
+// drops what it still had queued for bob. Those pushes never reached his machine; they were
+// recorded as delivered when the kernel took them, and lost. Now they come at his next
+// connection.
+func TestStoppedReaderCutOffLosesNothing(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t, 2, func(cfg *Config) {
+		if cfg.NodeID == "n1" {
+			cfg.StallTimeout = time.Second
+			cfg.noLinger = true
+		}
+	})
+	m := c.mesh(0)
+	alice, bob := m.member("alice"), m.member("bob")
+	a := m.dial(0, alice)
+	b := m.dial(1, bob, noClientAck, func(o *client.Options) { o.PushBuffer = 1 })
+	const n = 800
+	sendPipelined(t, a, bob.pub, "m", n, 40<<10)
+	dbtest.WaitFor(t, 30*time.Second, "the broker closed the session that stopped reading", func() bool {
+		return c.nodes[1].Sessions() == 0
+	})
+	_ = b.SendRaw(ctxT(t), []byte(`{"type":"list_peers"}`))
+	got := map[string]bool{}
+	for p := range b.Pushes() {
+		got[strings.TrimRight(p.Ciphertext, "A")] = true
+	}
+	<-b.Done()
+	t.Logf("%d of %d read on the first connection", len(got), n)
+	b2 := m.dial(0, bob, noClientAck)
+	dbtest.WaitForExplained(t, 30*time.Second, "every message received across both connections", func() bool {
+		for {
+			select {
+			case p := <-b2.Pushes():
+				got[strings.TrimRight(p.Ciphertext, "A")] = true
+				continue
+			default:
+			}
+			return len(got) == n
+		}
+	}, func() string { return explainMissing(c, bob.id, "m", n, got) })
+}
+
 // explainMissing says where the messages "<prefix>0".."<prefix>n-1" that got lacks stand in
 // the tables: not stored (the send failed), acked (recorded as delivered, so lost on the way),
 // or open (not yet pushed again), with the replicas' session counts.

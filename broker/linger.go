@@ -11,21 +11,23 @@ import (
 // Closing a TCP socket whose receive queue holds unread bytes, or that receives bytes after
 // close, makes the kernel answer with a reset, and a reset drops what the broker's side still
 // had queued for the peer (and, on some stacks, what the peer had not read yet). A session the
-// broker closes (slow consumer, kick, drain) can have pushes queued there, already recorded as
-// delivered for a client without client_ack, and the client typically still writes (a pong,
-// its close frame): an abrupt close would lose those pushes. So a session's connection is
-// closed the way HTTP servers close theirs: shut the write side (the FIN follows what is
-// queued), read and discard until the client closes or lingerWait passes, then close. Only
-// connections that said hello linger (marked by lingerOnClose): a socket that never did has
-// nothing of ours to lose, and must not take the slots.
+// broker closes (slow consumer, kick, drain) can have pushes queued there, and the client
+// typically still writes (a pong, its close frame): an abrupt close would drop those pushes. For
+// a client without client_ack they are not lost (kernelack.go: only what its TCP acknowledged is
+// recorded as delivered), but they come again at its next connection, after a reconnect's delay,
+// and as duplicates of any it did get. So a session's connection is closed the way HTTP servers
+// close theirs: shut the write side (the FIN follows what is queued), read and discard until the
+// client closes or lingerWait passes, then close. Only connections that said hello linger
+// (marked by lingerOnClose): a socket that never did has nothing of ours to lose, and must not
+// take the slots.
 //
 // A client still reading what was queued for it when lingerWait passes (a slow link, a busy
 // machine, megabytes of pushes) keeps the socket while its kernel's queue for the peer shrinks,
 // lingerWait at a time up to lingerMax: closed under it, a pong or close frame it then sends is
-// answered with a reset, and the pushes still queued, recorded as delivered, were lost. For its
-// first lingerIdle it keeps the socket while anything is queued for it, read or not: a client
-// closed for not reading (4008) has by definition stopped for a while, and one that resumed a
-// few seconds later (a collector, a loaded machine, a laptop waking) lost what was queued.
+// answered with a reset. For its first lingerIdle it keeps the socket while anything is queued
+// for it, read or not: a client closed for not reading (4008) has by definition stopped for a
+// while, and one that resumed a few seconds later (a collector, a loaded machine, a laptop
+// waking) would get the rest only at its next connection.
 const (
 	lingerWait = 2 * time.Second
 	lingerIdle = 10 * time.Second
@@ -49,6 +51,10 @@ type lingerer struct {
 	// extended counts the waits given to clients still reading (tests).
 	extended int
 	wg       sync.WaitGroup
+	// acking: connections whose pushes wait for the client's TCP to acknowledge them, and
+	// whether their poller runs (kernelack.go).
+	acking  map[*lingerConn]struct{}
+	polling bool
 }
 
 func newLingerer(wait time.Duration) *lingerer {
@@ -144,6 +150,7 @@ type lingerConn struct {
 	// drain starts only once that read has returned, and is the socket's only reader after.
 	reading    sync.Mutex
 	coalescing // frames written back to back go out in one write (coalesce.go)
+	kernelAcks // pushes to a client that does not ack, until its TCP acknowledges them
 }
 
 func (c *lingerConn) Read(b []byte) (int, error) {
@@ -204,17 +211,20 @@ func (c *lingerConn) Close() error {
 		c.closing.Store(true)
 		c.flushOnClose()
 		if !c.lingers.Load() || !c.l.admit(c) {
+			c.finishAcks()
 			err = c.Conn.Close()
 			return
 		}
 		// Shutting the write side wakes a write blocked on a full buffer (EPIPE); the deadline
 		// in the past wakes the WebSocket's reader.
 		if err = c.tcp.CloseWrite(); err != nil {
+			c.finishAcks()
 			_ = c.Conn.Close()
 			c.l.release(c)
 			return
 		}
 		_ = c.Conn.SetReadDeadline(time.Now())
+		c.confirmAcks() // before the session's end releases what is not recorded
 		go c.drain()
 	})
 	return err
@@ -241,6 +251,7 @@ func (c *lingerConn) drain() {
 			break
 		}
 	}
+	c.finishAcks()
 	_ = c.Conn.Close()
 }
 

@@ -148,6 +148,9 @@ func NewServer(cfg Config, pool *pgxpool.Pool, logger *slog.Logger) (*Server, er
 		metrics: s.metrics, log: s.log, refusals: refusals, draining: &s.draining,
 		linger: newLingerer(lingerWait)}
 	s.peers.melody = s.peers.newMelody()
+	if cfg.noLinger {
+		s.peers.linger.done = true
+	}
 	s.sweeper = &sweeper{store: s.store, signals: sig, hub: s.hub, pusher: s.pusher, ender: s.ender, idTaken: s.heartbeat.TakenOver,
 		statusTTL: cfg.StatusTTL, maxPending: cfg.MaxPendingPerMember, every: sweepEvery, log: s.log, metrics: s.metrics}
 	live := &liveness{store: s.store, signals: sig, heartbeat: s.heartbeat, hub: s.hub, interval: cfg.Heartbeat,

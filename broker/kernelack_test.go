@@ -1,0 +1,95 @@
+package broker
+
+import (
+	"errors"
+	"net"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/claudemesh/broker/db/dbtest"
+)
+
+// A client that stopped reading and is cut off (its socket closed at once, then reset by the
+// pong it sends on waking) loses what was still in the replica's send queue. A push to a client
+// that does not ack is recorded as delivered only once the client's TCP has its bytes, so none
+// of those lost is recorded: they go back to pending and come again at its next connection.
+// Before, every push the kernel took was recorded, and the ones lost with the queue were gone.
+func TestPushesLostInTheSendQueueAreNotRecorded(t *testing.T) {
+	cl, sv := tcpPair(t)
+	lc := newLingerer(lingerWait).wrap(sv).(*lingerConn)
+	var rec recorded
+	const size = 16 << 10
+	frame := make([]byte, size)
+	frame[0] = 0x82
+	written := 0
+	for {
+		_ = lc.SetWriteDeadline(time.Now().Add(200 * time.Millisecond))
+		if _, err := lc.Write(frame); err != nil {
+			var ne net.Error
+			require.True(t, errors.As(err, &ne) && ne.Timeout(), "the client's buffers fill up: %v", err)
+			break
+		}
+		written++
+		whenWritten(lc, int64(written), rec.add)
+	}
+	require.NoError(t, lc.Close()) // not lingering: closed at once, the send queue still full
+	// The client wakes: its pong meets a closed socket, which resets the connection and drops
+	// what it still queued.
+	_, _ = cl.Write([]byte("pong"))
+	received := 0
+	buf := make([]byte, 64<<10)
+	_ = cl.SetReadDeadline(time.Now().Add(10 * time.Second))
+	for {
+		n, err := cl.Read(buf)
+		received += n
+		if err != nil {
+			break
+		}
+	}
+	got := rec.get()
+	t.Logf("%d pushes written (%d bytes), %d recorded, %d bytes received", written, written*size, len(got), received)
+	require.Less(t, received, written*size, "the reset dropped what the replica still queued")
+	require.NotEmpty(t, got, "what reached the client's kernel is recorded")
+	for _, id := range got {
+		require.LessOrEqual(t, int(id)*size, received, "push %d recorded as delivered but never received", id)
+	}
+}
+
+// Pushes to a client that reads are recorded as it takes them, while the socket stays open, and
+// a closed socket takes no more: nothing is left watched.
+func TestPushesAreRecordedAsTheClientTakesThem(t *testing.T) {
+	cl, sv := tcpPair(t)
+	l := newLingerer(lingerWait)
+	lc := l.wrap(sv).(*lingerConn)
+	var rec recorded
+	go func() {
+		buf := make([]byte, 4096)
+		for {
+			if _, err := cl.Read(buf); err != nil {
+				return
+			}
+		}
+	}()
+	for i := range 100 {
+		_, err := lc.Write([]byte("\x81push"))
+		require.NoError(t, err)
+		whenWritten(lc, int64(i+1), rec.add)
+	}
+	dbtest.WaitFor(t, 5*time.Second, "every push recorded", func() bool { return len(rec.get()) == 100 })
+	for i, id := range rec.get() {
+		require.Equal(t, int64(i+1), id, "recorded in order, once")
+	}
+	dbtest.WaitFor(t, 5*time.Second, "the poller stops with nothing to watch", func() bool {
+		l.mu.Lock()
+		defer l.mu.Unlock()
+		return len(l.acking) == 0 && !l.polling
+	})
+	require.NoError(t, lc.Close())
+	whenWritten(lc, 101, rec.add) // reported after the close: never recorded
+	l.mu.Lock()
+	require.Empty(t, l.acking)
+	l.mu.Unlock()
+	require.Len(t, rec.get(), 100)
+}
