@@ -93,3 +93,37 @@ func TestPushesAreRecordedAsTheClientTakesThem(t *testing.T) {
 	l.mu.Unlock()
 	require.Len(t, rec.get(), 100)
 }
+
+// ackedPair is a lingering session's connection whose client has read a push and whose TCP has
+// acknowledged it, the push left for the close to confirm (not the poller, which would record
+// it first) and recorded by record.
+func ackedPair(t *testing.T, record func(int64)) (cl net.Conn, l *lingerer, lc *lingerConn) {
+	cl, sv := tcpPair(t)
+	l = newLingerer(lingerWait)
+	lc = l.wrap(sv).(*lingerConn)
+	lingerOnClose(lc)
+	_, err := lc.Write([]byte("\x81push"))
+	require.NoError(t, err)
+	readsExactly(t, cl, "\x81push")
+	dbtest.WaitFor(t, 5*time.Second, "the client's TCP acknowledged the push", func() bool { return unsentBytes(lc.tcp) == 0 })
+	lc.ackMu.Lock()
+	lc.unacked = []unackedPush{{id: 1, end: lc.sent.Load()}}
+	lc.record = record
+	lc.ackMu.Unlock()
+	t.Cleanup(func() {
+		_ = cl.Close() // the lingering socket sees the client's close and ends
+		dbtest.WaitFor(t, 5*time.Second, "the linger ended", func() bool { return l.lingerCount() == 0 })
+	})
+	return cl, l, lc
+}
+
+// A session's close records the pushes its client has, before its end releases the rest: the
+// last one too, with nothing written after it (a client gone without a close frame). Before,
+// the close looked once its FIN was queued, which the kernel counts as unacknowledged until
+// the client's delayed ACK: that push went back to pending and came again, a duplicate.
+func TestCloseRecordsThePushesTheClientHas(t *testing.T) {
+	var rec recorded
+	_, _, lc := ackedPair(t, rec.add)
+	require.NoError(t, lc.Close())
+	require.Equal(t, []int64{1}, rec.get(), "recorded by the close")
+}

@@ -215,6 +215,11 @@ func (c *lingerConn) Close() error {
 			err = c.Conn.Close()
 			return
 		}
+		// What the client acknowledged is recorded before the session's end (which follows
+		// the reader's wake-up below) releases the rest, and before the FIN, which the kernel
+		// counts as unacknowledged until the client acknowledges it (with a delayed ACK): after
+		// it, a push that was the last bytes sent could never be confirmed here.
+		c.confirmAcks()
 		// Shutting the write side wakes a write blocked on a full buffer (EPIPE); the deadline
 		// in the past wakes the WebSocket's reader.
 		if err = c.tcp.CloseWrite(); err != nil {
@@ -224,7 +229,6 @@ func (c *lingerConn) Close() error {
 			return
 		}
 		_ = c.Conn.SetReadDeadline(time.Now())
-		c.confirmAcks() // before the session's end releases what is not recorded
 		go c.drain()
 	})
 	return err
