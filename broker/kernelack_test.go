@@ -3,6 +3,7 @@ package broker
 import (
 	"errors"
 	"net"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -126,4 +127,51 @@ func TestCloseRecordsThePushesTheClientHas(t *testing.T) {
 	_, _, lc := ackedPair(t, rec.add)
 	require.NoError(t, lc.Close())
 	require.Equal(t, []int64{1}, rec.get(), "recorded by the close")
+}
+
+// A session closed from another goroutine than its reader's (its write pump after a close
+// frame: a drain's 1012, a kick; a slow consumer's 4008) ends once its reader sees the socket
+// closed, and the end releases every push not recorded by then. A reader that reads while the
+// close is under way must not see it before the close has recorded what the client's TCP
+// acknowledged: else those pushes, which arrived, come again at the next connection. Here the
+// close's record is held up, and the reader must still be waiting when it is let go.
+func TestReaderSeesTheCloseOnlyOnceItsAcksAreRecorded(t *testing.T) {
+	entered, release := make(chan struct{}), make(chan struct{})
+	var readerDone atomic.Bool
+	var recordedBeforeReader bool
+	_, _, lc := ackedPair(t, func(int64) {
+		close(entered)
+		<-release
+		recordedBeforeReader = !readerDone.Load()
+	})
+	closed := make(chan error, 1)
+	go func() { closed <- lc.Close() }()
+	select {
+	case <-entered:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the close never recorded the acknowledged push")
+	}
+	// The WebSocket's reader, between two frames, reads again now.
+	readErr := make(chan error, 1)
+	go func() {
+		_, err := lc.Read(make([]byte, 16))
+		readerDone.Store(true)
+		readErr <- err
+	}()
+	// Before the fix the reader returned at once here, while the record was held up; now it
+	// waits for it. Nothing to wait for but a violation: a bounded look.
+	select {
+	case err := <-readErr:
+		readErr <- err
+	case <-time.After(250 * time.Millisecond):
+	}
+	close(release)
+	select {
+	case err := <-readErr:
+		require.ErrorIs(t, err, net.ErrClosed)
+	case <-time.After(5 * time.Second):
+		t.Fatal("the reader never saw the close")
+	}
+	require.NoError(t, <-closed)
+	require.True(t, recordedBeforeReader, "the reader saw the close before the close recorded the push its client had")
 }

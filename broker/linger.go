@@ -155,18 +155,27 @@ type lingerConn struct {
 
 func (c *lingerConn) Read(b []byte) (int, error) {
 	if c.closing.Load() {
-		return 0, net.ErrClosed
+		return 0, c.closed()
 	}
 	c.reading.Lock()
 	defer c.reading.Unlock()
 	if c.closing.Load() {
-		return 0, net.ErrClosed
+		return 0, c.closed()
 	}
 	n, err := c.Conn.Read(b)
 	if err != nil && c.closing.Load() {
-		err = net.ErrClosed // the deadline Close set to wake this read, not the client's doing
+		err = c.closed() // the deadline Close set to wake this read, not the client's doing
 	}
 	return n, err
+}
+
+// closed reports the close to the WebSocket's reader once Close, which may run on another
+// goroutine (the write pump after a close frame, a slow consumer's close), is done: the reader
+// then ends the session, whose end releases every push not recorded by then, and Close records
+// those the client's TCP acknowledged (kernelack.go). Close waits for nothing the reader holds.
+func (c *lingerConn) closed() error {
+	c.once.Do(func() {}) // closing is set inside Close's Do: this waits for it to return
+	return net.ErrClosed
 }
 
 func (c *lingerConn) Write(b []byte) (int, error) {
