@@ -71,7 +71,12 @@ func (c *lingerConn) confirmLocked() int {
 		c.record(c.unacked[n].id)
 		n++
 	}
-	if n > 0 {
+	switch {
+	case n == len(c.unacked) && cap(c.unacked) > 64:
+		// A client that stopped reading had one waiting per frame in the send queue
+		// (thousands): a backlog's memory goes with it, not with the session's life.
+		c.unacked = nil
+	case n > 0:
 		c.unacked = append(c.unacked[:0], c.unacked[n:]...)
 	}
 	return n

@@ -2,6 +2,7 @@ package broker
 
 import (
 	"errors"
+	"io"
 	"net"
 	"sync/atomic"
 	"testing"
@@ -174,4 +175,35 @@ func TestReaderSeesTheCloseOnlyOnceItsAcksAreRecorded(t *testing.T) {
 	}
 	require.NoError(t, <-closed)
 	require.True(t, recordedBeforeReader, "the reader saw the close before the close recorded the push its client had")
+}
+
+// A session whose client stopped reading for a while had a push waiting for each frame in the
+// replica's send queue (thousands); once its client has them all, it keeps no memory for them,
+// idle as long as it lives.
+func TestDeliveredBacklogLeavesNoMemoryBehind(t *testing.T) {
+	cl, sv := tcpPair(t)
+	l := newLingerer(lingerWait)
+	lc := l.wrap(sv).(*lingerConn)
+	var rec recorded
+	frame := make([]byte, 128)
+	frame[0] = 0x82
+	written := 0
+	for {
+		_ = lc.SetWriteDeadline(time.Now().Add(100 * time.Millisecond))
+		if _, err := lc.Write(frame); err != nil {
+			break
+		}
+		written++
+		whenWritten(lc, int64(written), rec.add)
+	}
+	lc.ackMu.Lock()
+	waiting := len(lc.unacked)
+	lc.ackMu.Unlock()
+	t.Logf("%d pushes written, %d waiting for the client's TCP", written, waiting)
+	require.Greater(t, waiting, 1000, "the send queue holds thousands")
+	go func() { _, _ = io.Copy(io.Discard, cl) }()
+	dbtest.WaitFor(t, 10*time.Second, "every push recorded", func() bool { return len(rec.get()) == written })
+	lc.ackMu.Lock()
+	defer lc.ackMu.Unlock()
+	require.LessOrEqual(t, cap(lc.unacked), 64, "the backlog's memory is let go")
 }
