@@ -33,7 +33,7 @@ import (
 // nothing to such a flooder, who can always mint new keys. An idle key's bucket is full again
 // after a minute anyway.
 //
-// Keys are held as 64-bit hashes under a seed of the process's own: a key can hold a 4 KiB cwd,
+// Keys are held as 64-bit hashes under a seed of the process's own: a key can hold a 2 KiB cwd,
 // and a hash keeps every bucket small whatever its key, while the seed keeps a client from
 // choosing keys that share another's bucket.
 type hookLimiter struct {

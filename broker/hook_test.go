@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"crypto/ed25519"
 	"crypto/rand"
+	"encoding/base64"
 	"encoding/json"
 	"fmt"
 	"net/http"
@@ -277,4 +278,39 @@ func TestBadHookBodyNamesTheFieldAndWritesNothing(t *testing.T) {
 	}
 	sigs, pending := hookRows(t, c)
 	require.Zero(t, sigs+pending)
+}
+
+// A cwd is stored and indexed as given (a session's, a waiting hook signal's): the longest the
+// protocol accepts must fit Postgres's index even when it does not compress, or the hook was
+// answered 503 "retry" forever and the hello, with the other hellos of its statement,
+// "internal" (reconnect) forever.
+func TestLongestCWDIsStored(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t, 1, nil)
+	m := c.mesh(0)
+	bob := m.member("bob")
+	raw := make([]byte, protocol.MaxCWDLen)
+	_, _ = rand.Read(raw)
+	cwd := ("/" + base64.RawURLEncoding.EncodeToString(raw))[:protocol.MaxCWDLen] // does not compress
+
+	hook := protocol.HookRequest{CWD: cwd, PID: 7, Status: protocol.StatusWorking, SessionID: "claude-long"}
+	code, res, _ := postHookFrom(t, c.nodes[0], "", signedHook(t, bob.key, hook))
+	require.Equal(t, http.StatusOK, code, res.Error)
+	require.True(t, res.OK && res.Pending, "kept for the session's hello")
+
+	b := m.dial(0, bob, func(o *client.Options) { o.SessionID = "claude-long"; o.CWD = cwd; o.PID = 7 })
+	peers, err := b.ListPeers(ctxT(t))
+	require.NoError(t, err)
+	require.Equal(t, cwd, peers[0].CWD)
+	require.Equal(t, protocol.StatusWorking, peers[0].Status, "the waiting signal applied at hello")
+
+	hook.SessionID, hook.Status = "", protocol.StatusIdle // found by pid + cwd
+	code, res, _ = postHookFrom(t, c.nodes[0], "", signedHook(t, bob.key, hook))
+	require.Equal(t, http.StatusOK, code, res.Error)
+	require.Equal(t, b.HelloAck().PresenceID, res.PresenceID)
+
+	hook.CWD = cwd + "x"
+	code, res, _ = postHookFrom(t, c.nodes[0], "", signedHook(t, bob.key, hook))
+	require.Equal(t, http.StatusBadRequest, code)
+	require.Contains(t, res.Error, "cwd: too long")
 }

@@ -143,8 +143,11 @@ const (
 	MaxIDLen = 256
 	// MaxDisplayNameLen bounds displayName and /join display_name.
 	MaxDisplayNameLen = 256
-	// MaxCWDLen bounds cwd (PATH_MAX on Linux).
-	MaxCWDLen = 4096
+	// MaxCWDLen bounds cwd. Postgres indexes it (a session's and a waiting hook signal's),
+	// and a btree entry holds at most 2,704 bytes, 2,684 of them a text that does not compress:
+	// a longer cwd (PATH_MAX is 4096) failed its whole statement, a batch of other meshes'
+	// hellos with it.
+	MaxCWDLen = 2048
 	// MaxSummaryLen bounds set_summary's summary.
 	MaxSummaryLen = 8192
 	// MaxTargetSpecLen bounds send's targetSpec (a key is 64, "@" + group
