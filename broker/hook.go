@@ -182,6 +182,7 @@ func (s *hooks) handleHook(w http.ResponseWriter, r *http.Request) {
 	if err != nil {
 		var tooLarge *http.MaxBytesError
 		if errors.As(err, &tooLarge) {
+			s.refusals.Info("hook refused: body too large", "source", source, "limit", tooLarge.Limit)
 			s.hookFail(w, http.StatusRequestEntityTooLarge, "body too large", "too_large")
 			return
 		}
@@ -233,6 +234,8 @@ func (s *hooks) handleHook(w http.ResponseWriter, r *http.Request) {
 				tok = req.HookToken
 			}
 			if subtle.ConstantTimeCompare([]byte(tok), []byte(s.cfg.HookToken)) != 1 {
+				// A guess at the one secret that reaches every mesh: the operator must see it.
+				s.refusals.Info("unsigned hook refused: missing or wrong hook token", "source", source)
 				s.hookFail(w, http.StatusUnauthorized, "missing or wrong hook token", "unauthorized")
 				return
 			}

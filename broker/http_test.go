@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"strings"
@@ -458,4 +459,46 @@ func TestUnsignedHookThroughAProxyToLoopbackIsRefused(t *testing.T) {
 	require.Equal(t, http.StatusUnauthorized, code, "an unsigned hook from the internet, through the proxy: %+v", res)
 	require.Contains(t, res.Error, "HOOK_ALLOW_UNSIGNED")
 	require.Equal(t, protocol.StatusIdle, peerStatus(t, a, "s-alice"), "nothing changed")
+}
+
+// A wrong token (the hook token, which reaches every mesh, the admin token, the metrics token)
+// and an oversized hook are refusals a client causes at will: each is logged (sampled) with
+// its source, so an operator sees someone guessing, and the guess itself is never logged.
+func TestWrongTokensAreLoggedWithoutThem(t *testing.T) {
+	t.Parallel()
+	lines := &logLines{}
+	c := newCluster(t, 0, nil)
+	srv := startServer(t, Config{NodeID: "tok", Region: "test", TrustedProxyHeader: "X-Forwarded-For", HookAllowUnsigned: true,
+		HookToken: "h00k-secret", AdminToken: "adm1n-secret", MetricsToken: "m3trics-secret"},
+		dbtest.PoolFor(t, c.url), slog.New(slog.NewTextHandler(lines, nil)))
+	const guess = "guessed-t0ken"
+
+	var res protocol.HookResponse
+	code, _ := postJSONFrom(t, srv, protocol.PathHookState, "198.51.100.7",
+		[]byte(`{"cwd":"/w","status":"idle","hook_token":"`+guess+`"}`), &res)
+	require.Equal(t, http.StatusUnauthorized, code)
+	code, _ = postJSONFrom(t, srv, protocol.PathHookState, "198.51.100.8",
+		[]byte(`{"cwd":"/w","status":"idle","pad":"`+strings.Repeat("x", protocol.MaxHookBodyBytes)+`"}`), &res)
+	require.Equal(t, http.StatusRequestEntityTooLarge, code)
+
+	get := func(path, bearer, from string) int {
+		req, err := http.NewRequestWithContext(ctxT(t), http.MethodGet, "http://"+srv.Addr()+path, nil)
+		require.NoError(t, err)
+		if bearer != "" {
+			req.Header.Set("Authorization", "Bearer "+bearer)
+		}
+		req.Header.Set("X-Forwarded-For", from)
+		resp, err := http.DefaultClient.Do(req)
+		require.NoError(t, err)
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	require.Equal(t, http.StatusUnauthorized, get("/status?token="+guess, "", "198.51.100.9"))
+	require.Equal(t, http.StatusUnauthorized, get("/metrics", guess, "198.51.100.10"))
+
+	require.Len(t, lines.matching("hook token", "198.51.100.7"), 1)
+	require.Len(t, lines.matching("body too large", "198.51.100.8"), 1)
+	require.Len(t, lines.matching("admin token", "198.51.100.9"), 1)
+	require.Len(t, lines.matching("metrics token", "198.51.100.10"), 1)
+	require.Empty(t, lines.matching(guess), "a token tried is never logged")
 }

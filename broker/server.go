@@ -169,7 +169,7 @@ func NewServer(cfg Config, pool *pgxpool.Pool, logger *slog.Logger) (*Server, er
 
 	s.metrics.registerFuncs(s)
 	hk := newHooks(cfg, s.store, sig, s.metrics, s.log, refusals)
-	sp := &statusPage{cfg: cfg, store: s.store, nodeID: nodeID, started: s.started, hub: s.hub, log: s.log,
+	sp := &statusPage{cfg: cfg, store: s.store, nodeID: nodeID, started: s.started, hub: s.hub, log: s.log, refusals: refusals,
 		listener: bus.Connected, draining: s.draining.Load}
 	s.members = membership.New(pool, membership.Config{Logger: s.log, BusNamespace: cfg.BusNamespace,
 		Refusals: refusals, JoinBounds: newJoinBounds(cfg), CountJoin: s.metrics.countJoin})
@@ -198,6 +198,8 @@ func (s *Server) guardMetrics(h http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		tok, _ := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
 		if !adminTokenMatches(tok, s.cfg.MetricsToken) {
+			s.refusals.Info("metrics refused: missing or wrong metrics token", "path", r.URL.Path,
+				"source", clientSource(r, s.cfg.TrustedProxyHeader))
 			w.Header().Set("WWW-Authenticate", `Bearer realm="claudemesh metrics"`)
 			http.Error(w, "missing or wrong metrics token (Authorization: Bearer <token>)", http.StatusUnauthorized)
 			return

@@ -96,6 +96,7 @@ type statusPage struct {
 	listener func() bool // the LISTEN connection is up
 	draining func() bool
 	log      *slog.Logger
+	refusals *sampledLog // wrong tokens: sampled, a client can send them at will
 }
 
 func (s *statusPage) handleStatusPage(w http.ResponseWriter, r *http.Request) {
@@ -105,6 +106,7 @@ func (s *statusPage) handleStatusPage(w http.ResponseWriter, r *http.Request) {
 	}
 	tok, inQuery := adminTokenOf(r)
 	if !adminTokenMatches(tok, s.cfg.AdminToken) {
+		s.refusals.Info("status page refused: missing or wrong admin token", "source", clientSource(r, s.cfg.TrustedProxyHeader))
 		w.Header().Set("WWW-Authenticate", `Bearer realm="claudemesh status"`)
 		w.Header().Set("Cache-Control", "no-store")
 		http.Error(w, "missing or wrong admin token (Authorization: Bearer <token>, or ?token=)", http.StatusUnauthorized)
