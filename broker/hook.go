@@ -247,7 +247,11 @@ func (s *hooks) handleHook(w http.ResponseWriter, r *http.Request) {
 	if s.limited(w, s.perPID.allow(member+"|"+strconv.Itoa(req.PID)+"|"+req.CWD), "per_pid", source) {
 		return
 	}
-	ctx, cancel := context.WithTimeout(r.Context(), opTimeout)
+	// Run to its end when the client hangs up, as a join does: a hook script giving up (a short
+	// curl timeout against a slow primary) is no failure of the database's, to be logged at Warn
+	// and counted unavailable (or busy) as one, and the status it sent is still true. The slots
+	// and opTimeout bound it all the same.
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), opTimeout)
 	defer cancel()
 	if !s.slots.acquire(ctx) {
 		s.refusals.Info("hook refused: too many in flight", "source", source)

@@ -2,11 +2,13 @@ package broker
 
 import (
 	"bytes"
+	"context"
 	"crypto/ed25519"
 	"crypto/rand"
 	"encoding/base64"
 	"encoding/json"
 	"fmt"
+	"log/slog"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -313,4 +315,32 @@ func TestLongestCWDIsStored(t *testing.T) {
 	code, res, _ = postHookFrom(t, c.nodes[0], "", signedHook(t, bob.key, hook))
 	require.Equal(t, http.StatusBadRequest, code)
 	require.Contains(t, res.Error, "cwd: too long")
+}
+
+// A hook whose client has hung up by the time its statement runs (a hook script's short
+// timeout against a slow primary) is applied all the same, as a join is: its status is still
+// true, and a client giving up is no database failure to be logged at Warn and counted
+// unavailable.
+func TestHookCompletesWhenItsClientHungUp(t *testing.T) {
+	t.Parallel()
+	lines := &logLines{}
+	c := newCluster(t, 0, nil)
+	srv := startServer(t, Config{NodeID: "hang", Region: "test"}, dbtest.PoolFor(t, c.url),
+		slog.New(slog.NewTextHandler(lines, nil)))
+	c.nodes = append(c.nodes, srv)
+	m := c.mesh(0)
+	bob := m.member("bob")
+	hook := protocol.HookRequest{CWD: "/repo/hang", PID: 9, Status: protocol.StatusWorking}
+
+	ctx, hangUp := context.WithCancel(ctxT(t))
+	hangUp()
+	req := httptest.NewRequestWithContext(ctx, http.MethodPost, protocol.PathHookState, bytes.NewReader(signedHook(t, bob.key, hook)))
+	rec := httptest.NewRecorder()
+	srv.Handler().ServeHTTP(rec, req)
+
+	require.Equal(t, http.StatusOK, rec.Code, rec.Body.String())
+	require.Empty(t, lines.matching("hook could not be applied"))
+	require.Zero(t, testutilCounter(srv.metrics.HookRequests.WithLabelValues("unavailable")))
+	_, pending := hookRows(t, c)
+	require.Equal(t, 1, pending, "the signal is kept for bob's hello")
 }
