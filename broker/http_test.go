@@ -502,3 +502,24 @@ func TestWrongTokensAreLoggedWithoutThem(t *testing.T) {
 	require.Len(t, lines.matching("metrics token", "198.51.100.10"), 1)
 	require.Empty(t, lines.matching(guess), "a token tried is never logged")
 }
+
+// METRICS_ADDR (public behind METRICS_TOKEN, or private) holds at most metricsConnLimit
+// connections: half-sent requests there can't take the open files the sessions need, and a
+// scrape still gets through (the connection waiting longest makes room).
+func TestMetricsAddressConnectionsAreLimited(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t, 1, func(cfg *Config) { cfg.MetricsAddr = "127.0.0.1:0"; cfg.MetricsToken = "m3trics" })
+	addr := c.nodes[0].MetricsAddr()
+	held := openPlain(t, addr, metricsConnLimit+1)
+	dbtest.WaitFor(t, 5*time.Second, "the first held closed", func() bool { return closedByServer(held[0]) })
+	require.False(t, closedByServer(held[metricsConnLimit]), "the newest stays")
+
+	req, err := http.NewRequestWithContext(ctxT(t), http.MethodGet, "http://"+addr+"/metrics", nil)
+	require.NoError(t, err)
+	req.Header.Set("Authorization", "Bearer m3trics")
+	resp, err := http.DefaultClient.Do(req)
+	require.NoError(t, err)
+	resp.Body.Close()
+	require.Equal(t, http.StatusOK, resp.StatusCode)
+	require.Positive(t, testutilCounter(c.nodes[0].metrics.ConnRejected.WithLabelValues("metrics_limit")))
+}

@@ -360,11 +360,19 @@ func (s *Server) Start(ctx context.Context, addr string) error {
 			s.log.Info("profiles (/debug/pprof/) not served: set METRICS_TOKEN, or METRICS_ADDR on a loopback address",
 				"metrics_addr", s.cfg.MetricsAddr)
 		}
+		// Counted too: whoever reaches this address (public, behind METRICS_TOKEN) could
+		// otherwise hold an open file and a goroutine per half-sent request, the sessions' open
+		// files. A scrape is served in milliseconds, so at the limit the connection waiting
+		// longest makes room, as on the peers' port.
+		metricsConns := newPlainConns(metricsConnLimit, 0, metricsConnLimit, nil, func(source string, _ bool, limit int) {
+			s.metrics.ConnRejected.WithLabelValues("metrics_limit").Inc()
+			s.refusals.Info("metrics connection closed: too many open", "limit", limit, "source", source)
+		})
 		// No WebSocket here: plain timeouts, the write one long enough for a CPU profile (30 s
 		// by default; pprof refuses one longer than the write timeout).
 		ms := &http.Server{Handler: mux, ReadHeaderTimeout: httpReadTimeout, ReadTimeout: httpReadTimeout,
 			WriteTimeout: metricsWriteTimeout, IdleTimeout: httpIdleTimeout, MaxHeaderBytes: maxHeaderBytes,
-			ErrorLog: slog.NewLogLogger(s.log.Handler(), slog.LevelWarn)}
+			ConnState: metricsConns.track, ErrorLog: slog.NewLogLogger(s.log.Handler(), slog.LevelWarn)}
 		s.mu.Lock()
 		s.metricsSrv = ms
 		s.mu.Unlock()
@@ -382,6 +390,9 @@ const (
 	httpHandlerTimeout  = 20 * time.Second
 	httpIdleTimeout     = 60 * time.Second
 	metricsWriteTimeout = 2 * time.Minute
+	// metricsConnLimit bounds the connections METRICS_ADDR holds: scrapers and an operator's
+	// profile need a few.
+	metricsConnLimit = 64
 )
 
 // pprofServed reports whether METRICS_ADDR serves profiles: behind METRICS_TOKEN, or on a
