@@ -260,7 +260,9 @@ func (s *Service) HandleJoin(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if s.bounds != nil {
-		if !s.bounds.Acquire(r.Context()) {
+		// Detached as the join is: a client that hangs up while it waits for a slot is not the
+		// replica busy, and its join still completes (bounded by the slots' own wait).
+		if !s.bounds.Acquire(context.WithoutCancel(r.Context())) {
 			s.refusals.Info("join refused: too many in flight", "source", source)
 			w.Header().Set("Retry-After", "1")
 			s.joinFail(w, http.StatusServiceUnavailable, JoinOutcomeBusy,

@@ -11,6 +11,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/require"
 
@@ -184,4 +185,38 @@ func (l lockedWriter) Write(p []byte) (int, error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return l.w.Write(p)
+}
+
+// slowSlot is a JoinBounds whose slot frees a moment after it is asked for, as when the
+// replica's join statements are all taken.
+type slowSlot struct{}
+
+func (slowSlot) Allow(r *http.Request) (string, bool) { return r.RemoteAddr, true }
+func (slowSlot) Acquire(ctx context.Context) bool {
+	select {
+	case <-ctx.Done():
+		return false
+	case <-time.After(20 * time.Millisecond):
+		return true
+	}
+}
+func (slowSlot) Release() {}
+
+// A client that hangs up while its join waits for a statement slot is not told (nor counted,
+// nor logged) busy: its join completes, as one whose client hangs up while it runs.
+func TestHandleJoinWaitingForASlotCompletesWhenTheClientHangsUp(t *testing.T) {
+	t.Parallel()
+	var outcomes []string
+	f := newFixture(t, membership.Config{JoinBounds: slowSlot{}, CountJoin: func(o string) { outcomes = append(outcomes, o) }})
+	_, key := f.mesh("demo")
+	inv := f.invite("demo", key, 1, "")
+	req := joinRequest(t, inv.Link, newPubkey(t), "alice")
+
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	rec := httptest.NewRecorder()
+	f.svc.HandleJoin(rec, httptest.NewRequestWithContext(ctx, http.MethodPost, protocol.PathJoin, bytes.NewReader(joinBody(t, req))))
+	require.Equal(t, http.StatusOK, rec.Code, rec.Body.String())
+	require.Equal(t, 1, f.usedCount(inv.ID), "the join completed")
+	require.Equal(t, []string{membership.JoinOutcomeOK}, outcomes)
 }
