@@ -284,8 +284,7 @@ func TestBadHookBodyNamesTheFieldAndWritesNothing(t *testing.T) {
 
 // A cwd is stored and indexed as given (a session's, a waiting hook signal's): the longest the
 // protocol accepts must fit Postgres's index even when it does not compress, or the hook was
-// answered 503 "retry" forever and the hello, with the other hellos of its statement,
-// "internal" (reconnect) forever.
+// answered 503 "retry" forever and the hello "internal" (reconnect) forever.
 func TestLongestCWDIsStored(t *testing.T) {
 	t.Parallel()
 	c := newCluster(t, 1, nil)
