@@ -45,7 +45,17 @@ func (p *peers) dispatch(ms *melody.Session, sess *session, msg protocol.ClientM
 	case *protocol.ClientAck:
 		// A peer that acks is treated as acking from now on (today's CLI never announces it).
 		sess.clientAck.Store(true)
-		p.recorder.acked(sess, m.IDs())
+		ids := m.IDs()
+		if k := sess.ackAllowance(len(ids)); k < len(ids) {
+			// No reply (client_ack has none; today's CLI would give an error to another request).
+			p.metrics.RequestsRateLimited.WithLabelValues(msg.Type()).Inc()
+			p.refusals.Info("client_ack of more ids than were pushed to the session", "presence", sess.presenceID,
+				"ids", len(ids), "recorded", k)
+			ids = ids[:k]
+		}
+		if len(ids) > 0 {
+			p.recorder.acked(sess, ids)
+		}
 	case *protocol.ListPeers:
 		reply, err = p.listPeers(ctx, sess, m)
 	case *protocol.SetStatus:

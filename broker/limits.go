@@ -45,8 +45,9 @@ func (l *memberLimits) full() bool {
 }
 
 // allow takes a token for msg from its bucket and returns "" when it may go on, else the
-// refusal's message. Sends have their own check (checkSend); client_ack is not limited: it
-// only acknowledges what was pushed, and the recorder batches acks into shared statements.
+// refusal's message. Sends have their own check (checkSend); client_ack has no rate: it only
+// acknowledges what was pushed (session.ackAllowance), and the recorder batches acks into
+// shared statements.
 func (l *memberLimits) allow(msg protocol.ClientMessage, cfg Config) string {
 	if l == nil {
 		return ""

@@ -13,6 +13,7 @@ import (
 	"github.com/claudemesh/broker/client"
 	"github.com/claudemesh/broker/db"
 	"github.com/claudemesh/broker/db/dbtest"
+	"github.com/claudemesh/broker/db/pgproxy"
 	"github.com/claudemesh/broker/protocol"
 )
 
@@ -430,4 +431,47 @@ func TestAcksAtATrickleShareStatements(t *testing.T) {
 	})
 	t.Logf("10 acks 2 ms apart: %d statements", n)
 	require.LessOrEqual(t, n, int64(5), "acks at a trickle share statements")
+}
+
+// A client_ack has no reply and no rate limit: what bounds the Postgres work it causes is that
+// a client acks what it was pushed. Ids it was never pushed (made up, or the mesh's message ids
+// read elsewhere) cost an index probe each in the record statement all the replica's acks share;
+// one member flooding them kept a backend busy and filled the replica's ack queue, so every
+// other session's acks waited behind it. A socket's acks beyond the pushes written to it (and a
+// frame's worth more) are not recorded.
+func TestAcksOfIdsNeverPushedAreBounded(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t, 1, nil)
+	_, proxy := countedNode(t, c, false)
+	rt := len(c.nodes) - 1
+	m := c.mesh(0)
+	alice := m.member("alice")
+	a := m.dial(rt, alice)
+	ctx := ctxT(t)
+	const frames = 64
+	quiet := func() pgproxy.Flights {
+		last, since := proxy.Flights(), time.Now()
+		dbtest.WaitFor(t, 20*time.Second, "no round trips in flight", func() bool {
+			if now := proxy.Flights(); now != last {
+				last, since = now, time.Now()
+			}
+			return time.Since(since) >= 300*time.Millisecond
+		})
+		return last
+	}
+	before := quiet()
+	ids := make([]string, protocol.MaxAckIDs)
+	for f := range frames {
+		for i := range ids {
+			ids[i] = fmt.Sprintf("%08x-0000-4000-8000-%012x", f, i)
+		}
+		require.NoError(t, a.AckMessages(ctx, ids...))
+	}
+	// Frames are read in order: once this is answered, every ack above was taken; the records
+	// go after it, so the count ends once the replica is quiet again.
+	_, err := a.ListPeers(ctx)
+	require.NoError(t, err)
+	n := quiet().Sub(before).Statement
+	t.Logf("%d frames of %d ids never pushed: %d statements", frames, protocol.MaxAckIDs, n)
+	require.LessOrEqual(t, n, int64(8), "acks beyond what was pushed cost no statements")
 }

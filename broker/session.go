@@ -126,6 +126,10 @@ type session struct {
 	promised     int
 	sendsStopped bool
 	acksOwed     chan struct{}
+	// pushesWritten and idsAcked bound what the socket's client_acks cost Postgres: a client
+	// acks what it was pushed (see ackAllowance).
+	pushesWritten int
+	idsAcked      int
 	// otherWire: frames other than pushes in the socket's queue; spill: those waiting for room
 	// (see otherOnWire); overflow closes the socket when the spill is full (nil in unit tests).
 	otherWire int
@@ -553,6 +557,7 @@ func (s *session) written(frame []byte) (p inflightPush, push, wake bool, next [
 	}
 	p = s.inflight[0]
 	s.inflight = s.inflight[1:]
+	s.pushesWritten++
 	if len(s.inflight) == 0 {
 		s.inflight = nil // an idle session holds no window memory
 	}
@@ -563,6 +568,24 @@ func (s *session) written(frame []byte) (p inflightPush, push, wake bool, next [
 		}
 	}
 	return p, true, wake, nil
+}
+
+// ackSlack is how many ids a socket may acknowledge beyond the pushes written to it: a whole
+// client_ack frame, an ack read before the write of its push was reported, and the acks a
+// reconnecting client still owes for pushes of its previous socket.
+const ackSlack = protocol.MaxAckIDs + 1
+
+// ackAllowance returns how many of n acknowledged ids the session may have recorded, and counts
+// them. A client_ack has no reply and no rate limit; each id costs an index probe in the record
+// statement every session of the replica shares. A client acks what it was pushed, so ids beyond
+// the pushes written to this socket (and ackSlack) are made up: recording them would let one
+// client keep a Postgres backend busy and fill the replica's ack queue ahead of everyone's acks.
+func (s *session) ackAllowance(n int) int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	k := min(n, max(0, s.pushesWritten+ackSlack-s.idsAcked))
+	s.idsAcked += k
+	return k
 }
 
 // framesBehind says whether the write pump has frames queued behind the one it is writing (a

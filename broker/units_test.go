@@ -624,3 +624,19 @@ func TestAcksQueuedForRecordingAreBounded(t *testing.T) {
 	r.acked(s, []string{"e4"})
 	require.Equal(t, maxQueuedAcks+4, r.acks.len())
 }
+
+// A socket's client_acks are recorded up to the pushes written to it plus ackSlack: a client
+// that acks everything it is pushed never reaches the bound, however many it was pushed.
+func TestAckAllowanceFollowsPushesWritten(t *testing.T) {
+	s, _ := testSession("p", "m", "a")
+	require.Equal(t, ackSlack, s.ackAllowance(ackSlack+5), "a frame's worth before any push")
+	require.Equal(t, 0, s.ackAllowance(1), "nothing was pushed")
+	for i := range 3 * ackSlack {
+		frame := []byte(fmt.Sprint("push ", i))
+		require.True(t, s.push(frame, int64(i), false, false))
+		_, push, _, _ := s.written(frame)
+		require.True(t, push)
+		require.Equal(t, 1, s.ackAllowance(1), "each push written may be acked")
+	}
+	require.Equal(t, 0, s.ackAllowance(protocol.MaxAckIDs))
+}
