@@ -213,6 +213,9 @@ type Config struct {
 	ReadRatePerMember   int
 	ReadBurstPerMember  int
 
+	// listBytesRate and listBytesBurst override listBytesPerSecond and listBytesBurst (tests).
+	listBytesRate, listBytesBurst int
+
 	// pingEvery and pongWait override the protocol's 30 s ping and 75 s pong deadline (tests).
 	pingEvery, pongWait time.Duration
 

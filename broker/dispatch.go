@@ -118,7 +118,11 @@ func (p *peers) dispatch(ms *melody.Session, sess *session, msg protocol.ClientM
 		reply = perr
 	}
 	if reply != nil {
-		p.reply(ms, reply)
+		n := p.reply(ms, reply)
+		switch msg.(type) {
+		case *protocol.ListPeers, *protocol.ListState:
+			sess.limits.listed(n)
+		}
 	}
 }
 

@@ -3,6 +3,7 @@ package broker
 import (
 	"errors"
 	"fmt"
+	"strings"
 	"testing"
 	"time"
 
@@ -162,4 +163,58 @@ func TestReconnectingKeepsTheMembersBuckets(t *testing.T) {
 	require.False(t, h.spentLimits.Contains(bob.id), "bob spent nothing: nothing kept")
 	h.mu.RUnlock()
 	require.Zero(t, refusals(m.dial(0, bob), burst), "bob's bucket is full")
+}
+
+// dialFat dials a session of mem whose listing is as large as the protocol lets a client make
+// it: cwd, groups, names and summary at their limits, in characters JSON escapes as six bytes
+// where the frame leaves room. A list_peers answers each such session with about 97 KB.
+func dialFat(t *testing.T, m *testMesh, node int, mem *testMember, sessionID string) *client.Client {
+	t.Helper()
+	groups := make([]protocol.Group, protocol.MaxGroups)
+	for i := range groups {
+		groups[i] = protocol.Group{Name: fmt.Sprintf("%s%03d", strings.Repeat("g", protocol.MaxGroupNameLen-3), i),
+			Role: strings.Repeat("\x01", protocol.MaxRoleLen)}
+	}
+	long := strings.Repeat("h", protocol.MaxDisplayNameLen)
+	cl := m.dial(node, mem, func(o *client.Options) {
+		o.SessionID, o.CWD, o.Groups, o.DisplayName = sessionID, strings.Repeat("\x01", protocol.MaxCWDLen), groups, long
+		o.Hostname, o.Model, o.PeerType, o.Channel = long, long, long[:protocol.MaxRoleLen], long[:protocol.MaxRoleLen]
+	})
+	ctx := ctxT(t)
+	require.NoError(t, cl.SetSummary(ctx, strings.Repeat("\x01", protocol.MaxSummaryLen)))
+	_, err := cl.GetState(ctx, "barrier") // answered once the summary is stored
+	require.NoError(t, err)
+	return cl
+}
+
+// A list_peers is a few bytes and answers the whole mesh: with sessions whose summaries, cwds
+// and groups are at their limits, about 97 KB each, 9.7 MB for a mesh of 100, which one member
+// could ask for 20 times a second (READ_RATE_PER_MEMBER) and, from sessions that do not read,
+// leave queued. A member's list replies on a replica are bounded in bytes: beyond, its lists are
+// refused rate_limited (before any database work) until the bucket refills; its other reads and
+// other members' lists go on.
+func TestListRepliesAreBoundedInBytes(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t, 1, func(cfg *Config) { cfg.listBytesRate, cfg.listBytesBurst = 1, 256<<10 })
+	m := c.mesh(0)
+	alice, bob, carol := m.member("alice"), m.member("bob"), m.member("carol")
+	for i := range 3 {
+		dialFat(t, m, 0, alice, fmt.Sprint("fat-", i))
+	}
+	b, cl := m.dial(0, bob), m.dial(0, carol)
+	ctx := ctxT(t)
+	peers, err := b.ListPeers(ctx)
+	require.NoError(t, err, "a reply larger than the bucket still goes out once")
+	require.Len(t, peers, 5)
+	_, err = b.ListPeers(ctx)
+	var pe *protocol.Error
+	require.ErrorAs(t, err, &pe, "the next list waits for the bucket")
+	require.Equal(t, protocol.CodeRateLimited, pe.Code)
+	require.Contains(t, pe.Message, "list_peers and list_state replies")
+	_, err = b.ListState(ctx)
+	require.ErrorAs(t, err, &pe, "list_state shares the bucket")
+	_, err = b.GetState(ctx, "k")
+	require.NoError(t, err, "other reads go on")
+	_, err = cl.ListPeers(ctx)
+	require.NoError(t, err, "another member has its own bucket")
 }

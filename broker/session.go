@@ -35,7 +35,9 @@ const replyWindow = 64
 // their number: the next request is not read while this much waits. A request is read only
 // once the one before it has queued its reply (sends aside, whose acks are small), so a
 // session holds at most this plus one reply: without it, 64 pipelined list_peers of a mesh
-// whose sessions carry long summaries and cwds held about 2 MB each, 128 MB a session.
+// whose sessions carry long summaries and cwds held about 2 MB each, 128 MB a session. One
+// reply can be nearly 10 MB (every field at its limit); the member's list bytes bound those
+// (memberLimits.listBytes).
 const replyBytes = 4 << 20
 
 // otherOnWire bounds the frames other than pushes handed to the socket's queue at once; the

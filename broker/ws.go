@@ -249,17 +249,19 @@ func (p *peers) closeHelloLate(now time.Time) {
 
 // reply writes one message to a socket; once the socket has a session it counts against the
 // session's reply window. Encoding our own types can't fail.
-func (p *peers) reply(ms *melody.Session, m protocol.ServerMessage) {
+// reply queues m on the socket and returns its size in bytes.
+func (p *peers) reply(ms *melody.Session, m protocol.ServerMessage) int {
 	b, err := protocol.Encode(m)
 	if err != nil {
 		p.log.Error("encode reply", "type", m.Type(), "err", err)
-		return
+		return 0
 	}
 	if sess := connOf(ms).session(); sess != nil {
 		sess.send(b, false)
-		return
+		return len(b)
 	}
 	_ = ms.Write(b)
+	return len(b)
 }
 
 // closeWith closes a socket with a protocol close code after the frames already queued.
