@@ -3,6 +3,7 @@ package broker
 import (
 	"context"
 	"errors"
+	"math"
 	"time"
 
 	"github.com/claudemesh/broker/broker/store"
@@ -50,7 +51,10 @@ func (p *peers) adminError(op string, err error) error {
 }
 
 func (p *peers) kick(ctx context.Context, sess *session, m *protocol.Kick) (protocol.ServerMessage, error) {
-	kp := store.KickParams{Target: m.Target, Stale: time.Duration(m.Stale) * time.Millisecond, All: m.All,
+	// Milliseconds beyond what a Duration holds (292 years) would wrap around to a small stale
+	// that matches every session in its grace; capped, they match none, as asked.
+	stale := time.Duration(min(m.Stale, int64(math.MaxInt64/time.Millisecond))) * time.Millisecond
+	kp := store.KickParams{Target: m.Target, Stale: stale, All: m.All,
 		SkipControlPlane: !m.Disconnect, CloseCode: protocol.CloseKicked, CloseReason: "kicked"}
 	op := "kick"
 	if m.Disconnect {

@@ -737,3 +737,36 @@ func requireCode(t *testing.T, err error, code string) {
 	require.ErrorAs(t, err, &pe)
 	require.Equal(t, code, pe.Code, "message: %s", pe.Message)
 }
+
+// kick {stale} matches the sessions in their grace for longer than stale milliseconds. A stale
+// beyond what a time.Duration holds (292 years) wrapped around: 18,446,744,073,711,000 ms became
+// one second, and a kick meant to match nobody ended every session a second into its grace.
+func TestKickStaleBeyondADurationMatchesNobody(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t, 1, func(cfg *Config) { cfg.SessionGrace = time.Hour })
+	m := c.mesh(0)
+	admin, bob := m.member("admin"), m.member("bob")
+	ctx := ctxT(t)
+	_, err := c.pool.Exec(ctx, `UPDATE claudemesh.member SET role = 'admin' WHERE id = $1`, admin.id)
+	require.NoError(t, err)
+	ad := m.dial(0, admin, asDaemon, func(o *client.Options) { o.SessionID = "cold-cli" })
+	b := m.dial(0, bob, asSession(newKey(t)), func(o *client.Options) { o.SessionID = "claude-b" })
+	b.Abort() // no close frame: bob's session waits in its grace
+	dbtest.WaitFor(t, 10*time.Second, "bob in his grace", func() bool {
+		var n int
+		err := c.pool.QueryRow(ctx, `SELECT count(*) FROM claudemesh.presence WHERE member_id = $1
+			AND ended_at IS NULL AND grace_until IS NOT NULL`, bob.id).Scan(&n)
+		return err == nil && n == 1
+	})
+	// In his grace for an hour, as far as the kick can tell.
+	_, err = c.pool.Exec(ctx, `UPDATE claudemesh.presence SET last_seen_at = now() - interval '1 hour'
+		WHERE member_id = $1 AND ended_at IS NULL`, bob.id)
+	require.NoError(t, err)
+
+	res, err := ad.Kick(ctx, protocol.Kick{Stale: (1<<64)/1_000_000 + 1 + 1000})
+	require.NoError(t, err)
+	require.Empty(t, res.Kicked, "nobody has been in grace for 584 years")
+	res, err = ad.Kick(ctx, protocol.Kick{Stale: int64(time.Minute / time.Millisecond)})
+	require.NoError(t, err)
+	require.Equal(t, []string{"bob"}, res.Kicked, "in grace for longer than a minute")
+}
