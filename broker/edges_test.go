@@ -111,14 +111,34 @@ func TestBacklogWithoutClientAckArrivesCompleteOnEveryReconnect(t *testing.T) {
 	require.Equal(t, probe.MessageID, nextPush(t, b2, 10*time.Second).MessageID, "nothing re-sent from the backlog")
 }
 
+// A client without client_ack that stops reading is closed (4008) and loses nothing: what its
+// socket held it reads as it resumes (the socket lingers), the rest comes at its next connection.
 func TestStoppedReaderIsClosedAndLosesNothing(t *testing.T) {
 	t.Parallel()
+	stoppedReaderLosesNothing(t, false)
+}
+
+// The same client cut off at once (no linger: more than maxLingering closing, say), which then
+// speaks before it reads: the replica's socket is gone, so the kernel answers with a reset and
+// drops what it still had queued for bob. Those pushes never reached his machine; they were
+// recorded as delivered when the kernel took them, and lost. Now they come at his next
+// connection.
+func TestStoppedReaderCutOffLosesNothing(t *testing.T) {
+	t.Parallel()
+	stoppedReaderLosesNothing(t, true)
+}
+
+// stoppedReaderLosesNothing: bob stops reading 32 MB of pushes, his replica closes him, he reads
+// what reached him and reconnects; the two connections together get every message. cutOff: his
+// socket closes at once (no linger) and he writes before he reads.
+func stoppedReaderLosesNothing(t *testing.T, cutOff bool) {
 	// A short stall timeout on bob's replica only: alice pipelines 32 MB, and on a loaded
 	// machine her client may not read its acks within a second either (closed 4008, her
 	// sends failed).
 	c := newCluster(t, 2, func(cfg *Config) {
 		if cfg.NodeID == "n1" {
 			cfg.StallTimeout = time.Second
+			cfg.noLinger = cutOff
 		}
 	})
 	m := c.mesh(0)
@@ -133,16 +153,23 @@ func TestStoppedReaderIsClosedAndLosesNothing(t *testing.T) {
 	dbtest.WaitFor(t, 30*time.Second, "the broker closed the session that stopped reading", func() bool {
 		return c.nodes[1].Sessions() == 0
 	})
+	if cutOff {
+		_ = b.SendRaw(ctxT(t), []byte(`{"type":"list_peers"}`))
+	}
 	// Bob reads again: what reached his socket before the close, then the close itself.
 	got := map[string]bool{}
 	for p := range b.Pushes() {
 		got[strings.TrimRight(p.Ciphertext, "A")] = true
 	}
 	<-b.Done()
-	// 4008 when the close frame could still be written; a socket whose buffers are full can
-	// only be dropped (1006). Either way nothing is lost: what it read, plus what the next
-	// connection gets, is everything.
-	require.Contains(t, []int{protocol.CloseSlowConsumer, websocket.CloseAbnormalClosure}, b.CloseCode(), "ended by: %v", b.Err())
+	t.Logf("%d of %d read on the first connection", len(got), n)
+	if !cutOff {
+		// 4008 when the close frame could still be written; a socket whose buffers are full
+		// can only be dropped (1006).
+		require.Contains(t, []int{protocol.CloseSlowConsumer, websocket.CloseAbnormalClosure}, b.CloseCode(), "ended by: %v", b.Err())
+	}
+	// Either way nothing is lost: what it read, plus what the next connection gets, is
+	// everything.
 	b2 := m.dial(0, bob, noClientAck)
 	dbtest.WaitForExplained(t, 30*time.Second, "every message received across both connections", func() bool {
 		for {
@@ -158,49 +185,6 @@ func TestStoppedReaderIsClosedAndLosesNothing(t *testing.T) {
 	for i := range n {
 		require.True(t, got[fmt.Sprintf("m%d", i)], "message %d lost", i)
 	}
-}
-
-// The same client cut off at once (no linger: more than maxLingering closing, say), which then
-// speaks before it reads: the replica's socket is gone, so the kernel answers with a reset and
-// drops what it still had queued for bob. Those pushes never reached his machine; they were
-// recorded as delivered when the kernel took them, and lost. Now they come at his next
-// connection.
-func TestStoppedReaderCutOffLosesNothing(t *testing.T) {
-	t.Parallel()
-	c := newCluster(t, 2, func(cfg *Config) {
-		if cfg.NodeID == "n1" {
-			cfg.StallTimeout = time.Second
-			cfg.noLinger = true
-		}
-	})
-	m := c.mesh(0)
-	alice, bob := m.member("alice"), m.member("bob")
-	a := m.dial(0, alice)
-	b := m.dial(1, bob, noClientAck, func(o *client.Options) { o.PushBuffer = 1 })
-	const n = 800
-	sendPipelined(t, a, bob.pub, "m", n, 40<<10)
-	dbtest.WaitFor(t, 30*time.Second, "the broker closed the session that stopped reading", func() bool {
-		return c.nodes[1].Sessions() == 0
-	})
-	_ = b.SendRaw(ctxT(t), []byte(`{"type":"list_peers"}`))
-	got := map[string]bool{}
-	for p := range b.Pushes() {
-		got[strings.TrimRight(p.Ciphertext, "A")] = true
-	}
-	<-b.Done()
-	t.Logf("%d of %d read on the first connection", len(got), n)
-	b2 := m.dial(0, bob, noClientAck)
-	dbtest.WaitForExplained(t, 30*time.Second, "every message received across both connections", func() bool {
-		for {
-			select {
-			case p := <-b2.Pushes():
-				got[strings.TrimRight(p.Ciphertext, "A")] = true
-				continue
-			default:
-			}
-			return len(got) == n
-		}
-	}, func() string { return explainMissing(c, bob.id, "m", n, got) })
 }
 
 // explainMissing says where the messages "<prefix>0".."<prefix>n-1" that got lacks stand in
