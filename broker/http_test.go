@@ -111,16 +111,17 @@ func requireClosedByPeer(t *testing.T, err error) {
 }
 
 // Profiles show every goroutine's stack and can cost a core: METRICS_ADDR serves them only
-// behind METRICS_TOKEN or on a loopback address.
+// behind METRICS_TOKEN or on a loopback address. The token's scheme is matched in any case;
+// "bearer <token>" got 401 before.
 func TestProfilesOnlyBehindTokenOrOnLoopback(t *testing.T) {
 	t.Parallel()
-	get := func(srv *Server, token string) int {
+	get := func(srv *Server, authorization string) int {
 		_, port, err := net.SplitHostPort(srv.MetricsAddr())
 		require.NoError(t, err)
 		req, err := http.NewRequestWithContext(ctxT(t), http.MethodGet, "http://127.0.0.1:"+port+"/debug/pprof/", nil)
 		require.NoError(t, err)
-		if token != "" {
-			req.Header.Set("Authorization", "Bearer "+token)
+		if authorization != "" {
+			req.Header.Set("Authorization", authorization)
 		}
 		resp, err := http.DefaultClient.Do(req)
 		require.NoError(t, err)
@@ -135,7 +136,10 @@ func TestProfilesOnlyBehindTokenOrOnLoopback(t *testing.T) {
 
 	guarded := newCluster(t, 1, func(cfg *Config) { cfg.MetricsAddr = "0.0.0.0:0"; cfg.MetricsToken = "m3trics" })
 	require.Equal(t, http.StatusUnauthorized, get(guarded.nodes[0], ""))
-	require.Equal(t, http.StatusOK, get(guarded.nodes[0], "m3trics"))
+	require.Equal(t, http.StatusOK, get(guarded.nodes[0], "Bearer m3trics"))
+	// An authentication scheme's case does not matter (RFC 9110), as on the status page.
+	require.Equal(t, http.StatusOK, get(guarded.nodes[0], "bearer m3trics"))
+	require.Equal(t, http.StatusUnauthorized, get(guarded.nodes[0], "Basic m3trics"))
 }
 
 // openPlain opens n connections to addr that send half a request and wait; it returns them.

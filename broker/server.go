@@ -13,7 +13,6 @@ import (
 	"net/http/pprof"
 	"net/netip"
 	"os"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -196,7 +195,7 @@ func (s *Server) guardMetrics(h http.Handler) http.Handler {
 		return h
 	}
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		tok, _ := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
+		tok, _ := bearerToken(r)
 		if !adminTokenMatches(tok, s.cfg.MetricsToken) {
 			s.refusals.Info("metrics refused: missing or wrong metrics token", "path", r.URL.Path,
 				"source", clientSource(r, s.cfg.TrustedProxyHeader))

@@ -147,11 +147,20 @@ func (s *statusPage) handleStatusPage(w http.ResponseWriter, r *http.Request) {
 // adminTokenOf returns the token from "Authorization: Bearer <token>", else from ?token=;
 // inQuery says it came from the query.
 func adminTokenOf(r *http.Request) (tok string, inQuery bool) {
-	if scheme, v, ok := strings.Cut(r.Header.Get("Authorization"), " "); ok && strings.EqualFold(scheme, "Bearer") {
-		return strings.TrimSpace(v), false
+	if v, ok := bearerToken(r); ok {
+		return v, false
 	}
 	if v := r.URL.Query().Get("token"); v != "" {
 		return v, true
+	}
+	return "", false
+}
+
+// bearerToken returns the token of "Authorization: Bearer <token>"; the scheme's case does not
+// matter (RFC 9110, 11.1).
+func bearerToken(r *http.Request) (string, bool) {
+	if scheme, v, ok := strings.Cut(r.Header.Get("Authorization"), " "); ok && strings.EqualFold(scheme, "Bearer") {
+		return strings.TrimSpace(v), true
 	}
 	return "", false
 }
