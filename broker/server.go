@@ -196,7 +196,7 @@ func (s *Server) guardMetrics(h http.Handler) http.Handler {
 	}
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		tok, _ := bearerToken(r)
-		if !adminTokenMatches(tok, s.cfg.MetricsToken) {
+		if !tokenMatches(tok, s.cfg.MetricsToken) {
 			s.refusals.Info("metrics refused: missing or wrong metrics token", "path", r.URL.Path,
 				"source", clientSource(r, s.cfg.TrustedProxyHeader))
 			w.Header().Set("WWW-Authenticate", `Bearer realm="claudemesh metrics"`)

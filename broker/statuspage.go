@@ -105,7 +105,7 @@ func (s *statusPage) handleStatusPage(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	tok, inQuery := adminTokenOf(r)
-	if !adminTokenMatches(tok, s.cfg.AdminToken) {
+	if !tokenMatches(tok, s.cfg.AdminToken) {
 		s.refusals.Info("status page refused: missing or wrong admin token", "source", clientSource(r, s.cfg.TrustedProxyHeader))
 		w.Header().Set("WWW-Authenticate", `Bearer realm="claudemesh status"`)
 		w.Header().Set("Cache-Control", "no-store")
@@ -165,8 +165,9 @@ func bearerToken(r *http.Request) (string, bool) {
 	return "", false
 }
 
-// adminTokenMatches compares in constant time; hashing first hides the token's length too.
-func adminTokenMatches(got, want string) bool {
+// tokenMatches compares a secret token (admin, metrics, hook) in constant time; hashing first
+// hides its length too.
+func tokenMatches(got, want string) bool {
 	g, w := sha256.Sum256([]byte(got)), sha256.Sum256([]byte(want))
 	return got != "" && subtle.ConstantTimeCompare(g[:], w[:]) == 1
 }

@@ -250,7 +250,7 @@ func TestStatusHumanAge(t *testing.T) {
 	} {
 		require.Equal(t, want, statusPageAge(sec), "%v s", sec)
 	}
-	require.True(t, adminTokenMatches("abc", "abc"))
-	require.False(t, adminTokenMatches("", ""), "an empty token never matches")
-	require.False(t, adminTokenMatches("ab", "abc"))
+	require.True(t, tokenMatches("abc", "abc"))
+	require.False(t, tokenMatches("", ""), "an empty token never matches")
+	require.False(t, tokenMatches("ab", "abc"))
 }
