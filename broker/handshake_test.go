@@ -385,3 +385,42 @@ func TestReaddedMemberKeepsItsSessionKeys(t *testing.T) {
 	require.True(t, ack.Queued, ack.Error)
 	require.Equal(t, ack.MessageID, nextPush(t, a, 5*time.Second).MessageID)
 }
+
+// A member's plain hello proves nothing about its sessionPubkey: presenting the key of a live
+// member of another mesh (every member of that mesh sees it) listed the presenter under that
+// member's key, and bound the key to the presenter in its mesh for good, so the key's owner
+// could never be added to it (`broker member add`, /join: "a session key in the mesh").
+func TestSessionKeyIsNoOtherMeshsMemberKey(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t, 1, nil)
+	m1, m2 := c.mesh(0), c.mesh(0)
+	victim := m1.member("victim")
+	mallory, carol := m2.member("mallory"), m2.member("carol")
+	victimKey := victim.key.Public().(ed25519.PublicKey)
+
+	squat, helloErrOfSquat := m2.tryDial(0, mallory, func(o *client.Options) { o.SessionKey = victimKey; o.SessionID = "squat" })
+	if squat != nil {
+		require.NoError(t, squat.Close())
+	}
+
+	// The victim joins the mesh later, and direct sends to its key reach it.
+	added, err := c.nodes[0].Members().AddMember(ctxT(t), membership.AddMemberParams{Mesh: m2.id, Pubkey: victim.pub, DisplayName: "victim"})
+	require.NoError(t, err, "the owner of the key is added to the mesh")
+	victim.id = added.ID
+	v := m2.dial(0, victim)
+	ack, err := m2.dial(0, carol).Send(ctxT(t), victim.pub, protocol.PriorityNow, "n", "c", "")
+	require.NoError(t, err)
+	require.True(t, ack.Queued, ack.Error)
+	require.Equal(t, ack.MessageID, nextPush(t, v, 5*time.Second).MessageID)
+
+	require.Equal(t, protocol.CodeSessionKeyTaken, helloErr(t, helloErrOfSquat).Code)
+
+	// Its own key of another mesh stays a member's to use.
+	other := m1.member("mallory-elsewhere")
+	own := other.key.Public().(ed25519.PublicKey)
+	alsoHere := m2.member("mallory-elsewhere")
+	alsoHere.key, alsoHere.pub = other.key, other.pub
+	_, err = c.pool.Exec(ctxT(t), `UPDATE claudemesh.member SET pubkey = $1 WHERE id = $2`, other.pub, alsoHere.id)
+	require.NoError(t, err)
+	m2.dial(0, alsoHere, func(o *client.Options) { o.SessionKey = own; o.SessionID = "own" })
+}
