@@ -839,3 +839,54 @@ func TestClaimSkipsAHeldSessionAndComesBack(t *testing.T) {
 	require.NoError(t, holder.Rollback(ctxT(t)))
 	require.Equal(t, second, nextPush(t, b, 10*time.Second).MessageID, "claimed again once the row was free")
 }
+
+// A "next" send racing the recipient's change to idle: the send read the session as working
+// (the change not committed yet) and left its row pending, with a wake-up the recipient's
+// replica skipped (working, as it knew it); the change's release ran before the send committed
+// and did not see the row. The status notice comes after the wake-up. The held message must
+// reach the recipient at once, and before a later message sent once the session is idle (the
+// catch-up poll, which would find it, is an hour away).
+func TestHeldSendRacingAChangeToIdleIsNotOvertaken(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t, 2, func(cfg *Config) { cfg.quiet = true })
+	m := c.mesh(0)
+	alice, bob := m.member("alice"), m.member("bob")
+	ctx := ctxT(t)
+	a := m.dial(0, alice)
+	b := m.dial(1, bob)
+	presence := b.HelloAck().PresenceID
+	require.NoError(t, b.SetStatus(ctx, protocol.StatusWorking))
+	dbtest.WaitFor(t, 5*time.Second, "bob's replica takes him for working", func() bool {
+		sess := c.nodes[1].hub.get(presence)
+		return sess != nil && !sess.mayTake(protocol.PriorityNext)
+	})
+
+	// The send: it reads bob as working and leaves its row pending (a wake-up on commit).
+	send, err := c.pool.Begin(ctx)
+	require.NoError(t, err)
+	defer func() { _ = send.Rollback(context.Background()) }()
+	held := uuid.NewString()
+	var queued bool
+	require.NoError(t, send.QueryRow(ctx, `SELECT b.queued FROM claudemesh.send_batch_capped('n0', 'claudemesh',
+			ARRAY[$1], ARRAY[$2], ARRAY[$3], ARRAY[$4], ARRAY[$4], ARRAY[$5], ARRAY['direct'], ARRAY[$5], ARRAY['next'],
+			ARRAY['bm9uY2U='], ARRAY['Y2lwaGVydGV4dA=='], ARRAY['c1'], ARRAY[now()], ARRAY[now() + interval '1 hour'],
+			ARRAY[''], ARRAY[''], ARRAY['alice'], ARRAY['']) b WHERE b.row_kind = 'e'`,
+		held, m.id, alice.id, alice.pub, bob.pub).Scan(&queued))
+	require.True(t, queued)
+	// The change to idle, its release not seeing the send's row (not committed yet).
+	change, err := c.pool.Begin(ctx)
+	require.NoError(t, err)
+	defer func() { _ = change.Rollback(context.Background()) }()
+	var n int
+	require.NoError(t, change.QueryRow(ctx, `SELECT count(*) FROM claudemesh.apply_status($1, 'idle', 'manual', 30, 'claudemesh', 100)`,
+		presence).Scan(&n))
+	require.Equal(t, 1, n)
+	// The send commits first: its wake-up reaches bob's replica before the change's notice.
+	require.NoError(t, send.Commit(ctx))
+	require.NoError(t, change.Commit(ctx))
+
+	later, err := a.Send(ctx, bob.pub, protocol.PriorityNext, "n", "later", "")
+	require.NoError(t, err)
+	require.Equal(t, held, nextPush(t, b, 10*time.Second).MessageID, "the held message first: it was sent first")
+	require.Equal(t, later.MessageID, nextPush(t, b, 10*time.Second).MessageID)
+}

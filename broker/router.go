@@ -29,6 +29,9 @@ type router struct {
 	log     *slog.Logger
 	metrics *Metrics
 	pushes  []assigned // gathered while applying a run of messages
+	// idled: sessions a status notice made idle after a wake-up for a held priority was skipped
+	// for them; claimed for once the run's pushes are out (see KindStatus).
+	idled []*session
 	// fullOwed: a full catch-up failed (the database away or slow); the next poll runs it in
 	// full, since only a full one applies the notices lost with the connection or an overflow.
 	fullOwed bool
@@ -115,6 +118,11 @@ func (r *router) Start(ctx context.Context) error {
 				}
 				r.pusher.pushAssigned(r.pushes)
 				r.pushes = r.pushes[:0]
+				for _, sess := range r.idled {
+					r.pusher.request(sess)
+				}
+				clear(r.idled)
+				r.idled = r.idled[:0]
 			case <-r.bus.Resync():
 				r.resync(ctx, true)
 			case <-poll.C:
@@ -154,6 +162,8 @@ func (r *router) apply(ctx context.Context, m pgbus.Message) {
 		for _, sess := range sessions {
 			if sess.mayTake(protocol.Priority(m.Key)) {
 				r.pusher.request(sess)
+			} else {
+				sess.heldWakeSkipped()
 			}
 		}
 	case pgbus.KindStatus:
@@ -165,6 +175,15 @@ func (r *router) apply(ctx context.Context, m pgbus.Message) {
 				// in backlog and send those pushes back to pending to claim them again: two
 				// round trips before a held message reaches its recipient.
 				sess.setStatus(protocol.Status(m.Key))
+				// Unless a wake-up for a held priority was skipped: its send may have read the
+				// old status while this change ran, and committed after the release looked, so
+				// its row is left pending, and a later send, finding the session idle, would be
+				// pushed first. Claimed for after the run's pushes (the release's, if they came
+				// along), so those still go straight out; the claim takes the row, and any of
+				// the release's still on their way with it, in order.
+				if sess.heldWakeTaken() {
+					r.idled = append(r.idled, sess)
+				}
 			} else {
 				r.reloadStatus(ctx, sess)
 			}

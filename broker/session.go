@@ -104,6 +104,11 @@ type session struct {
 	// never older than this replica's) and all that is assigned here, so nothing the change
 	// released is overtaken.
 	statusLate bool
+	// heldWake: a wake-up for a held priority was skipped (the session at work, as this
+	// replica knew it) and no claim that takes held ones has run since. Its row may have
+	// escaped the release of the change to idle (the send read the old status, the release
+	// ran before the send committed), so that change's notice claims (heldWakeTaken).
+	heldWake bool
 	// skippedSince: when claims began skipping the session because another transaction held
 	// its row (zero while they don't); retryArmed: a claim for it is timed (claimSkipped).
 	skippedSince time.Time
@@ -184,6 +189,25 @@ func (s *session) mayTake(p protocol.Priority) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.status == protocol.StatusIdle
+}
+
+// heldWakeSkipped records that a wake-up for a held priority was not claimed for (heldWake).
+func (s *session) heldWakeSkipped() {
+	s.mu.Lock()
+	s.heldWake = true
+	s.mu.Unlock()
+}
+
+// heldWakeTaken reports, and forgets, a skipped wake-up for a held priority (heldWake), once
+// the session is idle.
+func (s *session) heldWakeTaken() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if !s.heldWake || s.status != protocol.StatusIdle {
+		return false
+	}
+	s.heldWake = false
+	return true
 }
 
 // markClosed records that the socket is gone: nothing is queued on it any more.
@@ -627,7 +651,11 @@ func (s *session) claimStart(page int) (limit int, idle bool, requests uint64, o
 		return 0, false, s.requests, true
 	}
 	s.reserved += limit // held for the claim in flight; claimDone gives back what it did not use
-	return limit, s.status == protocol.StatusIdle || s.statusLate, s.requests, true
+	idle = s.status == protocol.StatusIdle || s.statusLate
+	if idle { // it takes what a skipped wake-up was for
+		s.heldWake = false
+	}
+	return limit, idle, s.requests, true
 }
 
 // park makes the pusher wait for the window; mu must be held.
