@@ -890,3 +890,52 @@ func TestHeldSendRacingAChangeToIdleIsNotOvertaken(t *testing.T) {
 	require.Equal(t, held, nextPush(t, b, 10*time.Second).MessageID, "the held message first: it was sent first")
 	require.Equal(t, later.MessageID, nextPush(t, b, 10*time.Second).MessageID)
 }
+
+// A notification whose push line cannot be read (truncated, garbled): the delivery it carried
+// stays assigned to the session, so the replica must catch up, in order, before it applies what
+// follows; a later message must not reach the recipient first (the catch-up poll, which would
+// find the stuck row after a while, is an hour away).
+func TestUnreadablePushLineIsCaughtUpInOrder(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t, 2, func(cfg *Config) { cfg.quiet = true })
+	m := c.mesh(0)
+	alice, bob, carol := m.member("alice"), m.member("bob"), m.member("carol")
+	ctx := ctxT(t)
+	a := m.dial(0, alice)
+	b := m.dial(1, bob)
+	cl := m.dial(1, carol)
+	presence := b.HelloAck().PresenceID
+
+	// A message assigned to bob on his replica by a send elsewhere, whose push line arrives cut.
+	lost := uuid.NewString()
+	var id int64
+	require.NoError(t, c.pool.QueryRow(ctx, `
+		WITH e AS (
+			INSERT INTO claudemesh.envelope (id, mesh_id, sender_member_id, sender_pubkey, sender_member_pubkey,
+				target_spec, priority, nonce, ciphertext, client_id, expires_at)
+			VALUES ($1, $2, $3, $4, $4, $5, 'now', 'bm9uY2U=', 'Y2lwaGVy', '', now() + interval '1 hour'))
+		INSERT INTO claudemesh.delivery (envelope_id, mesh_id, recipient_member_id, priority, state, expires_at,
+			pushed_node, pushed_presence, pushed_at)
+		VALUES ($1, $2, $6, 'now', 'assigned', now() + interval '1 hour', 'n1', $7, now())
+		RETURNING id`, lost, m.id, alice.id, alice.pub, bob.pub, bob.id, presence).Scan(&id))
+	line := fmt.Sprintf(`{"k":"w","p":%q,"i":%d,"y":"now","x":{"type":"push","messageId":%q,"ciphe`, presence, id, lost)
+	// The same payload wakes carol's session, whose work must not be lost with bob's line.
+	carolWake := fmt.Sprintf(`{"k":"d","m":%q,"y":"now"}`, carol.id)
+	forCarol := uuid.NewString()
+	_, err := c.pool.Exec(ctx, `
+		WITH e AS (
+			INSERT INTO claudemesh.envelope (id, mesh_id, sender_member_id, sender_pubkey, sender_member_pubkey,
+				target_spec, priority, nonce, ciphertext, client_id, expires_at)
+			VALUES ($1, $2, $3, $4, $4, $5, 'now', 'bm9uY2U=', 'Y2lwaGVy', '', now() + interval '1 hour'))
+		INSERT INTO claudemesh.delivery (envelope_id, mesh_id, recipient_member_id, priority, state, expires_at)
+		VALUES ($1, $2, $6, 'now', 'pending', now() + interval '1 hour')`, forCarol, m.id, alice.id, alice.pub, carol.pub, carol.id)
+	require.NoError(t, err)
+	_, err = c.pool.Exec(ctx, `SELECT pg_notify('claudemesh_n_n1', $1)`, line+"\n"+carolWake)
+	require.NoError(t, err)
+	require.Equal(t, forCarol, nextPush(t, cl, 10*time.Second).MessageID, "the payload's readable line applied")
+
+	later, err := a.Send(ctx, bob.pub, protocol.PriorityNow, "n", "later", "")
+	require.NoError(t, err)
+	require.Equal(t, lost, nextPush(t, b, 10*time.Second).MessageID, "the message of the unreadable line first: it was assigned first")
+	require.Equal(t, later.MessageID, nextPush(t, b, 10*time.Second).MessageID)
+}

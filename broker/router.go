@@ -192,7 +192,9 @@ func (r *router) apply(ctx context.Context, m pgbus.Message) {
 		var d pgbus.PushData
 		if err := json.Unmarshal(m.Data, &d); err != nil {
 			r.metrics.BusEvents.WithLabelValues("bad_payload").Inc()
-			r.log.Warn("bad push on the bus", "err", err)
+			r.log.Warn("bad push on the bus; resyncing", "err", err)
+			// Its delivery stays assigned here: caught up, in order, before what follows.
+			r.apply(ctx, pgbus.Message{Kind: pgbus.KindResync})
 			return
 		}
 		r.pushes = append(r.pushes, assigned{presenceID: m.Presence, id: d.DeliveryID, priority: protocol.Priority(d.Priority),

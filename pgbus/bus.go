@@ -424,7 +424,12 @@ func (h *handler) HandleNotification(_ context.Context, n *pgconn.Notification, 
 	msgs, err := Decode(n.Payload)
 	if err != nil {
 		h.b.cfg.Observe("bad_payload", 1)
-		h.b.log.Warn("bad bus payload", "channel", n.Channel, "err", err)
+		h.b.log.Warn("bad bus payload; resyncing", "channel", n.Channel, "err", err)
+		// What the unreadable lines said is lost as a dropped notification is: a push stays
+		// assigned to its session and a later one would overtake it. The consumer catches up
+		// first, before this payload's readable lines and what follows.
+		h.b.markGap(h.b.heard.Load())
+		h.b.resyncInOrder()
 	}
 	for _, m := range msgs {
 		if m.Kind == KindPing {
