@@ -105,7 +105,7 @@ type session struct {
 	// released is overtaken.
 	statusLate bool
 	// heldWake: a wake-up for a held priority was skipped (the session at work, as this
-	// replica knew it) and no claim that takes held ones has run since. Its row may have
+	// replica knew it) and no status notice has made the session idle since. Its row may have
 	// escaped the release of the change to idle (the send read the old status, the release
 	// ran before the send committed), so that change's notice claims (heldWakeTaken).
 	heldWake bool
@@ -651,11 +651,7 @@ func (s *session) claimStart(page int) (limit int, idle bool, requests uint64, o
 		return 0, false, s.requests, true
 	}
 	s.reserved += limit // held for the claim in flight; claimDone gives back what it did not use
-	idle = s.status == protocol.StatusIdle || s.statusLate
-	if idle { // it takes what a skipped wake-up was for
-		s.heldWake = false
-	}
-	return limit, idle, s.requests, true
+	return limit, s.status == protocol.StatusIdle || s.statusLate, s.requests, true
 }
 
 // park makes the pusher wait for the window; mu must be held.
