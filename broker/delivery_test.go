@@ -2,6 +2,7 @@ package broker
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -848,6 +849,14 @@ func TestClaimSkipsAHeldSessionAndComesBack(t *testing.T) {
 // catch-up poll, which would find it, is an hour away).
 func TestHeldSendRacingAChangeToIdleIsNotOvertaken(t *testing.T) {
 	t.Parallel()
+	for _, tc := range []struct{ name, spec, kind, key string }{
+		{"direct", "", "direct", ""}, {"broadcast", "*", "all", ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) { heldSendRacingAChangeToIdle(t, tc.spec, tc.kind, tc.key) })
+	}
+}
+
+func heldSendRacingAChangeToIdle(t *testing.T, spec, kind, key string) {
 	c := newCluster(t, 2, func(cfg *Config) { cfg.quiet = true })
 	m := c.mesh(0)
 	alice, bob := m.member("alice"), m.member("bob")
@@ -868,10 +877,10 @@ func TestHeldSendRacingAChangeToIdleIsNotOvertaken(t *testing.T) {
 	held := uuid.NewString()
 	var queued bool
 	require.NoError(t, send.QueryRow(ctx, `SELECT b.queued FROM claudemesh.send_batch_capped('n0', 'claudemesh',
-			ARRAY[$1], ARRAY[$2], ARRAY[$3], ARRAY[$4], ARRAY[$4], ARRAY[$5], ARRAY['direct'], ARRAY[$5], ARRAY['next'],
+			ARRAY[$1], ARRAY[$2], ARRAY[$3], ARRAY[$4], ARRAY[$4], ARRAY[$5::text], ARRAY[$6::text], ARRAY[$7::text], ARRAY['next'],
 			ARRAY['bm9uY2U='], ARRAY['Y2lwaGVydGV4dA=='], ARRAY['c1'], ARRAY[now()], ARRAY[now() + interval '1 hour'],
 			ARRAY[''], ARRAY[''], ARRAY['alice'], ARRAY['']) b WHERE b.row_kind = 'e'`,
-		held, m.id, alice.id, alice.pub, bob.pub).Scan(&queued))
+		held, m.id, alice.id, alice.pub, cmp.Or(spec, bob.pub), kind, cmp.Or(key, bob.pub)).Scan(&queued))
 	require.True(t, queued)
 	// The change to idle, its release not seeing the send's row (not committed yet).
 	change, err := c.pool.Begin(ctx)
