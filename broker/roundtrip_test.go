@@ -267,12 +267,16 @@ func roundTripsPerOperation(t *testing.T, notifyAfterCommit bool) {
 	})
 	held, err = a.Send(ctx, bob.pub, protocol.PriorityNext, "n", "held for bob", "")
 	require.NoError(t, err)
+	claims := testutilCounter(srv.metrics.Claims)
 	n = flights(t, proxy, func() {
 		code, _ := postHook(t, c.nodes[0], bob, protocol.HookRequest{CWD: "/repo/bob", Status: protocol.StatusIdle, SessionID: "claude-bob"})
 		require.Equal(t, http.StatusOK, code)
 		require.Equal(t, held.MessageID, nextPush(t, b, 5*time.Second).MessageID)
 	}, func() bool {
 		if deliveryState(t, c, held.MessageID) != "pushed" {
+			return false
+		}
+		if testutilCounter(srv.metrics.Claims) == claims {
 			return false
 		}
 		sess := srv.hub.get(b.HelloAck().PresenceID)
