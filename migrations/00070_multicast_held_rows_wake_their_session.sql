@@ -152,7 +152,7 @@ BEGIN
                 '{"k":"d","m":"' || r.member_id || coalesce('","p":"' || r.grace_presence, '') || '","y":"' || r.prio || '"}'
             FROM r WHERE r.presence_id IS NULL AND (r.kind = 'direct' OR r.grace_presence IS NOT NULL)
             UNION ALL
-            -- A multicast's row for a session at work (00072): its change of status releases it,
+            -- A multicast's row for a session at work (00070): its change of status releases it,
             -- unless that change committed while this statement ran and its release did not see
             -- the row. The session's replica (this one too) is told, and claims for it when the
             -- change's notice comes after this one. Once per session.

@@ -64,7 +64,7 @@ BEGIN
             WHERE k.mesh_id = p_mesh AND k.session_pubkey = p_session_pubkey;
         END IF;
         IF owner IS NULL THEN
-            -- Nor, for a new binding, a live member's key in another mesh (00073): a plain
+            -- Nor, for a new binding, a live member's key in another mesh (00071): a plain
             -- hello proves nothing about its session key. A binding made before stays (/join
             -- takes any key, so a key joined elsewhere later must not end a member's session).
             SELECT m.id INTO owner FROM claudemesh.member m
