@@ -97,7 +97,7 @@ func newCommitter(st *store.Store, pl *planner, nodeID string, p *pusher, maxBat
 		splitAfter: splitAfter, deadline: sendTimeout, log: log, metrics: m, wake: make(chan struct{}, 1), stopped: make(chan struct{})}
 	c.setByteLimits(queueBytes, statementBytes)
 	c.unblock, c.cancelWait = context.WithCancel(context.Background())
-	c.run = c.commit
+	c.run = c.commitByMeshes
 	for range max(lanes, 1) {
 		c.lanes = append(c.lanes, make(chan sendReq, commitQueue/max(lanes, 1)))
 	}
@@ -294,6 +294,41 @@ func (c *committer) take(st []part) ([]sendReq, []part) {
 		took = append(took, part{p.lane, k})
 	}
 	return batch, took
+}
+
+// maxStatementMeshes bounds the meshes of one send statement. It takes a shared lock per mesh
+// (migration 00072), and Postgres's lock table is shared by every connection and sized for
+// about 64 locks each: unbounded, statements of 512 meshes from a few replicas at once would
+// fill it, and every statement needing a lock would fail.
+const maxStatementMeshes = 64
+
+// commitByMeshes commits a batch of more than maxStatementMeshes meshes as several statements,
+// one after another (splitByMeshes).
+func (c *committer) commitByMeshes(ctx context.Context, batch []sendReq) {
+	for _, p := range splitByMeshes(batch, maxStatementMeshes) {
+		c.commit(ctx, p)
+	}
+}
+
+// splitByMeshes splits a batch into parts of at most max meshes each, every mesh's sends in one
+// part and in their order. A sender's messages and a recipient's are all of one mesh, so their
+// order holds across the parts.
+func splitByMeshes(batch []sendReq, max int) [][]sendReq {
+	part := map[string]int{}
+	for _, r := range batch {
+		if _, ok := part[r.sess.meshID]; !ok {
+			part[r.sess.meshID] = len(part) / max
+		}
+	}
+	if len(part) <= max {
+		return [][]sendReq{batch}
+	}
+	parts := make([][]sendReq, (len(part)+max-1)/max)
+	for _, r := range batch {
+		i := part[r.sess.meshID]
+		parts[i] = append(parts[i], r)
+	}
+	return parts
 }
 
 // commit stores and acknowledges one batch, then pushes what it assigned to this node's

@@ -413,3 +413,43 @@ func TestSendOrderKeptWhenLanesCommitAtOnce(t *testing.T) {
 	require.Len(t, lanes, 2, "the senders use both lanes")
 	wg.Wait()
 }
+
+// A send statement takes a lock per mesh (00072) in Postgres's shared lock table: a batch of
+// more meshes than a statement may hold is committed as several statements, each with whole
+// meshes, so that no mesh's sends (a sender's, a recipient's) are reordered or split.
+func TestBatchOfManyMeshesSplitsByWholeMeshes(t *testing.T) {
+	var batch []sendReq
+	sessions := map[string]*session{}
+	for i := range 600 {
+		mesh := fmt.Sprint("m", (i*7)%150) // 150 meshes, interleaved
+		if sessions[mesh] == nil {
+			sessions[mesh] = &session{meshID: mesh}
+		}
+		batch = append(batch, sendReq{sess: sessions[mesh], msg: &protocol.Send{ID: fmt.Sprint(i)}})
+	}
+	parts := splitByMeshes(batch, maxStatementMeshes)
+	require.Len(t, parts, 3)
+	seen := map[string]int{} // mesh → its part
+	last := map[string]int{} // mesh → its last send's place in the batch
+	total := 0
+	for i, p := range parts {
+		meshes := map[string]bool{}
+		for _, r := range p {
+			meshes[r.sess.meshID] = true
+			if j, ok := seen[r.sess.meshID]; ok {
+				require.Equal(t, j, i, "mesh %s in two statements", r.sess.meshID)
+			}
+			seen[r.sess.meshID] = i
+			var at int
+			fmt.Sscan(r.msg.ID, &at)
+			if prev, ok := last[r.sess.meshID]; ok {
+				require.Greater(t, at, prev, "mesh %s's sends in their order", r.sess.meshID)
+			}
+			last[r.sess.meshID] = at
+			total++
+		}
+		require.LessOrEqual(t, len(meshes), maxStatementMeshes)
+	}
+	require.Equal(t, len(batch), total, "every send in a statement")
+	require.Equal(t, 1, len(splitByMeshes(batch[:60], maxStatementMeshes)), "60 meshes: one statement")
+}

@@ -158,3 +158,88 @@ func (r *claimRace) state(id int64) string {
 	require.NoError(r.t, r.pool.QueryRow(r.ctx, `SELECT state || coalesce(' ' || pushed_presence, '') FROM claudemesh.delivery WHERE id = $1`, id).Scan(&s))
 	return s
 }
+
+// A send reads where its recipient's session is and assigns the row to it there. Bob's session
+// is live on "here" when a send reads it; before the send commits, bob reconnects to "there"
+// (his replica was killed, his presence not yet ended) and the hello moves his session. The
+// send then left its row assigned to "here", where no one pushed it: it waited for the
+// catch-up poll, seconds, and arrived after messages sent after it (the chaos test's order
+// check). The hello now waits for such a send, and its release makes the row pending for the
+// session's claim, which the hello says to run (00072).
+func TestHelloMovingASessionWaitsForASendThatReadItsOldReplica(t *testing.T) {
+	ctx, url := dbtest.Context(t), dbtest.URL(t)
+	pool := dbtest.PoolFor(t, url)
+	st := store.New(pool, "t")
+	m := newClaimMesh(t, pool)
+	bob := m.recipient('b', "idle")
+	_, err := pool.Exec(ctx, `INSERT INTO claudemesh.node (id, heartbeat_at) VALUES ('there', now())`)
+	require.NoError(t, err)
+	env := m.envelope('b', "now")
+
+	// The send stops at its delivery's insert: after it read bob's session on "here".
+	_, err = pool.Exec(ctx, `CREATE FUNCTION public.stop_at_insert() RETURNS trigger LANGUAGE plpgsql AS $$
+		BEGIN
+			PERFORM pg_advisory_lock(4243);
+			PERFORM pg_advisory_unlock(4243);
+			RETURN NEW;
+		END $$;
+		CREATE TRIGGER stop_at_insert BEFORE INSERT ON claudemesh.delivery FOR EACH ROW EXECUTE FUNCTION public.stop_at_insert()`)
+	require.NoError(t, err)
+	gate := dbtest.ConnFor(t, url)
+	_, err = gate.Exec(ctx, `SELECT pg_advisory_lock(4243)`)
+	require.NoError(t, err)
+	sent := make(chan error, 1)
+	go func() {
+		_, _, err := st.SendBatch(ctx, "here", []store.OutgoingEnvelope{env})
+		sent <- err
+	}()
+	waiters := func() int {
+		var n int
+		if err := pool.QueryRow(ctx, `SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted`).Scan(&n); err != nil {
+			return -1
+		}
+		return n
+	}
+	dbtest.WaitFor(t, 10*time.Second, "the send at its insert", func() bool { return waiters() == 1 })
+
+	type helloResult struct {
+		res []store.HelloResult
+		err error
+	}
+	helloed := make(chan helloResult, 1)
+	go func() {
+		res, err := st.Hellos(ctx, "there", 100, []store.HelloParams{{MeshID: m.mesh, MemberID: bob.MemberID,
+			MemberPubkey: claimKey('b'), SessionID: bob.SessionID, Role: "control-plane", CWD: "/w",
+			Signature: "sig-move", SignatureExpires: time.Now().Add(time.Minute)}})
+		helloed <- helloResult{res, err}
+	}()
+	// Either the hello waits for the send (the fix) or it is done before the send commits.
+	var h helloResult
+	done := false
+	dbtest.WaitFor(t, 10*time.Second, "the hello done or waiting", func() bool {
+		select {
+		case h = <-helloed:
+			done = true
+			return true
+		default:
+			return waiters() == 2
+		}
+	})
+	_, err = gate.Exec(ctx, `SELECT pg_advisory_unlock(4243)`)
+	require.NoError(t, err)
+	require.NoError(t, <-sent)
+	if !done {
+		h = <-helloed
+	}
+	require.NoError(t, h.err)
+	require.Len(t, h.res, 1)
+	require.NoError(t, h.res[0].Err)
+	require.Empty(t, h.res[0].Refusal)
+	require.Equal(t, "here", h.res[0].Registration.OldNode, "moved from here")
+
+	var state, node string
+	require.NoError(t, pool.QueryRow(ctx, `SELECT state, coalesce(pushed_node, '') FROM claudemesh.delivery WHERE envelope_id = $1`,
+		env.ID).Scan(&state, &node))
+	require.Equal(t, "pending", state, "not left assigned to the replica the session left (%q)", node)
+	require.True(t, h.res[0].Waiting, "the hello says to claim: the send's row waits for the session")
+}

@@ -15,6 +15,8 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -38,7 +40,8 @@ var chaosSteady = flag.Duration("chaos.steady", 3*time.Second, "steady load betw
 // over all of them under a steady mixed send load, while the test does a rolling restart,
 // kill -9s a replica, restarts Postgres and cuts one replica off Postgres through a proxy.
 // Every message carries a unique token in its (opaque) ciphertext, so the test can tell
-// acked, refused and uncertain sends apart when it checks what was received.
+// acked, refused and uncertain sends apart when it checks what was received, and in what order
+// each recipient first saw each sender's messages.
 func TestChaos(t *testing.T) {
 	if testing.Short() {
 		t.Skip("chaos test drives real processes; skipped in -short")
@@ -127,12 +130,15 @@ type chaosHarness struct {
 	refused  map[string]string // token → the refusal's error
 	unknown  map[string]bool
 	received map[string]map[string]int // recipient pubkey → token → times
-	sent     atomic.Int64
+	// firsts keeps, per recipient pubkey, the tokens in the order they first arrived: the
+	// per-recipient order invariant is checked on it.
+	firsts map[string][]string
+	sent   atomic.Int64
 }
 
 func newChaosHarness(t *testing.T, ctx context.Context) *chaosHarness {
 	h := &chaosHarness{t: t, ctx: ctx, dir: t.TempDir(), acked: map[string]string{}, refused: map[string]string{},
-		unknown: map[string]bool{}, received: map[string]map[string]int{}}
+		unknown: map[string]bool{}, received: map[string]map[string]int{}, firsts: map[string][]string{}}
 	h.bin = buildBroker(t, h.dir)
 
 	// Our own Postgres on a fixed port, so it can be restarted under the replicas.
@@ -323,6 +329,7 @@ func (h *chaosHarness) verify() {
 	h.report("sent %d, acked %d, refused %d, uncertain (connection lost before the ack) %d", h.sent.Load(), len(h.acked), len(h.refused), len(h.unknown))
 	h.report("received %d distinct, duplicates suppressed %d; every acked message received: yes", received, dups)
 	require.NotZero(t, len(h.acked))
+	h.verifyOrder()
 
 	n, err := audit.Verify(h.ctx, h.pool, h.meshID)
 	require.NoError(t, err, "audit chain verifies")
@@ -463,6 +470,9 @@ func (p *chaosPeer) receive(ctx context.Context, cl *client.Client) {
 			if p.h.received[p.pub] == nil {
 				p.h.received[p.pub] = map[string]int{}
 			}
+			if p.h.received[p.pub][tok] == 0 {
+				p.h.firsts[p.pub] = append(p.h.firsts[p.pub], tok)
+			}
 			p.h.received[p.pub][tok]++
 			p.h.mu.Unlock()
 			actx, cancel := context.WithTimeout(ctx, 2*time.Second)
@@ -505,6 +515,39 @@ func (p *chaosPeer) sendLoop(ctx context.Context) {
 		}
 		p.h.mu.Unlock()
 	}
+}
+
+// verifyOrder checks per-recipient order (design.md, invariant 3) as a client can see it: a
+// peer sends its next message only once the last was acked or failed, so of two acked
+// messages from one sender to one recipient the earlier committed first, and must have first
+// arrived first, whatever failed in between. Uncertain sends (connection lost before the ack)
+// are left out: one may have committed after the sender's next send. Re-sends after a fault
+// are duplicates and do not count; only a first arrival can break the order.
+func (h *chaosHarness) verifyOrder() {
+	t := h.t
+	var pairs, checked int
+	for to, toks := range h.firsts {
+		last := map[string]int{} // sender → seq of its last acked message seen by this recipient
+		for _, tok := range toks {
+			if h.acked[tok] != to {
+				continue
+			}
+			i := strings.LastIndexByte(tok, '-')
+			require.Positive(t, i, "token %q", tok)
+			sender := tok[:i]
+			seq, err := strconv.Atoi(tok[i+1:])
+			require.NoError(t, err, "token %q", tok)
+			if prev, ok := last[sender]; ok {
+				require.Greater(t, seq, prev, "recipient %s received %s-%d before %s-%d, though the latter was acked first",
+					to[:8], sender, prev, sender, seq)
+			} else {
+				pairs++
+			}
+			last[sender] = seq
+			checked++
+		}
+	}
+	h.report("per-recipient order kept: %d acked messages over %d sender→recipient pairs arrived in send order", checked, pairs)
 }
 
 func sleepJitter(ctx context.Context, d time.Duration) {
