@@ -124,7 +124,8 @@ func (r *claimRace) claimStoppedAtW(c store.ClaimFor, between func()) []int64 {
 	}()
 	require.Eventually(t, func() bool {
 		var waiting bool
-		err := r.pool.QueryRow(r.ctx, `SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND NOT granted)`).Scan(&waiting)
+		err := r.pool.QueryRow(r.ctx, `SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND NOT granted
+			AND database = (SELECT oid FROM pg_database WHERE datname = current_database()))`).Scan(&waiting)
 		return err == nil && waiting
 	}, 10*time.Second, 5*time.Millisecond, "the claim never reached W")
 	between()
@@ -195,7 +196,9 @@ func TestHelloMovingASessionWaitsForASendThatReadItsOldReplica(t *testing.T) {
 	}()
 	waiters := func() int {
 		var n int
-		if err := pool.QueryRow(ctx, `SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted`).Scan(&n); err != nil {
+		// This test's database only: the cluster is shared with other tests' waits.
+		if err := pool.QueryRow(ctx, `SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted
+			AND database = (SELECT oid FROM pg_database WHERE datname = current_database())`).Scan(&n); err != nil {
 			return -1
 		}
 		return n
