@@ -247,10 +247,18 @@ BEGIN
     -- takes its meshes' locks, in mesh order, and sends theirs: no cycle of waits. Decided
     -- before the mesh's lock; a move that only the mesh's lock reveals (the session's other
     -- hello committing meanwhile on a third replica) takes it after, below.
-    IF EXISTS (SELECT 1 FROM claudemesh.presence x
-               WHERE x.mesh_id = p_mesh AND x.member_id = mb.id AND x.ended_at IS NULL AND x.grace_until IS NULL
-                 AND x.node_id <> p_node
-                 AND (x.session_id = p_session_id OR (p_session_pubkey <> '' AND x.session_pubkey = p_session_pubkey))) THEN
+    -- Two probes, each by a whole index key led by the mesh (as the lookups below), the rest
+    -- tested on the row found: a test of the node in the scan's condition let the planner walk
+    -- the index of every live session by node (00025).
+    IF EXISTS (SELECT 1 FROM (SELECT x.node_id, x.grace_until FROM claudemesh.presence x
+                              WHERE x.mesh_id = p_mesh AND x.member_id = mb.id AND x.session_id = p_session_id
+                                AND x.ended_at IS NULL OFFSET 0) y
+               WHERE y.grace_until IS NULL AND y.node_id <> p_node)
+       OR (p_session_pubkey <> '' AND EXISTS (
+               SELECT 1 FROM (SELECT x.node_id, x.grace_until FROM claudemesh.presence x
+                              WHERE x.mesh_id = p_mesh AND x.session_pubkey = p_session_pubkey AND x.ended_at IS NULL
+                                AND x.member_id = mb.id OFFSET 0) y
+               WHERE y.grace_until IS NULL AND y.node_id <> p_node)) THEN
         PERFORM pg_advisory_xact_lock(hashtextextended('claudemesh.route:' || p_mesh, 0));
         routed := true;
     END IF;

@@ -342,6 +342,14 @@ func TestHelloStatementsOnlyUseIndexesLedByMesh(t *testing.T) {
 			  AND NOT ($4 <> '' AND x.session_pubkey IS NOT DISTINCT FROM $4)`,
 		"presence lookup": `SELECT x.id, x.node_id, x.grace_until FROM claudemesh.presence x
 			WHERE x.mesh_id = $1 AND x.member_id = $2 AND x.session_id = $3 AND x.ended_at IS NULL AND $4::text IS NOT NULL`,
+		// Whether the hello moves a live session from another replica (00072), by sessionId and
+		// by session key.
+		"move probe": `SELECT EXISTS (SELECT 1 FROM (SELECT x.node_id, x.grace_until FROM claudemesh.presence x
+			WHERE x.mesh_id = $1 AND x.member_id = $2 AND x.session_id = $3 AND x.ended_at IS NULL OFFSET 0) y
+			WHERE y.grace_until IS NULL AND y.node_id <> $4)`,
+		"move probe by key": `SELECT EXISTS (SELECT 1 FROM (SELECT x.node_id, x.grace_until FROM claudemesh.presence x
+			WHERE x.mesh_id = $1 AND x.session_pubkey = $3 AND x.ended_at IS NULL AND x.member_id = $2 OFFSET 0) y
+			WHERE y.grace_until IS NULL AND y.node_id <> $4)`,
 	}
 	for name, sql := range statements {
 		for _, generic := range []bool{false, true} {
