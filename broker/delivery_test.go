@@ -698,7 +698,8 @@ func TestAMessageGivenBackDuringAHelloIsNotOvertaken(t *testing.T) {
 			default:
 			}
 			var waiting bool
-			err := c.pool.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND NOT granted)`).Scan(&waiting)
+			err := c.pool.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND NOT granted
+				AND database = (SELECT oid FROM pg_database WHERE datname = current_database()))`).Scan(&waiting)
 			return err == nil && waiting
 		}, 10*time.Second, 5*time.Millisecond, "the give-back neither ran nor reached the row")
 		var r *client.Client
