@@ -123,10 +123,7 @@ func (r *claimRace) claimStoppedAtW(c store.ClaimFor, between func()) []int64 {
 		done <- result{rows, err}
 	}()
 	require.Eventually(t, func() bool {
-		var waiting bool
-		err := r.pool.QueryRow(r.ctx, `SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND NOT granted
-			AND database = (SELECT oid FROM pg_database WHERE datname = current_database()))`).Scan(&waiting)
-		return err == nil && waiting
+		return advisoryWaiters(r.ctx, r.pool) > 0
 	}, 10*time.Second, 5*time.Millisecond, "the claim never reached W")
 	between()
 	_, err = gate.Exec(context.Background(), `SELECT pg_advisory_unlock(4242)`)
@@ -194,16 +191,7 @@ func TestHelloMovingASessionWaitsForASendThatReadItsOldReplica(t *testing.T) {
 		_, _, err := st.SendBatch(ctx, "here", []store.OutgoingEnvelope{env})
 		sent <- err
 	}()
-	waiters := func() int {
-		var n int
-		// This test's database only: the cluster is shared with other tests' waits.
-		if err := pool.QueryRow(ctx, `SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted
-			AND database = (SELECT oid FROM pg_database WHERE datname = current_database())`).Scan(&n); err != nil {
-			return -1
-		}
-		return n
-	}
-	dbtest.WaitFor(t, 10*time.Second, "the send at its insert", func() bool { return waiters() == 1 })
+	dbtest.WaitFor(t, 10*time.Second, "the send at its insert", func() bool { return advisoryWaiters(ctx, pool) == 1 })
 
 	type helloResult struct {
 		res []store.HelloResult
@@ -225,7 +213,7 @@ func TestHelloMovingASessionWaitsForASendThatReadItsOldReplica(t *testing.T) {
 			done = true
 			return true
 		default:
-			return waiters() == 2
+			return advisoryWaiters(ctx, pool) == 2
 		}
 	})
 	_, err = gate.Exec(ctx, `SELECT pg_advisory_unlock(4243)`)
@@ -245,4 +233,15 @@ func TestHelloMovingASessionWaitsForASendThatReadItsOldReplica(t *testing.T) {
 		env.ID).Scan(&state, &node))
 	require.Equal(t, "pending", state, "not left assigned to the replica the session left (%q)", node)
 	require.True(t, h.res[0].Waiting, "the hello says to claim: the send's row waits for the session")
+}
+
+// advisoryWaiters counts the advisory-lock requests waiting in the test's own database (the
+// cluster is shared with other tests' waits); -1 when it can't tell.
+func advisoryWaiters(ctx context.Context, pool *pgxpool.Pool) int {
+	var n int
+	if err := pool.QueryRow(ctx, `SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted
+		AND database = (SELECT oid FROM pg_database WHERE datname = current_database())`).Scan(&n); err != nil {
+		return -1
+	}
+	return n
 }
