@@ -53,6 +53,7 @@ machine shows what a replica far from the primary pays per operation. Migrations
 }
 
 func runDev(ctx context.Context, cmd *cobra.Command, url string, cfg broker.Config, logger *slog.Logger, replicas int, dbDelay time.Duration) error {
+	tuneGC(ctx, logger)
 	if err := migrateWithRetry(ctx, url, logger); err != nil {
 		return stoppedOr(ctx, err, logger)
 	}
