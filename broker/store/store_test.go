@@ -728,7 +728,7 @@ func TestHelloSaysWhatWaitsForItsSession(t *testing.T) {
 
 // helloStore is a store on a fresh database whose replica, "here", is registered: what a
 // hello batch needs.
-func helloStore(t *testing.T) (context.Context, *pgxpool.Pool, *store.Store) {
+func helloStore(t testing.TB) (context.Context, *pgxpool.Pool, *store.Store) {
 	ctx := dbtest.Context(t)
 	pool := dbtest.Pool(t)
 	_, err := pool.Exec(ctx, `INSERT INTO claudemesh.node (id, heartbeat_at) VALUES ('here', now())`)
