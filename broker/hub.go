@@ -308,11 +308,11 @@ func (h *hub) meshIDs() []string {
 }
 
 // toMesh queues frame on every session of the mesh that skip does not exclude, and reports
-// whether the mesh has sessions here. The frame is encoded once by the caller; every recipient
-// gets the same bytes.
-func (h *hub) toMesh(meshID string, frame []byte, skip func(*session) bool) bool {
+// whether the mesh has sessions here and how many got the frame. The frame is encoded once by
+// the caller; every recipient gets the same bytes.
+func (h *hub) toMesh(meshID string, frame []byte, skip func(*session) bool) (local bool, sent int) {
 	h.mu.RLock()
-	local := len(h.byMesh[meshID]) > 0
+	local = len(h.byMesh[meshID]) > 0
 	targets := make([]*session, 0, len(h.byMesh[meshID]))
 	for s := range h.byMesh[meshID] {
 		if skip == nil || !skip(s) {
@@ -323,7 +323,7 @@ func (h *hub) toMesh(meshID string, frame []byte, skip func(*session) bool) bool
 	for _, s := range targets { // queueing never blocks, but outside the lock all the same
 		s.send(frame, false)
 	}
-	return local
+	return local, len(targets)
 }
 
 // pingWait bounds the ping of a quiet session (nothing queued or written for writeWait): its

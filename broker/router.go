@@ -247,7 +247,7 @@ func (r *router) apply(ctx context.Context, m pgbus.Message) {
 		if json.Unmarshal(m.Data, &d) == nil && d.PresenceID != "" && !r.noteEvent(m.Key, d.PresenceID, d.Status) {
 			return // a catch-up told it already
 		}
-		r.tellEvent(m.Mesh, m.Member, m.Key, m.Data, time.Now())
+		_ = r.tellEvent(m.Mesh, m.Member, m.Key, m.Data, time.Now(), nil)
 	case pgbus.KindState:
 		if m.ID != 0 && r.told[stateKey{m.Mesh, m.Key}] >= m.ID {
 			return // a catch-up told this write, or a later one, already
@@ -277,19 +277,23 @@ func (r *router) apply(ctx context.Context, m pgbus.Message) {
 			}
 			change, _ = json.Marshal(&protocol.StateChange{Key: e.Key, Value: e.Value, UpdatedBy: e.UpdatedBy})
 		}
-		if r.hub.toMesh(m.Mesh, change, func(s *session) bool { return s.presenceID == m.Presence }) && m.ID != 0 {
+		if local, _ := r.hub.toMesh(m.Mesh, change, func(s *session) bool { return s.presenceID == m.Presence }); local && m.ID != 0 {
 			r.noteTold(stateKey{m.Mesh, m.Key}, m.ID)
 		}
 	}
 }
 
 // tellEvent sends a system event to the local sessions of the mesh that asked for them, never
-// to the sessions of the member it is about.
-func (r *router) tellEvent(mesh, aboutMember, event string, data json.RawMessage, at time.Time) {
+// to the sessions of the member it is about, nor to those skip names (nil: none), and reports
+// how many it was sent to.
+func (r *router) tellEvent(mesh, aboutMember, event string, data json.RawMessage, at time.Time, skip func(*session) bool) int {
 	frame, _ := protocol.Encode(&protocol.Push{MessageID: "", MeshID: mesh, SenderPubkey: protocol.SenderSystem,
 		Priority: protocol.PriorityNow, Subtype: protocol.SubtypeSystem, Event: event, EventData: data,
 		CreatedAt: protocol.FormatTime(at)})
-	r.hub.toMesh(mesh, frame, func(s *session) bool { return !s.systemEvents || s.memberID == aboutMember })
+	_, sent := r.hub.toMesh(mesh, frame, func(s *session) bool {
+		return !s.systemEvents || s.memberID == aboutMember || (skip != nil && skip(s))
+	})
+	return sent
 }
 
 // noteEvent remembers a notice's event about a presence and reports whether to send it: not
@@ -502,6 +506,16 @@ func (r *router) tellPresenceChanges(changes []store.PresenceChange, since time.
 		r.log.Warn("system event catch-up capped: the mesh's sessions are told only its newest changes; they see the others with list_peers",
 			"mesh", mesh, "told", eventCatchUpPerMesh, "oldest_told", changes[0].At)
 	}
+	// When the mesh's presences that joined in the window did, local sessions among them: a
+	// session is told no join older than its own. A hello with no session of the mesh taking
+	// events sends no notice (00073), so no replica remembers that join as told, and the
+	// catch-up would tell it, late, to a session that connected after it.
+	joinedAt := make(map[string]time.Time, len(changes))
+	for _, c := range changes {
+		if !c.ConnectedAt.Before(since) {
+			joinedAt[c.PresenceID] = c.ConnectedAt
+		}
+	}
 	for _, c := range changes {
 		e := r.seen[c.PresenceID]
 		var event string
@@ -526,9 +540,15 @@ func (r *router) tellPresenceChanges(changes []store.PresenceChange, since time.
 		}
 		e.at = max(e.at, c.At.UnixMicro())
 		// When it happened: it reaches the sessions late.
-		r.tellEvent(mesh, c.MemberID, event, peerEventData(c.PresenceID, c.Pubkey, c.DisplayName, status), c.At)
+		var later func(*session) bool
+		if event == protocol.EventPeerJoined {
+			later = func(s *session) bool { t, ok := joinedAt[s.presenceID]; return ok && t.After(c.ConnectedAt) }
+		}
+		told := r.tellEvent(mesh, c.MemberID, event, peerEventData(c.PresenceID, c.Pubkey, c.DisplayName, status), c.At, later)
 		r.noteSeen(c.PresenceID, e)
-		r.metrics.EventCatchUp.WithLabelValues("sent").Inc()
+		if told > 0 {
+			r.metrics.EventCatchUp.WithLabelValues("sent").Inc()
+		}
 	}
 }
 

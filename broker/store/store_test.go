@@ -17,6 +17,7 @@ import (
 	"github.com/claudemesh/broker/broker/store"
 	"github.com/claudemesh/broker/db"
 	"github.com/claudemesh/broker/db/dbtest"
+	"github.com/claudemesh/broker/protocol"
 )
 
 func TestMain(m *testing.M) { dbtest.Main(m) }
@@ -734,4 +735,61 @@ func helloStore(t testing.TB) (context.Context, *pgxpool.Pool, *store.Store) {
 	_, err := pool.Exec(ctx, `INSERT INTO claudemesh.node (id, heartbeat_at) VALUES ('here', now())`)
 	require.NoError(t, err)
 	return ctx, pool, store.New(pool, "t")
+}
+
+// A hello tells the cluster peer_joined only when a live session of another member of its mesh
+// takes system events (migration 00073): a notice every replica reads and decodes is not sent
+// for no one. Today's CLI does not ask for events, so a mesh of its sessions sends none.
+func TestHelloTellsJoinsOnlyWhenAnotherMembersSessionListens(t *testing.T) {
+	ctx, pool, st := helloStore(t)
+	var mesh string
+	require.NoError(t, pool.QueryRow(ctx, `INSERT INTO claudemesh.mesh (slug, name, owner_pubkey) VALUES ('j', 'j', $1) RETURNING id`,
+		fmt.Sprintf("%064d", 0)).Scan(&mesh))
+	key := func(name string) string { return fmt.Sprintf("%064x", name) }
+	members := map[string]string{}
+	for _, name := range []string{"plain", "listener", "late"} {
+		var id string
+		require.NoError(t, pool.QueryRow(ctx, `INSERT INTO claudemesh.member (mesh_id, pubkey) VALUES ($1, $2) RETURNING id`,
+			mesh, key(name)).Scan(&id))
+		members[name] = id
+	}
+	listener := dbtest.ConnFor(t, pool.Config().ConnString()) // notices stay in their database
+	_, err := listener.Exec(ctx, `LISTEN t_all`)
+	require.NoError(t, err)
+	hello := func(name, session string, caps ...string) string {
+		res, err := st.Hellos(ctx, "here", 100, []store.HelloParams{{MeshID: mesh, MemberID: members[name], MemberPubkey: key(name),
+			SessionID: session, Role: "control-plane", CWD: "/w", Capabilities: caps, Signature: "sig-" + session,
+			SignatureExpires: time.Now().Add(time.Minute)}})
+		require.NoError(t, err)
+		require.NoError(t, res[0].Err)
+		require.Empty(t, res[0].Refusal)
+		return res[0].Registration.PresenceID
+	}
+	hello("plain", "s-plain")                                   // no one listens yet
+	hello("listener", "s-listener", protocol.CapSystemEvents)   // nor does anyone for its own join
+	hello("listener", "s-listener-2", protocol.CapSystemEvents) // its own member's session is never told
+	late := hello("late", "s-late")                             // the listener is told
+	_, err = pool.Exec(ctx, `SELECT pg_notify('t_all', 'end')`) // notices arrive in commit order
+	require.NoError(t, err)
+	var joined []string
+	wait, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	for {
+		n, err := listener.WaitForNotification(wait)
+		require.NoError(t, err)
+		if n.Payload == "end" {
+			break
+		}
+		for line := range strings.SplitSeq(n.Payload, "\n") {
+			var m struct {
+				K, Y string
+				X    struct{ PresenceID string }
+			}
+			require.NoError(t, json.Unmarshal([]byte(line), &m), line)
+			if m.K == "e" {
+				joined = append(joined, m.Y+" "+m.X.PresenceID)
+			}
+		}
+	}
+	require.Equal(t, []string{"peer_joined " + late}, joined)
 }
