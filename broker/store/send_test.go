@@ -10,6 +10,7 @@ import (
 
 	"github.com/google/uuid"
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/stretchr/testify/require"
 
@@ -271,20 +272,31 @@ func sendOutcome(ctx context.Context, t *testing.T, pool *pgxpool.Pool, st *stor
 		out.audit = strings.ReplaceAll(audit, env.ID, "E")
 		out.audit = strings.ReplaceAll(out.audit, fmt.Sprint(now.UnixMicro()), "T")
 	}
-	// Whatever the send told the other node arrives before this marker.
-	_, err = pool.Exec(ctx, `SELECT pg_notify('t_n_other', 'marker')`)
-	require.NoError(t, err)
-	wait, cancel := context.WithTimeout(ctx, 10*time.Second)
-	defer cancel()
-	for {
-		n, err := listener.WaitForNotification(wait)
-		require.NoError(t, err)
-		if n.Payload == "marker" {
-			break
-		}
+	// Whatever the send told the other node.
+	for _, n := range noticesSoFar(ctx, t, pool, listener, "t_n_other") {
 		out.notified += n.Channel + " " + strings.ReplaceAll(n.Payload, fmt.Sprintf(`"i":%d`, did), `"i":ID`) + "\n"
 	}
 	return out
+}
+
+// noticesSoFar is what listener (LISTENing on channel, among others) was sent by the
+// transactions committed so far: notices arrive in commit order, so all of them come before a
+// marker sent now.
+func noticesSoFar(ctx context.Context, t *testing.T, pool *pgxpool.Pool, listener *pgx.Conn, channel string) []*pgconn.Notification {
+	t.Helper()
+	_, err := pool.Exec(ctx, `SELECT pg_notify($1, 'marker')`, channel)
+	require.NoError(t, err)
+	wait, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	var got []*pgconn.Notification
+	for {
+		n, err := listener.WaitForNotification(wait)
+		require.NoError(t, err)
+		if n.Channel == channel && n.Payload == "marker" {
+			return got
+		}
+		got = append(got, n)
+	}
 }
 
 // A direct send reads its recipient's sessions, not every session of its mesh, whatever the

@@ -769,17 +769,8 @@ func TestHelloTellsJoinsOnlyWhenAnotherMembersSessionListens(t *testing.T) {
 	hello("listener", "s-listener", protocol.CapSystemEvents)   // nor does anyone for its own join
 	hello("listener", "s-listener-2", protocol.CapSystemEvents) // its own member's session is never told
 	late := hello("late", "s-late")                             // the listener is told
-	_, err = pool.Exec(ctx, `SELECT pg_notify('t_all', 'end')`) // notices arrive in commit order
-	require.NoError(t, err)
 	var joined []string
-	wait, cancel := context.WithTimeout(ctx, 10*time.Second)
-	defer cancel()
-	for {
-		n, err := listener.WaitForNotification(wait)
-		require.NoError(t, err)
-		if n.Payload == "end" {
-			break
-		}
+	for _, n := range noticesSoFar(ctx, t, pool, listener, "t_all") {
 		for line := range strings.SplitSeq(n.Payload, "\n") {
 			var m struct {
 				K, Y string
