@@ -518,6 +518,7 @@ func (r *router) tellPresenceChanges(changes []store.PresenceChange, since time.
 	}
 	for _, c := range changes {
 		e := r.seen[c.PresenceID]
+		toldStatus := e.status // the status the sessions were told before this catch-up ("": none)
 		var event string
 		switch {
 		case c.Ended:
@@ -545,6 +546,16 @@ func (r *router) tellPresenceChanges(changes []store.PresenceChange, since time.
 			later = func(s *session) bool { t, ok := joinedAt[s.presenceID]; return ok && t.After(c.ConnectedAt) }
 		}
 		told := r.tellEvent(mesh, c.MemberID, event, peerEventData(c.PresenceID, c.Pubkey, c.DisplayName, status), c.At, later)
+		if later != nil && c.At.After(c.ConnectedAt) && c.Status != toldStatus {
+			// The sessions that joined after it saw it in their hellos, with the status it had
+			// then; its status changed since (At is the change), and that notice may be the one
+			// lost: they are told the status, as they would have been.
+			told += r.tellEvent(mesh, c.MemberID, protocol.EventPeerStatus, peerEventData(c.PresenceID, c.Pubkey, c.DisplayName, status),
+				c.At, func(s *session) bool {
+					t, ok := joinedAt[s.presenceID]
+					return !ok || !t.After(c.ConnectedAt) || t.After(c.At)
+				})
+		}
 		r.noteSeen(c.PresenceID, e)
 		if told > 0 {
 			r.metrics.EventCatchUp.WithLabelValues("sent").Inc()

@@ -4,8 +4,12 @@
 -- decodes and routes is wasted when no session would be sent it, and today's claudemesh CLI
 -- does not ask for them. In a connect storm of such sessions that work was 7 % of the machine
 -- (10,000 sessions over 250 meshes, stop 44). Whether one listens is read from the rows the
--- capacity count reads already. Same signature and rows: replicas of the previous release call
--- it unchanged.
+-- capacity count reads already. And a new presence's connected_at is taken after the mesh's
+-- hello lock (clock_timestamp(), not the transaction's start): the catch-up after a lost LISTEN
+-- connection tells a session no join older than its own by comparing them, so their order must
+-- be the lock's, the order in which hellos see each other (a hello whose transaction began
+-- first may take the lock after a listener's). Same signature and rows: replicas of the
+-- previous release call it unchanged.
 -- +goose StatementBegin
 CREATE OR REPLACE FUNCTION claudemesh.hello(p_node text, p_ns text, p_mesh text, p_member_id text, p_pubkey text,
     p_session_id text, p_session_pubkey text, p_display_name text, p_pid int, p_cwd text, p_groups jsonb,
@@ -191,9 +195,9 @@ BEGIN
         PERFORM pg_advisory_xact_lock(hashtextextended('claudemesh.route:' || p_mesh, 0));
     END IF;
     name := CASE WHEN p_display_name = '' THEN mb.display_name ELSE p_display_name END;
-    INSERT INTO claudemesh.presence AS x (mesh_id, member_id, member_pubkey, node_id, session_id, session_pubkey,
+    INSERT INTO claudemesh.presence AS x (mesh_id, member_id, member_pubkey, node_id, session_id, session_pubkey, connected_at,
         display_name, pid, cwd, groups, capabilities, status, status_source, role, hostname, peer_type, channel, model)
-    VALUES (p_mesh, mb.id, p_pubkey, p_node, p_session_id, nullif(p_session_pubkey, ''), name,
+    VALUES (p_mesh, mb.id, p_pubkey, p_node, p_session_id, nullif(p_session_pubkey, ''), clock_timestamp(), name,
         p_pid, p_cwd, p_groups, p_caps, coalesce(hook, 'idle'), CASE WHEN hook IS NULL THEN 'manual' ELSE 'hook' END,
         p_role, p_hostname, p_peer_type, p_channel, p_model)
     ON CONFLICT (mesh_id, member_id, session_id) WHERE ended_at IS NULL DO UPDATE
