@@ -147,12 +147,21 @@ func TestJoinFloodIsRefusedAndHellosGetThrough(t *testing.T) {
 	require.Contains(t, r.body.Error, "retry")
 	require.GreaterOrEqual(t, testutilCounter(srv.metrics.JoinRequests.WithLabelValues(membership.JoinOutcomeBusy)), 1.0)
 
-	// The lock gone, the joins in flight complete and free their slots: the next join succeeds.
+	// The lock gone, the joins in flight complete and free their slots: a join succeeds. The
+	// flood's queued joins (detached from their clients) may still take the slots a moment, so
+	// a client told busy comes back, as Retry-After says (from another address each time: the
+	// per-address limit is not what this is about).
 	require.NoError(t, tx.Rollback(ctxT(t)))
-	dbtest.WaitFor(t, 10*time.Second, "claims no longer waiting", func() bool { return waitingClaims() == 0 })
-	code, res, _ := postJoinFrom(t, srv, "192.0.2.1", joinBodyFor(t, token, *payload))
-	require.Equal(t, http.StatusOK, code, res.Error)
-	require.True(t, res.OK)
+	attempt := 0
+	var last protocol.JoinResponse
+	dbtest.WaitForExplained(t, 10*time.Second, "a join served after the flood", func() bool {
+		attempt++
+		code, res, _ := postJoinFrom(t, srv, fmt.Sprintf("192.0.2.%d", attempt%250+1), joinBodyFor(t, token, *payload))
+		last = res
+		require.Contains(t, []int{http.StatusOK, http.StatusServiceUnavailable}, code, res.Error)
+		return code == http.StatusOK
+	}, func() string { return fmt.Sprintf("%d attempts, the last answered %+v", attempt, last) })
+	require.True(t, last.OK)
 }
 
 // One address gets JOIN_RATE_LIMIT_PER_SOURCE_PER_MIN joins at once, whatever it sends,
