@@ -784,3 +784,67 @@ func TestHelloTellsJoinsOnlyWhenAnotherMembersSessionListens(t *testing.T) {
 	}
 	require.Equal(t, []string{"peer_joined " + late}, joined)
 }
+
+// A hello of a session whose live presence a close ends while the hello waits for its row
+// (closes take no mesh lock) registers a new presence: the session is live afterwards, not
+// refused or failed. The hello reads the presence under its mesh's lock and updates it by id,
+// inserting instead when the update finds it ended (migration 00074).
+func TestHelloRacingItsSessionsCloseRegistersANewPresence(t *testing.T) {
+	ctx, pool, st := helloStore(t)
+	var mesh, member string
+	require.NoError(t, pool.QueryRow(ctx, `INSERT INTO claudemesh.mesh (slug, name, owner_pubkey) VALUES ('r', 'r', $1) RETURNING id`,
+		fmt.Sprintf("%064d", 0)).Scan(&mesh))
+	key := fmt.Sprintf("%064x", "racer")
+	require.NoError(t, pool.QueryRow(ctx, `INSERT INTO claudemesh.member (mesh_id, pubkey) VALUES ($1, $2) RETURNING id`,
+		mesh, key).Scan(&member))
+	hello := func(sig string) (store.HelloResult, error) {
+		res, err := st.Hellos(ctx, "here", 100, []store.HelloParams{{MeshID: mesh, MemberID: member, MemberPubkey: key,
+			SessionID: "s", Role: "control-plane", CWD: "/w", Signature: sig, SignatureExpires: time.Now().Add(time.Minute)}})
+		if err != nil {
+			return store.HelloResult{}, err
+		}
+		return res[0], nil
+	}
+	res, err := hello("sig-1")
+	require.NoError(t, err)
+	require.NoError(t, res.Err)
+	first := res.Registration.PresenceID
+
+	// The close: it holds the row, ended, until it commits.
+	closer, err := pool.Begin(ctx)
+	require.NoError(t, err)
+	defer func() { _ = closer.Rollback(ctx) }()
+	_, err = closer.Exec(ctx, `UPDATE claudemesh.presence SET ended_at = now() WHERE id = $1`, first)
+	require.NoError(t, err)
+	type result struct {
+		store.HelloResult
+		err error
+	}
+	second := make(chan result, 1)
+	go func() {
+		r, err := hello("sig-2")
+		second <- result{r, err}
+	}()
+	// The hello has read the presence live and waits for its row.
+	require.Eventually(t, func() bool {
+		var waiting bool
+		err := pool.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_stat_activity
+			WHERE wait_event_type = 'Lock' AND query LIKE '%hello_batch%')`).Scan(&waiting)
+		return err == nil && waiting
+	}, 10*time.Second, 5*time.Millisecond)
+	require.NoError(t, closer.Commit(ctx))
+
+	var got result
+	select {
+	case got = <-second:
+	case <-ctx.Done():
+		t.Fatal("the hello did not return")
+	}
+	require.NoError(t, got.err)
+	require.NoError(t, got.Err)
+	require.Empty(t, got.Refusal)
+	res = got.HelloResult
+	require.NotEqual(t, first, res.Registration.PresenceID, "the ended presence is not the session's")
+	live := textColumn(t, pool, `SELECT id FROM claudemesh.presence WHERE member_id = '`+member+`' AND ended_at IS NULL`)
+	require.Equal(t, []string{res.Registration.PresenceID}, live)
+}
