@@ -6,9 +6,20 @@
 -- a key in a mesh (member_live_pubkey), so the hello reads that one by the unique index, with no
 -- sort, and looks for a revoked one only to tell 'revoked' from 'unauthorized'. Together 3-8 %
 -- less time a batch of ten hellos (both versions interleaved in the same pgbench clients, 4
--- runs). The answers are unchanged. hello's result type changes, so it is dropped and created
--- again, with hello_batch in the same transaction: replicas of the previous release call only
--- hello_batch, whose signature and rows are unchanged.
+-- runs). hello's result type changes, so it is dropped and created again, with hello_batch in
+-- the same transaction: replicas of the previous release call only hello_batch, whose signature
+-- and rows are unchanged. And three things 00074's grouping had moved (a review):
+-- - whether a revoked member had the key is read in the first read's snapshot, so a member
+--   joining meanwhile is never told 'revoked';
+-- - a hello with a session key probes for a move after the key's checks, which may wait for
+--   another hello binding the same key, as before 00074;
+-- - a presence read under the mesh's lock and ended before the hello's update (a close, a
+--   grace sweep) makes a new presence, not a resume: no 'resumed', no close sent to its old
+--   replica, and its join is told.
+-- Capabilities that are not a JSON array fail their hello alone, as when the hello converted
+-- them. The four shared locks on the hook signals' keys are taken before the revocation and
+-- capacity checks since 00074, so a hello refused there holds them to its batch's commit, as
+-- an accepted one does.
 -- +goose StatementBegin
 DROP FUNCTION claudemesh.hello(text, text, text, text, text, text, text, text, int, text, jsonb, text[], int, text, timestamptz, boolean, text, text, text, text, text);
 -- +goose StatementEnd
@@ -26,6 +37,7 @@ DECLARE
     mesh_max int;
     mb_id text;
     mb_name text;
+    was_member boolean;
     moving boolean;
     still boolean;
     lim int;
@@ -51,17 +63,18 @@ BEGIN
     -- row found: a test of the node in the scan's condition let the planner walk the index of
     -- every live session by node (00025).
     SELECT ms.archived_at IS NULL, ms.max_peers, mb.id, mb.display_name,
-           mb.id IS NOT NULL AND (
+           -- No live member with this key: whether a revoked one has it (in this read's
+           -- snapshot: a member joining meanwhile is not taken for a revoked one).
+           CASE WHEN mb.id IS NULL THEN EXISTS (
+               SELECT 1 FROM claudemesh.member m WHERE m.mesh_id = p_mesh AND m.pubkey = p_pubkey) END,
+           -- A hello with a session key probes after the key's checks (below), which may wait
+           -- for another hello binding the same key.
+           mb.id IS NOT NULL AND p_session_pubkey = '' AND
                EXISTS (SELECT 1 FROM (SELECT x.node_id, x.grace_until FROM claudemesh.presence x
                                       WHERE x.mesh_id = p_mesh AND x.member_id = mb.id AND x.session_id = p_session_id
                                         AND x.ended_at IS NULL OFFSET 0) y
                        WHERE y.grace_until IS NULL AND y.node_id <> p_node)
-               OR (p_session_pubkey <> '' AND EXISTS (
-                       SELECT 1 FROM (SELECT x.node_id, x.grace_until FROM claudemesh.presence x
-                                      WHERE x.mesh_id = p_mesh AND x.session_pubkey = p_session_pubkey AND x.ended_at IS NULL
-                                        AND x.member_id = mb.id OFFSET 0) y
-                       WHERE y.grace_until IS NULL AND y.node_id <> p_node)))
-    INTO mesh_live, mesh_max, mb_id, mb_name, moving
+    INTO mesh_live, mesh_max, mb_id, mb_name, was_member, moving
     FROM claudemesh.mesh ms
     LEFT JOIN claudemesh.member mb ON mb.mesh_id = ms.id AND mb.pubkey = p_pubkey AND mb.revoked_at IS NULL
     WHERE ms.id = p_mesh;
@@ -72,12 +85,7 @@ BEGIN
         code := 'unauthorized'; RETURN;
     END IF;
     IF mb_id IS NULL THEN
-        -- No live member with this key: revoked if there was one.
-        IF EXISTS (SELECT 1 FROM claudemesh.member m WHERE m.mesh_id = p_mesh AND m.pubkey = p_pubkey) THEN
-            code := 'revoked';
-        ELSE
-            code := 'unauthorized';
-        END IF;
+        code := CASE WHEN was_member THEN 'revoked' ELSE 'unauthorized' END;
         RETURN;
     ELSIF p_role = 'session' AND p_member_id <> '' AND p_member_id <> mb_id THEN
         code := 'parent_member_id_mismatch'; RETURN;
@@ -113,6 +121,15 @@ BEGIN
         IF owner <> mb_id THEN
             code := 'session_key_taken'; RETURN;
         END IF;
+        -- The probe for a move, as the first read's for a plain hello, and by the key too.
+        moving := EXISTS (SELECT 1 FROM (SELECT x.node_id, x.grace_until FROM claudemesh.presence x
+                                         WHERE x.mesh_id = p_mesh AND x.member_id = mb_id AND x.session_id = p_session_id
+                                           AND x.ended_at IS NULL OFFSET 0) y
+                          WHERE y.grace_until IS NULL AND y.node_id <> p_node)
+               OR EXISTS (SELECT 1 FROM (SELECT x.node_id, x.grace_until FROM claudemesh.presence x
+                                         WHERE x.mesh_id = p_mesh AND x.session_pubkey = p_session_pubkey AND x.ended_at IS NULL
+                                           AND x.member_id = mb_id OFFSET 0) y
+                          WHERE y.grace_until IS NULL AND y.node_id <> p_node);
     END IF;
     -- A hello that moves a live session from another replica waits for the sends in flight
     -- that may have read it there (they hold this lock shared, see send_batch_capped), and
@@ -244,6 +261,9 @@ BEGIN
     IF up_id IS NULL THEN
         -- A plain insert, no ON CONFLICT: only a hello makes a live presence, under the mesh's
         -- lock, and none is ever made live again, so with none read above there is none now.
+        -- One read above and ended since is gone, and was told gone: this is a new presence,
+        -- not a resume (its socket closed, its held messages released by whoever ended it).
+        old_id := NULL; old_node_id := NULL; old_grace := NULL;
         INSERT INTO claudemesh.presence AS x (mesh_id, member_id, member_pubkey, node_id, session_id, session_pubkey,
             connected_at, display_name, pid, cwd, groups, capabilities, status, status_source, role, hostname,
             peer_type, channel, model)
@@ -307,7 +327,9 @@ DECLARE
     busy_failure text;
 BEGIN
     FOR r IN
-        SELECT u.*, u.ord::int AS i, ARRAY(SELECT jsonb_array_elements_text(u.caps)) AS cap_list
+        SELECT u.*, u.ord::int AS i,
+               CASE WHEN u.caps IS NULL OR jsonb_typeof(u.caps) = 'array'
+                    THEN ARRAY(SELECT jsonb_array_elements_text(u.caps)) END AS cap_list
         FROM unnest(h_mesh, h_member_id, h_pubkey, h_session_id, h_session_pubkey, h_display_name, h_pid, h_cwd,
                     h_groups, h_caps, h_signature, h_sig_expires, h_local_live, h_role, h_hostname, h_peer_type,
                     h_channel, h_model)
@@ -327,6 +349,9 @@ BEGIN
             CONTINUE;
         END IF;
         BEGIN
+            IF r.cap_list IS NULL THEN
+                RAISE EXCEPTION 'capabilities are not a JSON array';
+            END IF;
             h := claudemesh.hello(p_node, p_ns, r.mesh, r.member_id, r.pubkey, r.session_id,
                 r.session_pubkey, r.display_name, r.pid, r.cwd, r.groups, r.cap_list, p_default_limit,
                 r.signature, r.sig_expires, r.local_live, r.role, r.hostname, r.peer_type, r.channel, r.model);

@@ -787,8 +787,10 @@ func TestHelloTellsJoinsOnlyWhenAnotherMembersSessionListens(t *testing.T) {
 
 // A hello of a session whose live presence a close ends while the hello waits for its row
 // (closes take no mesh lock) registers a new presence: the session is live afterwards, not
-// refused or failed. The hello reads the presence under its mesh's lock and updates it by id,
-// inserting instead when the update finds it ended (migration 00074).
+// refused or failed, and the presence is a new one: not reported resumed or moved from the
+// replica whose close ended it (that replica would be told to close a socket already gone). The
+// hello reads the presence under its mesh's lock and updates it by id, inserting instead when
+// the update finds it ended (migrations 00074-00075).
 func TestHelloRacingItsSessionsCloseRegistersANewPresence(t *testing.T) {
 	ctx, pool, st := helloStore(t)
 	var mesh, member string
@@ -797,15 +799,15 @@ func TestHelloRacingItsSessionsCloseRegistersANewPresence(t *testing.T) {
 	key := fmt.Sprintf("%064x", "racer")
 	require.NoError(t, pool.QueryRow(ctx, `INSERT INTO claudemesh.member (mesh_id, pubkey) VALUES ($1, $2) RETURNING id`,
 		mesh, key).Scan(&member))
-	hello := func(sig string) (store.HelloResult, error) {
-		res, err := st.Hellos(ctx, "here", 100, []store.HelloParams{{MeshID: mesh, MemberID: member, MemberPubkey: key,
+	hello := func(node, sig string) (store.HelloResult, error) {
+		res, err := st.Hellos(ctx, node, 100, []store.HelloParams{{MeshID: mesh, MemberID: member, MemberPubkey: key,
 			SessionID: "s", Role: "control-plane", CWD: "/w", Signature: sig, SignatureExpires: time.Now().Add(time.Minute)}})
 		if err != nil {
 			return store.HelloResult{}, err
 		}
 		return res[0], nil
 	}
-	res, err := hello("sig-1")
+	res, err := hello("here", "sig-1")
 	require.NoError(t, err)
 	require.NoError(t, res.Err)
 	first := res.Registration.PresenceID
@@ -822,14 +824,15 @@ func TestHelloRacingItsSessionsCloseRegistersANewPresence(t *testing.T) {
 	}
 	second := make(chan result, 1)
 	go func() {
-		r, err := hello("sig-2")
+		r, err := hello("there", "sig-2")
 		second <- result{r, err}
 	}()
-	// The hello has read the presence live and waits for its row.
+	// The hello (on another replica) has read the presence live and waits for its row.
 	require.Eventually(t, func() bool {
 		var waiting bool
 		err := pool.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_stat_activity
-			WHERE wait_event_type = 'Lock' AND query LIKE '%hello_batch%')`).Scan(&waiting)
+			WHERE datname = current_database() AND wait_event_type = 'Lock' AND wait_event = 'transactionid'
+			  AND query LIKE '%hello_batch%')`).Scan(&waiting)
 		return err == nil && waiting
 	}, 10*time.Second, 5*time.Millisecond)
 	require.NoError(t, closer.Commit(ctx))
@@ -837,7 +840,7 @@ func TestHelloRacingItsSessionsCloseRegistersANewPresence(t *testing.T) {
 	var got result
 	select {
 	case got = <-second:
-	case <-ctx.Done():
+	case <-time.After(30 * time.Second):
 		t.Fatal("the hello did not return")
 	}
 	require.NoError(t, got.err)
@@ -845,6 +848,47 @@ func TestHelloRacingItsSessionsCloseRegistersANewPresence(t *testing.T) {
 	require.Empty(t, got.Refusal)
 	res = got.HelloResult
 	require.NotEqual(t, first, res.Registration.PresenceID, "the ended presence is not the session's")
+	require.Empty(t, res.Registration.OldNode, "a new presence, moved from no replica")
+	require.False(t, res.Resumed)
 	live := textColumn(t, pool, `SELECT id FROM claudemesh.presence WHERE member_id = '`+member+`' AND ended_at IS NULL`)
 	require.Equal(t, []string{res.Registration.PresenceID}, live)
+}
+
+// A hello whose capabilities are not a JSON array fails alone; the batch's other hellos are
+// registered (hello_batch converts them in its own query since migration 00075). The broker
+// always sends an array: this is the statement's own guard.
+func TestHelloBatchFailsABadHelloAlone(t *testing.T) {
+	ctx, pool, _ := helloStore(t)
+	var mesh string
+	require.NoError(t, pool.QueryRow(ctx, `INSERT INTO claudemesh.mesh (slug, name, owner_pubkey) VALUES ('b', 'b', $1) RETURNING id`,
+		fmt.Sprintf("%064d", 0)).Scan(&mesh))
+	keys := []string{fmt.Sprintf("%064x", "bad"), fmt.Sprintf("%064x", "good")}
+	for _, k := range keys {
+		_, err := pool.Exec(ctx, `INSERT INTO claudemesh.member (mesh_id, pubkey) VALUES ($1, $2)`, mesh, k)
+		require.NoError(t, err)
+	}
+	rows, err := pool.Query(ctx, `SELECT idx, code, coalesce(failure, ''), coalesce(presence_id, '')
+		FROM claudemesh.hello_batch('here', 't', 100, ARRAY[$1, $1], ARRAY['', ''], ARRAY[$2, $3], ARRAY['s1', 's2'],
+			ARRAY['', ''], ARRAY['', ''], ARRAY[1, 2], ARRAY['/w', '/w'], ARRAY['[]', '[]']::jsonb[],
+			ARRAY['{"system_events": true}', '["system_events"]']::jsonb[], ARRAY['sig-1', 'sig-2'],
+			ARRAY[now() + interval '1 minute', now() + interval '1 minute'], ARRAY[false, false],
+			ARRAY['control-plane', 'control-plane'], ARRAY['h', 'h'], ARRAY['', ''], ARRAY['', ''], ARRAY['', ''])
+		ORDER BY idx`, mesh, keys[0], keys[1])
+	require.NoError(t, err)
+	type answer struct {
+		idx                       int
+		code, failure, presenceID string
+	}
+	var got []answer
+	for rows.Next() {
+		var a answer
+		require.NoError(t, rows.Scan(&a.idx, &a.code, &a.failure, &a.presenceID))
+		got = append(got, a)
+	}
+	require.NoError(t, rows.Err())
+	require.Len(t, got, 2)
+	require.Equal(t, "failed", got[0].code)
+	require.Contains(t, got[0].failure, "capabilities are not a JSON array")
+	require.Empty(t, got[1].code, "the other hello is registered")
+	require.NotEmpty(t, got[1].presenceID)
 }
