@@ -8,8 +8,8 @@
 // session's buffers and goroutine stacks: in a 10,000-session connect on 2 cores it took 44 %
 // of the replicas' CPU (BENCHMARKS.md, stop 44), CPU the hellos and Postgres needed. At a
 // higher target it runs a few times in all. The cost is memory while the burst lasts: the heap
-// may grow to (1 + Burst/100) times its live size (an operator's GOMEMLIMIT still caps it),
-// and it is given back to the system when the burst ends.
+// may grow to (1 + Burst/100) times its live size (the soft memory limit cmd/broker sets, or an
+// operator's GOMEMLIMIT, caps it), and it is given back to the system when the burst ends.
 package gcburst
 
 import (
