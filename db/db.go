@@ -42,6 +42,9 @@ type PoolConfig struct {
 	// Prepare is prepared on every new connection before the pool hands it out, in one round
 	// trip (prepareAll): a replica's first use of each on a connection costs no extra one.
 	Prepare []string
+	// Named is prepared on every new connection too, by name (NamedStatement, Prepared), in
+	// one more round trip: statements the store runs below pgx.
+	Named []string
 }
 
 // idlePing is how long a pooled connection may sit idle before it is pinged on acquire.
@@ -124,9 +127,14 @@ func NewPool(ctx context.Context, url string, cfg PoolConfig) (*pgxpool.Pool, er
 	pc.ShouldPing = func(_ context.Context, p pgxpool.ShouldPingParams) bool {
 		return p.IdleDuration > idlePing || inputWaiting(p.Conn.PgConn().Conn())
 	}
-	if len(cfg.Prepare) > 0 {
-		stmts := cfg.Prepare
-		pc.AfterConnect = func(ctx context.Context, conn *pgx.Conn) error { return prepareAll(ctx, conn, stmts) }
+	if len(cfg.Prepare) > 0 || len(cfg.Named) > 0 {
+		stmts, named := cfg.Prepare, cfg.Named
+		pc.AfterConnect = func(ctx context.Context, conn *pgx.Conn) error {
+			if err := prepareAll(ctx, conn, stmts); err != nil {
+				return err
+			}
+			return prepareNamedOnConnect(ctx, conn, named)
+		}
 	}
 	pool, err := pgxpool.NewWithConfig(ctx, pc)
 	if err != nil {

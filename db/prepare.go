@@ -2,10 +2,15 @@ package db
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
+	"fmt"
+	"slices"
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 )
 
 // RequestPath is the generated statements on a replica's busiest paths: a send, a hello and
@@ -21,6 +26,70 @@ import (
 var RequestPath = []string{
 	sendBatch, helloBatch, helloWaiting, markDelivered, hookStatus, endSessions,
 	claimDeliveries, releaseHeld,
+}
+
+// NamedStatement is the name a statement of PoolConfig.Named is prepared under.
+func NamedStatement(sql string) string {
+	h := sha256.Sum256([]byte(sql))
+	return "claudemesh_" + hex.EncodeToString(h[:8])
+}
+
+// namedKey is where a connection keeps its named statements (pgconn's CustomData): pgx's own
+// caches do not say what they prepared.
+const namedKey = "claudemesh.named"
+
+// Prepared returns the description of sql prepared on conn under NamedStatement, preparing
+// every statement of sqls not yet prepared there in one round trip first. It is for the
+// statements run below pgx (the store's pipelines with a flush request), which pgx cannot
+// prepare for them.
+func Prepared(ctx context.Context, conn *pgconn.PgConn, sql string, sqls []string) (*pgconn.StatementDescription, error) {
+	named, _ := conn.CustomData()[namedKey].(map[string]*pgconn.StatementDescription)
+	if sd, ok := named[sql]; ok {
+		return sd, nil
+	}
+	if err := prepareNamed(ctx, conn, append(slices.Clone(sqls), sql)); err != nil {
+		return nil, err
+	}
+	named, _ = conn.CustomData()[namedKey].(map[string]*pgconn.StatementDescription)
+	return named[sql], nil
+}
+
+// prepareNamed prepares sqls (those not yet prepared) under their names in one pipeline.
+func prepareNamed(ctx context.Context, conn *pgconn.PgConn, sqls []string) error {
+	named, _ := conn.CustomData()[namedKey].(map[string]*pgconn.StatementDescription)
+	if named == nil {
+		named = map[string]*pgconn.StatementDescription{}
+		conn.CustomData()[namedKey] = named
+	}
+	var todo []string
+	for _, sql := range sqls {
+		if _, ok := named[sql]; !ok && !slices.Contains(todo, sql) {
+			todo = append(todo, sql)
+		}
+	}
+	if len(todo) == 0 {
+		return nil
+	}
+	p := conn.StartPipeline(ctx)
+	for _, sql := range todo {
+		p.SendPrepare(NamedStatement(sql), sql, nil)
+	}
+	p.SendPipelineSync()
+	if err := p.Flush(); err != nil {
+		_ = p.Close()
+		return err
+	}
+	var first error
+	for _, sql := range todo {
+		res, err := p.GetResults()
+		if sd, ok := res.(*pgconn.StatementDescription); err == nil && ok {
+			sd.Name, sd.SQL = NamedStatement(sql), sql // a pipeline's descriptions leave them empty
+			named[sql] = sd
+		} else if first == nil {
+			first = errors.Join(err, fmt.Errorf("prepare: answered %T", res))
+		}
+	}
+	return errors.Join(first, p.Close())
 }
 
 // prepareSentinel is queued first in prepareAll's batch with an argument it has no parameter
@@ -66,6 +135,24 @@ func prepareAll(ctx context.Context, conn *pgx.Conn, stmts []string) error {
 	}
 	return nil
 }
+
+// prepareNamedOnConnect prepares named (PoolConfig.Named) by name. A failure is left to the
+// first use (Prepared), as prepareAll leaves its own; only a connection that broke is refused.
+func prepareNamedOnConnect(ctx context.Context, conn *pgx.Conn, named []string) error {
+	if len(named) == 0 || conn.Config().DefaultQueryExecMode != pgx.QueryExecModeCacheStatement {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(ctx, prepareTimeout)
+	defer cancel()
+	_ = prepareNamed(ctx, conn.PgConn(), named)
+	if conn.IsClosed() {
+		return errPrepareClosed
+	}
+	return nil
+}
+
+// SendBatchSQL is the send statement's text, for PoolConfig.Named.
+const SendBatchSQL = sendBatch
 
 // prepareTimeout bounds prepareAll's flight: a round trip and the parsing of a few statements.
 const prepareTimeout = 5 * time.Second

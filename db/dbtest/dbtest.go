@@ -13,6 +13,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"log/slog"
 	"net/url"
 	"os"
 	"sync"
@@ -99,6 +100,29 @@ func ServerURL(t testing.TB) string {
 		t.Fatalf("dbtest: no Postgres server (set DATABASE_URL, or install Postgres binaries): %v", serverErr)
 	}
 	return serverURL
+}
+
+// PrivateCluster starts a throwaway cluster for this test alone, its database migrated, and
+// stops it when the test ends: for a test that changes the server itself (crashes it, changes
+// a server-wide setting), which would take every other test's database with it. cfg starts it
+// again on the same data directory.
+func PrivateCluster(t testing.TB) (pg *embedded.Cluster, cfg embedded.Config) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	cfg = embedded.Config{DataDir: t.TempDir(), Logger: Logger(t)}
+	pg, err := embedded.Start(ctx, cfg)
+	if err != nil {
+		t.Fatalf("dbtest: private cluster: %v", err)
+	}
+	// A crash the test made is reported by Stop: not a failure of the test.
+	t.Cleanup(func() { _ = pg.Stop(context.Background()) })
+	// Warnings only: the migrations' statements would fill the test's log.
+	quiet := slog.New(slog.NewTextHandler(&testWriter{t: t}, &slog.HandlerOptions{Level: slog.LevelWarn})) // used only here
+	if err := db.Migrate(ctx, pg.URL(), quiet); err != nil {
+		t.Fatalf("dbtest: migrate private cluster: %v", err)
+	}
+	return pg, cfg
 }
 
 // URL creates a fresh, fully migrated database for this test and returns its URL. The
