@@ -46,7 +46,20 @@ type committed struct {
 	conn        *pgxpool.Conn
 	log         *slog.Logger
 	deferNotify bool
-	then        *thenStatement
+	// flushBehind: the statement commits without waiting for its WAL flush, so its
+	// notifications leave (and the other replicas push) at once, and a second transaction right
+	// after it in the flight waits for the flush in its place (sqlFlushed): BEGIN, the async
+	// commit set, the statement, COMMIT, a flush request (Postgres sends what it has: the
+	// COMMIT's answer comes as soon as it is done), the flush's transaction, Sync. Only a
+	// confirmed flush is success: what the caller acknowledges is on disk. The statement must
+	// be one of db.Named. Not with deferNotify, whose notifying transaction is the one after
+	// the commit, nor with then.
+	flushBehind bool
+	// flushed, with flushBehind: where the statement's rows, once read, leave the wait for
+	// the flush's confirmation instead of waiting for it themselves (nil: they wait). Set only
+	// once the COMMIT succeeded; the caller must call it, and keep the connection until then.
+	flushed *func() error
+	then    *thenStatement
 }
 
 // thenStatement is a statement sent after a commit in its flight, and the reader of its rows.
@@ -66,13 +79,25 @@ const (
 	// ride along with the next statement's (the catch-up covers them).
 	sqlDeferNotify = "SELECT set_config('claudemesh.defer_notify', 'on', true), set_config('claudemesh.deferred', '', false)"
 	sqlFlushNotes  = "SELECT claudemesh.flush_notes()"
+	// flushBehind: the statement's transaction commits asynchronously, and the next one writes
+	// a record of its own to the WAL under a transaction id, so its commit must be flushed,
+	// and with it everything before it in the WAL (the first transaction's commit included),
+	// before Postgres answers. A transaction id alone is not enough: Postgres commits
+	// asynchronously a transaction that wrote nothing but its commit record. The message is
+	// empty, and read by no one (logical decoding passes it on only to a consumer that asks
+	// for messages with this prefix); any role may write one.
+	sqlAsyncCommit    = "SELECT set_config('synchronous_commit', 'off', true)"
+	sqlFlushedDefault = "SELECT pg_logical_emit_message(true, 'claudemesh.flush', '')"
 )
+
+// sqlFlushed is sqlFlushedDefault; a variable only so that a test can make it fail.
+var sqlFlushed = sqlFlushedDefault
 
 // RequestPathSQL is what a replica's pool prepares on every new connection (db.PoolConfig
 // Prepare): the generated statements of the request path and the statements a committed call
 // wraps them in.
 func RequestPathSQL() []string {
-	return append([]string{"BEGIN", "COMMIT", sqlDeferNotify, sqlFlushNotes}, db.RequestPath...)
+	return append([]string{"BEGIN", "COMMIT", sqlDeferNotify, sqlFlushNotes, sqlAsyncCommit, sqlFlushedDefault}, db.RequestPath...)
 }
 
 func (a committed) start(ctx context.Context, sql string, args []any) (pgx.BatchResults, error) {
@@ -133,6 +158,10 @@ func (a committed) finish(br pgx.BatchResults) error {
 // would go back to the pool inside it (the pool then closes it).
 func (a committed) abort(br pgx.BatchResults) {
 	_ = br.Close()
+	a.rollbackIfOpen()
+}
+
+func (a committed) rollbackIfOpen() {
 	c := a.conn.Conn()
 	if c.IsClosed() || c.PgConn().TxStatus() == 'I' {
 		return
@@ -154,6 +183,9 @@ func (a committed) Exec(ctx context.Context, sql string, args ...any) (pgconn.Co
 }
 
 func (a committed) Query(ctx context.Context, sql string, args ...any) (pgx.Rows, error) {
+	if a.flushBehind && !a.deferNotify && a.then == nil {
+		return a.queryFlushBehind(ctx, sql, args)
+	}
 	br, err := a.start(ctx, sql, args)
 	if err != nil {
 		return nil, err
@@ -239,14 +271,197 @@ func (r committingRow) Scan(dest ...any) error {
 // notifying runs f with queries on a connection of its own, whose statement notifies after its
 // commit when the store is set to (NOTIFY_AFTER_COMMIT), else from inside it. The connection is
 // taken first: failing to get one is known to have sent nothing.
-func (s *Store) notifying(ctx context.Context, f func(q *db.Queries) error) error {
+//
+// By default (flushBehind) the statement commits without waiting for its flush, and flushed
+// waits for Postgres to confirm it: the statement has succeeded only once flushed returns nil,
+// and the connection is held until it is called (exactly once, when err is nil). In the other
+// modes the statement waits for its flush itself and flushed returns nil at once.
+func (s *Store) notifying(ctx context.Context, f func(q *db.Queries) error) (flushed func() error, err error) {
 	conn, err := s.pool.Acquire(ctx)
 	if err != nil {
-		return notSent{err}
+		return nil, notSent{err}
 	}
-	defer conn.Release()
-	if !s.afterCommit {
-		return f(db.New(conn))
+	// Named statements need a connection that keeps them (not one behind a transaction pooler).
+	if s.afterCommit || !s.flushBehind || conn.Conn().Config().DefaultQueryExecMode != pgx.QueryExecModeCacheStatement {
+		defer conn.Release()
+		if s.afterCommit {
+			return flushedAlready, f(db.New(committed{conn: conn, log: s.log, deferNotify: true}))
+		}
+		return flushedAlready, f(db.New(conn))
 	}
-	return f(db.New(committed{conn: conn, log: s.log, deferNotify: true}))
+	var confirm func() error
+	if err := f(db.New(committed{conn: conn, log: s.log, flushBehind: true, flushed: &confirm})); err != nil || confirm == nil {
+		if confirm != nil {
+			err = errors.Join(err, confirm()) // read to the end: the connection goes back clean
+		}
+		conn.Release()
+		if err == nil {
+			err = errors.New("send batch: statement returned without its commit") // cannot happen: rows read to the end
+		}
+		return nil, err
+	}
+	return func() error {
+		defer conn.Release()
+		return confirm()
+	}, nil
+}
+
+func flushedAlready() error { return nil }
+
+// queryFlushBehind runs the statement as flushBehind describes, below pgx (which has no flush
+// request in its batches): its rows are pgx's, decoded as pgx would, and once they are read
+// the COMMIT's answer is their Err; the flush's confirmation is left in a.flushed, or waited
+// for there.
+func (a committed) queryFlushBehind(ctx context.Context, sql string, args []any) (pgx.Rows, error) {
+	c := a.conn.Conn()
+	// Prepared when the connection was made (NamedSQL); else now, once for the connection.
+	helpers := []string{"BEGIN", sqlAsyncCommit, "COMMIT", sqlFlushed}
+	named := make([]*pgconn.StatementDescription, len(helpers))
+	for i, h := range helpers {
+		var err error
+		if named[i], err = db.Prepared(ctx, c.PgConn(), h, append(helpers, sql)); err != nil {
+			return nil, notSent{fmt.Errorf("prepare: %w", err)}
+		}
+	}
+	sd, err := db.Prepared(ctx, c.PgConn(), sql, helpers)
+	if err != nil {
+		return nil, notSent{fmt.Errorf("prepare: %w", err)}
+	}
+	if len(args) != len(sd.ParamOIDs) {
+		return nil, notSent{fmt.Errorf("statement takes %d arguments, given %d", len(sd.ParamOIDs), len(args))}
+	}
+	tm := c.TypeMap()
+	params := make([][]byte, len(args))
+	formats := make([]int16, len(args))
+	for i, arg := range args {
+		formats[i] = tm.FormatCodeForOID(sd.ParamOIDs[i])
+		if params[i], err = tm.Encode(sd.ParamOIDs[i], formats[i], arg, nil); err != nil {
+			return nil, notSent{fmt.Errorf("encode argument %d: %w", i+1, err)}
+		}
+	}
+	results := make([]int16, len(sd.Fields))
+	for i, f := range sd.Fields {
+		results[i] = tm.FormatCodeForOID(f.DataTypeOID)
+	}
+	p := c.PgConn().StartPipeline(ctx)
+	p.SendQueryPrepared(named[0].Name, nil, nil, nil) // BEGIN
+	p.SendQueryPrepared(named[1].Name, nil, nil, nil) // the async commit set
+	p.SendQueryPrepared(sd.Name, params, formats, results)
+	p.SendQueryPrepared(named[2].Name, nil, nil, nil) // COMMIT
+	p.SendFlushRequest()
+	p.SendQueryPrepared(named[3].Name, nil, nil, nil) // the flush's transaction
+	p.SendPipelineSync()
+	if err := p.Flush(); err != nil {
+		a.abortPipeline(p)
+		return nil, err
+	}
+	for range 2 { // BEGIN, the async commit set
+		if err := nextResult(p); err != nil {
+			a.abortPipeline(p)
+			return nil, err
+		}
+	}
+	res, err := p.GetResults()
+	rr, ok := res.(*pgconn.ResultReader)
+	if err == nil && !ok {
+		err = fmt.Errorf("pipeline: statement answered %T", res)
+	}
+	if err != nil {
+		a.abortPipeline(p)
+		return nil, err
+	}
+	return &flushBehindRows{Rows: pgx.RowsFromResultReader(tm, rr), a: a, p: p}, nil
+}
+
+// nextResult reads the next step's answer in full.
+func nextResult(p *pgconn.Pipeline) error {
+	res, err := p.GetResults()
+	if err != nil {
+		return err
+	}
+	rr, ok := res.(*pgconn.ResultReader)
+	if !ok {
+		return fmt.Errorf("pipeline: answered %T", res)
+	}
+	_, err = rr.Close()
+	return err
+}
+
+// abortPipeline ends a pipeline whose statement (or COMMIT) failed, as abort does a batch.
+func (a committed) abortPipeline(p *pgconn.Pipeline) {
+	_ = p.Close()
+	a.rollbackIfOpen()
+}
+
+// commitPipeline reads the COMMIT's answer, then the flush's confirmation (or leaves it in
+// a.flushed).
+func (a committed) commitPipeline(p *pgconn.Pipeline) error {
+	if err := nextResult(p); err != nil {
+		a.abortPipeline(p)
+		return fmt.Errorf("commit: %w", err)
+	}
+	confirm := func() error {
+		err := nextResult(p) // the flush's statement
+		if err == nil {
+			// Its transaction commits at the Sync: the flush is confirmed by the ReadyForQuery.
+			var res any
+			res, err = p.GetResults()
+			if _, ok := res.(*pgconn.PipelineSync); err == nil && !ok {
+				err = fmt.Errorf("pipeline: Sync answered %T", res)
+			}
+		}
+		if err = errors.Join(err, p.Close()); err != nil {
+			// Committed, and perhaps not on disk: a crash of Postgres now would lose it.
+			a.rollbackIfOpen()
+			return notFlushed{err}
+		}
+		return nil
+	}
+	if a.flushed != nil {
+		*a.flushed = confirm
+		return nil
+	}
+	return confirm()
+}
+
+// flushBehindRows are the statement's rows; once read (or closed), the COMMIT's answer is
+// read too, and its failure is the rows' Err.
+type flushBehindRows struct {
+	pgx.Rows
+	a    committed
+	p    *pgconn.Pipeline
+	done bool
+	err  error
+}
+
+func (r *flushBehindRows) Next() bool {
+	if r.done {
+		return false
+	}
+	if r.Rows.Next() {
+		return true
+	}
+	r.Close()
+	return false
+}
+
+func (r *flushBehindRows) Close() {
+	if r.done {
+		return
+	}
+	r.done = true
+	r.Rows.Close()
+	if err := r.Rows.Err(); err != nil {
+		r.err = err
+		r.a.abortPipeline(r.p)
+		return
+	}
+	r.err = r.a.commitPipeline(r.p)
+}
+
+func (r *flushBehindRows) Err() error {
+	if r.err != nil {
+		return r.err
+	}
+	return r.Rows.Err()
 }

@@ -232,18 +232,34 @@ func sendBatchParams(nodeID, ns string, envs []OutgoingEnvelope) db.SendBatchPar
 // inside its commit or right after it in the same round trip (SetNotifyAfterCommit). It
 // returns each envelope's outcome and the deliveries this node takes part in.
 func (s *Store) SendBatch(ctx context.Context, nodeID string, envs []OutgoingEnvelope) ([]SentEnvelope, []LocalDelivery, error) {
+	sent, local, flushed, err := s.SendBatchCommitted(ctx, nodeID, envs)
+	if err != nil {
+		return nil, nil, err
+	}
+	if err := flushed(); err != nil {
+		return nil, nil, fmt.Errorf("send batch: %w", err)
+	}
+	return sent, local, nil
+}
+
+// SendBatchCommitted is SendBatch up to its commit, which the other replicas may already have
+// pushed: flushed (to be called once, within ctx, when err is nil) waits for Postgres to
+// confirm that the commit is on disk, and only then is the batch stored. An error from it
+// leaves the outcome unknown (OutcomeUnknown). Meanwhile the caller may start the next batch
+// of the same senders: it commits after this one.
+func (s *Store) SendBatchCommitted(ctx context.Context, nodeID string, envs []OutgoingEnvelope) (
+	sent []SentEnvelope, local []LocalDelivery, flushed func() error, err error) {
 	n := len(envs)
 	p := sendBatchParams(nodeID, s.ns, envs)
 	var rows []db.SendBatchRow
-	err := s.notifying(ctx, func(q *db.Queries) (err error) {
+	flushed, err = s.notifying(ctx, func(q *db.Queries) (err error) {
 		rows, err = q.SendBatch(ctx, p)
 		return err
 	})
 	if err != nil {
-		return nil, nil, fmt.Errorf("send batch: %w", err)
+		return nil, nil, nil, fmt.Errorf("send batch: %w", err)
 	}
 	out := make([]SentEnvelope, n)
-	var local []LocalDelivery
 	for _, r := range rows {
 		i := int(r.Idx) - 1
 		switch r.RowKind {
@@ -259,7 +275,7 @@ func (s *Store) SendBatch(ctx context.Context, nodeID string, envs []OutgoingEnv
 		}
 		local = append(local, LocalDelivery{Envelope: i, ID: r.DeliveryID, PresenceID: r.PresenceID, Assigned: r.Assigned})
 	}
-	return out, local, nil
+	return out, local, flushed, nil
 }
 
 // HookOutcome is what a hook changed: the sessions it matched, or none yet (pending: the

@@ -62,8 +62,20 @@ func OutcomeUnknown(err error) bool {
 	var pgErr *pgconn.PgError
 	var connErr *pgconn.ConnectError
 	var ns notSent
+	var nf notFlushed
+	if errors.As(err, &nf) {
+		return true
+	}
 	return !errors.As(err, &pgErr) && !errors.As(err, &connErr) && !errors.As(err, &ns)
 }
+
+// notFlushed marks a statement that committed without waiting for its flush (flushBehind)
+// and whose flush could not be confirmed: stored or not is open, whatever the error says (a
+// Postgres shutting down answers with an error of its own).
+type notFlushed struct{ err error }
+
+func (e notFlushed) Error() string { return "committed, flush not confirmed: " + e.err.Error() }
+func (e notFlushed) Unwrap() error { return e.err }
 
 // notSent marks an error raised before a statement was sent (no connection from the pool).
 type notSent struct{ err error }
@@ -79,6 +91,9 @@ type Store struct {
 	log  *slog.Logger
 	// afterCommit: send batches notify after their commit (committed, deferNotify).
 	afterCommit bool
+	// flushBehind: send batches commit without waiting for their flush, and are acknowledged
+	// once a second transaction in the same flight has confirmed it (committed, flushBehind).
+	flushBehind bool
 }
 
 // New returns a store on pool; namespace is the bus's ("" for pgbus.DefaultNamespace).
@@ -96,6 +111,23 @@ func (s *Store) SetLogger(l *slog.Logger) { s.log = l }
 // SetNotifyAfterCommit makes send batches notify from a transaction of their own right after
 // their commit (committed, deferNotify) instead of from inside it. Call it before any send.
 func (s *Store) SetNotifyAfterCommit(on bool) { s.afterCommit = on }
+
+// SetPushBeforeFlush makes a send batch commit without waiting for its WAL flush, so the other
+// replicas push it at once, and be acknowledged only once a second transaction in the same
+// flight has had its own commit flushed, which flushes the batch's too (committed,
+// flushBehind): a slow flush (a network volume) then delays acks, not pushes, and the sends
+// behind the batch may commit meanwhile (SendBatchCommitted). A peer may be pushed a message
+// that a crash of Postgres within its flush time then loses; its sender was never
+// acknowledged. Off, a batch notifies from inside a commit that waits for its flush. Not with
+// SetNotifyAfterCommit. The pool should prepare NamedSQL (db.PoolConfig.Named). Call it before
+// any send.
+func (s *Store) SetPushBeforeFlush(on bool) { s.flushBehind = on }
+
+// NamedSQL is what a pool prepares by name (db.PoolConfig.Named) for SetPushBeforeFlush: the
+// statements of its pipeline, which runs below pgx.
+func NamedSQL() []string {
+	return []string{db.SendBatchSQL, "BEGIN", "COMMIT", sqlAsyncCommit, sqlFlushedDefault}
+}
 
 // Ping checks that Postgres answers.
 func (s *Store) Ping(ctx context.Context) error { return s.pool.Ping(ctx) }
