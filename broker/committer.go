@@ -3,6 +3,7 @@ package broker
 import (
 	"context"
 	"log/slog"
+	"sync"
 	"time"
 
 	"golang.org/x/sync/semaphore"
@@ -84,8 +85,8 @@ type committer struct {
 	lanes    []chan sendReq
 	// wake tells the dispatcher that a send was queued.
 	wake chan struct{}
-	// run commits one batch (commit; tests count and hold the statements).
-	run func(ctx context.Context, batch []sendReq)
+	// run commits one batch in its turn (commit; tests count and hold the statements).
+	run func(ctx context.Context, batch []sendReq, t *turn)
 	// sessions lists this replica's sessions (abandon: a batch that may have committed).
 	sessions func() []*session
 	// stopped is closed when the committer's loops have ended: sends then get "unavailable".
@@ -163,6 +164,11 @@ func (c *committer) dispatch(ctx context.Context) {
 	since := make([]time.Time, len(c.lanes))
 	inFlight := 0
 	done := make(chan []part, len(c.lanes))
+	// last is each lane's latest statement's turn.done; answering counts the statements whose
+	// senders are not yet answered (a statement frees its lanes before that).
+	last := make([]chan struct{}, len(c.lanes))
+	var answering sync.WaitGroup
+	defer answering.Wait()
 	overdue := time.NewTimer(time.Hour)
 	defer overdue.Stop()
 	for {
@@ -180,15 +186,27 @@ func (c *committer) dispatch(ctx context.Context) {
 				busy[p.lane], since[p.lane] = true, time.Time{}
 			}
 			inFlight++
+			answering.Add(1)
+			t := &turn{done: make(chan struct{})}
+			for _, p := range st {
+				if prev := last[p.lane]; prev != nil {
+					t.after = append(t.after, prev)
+				}
+				last[p.lane] = t.done
+			}
+			var free sync.Once
+			t.free = func() { free.Do(func() { done <- st }) }
 			go func() {
-				c.run(context.WithoutCancel(ctx), batch)
+				defer answering.Done()
+				c.run(context.WithoutCancel(ctx), batch, t)
+				t.free()
+				close(t.done)
 				// Acked (or answered otherwise): their bytes are free for the sends waiting.
 				var size int64
 				for _, r := range batch {
 					size += r.size
 				}
 				c.bytes.Release(size)
-				done <- st
 			}()
 		}
 		var wait <-chan time.Time
@@ -303,10 +321,39 @@ func (c *committer) take(st []part) ([]sendReq, []part) {
 const maxStatementMeshes = 64
 
 // commitByMeshes commits a batch of more than maxStatementMeshes meshes as several statements,
-// one after another (splitByMeshes).
-func (c *committer) commitByMeshes(ctx context.Context, batch []sendReq) {
-	for _, p := range splitByMeshes(batch, maxStatementMeshes) {
-		c.commit(ctx, p)
+// one after another (splitByMeshes), each answered before the next starts.
+func (c *committer) commitByMeshes(ctx context.Context, batch []sendReq, t *turn) {
+	parts := splitByMeshes(batch, maxStatementMeshes)
+	if len(parts) == 1 {
+		c.commit(ctx, batch, t)
+		return
+	}
+	t.wait()
+	for _, p := range parts {
+		c.commit(ctx, p, nil)
+	}
+}
+
+// turn is a statement's place among its lanes' statements. Its lanes may start their next
+// statement once it has committed (free), before Postgres has confirmed its flush, so a slow
+// flush delays acknowledgements, not the sends behind them; its senders are answered (acks,
+// this replica's pushes) in their lanes' order all the same: after each lane's previous
+// statement (after), then done. A later statement commits after this one, so its flush
+// confirms this one's too.
+type turn struct {
+	free  func()          // the lanes may start their next statement (idempotent)
+	after []chan struct{} // the previous statement of each of its lanes: answered first
+	done  chan struct{}   // closed once this statement's senders are answered
+}
+
+// wait returns once the statements before t in its lanes have answered their senders; nil
+// (a statement run on its own) waits for nothing.
+func (t *turn) wait() {
+	if t == nil {
+		return
+	}
+	for _, prev := range t.after {
+		<-prev
 	}
 }
 
@@ -333,17 +380,31 @@ func splitByMeshes(batch []sendReq, max int) [][]sendReq {
 
 // commit stores and acknowledges one batch, then pushes what it assigned to this node's
 // sessions (the other replicas were told by the statement, from its commit or right after).
-func (c *committer) commit(ctx context.Context, batch []sendReq) {
+//
+// t (nil: a statement run on its own) lets the lanes go on once the statement has committed,
+// and answers the senders in turn (see turn).
+func (c *committer) commit(ctx context.Context, batch []sendReq, t *turn) {
 	start := time.Now()
+	ctx, cancel := context.WithTimeout(ctx, c.deadline)
+	defer cancel()
 	plan := c.planner.plan(batch)
-	local, err := c.persist(ctx, batch, plan)
+	local, flushed, err := c.persist(ctx, batch, plan)
+	if err == nil {
+		// A failure keeps the lanes until its senders are answered: isolating a refused send
+		// commits the rest of the batch again, before their senders' later sends.
+		if t != nil {
+			t.free()
+		}
+		err = flushed()
+	}
+	t.wait()
 	if err != nil {
-		if store.RejectedInput(err) {
-			c.isolateRejected(ctx, batch, err)
+		if store.OutcomeUnknown(err) { // first: a flush not confirmed may carry any error
+			c.abandon(batch, plan, err)
 			return
 		}
-		if store.OutcomeUnknown(err) {
-			c.abandon(batch, plan, err)
+		if store.RejectedInput(err) {
+			c.isolateRejected(ctx, batch, err)
 			return
 		}
 		c.metrics.warnRepeated(c.log, "send batch failed; refusing its sends", "size", len(batch), "err", err)
@@ -384,20 +445,21 @@ func (c *committer) commit(ctx context.Context, batch []sendReq) {
 // persist stores the batch in one statement (recipients resolved, envelopes and deliveries
 // written, the other replicas told, the audit appended) and returns the deliveries this node
 // takes part in.
-func (c *committer) persist(ctx context.Context, batch []sendReq, plan *batchPlan) ([]store.LocalDelivery, error) {
+//
+// It returns once the statement has committed; flushed (within ctx) waits for Postgres to
+// confirm the commit is on disk, and its error leaves the outcome unknown.
+func (c *committer) persist(ctx context.Context, batch []sendReq, plan *batchPlan) ([]store.LocalDelivery, func() error, error) {
 	if len(plan.envelopes) == 0 {
-		return nil, nil
+		return nil, noFlush, nil
 	}
-	ctx, cancel := context.WithTimeout(ctx, c.deadline)
-	defer cancel()
-	sent, local, err := c.store.SendBatch(ctx, c.nodeID, plan.envelopes)
+	sent, local, flushed, err := c.store.SendBatchCommitted(ctx, c.nodeID, plan.envelopes)
 	// A retry raced its first attempt, committed meanwhile by another replica: run again, the
 	// statement now finds that envelope and folds the retry into it (a few races at most).
 	for try := 0; try < 3 && store.ClientMessageRace(err); try++ {
-		sent, local, err = c.store.SendBatch(ctx, c.nodeID, plan.envelopes)
+		sent, local, flushed, err = c.store.SendBatchCommitted(ctx, c.nodeID, plan.envelopes)
 	}
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	plan.settle(batch, sent)
 	skipped := 0
@@ -407,8 +469,10 @@ func (c *committer) persist(ctx context.Context, batch []sendReq, plan *batchPla
 	if skipped > 0 {
 		c.metrics.BacklogSkips.Add(float64(skipped))
 	}
-	return local, nil
+	return local, flushed, nil
 }
+
+func noFlush() error { return nil }
 
 // abandon answers a batch whose commit may or may not have happened: an "unavailable" ack
 // would be a lie if it did (the messages arrive), an ack a lie if it did not. Sends the
@@ -456,8 +520,8 @@ func (c *committer) isolateRejected(ctx context.Context, batch []sendReq, err er
 		return
 	}
 	half := len(batch) / 2
-	c.commit(ctx, batch[:half])
-	c.commit(ctx, batch[half:])
+	c.commit(ctx, batch[:half], nil)
+	c.commit(ctx, batch[half:], nil)
 }
 
 // ackTo writes the ack of a send, whose slot in the sender's reply window was promised.

@@ -32,7 +32,7 @@ func holdingCommitter(t *testing.T, lanes, batch int, splitAfter time.Duration, 
 	quit := make(chan struct{}) // the test is over: statements still held end
 	var mu sync.Mutex
 	busy := map[uint32]bool{}
-	c.run = func(_ context.Context, batch []sendReq) {
+	c.run = func(_ context.Context, batch []sendReq, _ *turn) {
 		lanes := map[uint32]bool{}
 		for _, r := range batch {
 			lanes[r.sess.lane%uint32(len(c.lanes))] = true
@@ -70,15 +70,15 @@ func holdingCommitter(t *testing.T, lanes, batch int, splitAfter time.Duration, 
 	return c, started
 }
 
-func nextStatement(t *testing.T, started chan heldStatement) heldStatement {
+func nextStatement[S any](t *testing.T, started chan S) S {
 	t.Helper()
 	select {
 	case s := <-started:
 		return s
 	case <-time.After(5 * time.Second):
 		t.Fatal("no statement started")
-		return heldStatement{}
 	}
+	panic("unreachable")
 }
 
 // texts lists a batch's sends as "<session>:<ciphertext>", in statement order.
@@ -452,4 +452,67 @@ func TestBatchOfManyMeshesSplitsByWholeMeshes(t *testing.T) {
 	}
 	require.Equal(t, len(batch), total, "every send in a statement")
 	require.Equal(t, 1, len(splitByMeshes(batch[:60], maxStatementMeshes)), "60 meshes: one statement")
+}
+
+// A statement frees its lane once it has committed, so the lane's next statement starts while
+// the first still waits for Postgres to confirm its flush: a slow flush holds back acks, not
+// the sends behind them. The senders are answered in their lane's order all the same: the
+// second statement, confirmed first, answers only after the first.
+func TestCommitLaneGoesOnOnceItsStatementCommitted(t *testing.T) {
+	t.Parallel()
+	c := newCommitter(nil, nil, "n", nil, maxBatch, 1, dbtest.Logger(t), nil)
+	type stmt struct {
+		batch   []sendReq
+		flushed chan struct{} // closed by the test: the flush is confirmed
+		turn    chan struct{} // closed by the statement when it waits for its turn to answer
+	}
+	started := make(chan stmt)
+	quit := make(chan struct{})
+	var mu sync.Mutex
+	var answered []string
+	c.run = func(_ context.Context, batch []sendReq, tr *turn) {
+		s := stmt{batch: batch, flushed: make(chan struct{}), turn: make(chan struct{})}
+		tr.free() // committed
+		select {
+		case started <- s:
+		case <-quit:
+			return
+		}
+		select {
+		case <-s.flushed:
+		case <-quit:
+			return
+		}
+		close(s.turn)
+		tr.wait()
+		mu.Lock()
+		defer mu.Unlock()
+		for _, r := range batch {
+			answered = append(answered, r.msg.Ciphertext)
+		}
+	}
+	require.NoError(t, c.Start(context.Background()))
+	t.Cleanup(func() {
+		close(quit)
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		require.NoError(t, c.Stop(ctx))
+	})
+	send := sendOf(c)
+	s0 := &session{lane: 0}
+
+	send(s0, "a")
+	first := nextStatement(t, started)
+	send(s0, "b")
+	second := nextStatement(t, started) // beside the first, whose flush is not confirmed
+	require.Equal(t, "b", second.batch[0].msg.Ciphertext)
+	close(second.flushed)
+	<-second.turn
+	close(first.flushed)
+	dbtest.WaitFor(t, 5*time.Second, "both statements answered", func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return len(answered) == 2
+	})
+	require.Equal(t, []string{"a", "b"}, answered, "answered in the lane's order")
 }

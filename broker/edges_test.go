@@ -257,7 +257,7 @@ func TestNULRefusedAtTheEdgeAndAloneInABatch(t *testing.T) {
 		{sess: sessOf(a), msg: &protocol.Send{TargetSpec: bob.pub, Priority: protocol.PriorityNow, Nonce: "n", Ciphertext: "two"}},
 		{sess: sessOf(b), msg: &protocol.Send{TargetSpec: alice.pub, Priority: protocol.PriorityNow, Nonce: "n", Ciphertext: "three"}},
 	}
-	srv.committer.commit(context.Background(), batch)
+	srv.committer.commit(context.Background(), batch, nil)
 	require.Equal(t, "one", nextPush(t, b, 5*time.Second).Ciphertext)
 	require.Equal(t, "two", nextPush(t, b, 5*time.Second).Ciphertext)
 	require.Equal(t, "three", nextPush(t, a, 5*time.Second).Ciphertext)
