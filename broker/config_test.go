@@ -24,6 +24,7 @@ func TestLoadConfigDefaults(t *testing.T) {
 	require.Equal(t, "text", c.LogFormat)
 	require.Empty(t, c.DatabaseURL)
 	require.False(t, c.NotifyAfterCommit)
+	require.False(t, c.PushBeforeFlush)
 	require.Equal(t, [4]int{20, 200, 20, 100}, [4]int{c.WriteRatePerMember, c.WriteBurstPerMember, c.ReadRatePerMember, c.ReadBurstPerMember})
 	require.Equal(t, 60, c.JoinRatePerSourceMin)
 	require.Equal(t, 60, c.HelloRatePerSessionMin)
@@ -74,8 +75,14 @@ func TestLoadConfigErrorsNameVariableAndFix(t *testing.T) {
 			require.Contains(t, err.Error(), tc.want)
 		})
 	}
+	// Two answers to one problem: a clear error, naming both.
+	_, err := LoadConfig(env(map[string]string{"PUSH_BEFORE_FLUSH": "true", "NOTIFY_AFTER_COMMIT": "true"}))
+	require.ErrorContains(t, err, "PUSH_BEFORE_FLUSH and NOTIFY_AFTER_COMMIT")
+	c, err := LoadConfig(env(map[string]string{"PUSH_BEFORE_FLUSH": "true"}))
+	require.NoError(t, err)
+	require.True(t, c.PushBeforeFlush)
 	// All errors at once, not just the first.
-	_, err := LoadConfig(env(map[string]string{"BROKER_PORT": "x", "LOG_FORMAT": "y"}))
+	_, err = LoadConfig(env(map[string]string{"BROKER_PORT": "x", "LOG_FORMAT": "y"}))
 	require.ErrorContains(t, err, "BROKER_PORT")
 	require.ErrorContains(t, err, "LOG_FORMAT")
 }

@@ -34,13 +34,20 @@ func countedNode(t *testing.T, c *testCluster, notifyAfterCommit bool) (*Server,
 // store.RequestPathSQL).
 func countedNodeWith(t *testing.T, c *testCluster, notifyAfterCommit bool, prepare []string) (*Server, *dbtest.Proxy) {
 	t.Helper()
+	return countedNodeConfig(t, c, func(cfg *Config) { cfg.NotifyAfterCommit = notifyAfterCommit }, prepare, nil)
+}
+
+// countedNodeConfig is countedNodeWith with any config, and named prepared by name too
+// (db.PoolConfig.Named).
+func countedNodeConfig(t *testing.T, c *testCluster, tweak func(*Config), prepare, named []string) (*Server, *dbtest.Proxy) {
+	t.Helper()
 	proxy := dbtest.NewProxy(t, c.url)
-	cfg := Config{NodeID: "rt", Region: "test", SessionGrace: 5 * time.Second, Heartbeat: time.Hour, NodeDeadAfter: 3 * time.Hour, quiet: true,
-		NotifyAfterCommit: notifyAfterCommit}
+	cfg := Config{NodeID: "rt", Region: "test", SessionGrace: 5 * time.Second, Heartbeat: time.Hour, NodeDeadAfter: 3 * time.Hour, quiet: true}
+	tweak(&cfg)
 	// One pooled connection: every statement is prepared on it once, in the warm-up, so the
 	// counts below are of steady state (a statement costs two flights on its first use on a
 	// connection: prepare, then execute).
-	pool, err := db.NewPool(context.Background(), proxy.URL(c.url), db.PoolConfig{MaxConns: 1, Prepare: prepare})
+	pool, err := db.NewPool(context.Background(), proxy.URL(c.url), db.PoolConfig{MaxConns: 1, Prepare: prepare, Named: named})
 	require.NoError(t, err)
 	t.Cleanup(pool.Close)
 	srv := startServer(t, cfg, pool, dbtest.Logger(t).With("test_node", "rt"))
@@ -129,11 +136,18 @@ func TestRoundTripsPerOperation(t *testing.T) {
 // hook's statement took two round trips (BENCHMARKS.md, stop 37).
 func TestFirstOperationsOnANewConnectionCostOneRoundTrip(t *testing.T) {
 	t.Parallel()
-	for _, after := range []bool{false, true} {
-		t.Run(fmt.Sprintf("notify_after_commit=%v", after), func(t *testing.T) {
+	for _, mode := range []string{"default", "notify_after_commit", "push_before_flush"} {
+		t.Run(mode, func(t *testing.T) {
 			t.Parallel()
-			c := newCluster(t, 1, func(cfg *Config) { cfg.NotifyAfterCommit = after })
-			srv, proxy := countedNodeWith(t, c, after, store.RequestPathSQL())
+			tweak := func(cfg *Config) {
+				cfg.NotifyAfterCommit, cfg.PushBeforeFlush = mode == "notify_after_commit", mode == "push_before_flush"
+			}
+			c := newCluster(t, 1, tweak)
+			var named []string
+			if mode == "push_before_flush" {
+				named = store.NamedSQL()
+			}
+			srv, proxy := countedNodeConfig(t, c, tweak, store.RequestPathSQL(), named)
 			rt := len(c.nodes) - 1
 			m := c.mesh(0)
 			alice, bob := m.member("alice"), m.member("bob")

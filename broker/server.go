@@ -91,6 +91,7 @@ func NewServer(cfg Config, pool *pgxpool.Pool, logger *slog.Logger) (*Server, er
 		started: time.Now(), metrics: newMetrics(), mux: http.NewServeMux(), hub: newHub(), fatal: make(chan error, 1)}
 	s.store.SetLogger(s.log)
 	s.store.SetNotifyAfterCommit(cfg.NotifyAfterCommit)
+	s.store.SetPushBeforeFlush(cfg.PushBeforeFlush)
 	s.hub.newLimits = func() *memberLimits { return newMemberLimits(cfg) }
 	sweepEvery, pollEvery, busPing := time.Second, pollInterval, time.Duration(0)
 	if cfg.quiet {

@@ -98,7 +98,8 @@ func runDev(ctx context.Context, cmd *cobra.Command, url string, cfg broker.Conf
 		}
 	}()
 	for i := 1; i <= replicas; i++ {
-		pool, err := db.NewPool(ctx, replicaURL, db.PoolConfig{MinIdle: db.ReplicaMinIdle, AppName: fmt.Sprintf("claudemesh-dev-%d", i), Prepare: store.RequestPathSQL()})
+		pool, err := db.NewPool(ctx, replicaURL, db.PoolConfig{MinIdle: db.ReplicaMinIdle, AppName: fmt.Sprintf("claudemesh-dev-%d", i), Prepare: store.RequestPathSQL(),
+			Named: namedSQL(cfg)})
 		if err != nil {
 			return err
 		}

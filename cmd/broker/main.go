@@ -349,9 +349,18 @@ func warnIfSchemaNewer(ctx context.Context, url string, logger *slog.Logger) {
 	}
 }
 
+// namedSQL is what a replica's pool prepares by name: only what PUSH_BEFORE_FLUSH runs.
+func namedSQL(cfg broker.Config) []string {
+	if cfg.PushBeforeFlush {
+		return store.NamedSQL()
+	}
+	return nil
+}
+
 func serve(ctx context.Context, url string, cfg broker.Config, logger *slog.Logger) error {
 	tuneGC(ctx, logger)
-	pool, err := db.NewPool(ctx, url, db.PoolConfig{MinIdle: db.ReplicaMinIdle, AppName: "claudemesh-broker", Prepare: store.RequestPathSQL()})
+	pool, err := db.NewPool(ctx, url, db.PoolConfig{MinIdle: db.ReplicaMinIdle, AppName: "claudemesh-broker", Prepare: store.RequestPathSQL(),
+		Named: namedSQL(cfg)})
 	if err != nil {
 		return err
 	}
