@@ -60,13 +60,7 @@ func holdingCommitter(t *testing.T, lanes, batch int, splitAfter time.Duration, 
 		}
 		mu.Unlock()
 	}
-	require.NoError(t, c.Start(context.Background()))
-	t.Cleanup(func() {
-		close(quit)
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		require.NoError(t, c.Stop(ctx))
-	})
+	startCommitter(t, c, quit)
 	return c, started
 }
 
@@ -491,13 +485,7 @@ func TestCommitLaneGoesOnOnceItsStatementCommitted(t *testing.T) {
 			answered = append(answered, r.msg.Ciphertext)
 		}
 	}
-	require.NoError(t, c.Start(context.Background()))
-	t.Cleanup(func() {
-		close(quit)
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		require.NoError(t, c.Stop(ctx))
-	})
+	startCommitter(t, c, quit)
 	send := sendOf(c)
 	s0 := &session{lane: 0}
 
@@ -515,4 +503,17 @@ func TestCommitLaneGoesOnOnceItsStatementCommitted(t *testing.T) {
 		return len(answered) == 2
 	})
 	require.Equal(t, []string{"a", "b"}, answered, "answered in the lane's order")
+}
+
+// startCommitter starts c; when the test ends, quit is closed (statements still held end) and
+// c is stopped.
+func startCommitter(t *testing.T, c *committer, quit chan struct{}) {
+	t.Helper()
+	require.NoError(t, c.Start(context.Background()))
+	t.Cleanup(func() {
+		close(quit)
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		require.NoError(t, c.Stop(ctx))
+	})
 }

@@ -195,7 +195,7 @@ func (a committed) Query(ctx context.Context, sql string, args ...any) (pgx.Rows
 		a.abort(br)
 		return nil, err
 	}
-	return &committingRows{Rows: rows, a: a, br: br}, nil
+	return &committingRows{Rows: rows, finish: func() error { return a.finish(br) }, abort: func() { a.abort(br) }}, nil
 }
 
 func (a committed) QueryRow(ctx context.Context, sql string, args ...any) pgx.Row {
@@ -204,13 +204,14 @@ func (a committed) QueryRow(ctx context.Context, sql string, args ...any) pgx.Ro
 }
 
 // committingRows are the statement's rows; once read (or closed), the transaction's COMMIT
-// is read too, and its failure is the rows' Err.
+// is read too (finish), and its failure is the rows' Err. Rows that fail end the flight
+// instead (abort).
 type committingRows struct {
 	pgx.Rows
-	a    committed
-	br   pgx.BatchResults
-	done bool
-	err  error
+	finish func() error
+	abort  func()
+	done   bool
+	err    error
 }
 
 func (r *committingRows) Next() bool {
@@ -232,10 +233,10 @@ func (r *committingRows) Close() {
 	r.Rows.Close()
 	if err := r.Rows.Err(); err != nil {
 		r.err = err
-		r.a.abort(r.br)
+		r.abort()
 		return
 	}
-	r.err = r.a.finish(r.br)
+	r.err = r.finish()
 }
 
 func (r *committingRows) Err() error {
@@ -310,7 +311,7 @@ func flushedAlready() error { return nil }
 
 // queryFlushBehind runs the statement as flushBehind describes, below pgx (which has no flush
 // request in its batches): its rows are pgx's, decoded as pgx would, and once they are read
-// the COMMIT's answer is their Err; the flush's confirmation is left in a.flushed, or waited
+// the COMMIT's answer is their Err (committingRows); the flush's confirmation is left in a.flushed, or waited
 // for there.
 func (a committed) queryFlushBehind(ctx context.Context, sql string, args []any) (pgx.Rows, error) {
 	c := a.conn.Conn()
@@ -370,7 +371,8 @@ func (a committed) queryFlushBehind(ctx context.Context, sql string, args []any)
 		a.abortPipeline(p)
 		return nil, err
 	}
-	return &flushBehindRows{Rows: pgx.RowsFromResultReader(tm, rr), a: a, p: p}, nil
+	return &committingRows{Rows: pgx.RowsFromResultReader(tm, rr), finish: func() error { return a.commitPipeline(p) },
+		abort: func() { a.abortPipeline(p) }}, nil
 }
 
 // nextResult reads the next step's answer in full.
@@ -422,46 +424,4 @@ func (a committed) commitPipeline(p *pgconn.Pipeline) error {
 		return nil
 	}
 	return confirm()
-}
-
-// flushBehindRows are the statement's rows; once read (or closed), the COMMIT's answer is
-// read too, and its failure is the rows' Err.
-type flushBehindRows struct {
-	pgx.Rows
-	a    committed
-	p    *pgconn.Pipeline
-	done bool
-	err  error
-}
-
-func (r *flushBehindRows) Next() bool {
-	if r.done {
-		return false
-	}
-	if r.Rows.Next() {
-		return true
-	}
-	r.Close()
-	return false
-}
-
-func (r *flushBehindRows) Close() {
-	if r.done {
-		return
-	}
-	r.done = true
-	r.Rows.Close()
-	if err := r.Rows.Err(); err != nil {
-		r.err = err
-		r.a.abortPipeline(r.p)
-		return
-	}
-	r.err = r.a.commitPipeline(r.p)
-}
-
-func (r *flushBehindRows) Err() error {
-	if r.err != nil {
-		return r.err
-	}
-	return r.Rows.Err()
 }

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/stretchr/testify/require"
 
 	"github.com/claudemesh/broker/broker/store"
@@ -34,15 +35,7 @@ func TestNotificationsLeaveOnlyWithTheirCommit(t *testing.T) {
 	t.Cleanup(pool.Close)
 	admin := dbtest.PoolFor(t, url)
 	key := func(c byte) string { return strings.Repeat(string(c), 64) }
-	var mesh, sender, recipient string
-	require.NoError(t, admin.QueryRow(ctx, `INSERT INTO claudemesh.mesh (slug, name, owner_pubkey) VALUES ('m', 'm', $1) RETURNING id`, key('0')).Scan(&mesh))
-	_, err = admin.Exec(ctx, `INSERT INTO claudemesh.node (id, heartbeat_at) VALUES ('here', now()), ('other', now())`)
-	require.NoError(t, err)
-	require.NoError(t, admin.QueryRow(ctx, `INSERT INTO claudemesh.member (mesh_id, pubkey) VALUES ($1, $2) RETURNING id`, mesh, key('a')).Scan(&sender))
-	require.NoError(t, admin.QueryRow(ctx, `INSERT INTO claudemesh.member (mesh_id, pubkey) VALUES ($1, $2) RETURNING id`, mesh, key('b')).Scan(&recipient))
-	_, err = admin.Exec(ctx, `INSERT INTO claudemesh.presence (mesh_id, member_id, member_pubkey, node_id, session_id, status)
-		VALUES ($1, $2, $3, 'other', 'b-other', 'idle')`, mesh, recipient, key('b'))
-	require.NoError(t, err)
+	mesh, sender, _ := pushFixture(ctx, t, admin)
 
 	listener, err := pgx.Connect(ctx, url)
 	require.NoError(t, err)
@@ -156,17 +149,9 @@ func TestSendBatchIsToldAtCommitAndStoredOnceFlushed(t *testing.T) {
 	st := store.New(pool, "t")
 	st.SetPushBeforeFlush(true)
 	key := func(c byte) string { return strings.Repeat(string(c), 64) }
-	var mesh, sender, recipient string
-	require.NoError(t, admin.QueryRow(ctx, `INSERT INTO claudemesh.mesh (slug, name, owner_pubkey) VALUES ('m', 'm', $1) RETURNING id`, key('0')).Scan(&mesh))
-	_, err := admin.Exec(ctx, `INSERT INTO claudemesh.node (id, heartbeat_at) VALUES ('here', now()), ('other', now())`)
-	require.NoError(t, err)
-	require.NoError(t, admin.QueryRow(ctx, `INSERT INTO claudemesh.member (mesh_id, pubkey) VALUES ($1, $2) RETURNING id`, mesh, key('a')).Scan(&sender))
-	require.NoError(t, admin.QueryRow(ctx, `INSERT INTO claudemesh.member (mesh_id, pubkey) VALUES ($1, $2) RETURNING id`, mesh, key('b')).Scan(&recipient))
-	_, err = admin.Exec(ctx, `INSERT INTO claudemesh.presence (mesh_id, member_id, member_pubkey, node_id, session_id, status)
-		VALUES ($1, $2, $3, 'other', 'b-other', 'idle')`, mesh, recipient, key('b'))
-	require.NoError(t, err)
+	mesh, sender, _ := pushFixture(ctx, t, admin)
 	listener := dbtest.ConnFor(t, url)
-	_, err = listener.Exec(ctx, `LISTEN t_n_other`)
+	_, err := listener.Exec(ctx, `LISTEN t_n_other`)
 	require.NoError(t, err)
 
 	t.Cleanup(store.SetFlushStatement(`SELECT pg_advisory_xact_lock_shared(4242), pg_logical_emit_message(true, 'claudemesh.flush', '')`))
@@ -205,4 +190,26 @@ func TestSendBatchIsToldAtCommitAndStoredOnceFlushed(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		t.Fatal("flushed did not return once confirmed")
 	}
+}
+
+// execer is a pool or a connection.
+type execer interface {
+	Exec(ctx context.Context, sql string, args ...any) (pgconn.CommandTag, error)
+	QueryRow(ctx context.Context, sql string, args ...any) pgx.Row
+}
+
+// pushFixture makes the nodes "here" and "other" and a mesh with a sender (key 'a'…) and a
+// recipient (key 'b'…) whose one session is on "other".
+func pushFixture(ctx context.Context, t *testing.T, admin execer) (mesh, sender, recipient string) {
+	t.Helper()
+	key := func(c byte) string { return strings.Repeat(string(c), 64) }
+	require.NoError(t, admin.QueryRow(ctx, `INSERT INTO claudemesh.mesh (slug, name, owner_pubkey) VALUES ('m', 'm', $1) RETURNING id`, key('0')).Scan(&mesh))
+	_, err := admin.Exec(ctx, `INSERT INTO claudemesh.node (id, heartbeat_at) VALUES ('here', now()), ('other', now())`)
+	require.NoError(t, err)
+	require.NoError(t, admin.QueryRow(ctx, `INSERT INTO claudemesh.member (mesh_id, pubkey) VALUES ($1, $2) RETURNING id`, mesh, key('a')).Scan(&sender))
+	require.NoError(t, admin.QueryRow(ctx, `INSERT INTO claudemesh.member (mesh_id, pubkey) VALUES ($1, $2) RETURNING id`, mesh, key('b')).Scan(&recipient))
+	_, err = admin.Exec(ctx, `INSERT INTO claudemesh.presence (mesh_id, member_id, member_pubkey, node_id, session_id, status)
+		VALUES ($1, $2, $3, 'other', 'b-other', 'idle')`, mesh, recipient, key('b'))
+	require.NoError(t, err)
+	return mesh, sender, recipient
 }
