@@ -368,8 +368,10 @@ func (r *replicaProc) start(t *testing.T) {
 	cmd.Env = append(os.Environ(),
 		"DATABASE_URL="+r.dbURL, fmt.Sprintf("BROKER_PORT=%d", r.port), "BROKER_NODE_ID="+r.id,
 		"SESSION_GRACE_SECONDS=5", "NODE_DEAD_AFTER_SECONDS=4", "DRAIN_TIMEOUT_SECONDS=10", "LOG_LEVEL=debug",
-		// One replica sends its notifications after its commits, the others from inside them:
-		// both ways go through every fault, side by side.
+		// Each way a send can notify goes through every fault, side by side: at a commit that
+		// does not wait for its flush, acked once the flush is confirmed (r1, the one killed
+		// with -9), from a transaction after its commit (r2), from inside its commit (r3).
+		fmt.Sprintf("PUSH_BEFORE_FLUSH=%v", r.id == "r1"),
 		fmt.Sprintf("NOTIFY_AFTER_COMMIT=%v", r.id == "r2"),
 	)
 	cmd.Stdout, cmd.Stderr = logf, logf
