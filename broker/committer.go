@@ -336,10 +336,11 @@ func (c *committer) commitByMeshes(ctx context.Context, batch []sendReq, t *turn
 
 // turn is a statement's place among its lanes' statements. Its lanes may start their next
 // statement once it has committed (free), before Postgres has confirmed its flush, so a slow
-// flush delays acknowledgements, not the sends behind them; its senders are answered (acks,
-// this replica's pushes) in their lanes' order all the same: after each lane's previous
-// statement (after), then done. A later statement commits after this one, so its flush
-// confirms this one's too.
+// flush delays acknowledgements, not the sends behind them (PUSH_BEFORE_FLUSH; commit frees
+// only once the statements before it are answered, so a lane has at most two statements
+// holding connections). Its senders are answered (acks, this replica's pushes) in their
+// lanes' order all the same: after each lane's previous statement (after), then done. A later
+// statement commits after this one, so its flush confirms this one's too.
 type turn struct {
 	free  func()          // the lanes may start their next statement (idempotent)
 	after []chan struct{} // the previous statement of each of its lanes: answered first
@@ -385,16 +386,20 @@ func splitByMeshes(batch []sendReq, max int) [][]sendReq {
 // and answers the senders in turn (see turn).
 func (c *committer) commit(ctx context.Context, batch []sendReq, t *turn) {
 	start := time.Now()
+	base := ctx // each statement of a refused batch's bisection has a deadline of its own
 	ctx, cancel := context.WithTimeout(ctx, c.deadline)
 	defer cancel()
 	plan := c.planner.plan(batch)
 	local, flushed, err := c.persist(ctx, batch, plan)
-	if err == nil {
-		// A failure keeps the lanes until its senders are answered: isolating a refused send
+	if err == nil && t != nil {
+		// Committed: the lanes go on once the statements before this one are answered, so at
+		// most two statements of a lane hold a connection while their flush is confirmed. A
+		// failure keeps the lanes until its senders are answered: isolating a refused send
 		// commits the rest of the batch again, before their senders' later sends.
-		if t != nil {
-			t.free()
-		}
+		t.wait()
+		t.free()
+	}
+	if err == nil {
 		err = flushed()
 	}
 	t.wait()
@@ -404,7 +409,7 @@ func (c *committer) commit(ctx context.Context, batch []sendReq, t *turn) {
 			return
 		}
 		if store.RejectedInput(err) {
-			c.isolateRejected(ctx, batch, err)
+			c.isolateRejected(base, batch, err)
 			return
 		}
 		c.metrics.warnRepeated(c.log, "send batch failed; refusing its sends", "size", len(batch), "err", err)

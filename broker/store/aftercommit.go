@@ -328,38 +328,38 @@ func (a committed) queryFlushBehind(ctx context.Context, sql string, args []any)
 	if err != nil {
 		return nil, notSent{fmt.Errorf("prepare: %w", err)}
 	}
-	if len(args) != len(sd.ParamOIDs) {
-		return nil, notSent{fmt.Errorf("statement takes %d arguments, given %d", len(sd.ParamOIDs), len(args))}
-	}
-	tm := c.TypeMap()
-	params := make([][]byte, len(args))
-	formats := make([]int16, len(args))
-	for i, arg := range args {
-		formats[i] = tm.FormatCodeForOID(sd.ParamOIDs[i])
-		if params[i], err = tm.Encode(sd.ParamOIDs[i], formats[i], arg, nil); err != nil {
-			return nil, notSent{fmt.Errorf("encode argument %d: %w", i+1, err)}
-		}
-	}
-	results := make([]int16, len(sd.Fields))
-	for i, f := range sd.Fields {
-		results[i] = tm.FormatCodeForOID(f.DataTypeOID)
+	// Encoded as pgx encodes its own (text for strings, its fallbacks), with its result formats.
+	var eqb pgx.ExtendedQueryBuilder
+	if err := eqb.Build(c.TypeMap(), sd, args); err != nil {
+		return nil, notSent{fmt.Errorf("encode arguments: %w", err)}
 	}
 	p := c.PgConn().StartPipeline(ctx)
 	p.SendQueryPrepared(named[0].Name, nil, nil, nil) // BEGIN
 	p.SendQueryPrepared(named[1].Name, nil, nil, nil) // the async commit set
-	p.SendQueryPrepared(sd.Name, params, formats, results)
+	p.SendQueryPrepared(sd.Name, eqb.ParamValues, eqb.ParamFormats, eqb.ResultFormats)
 	p.SendQueryPrepared(named[2].Name, nil, nil, nil) // COMMIT
 	p.SendFlushRequest()
 	p.SendQueryPrepared(named[3].Name, nil, nil, nil) // the flush's transaction
 	p.SendPipelineSync()
-	if err := p.Flush(); err != nil {
+	fail := func(err error) (pgx.Rows, error) {
 		a.abortPipeline(p)
+		var pgErr *pgconn.PgError
+		if errors.As(err, &pgErr) && (pgErr.Code == "26000" || pgErr.Code == "0A000") {
+			// A named statement is gone or stale (a DISCARD, a changed result type): the
+			// connection's names cannot be trusted, and re-preparing a name that still exists
+			// fails. A new connection prepares them afresh.
+			closing, cancel := context.WithTimeout(context.Background(), rollbackTimeout)
+			_ = c.Close(closing)
+			cancel()
+		}
 		return nil, err
+	}
+	if err := p.Flush(); err != nil {
+		return fail(err)
 	}
 	for range 2 { // BEGIN, the async commit set
 		if err := nextResult(p); err != nil {
-			a.abortPipeline(p)
-			return nil, err
+			return fail(err)
 		}
 	}
 	res, err := p.GetResults()
@@ -368,10 +368,9 @@ func (a committed) queryFlushBehind(ctx context.Context, sql string, args []any)
 		err = fmt.Errorf("pipeline: statement answered %T", res)
 	}
 	if err != nil {
-		a.abortPipeline(p)
-		return nil, err
+		return fail(err)
 	}
-	return &committingRows{Rows: pgx.RowsFromResultReader(tm, rr), finish: func() error { return a.commitPipeline(p) },
+	return &committingRows{Rows: pgx.RowsFromResultReader(c.TypeMap(), rr), finish: func() error { return a.commitPipeline(p) },
 		abort: func() { a.abortPipeline(p) }}, nil
 }
 

@@ -213,3 +213,38 @@ func pushFixture(ctx context.Context, t *testing.T, admin execer) (mesh, sender,
 	require.NoError(t, err)
 	return mesh, sender, recipient
 }
+
+// A connection whose named statements are gone (a DEALLOCATE ALL, a DISCARD ALL from a tool)
+// refuses one send, a known failure, and is replaced: the next send is stored, not refused
+// for as long as the connection lives.
+func TestPushBeforeFlushSurvivesLostStatements(t *testing.T) {
+	ctx := dbtest.Context(t)
+	url := dbtest.URL(t)
+	pool, err := db.NewPool(ctx, url, db.PoolConfig{MaxConns: 1, AppName: "claudemesh-test", Named: store.NamedSQL()})
+	require.NoError(t, err)
+	t.Cleanup(pool.Close)
+	admin := dbtest.PoolFor(t, url)
+	st := store.New(pool, "t")
+	st.SetPushBeforeFlush(true)
+	mesh, sender, _ := pushFixture(ctx, t, admin)
+	key := func(c byte) string { return strings.Repeat(string(c), 64) }
+	send := func(text string) (bool, error) {
+		e := directEnvelope(mesh, sender, key('a'), key('b'), "now", []byte(`{"n":"`+text+`"}`))
+		_, _, err := st.SendBatch(ctx, "here", []store.OutgoingEnvelope{e})
+		var stored bool
+		require.NoError(t, admin.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM claudemesh.envelope WHERE id = $1)`, e.ID).Scan(&stored))
+		return stored, err
+	}
+	stored, err := send("before")
+	require.NoError(t, err)
+	require.True(t, stored)
+	_, err = pool.Exec(ctx, `DEALLOCATE ALL`) // the pool's one connection
+	require.NoError(t, err)
+	stored, err = send("lost")
+	require.Error(t, err)
+	require.False(t, store.OutcomeUnknown(err), "nothing ran: a known failure, %v", err)
+	require.False(t, stored)
+	stored, err = send("after")
+	require.NoError(t, err, "the connection whose statements were lost was replaced")
+	require.True(t, stored)
+}
