@@ -187,11 +187,10 @@ type Config struct {
 	// replicas push it at once, and acknowledges it once a second transaction in the same
 	// round trip has confirmed the flush; the replica's next batch may commit meanwhile. For a
 	// primary whose flush is slow (a network volume): with the flush 2 ms slower, at 1,000
-	// msgs/s on 2 cores, send→push p50 2.0 ms against 12.3-12.5 (8.0 with NotifyAfterCommit)
-	// and send→ack p50 6.6 against 12.4, p99 no better (28-42 against 28-34 ms). Off by
-	// default: with a fast local disk its second transaction and smaller batches cost Postgres
-	// more CPU (87-97 % of a core against 76-80 %) than the flush it takes off the path, and
-	// the p99 is worse. The price: a crash of Postgres within a batch's flush time can lose a
+	// msgs/s on 2 cores, send→push p50 2.3 ms against 12.3 (8.0 with NotifyAfterCommit),
+	// p99 19 against 27, send→ack p50 6.5 against 12.4. Off by default: with a fast local disk
+	// its second transaction and smaller batches cost Postgres more CPU (87 % of a core
+	// against 75 %) than the flush it takes off the path (push at par, acks slower). The price: a crash of Postgres within a batch's flush time can lose a
 	// message a peer was already pushed; its sender was never acknowledged
 	// (store.SetPushBeforeFlush). Not with NotifyAfterCommit.
 	PushBeforeFlush bool
