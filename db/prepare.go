@@ -38,20 +38,20 @@ func NamedStatement(sql string) string {
 // caches do not say what they prepared.
 const namedKey = "claudemesh.named"
 
-// Prepared returns the description of sql prepared on conn under NamedStatement, preparing
-// every statement of sqls not yet prepared there in one round trip first. It is for the
+// Prepared returns the descriptions of sqls prepared on conn under their NamedStatement names,
+// in order, preparing those not yet prepared there in one round trip first. It is for the
 // statements run below pgx (the store's pipelines with a flush request), which pgx cannot
 // prepare for them.
-func Prepared(ctx context.Context, conn *pgconn.PgConn, sql string, sqls []string) (*pgconn.StatementDescription, error) {
-	named, _ := conn.CustomData()[namedKey].(map[string]*pgconn.StatementDescription)
-	if sd, ok := named[sql]; ok {
-		return sd, nil
-	}
-	if err := prepareNamed(ctx, conn, append(slices.Clone(sqls), sql)); err != nil {
+func Prepared(ctx context.Context, conn *pgconn.PgConn, sqls []string) ([]*pgconn.StatementDescription, error) {
+	if err := prepareNamed(ctx, conn, sqls); err != nil {
 		return nil, err
 	}
-	named, _ = conn.CustomData()[namedKey].(map[string]*pgconn.StatementDescription)
-	return named[sql], nil
+	named, _ := conn.CustomData()[namedKey].(map[string]*pgconn.StatementDescription)
+	out := make([]*pgconn.StatementDescription, len(sqls))
+	for i, sql := range sqls {
+		out[i] = named[sql]
+	}
+	return out, nil
 }
 
 // prepareNamed prepares sqls (those not yet prepared) under their names in one pipeline.

@@ -97,7 +97,7 @@ var sqlFlushed = sqlFlushedDefault
 // Prepare): the generated statements of the request path and the statements a committed call
 // wraps them in.
 func RequestPathSQL() []string {
-	return append([]string{"BEGIN", "COMMIT", sqlDeferNotify, sqlFlushNotes, sqlAsyncCommit, sqlFlushedDefault}, db.RequestPath...)
+	return append([]string{"BEGIN", "COMMIT", sqlDeferNotify, sqlFlushNotes}, db.RequestPath...)
 }
 
 func (a committed) start(ctx context.Context, sql string, args []any) (pgx.BatchResults, error) {
@@ -316,30 +316,23 @@ func flushedAlready() error { return nil }
 func (a committed) queryFlushBehind(ctx context.Context, sql string, args []any) (pgx.Rows, error) {
 	c := a.conn.Conn()
 	// Prepared when the connection was made (NamedSQL); else now, once for the connection.
-	helpers := []string{"BEGIN", sqlAsyncCommit, "COMMIT", sqlFlushed}
-	named := make([]*pgconn.StatementDescription, len(helpers))
-	for i, h := range helpers {
-		var err error
-		if named[i], err = db.Prepared(ctx, c.PgConn(), h, append(helpers, sql)); err != nil {
-			return nil, notSent{fmt.Errorf("prepare: %w", err)}
-		}
-	}
-	sd, err := db.Prepared(ctx, c.PgConn(), sql, helpers)
+	sds, err := db.Prepared(ctx, c.PgConn(), []string{"BEGIN", sqlAsyncCommit, sql, "COMMIT", sqlFlushed})
 	if err != nil {
 		return nil, notSent{fmt.Errorf("prepare: %w", err)}
 	}
+	sd := sds[2]
 	// Encoded as pgx encodes its own (text for strings, its fallbacks), with its result formats.
 	var eqb pgx.ExtendedQueryBuilder
 	if err := eqb.Build(c.TypeMap(), sd, args); err != nil {
 		return nil, notSent{fmt.Errorf("encode arguments: %w", err)}
 	}
 	p := c.PgConn().StartPipeline(ctx)
-	p.SendQueryPrepared(named[0].Name, nil, nil, nil) // BEGIN
-	p.SendQueryPrepared(named[1].Name, nil, nil, nil) // the async commit set
+	p.SendQueryPrepared(sds[0].Name, nil, nil, nil) // BEGIN
+	p.SendQueryPrepared(sds[1].Name, nil, nil, nil) // the async commit set
 	p.SendQueryPrepared(sd.Name, eqb.ParamValues, eqb.ParamFormats, eqb.ResultFormats)
-	p.SendQueryPrepared(named[2].Name, nil, nil, nil) // COMMIT
+	p.SendQueryPrepared(sds[3].Name, nil, nil, nil) // COMMIT
 	p.SendFlushRequest()
-	p.SendQueryPrepared(named[3].Name, nil, nil, nil) // the flush's transaction
+	p.SendQueryPrepared(sds[4].Name, nil, nil, nil) // the flush's transaction
 	p.SendPipelineSync()
 	fail := func(err error) (pgx.Rows, error) {
 		a.abortPipeline(p)
